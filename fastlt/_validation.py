@@ -1,0 +1,143 @@
+"""Argument checks shared by every public function: clear errors that name the argument.
+
+Checks here never synchronise with the GPU: they look at shapes, dtypes and Python values only,
+except the ones whose name says ``_values`` (they read tensor contents and are meant for
+construction time, e.g. class counts, not for the per-step hot path).
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "torch", "triton")
+
+
+def check_finite_float(name: str, value, *, min_value: float | None = None,
+                       max_value: float | None = None, min_inclusive: bool = True) -> float:
+    """A Python real number that is finite (and inside the given range); returned as float."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if min_value is not None and (value < min_value or (not min_inclusive and value == min_value)):
+        op = ">=" if min_inclusive else ">"
+        raise ValueError(f"{name} must be {op} {min_value}, got {value}")
+    if max_value is not None and value > max_value:
+        raise ValueError(f"{name} must be <= {max_value}, got {value}")
+    return value
+
+
+def check_choice(name: str, value, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def check_logits(name: str, logits) -> None:
+    """(N, C) floating tensor with C >= 1."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 2:
+        raise ValueError(f"{name} must have shape (N, C), got shape {tuple(logits.shape)}")
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+    if logits.shape[1] < 1:
+        raise ValueError(f"{name} must have at least one class (C >= 1), got shape {tuple(logits.shape)}")
+
+
+def as_index_target(target):
+    """Narrow integer targets (uint8, int8, int16) widened to int64, so ``target != ignore_index`` never
+    wraps (-100 is 156 in uint8); int32 and int64 pass through unchanged (the kernels read both)."""
+    if isinstance(target, torch.Tensor) and target.dtype in (torch.uint8, torch.int8, torch.int16):
+        return target.long()
+    return target
+
+
+def check_target(target, logits: torch.Tensor, ignore_index: int) -> None:
+    """(N,) integer tensor on the logits' device. Range is checked only on the CPU (no GPU sync)."""
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"target must hold integer class indices, got {target.dtype}")
+    if target.dim() != 1 or target.shape[0] != logits.shape[0]:
+        raise ValueError(
+            f"target must have shape (N,) = ({logits.shape[0]},) to match the logits, got {tuple(target.shape)}"
+        )
+    if target.device != logits.device:
+        raise ValueError(f"target is on {target.device} but the logits are on {logits.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    # the range check reads values: only for CPU tensors (no GPU sync) and never inside torch.compile;
+    # on the GPU the kernels mask their loads and give NaN for a row whose target is out of range
+    if target.device.type == "cpu" and target.numel() > 0 and not torch.compiler.is_compiling():
+        wide = target.long()
+        valid = wide[wide != ignore_index]
+        if valid.numel() > 0:
+            lo, hi = int(valid.min()), int(valid.max())
+            num_classes = logits.shape[1]
+            if lo < 0 or hi >= num_classes:
+                bad = lo if lo < 0 else hi
+                raise ValueError(
+                    f"target holds class {bad}, outside [0, {num_classes}) "
+                    f"(and not ignore_index={ignore_index})"
+                )
+
+
+def check_class_vector(name: str, vec, num_classes: int, device: torch.device | None = None) -> None:
+    """A (C,) floating tensor (class weights, priors, margins)."""
+    if not isinstance(vec, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(vec).__name__}")
+    if vec.dim() != 1 or vec.shape[0] != num_classes:
+        raise ValueError(f"{name} must have shape (C,) = ({num_classes},), got {tuple(vec.shape)}")
+    if vec.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor, got {vec.dtype}")
+    if device is not None and vec.device != device:
+        raise ValueError(f"{name} is on {vec.device} but the logits are on {device}")
+
+
+def as_class_counts(class_counts, *, smoothing: float = 0.0) -> torch.Tensor:
+    """Validated per-class training counts as a float64 CPU tensor, ``counts + smoothing``.
+
+    Accepts a sequence, numpy array or tensor of non-negative integers (floats holding whole numbers
+    are accepted). Zero counts raise unless ``smoothing > 0``: a zero count means log(prior) = -inf.
+    """
+    smoothing = check_finite_float("count_smoothing", smoothing, min_value=0.0)
+    if isinstance(class_counts, torch.Tensor):
+        counts = class_counts.detach().to("cpu")
+    else:
+        try:
+            counts = torch.as_tensor(class_counts)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"class_counts must be a sequence of integers, got {type(class_counts).__name__}") from exc
+    if counts.dtype == torch.bool or counts.is_complex():
+        raise TypeError(f"class_counts must hold integers, got {counts.dtype}")
+    if counts.dim() != 1 or counts.numel() < 1:
+        raise ValueError(f"class_counts must be a non-empty 1-D sequence, got shape {tuple(counts.shape)}")
+    counts = counts.to(torch.float64)
+    if not torch.isfinite(counts).all():
+        raise ValueError("class_counts must be finite")
+    if (counts != counts.round()).any():
+        raise TypeError("class_counts must hold whole numbers (per-class training counts)")
+    if (counts < 0).any():
+        bad = int(torch.nonzero(counts < 0)[0, 0])
+        raise ValueError(f"class_counts must be non-negative; class {bad} has {counts[bad].item():g}")
+    if smoothing == 0.0 and (counts == 0).any():
+        bad = int(torch.nonzero(counts == 0)[0, 0])
+        raise ValueError(
+            f"class_counts has a zero count (class {bad}): its log prior would be -inf. "
+            "Pass count_smoothing > 0 (counts + smoothing) to opt into smoothing."
+        )
+    return counts + smoothing
+
+
+def check_num_classes(logits: torch.Tensor, num_classes: int, what: str = "class_counts") -> None:
+    if logits.shape[1] != num_classes:
+        raise ValueError(
+            f"logits have C = {logits.shape[1]} classes but {what} describes {num_classes} classes"
+        )

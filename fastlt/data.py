@@ -1,0 +1,272 @@
+"""Data side of long-tailed training: class counts, long-tailed splits and re-balancing samplers.
+
+- ``class_counts``: per-class counts ``n`` (C,) of integer labels, the input of every prior.
+- ``long_tailed_counts`` / ``long_tailed_indices``: the exponential (CIFAR-LT) and step profiles,
+  and a subsample of a balanced dataset that follows them.
+- ``ClassBalancedSampler``: sample of class j drawn with probability ∝ ``n_j^q / n_j``.
+- ``CBENSampler``: GCL's stage-2 sampler (effective-number weights with a per-class beta).
+
+Both samplers draw a class first (multinomial over per-class mass), then a sample uniformly inside
+it; without replacement they fall back to one multinomial over the per-sample weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from numbers import Integral
+
+import torch
+from torch.utils.data import Sampler
+
+from ._validation import check_choice, check_finite_float
+
+PROFILES = ("exp", "step")
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _check_int(name: str, value, min_value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if value < min_value:
+        raise ValueError(f"{name} must be >= {min_value}, got {value}")
+    return value
+
+
+def _check_generator(generator) -> torch.Generator | None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    return generator
+
+
+def _as_labels(labels, name: str = "labels") -> torch.Tensor:
+    """Integer labels (tensor, sequence or numpy array) as a 1-D int64 CPU tensor; non-negative."""
+    if isinstance(labels, torch.Tensor):
+        out = labels.detach().to("cpu")
+    else:
+        try:
+            out = torch.as_tensor(labels)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"{name} must be a sequence of integers, got {type(labels).__name__}") from exc
+    if out.dtype not in _INT_DTYPES:
+        raise TypeError(f"{name} must hold integer class indices, got {out.dtype}")
+    if out.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(out.shape)}")
+    out = out.to(torch.int64)
+    if out.numel() > 0 and int(out.min()) < 0:
+        raise ValueError(f"{name} must be non-negative class indices, got {int(out.min())}")
+    return out
+
+
+def class_counts(labels, num_classes: int | None = None) -> torch.Tensor:
+    """Per-class counts ``n_j = #{i : labels_i == j}``, a (C,) int64 tensor.
+
+    ``labels``: (N,) integer labels (tensor, sequence or numpy array), each in ``[0, num_classes)``.
+    ``num_classes`` defaults to ``labels.max() + 1``; classes without samples count 0.
+    """
+    labels = _as_labels(labels)
+    if num_classes is None:
+        if labels.numel() == 0:
+            raise ValueError("labels is empty: pass num_classes to count an empty label set")
+        num_classes = int(labels.max()) + 1
+    else:
+        num_classes = _check_int("num_classes", num_classes, 1)
+        if labels.numel() > 0 and int(labels.max()) >= num_classes:
+            top = int(labels.max())
+            raise ValueError(f"labels holds class {top}, outside [0, num_classes={num_classes})")
+    return torch.bincount(labels, minlength=num_classes)
+
+
+def long_tailed_counts(num_classes: int, max_count: int, imbalance_ratio: float, profile: str = "exp",
+                       step_fraction: float = 0.5) -> list[int]:
+    """Per-class counts ``[n_0, ..., n_{C-1}]`` of a long-tailed split, non-increasing in j.
+
+    - ``'exp'`` (CIFAR-LT): ``n_j = floor(n_max * r^(-j/(C-1)))``, so ``n_0 = n_max`` and
+      ``n_{C-1} = floor(n_max / r)``; ``C = 1`` gives ``[n_max]``.
+    - ``'step'``: the first ``floor(C * (1 - step_fraction))`` classes get ``n_max``, the other
+      ``ceil(C * step_fraction)`` get ``floor(n_max / r)`` (so a lone class with ``step_fraction > 0``
+      is a tail class).
+
+    Every count is at least 1 (only matters when ``n_max < r``). ``r = imbalance_ratio >= 1``. The floor
+    has a 1e-12 relative guard, so e.g. ``n_max = 98, r = 49`` ends at 2, not at 1 as a bare float
+    ``98 * (1/49)`` would.
+    """
+    num_classes = _check_int("num_classes", num_classes, 1)
+    max_count = _check_int("max_count", max_count, 1)
+    r = check_finite_float("imbalance_ratio", imbalance_ratio, min_value=1.0)
+    check_choice("profile", profile, PROFILES)
+    step_fraction = check_finite_float("step_fraction", step_fraction, min_value=0.0, max_value=1.0)
+    if profile == "exp":
+        if num_classes == 1:
+            return [max_count]
+        # (1/r)^(j/(C-1)) as the CIFAR-LT code computes it, so the published splits are reproduced.
+        counts = [_floor(max_count * (1.0 / r) ** (j / (num_classes - 1))) for j in range(num_classes)]
+    else:
+        head = math.floor(num_classes * (1.0 - step_fraction))
+        counts = [max_count] * head + [_floor(max_count / r)] * (num_classes - head)
+    return [max(1, n) for n in counts]
+
+
+def _floor(x: float) -> int:
+    """floor(x), guarded so that an exact integer computed as 1.9999999999999998 still gives 2."""
+    return math.floor(x * (1.0 + 1e-12))
+
+
+def long_tailed_indices(labels, imbalance_ratio: float, profile: str = "exp", max_count: int | None = None,
+                        generator: torch.Generator | None = None, *,
+                        step_fraction: float = 0.5) -> torch.Tensor:
+    """Indices (sorted, int64) of a long-tailed subsample of a (balanced) labelled dataset.
+
+    Class j keeps ``n_j`` of its samples, ``n = long_tailed_counts(C, max_count, imbalance_ratio,
+    profile, step_fraction)`` with ``C = labels.max() + 1``: the first ``n_j`` in dataset order when
+    ``generator`` is None, else a random subset drawn with ``generator`` (deterministic for a seeded
+    generator). ``max_count`` defaults to the smallest class size, so every class can supply its quota.
+    """
+    labels = _as_labels(labels)
+    _check_generator(generator)
+    counts = class_counts(labels)
+    if max_count is None:
+        max_count = int(counts.min())
+        if max_count < 1:
+            empty = int(torch.nonzero(counts == 0)[0, 0])
+            raise ValueError(f"labels has no sample of class {empty}: pass max_count or relabel the classes")
+    quota = long_tailed_counts(counts.numel(), max_count, imbalance_ratio, profile, step_fraction)
+    order = torch.argsort(labels, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    kept = []
+    for j, n_j in enumerate(quota):
+        if n_j > int(counts[j]):
+            raise ValueError(
+                f"class {j} has {int(counts[j])} samples but the profile asks for {n_j} "
+                f"(max_count={max_count}); lower max_count"
+            )
+        members = order[int(starts[j]):int(starts[j]) + int(counts[j])]
+        if generator is not None:
+            members = members[torch.randperm(members.numel(), generator=generator)]
+        kept.append(members[:n_j])
+    return torch.sort(torch.cat(kept)).values
+
+
+class _ClassMassSampler(Sampler[int]):
+    """Shared drawing: class j gets total probability ``class_probabilities[j]``, uniform inside."""
+
+    def __init__(self, labels, num_samples: int | None, replacement: bool,
+                 generator: torch.Generator | None) -> None:
+        labels = _as_labels(labels)
+        if labels.numel() == 0:
+            raise ValueError("labels must hold at least one sample")
+        if not isinstance(replacement, bool):
+            raise TypeError(f"replacement must be a bool, got {type(replacement).__name__}")
+        num_samples = labels.numel() if num_samples is None else _check_int("num_samples", num_samples, 1)
+        if not replacement and num_samples > labels.numel():
+            raise ValueError(
+                f"num_samples={num_samples} exceeds the {labels.numel()} samples of labels; "
+                "it needs replacement=True"
+            )
+        self.labels = labels
+        self.counts = torch.bincount(labels)
+        self.num_samples = num_samples
+        self.replacement = replacement
+        self.generator = _check_generator(generator)
+        self._order = torch.argsort(labels, stable=True)
+        self._starts = torch.cumsum(self.counts, 0) - self.counts
+
+    def _set_class_weights(self, per_sample_weight: torch.Tensor) -> None:
+        """``per_sample_weight``: (C,) float64, 0 for absent classes; stored normalised over classes."""
+        self._class_weights = per_sample_weight / per_sample_weight.sum()
+        mass = self._class_weights * self.counts.to(torch.float64)
+        self._class_probabilities = mass / mass.sum()
+
+    @property
+    def class_weights(self) -> torch.Tensor:
+        """(C,) float64: per-sample draw weight of each class, normalised to sum 1 over classes."""
+        return self._class_weights.clone()
+
+    @property
+    def class_probabilities(self) -> torch.Tensor:
+        """(C,) float64: probability that one draw lands in class j (``weight_j * n_j``, normalised)."""
+        return self._class_probabilities.clone()
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        g = self.generator
+        if self.replacement:
+            cls = torch.multinomial(self._class_probabilities, self.num_samples, True, generator=g)
+            n = self.counts[cls]
+            offset = (torch.rand(self.num_samples, generator=g, dtype=torch.float64) * n).long()
+            idx = self._order[self._starts[cls] + torch.minimum(offset, n - 1)]
+        else:
+            weights = self._class_weights[self.labels]
+            idx = torch.multinomial(weights, self.num_samples, False, generator=g)
+        yield from idx.tolist()
+
+
+class ClassBalancedSampler(_ClassMassSampler):
+    """Sampler over dataset indices with class mass ``p_j = n_j^q / sum_k n_k^q``.
+
+    ``labels``: (N,) integer labels. Each sample of class j is drawn with probability ∝ ``n_j^q / n_j``:
+    ``q = 0`` class-balanced, ``q = 0.5`` square-root, ``q = 1`` instance-balanced (plain shuffling
+    with replacement). ``num_samples`` draws per epoch (default N), from ``generator`` (default:
+    torch's global generator). Classes absent from ``labels`` get no mass.
+    """
+
+    def __init__(self, labels, q: float = 0.0, num_samples: int | None = None, replacement: bool = True,
+                 generator: torch.Generator | None = None) -> None:
+        self.q = check_finite_float("q", q)
+        super().__init__(labels, num_samples, replacement, generator)
+        n = self.counts.to(torch.float64)
+        present = n > 0
+        weight = torch.zeros_like(n)
+        weight[present] = n[present].pow(self.q - 1.0)
+        self._set_class_weights(weight)
+
+
+class CBENSampler(_ClassMassSampler):
+    """GCL's stage-2 sampler (class-balanced by effective number, CBEN) over dataset indices.
+
+    With per-class counts ``n`` (classes present in ``labels`` only):
+    ``delta_j = log n_max - log n_j``,
+    ``beta_j = b * (delta_j - delta_min) / (delta_max - delta_min) + a`` (``beta_j = a`` when all
+    counts are equal), ``rho_j = (1 - beta_j) / (1 - beta_j^n_j)``, normalised over classes
+    (``class_weights``, (C,) float64). Each sample of class j is drawn with probability ∝ ``rho_j``.
+
+    Defaults ``a = 0.999, b = 0.0009`` (beta in [0.999, 0.9999]) are what the GCL paper states; the
+    official code's sampler uses ``a = 0.9999, b = 1e-5`` and its stage-2 scripts default to plain
+    1/n class-balanced sampling (``ClassBalancedSampler(q=0)``). Both a and b are arguments here.
+    Requires ``0 <= a < 1``, ``b >= 0``, ``a + b < 1``.
+    """
+
+    def __init__(self, labels, a: float = 0.999, b: float = 0.0009, num_samples: int | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        a = check_finite_float("a", a, min_value=0.0)
+        if a >= 1.0:
+            raise ValueError(f"a must be < 1, got {a}")
+        b = check_finite_float("b", b, min_value=0.0)
+        if a + b >= 1.0:
+            raise ValueError(f"a + b must be < 1 (beta_j < 1), got a={a}, b={b}")
+        self.a, self.b = a, b
+        super().__init__(labels, num_samples, True, generator)
+        n = self.counts.to(torch.float64)
+        present = n > 0
+        log_n = n[present].log()
+        delta = log_n.max() - log_n
+        span = delta.max() - delta.min()
+        if span > 0:
+            beta = b * (delta - delta.min()) / span + a
+        else:
+            beta = torch.full_like(delta, a)
+        rho = torch.zeros_like(n)
+        rho[present] = (1.0 - beta) / (1.0 - beta.pow(n[present]))
+        self._set_class_weights(rho)
+
+
+__all__ = [
+    "class_counts",
+    "long_tailed_counts",
+    "long_tailed_indices",
+    "ClassBalancedSampler",
+    "CBENSampler",
+]

@@ -1,0 +1,159 @@
+"""Loss modules that feel like ``torch.nn.CrossEntropyLoss``: ``loss = criterion(logits, target)``.
+
+Each takes the per-class training counts once (validated; zero counts need ``count_smoothing > 0``),
+keeps the derived per-class vectors as buffers (they follow ``.to(device)``), and the usual
+``weight``, ``ignore_index``, ``reduction``, ``label_smoothing``, plus ``backend='auto'|'torch'|
+'triton'`` ('auto': fused Triton kernels for CUDA tensors, the pure-PyTorch reference elsewhere).
+Float hyperparameters (tau, s, m, noise_mul, gamma, alpha) are plain attributes: schedule them freely.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import _validation as V
+from . import functional as LF
+from .priors import gcl_cloud_from, ldam_margins_from, log_prior_from, prior_from
+
+__all__ = ["LogitAdjustedLoss", "BalancedSoftmaxLoss", "LDAMLoss", "GCLLoss", "LADELoss"]
+
+
+class _LongTailLoss(nn.Module):
+    """Shared arguments and buffers; subclasses add their per-class vectors."""
+
+    def __init__(self, class_counts, *, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                 backend="auto", count_smoothing=0.0):
+        super().__init__()
+        counts = V.as_class_counts(class_counts, smoothing=count_smoothing)
+        self.num_classes = counts.numel()
+        self.count_smoothing = count_smoothing
+        self._counts64 = counts  # validated, smoothed, float64: the source of every per-class vector
+        self.register_buffer("class_counts", counts.to(torch.float32), persistent=False)
+        if weight is not None:
+            V.check_class_vector("weight", torch.as_tensor(weight), self.num_classes)
+            weight = torch.as_tensor(weight, dtype=torch.float32)
+        self.register_buffer("weight", weight)
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        self.ignore_index = ignore_index
+        self.reduction = V.check_choice("reduction", reduction, V.REDUCTIONS)
+        self.label_smoothing = V.check_finite_float("label_smoothing", label_smoothing, min_value=0.0,
+                                                    max_value=1.0)
+        self.backend = V.check_choice("backend", backend, V.BACKENDS)
+
+    def _common(self) -> dict:
+        return dict(weight=self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
+                    label_smoothing=self.label_smoothing, backend=self.backend)
+
+    def _check_input(self, logits: torch.Tensor, name: str = "logits") -> None:
+        V.check_logits(name, logits)
+        V.check_num_classes(logits, self.num_classes)
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, reduction={self.reduction!r}, backend={self.backend!r}"
+
+
+class LogitAdjustedLoss(_LongTailLoss):
+    """Logit-adjusted cross-entropy (Menon et al., ICLR 2021): ``CE(z + tau * log pi, y)``.
+
+    Input (N, C) logits of any float dtype and (N,) int targets. ``grad_in_forward=True`` (Triton only)
+    computes the gradient during the forward and stores it over the logits: no extra memory, but the
+    logits tensor is overwritten (use it only when nothing else reads the logits afterwards).
+    """
+
+    def __init__(self, class_counts, tau=1.0, *, grad_in_forward=False, **kwargs):
+        super().__init__(class_counts, **kwargs)
+        self.tau = V.check_finite_float("tau", tau)
+        self.grad_in_forward = bool(grad_in_forward)
+        self.register_buffer("log_prior", log_prior_from(self._counts64), persistent=False)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        self._check_input(logits)
+        return LF.logit_adjusted_cross_entropy(logits, target, self.log_prior, self.tau,
+                                               grad_in_forward=self.grad_in_forward, **self._common())
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}, " + super().extra_repr()
+
+
+class BalancedSoftmaxLoss(LogitAdjustedLoss):
+    """Balanced Softmax (Ren et al., NeurIPS 2020) = logit-adjusted CE with tau = 1 (LADE's PriorCE)."""
+
+    def __init__(self, class_counts, **kwargs):
+        super().__init__(class_counts, tau=1.0, **kwargs)
+
+
+class LDAMLoss(_LongTailLoss):
+    """LDAM (Cao et al., NeurIPS 2019): ``CE(s * (z - m_y onehot(y)), y)``, ``m_y ∝ n_y^(-1/4)``, max ``max_margin``."""
+
+    def __init__(self, class_counts, max_margin=0.5, s=30.0, *, grad_in_forward=False, **kwargs):
+        super().__init__(class_counts, **kwargs)
+        self.max_margin = V.check_finite_float("max_margin", max_margin, min_value=0.0)
+        self.s = V.check_finite_float("s", s)
+        self.grad_in_forward = bool(grad_in_forward)
+        self.register_buffer("margins", ldam_margins_from(self._counts64, self.max_margin),
+                             persistent=False)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        self._check_input(logits)
+        return LF.ldam_cross_entropy(logits, target, self.margins, self.s, grad_in_forward=self.grad_in_forward,
+                                     **self._common())
+
+    def extra_repr(self) -> str:
+        return f"max_margin={self.max_margin}, s={self.s}, " + super().extra_repr()
+
+
+class GCLLoss(_LongTailLoss):
+    """Gaussian clouded logit adjustment (Li, Cheung, Lu, CVPR 2022) on (N, C) cosine logits.
+
+    ``CE(s * (cos - noise_mul * e * delta/max(delta) - m * onehot(y)), y)`` with half-normal noise ``e``
+    (sigma 1/3, clipped at 1) drawn per element from (seed, row, column) — on the GPU inside the kernel.
+    Defaults are the official loss class's (m=0.5, s=30, noise_mul=1, gamma=0); the official scripts
+    use m=0, s=30, noise_mul=0.5 for the backbone stage and m=0.1, s=20, noise_mul=0.5, gamma=1 for
+    the classifier re-training stage (with :class:`fastlt.data.CBENSampler`). ``forward(cos, y, seed=None)``:
+    the seed is drawn from torch's generator unless given.
+    """
+
+    def __init__(self, class_counts, m=0.5, s=30.0, noise_mul=1.0, gamma=0.0, *, grad_in_forward=False,
+                 **kwargs):
+        super().__init__(class_counts, **kwargs)
+        self.m = V.check_finite_float("m", m)
+        self.s = V.check_finite_float("s", s)
+        self.noise_mul = V.check_finite_float("noise_mul", noise_mul)
+        self.gamma = V.check_finite_float("gamma", gamma, min_value=0.0)
+        self.grad_in_forward = bool(grad_in_forward)
+        self.register_buffer("cloud", gcl_cloud_from(self._counts64), persistent=False)
+
+    def forward(self, cosine: torch.Tensor, target: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        self._check_input(cosine, "cosine")
+        return LF.gcl_cross_entropy(cosine, target, self.cloud, self.m, self.s, self.noise_mul, self.gamma,
+                                    seed=seed, grad_in_forward=self.grad_in_forward, **self._common())
+
+    def extra_repr(self) -> str:
+        return (f"m={self.m}, s={self.s}, noise_mul={self.noise_mul}, gamma={self.gamma}, "
+                + super().extra_repr())
+
+
+class LADELoss(_LongTailLoss):
+    """LADE (Hong et al., CVPR 2021): ``PriorCE(z) + alpha * LADER(z)`` (official code's form, SPEC 2.3).
+
+    ``reduction`` is 'mean' or 'sum' (LADER is a batch statistic). Predict with
+    :func:`fastlt.posthoc.pc_softmax` toward the target prior.
+    """
+
+    def __init__(self, class_counts, alpha=0.1, remine_lambda=0.1, **kwargs):
+        super().__init__(class_counts, **kwargs)
+        if self.reduction == "none":
+            raise ValueError("reduction='none' is not defined for LADELoss: LADER is a batch-level statistic; "
+                             "use 'mean' or 'sum'")
+        self.alpha = V.check_finite_float("alpha", alpha)
+        self.remine_lambda = V.check_finite_float("remine_lambda", remine_lambda)
+        self.register_buffer("prior", prior_from(self._counts64), persistent=False)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        self._check_input(logits)
+        return LF.lade_loss(logits, target, self.prior, self.alpha, self.remine_lambda, **self._common())
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, remine_lambda={self.remine_lambda}, " + super().extra_repr()

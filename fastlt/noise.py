@@ -1,0 +1,81 @@
+"""GCL's Gaussian-cloud noise as a counter-based function of (seed, row, column).
+
+Element (i, j) of the noise is ``e_ij = min(|g| / 3, 1)`` — the official
+``|clamp(Normal(0, 1/3), -1, 1)|`` — where ``g`` is a standard normal computed from Philox4x32-10
+exactly as Triton's ``tl.randint4x`` does: counter ``(c0, c1, c2, c3) = (j // 4, i, 0, 0)``, key =
+the 64-bit seed split in (low, high) 32-bit words. The four 32-bit outputs become four uniforms
+(Triton's ``uint_to_uniform_float``) and, by Box-Muller on the pairs (0, 1) and (2, 3), four
+normals: column ``j`` takes normal number ``j % 4``. The kernels compute the same numbers on the GPU
+and under ``TRITON_INTERPRET=1``; results agree to float32 rounding of log/cos/sin, not bit for bit.
+
+The seed is drawn from torch's default CPU generator (``draw_seed``), so ``torch.manual_seed`` makes
+the noise repeatable, on every device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_M32 = 0xFFFFFFFF
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
+PHILOX_ROUNDS = 10
+SEED_BITS = 62
+
+
+def draw_seed(generator: torch.Generator | None = None) -> int:
+    """A fresh seed in [0, 2^62) from torch's CPU generator (no GPU synchronisation)."""
+    return int(torch.randint(0, 2**SEED_BITS, (), generator=generator, dtype=torch.int64))
+
+
+def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32-bit words of ``a * b`` for a 32-bit constant ``a`` and int64 ``b < 2^32``."""
+    p_lo = a * (b & 0xFFFF)  # < 2^48
+    p_hi = a * (b >> 16)  # < 2^48
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _M32
+    return hi, lo
+
+
+def philox4x32(seed: int, c0: torch.Tensor, c1: torch.Tensor, rounds: int = PHILOX_ROUNDS):
+    """Philox4x32 of counters (c0, c1, 0, 0) under the 64-bit ``seed``; int64 tensors in [0, 2^32)."""
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    for _ in range(rounds):
+        hi_b, lo_b = _mulhilo32(_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo32(_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
+    return c0, c1, c2, c3
+
+
+def _uniform(x: torch.Tensor) -> torch.Tensor:
+    """Triton's ``uint_to_uniform_float`` for 32-bit words held in int64: float32 in [0, 1)."""
+    signed = torch.where(x >= 2**31, x - 2**32, x)
+    folded = torch.where(signed < 0, -signed - 1, signed)
+    return folded.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+
+def _box_muller(u1: torch.Tensor, u2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    u1 = torch.clamp(u1, min=1.0e-7)
+    theta = u2 * 6.283185307179586
+    r = torch.sqrt(-2.0 * torch.log(u1))
+    return r * torch.cos(theta), r * torch.sin(theta)
+
+
+def standard_normal(seed: int, n_rows: int, n_cols: int, device=None) -> torch.Tensor:
+    """(n_rows, n_cols) float32 standard normals, element (i, j) a function of (seed, i, j) only."""
+    groups = (n_cols + 3) // 4
+    c0 = torch.arange(groups, dtype=torch.int64, device=device).expand(n_rows, groups)
+    c1 = torch.arange(n_rows, dtype=torch.int64, device=device)[:, None].expand(n_rows, groups)
+    r0, r1, r2, r3 = philox4x32(int(seed), c0, c1)
+    n0, n1 = _box_muller(_uniform(r0), _uniform(r1))
+    n2, n3 = _box_muller(_uniform(r2), _uniform(r3))
+    return torch.stack((n0, n1, n2, n3), dim=-1).reshape(n_rows, groups * 4)[:, :n_cols].contiguous()
+
+
+def gcl_noise(seed: int, n_rows: int, n_cols: int, device=None) -> torch.Tensor:
+    """GCL noise ``e_ij = min(|g_ij| / 3, 1)`` (float32, (n_rows, n_cols)); a half-normal, sigma 1/3, clipped at 1."""
+    g = standard_normal(seed, n_rows, n_cols, device)
+    return torch.clamp(g.abs() * (1.0 / 3.0), max=1.0)

@@ -1,0 +1,115 @@
+"""Post-hoc corrections of a model trained with plain cross-entropy (no retraining), SPEC 2.1.
+
+- ``logit_adjust``: ``z - tau * log pi`` (Menon et al., ICLR 2021); ``predict`` takes its argmax.
+- ``pc_softmax``: ``softmax(z - log p_s + log p_t)`` for a target prior ``p_t`` (LADE, Hong et al. 2021).
+- ``tau_normalize``: classifier rows ``w_j / |w_j|^tau`` (Kang et al., ICLR 2020).
+
+Priors are computed from counts in float64 on the CPU and cast to the logits' dtype and device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._validation import (
+    FLOAT_DTYPES,
+    as_class_counts,
+    check_class_vector,
+    check_finite_float,
+    check_logits,
+    check_num_classes,
+)
+
+
+def _log_prior64(class_counts, count_smoothing: float, name: str = "class_counts") -> torch.Tensor:
+    """``log(n / sum n)`` in float64 on the CPU; errors name the caller's argument ``name``."""
+    try:
+        counts = as_class_counts(class_counts, smoothing=count_smoothing)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(str(exc).replace("class_counts", name)) from None
+    return counts.log() - counts.sum().log()
+
+
+def logit_adjust(logits: torch.Tensor, class_counts=None, tau: float = 1.0, *,
+                 log_prior: torch.Tensor | None = None, count_smoothing: float = 0.0) -> torch.Tensor:
+    """Post-hoc logit adjustment ``z_ij - tau * log pi_j``, shape (N, C), dtype of ``logits``.
+
+    ``logits``: (N, C) floating tensor. Give exactly one of ``class_counts`` ((C,) training counts
+    ``n``, any numeric 1-D; ``log pi = log(n / sum n)`` computed in float64, zero counts raise unless
+    ``count_smoothing > 0``, which uses ``n + count_smoothing``) or ``log_prior`` ((C,) floating tensor
+    on the logits' device, a precomputed ``log pi``).
+    """
+    check_logits("logits", logits)
+    tau = check_finite_float("tau", tau)
+    if (class_counts is None) == (log_prior is None):
+        raise ValueError("give exactly one of class_counts and log_prior")
+    if log_prior is not None:
+        check_class_vector("log_prior", log_prior, logits.shape[1], logits.device)
+        if not bool(torch.isfinite(log_prior).all()):
+            raise ValueError("log_prior must be finite (a zero prior has log = -inf)")
+        offset = (tau * log_prior.to(torch.float64)).to(logits.dtype)
+    else:
+        log_pi = _log_prior64(class_counts, count_smoothing)
+        check_num_classes(logits, log_pi.numel())
+        offset = (tau * log_pi).to(device=logits.device, dtype=logits.dtype)
+    return logits - offset
+
+
+def pc_softmax(logits: torch.Tensor, source_counts, target_prior=None, *,
+               count_smoothing: float = 0.0) -> torch.Tensor:
+    """PC Softmax probabilities ``softmax_j(z_ij - log p_s(j) + log p_t(j))``, shape (N, C).
+
+    ``logits``: (N, C) floating tensor; ``source_counts``: (C,) training counts (``p_s = n / sum n``,
+    zero counts raise unless ``count_smoothing > 0``); ``target_prior``: (C,) non-negative, summing
+    to 1 within 1e-6 (tensor, sequence or numpy), None = uniform ``1/C``, which gives
+    ``softmax(logit_adjust(z, n, tau=1))``. Computed in at least float32, returned in the logits' dtype.
+    """
+    check_logits("logits", logits)
+    num_classes = logits.shape[1]
+    offset = -_log_prior64(source_counts, count_smoothing, "source_counts")
+    check_num_classes(logits, offset.numel(), "source_counts")
+    if target_prior is not None:
+        p_t = target_prior.detach().to("cpu") if isinstance(target_prior, torch.Tensor) else target_prior
+        try:
+            p_t = torch.as_tensor(p_t, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            kind = type(target_prior).__name__
+            raise TypeError(f"target_prior must be a sequence of floats, got {kind}") from exc
+        if p_t.dim() != 1 or p_t.numel() != num_classes:
+            raise ValueError(f"target_prior must have shape (C,) = ({num_classes},), got {tuple(p_t.shape)}")
+        if not bool(torch.isfinite(p_t).all()) or bool((p_t < 0).any()):
+            raise ValueError("target_prior must be finite and non-negative")
+        if abs(float(p_t.sum()) - 1.0) > 1e-6:
+            raise ValueError(f"target_prior must sum to 1 (within 1e-6), got {float(p_t.sum())!r}")
+        offset = offset + p_t.log()
+    compute = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
+    z = logits.to(compute) + offset.to(device=logits.device, dtype=compute)
+    return torch.softmax(z, dim=1).to(logits.dtype)
+
+
+def tau_normalize(weight: torch.Tensor, tau: float = 1.0, eps: float = 1e-12) -> torch.Tensor:
+    """Tau-normalised classifier weight ``w_j / max(|w_j|_2, eps)^tau`` row-wise, shape (C, D).
+
+    ``weight``: (C, D) floating tensor (one row per class). ``tau = 1`` gives unit-norm rows,
+    ``tau = 0`` returns an unchanged copy. Norms are computed in at least float32.
+    """
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape (C, D), got shape {tuple(weight.shape)}")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"weight must be float16, bfloat16, float32 or float64, got {weight.dtype}")
+    tau = check_finite_float("tau", tau, min_value=0.0)
+    eps = check_finite_float("eps", eps, min_value=0.0, min_inclusive=False)
+    if tau == 0.0:
+        return weight.clone()
+    compute = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+    w = weight.to(compute)
+    norms = torch.linalg.vector_norm(w, dim=1, keepdim=True).clamp_min(eps)
+    return (w / norms.pow(tau)).to(weight.dtype)
+
+
+def predict(logits: torch.Tensor, class_counts, tau: float = 1.0, *,
+            count_smoothing: float = 0.0) -> torch.Tensor:
+    """Post-hoc adjusted predictions ``argmax_j (z_ij - tau * log pi_j)``, an (N,) int64 tensor."""
+    return logit_adjust(logits, class_counts, tau, count_smoothing=count_smoothing).argmax(dim=1)

@@ -1,0 +1,457 @@
+"""Every argument check: the error type and a message that names the argument."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import fastlt
+from fastlt import functional as LF
+from fastlt import priors as P
+from fastlt import reference as R
+
+NAN, INF = float("nan"), float("inf")
+COUNTS = [100, 30, 10, 3]
+C = len(COUNTS)
+
+
+def data(N=6, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(N, C, generator=g).to(dtype)
+    y = torch.randint(0, C, (N,), generator=g)
+    return z, y
+
+
+def la(z, y, **kw):
+    return R.logit_adjusted_cross_entropy(z, y, P.log_prior(COUNTS), **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# logits
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(6,), (2, 3, 4), ()])
+def test_logits_must_be_2d(shape):
+    z = torch.zeros(shape)
+    y = torch.zeros(6, dtype=torch.long)
+    with pytest.raises(ValueError, match="logits"):
+        R.adjusted_cross_entropy(z, y)
+    with pytest.raises(ValueError, match="logits"):
+        fastlt.LogitAdjustedLoss(COUNTS)(z, y)
+    with pytest.raises(ValueError, match="cosine"):
+        fastlt.GCLLoss(COUNTS)(z, y)
+    with pytest.raises(ValueError, match="logits"):
+        R.lade_loss(z, y, P.prior(COUNTS))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64])
+def test_logits_must_be_floating(dtype):
+    z = torch.zeros(6, C, dtype=dtype)
+    y = torch.zeros(6, dtype=torch.long)
+    with pytest.raises(TypeError, match="logits"):
+        R.adjusted_cross_entropy(z, y)
+    with pytest.raises(TypeError, match="logits"):
+        fastlt.LDAMLoss(COUNTS)(z, y)
+    with pytest.raises(TypeError, match="logits"):
+        R.lade_loss(z, y, P.prior(COUNTS))
+
+
+def test_logits_need_a_class():
+    z = torch.zeros(6, 0)
+    y = torch.zeros(6, dtype=torch.long)
+    with pytest.raises(ValueError, match="logits"):
+        R.adjusted_cross_entropy(z, y)
+    with pytest.raises(ValueError, match="logits"):
+        R.lade_loss(z, y, torch.zeros(0))
+
+
+def test_logits_not_a_tensor():
+    with pytest.raises(TypeError, match="logits"):
+        R.adjusted_cross_entropy(np.zeros((6, C), dtype=np.float32), torch.zeros(6, dtype=torch.long))
+    with pytest.raises(TypeError, match="logits"):
+        R.adjusted_cross_entropy([[0.0, 1.0]], torch.zeros(1, dtype=torch.long))
+
+
+def test_logits_class_count_must_match_module():
+    mods = [fastlt.LogitAdjustedLoss(COUNTS), fastlt.LDAMLoss(COUNTS), fastlt.GCLLoss(COUNTS),
+            fastlt.LADELoss(COUNTS), fastlt.BalancedSoftmaxLoss(COUNTS)]
+    z = torch.zeros(6, C + 1)
+    y = torch.zeros(6, dtype=torch.long)
+    for mod in mods:
+        with pytest.raises(ValueError, match="class_counts"):
+            mod(z, y)
+
+
+# ----------------------------------------------------------------------------------------------
+# target
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(5,), (7,), (6, 1), ()])
+def test_target_shape(shape):
+    z, _ = data()
+    y = torch.zeros(shape, dtype=torch.long)
+    with pytest.raises(ValueError, match="target"):
+        la(z, y)
+    with pytest.raises(ValueError, match="target"):
+        fastlt.GCLLoss(COUNTS)(z, y)
+    with pytest.raises(ValueError, match="target"):
+        R.lade_loss(z, y, P.prior(COUNTS))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bool, torch.float16])
+def test_target_dtype(dtype):
+    z, y = data()
+    with pytest.raises(TypeError, match="target"):
+        la(z, y.to(dtype))
+    with pytest.raises(TypeError, match="target"):
+        fastlt.LADELoss(COUNTS)(z, y.to(dtype))
+
+
+def test_target_not_a_tensor():
+    z, y = data()
+    with pytest.raises(TypeError, match="target"):
+        la(z, y.tolist())
+
+
+@pytest.mark.parametrize("bad", [-1, -5, C, C + 10])
+def test_target_out_of_range(bad):
+    z, y = data()
+    y[2] = bad
+    with pytest.raises(ValueError, match="target"):
+        la(z, y)
+    with pytest.raises(ValueError, match="target"):
+        fastlt.LDAMLoss(COUNTS)(z, y)
+    with pytest.raises(ValueError, match="target"):
+        fastlt.GCLLoss(COUNTS)(z, y)
+    with pytest.raises(ValueError, match="target"):
+        fastlt.LADELoss(COUNTS)(z, y)
+
+
+def test_target_out_of_range_message_names_the_class():
+    z, y = data()
+    y[1] = 9
+    with pytest.raises(ValueError, match="9"):
+        la(z, y)
+
+
+@pytest.mark.parametrize("ignore_index", [-100, -1, 7, 1000])
+def test_ignore_index_rows_are_accepted(ignore_index):
+    z, y = data()
+    y[0] = ignore_index
+    y[3] = ignore_index
+    out = la(z, y, ignore_index=ignore_index, reduction="none")
+    assert out[0].item() == 0.0 and out[3].item() == 0.0 and (out[[1, 2, 4, 5]] > 0).all()
+    assert torch.isfinite(fastlt.LADELoss(COUNTS, ignore_index=ignore_index)(z, y))
+    assert torch.isfinite(fastlt.GCLLoss(COUNTS, ignore_index=ignore_index)(z.tanh(), y))
+    # but another out-of-range value still raises
+    y[4] = -3
+    with pytest.raises(ValueError, match="target"):
+        la(z, y, ignore_index=ignore_index)
+
+
+def test_ignore_index_does_not_hide_out_of_range_uint8_targets():
+    """uint8 class 156 with ignore_index=-100 (156 mod 256): still out of range for C = 4."""
+    z, _ = data(2)
+    y = torch.tensor([156, 1], dtype=torch.uint8)
+    with pytest.raises(ValueError, match="target"):
+        la(z, y)
+
+
+def test_ignore_index_type():
+    z, y = data()
+    with pytest.raises(TypeError, match="ignore_index"):
+        la(z, y, ignore_index=1.0)
+    with pytest.raises(TypeError, match="ignore_index"):
+        la(z, y, ignore_index=True)
+    with pytest.raises(TypeError, match="ignore_index"):
+        fastlt.LogitAdjustedLoss(COUNTS, ignore_index=-100.0)
+
+
+def test_target_on_another_device():
+    z, _ = data()
+    y = torch.zeros(6, dtype=torch.long, device="meta")
+    with pytest.raises(ValueError, match="target"):
+        la(z, y)
+
+
+# ----------------------------------------------------------------------------------------------
+# class counts
+# ----------------------------------------------------------------------------------------------
+
+MODULES = [fastlt.LogitAdjustedLoss, fastlt.BalancedSoftmaxLoss, fastlt.LDAMLoss, fastlt.GCLLoss,
+           fastlt.LADELoss]
+
+
+@pytest.mark.parametrize("cls", MODULES)
+def test_class_counts_negative(cls):
+    with pytest.raises(ValueError, match="class_counts"):
+        cls([10, -2, 3])
+
+
+@pytest.mark.parametrize("cls", MODULES)
+def test_class_counts_zero_without_smoothing(cls):
+    with pytest.raises(ValueError, match="count_smoothing"):
+        cls([10, 0, 3])
+    with pytest.raises(ValueError, match="count_smoothing"):
+        cls(torch.tensor([0, 0]))
+
+
+@pytest.mark.parametrize("cls", MODULES)
+def test_class_counts_non_integer(cls):
+    with pytest.raises(TypeError, match="class_counts"):
+        cls([10.5, 2, 3])
+    with pytest.raises(TypeError, match="class_counts"):
+        cls(torch.tensor([True, False]))
+    with pytest.raises(TypeError, match="class_counts"):
+        cls(["a", "b"])
+
+
+@pytest.mark.parametrize("cls", MODULES)
+def test_class_counts_empty_or_not_1d(cls):
+    with pytest.raises(ValueError, match="class_counts"):
+        cls([])
+    with pytest.raises(ValueError, match="class_counts"):
+        cls(torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="class_counts"):
+        cls([[1, 2], [3, 4]])
+    with pytest.raises(ValueError, match="class_counts"):
+        cls(5)
+
+
+@pytest.mark.parametrize("cls", MODULES)
+def test_class_counts_not_finite(cls):
+    with pytest.raises(ValueError, match="class_counts"):
+        cls([1.0, INF])
+    with pytest.raises(ValueError, match="class_counts"):
+        cls([1.0, NAN])
+
+
+@pytest.mark.parametrize("cls", MODULES)
+def test_count_smoothing_invalid(cls):
+    for bad in (-1.0, NAN, INF):
+        with pytest.raises(ValueError, match="count_smoothing"):
+            cls([1, 2], count_smoothing=bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# hyperparameters
+# ----------------------------------------------------------------------------------------------
+
+BAD_FLOATS = [NAN, INF, -INF]
+
+
+@pytest.mark.parametrize("bad", BAD_FLOATS)
+def test_nonfinite_hyperparameters_in_modules(bad):
+    cases = [
+        (fastlt.LogitAdjustedLoss, dict(tau=bad), "tau"),
+        (fastlt.LDAMLoss, dict(s=bad), r"\bs\b"),
+        (fastlt.LDAMLoss, dict(max_margin=bad), "max_margin"),
+        (fastlt.GCLLoss, dict(m=bad), r"\bm\b"),
+        (fastlt.GCLLoss, dict(s=bad), r"\bs\b"),
+        (fastlt.GCLLoss, dict(noise_mul=bad), "noise_mul"),
+        (fastlt.GCLLoss, dict(gamma=bad), "gamma"),
+        (fastlt.LADELoss, dict(alpha=bad), "alpha"),
+        (fastlt.LADELoss, dict(remine_lambda=bad), "remine_lambda"),
+        (fastlt.LogitAdjustedLoss, dict(label_smoothing=bad), "label_smoothing"),
+    ]
+    for cls, kw, name in cases:
+        with pytest.raises(ValueError, match=name):
+            cls(COUNTS, **kw)
+
+
+@pytest.mark.parametrize("bad", BAD_FLOATS)
+def test_nonfinite_hyperparameters_in_functions(bad):
+    z, y = data()
+    cos = z.tanh()
+    cloud, pi, lp = P.gcl_cloud(COUNTS), P.prior(COUNTS), P.log_prior(COUNTS)
+    margins = P.ldam_margins(COUNTS)
+    cases = [
+        (lambda: R.logit_adjusted_cross_entropy(z, y, lp, bad), "tau"),
+        (lambda: R.ldam_cross_entropy(z, y, margins, bad), "scale|\\bs\\b"),
+        (lambda: R.gcl_cross_entropy(cos, y, cloud, m=bad), "margin|\\bm\\b"),
+        (lambda: R.gcl_cross_entropy(cos, y, cloud, s=bad), "scale|\\bs\\b"),
+        (lambda: R.gcl_cross_entropy(cos, y, cloud, noise_mul=bad), "noise_mul"),
+        (lambda: R.gcl_cross_entropy(cos, y, cloud, gamma=bad), "gamma"),
+        (lambda: R.lade_loss(z, y, pi, alpha=bad), "alpha"),
+        (lambda: R.lade_loss(z, y, pi, remine_lambda=bad), "remine_lambda"),
+        (lambda: R.adjusted_cross_entropy(z, y, label_smoothing=bad), "label_smoothing"),
+        (lambda: LF.logit_adjusted_cross_entropy(z, y, lp, bad, backend="torch"), "tau"),
+        (lambda: LF.gcl_cross_entropy(cos, y, cloud, noise_mul=bad, backend="torch"), "noise_mul"),
+        (lambda: LF.lade_loss(z, y, pi, alpha=bad, backend="torch"), "alpha"),
+    ]
+    for fn, name in cases:
+        with pytest.raises(ValueError, match=name):
+            fn()
+
+
+def test_hyperparameters_changed_to_nan_after_construction_raise():
+    z, y = data()
+    mod = fastlt.LogitAdjustedLoss(COUNTS)
+    mod.tau = NAN
+    with pytest.raises(ValueError, match="tau"):
+        mod(z, y)
+    gcl = fastlt.GCLLoss(COUNTS)
+    gcl.noise_mul = INF
+    with pytest.raises(ValueError, match="noise_mul"):
+        gcl(z.tanh(), y)
+    lade = fastlt.LADELoss(COUNTS)
+    lade.alpha = NAN
+    with pytest.raises(ValueError, match="alpha"):
+        lade(z, y)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, 2.0])
+def test_label_smoothing_out_of_range(bad):
+    z, y = data()
+    with pytest.raises(ValueError, match="label_smoothing"):
+        la(z, y, label_smoothing=bad)
+    for cls in MODULES:
+        with pytest.raises(ValueError, match="label_smoothing"):
+            cls(COUNTS, label_smoothing=bad)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        R.lade_loss(z, y, P.prior(COUNTS), label_smoothing=bad)
+
+
+def test_label_smoothing_bounds_are_allowed():
+    z, y = data()
+    for ls in (0.0, 1.0):
+        assert torch.isfinite(la(z, y, label_smoothing=ls))
+
+
+def test_gamma_negative():
+    z, y = data()
+    with pytest.raises(ValueError, match="gamma"):
+        R.gcl_cross_entropy(z.tanh(), y, P.gcl_cloud(COUNTS), gamma=-1.0)
+    with pytest.raises(ValueError, match="gamma"):
+        fastlt.GCLLoss(COUNTS, gamma=-0.5)
+
+
+def test_max_margin_negative():
+    with pytest.raises(ValueError, match="max_margin"):
+        fastlt.LDAMLoss(COUNTS, max_margin=-0.1)
+
+
+@pytest.mark.parametrize("bad", ["1.0", None, [1.0], True])
+def test_hyperparameters_of_the_wrong_type(bad):
+    z, y = data()
+    with pytest.raises(TypeError, match="tau"):
+        fastlt.LogitAdjustedLoss(COUNTS, tau=bad)
+    with pytest.raises(TypeError, match="tau"):
+        la(z, y, tau=bad)
+    with pytest.raises(TypeError, match="alpha"):
+        fastlt.LADELoss(COUNTS, alpha=bad)
+
+
+def test_numpy_scalars_are_accepted():
+    z, y = data()
+    out = la(z, y, tau=np.float32(0.5))
+    torch.testing.assert_close(out, la(z, y, tau=0.5))
+    assert fastlt.GCLLoss(COUNTS, s=np.float64(20.0)).s == 20.0
+
+
+# ----------------------------------------------------------------------------------------------
+# class vectors, reduction, backend, noise, seed
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("length", [C - 1, C + 1])
+def test_weight_wrong_length(length):
+    z, y = data()
+    w = torch.ones(length)
+    with pytest.raises(ValueError, match="weight"):
+        la(z, y, weight=w)
+    with pytest.raises(ValueError, match="weight"):
+        R.lade_loss(z, y, P.prior(COUNTS), weight=w)
+    for cls in MODULES:
+        with pytest.raises(ValueError, match="weight"):
+            cls(COUNTS, weight=w)
+    with pytest.raises(ValueError, match="weight"):
+        fastlt.LogitAdjustedLoss(COUNTS, weight=[1.0] * length)
+
+
+def test_weight_wrong_dtype_or_type():
+    z, y = data()
+    with pytest.raises(TypeError, match="weight"):
+        la(z, y, weight=torch.ones(C, dtype=torch.long))
+    with pytest.raises(TypeError, match="weight"):
+        la(z, y, weight=[1.0] * C)
+    with pytest.raises(ValueError, match="weight"):
+        la(z, y, weight=torch.ones(C, device="meta"))
+
+
+def test_other_class_vectors():
+    z, y = data()
+    with pytest.raises(ValueError, match="prior"):
+        R.logit_adjusted_cross_entropy(z, y, torch.zeros(C + 1))
+    with pytest.raises(ValueError, match="prior"):
+        R.lade_loss(z, y, torch.ones(C - 1) / (C - 1))
+    with pytest.raises(ValueError, match="cloud"):
+        R.gcl_cross_entropy(z.tanh(), y, torch.zeros(C + 2))
+    with pytest.raises(ValueError, match="margin"):
+        R.ldam_cross_entropy(z, y, torch.zeros(2))
+    with pytest.raises(ValueError, match="margin"):
+        R.adjusted_cross_entropy(z, y, margin=NAN)
+
+
+@pytest.mark.parametrize("bad", ["avg", "Mean", None, "batchmean"])
+def test_reduction_invalid(bad):
+    z, y = data()
+    with pytest.raises(ValueError, match="reduction"):
+        la(z, y, reduction=bad)
+    with pytest.raises(ValueError, match="reduction"):
+        R.lade_loss(z, y, P.prior(COUNTS), reduction=bad)
+    for cls in MODULES:
+        with pytest.raises(ValueError, match="reduction"):
+            cls(COUNTS, reduction=bad)
+
+
+@pytest.mark.parametrize("bad", ["cuda", "Triton", "", None, "numpy"])
+def test_backend_invalid(bad):
+    z, y = data()
+    with pytest.raises(ValueError, match="backend"):
+        LF.logit_adjusted_cross_entropy(z, y, P.log_prior(COUNTS), backend=bad)
+    with pytest.raises(ValueError, match="backend"):
+        LF.lade_loss(z, y, P.prior(COUNTS), backend=bad)
+    for cls in MODULES:
+        with pytest.raises(ValueError, match="backend"):
+            cls(COUNTS, backend=bad)
+
+
+@pytest.mark.parametrize("shape", [(6, C + 1), (5, C), (6 * C,), (1, C)])
+def test_noise_wrong_shape(shape):
+    z, y = data()
+    cloud = P.gcl_cloud(COUNTS)
+    with pytest.raises(ValueError, match="noise"):
+        R.gcl_cross_entropy(z.tanh(), y, cloud, noise=torch.zeros(shape))
+    with pytest.raises(ValueError, match="noise"):
+        LF.gcl_cross_entropy(z.tanh(), y, cloud, noise=torch.zeros(shape), backend="torch")
+
+
+def test_noise_not_a_tensor_or_wrong_device():
+    z, y = data()
+    cloud = P.gcl_cloud(COUNTS)
+    with pytest.raises(ValueError, match="noise"):
+        R.gcl_cross_entropy(z.tanh(), y, cloud, noise=np.zeros((6, C), dtype=np.float32))
+    with pytest.raises(ValueError, match="noise"):
+        R.gcl_cross_entropy(z.tanh(), y, cloud, noise=torch.zeros(6, C, device="meta"))
+
+
+@pytest.mark.parametrize("bad", [-1, -(2**40), 1.5, "3", True])
+def test_seed_invalid(bad):
+    z, y = data()
+    cloud = P.gcl_cloud(COUNTS)
+    with pytest.raises((TypeError, ValueError), match="seed"):
+        R.gcl_cross_entropy(z.tanh(), y, cloud, seed=bad)
+    with pytest.raises((TypeError, ValueError), match="seed"):
+        fastlt.GCLLoss(COUNTS)(z.tanh(), y, seed=bad)
+
+
+def test_valid_edge_values_are_accepted():
+    z, y = data()
+    cloud = P.gcl_cloud(COUNTS)
+    assert torch.isfinite(R.gcl_cross_entropy(z.tanh(), y, cloud, seed=0))
+    assert torch.isfinite(R.gcl_cross_entropy(z.tanh(), y, cloud, seed=2**63 - 1))
+    assert torch.isfinite(R.gcl_cross_entropy(z.tanh(), y, cloud, m=0.0, noise_mul=0.0, gamma=0.0))
+    assert torch.isfinite(la(z, y, tau=0.0))
+    for reduction in ("mean", "sum", "none"):
+        la(z, y, reduction=reduction)
