@@ -1,0 +1,212 @@
+"""Launchers for the row-operator kernels: tile shapes, split decisions, buffers. No host syncs.
+
+``RowOperatorArgs`` carries every hyperparameter of SPEC 2.4 (per-class tensors and runtime floats)
+so the autograd Function passes one object through forward and backward.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from .row_operator import row_loss_combine, row_loss_forward, row_loss_grad, scale_rows
+
+_MAX_TILE = 8192  # elements of z per program and tile (registers)
+
+
+@dataclass(frozen=True)
+class RowOperatorArgs:
+    """Hyperparameters of the row operator. Tensors are (C,) and live on the logits' device."""
+
+    prior: torch.Tensor | None = None
+    cloud: torch.Tensor | None = None
+    margin: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    tau: float = 1.0
+    noise_mul: float = 0.0
+    margin_value: float = 0.0
+    has_margin: bool = False
+    scale: float = 1.0
+    gamma: float = 0.0
+    label_smoothing: float = 0.0
+    ignore_index: int = -100
+    seed: int = 0
+    reduction: str = "mean"
+
+    @property
+    def has_noise(self) -> bool:
+        return self.cloud is not None and self.noise_mul != 0.0
+
+    @property
+    def margin_mode(self) -> int:
+        return 2 if self.margin is not None else (1 if self.has_margin else 0)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    num_splits: int
+    cols_per_split: int
+    num_warps: int
+
+    @property
+    def single_tile(self) -> bool:
+        return self.num_splits == 1 and self.cols_per_split <= self.block_n
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def pick_tiles(N: int, C: int, device: torch.device, *, column_stats: bool = False, block_m: int | None = None,
+               block_n: int | None = None, num_splits: int | None = None) -> TileConfig:
+    """Tile shape and row split for an (N, C) problem. Explicit arguments override (tests use them)."""
+    if block_n is None:
+        block_n = max(16, min(triton.next_power_of_2(C), 1024 if column_stats else _MAX_TILE))
+    if block_m is None:
+        if column_stats:
+            block_m = 16
+        else:
+            block_m = max(1, min(64, _MAX_TILE // (2 * block_n), triton.next_power_of_2(max(N, 1))))
+    tiles = triton.cdiv(C, block_n)
+    if num_splits is None:
+        num_splits = 1
+        row_blocks = triton.cdiv(max(N, 1), block_m)
+        target = 2 * _sm_count(device)
+        if tiles >= 4 and row_blocks < target:
+            num_splits = min(tiles, triton.cdiv(target, row_blocks))
+    cols_per_split = triton.cdiv(tiles, num_splits) * block_n
+    num_splits = triton.cdiv(C, cols_per_split)
+    elements = block_m * block_n
+    num_warps = 4 if elements <= 1024 else (8 if elements <= 4096 else 16)
+    return TileConfig(block_m, block_n, num_splits, cols_per_split, num_warps)
+
+
+def _dummy(device) -> torch.Tensor:
+    return torch.empty(1, dtype=torch.float32, device=device)
+
+
+def _weight_and_denominator(y: torch.Tensor, args: RowOperatorArgs):
+    """W = sum_j w_j and 1 / sum_i w_{y_i} over valid rows, as device tensors (no sync)."""
+    dev = y.device
+    valid = y != args.ignore_index
+    if args.weight is not None:
+        w = args.weight.to(torch.float32)
+        wsum = w.sum().reshape(1)
+        safe = torch.where(valid, y, torch.zeros_like(y)).long()
+        denom = (w[safe] * valid).sum()
+    else:
+        wsum = _dummy(dev)
+        denom = valid.sum().to(torch.float32)
+    inv = (1.0 / denom).reshape(1) if args.reduction == "mean" else _dummy(dev)
+    return wsum, inv
+
+
+def _common_flags(args: RowOperatorArgs) -> dict:
+    return dict(HAS_PRIOR=args.prior is not None, HAS_NOISE=args.has_noise, MARGIN_MODE=args.margin_mode,
+                HAS_WEIGHT=args.weight is not None, HAS_SMOOTH=args.label_smoothing > 0.0)
+
+
+def _class_ptrs(args: RowOperatorArgs, dev):
+    d = _dummy(dev)
+    return tuple(t if t is not None else d for t in (args.prior, args.cloud, args.margin, args.weight))
+
+
+def forward(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out: torch.Tensor | None = None,
+            column_stats: bool = False, config: TileConfig | None = None):
+    """Run the forward. Returns ``(loss_rows, lse, factor, colstats)``, all fp32.
+
+    ``loss_rows`` (N,): per-row losses (0 for ignored rows); ``lse`` (2, N): fp32 (row max, log
+    sum-exp) of the adjusted row, kept apart so the backward's ``exp((a - max) - log_sum)`` is as exact
+    as torch's softmax; ``factor`` (N,): d(reduced loss)/d(loss_i) times the focal factor (the backward's row
+    coefficient before grad_output); ``colstats`` (4, R, C) when ``column_stats`` else None.
+    ``grad_out``: a tensor (N, C), possibly ``z`` itself, that receives d(reduced loss)/dz.
+    """
+    N, C = z.shape
+    dev = z.device
+    cfg = config or pick_tiles(N, C, dev, column_stats=column_stats)
+    prior, cloud, margin, weight = _class_ptrs(args, dev)
+    wsum, inv_denom = _weight_and_denominator(y, args)
+    loss = torch.empty(N, dtype=torch.float32, device=dev)
+    lse = torch.empty((2, N), dtype=torch.float32, device=dev)  # (row max, log sum-exp): LSE = their sum
+    factor = torch.empty(N, dtype=torch.float32, device=dev)
+    split = cfg.num_splits > 1
+    part = torch.empty((4, N, cfg.num_splits), dtype=torch.float32, device=dev) if split else _dummy(dev)
+    row_blocks = triton.cdiv(N, cfg.block_m)
+    colstats = (torch.empty((4, row_blocks, C), dtype=torch.float32, device=dev) if column_stats
+                else _dummy(dev))
+    fuse_grad = grad_out is not None and not split
+    g = grad_out if fuse_grad else z
+    flags = _common_flags(args)
+    if N > 0:
+        row_loss_forward[(row_blocks, cfg.num_splits)](
+            z, z.stride(0), z.stride(1), y, prior, cloud, margin, weight, wsum, inv_denom,
+            loss, lse, factor, part, colstats, g, g.stride(0), g.stride(1),
+            N, C, cfg.cols_per_split, args.ignore_index, args.tau, args.noise_mul, args.margin_value, args.scale,
+            args.gamma, args.label_smoothing, args.seed,
+            HAS_FOCAL=args.gamma != 0.0, MEAN=args.reduction == "mean", SPLIT=split,
+            SINGLE_TILE=cfg.single_tile, GRAD_IN_FWD=fuse_grad, COLUMN_STATS=column_stats,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, **flags)
+        if split:
+            block_s = max(2, triton.next_power_of_2(cfg.num_splits))
+            block_m = max(1, min(64, 4096 // block_s))
+            row_loss_combine[(triton.cdiv(N, block_m),)](
+                part, y, margin, weight, wsum, inv_denom, loss, lse, factor, N, C, cfg.num_splits,
+                args.ignore_index, args.gamma, args.label_smoothing,
+                HAS_WEIGHT=args.weight is not None, HAS_SMOOTH=args.label_smoothing > 0.0,
+                HAS_FOCAL=args.gamma != 0.0, MEAN=args.reduction == "mean", BLOCK_M=block_m, BLOCK_S=block_s)
+    if grad_out is not None and split:
+        grad(z, y, args, lse, factor, None, out=grad_out, config=cfg)
+    return loss, lse, factor, (colstats if column_stats else None)
+
+
+def grad(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, lse: torch.Tensor, factor: torch.Tensor,
+         grad_output: torch.Tensor | None, *, column_term=None, out: torch.Tensor | None = None,
+         config: TileConfig | None = None) -> torch.Tensor:
+    """d loss / d z recomputed from the saved ``lse`` and ``factor``; ``grad_output``: scalar or (N,)
+    (None: 1). ``column_term``: LADE's ``(col_a, col_b, col_lse)`` (C,) fp32 vectors, already scaled."""
+    N, C = z.shape
+    dev = z.device
+    cfg = config or pick_tiles(N, C, dev)
+    out = torch.empty((N, C), dtype=z.dtype, device=dev) if out is None else out
+    if N == 0:
+        return out
+    prior, cloud, margin, weight = _class_ptrs(args, dev)
+    wsum, _ = _weight_and_denominator(y, args) if args.weight is not None else (_dummy(dev), None)
+    go = grad_output if grad_output is not None else _dummy(dev)
+    go_stride = 0 if grad_output is None or grad_output.dim() == 0 else grad_output.stride(0)
+    ca, cb, cl = column_term if column_term is not None else (_dummy(dev),) * 3
+    row_loss_grad[(triton.cdiv(N, cfg.block_m), cfg.num_splits)](
+        z, z.stride(0), z.stride(1), y, prior, cloud, margin, weight, wsum, lse, factor, go, go_stride,
+        ca, cb, cl, out, out.stride(0), out.stride(1),
+        N, C, cfg.cols_per_split, args.ignore_index, args.tau, args.noise_mul, args.margin_value, args.scale,
+        args.label_smoothing, args.seed, HAS_UPSTREAM=grad_output is not None,
+        COLUMN_TERM=column_term is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+        **_common_flags(args))
+    return out
+
+
+def scale_by(grad_tensor: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """``grad_tensor *= grad_output`` in place (scalar or per-row); a scalar 1 costs one tiny launch."""
+    N, C = grad_tensor.shape
+    if N == 0:
+        return grad_tensor
+    block_n = min(triton.next_power_of_2(max(C, 1)), 4096)
+    block_m = max(1, min(16, 4096 // block_n))
+    go_stride = 0 if grad_output.dim() == 0 else grad_output.stride(0)
+    scale_rows[(triton.cdiv(N, block_m), triton.cdiv(C, block_n))](
+        grad_tensor, grad_tensor.stride(0), grad_tensor.stride(1), grad_output, go_stride, N, C,
+        BLOCK_M=block_m, BLOCK_N=block_n)
+    return grad_tensor

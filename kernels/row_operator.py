@@ -1,0 +1,310 @@
+"""The SPEC 2.4 row operator as Triton kernels.
+
+On (N, C) logits ``z`` (fp32/bf16/fp16, any strides) and int targets ``y``:
+``a_ij = s * (z_ij + tau*prior_j - noise_mul*cloud_j*e_ij - m_i*[j == y_i])``,
+``loss_i = focal_i * ((1 - eps) * w_{y_i} * (LSE_j a_ij - a_{i,y_i}) + eps/C * sum_j w_j (LSE_j a_ij - a_ij))``,
+``focal_i = (1 - p_{i,y_i})^gamma`` (detached), 0 for ignored rows. Gradient w.r.t. ``z``:
+``s * coef_i * ((1 - eps) * w_y * (p_ij - [j == y_i]) + eps/C * (W * p_ij - w_j))``, ``W = sum_j w_j``,
+``coef_i = focal_i * upstream_i`` (``/ sum_i w_{y_i}`` for 'mean'). Statistics are fp32; the ``-1`` of
+the target is folded in fp32 before the gradient is cast to the logits' dtype. Offsets are int64.
+
+Kernels: ``row_loss_forward`` (one pass; a row may be split over ``NUM_SPLITS`` programs whose
+partial (max, sum-exp) are merged by ``row_loss_combine``; optionally the gradient in the same
+launch, and LADE's per-column partial statistics), ``row_loss_grad`` (recompute backward, plus
+LADE's column term) and ``scale_rows`` (multiply a stored gradient by grad_output, skipped when 1).
+Flags are constexpr (an off flag costs nothing); every float hyperparameter is a runtime argument.
+"""
+
+import triton
+import triton.language as tl
+
+from .philox_noise import gcl_noise_tile
+
+# finite "minus infinity" for running maxima (keeps exp(m_old - m_new) NaN-free)
+NEG_BIG: tl.constexpr = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def _row_info(y_ptr, margin_ptr, weight_ptr, rows, N, C, ignore_index, margin_value,
+              MARGIN_MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+    """Per-row target (clamped to 0 when ignored), validity, margin m_i and class weight w_{y_i}."""
+    row_mask = rows < N
+    y = tl.load(y_ptr + rows, mask=row_mask, other=ignore_index).to(tl.int64)
+    valid = row_mask & (y != ignore_index)
+    in_range = (y >= 0) & (y < C)
+    y = tl.where(valid & in_range, y, 0)
+    if MARGIN_MODE == 2:
+        m = tl.load(margin_ptr + y, mask=valid, other=0.0).to(tl.float32)
+    else:
+        m = tl.zeros(rows.shape, tl.float32) + margin_value
+    if HAS_WEIGHT:
+        w_y = tl.load(weight_ptr + y, mask=valid, other=0.0).to(tl.float32)
+    else:
+        w_y = tl.full(rows.shape, 1.0, tl.float32)
+    # a target outside [0, C) is never loaded through: its row's loss and gradient become NaN (the GPU
+    # path cannot raise without a host sync; the CPU path raises ValueError before launching)
+    w_y = tl.where(valid & ~in_range, float("nan"), w_y)
+    return y, valid, row_mask, m, w_y
+
+
+@triton.jit
+def _adjusted_tile(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_start, y, m,
+                   C, tau, noise_mul, scale, seed,
+                   HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Load a tile of z and return (z fp32, a fp32 with -inf outside the matrix, cols, mask)."""
+    cols = col_start + tl.arange(0, BLOCK_N)
+    col_mask = cols < C
+    mask = row_mask[:, None] & col_mask[None, :]
+    offs = rows.to(tl.int64)[:, None] * stride_zm + cols.to(tl.int64)[None, :] * stride_zn
+    z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    a = z
+    if HAS_PRIOR:
+        a += tau * tl.load(prior_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_NOISE:
+        cloud = tl.load(cloud_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        a -= (noise_mul * cloud)[None, :] * gcl_noise_tile(seed, rows, col_start, BLOCK_M, BLOCK_N)
+    if MARGIN_MODE != 0:
+        a -= tl.where(cols[None, :] == y[:, None], m[:, None], 0.0)
+    a = tl.where(mask, a * scale, float("-inf"))
+    return z, a, cols, col_mask, mask
+
+
+@triton.jit
+def _weight_sum(wsum_ptr, C, HAS_WEIGHT: tl.constexpr):
+    """W = sum_j w_j (precomputed on the device), or C without weights."""
+    if HAS_WEIGHT:
+        w_sum = tl.load(wsum_ptr)
+    else:
+        w_sum = C * 1.0
+    return w_sum
+
+
+@triton.jit
+def _finish_rows(row_max, log_sum, a_y, sw, w_y, valid, w_sum, gamma, label_smoothing, inv_C,
+                 HAS_SMOOTH: tl.constexpr, HAS_FOCAL: tl.constexpr):
+    """Per-row loss (0 when ignored) and focal factor (0 when ignored) from the row statistics."""
+    ce = (row_max - a_y) + log_sum  # LSE - a_y without rounding LSE at the logits' magnitude
+    loss = (1.0 - label_smoothing) * w_y * ce
+    if HAS_SMOOTH:
+        loss += label_smoothing * inv_C * (w_sum * (row_max + log_sum) - sw)
+    focal = tl.full(ce.shape, 1.0, tl.float32)
+    if HAS_FOCAL:
+        base = tl.maximum(1.0 - tl.exp(-ce), 0.0)
+        focal = tl.where(base > 0.0, tl.exp2(gamma * tl.log2(base)), 0.0)
+        loss = loss * focal
+    return tl.where(valid, loss, 0.0), tl.where(valid, focal, 0.0)
+
+
+@triton.jit
+def _grad_tile(a, z, row_max, log_sum, y, cols, col_mask, mask, coef, w_y, weight_ptr, w_sum, scale,
+               label_smoothing, inv_C, valid, col_a_ptr, col_b_ptr, col_lse_ptr,
+               HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, COLUMN_TERM: tl.constexpr):
+    """d loss / d z for one tile, fp32 (the target's -1 folded here, before any downcast)."""
+    p = tl.exp((a - row_max[:, None]) - log_sum[:, None])  # a - max is exact for the large entries
+    onehot = (cols[None, :] == y[:, None]).to(tl.float32)
+    d = (1.0 - label_smoothing) * w_y[:, None] * (p - onehot)
+    if HAS_SMOOTH:
+        if HAS_WEIGHT:
+            w_j = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            d += label_smoothing * inv_C * (w_sum * p - w_j[None, :])
+        else:
+            d += label_smoothing * inv_C * (w_sum * p - 1.0)
+    g = d * (coef * scale)[:, None]
+    if COLUMN_TERM:
+        col_a = tl.load(col_a_ptr + cols, mask=col_mask, other=0.0)
+        col_b = tl.load(col_b_ptr + cols, mask=col_mask, other=0.0)
+        col_lse = tl.load(col_lse_ptr + cols, mask=col_mask, other=0.0)
+        q = tl.exp(z - col_lse[None, :])
+        g += tl.where(valid[:, None], col_a[None, :] * onehot + col_b[None, :] * q, 0.0)
+    return tl.where(mask, g, 0.0)
+
+
+@triton.jit
+def _store_grad(grad_ptr, stride_gm, stride_gn, rows, cols, mask, g):
+    offs = rows.to(tl.int64)[:, None] * stride_gm + cols.to(tl.int64)[None, :] * stride_gn
+    tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def row_loss_forward(
+    z_ptr, stride_zm, stride_zn, y_ptr, prior_ptr, cloud_ptr, margin_ptr, weight_ptr, wsum_ptr, inv_denom_ptr,
+    loss_ptr, lse_ptr, factor_ptr, part_ptr, colstat_ptr, grad_ptr, stride_gm, stride_gn,
+    N, C, cols_per_split, ignore_index, tau, noise_mul, margin_value, scale, gamma, label_smoothing, seed,
+    HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, HAS_FOCAL: tl.constexpr, MEAN: tl.constexpr, SPLIT: tl.constexpr,
+    SINGLE_TILE: tl.constexpr, GRAD_IN_FWD: tl.constexpr, COLUMN_STATS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid (cdiv(N, BLOCK_M), num_splits). Online (max, sum-exp) over this program's columns.
+
+    SPLIT: write partial (max, sumexp, a_y, sum w*a) to ``part_ptr`` (4, N, num_splits) for
+    ``row_loss_combine``; else write loss, lse and the backward factor per row (and the gradient over
+    ``grad_ptr`` when GRAD_IN_FWD). COLUMN_STATS (LADE): per column, over this program's valid rows,
+    write max z, sum exp(z - max), sum of z over rows of that class and that class's row count to
+    ``colstat_ptr`` (4, cdiv(N, BLOCK_M), C).
+    """
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    y, valid, row_mask, m, w_y = _row_info(y_ptr, margin_ptr, weight_ptr, rows, N, C, ignore_index, margin_value,
+                                           MARGIN_MODE, HAS_WEIGHT)
+    col_lo = pid_s * cols_per_split
+    col_hi = tl.minimum(col_lo + cols_per_split, C)
+    m_i = tl.full((BLOCK_M,), NEG_BIG, tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    a_y = tl.zeros((BLOCK_M,), tl.float32)
+    sw = tl.zeros((BLOCK_M,), tl.float32)
+    for col_start in range(col_lo, col_hi, BLOCK_N):
+        z, a, cols, col_mask, mask = _adjusted_tile(
+            z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_start, y, m, C, tau,
+            noise_mul, scale, seed, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, BLOCK_M, BLOCK_N)
+        m_new = tl.maximum(m_i, tl.max(a, 1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(a - m_new[:, None]), 1)
+        m_i = m_new
+        a_y += tl.sum(tl.where(cols[None, :] == y[:, None], a, 0.0), 1)
+        if HAS_SMOOTH:
+            if HAS_WEIGHT:
+                w_j = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+                sw += tl.sum(tl.where(mask, a * w_j[None, :], 0.0), 1)
+            else:
+                sw += tl.sum(tl.where(mask, a, 0.0), 1)
+        if COLUMN_STATS:
+            vmask = mask & valid[:, None]
+            zc = tl.where(vmask, z, float("-inf"))
+            c_max = tl.maximum(tl.max(zc, 0), NEG_BIG)
+            c_sum = tl.sum(tl.exp(zc - c_max[None, :]), 0)
+            is_y = vmask & (cols[None, :] == y[:, None])
+            c_first = tl.sum(tl.where(is_y, z, 0.0), 0)
+            c_count = tl.sum(is_y.to(tl.float32), 0)
+            n_rb = tl.num_programs(0)
+            base = colstat_ptr + pid_m.to(tl.int64) * C + cols
+            plane = n_rb.to(tl.int64) * C
+            tl.store(base, c_max, mask=col_mask)
+            tl.store(base + plane, c_sum, mask=col_mask)
+            tl.store(base + 2 * plane, c_first, mask=col_mask)
+            tl.store(base + 3 * plane, c_count, mask=col_mask)
+    if SPLIT:
+        n_splits = tl.num_programs(1)
+        offs = rows.to(tl.int64) * n_splits + pid_s
+        plane = tl.cast(N, tl.int64) * n_splits
+        tl.store(part_ptr + offs, m_i, mask=row_mask)
+        tl.store(part_ptr + plane + offs, l_i, mask=row_mask)
+        tl.store(part_ptr + 2 * plane + offs, a_y, mask=row_mask)
+        tl.store(part_ptr + 3 * plane + offs, sw, mask=row_mask)
+    else:
+        log_sum = tl.log(l_i)
+        w_sum = _weight_sum(wsum_ptr, C, HAS_WEIGHT)
+        inv_C = 1.0 / (C * 1.0)
+        loss, factor = _finish_rows(m_i, log_sum, a_y, sw, w_y, valid, w_sum, gamma, label_smoothing, inv_C,
+                                    HAS_SMOOTH, HAS_FOCAL)
+        if MEAN:
+            factor = factor * tl.load(inv_denom_ptr)
+        tl.store(loss_ptr + rows, loss, mask=row_mask)
+        tl.store(lse_ptr + rows, m_i, mask=row_mask)
+        tl.store(lse_ptr + N + rows, log_sum, mask=row_mask)
+        tl.store(factor_ptr + rows, factor, mask=row_mask)
+        if GRAD_IN_FWD:
+            if SINGLE_TILE:
+                # the row fits one tile: reloading it hits L1/L2 (just read); no second HBM pass
+                z, a, cols, col_mask, mask = _adjusted_tile(
+                    z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, 0, y, m, C,
+                    tau, noise_mul, scale, seed, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, BLOCK_M, BLOCK_N)
+                g = _grad_tile(a, z, m_i, log_sum, y, cols, col_mask, mask, factor, w_y, weight_ptr, w_sum, scale,
+                               label_smoothing, inv_C, valid, loss_ptr, loss_ptr, loss_ptr,
+                               HAS_WEIGHT, HAS_SMOOTH, False)
+                _store_grad(grad_ptr, stride_gm, stride_gn, rows, cols, mask, g)
+            else:
+                for col_start in range(col_lo, col_hi, BLOCK_N):
+                    z, a, cols, col_mask, mask = _adjusted_tile(
+                        z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_start, y, m, C,
+                        tau, noise_mul, scale, seed, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, BLOCK_M, BLOCK_N)
+                    g = _grad_tile(a, z, m_i, log_sum, y, cols, col_mask, mask, factor, w_y, weight_ptr, w_sum, scale,
+                                   label_smoothing, inv_C, valid, loss_ptr, loss_ptr, loss_ptr,
+                                   HAS_WEIGHT, HAS_SMOOTH, False)
+                    _store_grad(grad_ptr, stride_gm, stride_gn, rows, cols, mask, g)
+
+
+@triton.jit
+def row_loss_combine(
+    part_ptr, y_ptr, margin_ptr, weight_ptr, wsum_ptr, inv_denom_ptr, loss_ptr, lse_ptr, factor_ptr,
+    N, C, num_splits, ignore_index, gamma, label_smoothing,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_FOCAL: tl.constexpr, MEAN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Grid (cdiv(N, BLOCK_M),): merge the split partials of ``row_loss_forward`` into loss, lse, factor."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    y, valid, row_mask, m, w_y = _row_info(y_ptr, margin_ptr, weight_ptr, rows, N, C, ignore_index, 0.0, 0,
+                                           HAS_WEIGHT)
+    s = tl.arange(0, BLOCK_S)
+    mask = row_mask[:, None] & (s[None, :] < num_splits)
+    offs = rows.to(tl.int64)[:, None] * num_splits + s[None, :]
+    plane = tl.cast(N, tl.int64) * num_splits
+    p_max = tl.load(part_ptr + offs, mask=mask, other=NEG_BIG)
+    p_sum = tl.load(part_ptr + plane + offs, mask=mask, other=0.0)
+    a_y = tl.sum(tl.load(part_ptr + 2 * plane + offs, mask=mask, other=0.0), 1)
+    sw = tl.sum(tl.load(part_ptr + 3 * plane + offs, mask=mask, other=0.0), 1)
+    m_row = tl.max(p_max, 1)
+    log_sum = tl.log(tl.sum(p_sum * tl.exp(p_max - m_row[:, None]), 1))
+    w_sum = _weight_sum(wsum_ptr, C, HAS_WEIGHT)
+    loss, factor = _finish_rows(m_row, log_sum, a_y, sw, w_y, valid, w_sum, gamma, label_smoothing,
+                                1.0 / (C * 1.0), HAS_SMOOTH, HAS_FOCAL)
+    if MEAN:
+        factor = factor * tl.load(inv_denom_ptr)
+    tl.store(loss_ptr + rows, loss, mask=row_mask)
+    tl.store(lse_ptr + rows, m_row, mask=row_mask)
+    tl.store(lse_ptr + N + rows, log_sum, mask=row_mask)
+    tl.store(factor_ptr + rows, factor, mask=row_mask)
+
+
+@triton.jit
+def row_loss_grad(
+    z_ptr, stride_zm, stride_zn, y_ptr, prior_ptr, cloud_ptr, margin_ptr, weight_ptr, wsum_ptr,
+    lse_ptr, factor_ptr, go_ptr, go_stride, col_a_ptr, col_b_ptr, col_lse_ptr, grad_ptr, stride_gm, stride_gn,
+    N, C, cols_per_split, ignore_index, tau, noise_mul, margin_value, scale, label_smoothing, seed,
+    HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, HAS_UPSTREAM: tl.constexpr, COLUMN_TERM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid (cdiv(N, BLOCK_M), num_splits): recompute the tile from the saved fp32 (row max, log sum-exp) and write
+    ``upstream_i * factor_i * d loss_i / d z`` (plus LADE's column term when COLUMN_TERM)."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    y, valid, row_mask, m, w_y = _row_info(y_ptr, margin_ptr, weight_ptr, rows, N, C, ignore_index, margin_value,
+                                           MARGIN_MODE, HAS_WEIGHT)
+    row_max = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    log_sum = tl.load(lse_ptr + N + rows, mask=row_mask, other=0.0)
+    coef = tl.load(factor_ptr + rows, mask=row_mask, other=0.0)
+    if HAS_UPSTREAM:
+        coef = coef * tl.load(go_ptr + rows.to(tl.int64) * go_stride, mask=row_mask, other=0.0).to(tl.float32)
+    w_sum = _weight_sum(wsum_ptr, C, HAS_WEIGHT)
+    inv_C = 1.0 / (C * 1.0)
+    col_lo = pid_s * cols_per_split
+    col_hi = tl.minimum(col_lo + cols_per_split, C)
+    for col_start in range(col_lo, col_hi, BLOCK_N):
+        z, a, cols, col_mask, mask = _adjusted_tile(
+            z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_start, y, m, C, tau,
+            noise_mul, scale, seed, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, BLOCK_M, BLOCK_N)
+        g = _grad_tile(a, z, row_max, log_sum, y, cols, col_mask, mask, coef, w_y, weight_ptr, w_sum, scale,
+                       label_smoothing, inv_C, valid, col_a_ptr, col_b_ptr, col_lse_ptr,
+                       HAS_WEIGHT, HAS_SMOOTH, COLUMN_TERM)
+        _store_grad(grad_ptr, stride_gm, stride_gn, rows, cols, mask, g)
+
+
+@triton.jit
+def scale_rows(grad_ptr, stride_gm, stride_gn, go_ptr, go_stride, N, C,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid (cdiv(N, BLOCK_M), cdiv(C, BLOCK_N)): ``grad_ij *= go[i * go_stride]``; a scalar go equal
+    to 1 (the usual ``loss.backward()``) returns at once, read on the device: no host sync."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    if go_stride == 0:
+        if tl.load(go_ptr).to(tl.float32) == 1.0:
+            return
+    go = tl.load(go_ptr + rows.to(tl.int64) * go_stride, mask=row_mask, other=0.0).to(tl.float32)
+    mask = row_mask[:, None] & (cols[None, :] < C)
+    offs = rows.to(tl.int64)[:, None] * stride_gm + cols.to(tl.int64)[None, :] * stride_gn
+    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(grad_ptr + offs, (g * go[:, None]).to(grad_ptr.dtype.element_ty), mask=mask)

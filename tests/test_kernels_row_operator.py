@@ -1,0 +1,260 @@
+"""The Triton row-operator kernels against the float64 reference (SPEC 7).
+
+Without a GPU these run the real kernels in the Triton interpreter on CPU tensors (conftest sets
+TRITON_INTERPRET=1); with one they run natively on CUDA tensors. Shapes stay small for CI.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fastlt.kernels import launch
+from fastlt.kernels.philox_noise import gcl_noise_kernel
+from oracle import assert_oracle_close
+
+from fastlt import functional as LF
+from fastlt import reference as R
+from fastlt.priors import gcl_cloud, ldam_margins, log_prior
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _class_vectors(C: int, gen: torch.Generator) -> dict:
+    counts = torch.randint(1, 500, (C,), generator=gen)
+    counts[0] = 1000  # a clear head class
+    return dict(log_prior=log_prior(counts), cloud=gcl_cloud(counts), margins=ldam_margins(counts),
+                weight=torch.rand(C, generator=gen) + 0.1)
+
+
+def _flags(name: str, cv: dict, seed: int) -> dict:
+    return {
+        "plain": {},
+        "la": dict(prior=cv["log_prior"], tau=1.3),
+        "ldam": dict(margin=cv["margins"], scale=30.0),
+        "gcl": dict(cloud=cv["cloud"], noise_mul=1.0, seed=seed, margin=0.5, scale=30.0),
+        "gcl_focal": dict(cloud=cv["cloud"], noise_mul=0.5, seed=seed, margin=0.1, scale=20.0, gamma=1.0),
+        "weighted_smooth": dict(prior=cv["log_prior"], weight=cv["weight"], label_smoothing=0.15),
+        "all": dict(prior=cv["log_prior"], tau=0.7, cloud=cv["cloud"], noise_mul=0.5, seed=seed,
+                    margin=cv["margins"], scale=8.0, gamma=2.0, weight=cv["weight"], label_smoothing=0.1),
+    }[name]
+
+
+def _inputs(N, C, dtype, gen, *, peaked=False, ignore_rows=(1,)):
+    z = torch.randn(N, C, generator=gen, dtype=torch.float64) * (25.0 if peaked else 2.0)
+    y = torch.randint(0, C, (N,), generator=gen)
+    for r in ignore_rows:
+        if r < N:
+            y[r] = -100
+    return z.to(dtype), y
+
+
+def _to(kw: dict, dtype=None, device=DEVICE) -> dict:
+    return {k: (v.to(device=device, dtype=dtype or v.dtype) if isinstance(v, torch.Tensor) else v)
+            for k, v in kw.items()}
+
+
+def run_and_compare(z, y, kw, *, reduction="mean", grad_in_forward=False, config=None, go_scale=True):
+    """Kernel vs float64 reference vs same-dtype reference: loss and d loss / d z."""
+    dtype = z.dtype
+    zk = z.to(DEVICE).clone()
+    yk = y.to(DEVICE)
+    if grad_in_forward:
+        leaf = zk.clone().requires_grad_()
+        zin = leaf * 1.0  # a non-leaf, as a layer output would be
+    else:
+        zin = zk.requires_grad_()
+    loss = _call_kernel(zin, yk, kw, reduction, grad_in_forward, config)
+    go = torch.randn(loss.shape, dtype=torch.float64) * 1.7 + (0.5 if go_scale else 0.0)
+    loss.backward(go.to(DEVICE, loss.dtype))
+    grad = leaf.grad if grad_in_forward else zin.grad
+
+    kw = _with_kernel_noise(kw, *z.shape)
+    z64 = z.to(torch.float64).requires_grad_()
+    ref64 = R.adjusted_cross_entropy(z64, y, reduction=reduction, **_to(kw, torch.float64, "cpu"))
+    ref64.backward(go)
+    zs = z.clone().requires_grad_()
+    kw_same = {k: (v.to(dtype) if isinstance(v, torch.Tensor) else v) for k, v in _to(kw, None, "cpu").items()}
+    ref_same = R.adjusted_cross_entropy(zs, y, reduction=reduction, **kw_same)
+    ref_same.backward(go.to(dtype))
+    assert_oracle_close(loss, ref64, ref_same, dtype, what="loss")
+    assert grad.dtype == dtype
+    assert_oracle_close(grad, z64.grad, zs.grad, dtype, what="grad")
+
+
+def _with_kernel_noise(kw: dict, N: int, C: int) -> dict:
+    """Hand the reference the kernel's own noise (SPEC 3): the two agree only to float32 rounding of
+    log/cos, which the scale s amplifies, so exact comparison needs the same numbers."""
+    if kw.get("cloud") is None or kw.get("noise_mul", 0.0) == 0.0:
+        return kw
+    noise = gcl_noise_kernel(kw["seed"], N, C, DEVICE).cpu()
+    return {**{k: v for k, v in kw.items() if k != "seed"}, "noise": noise}
+
+
+def _call_kernel(zin, yk, kw, reduction, grad_in_forward, config):
+    if config is None:
+        return LF.adjusted_cross_entropy(zin, yk, reduction=reduction, backend="triton",
+                                         grad_in_forward=grad_in_forward, **_to(kw))
+    # a forced tile configuration (split rows, many tiles): go through the Function with patched tiles
+    orig = launch.pick_tiles
+    launch.pick_tiles = lambda N, C, device, **k: orig(N, C, device, **{**config, **k})
+    try:
+        return LF.adjusted_cross_entropy(zin, yk, reduction=reduction, backend="triton",
+                                         grad_in_forward=grad_in_forward, **_to(kw))
+    finally:
+        launch.pick_tiles = orig
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("flags", ["plain", "la", "ldam", "gcl", "gcl_focal", "weighted_smooth", "all"])
+def test_every_flag_dtype_reduction(flags, reduction, dtype):
+    gen = torch.Generator().manual_seed(hash((flags, reduction, str(dtype))) % 2**31)
+    N, C = 6, 37
+    cv = _class_vectors(C, gen)
+    z, y = _inputs(N, C, dtype, gen)
+    run_and_compare(z, y, _flags(flags, cv, seed=int(torch.randint(0, 2**40, (), generator=gen))),
+                    reduction=reduction)
+
+
+@pytest.mark.parametrize("N,C", [(1, 1), (1, 7), (3, 7), (257, 5), (4, 1000), (2, 8142), (3, 2)])
+@pytest.mark.parametrize("flags", ["plain", "all"])
+def test_odd_shapes(N, C, flags):
+    gen = torch.Generator().manual_seed(N * 100003 + C)
+    cv = _class_vectors(C, gen)
+    z, y = _inputs(N, C, torch.float32, gen)
+    run_and_compare(z, y, _flags(flags, cv, seed=5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_confident_logits(dtype):
+    gen = torch.Generator().manual_seed(11)
+    cv = _class_vectors(50, gen)
+    z, y = _inputs(16, 50, dtype, gen, peaked=True)
+    z[torch.arange(16), y.clamp(min=0)] = 60.0  # the target dominates: p_y -> 1, gradient tiny
+    run_and_compare(z, y, _flags("la", cv, 0))
+    run_and_compare(z, y, _flags("gcl_focal", cv, 3))
+
+
+@pytest.mark.parametrize("config", [dict(block_n=16, num_splits=1), dict(block_n=16, num_splits=3),
+                                    dict(block_n=32, num_splits=2, block_m=2)], ids=["tiles", "split3", "split2x2"])
+@pytest.mark.parametrize("flags", ["plain", "gcl", "all"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_split_and_multi_tile_paths(config, flags, reduction):
+    gen = torch.Generator().manual_seed(7)
+    N, C = 5, 101
+    cv = _class_vectors(C, gen)
+    z, y = _inputs(N, C, torch.float32, gen)
+    run_and_compare(z, y, _flags(flags, cv, 17), reduction=reduction, config=config)
+
+
+@pytest.mark.parametrize("config", [None, dict(block_n=16, num_splits=1), dict(block_n=16, num_splits=4)],
+                         ids=["single_tile", "tiles", "split"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_grad_in_forward(config, reduction, dtype):
+    gen = torch.Generator().manual_seed(3)
+    N, C = 7, 70
+    cv = _class_vectors(C, gen)
+    z, y = _inputs(N, C, dtype, gen)
+    run_and_compare(z, y, _flags("all", cv, 23), reduction=reduction, grad_in_forward=True, config=config)
+
+
+def test_grad_in_forward_overwrites_logits_and_skips_unit_scale():
+    gen = torch.Generator().manual_seed(4)
+    z, y = _inputs(4, 9, torch.float32, gen, ignore_rows=())
+    leaf = z.to(DEVICE).requires_grad_()
+    logits = leaf * 1.0
+    loss = LF.adjusted_cross_entropy(logits, y.to(DEVICE), backend="triton", grad_in_forward=True)
+    expected = torch.softmax(z.double(), 1) - torch.nn.functional.one_hot(y, 9)
+    # before backward the logits already hold d loss / d z (for grad_output = 1)
+    torch.testing.assert_close(logits.detach().cpu().double(), expected / 4, atol=1e-6, rtol=1e-5)
+    loss.backward()
+    torch.testing.assert_close(leaf.grad.cpu().double(), expected / 4, atol=1e-6, rtol=1e-5)
+
+
+def test_grad_in_forward_refuses_a_leaf():
+    z = torch.randn(2, 3, device=DEVICE, requires_grad=True)
+    with pytest.raises(ValueError, match="grad_in_forward"):
+        LF.adjusted_cross_entropy(z, torch.tensor([0, 1], device=DEVICE), backend="triton", grad_in_forward=True)
+
+
+@pytest.mark.parametrize("layout", ["row_stride", "transposed"])
+def test_non_contiguous_logits(layout):
+    gen = torch.Generator().manual_seed(5)
+    N, C = 6, 29
+    cv = _class_vectors(C, gen)
+    base = torch.randn(N, C + 11, generator=gen) if layout == "row_stride" else torch.randn(C, N, generator=gen)
+    z = base[:, :C] if layout == "row_stride" else base.t()
+    assert not z.is_contiguous()
+    y = torch.randint(0, C, (N,), generator=gen)
+    zk = z.detach() if DEVICE == "cpu" else (base.to(DEVICE)[:, :C] if layout == "row_stride"
+                                                else base.to(DEVICE).t())
+    zk.requires_grad_()
+    assert zk.stride() == z.stride()
+    kw = _flags("all", cv, 2)
+    loss = LF.adjusted_cross_entropy(zk, y.to(DEVICE), backend="triton", **_to(kw))
+    loss.backward()
+    z64 = z.double().requires_grad_()
+    ref = R.adjusted_cross_entropy(z64, y, **_to(_with_kernel_noise(kw, N, C), torch.float64, "cpu"))
+    ref.backward()
+    torch.testing.assert_close(loss.double().cpu(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(zk.grad.double().cpu(), z64.grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_rows_ignored_and_empty_batch(reduction):
+    C = 5
+    for N in (0, 3):
+        z = torch.randn(N, C)
+        y = torch.full((N,), -100, dtype=torch.long)
+        zk = z.to(DEVICE).requires_grad_()
+        got = LF.adjusted_cross_entropy(zk, y.to(DEVICE), reduction=reduction, backend="triton")
+        want = torch.nn.functional.cross_entropy(z, y, reduction=reduction)
+        torch.testing.assert_close(got.cpu(), want, equal_nan=True)
+        got.sum().backward()
+        if reduction != "mean":
+            assert (zk.grad == 0).all()
+
+
+def test_custom_ignore_index_and_int32_targets():
+    gen = torch.Generator().manual_seed(8)
+    z, y = _inputs(9, 12, torch.float32, gen, ignore_rows=())
+    y[[2, 5]] = 3  # ignore class 3 rows
+    zk = z.to(DEVICE).requires_grad_()
+    got = LF.adjusted_cross_entropy(zk, y.to(DEVICE, torch.int32), ignore_index=3, backend="triton")
+    want = torch.nn.functional.cross_entropy(z, y, ignore_index=3)
+    torch.testing.assert_close(got.cpu(), want, atol=1e-6, rtol=1e-5)
+
+
+def test_deterministic_for_a_seed_and_noise_follows_manual_seed():
+    gen = torch.Generator().manual_seed(9)
+    C = 40
+    cv = _class_vectors(C, gen)
+    z, y = _inputs(8, C, torch.float32, gen)
+    zk, yk = z.to(DEVICE), y.to(DEVICE)
+    kw = _to(dict(cloud=cv["cloud"], noise_mul=1.0, margin=0.5, scale=30.0))
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(1234)
+        zz = zk.clone().requires_grad_()
+        loss = LF.adjusted_cross_entropy(zz, yk, backend="triton", reduction="none", **kw)
+        loss.sum().backward()
+        outs.append((loss.detach().clone(), zz.grad.clone()))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    torch.manual_seed(1234)
+    ref = R.adjusted_cross_entropy(z, y, reduction="none", **_to(kw, None, "cpu"))
+    torch.testing.assert_close(outs[0][0].cpu(), ref, atol=1e-4, rtol=1e-5)
+    other = LF.adjusted_cross_entropy(zk, yk, backend="triton", reduction="none", seed=77, **kw)
+    assert not torch.allclose(other, outs[0][0])
+
+
+def test_kernel_noise_equals_reference_noise_elementwise():
+    """The noise tile the loss kernels use, written out, equals fastlt.noise element by element."""
+    from fastlt.noise import gcl_noise
+
+    for seed, N, C in [(0, 3, 5), (12345, 7, 67), (2**40 + 3, 5, 130), (2**61 + 17, 2, 33)]:
+        out = gcl_noise_kernel(seed, N, C, DEVICE)
+        ref = gcl_noise(seed, N, C)
+        torch.testing.assert_close(out.cpu(), ref, atol=2e-6, rtol=0)
+        assert out.min() >= 0 and out.max() <= 1
