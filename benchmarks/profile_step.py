@@ -1,0 +1,62 @@
+"""Where a fastlt step's time goes: kernel-only times vs the whole autograd step, and host time.
+
+``python benchmarks/profile_step.py [N C dtype]`` on a CUDA machine. Prints do_bench medians of the
+forward kernel alone, the backward kernel alone, the full forward+backward step, the host (CPU)
+time of one step without synchronisation, and the profiler's top host ops.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+import triton.testing
+from fastlt.kernels import launch
+
+from fastlt import functional as LF
+from fastlt.bench import _counts, floor_ms, measure_bandwidth
+from fastlt.priors import log_prior
+
+
+def main(N=4096, C=8142, dtype="fp32"):
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    bw = measure_bandwidth()
+    lp = log_prior(_counts(C)).cuda()
+    y = torch.randint(0, C, (N,), device="cuda")
+    z = torch.randn(N, C, device="cuda", dtype=dt, requires_grad=True)
+    args = launch.RowOperatorArgs(prior=lp)
+    cfg = launch.pick_tiles(N, C, z.device)
+    loss, lse, factor, _ = launch.forward(z.detach(), y, args)
+    go = torch.ones((), device="cuda")
+    fwd = triton.testing.do_bench(lambda: launch.forward(z.detach(), y, args), return_mode="median")
+    bwd = triton.testing.do_bench(lambda: launch.grad(z.detach(), y, args, lse, factor, go), return_mode="median")
+    gbuf = torch.empty_like(z)
+    fused = triton.testing.do_bench(lambda: launch.forward(z.detach(), y, args, grad_out=gbuf), return_mode="median")
+
+    def step():
+        z.grad = None
+        LF.logit_adjusted_cross_entropy(z, y, lp, backend="triton").backward()
+
+    full = triton.testing.do_bench(step, return_mode="median")
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(50):
+        step()
+    host = (time.perf_counter() - t0) / 50 * 1e3
+    torch.cuda.synchronize()
+    fl = floor_ms(N, C, dt, bw)
+    print(f"{N}x{C} {dtype} config={cfg} floor {fl:.3f} ms")
+    print(f"forward kernel(s) {fwd:.3f} ms | backward kernel {bwd:.3f} ms | fused fwd+grad {fused:.3f} ms "
+          f"({fused / fl:.2f}x) | full step {full:.3f} ms ({full / fl:.2f}x) | host time per step {host:.3f} ms")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=50))
+
+
+if __name__ == "__main__":
+    a = sys.argv[1:]
+    main(int(a[0]), int(a[1]), a[2]) if a else main()
