@@ -36,6 +36,7 @@ class RowOperatorArgs:
     ignore_index: int = -100
     seed: int = 0
     reduction: str = "mean"
+    noise_row_offset: int = 0  # global index of row 0 (chunked callers): the noise is a function of (seed, row, col)
 
     @property
     def has_noise(self) -> bool:
@@ -125,7 +126,8 @@ def _class_ptrs(args: RowOperatorArgs, dev):
 
 
 def forward(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out: torch.Tensor | None = None,
-            column_stats: bool = False, config: TileConfig | None = None):
+            column_stats: bool = False, config: TileConfig | None = None,
+            inv_denominator: torch.Tensor | None = None):
     """Run the forward. Returns ``(loss_rows, lse, factor, colstats)``, all fp32.
 
     ``loss_rows`` (N,): per-row losses (0 for ignored rows); ``lse`` (2, N): fp32 (row max, log
@@ -133,12 +135,16 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out
     as torch's softmax; ``factor`` (N,): d(reduced loss)/d(loss_i) times the focal factor (the backward's row
     coefficient before grad_output); ``colstats`` (4, R, C) when ``column_stats`` else None.
     ``grad_out``: a tensor (N, C), possibly ``z`` itself, that receives d(reduced loss)/dz.
+    ``inv_denominator``: a (1,) fp32 device tensor replacing 1 / sum_i w_{y_i} for 'mean' (callers that
+    process the rows of one batch in chunks pass the whole batch's value).
     """
     N, C = z.shape
     dev = z.device
     cfg = config or pick_tiles(N, C, dev, column_stats=column_stats)
     prior, cloud, margin, weight = _class_ptrs(args, dev)
     wsum, inv_denom = _weight_and_denominator(y, args)
+    if inv_denominator is not None:
+        inv_denom = inv_denominator
     loss = torch.empty(N, dtype=torch.float32, device=dev)
     lse = torch.empty((2, N), dtype=torch.float32, device=dev)  # (row max, log sum-exp): LSE = their sum
     factor = torch.empty(N, dtype=torch.float32, device=dev)
@@ -155,7 +161,7 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out
             z, z.stride(0), z.stride(1), y, prior, cloud, margin, weight, wsum, inv_denom,
             loss, lse, factor, part, colstats, g, g.stride(0), g.stride(1),
             N, C, cfg.cols_per_split, args.ignore_index, args.tau, args.noise_mul, args.margin_value, args.scale,
-            args.gamma, args.label_smoothing, args.seed,
+            args.gamma, args.label_smoothing, args.seed, args.noise_row_offset,
             HAS_FOCAL=args.gamma != 0.0, MEAN=args.reduction == "mean", SPLIT=split,
             SINGLE_TILE=cfg.single_tile, GRAD_IN_FWD=fuse_grad, COLUMN_STATS=column_stats,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, **flags)
@@ -192,7 +198,7 @@ def grad(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, lse: torch.Ten
         z, z.stride(0), z.stride(1), y, prior, cloud, margin, weight, wsum, lse, factor, go, go_stride,
         ca, cb, cl, out, out.stride(0), out.stride(1),
         N, C, cfg.cols_per_split, args.ignore_index, args.tau, args.noise_mul, args.margin_value, args.scale,
-        args.label_smoothing, args.seed, HAS_UPSTREAM=grad_output is not None,
+        args.label_smoothing, args.seed, args.noise_row_offset, HAS_UPSTREAM=grad_output is not None,
         COLUMN_TERM=column_term is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
         **_common_flags(args))
     return out

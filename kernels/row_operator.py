@@ -49,7 +49,7 @@ def _row_info(y_ptr, margin_ptr, weight_ptr, rows, N, C, ignore_index, margin_va
 
 @triton.jit
 def _adjusted_tile(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_start, y, m,
-                   C, tau, noise_mul, scale, seed,
+                   C, tau, noise_mul, scale, seed, noise_row0,
                    HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Load a tile of z and return (z fp32, a fp32 with -inf outside the matrix, cols, mask)."""
@@ -63,7 +63,7 @@ def _adjusted_tile(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_
         a += tau * tl.load(prior_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_NOISE:
         cloud = tl.load(cloud_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        a -= (noise_mul * cloud)[None, :] * gcl_noise_tile(seed, rows, col_start, BLOCK_M, BLOCK_N)
+        a -= (noise_mul * cloud)[None, :] * gcl_noise_tile(seed, rows + noise_row0, col_start, BLOCK_M, BLOCK_N)
     if MARGIN_MODE != 0:
         a -= tl.where(cols[None, :] == y[:, None], m[:, None], 0.0)
     a = tl.where(mask, a * scale, float("-inf"))
@@ -130,7 +130,7 @@ def _store_grad(grad_ptr, stride_gm, stride_gn, rows, cols, mask, g):
 def row_loss_forward(
     z_ptr, stride_zm, stride_zn, y_ptr, prior_ptr, cloud_ptr, margin_ptr, weight_ptr, wsum_ptr, inv_denom_ptr,
     loss_ptr, lse_ptr, factor_ptr, part_ptr, colstat_ptr, grad_ptr, stride_gm, stride_gn,
-    N, C, cols_per_split, ignore_index, tau, noise_mul, margin_value, scale, gamma, label_smoothing, seed,
+    N, C, cols_per_split, ignore_index, tau, noise_mul, margin_value, scale, gamma, label_smoothing, seed, noise_row0,
     HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, HAS_FOCAL: tl.constexpr, MEAN: tl.constexpr, SPLIT: tl.constexpr,
     SINGLE_TILE: tl.constexpr, GRAD_IN_FWD: tl.constexpr, COLUMN_STATS: tl.constexpr,
@@ -158,7 +158,7 @@ def row_loss_forward(
     for col_start in range(col_lo, col_hi, BLOCK_N):
         z, a, cols, col_mask, mask = _adjusted_tile(
             z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_start, y, m, C, tau,
-            noise_mul, scale, seed, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, BLOCK_M, BLOCK_N)
+            noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, BLOCK_M, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(a, 1))
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(a - m_new[:, None]), 1)
         m_i = m_new
@@ -209,7 +209,7 @@ def row_loss_forward(
                 # the row fits one tile: reloading it hits L1/L2 (just read); no second HBM pass
                 z, a, cols, col_mask, mask = _adjusted_tile(
                     z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, 0, y, m, C,
-                    tau, noise_mul, scale, seed, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, BLOCK_M, BLOCK_N)
+                    tau, noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, BLOCK_M, BLOCK_N)
                 g = _grad_tile(a, z, m_i, log_sum, y, cols, col_mask, mask, factor, w_y, weight_ptr, w_sum, scale,
                                label_smoothing, inv_C, valid, loss_ptr, loss_ptr, loss_ptr,
                                HAS_WEIGHT, HAS_SMOOTH, False)
@@ -218,7 +218,7 @@ def row_loss_forward(
                 for col_start in range(col_lo, col_hi, BLOCK_N):
                     z, a, cols, col_mask, mask = _adjusted_tile(
                         z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_start, y, m, C,
-                        tau, noise_mul, scale, seed, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, BLOCK_M, BLOCK_N)
+                        tau, noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, BLOCK_M, BLOCK_N)
                     g = _grad_tile(a, z, m_i, log_sum, y, cols, col_mask, mask, factor, w_y, weight_ptr, w_sum, scale,
                                    label_smoothing, inv_C, valid, loss_ptr, loss_ptr, loss_ptr,
                                    HAS_WEIGHT, HAS_SMOOTH, False)
@@ -261,7 +261,7 @@ def row_loss_combine(
 def row_loss_grad(
     z_ptr, stride_zm, stride_zn, y_ptr, prior_ptr, cloud_ptr, margin_ptr, weight_ptr, wsum_ptr,
     lse_ptr, factor_ptr, go_ptr, go_stride, col_a_ptr, col_b_ptr, col_lse_ptr, grad_ptr, stride_gm, stride_gn,
-    N, C, cols_per_split, ignore_index, tau, noise_mul, margin_value, scale, label_smoothing, seed,
+    N, C, cols_per_split, ignore_index, tau, noise_mul, margin_value, scale, label_smoothing, seed, noise_row0,
     HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, HAS_UPSTREAM: tl.constexpr, COLUMN_TERM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -285,7 +285,7 @@ def row_loss_grad(
     for col_start in range(col_lo, col_hi, BLOCK_N):
         z, a, cols, col_mask, mask = _adjusted_tile(
             z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_start, y, m, C, tau,
-            noise_mul, scale, seed, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, BLOCK_M, BLOCK_N)
+            noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, BLOCK_M, BLOCK_N)
         g = _grad_tile(a, z, row_max, log_sum, y, cols, col_mask, mask, coef, w_y, weight_ptr, w_sum, scale,
                        label_smoothing, inv_C, valid, col_a_ptr, col_b_ptr, col_lse_ptr,
                        HAS_WEIGHT, HAS_SMOOTH, COLUMN_TERM)
