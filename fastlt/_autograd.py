@@ -1,12 +1,18 @@
-"""Autograd Functions over the Triton kernels, registered as ``torch.library`` custom ops
-(``fastlt::row_loss_forward``, ``fastlt::row_loss_forward_grad_inplace``, ``fastlt::row_loss_backward``,
-``fastlt::scale_grad_``, ``fastlt::lade_forward``) so ``torch.compile`` sees opaque ops, not graph breaks.
+"""Autograd over the Triton kernels, two ways to the same launchers:
 
-The Function takes the logits, the targets and one ``RowOperatorArgs``; backward returns one
-gradient and ``None`` for the rest. Nothing here synchronises with the GPU.
+- eager: ``RowOperatorLoss`` / ``LADELossFunction`` (autograd Functions taking the logits, the targets
+  and one ``RowOperatorArgs``; backward returns one gradient and ``None`` for the rest);
+- ``torch.compile``: the ``torch.library`` custom ops ``fastlt::row_loss_forward``,
+  ``fastlt::row_loss_backward`` and ``fastlt::lade_forward`` with ``register_autograd``, so the
+  compiler sees opaque ops, not graph breaks. Under compile ``grad_in_forward`` is ignored (an op that
+  mutates its input cannot carry registered autograd): the recompute backward runs instead.
+
+Nothing here synchronises with the GPU.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import Tensor
@@ -35,25 +41,24 @@ def _flat(a: RowOperatorArgs) -> tuple:
 
 
 def _forward_impl(logits, target, args: RowOperatorArgs, grad_out):
-    loss_rows, lse, factor, _ = launch.forward(logits, target, args, grad_out=grad_out)
-    return _reduced(loss_rows, target, args), lse, factor
+    inv = launch.inv_denominator_of(target, args) if args.reduction == "mean" else None
+    loss_rows, lse, factor, _ = launch.forward(logits, target, args, grad_out=grad_out, inv_denominator=inv)
+    return _reduced(loss_rows, inv, args.reduction), lse, factor
 
 
-def _reduced(loss_rows: Tensor, target: Tensor, args: RowOperatorArgs) -> Tensor:
-    """Apply the reduction in fp32 ('mean': divide by sum of w_{y_i} over valid rows, NaN when empty)."""
-    if args.reduction == "none":
+def _reduced(loss_rows: Tensor, inv_denominator: Tensor | None, reduction: str) -> Tensor:
+    """Apply the reduction in fp32 ('mean': times 1 / sum of w_{y_i} over valid rows, NaN when empty)."""
+    if reduction == "none":
         return loss_rows
-    total = loss_rows.sum()
-    if args.reduction == "sum":
-        return total
-    valid = target != args.ignore_index
-    if args.weight is None:
-        return total / valid.sum()
-    safe = torch.where(valid, target, torch.zeros_like(target)).long()
-    return total / (args.weight.to(torch.float32)[safe] * valid).sum()
+    if reduction == "sum":
+        return loss_rows.sum()
+    return loss_rows.sum() * inv_denominator[0]
 
 
-# --- custom ops ------------------------------------------------------------------------------------------
+# --- torch.compile path: custom ops with registered autograd --------------------------------------------------
+# Under torch.compile the losses are these opaque ops (no graph break); their backward is registered with
+# torch.library.register_autograd. Eager calls skip the op dispatch and use the Functions below.
+
 
 @torch.library.custom_op("fastlt::row_loss_forward", mutates_args=())
 def row_loss_forward_op(logits: Tensor, target: Tensor, prior: Tensor | None, cloud: Tensor | None,
@@ -65,26 +70,12 @@ def row_loss_forward_op(logits: Tensor, target: Tensor, prior: Tensor | None, cl
     return _forward_impl(logits, target, args, None)
 
 
-@torch.library.custom_op("fastlt::row_loss_forward_grad_inplace", mutates_args=("logits",))
-def row_loss_forward_grad_inplace_op(logits: Tensor, target: Tensor, prior: Tensor | None,
-                                     cloud: Tensor | None, margin: Tensor | None, weight: Tensor | None,
-                                     tau: float, noise_mul: float, margin_value: float, has_margin: bool,
-                                     scale: float, gamma: float, label_smoothing: float, ignore_index: int,
-                                     seed: int, reduction: int) -> tuple[Tensor, Tensor, Tensor]:
-    args = _args(prior, cloud, margin, weight, tau, noise_mul, margin_value, has_margin, scale, gamma,
-                 label_smoothing, ignore_index, seed, reduction)
-    return _forward_impl(logits, target, args, logits)
-
-
-def _fake_forward(logits, target, *rest):
+@row_loss_forward_op.register_fake
+def _(logits, target, *rest):
     reduction = _REDUCTIONS[rest[-1]]
     N = logits.shape[0]
     loss = logits.new_empty((N,) if reduction == "none" else (), dtype=torch.float32)
     return loss, logits.new_empty((2, N), dtype=torch.float32), logits.new_empty(N, dtype=torch.float32)
-
-
-row_loss_forward_op.register_fake(_fake_forward)
-row_loss_forward_grad_inplace_op.register_fake(_fake_forward)
 
 
 @torch.library.custom_op("fastlt::row_loss_backward", mutates_args=())
@@ -96,11 +87,8 @@ def row_loss_backward_op(grad_output: Tensor, logits: Tensor, target: Tensor, ls
                          col_lse: Tensor | None) -> Tensor:
     args = _args(prior, cloud, margin, weight, tau, noise_mul, margin_value, has_margin, scale, gamma,
                  label_smoothing, ignore_index, seed, reduction)
-    column = None
-    if col_a is not None:
-        g = grad_output.to(torch.float32)
-        column = ((col_a * g).contiguous(), (col_b * g).contiguous(), col_lse)
-    return launch.grad(logits, target, args, lse, factor, grad_output.contiguous(), column_term=column)
+    return _backward_impl(grad_output, logits, target, args, lse, factor,
+                          None if col_a is None else (col_a, col_b, col_lse))
 
 
 @row_loss_backward_op.register_fake
@@ -108,26 +96,29 @@ def _(grad_output, logits, *rest):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("fastlt::scale_grad_", mutates_args=("grad",))
-def scale_grad_op(grad: Tensor, grad_output: Tensor) -> None:
-    launch.scale_by(grad, grad_output.contiguous())
+def _setup_row_loss(ctx, inputs, output):
+    logits, target, prior, cloud, margin, weight, *scalars = inputs
+    _, lse, factor = output
+    ctx.save_for_backward(logits, target, lse, factor, prior, cloud, margin, weight)
+    ctx.scalars = scalars
 
 
-@scale_grad_op.register_fake
-def _(grad, grad_output):
-    return None
+def _row_loss_backward(ctx, grad_loss, grad_lse, grad_factor):
+    logits, target, lse, factor, prior, cloud, margin, weight = ctx.saved_tensors
+    grad = row_loss_backward_op(grad_loss, logits, target, lse, factor, prior, cloud, margin, weight, *ctx.scalars,
+                                None, None, None)
+    return (grad,) + (None,) * 15
+
+
+row_loss_forward_op.register_autograd(_row_loss_backward, setup_context=_setup_row_loss)
 
 
 @torch.library.custom_op("fastlt::lade_forward", mutates_args=())
 def lade_forward_op(logits: Tensor, target: Tensor, log_prior: Tensor, pi: Tensor, weight: Tensor | None,
                     alpha: float, remine_lambda: float, label_smoothing: float, ignore_index: int,
                     reduction: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    args = RowOperatorArgs(prior=log_prior, weight=weight, tau=1.0, label_smoothing=label_smoothing,
-                           ignore_index=ignore_index, reduction=_REDUCTIONS[reduction])
-    loss_rows, lse, factor, lader, col_a, col_b, col_lse = lade_kernels.forward(logits, target, pi, remine_lambda,
-                                                                               args)
-    loss = _reduced(loss_rows, target, args) + alpha * lader
-    return loss, lse, factor, alpha * col_a, alpha * col_b, col_lse
+    args = _lade_args(log_prior, weight, label_smoothing, ignore_index, reduction)
+    return _lade_forward_impl(logits, target, pi, args, alpha, remine_lambda)
 
 
 @lade_forward_op.register_fake
@@ -138,53 +129,99 @@ def _(logits, target, log_prior, pi, weight, alpha, remine_lambda, label_smoothi
             logits.new_empty(C, dtype=f), logits.new_empty(C, dtype=f), logits.new_empty(C, dtype=f))
 
 
-# --- autograd ---------------------------------------------------------------------------------------------
+def _setup_lade(ctx, inputs, output):
+    logits, target, log_prior, pi, weight, alpha, remine_lambda, label_smoothing, ignore_index, reduction = inputs
+    _, lse, factor, col_a, col_b, col_lse = output
+    ctx.save_for_backward(logits, target, lse, factor, col_a, col_b, col_lse, log_prior, weight)
+    ctx.scalars = (label_smoothing, ignore_index, reduction)
+
+
+def _lade_backward(ctx, grad_loss, *unused):
+    logits, target, lse, factor, col_a, col_b, col_lse, log_prior, weight = ctx.saved_tensors
+    label_smoothing, ignore_index, reduction = ctx.scalars
+    grad = row_loss_backward_op(grad_loss, logits, target, lse, factor, log_prior, None, None, weight, 1.0, 0.0,
+                                0.0, False, 1.0, 0.0, label_smoothing, ignore_index, 0, reduction, col_a, col_b,
+                                col_lse)
+    return (grad,) + (None,) * 9
+
+
+lade_forward_op.register_autograd(_lade_backward, setup_context=_setup_lade)
+
+
+# --- implementations shared by both paths ----------------------------------------------------------------------
+
+def _backward_impl(grad_output, logits, target, args, lse, factor, column):
+    if column is not None:
+        g = grad_output.to(torch.float32)
+        column = ((column[0] * g).contiguous(), (column[1] * g).contiguous(), column[2])
+    return launch.grad(logits, target, args, lse, factor, grad_output.contiguous(), column_term=column)
+
+
+def _lade_args(log_prior, weight, label_smoothing, ignore_index, reduction) -> RowOperatorArgs:
+    return RowOperatorArgs(prior=log_prior, weight=weight, tau=1.0, label_smoothing=label_smoothing,
+                           ignore_index=ignore_index, reduction=_REDUCTIONS[reduction])
+
+
+def _lade_forward_impl(logits, target, pi, args, alpha, remine_lambda):
+    loss_rows, lse, factor, lader, col_a, col_b, col_lse = lade_kernels.forward(logits, target, pi, remine_lambda,
+                                                                               args)
+    inv = launch.inv_denominator_of(target, args) if args.reduction == "mean" else None
+    loss = _reduced(loss_rows, inv, args.reduction) + alpha * lader
+    return loss, lse, factor, alpha * col_a, alpha * col_b, col_lse
+
+
+# --- eager path: autograd Functions over the launchers ---------------------------------------------------------
+
+_CLASS_TENSORS = ("prior", "cloud", "margin", "weight")
+
+
+def _save(ctx, args: RowOperatorArgs, *tensors) -> None:
+    """Save the per-class tensors through ``save_for_backward``, keeping ``ctx.args`` free of tensors."""
+    ctx.save_for_backward(*tensors, *(getattr(args, k) for k in _CLASS_TENSORS))
+    ctx.args = dataclasses.replace(args, **dict.fromkeys(_CLASS_TENSORS))
+    ctx.n_saved = len(tensors)
+
+
+def _restore(ctx) -> tuple[RowOperatorArgs, tuple]:
+    saved = ctx.saved_tensors
+    args = dataclasses.replace(ctx.args, **dict(zip(_CLASS_TENSORS, saved[ctx.n_saved:], strict=True)))
+    return args, saved[: ctx.n_saved]
+
 
 class RowOperatorLoss(torch.autograd.Function):
-    """SPEC 2.4 operator; ``forward(logits, target, args, grad_in_forward)`` -> loss in the logits' dtype."""
+    """SPEC 2.4 operator; ``apply(logits, target, args, grad_in_forward)`` -> loss in the logits' dtype.
+
+    With ``grad_in_forward`` the forward writes d loss / d logits over ``logits`` and backward only
+    rescales it by grad_output (a no-op on the device when grad_output is 1)."""
 
     @staticmethod
     def forward(ctx, logits, target, args: RowOperatorArgs, grad_in_forward: bool):
-        if torch.compiler.is_compiling():
-            op = row_loss_forward_grad_inplace_op if grad_in_forward else row_loss_forward_op
-            loss, lse, factor = op(logits, target, *_flat(args))
-        else:  # eager: skip the custom-op dispatch (host time), same implementation
-            loss, lse, factor = _forward_impl(logits, target, args, logits if grad_in_forward else None)
-        ctx.save_for_backward(logits, target, lse, factor)
-        ctx.args, ctx.grad_in_forward = args, grad_in_forward
+        loss, lse, factor = _forward_impl(logits, target, args, logits if grad_in_forward else None)
+        _save(ctx, args, logits, target, lse, factor)
+        ctx.grad_in_forward = grad_in_forward
         return loss.to(logits.dtype)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        logits, target, lse, factor = ctx.saved_tensors
+        args, (logits, target, lse, factor) = _restore(ctx)
         if ctx.grad_in_forward:
-            scale_grad_op(logits, grad_loss) if torch.compiler.is_compiling() else launch.scale_by(
-                logits, grad_loss.contiguous())
-            return logits, None, None, None
-        if torch.compiler.is_compiling():
-            grad = row_loss_backward_op(grad_loss, logits, target, lse, factor, *_flat(ctx.args), None, None, None)
-        else:
-            grad = launch.grad(logits, target, ctx.args, lse, factor, grad_loss.contiguous())
-        return grad, None, None, None
+            return launch.scale_by(logits, grad_loss.contiguous()), None, None, None
+        return _backward_impl(grad_loss, logits, target, args, lse, factor, None), None, None, None
 
 
 class LADELossFunction(torch.autograd.Function):
-    """LADE: ``forward(logits, target, log_prior, pi, args, alpha, remine_lambda)`` -> scalar loss."""
+    """LADE: ``apply(logits, target, pi, args, alpha, remine_lambda)`` -> scalar loss in the logits' dtype."""
 
     @staticmethod
     def forward(ctx, logits, target, pi, args: RowOperatorArgs, alpha: float, remine_lambda: float):
-        loss, lse, factor, col_a, col_b, col_lse = lade_forward_op(
-            logits, target, args.prior, pi, args.weight, alpha, remine_lambda, args.label_smoothing,
-            args.ignore_index, _REDUCTIONS.index(args.reduction))
-        ctx.save_for_backward(logits, target, lse, factor, col_a, col_b, col_lse)
-        ctx.args = args
+        loss, lse, factor, col_a, col_b, col_lse = _lade_forward_impl(logits, target, pi, args, alpha, remine_lambda)
+        _save(ctx, args, logits, target, lse, factor, col_a, col_b, col_lse)
         return loss.to(logits.dtype)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        logits, target, lse, factor, col_a, col_b, col_lse = ctx.saved_tensors
-        grad = row_loss_backward_op(grad_loss, logits, target, lse, factor, *_flat(ctx.args), col_a, col_b,
-                                    col_lse)
+        args, (logits, target, lse, factor, col_a, col_b, col_lse) = _restore(ctx)
+        grad = _backward_impl(grad_loss, logits, target, args, lse, factor, (col_a, col_b, col_lse))
         return grad, None, None, None, None, None
 
 
@@ -217,6 +254,8 @@ def adjusted_cross_entropy_triton(logits, target, *, prior=None, tau=1.0, cloud=
         else float(margin), has_margin=margin is not None, scale=float(scale), gamma=float(gamma),
         label_smoothing=float(label_smoothing), ignore_index=int(ignore_index), seed=int(seed or 0),
         reduction=reduction)
+    if torch.compiler.is_compiling():  # an opaque op with registered autograd (recompute backward)
+        return row_loss_forward_op(logits, target, *_flat(args))[0].to(logits.dtype)
     return RowOperatorLoss.apply(logits, target, args, bool(grad_in_forward))
 
 
@@ -234,6 +273,10 @@ def lade_loss_triton(logits, target, prior, alpha=0.1, remine_lambda=0.1, *, wei
     args = RowOperatorArgs(prior=torch.log(pi), weight=_as_f32(weight), tau=1.0,
                            label_smoothing=float(label_smoothing), ignore_index=int(ignore_index),
                            reduction=reduction)
+    if torch.compiler.is_compiling():
+        return lade_forward_op(logits, target, args.prior, pi, args.weight, float(alpha), float(remine_lambda),
+                               args.label_smoothing, args.ignore_index, _REDUCTIONS.index(reduction))[0].to(
+                                   logits.dtype)
     return LADELossFunction.apply(logits, target, pi, args, float(alpha), float(remine_lambda))
 
 

@@ -301,7 +301,10 @@ def main(argv=None) -> int:
         return 2
     shapes = SHAPES if a.shapes is None else [tuple(int(v) for v in s.lower().split("x")) for s in a.shapes]
     print(HEADER)
-    dev, results = run(a.loss, shapes, a.dtype, with_compile=not a.no_compile, with_official=not a.no_official)
-    folder = save(dev, results, a.out)
+    results: list[Result] = []
+    for loss in a.loss:  # saved after each loss, so an interrupted run keeps what it measured
+        dev, part = run((loss,), shapes, a.dtype, with_compile=not a.no_compile, with_official=not a.no_official)
+        results += part
+        folder = save(dev, results, a.out)
     print(f"\nwrote {folder}/results.json, results.md, x_floor.png")
     return 0

@@ -7,15 +7,13 @@ so the autograd Function passes one object through forward and backward.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from .row_operator import row_loss_combine, row_loss_forward, row_loss_grad, scale_rows
 
-_MAX_TILE = 8192  # elements of z per program and tile (registers)
+_TILE_N = 2048  # default elements of z per program and tile
 
 
 @dataclass(frozen=True)
@@ -54,14 +52,19 @@ class TileConfig:
     num_splits: int
     cols_per_split: int
     num_warps: int
+    num_stages: int = 2
 
     @property
     def single_tile(self) -> bool:
         return self.num_splits == 1 and self.cols_per_split <= self.block_n
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
 
 
 @functools.cache
@@ -72,47 +75,59 @@ def _sm_count(device: torch.device) -> int:
 
 
 def pick_tiles(N: int, C: int, device: torch.device, *, column_stats: bool = False, block_m: int | None = None,
-               block_n: int | None = None, num_splits: int | None = None) -> TileConfig:
-    """Tile shape and row split for an (N, C) problem. Explicit arguments override (tests use them)."""
+               block_n: int | None = None, num_splits: int | None = None, num_warps: int | None = None,
+               num_stages: int | None = None) -> TileConfig:
+    """Tile shape and row split for an (N, C) problem (cached). Explicit arguments override (tests, tuning)."""
+    return _pick_tiles(N, C, _sm_count(device), column_stats, block_m, block_n, num_splits, num_warps, num_stages)
+
+
+@functools.lru_cache(maxsize=1024)
+def _pick_tiles(N, C, sm_count, column_stats, block_m, block_n, num_splits, num_warps, num_stages) -> TileConfig:
+    # Defaults from benchmarks/tune_tiles.py on an H100 (triton 3.6): 2048-wide tiles, 4 warps and a
+    # 3-stage pipelined column loop beat whole-row tiles at every shape (more programs in flight per SM
+    # hide HBM latency better than one 16-warp program holding a whole 8K row).
     if block_n is None:
-        block_n = max(16, min(triton.next_power_of_2(C), 1024 if column_stats else _MAX_TILE))
+        block_n = max(16, min(_next_pow2(C), 1024 if column_stats else _TILE_N))
     if block_m is None:
         if column_stats:
             block_m = 16
         else:
-            block_m = max(1, min(64, _MAX_TILE // (2 * block_n), triton.next_power_of_2(max(N, 1))))
-    tiles = triton.cdiv(C, block_n)
+            block_m = max(1, min(64, _TILE_N // block_n, _next_pow2(max(N, 1))))
+    tiles = _cdiv(C, block_n)
     if num_splits is None:
         num_splits = 1
-        row_blocks = triton.cdiv(max(N, 1), block_m)
-        target = 2 * _sm_count(device)
+        row_blocks = _cdiv(max(N, 1), block_m)
+        target = 16 * sm_count  # short batches of long rows: ~16 programs per SM (128 x 1M: ~17 splits)
         if tiles >= 4 and row_blocks < target:
-            num_splits = min(tiles, triton.cdiv(target, row_blocks))
-    cols_per_split = triton.cdiv(tiles, num_splits) * block_n
-    num_splits = triton.cdiv(C, cols_per_split)
-    elements = block_m * block_n
-    num_warps = 4 if elements <= 1024 else (8 if elements <= 4096 else 16)
-    return TileConfig(block_m, block_n, num_splits, cols_per_split, num_warps)
+            num_splits = min(tiles, _cdiv(target, row_blocks))
+    cols_per_split = _cdiv(tiles, num_splits) * block_n
+    num_splits = _cdiv(C, cols_per_split)
+    if num_warps is None:
+        elements = block_m * block_n
+        num_warps = 4 if elements <= 2048 else (8 if elements <= 8192 else 16)
+    return TileConfig(block_m, block_n, num_splits, cols_per_split, num_warps, 3 if num_stages is None else num_stages)
 
 
-def _dummy(device) -> torch.Tensor:
+@functools.cache
+def _dummy(device: torch.device) -> torch.Tensor:
+    """A 1-element placeholder for pointer arguments a flag leaves unused (never written)."""
     return torch.empty(1, dtype=torch.float32, device=device)
 
 
-def _weight_and_denominator(y: torch.Tensor, args: RowOperatorArgs):
-    """W = sum_j w_j and 1 / sum_i w_{y_i} over valid rows, as device tensors (no sync)."""
-    dev = y.device
+def weight_sum(args: RowOperatorArgs, device) -> torch.Tensor:
+    """(1,) fp32 ``W = sum_j w_j`` (read by the kernels only with class weights)."""
+    return args.weight.to(torch.float32).sum().reshape(1) if args.weight is not None else _dummy(device)
+
+
+def inv_denominator_of(y: torch.Tensor, args: RowOperatorArgs) -> torch.Tensor:
+    """(1,) fp32 ``1 / sum_i w_{y_i}`` over the valid rows ('mean'; inf for an empty batch). No sync."""
     valid = y != args.ignore_index
     if args.weight is not None:
-        w = args.weight.to(torch.float32)
-        wsum = w.sum().reshape(1)
         safe = torch.where(valid, y, torch.zeros_like(y)).long()
-        denom = (w[safe] * valid).sum()
+        denom = (args.weight.to(torch.float32)[safe] * valid).sum()
     else:
-        wsum = _dummy(dev)
         denom = valid.sum().to(torch.float32)
-    inv = (1.0 / denom).reshape(1) if args.reduction == "mean" else _dummy(dev)
-    return wsum, inv
+    return denom.reciprocal().reshape(1)
 
 
 def _common_flags(args: RowOperatorArgs) -> dict:
@@ -121,7 +136,7 @@ def _common_flags(args: RowOperatorArgs) -> dict:
 
 
 def _class_ptrs(args: RowOperatorArgs, dev):
-    d = _dummy(dev)
+    d = _dummy(torch.device(dev))
     return tuple(t if t is not None else d for t in (args.prior, args.cloud, args.margin, args.weight))
 
 
@@ -142,15 +157,16 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out
     dev = z.device
     cfg = config or pick_tiles(N, C, dev, column_stats=column_stats)
     prior, cloud, margin, weight = _class_ptrs(args, dev)
-    wsum, inv_denom = _weight_and_denominator(y, args)
-    if inv_denominator is not None:
-        inv_denom = inv_denominator
+    wsum = weight_sum(args, dev)
+    mean = args.reduction == "mean"
+    inv_denom = (inv_denominator if inv_denominator is not None else inv_denominator_of(y, args)) if mean \
+        else _dummy(dev)
     loss = torch.empty(N, dtype=torch.float32, device=dev)
     lse = torch.empty((2, N), dtype=torch.float32, device=dev)  # (row max, log sum-exp): LSE = their sum
     factor = torch.empty(N, dtype=torch.float32, device=dev)
     split = cfg.num_splits > 1
     part = torch.empty((4, N, cfg.num_splits), dtype=torch.float32, device=dev) if split else _dummy(dev)
-    row_blocks = triton.cdiv(N, cfg.block_m)
+    row_blocks = _cdiv(N, cfg.block_m)
     colstats = (torch.empty((4, row_blocks, C), dtype=torch.float32, device=dev) if column_stats
                 else _dummy(dev))
     fuse_grad = grad_out is not None and not split
@@ -164,11 +180,12 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out
             args.gamma, args.label_smoothing, args.seed, args.noise_row_offset,
             HAS_FOCAL=args.gamma != 0.0, MEAN=args.reduction == "mean", SPLIT=split,
             SINGLE_TILE=cfg.single_tile, GRAD_IN_FWD=fuse_grad, COLUMN_STATS=column_stats,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, **flags)
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **flags)
         if split:
-            block_s = max(2, triton.next_power_of_2(cfg.num_splits))
+            block_s = max(2, _next_pow2(cfg.num_splits))
             block_m = max(1, min(64, 4096 // block_s))
-            row_loss_combine[(triton.cdiv(N, block_m),)](
+            row_loss_combine[(_cdiv(N, block_m),)](
                 part, y, margin, weight, wsum, inv_denom, loss, lse, factor, N, C, cfg.num_splits,
                 args.ignore_index, args.gamma, args.label_smoothing,
                 HAS_WEIGHT=args.weight is not None, HAS_SMOOTH=args.label_smoothing > 0.0,
@@ -190,17 +207,17 @@ def grad(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, lse: torch.Ten
     if N == 0:
         return out
     prior, cloud, margin, weight = _class_ptrs(args, dev)
-    wsum, _ = _weight_and_denominator(y, args) if args.weight is not None else (_dummy(dev), None)
+    wsum = weight_sum(args, dev)
     go = grad_output if grad_output is not None else _dummy(dev)
     go_stride = 0 if grad_output is None or grad_output.dim() == 0 else grad_output.stride(0)
     ca, cb, cl = column_term if column_term is not None else (_dummy(dev),) * 3
-    row_loss_grad[(triton.cdiv(N, cfg.block_m), cfg.num_splits)](
+    row_loss_grad[(_cdiv(N, cfg.block_m), cfg.num_splits)](
         z, z.stride(0), z.stride(1), y, prior, cloud, margin, weight, wsum, lse, factor, go, go_stride,
         ca, cb, cl, out, out.stride(0), out.stride(1),
         N, C, cfg.cols_per_split, args.ignore_index, args.tau, args.noise_mul, args.margin_value, args.scale,
         args.label_smoothing, args.seed, args.noise_row_offset, HAS_UPSTREAM=grad_output is not None,
         COLUMN_TERM=column_term is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-        **_common_flags(args))
+        num_stages=cfg.num_stages, **_common_flags(args))
     return out
 
 
@@ -209,10 +226,10 @@ def scale_by(grad_tensor: torch.Tensor, grad_output: torch.Tensor) -> torch.Tens
     N, C = grad_tensor.shape
     if N == 0:
         return grad_tensor
-    block_n = min(triton.next_power_of_2(max(C, 1)), 4096)
+    block_n = min(_next_pow2(max(C, 1)), 4096)
     block_m = max(1, min(16, 4096 // block_n))
     go_stride = 0 if grad_output.dim() == 0 else grad_output.stride(0)
-    scale_rows[(triton.cdiv(N, block_m), triton.cdiv(C, block_n))](
+    scale_rows[(_cdiv(N, block_m), _cdiv(C, block_n))](
         grad_tensor, grad_tensor.stride(0), grad_tensor.stride(1), grad_output, go_stride, N, C,
         BLOCK_M=block_m, BLOCK_N=block_n)
     return grad_tensor

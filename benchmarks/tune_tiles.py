@@ -1,0 +1,99 @@
+"""Sweep the row-operator tile configurations on a GPU and print the best per shape and mode.
+
+``python benchmarks/tune_tiles.py [--out DIR]``: for each (N, C, dtype), times the forward kernel
+(recompute mode), the gradient kernel, and the fused forward+gradient (gradient-in-forward), over
+block_n x num_warps x num_stages (x num_splits for short batches), plus GCL's noise cost (the same
+kernels with the cloud on). Kernel times only (CUDA events via do_bench), no autograd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+
+import torch
+import triton.testing
+
+from fastlt.bench import _counts, floor_ms, measure_bandwidth
+from fastlt.kernels import launch
+from fastlt.priors import gcl_cloud, log_prior
+
+SHAPES = [(4096, 8142, "fp32"), (4096, 8142, "bf16"), (4096, 131072, "fp32"), (4096, 131072, "bf16"),
+          (128, 1_000_000, "bf16"), (512, 8142, "bf16")]
+
+
+def candidates(N, C):
+    blocks = [2048, 4096, 8192] if C > 8192 else [1024, 2048, 4096, 8192]
+    splits = [None] if N >= 1024 else [None, 8, 16, 32]
+    for bn, w, st, sp in itertools.product(blocks, [4, 8, 16], [1, 3], splits):
+        if C <= 8192 and sp is not None:
+            continue
+        yield dict(block_n=bn, num_warps=w, num_stages=st, num_splits=sp, block_m=1)
+
+
+def time_config(z, y, args, cfg, out):
+    lse_factor = launch.forward(z, y, args, config=cfg)
+    lse, factor = lse_factor[1], lse_factor[2]
+    go = torch.ones((), device="cuda")
+    f = triton.testing.do_bench(lambda: launch.forward(z, y, args, config=cfg), warmup=10, rep=40,
+                                return_mode="median")
+    b = triton.testing.do_bench(lambda: launch.grad(z, y, args, lse, factor, go, config=cfg, out=out), warmup=10,
+                                rep=40, return_mode="median")
+    fused = triton.testing.do_bench(lambda: launch.forward(z, y, args, grad_out=out, config=cfg), warmup=10,
+                                    rep=40, return_mode="median")
+    return f, b, fused
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=".")
+    a = p.parse_args()
+    bw = measure_bandwidth()
+    rows = []
+    for N, C, dname in SHAPES:
+        dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dname]
+        counts = _counts(C)
+        z = torch.randn(N, C, device="cuda", dtype=dt)
+        y = torch.randint(0, C, (N,), device="cuda")
+        out = torch.empty_like(z)
+        fl = floor_ms(N, C, dt, bw)
+        la = launch.RowOperatorArgs(prior=log_prior(counts).cuda())
+        gcl = launch.RowOperatorArgs(cloud=gcl_cloud(counts).cuda(), noise_mul=1.0, has_margin=True,
+                                     margin_value=0.5, scale=30.0, seed=3)
+        default = launch.pick_tiles(N, C, z.device)
+        best = {}
+        for kw in [None, *candidates(N, C)]:
+            cfg = default if kw is None else launch.pick_tiles(N, C, z.device, **kw)
+            try:
+                f, b, fused = time_config(z, y, la, cfg, out)
+            except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
+                print(f"skip {cfg}: {type(exc).__name__}")
+                continue
+            rec = dict(N=N, C=C, dtype=dname, config=cfg.__dict__, default=kw is None, fwd=f, bwd=b, fused=fused,
+                       recompute_x=(f + b) / fl, fused_x=fused / fl)
+            rows.append(rec)
+            for mode, v in (("recompute", f + b), ("fused", fused)):
+                if mode not in best or v < best[mode][0]:
+                    best[mode] = (v, cfg)
+        d = [r for r in rows if r["N"] == N and r["C"] == C and r["dtype"] == dname and r["default"]][0]
+        print(f"{N}x{C} {dname} floor {fl:.3f} ms | default {default}: recompute {d['fwd'] + d['bwd']:.3f} "
+              f"({d['recompute_x']:.2f}x) fused {d['fused']:.3f} ({d['fused_x']:.2f}x)")
+        for mode, (v, cfg) in best.items():
+            print(f"   best {mode}: {v:.3f} ms ({v / fl:.2f}x) with {cfg}")
+        cfg = best["recompute"][1]
+        f2, b2, fused2 = time_config(z, y, gcl, cfg, out)
+        f1, b1, fused1 = time_config(z, y, la, cfg, out)
+        print(f"   GCL vs LA at that config: fwd {f2:.3f} vs {f1:.3f}, bwd {b2:.3f} vs {b1:.3f}, "
+              f"fused {fused2:.3f} vs {fused1:.3f} ms")
+        rows.append(dict(N=N, C=C, dtype=dname, gcl=dict(fwd=f2, bwd=b2, fused=fused2),
+                         la=dict(fwd=f1, bwd=b1, fused=fused1), config=cfg.__dict__))
+        del z, out
+        torch.cuda.empty_cache()
+    with open(os.path.join(a.out, "tune_tiles.json"), "w") as fh:
+        json.dump(rows, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
