@@ -1,9 +1,10 @@
-"""GCL noise for a (BLOCK_M, BLOCK_N) tile, four values per Philox call.
+"""GCL noise for a (BLOCK_M, BLOCK_N) tile, eight values per Philox call.
 
-Element (i, j): Philox4x32-10 of counter (j // 4, i, 0, 0) under the 64-bit seed (``tl.randint4x``
-with the int64 offset ``(i << 32) | (j // 4)``), the four words turned into uniforms as Triton's
-``uint_to_uniform_float`` does, Box-Muller on the pairs (0, 1) and (2, 3), column ``j`` taking normal
-``j % 4``; then ``e = min(|g| / 3, 1)``. ``fastlt.noise`` computes the same in plain PyTorch.
+Element (i, j): Philox4x32-10 of counter (j // 8, i, 0, 0) under the 64-bit seed (``tl.randint4x``
+with the int64 offset ``(i << 32) | (j // 8)``); each of the four words gives two 16-bit uniforms
+``(h + 1/2) / 2^16`` and one Box-Muller pair; column ``j`` takes normal ``j % 8`` of
+``[c0, s0, c1, s1, c2, s2, c3, s3]``; then ``e = min(|g| / 3, 1)``. ``fastlt.noise`` computes the
+same in plain PyTorch (see it for why 16-bit uniforms).
 """
 
 import triton
@@ -11,29 +12,29 @@ import triton.language as tl
 
 
 @triton.jit
-def _uniform(r):
-    x = r.to(tl.int32, bitcast=True)
-    x = tl.where(x < 0, ~x, x)
-    return x.to(tl.float32) * 4.6566127342e-10
-
-
-@triton.jit
-def _box_muller(u1, u2):
-    u1 = tl.maximum(u1, 1.0e-7)
-    theta = u2 * 6.283185307179586
+def _pair(w):
+    """One Box-Muller pair from the two 16-bit halves of a uint32 word."""
+    u1 = ((w & 0xFFFF).to(tl.float32) + 0.5) * (1.0 / 65536.0)
+    u2 = ((w >> 16).to(tl.float32) + 0.5) * (1.0 / 65536.0)
     r = tl.sqrt(-2.0 * tl.log(u1))
+    theta = u2 * 6.283185307179586
     return r * tl.cos(theta), r * tl.sin(theta)
 
 
 @triton.jit
 def gcl_noise_tile(seed, rows, col_start, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) float32 noise for ``rows`` x ``[col_start, col_start + BLOCK_N)``; col_start % 4 == 0."""
-    groups = col_start // 4 + tl.arange(0, BLOCK_N // 4)
+    """(BLOCK_M, BLOCK_N) float32 noise for ``rows`` x ``[col_start, col_start + BLOCK_N)``; col_start % 8 == 0."""
+    groups = col_start // 8 + tl.arange(0, BLOCK_N // 8)
     offsets = (rows.to(tl.int64)[:, None] << 32) | groups.to(tl.int64)[None, :]
-    r0, r1, r2, r3 = tl.randint4x(seed, offsets)
-    n0, n1 = _box_muller(_uniform(r0), _uniform(r1))
-    n2, n3 = _box_muller(_uniform(r2), _uniform(r3))
-    g = tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), (BLOCK_M, BLOCK_N))
+    w0, w1, w2, w3 = tl.randint4x(seed, offsets)
+    c0, s0 = _pair(w0)
+    c1, s1 = _pair(w1)
+    c2, s2 = _pair(w2)
+    c3, s3 = _pair(w3)
+    # trailing axes (a, b, t) -> normal 4a + 2b + t: [c0, s0, c1, s1, c2, s2, c3, s3]
+    cos = tl.join(tl.join(c0, c2), tl.join(c1, c3))
+    sin = tl.join(tl.join(s0, s2), tl.join(s1, s3))
+    g = tl.reshape(tl.join(cos, sin), (BLOCK_M, BLOCK_N))
     return tl.minimum(tl.abs(g) * (1.0 / 3.0), 1.0)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,21 +25,17 @@ def philox_py(seed: int, c0: int, c1: int, c2: int = 0, c3: int = 0, rounds: int
     return c0, c1, c2, c3
 
 
-def uniform_py(x: int) -> float:
-    """Triton's uint_to_uniform_float on one 32-bit word, in float32."""
-    folded = x if x < 2**31 else 2**32 - x - 1
-    return float(np.float32(folded) * np.float32(4.6566127342e-10))
-
-
 def normal_py(seed: int, i: int, j: int) -> float:
-    """Element (i, j): Philox counter (j // 4, i, 0, 0), Box-Muller on pairs (0, 1), (2, 3), pick j % 4."""
-    words = philox_py(seed, j // 4, i)
-    u = [uniform_py(w) for w in words]
-    k = j % 4
-    u1, u2 = (u[0], u[1]) if k < 2 else (u[2], u[3])
-    r = math.sqrt(-2.0 * math.log(max(u1, 1e-7)))
+    """Element (i, j): Philox counter (j // 8, i, 0, 0); word k = (j % 8) // 2 gives two 16-bit uniforms
+    (h + 1/2) / 2^16, Box-Muller on (low, high), cos for even j % 8, sin for odd."""
+    words = philox_py(seed, j // 8, i)
+    q = j % 8
+    w = words[q // 2]
+    u1 = ((w & 0xFFFF) + 0.5) / 65536.0
+    u2 = ((w >> 16) + 0.5) / 65536.0
+    r = math.sqrt(-2.0 * math.log(u1))
     theta = 2 * math.pi * u2
-    return r * math.cos(theta) if k % 2 == 0 else r * math.sin(theta)
+    return r * math.cos(theta) if q % 2 == 0 else r * math.sin(theta)
 
 
 def test_philox_known_answer():
