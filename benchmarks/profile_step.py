@@ -12,10 +12,10 @@ import time
 
 import torch
 import triton.testing
-from fastlt.kernels import launch
 
 from fastlt import functional as LF
 from fastlt.bench import _counts, floor_ms, measure_bandwidth
+from fastlt.kernels import launch
 from fastlt.priors import log_prior
 
 

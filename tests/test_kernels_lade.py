@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fastlt.kernels import launch
 from oracle import assert_oracle_close
 
 from fastlt import functional as LF
 from fastlt import reference as R
+from fastlt.kernels import launch
 from fastlt.priors import prior
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

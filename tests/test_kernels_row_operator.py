@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fastlt.kernels import launch
-from fastlt.kernels.philox_noise import gcl_noise_kernel
 from oracle import assert_oracle_close
 
 from fastlt import functional as LF
 from fastlt import reference as R
+from fastlt.kernels import launch
+from fastlt.kernels.philox_noise import gcl_noise_kernel
 from fastlt.priors import gcl_cloud, ldam_margins, log_prior
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
