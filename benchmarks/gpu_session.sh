@@ -1,22 +1,35 @@
 #!/usr/bin/env bash
-# One device-machine session: install, run the test suite natively on the GPU, then the benchmark.
-# Usage (device tool, repo root): bash benchmarks/gpu_session.sh [tests|bench ARGS...]
+# One device-machine session: install, then the GPU tests and the benchmarks, most uncertain first, each
+# step bounded so a short lease still brings back what finished. Everything is logged to $OUT/session.log;
+# the benchmark tables land in $OUT/<device>/ (results.* and heads.*).
+# Usage (device tool, repo root): bash benchmarks/gpu_session.sh [all|tests|bench|heads] [extra bench args]
 # Optional peers travel as wheels in .whl/ (git-ignored; see README "Benchmarks").
 set -uo pipefail
 OUT=${OUT:-/tmp/fastlt-out}
 mkdir -p "$OUT"
+LOG="$OUT/session.log"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 fi
-python3 -m pip install -q --no-index --no-build-isolation --no-deps -e . || exit 1
+python3 -m pip install -q --no-index --no-build-isolation --no-deps -e . >/dev/null || exit 1
 export PYTHONUNBUFFERED=1
 what=${1:-all}; shift || true
-if [ "$what" = tests ] || [ "$what" = all ]; then
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
-  python3 -m pytest tests -q -p no:cacheprovider --durations=5 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
-fi
-if [ "$what" = bench ] || [ "$what" = all ]; then
-  python3 -c "import sys; from fastlt.bench import main; sys.exit(main(sys.argv[1:]))" "$@" --out "$OUT" 2>&1 | tee "$OUT/bench.log"
-fi
+step() { local limit=$1; shift; echo "## [$(date +%T)] $*" | tee -a "$LOG"; timeout "$limit" "$@" 2>&1 | tee -a "$LOG"; }
+FIRST="tests/test_kernels_compile.py tests/test_kernels_cuda_graph.py tests/test_kernels_row_operator.py tests/test_kernels_lade.py tests/test_lade_head.py"
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$LOG"
+case "$what" in
+  all)
+    # shellcheck disable=SC2086
+    step 150 python3 -m pytest $FIRST -q -p no:cacheprovider -rf
+    step 110 python3 -m fastlt bench --heads --out "$OUT" "$@"
+    step 130 python3 -m fastlt bench --no-compile --no-official --out "$OUT" "$@"
+    step 300 python3 -m pytest tests/test_heads.py tests -q -p no:cacheprovider -rf --durations=5 $(printf -- '--ignore=%s ' $FIRST)
+    ;;
+  tests) step 590 python3 -m pytest tests -q -p no:cacheprovider -rf --durations=5 ;;
+  heads) step 590 python3 -m fastlt bench --heads --out "$OUT" "$@" ;;
+  bench) step 590 python3 -m fastlt bench --out "$OUT" "$@" ;;
+esac
+echo "## [$(date +%T)] done" | tee -a "$LOG"

@@ -1,13 +1,15 @@
 """fastlt: fused GPU losses for long-tailed classification.
 
 Modules: :class:`LogitAdjustedLoss`, :class:`BalancedSoftmaxLoss`, :class:`LDAMLoss`, :class:`GCLLoss`,
-:class:`LADELoss`, :class:`CosineClassifier`. Submodules: ``functional`` (the same as functions,
+:class:`LADELoss`, :class:`CosineClassifier`; fused heads (features in, no (N, C) logits)
+:class:`LinearLossHead`, :class:`CosineGCLHead`. Submodules: ``functional`` (the same as functions,
 ``backend=`` switch), ``reference`` (the pure-PyTorch oracle), ``priors``, ``noise``, ``posthoc``,
-``data``, ``metrics``.
+``data``, ``metrics``, ``heads`` and ``lade_head`` (the fused heads' functions and oracles).
 """
 
-from . import data, functional, metrics, noise, posthoc, priors, reference
+from . import data, functional, heads, lade_head, metrics, noise, posthoc, priors, reference
 from .cosine import CosineClassifier
+from .heads import CosineGCLHead, LinearLossHead
 from .losses import BalancedSoftmaxLoss, GCLLoss, LADELoss, LDAMLoss, LogitAdjustedLoss
 
 __version__ = "0.1.0"
@@ -19,6 +21,10 @@ __all__ = [
     "GCLLoss",
     "LADELoss",
     "CosineClassifier",
+    "LinearLossHead",
+    "CosineGCLHead",
+    "heads",
+    "lade_head",
     "functional",
     "reference",
     "priors",

@@ -295,10 +295,14 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer (compiles are slow)")
     p.add_argument("--no-official", action="store_true", help="skip the official-style peers")
     p.add_argument("--out", default="benchmarks/results", help="folder for results/<device>/")
+    p.add_argument("--heads", action="store_true",
+                   help="benchmark the fused linear / cosine heads instead (features in; see fastlt.bench_heads)")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("fastlt bench: no CUDA GPU visible; the benchmarks time GPU kernels and never fake a number")
         return 2
+    if a.heads:
+        return _main_heads(a)
     shapes = SHAPES if a.shapes is None else [tuple(int(v) for v in s.lower().split("x")) for s in a.shapes]
     print(HEADER)
     results: list[Result] = []
@@ -307,4 +311,21 @@ def main(argv=None) -> int:
         results += part
         folder = save(dev, results, a.out)
     print(f"\nwrote {folder}/results.json, results.md, x_floor.png")
+    return 0
+
+
+def _main_heads(a) -> int:
+    from .bench_heads import HEAD_HEADER, HEAD_SHAPES, run_heads, save_heads
+
+    shapes = HEAD_SHAPES if a.shapes is None else [tuple(int(v) for v in s.lower().split("x")) for s in a.shapes]
+    if any(len(s) != 3 for s in shapes):
+        raise SystemExit("fastlt bench --heads: --shapes takes NxDxC items, e.g. 4096x1024x131072")
+    dtypes = a.dtype if a.dtype != ["fp32", "bf16"] else ["bf16"]
+    print(HEAD_HEADER)
+    results = []
+    for shape in shapes:  # saved after each shape
+        dev, part = run_heads([shape], dtypes)
+        results += part
+        folder = save_heads(dev, results, a.out)
+    print(f"\nwrote {folder}/heads.json, heads.md")
     return 0

@@ -127,3 +127,9 @@ def lade_loss(logits, target, prior, alpha=0.1, remine_lambda=0.1, *, weight=Non
 
     return lade_loss_triton(logits, target, prior, alpha, remine_lambda, weight=weight, ignore_index=ignore_index,
                             reduction=reduction, label_smoothing=label_smoothing)
+
+
+from .heads import cosine_cross_entropy, linear_cross_entropy  # noqa: E402
+from .lade_head import lade_linear_loss  # noqa: E402
+
+__all__ += ["linear_cross_entropy", "cosine_cross_entropy", "lade_linear_loss"]

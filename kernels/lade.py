@@ -19,17 +19,32 @@ from . import launch
 def forward(z: torch.Tensor, y: torch.Tensor, pi: torch.Tensor, remine_lambda: float, args: launch.RowOperatorArgs,
             config: launch.TileConfig | None = None):
     """Returns ``(loss_rows, lse, factor, lader, col_a, col_b, col_lse)`` (fp32; lader a 0-dim tensor)."""
-    N, C = z.shape
     loss_rows, lse, factor, colstats = launch.forward(z, y, args, column_stats=True, config=config)
-    c_max = colstats[0].amax(0)
-    col_lse = c_max + torch.log((colstats[1] * torch.exp(colstats[0] - c_max)).sum(0))
-    n_c = colstats[3].sum(0)
-    first = colstats[2].sum(0) / (n_c + 1e-8)
-    pi = pi.to(torch.float32)
     n_valid = (y != args.ignore_index).sum().to(torch.float32)
+    lader, col_a, col_b, col_lse = finish(merge_partials(colstats), pi, n_valid, remine_lambda)
+    return loss_rows, lse, factor, lader, col_a, col_b, col_lse
+
+
+def merge_partials(colstats: torch.Tensor) -> torch.Tensor:
+    """(4, R, C) per-row-block partials (column max, sum-exp relative to it, class sums, class counts) ->
+    (4, C) for the whole set of rows. Also merges the running stats of row chunks: stack them on dim 1."""
+    c_max = colstats[0].amax(0)
+    sum_exp = (colstats[1] * torch.exp(colstats[0] - c_max)).sum(0)
+    return torch.stack([c_max, sum_exp, colstats[2].sum(0), colstats[3].sum(0)])
+
+
+def finish(stats: torch.Tensor, pi: torch.Tensor, n_valid: torch.Tensor, remine_lambda: float):
+    """LADER and its gradient vectors from the merged (4, C) column statistics of all N rows.
+
+    ``n_valid``: 0-dim fp32 count of non-ignored rows. Returns ``(lader, col_a, col_b, col_lse)``."""
+    C = stats.shape[1]
+    col_lse = stats[0] + torch.log(stats[1])
+    n_c = stats[3]
+    first = stats[2] / (n_c + 1e-8)
+    pi = pi.to(torch.float32)
     second = col_lse - torch.log(pi + 1e-9) + math.log(1.0 / C + 1e-9) - torch.log(n_valid)
     est = first - second - remine_lambda * second * second
-    lader = torch.where(n_valid > 0, -(pi * est).sum(), torch.zeros((), device=z.device))
+    lader = torch.where(n_valid > 0, -(pi * est).sum(), torch.zeros((), device=stats.device))
     col_a = -pi / (n_c + 1e-8)
     col_b = pi * (1.0 + 2.0 * remine_lambda * second)
-    return loss_rows, lse, factor, lader, col_a, col_b, col_lse
+    return lader, col_a, col_b, col_lse

@@ -125,7 +125,9 @@ def inv_denominator_of(y: torch.Tensor, args: RowOperatorArgs) -> torch.Tensor:
     """(1,) fp32 ``1 / sum_i w_{y_i}`` over the valid rows ('mean'; inf for an empty batch). No sync."""
     valid = y != args.ignore_index
     if args.weight is not None:
-        safe = torch.where(valid, y, torch.zeros_like(y)).long()
+        # out-of-range targets (NaN rows on the GPU, see the kernels) must not index out of bounds here either
+        in_range = valid & (y >= 0) & (y < args.weight.shape[0])
+        safe = torch.where(in_range, y, torch.zeros_like(y)).long()
         denom = (args.weight.to(torch.float32)[safe] * valid).sum()
     else:
         denom = valid.sum().to(torch.float32)

@@ -1,0 +1,184 @@
+"""LADE on a linear head, fused: ``PriorCE(z) + alpha * LADER(z)`` with ``z = features @ weight^T + bias``,
+never holding the (N, C) logits.
+
+LADER needs column statistics over the whole batch (per-class target sums and counts, and the
+batch-direction log-sum-exp of every column) before any gradient exists, so the fused path takes two
+passes over the row chunks of :mod:`fastlt.heads`:
+
+1. per chunk: ``z = F_chunk W^T (+ b)`` (cuBLAS), then the row kernel with ``COLUMN_STATS`` computes the
+   PriorCE row losses and row statistics, and the chunk's (4, C) column partials, merged into running
+   (4, C) fp32 statistics (no atomics: deterministic);
+2. LADER and its gradient vectors from the merged statistics; then per chunk: recompute ``z``, write
+   ``d loss / d z`` over it (row term plus LADER's column term), ``dF = dZ W``, ``dW += dZ^T F``.
+
+That is ``8 N D C`` FLOPs (one more logits matmul than the CE heads) and memory
+O(N*D + C*D + chunk*C). The backward only rescales the saved gradients by grad_output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import _validation as V
+from . import reference as R
+from .functional import use_triton
+from .heads import (
+    FusedLinearLoss,
+    _acc_mm,
+    _autocast_inputs,
+    _check_chunk_rows,
+    _check_head,
+    _chunk_logits,
+    _chunks,
+    default_chunk_rows,
+)
+
+__all__ = ["lade_linear_loss", "reference_lade_linear_loss"]
+
+
+def reference_lade_linear_loss(features, weight, target, prior, bias=None, *, alpha=0.1, remine_lambda=0.1,
+                               weight_classes=None, ignore_index=-100, reduction="mean",
+                               label_smoothing=0.0) -> torch.Tensor:
+    """Unfused oracle: ``z = F.linear(features, weight, bias)``, then :func:`fastlt.reference.lade_loss`."""
+    _check_head(features, weight, bias)
+    target = V.as_index_target(target)
+    return R.lade_loss(F.linear(features, weight, bias), target, prior, alpha, remine_lambda, weight=weight_classes,
+                       ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
+
+
+@dataclass(frozen=True)
+class _LADEHeadParams:
+    args: object  # RowOperatorArgs with prior = log(pi), tau = 1
+    pi: torch.Tensor
+    alpha: float
+    remine_lambda: float
+    chunk_rows: int
+
+
+def _lade_pass(x, w, b, y, params: _LADEHeadParams, *, need_x: bool, need_w: bool, need_b: bool):
+    """Both passes; returns ``(loss, dx, dw, db)`` with the gradients for grad_output = 1 (None if not needed)."""
+    from .kernels import lade as lade_kernels
+    from .kernels import launch
+
+    args = params.args
+    N, D = x.shape
+    C = w.shape[0]
+    inv = launch.inv_denominator_of(y, args) if args.reduction == "mean" else None
+    chunks = _chunks(N, params.chunk_rows)
+    buf = torch.empty((min(params.chunk_rows, N), C), dtype=x.dtype, device=x.device) if N else None
+    loss_rows = torch.empty(N, dtype=torch.float32, device=x.device)
+    row_stats, stats = [], None
+    for r0, r1 in chunks:
+        z = _chunk_logits(buf, x[r0:r1], w, b)
+        rows, lse, factor, colstats = launch.forward(z, y[r0:r1], args, column_stats=True, inv_denominator=inv)
+        loss_rows[r0:r1] = rows
+        row_stats.append((lse, factor))
+        part = lade_kernels.merge_partials(colstats)
+        stats = part if stats is None else lade_kernels.merge_partials(torch.stack([stats, part], 1))
+    n_valid = (y != args.ignore_index).sum().to(torch.float32)
+    if stats is None:  # empty batch
+        lader = torch.zeros((), device=x.device)
+    else:
+        lader, col_a, col_b, col_lse = lade_kernels.finish(stats, params.pi, n_valid, params.remine_lambda)
+    prior_ce = loss_rows.sum() * inv[0] if args.reduction == "mean" else loss_rows.sum()
+    loss = (prior_ce + params.alpha * lader).to(x.dtype)
+
+    dx = dw = db = None
+    if not (need_x or need_w or need_b):
+        return loss, dx, dw, db
+    single = len(chunks) == 1
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
+    dw = (torch.zeros((C, D), dtype=x.dtype if single else torch.float32, device=x.device) if need_w else None)
+    db = torch.zeros(C, dtype=torch.float32, device=x.device) if need_b else None
+    if chunks:
+        column_term = (params.alpha * col_a, params.alpha * col_b, col_lse)
+    for k, (r0, r1) in enumerate(chunks):
+        xc = x[r0:r1]
+        z = _chunk_logits(buf, xc, w, b)
+        lse, factor = row_stats[k]
+        launch.grad(z, y[r0:r1], args, lse, factor, None, column_term=column_term, out=z)
+        if dx is not None:
+            torch.mm(z, w, out=dx[r0:r1])
+        if dw is not None:
+            if single:
+                torch.mm(z.t(), xc, out=dw)
+            else:
+                _acc_mm(dw, z.t(), xc, first=k == 0)
+        if db is not None:
+            db += z.sum(0, dtype=torch.float32)
+    if dw is not None and dw.dtype != x.dtype:
+        dw = dw.to(x.dtype)
+    if db is not None:
+        db = db.to(x.dtype)
+    return loss, dx, dw, db
+
+
+class FusedLinearLADE(FusedLinearLoss):
+    """``apply(features, weight, bias, target, params)`` -> LADE loss; gradients computed in the forward (the
+    backward of :class:`fastlt.heads.FusedLinearLoss` rescales them by grad_output, once)."""
+
+    @staticmethod
+    def forward(ctx, features, weight, bias, target, params: _LADEHeadParams):
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and bias is not None
+        loss, dx, dw, db = _lade_pass(features, weight, bias, target, params, need_x=need_x, need_w=need_w,
+                                      need_b=need_b)
+        ctx.params = params
+        ctx.need = (need_x, need_w, need_b)
+        ctx.grads = [dx, dw, db]
+        return loss
+
+
+def lade_linear_loss(features, weight, target, prior, bias=None, *, alpha=0.1, remine_lambda=0.1,
+                     weight_classes=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, backend="auto",
+                     chunk_rows=None) -> torch.Tensor:
+    """LADE (Hong et al., CVPR 2021) on ``z = features @ weight^T + bias`` without the (N, C) logits.
+
+    ``features`` (N, D), ``weight`` (C, D), ``bias`` (C,) or None, one float dtype; ``target`` (N,) ints;
+    ``prior`` (C,) training prior pi (probabilities). ``alpha``, ``remine_lambda``, ``weight_classes``,
+    ``ignore_index``, ``reduction`` ('mean' | 'sum'), ``label_smoothing`` as :func:`fastlt.functional.lade_loss`.
+    ``backend``/``chunk_rows`` as :func:`fastlt.heads.linear_cross_entropy`. Returns the loss in the features'
+    dtype."""
+    _check_chunk_rows(chunk_rows)
+    if not use_triton(backend, features):
+        return reference_lade_linear_loss(features, weight, target, prior, bias, alpha=alpha,
+                                          remine_lambda=remine_lambda, weight_classes=weight_classes,
+                                          ignore_index=ignore_index, reduction=reduction,
+                                          label_smoothing=label_smoothing)
+    from .kernels.launch import RowOperatorArgs
+
+    features, weight, bias, autocast_dev = _autocast_inputs(features, weight, bias)
+    _check_head(features, weight, bias)
+    if features.dtype == torch.float64:
+        raise TypeError("the Triton kernels take float32, bfloat16 or float16 features; use backend='torch' "
+                        "for float64")
+    target = V.as_index_target(target)
+    proxy = features.new_zeros((1, 1)).expand(features.shape[0], weight.shape[0])  # checks without the logits
+    R.check_lade_args(proxy, target, prior, alpha, remine_lambda, reduction)
+    R.check_operator_args(proxy, target, prior=prior, tau=1.0, cloud=None, noise_mul=0.0, noise=None, seed=None,
+                          margin=None, scale=1.0, gamma=0.0, weight=weight_classes, ignore_index=ignore_index,
+                          reduction=reduction, label_smoothing=label_smoothing)
+    pi = prior.to(torch.float32).contiguous()
+    wc = None if weight_classes is None else weight_classes.to(torch.float32).contiguous()
+    args = RowOperatorArgs(prior=torch.log(pi), weight=wc, tau=1.0, label_smoothing=float(label_smoothing),
+                           ignore_index=int(ignore_index), reduction=reduction)
+    N, C = features.shape[0], weight.shape[0]
+    rows = chunk_rows if chunk_rows is not None else default_chunk_rows(C, features.dtype)
+    params = _LADEHeadParams(args=args, pi=pi, alpha=float(alpha), remine_lambda=float(remine_lambda),
+                             chunk_rows=max(1, min(rows, max(N, 1))))
+
+    def run():
+        x = features if features.stride(-1) == 1 else features.contiguous()
+        w = weight if weight.stride(-1) == 1 else weight.contiguous()
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, bias)):
+            return FusedLinearLADE.apply(x, w, bias, target, params)
+        return _lade_pass(x, w, bias, target, params, need_x=False, need_w=False, need_b=False)[0]
+
+    if autocast_dev is not None:
+        with torch.autocast(autocast_dev, enabled=False):
+            return run()
+    return run()
+
