@@ -33,6 +33,16 @@ it is 1). With ``reduction='none'`` the upstream gradient differs per row and mu
 the matmuls, so the forward keeps only the fp32 row statistics and the backward recomputes each chunk's
 logits and gradient (:func:`fastlt.kernels.launch.grad`) and does the matmuls there.
 
+**Class chunks, for very large C.** With many row chunks, step 3's fp32 ``dW`` accumulator (``C x D``)
+is read and written once per chunk: at 1024 x 1024 -> 1M bf16, 8 chunks of 128 rows move ~12 GB each,
+3x the matmul time (measured: 5.6x the matmul floor). So when that traffic would cost more than one
+extra logits matmul (:func:`_prefer_class_chunks`, by count; or ``chunk_classes=`` explicitly) the head
+chunks the classes instead, ``[c0, c1)`` of ``chunk_classes`` (a multiple of 8; by default an (N, cols)
+buffer of <= 256 MiB): pass 1 computes ``Z_k = F W_k^T`` per chunk and the row kernel writes each row's
+partial (max, sum-exp, target logit, smoothing sum) of those classes; one combine launch finishes every
+row; pass 2 recomputes ``Z_k``, writes ``dZ_k`` over it, ``dW_k = dZ_k^T F`` straight into its rows (no
+accumulator) and ``dF += dZ_k W_k`` ((N, D) fp32). ``8 N D C`` FLOPs instead of 6, memory O(N * cols).
+
 Why not a single fused ``tl.dot`` kernel: the work is the three matmuls (``6 N D C`` FLOPs); cuBLAS
 (wgmma on Hopper) runs them near peak for every shape, which a hand-written Triton matmul that also
 carries the loss epilogue does not match, while the extra HBM traffic of the chunk buffer
@@ -133,6 +143,15 @@ def _check_chunk_rows(chunk_rows) -> None:
         raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
 
 
+def _check_chunk_classes(chunk_classes, chunk_rows) -> None:
+    if chunk_classes is None:
+        return
+    if isinstance(chunk_classes, bool) or not isinstance(chunk_classes, int) or chunk_classes < 8 or chunk_classes % 8:
+        raise ValueError(f"chunk_classes must be a positive multiple of 8 or None, got {chunk_classes!r}")
+    if chunk_rows is not None:
+        raise ValueError("give chunk_rows or chunk_classes, not both (they pick the row- or the class-chunked path)")
+
+
 def _check_operator(features, weight, target, op: dict) -> None:
     """The SPEC 2.4 argument checks of :func:`fastlt.reference.check_operator_args` (``op`` as built by
     ``_op_kwargs``), on an (N, C) stand-in for the logits: a broadcast scalar, no memory."""
@@ -190,6 +209,7 @@ class _HeadParams:
 
     args: object  # fastlt.kernels.launch.RowOperatorArgs (imported lazily: triton may be absent)
     chunk_rows: int
+    chunk_classes: int | None = None  # set: chunk the classes instead of the rows (see _class_pass)
 
 
 _OUT_DTYPE_MM = {"ok": None}  # does torch.addmm(..., out_dtype=float32, out=acc) work here (CUDA)? probed once
@@ -238,6 +258,8 @@ def _fused_pass(x, w, b, y, params: _HeadParams, *, need_x: bool, need_w: bool, 
     returning the gradients for grad_output = 1. Returns ``(loss, dx, dw, db, lse_chunks, factor_chunks)``."""
     from .kernels import launch
 
+    if params.chunk_classes is not None:
+        return _class_pass(x, w, b, y, params, need_x=need_x, need_w=need_w, need_b=need_b)
     args = params.args
     N, D = x.shape
     C = w.shape[0]
@@ -294,6 +316,10 @@ def _recompute_backward(x, w, b, y, params: _HeadParams, lse_chunks, factor_chun
     """reduction='none': per chunk, recompute z, its gradient scaled by grad_output[rows], then the matmuls."""
     from .kernels import launch
 
+    if params.chunk_classes is not None:
+        return _class_grads(x, w, b, y, params, lse_chunks[0], factor_chunks[0], grad_output.contiguous(),
+                            need_x=need_x, need_w=need_w, need_b=need_b)
+
     args = params.args
     N, D = x.shape
     C = w.shape[0]
@@ -321,6 +347,110 @@ def _recompute_backward(x, w, b, y, params: _HeadParams, lse_chunks, factor_chun
     if dw is not None and dw.dtype != x.dtype:
         dw = dw.to(x.dtype)
     return dx, dw, (db.to(x.dtype) if db is not None else None)
+
+
+def _class_chunks(C: int, cols: int):
+    return [(c0, min(C, c0 + cols)) for c0 in range(0, C, cols)]
+
+
+def _class_logits(flat: torch.Tensor, x, w, b, c0: int, c1: int) -> torch.Tensor:
+    """``x @ w[c0:c1]^T (+ b[c0:c1])`` into a contiguous (N, c1 - c0) view of the flat buffer."""
+    out = flat[: x.shape[0] * (c1 - c0)].view(x.shape[0], c1 - c0)
+    if b is None:
+        torch.mm(x, w[c0:c1].t(), out=out)
+    else:
+        torch.addmm(b[c0:c1], x, w[c0:c1].t(), out=out)
+    return out
+
+
+def _class_pass(x, w, b, y, params: _HeadParams, *, need_x: bool, need_w: bool, need_b: bool):
+    """Class-chunked forward (large C): pass 1 over class chunks ``[c0, c1)``: ``Z_k = F W_k^T``, then the
+    row kernel writes each row's partial (max, sum-exp, target logit, smoothing sum) of those classes;
+    one combine launch finishes every row (loss, fp32 LSE, backward factor). With gradients wanted and
+    reduction != 'none', pass 2 (:func:`_class_grads`) follows in the forward. Same return as
+    :func:`_fused_pass` (the row statistics as one-element lists)."""
+    from .kernels import launch
+
+    args = params.args
+    N = x.shape[0]
+    C = w.shape[0]
+    chunks = _class_chunks(C, params.chunk_classes)
+    flat = torch.empty(N * min(params.chunk_classes, C), dtype=x.dtype, device=x.device)
+    part = torch.empty((4, N, len(chunks)), dtype=torch.float32, device=x.device)
+    inv = launch.inv_denominator_of(y, args) if args.reduction == "mean" else None
+    for k, (c0, c1) in enumerate(chunks):
+        z = _class_logits(flat, x, w, b, c0, c1)
+        launch.chunk_partials(z, y, args, part, k, col_base=c0, num_classes=C)
+    del flat
+    loss_rows, lse, factor = launch.combine_partials(part, y, args, C, inv_denominator=inv)
+    if args.reduction == "none":
+        loss = loss_rows
+    elif args.reduction == "sum":
+        loss = loss_rows.sum()
+    else:
+        loss = loss_rows.sum() * inv[0]
+    dx = dw = db = None
+    if (need_x or need_w or need_b) and args.reduction != "none":
+        dx, dw, db = _class_grads(x, w, b, y, params, lse, factor, None, need_x=need_x, need_w=need_w,
+                                  need_b=need_b)
+    return loss.to(x.dtype), dx, dw, db, [lse], [factor]
+
+
+def _class_grads(x, w, b, y, params: _HeadParams, lse, factor, grad_output, *, need_x: bool, need_w: bool,
+                 need_b: bool):
+    """Pass 2 over the class chunks: recompute ``Z_k``, write ``dZ_k`` over it (times ``grad_output`` when
+    given), ``dW_k = dZ_k^T F`` and ``db_k`` straight into their rows (no accumulator), ``dF += dZ_k W_k``
+    (an (N, D) fp32 accumulator when there is more than one chunk and the dtype is half precision)."""
+    from .kernels import launch
+
+    args = params.args
+    N, D = x.shape
+    C = w.shape[0]
+    chunks = _class_chunks(C, params.chunk_classes)
+    single = len(chunks) == 1
+    flat = torch.empty(N * min(params.chunk_classes, C), dtype=x.dtype, device=x.device)
+    dx = None
+    if need_x:
+        dx = torch.empty((N, D), dtype=x.dtype if single or x.dtype == torch.float32 else torch.float32,
+                         device=x.device)
+        if not chunks:
+            dx.zero_()
+    dw = torch.empty((C, D), dtype=x.dtype, device=x.device) if need_w else None
+    db = torch.empty(C, dtype=x.dtype, device=x.device) if need_b else None
+    for k, (c0, c1) in enumerate(chunks):
+        z = _class_logits(flat, x, w, b, c0, c1)
+        launch.grad(z, y, args, lse, factor, grad_output, out=z, col_base=c0, num_classes=C)
+        if dx is not None:
+            if single:
+                torch.mm(z, w[c0:c1], out=dx)
+            else:
+                _acc_mm(dx, z, w[c0:c1], first=k == 0)
+        if dw is not None:
+            torch.mm(z.t(), x, out=dw[c0:c1])
+        if db is not None:
+            db[c0:c1] = z.sum(0, dtype=torch.float32)
+    if dx is not None and dx.dtype != x.dtype:
+        dx = dx.to(x.dtype)
+    return dx, dw, db
+
+
+# Nominal H100 ratio of bf16 matmul rate to HBM bandwidth (725 TFLOP/s / 3.0 TB/s), for the choice below.
+_FLOP_PER_BYTE = 725e12 / 3.0e12
+
+
+def _prefer_class_chunks(N: int, D: int, C: int, rows: int) -> bool:
+    """Row chunks cost the fp32 dW accumulator, read and written once per extra chunk (``8 C D`` bytes each);
+    class chunks cost one more logits matmul (``2 N D C`` FLOPs). Pick the cheaper, by count."""
+    extra_row_chunks = math.ceil(N / max(rows, 1)) - 1
+    return extra_row_chunks * 8 * C * D * _FLOP_PER_BYTE > 2 * N * D * C
+
+
+def default_chunk_classes(num_rows: int, dtype: torch.dtype, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Classes per chunk of the class-chunked path: an (N, cols) buffer of at most ``chunk_bytes``, a multiple
+    of 128 (at least 128)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    cols = chunk_bytes // (max(num_rows, 1) * itemsize)
+    return max(128, cols - cols % 128)
 
 
 class FusedLinearLoss(torch.autograd.Function):
@@ -418,11 +548,13 @@ def _kernel_args(features, *, prior, tau, margin, scale, cloud, noise_mul, seed,
         reduction=reduction)
 
 
-def _run_fused(features, weight, bias, target, args, chunk_rows):
-    N = features.shape[0]
+def _run_fused(features, weight, bias, target, args, chunk_rows, chunk_classes=None):
+    N, D = features.shape
     C = weight.shape[0]
     rows = chunk_rows if chunk_rows is not None else default_chunk_rows(C, features.dtype)
-    params = _HeadParams(args=args, chunk_rows=max(1, min(rows, max(N, 1))))
+    if chunk_classes is None and chunk_rows is None and _prefer_class_chunks(N, D, C, rows):
+        chunk_classes = default_chunk_classes(N, features.dtype)
+    params = _HeadParams(args=args, chunk_rows=max(1, min(rows, max(N, 1))), chunk_classes=chunk_classes)
     tensors = (features, weight) + ((bias,) if bias is not None else ())
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return FusedLinearLoss.apply(features, weight, bias, target, params)
@@ -442,7 +574,8 @@ def _autocast_inputs(features, weight, bias):
     return features, weight, bias, None
 
 
-def _triton_entry(features, weight, bias, target, *, cosine: bool, eps: float, chunk_rows, noise, op: dict):
+def _triton_entry(features, weight, bias, target, *, cosine: bool, eps: float, chunk_rows, noise, op: dict,
+                  chunk_classes=None):
     features, weight, bias, autocast_dev = _autocast_inputs(features, weight, bias)
     _check_head(features, weight, bias)
     if features.dtype == torch.float64:
@@ -462,7 +595,7 @@ def _triton_entry(features, weight, bias, target, *, cosine: bool, eps: float, c
         else:
             x = x if x.stride(-1) == 1 else x.contiguous()
             w = w if w.stride(-1) == 1 else w.contiguous()
-        return _run_fused(x, w, bias, target, args, chunk_rows)
+        return _run_fused(x, w, bias, target, args, chunk_rows, chunk_classes)
 
     if autocast_dev is not None:
         with torch.autocast(autocast_dev, enabled=False):
@@ -480,7 +613,7 @@ def _op_kwargs(prior, tau, margin, scale, cloud, noise_mul, seed, gamma, weight_
 def linear_cross_entropy(features, weight, target, bias=None, *, prior=None, tau=1.0, margin=None, scale=1.0,
                          cloud=None, noise_mul=0.0, seed=None, noise=None, gamma=0.0, weight_classes=None,
                          ignore_index=-100, reduction="mean", label_smoothing=0.0, backend="auto",
-                         chunk_rows=None) -> torch.Tensor:
+                         chunk_rows=None, chunk_classes=None) -> torch.Tensor:
     """The SPEC 2.4 loss on the logits of a linear layer, ``z = features @ weight^T + bias``, without holding
     the (N, C) logits (fused path; see the module docstring).
 
@@ -490,34 +623,39 @@ def linear_cross_entropy(features, weight, target, bias=None, *, prior=None, tau
     ``seed`` (GCL noise; drawn from torch's generator when None); ``gamma`` focal; ``weight_classes`` (C,)
     class weights; ``ignore_index``, ``reduction``, ``label_smoothing`` as in ``F.cross_entropy``.
     ``noise``: (N, C) explicit noise, reference path only. ``backend``: 'auto' (kernels for CUDA tensors, the
-    reference elsewhere), 'triton' or 'torch'. ``chunk_rows``: rows per chunk of the fused path (default:
-    :func:`default_chunk_rows`, a <= 256 MiB logits buffer). Returns the loss in the features' dtype.
+    reference elsewhere), 'triton' or 'torch'. ``chunk_rows``: rows per chunk of the row-chunked path
+    (default: :func:`default_chunk_rows`, a <= 256 MiB logits buffer); ``chunk_classes`` (a multiple of 8):
+    classes per chunk of the class-chunked path. By default the path is picked by count
+    (:func:`_prefer_class_chunks`: class chunks when C is so large that row chunks would re-read an fp32 dW
+    accumulator many times). Returns the loss in the features' dtype.
     """
     _check_chunk_rows(chunk_rows)
+    _check_chunk_classes(chunk_classes, chunk_rows)
     op = _op_kwargs(prior, tau, margin, scale, cloud, noise_mul, seed, gamma, weight_classes, ignore_index,
                     reduction, label_smoothing)
     if not use_triton(backend, features):
         return reference_linear_cross_entropy(features, weight, target, bias, noise=noise, **op)
     return _triton_entry(features, weight, bias, target, cosine=False, eps=0.0, chunk_rows=chunk_rows, noise=noise,
-                         op=op)
+                         op=op, chunk_classes=chunk_classes)
 
 
 def cosine_cross_entropy(features, weight, target, *, prior=None, tau=1.0, margin=None, scale=1.0, cloud=None,
                          noise_mul=0.0, seed=None, noise=None, gamma=0.0, weight_classes=None, ignore_index=-100,
-                         reduction="mean", label_smoothing=0.0, backend="auto", chunk_rows=None,
+                         reduction="mean", label_smoothing=0.0, backend="auto", chunk_rows=None, chunk_classes=None,
                          eps=1e-12) -> torch.Tensor:
     """As :func:`linear_cross_entropy` (no bias) on cosine logits ``cos_ij = <f_i/|f_i|, w_j/|w_j|>``: rows of
     ``features`` and ``weight`` are L2-normalised (norms once, in fp32, clamped at ``eps`` as ``F.normalize``)
     and the gradient flows through the normalisation. GCL is ``cloud=gcl_cloud(counts), noise_mul, margin=m,
     scale=s`` (see :class:`CosineGCLHead`)."""
     _check_chunk_rows(chunk_rows)
+    _check_chunk_classes(chunk_classes, chunk_rows)
     V.check_finite_float("eps", eps, min_value=0.0, min_inclusive=False)
     op = _op_kwargs(prior, tau, margin, scale, cloud, noise_mul, seed, gamma, weight_classes, ignore_index,
                     reduction, label_smoothing)
     if not use_triton(backend, features):
         return reference_cosine_cross_entropy(features, weight, target, noise=noise, eps=eps, **op)
     return _triton_entry(features, weight, None, target, cosine=True, eps=eps, chunk_rows=chunk_rows, noise=noise,
-                         op=op)
+                         op=op, chunk_classes=chunk_classes)
 
 
 # --- modules ---------------------------------------------------------------------------------------------------

@@ -180,8 +180,8 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out
         row_loss_forward[(row_blocks, cfg.num_splits)](
             z, z.stride(0), z.stride(1), y, prior, cloud, margin, weight, wsum, inv_denom,
             loss, lse, factor, part, colstats, g, g.stride(0), g.stride(1),
-            N, C, cfg.cols_per_split, args.ignore_index, args.tau, args.noise_mul, args.margin_value, args.scale,
-            args.gamma, args.label_smoothing, args.seed, args.noise_row_offset,
+            N, C, cfg.cols_per_split, 0, C, 0, cfg.num_splits, args.ignore_index, args.tau, args.noise_mul,
+            args.margin_value, args.scale, args.gamma, args.label_smoothing, args.seed, args.noise_row_offset,
             HAS_FOCAL=args.gamma != 0.0, MEAN=args.reduction == "mean", SPLIT=split,
             SINGLE_TILE=cfg.single_tile, GRAD_IN_FWD=fuse_grad, COLUMN_STATS=column_stats,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -201,13 +201,17 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out
 
 def grad(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, lse: torch.Tensor, factor: torch.Tensor,
          grad_output: torch.Tensor | None, *, column_term=None, out: torch.Tensor | None = None,
-         config: TileConfig | None = None) -> torch.Tensor:
+         config: TileConfig | None = None, col_base: int = 0, num_classes: int | None = None) -> torch.Tensor:
     """d loss / d z recomputed from the saved ``lse`` and ``factor``; ``grad_output``: scalar or (N,)
-    (None: 1). ``column_term``: LADE's ``(col_a, col_b, col_lse)`` (C,) fp32 vectors, already scaled."""
-    N, C = z.shape
+    (None: 1). ``column_term``: LADE's ``(col_a, col_b, col_lse)`` (C,) fp32 vectors, already scaled.
+    A class chunk: ``z`` (N, Ck) holds classes ``[col_base, col_base + Ck)`` of ``num_classes``."""
+    N, Ck = z.shape
+    C = Ck if num_classes is None else num_classes
+    if col_base % 8:
+        raise ValueError(f"col_base must be a multiple of 8 (8 noise columns per Philox call), got {col_base}")
     dev = z.device
-    cfg = config or pick_tiles(N, C, dev)
-    out = torch.empty((N, C), dtype=z.dtype, device=dev) if out is None else out
+    cfg = config or pick_tiles(N, Ck, dev)
+    out = torch.empty((N, Ck), dtype=z.dtype, device=dev) if out is None else out
     if N == 0:
         return out
     prior, cloud, margin, weight = _class_ptrs(args, dev)
@@ -218,11 +222,62 @@ def grad(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, lse: torch.Ten
     row_loss_grad[(_cdiv(N, cfg.block_m), cfg.num_splits)](
         z, z.stride(0), z.stride(1), y, prior, cloud, margin, weight, wsum, lse, factor, go, go_stride,
         ca, cb, cl, out, out.stride(0), out.stride(1),
-        N, C, cfg.cols_per_split, args.ignore_index, args.tau, args.noise_mul, args.margin_value, args.scale,
-        args.label_smoothing, args.seed, args.noise_row_offset, HAS_UPSTREAM=grad_output is not None,
+        N, C, cfg.cols_per_split, col_base, col_base + Ck, args.ignore_index, args.tau, args.noise_mul,
+        args.margin_value, args.scale, args.label_smoothing, args.seed, args.noise_row_offset,
+        HAS_UPSTREAM=grad_output is not None,
         COLUMN_TERM=column_term is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **_common_flags(args))
     return out
+
+
+def chunk_partials(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, part: torch.Tensor, chunk: int, *,
+                   col_base: int, num_classes: int) -> None:
+    """Row partials of one class chunk: ``z`` (N, Ck) holds classes ``[col_base, col_base + Ck)`` of
+    ``num_classes``; writes (max, sum-exp, a_y, sum w*a) of those classes to ``part[:, :, chunk]``
+    (``part``: (4, N, num_chunks) fp32). :func:`combine_partials` finishes the rows once every chunk is in."""
+    N, Ck = z.shape
+    if col_base % 8:
+        raise ValueError(f"col_base must be a multiple of 8 (8 noise columns per Philox call), got {col_base}")
+    if N == 0 or Ck == 0:
+        return
+    dev = z.device
+    cfg = pick_tiles(N, Ck, dev)
+    block_n = cfg.block_n
+    prior, cloud, margin, weight = _class_ptrs(args, dev)
+    d = _dummy(dev)
+    row_loss_forward[(_cdiv(N, cfg.block_m), 1)](
+        z, z.stride(0), z.stride(1), y, prior, cloud, margin, weight, d, d, d, d, d, part, d, z, 0, 0,
+        N, num_classes, Ck, col_base, col_base + Ck, chunk, part.shape[2], args.ignore_index, args.tau,
+        args.noise_mul, args.margin_value, args.scale, args.gamma, args.label_smoothing, args.seed,
+        args.noise_row_offset, HAS_FOCAL=args.gamma != 0.0, MEAN=False, SPLIT=True, SINGLE_TILE=Ck <= block_n,
+        GRAD_IN_FWD=False, COLUMN_STATS=False, BLOCK_M=cfg.block_m, BLOCK_N=block_n, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **_common_flags(args))
+
+
+def combine_partials(part: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, num_classes: int, *,
+                     inv_denominator: torch.Tensor | None = None):
+    """``(loss_rows, lse, factor)`` (fp32) from the (4, N, num_chunks) partials of :func:`chunk_partials`,
+    as :func:`forward` returns them (``inv_denominator`` as there)."""
+    N = part.shape[1]
+    dev = part.device
+    mean = args.reduction == "mean"
+    inv_denom = (inv_denominator if inv_denominator is not None else inv_denominator_of(y, args)) if mean \
+        else _dummy(dev)
+    loss = torch.empty(N, dtype=torch.float32, device=dev)
+    lse = torch.empty((2, N), dtype=torch.float32, device=dev)
+    factor = torch.empty(N, dtype=torch.float32, device=dev)
+    if N == 0:
+        return loss, lse, factor
+    _, _, margin, weight = _class_ptrs(args, dev)
+    num_chunks = part.shape[2]
+    block_s = max(2, _next_pow2(num_chunks))
+    block_m = max(1, min(64, 4096 // block_s))
+    row_loss_combine[(_cdiv(N, block_m),)](
+        part, y, margin, weight, weight_sum(args, dev), inv_denom, loss, lse, factor, N, num_classes, num_chunks,
+        args.ignore_index, args.gamma, args.label_smoothing,
+        HAS_WEIGHT=args.weight is not None, HAS_SMOOTH=args.label_smoothing > 0.0,
+        HAS_FOCAL=args.gamma != 0.0, MEAN=mean, BLOCK_M=block_m, BLOCK_S=block_s)
+    return loss, lse, factor
 
 
 def scale_by(grad_tensor: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:

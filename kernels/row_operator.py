@@ -48,15 +48,17 @@ def _row_info(y_ptr, margin_ptr, weight_ptr, rows, N, C, ignore_index, margin_va
 
 
 @triton.jit
-def _adjusted_tile(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_start, y, m,
-                   C, tau, noise_mul, scale, seed, noise_row0,
+def _adjusted_tile(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_start, col_base, y, m,
+                   col_hi, tau, noise_mul, scale, seed, noise_row0,
                    HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Load a tile of z and return (z fp32, a fp32 with -inf outside the matrix, cols, mask)."""
+    """Load a tile of z and return (z fp32, a fp32 with -inf outside the matrix, cols, mask). ``cols`` are
+    global class indices, masked at ``col_hi`` (the end of this program's columns); z holds the classes from
+    ``col_base`` on (0 unless the caller passes a class chunk)."""
     cols = col_start + tl.arange(0, BLOCK_N)
-    col_mask = cols < C
+    col_mask = cols < col_hi
     mask = row_mask[:, None] & col_mask[None, :]
-    offs = rows.to(tl.int64)[:, None] * stride_zm + cols.to(tl.int64)[None, :] * stride_zn
+    offs = rows.to(tl.int64)[:, None] * stride_zm + (cols - col_base).to(tl.int64)[None, :] * stride_zn
     z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     a = z
     if HAS_PRIOR:
@@ -121,8 +123,8 @@ def _grad_tile(a, z, row_max, log_sum, y, cols, col_mask, mask, coef, w_y, weigh
 
 
 @triton.jit
-def _store_grad(grad_ptr, stride_gm, stride_gn, rows, cols, mask, g):
-    offs = rows.to(tl.int64)[:, None] * stride_gm + cols.to(tl.int64)[None, :] * stride_gn
+def _store_grad(grad_ptr, stride_gm, stride_gn, rows, cols, col_base, mask, g):
+    offs = rows.to(tl.int64)[:, None] * stride_gm + (cols - col_base).to(tl.int64)[None, :] * stride_gn
     tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
@@ -130,7 +132,8 @@ def _store_grad(grad_ptr, stride_gm, stride_gn, rows, cols, mask, g):
 def row_loss_forward(
     z_ptr, stride_zm, stride_zn, y_ptr, prior_ptr, cloud_ptr, margin_ptr, weight_ptr, wsum_ptr, inv_denom_ptr,
     loss_ptr, lse_ptr, factor_ptr, part_ptr, colstat_ptr, grad_ptr, stride_gm, stride_gn,
-    N, C, cols_per_split, ignore_index, tau, noise_mul, margin_value, scale, gamma, label_smoothing, seed, noise_row0,
+    N, C, cols_per_split, col_base, col_end, split_base, total_splits,
+    ignore_index, tau, noise_mul, margin_value, scale, gamma, label_smoothing, seed, noise_row0,
     HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, HAS_FOCAL: tl.constexpr, MEAN: tl.constexpr, SPLIT: tl.constexpr,
     SINGLE_TILE: tl.constexpr, GRAD_IN_FWD: tl.constexpr, COLUMN_STATS: tl.constexpr,
@@ -138,10 +141,13 @@ def row_loss_forward(
 ):
     """Grid (cdiv(N, BLOCK_M), num_splits). Online (max, sum-exp) over this program's columns.
 
-    SPLIT: write partial (max, sumexp, a_y, sum w*a) to ``part_ptr`` (4, N, num_splits) for
-    ``row_loss_combine``; else write loss, lse and the backward factor per row (and the gradient over
-    ``grad_ptr`` when GRAD_IN_FWD). COLUMN_STATS (LADE): per column, over this program's valid rows,
-    write max z, sum exp(z - max), sum of z over rows of that class and that class's row count to
+    Program (i, s) covers global classes ``[col_base + s*cols_per_split, ...)``, capped at ``col_end`` (C, or
+    the end of the class chunk); ``z`` (and the
+    gradient) hold the classes from ``col_base`` on, so a caller may pass one class chunk of the logits.
+    SPLIT: write partial (max, sumexp, a_y, sum w*a) to ``part_ptr`` (4, N, total_splits), slot
+    ``split_base + s``, for ``row_loss_combine``; else write loss, lse and the backward factor per row
+    (and the gradient over ``grad_ptr`` when GRAD_IN_FWD). COLUMN_STATS (LADE): per column, over this
+    program's valid rows, write max z, sum exp(z - max), sum of z over rows of that class and that class's row count to
     ``colstat_ptr`` (4, cdiv(N, BLOCK_M), C).
     """
     pid_m = tl.program_id(0)
@@ -149,20 +155,20 @@ def row_loss_forward(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     y, valid, row_mask, m, w_y = _row_info(y_ptr, margin_ptr, weight_ptr, rows, N, C, ignore_index, margin_value,
                                            MARGIN_MODE, HAS_WEIGHT)
-    col_lo = pid_s * cols_per_split
-    col_hi = tl.minimum(col_lo + cols_per_split, C)
+    col_lo = col_base + pid_s * cols_per_split
+    col_hi = tl.minimum(col_lo + cols_per_split, col_end)
     m_i = tl.full((BLOCK_M,), NEG_BIG, tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     a_y = tl.zeros((BLOCK_M,), tl.float32)
     sw = tl.zeros((BLOCK_M,), tl.float32)
     for col_start in range(col_lo, col_hi, BLOCK_N):
         z, a, cols, col_mask, mask = _adjusted_tile(
-            z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_start, y, m, C, tau,
+            z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_start, col_base, y, m, col_hi, tau,
             noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, BLOCK_M, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(a, 1))
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(a - m_new[:, None]), 1)
         m_i = m_new
-        a_y += tl.sum(tl.where(cols[None, :] == y[:, None], a, 0.0), 1)
+        a_y += tl.sum(tl.where(mask & (cols[None, :] == y[:, None]), a, 0.0), 1)  # mask: chunk ends
         if HAS_SMOOTH:
             if HAS_WEIGHT:
                 w_j = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
@@ -185,9 +191,8 @@ def row_loss_forward(
             tl.store(base + 2 * plane, c_first, mask=col_mask)
             tl.store(base + 3 * plane, c_count, mask=col_mask)
     if SPLIT:
-        n_splits = tl.num_programs(1)
-        offs = rows.to(tl.int64) * n_splits + pid_s
-        plane = tl.cast(N, tl.int64) * n_splits
+        offs = rows.to(tl.int64) * total_splits + (split_base + pid_s)
+        plane = tl.cast(N, tl.int64) * total_splits
         tl.store(part_ptr + offs, m_i, mask=row_mask)
         tl.store(part_ptr + plane + offs, l_i, mask=row_mask)
         tl.store(part_ptr + 2 * plane + offs, a_y, mask=row_mask)
@@ -208,21 +213,22 @@ def row_loss_forward(
             if SINGLE_TILE:
                 # the row fits one tile: reloading it hits L1/L2 (just read); no second HBM pass
                 z, a, cols, col_mask, mask = _adjusted_tile(
-                    z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, 0, y, m, C,
+                    z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_lo, col_base, y, m, col_hi,
                     tau, noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, BLOCK_M, BLOCK_N)
                 g = _grad_tile(a, z, m_i, log_sum, y, cols, col_mask, mask, factor, w_y, weight_ptr, w_sum, scale,
                                label_smoothing, inv_C, valid, loss_ptr, loss_ptr, loss_ptr,
                                HAS_WEIGHT, HAS_SMOOTH, False)
-                _store_grad(grad_ptr, stride_gm, stride_gn, rows, cols, mask, g)
+                _store_grad(grad_ptr, stride_gm, stride_gn, rows, cols, col_base, mask, g)
             else:
                 for col_start in range(col_lo, col_hi, BLOCK_N):
                     z, a, cols, col_mask, mask = _adjusted_tile(
-                        z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_start, y, m, C,
-                        tau, noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, BLOCK_M, BLOCK_N)
+                        z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_start, col_base, y, m,
+                        col_hi, tau, noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, BLOCK_M,
+                        BLOCK_N)
                     g = _grad_tile(a, z, m_i, log_sum, y, cols, col_mask, mask, factor, w_y, weight_ptr, w_sum, scale,
                                    label_smoothing, inv_C, valid, loss_ptr, loss_ptr, loss_ptr,
                                    HAS_WEIGHT, HAS_SMOOTH, False)
-                    _store_grad(grad_ptr, stride_gm, stride_gn, rows, cols, mask, g)
+                    _store_grad(grad_ptr, stride_gm, stride_gn, rows, cols, col_base, mask, g)
 
 
 @triton.jit
@@ -261,13 +267,15 @@ def row_loss_combine(
 def row_loss_grad(
     z_ptr, stride_zm, stride_zn, y_ptr, prior_ptr, cloud_ptr, margin_ptr, weight_ptr, wsum_ptr,
     lse_ptr, factor_ptr, go_ptr, go_stride, col_a_ptr, col_b_ptr, col_lse_ptr, grad_ptr, stride_gm, stride_gn,
-    N, C, cols_per_split, ignore_index, tau, noise_mul, margin_value, scale, label_smoothing, seed, noise_row0,
+    N, C, cols_per_split, col_base, col_end, ignore_index, tau, noise_mul, margin_value, scale, label_smoothing, seed,
+    noise_row0,
     HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, HAS_UPSTREAM: tl.constexpr, COLUMN_TERM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(N, BLOCK_M), num_splits): recompute the tile from the saved fp32 (row max, log sum-exp) and write
-    ``upstream_i * factor_i * d loss_i / d z`` (plus LADE's column term when COLUMN_TERM)."""
+    ``upstream_i * factor_i * d loss_i / d z`` (plus LADE's column term when COLUMN_TERM); classes from
+    ``col_base`` on, as in ``row_loss_forward``."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -280,16 +288,16 @@ def row_loss_grad(
         coef = coef * tl.load(go_ptr + rows.to(tl.int64) * go_stride, mask=row_mask, other=0.0).to(tl.float32)
     w_sum = _weight_sum(wsum_ptr, C, HAS_WEIGHT)
     inv_C = 1.0 / (C * 1.0)
-    col_lo = pid_s * cols_per_split
-    col_hi = tl.minimum(col_lo + cols_per_split, C)
+    col_lo = col_base + pid_s * cols_per_split
+    col_hi = tl.minimum(col_lo + cols_per_split, col_end)
     for col_start in range(col_lo, col_hi, BLOCK_N):
         z, a, cols, col_mask, mask = _adjusted_tile(
-            z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_start, y, m, C, tau,
+            z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_start, col_base, y, m, col_hi, tau,
             noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, BLOCK_M, BLOCK_N)
         g = _grad_tile(a, z, row_max, log_sum, y, cols, col_mask, mask, coef, w_y, weight_ptr, w_sum, scale,
                        label_smoothing, inv_C, valid, col_a_ptr, col_b_ptr, col_lse_ptr,
                        HAS_WEIGHT, HAS_SMOOTH, COLUMN_TERM)
-        _store_grad(grad_ptr, stride_gm, stride_gn, rows, cols, mask, g)
+        _store_grad(grad_ptr, stride_gm, stride_gn, rows, cols, col_base, mask, g)
 
 
 @triton.jit

@@ -1,0 +1,117 @@
+"""The class-chunked path of the fused heads (large C): pass 1 writes per-row partials of each class chunk,
+one combine finishes the rows, pass 2 recomputes each chunk's gradient. Against the float64 oracle, against
+the row-chunked path, and the launcher pieces against the single-launch forward."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import test_heads
+import torch
+from test_heads import DEVICE, _class_vectors, _flags, _inputs, run_and_compare
+
+from fastlt import heads as H
+from fastlt.kernels import launch
+
+FLAGS = ["plain", "la", "ldam", "gcl_focal", "weighted_smooth", "all"]
+
+
+def _fused_with(monkeypatch, **extra) -> None:
+    """Make test_heads.run_and_compare call the fused head with ``extra`` (its oracles do not take them)."""
+    fused = test_heads._fused
+    monkeypatch.setattr(test_heads, "_fused", lambda cosine, *a, **k: fused(cosine, *a, **k, **extra))
+
+
+def _gen(*key) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+@pytest.mark.parametrize("head", ["linear_bias", "cosine"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("flags", FLAGS)
+def test_class_chunks_match_the_oracle(flags, reduction, dtype, head, monkeypatch):
+    gen = _gen(flags, reduction, str(dtype), head)
+    N, D, C = 6, 8, 37  # chunks of 8 classes: 5 chunks, the last one partial, tiles wider than a chunk
+    cosine = head == "cosine"
+    f, w, b, y = _inputs(N, D, C, gen, cosine=cosine, bias=head == "linear_bias")
+    kw = _flags(flags, _class_vectors(C, gen), seed=11)
+    _fused_with(monkeypatch, chunk_classes=8)
+    run_and_compare(f, w, b, y, dtype, kw, cosine=cosine, reduction=reduction)
+
+
+@pytest.mark.parametrize("N,D,C,cols", [(1, 3, 1, 8), (3, 5, 7, 8), (4, 6, 40, 16), (5, 4, 300, 128)])
+def test_class_chunks_odd_sizes(N, D, C, cols, monkeypatch):
+    gen = _gen(N, D, C, cols)
+    f, w, b, y = _inputs(N, D, C, gen)
+    kw = _flags("all", _class_vectors(C, gen), seed=3)
+    _fused_with(monkeypatch, chunk_classes=cols)
+    run_and_compare(f, w, b, y, torch.float32, kw)
+
+
+def test_class_chunks_equal_row_chunks():
+    gen = _gen("equal")
+    N, D, C = 7, 8, 45
+    f, w, b, y = _inputs(N, D, C, gen)
+    kw = _flags("all", _class_vectors(C, gen), seed=5)
+    kw = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    results = []
+    for extra in (dict(chunk_rows=3), dict(chunk_classes=8), dict(chunk_classes=24), dict(chunk_classes=64)):
+        leaves = [t.float().to(DEVICE).requires_grad_() for t in (f, w, b)]
+        loss = H.linear_cross_entropy(*leaves[:2], y.to(DEVICE), leaves[2], backend="triton", **kw, **extra)
+        loss.backward()
+        results.append([loss.detach()] + [t.grad for t in leaves])
+    for other in results[1:]:
+        for a, r in zip(other, results[0], strict=True):
+            torch.testing.assert_close(a, r, rtol=2e-5, atol=2e-6)
+
+
+def test_chunk_partials_and_combine_equal_the_single_launch_forward():
+    gen = _gen("launch")
+    N, C = 7, 37
+    cv = _class_vectors(C, gen)
+    z = torch.randn(N, C, generator=gen).to(DEVICE)
+    y = torch.randint(0, C, (N,), generator=gen).to(DEVICE)
+    y[3] = -100
+    f32 = {k: v.float().to(DEVICE) for k, v in cv.items()}
+    args = launch.RowOperatorArgs(prior=f32["log_prior"], cloud=f32["cloud"], margin=f32["margins"],
+                                  weight=f32["weight"], tau=0.7, noise_mul=0.8, scale=3.0, gamma=1.5,
+                                  label_smoothing=0.1, seed=5)
+    loss, lse, factor, _ = launch.forward(z, y, args)
+    full_grad = launch.grad(z, y, args, lse, factor, None)
+    bounds = [0, 8, 16, 24, 32, 37]
+    part = torch.empty((4, N, len(bounds) - 1), device=DEVICE)
+    for k, (c0, c1) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        launch.chunk_partials(z[:, c0:c1].contiguous(), y, args, part, k, col_base=c0, num_classes=C)
+    loss2, lse2, factor2 = launch.combine_partials(part, y, args, C)
+    torch.testing.assert_close(loss2, loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse2[0] + lse2[1], lse[0] + lse[1], rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(factor2, factor)
+    grad = torch.cat([launch.grad(z[:, c0:c1].contiguous(), y, args, lse2, factor2, None, col_base=c0, num_classes=C)
+                      for c0, c1 in zip(bounds[:-1], bounds[1:], strict=True)], 1)
+    torch.testing.assert_close(grad, full_grad, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="col_base"):
+        launch.chunk_partials(z[:, 4:12].contiguous(), y, args, part, 0, col_base=4, num_classes=C)
+
+
+def test_chunk_classes_validation():
+    f = torch.randn(3, 4, device=DEVICE)
+    w = torch.randn(5, 4, device=DEVICE)
+    y = torch.tensor([0, 1, 2], device=DEVICE)
+    for bad in (0, 12, True, 8.0):
+        with pytest.raises(ValueError, match="chunk_classes"):
+            H.linear_cross_entropy(f, w, y, backend="triton", chunk_classes=bad)
+    with pytest.raises(ValueError, match="not both"):
+        H.cosine_cross_entropy(f, w, y, backend="triton", chunk_classes=8, chunk_rows=2)
+
+
+def test_the_path_choice_by_count():
+    bf16 = torch.bfloat16
+    # the benchmark shapes: 1M classes row-chunk into 8 x 128 rows (7 fp32 dW re-reads of 4 GB): class chunks;
+    # 131072 classes x 4096 rows: 4 row chunks cost less than one more logits matmul; 8142 classes: one chunk
+    assert H._prefer_class_chunks(1024, 1024, 1_000_000, H.default_chunk_rows(1_000_000, bf16))
+    assert not H._prefer_class_chunks(4096, 1024, 131072, H.default_chunk_rows(131072, bf16))
+    assert not H._prefer_class_chunks(4096, 2048, 8142, H.default_chunk_rows(8142, bf16))
+    assert H.default_chunk_classes(1024, bf16) == (256 << 20) // 2048 // 128 * 128
+    assert H.default_chunk_classes(10**9, bf16) == 128
