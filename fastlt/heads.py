@@ -57,7 +57,7 @@ matmul time for ``D`` in the hundreds or more. Memory stays independent of ``N *
 i.e. O(N*D + C*D + R*C). The cosine head adds the normalised copies ``F_hat`` (N, D) and ``W_hat``
 (C, D) in the input dtype and the (N + C) fp32 inverse norms; the norms are computed once, in fp32,
 and the gradient flows through the normalisation (``(g - y <g, y>) / |x|`` per row, recomputed from
-the saved input and inverse norm; fp32 temporaries bounded by a row block).
+the saved input and inverse norm), each direction one Triton pass (:mod:`fastlt.kernels.row_normalize`).
 
 bf16/fp16 features and weights: the matmuls accumulate in fp32 (cuBLAS), the row statistics and
 losses are fp32, gradients are stored in the input dtype (as every fastlt kernel does).
@@ -90,7 +90,6 @@ __all__ = [
 ]
 
 CHUNK_BYTES = 256 << 20  # target size of one (rows, C) logits chunk
-_NORM_BLOCK_BYTES = 64 << 20  # fp32 temporaries of the cosine normalisation, per row block
 _HEAD_LOSSES = ("ce", "la", "balanced_softmax", "ldam", "lade")
 
 
@@ -396,11 +395,12 @@ def _class_pass(x, w, b, y, params: _HeadParams, *, need_x: bool, need_w: bool, 
     return loss.to(x.dtype), dx, dw, db, [lse], [factor]
 
 
-def _class_grads(x, w, b, y, params: _HeadParams, lse, factor, grad_output, *, need_x: bool, need_w: bool,
-                 need_b: bool):
+def _class_grads(x, w, b, y, params, lse, factor, grad_output, *, need_x: bool, need_w: bool, need_b: bool,
+                 column_term=None):
     """Pass 2 over the class chunks: recompute ``Z_k``, write ``dZ_k`` over it (times ``grad_output`` when
     given), ``dW_k = dZ_k^T F`` and ``db_k`` straight into their rows (no accumulator), ``dF += dZ_k W_k``
-    (an (N, D) fp32 accumulator when there is more than one chunk and the dtype is half precision)."""
+    (an (N, D) fp32 accumulator when there is more than one chunk and the dtype is half precision).
+    ``column_term``: LADE's (C,) column vectors, see :func:`fastlt.kernels.launch.grad`."""
     from .kernels import launch
 
     args = params.args
@@ -419,7 +419,8 @@ def _class_grads(x, w, b, y, params: _HeadParams, lse, factor, grad_output, *, n
     db = torch.empty(C, dtype=x.dtype, device=x.device) if need_b else None
     for k, (c0, c1) in enumerate(chunks):
         z = _class_logits(flat, x, w, b, c0, c1)
-        launch.grad(z, y, args, lse, factor, grad_output, out=z, col_base=c0, num_classes=C)
+        launch.grad(z, y, args, lse, factor, grad_output, column_term=column_term, out=z, col_base=c0,
+                    num_classes=C)
         if dx is not None:
             if single:
                 torch.mm(z, w[c0:c1], out=dx)
@@ -499,34 +500,25 @@ class FusedLinearLoss(torch.autograd.Function):
 
 
 class _RowNormalize(torch.autograd.Function):
-    """``y = x / max(|x_i|, eps)`` per row: norms once in fp32, output in x's dtype. Saves only x and the (R,)
-    fp32 inverse norms; backward ``dx = (g - [|x| > eps] y <g, y>) / max(|x|, eps)`` in fp32, by row blocks."""
+    """``y = x / max(|x_i|, eps)`` per row, by the kernels of :mod:`fastlt.kernels.row_normalize`: norms once in
+    fp32, output in x's dtype, one read and one write of the matrix per direction. Saves only x and the (R,)
+    fp32 inverse norms; backward ``dx = (g - [|x| > eps] y <g, y>) / max(|x|, eps)``, y recomputed in fp32."""
 
     @staticmethod
     def forward(ctx, x, eps: float):
-        norm = torch.linalg.vector_norm(x, dim=1, dtype=torch.float32)
-        inv = norm.clamp_min(eps).reciprocal()
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
-        for r0, r1 in _chunks(x.shape[0], _norm_block(x)):
-            out[r0:r1] = x[r0:r1].to(torch.float32) * inv[r0:r1, None]
-        ctx.save_for_backward(x, inv, norm > eps)
-        return out
+        from .kernels.row_normalize import normalize_rows
+
+        y, inv = normalize_rows(x, eps)
+        ctx.save_for_backward(x, inv)
+        ctx.eps = eps
+        return y
 
     @staticmethod
     def backward(ctx, g):
-        x, inv, unclamped = ctx.saved_tensors
-        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-        for r0, r1 in _chunks(x.shape[0], _norm_block(x)):
-            i = inv[r0:r1, None]
-            y = x[r0:r1].to(torch.float32) * i
-            gc = g[r0:r1].to(torch.float32)
-            dot = (gc * y).sum(1, keepdim=True) * unclamped[r0:r1, None]
-            dx[r0:r1] = (gc - y * dot) * i
-        return dx, None
+        from .kernels.row_normalize import normalize_rows_backward
 
-
-def _norm_block(x: torch.Tensor) -> int:
-    return max(1, _NORM_BLOCK_BYTES // (4 * max(x.shape[1], 1)))
+        x, inv = ctx.saved_tensors
+        return normalize_rows_backward(x, inv, g, ctx.eps), None
 
 
 def _kernel_args(features, *, prior, tau, margin, scale, cloud, noise_mul, seed, gamma, weight_classes,

@@ -13,6 +13,11 @@ passes over the row chunks of :mod:`fastlt.heads`:
 
 That is ``8 N D C`` FLOPs (one more logits matmul than the CE heads) and memory
 O(N*D + C*D + chunk*C). The backward only rescales the saved gradients by grad_output.
+
+When the rows take more than one chunk (or ``chunk_classes=`` is given) the classes are chunked instead
+(:func:`_lade_class_pass`): each class chunk sees every row, so its column statistics are complete at
+once; the same ``8 N D C`` FLOPs, but ``dW`` is written per class chunk with no fp32 accumulator, and
+the column partials take (4, N/64, C) fp32.
 """
 
 from __future__ import annotations
@@ -29,10 +34,15 @@ from .heads import (
     FusedLinearLoss,
     _acc_mm,
     _autocast_inputs,
+    _check_chunk_classes,
     _check_chunk_rows,
     _check_head,
     _chunk_logits,
     _chunks,
+    _class_chunks,
+    _class_grads,
+    _class_logits,
+    default_chunk_classes,
     default_chunk_rows,
 )
 
@@ -56,6 +66,7 @@ class _LADEHeadParams:
     alpha: float
     remine_lambda: float
     chunk_rows: int
+    chunk_classes: int | None = None  # set: the class-chunked passes (_lade_class_pass)
 
 
 def _lade_pass(x, w, b, y, params: _LADEHeadParams, *, need_x: bool, need_w: bool, need_b: bool):
@@ -63,6 +74,8 @@ def _lade_pass(x, w, b, y, params: _LADEHeadParams, *, need_x: bool, need_w: boo
     from .kernels import lade as lade_kernels
     from .kernels import launch
 
+    if params.chunk_classes is not None:
+        return _lade_class_pass(x, w, b, y, params, need_x=need_x, need_w=need_w, need_b=need_b)
     args = params.args
     N, D = x.shape
     C = w.shape[0]
@@ -116,6 +129,42 @@ def _lade_pass(x, w, b, y, params: _LADEHeadParams, *, need_x: bool, need_w: boo
     return loss, dx, dw, db
 
 
+def _lade_class_pass(x, w, b, y, params: _LADEHeadParams, *, need_x: bool, need_w: bool, need_b: bool):
+    """Class-chunked LADE: every class chunk sees all rows, so its column statistics are complete at once.
+    Pass 1 per chunk: ``Z_k``, the rows' partials and the chunk's column partials; then the rows are
+    combined and LADER finished; pass 2 (:func:`fastlt.heads._class_grads` with LADER's column term)
+    writes ``dW_k`` per chunk with no fp32 accumulator."""
+    from .kernels import lade as lade_kernels
+    from .kernels import launch
+
+    args = params.args
+    N = x.shape[0]
+    C = w.shape[0]
+    chunks = _class_chunks(C, params.chunk_classes)
+    flat = torch.empty(N * min(params.chunk_classes, C), dtype=x.dtype, device=x.device)
+    part = torch.empty((4, N, len(chunks)), dtype=torch.float32, device=x.device)
+    colstats = torch.empty((4, launch.column_stat_blocks(N), C), dtype=torch.float32, device=x.device)
+    inv = launch.inv_denominator_of(y, args) if args.reduction == "mean" else None
+    for k, (c0, c1) in enumerate(chunks):
+        z = _class_logits(flat, x, w, b, c0, c1)
+        launch.chunk_partials(z, y, args, part, k, col_base=c0, num_classes=C, colstats=colstats)
+    del flat
+    loss_rows, lse, factor = launch.combine_partials(part, y, args, C, inv_denominator=inv)
+    n_valid = (y != args.ignore_index).sum().to(torch.float32)
+    if N == 0:
+        lader = torch.zeros((), device=x.device)
+    else:
+        lader, col_a, col_b, col_lse = lade_kernels.finish(lade_kernels.merge_partials(colstats), params.pi,
+                                                           n_valid, params.remine_lambda)
+    prior_ce = loss_rows.sum() * inv[0] if args.reduction == "mean" else loss_rows.sum()
+    loss = (prior_ce + params.alpha * lader).to(x.dtype)
+    dx = dw = db = None
+    if (need_x or need_w or need_b) and N > 0:
+        dx, dw, db = _class_grads(x, w, b, y, params, lse, factor, None, need_x=need_x, need_w=need_w,
+                                  need_b=need_b, column_term=(params.alpha * col_a, params.alpha * col_b, col_lse))
+    return loss, dx, dw, db
+
+
 class FusedLinearLADE(FusedLinearLoss):
     """``apply(features, weight, bias, target, params)`` -> LADE loss; gradients computed in the forward (the
     backward of :class:`fastlt.heads.FusedLinearLoss` rescales them by grad_output, once)."""
@@ -134,15 +183,16 @@ class FusedLinearLADE(FusedLinearLoss):
 
 def lade_linear_loss(features, weight, target, prior, bias=None, *, alpha=0.1, remine_lambda=0.1,
                      weight_classes=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, backend="auto",
-                     chunk_rows=None) -> torch.Tensor:
+                     chunk_rows=None, chunk_classes=None) -> torch.Tensor:
     """LADE (Hong et al., CVPR 2021) on ``z = features @ weight^T + bias`` without the (N, C) logits.
 
     ``features`` (N, D), ``weight`` (C, D), ``bias`` (C,) or None, one float dtype; ``target`` (N,) ints;
     ``prior`` (C,) training prior pi (probabilities). ``alpha``, ``remine_lambda``, ``weight_classes``,
     ``ignore_index``, ``reduction`` ('mean' | 'sum'), ``label_smoothing`` as :func:`fastlt.functional.lade_loss`.
-    ``backend``/``chunk_rows`` as :func:`fastlt.heads.linear_cross_entropy`. Returns the loss in the features'
-    dtype."""
+    ``backend``/``chunk_rows``/``chunk_classes`` as :func:`fastlt.heads.linear_cross_entropy` (class chunks by
+    default whenever the rows would take more than one chunk). Returns the loss in the features' dtype."""
     _check_chunk_rows(chunk_rows)
+    _check_chunk_classes(chunk_classes, chunk_rows)
     if not use_triton(backend, features):
         return reference_lade_linear_loss(features, weight, target, prior, bias, alpha=alpha,
                                           remine_lambda=remine_lambda, weight_classes=weight_classes,
@@ -167,8 +217,11 @@ def lade_linear_loss(features, weight, target, prior, bias=None, *, alpha=0.1, r
                            ignore_index=int(ignore_index), reduction=reduction)
     N, C = features.shape[0], weight.shape[0]
     rows = chunk_rows if chunk_rows is not None else default_chunk_rows(C, features.dtype)
+    if chunk_classes is None and chunk_rows is None and rows < N:
+        # LADE costs 8 N D C FLOPs either way; class chunks save the fp32 dW accumulator of row chunks
+        chunk_classes = default_chunk_classes(N, features.dtype)
     params = _LADEHeadParams(args=args, pi=pi, alpha=float(alpha), remine_lambda=float(remine_lambda),
-                             chunk_rows=max(1, min(rows, max(N, 1))))
+                             chunk_rows=max(1, min(rows, max(N, 1))), chunk_classes=chunk_classes)
 
     def run():
         x = features if features.stride(-1) == 1 else features.contiguous()

@@ -231,27 +231,41 @@ def grad(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, lse: torch.Ten
 
 
 def chunk_partials(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, part: torch.Tensor, chunk: int, *,
-                   col_base: int, num_classes: int) -> None:
+                   col_base: int, num_classes: int, colstats: torch.Tensor | None = None) -> None:
     """Row partials of one class chunk: ``z`` (N, Ck) holds classes ``[col_base, col_base + Ck)`` of
     ``num_classes``; writes (max, sum-exp, a_y, sum w*a) of those classes to ``part[:, :, chunk]``
-    (``part``: (4, N, num_chunks) fp32). :func:`combine_partials` finishes the rows once every chunk is in."""
+    (``part``: (4, N, num_chunks) fp32). :func:`combine_partials` finishes the rows once every chunk is in.
+    ``colstats`` (LADE): a (4, R, num_classes) fp32 buffer, ``R = column_stat_blocks(N)``, that receives this
+    chunk's column partials in its columns ``[col_base, col_base + Ck)`` (as :func:`forward` fills them for the
+    whole matrix)."""
     N, Ck = z.shape
     if col_base % 8:
         raise ValueError(f"col_base must be a multiple of 8 (8 noise columns per Philox call), got {col_base}")
+    dev = z.device
+    column_stats = colstats is not None
+    cfg = pick_tiles(N, Ck, dev, column_stats=column_stats)
+    row_blocks = _cdiv(N, cfg.block_m)
+    if column_stats and tuple(colstats.shape) != (4, column_stat_blocks(N), num_classes):
+        raise ValueError(f"colstats must have shape (4, {column_stat_blocks(N)}, {num_classes}), "
+                         f"got {tuple(colstats.shape)}")
     if N == 0 or Ck == 0:
         return
-    dev = z.device
-    cfg = pick_tiles(N, Ck, dev)
     block_n = cfg.block_n
     prior, cloud, margin, weight = _class_ptrs(args, dev)
     d = _dummy(dev)
-    row_loss_forward[(_cdiv(N, cfg.block_m), 1)](
-        z, z.stride(0), z.stride(1), y, prior, cloud, margin, weight, d, d, d, d, d, part, d, z, 0, 0,
+    row_loss_forward[(row_blocks, 1)](
+        z, z.stride(0), z.stride(1), y, prior, cloud, margin, weight, d, d, d, d, d, part,
+        colstats if column_stats else d, z, 0, 0,
         N, num_classes, Ck, col_base, col_base + Ck, chunk, part.shape[2], args.ignore_index, args.tau,
         args.noise_mul, args.margin_value, args.scale, args.gamma, args.label_smoothing, args.seed,
         args.noise_row_offset, HAS_FOCAL=args.gamma != 0.0, MEAN=False, SPLIT=True, SINGLE_TILE=Ck <= block_n,
-        GRAD_IN_FWD=False, COLUMN_STATS=False, BLOCK_M=cfg.block_m, BLOCK_N=block_n, num_warps=cfg.num_warps,
+        GRAD_IN_FWD=False, COLUMN_STATS=column_stats, BLOCK_M=cfg.block_m, BLOCK_N=block_n, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **_common_flags(args))
+
+
+def column_stat_blocks(N: int) -> int:
+    """Row blocks of the LADE column partials for N rows (what :func:`forward` and :func:`chunk_partials` use)."""
+    return _cdiv(N, pick_tiles(max(N, 1), 1, torch.device("cpu"), column_stats=True).block_m)
 
 
 def combine_partials(part: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, num_classes: int, *,

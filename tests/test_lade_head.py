@@ -30,13 +30,14 @@ def _grads(fn, tensors, scale):
     return loss.detach(), [t.grad if t is not None else None for t in leaves]
 
 
-def _check(N, D, C, dtype, *, bias=True, chunk_rows=None, grad_scale=1.0, ignore_rows=(), **kw):
+def _check(N, D, C, dtype, *, bias=True, chunk_rows=None, chunk_classes=None, grad_scale=1.0, ignore_rows=(), **kw):
     x, w, b, y, pi = _inputs(N, D, C, dtype, bias=bias)
     for r in ignore_rows:
         y[r] = -100
 
     def fused(x, w, b):
-        return lade_linear_loss(x, w, y, pi, b, backend="triton", chunk_rows=chunk_rows, **kw)
+        return lade_linear_loss(x, w, y, pi, b, backend="triton", chunk_rows=chunk_rows, chunk_classes=chunk_classes,
+                                **kw)
 
     def ref(x, w, b, dt=None):
         cast = (lambda t: None if t is None else t.to(dt)) if dt else (lambda t: t)
@@ -60,6 +61,29 @@ def _check(N, D, C, dtype, *, bias=True, chunk_rows=None, grad_scale=1.0, ignore
 @pytest.mark.parametrize("chunk_rows", [None, 4])
 def test_lade_head_matches_reference(dtype, reduction, chunk_rows):
     _check(11, 8, 13, dtype, chunk_rows=chunk_rows, reduction=reduction, grad_scale=2.5, ignore_rows=(2,))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_lade_head_class_chunks_match_reference(dtype, reduction):
+    _check(11, 8, 21, dtype, chunk_classes=8, reduction=reduction, grad_scale=2.5, ignore_rows=(2,))
+
+
+@pytest.mark.parametrize("N,C,cols", [(1, 1, 8), (5, 7, 8), (9, 300, 128)])
+def test_lade_head_class_chunks_odd_sizes_weights_smoothing(N, C, cols):
+    wc = torch.rand(C, generator=torch.Generator().manual_seed(C)).add(0.5).to(DEVICE)
+    _check(N, 5, C, torch.float32, chunk_classes=cols, weight_classes=wc, label_smoothing=0.1, alpha=0.3)
+
+
+def test_lade_head_class_and_row_chunks_agree():
+    x, w, b, y, pi = _inputs(13, 8, 37, torch.float32)
+    y[4] = -100
+    outs = [_grads(lambda x, w, b, e=e: lade_linear_loss(x, w, y, pi, b, backend="triton", **e), (x, w, b), 1.0)
+            for e in (dict(chunk_rows=4), dict(chunk_classes=8), dict(chunk_classes=32))]
+    for loss, grads in outs[1:]:
+        torch.testing.assert_close(loss, outs[0][0], rtol=1e-5, atol=1e-6)
+        for a, r in zip(grads, outs[0][1], strict=True):
+            torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("N,D,C,chunk_rows", [(1, 4, 1, None), (3, 5, 7, 1), (17, 6, 1000, 5), (9, 1, 3, 2)])
@@ -112,6 +136,8 @@ def test_lade_head_rejects_bad_input():
         lade_linear_loss(x.double(), w.double(), y, pi, None, backend="triton")
     with pytest.raises(ValueError, match="chunk_rows"):
         lade_linear_loss(x, w, y, pi, b, backend="triton", chunk_rows=0)
+    with pytest.raises(ValueError, match="chunk_classes"):
+        lade_linear_loss(x, w, y, pi, b, backend="triton", chunk_classes=12)
     with pytest.raises(ValueError, match="alpha"):
         lade_linear_loss(x, w, y, pi, b, backend="triton", alpha=float("nan"))
 

@@ -1,0 +1,97 @@
+"""Row L2 normalisation for the cosine heads, forward and backward, one read and one write of the matrix each.
+
+Forward: ``y_i = x_i / max(|x_i|, eps)`` for (R, D) ``x`` (fp32/bf16/fp16, unit column stride), norms in fp32,
+``y`` in ``x``'s dtype, plus the (R,) fp32 inverse norms. Backward:
+``dx_i = (g_i - [|x_i| > eps] * y_i <g_i, y_i>) / max(|x_i|, eps)`` with ``y_i`` recomputed from ``x_i`` (fp32).
+A row is read twice (the second time from L2: a program holds at most ``BLOCK_R * D`` elements in flight).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _normalize_fwd(x_ptr, stride_x, y_ptr, stride_y, inv_ptr, R, D, eps,
+                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R
+    base_x = rows.to(tl.int64)[:, None] * stride_x
+    ss = tl.zeros((BLOCK_R,), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        mask = row_mask[:, None] & (cols < D)[None, :]
+        x = tl.load(x_ptr + base_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        ss += tl.sum(x * x, 1)
+    inv = 1.0 / tl.maximum(tl.sqrt(ss), eps)
+    tl.store(inv_ptr + rows, inv, mask=row_mask)
+    base_y = rows.to(tl.int64)[:, None] * stride_y
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        mask = row_mask[:, None] & (cols < D)[None, :]
+        x = tl.load(x_ptr + base_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + base_y + cols[None, :], (x * inv[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _normalize_bwd(x_ptr, stride_x, g_ptr, stride_g, dx_ptr, stride_dx, inv_ptr, R, D, eps,
+                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R
+    inv = tl.load(inv_ptr + rows, mask=row_mask, other=0.0)
+    unclamped = (1.0 / inv) > eps  # |x| > eps: the clamp's derivative is 0 below it
+    base_x = rows.to(tl.int64)[:, None] * stride_x
+    base_g = rows.to(tl.int64)[:, None] * stride_g
+    dot = tl.zeros((BLOCK_R,), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        mask = row_mask[:, None] & (cols < D)[None, :]
+        x = tl.load(x_ptr + base_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + base_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dot += tl.sum(g * x, 1)
+    dot = tl.where(unclamped, dot * inv, 0.0)  # <g, y>
+    base_dx = rows.to(tl.int64)[:, None] * stride_dx
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        mask = row_mask[:, None] & (cols < D)[None, :]
+        x = tl.load(x_ptr + base_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + base_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dx = (g - x * inv[:, None] * dot[:, None]) * inv[:, None]
+        tl.store(dx_ptr + base_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _tiles(D: int) -> tuple[int, int]:
+    block_d = min(triton.next_power_of_2(max(D, 1)), 2048)
+    block_r = max(1, min(16, 4096 // block_d))
+    return block_r, block_d
+
+
+def normalize_rows(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, inv)``: (R, D) ``x / max(|x|, eps)`` in x's dtype and the (R,) fp32 inverse norms."""
+    R, D = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    y = torch.empty((R, D), dtype=x.dtype, device=x.device)
+    inv = torch.empty(R, dtype=torch.float32, device=x.device)
+    if R:
+        block_r, block_d = _tiles(D)
+        _normalize_fwd[(triton.cdiv(R, block_r),)](x, x.stride(0), y, y.stride(0), inv, R, D, float(eps),
+                                                   BLOCK_R=block_r, BLOCK_D=block_d)
+    return y, inv
+
+
+def normalize_rows_backward(x: torch.Tensor, inv: torch.Tensor, grad: torch.Tensor, eps: float) -> torch.Tensor:
+    """d loss / d x of :func:`normalize_rows` for the upstream ``grad`` (R, D); in x's dtype."""
+    R, D = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if grad.stride(1) != 1:
+        grad = grad.contiguous()
+    dx = torch.empty((R, D), dtype=x.dtype, device=x.device)
+    if R:
+        block_r, block_d = _tiles(D)
+        _normalize_bwd[(triton.cdiv(R, block_r),)](x, x.stride(0), grad, grad.stride(0), dx, dx.stride(0), inv, R, D,
+                                                   float(eps), BLOCK_R=block_r, BLOCK_D=block_d)
+    return dx
