@@ -130,8 +130,8 @@ def inv_denominator_of(y: torch.Tensor, args: RowOperatorArgs) -> torch.Tensor:
         safe = torch.where(in_range, y, torch.zeros_like(y)).long()
         denom = (args.weight.to(torch.float32)[safe] * valid).sum()
     else:
-        denom = valid.sum().to(torch.float32)
-    return denom.reciprocal().reshape(1)
+        denom = valid.sum(dtype=torch.float32)
+    return denom.reciprocal_().reshape(1)
 
 
 def _common_flags(args: RowOperatorArgs) -> dict:
