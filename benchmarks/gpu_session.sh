@@ -26,6 +26,7 @@ case "$what" in
     step 150 python3 -m pytest $FIRST -q -p no:cacheprovider -rf
     step 110 python3 -m fastlt bench --heads --out "$OUT" "$@"
     step 130 python3 -m fastlt bench --no-compile --no-official --out "$OUT" "$@"
+    step 120 python3 benchmarks/tune_tiles.py --lade --out "$OUT"
     step 300 python3 -m pytest tests/test_heads.py tests -q -p no:cacheprovider -rf --durations=5 $(printf -- '--ignore=%s ' $FIRST)
     ;;
   tests) step 590 python3 -m pytest tests -q -p no:cacheprovider -rf --durations=5 ;;

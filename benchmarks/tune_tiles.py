@@ -4,11 +4,15 @@
 (recompute mode), the gradient kernel, and the fused forward+gradient (gradient-in-forward), over
 block_n x num_warps x num_stages (x num_splits for short batches), plus GCL's noise cost (the same
 kernels with the cloud on). Kernel times only (CUDA events via do_bench), no autograd.
+
+``--lade``: instead, sweep the LADE forward's column-statistics tiles (block_m x block_n x warps x stages)
+and time forward (row stats + column partials + merge) plus the gradient pass, against the default.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -46,11 +50,59 @@ def time_config(z, y, args, cfg, out):
     return f, b, fused
 
 
+LADE_SHAPES = [(4096, 131072, "fp32"), (4096, 131072, "bf16"), (1024, 1_000_000, "bf16"), (4096, 8142, "fp32")]
+
+
+def _lade_step(lade, z, y, pi, args, out, cfg):
+    _, lse, factor, _, col_a, col_b, col_lse = lade.forward(z, y, pi, 0.1, args, config=cfg)
+    launch.grad(z, y, args, lse, factor, None, column_term=(col_a, col_b, col_lse), out=out)
+
+
+def tune_lade(bw, out_dir):
+    from fastlt.kernels import lade
+    from fastlt.priors import prior
+
+    rows = []
+    for N, C, dname in LADE_SHAPES:
+        dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dname]
+        pi = prior(_counts(C)).cuda()
+        args = launch.RowOperatorArgs(prior=torch.log(pi))
+        z = torch.randn(N, C, device="cuda", dtype=dt)
+        y = torch.randint(0, C, (N,), device="cuda")
+        out = torch.empty_like(z)
+        fl = floor_ms(N, C, dt, bw)
+        results = []
+        configs = [None] + [dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st) for bm, bn, w, st in
+                            itertools.product([16, 32, 64], [256, 512, 1024], [4, 8, 16], [1, 3])]
+        for kw in configs:
+            cfg = launch.pick_tiles(N, C, z.device, column_stats=True, **(kw or {}))
+            try:
+                step = functools.partial(_lade_step, lade, z, y, pi, args, out, cfg)
+                ms = triton.testing.do_bench(step, warmup=5, rep=30, return_mode="median")
+            except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
+                print(f"skip {cfg}: {type(exc).__name__}")
+                continue
+            results.append((ms, cfg, kw is None))
+            rows.append(dict(N=N, C=C, dtype=dname, config=cfg.__dict__, default=kw is None, ms=ms, x_floor=ms / fl))
+        default = [r for r in results if r[2]][0]
+        best = min(results, key=lambda r: r[0])
+        print(f"LADE {N}x{C} {dname} floor {fl:.3f} ms | default {default[0]:.3f} ({default[0] / fl:.2f}x) "
+              f"{default[1]} | best {best[0]:.3f} ({best[0] / fl:.2f}x) {best[1]}")
+        del z, out
+        torch.cuda.empty_cache()
+    with open(os.path.join(out_dir, "tune_lade.json"), "w") as fh:
+        json.dump(rows, fh, indent=1)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=".")
+    p.add_argument("--lade", action="store_true", help="sweep the LADE column-statistics tiles instead")
     a = p.parse_args()
     bw = measure_bandwidth()
+    if a.lade:
+        tune_lade(bw, a.out)
+        return
     rows = []
     for N, C, dname in SHAPES:
         dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dname]
