@@ -61,8 +61,11 @@ def check_operator_args(logits, target, *, prior, tau, cloud, noise_mul, noise, 
             raise ValueError(f"noise must be a tensor of the logits' shape {tuple(logits.shape)}")
         if noise.device != logits.device:
             raise ValueError(f"noise is on {noise.device} but the logits are on {logits.device}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise TypeError(f"seed must be a non-negative int, got {seed!r}")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be a non-negative int, got {type(seed).__name__} {seed!r}")
+        if not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2^63) (a 64-bit Philox key), got {seed}")
 
 
 def _row_losses(a: torch.Tensor, target: torch.Tensor, weight, ignore_index: int, label_smoothing: float,

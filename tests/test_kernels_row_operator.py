@@ -6,6 +6,8 @@ TRITON_INTERPRET=1); with one they run natively on CUDA tensors. Shapes stay sma
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 from oracle import assert_oracle_close
@@ -109,7 +111,7 @@ def _call_kernel(zin, yk, kw, reduction, grad_in_forward, config):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("flags", ["plain", "la", "ldam", "gcl", "gcl_focal", "weighted_smooth", "all"])
 def test_every_flag_dtype_reduction(flags, reduction, dtype):
-    gen = torch.Generator().manual_seed(hash((flags, reduction, str(dtype))) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((flags, reduction, str(dtype))).encode()))  # stable per case
     N, C = 6, 37
     cv = _class_vectors(C, gen)
     z, y = _inputs(N, C, dtype, gen)
