@@ -141,3 +141,20 @@ def check_num_classes(logits: torch.Tensor, num_classes: int, what: str = "class
         raise ValueError(
             f"logits have C = {logits.shape[1]} classes but {what} describes {num_classes} classes"
         )
+
+
+def init_loss_options(module, weight_name: str, weight, num_classes: int, *, ignore_index, reduction,
+                      label_smoothing, backend) -> None:
+    """Validate the options every loss module shares and set them on ``module``: the (C,) class weights as
+    the buffer ``weight_name`` (float32, or None), ``ignore_index``, ``reduction``, ``label_smoothing``,
+    ``backend``."""
+    if weight is not None:
+        check_class_vector(weight_name, torch.as_tensor(weight), num_classes)
+        weight = torch.as_tensor(weight, dtype=torch.float32)
+    module.register_buffer(weight_name, weight)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    module.ignore_index = ignore_index
+    module.reduction = check_choice("reduction", reduction, REDUCTIONS)
+    module.label_smoothing = check_finite_float("label_smoothing", label_smoothing, min_value=0.0, max_value=1.0)
+    module.backend = check_choice("backend", backend, BACKENDS)

@@ -252,6 +252,20 @@ def _chunk_logits(buf: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.
     return out
 
 
+def _row_chunk_grads(dz, xc, w, dx, dw, db, r0: int, r1: int, *, single: bool, first: bool) -> None:
+    """The matmuls of one row chunk's gradient ``dz`` (R, C): ``dx[r0:r1] = dz W``, ``dw (+)= dz^T xc`` (written
+    when there is a single chunk, else accumulated in fp32), ``db += sum_rows dz`` (fp32). None: skipped."""
+    if dx is not None:
+        torch.mm(dz, w, out=dx[r0:r1])
+    if dw is not None:
+        if single:
+            torch.mm(dz.t(), xc, out=dw)
+        else:
+            _acc_mm(dw, dz.t(), xc, first=first)
+    if db is not None:
+        db += dz.sum(0, dtype=torch.float32)
+
+
 def _fused_pass(x, w, b, y, params: _HeadParams, *, need_x: bool, need_w: bool, need_b: bool):
     """One pass over the row chunks. With any ``need_*`` (and reduction != 'none'): gradient in forward,
     returning the gradients for grad_output = 1. Returns ``(loss, dx, dw, db, lse_chunks, factor_chunks)``."""
@@ -288,15 +302,7 @@ def _fused_pass(x, w, b, y, params: _HeadParams, *, need_x: bool, need_w: bool, 
             lse_chunks.append(lse)
             factor_chunks.append(factor)
         if fused:  # z now holds d loss / d z of these rows
-            if dx is not None:
-                torch.mm(z, w, out=dx[r0:r1])
-            if dw is not None:
-                if single:
-                    torch.mm(z.t(), xc, out=dw)
-                else:
-                    _acc_mm(dw, z.t(), xc, first=k == 0)
-            if db is not None:
-                db += z.sum(0, dtype=torch.float32)
+            _row_chunk_grads(z, xc, w, dx, dw, db, r0, r1, single=single, first=k == 0)
     if dw is not None and dw.dtype != x.dtype:
         dw = dw.to(x.dtype)
     if db is not None:
@@ -334,15 +340,7 @@ def _recompute_backward(x, w, b, y, params: _HeadParams, lse_chunks, factor_chun
         z = _chunk_logits(buf, xc, w, b)
         a = dataclasses.replace(args, noise_row_offset=r0)
         launch.grad(z, y[r0:r1], a, lse_chunks[k], factor_chunks[k], go[r0:r1], out=z)
-        if dx is not None:
-            torch.mm(z, w, out=dx[r0:r1])
-        if dw is not None:
-            if single:
-                torch.mm(z.t(), xc, out=dw)
-            else:
-                _acc_mm(dw, z.t(), xc, first=k == 0)
-        if db is not None:
-            db += z.sum(0, dtype=torch.float32)
+        _row_chunk_grads(z, xc, w, dx, dw, db, r0, r1, single=single, first=k == 0)
     if dw is not None and dw.dtype != x.dtype:
         dw = dw.to(x.dtype)
     return dx, dw, (db.to(x.dtype) if db is not None else None)
@@ -662,17 +660,8 @@ class _HeadBase(nn.Module):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         self.in_features, self.num_classes = in_features, num_classes
-        if weight_classes is not None:
-            V.check_class_vector("weight_classes", torch.as_tensor(weight_classes), num_classes)
-            weight_classes = torch.as_tensor(weight_classes, dtype=torch.float32)
-        self.register_buffer("weight_classes", weight_classes)
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-        self.ignore_index = ignore_index
-        self.reduction = V.check_choice("reduction", reduction, V.REDUCTIONS)
-        self.label_smoothing = V.check_finite_float("label_smoothing", label_smoothing, min_value=0.0,
-                                                    max_value=1.0)
-        self.backend = V.check_choice("backend", backend, V.BACKENDS)
+        V.init_loss_options(self, "weight_classes", weight_classes, num_classes, ignore_index=ignore_index,
+                            reduction=reduction, label_smoothing=label_smoothing, backend=backend)
         _check_chunk_rows(chunk_rows)
         self.chunk_rows = chunk_rows
 

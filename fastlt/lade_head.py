@@ -32,7 +32,6 @@ from . import reference as R
 from .functional import use_triton
 from .heads import (
     FusedLinearLoss,
-    _acc_mm,
     _autocast_inputs,
     _check_chunk_classes,
     _check_chunk_rows,
@@ -42,6 +41,7 @@ from .heads import (
     _class_chunks,
     _class_grads,
     _class_logits,
+    _row_chunk_grads,
     default_chunk_classes,
     default_chunk_rows,
 )
@@ -113,15 +113,7 @@ def _lade_pass(x, w, b, y, params: _LADEHeadParams, *, need_x: bool, need_w: boo
         z = _chunk_logits(buf, xc, w, b)
         lse, factor = row_stats[k]
         launch.grad(z, y[r0:r1], args, lse, factor, None, column_term=column_term, out=z)
-        if dx is not None:
-            torch.mm(z, w, out=dx[r0:r1])
-        if dw is not None:
-            if single:
-                torch.mm(z.t(), xc, out=dw)
-            else:
-                _acc_mm(dw, z.t(), xc, first=k == 0)
-        if db is not None:
-            db += z.sum(0, dtype=torch.float32)
+        _row_chunk_grads(z, xc, w, dx, dw, db, r0, r1, single=single, first=k == 0)
     if dw is not None and dw.dtype != x.dtype:
         dw = dw.to(x.dtype)
     if db is not None:

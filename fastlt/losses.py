@@ -30,17 +30,8 @@ class _LongTailLoss(nn.Module):
         self.count_smoothing = count_smoothing
         self._counts64 = counts  # validated, smoothed, float64: the source of every per-class vector
         self.register_buffer("class_counts", counts.to(torch.float32), persistent=False)
-        if weight is not None:
-            V.check_class_vector("weight", torch.as_tensor(weight), self.num_classes)
-            weight = torch.as_tensor(weight, dtype=torch.float32)
-        self.register_buffer("weight", weight)
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-        self.ignore_index = ignore_index
-        self.reduction = V.check_choice("reduction", reduction, V.REDUCTIONS)
-        self.label_smoothing = V.check_finite_float("label_smoothing", label_smoothing, min_value=0.0,
-                                                    max_value=1.0)
-        self.backend = V.check_choice("backend", backend, V.BACKENDS)
+        V.init_loss_options(self, "weight", weight, self.num_classes, ignore_index=ignore_index,
+                            reduction=reduction, label_smoothing=label_smoothing, backend=backend)
 
     def _common(self) -> dict:
         return dict(weight=self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
