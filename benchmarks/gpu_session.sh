@@ -27,6 +27,7 @@ case "$what" in
     step 110 python3 -m fastlt bench --heads --out "$OUT" "$@"
     step 130 python3 -m fastlt bench --no-compile --no-official --out "$OUT" "$@"
     step 120 python3 benchmarks/tune_tiles.py --lade --out "$OUT"
+    step 60 python3 benchmarks/profile_step.py 4096 8142 fp32
     step 300 python3 -m pytest tests/test_heads.py tests -q -p no:cacheprovider -rf --durations=5 $(printf -- '--ignore=%s ' $FIRST)
     ;;
   tests) step 590 python3 -m pytest tests -q -p no:cacheprovider -rf --durations=5 ;;
