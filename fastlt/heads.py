@@ -242,6 +242,19 @@ def _chunks(N: int, rows: int):
     return [(r0, min(N, r0 + rows)) for r0 in range(0, N, rows)]
 
 
+_ROW_ALIGN = 64  # elements: padded rows keep every cuBLAS leading dimension 128-byte aligned (TMA needs 16 B)
+
+
+def _padded(n: int) -> int:
+    return -(-n // _ROW_ALIGN) * _ROW_ALIGN
+
+
+def _logits_buffer(rows: int, C: int, x: torch.Tensor) -> torch.Tensor:
+    """A (rows, C) chunk buffer whose row stride is C rounded up to 64 elements (C = 8142 would leave the
+    matmuls a 4-byte-aligned leading dimension, which keeps cuBLAS off its TMA kernels on Hopper)."""
+    return torch.empty((rows, _padded(C)), dtype=x.dtype, device=x.device)[:, :C]
+
+
 def _chunk_logits(buf: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     n = x.shape[0]
     out = buf[:n]
@@ -280,7 +293,7 @@ def _fused_pass(x, w, b, y, params: _HeadParams, *, need_x: bool, need_w: bool, 
     keep_stats = (need_x or need_w or need_b) and args.reduction == "none"
     inv = launch.inv_denominator_of(y, args) if args.reduction == "mean" else None
     chunks = _chunks(N, params.chunk_rows)
-    buf = torch.empty((min(params.chunk_rows, N), C), dtype=x.dtype, device=x.device) if N else None
+    buf = _logits_buffer(min(params.chunk_rows, N), C, x) if N else None
     loss_rows = torch.empty(N, dtype=torch.float32, device=x.device)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if fused and need_x else None
     single = len(chunks) == 1
@@ -331,7 +344,7 @@ def _recompute_backward(x, w, b, y, params: _HeadParams, lse_chunks, factor_chun
     chunks = _chunks(N, params.chunk_rows)
     single = len(chunks) == 1
     go = grad_output.contiguous()
-    buf = torch.empty((min(params.chunk_rows, N), C), dtype=x.dtype, device=x.device) if N else None
+    buf = _logits_buffer(min(params.chunk_rows, N), C, x) if N else None
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
     dw = torch.zeros((C, D), dtype=x.dtype if single else torch.float32, device=x.device) if need_w else None
     db = torch.zeros(C, dtype=torch.float32, device=x.device) if need_b else None
@@ -351,8 +364,9 @@ def _class_chunks(C: int, cols: int):
 
 
 def _class_logits(flat: torch.Tensor, x, w, b, c0: int, c1: int) -> torch.Tensor:
-    """``x @ w[c0:c1]^T (+ b[c0:c1])`` into a contiguous (N, c1 - c0) view of the flat buffer."""
-    out = flat[: x.shape[0] * (c1 - c0)].view(x.shape[0], c1 - c0)
+    """``x @ w[c0:c1]^T (+ b[c0:c1])`` into an (N, c1 - c0) view of the flat buffer, rows 64-element aligned."""
+    stride = _padded(c1 - c0)
+    out = flat[: x.shape[0] * stride].view(x.shape[0], stride)[:, : c1 - c0]
     if b is None:
         torch.mm(x, w[c0:c1].t(), out=out)
     else:
@@ -372,7 +386,7 @@ def _class_pass(x, w, b, y, params: _HeadParams, *, need_x: bool, need_w: bool, 
     N = x.shape[0]
     C = w.shape[0]
     chunks = _class_chunks(C, params.chunk_classes)
-    flat = torch.empty(N * min(params.chunk_classes, C), dtype=x.dtype, device=x.device)
+    flat = torch.empty(N * _padded(min(params.chunk_classes, C)), dtype=x.dtype, device=x.device)
     part = torch.empty((4, N, len(chunks)), dtype=torch.float32, device=x.device)
     inv = launch.inv_denominator_of(y, args) if args.reduction == "mean" else None
     for k, (c0, c1) in enumerate(chunks):
@@ -406,7 +420,7 @@ def _class_grads(x, w, b, y, params, lse, factor, grad_output, *, need_x: bool, 
     C = w.shape[0]
     chunks = _class_chunks(C, params.chunk_classes)
     single = len(chunks) == 1
-    flat = torch.empty(N * min(params.chunk_classes, C), dtype=x.dtype, device=x.device)
+    flat = torch.empty(N * _padded(min(params.chunk_classes, C)), dtype=x.dtype, device=x.device)
     dx = None
     if need_x:
         dx = torch.empty((N, D), dtype=x.dtype if single or x.dtype == torch.float32 else torch.float32,

@@ -41,6 +41,8 @@ from .heads import (
     _class_chunks,
     _class_grads,
     _class_logits,
+    _logits_buffer,
+    _padded,
     _row_chunk_grads,
     default_chunk_classes,
     default_chunk_rows,
@@ -81,7 +83,7 @@ def _lade_pass(x, w, b, y, params: _LADEHeadParams, *, need_x: bool, need_w: boo
     C = w.shape[0]
     inv = launch.inv_denominator_of(y, args) if args.reduction == "mean" else None
     chunks = _chunks(N, params.chunk_rows)
-    buf = torch.empty((min(params.chunk_rows, N), C), dtype=x.dtype, device=x.device) if N else None
+    buf = _logits_buffer(min(params.chunk_rows, N), C, x) if N else None
     loss_rows = torch.empty(N, dtype=torch.float32, device=x.device)
     row_stats, stats = [], None
     for r0, r1 in chunks:
@@ -133,7 +135,7 @@ def _lade_class_pass(x, w, b, y, params: _LADEHeadParams, *, need_x: bool, need_
     N = x.shape[0]
     C = w.shape[0]
     chunks = _class_chunks(C, params.chunk_classes)
-    flat = torch.empty(N * min(params.chunk_classes, C), dtype=x.dtype, device=x.device)
+    flat = torch.empty(N * _padded(min(params.chunk_classes, C)), dtype=x.dtype, device=x.device)
     part = torch.empty((4, N, len(chunks)), dtype=torch.float32, device=x.device)
     colstats = torch.empty((4, launch.column_stat_blocks(N), C), dtype=torch.float32, device=x.device)
     inv = launch.inv_denominator_of(y, args) if args.reduction == "mean" else None
