@@ -115,3 +115,12 @@ def test_the_path_choice_by_count():
     assert not H._prefer_class_chunks(4096, 2048, 8142, H.default_chunk_rows(8142, bf16))
     assert H.default_chunk_classes(1024, bf16) == (256 << 20) // 2048 // 128 * 128
     assert H.default_chunk_classes(10**9, bf16) == 128
+
+
+def test_chunk_buffers_have_aligned_rows():
+    x = torch.empty(2, 3, dtype=torch.bfloat16)
+    buf = H._logits_buffer(5, 8142, x)
+    assert buf.shape == (5, 8142) and buf.stride() == (8192, 1)  # 16 KiB rows: every cuBLAS ld 128-B aligned
+    flat = torch.empty(4 * H._padded(100))
+    z = H._class_logits(flat, torch.randn(4, 3), torch.randn(300, 3), None, 128, 228)
+    assert z.shape == (4, 100) and z.stride() == (128, 1)
