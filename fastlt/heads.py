@@ -282,6 +282,7 @@ def _row_chunk_grads(dz, xc, w, dx, dw, db, r0: int, r1: int, *, single: bool, f
 def _fused_pass(x, w, b, y, params: _HeadParams, *, need_x: bool, need_w: bool, need_b: bool):
     """One pass over the row chunks. With any ``need_*`` (and reduction != 'none'): gradient in forward,
     returning the gradients for grad_output = 1. Returns ``(loss, dx, dw, db, lse_chunks, factor_chunks)``."""
+    from ._autograd import _reduced
     from .kernels import launch
 
     if params.chunk_classes is not None:
@@ -320,12 +321,7 @@ def _fused_pass(x, w, b, y, params: _HeadParams, *, need_x: bool, need_w: bool, 
         dw = dw.to(x.dtype)
     if db is not None:
         db = db.to(x.dtype)
-    if args.reduction == "none":
-        loss = loss_rows
-    elif args.reduction == "sum":
-        loss = loss_rows.sum()
-    else:
-        loss = loss_rows.sum() * inv[0]  # NaN for an empty batch, as torch
+    loss = _reduced(loss_rows, inv, args.reduction)  # 'mean' of an empty batch is NaN, as torch's
     return loss.to(x.dtype), dx, dw, db, lse_chunks, factor_chunks
 
 
@@ -374,12 +370,12 @@ def _class_logits(flat: torch.Tensor, x, w, b, c0: int, c1: int) -> torch.Tensor
     return out
 
 
-def _class_pass(x, w, b, y, params: _HeadParams, *, need_x: bool, need_w: bool, need_b: bool):
-    """Class-chunked forward (large C): pass 1 over class chunks ``[c0, c1)``: ``Z_k = F W_k^T``, then the
-    row kernel writes each row's partial (max, sum-exp, target logit, smoothing sum) of those classes;
-    one combine launch finishes every row (loss, fp32 LSE, backward factor). With gradients wanted and
-    reduction != 'none', pass 2 (:func:`_class_grads`) follows in the forward. Same return as
-    :func:`_fused_pass` (the row statistics as one-element lists)."""
+def _class_row_stats(x, w, b, y, params, *, colstats: torch.Tensor | None = None):
+    """Pass 1 of the class-chunked path: per class chunk ``[c0, c1)``, ``Z_k = F W_k^T`` and the row kernel's
+    partials of those classes (max, sum-exp, target logit, smoothing sum); one combine launch finishes every
+    row. ``colstats`` (LADE): a (4, R, C) buffer that also receives the column partials. Returns
+    ``(loss_rows, lse, factor, inv)`` as :func:`fastlt.kernels.launch.forward` (``inv``: the 'mean'
+    denominator, else None)."""
     from .kernels import launch
 
     args = params.args
@@ -391,17 +387,22 @@ def _class_pass(x, w, b, y, params: _HeadParams, *, need_x: bool, need_w: bool, 
     inv = launch.inv_denominator_of(y, args) if args.reduction == "mean" else None
     for k, (c0, c1) in enumerate(chunks):
         z = _class_logits(flat, x, w, b, c0, c1)
-        launch.chunk_partials(z, y, args, part, k, col_base=c0, num_classes=C)
+        launch.chunk_partials(z, y, args, part, k, col_base=c0, num_classes=C, colstats=colstats)
     del flat
     loss_rows, lse, factor = launch.combine_partials(part, y, args, C, inv_denominator=inv)
-    if args.reduction == "none":
-        loss = loss_rows
-    elif args.reduction == "sum":
-        loss = loss_rows.sum()
-    else:
-        loss = loss_rows.sum() * inv[0]
+    return loss_rows, lse, factor, inv
+
+
+def _class_pass(x, w, b, y, params: _HeadParams, *, need_x: bool, need_w: bool, need_b: bool):
+    """Class-chunked forward (large C): :func:`_class_row_stats`, then, with gradients wanted and
+    reduction != 'none', pass 2 (:func:`_class_grads`) in the forward. Same return as :func:`_fused_pass`
+    (the row statistics as one-element lists)."""
+    from ._autograd import _reduced
+
+    loss_rows, lse, factor, inv = _class_row_stats(x, w, b, y, params)
+    loss = _reduced(loss_rows, inv, params.args.reduction)
     dx = dw = db = None
-    if (need_x or need_w or need_b) and args.reduction != "none":
+    if (need_x or need_w or need_b) and params.args.reduction != "none":
         dx, dw, db = _class_grads(x, w, b, y, params, lse, factor, None, need_x=need_x, need_w=need_w,
                                   need_b=need_b)
     return loss.to(x.dtype), dx, dw, db, [lse], [factor]

@@ -38,11 +38,9 @@ from .heads import (
     _check_head,
     _chunk_logits,
     _chunks,
-    _class_chunks,
     _class_grads,
-    _class_logits,
+    _class_row_stats,
     _logits_buffer,
-    _padded,
     _row_chunk_grads,
     default_chunk_classes,
     default_chunk_rows,
@@ -93,13 +91,8 @@ def _lade_pass(x, w, b, y, params: _LADEHeadParams, *, need_x: bool, need_w: boo
         row_stats.append((lse, factor))
         part = lade_kernels.merge_partials(colstats)
         stats = part if stats is None else lade_kernels.merge_partials(torch.stack([stats, part], 1))
-    n_valid = (y != args.ignore_index).sum().to(torch.float32)
-    if stats is None:  # empty batch
-        lader = torch.zeros((), device=x.device)
-    else:
-        lader, col_a, col_b, col_lse = lade_kernels.finish(stats, params.pi, n_valid, params.remine_lambda)
-    prior_ce = loss_rows.sum() * inv[0] if args.reduction == "mean" else loss_rows.sum()
-    loss = (prior_ce + params.alpha * lader).to(x.dtype)
+    loss, column_term = _lade_total(loss_rows, inv, stats, y, params)
+    loss = loss.to(x.dtype)
 
     dx = dw = db = None
     if not (need_x or need_w or need_b):
@@ -108,8 +101,6 @@ def _lade_pass(x, w, b, y, params: _LADEHeadParams, *, need_x: bool, need_w: boo
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
     dw = (torch.zeros((C, D), dtype=x.dtype if single else torch.float32, device=x.device) if need_w else None)
     db = torch.zeros(C, dtype=torch.float32, device=x.device) if need_b else None
-    if chunks:
-        column_term = (params.alpha * col_a, params.alpha * col_b, col_lse)
     for k, (r0, r1) in enumerate(chunks):
         xc = x[r0:r1]
         z = _chunk_logits(buf, xc, w, b)
@@ -123,40 +114,38 @@ def _lade_pass(x, w, b, y, params: _LADEHeadParams, *, need_x: bool, need_w: boo
     return loss, dx, dw, db
 
 
+def _lade_total(loss_rows, inv, stats, y, params: _LADEHeadParams):
+    """``PriorCE + alpha * LADER`` (fp32, 0-dim) from the rows' losses and the merged (4, C) column statistics
+    (None for an empty batch), and LADER's column term for the gradient pass (None for an empty batch)."""
+    from ._autograd import _reduced
+    from .kernels import lade as lade_kernels
+
+    args = params.args
+    prior_ce = _reduced(loss_rows, inv, args.reduction)
+    if stats is None:
+        return prior_ce, None
+    n_valid = (y != args.ignore_index).sum().to(torch.float32)
+    lader, col_a, col_b, col_lse = lade_kernels.finish(stats, params.pi, n_valid, params.remine_lambda)
+    return prior_ce + params.alpha * lader, (params.alpha * col_a, params.alpha * col_b, col_lse)
+
+
 def _lade_class_pass(x, w, b, y, params: _LADEHeadParams, *, need_x: bool, need_w: bool, need_b: bool):
     """Class-chunked LADE: every class chunk sees all rows, so its column statistics are complete at once.
-    Pass 1 per chunk: ``Z_k``, the rows' partials and the chunk's column partials; then the rows are
+    Pass 1 (:func:`fastlt.heads._class_row_stats` with a column-statistics buffer); then the rows are
     combined and LADER finished; pass 2 (:func:`fastlt.heads._class_grads` with LADER's column term)
     writes ``dW_k`` per chunk with no fp32 accumulator."""
     from .kernels import lade as lade_kernels
     from .kernels import launch
 
-    args = params.args
     N = x.shape[0]
-    C = w.shape[0]
-    chunks = _class_chunks(C, params.chunk_classes)
-    flat = torch.empty(N * _padded(min(params.chunk_classes, C)), dtype=x.dtype, device=x.device)
-    part = torch.empty((4, N, len(chunks)), dtype=torch.float32, device=x.device)
-    colstats = torch.empty((4, launch.column_stat_blocks(N), C), dtype=torch.float32, device=x.device)
-    inv = launch.inv_denominator_of(y, args) if args.reduction == "mean" else None
-    for k, (c0, c1) in enumerate(chunks):
-        z = _class_logits(flat, x, w, b, c0, c1)
-        launch.chunk_partials(z, y, args, part, k, col_base=c0, num_classes=C, colstats=colstats)
-    del flat
-    loss_rows, lse, factor = launch.combine_partials(part, y, args, C, inv_denominator=inv)
-    n_valid = (y != args.ignore_index).sum().to(torch.float32)
-    if N == 0:
-        lader = torch.zeros((), device=x.device)
-    else:
-        lader, col_a, col_b, col_lse = lade_kernels.finish(lade_kernels.merge_partials(colstats), params.pi,
-                                                           n_valid, params.remine_lambda)
-    prior_ce = loss_rows.sum() * inv[0] if args.reduction == "mean" else loss_rows.sum()
-    loss = (prior_ce + params.alpha * lader).to(x.dtype)
+    colstats = torch.empty((4, launch.column_stat_blocks(N), w.shape[0]), dtype=torch.float32, device=x.device)
+    loss_rows, lse, factor, inv = _class_row_stats(x, w, b, y, params, colstats=colstats)
+    loss, column_term = _lade_total(loss_rows, inv, lade_kernels.merge_partials(colstats) if N else None, y, params)
     dx = dw = db = None
     if (need_x or need_w or need_b) and N > 0:
         dx, dw, db = _class_grads(x, w, b, y, params, lse, factor, None, need_x=need_x, need_w=need_w,
-                                  need_b=need_b, column_term=(params.alpha * col_a, params.alpha * col_b, col_lse))
-    return loss, dx, dw, db
+                                  need_b=need_b, column_term=column_term)
+    return loss.to(x.dtype), dx, dw, db
 
 
 class FusedLinearLADE(FusedLinearLoss):
