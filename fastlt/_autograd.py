@@ -228,26 +228,14 @@ def adjusted_cross_entropy_triton(logits, target, *, prior=None, tau=1.0, cloud=
     check_operator_args(logits, target, prior=prior, tau=tau, cloud=cloud, noise_mul=noise_mul, noise=noise,
                         seed=seed, margin=margin, scale=scale, gamma=gamma, weight=weight,
                         ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
-    if logits.dtype == torch.float64:
-        raise TypeError("the Triton kernels take float32, bfloat16 or float16 logits; use backend='torch' "
-                        "for float64")
-    if noise is not None:
-        raise ValueError("noise= is a reference-path option (backend='torch'); the kernels draw the noise "
-                         "from seed= inside the kernel")
+    check_kernel_input("logits", logits, noise)
     if grad_in_forward:
         if logits.requires_grad and logits.is_leaf:
             raise ValueError("grad_in_forward=True overwrites the logits with their gradient; it cannot be a "
                              "leaf tensor that requires grad (pass the output of a layer)")
-    has_noise = cloud is not None and noise_mul != 0.0
-    if has_noise and seed is None:
-        seed = draw_seed()
-    margin_t = margin if isinstance(margin, torch.Tensor) else None
-    args = RowOperatorArgs(
-        prior=_as_f32(prior), cloud=_as_f32(cloud), margin=_as_f32(margin_t), weight=_as_f32(weight),
-        tau=float(tau), noise_mul=float(noise_mul), margin_value=0.0 if margin is None or margin_t is not None
-        else float(margin), has_margin=margin is not None, scale=float(scale), gamma=float(gamma),
-        label_smoothing=float(label_smoothing), ignore_index=int(ignore_index), seed=int(seed or 0),
-        reduction=reduction)
+    args = operator_args(prior=prior, tau=tau, cloud=cloud, noise_mul=noise_mul, seed=seed, margin=margin,
+                         scale=scale, gamma=gamma, weight=weight, ignore_index=ignore_index, reduction=reduction,
+                         label_smoothing=label_smoothing)
     if torch.compiler.is_compiling():  # an opaque op with registered autograd (recompute backward)
         return row_loss_forward_op(logits, target, *_flat(args))[0].to(logits.dtype)
     return RowOperatorLoss.apply(logits, target, args, bool(grad_in_forward))
@@ -260,13 +248,8 @@ def lade_loss_triton(logits, target, prior, alpha=0.1, remine_lambda=0.1, *, wei
     check_operator_args(logits, target, prior=prior, tau=1.0, cloud=None, noise_mul=0.0, noise=None, seed=None,
                         margin=None, scale=1.0, gamma=0.0, weight=weight, ignore_index=ignore_index,
                         reduction=reduction, label_smoothing=label_smoothing)
-    if logits.dtype == torch.float64:
-        raise TypeError("the Triton kernels take float32, bfloat16 or float16 logits; use backend='torch' "
-                        "for float64")
-    pi = _as_f32(prior)
-    args = RowOperatorArgs(prior=torch.log(pi), weight=_as_f32(weight), tau=1.0,
-                           label_smoothing=float(label_smoothing), ignore_index=int(ignore_index),
-                           reduction=reduction)
+    check_kernel_input("logits", logits)
+    pi, args = lade_operator_args(prior, weight, label_smoothing, ignore_index, reduction)
     if torch.compiler.is_compiling():
         return lade_forward_op(logits, target, args.prior, pi, args.weight, float(alpha), float(remine_lambda),
                                args.label_smoothing, args.ignore_index, _REDUCTIONS.index(reduction))[0].to(
@@ -276,3 +259,37 @@ def lade_loss_triton(logits, target, prior, alpha=0.1, remine_lambda=0.1, *, wei
 
 def _as_f32(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.to(torch.float32).contiguous()
+
+
+def check_kernel_input(name: str, t: Tensor, noise: Tensor | None = None) -> None:
+    """What the Triton path cannot take: float64 input (the reference path can) and explicit noise."""
+    if t.dtype == torch.float64:
+        raise TypeError(f"the Triton kernels take float32, bfloat16 or float16 {name}; use backend='torch' "
+                        "for float64")
+    if noise is not None:
+        raise ValueError("noise= is a reference-path option (backend='torch'); the kernels draw the noise "
+                         "from seed= inside the kernel")
+
+
+def operator_args(*, prior, tau, cloud, noise_mul, seed, margin, scale, gamma, weight, ignore_index, reduction,
+                  label_smoothing) -> RowOperatorArgs:
+    """The kernels' arguments for the SPEC 2.4 operator: class tensors as contiguous fp32, floats as floats,
+    ``margin`` a float or a (C,) tensor, and a seed drawn from torch's generator when the noise is on and
+    none is given."""
+    if cloud is not None and noise_mul != 0.0 and seed is None:
+        seed = draw_seed()
+    margin_t = margin if isinstance(margin, torch.Tensor) else None
+    return RowOperatorArgs(
+        prior=_as_f32(prior), cloud=_as_f32(cloud), margin=_as_f32(margin_t), weight=_as_f32(weight),
+        tau=float(tau), noise_mul=float(noise_mul), margin_value=0.0 if margin is None or margin_t is not None
+        else float(margin), has_margin=margin is not None, scale=float(scale), gamma=float(gamma),
+        label_smoothing=float(label_smoothing), ignore_index=int(ignore_index), seed=int(seed or 0),
+        reduction=reduction)
+
+
+def lade_operator_args(prior, weight, label_smoothing, ignore_index, reduction) -> tuple[Tensor, RowOperatorArgs]:
+    """LADE's ``(pi, args)``: the (C,) fp32 prior and the PriorCE operator (``log pi`` offset, tau = 1)."""
+    pi = _as_f32(prior)
+    return pi, RowOperatorArgs(prior=torch.log(pi), weight=_as_f32(weight), tau=1.0,
+                               label_smoothing=float(label_smoothing), ignore_index=int(ignore_index),
+                               reduction=reduction)

@@ -76,7 +76,6 @@ from torch import nn
 from . import _validation as V
 from . import reference as R
 from .functional import use_triton
-from .noise import draw_seed
 from .priors import gcl_cloud_from, ldam_margins_from, log_prior_from, prior_from
 
 __all__ = [
@@ -534,25 +533,6 @@ class _RowNormalize(torch.autograd.Function):
         return normalize_rows_backward(x, inv, g, ctx.eps), None
 
 
-def _kernel_args(features, *, prior, tau, margin, scale, cloud, noise_mul, seed, gamma, weight_classes,
-                 ignore_index, reduction, label_smoothing):
-    from .kernels.launch import RowOperatorArgs
-
-    def f32(t):
-        return None if t is None else t.to(torch.float32).contiguous()
-
-    if cloud is not None and noise_mul != 0.0 and seed is None:
-        seed = draw_seed()
-    margin_t = margin if isinstance(margin, torch.Tensor) else None
-    return RowOperatorArgs(
-        prior=f32(prior), cloud=f32(cloud), margin=f32(margin_t), weight=f32(weight_classes), tau=float(tau),
-        noise_mul=float(noise_mul),
-        margin_value=0.0 if margin is None or margin_t is not None else float(margin),
-        has_margin=margin is not None, scale=float(scale), gamma=float(gamma),
-        label_smoothing=float(label_smoothing), ignore_index=int(ignore_index), seed=int(seed or 0),
-        reduction=reduction)
-
-
 def _run_fused(features, weight, bias, target, args, chunk_rows, chunk_classes=None):
     N, D = features.shape
     C = weight.shape[0]
@@ -583,15 +563,13 @@ def _triton_entry(features, weight, bias, target, *, cosine: bool, eps: float, c
                   chunk_classes=None):
     features, weight, bias, autocast_dev = _autocast_inputs(features, weight, bias)
     _check_head(features, weight, bias)
-    if features.dtype == torch.float64:
-        raise TypeError("the Triton kernels take float32, bfloat16 or float16 features; use backend='torch' "
-                        "for float64")
-    if noise is not None:
-        raise ValueError("noise= is a reference-path option (backend='torch'); the kernels draw the noise "
-                         "from seed= inside the kernel")
+    from ._autograd import check_kernel_input, operator_args
+
+    check_kernel_input("features", features, noise)
     target = V.as_index_target(target)
     _check_operator(features, weight, target, op)
-    args = _kernel_args(features, **op)
+    kw = {k: v for k, v in op.items() if k != "weight_classes"}
+    args = operator_args(weight=op["weight_classes"], **kw)
 
     def run():
         x, w = features, weight

@@ -181,23 +181,18 @@ def lade_linear_loss(features, weight, target, prior, bias=None, *, alpha=0.1, r
                                           remine_lambda=remine_lambda, weight_classes=weight_classes,
                                           ignore_index=ignore_index, reduction=reduction,
                                           label_smoothing=label_smoothing)
-    from .kernels.launch import RowOperatorArgs
+    from ._autograd import check_kernel_input, lade_operator_args
 
     features, weight, bias, autocast_dev = _autocast_inputs(features, weight, bias)
     _check_head(features, weight, bias)
-    if features.dtype == torch.float64:
-        raise TypeError("the Triton kernels take float32, bfloat16 or float16 features; use backend='torch' "
-                        "for float64")
+    check_kernel_input("features", features)
     target = V.as_index_target(target)
     proxy = features.new_zeros((1, 1)).expand(features.shape[0], weight.shape[0])  # checks without the logits
     R.check_lade_args(proxy, target, prior, alpha, remine_lambda, reduction)
     R.check_operator_args(proxy, target, prior=prior, tau=1.0, cloud=None, noise_mul=0.0, noise=None, seed=None,
                           margin=None, scale=1.0, gamma=0.0, weight=weight_classes, ignore_index=ignore_index,
                           reduction=reduction, label_smoothing=label_smoothing)
-    pi = prior.to(torch.float32).contiguous()
-    wc = None if weight_classes is None else weight_classes.to(torch.float32).contiguous()
-    args = RowOperatorArgs(prior=torch.log(pi), weight=wc, tau=1.0, label_smoothing=float(label_smoothing),
-                           ignore_index=int(ignore_index), reduction=reduction)
+    pi, args = lade_operator_args(prior, weight_classes, label_smoothing, ignore_index, reduction)
     N, C = features.shape[0], weight.shape[0]
     rows = chunk_rows if chunk_rows is not None else default_chunk_rows(C, features.dtype)
     if chunk_classes is None and chunk_rows is None and rows < N:
