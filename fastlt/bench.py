@@ -83,6 +83,23 @@ def time_step(step: Callable[[], None], *, reps: int | None = None) -> tuple[flo
     return triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median"), extra
 
 
+def measure_case(make: Callable[[], Callable[[], None]], *, reps: int | None = None):
+    """``(median ms, peak extra GB, note)`` of the step ``make()`` builds; ``(None, None, reason)`` when it runs
+    out of memory or fails (a failing peer is reported, not fatal). Frees the step's memory afterwards."""
+    step = None
+    try:
+        step = make()
+        ms, extra = time_step(step, reps=reps)
+        return ms, extra, ""
+    except torch.cuda.OutOfMemoryError:
+        return None, None, "out of memory"
+    except Exception as exc:  # noqa: BLE001 - any failure of a peer becomes its note
+        return None, None, f"{type(exc).__name__}: {exc}"[:120]
+    finally:
+        step = None
+        torch.cuda.empty_cache()
+
+
 # --- the losses and their peers -------------------------------------------------------------------------
 
 class GradSink(torch.autograd.Function):
@@ -220,19 +237,12 @@ def run(losses=("la", "gcl", "lade"), shapes=SHAPES, dtypes=("fp32", "bf16"), *,
                 cases = build_cases(N, C, dtype, loss=loss, with_compile=with_compile and N * C <= 4096 * 131072,
                                     with_official=with_official and (small or loss == "lade"))
                 for method, make in cases:
-                    try:
-                        step = make()
-                        slow = method.startswith("official") and loss == "gcl"
-                        ms, extra = time_step(step, reps=3 if slow else None)
-                        r = Result(loss, method, N, C, dname, ms, 2 * N * C * dtype.itemsize / (ms * 1e-3) / 1e9,
-                                   ms / floor, extra)
-                    except torch.cuda.OutOfMemoryError:
-                        r = Result(loss, method, N, C, dname, None, note="out of memory")
-                    except Exception as exc:  # noqa: BLE001 - a failing peer is reported, not fatal
-                        r = Result(loss, method, N, C, dname, None, note=f"{type(exc).__name__}: {exc}"[:120])
-                    finally:
-                        step = None
-                        torch.cuda.empty_cache()
+                    slow = method.startswith("official") and loss == "gcl"
+                    ms, extra, note = measure_case(make, reps=3 if slow else None)
+                    r = Result(loss, method, N, C, dname, ms, note=note)
+                    if ms is not None:
+                        r.gbps = 2 * N * C * dtype.itemsize / (ms * 1e-3) / 1e9
+                        r.x_floor, r.extra_gb = ms / floor, extra
                     results.append(r)
                     log(_row(r))
     return dev, results

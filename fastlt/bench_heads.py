@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .bench import DTYPES, Device, GradSink, _counts, _gcl_gpu_noise, time_step
+from .bench import DTYPES, Device, GradSink, _counts, _gcl_gpu_noise, measure_case
 
 HEAD_SHAPES = [(4096, 2048, 8142), (4096, 1024, 131072), (1024, 1024, 1_000_000)]
 HEAD_METHODS = ("fastlt LA head", "fastlt CE head", "fastlt cosine GCL head", "fastlt LADE head",
@@ -133,18 +133,10 @@ def run_heads(shapes=HEAD_SHAPES, dtypes=("bf16",), methods=HEAD_METHODS, *, log
             dtype = DTYPES[dname]
             floor = head_floor_ms(N, D, C, rates[dname])
             for method, make in build_head_cases(N, D, C, dtype, methods):
-                step = None
-                try:
-                    step = make()
-                    ms, extra = time_step(step)
-                    r = HeadResult(method, N, D, C, dname, ms, 6 * N * D * C / (ms * 1e-3) / 1e12, ms / floor, extra)
-                except torch.cuda.OutOfMemoryError:
-                    r = HeadResult(method, N, D, C, dname, None, note="out of memory")
-                except Exception as exc:  # noqa: BLE001 - a failing peer is reported, not fatal
-                    r = HeadResult(method, N, D, C, dname, None, note=f"{type(exc).__name__}: {exc}"[:120])
-                finally:
-                    step = None
-                    torch.cuda.empty_cache()
+                ms, extra, note = measure_case(make)
+                r = HeadResult(method, N, D, C, dname, ms, note=note)
+                if ms is not None:
+                    r.tflops, r.x_floor, r.extra_gb = 6 * N * D * C / (ms * 1e-3) / 1e12, ms / floor, extra
                 results.append(r)
                 log(head_row(r))
     return dev, results

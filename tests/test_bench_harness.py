@@ -43,3 +43,10 @@ def test_grad_sink_drops_the_gradient_and_keeps_the_graph_non_leaf():
 def test_floors():
     assert bench.floor_ms(1000, 1000, torch.float32, 8e9) == pytest.approx(1.0)  # 8 MB / 8 GB/s
     assert bench_heads.head_floor_ms(10, 10, 10, 6e6) == pytest.approx(1.0)  # 6000 FLOPs / 6 MFLOP/s
+
+
+def test_a_failing_case_is_reported_not_raised():
+    def make():
+        raise RuntimeError("peer not available")
+
+    assert bench.measure_case(make) == (None, None, "RuntimeError: peer not available")
