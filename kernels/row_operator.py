@@ -99,6 +99,25 @@ def _finish_rows(row_max, log_sum, a_y, sw, w_y, valid, w_sum, gamma, label_smoo
 
 
 @triton.jit
+def _finish_and_store_rows(row_max, log_sum, a_y, sw, w_y, valid, rows, row_mask, N, C, wsum_ptr, inv_denom_ptr,
+                           loss_ptr, lse_ptr, factor_ptr, gamma, label_smoothing,
+                           HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_FOCAL: tl.constexpr,
+                           MEAN: tl.constexpr):
+    """Finish the rows (:func:`_finish_rows`; the factor times 1 / sum w_{y_i} for 'mean') and store loss,
+    (row max, log sum-exp) and factor. Returns the factor, for a gradient in the same launch."""
+    w_sum = _weight_sum(wsum_ptr, C, HAS_WEIGHT)
+    loss, factor = _finish_rows(row_max, log_sum, a_y, sw, w_y, valid, w_sum, gamma, label_smoothing,
+                                1.0 / (C * 1.0), HAS_SMOOTH, HAS_FOCAL)
+    if MEAN:
+        factor = factor * tl.load(inv_denom_ptr)
+    tl.store(loss_ptr + rows, loss, mask=row_mask)
+    tl.store(lse_ptr + rows, row_max, mask=row_mask)
+    tl.store(lse_ptr + N + rows, log_sum, mask=row_mask)
+    tl.store(factor_ptr + rows, factor, mask=row_mask)
+    return factor
+
+
+@triton.jit
 def _grad_tile(a, z, row_max, log_sum, y, cols, col_mask, mask, coef, w_y, weight_ptr, w_sum, scale,
                label_smoothing, inv_C, valid, col_a_ptr, col_b_ptr, col_lse_ptr,
                HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, COLUMN_TERM: tl.constexpr):
@@ -199,17 +218,12 @@ def row_loss_forward(
         tl.store(part_ptr + 3 * plane + offs, sw, mask=row_mask)
     else:
         log_sum = tl.log(l_i)
-        w_sum = _weight_sum(wsum_ptr, C, HAS_WEIGHT)
-        inv_C = 1.0 / (C * 1.0)
-        loss, factor = _finish_rows(m_i, log_sum, a_y, sw, w_y, valid, w_sum, gamma, label_smoothing, inv_C,
-                                    HAS_SMOOTH, HAS_FOCAL)
-        if MEAN:
-            factor = factor * tl.load(inv_denom_ptr)
-        tl.store(loss_ptr + rows, loss, mask=row_mask)
-        tl.store(lse_ptr + rows, m_i, mask=row_mask)
-        tl.store(lse_ptr + N + rows, log_sum, mask=row_mask)
-        tl.store(factor_ptr + rows, factor, mask=row_mask)
+        factor = _finish_and_store_rows(m_i, log_sum, a_y, sw, w_y, valid, rows, row_mask, N, C, wsum_ptr,
+                                        inv_denom_ptr, loss_ptr, lse_ptr, factor_ptr, gamma, label_smoothing,
+                                        HAS_WEIGHT, HAS_SMOOTH, HAS_FOCAL, MEAN)
         if GRAD_IN_FWD:
+            w_sum = _weight_sum(wsum_ptr, C, HAS_WEIGHT)
+            inv_C = 1.0 / (C * 1.0)
             if SINGLE_TILE:
                 # the row fits one tile: reloading it hits L1/L2 (just read); no second HBM pass
                 z, a, cols, col_mask, mask = _adjusted_tile(
@@ -252,15 +266,9 @@ def row_loss_combine(
     sw = tl.sum(tl.load(part_ptr + 3 * plane + offs, mask=mask, other=0.0), 1)
     m_row = tl.max(p_max, 1)
     log_sum = tl.log(tl.sum(p_sum * tl.exp(p_max - m_row[:, None]), 1))
-    w_sum = _weight_sum(wsum_ptr, C, HAS_WEIGHT)
-    loss, factor = _finish_rows(m_row, log_sum, a_y, sw, w_y, valid, w_sum, gamma, label_smoothing,
-                                1.0 / (C * 1.0), HAS_SMOOTH, HAS_FOCAL)
-    if MEAN:
-        factor = factor * tl.load(inv_denom_ptr)
-    tl.store(loss_ptr + rows, loss, mask=row_mask)
-    tl.store(lse_ptr + rows, m_row, mask=row_mask)
-    tl.store(lse_ptr + N + rows, log_sum, mask=row_mask)
-    tl.store(factor_ptr + rows, factor, mask=row_mask)
+    _finish_and_store_rows(m_row, log_sum, a_y, sw, w_y, valid, rows, row_mask, N, C, wsum_ptr, inv_denom_ptr,
+                           loss_ptr, lse_ptr, factor_ptr, gamma, label_smoothing, HAS_WEIGHT, HAS_SMOOTH, HAS_FOCAL,
+                           MEAN)
 
 
 @triton.jit
