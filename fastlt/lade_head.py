@@ -17,7 +17,7 @@ O(N*D + C*D + chunk*C). The backward only rescales the saved gradients by grad_o
 When the rows take more than one chunk (or ``chunk_classes=`` is given) the classes are chunked instead
 (:func:`_lade_class_pass`): each class chunk sees every row, so its column statistics are complete at
 once; the same ``8 N D C`` FLOPs, but ``dW`` is written per class chunk with no fp32 accumulator, and
-the column partials take (4, N/64, C) fp32.
+the column partials take (4, N/16, C) fp32.
 """
 
 from __future__ import annotations
@@ -115,8 +115,9 @@ def _lade_pass(x, w, b, y, params: _LADEHeadParams, *, need_x: bool, need_w: boo
 
 
 def _lade_total(loss_rows, inv, stats, y, params: _LADEHeadParams):
-    """``PriorCE + alpha * LADER`` (fp32, 0-dim) from the rows' losses and the merged (4, C) column statistics
-    (None for an empty batch), and LADER's column term for the gradient pass (None for an empty batch)."""
+    """``PriorCE + alpha * LADER`` (fp32, 0-dim) from the rows' losses and the column statistics, merged (4, C)
+    or per row block (4, R, C) (None for an empty batch), and LADER's column term for the gradient pass (None
+    for an empty batch)."""
     from ._autograd import _reduced
     from .kernels import lade as lade_kernels
 
@@ -124,7 +125,7 @@ def _lade_total(loss_rows, inv, stats, y, params: _LADEHeadParams):
     prior_ce = _reduced(loss_rows, inv, args.reduction)
     if stats is None:
         return prior_ce, None
-    n_valid = (y != args.ignore_index).sum().to(torch.float32)
+    n_valid = (y != args.ignore_index).sum(dtype=torch.float32)
     lader, col_a, col_b, col_lse = lade_kernels.finish(stats, params.pi, n_valid, params.remine_lambda)
     return prior_ce + params.alpha * lader, (params.alpha * col_a, params.alpha * col_b, col_lse)
 
@@ -134,13 +135,12 @@ def _lade_class_pass(x, w, b, y, params: _LADEHeadParams, *, need_x: bool, need_
     Pass 1 (:func:`fastlt.heads._class_row_stats` with a column-statistics buffer); then the rows are
     combined and LADER finished; pass 2 (:func:`fastlt.heads._class_grads` with LADER's column term)
     writes ``dW_k`` per chunk with no fp32 accumulator."""
-    from .kernels import lade as lade_kernels
     from .kernels import launch
 
     N = x.shape[0]
     colstats = torch.empty((4, launch.column_stat_blocks(N), w.shape[0]), dtype=torch.float32, device=x.device)
     loss_rows, lse, factor, inv = _class_row_stats(x, w, b, y, params, colstats=colstats)
-    loss, column_term = _lade_total(loss_rows, inv, lade_kernels.merge_partials(colstats) if N else None, y, params)
+    loss, column_term = _lade_total(loss_rows, inv, colstats if N else None, y, params)
     dx = dw = db = None
     if (need_x or need_w or need_b) and N > 0:
         dx, dw, db = _class_grads(x, w, b, y, params, lse, factor, None, need_x=need_x, need_w=need_w,

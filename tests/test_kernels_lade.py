@@ -85,3 +85,57 @@ def test_lade_all_rows_ignored_gives_torch_semantics():
     got = LF.lade_loss(z, y, pi, reduction="sum", backend="triton")
     assert got.item() == 0.0
     assert torch.isnan(LF.lade_loss(z, y, pi, backend="triton"))
+
+
+def _partials(R: int, C: int, seed: int) -> torch.Tensor:
+    """(4, R, C) fp32 column partials as the forward writes them: max, sum-exp below it, class sums, counts;
+    one row block with no valid rows (NEG_BIG, 0, 0, 0) when R > 1."""
+    gen = torch.Generator().manual_seed(seed)
+    p = torch.stack([torch.randn(R, C, generator=gen) * 3, torch.rand(R, C, generator=gen) * 5 + 1,
+                     torch.randn(R, C, generator=gen), torch.randint(0, 3, (R, C), generator=gen).float()])
+    if R > 1:
+        p[:, R // 2] = torch.tensor([-1.0e30, 0.0, 0.0, 0.0])[:, None]
+    return p
+
+
+@pytest.mark.parametrize("R, C", [(1, 1), (3, 7), (37, 300), (16, 256)])
+def test_merge_partials_and_finish_match_float64(R, C):
+    """The one-launch column merge (several row-block loops, a partial column tile) and LADER's finish."""
+    from fastlt.kernels import lade as lade_kernels
+
+    p = _partials(R, C, R + C)
+    got = lade_kernels.merge_partials(p.to(DEVICE)).cpu().double()
+    p64 = p.double()
+    c_max = p64[0].amax(0)
+    want = torch.stack([c_max, (p64[1] * torch.exp(p64[0] - c_max)).sum(0), p64[2].sum(0), p64[3].sum(0)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    gen = torch.Generator().manual_seed(C)
+    pi = torch.rand(C, generator=gen) + 0.1
+    pi = pi / pi.sum()
+    n_valid = torch.tensor(float(R * 4))
+    lam = 0.3
+    lader, col_a, col_b, col_lse = lade_kernels.finish(p.to(DEVICE), pi.to(DEVICE), n_valid.to(DEVICE), lam)
+    lse = want[0] + torch.log(want[1])
+    second = lse - torch.log(pi.double() + 1e-9) + torch.log(torch.tensor(1.0 / C + 1e-9, dtype=torch.float64)) \
+        - torch.log(n_valid.double())
+    est = want[2] / (want[3] + 1e-8) - second - lam * second * second
+    torch.testing.assert_close(col_lse.cpu().double(), lse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(col_a.cpu().double(), -pi.double() / (want[3] + 1e-8), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(col_b.cpu().double(), pi.double() * (1 + 2 * lam * second), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lader.cpu().double(), -(pi.double() * est).sum(), rtol=1e-5, atol=1e-5)
+    # merged (4, C) statistics finish the same as the (4, R, C) partials
+    again = lade_kernels.finish(lade_kernels.merge_partials(p.to(DEVICE)), pi.to(DEVICE), n_valid.to(DEVICE), lam)
+    torch.testing.assert_close(again[0], lader)
+    torch.testing.assert_close(again[3], col_lse)
+    zero = lade_kernels.finish(p.to(DEVICE), pi.to(DEVICE), torch.zeros((), device=DEVICE), lam)[0]
+    assert zero.item() == 0.0
+
+
+def test_merge_partials_rejects_bad_shapes():
+    from fastlt.kernels import lade as lade_kernels
+
+    with pytest.raises(ValueError, match=r"\(4, R, C\) fp32"):
+        lade_kernels.merge_partials(torch.zeros(3, 2, 5, device=DEVICE))
+    with pytest.raises(ValueError, match=r"\(4, R, C\) fp32"):
+        lade_kernels.merge_partials(torch.zeros(4, 2, 5, dtype=torch.float64, device=DEVICE))
