@@ -2,7 +2,9 @@
 # One device-machine session: install, then the GPU tests and the benchmarks, most uncertain first, each
 # step bounded so a short lease still brings back what finished. Everything is logged to $OUT/session.log;
 # the benchmark tables land in $OUT/<device>/ (results.* and heads.*).
-# Usage (device tool, repo root): bash benchmarks/gpu_session.sh [all|tests|bench|heads] [extra bench args]
+# Usage (device tool, repo root): bash benchmarks/gpu_session.sh [part1|part2|all|tests|bench|heads] [extra bench args]
+# With 30 minutes of device time: one call with part1 (tests of the newest kernels, both benchmarks, the
+# profile), then one with part2 (LADE tile sweep, the other tests, the row-kernel tile sweep).
 # Optional peers travel as wheels in .whl/ (git-ignored; see README "Benchmarks").
 set -uo pipefail
 OUT=${OUT:-/tmp/fastlt-out}
@@ -16,20 +18,27 @@ python3 -m pip install -q --no-index --no-build-isolation --no-deps -e . >/dev/n
 export PYTHONUNBUFFERED=1
 what=${1:-all}; shift || true
 step() { local limit=$1; shift; echo "## [$(date +%T)] $*" | tee -a "$LOG"; timeout "$limit" "$@" 2>&1 | tee -a "$LOG"; }
-FIRST="tests/test_kernels_compile.py tests/test_kernels_cuda_graph.py tests/test_kernels_row_operator.py tests/test_kernels_lade.py tests/test_lade_head.py tests/test_heads_class_chunks.py tests/test_kernels_row_normalize.py"
+FIRST="tests/test_kernels_compile.py tests/test_kernels_cuda_graph.py tests/test_kernels_philox_noise.py tests/test_kernels_row_operator.py tests/test_kernels_lade.py tests/test_lade_head.py tests/test_heads_class_chunks.py tests/test_kernels_row_normalize.py"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$LOG"
+# A device call runs at most 600 s: part1 and part2 each fit one call (the bounds below add up to < 560 s).
+part1() {
+  # shellcheck disable=SC2086
+  step 150 python3 -m pytest $FIRST -q -p no:cacheprovider -rf
+  step 130 python3 -m fastlt bench --no-compile --no-official --out "$OUT" "$@"
+  step 110 python3 -m fastlt bench --heads --out "$OUT" "$@"
+  step 60 python3 benchmarks/profile_step.py 4096 8142 fp32
+}
+part2() {
+  step 120 python3 benchmarks/tune_tiles.py --lade --out "$OUT"
+  step 300 python3 -m pytest tests -q -p no:cacheprovider -rf --durations=5 $(printf -- '--ignore=%s ' $FIRST)
+  step 100 python3 benchmarks/tune_tiles.py --out "$OUT"
+}
 case "$what" in
-  all)
-    # shellcheck disable=SC2086
-    step 150 python3 -m pytest $FIRST -q -p no:cacheprovider -rf
-    step 110 python3 -m fastlt bench --heads --out "$OUT" "$@"
-    step 130 python3 -m fastlt bench --no-compile --no-official --out "$OUT" "$@"
-    step 120 python3 benchmarks/tune_tiles.py --lade --out "$OUT"
-    step 60 python3 benchmarks/profile_step.py 4096 8142 fp32
-    step 300 python3 -m pytest tests/test_heads.py tests -q -p no:cacheprovider -rf --durations=5 $(printf -- '--ignore=%s ' $FIRST)
-    ;;
+  part1) part1 "$@" ;;
+  part2) part2 ;;
+  all) part1 "$@"; part2 ;;
   tests) step 590 python3 -m pytest tests -q -p no:cacheprovider -rf --durations=5 ;;
   heads) step 590 python3 -m fastlt bench --heads --out "$OUT" "$@" ;;
   bench) step 590 python3 -m fastlt bench --out "$OUT" "$@" ;;
