@@ -38,19 +38,9 @@ def _flat(a: RowOperatorArgs) -> tuple:
             a.gamma, a.label_smoothing, a.ignore_index, a.seed, _REDUCTIONS.index(a.reduction))
 
 
-def _forward_impl(logits, target, args: RowOperatorArgs, grad_out):
-    inv = launch.inv_denominator_of(target, args) if args.reduction == "mean" else None
-    loss_rows, lse, factor, _ = launch.forward(logits, target, args, grad_out=grad_out, inv_denominator=inv)
-    return _reduced(loss_rows, inv, args.reduction), lse, factor
-
-
-def _reduced(loss_rows: Tensor, inv_denominator: Tensor | None, reduction: str) -> Tensor:
-    """Apply the reduction in fp32 ('mean': times 1 / sum of w_{y_i} over valid rows, NaN when empty)."""
-    if reduction == "none":
-        return loss_rows
-    if reduction == "sum":
-        return loss_rows.sum()
-    return loss_rows.sum() * inv_denominator[0]
+def _forward_impl(logits, target, args: RowOperatorArgs, grad_out, out_dtype=torch.float32):
+    """``(loss, lse, factor)``: the row kernel plus one reduction launch (see :func:`launch.loss`)."""
+    return launch.loss(logits, target, args, grad_out=grad_out, out_dtype=out_dtype)
 
 
 # --- torch.compile path: custom ops with registered autograd --------------------------------------------------
@@ -161,10 +151,9 @@ def _lade_args(log_prior, weight, label_smoothing, ignore_index, reduction) -> R
 
 
 def _lade_forward_impl(logits, target, pi, args, alpha, remine_lambda):
-    loss_rows, lse, factor, lader, col_a, col_b, col_lse = lade_kernels.forward(logits, target, pi, remine_lambda,
-                                                                               args)
-    inv = launch.inv_denominator_of(target, args) if args.reduction == "mean" else None
-    loss = _reduced(loss_rows, inv, args.reduction) + alpha * lader
+    prior_ce, lse, factor, lader, col_a, col_b, col_lse = lade_kernels.forward(logits, target, pi, remine_lambda,
+                                                                              args)
+    loss = prior_ce + alpha * lader
     return loss, lse, factor, alpha * col_a, alpha * col_b, col_lse
 
 
@@ -190,7 +179,8 @@ class RowOperatorLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, args: RowOperatorArgs, grad_in_forward: bool):
-        loss, lse, factor = _forward_impl(logits, target, args, logits if grad_in_forward else None)
+        loss, lse, factor = _forward_impl(logits, target, args, logits if grad_in_forward else None,
+                                          out_dtype=logits.dtype)
         _save(ctx, args, logits, target, lse, factor)
         ctx.grad_in_forward = grad_in_forward
         return loss.to(logits.dtype)

@@ -281,7 +281,6 @@ def _row_chunk_grads(dz, xc, w, dx, dw, db, r0: int, r1: int, *, single: bool, f
 def _fused_pass(x, w, b, y, params: _HeadParams, *, need_x: bool, need_w: bool, need_b: bool):
     """One pass over the row chunks. With any ``need_*`` (and reduction != 'none'): gradient in forward,
     returning the gradients for grad_output = 1. Returns ``(loss, dx, dw, db, lse_chunks, factor_chunks)``."""
-    from ._autograd import _reduced
     from .kernels import launch
 
     if params.chunk_classes is not None:
@@ -320,7 +319,7 @@ def _fused_pass(x, w, b, y, params: _HeadParams, *, need_x: bool, need_w: bool, 
         dw = dw.to(x.dtype)
     if db is not None:
         db = db.to(x.dtype)
-    loss = _reduced(loss_rows, inv, args.reduction)  # 'mean' of an empty batch is NaN, as torch's
+    loss = launch.reduce(loss_rows, y, args, inv_denominator=inv)  # 'mean' of no rows is NaN, as torch's
     return loss.to(x.dtype), dx, dw, db, lse_chunks, factor_chunks
 
 
@@ -396,10 +395,10 @@ def _class_pass(x, w, b, y, params: _HeadParams, *, need_x: bool, need_w: bool, 
     """Class-chunked forward (large C): :func:`_class_row_stats`, then, with gradients wanted and
     reduction != 'none', pass 2 (:func:`_class_grads`) in the forward. Same return as :func:`_fused_pass`
     (the row statistics as one-element lists)."""
-    from ._autograd import _reduced
+    from .kernels import launch
 
     loss_rows, lse, factor, inv = _class_row_stats(x, w, b, y, params)
-    loss = _reduced(loss_rows, inv, params.args.reduction)
+    loss = launch.reduce(loss_rows, y, params.args, inv_denominator=inv)
     dx = dw = db = None
     if (need_x or need_w or need_b) and params.args.reduction != "none":
         dx, dw, db = _class_grads(x, w, b, y, params, lse, factor, None, need_x=need_x, need_w=need_w,

@@ -118,11 +118,11 @@ def _lade_total(loss_rows, inv, stats, y, params: _LADEHeadParams):
     """``PriorCE + alpha * LADER`` (fp32, 0-dim) from the rows' losses and the column statistics, merged (4, C)
     or per row block (4, R, C) (None for an empty batch), and LADER's column term for the gradient pass (None
     for an empty batch)."""
-    from ._autograd import _reduced
     from .kernels import lade as lade_kernels
+    from .kernels import launch
 
     args = params.args
-    prior_ce = _reduced(loss_rows, inv, args.reduction)
+    prior_ce = launch.reduce(loss_rows, y, args, inv_denominator=inv)
     if stats is None:
         return prior_ce, None
     n_valid = (y != args.ignore_index).sum(dtype=torch.float32)

@@ -107,8 +107,11 @@ def finish(stats: torch.Tensor, pi: torch.Tensor, n_valid: torch.Tensor, remine_
 
 def forward(z: torch.Tensor, y: torch.Tensor, pi: torch.Tensor, remine_lambda: float, args: launch.RowOperatorArgs,
             config: launch.TileConfig | None = None):
-    """Returns ``(loss_rows, lse, factor, lader, col_a, col_b, col_lse)`` (fp32; lader a 0-dim tensor)."""
-    loss_rows, lse, factor, colstats = launch.forward(z, y, args, column_stats=True, config=config)
+    """Returns ``(prior_ce, lse, factor, lader, col_a, col_b, col_lse)`` (fp32; ``prior_ce`` reduced by
+    ``args.reduction``, ``lader`` a 0-dim tensor): three launches (rows + column partials, the reduction,
+    the column merge and finish) and one torch count."""
+    loss_rows, lse, factor, colstats = launch.forward(z, y, args, column_stats=True, config=config, scale_mean=False)
+    prior_ce = launch.reduce(loss_rows, y, args, factor=factor)
     n_valid = (y != args.ignore_index).sum(dtype=torch.float32)
     lader, col_a, col_b, col_lse = finish(colstats, pi, n_valid, remine_lambda)
-    return loss_rows, lse, factor, lader, col_a, col_b, col_lse
+    return prior_ce, lse, factor, lader, col_a, col_b, col_lse

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .row_operator import row_loss_combine, row_loss_forward, row_loss_grad, scale_rows
+from .row_operator import reduce_rows, row_loss_combine, row_loss_forward, row_loss_grad, scale_rows
 
 _TILE_N = 2048  # default elements of z per program and tile
 
@@ -123,17 +123,62 @@ def weight_sum(args: RowOperatorArgs, device) -> torch.Tensor:
     return args.weight.to(torch.float32).sum().reshape(1) if args.weight is not None else _dummy(device)
 
 
+_REDUCE_BLOCK = 1024
+
+
+def _reduce_launch(y: torch.Tensor, args: RowOperatorArgs, *, loss_rows=None, factor=None, inv_denom=None, out=None,
+                   denom: bool, mean: bool) -> None:
+    dev = y.device
+    d = _dummy(dev)
+    N = y.shape[0]
+    reduce_rows[(1,)](
+        loss_rows if loss_rows is not None else d, y, args.weight if args.weight is not None else d,
+        factor if factor is not None else d, inv_denom if inv_denom is not None else d, out if out is not None else d,
+        N, args.weight.shape[0] if args.weight is not None else 0, args.ignore_index,
+        HAS_WEIGHT=args.weight is not None, DENOM=denom, LOSS=loss_rows is not None, MEAN=mean,
+        SCALE_FACTOR=factor is not None, BLOCK=_REDUCE_BLOCK, num_warps=4)
+
+
 def inv_denominator_of(y: torch.Tensor, args: RowOperatorArgs) -> torch.Tensor:
-    """(1,) fp32 ``1 / sum_i w_{y_i}`` over the valid rows ('mean'; inf for an empty batch). No sync."""
-    valid = y != args.ignore_index
-    if args.weight is not None:
-        # out-of-range targets (NaN rows on the GPU, see the kernels) must not index out of bounds here either
-        in_range = valid & (y >= 0) & (y < args.weight.shape[0])
-        safe = torch.where(in_range, y, torch.zeros_like(y)).long()
-        denom = (args.weight.to(torch.float32)[safe] * valid).sum()
+    """(1,) fp32 ``1 / sum_i w_{y_i}`` over the valid rows ('mean'; inf for an empty batch; a target outside
+    [0, C) counts 0). One launch, no sync."""
+    inv = torch.empty(1, dtype=torch.float32, device=y.device)
+    _reduce_launch(y, args, inv_denom=inv, denom=True, mean=True)
+    return inv
+
+
+def reduce(loss_rows: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *,
+           inv_denominator: torch.Tensor | None = None, factor: torch.Tensor | None = None,
+           out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The batch loss from the (N,) fp32 per-row losses, one launch: 'none' returns ``loss_rows``; 'sum' their
+    sum; 'mean' the sum times ``inv_denominator`` ((1,) fp32, see :func:`inv_denominator_of`), computed in the
+    same launch when None — then ``factor`` (the forward's, run with ``scale_mean=False``), if given, is
+    multiplied by it in place. Returns a 0-dim tensor of ``out_dtype`` (NaN for the 'mean' of no rows)."""
+    if args.reduction == "none":
+        return loss_rows
+    out = torch.empty((), dtype=out_dtype, device=loss_rows.device)
+    mean = args.reduction == "mean"
+    if mean and inv_denominator is None:
+        inv = torch.empty(1, dtype=torch.float32, device=loss_rows.device)
+        _reduce_launch(y, args, loss_rows=loss_rows, factor=factor, inv_denom=inv, out=out, denom=True, mean=True)
     else:
-        denom = valid.sum(dtype=torch.float32)
-    return denom.reciprocal_().reshape(1)
+        _reduce_launch(y, args, loss_rows=loss_rows, inv_denom=inv_denominator if mean else None, out=out,
+                       denom=False, mean=mean)
+    return out
+
+
+def loss(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out: torch.Tensor | None = None,
+         out_dtype: torch.dtype = torch.float32, config: TileConfig | None = None):
+    """The reduced loss in the fewest launches: ``(loss, lse, factor)`` as :func:`forward` and :func:`reduce`
+    give them (the factor includes 'mean''s 1 / sum w_{y_i}). Recompute mode: the row kernel, then one
+    reduction launch that also finishes 'mean'. With ``grad_out`` (gradient in the forward) 'mean' needs its
+    denominator first: one more small launch."""
+    if grad_out is not None:
+        inv = inv_denominator_of(y, args) if args.reduction == "mean" else None
+        loss_rows, lse, factor, _ = forward(z, y, args, grad_out=grad_out, inv_denominator=inv, config=config)
+        return reduce(loss_rows, y, args, inv_denominator=inv, out_dtype=out_dtype), lse, factor
+    loss_rows, lse, factor, _ = forward(z, y, args, scale_mean=False, config=config)
+    return reduce(loss_rows, y, args, factor=factor, out_dtype=out_dtype), lse, factor
 
 
 def _common_flags(args: RowOperatorArgs) -> dict:
@@ -148,7 +193,7 @@ def _class_ptrs(args: RowOperatorArgs, dev):
 
 def forward(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out: torch.Tensor | None = None,
             column_stats: bool = False, config: TileConfig | None = None,
-            inv_denominator: torch.Tensor | None = None):
+            inv_denominator: torch.Tensor | None = None, scale_mean: bool = True):
     """Run the forward. Returns ``(loss_rows, lse, factor, colstats)``, all fp32.
 
     ``loss_rows`` (N,): per-row losses (0 for ignored rows); ``lse`` (2, N): fp32 (row max, log
@@ -158,13 +203,17 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out
     ``grad_out``: a tensor (N, C), possibly ``z`` itself, that receives d(reduced loss)/dz.
     ``inv_denominator``: a (1,) fp32 device tensor replacing 1 / sum_i w_{y_i} for 'mean' (callers that
     process the rows of one batch in chunks pass the whole batch's value).
+    ``scale_mean=False`` ('mean', no ``grad_out``): leave the factor without 1 / sum_i w_{y_i};
+    :func:`reduce` with ``factor=`` finishes it (what :func:`loss` does, saving the denominator's launch).
     """
     N, C = z.shape
     dev = z.device
     cfg = config or pick_tiles(N, C, dev, column_stats=column_stats)
     prior, cloud, margin, weight = _class_ptrs(args, dev)
     wsum = weight_sum(args, dev)
-    mean = args.reduction == "mean"
+    if not scale_mean and grad_out is not None:
+        raise ValueError("scale_mean=False needs the recompute mode (grad_out=None): the gradient needs the mean")
+    mean = args.reduction == "mean" and scale_mean
     inv_denom = (inv_denominator if inv_denominator is not None else inv_denominator_of(y, args)) if mean \
         else _dummy(dev)
     loss = torch.empty(N, dtype=torch.float32, device=dev)
@@ -184,7 +233,7 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out
             loss, lse, factor, part, colstats, g, g.stride(0), g.stride(1),
             N, C, cfg.cols_per_split, 0, C, 0, cfg.num_splits, args.ignore_index, args.tau, args.noise_mul,
             args.margin_value, args.scale, args.gamma, args.label_smoothing, args.seed, args.noise_row_offset,
-            HAS_FOCAL=args.gamma != 0.0, MEAN=args.reduction == "mean", SPLIT=split,
+            HAS_FOCAL=args.gamma != 0.0, MEAN=mean, SPLIT=split,
             SINGLE_TILE=cfg.single_tile, GRAD_IN_FWD=fuse_grad, COLUMN_STATS=column_stats,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             **flags)
@@ -195,7 +244,7 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out
                 part, y, margin, weight, wsum, inv_denom, loss, lse, factor, N, C, cfg.num_splits,
                 args.ignore_index, args.gamma, args.label_smoothing,
                 HAS_WEIGHT=args.weight is not None, HAS_SMOOTH=args.label_smoothing > 0.0,
-                HAS_FOCAL=args.gamma != 0.0, MEAN=args.reduction == "mean", BLOCK_M=block_m, BLOCK_S=block_s)
+                HAS_FOCAL=args.gamma != 0.0, MEAN=mean, BLOCK_M=block_m, BLOCK_S=block_s)
     if grad_out is not None and split:
         grad(z, y, args, lse, factor, None, out=grad_out, config=cfg)
     return loss, lse, factor, (colstats if column_stats else None)

@@ -309,6 +309,48 @@ def row_loss_grad(
 
 
 @triton.jit
+def reduce_rows(loss_ptr, y_ptr, weight_ptr, factor_ptr, inv_denom_ptr, out_ptr, N, C, ignore_index,
+                HAS_WEIGHT: tl.constexpr, DENOM: tl.constexpr, LOSS: tl.constexpr, MEAN: tl.constexpr,
+                SCALE_FACTOR: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid (1,): the batch reductions in one deterministic program, no host sync.
+
+    DENOM: ``inv = 1 / sum_i w_{y_i}`` over the valid rows (inf for none; a target outside [0, C) counts 0)
+    stored to ``inv_denom`` (1,) fp32. LOSS: ``out = sum_i loss_i`` (times ``inv`` when MEAN; ``inv`` read back
+    when not DENOM), stored in ``out``'s dtype. SCALE_FACTOR: ``factor_i *= inv`` (a forward that left 'mean'
+    to this launch)."""
+    offs = tl.arange(0, BLOCK)
+    if DENOM:
+        acc = tl.zeros((BLOCK,), tl.float32)
+        for start in range(0, N, BLOCK):
+            rows = start + offs
+            y = tl.load(y_ptr + rows, mask=rows < N, other=ignore_index).to(tl.int64)
+            valid = (rows < N) & (y != ignore_index)
+            if HAS_WEIGHT:
+                ok = valid & (y >= 0) & (y < C)
+                acc += tl.load(weight_ptr + tl.where(ok, y, 0), mask=ok, other=0.0).to(tl.float32)
+            else:
+                acc += valid.to(tl.float32)
+        inv = 1.0 / tl.sum(acc, 0)
+        tl.store(inv_denom_ptr, inv)
+    elif MEAN:
+        inv = tl.load(inv_denom_ptr)
+    if LOSS:
+        total = tl.zeros((BLOCK,), tl.float32)
+        for start in range(0, N, BLOCK):
+            rows = start + offs
+            total += tl.load(loss_ptr + rows, mask=rows < N, other=0.0)
+        loss = tl.sum(total, 0)
+        if MEAN:
+            loss = loss * inv
+        tl.store(out_ptr, loss.to(out_ptr.dtype.element_ty))
+    if SCALE_FACTOR:
+        for start in range(0, N, BLOCK):
+            rows = start + offs
+            f = tl.load(factor_ptr + rows, mask=rows < N, other=0.0)
+            tl.store(factor_ptr + rows, f * inv, mask=rows < N)
+
+
+@triton.jit
 def scale_rows(grad_ptr, stride_gm, stride_gn, go_ptr, go_stride, N, C,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid (cdiv(N, BLOCK_M), cdiv(C, BLOCK_N)): ``grad_ij *= go[i * go_stride]``; a scalar go equal

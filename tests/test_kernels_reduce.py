@@ -1,0 +1,84 @@
+"""``launch.reduce`` / ``launch.inv_denominator_of``: the batch reductions in one launch, against torch."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastlt.kernels import launch
+from fastlt.kernels.launch import RowOperatorArgs
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _case(N: int, C: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.rand(N, generator=gen) * 5
+    y = torch.randint(0, C, (N,), generator=gen)
+    y[::3] = -100
+    rows[y == -100] = 0.0  # as the row kernels write them
+    w = torch.rand(C, generator=gen) + 0.5
+    return rows, y, w
+
+
+def _want_denominator(y: torch.Tensor, w: torch.Tensor | None) -> float:
+    valid = y != -100
+    if w is None:
+        return float(valid.sum())
+    return float(w.double()[y[valid]].sum())
+
+
+@pytest.mark.parametrize("N", [1, 5, 1024, 2500])  # 2500: several BLOCK-wide loop steps and a partial one
+@pytest.mark.parametrize("weighted", [False, True])
+def test_inv_denominator_and_reductions(N, weighted):
+    C = 13
+    rows, y, w = _case(N, C, N)
+    args = RowOperatorArgs(weight=w.to(DEVICE) if weighted else None, reduction="mean")
+    yk = y.to(DEVICE)
+    denom = _want_denominator(y, w if weighted else None)
+    inv = launch.inv_denominator_of(yk, args)
+    assert inv.shape == (1,) and inv.dtype == torch.float32
+    assert math.isclose(inv.item(), 1 / denom if denom else math.inf, rel_tol=1e-6)
+
+    mean = launch.reduce(rows.to(DEVICE), yk, args)
+    want = rows.double().sum().item() / denom if denom else math.nan
+    assert mean.shape == () and mean.dtype == torch.float32
+    if denom:
+        assert math.isclose(mean.item(), want, rel_tol=1e-5)
+    else:
+        assert math.isnan(mean.item())
+    same = launch.reduce(rows.to(DEVICE), yk, args, inv_denominator=inv)
+    torch.testing.assert_close(same, mean, equal_nan=True)
+    total = launch.reduce(rows.to(DEVICE), yk, RowOperatorArgs(weight=args.weight, reduction="sum"))
+    assert math.isclose(total.item(), rows.double().sum().item(), rel_tol=1e-5)
+    none = launch.reduce(rows.to(DEVICE), yk, RowOperatorArgs(reduction="none"))
+    assert none.data_ptr() == rows.to(DEVICE).data_ptr() or torch.equal(none.cpu(), rows)
+
+
+def test_mean_scales_the_factor_in_the_same_launch_and_writes_the_output_dtype():
+    rows, y, w = _case(37, 9, 0)
+    factor = torch.rand(37, generator=torch.Generator().manual_seed(1))
+    args = RowOperatorArgs(weight=w.to(DEVICE), reduction="mean")
+    fk = factor.to(DEVICE).clone()
+    loss = launch.reduce(rows.to(DEVICE), y.to(DEVICE), args, factor=fk, out_dtype=torch.bfloat16)
+    denom = _want_denominator(y, w)
+    assert loss.dtype == torch.bfloat16
+    assert math.isclose(loss.float().item(), rows.double().sum().item() / denom, rel_tol=1e-2)
+    torch.testing.assert_close(fk.cpu(), factor / denom, rtol=1e-6, atol=0)
+
+
+def test_targets_outside_the_classes_count_zero_in_the_weighted_denominator():
+    """Out-of-range targets give NaN rows in the kernels; the denominator must not read out of bounds."""
+    w = torch.tensor([1.0, 2.0, 3.0])
+    y = torch.tensor([0, 2, 7, -5, -100])
+    inv = launch.inv_denominator_of(y.to(DEVICE), RowOperatorArgs(weight=w.to(DEVICE), reduction="mean"))
+    assert math.isclose(inv.item(), 1 / 4.0, rel_tol=1e-6)
+
+
+def test_empty_batch():
+    y = torch.empty(0, dtype=torch.int64, device=DEVICE)
+    rows = torch.empty(0, device=DEVICE)
+    assert math.isnan(launch.reduce(rows, y, RowOperatorArgs(reduction="mean")).item())
+    assert launch.reduce(rows, y, RowOperatorArgs(reduction="sum")).item() == 0.0
