@@ -101,6 +101,7 @@ def balanced_softmax_cross_entropy(logits, target, log_prior, *, weight=None, ig
 def ldam_cross_entropy(logits, target, margins, s=30.0, *, weight=None, ignore_index=-100, reduction="mean",
                        label_smoothing=0.0, backend="auto", grad_in_forward=False) -> torch.Tensor:
     """LDAM: ``CE(s * (z - margins[y] * onehot(y)), y)``; ``margins`` (C,) from ``fastlt.priors.ldam_margins``."""
+    V.check_finite_float("s", s)
     return adjusted_cross_entropy(logits, target, margin=margins, scale=s, weight=weight, ignore_index=ignore_index,
                                   reduction=reduction, label_smoothing=label_smoothing, backend=backend,
                                   grad_in_forward=grad_in_forward)
@@ -111,6 +112,8 @@ def gcl_cross_entropy(cosine, target, cloud, m=0.5, s=30.0, noise_mul=1.0, gamma
                       grad_in_forward=False) -> torch.Tensor:
     """GCL on cosine logits; see :func:`fastlt.reference.gcl_cross_entropy`. Noise follows ``seed``
     (drawn from torch's generator when None), the same numbers on every backend."""
+    V.check_finite_float("m", m)
+    V.check_finite_float("s", s)
     return adjusted_cross_entropy(cosine, target, cloud=cloud, noise_mul=noise_mul, noise=noise, seed=seed,
                                   margin=m, scale=s, gamma=gamma, weight=weight, ignore_index=ignore_index,
                                   reduction=reduction, label_smoothing=label_smoothing, backend=backend,

@@ -80,11 +80,24 @@ class LDAMLoss(_LongTailLoss):
 
     def __init__(self, class_counts, max_margin=0.5, s=30.0, *, grad_in_forward=False, **kwargs):
         super().__init__(class_counts, **kwargs)
-        self.max_margin = V.check_finite_float("max_margin", max_margin, min_value=0.0)
+        self.register_buffer("margins", None, persistent=False)
+        self.max_margin = max_margin
         self.s = V.check_finite_float("s", s)
         self.grad_in_forward = bool(grad_in_forward)
-        self.register_buffer("margins", ldam_margins_from(self._counts64, self.max_margin),
-                             persistent=False)
+
+    @property
+    def max_margin(self) -> float:
+        """The largest margin (the rarest class's); setting it (a schedule) rebuilds ``margins``."""
+        return self._max_margin
+
+    @max_margin.setter
+    def max_margin(self, value) -> None:
+        value = V.check_finite_float("max_margin", value, min_value=0.0)
+        margins = ldam_margins_from(self._counts64, value)
+        if self.margins is not None:  # keep the module's device and dtype (after .to(...))
+            margins = margins.to(device=self.margins.device, dtype=self.margins.dtype)
+        self._max_margin = value
+        self.margins = margins
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         self._check_input(logits)

@@ -166,6 +166,7 @@ def balanced_softmax_cross_entropy(logits, target, log_prior, *, weight=None, ig
 def ldam_cross_entropy(logits, target, margins, s=30.0, *, weight=None, ignore_index=-100,
                        reduction="mean", label_smoothing=0.0) -> torch.Tensor:
     """LDAM (Cao et al., 2019): ``CE(s * (z - m_y * onehot(y)), y)``; ``margins`` (C,) from ``ldam_margins``."""
+    V.check_finite_float("s", s)
     return adjusted_cross_entropy(logits, target, margin=margins, scale=s, weight=weight,
                                   ignore_index=ignore_index, reduction=reduction,
                                   label_smoothing=label_smoothing)
@@ -179,6 +180,8 @@ def gcl_cross_entropy(cosine, target, cloud, m=0.5, s=30.0, noise_mul=1.0, gamma
     ``seed`` (drawn from torch's generator when None) unless ``noise`` is given. ``gamma > 0`` applies
     the focal factor of the classifier re-training stage.
     """
+    V.check_finite_float("m", m)
+    V.check_finite_float("s", s)
     return adjusted_cross_entropy(cosine, target, cloud=cloud, noise_mul=noise_mul, noise=noise, seed=seed,
                                   margin=m, scale=s, gamma=gamma, weight=weight, ignore_index=ignore_index,
                                   reduction=reduction, label_smoothing=label_smoothing)

@@ -98,6 +98,31 @@ def test_ldam_module_equals_reference(opts):
     close(g_got, g_exp, 1e-5)
 
 
+def test_ldam_max_margin_can_be_scheduled():
+    """Setting max_margin rebuilds the margins (device and dtype kept); a bad value names the argument."""
+    z, y, counts = inputs(seed=3)
+    loss = fastlt.LDAMLoss(counts, max_margin=0.5, s=20.0, backend="torch").double()
+    loss.max_margin = 0.2
+    assert loss.max_margin == 0.2 and loss.margins.dtype == torch.float64
+    torch.testing.assert_close(loss.margins, P.ldam_margins(counts, 0.2).double())
+    torch.testing.assert_close(loss(z.double(), y), R.ldam_cross_entropy(z.double(), y, P.ldam_margins(counts, 0.2)
+                                                                         .double(), 20.0))
+    with pytest.raises(ValueError, match="max_margin"):
+        loss.max_margin = -0.1
+    assert loss.max_margin == 0.2
+
+
+def test_functional_errors_name_s_and_m():
+    cos, y, counts = inputs(seed=4, cosine=True)
+    cloud = P.gcl_cloud(counts)
+    with pytest.raises(ValueError, match=r"^s must be finite"):
+        LF.gcl_cross_entropy(cos, y, cloud, s=float("inf"))
+    with pytest.raises(ValueError, match=r"^m must be finite"):
+        R.gcl_cross_entropy(cos, y, cloud, m=float("nan"))
+    with pytest.raises(TypeError, match=r"^s must be a real number"):
+        LF.ldam_cross_entropy(cos, y, P.ldam_margins(counts), s="30")
+
+
 @pytest.mark.parametrize("opts", OPTIONS)
 def test_gcl_module_equals_reference(opts):
     cos, y, counts = inputs(seed=4, cosine=True)
