@@ -148,6 +148,37 @@ def _store_grad(grad_ptr, stride_gm, stride_gn, rows, cols, col_base, mask, g):
 
 
 @triton.jit
+def _tile_stats(z, a, cols, col_mask, mask, y, valid, m_i, l_i, a_y, sw, weight_ptr, colstat_ptr, pid_m, C,
+                HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, COLUMN_STATS: tl.constexpr):
+    """Fold one tile into the running row statistics (max, sum-exp, target logit, smoothing sum) and, for LADE,
+    store its column partials (max z, sum exp(z - max), class sum, class count over the valid rows)."""
+    m_new = tl.maximum(m_i, tl.max(a, 1))
+    l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(a - m_new[:, None]), 1)
+    a_y += tl.sum(tl.where(mask & (cols[None, :] == y[:, None]), a, 0.0), 1)  # mask: chunk ends
+    if HAS_SMOOTH:
+        if HAS_WEIGHT:
+            w_j = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            sw += tl.sum(tl.where(mask, a * w_j[None, :], 0.0), 1)
+        else:
+            sw += tl.sum(tl.where(mask, a, 0.0), 1)
+    if COLUMN_STATS:
+        vmask = mask & valid[:, None]
+        zc = tl.where(vmask, z, float("-inf"))
+        c_max = tl.maximum(tl.max(zc, 0), NEG_BIG)
+        c_sum = tl.sum(tl.exp(zc - c_max[None, :]), 0)
+        is_y = vmask & (cols[None, :] == y[:, None])
+        c_first = tl.sum(tl.where(is_y, z, 0.0), 0)
+        c_count = tl.sum(is_y.to(tl.float32), 0)
+        base = colstat_ptr + pid_m.to(tl.int64) * C + cols
+        plane = tl.num_programs(0).to(tl.int64) * C
+        tl.store(base, c_max, mask=col_mask)
+        tl.store(base + plane, c_sum, mask=col_mask)
+        tl.store(base + 2 * plane, c_first, mask=col_mask)
+        tl.store(base + 3 * plane, c_count, mask=col_mask)
+    return m_new, l_i, a_y, sw
+
+
+@triton.jit
 def row_loss_forward(
     z_ptr, stride_zm, stride_zn, y_ptr, prior_ptr, cloud_ptr, margin_ptr, weight_ptr, wsum_ptr, inv_denom_ptr,
     loss_ptr, lse_ptr, factor_ptr, part_ptr, colstat_ptr, grad_ptr, stride_gm, stride_gn,
@@ -180,35 +211,21 @@ def row_loss_forward(
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     a_y = tl.zeros((BLOCK_M,), tl.float32)
     sw = tl.zeros((BLOCK_M,), tl.float32)
-    for col_start in range(col_lo, col_hi, BLOCK_N):
+    if SINGLE_TILE:
+        # the row is one tile: it stays in registers for a gradient in the same launch (no reload, and
+        # GCL's noise is drawn once)
         z, a, cols, col_mask, mask = _adjusted_tile(
-            z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_start, col_base, y, m, col_hi, tau,
+            z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_lo, col_base, y, m, col_hi, tau,
             noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, BLOCK_M, BLOCK_N)
-        m_new = tl.maximum(m_i, tl.max(a, 1))
-        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(a - m_new[:, None]), 1)
-        m_i = m_new
-        a_y += tl.sum(tl.where(mask & (cols[None, :] == y[:, None]), a, 0.0), 1)  # mask: chunk ends
-        if HAS_SMOOTH:
-            if HAS_WEIGHT:
-                w_j = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-                sw += tl.sum(tl.where(mask, a * w_j[None, :], 0.0), 1)
-            else:
-                sw += tl.sum(tl.where(mask, a, 0.0), 1)
-        if COLUMN_STATS:
-            vmask = mask & valid[:, None]
-            zc = tl.where(vmask, z, float("-inf"))
-            c_max = tl.maximum(tl.max(zc, 0), NEG_BIG)
-            c_sum = tl.sum(tl.exp(zc - c_max[None, :]), 0)
-            is_y = vmask & (cols[None, :] == y[:, None])
-            c_first = tl.sum(tl.where(is_y, z, 0.0), 0)
-            c_count = tl.sum(is_y.to(tl.float32), 0)
-            n_rb = tl.num_programs(0)
-            base = colstat_ptr + pid_m.to(tl.int64) * C + cols
-            plane = n_rb.to(tl.int64) * C
-            tl.store(base, c_max, mask=col_mask)
-            tl.store(base + plane, c_sum, mask=col_mask)
-            tl.store(base + 2 * plane, c_first, mask=col_mask)
-            tl.store(base + 3 * plane, c_count, mask=col_mask)
+        m_i, l_i, a_y, sw = _tile_stats(z, a, cols, col_mask, mask, y, valid, m_i, l_i, a_y, sw, weight_ptr,
+                                        colstat_ptr, pid_m, C, HAS_WEIGHT, HAS_SMOOTH, COLUMN_STATS)
+    else:
+        for col_start in range(col_lo, col_hi, BLOCK_N):
+            z, a, cols, col_mask, mask = _adjusted_tile(
+                z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_start, col_base, y, m, col_hi,
+                tau, noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, BLOCK_M, BLOCK_N)
+            m_i, l_i, a_y, sw = _tile_stats(z, a, cols, col_mask, mask, y, valid, m_i, l_i, a_y, sw, weight_ptr,
+                                            colstat_ptr, pid_m, C, HAS_WEIGHT, HAS_SMOOTH, COLUMN_STATS)
     if SPLIT:
         offs = rows.to(tl.int64) * total_splits + (split_base + pid_s)
         plane = tl.cast(N, tl.int64) * total_splits
@@ -224,11 +241,7 @@ def row_loss_forward(
         if GRAD_IN_FWD:
             w_sum = _weight_sum(wsum_ptr, C, HAS_WEIGHT)
             inv_C = 1.0 / (C * 1.0)
-            if SINGLE_TILE:
-                # the row fits one tile: reloading it hits L1/L2 (just read); no second HBM pass
-                z, a, cols, col_mask, mask = _adjusted_tile(
-                    z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_lo, col_base, y, m, col_hi,
-                    tau, noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, BLOCK_M, BLOCK_N)
+            if SINGLE_TILE:  # the tile of the statistics pass, still in registers
                 g = _grad_tile(a, z, m_i, log_sum, y, cols, col_mask, mask, factor, w_y, weight_ptr, w_sum, scale,
                                label_smoothing, inv_C, valid, loss_ptr, loss_ptr, loss_ptr,
                                HAS_WEIGHT, HAS_SMOOTH, False)
