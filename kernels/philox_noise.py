@@ -71,6 +71,19 @@ def gcl_noise_tile(seed, rows, col_start, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
 
 
 @triton.jit
+def gcl_noise_at(seed, rows, cols):
+    """The noise of elements ``(rows[k], cols[k])`` (one column per row, e.g. the target), float32: the same
+    number :func:`gcl_noise_tile` gives that element (column ``j`` takes normal ``j % 8`` of the word
+    ``(j % 8) // 2``, cos for even ``j``)."""
+    offsets = (rows.to(tl.int64) << 32) | (cols.to(tl.int64) // 8)
+    w0, w1, w2, w3 = tl.randint4x(seed, offsets)
+    q = cols % 8
+    word = tl.where(q < 4, tl.where(q < 2, w0, w1), tl.where(q < 6, w2, w3))
+    e_cos, e_sin = _pair(word)
+    return tl.where(q % 2 == 0, e_cos, e_sin)
+
+
+@triton.jit
 def write_gcl_noise(out_ptr, seed, N, C, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid (cdiv(N, BLOCK_M),): the (N, C) noise the loss kernels use, written out (tests, debugging)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)

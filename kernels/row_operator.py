@@ -18,7 +18,7 @@ Flags are constexpr (an off flag costs nothing); every float hyperparameter is a
 import triton
 import triton.language as tl
 
-from .philox_noise import gcl_noise_tile
+from .philox_noise import gcl_noise_at, gcl_noise_tile
 
 # finite "minus infinity" for running maxima (keeps exp(m_old - m_new) NaN-free)
 NEG_BIG: tl.constexpr = tl.constexpr(-1.0e30)
@@ -70,6 +70,25 @@ def _adjusted_tile(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_
         a -= tl.where(cols[None, :] == y[:, None], m[:, None], 0.0)
     a = tl.where(mask, a * scale, float("-inf"))
     return z, a, cols, col_mask, mask
+
+
+@triton.jit
+def _target_logit(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_base, y, m, col_lo, col_hi,
+                  tau, noise_mul, scale, seed, noise_row0,
+                  HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr):
+    """``a_{i, y_i}`` (fp32) for the rows whose target lies in ``[col_lo, col_hi)``, 0 elsewhere: one gathered
+    element per row, the same arithmetic as :func:`_adjusted_tile` (so no per-element compare-and-sum)."""
+    here = row_mask & (y >= col_lo) & (y < col_hi)
+    offs = rows.to(tl.int64) * stride_zm + (y - col_base) * stride_zn
+    a = tl.load(z_ptr + offs, mask=here, other=0.0).to(tl.float32)
+    if HAS_PRIOR:
+        a += tau * tl.load(prior_ptr + y, mask=here, other=0.0).to(tl.float32)
+    if HAS_NOISE:
+        cloud = tl.load(cloud_ptr + y, mask=here, other=0.0).to(tl.float32)
+        a -= (noise_mul * cloud) * gcl_noise_at(seed, rows + noise_row0, y)
+    if MARGIN_MODE != 0:
+        a -= m
+    return tl.where(here, a * scale, 0.0)
 
 
 @triton.jit
@@ -148,13 +167,12 @@ def _store_grad(grad_ptr, stride_gm, stride_gn, rows, cols, col_base, mask, g):
 
 
 @triton.jit
-def _tile_stats(z, a, cols, col_mask, mask, y, valid, m_i, l_i, a_y, sw, weight_ptr, colstat_ptr, pid_m, C,
+def _tile_stats(z, a, cols, col_mask, mask, y, valid, m_i, l_i, sw, weight_ptr, colstat_ptr, pid_m, C,
                 HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, COLUMN_STATS: tl.constexpr):
-    """Fold one tile into the running row statistics (max, sum-exp, target logit, smoothing sum) and, for LADE,
+    """Fold one tile into the running row statistics (max, sum-exp, smoothing sum) and, for LADE,
     store its column partials (max z, sum exp(z - max), class sum, class count over the valid rows)."""
     m_new = tl.maximum(m_i, tl.max(a, 1))
     l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(a - m_new[:, None]), 1)
-    a_y += tl.sum(tl.where(mask & (cols[None, :] == y[:, None]), a, 0.0), 1)  # mask: chunk ends
     if HAS_SMOOTH:
         if HAS_WEIGHT:
             w_j = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
@@ -175,7 +193,7 @@ def _tile_stats(z, a, cols, col_mask, mask, y, valid, m_i, l_i, a_y, sw, weight_
         tl.store(base + plane, c_sum, mask=col_mask)
         tl.store(base + 2 * plane, c_first, mask=col_mask)
         tl.store(base + 3 * plane, c_count, mask=col_mask)
-    return m_new, l_i, a_y, sw
+    return m_new, l_i, sw
 
 
 @triton.jit
@@ -209,23 +227,24 @@ def row_loss_forward(
     col_hi = tl.minimum(col_lo + cols_per_split, col_end)
     m_i = tl.full((BLOCK_M,), NEG_BIG, tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
-    a_y = tl.zeros((BLOCK_M,), tl.float32)
     sw = tl.zeros((BLOCK_M,), tl.float32)
+    a_y = _target_logit(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_base, y, m, col_lo,
+                        col_hi, tau, noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE)
     if SINGLE_TILE:
         # the row is one tile: it stays in registers for a gradient in the same launch (no reload, and
         # GCL's noise is drawn once)
         z, a, cols, col_mask, mask = _adjusted_tile(
             z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_lo, col_base, y, m, col_hi, tau,
             noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, BLOCK_M, BLOCK_N)
-        m_i, l_i, a_y, sw = _tile_stats(z, a, cols, col_mask, mask, y, valid, m_i, l_i, a_y, sw, weight_ptr,
-                                        colstat_ptr, pid_m, C, HAS_WEIGHT, HAS_SMOOTH, COLUMN_STATS)
+        m_i, l_i, sw = _tile_stats(z, a, cols, col_mask, mask, y, valid, m_i, l_i, sw, weight_ptr, colstat_ptr,
+                                   pid_m, C, HAS_WEIGHT, HAS_SMOOTH, COLUMN_STATS)
     else:
         for col_start in range(col_lo, col_hi, BLOCK_N):
             z, a, cols, col_mask, mask = _adjusted_tile(
                 z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_start, col_base, y, m, col_hi,
                 tau, noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, BLOCK_M, BLOCK_N)
-            m_i, l_i, a_y, sw = _tile_stats(z, a, cols, col_mask, mask, y, valid, m_i, l_i, a_y, sw, weight_ptr,
-                                            colstat_ptr, pid_m, C, HAS_WEIGHT, HAS_SMOOTH, COLUMN_STATS)
+            m_i, l_i, sw = _tile_stats(z, a, cols, col_mask, mask, y, valid, m_i, l_i, sw, weight_ptr, colstat_ptr,
+                                       pid_m, C, HAS_WEIGHT, HAS_SMOOTH, COLUMN_STATS)
     if SPLIT:
         offs = rows.to(tl.int64) * total_splits + (split_base + pid_s)
         plane = tl.cast(N, tl.int64) * total_splits

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlt.kernels.philox_noise import _pair
+from fastlt.kernels.philox_noise import _pair, gcl_noise_at, gcl_noise_kernel
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -47,3 +47,24 @@ def test_pair_matches_float64_box_muller_on_every_half():
     assert e_cos.min().item() >= 0.0 and e_sin.min().item() >= 0.0
     assert e_cos.max().item() <= 1.0 and e_sin.max().item() <= 1.0
     assert (e_cos == 1.0).any() and (e_sin == 1.0).any()  # the clip at 3 sigma is reached (small u_lo)
+
+
+@triton.jit
+def _noise_at_kernel(rows_ptr, cols_ptr, out_ptr, seed, n, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    rows = tl.load(rows_ptr + i, mask=i < n, other=0)
+    cols = tl.load(cols_ptr + i, mask=i < n, other=0)
+    tl.store(out_ptr + i, gcl_noise_at(seed, rows, cols), mask=i < n)
+
+
+def test_noise_at_one_column_per_row_equals_the_tile_noise():
+    """The target logit's noise (one gathered element per row) is the tile's noise at that element."""
+    seed, N, C = 2**40 + 9, 9, 203
+    tile = gcl_noise_kernel(seed, N, C, DEVICE).cpu()
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, N, (64,), generator=gen)
+    cols = torch.randint(0, C, (64,), generator=gen)
+    cols[:8] = torch.arange(8)  # every position inside a Philox group
+    out = torch.empty(64, device=DEVICE)
+    _noise_at_kernel[(1,)](rows.to(DEVICE), cols.to(DEVICE), out, seed, 64, BLOCK=64)
+    torch.testing.assert_close(out.cpu(), tile[rows, cols], atol=1e-7, rtol=0)
