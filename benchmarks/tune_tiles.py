@@ -141,6 +141,21 @@ def main():
               f"fused {fused2:.3f} vs {fused1:.3f} ms")
         rows.append(dict(N=N, C=C, dtype=dname, gcl=dict(fwd=f2, bwd=b2, fused=fused2),
                          la=dict(fwd=f1, bwd=b1, fused=fused1), config=cfg.__dict__))
+        # GCL's own best gradient-in-forward tile: a whole-row tile draws the noise once, a column loop twice
+        gcl_best = None
+        for bn, w in itertools.product(sorted({2048, 8192, min(16384, launch._next_pow2(C))}), [4, 8, 16]):
+            gcfg = launch.pick_tiles(N, C, z.device, block_m=1, block_n=bn, num_warps=w, num_stages=3)
+            try:
+                fused_step = functools.partial(launch.forward, z, y, gcl, grad_out=out, config=gcfg)
+                g_fused = triton.testing.do_bench(fused_step, warmup=5, rep=20, return_mode="median")
+            except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
+                print(f"skip GCL {gcfg}: {type(exc).__name__}")
+                continue
+            if gcl_best is None or g_fused < gcl_best[0]:
+                gcl_best = (g_fused, gcfg)
+        if gcl_best is not None:
+            print(f"   GCL best fused: {gcl_best[0]:.3f} ms ({gcl_best[0] / fl:.2f}x) with {gcl_best[1]}")
+            rows.append(dict(N=N, C=C, dtype=dname, gcl_best_fused=gcl_best[0], config=gcl_best[1].__dict__))
         del z, out
         torch.cuda.empty_cache()
     with open(os.path.join(a.out, "tune_tiles.json"), "w") as fh:
