@@ -123,7 +123,10 @@ def weight_sum(args: RowOperatorArgs, device) -> torch.Tensor:
     return args.weight.to(torch.float32).sum().reshape(1) if args.weight is not None else _dummy(device)
 
 
-_REDUCE_BLOCK = 1024
+_REDUCE_BLOCK = 4096
+# One program reduces up to this many rows (a few loop steps: host launches dominate there). Longer batches
+# take torch's multi-block reductions, whose launch overhead is small next to their row kernels.
+ONE_PROGRAM_ROWS = 32768
 
 
 def _reduce_launch(y: torch.Tensor, args: RowOperatorArgs, *, loss_rows=None, factor=None, inv_denom=None, out=None,
@@ -136,12 +139,21 @@ def _reduce_launch(y: torch.Tensor, args: RowOperatorArgs, *, loss_rows=None, fa
         factor if factor is not None else d, inv_denom if inv_denom is not None else d, out if out is not None else d,
         N, args.weight.shape[0] if args.weight is not None else 0, args.ignore_index,
         HAS_WEIGHT=args.weight is not None, DENOM=denom, LOSS=loss_rows is not None, MEAN=mean,
-        SCALE_FACTOR=factor is not None, BLOCK=_REDUCE_BLOCK, num_warps=4)
+        SCALE_FACTOR=factor is not None, BLOCK=_REDUCE_BLOCK, num_warps=8)
 
 
 def inv_denominator_of(y: torch.Tensor, args: RowOperatorArgs) -> torch.Tensor:
     """(1,) fp32 ``1 / sum_i w_{y_i}`` over the valid rows ('mean'; inf for an empty batch; a target outside
-    [0, C) counts 0). One launch, no sync."""
+    [0, C) counts 0). No sync; one launch up to ``ONE_PROGRAM_ROWS`` rows."""
+    if y.shape[0] > ONE_PROGRAM_ROWS:
+        valid = y != args.ignore_index
+        if args.weight is not None:
+            in_range = valid & (y >= 0) & (y < args.weight.shape[0])
+            safe = torch.where(in_range, y, torch.zeros_like(y)).long()
+            denom = (args.weight.to(torch.float32)[safe] * in_range).sum()
+        else:
+            denom = valid.sum(dtype=torch.float32)
+        return denom.reciprocal_().reshape(1)
     inv = torch.empty(1, dtype=torch.float32, device=y.device)
     _reduce_launch(y, args, inv_denom=inv, denom=True, mean=True)
     return inv
@@ -150,14 +162,21 @@ def inv_denominator_of(y: torch.Tensor, args: RowOperatorArgs) -> torch.Tensor:
 def reduce(loss_rows: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *,
            inv_denominator: torch.Tensor | None = None, factor: torch.Tensor | None = None,
            out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The batch loss from the (N,) fp32 per-row losses, one launch: 'none' returns ``loss_rows``; 'sum' their
-    sum; 'mean' the sum times ``inv_denominator`` ((1,) fp32, see :func:`inv_denominator_of`), computed in the
-    same launch when None — then ``factor`` (the forward's, run with ``scale_mean=False``), if given, is
-    multiplied by it in place. Returns a 0-dim tensor of ``out_dtype`` (NaN for the 'mean' of no rows)."""
+    """The batch loss from the (N,) fp32 per-row losses: 'none' returns ``loss_rows``; 'sum' their sum; 'mean'
+    the sum times ``inv_denominator`` ((1,) fp32, see :func:`inv_denominator_of`), computed here when None —
+    then ``factor`` (the forward's, run with ``scale_mean=False``), if given, is multiplied by it in place.
+    Returns a 0-dim tensor of ``out_dtype`` (NaN for the 'mean' of no rows). One deterministic launch up to
+    ``ONE_PROGRAM_ROWS`` rows, torch reductions beyond."""
     if args.reduction == "none":
         return loss_rows
-    out = torch.empty((), dtype=out_dtype, device=loss_rows.device)
     mean = args.reduction == "mean"
+    if loss_rows.shape[0] > ONE_PROGRAM_ROWS:
+        inv = inv_denominator if inv_denominator is not None or not mean else inv_denominator_of(y, args)
+        if mean and inv_denominator is None and factor is not None:
+            factor.mul_(inv)
+        total = loss_rows.sum()
+        return (total * inv[0] if mean else total).to(out_dtype)
+    out = torch.empty((), dtype=out_dtype, device=loss_rows.device)
     if mean and inv_denominator is None:
         inv = torch.empty(1, dtype=torch.float32, device=loss_rows.device)
         _reduce_launch(y, args, loss_rows=loss_rows, factor=factor, inv_denom=inv, out=out, denom=True, mean=True)
