@@ -79,10 +79,11 @@ def _columns(stats: torch.Tensor, finish_args=None) -> torch.Tensor:
     if C == 0:
         return out
     pi, n_valid, remine_lambda = finish_args if finish_args is not None else (out, out, 0.0)
-    block_r = max(1, min(16, triton.next_power_of_2(max(R, 1))))
-    lade_columns[(triton.cdiv(C, _BLOCK_C),)](
+    block_c = min(_BLOCK_C, triton.next_power_of_2(C))
+    block_r = max(1, min(4096 // block_c, triton.next_power_of_2(max(R, 1))))  # few classes: taller steps
+    lade_columns[(triton.cdiv(C, block_c),)](
         stats, R, C, pi, n_valid, float(remine_lambda), math.log(1.0 / C + 1e-9), out,
-        FINISH=finish_args is not None, BLOCK_R=block_r, BLOCK_C=_BLOCK_C, num_warps=4)
+        FINISH=finish_args is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
     return out
 
 
