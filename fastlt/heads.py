@@ -368,10 +368,11 @@ def _class_logits(flat: torch.Tensor, x, w, b, c0: int, c1: int) -> torch.Tensor
     return out
 
 
-def _class_row_stats(x, w, b, y, params, *, colstats: torch.Tensor | None = None):
+def _class_row_stats(x, w, b, y, params, *, column_stats=None):
     """Pass 1 of the class-chunked path: per class chunk ``[c0, c1)``, ``Z_k = F W_k^T`` and the row kernel's
     partials of those classes (max, sum-exp, target logit, smoothing sum); one combine launch finishes every
-    row. ``colstats`` (LADE): a (4, R, C) buffer that also receives the column partials. Returns
+    row. ``column_stats`` (LADE): a :class:`fastlt.kernels.launch.ColumnStats` that also receives the column
+    partials and target logits. Returns
     ``(loss_rows, lse, factor, inv)`` as :func:`fastlt.kernels.launch.forward` (``inv``: the 'mean'
     denominator, else None)."""
     from .kernels import launch
@@ -385,7 +386,7 @@ def _class_row_stats(x, w, b, y, params, *, colstats: torch.Tensor | None = None
     inv = launch.inv_denominator_of(y, args) if args.reduction == "mean" else None
     for k, (c0, c1) in enumerate(chunks):
         z = _class_logits(flat, x, w, b, c0, c1)
-        launch.chunk_partials(z, y, args, part, k, col_base=c0, num_classes=C, colstats=colstats)
+        launch.chunk_partials(z, y, args, part, k, col_base=c0, num_classes=C, column_stats=column_stats)
     del flat
     loss_rows, lse, factor = launch.combine_partials(part, y, args, C, inv_denominator=inv)
     return loss_rows, lse, factor, inv

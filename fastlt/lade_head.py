@@ -6,8 +6,8 @@ batch-direction log-sum-exp of every column) before any gradient exists, so the 
 passes over the row chunks of :mod:`fastlt.heads`:
 
 1. per chunk: ``z = F_chunk W^T (+ b)`` (cuBLAS), then the row kernel with ``COLUMN_STATS`` computes the
-   PriorCE row losses and row statistics, and the chunk's (4, C) column partials, merged into running
-   (4, C) fp32 statistics (no atomics: deterministic);
+   PriorCE row losses and row statistics, the rows' target logits, and the chunk's column (max, sum-exp)
+   partials, merged into running (2, C) fp32 statistics (no atomics: deterministic);
 2. LADER and its gradient vectors from the merged statistics; then per chunk: recompute ``z``, write
    ``d loss / d z`` over it (row term plus LADER's column term), ``dF = dZ W``, ``dW += dZ^T F``.
 
@@ -17,7 +17,7 @@ O(N*D + C*D + chunk*C). The backward only rescales the saved gradients by grad_o
 When the rows take more than one chunk (or ``chunk_classes=`` is given) the classes are chunked instead
 (:func:`_lade_class_pass`): each class chunk sees every row, so its column statistics are complete at
 once; the same ``8 N D C`` FLOPs, but ``dW`` is written per class chunk with no fp32 accumulator, and
-the column partials take (4, N/16, C) fp32.
+the column partials take (2, N/16, C) fp32.
 """
 
 from __future__ import annotations
@@ -83,15 +83,17 @@ def _lade_pass(x, w, b, y, params: _LADEHeadParams, *, need_x: bool, need_w: boo
     chunks = _chunks(N, params.chunk_rows)
     buf = _logits_buffer(min(params.chunk_rows, N), C, x) if N else None
     loss_rows = torch.empty(N, dtype=torch.float32, device=x.device)
+    target_logits = torch.empty(N, dtype=torch.float32, device=x.device)
     row_stats, stats = [], None
     for r0, r1 in chunks:
         z = _chunk_logits(buf, x[r0:r1], w, b)
-        rows, lse, factor, colstats = launch.forward(z, y[r0:r1], args, column_stats=True, inv_denominator=inv)
+        rows, lse, factor, cols = launch.forward(z, y[r0:r1], args, column_stats=True, inv_denominator=inv)
         loss_rows[r0:r1] = rows
+        target_logits[r0:r1] = cols.target_logits
         row_stats.append((lse, factor))
-        part = lade_kernels.merge_partials(colstats)
+        part = lade_kernels.merge_partials(cols.partials)
         stats = part if stats is None else lade_kernels.merge_partials(torch.stack([stats, part], 1))
-    loss, column_term = _lade_total(loss_rows, inv, stats, y, params)
+    loss, column_term = _lade_total(loss_rows, inv, stats, target_logits, y, params)
     loss = loss.to(x.dtype)
 
     dx = dw = db = None
@@ -114,10 +116,10 @@ def _lade_pass(x, w, b, y, params: _LADEHeadParams, *, need_x: bool, need_w: boo
     return loss, dx, dw, db
 
 
-def _lade_total(loss_rows, inv, stats, y, params: _LADEHeadParams):
-    """``PriorCE + alpha * LADER`` (fp32, 0-dim) from the rows' losses and the column statistics, merged (4, C)
-    or per row block (4, R, C) (None for an empty batch), and LADER's column term for the gradient pass (None
-    for an empty batch)."""
+def _lade_total(loss_rows, inv, stats, target_logits, y, params: _LADEHeadParams):
+    """``PriorCE + alpha * LADER`` (fp32, 0-dim) from the rows' losses, the column (max, sum-exp) statistics,
+    merged (2, C) or per row block (2, R, C) (None for an empty batch), and the rows' target logits; and
+    LADER's column term for the gradient pass (None for an empty batch)."""
     from .kernels import lade as lade_kernels
     from .kernels import launch
 
@@ -125,8 +127,8 @@ def _lade_total(loss_rows, inv, stats, y, params: _LADEHeadParams):
     prior_ce = launch.reduce(loss_rows, y, args, inv_denominator=inv)
     if stats is None:
         return prior_ce, None
-    n_valid = (y != args.ignore_index).sum(dtype=torch.float32)
-    lader, col_a, col_b, col_lse = lade_kernels.finish(stats, params.pi, n_valid, params.remine_lambda)
+    lader, col_a, col_b, col_lse = lade_kernels.finish(stats, y, target_logits, params.pi, args.ignore_index,
+                                                       params.remine_lambda)
     return prior_ce + params.alpha * lader, (params.alpha * col_a, params.alpha * col_b, col_lse)
 
 
@@ -138,9 +140,9 @@ def _lade_class_pass(x, w, b, y, params: _LADEHeadParams, *, need_x: bool, need_
     from .kernels import launch
 
     N = x.shape[0]
-    colstats = torch.empty((4, launch.column_stat_blocks(N), w.shape[0]), dtype=torch.float32, device=x.device)
-    loss_rows, lse, factor, inv = _class_row_stats(x, w, b, y, params, colstats=colstats)
-    loss, column_term = _lade_total(loss_rows, inv, colstats if N else None, y, params)
+    cols = launch.ColumnStats.empty(N, w.shape[0], x.device)
+    loss_rows, lse, factor, inv = _class_row_stats(x, w, b, y, params, column_stats=cols)
+    loss, column_term = _lade_total(loss_rows, inv, cols.partials if N else None, cols.target_logits, y, params)
     dx = dw = db = None
     if (need_x or need_w or need_b) and N > 0:
         dx, dw, db = _class_grads(x, w, b, y, params, lse, factor, None, need_x=need_x, need_w=need_w,

@@ -1,9 +1,9 @@
 """LADE on the row-operator kernels: PriorCE rows and LADER's column statistics in one pass.
 
-``forward`` runs ``row_loss_forward`` with ``COLUMN_STATS`` (per row-block partial column max,
-sum-exp, class sums and counts; no atomics, so deterministic), then one ``lade_columns`` launch merges
-the partials down the row blocks and finishes LADER's per-column terms, which gives LADER plus the
-vectors its gradient needs:
+``forward`` runs ``row_loss_forward`` with ``COLUMN_STATS`` (per row-block partial column max and sum-exp,
+and each row's target logit; no atomics, so deterministic), then one ``lade_columns`` launch merges the
+partials down the row blocks, folds the per-class target sums and counts from ``(y_i, z_{i, y_i})`` and
+finishes LADER's per-column terms, which gives LADER plus the vectors its gradient needs:
 ``d LADER / d z_ic = col_a_c * [y_i == c] + col_b_c * exp(z_ic - col_lse_c)`` for valid rows, with
 ``col_a_c = -pi_c / (N_c + 1e-8)`` and ``col_b_c = pi_c * (1 + 2*lambda*second_c)``.
 """
@@ -23,21 +23,22 @@ _BLOCK_C = 256
 
 
 @triton.jit
-def lade_columns(stat_ptr, R, C, pi_ptr, n_valid_ptr, remine_lambda, log_uniform, out_ptr,
-                 FINISH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Grid (cdiv(C, BLOCK_C),). ``stat``: (4, R, C) fp32 partials (column max, sum exp(z - max), class sum
-    of z, class count) of R row blocks; merged down R in fp32 (deterministic order).
+def lade_columns(stat_ptr, R, C, y_ptr, zy_ptr, N, ignore_index, pi_ptr, remine_lambda, log_uniform, out_ptr,
+                 FINISH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Y: tl.constexpr):
+    """Grid (cdiv(C, BLOCK_C),). ``stat``: (2, R, C) fp32 partials (column max of z, sum exp(z - max)) of R row
+    blocks, merged down R in fp32 (deterministic order).
 
-    Without FINISH: ``out`` (4, C) = the merged statistics. With FINISH: ``out`` (4, C) = (col_a, col_b,
-    col_lse, -pi * est) with ``col_lse = LSE_i z_ic``, ``first = sum / (N_c + 1e-8)``,
+    Without FINISH: ``out`` (2, C) = the merged statistics. With FINISH, also over the N rows of ``y`` (targets)
+    and ``zy`` (their target logits, read only for valid rows in range): ``N_c`` = the rows of class c,
+    ``first = sum_{i: y_i = c} z_ic / (N_c + 1e-8)``, ``n_valid`` = the rows that are not ``ignore_index``; then
+    ``out`` (4, C) = (col_a, col_b, col_lse, -pi * est) with ``col_lse = LSE_i z_ic``,
     ``second = col_lse - log(pi + 1e-9) + log_uniform - log n_valid``, ``est = first - second - lambda second^2``
-    (``log_uniform = log(1/C + 1e-9)``, ``n_valid`` a device fp32 scalar)."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    (``log_uniform = log(1/C + 1e-9)``); the last row is 0 when no row is valid (LADER = 0)."""
+    c0 = tl.program_id(0) * BLOCK_C
+    cols = c0 + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     c_max = tl.full((BLOCK_C,), NEG_BIG, tl.float32)
     c_sum = tl.zeros((BLOCK_C,), tl.float32)
-    c_first = tl.zeros((BLOCK_C,), tl.float32)
-    c_count = tl.zeros((BLOCK_C,), tl.float32)
     plane = tl.cast(R, tl.int64) * C
     for r0 in range(0, R, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
@@ -48,11 +49,23 @@ def lade_columns(stat_ptr, R, C, pi_ptr, n_valid_ptr, remine_lambda, log_uniform
         m_new = tl.maximum(c_max, tl.max(p_max, 0))
         c_sum = c_sum * tl.exp(c_max - m_new) + tl.sum(p_sum * tl.exp(p_max - m_new[None, :]), 0)
         c_max = m_new
-        c_first += tl.sum(tl.load(stat_ptr + 2 * plane + offs, mask=mask, other=0.0), 0)
-        c_count += tl.sum(tl.load(stat_ptr + 3 * plane + offs, mask=mask, other=0.0), 0)
     if FINISH:
+        c_first = tl.zeros((BLOCK_C,), tl.float32)
+        c_count = tl.zeros((BLOCK_C,), tl.float32)
+        n_acc = tl.zeros((BLOCK_Y,), tl.float32)
+        for i0 in range(0, N, BLOCK_Y):
+            i = i0 + tl.arange(0, BLOCK_Y)
+            y = tl.load(y_ptr + i, mask=i < N, other=ignore_index).to(tl.int64)
+            valid = (i < N) & (y != ignore_index)
+            n_acc += valid.to(tl.float32)
+            here = valid & (y >= c0) & (y < c0 + BLOCK_C) & (y < C)
+            if tl.sum(here.to(tl.int32), 0) > 0:  # most row steps hold no target of these classes
+                zy = tl.load(zy_ptr + i, mask=here, other=0.0)
+                hit = here[:, None] & (y[:, None] == cols[None, :])
+                c_first += tl.sum(tl.where(hit, zy[:, None], 0.0), 0)
+                c_count += tl.sum(hit.to(tl.float32), 0)
+        n_valid = tl.sum(n_acc, 0)
         pi = tl.load(pi_ptr + cols, mask=col_mask, other=0.0)
-        n_valid = tl.load(n_valid_ptr)
         col_lse = c_max + tl.log(c_sum)
         inv_count = 1.0 / (c_count + 1e-8)
         second = col_lse - tl.log(pi + 1e-9) + log_uniform - tl.log(n_valid)
@@ -60,59 +73,62 @@ def lade_columns(stat_ptr, R, C, pi_ptr, n_valid_ptr, remine_lambda, log_uniform
         tl.store(out_ptr + cols, -pi * inv_count, mask=col_mask)
         tl.store(out_ptr + C + cols, pi * (1.0 + 2.0 * remine_lambda * second), mask=col_mask)
         tl.store(out_ptr + 2 * C + cols, col_lse, mask=col_mask)
-        tl.store(out_ptr + 3 * C + cols, -pi * est, mask=col_mask)
+        tl.store(out_ptr + 3 * C + cols, tl.where(n_valid > 0, -pi * est, 0.0), mask=col_mask)
     else:
         tl.store(out_ptr + cols, c_max, mask=col_mask)
         tl.store(out_ptr + C + cols, c_sum, mask=col_mask)
-        tl.store(out_ptr + 2 * C + cols, c_first, mask=col_mask)
-        tl.store(out_ptr + 3 * C + cols, c_count, mask=col_mask)
 
 
 def _columns(stats: torch.Tensor, finish_args=None) -> torch.Tensor:
     if stats.dim() == 2:
         stats = stats[:, None]
-    if stats.dtype != torch.float32 or stats.shape[0] != 4:
-        raise ValueError(f"column statistics must be (4, R, C) fp32, got {tuple(stats.shape)} {stats.dtype}")
+    if stats.dtype != torch.float32 or stats.dim() != 3 or stats.shape[0] != 2:
+        raise ValueError(f"column statistics must be (2, R, C) or (2, C) fp32, got {tuple(stats.shape)} {stats.dtype}")
     stats = stats.contiguous()
     _, R, C = stats.shape
-    out = torch.empty((4, C), dtype=torch.float32, device=stats.device)
+    out = torch.empty((4 if finish_args is not None else 2, C), dtype=torch.float32, device=stats.device)
     if C == 0:
         return out
-    pi, n_valid, remine_lambda = finish_args if finish_args is not None else (out, out, 0.0)
+    y, zy, ignore_index, pi, remine_lambda = finish_args if finish_args is not None else (out, out, -100, out, 0.0)
+    N = y.shape[0] if finish_args is not None else 0
+    if N == 0:  # no row to read: pointers that are surely valid
+        y, zy = torch.full((1,), int(ignore_index), device=stats.device), out
     block_c = min(_BLOCK_C, triton.next_power_of_2(C))
     block_r = max(1, min(4096 // block_c, triton.next_power_of_2(max(R, 1))))  # few classes: taller steps
+    block_y = max(1, min(4096 // block_c, triton.next_power_of_2(max(N, 1))))
     lade_columns[(triton.cdiv(C, block_c),)](
-        stats, R, C, pi, n_valid, float(remine_lambda), math.log(1.0 / C + 1e-9), out,
-        FINISH=finish_args is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+        stats, R, C, y, zy, N, int(ignore_index), pi, float(remine_lambda), math.log(1.0 / C + 1e-9), out,
+        FINISH=finish_args is not None, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_Y=block_y, num_warps=4)
     return out
 
 
-def merge_partials(colstats: torch.Tensor) -> torch.Tensor:
-    """(4, R, C) per-row-block partials (column max, sum-exp relative to it, class sums, class counts) ->
-    (4, C) for the whole set of rows (one launch). Also merges the running stats of row chunks: stack them
-    on dim 1."""
-    return _columns(colstats)
+def merge_partials(partials: torch.Tensor) -> torch.Tensor:
+    """(2, R, C) per-row-block partials (column max, sum-exp relative to it) -> (2, C) for the whole set of rows
+    (one launch). Also merges the running stats of row chunks: stack them on dim 1."""
+    return _columns(partials)
 
 
-def finish(stats: torch.Tensor, pi: torch.Tensor, n_valid: torch.Tensor, remine_lambda: float):
-    """LADER and its gradient vectors from column statistics of all N rows: merged (4, C), or the (4, R, C)
-    partials (merged in the same launch).
+def finish(partials: torch.Tensor, y: torch.Tensor, target_logits: torch.Tensor, pi: torch.Tensor,
+           ignore_index: int, remine_lambda: float):
+    """LADER and its gradient vectors, one launch: ``partials`` the column (max, sum-exp) of all N rows, merged
+    (2, C) or per row block (2, R, C); ``y`` (N,) targets and ``target_logits`` (N,) fp32 their logits
+    ``z_{i, y_i}`` (read for valid rows only; see :class:`fastlt.kernels.launch.ColumnStats`).
 
-    ``pi``: (C,) fp32 prior; ``n_valid``: fp32 device scalar, the count of non-ignored rows (LADER is 0
-    when it is 0). Returns ``(lader, col_a, col_b, col_lse)``."""
+    ``pi``: (C,) fp32 prior. LADER is 0 when every row is ignored. Returns ``(lader, col_a, col_b, col_lse)``."""
+    if y.shape != target_logits.shape or y.dim() != 1:
+        raise ValueError(f"y and target_logits must both be (N,), got {tuple(y.shape)} and "
+                         f"{tuple(target_logits.shape)}")
     pi = pi.to(torch.float32).contiguous()
-    out = _columns(stats, (pi, n_valid.to(torch.float32).reshape(1), remine_lambda))
-    lader = torch.where(n_valid > 0, out[3].sum(), torch.zeros((), device=out.device))
-    return lader.reshape(()), out[0], out[1], out[2]
+    out = _columns(partials, (y.contiguous(), target_logits.contiguous(), ignore_index, pi, remine_lambda))
+    return out[3].sum(), out[0], out[1], out[2]
 
 
 def forward(z: torch.Tensor, y: torch.Tensor, pi: torch.Tensor, remine_lambda: float, args: launch.RowOperatorArgs,
             config: launch.TileConfig | None = None):
     """Returns ``(prior_ce, lse, factor, lader, col_a, col_b, col_lse)`` (fp32; ``prior_ce`` reduced by
     ``args.reduction``, ``lader`` a 0-dim tensor): three launches (rows + column partials, the reduction,
-    the column merge and finish) and one torch count."""
-    loss_rows, lse, factor, colstats = launch.forward(z, y, args, column_stats=True, config=config, scale_mean=False)
+    the column merge and finish) and LADER's sum."""
+    loss_rows, lse, factor, cols = launch.forward(z, y, args, column_stats=True, config=config, scale_mean=False)
     prior_ce = launch.reduce(loss_rows, y, args, factor=factor)
-    n_valid = (y != args.ignore_index).sum(dtype=torch.float32)
-    lader, col_a, col_b, col_lse = finish(colstats, pi, n_valid, remine_lambda)
+    lader, col_a, col_b, col_lse = finish(cols.partials, y, cols.target_logits, pi, args.ignore_index, remine_lambda)
     return prior_ce, lse, factor, lader, col_a, col_b, col_lse

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -45,6 +46,21 @@ class RowOperatorArgs:
         return 2 if self.margin is not None else (1 if self.has_margin else 0)
 
 
+class ColumnStats(NamedTuple):
+    """LADE's per-column statistics as the row kernel leaves them: ``partials`` (2, R, C) fp32, per block of rows
+    the column max of z and sum exp(z - max) over its valid rows; ``target_logits`` (N,) fp32, each valid row's
+    ``z_{i, y_i}`` (rows that are ignored or whose target is out of range are left unwritten). The per-class
+    target sums and counts are folded from these by :func:`fastlt.kernels.lade.finish`."""
+
+    partials: torch.Tensor
+    target_logits: torch.Tensor
+
+    @staticmethod
+    def empty(N: int, C: int, device) -> ColumnStats:
+        return ColumnStats(torch.empty((2, column_stat_blocks(N), C), dtype=torch.float32, device=device),
+                           torch.empty(N, dtype=torch.float32, device=device))
+
+
 @dataclass(frozen=True)
 class TileConfig:
     block_m: int
@@ -74,27 +90,41 @@ def _sm_count(device: torch.device) -> int:
     return 1
 
 
-def pick_tiles(N: int, C: int, device: torch.device, *, column_stats: bool = False, block_m: int | None = None,
-               block_n: int | None = None, num_splits: int | None = None, num_warps: int | None = None,
-               num_stages: int | None = None) -> TileConfig:
-    """Tile shape and row split for an (N, C) problem (cached). Explicit arguments override (tests, tuning)."""
-    return _pick_tiles(N, C, _sm_count(device), column_stats, block_m, block_n, num_splits, num_warps, num_stages)
+def pick_tiles(N: int, C: int, device: torch.device, *, column_stats: bool = False, column_term: bool = False,
+               block_m: int | None = None, block_n: int | None = None, num_splits: int | None = None,
+               num_warps: int | None = None, num_stages: int | None = None) -> TileConfig:
+    """Tile shape and row split for an (N, C) problem (cached). ``column_stats``: LADE's forward;
+    ``column_term``: LADE's gradient. Explicit arguments override (tests, tuning)."""
+    return _pick_tiles(N, C, _sm_count(device), column_stats, column_term, block_m, block_n, num_splits, num_warps,
+                       num_stages)
+
+
+_COLUMN_TERM_ROWS = 4  # rows per LADE gradient tile: its three (C,) vectors are read once per 4 rows
 
 
 @functools.lru_cache(maxsize=1024)
-def _pick_tiles(N, C, sm_count, column_stats, block_m, block_n, num_splits, num_warps, num_stages) -> TileConfig:
+def _pick_tiles(N, C, sm_count, column_stats, column_term, block_m, block_n, num_splits, num_warps,
+                num_stages) -> TileConfig:
     # Defaults from benchmarks/tune_tiles.py on an H100 (triton 3.6): 2048-wide tiles, 4 warps and a
     # 3-stage pipelined column loop beat whole-row tiles at every shape (more programs in flight per SM
     # hide HBM latency better than one 16-warp program holding a whole 8K row).
     # LADE's column statistics: per program, BLOCK_M rows reduce into one partial per column
-    # ((4, N/BLOCK_M, C) fp32). 16 x 1024 tiles measured 6.74 ms at 4096 x 131072 fp32 (H100), 64 x 256
-    # tiles (4x fewer partials) 8.72 ms: taller tiles cost more in the kernel than the partials save.
-    # benchmarks/tune_tiles.py --lade sweeps the rest.
+    # ((2, N/BLOCK_M, C) fp32). 16 x 1024 tiles measured 6.74 ms at 4096 x 131072 fp32 (H100), 64 x 256
+    # tiles (4x fewer partials) 8.72 ms: taller tiles cost more in the kernel than the partials save. Since the
+    # class sums left the tile (static count, benchmarks/kernel_report.py): 16 x 1024 with 16 warps still
+    # spills in fp32 (32 elements per thread), 16 x 512 with 16 warps does not (16 per thread, ~100
+    # registers, the same 16 warps per SM), so that is the default until a GPU run of
+    # benchmarks/tune_tiles.py --lade says otherwise.
+    # LADE's gradient reads three (C,) fp32 vectors per element beside z (12 B from L2 per 4 B of fp32 z with
+    # one-row tiles): 4 x 512 tiles share each vector load between 4 rows (no spills, 64 registers).
     if block_n is None:
-        block_n = max(16, min(_next_pow2(C), 1024 if column_stats else _TILE_N))
+        width = 512 if column_stats else (_TILE_N // _COLUMN_TERM_ROWS if column_term and block_m is None else _TILE_N)
+        block_n = max(16, min(_next_pow2(C), width))
     if block_m is None:
         if column_stats:
             block_m = min(16, max(1, _next_pow2(N)))
+        elif column_term:
+            block_m = min(_COLUMN_TERM_ROWS, _next_pow2(max(N, 1)))
         else:
             block_m = max(1, min(64, _TILE_N // block_n, _next_pow2(max(N, 1))))
     tiles = _cdiv(C, block_n)
@@ -108,7 +138,10 @@ def _pick_tiles(N, C, sm_count, column_stats, block_m, block_n, num_splits, num_
     num_splits = _cdiv(C, cols_per_split)
     if num_warps is None:
         elements = block_m * block_n
-        num_warps = 4 if elements <= 2048 else (8 if elements <= 8192 else 16)
+        if column_stats:  # ~16 elements per thread: more spill (see above)
+            num_warps = max(4, min(16, elements // 512))
+        else:
+            num_warps = 4 if elements <= 2048 else (8 if elements <= 8192 else 16)
     return TileConfig(block_m, block_n, num_splits, cols_per_split, num_warps, 3 if num_stages is None else num_stages)
 
 
@@ -213,12 +246,12 @@ def _class_ptrs(args: RowOperatorArgs, dev):
 def forward(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out: torch.Tensor | None = None,
             column_stats: bool = False, config: TileConfig | None = None,
             inv_denominator: torch.Tensor | None = None, scale_mean: bool = True):
-    """Run the forward. Returns ``(loss_rows, lse, factor, colstats)``, all fp32.
+    """Run the forward. Returns ``(loss_rows, lse, factor, column_stats)``, all fp32.
 
     ``loss_rows`` (N,): per-row losses (0 for ignored rows); ``lse`` (2, N): fp32 (row max, log
     sum-exp) of the adjusted row, kept apart so the backward's ``exp((a - max) - log_sum)`` is as exact
     as torch's softmax; ``factor`` (N,): d(reduced loss)/d(loss_i) times the focal factor (the backward's row
-    coefficient before grad_output); ``colstats`` (4, R, C) when ``column_stats`` else None.
+    coefficient before grad_output); ``column_stats``: a :class:`ColumnStats` (LADE) when asked for, else None.
     ``grad_out``: a tensor (N, C), possibly ``z`` itself, that receives d(reduced loss)/dz.
     ``inv_denominator``: a (1,) fp32 device tensor replacing 1 / sum_i w_{y_i} for 'mean' (callers that
     process the rows of one batch in chunks pass the whole batch's value).
@@ -241,15 +274,16 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out
     split = cfg.num_splits > 1
     part = torch.empty((4, N, cfg.num_splits), dtype=torch.float32, device=dev) if split else _dummy(dev)
     row_blocks = _cdiv(N, cfg.block_m)
-    colstats = (torch.empty((4, row_blocks, C), dtype=torch.float32, device=dev) if column_stats
-                else _dummy(dev))
+    colstats = (ColumnStats(torch.empty((2, row_blocks, C), dtype=torch.float32, device=dev),
+                            torch.empty(N, dtype=torch.float32, device=dev)) if column_stats
+                else ColumnStats(_dummy(dev), _dummy(dev)))
     fuse_grad = grad_out is not None and not split
     g = grad_out if fuse_grad else z
     flags = _common_flags(args)
     if N > 0:
         row_loss_forward[(row_blocks, cfg.num_splits)](
             z, z.stride(0), z.stride(1), y, prior, cloud, margin, weight, wsum, inv_denom,
-            loss, lse, factor, part, colstats, g, g.stride(0), g.stride(1),
+            loss, lse, factor, part, colstats.partials, colstats.target_logits, g, g.stride(0), g.stride(1),
             N, C, cfg.cols_per_split, 0, C, 0, cfg.num_splits, args.ignore_index, args.tau, args.noise_mul,
             args.margin_value, args.scale, args.gamma, args.label_smoothing, args.seed, args.noise_row_offset,
             HAS_FOCAL=args.gamma != 0.0, MEAN=mean, SPLIT=split,
@@ -280,7 +314,7 @@ def grad(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, lse: torch.Ten
     if col_base % 8:
         raise ValueError(f"col_base must be a multiple of 8 (8 noise columns per Philox call), got {col_base}")
     dev = z.device
-    cfg = config or pick_tiles(N, Ck, dev)
+    cfg = config or pick_tiles(N, Ck, dev, column_term=column_term is not None)
     out = torch.empty((N, Ck), dtype=z.dtype, device=dev) if out is None else out
     if N == 0:
         return out
@@ -301,23 +335,26 @@ def grad(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, lse: torch.Ten
 
 
 def chunk_partials(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, part: torch.Tensor, chunk: int, *,
-                   col_base: int, num_classes: int, colstats: torch.Tensor | None = None) -> None:
+                   col_base: int, num_classes: int, column_stats: ColumnStats | None = None) -> None:
     """Row partials of one class chunk: ``z`` (N, Ck) holds classes ``[col_base, col_base + Ck)`` of
     ``num_classes``; writes (max, sum-exp, a_y, sum w*a) of those classes to ``part[:, :, chunk]``
     (``part``: (4, N, num_chunks) fp32). :func:`combine_partials` finishes the rows once every chunk is in.
-    ``colstats`` (LADE): a (4, R, num_classes) fp32 buffer, ``R = column_stat_blocks(N)``, that receives this
-    chunk's column partials in its columns ``[col_base, col_base + Ck)`` (as :func:`forward` fills them for the
-    whole matrix)."""
+    ``column_stats`` (LADE): a :class:`ColumnStats` for N rows and ``num_classes`` columns
+    (:meth:`ColumnStats.empty`) that receives this chunk's column partials in its columns
+    ``[col_base, col_base + Ck)`` and the target logits of the rows whose targets lie there (as :func:`forward`
+    fills them for the whole matrix)."""
     N, Ck = z.shape
     if col_base % 8:
         raise ValueError(f"col_base must be a multiple of 8 (8 noise columns per Philox call), got {col_base}")
     dev = z.device
-    column_stats = colstats is not None
-    cfg = pick_tiles(N, Ck, dev, column_stats=column_stats)
+    has_cols = column_stats is not None
+    cfg = pick_tiles(N, Ck, dev, column_stats=has_cols)
     row_blocks = _cdiv(N, cfg.block_m)
-    if column_stats and tuple(colstats.shape) != (4, column_stat_blocks(N), num_classes):
-        raise ValueError(f"colstats must have shape (4, {column_stat_blocks(N)}, {num_classes}), "
-                         f"got {tuple(colstats.shape)}")
+    if has_cols and (tuple(column_stats.partials.shape) != (2, column_stat_blocks(N), num_classes)
+                     or tuple(column_stats.target_logits.shape) != (N,)):
+        raise ValueError(f"column_stats must hold (2, {column_stat_blocks(N)}, {num_classes}) partials and ({N},) "
+                         f"target logits (ColumnStats.empty), got {tuple(column_stats.partials.shape)} and "
+                         f"{tuple(column_stats.target_logits.shape)}")
     if N == 0 or Ck == 0:
         return
     block_n = cfg.block_n
@@ -325,11 +362,11 @@ def chunk_partials(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, part
     d = _dummy(dev)
     row_loss_forward[(row_blocks, 1)](
         z, z.stride(0), z.stride(1), y, prior, cloud, margin, weight, d, d, d, d, d, part,
-        colstats if column_stats else d, z, 0, 0,
+        column_stats.partials if has_cols else d, column_stats.target_logits if has_cols else d, z, 0, 0,
         N, num_classes, Ck, col_base, col_base + Ck, chunk, part.shape[2], args.ignore_index, args.tau,
         args.noise_mul, args.margin_value, args.scale, args.gamma, args.label_smoothing, args.seed,
         args.noise_row_offset, HAS_FOCAL=args.gamma != 0.0, MEAN=False, SPLIT=True, SINGLE_TILE=Ck <= block_n,
-        GRAD_IN_FWD=False, COLUMN_STATS=column_stats, BLOCK_M=cfg.block_m, BLOCK_N=block_n, num_warps=cfg.num_warps,
+        GRAD_IN_FWD=False, COLUMN_STATS=has_cols, BLOCK_M=cfg.block_m, BLOCK_N=block_n, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **_common_flags(args))
 
 

@@ -76,11 +76,13 @@ def _adjusted_tile(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_
 def _target_logit(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_base, y, m, col_lo, col_hi,
                   tau, noise_mul, scale, seed, noise_row0,
                   HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr):
-    """``a_{i, y_i}`` (fp32) for the rows whose target lies in ``[col_lo, col_hi)``, 0 elsewhere: one gathered
-    element per row, the same arithmetic as :func:`_adjusted_tile` (so no per-element compare-and-sum)."""
+    """``(a_{i, y_i}, z_{i, y_i})`` (fp32) for the rows whose target lies in ``[col_lo, col_hi)``, 0 elsewhere:
+    one gathered element per row, the same arithmetic as :func:`_adjusted_tile` (so no per-element
+    compare-and-sum), and the raw logit (LADE's class sums)."""
     here = row_mask & (y >= col_lo) & (y < col_hi)
     offs = rows.to(tl.int64) * stride_zm + (y - col_base) * stride_zn
-    a = tl.load(z_ptr + offs, mask=here, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + offs, mask=here, other=0.0).to(tl.float32)
+    a = z
     if HAS_PRIOR:
         a += tau * tl.load(prior_ptr + y, mask=here, other=0.0).to(tl.float32)
     if HAS_NOISE:
@@ -88,7 +90,7 @@ def _target_logit(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_m
         a -= (noise_mul * cloud) * gcl_noise_at(seed, rows + noise_row0, y)
     if MARGIN_MODE != 0:
         a -= m
-    return tl.where(here, a * scale, 0.0)
+    return tl.where(here, a * scale, 0.0), z
 
 
 @triton.jit
@@ -138,9 +140,11 @@ def _finish_and_store_rows(row_max, log_sum, a_y, sw, w_y, valid, rows, row_mask
 
 @triton.jit
 def _grad_tile(a, z, row_max, log_sum, y, cols, col_mask, mask, coef, w_y, weight_ptr, w_sum, scale,
-               label_smoothing, inv_C, valid, col_a_ptr, col_b_ptr, col_lse_ptr,
+               label_smoothing, inv_C, valid, col_a_y, col_b_ptr, col_lse_ptr,
                HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, COLUMN_TERM: tl.constexpr):
-    """d loss / d z for one tile, fp32 (the target's -1 folded here, before any downcast)."""
+    """d loss / d z for one tile, fp32 (the target's -1 folded here, before any downcast). COLUMN_TERM (LADE):
+    plus ``col_a_y * [j == y_i] + col_b_j * exp(z_ij - col_lse_j)`` on valid rows (``col_a_y`` (BLOCK_M,): the
+    target class's ``col_a``, gathered once per row)."""
     p = tl.exp((a - row_max[:, None]) - log_sum[:, None])  # a - max is exact for the large entries
     onehot = (cols[None, :] == y[:, None]).to(tl.float32)
     d = (1.0 - label_smoothing) * w_y[:, None] * (p - onehot)
@@ -152,11 +156,10 @@ def _grad_tile(a, z, row_max, log_sum, y, cols, col_mask, mask, coef, w_y, weigh
             d += label_smoothing * inv_C * (w_sum * p - 1.0)
     g = d * (coef * scale)[:, None]
     if COLUMN_TERM:
-        col_a = tl.load(col_a_ptr + cols, mask=col_mask, other=0.0)
         col_b = tl.load(col_b_ptr + cols, mask=col_mask, other=0.0)
         col_lse = tl.load(col_lse_ptr + cols, mask=col_mask, other=0.0)
         q = tl.exp(z - col_lse[None, :])
-        g += tl.where(valid[:, None], col_a[None, :] * onehot + col_b[None, :] * q, 0.0)
+        g += tl.where(valid[:, None], col_a_y[:, None] * onehot + col_b[None, :] * q, 0.0)
     return tl.where(mask, g, 0.0)
 
 
@@ -170,7 +173,8 @@ def _store_grad(grad_ptr, stride_gm, stride_gn, rows, cols, col_base, mask, g):
 def _tile_stats(z, a, cols, col_mask, mask, y, valid, m_i, l_i, sw, weight_ptr, colstat_ptr, pid_m, C,
                 HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, COLUMN_STATS: tl.constexpr):
     """Fold one tile into the running row statistics (max, sum-exp, smoothing sum) and, for LADE,
-    store its column partials (max z, sum exp(z - max), class sum, class count over the valid rows)."""
+    store its column partials (max z, sum exp(z - max) over the valid rows). LADE's class sums and counts
+    come from the gathered target logits instead (one element per row, not a compare per element)."""
     m_new = tl.maximum(m_i, tl.max(a, 1))
     l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(a - m_new[:, None]), 1)
     if HAS_SMOOTH:
@@ -184,22 +188,16 @@ def _tile_stats(z, a, cols, col_mask, mask, y, valid, m_i, l_i, sw, weight_ptr, 
         zc = tl.where(vmask, z, float("-inf"))
         c_max = tl.maximum(tl.max(zc, 0), NEG_BIG)
         c_sum = tl.sum(tl.exp(zc - c_max[None, :]), 0)
-        is_y = vmask & (cols[None, :] == y[:, None])
-        c_first = tl.sum(tl.where(is_y, z, 0.0), 0)
-        c_count = tl.sum(is_y.to(tl.float32), 0)
         base = colstat_ptr + pid_m.to(tl.int64) * C + cols
-        plane = tl.num_programs(0).to(tl.int64) * C
         tl.store(base, c_max, mask=col_mask)
-        tl.store(base + plane, c_sum, mask=col_mask)
-        tl.store(base + 2 * plane, c_first, mask=col_mask)
-        tl.store(base + 3 * plane, c_count, mask=col_mask)
+        tl.store(base + tl.num_programs(0).to(tl.int64) * C, c_sum, mask=col_mask)
     return m_new, l_i, sw
 
 
 @triton.jit
 def row_loss_forward(
     z_ptr, stride_zm, stride_zn, y_ptr, prior_ptr, cloud_ptr, margin_ptr, weight_ptr, wsum_ptr, inv_denom_ptr,
-    loss_ptr, lse_ptr, factor_ptr, part_ptr, colstat_ptr, grad_ptr, stride_gm, stride_gn,
+    loss_ptr, lse_ptr, factor_ptr, part_ptr, colstat_ptr, zy_ptr, grad_ptr, stride_gm, stride_gn,
     N, C, cols_per_split, col_base, col_end, split_base, total_splits,
     ignore_index, tau, noise_mul, margin_value, scale, gamma, label_smoothing, seed, noise_row0,
     HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
@@ -215,8 +213,9 @@ def row_loss_forward(
     SPLIT: write partial (max, sumexp, a_y, sum w*a) to ``part_ptr`` (4, N, total_splits), slot
     ``split_base + s``, for ``row_loss_combine``; else write loss, lse and the backward factor per row
     (and the gradient over ``grad_ptr`` when GRAD_IN_FWD). COLUMN_STATS (LADE): per column, over this
-    program's valid rows, write max z, sum exp(z - max), sum of z over rows of that class and that class's row count to
-    ``colstat_ptr`` (4, cdiv(N, BLOCK_M), C).
+    program's valid rows, write max z and sum exp(z - max) to ``colstat_ptr`` (2, cdiv(N, BLOCK_M), C), and
+    each valid row's raw target logit ``z_{i, y_i}`` to ``zy_ptr`` (N,) fp32 (by the one program whose columns
+    hold the target; other rows are left unwritten).
     """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -228,8 +227,10 @@ def row_loss_forward(
     m_i = tl.full((BLOCK_M,), NEG_BIG, tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     sw = tl.zeros((BLOCK_M,), tl.float32)
-    a_y = _target_logit(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_base, y, m, col_lo,
-                        col_hi, tau, noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE)
+    a_y, z_y = _target_logit(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_base, y, m,
+                             col_lo, col_hi, tau, noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE)
+    if COLUMN_STATS:
+        tl.store(zy_ptr + rows, z_y, mask=valid & (y >= col_lo) & (y < col_hi))
     if SINGLE_TILE:
         # the row is one tile: it stays in registers for a gradient in the same launch (no reload, and
         # GCL's noise is drawn once)
@@ -262,7 +263,7 @@ def row_loss_forward(
             inv_C = 1.0 / (C * 1.0)
             if SINGLE_TILE:  # the tile of the statistics pass, still in registers
                 g = _grad_tile(a, z, m_i, log_sum, y, cols, col_mask, mask, factor, w_y, weight_ptr, w_sum, scale,
-                               label_smoothing, inv_C, valid, loss_ptr, loss_ptr, loss_ptr,
+                               label_smoothing, inv_C, valid, w_y, loss_ptr, loss_ptr,
                                HAS_WEIGHT, HAS_SMOOTH, False)
                 _store_grad(grad_ptr, stride_gm, stride_gn, rows, cols, col_base, mask, g)
             else:
@@ -272,7 +273,7 @@ def row_loss_forward(
                         col_hi, tau, noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, BLOCK_M,
                         BLOCK_N)
                     g = _grad_tile(a, z, m_i, log_sum, y, cols, col_mask, mask, factor, w_y, weight_ptr, w_sum, scale,
-                                   label_smoothing, inv_C, valid, loss_ptr, loss_ptr, loss_ptr,
+                                   label_smoothing, inv_C, valid, w_y, loss_ptr, loss_ptr,
                                    HAS_WEIGHT, HAS_SMOOTH, False)
                     _store_grad(grad_ptr, stride_gm, stride_gn, rows, cols, col_base, mask, g)
 
@@ -330,12 +331,15 @@ def row_loss_grad(
     inv_C = 1.0 / (C * 1.0)
     col_lo = col_base + pid_s * cols_per_split
     col_hi = tl.minimum(col_lo + cols_per_split, col_end)
+    col_a_y = w_y  # unused without COLUMN_TERM
+    if COLUMN_TERM:
+        col_a_y = tl.load(col_a_ptr + y, mask=valid, other=0.0)
     for col_start in range(col_lo, col_hi, BLOCK_N):
         z, a, cols, col_mask, mask = _adjusted_tile(
             z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_start, col_base, y, m, col_hi, tau,
             noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, BLOCK_M, BLOCK_N)
         g = _grad_tile(a, z, row_max, log_sum, y, cols, col_mask, mask, coef, w_y, weight_ptr, w_sum, scale,
-                       label_smoothing, inv_C, valid, col_a_ptr, col_b_ptr, col_lse_ptr,
+                       label_smoothing, inv_C, valid, col_a_y, col_b_ptr, col_lse_ptr,
                        HAS_WEIGHT, HAS_SMOOTH, COLUMN_TERM)
         _store_grad(grad_ptr, stride_gm, stride_gn, rows, cols, col_base, mask, g)
 

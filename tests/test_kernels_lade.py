@@ -88,54 +88,107 @@ def test_lade_all_rows_ignored_gives_torch_semantics():
 
 
 def _partials(R: int, C: int, seed: int) -> torch.Tensor:
-    """(4, R, C) fp32 column partials as the forward writes them: max, sum-exp below it, class sums, counts;
-    one row block with no valid rows (NEG_BIG, 0, 0, 0) when R > 1."""
+    """(2, R, C) fp32 column partials as the forward writes them: max, sum-exp below it; one row block with no
+    valid rows (NEG_BIG, 0) when R > 1."""
     gen = torch.Generator().manual_seed(seed)
-    p = torch.stack([torch.randn(R, C, generator=gen) * 3, torch.rand(R, C, generator=gen) * 5 + 1,
-                     torch.randn(R, C, generator=gen), torch.randint(0, 3, (R, C), generator=gen).float()])
+    p = torch.stack([torch.randn(R, C, generator=gen) * 3, torch.rand(R, C, generator=gen) * 5 + 1])
     if R > 1:
-        p[:, R // 2] = torch.tensor([-1.0e30, 0.0, 0.0, 0.0])[:, None]
+        p[:, R // 2] = torch.tensor([-1.0e30, 0.0])[:, None]
     return p
 
 
-@pytest.mark.parametrize("R, C", [(1, 1), (3, 7), (37, 300), (16, 256)])
-def test_merge_partials_and_finish_match_float64(R, C):
-    """The one-launch column merge (several row-block loops, a partial column tile) and LADER's finish."""
+def _targets(N: int, C: int, seed: int):
+    """Targets with ignored rows and target logits; the slots of ignored rows hold NaN (never written by the
+    kernel, so never to be read)."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, C, (N,), generator=gen)
+    y[::5] = -100
+    zy = torch.randn(N, generator=gen) * 2
+    zy[y == -100] = float("nan")
+    return y, zy
+
+
+@pytest.mark.parametrize("R, C, N", [(1, 1, 1), (3, 7, 40), (37, 300, 50), (16, 256, 1000), (2, 5, 0)])
+def test_merge_partials_and_finish_match_float64(R, C, N):
+    """The one-launch column merge (several row-block loops, a partial column tile), the class sums and counts
+    from the target logits, and LADER's finish."""
     from fastlt.kernels import lade as lade_kernels
 
     p = _partials(R, C, R + C)
     got = lade_kernels.merge_partials(p.to(DEVICE)).cpu().double()
     p64 = p.double()
     c_max = p64[0].amax(0)
-    want = torch.stack([c_max, (p64[1] * torch.exp(p64[0] - c_max)).sum(0), p64[2].sum(0), p64[3].sum(0)])
+    want = torch.stack([c_max, (p64[1] * torch.exp(p64[0] - c_max)).sum(0)])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
     gen = torch.Generator().manual_seed(C)
     pi = torch.rand(C, generator=gen) + 0.1
     pi = pi / pi.sum()
-    n_valid = torch.tensor(float(R * 4))
+    y, zy = _targets(N, C, N + C)
+    valid = y != -100
+    n_valid = valid.sum().double()
+    counts = torch.bincount(y[valid], minlength=C).double()
+    sums = torch.zeros(C, dtype=torch.float64).index_add_(0, y[valid], zy[valid].double())
     lam = 0.3
-    lader, col_a, col_b, col_lse = lade_kernels.finish(p.to(DEVICE), pi.to(DEVICE), n_valid.to(DEVICE), lam)
+    lader, col_a, col_b, col_lse = lade_kernels.finish(p.to(DEVICE), y.to(DEVICE), zy.to(DEVICE), pi.to(DEVICE),
+                                                       -100, lam)
     lse = want[0] + torch.log(want[1])
     second = lse - torch.log(pi.double() + 1e-9) + torch.log(torch.tensor(1.0 / C + 1e-9, dtype=torch.float64)) \
-        - torch.log(n_valid.double())
-    est = want[2] / (want[3] + 1e-8) - second - lam * second * second
+        - torch.log(n_valid)
+    est = sums / (counts + 1e-8) - second - lam * second * second
     torch.testing.assert_close(col_lse.cpu().double(), lse, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(col_a.cpu().double(), -pi.double() / (want[3] + 1e-8), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(col_b.cpu().double(), pi.double() * (1 + 2 * lam * second), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(lader.cpu().double(), -(pi.double() * est).sum(), rtol=1e-5, atol=1e-5)
-    # merged (4, C) statistics finish the same as the (4, R, C) partials
-    again = lade_kernels.finish(lade_kernels.merge_partials(p.to(DEVICE)), pi.to(DEVICE), n_valid.to(DEVICE), lam)
+    torch.testing.assert_close(col_a.cpu().double(), -pi.double() / (counts + 1e-8), rtol=1e-5, atol=1e-6)
+    if N:
+        torch.testing.assert_close(col_b.cpu().double(), pi.double() * (1 + 2 * lam * second), rtol=1e-5, atol=1e-6)
+    want_lader = -(pi.double() * est).sum() if n_valid > 0 else torch.zeros((), dtype=torch.float64)
+    torch.testing.assert_close(lader.cpu().double(), want_lader, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(lader).item()
+    # merged (2, C) statistics finish the same as the (2, R, C) partials
+    again = lade_kernels.finish(lade_kernels.merge_partials(p.to(DEVICE)), y.to(DEVICE), zy.to(DEVICE),
+                                pi.to(DEVICE), -100, lam)
     torch.testing.assert_close(again[0], lader)
     torch.testing.assert_close(again[3], col_lse)
-    zero = lade_kernels.finish(p.to(DEVICE), pi.to(DEVICE), torch.zeros((), device=DEVICE), lam)[0]
-    assert zero.item() == 0.0
+    # every row ignored: LADER is 0
+    none = torch.full_like(y, -100)
+    assert lade_kernels.finish(p.to(DEVICE), none.to(DEVICE), zy.to(DEVICE), pi.to(DEVICE), -100, lam)[0].item() == 0
 
 
-def test_merge_partials_rejects_bad_shapes():
+def test_finish_skips_out_of_range_targets_and_other_ignore_index():
+    """A target outside [0, C) and a custom ignore_index: neither is counted in any class."""
     from fastlt.kernels import lade as lade_kernels
 
-    with pytest.raises(ValueError, match=r"\(4, R, C\) fp32"):
-        lade_kernels.merge_partials(torch.zeros(3, 2, 5, device=DEVICE))
-    with pytest.raises(ValueError, match=r"\(4, R, C\) fp32"):
-        lade_kernels.merge_partials(torch.zeros(4, 2, 5, dtype=torch.float64, device=DEVICE))
+    C = 6
+    p = _partials(2, C, 5).to(DEVICE)
+    pi = torch.full((C,), 1 / C, device=DEVICE)
+    y = torch.tensor([0, 7, 3, 3, -1, 2])
+    zy = torch.tensor([1.0, float("nan"), 2.0, 4.0, float("nan"), -1.0])
+    _, col_a, _, _ = lade_kernels.finish(p, y.to(DEVICE), zy.to(DEVICE), pi, -1, 0.1)
+    counts = torch.tensor([1.0, 0, 1, 2, 0, 0], dtype=torch.float64)
+    torch.testing.assert_close(col_a.cpu().double(), -(1 / C) / (counts + 1e-8), rtol=1e-6, atol=0)
+    lader = lade_kernels.finish(p, y.to(DEVICE), zy.to(DEVICE), pi, -1, 0.1)[0]
+    assert torch.isfinite(lader).item()
+
+
+def test_merge_partials_and_finish_reject_bad_shapes():
+    from fastlt.kernels import lade as lade_kernels
+
+    with pytest.raises(ValueError, match=r"\(2, R, C\) or \(2, C\) fp32"):
+        lade_kernels.merge_partials(torch.zeros(4, 2, 5, device=DEVICE))
+    with pytest.raises(ValueError, match=r"\(2, R, C\) or \(2, C\) fp32"):
+        lade_kernels.merge_partials(torch.zeros(2, 2, 5, dtype=torch.float64, device=DEVICE))
+    with pytest.raises(ValueError, match="target_logits"):
+        lade_kernels.finish(torch.zeros(2, 5, device=DEVICE), torch.zeros(3, dtype=torch.long, device=DEVICE),
+                            torch.zeros(4, device=DEVICE), torch.full((5,), 0.2, device=DEVICE), -100, 0.1)
+
+
+def test_chunk_partials_rejects_column_stats_of_the_wrong_shape():
+    z = torch.zeros(5, 8, device=DEVICE)
+    y = torch.zeros(5, dtype=torch.long, device=DEVICE)
+    part = torch.empty((4, 5, 1), device=DEVICE)
+    args = launch.RowOperatorArgs()
+    wrong = launch.ColumnStats(torch.empty((2, 1, 7), device=DEVICE), torch.empty(5, device=DEVICE))
+    with pytest.raises(ValueError, match="column_stats must hold"):
+        launch.chunk_partials(z, y, args, part, 0, col_base=0, num_classes=8, column_stats=wrong)
+    short = launch.ColumnStats.empty(4, 8, DEVICE)
+    with pytest.raises(ValueError, match="column_stats must hold"):
+        launch.chunk_partials(z, y, args, part, 0, col_base=0, num_classes=8, column_stats=short)
