@@ -1,0 +1,245 @@
+"""What the compiler makes of the kernels, without a GPU: registers, spills and SASS instruction counts.
+
+``python benchmarks/kernel_report.py [--arch 90] [--case NAME ...] [--sass DIR]`` compiles the kernels the
+launchers would launch for each case (the launchers run with their kernels swapped for a recorder, so the
+arguments, constexpr flags and alignment specialisation are exactly the runtime's) for an sm_``arch``
+target, and prints per kernel: registers per thread, spilled bytes, shared memory, and SASS instruction
+counts by class (global loads/stores, shared-memory traffic, barriers, MUFU transcendentals, FP32 math).
+No GPU needed: triton compiles to cubin with its bundled ptxas, and cuobjdump reads it back.
+
+Counting, not timing: a convert_layout through shared memory, a spill, or a class vector re-read from L2 per
+element shows up here before a GPU session can time it. SASS counts are static (a loop body counts once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Compiled:
+    kernel: str
+    flags: str
+    regs: int
+    spill_bytes: int
+    shared: int
+    counts: dict
+    sass: str
+
+
+_CLASSES = {
+    "LDG": re.compile(r"\bLDG\b|\bLDG\."),
+    "STG": re.compile(r"\bSTG\b|\bSTG\."),
+    "LDS": re.compile(r"\bLDS\b|\bLDS\.|\bLDSM\b"),
+    "STS": re.compile(r"\bSTS\b|\bSTS\."),
+    "BAR": re.compile(r"\bBAR\b|\bBAR\."),
+    "SHFL": re.compile(r"\bSHFL\b|\bSHFL\."),
+    "MUFU": re.compile(r"\bMUFU\b|\bMUFU\."),
+    "FFMA/FMUL/FADD": re.compile(r"\bF(FMA|MUL|ADD)\b|\bF(FMA|MUL|ADD)\."),
+    "IMAD/IADD/LOP": re.compile(r"\b(IMAD|IADD3|LOP3|SHF|LEA)\b|\b(IMAD|IADD3|LOP3|SHF|LEA)\."),
+    "LDL/STL": re.compile(r"\b(LDL|STL)\b|\b(LDL|STL)\."),
+}
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    return path if os.path.exists(path) else name
+
+
+def _compile(fn, args, kwargs, arch: int):
+    """Compile ``fn`` for ``args``/``kwargs`` as ``fn[grid](*args, **kwargs)`` would, for sm_``arch``."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.compiler import compile as triton_compile
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    kwargs = dict(kwargs)
+    kwargs.setdefault("debug", False)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    return triton_compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def _inspect(compiled, name: str, flags: str) -> Compiled:
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        with open(cubin, "wb") as fh:
+            fh.write(compiled.asm["cubin"])
+        res = subprocess.run([_tool("cuobjdump"), "-res-usage", cubin], capture_output=True, text=True).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
+    def field(name: str) -> int:
+        m = re.search(name + r":(\d+)", res)
+        return int(m.group(1)) if m else 0
+
+    regs, spilled = field("REG"), field("STACK") + field("LOCAL")  # spills live on the stack
+    lines = [ln for ln in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", ln)]
+    counts = collections.Counter()
+    for ln in lines:
+        for cls, pat in _CLASSES.items():
+            if pat.search(ln):
+                counts[cls] += 1
+    counts["total"] = len(lines)
+    return Compiled(name, flags, regs, spilled, max(field("SHARED"), compiled.metadata.shared), dict(counts), sass)
+
+
+class _Recorder:
+    """Stands in for a ``@triton.jit`` kernel in the launchers: records each launch's arguments."""
+
+    def __init__(self, fn, calls: list):
+        self.fn, self.calls = fn, calls
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append((self.fn, args, kwargs))
+        return launch
+
+
+def record(run) -> list:
+    """The launches ``run()`` makes through :mod:`fastlt.kernels` (nothing executes): ``[(fn, args, kwargs)]``."""
+    from fastlt.kernels import lade, launch, row_normalize
+
+    calls: list = []
+    patched = []
+    for mod in (launch, lade, row_normalize):
+        for name, obj in list(vars(mod).items()):
+            if hasattr(obj, "signature") and hasattr(obj, "params") and hasattr(obj, "fn"):
+                patched.append((mod, name, obj))
+                setattr(mod, name, _Recorder(obj, calls))
+    try:
+        run()
+    finally:
+        for mod, name, obj in patched:
+            setattr(mod, name, obj)
+    return calls
+
+
+def _flags(kwargs: dict) -> str:
+    on = [k for k, v in kwargs.items() if k.isupper() and v is True]
+    sizes = [f"{k}={v}" for k, v in kwargs.items() if k.isupper() and not isinstance(v, bool)]
+    extra = [f"{k}={kwargs[k]}" for k in ("num_warps", "num_stages") if k in kwargs]
+    return " ".join(on + sizes + extra)
+
+
+def cases():
+    """name -> a function that runs the launchers once on CPU stand-in tensors (nothing is computed)."""
+    from fastlt.bench import _counts
+    from fastlt.kernels import lade, launch
+    from fastlt.priors import gcl_cloud, log_prior, prior
+
+    def la(N, C, dtype, grad_in_forward=False, **tile):
+        def run():
+            z = torch.empty((N, C), dtype=dtype)
+            y = torch.zeros(N, dtype=torch.int64)
+            args = launch.RowOperatorArgs(prior=log_prior(_counts(C)).float())
+            cfg = launch.pick_tiles(N, C, z.device, **tile) if tile else None
+            loss, lse, factor, _ = launch.forward(z, y, args, config=cfg, grad_out=z if grad_in_forward else None)
+            if not grad_in_forward:
+                launch.grad(z, y, args, lse, factor, None, config=cfg)
+        return run
+
+    def gcl(N, C, dtype, grad_in_forward=False, **tile):
+        def run():
+            z = torch.empty((N, C), dtype=dtype)
+            y = torch.zeros(N, dtype=torch.int64)
+            args = launch.RowOperatorArgs(cloud=gcl_cloud(_counts(C)).float(), noise_mul=1.0, has_margin=True,
+                                          margin_value=0.5, scale=30.0, seed=3)
+            cfg = launch.pick_tiles(N, C, z.device, **tile) if tile else None
+            loss, lse, factor, _ = launch.forward(z, y, args, config=cfg, grad_out=z if grad_in_forward else None)
+            if not grad_in_forward:
+                launch.grad(z, y, args, lse, factor, None, config=cfg)
+        return run
+
+    def lade_case(N, C, dtype, **tile):
+        def run():
+            z = torch.empty((N, C), dtype=dtype)
+            y = torch.zeros(N, dtype=torch.int64)
+            pi = prior(_counts(C)).float()
+            args = launch.RowOperatorArgs(prior=torch.log(pi))
+            cfg = launch.pick_tiles(N, C, z.device, column_stats=True, **tile) if tile else None
+            _, lse, factor, _, col_a, col_b, col_lse = lade.forward(z, y, pi, 0.1, args, config=cfg)
+            launch.grad(z, y, args, lse, factor, None, column_term=(col_a, col_b, col_lse))
+        return run
+
+    def cosine_head(N, D, C, dtype):
+        def run():
+            from fastlt import heads
+
+            x = torch.zeros((N, D), dtype=dtype, requires_grad=True)
+            w = torch.zeros((C, D), dtype=dtype, requires_grad=True)
+            use_triton, heads.use_triton = heads.use_triton, lambda backend, t: True  # CPU stand-ins
+            try:
+                heads.cosine_cross_entropy(x, w, torch.zeros(N, dtype=torch.int64), noise_mul=1.0, margin=0.5,
+                                           cloud=gcl_cloud(_counts(C)).float(), scale=30.0, seed=1, backend="triton")
+            finally:
+                heads.use_triton = use_triton
+        return run
+
+    return {
+        "la-131072-bf16": la(4096, 131072, torch.bfloat16),
+        "la-131072-fp32": la(4096, 131072, torch.float32),
+        "la-8142-bf16-fused": la(4096, 8142, torch.bfloat16, grad_in_forward=True),
+        "gcl-131072-bf16": gcl(4096, 131072, torch.bfloat16),
+        "gcl-8142-bf16-fused": gcl(4096, 8142, torch.bfloat16, grad_in_forward=True),
+        "la-131072-bf16-fused": la(4096, 131072, torch.bfloat16, grad_in_forward=True),
+        "la-1M-bf16-split": la(128, 1_000_000, torch.bfloat16, num_splits=16),
+        "la-8142-fp32-whole-row": la(4096, 8142, torch.float32, grad_in_forward=True, block_n=8192, num_warps=16),
+        "lade-131072-fp32": lade_case(4096, 131072, torch.float32),
+        "lade-8142-bf16": lade_case(4096, 8142, torch.bfloat16),
+        "cosine-gcl-head-bf16": cosine_head(256, 128, 1000, torch.bfloat16),
+    }
+
+
+def report(names=None, arch: int = 90, sass_dir: str | None = None) -> list[tuple[str, Compiled]]:
+    out = []
+    table = cases()
+    for name in names or table:
+        seen = set()
+        for fn, args, kwargs in record(table[name]):
+            key = (fn.__name__, tuple(sorted((k, str(v)) for k, v in kwargs.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            c = _inspect(_compile(fn, args, kwargs, arch), fn.__name__, _flags(kwargs))
+            out.append((name, c))
+            if sass_dir:
+                os.makedirs(sass_dir, exist_ok=True)
+                with open(os.path.join(sass_dir, f"{name}.{fn.__name__}.{len(out)}.sass"), "w") as fh:
+                    fh.write(c.sass)
+    return out
+
+
+def markdown(rows) -> str:
+    cls = list(_CLASSES) + ["total"]
+    head = "| case | kernel | flags | regs | spill B | smem B | " + " | ".join(cls) + " |"
+    lines = [head, "|" + "---|" * (6 + len(cls))]
+    for name, c in rows:
+        lines.append(f"| {name} | {c.kernel} | {c.flags} | {c.regs} | {c.spill_bytes} | {c.shared} | "
+                     + " | ".join(str(c.counts.get(k, 0)) for k in cls) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--case", nargs="*", default=None)
+    p.add_argument("--sass", default=None, help="write each kernel's SASS into this folder")
+    a = p.parse_args(argv)
+    print(markdown(report(a.case, a.arch, a.sass)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
