@@ -1,10 +1,11 @@
 """What the compiler makes of the kernels, without a GPU: registers, spills and SASS instruction counts.
 
-``python benchmarks/kernel_report.py [--arch 90] [--case NAME ...] [--sass DIR]`` compiles the kernels the
+``python benchmarks/kernel_report.py [--arch 90] [--case NAME ...] [--sass DIR] [--check]`` compiles the kernels the
 launchers would launch for each case (the launchers run with their kernels swapped for a recorder, so the
 arguments, constexpr flags and alignment specialisation are exactly the runtime's) for an sm_``arch``
 target, and prints per kernel: registers per thread, spilled bytes, shared memory, and SASS instruction
-counts by class (global loads/stores, shared-memory traffic, barriers, MUFU transcendentals, FP32 math).
+counts by class (global loads/stores, shared-memory traffic, barriers, MUFU transcendentals, FP32 math), the
+size of each loop body, and spills inside loops (``--check`` fails on those).
 No GPU needed: triton compiles to cubin with its bundled ptxas, and cuobjdump reads it back.
 
 Counting, not timing: a convert_layout through shared memory, a spill, or a class vector re-read from L2 per
@@ -92,7 +93,37 @@ def _inspect(compiled, name: str, flags: str) -> Compiled:
             if pat.search(ln):
                 counts[cls] += 1
     counts["total"] = len(lines)
+    counts["loops"] = _loop_sizes(lines)
+    counts["loop spills"] = _loop_spills(lines)
     return Compiled(name, flags, regs, spilled, max(field("SHARED"), compiled.metadata.shared), dict(counts), sass)
+
+
+def _loops(lines: list[str]) -> list[tuple[int, int]]:
+    """(first, last) addresses of each loop body: a backward branch and its target."""
+    out = []
+    for ln in lines:
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/.*\bBRA\b[^0x]*0x([0-9a-f]+)", ln)
+        if m and int(m.group(2), 16) < int(m.group(1), 16):
+            out.append((int(m.group(2), 16), int(m.group(1), 16)))
+    return out
+
+
+def _loop_sizes(lines: list[str]) -> str:
+    """Instructions in each loop body, largest first: what one iteration of a column loop executes per thread (the
+    totals also count each loop's copy of the tail tile)."""
+    sizes = sorted(((b - a) // 16 + 1 for a, b in _loops(lines)), reverse=True)
+    return ",".join(str(n) for n in sizes) or "-"
+
+
+def _loop_spills(lines: list[str]) -> int:
+    """Local-memory loads and stores (spills) inside loop bodies: the ones paid per tile."""
+    loops = _loops(lines)
+    n = 0
+    for ln in lines:
+        if _CLASSES["LDL/STL"].search(ln):
+            addr = int(re.match(r"\s+/\*([0-9a-f]+)\*/", ln).group(1), 16)
+            n += any(a <= addr <= b for a, b in loops)
+    return n
 
 
 class _Recorder:
@@ -222,7 +253,7 @@ def report(names=None, arch: int = 90, sass_dir: str | None = None) -> list[tupl
 
 
 def markdown(rows) -> str:
-    cls = list(_CLASSES) + ["total"]
+    cls = list(_CLASSES) + ["total", "loops", "loop spills"]
     head = "| case | kernel | flags | regs | spill B | smem B | " + " | ".join(cls) + " |"
     lines = [head, "|" + "---|" * (6 + len(cls))]
     for name, c in rows:
@@ -236,8 +267,14 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--case", nargs="*", default=None)
     p.add_argument("--sass", default=None, help="write each kernel's SASS into this folder")
+    p.add_argument("--check", action="store_true", help="exit 1 if a kernel spills inside a loop")
     a = p.parse_args(argv)
-    print(markdown(report(a.case, a.arch, a.sass)))
+    rows = report(a.case, a.arch, a.sass)
+    print(markdown(rows))
+    bad = [f"{name}: {c.kernel} ({c.flags})" for name, c in rows if c.counts["loop spills"]]
+    if a.check and bad:
+        print("local-memory traffic inside a loop:\n  " + "\n  ".join(bad))
+        return 1
     return 0
 
 

@@ -2,8 +2,8 @@
 
 ``python benchmarks/tune_tiles.py [--out DIR]``: for each (N, C, dtype), times the forward kernel
 (recompute mode), the gradient kernel, and the fused forward+gradient (gradient-in-forward), over
-block_n x num_warps x num_stages (x num_splits for short batches), plus GCL's noise cost (the same
-kernels with the cloud on). Kernel times only (CUDA events via do_bench), no autograd.
+tile shape (1, 2 or 4 rows) x num_warps x num_stages (x num_splits for short batches), plus GCL's noise
+cost (the same kernels with the cloud on). Kernel times only (CUDA events via do_bench), no autograd.
 
 ``--lade``: instead, sweep the LADE forward's column-statistics tiles (block_m x block_n x warps x stages)
 and time forward (row stats + column partials + merge) plus the gradient pass, against the default.
@@ -29,12 +29,15 @@ SHAPES = [(4096, 8142, "fp32"), (4096, 8142, "bf16"), (4096, 131072, "fp32"), (4
 
 
 def candidates(N, C):
-    blocks = [2048, 4096, 8192] if C > 8192 else [1024, 2048, 4096, 8192]
+    # (rows, columns) per tile: one-row tiles, and 2- or 4-row tiles of the same size, whose (C,) prior/cloud
+    # loads are shared by the rows (4 B of L2 reads per element with one row: as much as fp32 z, twice bf16 z)
+    shapes = [(1, 2048), (1, 4096), (1, 8192), (2, 1024), (4, 512)] if C > 8192 else \
+        [(1, 1024), (1, 2048), (1, 4096), (1, 8192), (2, 1024), (4, 512)]
     splits = [None] if N >= 1024 else [None, 8, 16, 32]
-    for bn, w, st, sp in itertools.product(blocks, [4, 8, 16], [1, 3], splits):
-        if C <= 8192 and sp is not None:
+    for (bm, bn), w, st, sp in itertools.product(shapes, [4, 8, 16], [1, 3], splits):
+        if (C <= 8192 and sp is not None) or (bm > 1 and (w == 16 or N < 1024)):
             continue
-        yield dict(block_n=bn, num_warps=w, num_stages=st, num_splits=sp, block_m=1)
+        yield dict(block_n=bn, num_warps=w, num_stages=st, num_splits=sp, block_m=bm)
 
 
 def time_config(z, y, args, cfg, out):

@@ -233,6 +233,21 @@ def loss(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out: t
     return reduce(loss_rows, y, args, factor=factor, out_dtype=out_dtype), lse, factor
 
 
+def row_align(*tensors: torch.Tensor) -> int:
+    """The ``ALIGN`` constexpr of the row kernels: the largest power of two, at most one 16-byte vector of elements,
+    dividing the row stride of every (N, C) operand (1 unless their rows are unit-stride). Triton specialises
+    strides divisible by 16 by itself; this lets an odd width such as 8142 still move 2 elements per access."""
+    align = 16
+    for t in tensors:
+        if t.shape[0] > 1 and t.shape[1] > 1 and t.stride(1) != 1:
+            return 1
+        align = min(align, 16 // t.element_size())
+        if t.shape[0] > 1:
+            while align > 1 and t.stride(0) % align:
+                align //= 2
+    return align
+
+
 def _common_flags(args: RowOperatorArgs) -> dict:
     return dict(HAS_PRIOR=args.prior is not None, HAS_NOISE=args.has_noise, MARGIN_MODE=args.margin_mode,
                 HAS_WEIGHT=args.weight is not None, HAS_SMOOTH=args.label_smoothing > 0.0)
@@ -287,7 +302,7 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out
             N, C, cfg.cols_per_split, 0, C, 0, cfg.num_splits, args.ignore_index, args.tau, args.noise_mul,
             args.margin_value, args.scale, args.gamma, args.label_smoothing, args.seed, args.noise_row_offset,
             HAS_FOCAL=args.gamma != 0.0, MEAN=mean, SPLIT=split,
-            SINGLE_TILE=cfg.single_tile, GRAD_IN_FWD=fuse_grad, COLUMN_STATS=column_stats,
+            SINGLE_TILE=cfg.single_tile, GRAD_IN_FWD=fuse_grad, COLUMN_STATS=column_stats, ALIGN=row_align(z, g),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             **flags)
         if split:
@@ -328,8 +343,8 @@ def grad(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, lse: torch.Ten
         ca, cb, cl, out, out.stride(0), out.stride(1),
         N, C, cfg.cols_per_split, col_base, col_base + Ck, args.ignore_index, args.tau, args.noise_mul,
         args.margin_value, args.scale, args.label_smoothing, args.seed, args.noise_row_offset,
-        HAS_UPSTREAM=grad_output is not None,
-        COLUMN_TERM=column_term is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+        HAS_UPSTREAM=grad_output is not None, COLUMN_TERM=column_term is not None, ALIGN=row_align(z, out),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **_common_flags(args))
     return out
 
@@ -366,8 +381,8 @@ def chunk_partials(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, part
         N, num_classes, Ck, col_base, col_base + Ck, chunk, part.shape[2], args.ignore_index, args.tau,
         args.noise_mul, args.margin_value, args.scale, args.gamma, args.label_smoothing, args.seed,
         args.noise_row_offset, HAS_FOCAL=args.gamma != 0.0, MEAN=False, SPLIT=True, SINGLE_TILE=Ck <= block_n,
-        GRAD_IN_FWD=False, COLUMN_STATS=has_cols, BLOCK_M=cfg.block_m, BLOCK_N=block_n, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **_common_flags(args))
+        GRAD_IN_FWD=False, COLUMN_STATS=has_cols, ALIGN=row_align(z), BLOCK_M=cfg.block_m, BLOCK_N=block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_common_flags(args))
 
 
 def column_stat_blocks(N: int) -> int:

@@ -51,14 +51,19 @@ def _row_info(y_ptr, margin_ptr, weight_ptr, rows, N, C, ignore_index, margin_va
 def _adjusted_tile(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_start, col_base, y, m,
                    col_hi, tau, noise_mul, scale, seed, noise_row0,
                    HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Load a tile of z and return (z fp32, a fp32 with -inf outside the matrix, cols, mask). ``cols`` are
-    global class indices, masked at ``col_hi`` (the end of this program's columns); z holds the classes from
-    ``col_base`` on (0 unless the caller passes a class chunk)."""
+                   MASK_COLS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Load a tile of z and return (z fp32, a fp32 with -inf outside the matrix, cols, col_mask, mask). ``cols``
+    are global class indices, masked at ``col_hi`` (the end of this program's columns) when MASK_COLS; a tile
+    that lies wholly inside them passes MASK_COLS=False, so the (C,) vectors load unmasked and the loads of z
+    are masked per row only (both vectorise at any C). z holds the classes from ``col_base`` on (0 unless the
+    caller passes a class chunk); ALIGN: a power of two dividing its row stride (lets odd-C rows vectorise)."""
     cols = col_start + tl.arange(0, BLOCK_N)
-    col_mask = cols < col_hi
+    if MASK_COLS:
+        col_mask = cols < col_hi
+    else:
+        col_mask = tl.full((BLOCK_N,), True, tl.int1)
     mask = row_mask[:, None] & col_mask[None, :]
-    offs = rows.to(tl.int64)[:, None] * stride_zm + (cols - col_base).to(tl.int64)[None, :] * stride_zn
+    offs = _row_offsets(rows, stride_zm, ALIGN)[:, None] + (cols - col_base).to(tl.int64)[None, :] * stride_zn
     z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     a = z
     if HAS_PRIOR:
@@ -164,8 +169,18 @@ def _grad_tile(a, z, row_max, log_sum, y, cols, col_mask, mask, coef, w_y, weigh
 
 
 @triton.jit
-def _store_grad(grad_ptr, stride_gm, stride_gn, rows, cols, col_base, mask, g):
-    offs = rows.to(tl.int64)[:, None] * stride_gm + (cols - col_base).to(tl.int64)[None, :] * stride_gn
+def _row_offsets(rows, stride, ALIGN: tl.constexpr):
+    """int64 ``rows * stride``, declared a multiple of ALIGN (the launcher checks the stride) so that rows of an odd
+    width (C = 8142) still load and store in 2- or 4-element vectors."""
+    offs = rows.to(tl.int64) * stride
+    if ALIGN > 1:
+        offs = tl.multiple_of(offs, ALIGN)
+    return offs
+
+
+@triton.jit
+def _store_grad(grad_ptr, stride_gm, stride_gn, rows, cols, col_base, mask, g, ALIGN: tl.constexpr):
+    offs = _row_offsets(rows, stride_gm, ALIGN)[:, None] + (cols - col_base).to(tl.int64)[None, :] * stride_gn
     tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
@@ -195,6 +210,42 @@ def _tile_stats(z, a, cols, col_mask, mask, y, valid, m_i, l_i, sw, weight_ptr, 
 
 
 @triton.jit
+def _stats_step(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, colstat_ptr, rows, row_mask, col_start,
+                col_base, col_hi, y, m, valid, m_i, l_i, sw, pid_m, C, tau, noise_mul, scale, seed, noise_row0,
+                HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                HAS_SMOOTH: tl.constexpr, COLUMN_STATS: tl.constexpr, MASK_COLS: tl.constexpr, ALIGN: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One tile of the statistics pass: load it (:func:`_adjusted_tile`) and fold it in (:func:`_tile_stats`)."""
+    z, a, cols, col_mask, mask = _adjusted_tile(
+        z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_start, col_base, y, m, col_hi, tau,
+        noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, MASK_COLS, ALIGN, BLOCK_M, BLOCK_N)
+    return _tile_stats(z, a, cols, col_mask, mask, y, valid, m_i, l_i, sw, weight_ptr, colstat_ptr, pid_m, C,
+                       HAS_WEIGHT, HAS_SMOOTH, COLUMN_STATS)
+
+
+@triton.jit
+def _grad_step(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, grad_ptr, stride_gm, stride_gn, rows,
+               row_mask, col_start, col_base, col_hi, y, m, valid, row_max, log_sum, coef, w_y, w_sum, inv_C, col_a_y,
+               col_b_ptr, col_lse_ptr, tau, noise_mul, scale, label_smoothing, seed, noise_row0,
+               HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+               HAS_SMOOTH: tl.constexpr, COLUMN_TERM: tl.constexpr, MASK_COLS: tl.constexpr, ALIGN: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One tile of a gradient pass: recompute it, write ``coef * d loss / d z`` (plus LADE's column term)."""
+    z, a, cols, col_mask, mask = _adjusted_tile(
+        z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_start, col_base, y, m, col_hi, tau,
+        noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, MASK_COLS, ALIGN, BLOCK_M, BLOCK_N)
+    g = _grad_tile(a, z, row_max, log_sum, y, cols, col_mask, mask, coef, w_y, weight_ptr, w_sum, scale,
+                   label_smoothing, inv_C, valid, col_a_y, col_b_ptr, col_lse_ptr, HAS_WEIGHT, HAS_SMOOTH, COLUMN_TERM)
+    _store_grad(grad_ptr, stride_gm, stride_gn, rows, cols, col_base, mask, g, ALIGN)
+
+
+@triton.jit
+def _full_tiles_end(col_lo, col_hi, BLOCK_N: tl.constexpr):
+    """End of the whole tiles in ``[col_lo, col_hi)``: they need no column mask; a last partial tile follows."""
+    return col_lo + ((col_hi - col_lo) // BLOCK_N) * BLOCK_N
+
+
+@triton.jit
 def row_loss_forward(
     z_ptr, stride_zm, stride_zn, y_ptr, prior_ptr, cloud_ptr, margin_ptr, weight_ptr, wsum_ptr, inv_denom_ptr,
     loss_ptr, lse_ptr, factor_ptr, part_ptr, colstat_ptr, zy_ptr, grad_ptr, stride_gm, stride_gn,
@@ -202,7 +253,7 @@ def row_loss_forward(
     ignore_index, tau, noise_mul, margin_value, scale, gamma, label_smoothing, seed, noise_row0,
     HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, HAS_FOCAL: tl.constexpr, MEAN: tl.constexpr, SPLIT: tl.constexpr,
-    SINGLE_TILE: tl.constexpr, GRAD_IN_FWD: tl.constexpr, COLUMN_STATS: tl.constexpr,
+    SINGLE_TILE: tl.constexpr, GRAD_IN_FWD: tl.constexpr, COLUMN_STATS: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(N, BLOCK_M), num_splits). Online (max, sum-exp) over this program's columns.
@@ -236,16 +287,21 @@ def row_loss_forward(
         # GCL's noise is drawn once)
         z, a, cols, col_mask, mask = _adjusted_tile(
             z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_lo, col_base, y, m, col_hi, tau,
-            noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, BLOCK_M, BLOCK_N)
+            noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, True, ALIGN, BLOCK_M, BLOCK_N)
         m_i, l_i, sw = _tile_stats(z, a, cols, col_mask, mask, y, valid, m_i, l_i, sw, weight_ptr, colstat_ptr,
                                    pid_m, C, HAS_WEIGHT, HAS_SMOOTH, COLUMN_STATS)
     else:
-        for col_start in range(col_lo, col_hi, BLOCK_N):
-            z, a, cols, col_mask, mask = _adjusted_tile(
-                z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_start, col_base, y, m, col_hi,
-                tau, noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, BLOCK_M, BLOCK_N)
-            m_i, l_i, sw = _tile_stats(z, a, cols, col_mask, mask, y, valid, m_i, l_i, sw, weight_ptr, colstat_ptr,
-                                       pid_m, C, HAS_WEIGHT, HAS_SMOOTH, COLUMN_STATS)
+        full_end = _full_tiles_end(col_lo, col_hi, BLOCK_N)
+        for col_start in range(col_lo, full_end, BLOCK_N):
+            m_i, l_i, sw = _stats_step(
+                z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, colstat_ptr, rows, row_mask, col_start,
+                col_base, col_hi, y, m, valid, m_i, l_i, sw, pid_m, C, tau, noise_mul, scale, seed, noise_row0,
+                HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_STATS, False, ALIGN, BLOCK_M, BLOCK_N)
+        if full_end < col_hi:
+            m_i, l_i, sw = _stats_step(
+                z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, colstat_ptr, rows, row_mask, full_end,
+                col_base, col_hi, y, m, valid, m_i, l_i, sw, pid_m, C, tau, noise_mul, scale, seed, noise_row0,
+                HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_STATS, True, ALIGN, BLOCK_M, BLOCK_N)
     if SPLIT:
         offs = rows.to(tl.int64) * total_splits + (split_base + pid_s)
         plane = tl.cast(N, tl.int64) * total_splits
@@ -265,17 +321,21 @@ def row_loss_forward(
                 g = _grad_tile(a, z, m_i, log_sum, y, cols, col_mask, mask, factor, w_y, weight_ptr, w_sum, scale,
                                label_smoothing, inv_C, valid, w_y, loss_ptr, loss_ptr,
                                HAS_WEIGHT, HAS_SMOOTH, False)
-                _store_grad(grad_ptr, stride_gm, stride_gn, rows, cols, col_base, mask, g)
+                _store_grad(grad_ptr, stride_gm, stride_gn, rows, cols, col_base, mask, g, ALIGN)
             else:
-                for col_start in range(col_lo, col_hi, BLOCK_N):
-                    z, a, cols, col_mask, mask = _adjusted_tile(
-                        z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_start, col_base, y, m,
-                        col_hi, tau, noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, BLOCK_M,
-                        BLOCK_N)
-                    g = _grad_tile(a, z, m_i, log_sum, y, cols, col_mask, mask, factor, w_y, weight_ptr, w_sum, scale,
-                                   label_smoothing, inv_C, valid, w_y, loss_ptr, loss_ptr,
-                                   HAS_WEIGHT, HAS_SMOOTH, False)
-                    _store_grad(grad_ptr, stride_gm, stride_gn, rows, cols, col_base, mask, g)
+                full_end = _full_tiles_end(col_lo, col_hi, BLOCK_N)
+                for col_start in range(col_lo, full_end, BLOCK_N):
+                    _grad_step(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, grad_ptr, stride_gm,
+                               stride_gn, rows, row_mask, col_start, col_base, col_hi, y, m, valid, m_i, log_sum,
+                               factor, w_y, w_sum, inv_C, w_y, loss_ptr, loss_ptr, tau, noise_mul, scale,
+                               label_smoothing, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_WEIGHT,
+                               HAS_SMOOTH, False, False, ALIGN, BLOCK_M, BLOCK_N)
+                if full_end < col_hi:
+                    _grad_step(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, grad_ptr, stride_gm,
+                               stride_gn, rows, row_mask, full_end, col_base, col_hi, y, m, valid, m_i, log_sum,
+                               factor, w_y, w_sum, inv_C, w_y, loss_ptr, loss_ptr, tau, noise_mul, scale,
+                               label_smoothing, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_WEIGHT,
+                               HAS_SMOOTH, False, True, ALIGN, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -311,7 +371,7 @@ def row_loss_grad(
     N, C, cols_per_split, col_base, col_end, ignore_index, tau, noise_mul, margin_value, scale, label_smoothing, seed,
     noise_row0,
     HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_SMOOTH: tl.constexpr, HAS_UPSTREAM: tl.constexpr, COLUMN_TERM: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, HAS_UPSTREAM: tl.constexpr, COLUMN_TERM: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(N, BLOCK_M), num_splits): recompute the tile from the saved fp32 (row max, log sum-exp) and write
@@ -334,14 +394,19 @@ def row_loss_grad(
     col_a_y = w_y  # unused without COLUMN_TERM
     if COLUMN_TERM:
         col_a_y = tl.load(col_a_ptr + y, mask=valid, other=0.0)
-    for col_start in range(col_lo, col_hi, BLOCK_N):
-        z, a, cols, col_mask, mask = _adjusted_tile(
-            z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_start, col_base, y, m, col_hi, tau,
-            noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, BLOCK_M, BLOCK_N)
-        g = _grad_tile(a, z, row_max, log_sum, y, cols, col_mask, mask, coef, w_y, weight_ptr, w_sum, scale,
-                       label_smoothing, inv_C, valid, col_a_y, col_b_ptr, col_lse_ptr,
-                       HAS_WEIGHT, HAS_SMOOTH, COLUMN_TERM)
-        _store_grad(grad_ptr, stride_gm, stride_gn, rows, cols, col_base, mask, g)
+    full_end = _full_tiles_end(col_lo, col_hi, BLOCK_N)
+    for col_start in range(col_lo, full_end, BLOCK_N):
+        _grad_step(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, grad_ptr, stride_gm, stride_gn,
+                   rows, row_mask, col_start, col_base, col_hi, y, m, valid, row_max, log_sum, coef, w_y, w_sum, inv_C,
+                   col_a_y, col_b_ptr, col_lse_ptr, tau, noise_mul, scale, label_smoothing, seed, noise_row0,
+                   HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_TERM, False, ALIGN, BLOCK_M,
+                   BLOCK_N)
+    if full_end < col_hi:
+        _grad_step(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, grad_ptr, stride_gm, stride_gn,
+                   rows, row_mask, full_end, col_base, col_hi, y, m, valid, row_max, log_sum, coef, w_y, w_sum, inv_C,
+                   col_a_y, col_b_ptr, col_lse_ptr, tau, noise_mul, scale, label_smoothing, seed, noise_row0,
+                   HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_TERM, True, ALIGN, BLOCK_M,
+                   BLOCK_N)
 
 
 @triton.jit

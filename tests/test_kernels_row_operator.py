@@ -150,6 +150,17 @@ def test_split_and_multi_tile_paths(config, flags, reduction):
     run_and_compare(z, y, _flags(flags, cv, 17), reduction=reduction, config=config)
 
 
+@pytest.mark.parametrize("grad_in_forward", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_whole_tiles_only(dtype, grad_in_forward):
+    """C a multiple of the tile: every tile takes the unmasked-column path and no partial tile follows."""
+    gen = torch.Generator().manual_seed(19)
+    N, C = 6, 64
+    cv = _class_vectors(C, gen)
+    z, y = _inputs(N, C, dtype, gen)
+    run_and_compare(z, y, _flags("all", cv, 29), grad_in_forward=grad_in_forward, config=dict(block_n=16))
+
+
 @pytest.mark.parametrize("config", [None, dict(block_n=16, num_splits=1), dict(block_n=16, num_splits=4)],
                          ids=["single_tile", "tiles", "split"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

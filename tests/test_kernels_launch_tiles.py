@@ -1,0 +1,48 @@
+"""The launchers' static choices: tile shapes per path and the ``ALIGN`` row-stride hint.
+
+``ALIGN`` is a promise to the compiler (``tl.multiple_of``) that the interpreter cannot check: a wrong one is a
+misaligned vector access on a GPU. So it is tested here directly, on the strides it must divide.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastlt.kernels import launch
+
+
+@pytest.mark.parametrize("dtype,C,want", [
+    (torch.float32, 131072, 4), (torch.bfloat16, 131072, 8), (torch.float16, 8192, 8),
+    (torch.float32, 8142, 2), (torch.bfloat16, 8142, 2), (torch.float32, 7, 1), (torch.bfloat16, 12, 4),
+])
+def test_row_align_is_the_largest_vector_dividing_the_row_stride(dtype, C, want):
+    z = torch.empty((3, C), dtype=dtype)
+    assert launch.row_align(z) == want
+    assert z.stride(0) % want == 0 and want * z.element_size() <= 16
+
+
+def test_row_align_takes_every_operand_views_and_single_rows():
+    buf = torch.empty((4, 8200), dtype=torch.bfloat16)
+    view = buf[:, :8142]  # padded rows: stride 8200, divisible by 8
+    assert launch.row_align(view) == 8
+    assert launch.row_align(view, torch.empty((4, 8142), dtype=torch.bfloat16)) == 2  # the stricter operand
+    assert launch.row_align(torch.empty((1, 7))) == 4  # one row: its stride is never used
+    assert launch.row_align(torch.empty((5, 6)).t()) == 1  # columns not unit-stride: no vector claim
+    for t in (view, torch.empty((5, 30), dtype=torch.float16), torch.empty((2, 9), dtype=torch.float32)):
+        a = launch.row_align(t)
+        assert t.stride(0) % a == 0 or t.shape[0] == 1
+
+
+def test_lade_tiles_without_spilling_shapes():
+    """LADE's forward takes 16-row tiles (the column partials) and its gradient 4-row tiles (the column vectors
+    shared by 4 rows); other paths keep one-row tiles, and explicit arguments win."""
+    cpu = torch.device("cpu")
+    stats = launch.pick_tiles(4096, 131072, cpu, column_stats=True)
+    assert (stats.block_m, stats.block_n, stats.num_warps) == (16, 512, 16)
+    term = launch.pick_tiles(4096, 131072, cpu, column_term=True)
+    assert (term.block_m, term.block_n) == (4, 512)
+    assert launch.pick_tiles(4096, 131072, cpu).block_m == 1
+    assert launch.pick_tiles(4096, 131072, cpu, column_term=True, block_m=1, block_n=2048).block_n == 2048
+    assert launch.pick_tiles(3, 7, cpu, column_term=True).block_m == 4
+    assert launch.column_stat_blocks(4096) == 4096 // 16
