@@ -250,7 +250,8 @@ def row_align(*tensors: torch.Tensor) -> int:
 
 def _common_flags(args: RowOperatorArgs) -> dict:
     return dict(HAS_PRIOR=args.prior is not None, HAS_NOISE=args.has_noise, MARGIN_MODE=args.margin_mode,
-                HAS_WEIGHT=args.weight is not None, HAS_SMOOTH=args.label_smoothing > 0.0)
+                HAS_SCALE=args.scale != 1.0, HAS_WEIGHT=args.weight is not None,
+                HAS_SMOOTH=args.label_smoothing > 0.0)
 
 
 def _class_ptrs(args: RowOperatorArgs, dev):

@@ -50,13 +50,14 @@ def _row_info(y_ptr, margin_ptr, weight_ptr, rows, N, C, ignore_index, margin_va
 @triton.jit
 def _adjusted_tile(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_start, col_base, y, m,
                    col_hi, tau, noise_mul, scale, seed, noise_row0,
-                   HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr,
+                   HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
                    MASK_COLS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Load a tile of z and return (z fp32, a fp32 with -inf outside the matrix, cols, col_mask, mask). ``cols``
     are global class indices, masked at ``col_hi`` (the end of this program's columns) when MASK_COLS; a tile
     that lies wholly inside them passes MASK_COLS=False, so the (C,) vectors load unmasked and the loads of z
     are masked per row only (both vectorise at any C). z holds the classes from ``col_base`` on (0 unless the
-    caller passes a class chunk); ALIGN: a power of two dividing its row stride (lets odd-C rows vectorise)."""
+    caller passes a class chunk); ALIGN: a power of two dividing its row stride (lets odd-C rows vectorise).
+    HAS_SCALE: multiply by ``scale`` (off when it is 1)."""
     cols = col_start + tl.arange(0, BLOCK_N)
     if MASK_COLS:
         col_mask = cols < col_hi
@@ -73,7 +74,10 @@ def _adjusted_tile(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_
         a -= (noise_mul * cloud)[None, :] * gcl_noise_tile(seed, rows + noise_row0, col_start, BLOCK_M, BLOCK_N)
     if MARGIN_MODE != 0:
         a -= tl.where(cols[None, :] == y[:, None], m[:, None], 0.0)
-    a = tl.where(mask, a * scale, float("-inf"))
+    if HAS_SCALE:
+        a = a * scale
+    if MASK_COLS or BLOCK_M > 1:  # a whole tile of one row (the grid has exactly N rows) has nothing to mask
+        a = tl.where(mask, a, float("-inf"))
     return z, a, cols, col_mask, mask
 
 
@@ -165,7 +169,7 @@ def _grad_tile(a, z, row_max, log_sum, y, cols, col_mask, mask, coef, w_y, weigh
         col_lse = tl.load(col_lse_ptr + cols, mask=col_mask, other=0.0)
         q = tl.exp(z - col_lse[None, :])
         g += tl.where(valid[:, None], col_a_y[:, None] * onehot + col_b[None, :] * q, 0.0)
-    return tl.where(mask, g, 0.0)
+    return g
 
 
 @triton.jit
@@ -212,13 +216,14 @@ def _tile_stats(z, a, cols, col_mask, mask, y, valid, m_i, l_i, sw, weight_ptr, 
 @triton.jit
 def _stats_step(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, colstat_ptr, rows, row_mask, col_start,
                 col_base, col_hi, y, m, valid, m_i, l_i, sw, pid_m, C, tau, noise_mul, scale, seed, noise_row0,
-                HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                HAS_SMOOTH: tl.constexpr, COLUMN_STATS: tl.constexpr, MASK_COLS: tl.constexpr, ALIGN: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, COLUMN_STATS: tl.constexpr,
+                MASK_COLS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One tile of the statistics pass: load it (:func:`_adjusted_tile`) and fold it in (:func:`_tile_stats`)."""
     z, a, cols, col_mask, mask = _adjusted_tile(
         z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_start, col_base, y, m, col_hi, tau,
-        noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, MASK_COLS, ALIGN, BLOCK_M, BLOCK_N)
+        noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, MASK_COLS, ALIGN, BLOCK_M,
+        BLOCK_N)
     return _tile_stats(z, a, cols, col_mask, mask, y, valid, m_i, l_i, sw, weight_ptr, colstat_ptr, pid_m, C,
                        HAS_WEIGHT, HAS_SMOOTH, COLUMN_STATS)
 
@@ -227,13 +232,14 @@ def _stats_step(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, c
 def _grad_step(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, grad_ptr, stride_gm, stride_gn, rows,
                row_mask, col_start, col_base, col_hi, y, m, valid, row_max, log_sum, coef, w_y, w_sum, inv_C, col_a_y,
                col_b_ptr, col_lse_ptr, tau, noise_mul, scale, label_smoothing, seed, noise_row0,
-               HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-               HAS_SMOOTH: tl.constexpr, COLUMN_TERM: tl.constexpr, MASK_COLS: tl.constexpr, ALIGN: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+               HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
+               HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, COLUMN_TERM: tl.constexpr,
+               MASK_COLS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One tile of a gradient pass: recompute it, write ``coef * d loss / d z`` (plus LADE's column term)."""
     z, a, cols, col_mask, mask = _adjusted_tile(
         z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_start, col_base, y, m, col_hi, tau,
-        noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, MASK_COLS, ALIGN, BLOCK_M, BLOCK_N)
+        noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, MASK_COLS, ALIGN, BLOCK_M,
+        BLOCK_N)
     g = _grad_tile(a, z, row_max, log_sum, y, cols, col_mask, mask, coef, w_y, weight_ptr, w_sum, scale,
                    label_smoothing, inv_C, valid, col_a_y, col_b_ptr, col_lse_ptr, HAS_WEIGHT, HAS_SMOOTH, COLUMN_TERM)
     _store_grad(grad_ptr, stride_gm, stride_gn, rows, cols, col_base, mask, g, ALIGN)
@@ -251,8 +257,9 @@ def row_loss_forward(
     loss_ptr, lse_ptr, factor_ptr, part_ptr, colstat_ptr, zy_ptr, grad_ptr, stride_gm, stride_gn,
     N, C, cols_per_split, col_base, col_end, split_base, total_splits,
     ignore_index, tau, noise_mul, margin_value, scale, gamma, label_smoothing, seed, noise_row0,
-    HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_SMOOTH: tl.constexpr, HAS_FOCAL: tl.constexpr, MEAN: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_FOCAL: tl.constexpr, MEAN: tl.constexpr,
+    SPLIT: tl.constexpr,
     SINGLE_TILE: tl.constexpr, GRAD_IN_FWD: tl.constexpr, COLUMN_STATS: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -287,7 +294,8 @@ def row_loss_forward(
         # GCL's noise is drawn once)
         z, a, cols, col_mask, mask = _adjusted_tile(
             z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_lo, col_base, y, m, col_hi, tau,
-            noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, True, ALIGN, BLOCK_M, BLOCK_N)
+            noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, True, ALIGN, BLOCK_M,
+            BLOCK_N)
         m_i, l_i, sw = _tile_stats(z, a, cols, col_mask, mask, y, valid, m_i, l_i, sw, weight_ptr, colstat_ptr,
                                    pid_m, C, HAS_WEIGHT, HAS_SMOOTH, COLUMN_STATS)
     else:
@@ -296,12 +304,14 @@ def row_loss_forward(
             m_i, l_i, sw = _stats_step(
                 z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, colstat_ptr, rows, row_mask, col_start,
                 col_base, col_hi, y, m, valid, m_i, l_i, sw, pid_m, C, tau, noise_mul, scale, seed, noise_row0,
-                HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_STATS, False, ALIGN, BLOCK_M, BLOCK_N)
+                HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_STATS, False, ALIGN,
+                BLOCK_M, BLOCK_N)
         if full_end < col_hi:
             m_i, l_i, sw = _stats_step(
                 z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, colstat_ptr, rows, row_mask, full_end,
                 col_base, col_hi, y, m, valid, m_i, l_i, sw, pid_m, C, tau, noise_mul, scale, seed, noise_row0,
-                HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_STATS, True, ALIGN, BLOCK_M, BLOCK_N)
+                HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_STATS, True, ALIGN,
+                BLOCK_M, BLOCK_N)
     if SPLIT:
         offs = rows.to(tl.int64) * total_splits + (split_base + pid_s)
         plane = tl.cast(N, tl.int64) * total_splits
@@ -328,13 +338,15 @@ def row_loss_forward(
                     _grad_step(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, grad_ptr, stride_gm,
                                stride_gn, rows, row_mask, col_start, col_base, col_hi, y, m, valid, m_i, log_sum,
                                factor, w_y, w_sum, inv_C, w_y, loss_ptr, loss_ptr, tau, noise_mul, scale,
-                               label_smoothing, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_WEIGHT,
+                               label_smoothing, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE,
+                               HAS_WEIGHT,
                                HAS_SMOOTH, False, False, ALIGN, BLOCK_M, BLOCK_N)
                 if full_end < col_hi:
                     _grad_step(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, grad_ptr, stride_gm,
                                stride_gn, rows, row_mask, full_end, col_base, col_hi, y, m, valid, m_i, log_sum,
                                factor, w_y, w_sum, inv_C, w_y, loss_ptr, loss_ptr, tau, noise_mul, scale,
-                               label_smoothing, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_WEIGHT,
+                               label_smoothing, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE,
+                               HAS_WEIGHT,
                                HAS_SMOOTH, False, True, ALIGN, BLOCK_M, BLOCK_N)
 
 
@@ -370,8 +382,9 @@ def row_loss_grad(
     lse_ptr, factor_ptr, go_ptr, go_stride, col_a_ptr, col_b_ptr, col_lse_ptr, grad_ptr, stride_gm, stride_gn,
     N, C, cols_per_split, col_base, col_end, ignore_index, tau, noise_mul, margin_value, scale, label_smoothing, seed,
     noise_row0,
-    HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_SMOOTH: tl.constexpr, HAS_UPSTREAM: tl.constexpr, COLUMN_TERM: tl.constexpr, ALIGN: tl.constexpr,
+    HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_UPSTREAM: tl.constexpr, COLUMN_TERM: tl.constexpr,
+    ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(N, BLOCK_M), num_splits): recompute the tile from the saved fp32 (row max, log sum-exp) and write
@@ -399,13 +412,15 @@ def row_loss_grad(
         _grad_step(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, grad_ptr, stride_gm, stride_gn,
                    rows, row_mask, col_start, col_base, col_hi, y, m, valid, row_max, log_sum, coef, w_y, w_sum, inv_C,
                    col_a_y, col_b_ptr, col_lse_ptr, tau, noise_mul, scale, label_smoothing, seed, noise_row0,
-                   HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_TERM, False, ALIGN, BLOCK_M,
+                   HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_TERM, False, ALIGN,
+                   BLOCK_M,
                    BLOCK_N)
     if full_end < col_hi:
         _grad_step(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, grad_ptr, stride_gm, stride_gn,
                    rows, row_mask, full_end, col_base, col_hi, y, m, valid, row_max, log_sum, coef, w_y, w_sum, inv_C,
                    col_a_y, col_b_ptr, col_lse_ptr, tau, noise_mul, scale, label_smoothing, seed, noise_row0,
-                   HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_TERM, True, ALIGN, BLOCK_M,
+                   HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_TERM, True, ALIGN,
+                   BLOCK_M,
                    BLOCK_N)
 
 
