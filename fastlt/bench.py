@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-SHAPES = [(4096, 8142), (4096, 131072), (1024, 1_000_000), (128, 1_000_000)]
+SHAPES = [(4096, 8142), (4096, 131072), (1024, 1_000_000), (128, 1_000_000), (512, 8142)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -154,6 +154,8 @@ def build_cases(N: int, C: int, dtype: torch.dtype, *, loss: str, with_compile: 
         yield "fastlt grad-in-fwd", autograd_step(lambda z: fastlt.functional.adjusted_cross_entropy(
             z, y, backend="triton", grad_in_forward=True, **kw))
         if loss == "la":
+            yield "fastlt (CUDA graph)", _graphed(autograd_step(lambda z: fastlt.functional.adjusted_cross_entropy(
+                z, y, backend="triton", **kw)))
             yield "eager PyTorch", autograd_step(lambda z: R.adjusted_cross_entropy(z, y, prior=lp))
             if with_compile:
                 compiled = torch.compile(lambda z: torch.nn.functional.cross_entropy(z + lp.to(z.dtype), y))
@@ -173,6 +175,24 @@ def build_cases(N: int, C: int, dtype: torch.dtype, *, loss: str, with_compile: 
         yield "eager PyTorch", autograd_step(lambda z: R.lade_loss(z, y, pi))
         if with_official:
             yield "official (C x N masks)", autograd_step(lambda z: _lade_official(z, y, pi))
+
+
+def _graphed(make):
+    """The step of ``make`` captured once in a CUDA graph and replayed: the same kernels without the host's
+    launch overhead (what a training loop under CUDA graphs pays; small shapes are host-bound otherwise)."""
+    def build():
+        step = make()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up (compile, allocate) off the capture
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        return graph.replay
+    return build
 
 
 def _gcl_gpu_noise(cos, y, cloud, m=0.5, s=30.0, noise_mul=1.0):

@@ -16,9 +16,12 @@ def test_loss_cases_run(loss):
     cases = dict(bench.build_cases(6, 10, torch.float32, loss=loss, with_compile=False, with_official=True,
                                    device=DEVICE))
     assert "fastlt" in cases
+    assert ("fastlt (CUDA graph)" in cases) == (loss == "la")
     for method, make in cases.items():
         if method.startswith("Liger"):
             continue  # optional peer; needs its own kernels on a GPU
+        if "CUDA graph" in method and DEVICE == "cpu":
+            continue  # graph capture exists only on a GPU (tests/test_kernels_cuda_graph.py there)
         step = make()
         step()
         step()  # twice: grad-in-forward overwrites its input, the step must survive that
