@@ -782,9 +782,10 @@ def test_module_errors():
 
 def test_default_chunk_rows():
     budget = H.CHUNK_BYTES
-    assert budget == 256 << 20
-    assert H.default_chunk_rows(1000, torch.float32) == 67072  # 268435456 / 4000 = 67108.9 -> multiple of 64
-    assert H.default_chunk_rows(1000, torch.bfloat16) == 134208
+    assert budget == 512 << 20
+    assert H.default_chunk_rows(1000, torch.float32) == 134208  # 536870912 / 4000 = 134217.7 -> multiple of 64
+    assert H.default_chunk_rows(1000, torch.bfloat16) == 268416
+    assert H.default_chunk_rows(131072, torch.bfloat16) == 2048  # 4096 rows of 131072 classes: two chunks
     assert H.default_chunk_rows(10**9, torch.float32) == 1  # never below one row
     assert H.default_chunk_rows(0, torch.float32) == budget // 4
     assert H.default_chunk_rows(10, torch.float16, chunk_bytes=1000) == 50  # below 64 rows: as is

@@ -113,7 +113,7 @@ def test_the_path_choice_by_count():
     assert H._prefer_class_chunks(1024, 1024, 1_000_000, H.default_chunk_rows(1_000_000, bf16))
     assert not H._prefer_class_chunks(4096, 1024, 131072, H.default_chunk_rows(131072, bf16))
     assert not H._prefer_class_chunks(4096, 2048, 8142, H.default_chunk_rows(8142, bf16))
-    assert H.default_chunk_classes(1024, bf16) == (256 << 20) // 2048 // 128 * 128
+    assert H.default_chunk_classes(1024, bf16) == (512 << 20) // 2048 // 128 * 128
     assert H.default_chunk_classes(10**9, bf16) == 128
 
 
