@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import launch
-from .row_operator import NEG_BIG
+from .row_operator import NEG_BIG, _exp
 
 _BLOCK_C = 256
 
@@ -47,7 +47,7 @@ def lade_columns(stat_ptr, R, C, y_ptr, zy_ptr, N, ignore_index, pi_ptr, remine_
         p_max = tl.load(stat_ptr + offs, mask=mask, other=NEG_BIG)
         p_sum = tl.load(stat_ptr + plane + offs, mask=mask, other=0.0)
         m_new = tl.maximum(c_max, tl.max(p_max, 0))
-        c_sum = c_sum * tl.exp(c_max - m_new) + tl.sum(p_sum * tl.exp(p_max - m_new[None, :]), 0)
+        c_sum = c_sum * _exp(c_max - m_new) + tl.sum(p_sum * _exp(p_max - m_new[None, :]), 0)
         c_max = m_new
     if FINISH:
         c_first = tl.zeros((BLOCK_C,), tl.float32)

@@ -22,6 +22,15 @@ from .philox_noise import gcl_noise_at, gcl_noise_tile
 
 # finite "minus infinity" for running maxima (keeps exp(m_old - m_new) NaN-free)
 NEG_BIG: tl.constexpr = tl.constexpr(-1.0e30)
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _exp(x):
+    """``exp(x)`` as one ``MUFU.EX2`` (fp32). ``tl.exp`` lowers to ``ex2.approx.f32``, which ptxas follows with a
+    three-instruction fix-up per element for results below 2^-126; ``exp2`` flushes those denormals to 0 (they
+    add nothing to a sum that holds a 1 and flush in any half-precision gradient). Same value otherwise."""
+    return tl.math.exp2(x * LOG2E)
 
 
 @triton.jit
@@ -122,7 +131,7 @@ def _finish_rows(row_max, log_sum, a_y, sw, w_y, valid, w_sum, gamma, label_smoo
         loss += label_smoothing * inv_C * (w_sum * (row_max + log_sum) - sw)
     focal = tl.full(ce.shape, 1.0, tl.float32)
     if HAS_FOCAL:
-        base = tl.maximum(1.0 - tl.exp(-ce), 0.0)
+        base = tl.maximum(1.0 - _exp(-ce), 0.0)
         focal = tl.where(base > 0.0, tl.exp2(gamma * tl.log2(base)), 0.0)
         loss = loss * focal
     return tl.where(valid, loss, 0.0), tl.where(valid, focal, 0.0)
@@ -154,7 +163,7 @@ def _grad_tile(a, z, row_max, log_sum, y, cols, col_mask, mask, coef, w_y, weigh
     """d loss / d z for one tile, fp32 (the target's -1 folded here, before any downcast). COLUMN_TERM (LADE):
     plus ``col_a_y * [j == y_i] + col_b_j * exp(z_ij - col_lse_j)`` on valid rows (``col_a_y`` (BLOCK_M,): the
     target class's ``col_a``, gathered once per row)."""
-    p = tl.exp((a - row_max[:, None]) - log_sum[:, None])  # a - max is exact for the large entries
+    p = _exp((a - row_max[:, None]) - log_sum[:, None])  # a - max is exact for the large entries
     onehot = (cols[None, :] == y[:, None]).to(tl.float32)
     d = (1.0 - label_smoothing) * w_y[:, None] * (p - onehot)
     if HAS_SMOOTH:
@@ -167,7 +176,7 @@ def _grad_tile(a, z, row_max, log_sum, y, cols, col_mask, mask, coef, w_y, weigh
     if COLUMN_TERM:
         col_b = tl.load(col_b_ptr + cols, mask=col_mask, other=0.0)
         col_lse = tl.load(col_lse_ptr + cols, mask=col_mask, other=0.0)
-        q = tl.exp(z - col_lse[None, :])
+        q = _exp(z - col_lse[None, :])
         g += tl.where(valid[:, None], col_a_y[:, None] * onehot + col_b[None, :] * q, 0.0)
     return g
 
@@ -195,7 +204,7 @@ def _tile_stats(z, a, cols, col_mask, mask, y, valid, m_i, l_i, sw, weight_ptr, 
     store its column partials (max z, sum exp(z - max) over the valid rows). LADE's class sums and counts
     come from the gathered target logits instead (one element per row, not a compare per element)."""
     m_new = tl.maximum(m_i, tl.max(a, 1))
-    l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(a - m_new[:, None]), 1)
+    l_i = l_i * _exp(m_i - m_new) + tl.sum(_exp(a - m_new[:, None]), 1)
     if HAS_SMOOTH:
         if HAS_WEIGHT:
             w_j = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
@@ -206,7 +215,7 @@ def _tile_stats(z, a, cols, col_mask, mask, y, valid, m_i, l_i, sw, weight_ptr, 
         vmask = mask & valid[:, None]
         zc = tl.where(vmask, z, float("-inf"))
         c_max = tl.maximum(tl.max(zc, 0), NEG_BIG)
-        c_sum = tl.sum(tl.exp(zc - c_max[None, :]), 0)
+        c_sum = tl.sum(_exp(zc - c_max[None, :]), 0)
         base = colstat_ptr + pid_m.to(tl.int64) * C + cols
         tl.store(base, c_max, mask=col_mask)
         tl.store(base + tl.num_programs(0).to(tl.int64) * C, c_sum, mask=col_mask)
@@ -370,7 +379,7 @@ def row_loss_combine(
     a_y = tl.sum(tl.load(part_ptr + 2 * plane + offs, mask=mask, other=0.0), 1)
     sw = tl.sum(tl.load(part_ptr + 3 * plane + offs, mask=mask, other=0.0), 1)
     m_row = tl.max(p_max, 1)
-    log_sum = tl.log(tl.sum(p_sum * tl.exp(p_max - m_row[:, None]), 1))
+    log_sum = tl.log(tl.sum(p_sum * _exp(p_max - m_row[:, None]), 1))
     _finish_and_store_rows(m_row, log_sum, a_y, sw, w_y, valid, rows, row_mask, N, C, wsum_ptr, inv_denom_ptr,
                            loss_ptr, lse_ptr, factor_ptr, gamma, label_smoothing, HAS_WEIGHT, HAS_SMOOTH, HAS_FOCAL,
                            MEAN)
