@@ -261,6 +261,30 @@ def _full_tiles_end(col_lo, col_hi, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _grad_columns(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, grad_ptr, stride_gm, stride_gn, rows,
+                  row_mask, col_lo, col_base, col_hi, y, m, valid, row_max, log_sum, coef, w_y, w_sum, inv_C,
+                  col_a_y, col_b_ptr, col_lse_ptr, tau, noise_mul, scale, label_smoothing, seed, noise_row0,
+                  HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr,
+                  HAS_SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr,
+                  COLUMN_TERM: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A gradient pass over columns ``[col_lo, col_hi)``: the whole tiles unmasked, then the partial one
+    (:func:`_grad_step`). Shared by the gradient-in-forward and the recompute backward."""
+    full_end = _full_tiles_end(col_lo, col_hi, BLOCK_N)
+    for col_start in range(col_lo, full_end, BLOCK_N):
+        _grad_step(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, grad_ptr, stride_gm, stride_gn,
+                   rows, row_mask, col_start, col_base, col_hi, y, m, valid, row_max, log_sum, coef, w_y, w_sum, inv_C,
+                   col_a_y, col_b_ptr, col_lse_ptr, tau, noise_mul, scale, label_smoothing, seed, noise_row0,
+                   HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_TERM, False, ALIGN,
+                   BLOCK_M, BLOCK_N)
+    if full_end < col_hi:
+        _grad_step(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, grad_ptr, stride_gm, stride_gn,
+                   rows, row_mask, full_end, col_base, col_hi, y, m, valid, row_max, log_sum, coef, w_y, w_sum, inv_C,
+                   col_a_y, col_b_ptr, col_lse_ptr, tau, noise_mul, scale, label_smoothing, seed, noise_row0,
+                   HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_TERM, True, ALIGN,
+                   BLOCK_M, BLOCK_N)
+
+
+@triton.jit
 def row_loss_forward(
     z_ptr, stride_zm, stride_zn, y_ptr, prior_ptr, cloud_ptr, margin_ptr, weight_ptr, wsum_ptr, inv_denom_ptr,
     loss_ptr, lse_ptr, factor_ptr, part_ptr, colstat_ptr, zy_ptr, grad_ptr, stride_gm, stride_gn,
@@ -342,21 +366,11 @@ def row_loss_forward(
                                HAS_WEIGHT, HAS_SMOOTH, False)
                 _store_grad(grad_ptr, stride_gm, stride_gn, rows, cols, col_base, mask, g, ALIGN)
             else:
-                full_end = _full_tiles_end(col_lo, col_hi, BLOCK_N)
-                for col_start in range(col_lo, full_end, BLOCK_N):
-                    _grad_step(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, grad_ptr, stride_gm,
-                               stride_gn, rows, row_mask, col_start, col_base, col_hi, y, m, valid, m_i, log_sum,
-                               factor, w_y, w_sum, inv_C, w_y, loss_ptr, loss_ptr, tau, noise_mul, scale,
-                               label_smoothing, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE,
-                               HAS_WEIGHT,
-                               HAS_SMOOTH, False, False, ALIGN, BLOCK_M, BLOCK_N)
-                if full_end < col_hi:
-                    _grad_step(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, grad_ptr, stride_gm,
-                               stride_gn, rows, row_mask, full_end, col_base, col_hi, y, m, valid, m_i, log_sum,
-                               factor, w_y, w_sum, inv_C, w_y, loss_ptr, loss_ptr, tau, noise_mul, scale,
-                               label_smoothing, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE,
-                               HAS_WEIGHT,
-                               HAS_SMOOTH, False, True, ALIGN, BLOCK_M, BLOCK_N)
+                _grad_columns(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, grad_ptr, stride_gm,
+                              stride_gn, rows, row_mask, col_lo, col_base, col_hi, y, m, valid, m_i, log_sum, factor,
+                              w_y, w_sum, inv_C, w_y, loss_ptr, loss_ptr, tau, noise_mul, scale, label_smoothing,
+                              seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH,
+                              False, ALIGN, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -416,21 +430,10 @@ def row_loss_grad(
     col_a_y = w_y  # unused without COLUMN_TERM
     if COLUMN_TERM:
         col_a_y = tl.load(col_a_ptr + y, mask=valid, other=0.0)
-    full_end = _full_tiles_end(col_lo, col_hi, BLOCK_N)
-    for col_start in range(col_lo, full_end, BLOCK_N):
-        _grad_step(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, grad_ptr, stride_gm, stride_gn,
-                   rows, row_mask, col_start, col_base, col_hi, y, m, valid, row_max, log_sum, coef, w_y, w_sum, inv_C,
-                   col_a_y, col_b_ptr, col_lse_ptr, tau, noise_mul, scale, label_smoothing, seed, noise_row0,
-                   HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_TERM, False, ALIGN,
-                   BLOCK_M,
-                   BLOCK_N)
-    if full_end < col_hi:
-        _grad_step(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, grad_ptr, stride_gm, stride_gn,
-                   rows, row_mask, full_end, col_base, col_hi, y, m, valid, row_max, log_sum, coef, w_y, w_sum, inv_C,
-                   col_a_y, col_b_ptr, col_lse_ptr, tau, noise_mul, scale, label_smoothing, seed, noise_row0,
-                   HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_TERM, True, ALIGN,
-                   BLOCK_M,
-                   BLOCK_N)
+    _grad_columns(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, grad_ptr, stride_gm, stride_gn, rows,
+                  row_mask, col_lo, col_base, col_hi, y, m, valid, row_max, log_sum, coef, w_y, w_sum, inv_C, col_a_y,
+                  col_b_ptr, col_lse_ptr, tau, noise_mul, scale, label_smoothing, seed, noise_row0, HAS_PRIOR,
+                  HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_TERM, ALIGN, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
