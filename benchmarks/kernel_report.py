@@ -36,17 +36,17 @@ class Compiled:
     sass: str
 
 
-_CLASSES = {
-    "LDG": re.compile(r"\bLDG\b|\bLDG\."),
-    "STG": re.compile(r"\bSTG\b|\bSTG\."),
-    "LDS": re.compile(r"\bLDS\b|\bLDS\.|\bLDSM\b"),
-    "STS": re.compile(r"\bSTS\b|\bSTS\."),
-    "BAR": re.compile(r"\bBAR\b|\bBAR\."),
-    "SHFL": re.compile(r"\bSHFL\b|\bSHFL\."),
-    "MUFU": re.compile(r"\bMUFU\b|\bMUFU\."),
-    "FFMA/FMUL/FADD": re.compile(r"\bF(FMA|MUL|ADD)\b|\bF(FMA|MUL|ADD)\."),
-    "IMAD/IADD/LOP": re.compile(r"\b(IMAD|IADD3|LOP3|SHF|LEA)\b|\b(IMAD|IADD3|LOP3|SHF|LEA)\."),
-    "LDL/STL": re.compile(r"\b(LDL|STL)\b|\b(LDL|STL)\."),
+_CLASSES = {  # opcode classes; "\b" also ends a name before its ".E.128"-style modifiers
+    "LDG": re.compile(r"\bLDG\b"),
+    "STG": re.compile(r"\bSTG\b"),
+    "LDS": re.compile(r"\bLDSM?\b"),
+    "STS": re.compile(r"\bSTS\b"),
+    "BAR": re.compile(r"\bBAR\b"),
+    "SHFL": re.compile(r"\bSHFL\b"),
+    "MUFU": re.compile(r"\bMUFU\b"),
+    "FFMA/FMUL/FADD": re.compile(r"\bF(FMA|MUL|ADD)\b"),
+    "IMAD/IADD/LOP": re.compile(r"\b(IMAD|IADD3|LOP3|SHF|LEA)\b"),
+    "LDL/STL": re.compile(r"\b(LDL|STL)\b"),
 }
 
 
