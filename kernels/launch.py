@@ -69,10 +69,15 @@ class TileConfig:
     cols_per_split: int
     num_warps: int
     num_stages: int = 2
+    row_programs: int | None = None  # persistent forward: this many row programs walk the row blocks (None: one each)
 
     @property
     def single_tile(self) -> bool:
         return self.num_splits == 1 and self.cols_per_split <= self.block_n
+
+    def row_grid(self, row_blocks: int) -> int:
+        """Row programs of the forward's grid for ``row_blocks`` row blocks."""
+        return row_blocks if self.row_programs is None else max(1, min(self.row_programs, row_blocks))
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -91,20 +96,43 @@ def _sm_count(device: torch.device) -> int:
 
 
 def pick_tiles(N: int, C: int, device: torch.device, *, column_stats: bool = False, column_term: bool = False,
-               block_m: int | None = None, block_n: int | None = None, num_splits: int | None = None,
-               num_warps: int | None = None, num_stages: int | None = None) -> TileConfig:
+               grad_in_forward: bool = False, elem_bytes: int = 4, block_m: int | None = None,
+               block_n: int | None = None, num_splits: int | None = None, num_warps: int | None = None,
+               num_stages: int | None = None, row_programs: int | None = None) -> TileConfig:
     """Tile shape and row split for an (N, C) problem (cached). ``column_stats``: LADE's forward;
-    ``column_term``: LADE's gradient. Explicit arguments override (tests, tuning)."""
-    return _pick_tiles(N, C, _sm_count(device), column_stats, column_term, block_m, block_n, num_splits, num_warps,
-                       num_stages)
+    ``column_term``: LADE's gradient; ``grad_in_forward`` (with ``elem_bytes``, the logits' element size): the
+    forward that also writes the gradient, which may get a persistent grid (:func:`_persistent_per_sm`). Explicit
+    arguments override (tests, tuning); ``row_programs=0`` turns the persistent grid off."""
+    return _pick_tiles(N, C, _sm_count(device), column_stats, column_term, grad_in_forward, elem_bytes, block_m,
+                       block_n, num_splits, num_warps, num_stages, row_programs)
 
 
 _COLUMN_TERM_ROWS = 4  # rows per LADE gradient tile: its three (C,) vectors are read once per 4 rows
 
+# L2 of the target GPUs (H100, H200: 50 MB). The gradient-in-forward's second pass over a row hits L2 only if the
+# rows in flight fit in about half of it (the gradient being written shares it); see _persistent_per_sm.
+L2_BYTES = 50 << 20
+_RESIDENT_PROGRAMS = 8  # 4-warp row programs an SM holds at once (registers), for the estimate of rows in flight
+_PERSISTENT_TILE = 8192  # columns per tile of a persistent program: 16 warps x 16 elements per thread
+
+
+def _persistent_per_sm(N: int, C: int, sm_count: int, elem_bytes: int) -> int | None:
+    """Row programs per SM of a persistent gradient-in-forward (1, 2 or 4: as many as keep the rows in flight,
+    ``programs * C * elem_bytes``, within half of :data:`L2_BYTES`), or None: when a row fits one persistent tile,
+    when the default grid's rows in flight fit half the L2 anyway, or when even one row per SM overflows the L2
+    (then no grid gets the re-reads from L2, and the default grid keeps more loads in flight)."""
+    row_bytes = C * elem_bytes
+    budget = L2_BYTES // 2
+    if (C <= _PERSISTENT_TILE or min(N, _RESIDENT_PROGRAMS * sm_count) * row_bytes <= budget
+            or sm_count * row_bytes > L2_BYTES):
+        return None
+    fit = budget // (sm_count * row_bytes)
+    return 4 if fit >= 4 else (2 if fit >= 2 else 1)
+
 
 @functools.lru_cache(maxsize=1024)
-def _pick_tiles(N, C, sm_count, column_stats, column_term, block_m, block_n, num_splits, num_warps,
-                num_stages) -> TileConfig:
+def _pick_tiles(N, C, sm_count, column_stats, column_term, grad_in_forward, elem_bytes, block_m, block_n, num_splits,
+                num_warps, num_stages, row_programs) -> TileConfig:
     # Defaults from benchmarks/tune_tiles.py on an H100 (triton 3.6): 2048-wide tiles, 4 warps and a
     # 3-stage pipelined column loop beat whole-row tiles at every shape (more programs in flight per SM
     # hide HBM latency better than one 16-warp program holding a whole 8K row).
@@ -117,6 +145,20 @@ def _pick_tiles(N, C, sm_count, column_stats, column_term, block_m, block_n, num
     # benchmarks/tune_tiles.py --lade says otherwise.
     # LADE's gradient reads three (C,) fp32 vectors per element beside z (12 B from L2 per 4 B of fp32 z with
     # one-row tiles): 4 x 512 tiles share each vector load between 4 rows (no spills, 64 registers).
+    # Gradient-in-forward of long rows (unmeasured; benchmarks/tune_tiles.py sweeps it): with one program
+    # per row, thousands of rows are in flight and the second pass re-reads each from HBM (1.5x the floor at
+    # best). A persistent grid keeps the rows in flight within half the L2: p = 1, 2 or 4 programs per SM of 16 / p
+    # warps and 8192 / p-column tiles (16 elements per thread; the row-block loop raises a program to ~122 registers,
+    # so 16 warps per SM is what fits).
+    if row_programs is None and grad_in_forward and not (column_stats or column_term):
+        per_sm = _persistent_per_sm(N, C, sm_count, elem_bytes)
+        if per_sm is not None:
+            row_programs = per_sm * sm_count
+            block_m = 1 if block_m is None else block_m
+            block_n = max(16, min(_next_pow2(C), _PERSISTENT_TILE // per_sm)) if block_n is None else block_n
+            num_warps = 16 // per_sm if num_warps is None else num_warps
+            num_splits = 1 if num_splits is None else num_splits
+    row_programs = row_programs or None
     if block_n is None:
         width = 512 if column_stats else (_TILE_N // _COLUMN_TERM_ROWS if column_term and block_m is None else _TILE_N)
         block_n = max(16, min(_next_pow2(C), width))
@@ -142,7 +184,8 @@ def _pick_tiles(N, C, sm_count, column_stats, column_term, block_m, block_n, num
             num_warps = max(4, min(16, elements // 512))
         else:
             num_warps = 4 if elements <= 2048 else (8 if elements <= 8192 else 16)
-    return TileConfig(block_m, block_n, num_splits, cols_per_split, num_warps, 3 if num_stages is None else num_stages)
+    return TileConfig(block_m, block_n, num_splits, cols_per_split, num_warps, 3 if num_stages is None else num_stages,
+                      row_programs)
 
 
 @functools.cache
@@ -276,7 +319,8 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out
     """
     N, C = z.shape
     dev = z.device
-    cfg = config or pick_tiles(N, C, dev, column_stats=column_stats)
+    cfg = config or pick_tiles(N, C, dev, column_stats=column_stats, grad_in_forward=grad_out is not None,
+                               elem_bytes=z.element_size())
     prior, cloud, margin, weight = _class_ptrs(args, dev)
     wsum = weight_sum(args, dev)
     if not scale_mean and grad_out is not None:
@@ -297,15 +341,16 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out
     g = grad_out if fuse_grad else z
     flags = _common_flags(args)
     if N > 0:
-        row_loss_forward[(row_blocks, cfg.num_splits)](
+        grid_rows = cfg.row_grid(row_blocks)
+        row_loss_forward[(grid_rows, cfg.num_splits)](
             z, z.stride(0), z.stride(1), y, prior, cloud, margin, weight, wsum, inv_denom,
             loss, lse, factor, part, colstats.partials, colstats.target_logits, g, g.stride(0), g.stride(1),
-            N, C, cfg.cols_per_split, 0, C, 0, cfg.num_splits, args.ignore_index, args.tau, args.noise_mul,
+            N, C, cfg.cols_per_split, 0, C, 0, cfg.num_splits, row_blocks, args.ignore_index, args.tau, args.noise_mul,
             args.margin_value, args.scale, args.gamma, args.label_smoothing, args.seed, args.noise_row_offset,
             HAS_FOCAL=args.gamma != 0.0, MEAN=mean, SPLIT=split,
             SINGLE_TILE=cfg.single_tile, GRAD_IN_FWD=fuse_grad, COLUMN_STATS=column_stats, ALIGN=row_align(z, g),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **flags)
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PERSISTENT=grid_rows < row_blocks, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, **flags)
         if split:
             block_s = max(2, _next_pow2(cfg.num_splits))
             block_m = max(1, min(64, 4096 // block_s))
@@ -379,11 +424,11 @@ def chunk_partials(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, part
     row_loss_forward[(row_blocks, 1)](
         z, z.stride(0), z.stride(1), y, prior, cloud, margin, weight, d, d, d, d, d, part,
         column_stats.partials if has_cols else d, column_stats.target_logits if has_cols else d, z, 0, 0,
-        N, num_classes, Ck, col_base, col_base + Ck, chunk, part.shape[2], args.ignore_index, args.tau,
+        N, num_classes, Ck, col_base, col_base + Ck, chunk, part.shape[2], row_blocks, args.ignore_index, args.tau,
         args.noise_mul, args.margin_value, args.scale, args.gamma, args.label_smoothing, args.seed,
         args.noise_row_offset, HAS_FOCAL=args.gamma != 0.0, MEAN=False, SPLIT=True, SINGLE_TILE=Ck <= block_n,
         GRAD_IN_FWD=False, COLUMN_STATS=has_cols, ALIGN=row_align(z), BLOCK_M=cfg.block_m, BLOCK_N=block_n,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_common_flags(args))
+        PERSISTENT=False, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_common_flags(args))
 
 
 def column_stat_blocks(N: int) -> int:

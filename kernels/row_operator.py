@@ -198,8 +198,8 @@ def _store_grad(grad_ptr, stride_gm, stride_gn, rows, cols, col_base, mask, g, A
 
 
 @triton.jit
-def _tile_stats(z, a, cols, col_mask, mask, y, valid, m_i, l_i, sw, weight_ptr, colstat_ptr, pid_m, C,
-                HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, COLUMN_STATS: tl.constexpr):
+def _tile_stats(z, a, cols, col_mask, mask, y, valid, m_i, l_i, sw, weight_ptr, colstat_ptr, pid_m, num_row_blocks,
+                C, HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, COLUMN_STATS: tl.constexpr):
     """Fold one tile into the running row statistics (max, sum-exp, smoothing sum) and, for LADE,
     store its column partials (max z, sum exp(z - max) over the valid rows). LADE's class sums and counts
     come from the gathered target logits instead (one element per row, not a compare per element)."""
@@ -216,25 +216,25 @@ def _tile_stats(z, a, cols, col_mask, mask, y, valid, m_i, l_i, sw, weight_ptr, 
         zc = tl.where(vmask, z, float("-inf"))
         c_max = tl.maximum(tl.max(zc, 0), NEG_BIG)
         c_sum = tl.sum(_exp(zc - c_max[None, :]), 0)
-        base = colstat_ptr + pid_m.to(tl.int64) * C + cols
+        base = colstat_ptr + tl.cast(pid_m, tl.int64) * C + cols
         tl.store(base, c_max, mask=col_mask)
-        tl.store(base + tl.num_programs(0).to(tl.int64) * C, c_sum, mask=col_mask)
+        tl.store(base + tl.cast(num_row_blocks, tl.int64) * C, c_sum, mask=col_mask)
     return m_new, l_i, sw
 
 
 @triton.jit
 def _stats_step(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, colstat_ptr, rows, row_mask, col_start,
-                col_base, col_hi, y, m, valid, m_i, l_i, sw, pid_m, C, tau, noise_mul, scale, seed, noise_row0,
-                HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
-                HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, COLUMN_STATS: tl.constexpr,
+                col_base, col_hi, y, m, valid, m_i, l_i, sw, pid_m, num_row_blocks, C, tau, noise_mul, scale, seed,
+                noise_row0, HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr,
+                HAS_SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, COLUMN_STATS: tl.constexpr,
                 MASK_COLS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One tile of the statistics pass: load it (:func:`_adjusted_tile`) and fold it in (:func:`_tile_stats`)."""
     z, a, cols, col_mask, mask = _adjusted_tile(
         z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_start, col_base, y, m, col_hi, tau,
         noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, MASK_COLS, ALIGN, BLOCK_M,
         BLOCK_N)
-    return _tile_stats(z, a, cols, col_mask, mask, y, valid, m_i, l_i, sw, weight_ptr, colstat_ptr, pid_m, C,
-                       HAS_WEIGHT, HAS_SMOOTH, COLUMN_STATS)
+    return _tile_stats(z, a, cols, col_mask, mask, y, valid, m_i, l_i, sw, weight_ptr, colstat_ptr, pid_m,
+                       num_row_blocks, C, HAS_WEIGHT, HAS_SMOOTH, COLUMN_STATS)
 
 
 @triton.jit
@@ -267,28 +267,34 @@ def _grad_columns(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr,
                   HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr,
                   HAS_SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr,
                   COLUMN_TERM: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """A gradient pass over columns ``[col_lo, col_hi)``: the whole tiles unmasked, then the partial one
-    (:func:`_grad_step`). Shared by the gradient-in-forward and the recompute backward."""
+    """A gradient pass over columns ``[col_lo, col_hi)`` (:func:`_grad_step`), **from the last column back**: the
+    masked partial tile, then the whole tiles unmasked in descending order. The statistics pass just read the row
+    front to back, so its most recent tiles (the ones most likely still in L2) are re-read first. Shared by the
+    gradient-in-forward and the recompute backward (which also walks the rows backwards, see
+    :func:`row_loss_grad`)."""
     full_end = _full_tiles_end(col_lo, col_hi, BLOCK_N)
-    for col_start in range(col_lo, full_end, BLOCK_N):
-        _grad_step(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, grad_ptr, stride_gm, stride_gn,
-                   rows, row_mask, col_start, col_base, col_hi, y, m, valid, row_max, log_sum, coef, w_y, w_sum, inv_C,
-                   col_a_y, col_b_ptr, col_lse_ptr, tau, noise_mul, scale, label_smoothing, seed, noise_row0,
-                   HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_TERM, False, ALIGN,
-                   BLOCK_M, BLOCK_N)
     if full_end < col_hi:
         _grad_step(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, grad_ptr, stride_gm, stride_gn,
                    rows, row_mask, full_end, col_base, col_hi, y, m, valid, row_max, log_sum, coef, w_y, w_sum, inv_C,
                    col_a_y, col_b_ptr, col_lse_ptr, tau, noise_mul, scale, label_smoothing, seed, noise_row0,
                    HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_TERM, True, ALIGN,
                    BLOCK_M, BLOCK_N)
+    col_start = full_end
+    for _ in range(0, (full_end - col_lo) // BLOCK_N):
+        col_start -= BLOCK_N
+        _grad_step(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, grad_ptr, stride_gm, stride_gn,
+                   rows, row_mask, col_start, col_base, col_hi, y, m, valid, row_max, log_sum,
+                   coef, w_y, w_sum, inv_C, col_a_y, col_b_ptr, col_lse_ptr, tau, noise_mul, scale, label_smoothing,
+                   seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH,
+                   COLUMN_TERM, False, ALIGN, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
-def row_loss_forward(
+def _forward_row_block(
+    pid_m, pid_s,
     z_ptr, stride_zm, stride_zn, y_ptr, prior_ptr, cloud_ptr, margin_ptr, weight_ptr, wsum_ptr, inv_denom_ptr,
     loss_ptr, lse_ptr, factor_ptr, part_ptr, colstat_ptr, zy_ptr, grad_ptr, stride_gm, stride_gn,
-    N, C, cols_per_split, col_base, col_end, split_base, total_splits,
+    N, C, cols_per_split, col_base, col_end, split_base, total_splits, num_row_blocks,
     ignore_index, tau, noise_mul, margin_value, scale, gamma, label_smoothing, seed, noise_row0,
     HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_FOCAL: tl.constexpr, MEAN: tl.constexpr,
@@ -296,20 +302,7 @@ def row_loss_forward(
     SINGLE_TILE: tl.constexpr, GRAD_IN_FWD: tl.constexpr, COLUMN_STATS: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid (cdiv(N, BLOCK_M), num_splits). Online (max, sum-exp) over this program's columns.
-
-    Program (i, s) covers global classes ``[col_base + s*cols_per_split, ...)``, capped at ``col_end`` (C, or
-    the end of the class chunk); ``z`` (and the
-    gradient) hold the classes from ``col_base`` on, so a caller may pass one class chunk of the logits.
-    SPLIT: write partial (max, sumexp, a_y, sum w*a) to ``part_ptr`` (4, N, total_splits), slot
-    ``split_base + s``, for ``row_loss_combine``; else write loss, lse and the backward factor per row
-    (and the gradient over ``grad_ptr`` when GRAD_IN_FWD). COLUMN_STATS (LADE): per column, over this
-    program's valid rows, write max z and sum exp(z - max) to ``colstat_ptr`` (2, cdiv(N, BLOCK_M), C), and
-    each valid row's raw target logit ``z_{i, y_i}`` to ``zy_ptr`` (N,) fp32 (by the one program whose columns
-    hold the target; other rows are left unwritten).
-    """
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    """The work of program (pid_m, pid_s) of :func:`row_loss_forward`: row block ``pid_m``, column split ``pid_s``."""
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     y, valid, row_mask, m, w_y = _row_info(y_ptr, margin_ptr, weight_ptr, rows, N, C, ignore_index, margin_value,
                                            MARGIN_MODE, HAS_WEIGHT)
@@ -330,21 +323,21 @@ def row_loss_forward(
             noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, True, ALIGN, BLOCK_M,
             BLOCK_N)
         m_i, l_i, sw = _tile_stats(z, a, cols, col_mask, mask, y, valid, m_i, l_i, sw, weight_ptr, colstat_ptr,
-                                   pid_m, C, HAS_WEIGHT, HAS_SMOOTH, COLUMN_STATS)
+                                   pid_m, num_row_blocks, C, HAS_WEIGHT, HAS_SMOOTH, COLUMN_STATS)
     else:
         full_end = _full_tiles_end(col_lo, col_hi, BLOCK_N)
         for col_start in range(col_lo, full_end, BLOCK_N):
             m_i, l_i, sw = _stats_step(
                 z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, colstat_ptr, rows, row_mask, col_start,
-                col_base, col_hi, y, m, valid, m_i, l_i, sw, pid_m, C, tau, noise_mul, scale, seed, noise_row0,
-                HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_STATS, False, ALIGN,
-                BLOCK_M, BLOCK_N)
+                col_base, col_hi, y, m, valid, m_i, l_i, sw, pid_m, num_row_blocks, C, tau, noise_mul, scale, seed,
+                noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_STATS, False,
+                ALIGN, BLOCK_M, BLOCK_N)
         if full_end < col_hi:
             m_i, l_i, sw = _stats_step(
                 z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, colstat_ptr, rows, row_mask, full_end,
-                col_base, col_hi, y, m, valid, m_i, l_i, sw, pid_m, C, tau, noise_mul, scale, seed, noise_row0,
-                HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_STATS, True, ALIGN,
-                BLOCK_M, BLOCK_N)
+                col_base, col_hi, y, m, valid, m_i, l_i, sw, pid_m, num_row_blocks, C, tau, noise_mul, scale, seed,
+                noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_STATS, True,
+                ALIGN, BLOCK_M, BLOCK_N)
     if SPLIT:
         offs = rows.to(tl.int64) * total_splits + (split_base + pid_s)
         plane = tl.cast(N, tl.int64) * total_splits
@@ -371,6 +364,55 @@ def row_loss_forward(
                               w_y, w_sum, inv_C, w_y, loss_ptr, loss_ptr, tau, noise_mul, scale, label_smoothing,
                               seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH,
                               False, ALIGN, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def row_loss_forward(
+    z_ptr, stride_zm, stride_zn, y_ptr, prior_ptr, cloud_ptr, margin_ptr, weight_ptr, wsum_ptr, inv_denom_ptr,
+    loss_ptr, lse_ptr, factor_ptr, part_ptr, colstat_ptr, zy_ptr, grad_ptr, stride_gm, stride_gn,
+    N, C, cols_per_split, col_base, col_end, split_base, total_splits, num_row_blocks,
+    ignore_index, tau, noise_mul, margin_value, scale, gamma, label_smoothing, seed, noise_row0,
+    HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_FOCAL: tl.constexpr, MEAN: tl.constexpr,
+    SPLIT: tl.constexpr,
+    SINGLE_TILE: tl.constexpr, GRAD_IN_FWD: tl.constexpr, COLUMN_STATS: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+):
+    """Grid (num_row_blocks = cdiv(N, BLOCK_M), num_splits), or fewer row programs when PERSISTENT. Online
+    (max, sum-exp) over this program's columns.
+
+    Program (i, s) covers global classes ``[col_base + s*cols_per_split, ...)``, capped at ``col_end`` (C, or
+    the end of the class chunk); ``z`` (and the
+    gradient) hold the classes from ``col_base`` on, so a caller may pass one class chunk of the logits.
+    SPLIT: write partial (max, sumexp, a_y, sum w*a) to ``part_ptr`` (4, N, total_splits), slot
+    ``split_base + s``, for ``row_loss_combine``; else write loss, lse and the backward factor per row
+    (and the gradient over ``grad_ptr`` when GRAD_IN_FWD). COLUMN_STATS (LADE): per column, over this
+    program's valid rows, write max z and sum exp(z - max) to ``colstat_ptr`` (2, num_row_blocks, C), and
+    each valid row's raw target logit ``z_{i, y_i}`` to ``zy_ptr`` (N,) fp32 (by the one program whose columns
+    hold the target; other rows are left unwritten).
+    PERSISTENT: the grid has fewer row programs than the ``num_row_blocks`` row blocks and each program walks
+    ``pid, pid + programs, ...``: fewer rows in flight, so that the gradient-in-forward's second pass over a long
+    row (run from its end back, :func:`_grad_columns`) re-reads it from L2 rather than HBM.
+    """
+    pid_s = tl.program_id(1)
+    if PERSISTENT:
+        for pid_m in range(tl.program_id(0), num_row_blocks, tl.num_programs(0)):
+            _forward_row_block(
+                pid_m, pid_s, z_ptr, stride_zm, stride_zn, y_ptr, prior_ptr, cloud_ptr, margin_ptr, weight_ptr,
+                wsum_ptr, inv_denom_ptr, loss_ptr, lse_ptr, factor_ptr, part_ptr, colstat_ptr, zy_ptr, grad_ptr,
+                stride_gm, stride_gn, N, C, cols_per_split, col_base, col_end, split_base, total_splits,
+                num_row_blocks, ignore_index, tau, noise_mul, margin_value, scale, gamma, label_smoothing, seed,
+                noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, HAS_FOCAL, MEAN,
+                SPLIT, SINGLE_TILE, GRAD_IN_FWD, COLUMN_STATS, ALIGN, BLOCK_M, BLOCK_N)
+    else:
+        _forward_row_block(
+            tl.program_id(0), pid_s, z_ptr, stride_zm, stride_zn, y_ptr, prior_ptr, cloud_ptr, margin_ptr, weight_ptr,
+            wsum_ptr, inv_denom_ptr, loss_ptr, lse_ptr, factor_ptr, part_ptr, colstat_ptr, zy_ptr, grad_ptr,
+            stride_gm, stride_gn, N, C, cols_per_split, col_base, col_end, split_base, total_splits, num_row_blocks,
+            ignore_index, tau, noise_mul, margin_value, scale, gamma, label_smoothing, seed, noise_row0, HAS_PRIOR,
+            HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, HAS_FOCAL, MEAN, SPLIT, SINGLE_TILE,
+            GRAD_IN_FWD, COLUMN_STATS, ALIGN, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -413,8 +455,11 @@ def row_loss_grad(
     """Grid (cdiv(N, BLOCK_M), num_splits): recompute the tile from the saved fp32 (row max, log sum-exp) and write
     ``upstream_i * factor_i * d loss_i / d z`` (plus LADE's column term when COLUMN_TERM); classes from
     ``col_base`` on, as in ``row_loss_forward``."""
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    # the last programs of the forward (its last row blocks and splits, whose ends are the likeliest still in L2)
+    # come first, and each row is walked from its end (:func:`_grad_columns`). The max(., 0) tells the compiler the
+    # block index is not negative (without it the LADE gradient tile spills a register in its column loop).
+    pid_m = tl.maximum(tl.num_programs(0) - 1 - tl.program_id(0), 0)
+    pid_s = tl.num_programs(1) - 1 - tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     y, valid, row_mask, m, w_y = _row_info(y_ptr, margin_ptr, weight_ptr, rows, N, C, ignore_index, margin_value,
                                            MARGIN_MODE, HAS_WEIGHT)

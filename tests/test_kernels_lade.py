@@ -71,9 +71,12 @@ def test_lade_weights_smoothing_hyperparameters():
 
 
 @pytest.mark.parametrize("config", [dict(block_m=4, block_n=16), dict(block_m=1, block_n=16), dict(block_m=8),
-                                    dict(block_m=4, block_n=16, num_splits=3)], ids=["4x16", "1x16", "8xC", "split"])
+                                    dict(block_m=4, block_n=16, num_splits=3),
+                                    dict(block_m=4, block_n=16, row_programs=3)],
+                         ids=["4x16", "1x16", "8xC", "split", "persistent"])
 def test_lade_row_blocks_and_column_tiles(config):
-    """Several row blocks (partial column statistics merged), several column tiles per row, split rows."""
+    """Several row blocks (partial column statistics merged), several column tiles per row, split rows, and a
+    persistent grid (3 programs walking the 10 row blocks: the partials of every block are still written)."""
     z, y, pi, _ = _case(37, 50, torch.float32, 3, ignore=(5,))
     _compare(z, y, pi, config=config)
 

@@ -46,3 +46,27 @@ def test_lade_tiles_without_spilling_shapes():
     assert launch.pick_tiles(4096, 131072, cpu, column_term=True, block_m=1, block_n=2048).block_n == 2048
     assert launch.pick_tiles(3, 7, cpu, column_term=True).block_m == 4
     assert launch.column_stat_blocks(4096) == 4096 // 16
+
+
+def _tiles_on_h100(N, C, elem_bytes, **kw):
+    return launch._pick_tiles(N, C, 132, False, False, True, elem_bytes, kw.get("block_m"), kw.get("block_n"),
+                              None, kw.get("num_warps"), None, kw.get("row_programs"))
+
+
+def test_persistent_grid_only_where_the_rows_in_flight_overflow_l2():
+    """The gradient-in-forward gets a persistent grid when the default grid's rows in flight overflow half the L2
+    but one row per SM fits in it: bf16 4096 x 131072 (132 programs of 16 warps); not at 8142 classes (the default
+    grid's rows fit), not for fp32 131072 or 1M classes (one row per SM already overflows), never without the
+    gradient in the forward."""
+    bf16 = _tiles_on_h100(4096, 131072, 2)
+    assert (bf16.row_programs, bf16.num_warps, bf16.block_n, bf16.block_m, bf16.num_splits) == (132, 16, 8192, 1, 1)
+    two = _tiles_on_h100(4096, 32768, 2)  # 64 KB rows: 2 programs of 8 warps per SM
+    assert (two.row_programs, two.num_warps, two.block_n) == (264, 8, 4096)
+    for N, C, eb in [(4096, 8142, 2), (4096, 8142, 4), (4096, 131072, 4), (1024, 1 << 20, 2), (64, 131072, 2)]:
+        assert _tiles_on_h100(N, C, eb).row_programs is None, (N, C, eb)
+    assert launch._pick_tiles(4096, 131072, 132, False, False, False, 2, *[None] * 6).row_programs is None
+    # explicit arguments win; row_programs=0 turns the grid off
+    assert _tiles_on_h100(4096, 131072, 2, num_warps=4).num_warps == 4
+    assert _tiles_on_h100(4096, 131072, 2, row_programs=0).row_programs is None
+    assert bf16.row_grid(4096) == 132 and bf16.row_grid(7) == 7
+    assert _tiles_on_h100(4096, 8142, 2).row_grid(4096) == 4096

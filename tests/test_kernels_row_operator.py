@@ -139,7 +139,9 @@ def test_confident_logits(dtype):
 
 
 @pytest.mark.parametrize("config", [dict(block_n=16, num_splits=1), dict(block_n=16, num_splits=3),
-                                    dict(block_n=32, num_splits=2, block_m=2)], ids=["tiles", "split3", "split2x2"])
+                                    dict(block_n=32, num_splits=2, block_m=2),
+                                    dict(block_n=32, num_splits=1, block_m=2, row_programs=2)],
+                         ids=["tiles", "split3", "split2x2", "persistent"])
 @pytest.mark.parametrize("flags", ["plain", "gcl", "all"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_split_and_multi_tile_paths(config, flags, reduction):
@@ -161,8 +163,9 @@ def test_whole_tiles_only(dtype, grad_in_forward):
     run_and_compare(z, y, _flags("all", cv, 29), grad_in_forward=grad_in_forward, config=dict(block_n=16))
 
 
-@pytest.mark.parametrize("config", [None, dict(block_n=16, num_splits=1), dict(block_n=16, num_splits=4)],
-                         ids=["single_tile", "tiles", "split"])
+@pytest.mark.parametrize("config", [None, dict(block_n=16, num_splits=1), dict(block_n=16, num_splits=4),
+                                    dict(block_n=16, num_splits=1, row_programs=3)],
+                         ids=["single_tile", "tiles", "split", "persistent"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_grad_in_forward(config, reduction, dtype):
