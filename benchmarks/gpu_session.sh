@@ -4,7 +4,8 @@
 # the benchmark tables land in $OUT/<device>/ (results.* and heads.*).
 # Usage (device tool, repo root): bash benchmarks/gpu_session.sh [part1|part2|all|tests|bench|heads] [extra bench args]
 # With 30 minutes of device time: one call with part1 (tests of the newest kernels, both benchmarks, the
-# profiles of a logits step and of the heads kernel by kernel), then one with part2 (LADE tile sweep, the other tests, the row-kernel tile sweep).
+# profiles of a logits step and of the heads kernel by kernel), then one with part2 (the long-row
+# gradient-in-forward grids, the LADE tile sweep, the other tests, the row-kernel tile sweep).
 # Optional peers travel as wheels in .whl/ (git-ignored; see README "Benchmarks").
 set -uo pipefail
 OUT=${OUT:-/tmp/fastlt-out}
@@ -32,11 +33,12 @@ part1() {
   step 50 python3 benchmarks/profile_heads.py
 }
 part2() {
-  step 120 python3 benchmarks/tune_tiles.py --lade --out "$OUT"
+  step 60 python3 benchmarks/tune_tiles.py --fused --out "$OUT"
+  step 100 python3 benchmarks/tune_tiles.py --lade --out "$OUT"
   # the sm_90 compile check is CPU work (CI runs it); on the GPU the tests compile every kernel natively
-  step 300 python3 -m pytest tests -q -p no:cacheprovider -rf --durations=5 $(printf -- '--ignore=%s ' $FIRST) \
+  step 270 python3 -m pytest tests -q -p no:cacheprovider -rf --durations=5 $(printf -- '--ignore=%s ' $FIRST) \
     --ignore=tests/test_kernels_sm90_compile.py
-  step 100 python3 benchmarks/tune_tiles.py --out "$OUT"
+  step 90 python3 benchmarks/tune_tiles.py --out "$OUT"
 }
 case "$what" in
   part1) part1 "$@" ;;

@@ -225,6 +225,9 @@ def cases():
         "gcl-131072-bf16": gcl(4096, 131072, torch.bfloat16),
         "gcl-8142-bf16-fused": gcl(4096, 8142, torch.bfloat16, grad_in_forward=True),
         "la-131072-bf16-fused": la(4096, 131072, torch.bfloat16, grad_in_forward=True),
+        # the persistent grid an H100 gets for it (pick_tiles sees 1 SM on the CPU)
+        "la-131072-bf16-fused-persistent": la(4096, 131072, torch.bfloat16, grad_in_forward=True, block_m=1,
+                                              block_n=8192, num_warps=16, row_programs=132),
         "la-1M-bf16-split": la(128, 1_000_000, torch.bfloat16, num_splits=16),
         "la-8142-fp32-whole-row": la(4096, 8142, torch.float32, grad_in_forward=True, block_n=8192, num_warps=16),
         "lade-131072-fp32": lade_case(4096, 131072, torch.float32),

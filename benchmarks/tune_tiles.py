@@ -2,11 +2,18 @@
 
 ``python benchmarks/tune_tiles.py [--out DIR]``: for each (N, C, dtype), times the forward kernel
 (recompute mode), the gradient kernel, and the fused forward+gradient (gradient-in-forward), over
-tile shape (1, 2 or 4 rows) x num_warps x num_stages (x num_splits for short batches), plus GCL's noise
-cost (the same kernels with the cloud on). Kernel times only (CUDA events via do_bench), no autograd.
+tile shape (1, 2 or 4 rows) x num_warps x num_stages (x num_splits for short batches), and for long rows the
+persistent gradient-in-forward grids (1, 2 or 4 programs per SM, each walking whole rows, the second pass
+from the row's end back so that it re-reads from L2), plus GCL's noise cost (the same kernels with the cloud on).
+The default row times the gradient-in-forward with the tiles ``launch.forward`` picks for it. Kernel times only
+(CUDA events via do_bench), no autograd.
 
-``--lade``: instead, sweep the LADE forward's column-statistics tiles (block_m x block_n x warps x stages)
-and time forward (row stats + column partials + merge) plus the gradient pass, against the default.
+``--lade``: instead, sweep the LADE forward's column-statistics tiles (block_m x block_n x warps) and time
+forward (row stats + column partials + merge) plus the gradient pass, against the default; then the gradient
+pass's own tiles.
+
+``--fused``: instead, only the gradient-in-forward of long rows (a few configs, ~1 minute): the default grid of one
+program per row against the persistent grids, LA and GCL, at the shapes of ``FUSED_SHAPES``.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ SHAPES = [(4096, 8142, "fp32"), (4096, 8142, "bf16"), (4096, 131072, "fp32"), (4
           (128, 1_000_000, "bf16"), (512, 8142, "bf16")]
 
 
-def candidates(N, C):
+def candidates(N, C, sm_count):
     # (rows, columns) per tile: one-row tiles, and 2- or 4-row tiles of the same size, whose (C,) prior/cloud
     # loads are shared by the rows (4 B of L2 reads per element with one row: as much as fp32 z, twice bf16 z)
     shapes = [(1, 2048), (1, 4096), (1, 8192), (2, 1024), (4, 512)] if C > 8192 else \
@@ -38,9 +45,15 @@ def candidates(N, C):
         if (C <= 8192 and sp is not None) or (bm > 1 and (w == 16 or N < 1024)):
             continue
         yield dict(block_n=bn, num_warps=w, num_stages=st, num_splits=sp, block_m=bm)
+    if C > 8192 and N >= 1024:  # persistent grids: p programs of 16 / p warps per SM (registers allow 16 warps)
+        for p, st in itertools.product([1, 2, 4], [2, 3, 4]):
+            yield dict(block_n=8192 // p, num_warps=16 // p, num_stages=st, num_splits=1, block_m=1,
+                       row_programs=p * sm_count)
 
 
-def time_config(z, y, args, cfg, out):
+def time_config(z, y, args, cfg, out, fused_cfg=None):
+    """(forward, gradient, gradient-in-forward) kernel ms; ``fused_cfg``: another config for the last."""
+    fused_cfg = fused_cfg or cfg
     lse_factor = launch.forward(z, y, args, config=cfg)
     lse, factor = lse_factor[1], lse_factor[2]
     go = torch.ones((), device="cuda")
@@ -48,7 +61,7 @@ def time_config(z, y, args, cfg, out):
                                 return_mode="median")
     b = triton.testing.do_bench(lambda: launch.grad(z, y, args, lse, factor, go, config=cfg, out=out), warmup=10,
                                 rep=40, return_mode="median")
-    fused = triton.testing.do_bench(lambda: launch.forward(z, y, args, grad_out=out, config=cfg), warmup=10,
+    fused = triton.testing.do_bench(lambda: launch.forward(z, y, args, grad_out=out, config=fused_cfg), warmup=10,
                                     rep=40, return_mode="median")
     return f, b, fused
 
@@ -75,8 +88,9 @@ def tune_lade(bw, out_dir):
         out = torch.empty_like(z)
         fl = floor_ms(N, C, dt, bw)
         results = []
-        configs = [None] + [dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st) for bm, bn, w, st in
-                            itertools.product([16, 32, 64], [256, 512, 1024], [4, 8, 16], [1, 3])]
+        # a short sweep (each config compiles in a few seconds; the device session gives this ~100 s)
+        configs = [None] + [dict(block_m=bm, block_n=bn, num_warps=w, num_stages=3) for bm, bn, w in
+                            itertools.product([16, 32], [512, 1024], [8, 16])]
         for kw in configs:
             cfg = launch.pick_tiles(N, C, z.device, column_stats=True, **(kw or {}))
             try:
@@ -91,9 +105,67 @@ def tune_lade(bw, out_dir):
         best = min(results, key=lambda r: r[0])
         print(f"LADE {N}x{C} {dname} floor {fl:.3f} ms | default {default[0]:.3f} ({default[0] / fl:.2f}x) "
               f"{default[1]} | best {best[0]:.3f} ({best[0] / fl:.2f}x) {best[1]}")
+        # the gradient pass alone (its three (C,) column vectors are shared by the block_m rows of a tile)
+        _, lse, factor, _, col_a, col_b, col_lse = lade.forward(z, y, pi, 0.1, args)
+        grads = []
+        for kw in [None] + [dict(block_m=bm, block_n=bn, num_warps=w) for bm, bn, w in
+                            [(1, 2048, 4), (2, 1024, 4), (4, 1024, 8), (8, 512, 8), (8, 256, 4)]]:
+            cfg = launch.pick_tiles(N, C, z.device, column_term=True, **(kw or {}))
+            try:
+                step = functools.partial(launch.grad, z, y, args, lse, factor, None,
+                                         column_term=(col_a, col_b, col_lse), out=out, config=cfg)
+                ms = triton.testing.do_bench(step, warmup=5, rep=30, return_mode="median")
+            except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
+                print(f"skip grad {cfg}: {type(exc).__name__}")
+                continue
+            grads.append((ms, cfg, kw is None))
+            rows.append(dict(N=N, C=C, dtype=dname, grad_config=cfg.__dict__, default=kw is None, grad_ms=ms))
+        if grads:
+            gd = [g for g in grads if g[2]] or grads[:1]
+            gb = min(grads, key=lambda g: g[0])
+            print(f"   LADE gradient pass: default {gd[0][0]:.3f} ms {gd[0][1]} | best {gb[0]:.3f} ms {gb[1]}")
         del z, out
         torch.cuda.empty_cache()
     with open(os.path.join(out_dir, "tune_lade.json"), "w") as fh:
+        json.dump(rows, fh, indent=1)
+
+
+FUSED_SHAPES = [(4096, 131072, "bf16"), (4096, 131072, "fp32"), (4096, 32768, "bf16")]
+
+
+def tune_fused(bw, out_dir):
+    rows = []
+    sm = torch.cuda.get_device_properties(0).multi_processor_count
+    for N, C, dname in FUSED_SHAPES:
+        dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dname]
+        counts = _counts(C)
+        z = torch.randn(N, C, device="cuda", dtype=dt)
+        out = torch.empty_like(z)  # the same traffic as writing over z, and z stays the same between repeats
+        y = torch.randint(0, C, (N,), device="cuda")
+        fl = floor_ms(N, C, dt, bw)
+        ops = {"la": launch.RowOperatorArgs(prior=log_prior(counts).cuda()),
+               "gcl": launch.RowOperatorArgs(cloud=gcl_cloud(counts).cuda(), noise_mul=1.0, has_margin=True,
+                                             margin_value=0.5, scale=30.0, seed=3)}
+        configs = [("default", launch.pick_tiles(N, C, z.device, grad_in_forward=True, elem_bytes=z.element_size())),
+                   ("one per row", launch.pick_tiles(N, C, z.device, row_programs=0))]
+        for p, st in itertools.product([1, 2, 4], [2, 3, 4]):
+            configs.append((f"persistent {p}/SM stages {st}",
+                            launch.pick_tiles(N, C, z.device, block_m=1, block_n=8192 // p, num_warps=16 // p,
+                                              num_stages=st, num_splits=1, row_programs=p * sm)))
+        for name, cfg in configs:
+            for op, args in ops.items():
+                try:
+                    step = functools.partial(launch.forward, z, y, args, grad_out=out, config=cfg)
+                    ms = triton.testing.do_bench(step, warmup=5, rep=30, return_mode="median")
+                except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
+                    print(f"skip {name} {cfg}: {type(exc).__name__}")
+                    continue
+                print(f"fused {op} {N}x{C} {dname}: {name:28s} {ms:.3f} ms ({ms / fl:.2f}x floor) {cfg}")
+                rows.append(dict(N=N, C=C, dtype=dname, op=op, name=name, config=cfg.__dict__, ms=ms,
+                                 x_floor=ms / fl))
+        del z, out
+        torch.cuda.empty_cache()
+    with open(os.path.join(out_dir, "tune_fused.json"), "w") as fh:
         json.dump(rows, fh, indent=1)
 
 
@@ -101,10 +173,14 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=".")
     p.add_argument("--lade", action="store_true", help="sweep the LADE column-statistics tiles instead")
+    p.add_argument("--fused", action="store_true", help="sweep the long-row gradient-in-forward grids instead")
     a = p.parse_args()
     bw = measure_bandwidth()
     if a.lade:
         tune_lade(bw, a.out)
+        return
+    if a.fused:
+        tune_fused(bw, a.out)
         return
     rows = []
     for N, C, dname in SHAPES:
@@ -118,23 +194,25 @@ def main():
         gcl = launch.RowOperatorArgs(cloud=gcl_cloud(counts).cuda(), noise_mul=1.0, has_margin=True,
                                      margin_value=0.5, scale=30.0, seed=3)
         default = launch.pick_tiles(N, C, z.device)
+        default_fused = launch.pick_tiles(N, C, z.device, grad_in_forward=True, elem_bytes=z.element_size())
+        sm_count = torch.cuda.get_device_properties(z.device).multi_processor_count
         best = {}
-        for kw in [None, *candidates(N, C)]:
+        for kw in [None, *candidates(N, C, sm_count)]:
             cfg = default if kw is None else launch.pick_tiles(N, C, z.device, **kw)
             try:
-                f, b, fused = time_config(z, y, la, cfg, out)
+                f, b, fused = time_config(z, y, la, cfg, out, default_fused if kw is None else None)
             except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
                 print(f"skip {cfg}: {type(exc).__name__}")
                 continue
             rec = dict(N=N, C=C, dtype=dname, config=cfg.__dict__, default=kw is None, fwd=f, bwd=b, fused=fused,
                        recompute_x=(f + b) / fl, fused_x=fused / fl)
             rows.append(rec)
-            for mode, v in (("recompute", f + b), ("fused", fused)):
+            for mode, v, c in (("recompute", f + b, cfg), ("fused", fused, default_fused if kw is None else cfg)):
                 if mode not in best or v < best[mode][0]:
-                    best[mode] = (v, cfg)
+                    best[mode] = (v, c)
         d = [r for r in rows if r["N"] == N and r["C"] == C and r["dtype"] == dname and r["default"]][0]
         print(f"{N}x{C} {dname} floor {fl:.3f} ms | default {default}: recompute {d['fwd'] + d['bwd']:.3f} "
-              f"({d['recompute_x']:.2f}x) fused {d['fused']:.3f} ({d['fused_x']:.2f}x)")
+              f"({d['recompute_x']:.2f}x) | default fused {default_fused}: {d['fused']:.3f} ({d['fused_x']:.2f}x)")
         for mode, (v, cfg) in best.items():
             print(f"   best {mode}: {v:.3f} ms ({v / fl:.2f}x) with {cfg}")
         cfg = best["recompute"][1]
