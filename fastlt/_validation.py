@@ -144,14 +144,14 @@ def check_num_classes(logits: torch.Tensor, num_classes: int, what: str = "class
 
 
 def init_loss_options(module, weight_name: str, weight, num_classes: int, *, ignore_index, reduction,
-                      label_smoothing, backend) -> None:
+                      label_smoothing, backend, persistent: bool = True) -> None:
     """Validate the options every loss module shares and set them on ``module``: the (C,) class weights as
-    the buffer ``weight_name`` (float32, or None), ``ignore_index``, ``reduction``, ``label_smoothing``,
-    ``backend``."""
+    the buffer ``weight_name`` (float32, or None; in the state dict when ``persistent``, as
+    ``nn.CrossEntropyLoss``'s ``weight``), ``ignore_index``, ``reduction``, ``label_smoothing``, ``backend``."""
     if weight is not None:
         check_class_vector(weight_name, torch.as_tensor(weight), num_classes)
         weight = torch.as_tensor(weight, dtype=torch.float32)
-    module.register_buffer(weight_name, weight)
+    module.register_buffer(weight_name, weight, persistent=persistent)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     module.ignore_index = ignore_index

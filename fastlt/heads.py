@@ -656,8 +656,10 @@ class _HeadBase(nn.Module):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         self.in_features, self.num_classes = in_features, num_classes
+        # weight_classes stays out of the state dict (like the priors): a head's state dict is its layer's
+        # (nn.Linear's weight and bias, CosineClassifier's weight), so checkpoints move between the two
         V.init_loss_options(self, "weight_classes", weight_classes, num_classes, ignore_index=ignore_index,
-                            reduction=reduction, label_smoothing=label_smoothing, backend=backend)
+                            reduction=reduction, label_smoothing=label_smoothing, backend=backend, persistent=False)
         _check_chunk_rows(chunk_rows)
         self.chunk_rows = chunk_rows
 

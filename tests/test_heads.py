@@ -555,6 +555,10 @@ def test_linear_loss_head_initialises_as_nn_linear():
         if bias:
             assert torch.equal(head.bias, lin.bias)
         lin.load_state_dict(head.state_dict())  # same parameter names
+        weighted = fastlt.LinearLossHead(9, 5, counts, bias=bias, weight_classes=torch.rand(5) + 0.5)
+        weighted.load_state_dict(lin.state_dict())  # class weights are configuration, not state
+        assert set(weighted.state_dict()) == set(lin.state_dict())
+        assert weighted.weight_classes is not None
     head = fastlt.LinearLossHead(9, 5, counts, loss="ldam", dtype=torch.float16)
     assert head.weight.dtype == torch.float16 and head.bias.dtype == torch.float16
 
@@ -614,8 +618,9 @@ def test_cosine_gcl_head_state_dict_and_logits_match_cosine_classifier():
     assert set(head.state_dict()) == set(cc.state_dict()) == {"weight"}
     cc2 = fastlt.CosineClassifier(D, C)
     cc2.load_state_dict(head.state_dict())
-    head2 = fastlt.CosineGCLHead(D, C, counts)
+    head2 = fastlt.CosineGCLHead(D, C, counts, weight_classes=torch.rand(C) + 0.5)  # class weights: not state
     head2.load_state_dict(cc2.state_dict())
+    assert set(head2.state_dict()) == {"weight"}
     head, cc2 = head.to(DEVICE), cc2.to(DEVICE)
     assert torch.equal(head2.weight, head.weight.cpu())
     f = torch.randn(N, D, generator=gen).to(DEVICE)
