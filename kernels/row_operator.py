@@ -366,7 +366,9 @@ def _forward_row_block(
                               False, ALIGN, BLOCK_M, BLOCK_N)
 
 
-@triton.jit
+# seed: a fresh random value every step; specialising on its divisibility by 16 would compile a second
+# variant mid-training (1 step in 16), so it (and the chunk's first row) is a plain runtime argument
+@triton.jit(do_not_specialize=["seed", "noise_row0"])
 def row_loss_forward(
     z_ptr, stride_zm, stride_zn, y_ptr, prior_ptr, cloud_ptr, margin_ptr, weight_ptr, wsum_ptr, inv_denom_ptr,
     loss_ptr, lse_ptr, factor_ptr, part_ptr, colstat_ptr, zy_ptr, grad_ptr, stride_gm, stride_gn,
@@ -441,7 +443,7 @@ def row_loss_combine(
                            MEAN)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "noise_row0"])  # as row_loss_forward
 def row_loss_grad(
     z_ptr, stride_zm, stride_zn, y_ptr, prior_ptr, cloud_ptr, margin_ptr, weight_ptr, wsum_ptr,
     lse_ptr, factor_ptr, go_ptr, go_stride, col_a_ptr, col_b_ptr, col_lse_ptr, grad_ptr, stride_gm, stride_gn,
