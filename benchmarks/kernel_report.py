@@ -181,12 +181,13 @@ def cases():
                 launch.grad(z, y, args, lse, factor, None, config=cfg)
         return run
 
-    def gcl(N, C, dtype, grad_in_forward=False, **tile):
+    def gcl(N, C, dtype, grad_in_forward=False, seed_tensor=False, **tile):
         def run():
             z = torch.empty((N, C), dtype=dtype)
             y = torch.zeros(N, dtype=torch.int64)
             args = launch.RowOperatorArgs(cloud=gcl_cloud(_counts(C)).float(), noise_mul=1.0, has_margin=True,
-                                          margin_value=0.5, scale=30.0, seed=3)
+                                          margin_value=0.5, scale=30.0, seed=3,
+                                          seed_tensor=torch.zeros(1, dtype=torch.int64) if seed_tensor else None)
             cfg = launch.pick_tiles(N, C, z.device, **tile) if tile else None
             loss, lse, factor, _ = launch.forward(z, y, args, config=cfg, grad_out=z if grad_in_forward else None)
             if not grad_in_forward:
@@ -224,6 +225,7 @@ def cases():
         "la-8142-bf16-fused": la(4096, 8142, torch.bfloat16, grad_in_forward=True),
         "gcl-131072-bf16": gcl(4096, 131072, torch.bfloat16),
         "gcl-8142-bf16-fused": gcl(4096, 8142, torch.bfloat16, grad_in_forward=True),
+        "gcl-131072-bf16-seed-tensor": gcl(4096, 131072, torch.bfloat16, seed_tensor=True),
         "la-131072-bf16-fused": la(4096, 131072, torch.bfloat16, grad_in_forward=True),
         # the persistent grid an H100 gets for it (pick_tiles sees 1 SM on the CPU)
         "la-131072-bf16-fused-persistent": la(4096, 131072, torch.bfloat16, grad_in_forward=True, block_m=1,

@@ -19,23 +19,23 @@ from ._validation import as_index_target
 from .kernels import lade as lade_kernels  # noqa: I001
 from .kernels import launch
 from .kernels.launch import RowOperatorArgs
-from .noise import draw_seed
+from .noise import SEED_BITS, draw_seed
 from .reference import check_lade_args, check_operator_args
 
 _REDUCTIONS = ("mean", "sum", "none")
 
 
 def _args(prior, cloud, margin, weight, tau, noise_mul, margin_value, has_margin, scale, gamma, label_smoothing,
-          ignore_index, seed, reduction) -> RowOperatorArgs:
+          ignore_index, seed, reduction, seed_tensor=None) -> RowOperatorArgs:
     return RowOperatorArgs(prior=prior, cloud=cloud, margin=margin, weight=weight, tau=tau, noise_mul=noise_mul,
                            margin_value=margin_value, has_margin=has_margin, scale=scale, gamma=gamma,
                            label_smoothing=label_smoothing, ignore_index=ignore_index, seed=seed,
-                           reduction=_REDUCTIONS[reduction])
+                           reduction=_REDUCTIONS[reduction], seed_tensor=seed_tensor)
 
 
 def _flat(a: RowOperatorArgs) -> tuple:
     return (a.prior, a.cloud, a.margin, a.weight, a.tau, a.noise_mul, a.margin_value, a.has_margin, a.scale,
-            a.gamma, a.label_smoothing, a.ignore_index, a.seed, _REDUCTIONS.index(a.reduction))
+            a.gamma, a.label_smoothing, a.ignore_index, a.seed, _REDUCTIONS.index(a.reduction), a.seed_tensor)
 
 
 def _forward_impl(logits, target, args: RowOperatorArgs, grad_out, out_dtype=torch.float32):
@@ -52,15 +52,16 @@ def _forward_impl(logits, target, args: RowOperatorArgs, grad_out, out_dtype=tor
 def row_loss_forward_op(logits: Tensor, target: Tensor, prior: Tensor | None, cloud: Tensor | None,
                         margin: Tensor | None, weight: Tensor | None, tau: float, noise_mul: float,
                         margin_value: float, has_margin: bool, scale: float, gamma: float, label_smoothing: float,
-                        ignore_index: int, seed: int, reduction: int) -> tuple[Tensor, Tensor, Tensor]:
+                        ignore_index: int, seed: int, reduction: int,
+                        seed_tensor: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     args = _args(prior, cloud, margin, weight, tau, noise_mul, margin_value, has_margin, scale, gamma,
-                 label_smoothing, ignore_index, seed, reduction)
+                 label_smoothing, ignore_index, seed, reduction, seed_tensor)
     return _forward_impl(logits, target, args, None)
 
 
 @row_loss_forward_op.register_fake
 def _(logits, target, *rest):
-    reduction = _REDUCTIONS[rest[-1]]
+    reduction = _REDUCTIONS[rest[-2]]
     N = logits.shape[0]
     loss = logits.new_empty((N,) if reduction == "none" else (), dtype=torch.float32)
     return loss, logits.new_empty((2, N), dtype=torch.float32), logits.new_empty(N, dtype=torch.float32)
@@ -72,9 +73,9 @@ def row_loss_backward_op(grad_output: Tensor, logits: Tensor, target: Tensor, ls
                          weight: Tensor | None, tau: float, noise_mul: float, margin_value: float,
                          has_margin: bool, scale: float, gamma: float, label_smoothing: float, ignore_index: int,
                          seed: int, reduction: int, col_a: Tensor | None, col_b: Tensor | None,
-                         col_lse: Tensor | None) -> Tensor:
+                         col_lse: Tensor | None, seed_tensor: Tensor | None) -> Tensor:
     args = _args(prior, cloud, margin, weight, tau, noise_mul, margin_value, has_margin, scale, gamma,
-                 label_smoothing, ignore_index, seed, reduction)
+                 label_smoothing, ignore_index, seed, reduction, seed_tensor)
     return _backward_impl(grad_output, logits, target, args, lse, factor,
                           None if col_a is None else (col_a, col_b, col_lse))
 
@@ -85,17 +86,17 @@ def _(grad_output, logits, *rest):
 
 
 def _setup_row_loss(ctx, inputs, output):
-    logits, target, prior, cloud, margin, weight, *scalars = inputs
+    logits, target, prior, cloud, margin, weight, *scalars, seed_tensor = inputs
     _, lse, factor = output
-    ctx.save_for_backward(logits, target, lse, factor, prior, cloud, margin, weight)
+    ctx.save_for_backward(logits, target, lse, factor, prior, cloud, margin, weight, seed_tensor)
     ctx.scalars = scalars
 
 
 def _row_loss_backward(ctx, grad_loss, grad_lse, grad_factor):
-    logits, target, lse, factor, prior, cloud, margin, weight = ctx.saved_tensors
+    logits, target, lse, factor, prior, cloud, margin, weight, seed_tensor = ctx.saved_tensors
     grad = row_loss_backward_op(grad_loss, logits, target, lse, factor, prior, cloud, margin, weight, *ctx.scalars,
-                                None, None, None)
-    return (grad,) + (None,) * 15
+                                None, None, None, seed_tensor)
+    return (grad,) + (None,) * 16
 
 
 row_loss_forward_op.register_autograd(_row_loss_backward, setup_context=_setup_row_loss)
@@ -129,7 +130,7 @@ def _lade_backward(ctx, grad_loss, *unused):
     label_smoothing, ignore_index, reduction = ctx.scalars
     grad = row_loss_backward_op(grad_loss, logits, target, lse, factor, log_prior, None, None, weight, 1.0, 0.0,
                                 0.0, False, 1.0, 0.0, label_smoothing, ignore_index, 0, reduction, col_a, col_b,
-                                col_lse)
+                                col_lse, None)
     return (grad,) + (None,) * 9
 
 
@@ -223,10 +224,15 @@ def adjusted_cross_entropy_triton(logits, target, *, prior=None, tau=1.0, cloud=
         if logits.requires_grad and logits.is_leaf:
             raise ValueError("grad_in_forward=True overwrites the logits with their gradient; it cannot be a "
                              "leaf tensor that requires grad (pass the output of a layer)")
+    compiling = torch.compiler.is_compiling()
+    if compiling and seed is None and cloud is not None and noise_mul != 0.0:
+        # a traced draw on the logits' device: a fresh seed every call of the compiled graph (a host int would be
+        # baked into it), and one a CUDA graph of it redraws on every replay
+        seed = torch.randint(0, 2**SEED_BITS, (1,), dtype=torch.int64, device=logits.device)
     args = operator_args(prior=prior, tau=tau, cloud=cloud, noise_mul=noise_mul, seed=seed, margin=margin,
                          scale=scale, gamma=gamma, weight=weight, ignore_index=ignore_index, reduction=reduction,
                          label_smoothing=label_smoothing)
-    if torch.compiler.is_compiling():  # an opaque op with registered autograd (recompute backward)
+    if compiling:  # an opaque op with registered autograd (recompute backward)
         return row_loss_forward_op(logits, target, *_flat(args))[0].to(logits.dtype)
     return RowOperatorLoss.apply(logits, target, args, bool(grad_in_forward))
 
@@ -264,9 +270,13 @@ def check_kernel_input(name: str, t: Tensor, noise: Tensor | None = None) -> Non
 def operator_args(*, prior, tau, cloud, noise_mul, seed, margin, scale, gamma, weight, ignore_index, reduction,
                   label_smoothing) -> RowOperatorArgs:
     """The kernels' arguments for the SPEC 2.4 operator: class tensors as contiguous fp32, floats as floats,
-    ``margin`` a float or a (C,) tensor, and a seed drawn from torch's generator when the noise is on and
-    none is given."""
-    if cloud is not None and noise_mul != 0.0 and seed is None:
+    ``margin`` a float or a (C,) tensor, and a seed drawn from torch's CPU generator when the noise is on and
+    none is given (the reference path draws the same one). A seed tensor (one int64 on the logits' device) is
+    read by the kernels from device memory."""
+    seed_tensor = None
+    if isinstance(seed, torch.Tensor):
+        seed_tensor, seed = seed.reshape(1).contiguous(), 0
+    elif cloud is not None and noise_mul != 0.0 and seed is None:
         seed = draw_seed()
     margin_t = margin if isinstance(margin, torch.Tensor) else None
     return RowOperatorArgs(
@@ -274,7 +284,7 @@ def operator_args(*, prior, tau, cloud, noise_mul, seed, margin, scale, gamma, w
         tau=float(tau), noise_mul=float(noise_mul), margin_value=0.0 if margin is None or margin_t is not None
         else float(margin), has_margin=margin is not None, scale=float(scale), gamma=float(gamma),
         label_smoothing=float(label_smoothing), ignore_index=int(ignore_index), seed=int(seed or 0),
-        reduction=reduction)
+        reduction=reduction, seed_tensor=seed_tensor)
 
 
 def lade_operator_args(prior, weight, label_smoothing, ignore_index, reduction) -> tuple[Tensor, RowOperatorArgs]:

@@ -143,6 +143,19 @@ def check_num_classes(logits: torch.Tensor, num_classes: int, what: str = "class
         )
 
 
+def check_seed_tensor(seed: torch.Tensor, device: torch.device) -> None:
+    """A seed given as a tensor: one int64 value on the logits' device (read by the kernels there; on the CPU its
+    value is checked too)."""
+    if seed.dtype != torch.int64:
+        raise TypeError(f"a seed tensor must be int64, got {seed.dtype}")
+    if seed.numel() != 1:
+        raise ValueError(f"a seed tensor must hold one value (shape () or (1,)), got shape {tuple(seed.shape)}")
+    if seed.device != device:
+        raise ValueError(f"the seed tensor is on {seed.device} but the logits are on {device}")
+    if seed.device.type == "cpu" and int(seed) < 0:
+        raise ValueError(f"seed must be in [0, 2^63) (a 64-bit Philox key), got {int(seed)}")
+
+
 def init_loss_options(module, weight_name: str, weight, num_classes: int, *, ignore_index, reduction,
                       label_smoothing, backend, persistent: bool = True) -> None:
     """Validate the options every loss module shares and set them on ``module``: the (C,) class weights as

@@ -63,6 +63,12 @@ def adjusted_cross_entropy(logits, target, *, prior=None, tau=1.0, cloud=None, n
     ``grad_in_forward=True`` (Triton backend only) computes d loss / d logits in the forward pass and
     writes it over ``logits`` (which must then be a leaf-free, contiguous-rows tensor you no longer
     need); the backward only rescales it by ``grad_output`` (skipped, on the GPU, when that is 1).
+
+    ``seed`` (GCL noise): an int, or a one-element int64 tensor on the logits' device, which the kernels read
+    from device memory (a CUDA graph that redraws it in place, e.g. ``seed_t.random_(0, 2**62)``, gets fresh
+    noise on every replay; an int is baked into the graph). ``None`` draws one from torch's CPU generator (the
+    reference path draws the same); under ``torch.compile`` the draw is an op of the graph instead, so every call
+    of the compiled graph gets fresh noise without a graph break.
     """
     if not use_triton(backend, logits):
         if grad_in_forward:

@@ -606,7 +606,8 @@ def linear_cross_entropy(features, weight, target, bias=None, *, prior=None, tau
     ``features`` (N, D) and ``weight`` (C, D) of one float dtype and device, ``bias`` (C,) or None, ``target``
     (N,) ints. Operator arguments as :func:`fastlt.functional.adjusted_cross_entropy`: ``prior`` (C,) log
     prior with ``tau``; ``margin`` float or (C,); ``scale`` s; ``cloud`` (C,) with ``noise_mul`` and
-    ``seed`` (GCL noise; drawn from torch's generator when None); ``gamma`` focal; ``weight_classes`` (C,)
+    ``seed`` (GCL noise: an int or a one-element int64 tensor on the device; drawn from torch's generator when
+    None); ``gamma`` focal; ``weight_classes`` (C,)
     class weights; ``ignore_index``, ``reduction``, ``label_smoothing`` as in ``F.cross_entropy``.
     ``noise``: (N, C) explicit noise, reference path only. ``backend``: 'auto' (kernels for CUDA tensors, the
     reference elsewhere), 'triton' or 'torch'. ``chunk_rows``: rows per chunk of the row-chunked path
@@ -834,7 +835,8 @@ class CosineGCLHead(_HeadBase):
         bound = 1.0 / math.sqrt(self.in_features)
         nn.init.uniform_(self.weight, -bound, bound)
 
-    def forward(self, features: torch.Tensor, target: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, target: torch.Tensor,
+                seed: int | torch.Tensor | None = None) -> torch.Tensor:
         self._check_features(features)
         return cosine_cross_entropy(features, self.weight, target, cloud=self.cloud, noise_mul=self.noise_mul,
                                     seed=seed, margin=self.m, scale=self.s, gamma=self.gamma, eps=self.eps,

@@ -116,7 +116,8 @@ class GCLLoss(_LongTailLoss):
     Defaults are the official loss class's (m=0.5, s=30, noise_mul=1, gamma=0); the official scripts
     use m=0, s=30, noise_mul=0.5 for the backbone stage and m=0.1, s=20, noise_mul=0.5, gamma=1 for
     the classifier re-training stage (with :class:`fastlt.data.CBENSampler`). ``forward(cos, y, seed=None)``:
-    the seed is drawn from torch's generator unless given.
+    the seed is drawn from torch's generator unless given (an int, or a one-element int64 tensor on the device
+    for CUDA graphs: see :func:`fastlt.functional.adjusted_cross_entropy`).
     """
 
     def __init__(self, class_counts, m=0.5, s=30.0, noise_mul=1.0, gamma=0.0, *, grad_in_forward=False,
@@ -129,7 +130,8 @@ class GCLLoss(_LongTailLoss):
         self.grad_in_forward = bool(grad_in_forward)
         self.register_buffer("cloud", gcl_cloud_from(self._counts64), persistent=False)
 
-    def forward(self, cosine: torch.Tensor, target: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+    def forward(self, cosine: torch.Tensor, target: torch.Tensor,
+                seed: int | torch.Tensor | None = None) -> torch.Tensor:
         self._check_input(cosine, "cosine")
         return LF.gcl_cross_entropy(cosine, target, self.cloud, self.m, self.s, self.noise_mul, self.gamma,
                                     seed=seed, grad_in_forward=self.grad_in_forward, **self._common())

@@ -61,9 +61,12 @@ def check_operator_args(logits, target, *, prior, tau, cloud, noise_mul, noise, 
             raise ValueError(f"noise must be a tensor of the logits' shape {tuple(logits.shape)}")
         if noise.device != logits.device:
             raise ValueError(f"noise is on {noise.device} but the logits are on {logits.device}")
-    if seed is not None:
+    if isinstance(seed, torch.Tensor):
+        V.check_seed_tensor(seed, logits.device)
+    elif seed is not None:
         if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be a non-negative int, got {type(seed).__name__} {seed!r}")
+            raise TypeError(f"seed must be a non-negative int or a one-element int64 tensor, got "
+                            f"{type(seed).__name__} {seed!r}")
         if not 0 <= seed < 2**63:
             raise ValueError(f"seed must be in [0, 2^63) (a 64-bit Philox key), got {seed}")
 
@@ -113,7 +116,7 @@ def adjusted_logits(logits, target, *, prior=None, tau=1.0, cloud=None, noise_mu
         a = a + tau * prior.to(a.dtype)
     if cloud is not None and noise_mul != 0.0:
         if noise is None:
-            noise = gcl_noise(draw_seed() if seed is None else seed, N, C, logits.device)
+            noise = gcl_noise(draw_seed() if seed is None else int(seed), N, C, logits.device)
         cdt = torch.promote_types(a.dtype, torch.float32)  # float64 stays float64: the oracle is exact
         a = a - (noise_mul * cloud.to(cdt) * noise.to(cdt)).to(a.dtype)
     if margin is not None:

@@ -36,6 +36,7 @@ class RowOperatorArgs:
     seed: int = 0
     reduction: str = "mean"
     noise_row_offset: int = 0  # global index of row 0 (chunked callers): the noise is a function of (seed, row, col)
+    seed_tensor: torch.Tensor | None = None  # (1,) int64 on the device: the kernels read the seed there instead
 
     @property
     def has_noise(self) -> bool:
@@ -294,7 +295,11 @@ def row_align(*tensors: torch.Tensor) -> int:
 def _common_flags(args: RowOperatorArgs) -> dict:
     return dict(HAS_PRIOR=args.prior is not None, HAS_NOISE=args.has_noise, MARGIN_MODE=args.margin_mode,
                 HAS_SCALE=args.scale != 1.0, HAS_WEIGHT=args.weight is not None,
-                HAS_SMOOTH=args.label_smoothing > 0.0)
+                HAS_SMOOTH=args.label_smoothing > 0.0, SEED_FROM_PTR=args.has_noise and args.seed_tensor is not None)
+
+
+def _seed_ptr(args: RowOperatorArgs, dev):
+    return args.seed_tensor if args.has_noise and args.seed_tensor is not None else _dummy(torch.device(dev))
 
 
 def _class_ptrs(args: RowOperatorArgs, dev):
@@ -346,7 +351,8 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out
             z, z.stride(0), z.stride(1), y, prior, cloud, margin, weight, wsum, inv_denom,
             loss, lse, factor, part, colstats.partials, colstats.target_logits, g, g.stride(0), g.stride(1),
             N, C, cfg.cols_per_split, 0, C, 0, cfg.num_splits, row_blocks, args.ignore_index, args.tau, args.noise_mul,
-            args.margin_value, args.scale, args.gamma, args.label_smoothing, args.seed, args.noise_row_offset,
+            args.margin_value, args.scale, args.gamma, args.label_smoothing, args.seed, _seed_ptr(args, dev),
+            args.noise_row_offset,
             HAS_FOCAL=args.gamma != 0.0, MEAN=mean, SPLIT=split,
             SINGLE_TILE=cfg.single_tile, GRAD_IN_FWD=fuse_grad, COLUMN_STATS=column_stats, ALIGN=row_align(z, g),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PERSISTENT=grid_rows < row_blocks, num_warps=cfg.num_warps,
@@ -388,7 +394,7 @@ def grad(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, lse: torch.Ten
         z, z.stride(0), z.stride(1), y, prior, cloud, margin, weight, wsum, lse, factor, go, go_stride,
         ca, cb, cl, out, out.stride(0), out.stride(1),
         N, C, cfg.cols_per_split, col_base, col_base + Ck, args.ignore_index, args.tau, args.noise_mul,
-        args.margin_value, args.scale, args.label_smoothing, args.seed, args.noise_row_offset,
+        args.margin_value, args.scale, args.label_smoothing, args.seed, args.noise_row_offset, _seed_ptr(args, dev),
         HAS_UPSTREAM=grad_output is not None, COLUMN_TERM=column_term is not None, ALIGN=row_align(z, out),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **_common_flags(args))
@@ -426,7 +432,8 @@ def chunk_partials(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, part
         column_stats.partials if has_cols else d, column_stats.target_logits if has_cols else d, z, 0, 0,
         N, num_classes, Ck, col_base, col_base + Ck, chunk, part.shape[2], row_blocks, args.ignore_index, args.tau,
         args.noise_mul, args.margin_value, args.scale, args.gamma, args.label_smoothing, args.seed,
-        args.noise_row_offset, HAS_FOCAL=args.gamma != 0.0, MEAN=False, SPLIT=True, SINGLE_TILE=Ck <= block_n,
+        _seed_ptr(args, dev), args.noise_row_offset, HAS_FOCAL=args.gamma != 0.0, MEAN=False, SPLIT=True,
+        SINGLE_TILE=Ck <= block_n,
         GRAD_IN_FWD=False, COLUMN_STATS=has_cols, ALIGN=row_align(z), BLOCK_M=cfg.block_m, BLOCK_N=block_n,
         PERSISTENT=False, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_common_flags(args))
 

@@ -373,13 +373,13 @@ def row_loss_forward(
     z_ptr, stride_zm, stride_zn, y_ptr, prior_ptr, cloud_ptr, margin_ptr, weight_ptr, wsum_ptr, inv_denom_ptr,
     loss_ptr, lse_ptr, factor_ptr, part_ptr, colstat_ptr, zy_ptr, grad_ptr, stride_gm, stride_gn,
     N, C, cols_per_split, col_base, col_end, split_base, total_splits, num_row_blocks,
-    ignore_index, tau, noise_mul, margin_value, scale, gamma, label_smoothing, seed, noise_row0,
+    ignore_index, tau, noise_mul, margin_value, scale, gamma, label_smoothing, seed, seed_ptr, noise_row0,
     HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_FOCAL: tl.constexpr, MEAN: tl.constexpr,
     SPLIT: tl.constexpr,
     SINGLE_TILE: tl.constexpr, GRAD_IN_FWD: tl.constexpr, COLUMN_STATS: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PERSISTENT: tl.constexpr,
+    PERSISTENT: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
 ):
     """Grid (num_row_blocks = cdiv(N, BLOCK_M), num_splits), or fewer row programs when PERSISTENT. Online
     (max, sum-exp) over this program's columns.
@@ -396,7 +396,11 @@ def row_loss_forward(
     PERSISTENT: the grid has fewer row programs than the ``num_row_blocks`` row blocks and each program walks
     ``pid, pid + programs, ...``: fewer rows in flight, so that the gradient-in-forward's second pass over a long
     row (run from its end back, :func:`_grad_columns`) re-reads it from L2 rather than HBM.
+    SEED_FROM_PTR: the noise seed is the int64 at ``seed_ptr`` (device memory: a CUDA graph replays the load, not
+    a baked-in value), not ``seed``.
     """
+    if SEED_FROM_PTR:
+        seed = tl.load(seed_ptr)
     pid_s = tl.program_id(1)
     if PERSISTENT:
         for pid_m in range(tl.program_id(0), num_row_blocks, tl.num_programs(0)):
@@ -448,15 +452,17 @@ def row_loss_grad(
     z_ptr, stride_zm, stride_zn, y_ptr, prior_ptr, cloud_ptr, margin_ptr, weight_ptr, wsum_ptr,
     lse_ptr, factor_ptr, go_ptr, go_stride, col_a_ptr, col_b_ptr, col_lse_ptr, grad_ptr, stride_gm, stride_gn,
     N, C, cols_per_split, col_base, col_end, ignore_index, tau, noise_mul, margin_value, scale, label_smoothing, seed,
-    noise_row0,
+    noise_row0, seed_ptr,
     HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_UPSTREAM: tl.constexpr, COLUMN_TERM: tl.constexpr,
     ALIGN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
 ):
     """Grid (cdiv(N, BLOCK_M), num_splits): recompute the tile from the saved fp32 (row max, log sum-exp) and write
     ``upstream_i * factor_i * d loss_i / d z`` (plus LADE's column term when COLUMN_TERM); classes from
-    ``col_base`` on, as in ``row_loss_forward``."""
+    ``col_base`` on, as in ``row_loss_forward`` (SEED_FROM_PTR too)."""
+    if SEED_FROM_PTR:
+        seed = tl.load(seed_ptr)
     # the last programs of the forward (its last row blocks and splits, whose ends are the likeliest still in L2)
     # come first, and each row is walked from its end (:func:`_grad_columns`). The max(., 0) tells the compiler the
     # block index is not negative (without it the LADE gradient tile spills a register in its column loop).

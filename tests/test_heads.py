@@ -806,3 +806,26 @@ def test_default_chunk_rows():
                 assert (rows + 64) * C * item > budget  # the largest such multiple
             else:
                 assert (rows + 1) * C * item > budget
+
+
+@pytest.mark.parametrize("chunk_rows,chunk_classes", [(None, None), (3, None), (None, 16)],
+                         ids=["one_chunk", "row_chunks", "class_chunks"])
+def test_seed_tensor_gives_the_int_seeds_noise_in_the_cosine_head(chunk_rows, chunk_classes):
+    """The cosine GCL head with a one-element int64 seed tensor (read on the device) equals the same int seed:
+    loss and both gradients, over one chunk, row chunks and class chunks."""
+    gen = torch.Generator().manual_seed(41)
+    N, D, C = 7, 5, 40
+    f, w = torch.randn(N, D, generator=gen), torch.randn(C, D, generator=gen)
+    y = torch.randint(0, C, (N,), generator=gen)
+    cloud = gcl_cloud(torch.randint(1, 300, (C,), generator=gen))
+    seed = 2**50 + 3
+    outs = []
+    for s in (seed, torch.tensor([seed], device=DEVICE)):
+        fk, wk = f.to(DEVICE).requires_grad_(), w.to(DEVICE).requires_grad_()
+        loss = LF.cosine_cross_entropy(fk, wk, y.to(DEVICE), cloud=cloud.to(DEVICE), noise_mul=1.0, margin=0.5,
+                                       scale=30.0, seed=s, backend="triton", chunk_rows=chunk_rows,
+                                       chunk_classes=chunk_classes)
+        loss.backward()
+        outs.append((loss.detach(), fk.grad, wk.grad))
+    for a, b in zip(outs[0], outs[1], strict=True):
+        assert torch.equal(a, b)

@@ -48,3 +48,19 @@ def test_compile_fullgraph_lade():
     z2 = z.clone().requires_grad_()
     LF.lade_loss(z2, y, pi, backend="triton").backward()
     torch.testing.assert_close(z1.grad, z2.grad)
+
+
+def test_compile_draws_a_fresh_seed_per_call_without_a_graph_break():
+    """GCL with seed=None under torch.compile(fullgraph=True): the seed is drawn inside the graph (a host int would
+    break the graph, or be baked into it and repeat the same noise every step)."""
+    counts, z, y = _inputs()
+    cloud = gcl_cloud(counts).to(DEVICE)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda t: LF.gcl_cross_entropy(t, y, cloud, 0.5, 30.0, 1.0, backend="triton"),
+                       fullgraph=True, backend="aot_eager")
+    t = z.tanh().requires_grad_()
+    losses = [fn(t) for _ in range(3)]
+    assert len({float(v.detach()) for v in losses}) == 3  # fresh noise every call
+    losses[0].backward()  # the backward regenerates the forward's noise from the same seed tensor
+    assert torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
+    torch._dynamo.reset()

@@ -52,3 +52,42 @@ def test_capture_and_replay_matches_eager(loss):
     torch.cuda.synchronize()
     torch.testing.assert_close(captured, eager)
     torch.testing.assert_close(layer.weight.grad, eager_grad)
+
+
+def test_seed_tensor_redrawn_inside_the_graph_gives_fresh_noise_per_replay():
+    """An int seed is baked into a captured graph (every replay draws the same GCL noise); a seed tensor redrawn
+    inside the capture (graph-safe CUDA RNG) is read by the kernels on every replay, so the noise is fresh, and
+    equals what that seed gives eagerly."""
+    gen = torch.Generator().manual_seed(1)
+    N, C = 32, 200
+    cloud = gcl_cloud(torch.randint(1, 200, (C,), generator=gen)).cuda()
+    y = torch.randint(0, C, (N,), generator=gen).cuda()
+    x = torch.randn(N, 16, generator=gen).cuda()
+    layer = torch.nn.Linear(16, C).cuda()
+    seed_t = torch.zeros(1, dtype=torch.int64, device="cuda")
+
+    def step():
+        seed_t.random_(0, 2**62)
+        out = LF.gcl_cross_entropy(torch.tanh(layer(x)), y, cloud, 0.5, 30.0, 1.0, seed=seed_t, backend="triton")
+        out.backward()
+        return out
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    seen = []
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        seen.append((int(seed_t.item()), float(captured)))
+    assert len({s for s, _ in seen}) == 3 and len({v for _, v in seen}) == 3
+    with torch.no_grad():
+        eager = LF.gcl_cross_entropy(torch.tanh(layer(x)), y, cloud, 0.5, 30.0, 1.0, seed=seen[-1][0],
+                                     backend="triton")
+    torch.testing.assert_close(float(eager), seen[-1][1])

@@ -274,3 +274,33 @@ def test_kernel_noise_equals_reference_noise_elementwise():
         ref = gcl_noise(seed, N, C)
         torch.testing.assert_close(out.cpu(), ref, atol=1e-6, rtol=0)
         assert out.min() >= 0 and out.max() <= 1
+
+
+@pytest.mark.parametrize("config,grad_in_forward", [(None, False), (None, True),
+                                                    (dict(block_n=16, num_splits=3), False),
+                                                    (dict(block_n=16, num_splits=1, row_programs=2), True)],
+                         ids=["default", "grad_in_forward", "split", "persistent"])
+def test_seed_tensor_gives_the_int_seeds_noise(config, grad_in_forward):
+    """A seed given as a one-element int64 tensor on the logits' device (read by the kernels from memory, so a CUDA
+    graph replays the read) gives exactly the noise of the same int seed, forward and backward; the reference
+    path takes it too."""
+    gen = torch.Generator().manual_seed(31)
+    N, C = 5, 67
+    cv = _class_vectors(C, gen)
+    z, y = _inputs(N, C, torch.float32, gen)
+    seed = 2**45 + 987
+    outs = []
+    for s in (seed, torch.tensor([seed], device=DEVICE), torch.tensor(seed, device=DEVICE)):
+        kw = _to(dict(cloud=cv["cloud"], noise_mul=1.0, margin=0.5, scale=30.0))
+        leaf = z.to(DEVICE).clone().requires_grad_()
+        zin = leaf * 1.0
+        loss = _call_kernel(zin, y.to(DEVICE), {**kw, "seed": s}, "none", grad_in_forward, config)
+        loss.sum().backward()
+        outs.append((loss.detach(), leaf.grad))
+    for loss, grad in outs[1:]:
+        assert torch.equal(loss, outs[0][0]) and torch.equal(grad, outs[0][1])
+    ref_kw = _to(dict(cloud=cv["cloud"], noise_mul=1.0, margin=0.5, scale=30.0), None, "cpu")
+    ref_int = R.adjusted_cross_entropy(z, y, reduction="none", seed=seed, **ref_kw)
+    ref_t = R.adjusted_cross_entropy(z, y, reduction="none", seed=torch.tensor([seed]), **ref_kw)
+    assert torch.equal(ref_int, ref_t)
+    torch.testing.assert_close(outs[0][0].cpu(), ref_int, atol=1e-4, rtol=1e-5)

@@ -437,7 +437,13 @@ def test_noise_not_a_tensor_or_wrong_device():
 
 
 @pytest.mark.parametrize("bad,error", [(-1, ValueError), (-(2**40), ValueError), (2**63, ValueError),
-                                       (1.5, TypeError), ("3", TypeError), (True, TypeError)])
+                                       (1.5, TypeError), ("3", TypeError), (True, TypeError),
+                                       (torch.tensor([3], dtype=torch.int32), TypeError),
+                                       (torch.tensor([1.0]), TypeError), (torch.tensor([1, 2]), ValueError),
+                                       (torch.tensor([-5]), ValueError),
+                                       (torch.tensor([3], device="meta"), ValueError)],
+                         ids=lambda v: repr(v) if not isinstance(v, torch.Tensor) else f"tensor-{v.dtype}-{v.shape}-"
+                         f"{v.device}")
 def test_seed_invalid(bad, error):
     z, y = data()
     cloud = P.gcl_cloud(COUNTS)
