@@ -51,6 +51,15 @@ def candidates(N, C, sm_count):
                        row_programs=p * sm_count)
 
 
+def _try_bench(fn, what, rep=30):
+    """Median ms of ``fn``, or None for a config that does not compile (printed and skipped)."""
+    try:
+        return triton.testing.do_bench(fn, warmup=5, rep=rep, return_mode="median")
+    except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
+        print(f"skip {what}: {type(exc).__name__}")
+        return None
+
+
 def time_config(z, y, args, cfg, out, fused_cfg=None):
     """(forward, gradient, gradient-in-forward) kernel ms; ``fused_cfg``: another config for the last."""
     fused_cfg = fused_cfg or cfg
@@ -93,11 +102,8 @@ def tune_lade(bw, out_dir):
                             itertools.product([16, 32], [512, 1024], [8, 16])]
         for kw in configs:
             cfg = launch.pick_tiles(N, C, z.device, column_stats=True, **(kw or {}))
-            try:
-                step = functools.partial(_lade_step, lade, z, y, pi, args, out, cfg)
-                ms = triton.testing.do_bench(step, warmup=5, rep=30, return_mode="median")
-            except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
-                print(f"skip {cfg}: {type(exc).__name__}")
+            ms = _try_bench(functools.partial(_lade_step, lade, z, y, pi, args, out, cfg), cfg)
+            if ms is None:
                 continue
             results.append((ms, cfg, kw is None))
             rows.append(dict(N=N, C=C, dtype=dname, config=cfg.__dict__, default=kw is None, ms=ms, x_floor=ms / fl))
@@ -111,12 +117,10 @@ def tune_lade(bw, out_dir):
         for kw in [None] + [dict(block_m=bm, block_n=bn, num_warps=w) for bm, bn, w in
                             [(1, 2048, 4), (2, 1024, 4), (4, 1024, 8), (8, 512, 8), (8, 256, 4)]]:
             cfg = launch.pick_tiles(N, C, z.device, column_term=True, **(kw or {}))
-            try:
-                step = functools.partial(launch.grad, z, y, args, lse, factor, None,
-                                         column_term=(col_a, col_b, col_lse), out=out, config=cfg)
-                ms = triton.testing.do_bench(step, warmup=5, rep=30, return_mode="median")
-            except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
-                print(f"skip grad {cfg}: {type(exc).__name__}")
+            ms = _try_bench(functools.partial(launch.grad, z, y, args, lse, factor, None,
+                                              column_term=(col_a, col_b, col_lse), out=out, config=cfg),
+                            f"grad {cfg}")
+            if ms is None:
                 continue
             grads.append((ms, cfg, kw is None))
             rows.append(dict(N=N, C=C, dtype=dname, grad_config=cfg.__dict__, default=kw is None, grad_ms=ms))
@@ -154,11 +158,9 @@ def tune_fused(bw, out_dir):
                                               num_stages=st, num_splits=1, row_programs=p * sm)))
         for name, cfg in configs:
             for op, args in ops.items():
-                try:
-                    step = functools.partial(launch.forward, z, y, args, grad_out=out, config=cfg)
-                    ms = triton.testing.do_bench(step, warmup=5, rep=30, return_mode="median")
-                except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
-                    print(f"skip {name} {cfg}: {type(exc).__name__}")
+                ms = _try_bench(functools.partial(launch.forward, z, y, args, grad_out=out, config=cfg),
+                                f"{name} {cfg}")
+                if ms is None:
                     continue
                 print(f"fused {op} {N}x{C} {dname}: {name:28s} {ms:.3f} ms ({ms / fl:.2f}x floor) {cfg}")
                 rows.append(dict(N=N, C=C, dtype=dname, op=op, name=name, config=cfg.__dict__, ms=ms,
@@ -226,11 +228,9 @@ def main():
         gcl_best = None
         for bn, w in itertools.product(sorted({2048, 8192, min(16384, launch._next_pow2(C))}), [4, 8, 16]):
             gcfg = launch.pick_tiles(N, C, z.device, block_m=1, block_n=bn, num_warps=w, num_stages=3)
-            try:
-                fused_step = functools.partial(launch.forward, z, y, gcl, grad_out=out, config=gcfg)
-                g_fused = triton.testing.do_bench(fused_step, warmup=5, rep=20, return_mode="median")
-            except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
-                print(f"skip GCL {gcfg}: {type(exc).__name__}")
+            g_fused = _try_bench(functools.partial(launch.forward, z, y, gcl, grad_out=out, config=gcfg),
+                                 f"GCL {gcfg}", rep=20)
+            if g_fused is None:
                 continue
             if gcl_best is None or g_fused < gcl_best[0]:
                 gcl_best = (g_fused, gcfg)
