@@ -224,15 +224,10 @@ def adjusted_cross_entropy_triton(logits, target, *, prior=None, tau=1.0, cloud=
         if logits.requires_grad and logits.is_leaf:
             raise ValueError("grad_in_forward=True overwrites the logits with their gradient; it cannot be a "
                              "leaf tensor that requires grad (pass the output of a layer)")
-    compiling = torch.compiler.is_compiling()
-    if compiling and seed is None and cloud is not None and noise_mul != 0.0:
-        # a traced draw on the logits' device: a fresh seed every call of the compiled graph (a host int would be
-        # baked into it), and one a CUDA graph of it redraws on every replay
-        seed = torch.randint(0, 2**SEED_BITS, (1,), dtype=torch.int64, device=logits.device)
     args = operator_args(prior=prior, tau=tau, cloud=cloud, noise_mul=noise_mul, seed=seed, margin=margin,
                          scale=scale, gamma=gamma, weight=weight, ignore_index=ignore_index, reduction=reduction,
-                         label_smoothing=label_smoothing)
-    if compiling:  # an opaque op with registered autograd (recompute backward)
+                         label_smoothing=label_smoothing, device=logits.device)
+    if torch.compiler.is_compiling():  # an opaque op with registered autograd (recompute backward)
         return row_loss_forward_op(logits, target, *_flat(args))[0].to(logits.dtype)
     return RowOperatorLoss.apply(logits, target, args, bool(grad_in_forward))
 
@@ -268,16 +263,21 @@ def check_kernel_input(name: str, t: Tensor, noise: Tensor | None = None) -> Non
 
 
 def operator_args(*, prior, tau, cloud, noise_mul, seed, margin, scale, gamma, weight, ignore_index, reduction,
-                  label_smoothing) -> RowOperatorArgs:
+                  label_smoothing, device) -> RowOperatorArgs:
     """The kernels' arguments for the SPEC 2.4 operator: class tensors as contiguous fp32, floats as floats,
-    ``margin`` a float or a (C,) tensor, and a seed drawn from torch's CPU generator when the noise is on and
-    none is given (the reference path draws the same one). A seed tensor (one int64 on the logits' device) is
-    read by the kernels from device memory."""
+    ``margin`` a float or a (C,) tensor. A seed tensor (one int64 on the logits' ``device``) is read by the kernels
+    from device memory. When the noise is on and no seed is given, one is drawn from torch's CPU generator (the
+    reference path draws the same one); under ``torch.compile`` it is drawn on ``device`` by an op of the graph
+    instead, so each call of the compiled graph gets a fresh one (a host int would break the graph, or be baked into
+    it) and a CUDA graph of it redraws it on every replay."""
+    if seed is None and cloud is not None and noise_mul != 0.0:
+        if torch.compiler.is_compiling():
+            seed = torch.randint(0, 2**SEED_BITS, (1,), dtype=torch.int64, device=device)
+        else:
+            seed = draw_seed()
     seed_tensor = None
     if isinstance(seed, torch.Tensor):
         seed_tensor, seed = seed.reshape(1).contiguous(), 0
-    elif cloud is not None and noise_mul != 0.0 and seed is None:
-        seed = draw_seed()
     margin_t = margin if isinstance(margin, torch.Tensor) else None
     return RowOperatorArgs(
         prior=_as_f32(prior), cloud=_as_f32(cloud), margin=_as_f32(margin_t), weight=_as_f32(weight),

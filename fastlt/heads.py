@@ -572,7 +572,7 @@ def _triton_entry(features, weight, bias, target, *, cosine: bool, eps: float, c
     target = V.as_index_target(target)
     _check_operator(features, weight, target, op)
     kw = {k: v for k, v in op.items() if k != "weight_classes"}
-    args = operator_args(weight=op["weight_classes"], **kw)
+    args = operator_args(weight=op["weight_classes"], device=features.device, **kw)
 
     def run():
         x, w = features, weight

@@ -43,6 +43,11 @@ class RowOperatorArgs:
         return self.cloud is not None and self.noise_mul != 0.0
 
     @property
+    def seed_from_device(self) -> bool:
+        """The kernels read the seed from ``seed_tensor`` (SEED_FROM_PTR) rather than take ``seed``."""
+        return self.has_noise and self.seed_tensor is not None
+
+    @property
     def margin_mode(self) -> int:
         return 2 if self.margin is not None else (1 if self.has_margin else 0)
 
@@ -295,11 +300,11 @@ def row_align(*tensors: torch.Tensor) -> int:
 def _common_flags(args: RowOperatorArgs) -> dict:
     return dict(HAS_PRIOR=args.prior is not None, HAS_NOISE=args.has_noise, MARGIN_MODE=args.margin_mode,
                 HAS_SCALE=args.scale != 1.0, HAS_WEIGHT=args.weight is not None,
-                HAS_SMOOTH=args.label_smoothing > 0.0, SEED_FROM_PTR=args.has_noise and args.seed_tensor is not None)
+                HAS_SMOOTH=args.label_smoothing > 0.0, SEED_FROM_PTR=args.seed_from_device)
 
 
 def _seed_ptr(args: RowOperatorArgs, dev):
-    return args.seed_tensor if args.has_noise and args.seed_tensor is not None else _dummy(torch.device(dev))
+    return args.seed_tensor if args.seed_from_device else _dummy(torch.device(dev))
 
 
 def _class_ptrs(args: RowOperatorArgs, dev):
@@ -351,8 +356,8 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out
             z, z.stride(0), z.stride(1), y, prior, cloud, margin, weight, wsum, inv_denom,
             loss, lse, factor, part, colstats.partials, colstats.target_logits, g, g.stride(0), g.stride(1),
             N, C, cfg.cols_per_split, 0, C, 0, cfg.num_splits, row_blocks, args.ignore_index, args.tau, args.noise_mul,
-            args.margin_value, args.scale, args.gamma, args.label_smoothing, args.seed, _seed_ptr(args, dev),
-            args.noise_row_offset,
+            args.margin_value, args.scale, args.gamma, args.label_smoothing, args.seed, args.noise_row_offset,
+            _seed_ptr(args, dev),
             HAS_FOCAL=args.gamma != 0.0, MEAN=mean, SPLIT=split,
             SINGLE_TILE=cfg.single_tile, GRAD_IN_FWD=fuse_grad, COLUMN_STATS=column_stats, ALIGN=row_align(z, g),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PERSISTENT=grid_rows < row_blocks, num_warps=cfg.num_warps,
@@ -432,7 +437,7 @@ def chunk_partials(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, part
         column_stats.partials if has_cols else d, column_stats.target_logits if has_cols else d, z, 0, 0,
         N, num_classes, Ck, col_base, col_base + Ck, chunk, part.shape[2], row_blocks, args.ignore_index, args.tau,
         args.noise_mul, args.margin_value, args.scale, args.gamma, args.label_smoothing, args.seed,
-        _seed_ptr(args, dev), args.noise_row_offset, HAS_FOCAL=args.gamma != 0.0, MEAN=False, SPLIT=True,
+        args.noise_row_offset, _seed_ptr(args, dev), HAS_FOCAL=args.gamma != 0.0, MEAN=False, SPLIT=True,
         SINGLE_TILE=Ck <= block_n,
         GRAD_IN_FWD=False, COLUMN_STATS=has_cols, ALIGN=row_align(z), BLOCK_M=cfg.block_m, BLOCK_N=block_n,
         PERSISTENT=False, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_common_flags(args))

@@ -373,7 +373,7 @@ def row_loss_forward(
     z_ptr, stride_zm, stride_zn, y_ptr, prior_ptr, cloud_ptr, margin_ptr, weight_ptr, wsum_ptr, inv_denom_ptr,
     loss_ptr, lse_ptr, factor_ptr, part_ptr, colstat_ptr, zy_ptr, grad_ptr, stride_gm, stride_gn,
     N, C, cols_per_split, col_base, col_end, split_base, total_splits, num_row_blocks,
-    ignore_index, tau, noise_mul, margin_value, scale, gamma, label_smoothing, seed, seed_ptr, noise_row0,
+    ignore_index, tau, noise_mul, margin_value, scale, gamma, label_smoothing, seed, noise_row0, seed_ptr,
     HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_FOCAL: tl.constexpr, MEAN: tl.constexpr,
     SPLIT: tl.constexpr,
