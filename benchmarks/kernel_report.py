@@ -201,8 +201,8 @@ def cases():
             pi = prior(_counts(C)).float()
             args = launch.RowOperatorArgs(prior=torch.log(pi))
             cfg = launch.pick_tiles(N, C, z.device, column_stats=True, **tile) if tile else None
-            _, lse, factor, _, col_a, col_b, col_lse = lade.forward(z, y, pi, 0.1, args, config=cfg)
-            launch.grad(z, y, args, lse, factor, None, column_term=(col_a, col_b, col_lse))
+            _, lse, factor, terms = lade.forward(z, y, pi, 0.1, 0.1, args, config=cfg)
+            launch.grad(z, y, args, lse, factor, None, column_term=terms.column_term)
         return run
 
     def cosine_head(N, D, C, dtype):

@@ -79,8 +79,8 @@ LADE_SHAPES = [(4096, 131072, "fp32"), (4096, 131072, "bf16"), (1024, 1_000_000,
 
 
 def _lade_step(lade, z, y, pi, args, out, cfg):
-    _, lse, factor, _, col_a, col_b, col_lse = lade.forward(z, y, pi, 0.1, args, config=cfg)
-    launch.grad(z, y, args, lse, factor, None, column_term=(col_a, col_b, col_lse), out=out)
+    _, lse, factor, terms = lade.forward(z, y, pi, 0.1, 0.1, args, config=cfg)
+    launch.grad(z, y, args, lse, factor, None, column_term=terms.column_term, out=out)
 
 
 def tune_lade(bw, out_dir):
@@ -112,13 +112,13 @@ def tune_lade(bw, out_dir):
         print(f"LADE {N}x{C} {dname} floor {fl:.3f} ms | default {default[0]:.3f} ({default[0] / fl:.2f}x) "
               f"{default[1]} | best {best[0]:.3f} ({best[0] / fl:.2f}x) {best[1]}")
         # the gradient pass alone (its three (C,) column vectors are shared by the block_m rows of a tile)
-        _, lse, factor, _, col_a, col_b, col_lse = lade.forward(z, y, pi, 0.1, args)
+        _, lse, factor, terms = lade.forward(z, y, pi, 0.1, 0.1, args)
         grads = []
         for kw in [None] + [dict(block_m=bm, block_n=bn, num_warps=w) for bm, bn, w in
                             [(1, 2048, 4), (2, 1024, 4), (4, 1024, 8), (8, 512, 8), (8, 256, 4)]]:
             cfg = launch.pick_tiles(N, C, z.device, column_term=True, **(kw or {}))
             ms = _try_bench(functools.partial(launch.grad, z, y, args, lse, factor, None,
-                                              column_term=(col_a, col_b, col_lse), out=out, config=cfg),
+                                              column_term=terms.column_term, out=out, config=cfg),
                             f"grad {cfg}")
             if ms is None:
                 continue

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ._validation import as_index_target
 from .kernels import lade as lade_kernels  # noqa: I001
@@ -105,7 +106,7 @@ row_loss_forward_op.register_autograd(_row_loss_backward, setup_context=_setup_r
 @torch.library.custom_op("fastlt::lade_forward", mutates_args=())
 def lade_forward_op(logits: Tensor, target: Tensor, log_prior: Tensor, pi: Tensor, weight: Tensor | None,
                     alpha: float, remine_lambda: float, label_smoothing: float, ignore_index: int,
-                    reduction: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                    reduction: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     args = _lade_args(log_prior, weight, label_smoothing, ignore_index, reduction)
     return _lade_forward_impl(logits, target, pi, args, alpha, remine_lambda)
 
@@ -115,22 +116,22 @@ def _(logits, target, log_prior, pi, weight, alpha, remine_lambda, label_smoothi
     N, C = logits.shape
     f = torch.float32
     return (logits.new_empty((), dtype=f), logits.new_empty((2, N), dtype=f), logits.new_empty(N, dtype=f),
-            logits.new_empty(C, dtype=f), logits.new_empty(C, dtype=f), logits.new_empty(C, dtype=f))
+            logits.new_empty((3, C), dtype=f))
 
 
 def _setup_lade(ctx, inputs, output):
     logits, target, log_prior, pi, weight, alpha, remine_lambda, label_smoothing, ignore_index, reduction = inputs
-    _, lse, factor, col_a, col_b, col_lse = output
-    ctx.save_for_backward(logits, target, lse, factor, col_a, col_b, col_lse, log_prior, weight)
+    _, lse, factor, columns = output
+    ctx.save_for_backward(logits, target, lse, factor, columns, log_prior, weight)
     ctx.scalars = (label_smoothing, ignore_index, reduction)
 
 
 def _lade_backward(ctx, grad_loss, *unused):
-    logits, target, lse, factor, col_a, col_b, col_lse, log_prior, weight = ctx.saved_tensors
+    logits, target, lse, factor, columns, log_prior, weight = ctx.saved_tensors
     label_smoothing, ignore_index, reduction = ctx.scalars
     grad = row_loss_backward_op(grad_loss, logits, target, lse, factor, log_prior, None, None, weight, 1.0, 0.0,
-                                0.0, False, 1.0, 0.0, label_smoothing, ignore_index, 0, reduction, col_a, col_b,
-                                col_lse, None)
+                                0.0, False, 1.0, 0.0, label_smoothing, ignore_index, 0, reduction, columns[0],
+                                columns[1], columns[2], None)
     return (grad,) + (None,) * 9
 
 
@@ -140,9 +141,8 @@ lade_forward_op.register_autograd(_lade_backward, setup_context=_setup_lade)
 # --- implementations shared by both paths ----------------------------------------------------------------------
 
 def _backward_impl(grad_output, logits, target, args, lse, factor, column):
-    if column is not None:
-        g = grad_output.to(torch.float32)
-        column = ((column[0] * g).contiguous(), (column[1] * g).contiguous(), column[2])
+    """The recompute backward; ``column``: LADE's column term, which the kernel scales by the scalar
+    ``grad_output`` itself."""
     return launch.grad(logits, target, args, lse, factor, grad_output.contiguous(), column_term=column)
 
 
@@ -151,11 +151,12 @@ def _lade_args(log_prior, weight, label_smoothing, ignore_index, reduction) -> R
                            ignore_index=ignore_index, reduction=_REDUCTIONS[reduction])
 
 
-def _lade_forward_impl(logits, target, pi, args, alpha, remine_lambda):
-    prior_ce, lse, factor, lader, col_a, col_b, col_lse = lade_kernels.forward(logits, target, pi, remine_lambda,
-                                                                              args)
-    loss = prior_ce + alpha * lader
-    return loss, lse, factor, alpha * col_a, alpha * col_b, col_lse
+def _lade_forward_impl(logits, target, pi, args, alpha, remine_lambda, out_dtype=torch.float32):
+    """``(loss, lse, factor, columns)``, ``columns`` the (3, C) column term: three launches
+    (:func:`fastlt.kernels.lade.forward`)."""
+    loss, lse, factor, terms = lade_kernels.forward(logits, target, pi, alpha, remine_lambda, args,
+                                                    out_dtype=out_dtype)
+    return loss, lse, factor, terms.columns
 
 
 # --- eager path: autograd Functions over the launchers ---------------------------------------------------------
@@ -199,14 +200,15 @@ class LADELossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, pi, args: RowOperatorArgs, alpha: float, remine_lambda: float):
-        loss, lse, factor, col_a, col_b, col_lse = _lade_forward_impl(logits, target, pi, args, alpha, remine_lambda)
-        _save(ctx, args, logits, target, lse, factor, col_a, col_b, col_lse)
-        return loss.to(logits.dtype)
+        loss, lse, factor, columns = _lade_forward_impl(logits, target, pi, args, alpha, remine_lambda,
+                                                        out_dtype=logits.dtype)
+        _save(ctx, args, logits, target, lse, factor, columns)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        args, (logits, target, lse, factor, col_a, col_b, col_lse) = _restore(ctx)
-        grad = _backward_impl(grad_loss, logits, target, args, lse, factor, (col_a, col_b, col_lse))
+        args, (logits, target, lse, factor, columns) = _restore(ctx)
+        grad = _backward_impl(grad_loss, logits, target, args, lse, factor, tuple(columns))
         return grad, None, None, None, None, None
 
 
@@ -289,7 +291,25 @@ def operator_args(*, prior, tau, cloud, noise_mul, seed, margin, scale, gamma, w
 
 def lade_operator_args(prior, weight, label_smoothing, ignore_index, reduction) -> tuple[Tensor, RowOperatorArgs]:
     """LADE's ``(pi, args)``: the (C,) fp32 prior and the PriorCE operator (``log pi`` offset, tau = 1)."""
-    pi = _as_f32(prior)
-    return pi, RowOperatorArgs(prior=torch.log(pi), weight=_as_f32(weight), tau=1.0,
+    pi, log_pi = _prior_and_log(prior)
+    return pi, RowOperatorArgs(prior=log_pi, weight=_as_f32(weight), tau=1.0,
                                label_smoothing=float(label_smoothing), ignore_index=int(ignore_index),
                                reduction=reduction)
+
+
+_LOG_PRIORS = WeakIdKeyDictionary()  # prior tensor -> (its _version, fp32 pi, log pi)
+
+
+def _prior_and_log(prior: Tensor) -> tuple[Tensor, Tensor]:
+    """``(pi, log pi)`` as contiguous fp32, computed once per prior tensor (a module's buffer, typically) and
+    again only after it changes in place (its ``_version``); held weakly, so a freed prior frees its entry. Not
+    cached while compiling or capturing a CUDA graph (a tensor made during capture holds nothing until replay)."""
+    if torch.compiler.is_compiling() or (prior.is_cuda and torch.cuda.is_current_stream_capturing()):
+        pi = _as_f32(prior)
+        return pi, torch.log(pi)
+    hit = _LOG_PRIORS.get(prior)
+    if hit is None or hit[0] != prior._version:
+        pi = _as_f32(prior)
+        hit = (prior._version, pi, torch.log(pi))
+        _LOG_PRIORS[prior] = hit
+    return hit[1], hit[2]

@@ -91,8 +91,7 @@ def _lade_pass(x, w, b, y, params: _LADEHeadParams, *, need_x: bool, need_w: boo
         loss_rows[r0:r1] = rows
         target_logits[r0:r1] = cols.target_logits
         row_stats.append((lse, factor))
-        part = lade_kernels.merge_partials(cols.partials)
-        stats = part if stats is None else lade_kernels.merge_partials(torch.stack([stats, part], 1))
+        stats = lade_kernels.merge_partials(cols.partials, into=stats)
     loss, column_term = _lade_total(loss_rows, inv, stats, target_logits, y, params)
     loss = loss.to(x.dtype)
 
@@ -124,12 +123,11 @@ def _lade_total(loss_rows, inv, stats, target_logits, y, params: _LADEHeadParams
     from .kernels import launch
 
     args = params.args
-    prior_ce = launch.reduce(loss_rows, y, args, inv_denominator=inv)
     if stats is None:
-        return prior_ce, None
-    lader, col_a, col_b, col_lse = lade_kernels.finish(stats, y, target_logits, params.pi, args.ignore_index,
-                                                       params.remine_lambda)
-    return prior_ce + params.alpha * lader, (params.alpha * col_a, params.alpha * col_b, col_lse)
+        return launch.reduce(loss_rows, y, args, inv_denominator=inv), None
+    terms = lade_kernels.finish(stats, y, target_logits, params.pi, args.ignore_index, params.remine_lambda,
+                                params.alpha)
+    return launch.reduce(loss_rows, y, args, inv_denominator=inv, extra=terms.parts), terms.column_term
 
 
 def _lade_class_pass(x, w, b, y, params: _LADEHeadParams, *, need_x: bool, need_w: bool, need_b: bool):

@@ -3,7 +3,8 @@
 ``forward`` runs ``row_loss_forward`` with ``COLUMN_STATS`` (per row-block partial column max and sum-exp,
 and each row's target logit; no atomics, so deterministic), then one ``lade_columns`` launch merges the
 partials down the row blocks, folds the per-class target sums and counts from ``(y_i, z_{i, y_i})`` and
-finishes LADER's per-column terms, which gives LADER plus the vectors its gradient needs:
+finishes LADER's per-column terms, which gives LADER (per block of classes, summed by the loss reduction's
+launch) plus the vectors its gradient needs:
 ``d LADER / d z_ic = col_a_c * [y_i == c] + col_b_c * exp(z_ic - col_lse_c)`` for valid rows, with
 ``col_a_c = -pi_c / (N_c + 1e-8)`` and ``col_b_c = pi_c * (1 + 2*lambda*second_c)``.
 """
@@ -11,6 +12,7 @@ finishes LADER's per-column terms, which gives LADER plus the vectors its gradie
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -23,22 +25,29 @@ _BLOCK_C = 256
 
 
 @triton.jit
-def lade_columns(stat_ptr, R, C, y_ptr, zy_ptr, N, ignore_index, pi_ptr, remine_lambda, log_uniform, out_ptr,
-                 FINISH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Y: tl.constexpr):
+def lade_columns(stat_ptr, R, C, y_ptr, zy_ptr, N, ignore_index, pi_ptr, alpha, remine_lambda, log_uniform, out_ptr,
+                 lader_ptr, FINISH: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_C: tl.constexpr, BLOCK_Y: tl.constexpr):
     """Grid (cdiv(C, BLOCK_C),). ``stat``: (2, R, C) fp32 partials (column max of z, sum exp(z - max)) of R row
     blocks, merged down R in fp32 (deterministic order).
 
-    Without FINISH: ``out`` (2, C) = the merged statistics. With FINISH, also over the N rows of ``y`` (targets)
-    and ``zy`` (their target logits, read only for valid rows in range): ``N_c`` = the rows of class c,
+    Without FINISH: ``out`` (2, C) = the merged statistics; with ACCUMULATE, ``out`` holds running statistics on
+    entry (earlier row chunks) and the partials are merged into them. With FINISH, also over the N rows of ``y``
+    (targets) and ``zy`` (their target logits, read only for valid rows in range): ``N_c`` = the rows of class c,
     ``first = sum_{i: y_i = c} z_ic / (N_c + 1e-8)``, ``n_valid`` = the rows that are not ``ignore_index``; then
-    ``out`` (4, C) = (col_a, col_b, col_lse, -pi * est) with ``col_lse = LSE_i z_ic``,
+    ``out`` (3, C) = (alpha * col_a, alpha * col_b, col_lse) with ``col_lse = LSE_i z_ic``,
     ``second = col_lse - log(pi + 1e-9) + log_uniform - log n_valid``, ``est = first - second - lambda second^2``
-    (``log_uniform = log(1/C + 1e-9)``); the last row is 0 when no row is valid (LADER = 0)."""
+    (``log_uniform = log(1/C + 1e-9)``), and ``lader[program] = alpha * sum_c -pi_c * est_c`` over the program's
+    classes (0 when no row is valid: LADER = 0), summed by the loss reduction (``reduce_rows``' EXTRA)."""
     c0 = tl.program_id(0) * BLOCK_C
     cols = c0 + tl.arange(0, BLOCK_C)
     col_mask = cols < C
-    c_max = tl.full((BLOCK_C,), NEG_BIG, tl.float32)
-    c_sum = tl.zeros((BLOCK_C,), tl.float32)
+    if ACCUMULATE:
+        c_max = tl.load(out_ptr + cols, mask=col_mask, other=NEG_BIG)
+        c_sum = tl.load(out_ptr + C + cols, mask=col_mask, other=0.0)
+    else:
+        c_max = tl.full((BLOCK_C,), NEG_BIG, tl.float32)
+        c_sum = tl.zeros((BLOCK_C,), tl.float32)
     plane = tl.cast(R, tl.int64) * C
     for r0 in range(0, R, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
@@ -70,65 +79,107 @@ def lade_columns(stat_ptr, R, C, y_ptr, zy_ptr, N, ignore_index, pi_ptr, remine_
         inv_count = 1.0 / (c_count + 1e-8)
         second = col_lse - tl.log(pi + 1e-9) + log_uniform - tl.log(n_valid)
         est = c_first * inv_count - second - remine_lambda * second * second
-        tl.store(out_ptr + cols, -pi * inv_count, mask=col_mask)
-        tl.store(out_ptr + C + cols, pi * (1.0 + 2.0 * remine_lambda * second), mask=col_mask)
+        tl.store(out_ptr + cols, -alpha * pi * inv_count, mask=col_mask)
+        tl.store(out_ptr + C + cols, alpha * pi * (1.0 + 2.0 * remine_lambda * second), mask=col_mask)
         tl.store(out_ptr + 2 * C + cols, col_lse, mask=col_mask)
-        tl.store(out_ptr + 3 * C + cols, tl.where(n_valid > 0, -pi * est, 0.0), mask=col_mask)
+        lader = alpha * tl.sum(tl.where(col_mask, -pi * est, 0.0), 0)
+        tl.store(lader_ptr + tl.program_id(0), tl.where(n_valid > 0, lader, 0.0))
     else:
         tl.store(out_ptr + cols, c_max, mask=col_mask)
         tl.store(out_ptr + C + cols, c_sum, mask=col_mask)
 
 
-def _columns(stats: torch.Tensor, finish_args=None) -> torch.Tensor:
+class LaderTerms(NamedTuple):
+    """LADER as :func:`finish` leaves it, scaled by ``alpha``: ``parts`` (P,) fp32, per block of classes the sum of
+    ``alpha * -pi_c * est_c`` (their sum is ``alpha * LADER``; ``launch.reduce(..., extra=parts)`` adds it to the
+    PriorCE reduction in the same launch), and ``columns`` (3, C) fp32, the gradient's column vectors ``col_a``,
+    ``col_b`` (both times alpha) and ``col_lse`` (``launch.grad``'s ``column_term``)."""
+
+    parts: torch.Tensor
+    columns: torch.Tensor
+
+    @property
+    def col_a(self) -> torch.Tensor:
+        return self.columns[0]
+
+    @property
+    def col_b(self) -> torch.Tensor:
+        return self.columns[1]
+
+    @property
+    def col_lse(self) -> torch.Tensor:
+        return self.columns[2]
+
+    @property
+    def column_term(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.col_a, self.col_b, self.col_lse
+
+    def lader(self) -> torch.Tensor:
+        """``alpha * LADER``, 0-dim fp32 (one reduction launch; the losses fold ``parts`` into their own)."""
+        return self.parts.sum()
+
+
+def _columns(stats: torch.Tensor, finish_args=None, into: torch.Tensor | None = None):
     if stats.dim() == 2:
         stats = stats[:, None]
     if stats.dtype != torch.float32 or stats.dim() != 3 or stats.shape[0] != 2:
         raise ValueError(f"column statistics must be (2, R, C) or (2, C) fp32, got {tuple(stats.shape)} {stats.dtype}")
     stats = stats.contiguous()
     _, R, C = stats.shape
-    out = torch.empty((4 if finish_args is not None else 2, C), dtype=torch.float32, device=stats.device)
+    dev = stats.device
+    block_c = min(_BLOCK_C, triton.next_power_of_2(max(C, 1)))
+    if into is not None and (into.shape != (2, C) or into.dtype != torch.float32 or not into.is_contiguous()):
+        raise ValueError(f"into must be contiguous (2, C) = (2, {C}) fp32 running statistics, got "
+                         f"{tuple(into.shape)} {into.dtype}")
+    out = into if into is not None else torch.empty((3 if finish_args is not None else 2, C), dtype=torch.float32,
+                                                    device=dev)
+    parts = torch.empty(triton.cdiv(C, block_c), dtype=torch.float32, device=dev) if finish_args is not None else out
     if C == 0:
-        return out
-    y, zy, ignore_index, pi, remine_lambda = finish_args if finish_args is not None else (out, out, -100, out, 0.0)
+        return out, parts
+    y, zy, ignore_index, pi, alpha, remine_lambda = (finish_args if finish_args is not None
+                                                     else (out, out, -100, out, 0.0, 0.0))
     N = y.shape[0] if finish_args is not None else 0
     if N == 0:  # no row to read: pointers that are surely valid
-        y, zy = torch.full((1,), int(ignore_index), device=stats.device), out
-    block_c = min(_BLOCK_C, triton.next_power_of_2(C))
+        y, zy = torch.full((1,), int(ignore_index), device=dev), out
     block_r = max(1, min(4096 // block_c, triton.next_power_of_2(max(R, 1))))  # few classes: taller steps
     block_y = max(1, min(4096 // block_c, triton.next_power_of_2(max(N, 1))))
     lade_columns[(triton.cdiv(C, block_c),)](
-        stats, R, C, y, zy, N, int(ignore_index), pi, float(remine_lambda), math.log(1.0 / C + 1e-9), out,
-        FINISH=finish_args is not None, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_Y=block_y, num_warps=4)
-    return out
+        stats, R, C, y, zy, N, int(ignore_index), pi, float(alpha), float(remine_lambda), math.log(1.0 / C + 1e-9),
+        out, parts, FINISH=finish_args is not None, ACCUMULATE=into is not None, BLOCK_R=block_r, BLOCK_C=block_c,
+        BLOCK_Y=block_y, num_warps=4)
+    return out, parts
 
 
-def merge_partials(partials: torch.Tensor) -> torch.Tensor:
+def merge_partials(partials: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
     """(2, R, C) per-row-block partials (column max, sum-exp relative to it) -> (2, C) for the whole set of rows
-    (one launch). Also merges the running stats of row chunks: stack them on dim 1."""
-    return _columns(partials)
+    (one launch). ``into``: (2, C) running statistics of earlier row chunks, merged with the partials in place
+    (and returned)."""
+    return _columns(partials, into=into)[0]
 
 
 def finish(partials: torch.Tensor, y: torch.Tensor, target_logits: torch.Tensor, pi: torch.Tensor,
-           ignore_index: int, remine_lambda: float):
-    """LADER and its gradient vectors, one launch: ``partials`` the column (max, sum-exp) of all N rows, merged
-    (2, C) or per row block (2, R, C); ``y`` (N,) targets and ``target_logits`` (N,) fp32 their logits
-    ``z_{i, y_i}`` (read for valid rows only; see :class:`fastlt.kernels.launch.ColumnStats`).
+           ignore_index: int, remine_lambda: float, alpha: float = 1.0) -> LaderTerms:
+    """LADER and its gradient vectors, scaled by ``alpha``, in one launch: ``partials`` the column (max, sum-exp) of
+    all N rows, merged (2, C) or per row block (2, R, C); ``y`` (N,) targets and ``target_logits`` (N,) fp32 their
+    logits ``z_{i, y_i}`` (read for valid rows only; see :class:`fastlt.kernels.launch.ColumnStats`).
 
-    ``pi``: (C,) fp32 prior. LADER is 0 when every row is ignored. Returns ``(lader, col_a, col_b, col_lse)``."""
+    ``pi``: (C,) fp32 prior. LADER is 0 when every row is ignored. Returns :class:`LaderTerms`."""
     if y.shape != target_logits.shape or y.dim() != 1:
         raise ValueError(f"y and target_logits must both be (N,), got {tuple(y.shape)} and "
                          f"{tuple(target_logits.shape)}")
     pi = pi.to(torch.float32).contiguous()
-    out = _columns(partials, (y.contiguous(), target_logits.contiguous(), ignore_index, pi, remine_lambda))
-    return out[3].sum(), out[0], out[1], out[2]
+    out, parts = _columns(partials, (y.contiguous(), target_logits.contiguous(), ignore_index, pi, alpha,
+                                     remine_lambda))
+    return LaderTerms(parts, out)
 
 
-def forward(z: torch.Tensor, y: torch.Tensor, pi: torch.Tensor, remine_lambda: float, args: launch.RowOperatorArgs,
-            config: launch.TileConfig | None = None):
-    """Returns ``(prior_ce, lse, factor, lader, col_a, col_b, col_lse)`` (fp32; ``prior_ce`` reduced by
-    ``args.reduction``, ``lader`` a 0-dim tensor): three launches (rows + column partials, the reduction,
-    the column merge and finish) and LADER's sum."""
+def forward(z: torch.Tensor, y: torch.Tensor, pi: torch.Tensor, alpha: float, remine_lambda: float,
+            args: launch.RowOperatorArgs, config: launch.TileConfig | None = None,
+            out_dtype: torch.dtype = torch.float32):
+    """LADE's forward: ``(loss, lse, factor, terms)`` with ``loss = PriorCE + alpha * LADER`` (0-dim, ``out_dtype``;
+    PriorCE reduced by ``args.reduction``), the rows' fp32 ``lse`` and ``factor`` and the :class:`LaderTerms`.
+    Three launches: the rows with the column partials, LADER's finish, and the reduction that adds the two."""
     loss_rows, lse, factor, cols = launch.forward(z, y, args, column_stats=True, config=config, scale_mean=False)
-    prior_ce = launch.reduce(loss_rows, y, args, factor=factor)
-    lader, col_a, col_b, col_lse = finish(cols.partials, y, cols.target_logits, pi, args.ignore_index, remine_lambda)
-    return prior_ce, lse, factor, lader, col_a, col_b, col_lse
+    terms = finish(cols.partials, y, cols.target_logits, pi, args.ignore_index, remine_lambda, alpha)
+    loss = launch.reduce(loss_rows, y, args, factor=factor, extra=terms.parts, out_dtype=out_dtype)
+    return loss, lse, factor, terms

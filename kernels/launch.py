@@ -51,6 +51,11 @@ class RowOperatorArgs:
     def margin_mode(self) -> int:
         return 2 if self.margin is not None else (1 if self.has_margin else 0)
 
+    @functools.cached_property
+    def weight_total(self) -> torch.Tensor:
+        """(1,) fp32 ``sum_j w_j`` of the class weights (computed once per args; see :func:`weight_sum`)."""
+        return self.weight.to(torch.float32).sum().reshape(1)
+
 
 class ColumnStats(NamedTuple):
     """LADE's per-column statistics as the row kernel leaves them: ``partials`` (2, R, C) fp32, per block of rows
@@ -201,8 +206,11 @@ def _dummy(device: torch.device) -> torch.Tensor:
 
 
 def weight_sum(args: RowOperatorArgs, device) -> torch.Tensor:
-    """(1,) fp32 ``W = sum_j w_j`` (read by the kernels only with class weights)."""
-    return args.weight.to(torch.float32).sum().reshape(1) if args.weight is not None else _dummy(device)
+    """(1,) fp32 ``W = sum_j w_j``, which the kernels need only for label smoothing with class weights (else a
+    placeholder); one launch per ``args`` (cached on it: the forward and the backward share it)."""
+    if args.weight is None or args.label_smoothing == 0.0:
+        return _dummy(device)
+    return args.weight_total
 
 
 _REDUCE_BLOCK = 4096
@@ -212,16 +220,17 @@ ONE_PROGRAM_ROWS = 32768
 
 
 def _reduce_launch(y: torch.Tensor, args: RowOperatorArgs, *, loss_rows=None, factor=None, inv_denom=None, out=None,
-                   denom: bool, mean: bool) -> None:
+                   extra=None, denom: bool, mean: bool) -> None:
     dev = y.device
     d = _dummy(dev)
     N = y.shape[0]
     reduce_rows[(1,)](
         loss_rows if loss_rows is not None else d, y, args.weight if args.weight is not None else d,
         factor if factor is not None else d, inv_denom if inv_denom is not None else d, out if out is not None else d,
-        N, args.weight.shape[0] if args.weight is not None else 0, args.ignore_index,
+        extra if extra is not None else d, N, args.weight.shape[0] if args.weight is not None else 0,
+        extra.shape[0] if extra is not None else 0, args.ignore_index,
         HAS_WEIGHT=args.weight is not None, DENOM=denom, LOSS=loss_rows is not None, MEAN=mean,
-        SCALE_FACTOR=factor is not None, BLOCK=_REDUCE_BLOCK, num_warps=8)
+        SCALE_FACTOR=factor is not None, EXTRA=extra is not None, BLOCK=_REDUCE_BLOCK, num_warps=8)
 
 
 def inv_denominator_of(y: torch.Tensor, args: RowOperatorArgs) -> torch.Tensor:
@@ -243,28 +252,33 @@ def inv_denominator_of(y: torch.Tensor, args: RowOperatorArgs) -> torch.Tensor:
 
 def reduce(loss_rows: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *,
            inv_denominator: torch.Tensor | None = None, factor: torch.Tensor | None = None,
-           out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+           extra: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The batch loss from the (N,) fp32 per-row losses: 'none' returns ``loss_rows``; 'sum' their sum; 'mean'
     the sum times ``inv_denominator`` ((1,) fp32, see :func:`inv_denominator_of`), computed here when None —
     then ``factor`` (the forward's, run with ``scale_mean=False``), if given, is multiplied by it in place.
-    Returns a 0-dim tensor of ``out_dtype`` (NaN for the 'mean' of no rows). One deterministic launch up to
-    ``ONE_PROGRAM_ROWS`` rows, torch reductions beyond."""
+    ``extra``: (E,) fp32 values added to the reduced loss (LADE's LADER partials). Returns a 0-dim tensor of
+    ``out_dtype`` (NaN for the 'mean' of no rows). One deterministic launch up to ``ONE_PROGRAM_ROWS`` rows (and
+    extra values), torch reductions beyond."""
     if args.reduction == "none":
+        if extra is not None:
+            raise ValueError("extra= needs a reduced loss ('mean' or 'sum')")
         return loss_rows
     mean = args.reduction == "mean"
-    if loss_rows.shape[0] > ONE_PROGRAM_ROWS:
+    if max(loss_rows.shape[0], 0 if extra is None else extra.shape[0]) > ONE_PROGRAM_ROWS:
         inv = inv_denominator if inv_denominator is not None or not mean else inv_denominator_of(y, args)
         if mean and inv_denominator is None and factor is not None:
             factor.mul_(inv)
         total = loss_rows.sum()
-        return (total * inv[0] if mean else total).to(out_dtype)
+        total = total * inv[0] if mean else total
+        return (total if extra is None else total + extra.sum()).to(out_dtype)
     out = torch.empty((), dtype=out_dtype, device=loss_rows.device)
     if mean and inv_denominator is None:
         inv = torch.empty(1, dtype=torch.float32, device=loss_rows.device)
-        _reduce_launch(y, args, loss_rows=loss_rows, factor=factor, inv_denom=inv, out=out, denom=True, mean=True)
+        _reduce_launch(y, args, loss_rows=loss_rows, factor=factor, inv_denom=inv, out=out, extra=extra, denom=True,
+                       mean=True)
     else:
         _reduce_launch(y, args, loss_rows=loss_rows, inv_denom=inv_denominator if mean else None, out=out,
-                       denom=False, mean=mean)
+                       extra=extra, denom=False, mean=mean)
     return out
 
 
@@ -379,10 +393,14 @@ def grad(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, lse: torch.Ten
          grad_output: torch.Tensor | None, *, column_term=None, out: torch.Tensor | None = None,
          config: TileConfig | None = None, col_base: int = 0, num_classes: int | None = None) -> torch.Tensor:
     """d loss / d z recomputed from the saved ``lse`` and ``factor``; ``grad_output``: scalar or (N,)
-    (None: 1). ``column_term``: LADE's ``(col_a, col_b, col_lse)`` (C,) fp32 vectors, already scaled.
-    A class chunk: ``z`` (N, Ck) holds classes ``[col_base, col_base + Ck)`` of ``num_classes``."""
+    (None: 1). ``column_term``: LADE's ``(col_a, col_b, col_lse)`` (C,) fp32 vectors (alpha included: see
+    :class:`fastlt.kernels.lade.LaderTerms`); its loss is reduced, so ``grad_output`` must then be a scalar, which
+    the kernel applies to the column term too. A class chunk: ``z`` (N, Ck) holds classes
+    ``[col_base, col_base + Ck)`` of ``num_classes``."""
     N, Ck = z.shape
     C = Ck if num_classes is None else num_classes
+    if column_term is not None and grad_output is not None and grad_output.dim() != 0:
+        raise ValueError(f"column_term (LADE) needs a scalar grad_output, got shape {tuple(grad_output.shape)}")
     if col_base % 8:
         raise ValueError(f"col_base must be a multiple of 8 (8 noise columns per Philox call), got {col_base}")
     dev = z.device

@@ -158,11 +158,12 @@ def _finish_and_store_rows(row_max, log_sum, a_y, sw, w_y, valid, rows, row_mask
 
 @triton.jit
 def _grad_tile(a, z, row_max, log_sum, y, cols, col_mask, mask, coef, w_y, weight_ptr, w_sum, scale,
-               label_smoothing, inv_C, valid, col_a_y, col_b_ptr, col_lse_ptr,
+               label_smoothing, inv_C, valid, col_a_y, col_b_ptr, col_lse_ptr, col_go,
                HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, COLUMN_TERM: tl.constexpr):
     """d loss / d z for one tile, fp32 (the target's -1 folded here, before any downcast). COLUMN_TERM (LADE):
-    plus ``col_a_y * [j == y_i] + col_b_j * exp(z_ij - col_lse_j)`` on valid rows (``col_a_y`` (BLOCK_M,): the
-    target class's ``col_a``, gathered once per row)."""
+    plus ``col_a_y * [j == y_i] + col_go * col_b_j * exp(z_ij - col_lse_j)`` on valid rows (``col_a_y``
+    (BLOCK_M,): the target class's ``col_a``, gathered once per row and already times ``col_go``, the scalar
+    upstream gradient of the loss)."""
     p = _exp((a - row_max[:, None]) - log_sum[:, None])  # a - max is exact for the large entries
     onehot = (cols[None, :] == y[:, None]).to(tl.float32)
     d = (1.0 - label_smoothing) * w_y[:, None] * (p - onehot)
@@ -174,7 +175,7 @@ def _grad_tile(a, z, row_max, log_sum, y, cols, col_mask, mask, coef, w_y, weigh
             d += label_smoothing * inv_C * (w_sum * p - 1.0)
     g = d * (coef * scale)[:, None]
     if COLUMN_TERM:
-        col_b = tl.load(col_b_ptr + cols, mask=col_mask, other=0.0)
+        col_b = tl.load(col_b_ptr + cols, mask=col_mask, other=0.0) * col_go
         col_lse = tl.load(col_lse_ptr + cols, mask=col_mask, other=0.0)
         q = _exp(z - col_lse[None, :])
         g += tl.where(valid[:, None], col_a_y[:, None] * onehot + col_b[None, :] * q, 0.0)
@@ -240,7 +241,7 @@ def _stats_step(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, c
 @triton.jit
 def _grad_step(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, grad_ptr, stride_gm, stride_gn, rows,
                row_mask, col_start, col_base, col_hi, y, m, valid, row_max, log_sum, coef, w_y, w_sum, inv_C, col_a_y,
-               col_b_ptr, col_lse_ptr, tau, noise_mul, scale, label_smoothing, seed, noise_row0,
+               col_b_ptr, col_lse_ptr, col_go, tau, noise_mul, scale, label_smoothing, seed, noise_row0,
                HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
                HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, COLUMN_TERM: tl.constexpr,
                MASK_COLS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -250,7 +251,8 @@ def _grad_step(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, gr
         noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, MASK_COLS, ALIGN, BLOCK_M,
         BLOCK_N)
     g = _grad_tile(a, z, row_max, log_sum, y, cols, col_mask, mask, coef, w_y, weight_ptr, w_sum, scale,
-                   label_smoothing, inv_C, valid, col_a_y, col_b_ptr, col_lse_ptr, HAS_WEIGHT, HAS_SMOOTH, COLUMN_TERM)
+                   label_smoothing, inv_C, valid, col_a_y, col_b_ptr, col_lse_ptr, col_go, HAS_WEIGHT, HAS_SMOOTH,
+                   COLUMN_TERM)
     _store_grad(grad_ptr, stride_gm, stride_gn, rows, cols, col_base, mask, g, ALIGN)
 
 
@@ -263,8 +265,8 @@ def _full_tiles_end(col_lo, col_hi, BLOCK_N: tl.constexpr):
 @triton.jit
 def _grad_columns(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, grad_ptr, stride_gm, stride_gn, rows,
                   row_mask, col_lo, col_base, col_hi, y, m, valid, row_max, log_sum, coef, w_y, w_sum, inv_C,
-                  col_a_y, col_b_ptr, col_lse_ptr, tau, noise_mul, scale, label_smoothing, seed, noise_row0,
-                  HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr,
+                  col_a_y, col_b_ptr, col_lse_ptr, col_go, tau, noise_mul, scale, label_smoothing, seed,
+                  noise_row0, HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr,
                   HAS_SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr,
                   COLUMN_TERM: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """A gradient pass over columns ``[col_lo, col_hi)`` (:func:`_grad_step`), **from the last column back**: the
@@ -276,7 +278,7 @@ def _grad_columns(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr,
     if full_end < col_hi:
         _grad_step(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, grad_ptr, stride_gm, stride_gn,
                    rows, row_mask, full_end, col_base, col_hi, y, m, valid, row_max, log_sum, coef, w_y, w_sum, inv_C,
-                   col_a_y, col_b_ptr, col_lse_ptr, tau, noise_mul, scale, label_smoothing, seed, noise_row0,
+                   col_a_y, col_b_ptr, col_lse_ptr, col_go, tau, noise_mul, scale, label_smoothing, seed, noise_row0,
                    HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_TERM, True, ALIGN,
                    BLOCK_M, BLOCK_N)
     col_start = full_end
@@ -284,9 +286,9 @@ def _grad_columns(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr,
         col_start -= BLOCK_N
         _grad_step(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, grad_ptr, stride_gm, stride_gn,
                    rows, row_mask, col_start, col_base, col_hi, y, m, valid, row_max, log_sum,
-                   coef, w_y, w_sum, inv_C, col_a_y, col_b_ptr, col_lse_ptr, tau, noise_mul, scale, label_smoothing,
-                   seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH,
-                   COLUMN_TERM, False, ALIGN, BLOCK_M, BLOCK_N)
+                   coef, w_y, w_sum, inv_C, col_a_y, col_b_ptr, col_lse_ptr, col_go, tau, noise_mul, scale,
+                   label_smoothing, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT,
+                   HAS_SMOOTH, COLUMN_TERM, False, ALIGN, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -355,13 +357,13 @@ def _forward_row_block(
             inv_C = 1.0 / (C * 1.0)
             if SINGLE_TILE:  # the tile of the statistics pass, still in registers
                 g = _grad_tile(a, z, m_i, log_sum, y, cols, col_mask, mask, factor, w_y, weight_ptr, w_sum, scale,
-                               label_smoothing, inv_C, valid, w_y, loss_ptr, loss_ptr,
+                               label_smoothing, inv_C, valid, w_y, loss_ptr, loss_ptr, 1.0,
                                HAS_WEIGHT, HAS_SMOOTH, False)
                 _store_grad(grad_ptr, stride_gm, stride_gn, rows, cols, col_base, mask, g, ALIGN)
             else:
                 _grad_columns(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, grad_ptr, stride_gm,
                               stride_gn, rows, row_mask, col_lo, col_base, col_hi, y, m, valid, m_i, log_sum, factor,
-                              w_y, w_sum, inv_C, w_y, loss_ptr, loss_ptr, tau, noise_mul, scale, label_smoothing,
+                              w_y, w_sum, inv_C, w_y, loss_ptr, loss_ptr, 1.0, tau, noise_mul, scale, label_smoothing,
                               seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH,
                               False, ALIGN, BLOCK_M, BLOCK_N)
 
@@ -459,8 +461,8 @@ def row_loss_grad(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
 ):
     """Grid (cdiv(N, BLOCK_M), num_splits): recompute the tile from the saved fp32 (row max, log sum-exp) and write
-    ``upstream_i * factor_i * d loss_i / d z`` (plus LADE's column term when COLUMN_TERM); classes from
-    ``col_base`` on, as in ``row_loss_forward`` (SEED_FROM_PTR too)."""
+    ``upstream_i * factor_i * d loss_i / d z`` (plus LADE's column term, times the scalar upstream, when
+    COLUMN_TERM); classes from ``col_base`` on, as in ``row_loss_forward`` (SEED_FROM_PTR too)."""
     if SEED_FROM_PTR:
         seed = tl.load(seed_ptr)
     # the last programs of the forward (its last row blocks and splits, whose ends are the likeliest still in L2)
@@ -481,24 +483,27 @@ def row_loss_grad(
     col_lo = col_base + pid_s * cols_per_split
     col_hi = tl.minimum(col_lo + cols_per_split, col_end)
     col_a_y = w_y  # unused without COLUMN_TERM
-    if COLUMN_TERM:
-        col_a_y = tl.load(col_a_ptr + y, mask=valid, other=0.0)
+    col_go = 1.0
+    if COLUMN_TERM:  # LADE: its loss is reduced, so the upstream gradient is a scalar
+        if HAS_UPSTREAM:
+            col_go = tl.load(go_ptr).to(tl.float32)
+        col_a_y = tl.load(col_a_ptr + y, mask=valid, other=0.0) * col_go
     _grad_columns(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, grad_ptr, stride_gm, stride_gn, rows,
                   row_mask, col_lo, col_base, col_hi, y, m, valid, row_max, log_sum, coef, w_y, w_sum, inv_C, col_a_y,
-                  col_b_ptr, col_lse_ptr, tau, noise_mul, scale, label_smoothing, seed, noise_row0, HAS_PRIOR,
+                  col_b_ptr, col_lse_ptr, col_go, tau, noise_mul, scale, label_smoothing, seed, noise_row0, HAS_PRIOR,
                   HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_TERM, ALIGN, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
-def reduce_rows(loss_ptr, y_ptr, weight_ptr, factor_ptr, inv_denom_ptr, out_ptr, N, C, ignore_index,
+def reduce_rows(loss_ptr, y_ptr, weight_ptr, factor_ptr, inv_denom_ptr, out_ptr, extra_ptr, N, C, E, ignore_index,
                 HAS_WEIGHT: tl.constexpr, DENOM: tl.constexpr, LOSS: tl.constexpr, MEAN: tl.constexpr,
-                SCALE_FACTOR: tl.constexpr, BLOCK: tl.constexpr):
+                SCALE_FACTOR: tl.constexpr, EXTRA: tl.constexpr, BLOCK: tl.constexpr):
     """Grid (1,): the batch reductions in one deterministic program, no host sync.
 
     DENOM: ``inv = 1 / sum_i w_{y_i}`` over the valid rows (inf for none; a target outside [0, C) counts 0)
     stored to ``inv_denom`` (1,) fp32. LOSS: ``out = sum_i loss_i`` (times ``inv`` when MEAN; ``inv`` read back
-    when not DENOM), stored in ``out``'s dtype. SCALE_FACTOR: ``factor_i *= inv`` (a forward that left 'mean'
-    to this launch)."""
+    when not DENOM), plus ``sum_e extra_e`` (E fp32 values: LADE's LADER partials) when EXTRA, stored in ``out``'s
+    dtype. SCALE_FACTOR: ``factor_i *= inv`` (a forward that left 'mean' to this launch)."""
     offs = tl.arange(0, BLOCK)
     if DENOM:
         acc = tl.zeros((BLOCK,), tl.float32)
@@ -523,6 +528,11 @@ def reduce_rows(loss_ptr, y_ptr, weight_ptr, factor_ptr, inv_denom_ptr, out_ptr,
         loss = tl.sum(total, 0)
         if MEAN:
             loss = loss * inv
+        if EXTRA:
+            more = tl.zeros((BLOCK,), tl.float32)
+            for start in range(0, E, BLOCK):
+                more += tl.load(extra_ptr + start + offs, mask=start + offs < E, other=0.0)
+            loss += tl.sum(more, 0)
         tl.store(out_ptr, loss.to(out_ptr.dtype.element_ty))
     if SCALE_FACTOR:
         for start in range(0, N, BLOCK):

@@ -123,6 +123,11 @@ def test_merge_partials_and_finish_match_float64(R, C, N):
     c_max = p64[0].amax(0)
     want = torch.stack([c_max, (p64[1] * torch.exp(p64[0] - c_max)).sum(0)])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # row chunks: the second chunk's partials merged into the first's running statistics, in place
+    running = lade_kernels.merge_partials(p[:, : R // 2 + 1].to(DEVICE))
+    again = lade_kernels.merge_partials(p[:, R // 2 + 1:].to(DEVICE), into=running)
+    assert again is running
+    torch.testing.assert_close(running.cpu().double(), want, rtol=1e-5, atol=1e-5)
 
     gen = torch.Generator().manual_seed(C)
     pi = torch.rand(C, generator=gen) + 0.1
@@ -132,28 +137,31 @@ def test_merge_partials_and_finish_match_float64(R, C, N):
     n_valid = valid.sum().double()
     counts = torch.bincount(y[valid], minlength=C).double()
     sums = torch.zeros(C, dtype=torch.float64).index_add_(0, y[valid], zy[valid].double())
-    lam = 0.3
-    lader, col_a, col_b, col_lse = lade_kernels.finish(p.to(DEVICE), y.to(DEVICE), zy.to(DEVICE), pi.to(DEVICE),
-                                                       -100, lam)
+    lam, alpha = 0.3, 0.7
+    terms = lade_kernels.finish(p.to(DEVICE), y.to(DEVICE), zy.to(DEVICE), pi.to(DEVICE), -100, lam, alpha)
+    col_a, col_b, col_lse = terms.column_term
+    lader = terms.lader() / alpha
     lse = want[0] + torch.log(want[1])
     second = lse - torch.log(pi.double() + 1e-9) + torch.log(torch.tensor(1.0 / C + 1e-9, dtype=torch.float64)) \
         - torch.log(n_valid)
     est = sums / (counts + 1e-8) - second - lam * second * second
     torch.testing.assert_close(col_lse.cpu().double(), lse, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(col_a.cpu().double(), -pi.double() / (counts + 1e-8), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(col_a.cpu().double(), -alpha * pi.double() / (counts + 1e-8), rtol=1e-5, atol=1e-6)
     if N:
-        torch.testing.assert_close(col_b.cpu().double(), pi.double() * (1 + 2 * lam * second), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(col_b.cpu().double(), alpha * pi.double() * (1 + 2 * lam * second), rtol=1e-5,
+                                   atol=1e-6)
+    assert terms.parts.shape == (-(-C // 256),)  # one LADER partial per program's block of classes
     want_lader = -(pi.double() * est).sum() if n_valid > 0 else torch.zeros((), dtype=torch.float64)
     torch.testing.assert_close(lader.cpu().double(), want_lader, rtol=1e-5, atol=1e-5)
     assert torch.isfinite(lader).item()
     # merged (2, C) statistics finish the same as the (2, R, C) partials
     again = lade_kernels.finish(lade_kernels.merge_partials(p.to(DEVICE)), y.to(DEVICE), zy.to(DEVICE),
-                                pi.to(DEVICE), -100, lam)
-    torch.testing.assert_close(again[0], lader)
-    torch.testing.assert_close(again[3], col_lse)
+                                pi.to(DEVICE), -100, lam, alpha)
+    torch.testing.assert_close(again.lader() / alpha, lader)
+    torch.testing.assert_close(again.col_lse, col_lse)
     # every row ignored: LADER is 0
     none = torch.full_like(y, -100)
-    assert lade_kernels.finish(p.to(DEVICE), none.to(DEVICE), zy.to(DEVICE), pi.to(DEVICE), -100, lam)[0].item() == 0
+    assert lade_kernels.finish(p.to(DEVICE), none.to(DEVICE), zy.to(DEVICE), pi.to(DEVICE), -100, lam).lader() == 0
 
 
 def test_finish_skips_out_of_range_targets_and_other_ignore_index():
@@ -165,10 +173,10 @@ def test_finish_skips_out_of_range_targets_and_other_ignore_index():
     pi = torch.full((C,), 1 / C, device=DEVICE)
     y = torch.tensor([0, 7, 3, 3, -1, 2])
     zy = torch.tensor([1.0, float("nan"), 2.0, 4.0, float("nan"), -1.0])
-    _, col_a, _, _ = lade_kernels.finish(p, y.to(DEVICE), zy.to(DEVICE), pi, -1, 0.1)
+    col_a = lade_kernels.finish(p, y.to(DEVICE), zy.to(DEVICE), pi, -1, 0.1).col_a
     counts = torch.tensor([1.0, 0, 1, 2, 0, 0], dtype=torch.float64)
     torch.testing.assert_close(col_a.cpu().double(), -(1 / C) / (counts + 1e-8), rtol=1e-6, atol=0)
-    lader = lade_kernels.finish(p, y.to(DEVICE), zy.to(DEVICE), pi, -1, 0.1)[0]
+    lader = lade_kernels.finish(p, y.to(DEVICE), zy.to(DEVICE), pi, -1, 0.1).lader()
     assert torch.isfinite(lader).item()
 
 
@@ -179,6 +187,8 @@ def test_merge_partials_and_finish_reject_bad_shapes():
         lade_kernels.merge_partials(torch.zeros(4, 2, 5, device=DEVICE))
     with pytest.raises(ValueError, match=r"\(2, R, C\) or \(2, C\) fp32"):
         lade_kernels.merge_partials(torch.zeros(2, 2, 5, dtype=torch.float64, device=DEVICE))
+    with pytest.raises(ValueError, match=r"into must be contiguous \(2, C\)"):
+        lade_kernels.merge_partials(torch.zeros(2, 2, 5, device=DEVICE), into=torch.zeros(2, 4, device=DEVICE))
     with pytest.raises(ValueError, match="target_logits"):
         lade_kernels.finish(torch.zeros(2, 5, device=DEVICE), torch.zeros(3, dtype=torch.long, device=DEVICE),
                             torch.zeros(4, device=DEVICE), torch.full((5,), 0.2, device=DEVICE), -100, 0.1)

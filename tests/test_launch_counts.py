@@ -1,0 +1,128 @@
+"""Launches per training step. A loss on a small batch is host-bound: every kernel launch costs the CPU the same
+microseconds whatever its size, so each loss's forward + backward must run no more kernels than its math needs,
+and no stray torch op (a ``log``, a ``sum``, a ``* alpha``) between them. Counted, not timed: the Triton launches
+through the launchers' kernel objects, every other op through a dispatch mode."""
+
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastlt
+import fastlt._validation as V
+from fastlt.kernels import lade as lade_kernels
+from fastlt.kernels import launch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# ops that allocate or make views: no kernel runs
+_FREE = {"empty", "empty_strided", "new_empty", "view", "_unsafe_view", "reshape", "as_strided", "alias", "detach",
+         "select", "slice", "unbind", "unsqueeze", "squeeze", "expand", "t", "lift_fresh"}
+
+
+class _Counter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+        self.paused = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not self.paused and name not in _FREE:
+            self.counts["torch." + name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _CountedKernel:
+    """A kernel object whose launches are counted; ops inside a launch (the CPU interpreter's) are not."""
+
+    def __init__(self, counter, name, kernel):
+        self.counter, self.name, self.kernel = counter, name, kernel
+
+    def __getitem__(self, grid):
+        launch_fn = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.counter.counts[self.name] += 1
+            self.counter.paused += 1
+            try:
+                return launch_fn(*args, **kwargs)
+            finally:
+                self.counter.paused -= 1
+        return run
+
+
+@pytest.fixture
+def counter(monkeypatch):
+    c = _Counter()
+    for module in (launch, lade_kernels):
+        for name in ("row_loss_forward", "row_loss_combine", "row_loss_grad", "scale_rows", "reduce_rows",
+                     "lade_columns"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, _CountedKernel(c, name, getattr(module, name)))
+    check_target = V.check_target
+
+    def paused_check_target(*args, **kwargs):  # its range check reads CPU targets only (never a GPU sync)
+        c.paused += 1
+        try:
+            return check_target(*args, **kwargs)
+        finally:
+            c.paused -= 1
+    monkeypatch.setattr(V, "check_target", paused_check_target)
+    return c
+
+
+class _Layer(torch.autograd.Function):
+    """An identity standing for the layer below: a non-leaf input (as grad_in_forward needs) whose backward adds no
+    op of its own."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+C, N = 40, 6
+_COUNTS = torch.arange(1, C + 1) * 3
+
+_CASES = {
+    # loss: (module factory, forward kwargs, expected launches of one forward + backward)
+    "la": (lambda: fastlt.LogitAdjustedLoss(_COUNTS, backend="triton"), {},
+           {"row_loss_forward": 1, "reduce_rows": 1, "row_loss_grad": 1}),
+    "la-sum-weight-smoothing": (
+        lambda: fastlt.LogitAdjustedLoss(_COUNTS, backend="triton", reduction="sum", label_smoothing=0.1,
+                                         weight=torch.rand(C, generator=torch.Generator().manual_seed(0)) + 0.5),
+        {}, {"row_loss_forward": 1, "reduce_rows": 1, "row_loss_grad": 1, "torch.sum": 1}),  # sum_j w_j, once
+    "la-weight": (lambda: fastlt.LogitAdjustedLoss(_COUNTS, backend="triton", weight=torch.ones(C)), {},
+                  {"row_loss_forward": 1, "reduce_rows": 1, "row_loss_grad": 1}),
+    "la-grad-in-forward": (lambda: fastlt.LogitAdjustedLoss(_COUNTS, backend="triton", grad_in_forward=True), {},
+                           # 'mean' needs its denominator before the gradient; backward rescales by grad_output
+                           {"reduce_rows": 2, "row_loss_forward": 1, "scale_rows": 1}),
+    "ldam": (lambda: fastlt.LDAMLoss(_COUNTS, backend="triton"), {},
+             {"row_loss_forward": 1, "reduce_rows": 1, "row_loss_grad": 1}),
+    "gcl": (lambda: fastlt.GCLLoss(_COUNTS, backend="triton"), {"seed": 5},
+            {"row_loss_forward": 1, "reduce_rows": 1, "row_loss_grad": 1}),
+    "lade": (lambda: fastlt.LADELoss(_COUNTS, backend="triton"), {},
+             {"row_loss_forward": 1, "lade_columns": 1, "reduce_rows": 1, "row_loss_grad": 1}),
+}
+
+
+@pytest.mark.parametrize("case", list(_CASES))
+def test_one_step_launches_only_what_the_math_needs(case, counter):
+    make, kwargs, expected = _CASES[case]
+    criterion = make().to(DEVICE)
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(N, C, generator=gen).to(DEVICE).requires_grad_()
+    target = torch.randint(0, C, (N,), generator=gen).to(DEVICE)
+    criterion(_Layer.apply(logits.detach().clone()), target, **kwargs)  # compile; fill the once-per-prior caches
+    one = torch.ones((), device=DEVICE)
+    counter.counts.clear()
+    with counter:
+        loss = criterion(_Layer.apply(logits), target, **kwargs)
+        torch.autograd.backward(loss, one)
+    assert dict(counter.counts) == expected
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
