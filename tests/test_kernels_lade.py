@@ -205,3 +205,19 @@ def test_chunk_partials_rejects_column_stats_of_the_wrong_shape():
     short = launch.ColumnStats.empty(4, 8, DEVICE)
     with pytest.raises(ValueError, match="column_stats must hold"):
         launch.chunk_partials(z, y, args, part, 0, col_base=0, num_classes=8, column_stats=short)
+
+
+def test_log_prior_cache_follows_in_place_changes_and_new_tensors():
+    """``log pi`` is computed once per prior tensor: a prior changed in place (a new ``_version``) or a new tensor
+    gets its own, so the loss always follows the prior it is given."""
+    z, y, pi, _ = _case(12, 9, torch.float32, 4)
+    zk, yk, pik = z.to(DEVICE), y.to(DEVICE), pi.to(DEVICE)
+    first = LF.lade_loss(zk, yk, pik, backend="triton")
+    torch.testing.assert_close(first.cpu(), R.lade_loss(z, y, pi), rtol=1e-5, atol=1e-5)
+    flipped = pi.flip(0)
+    pik.copy_(flipped.to(DEVICE))  # in place: same tensor, new version
+    torch.testing.assert_close(LF.lade_loss(zk, yk, pik, backend="triton").cpu(), R.lade_loss(z, y, flipped),
+                               rtol=1e-5, atol=1e-5)
+    other = (pi * torch.linspace(0.5, 2.0, pi.numel())).div_((pi * torch.linspace(0.5, 2.0, pi.numel())).sum())
+    torch.testing.assert_close(LF.lade_loss(zk, yk, other.to(DEVICE), backend="triton").cpu(),
+                               R.lade_loss(z, y, other), rtol=1e-5, atol=1e-5)
