@@ -158,7 +158,7 @@ def _check_operator(features, weight, target, op: dict) -> None:
     ``_op_kwargs``), on an (N, C) stand-in for the logits: a broadcast scalar, no memory."""
     kw = {k: v for k, v in op.items() if k != "weight_classes"}
     kw.setdefault("noise", None)
-    proxy = features.new_zeros((1, 1)).expand(features.shape[0], weight.shape[0])
+    proxy = features.new_empty((1, 1)).expand(features.shape[0], weight.shape[0])
     R.check_operator_args(proxy, target, weight=op["weight_classes"], **kw)
 
 
@@ -269,7 +269,8 @@ def _chunk_logits(buf: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.
 
 def _row_chunk_grads(dz, xc, w, dx, dw, db, r0: int, r1: int, *, single: bool, first: bool) -> None:
     """The matmuls of one row chunk's gradient ``dz`` (R, C): ``dx[r0:r1] = dz W``, ``dw (+)= dz^T xc`` (written
-    when there is a single chunk, else accumulated in fp32), ``db += sum_rows dz`` (fp32). None: skipped."""
+    when there is a single chunk, else accumulated in fp32), ``db (+)= sum_rows dz`` (fp32; written by the first
+    chunk, see :func:`_grad_accumulator`). None: skipped."""
     if dx is not None:
         torch.mm(dz, w, out=dx[r0:r1])
     if dw is not None:
@@ -278,7 +279,24 @@ def _row_chunk_grads(dz, xc, w, dx, dw, db, r0: int, r1: int, *, single: bool, f
         else:
             _acc_mm(dw, dz.t(), xc, first=first)
     if db is not None:
-        db += dz.sum(0, dtype=torch.float32)
+        if first:
+            torch.sum(dz, 0, dtype=torch.float32, out=db)
+        else:
+            db += dz.sum(0, dtype=torch.float32)
+
+
+def _joined(chunk_rows: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The (N,) fp32 per-row values of the row chunks in order: the chunk's own tensor when there is one (no copy),
+    one concatenation otherwise."""
+    if len(chunk_rows) == 1:
+        return chunk_rows[0]
+    return torch.cat(chunk_rows) if chunk_rows else torch.empty(0, dtype=torch.float32, device=x.device)
+
+
+def _grad_accumulator(shape, dtype: torch.dtype, x: torch.Tensor, num_chunks: int) -> torch.Tensor:
+    """A ``dw`` or ``db`` buffer for :func:`_row_chunk_grads`, whose first chunk writes it: zero-filled only when
+    no chunk does (an empty batch)."""
+    return (torch.empty if num_chunks else torch.zeros)(shape, dtype=dtype, device=x.device)
 
 
 def _fused_pass(x, w, b, y, params: _HeadParams, *, need_x: bool, need_w: bool, need_b: bool):
@@ -296,23 +314,21 @@ def _fused_pass(x, w, b, y, params: _HeadParams, *, need_x: bool, need_w: bool, 
     inv = launch.inv_denominator_of(y, args) if args.reduction == "mean" else None
     chunks = _chunks(N, params.chunk_rows)
     buf = _logits_buffer(min(params.chunk_rows, N), C, x) if N else None
-    loss_rows = torch.empty(N, dtype=torch.float32, device=x.device)
+    row_losses = []
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if fused and need_x else None
     single = len(chunks) == 1
     dw = db = None
     if fused and need_w:
-        dw = torch.empty((C, D), dtype=x.dtype if single else torch.float32, device=x.device)
-        if not chunks:
-            dw.zero_()
+        dw = _grad_accumulator((C, D), x.dtype if single else torch.float32, x, len(chunks))
     if fused and need_b:
-        db = torch.zeros(C, dtype=torch.float32, device=x.device)
+        db = _grad_accumulator(C, torch.float32, x, len(chunks))
     lse_chunks, factor_chunks = [], []
     for k, (r0, r1) in enumerate(chunks):
         xc = x[r0:r1]
         z = _chunk_logits(buf, xc, w, b)
         a = dataclasses.replace(args, noise_row_offset=r0)
         rows, lse, factor, _ = launch.forward(z, y[r0:r1], a, grad_out=z if fused else None, inv_denominator=inv)
-        loss_rows[r0:r1] = rows
+        row_losses.append(rows)
         if keep_stats:
             lse_chunks.append(lse)
             factor_chunks.append(factor)
@@ -322,7 +338,7 @@ def _fused_pass(x, w, b, y, params: _HeadParams, *, need_x: bool, need_w: bool, 
         dw = dw.to(x.dtype)
     if db is not None:
         db = db.to(x.dtype)
-    loss = launch.reduce(loss_rows, y, args, inv_denominator=inv)  # 'mean' of no rows is NaN, as torch's
+    loss = launch.reduce(_joined(row_losses, x), y, args, inv_denominator=inv)  # 'mean' of no rows: NaN, as torch
     return loss.to(x.dtype), dx, dw, db, lse_chunks, factor_chunks
 
 
@@ -343,8 +359,8 @@ def _recompute_backward(x, w, b, y, params: _HeadParams, lse_chunks, factor_chun
     go = grad_output.contiguous()
     buf = _logits_buffer(min(params.chunk_rows, N), C, x) if N else None
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
-    dw = torch.zeros((C, D), dtype=x.dtype if single else torch.float32, device=x.device) if need_w else None
-    db = torch.zeros(C, dtype=torch.float32, device=x.device) if need_b else None
+    dw = _grad_accumulator((C, D), x.dtype if single else torch.float32, x, len(chunks)) if need_w else None
+    db = _grad_accumulator(C, torch.float32, x, len(chunks)) if need_b else None
     for k, (r0, r1) in enumerate(chunks):
         xc = x[r0:r1]
         z = _chunk_logits(buf, xc, w, b)

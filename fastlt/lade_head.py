@@ -40,6 +40,8 @@ from .heads import (
     _chunks,
     _class_grads,
     _class_row_stats,
+    _grad_accumulator,
+    _joined,
     _logits_buffer,
     _row_chunk_grads,
     default_chunk_classes,
@@ -82,17 +84,15 @@ def _lade_pass(x, w, b, y, params: _LADEHeadParams, *, need_x: bool, need_w: boo
     inv = launch.inv_denominator_of(y, args) if args.reduction == "mean" else None
     chunks = _chunks(N, params.chunk_rows)
     buf = _logits_buffer(min(params.chunk_rows, N), C, x) if N else None
-    loss_rows = torch.empty(N, dtype=torch.float32, device=x.device)
-    target_logits = torch.empty(N, dtype=torch.float32, device=x.device)
-    row_stats, stats = [], None
+    row_losses, target_logits, row_stats, stats = [], [], [], None
     for r0, r1 in chunks:
         z = _chunk_logits(buf, x[r0:r1], w, b)
         rows, lse, factor, cols = launch.forward(z, y[r0:r1], args, column_stats=True, inv_denominator=inv)
-        loss_rows[r0:r1] = rows
-        target_logits[r0:r1] = cols.target_logits
+        row_losses.append(rows)
+        target_logits.append(cols.target_logits)
         row_stats.append((lse, factor))
         stats = lade_kernels.merge_partials(cols.partials, into=stats)
-    loss, column_term = _lade_total(loss_rows, inv, stats, target_logits, y, params)
+    loss, column_term = _lade_total(_joined(row_losses, x), inv, stats, _joined(target_logits, x), y, params)
     loss = loss.to(x.dtype)
 
     dx = dw = db = None
@@ -100,8 +100,8 @@ def _lade_pass(x, w, b, y, params: _LADEHeadParams, *, need_x: bool, need_w: boo
         return loss, dx, dw, db
     single = len(chunks) == 1
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
-    dw = (torch.zeros((C, D), dtype=x.dtype if single else torch.float32, device=x.device) if need_w else None)
-    db = torch.zeros(C, dtype=torch.float32, device=x.device) if need_b else None
+    dw = _grad_accumulator((C, D), x.dtype if single else torch.float32, x, len(chunks)) if need_w else None
+    db = _grad_accumulator(C, torch.float32, x, len(chunks)) if need_b else None
     for k, (r0, r1) in enumerate(chunks):
         xc = x[r0:r1]
         z = _chunk_logits(buf, xc, w, b)
@@ -187,7 +187,7 @@ def lade_linear_loss(features, weight, target, prior, bias=None, *, alpha=0.1, r
     _check_head(features, weight, bias)
     check_kernel_input("features", features)
     target = V.as_index_target(target)
-    proxy = features.new_zeros((1, 1)).expand(features.shape[0], weight.shape[0])  # checks without the logits
+    proxy = features.new_empty((1, 1)).expand(features.shape[0], weight.shape[0])  # checks without the logits
     R.check_lade_args(proxy, target, prior, alpha, remine_lambda, reduction)
     R.check_operator_args(proxy, target, prior=prior, tau=1.0, cloud=None, noise_mul=0.0, noise=None, seed=None,
                           margin=None, scale=1.0, gamma=0.0, weight=weight_classes, ignore_index=ignore_index,

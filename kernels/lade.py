@@ -139,7 +139,7 @@ def _columns(stats: torch.Tensor, finish_args=None, into: torch.Tensor | None = 
     y, zy, ignore_index, pi, alpha, remine_lambda = (finish_args if finish_args is not None
                                                      else (out, out, -100, out, 0.0, 0.0))
     N = y.shape[0] if finish_args is not None else 0
-    if N == 0:  # no row to read: pointers that are surely valid
+    if finish_args is not None and N == 0:  # no row to read: pointers of the usual types, surely valid
         y, zy = torch.full((1,), int(ignore_index), device=dev), out
     block_r = max(1, min(4096 // block_c, triton.next_power_of_2(max(R, 1))))  # few classes: taller steps
     block_y = max(1, min(4096 // block_c, triton.next_power_of_2(max(N, 1))))

@@ -12,12 +12,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastlt
 import fastlt._validation as V
 from fastlt.kernels import lade as lade_kernels
-from fastlt.kernels import launch
+from fastlt.kernels import launch, row_normalize
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # ops that allocate or make views: no kernel runs
-_FREE = {"empty", "empty_strided", "new_empty", "view", "_unsafe_view", "reshape", "as_strided", "alias", "detach",
+_FREE = {"empty", "empty_like", "empty_strided", "new_empty", "view", "_unsafe_view", "reshape", "as_strided", "alias", "detach",
          "select", "slice", "unbind", "unsqueeze", "squeeze", "expand", "t", "lift_fresh"}
 
 
@@ -56,9 +56,9 @@ class _CountedKernel:
 @pytest.fixture
 def counter(monkeypatch):
     c = _Counter()
-    for module in (launch, lade_kernels):
+    for module in (launch, lade_kernels, row_normalize):
         for name in ("row_loss_forward", "row_loss_combine", "row_loss_grad", "scale_rows", "reduce_rows",
-                     "lade_columns"):
+                     "lade_columns", "_normalize_fwd", "_normalize_bwd"):
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, _CountedKernel(c, name, getattr(module, name)))
     check_target = V.check_target
@@ -86,7 +86,7 @@ class _Layer(torch.autograd.Function):
         return grad
 
 
-C, N = 40, 6
+C, N, D = 40, 6, 16
 _COUNTS = torch.arange(1, C + 1) * 3
 
 _CASES = {
@@ -108,6 +108,21 @@ _CASES = {
             {"row_loss_forward": 1, "reduce_rows": 1, "row_loss_grad": 1}),
     "lade": (lambda: fastlt.LADELoss(_COUNTS, backend="triton"), {},
              {"row_loss_forward": 1, "lade_columns": 1, "reduce_rows": 1, "row_loss_grad": 1}),
+    # the heads (features (N, D) in): their matmuls, the row kernel writing d loss / dz over the logits, and in the
+    # backward the rescale of dx, dW (and db) by grad_output
+    "la-head": (lambda: fastlt.LinearLossHead(D, C, _COUNTS, backend="triton"), {},
+                {"torch.addmm": 1, "reduce_rows": 2, "row_loss_forward": 1, "torch.mm": 2, "torch.sum": 1,
+                 "scale_rows": 3}),
+    "la-head-row-chunks": (
+        lambda: fastlt.LinearLossHead(D, C, _COUNTS, backend="triton", bias=False, chunk_rows=4), {},
+        {"torch.mm": 2 + 2 + 1, "torch.addmm_": 1, "reduce_rows": 2, "row_loss_forward": 2, "torch.cat": 1,
+         "scale_rows": 2}),
+    "lade-head": (lambda: fastlt.LinearLossHead(D, C, _COUNTS, loss="lade", backend="triton"), {},
+                  {"torch.addmm": 2, "reduce_rows": 2, "row_loss_forward": 1, "lade_columns": 2, "row_loss_grad": 1,
+                   "torch.mm": 2, "torch.sum": 1, "scale_rows": 3}),
+    "cosine-gcl-head": (lambda: fastlt.CosineGCLHead(D, C, _COUNTS, backend="triton"), {"seed": 5},
+                        {"_normalize_fwd": 2, "reduce_rows": 2, "row_loss_forward": 1, "torch.mm": 3,
+                         "scale_rows": 2, "_normalize_bwd": 2}),
 }
 
 
@@ -116,13 +131,13 @@ def test_one_step_launches_only_what_the_math_needs(case, counter):
     make, kwargs, expected = _CASES[case]
     criterion = make().to(DEVICE)
     gen = torch.Generator().manual_seed(1)
-    logits = torch.randn(N, C, generator=gen).to(DEVICE).requires_grad_()
+    inputs = torch.randn(N, D if "head" in case else C, generator=gen).to(DEVICE).requires_grad_()
     target = torch.randint(0, C, (N,), generator=gen).to(DEVICE)
-    criterion(_Layer.apply(logits.detach().clone()), target, **kwargs)  # compile; fill the once-per-prior caches
+    criterion(_Layer.apply(inputs.detach().clone()), target, **kwargs)  # compile; fill the once-per-prior caches
     one = torch.ones((), device=DEVICE)
     counter.counts.clear()
     with counter:
-        loss = criterion(_Layer.apply(logits), target, **kwargs)
+        loss = criterion(_Layer.apply(inputs), target, **kwargs)
         torch.autograd.backward(loss, one)
     assert dict(counter.counts) == expected
-    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+    assert inputs.grad is not None and torch.isfinite(inputs.grad).all()
