@@ -185,7 +185,7 @@ class RowOperatorLoss(torch.autograd.Function):
                                           out_dtype=logits.dtype)
         _save(ctx, args, logits, target, lse, factor)
         ctx.grad_in_forward = grad_in_forward
-        return loss.to(logits.dtype)
+        return loss if loss.dtype == logits.dtype else loss.to(logits.dtype)  # 'none': fp32 rows
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -251,7 +251,9 @@ def lade_loss_triton(logits, target, prior, alpha=0.1, remine_lambda=0.1, *, wei
 
 
 def _as_f32(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.to(torch.float32).contiguous()
+    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):  # a module's buffer: as it is, no dispatch
+        return t
+    return t.to(torch.float32).contiguous()
 
 
 def check_kernel_input(name: str, t: Tensor, noise: Tensor | None = None) -> None:

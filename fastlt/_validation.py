@@ -20,7 +20,7 @@ BACKENDS = ("auto", "torch", "triton")
 def check_finite_float(name: str, value, *, min_value: float | None = None,
                        max_value: float | None = None, min_inclusive: bool = True) -> float:
     """A Python real number that is finite (and inside the given range); returned as float."""
-    if isinstance(value, bool) or not isinstance(value, Real):
+    if type(value) is not float and (isinstance(value, bool) or not isinstance(value, Real)):  # float: no ABC check
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value):

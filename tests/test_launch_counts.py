@@ -17,8 +17,8 @@ from fastlt.kernels import launch, row_normalize
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # ops that allocate or make views: no kernel runs
-_FREE = {"empty", "empty_like", "empty_strided", "new_empty", "view", "_unsafe_view", "reshape", "as_strided", "alias", "detach",
-         "select", "slice", "unbind", "unsqueeze", "squeeze", "expand", "t", "lift_fresh"}
+_FREE = {"empty", "empty_like", "empty_strided", "new_empty", "view", "_unsafe_view", "reshape", "as_strided",
+         "alias", "detach", "select", "slice", "unbind", "unsqueeze", "squeeze", "expand", "t", "lift_fresh"}
 
 
 class _Counter(TorchDispatchMode):
