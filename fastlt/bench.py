@@ -3,9 +3,10 @@
 Every case is forward + backward of one loss on (N, C) logits; a number means the same thing
 wherever it is printed: median milliseconds (CUDA events, ``triton.testing.do_bench``), GB/s of the
 byte model, ``x floor`` against the bandwidth floor ``2 * N * C * bytes / BW`` (read the logits once,
-write the gradient once; BW measured in the same run by a device-to-device copy), and the peak
-extra memory over the inputs. Peers run in the same process: eager PyTorch (the reference path),
-``torch.compile`` of it, Liger-Kernel's CE (if installed; plain CE, so it does less work), and the
+write the gradient once; BW measured in the same run by a device-to-device copy), the peak
+extra memory over the inputs, and the host (CPU) time of one step: where it is near the median, the step is
+host-bound (Python and launch work), not kernel-bound. Peers run in the same process: eager PyTorch (the
+reference path), ``torch.compile`` of it, Liger-Kernel's CE (if installed; plain CE, so it does less work), and the
 official implementations' style (GCL's CPU noise, LADE's dense C x N masks).
 """
 
@@ -18,6 +19,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -36,6 +38,16 @@ class Result:
     gbps: float | None = None
     x_floor: float | None = None
     extra_gb: float | None = None
+    host_ms: float | None = None
+    note: str = ""
+
+
+class Measured(NamedTuple):
+    """One case's numbers (None when it failed, ``note`` saying why)."""
+
+    ms: float | None
+    extra_gb: float | None
+    host_ms: float | None
     note: str = ""
 
 
@@ -61,8 +73,22 @@ def floor_ms(N: int, C: int, dtype: torch.dtype, bandwidth: float) -> float:
     return 2 * N * C * torch.finfo(dtype).bits / 8 / bandwidth * 1e3
 
 
-def time_step(step: Callable[[], None], *, reps: int | None = None) -> tuple[float, float]:
-    """(median ms, peak extra GB) of ``step``; ``reps`` for very slow peers (host timing)."""
+def host_ms(step: Callable[[], None], *, reps: int = 10, sync: Callable[[], None] | None = None) -> float:
+    """Host (CPU) milliseconds per call of ``step``: ``reps`` calls after a device sync, the clock stopped before
+    the next sync, so it counts Python and launch work, not kernel time (unless the step waits for the device
+    itself). A step whose host time is near its device time is host-bound."""
+    sync = sync or torch.cuda.synchronize
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        step()
+    elapsed = time.perf_counter() - t0
+    sync()
+    return elapsed / reps * 1e3
+
+
+def time_step(step: Callable[[], None], *, reps: int | None = None) -> tuple[float, float, float | None]:
+    """(median ms, peak extra GB, host ms) of ``step``; ``reps`` for very slow peers (host timing, no host ms)."""
     import triton.testing
 
     torch.cuda.synchronize()
@@ -79,22 +105,22 @@ def time_step(step: Callable[[], None], *, reps: int | None = None) -> tuple[flo
             torch.cuda.synchronize()
             times.append((time.perf_counter() - t0) * 1e3)
         times.sort()
-        return times[len(times) // 2], extra
-    return triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median"), extra
+        return times[len(times) // 2], extra, None
+    ms = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
+    return ms, extra, host_ms(step)
 
 
-def measure_case(make: Callable[[], Callable[[], None]], *, reps: int | None = None):
-    """``(median ms, peak extra GB, note)`` of the step ``make()`` builds; ``(None, None, reason)`` when it runs
-    out of memory or fails (a failing peer is reported, not fatal). Frees the step's memory afterwards."""
+def measure_case(make: Callable[[], Callable[[], None]], *, reps: int | None = None) -> Measured:
+    """The :class:`Measured` numbers of the step ``make()`` builds; all None with the reason in ``note`` when it
+    runs out of memory or fails (a failing peer is reported, not fatal). Frees the step's memory afterwards."""
     step = None
     try:
         step = make()
-        ms, extra = time_step(step, reps=reps)
-        return ms, extra, ""
+        return Measured(*time_step(step, reps=reps))
     except torch.cuda.OutOfMemoryError:
-        return None, None, "out of memory"
+        return Measured(None, None, None, "out of memory")
     except Exception as exc:  # noqa: BLE001 - any failure of a peer becomes its note
-        return None, None, f"{type(exc).__name__}: {exc}"[:120]
+        return Measured(None, None, None, f"{type(exc).__name__}: {exc}"[:120])
     finally:
         step = None
         torch.cuda.empty_cache()
@@ -258,31 +284,36 @@ def run(losses=("la", "gcl", "lade"), shapes=SHAPES, dtypes=("fp32", "bf16"), *,
                                     with_official=with_official and (small or loss == "lade"))
                 for method, make in cases:
                     slow = method.startswith("official") and loss == "gcl"
-                    ms, extra, note = measure_case(make, reps=3 if slow else None)
-                    r = Result(loss, method, N, C, dname, ms, note=note)
-                    if ms is not None:
-                        r.gbps = 2 * N * C * dtype.itemsize / (ms * 1e-3) / 1e9
-                        r.x_floor, r.extra_gb = ms / floor, extra
+                    m = measure_case(make, reps=3 if slow else None)
+                    r = Result(loss, method, N, C, dname, m.ms, host_ms=m.host_ms, note=m.note)
+                    if m.ms is not None:
+                        r.gbps = 2 * N * C * dtype.itemsize / (m.ms * 1e-3) / 1e9
+                        r.x_floor, r.extra_gb = m.ms / floor, m.extra_gb
                     results.append(r)
                     log(_row(r))
     return dev, results
 
 
+def fmt_host(host: float | None) -> str:
+    return "—" if host is None else f"{host:.3f}"
+
+
 def _row(r: Result) -> str:
     if r.ms is None:
-        return f"| {r.loss} | {r.N} x {r.C} | {r.dtype} | {r.method} | — | — | — | — | {r.note} |"
+        return f"| {r.loss} | {r.N} x {r.C} | {r.dtype} | {r.method} | — | — | — | — | — | {r.note} |"
     return (f"| {r.loss} | {r.N} x {r.C} | {r.dtype} | {r.method} | {r.ms:.3f} | {r.gbps:.0f} | "
-            f"{r.x_floor:.2f} | {r.extra_gb:.2f} | {r.note} |")
+            f"{r.x_floor:.2f} | {r.extra_gb:.2f} | {fmt_host(r.host_ms)} | {r.note} |")
 
 
-HEADER = ("| loss | N x C | dtype | method | median ms | GB/s | x floor | extra GB | note |\n"
-          "|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| loss | N x C | dtype | method | median ms | GB/s | x floor | extra GB | host ms | note |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
 
 
 def markdown(dev: Device, results: list[Result]) -> str:
     lines = [f"# fastlt benchmark on {dev.name}", "",
              f"Forward + backward, median of CUDA-event timings. Floor = 2*N*C*bytes / {dev.bandwidth / 1e12:.2f} TB/s "
-             f"(device-to-device copy measured in this run). {json.dumps(dev.meta)}", "", HEADER]
+             f"(device-to-device copy measured in this run). Host ms: CPU time per step without a sync (near the "
+             f"median: host-bound). {json.dumps(dev.meta)}", "", HEADER]
     lines += [_row(r) for r in results]
     return "\n".join(lines) + "\n"
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .bench import DTYPES, Device, GradSink, _counts, _gcl_gpu_noise, measure_case
+from .bench import DTYPES, Device, GradSink, _counts, _gcl_gpu_noise, fmt_host, measure_case
 
 HEAD_SHAPES = [(4096, 2048, 8142), (4096, 1024, 131072), (1024, 1024, 1_000_000)]
 HEAD_METHODS = ("fastlt LA head", "fastlt CE head", "fastlt cosine GCL head", "fastlt LADE head",
@@ -35,6 +35,7 @@ class HeadResult:
     tflops: float | None = None
     x_floor: float | None = None
     extra_gb: float | None = None
+    host_ms: float | None = None
     note: str = ""
 
 
@@ -133,25 +134,25 @@ def run_heads(shapes=HEAD_SHAPES, dtypes=("bf16",), methods=HEAD_METHODS, *, log
             dtype = DTYPES[dname]
             floor = head_floor_ms(N, D, C, rates[dname])
             for method, make in build_head_cases(N, D, C, dtype, methods):
-                ms, extra, note = measure_case(make)
-                r = HeadResult(method, N, D, C, dname, ms, note=note)
-                if ms is not None:
-                    r.tflops, r.x_floor, r.extra_gb = 6 * N * D * C / (ms * 1e-3) / 1e12, ms / floor, extra
+                m = measure_case(make)
+                r = HeadResult(method, N, D, C, dname, m.ms, host_ms=m.host_ms, note=m.note)
+                if m.ms is not None:
+                    r.tflops, r.x_floor, r.extra_gb = 6 * N * D * C / (m.ms * 1e-3) / 1e12, m.ms / floor, m.extra_gb
                 results.append(r)
                 log(head_row(r))
     return dev, results
 
 
-HEAD_HEADER = ("| N x D -> C | dtype | method | median ms | TFLOP/s | x matmul floor | extra GB | note |\n"
-               "|---|---|---|---|---|---|---|---|")
+HEAD_HEADER = ("| N x D -> C | dtype | method | median ms | TFLOP/s | x matmul floor | extra GB | host ms | note |\n"
+               "|---|---|---|---|---|---|---|---|---|")
 
 
 def head_row(r: HeadResult) -> str:
     shape = f"{r.N} x {r.D} -> {r.C}"
     if r.ms is None:
-        return f"| {shape} | {r.dtype} | {r.method} | — | — | — | — | {r.note} |"
+        return f"| {shape} | {r.dtype} | {r.method} | — | — | — | — | — | {r.note} |"
     return (f"| {shape} | {r.dtype} | {r.method} | {r.ms:.3f} | {r.tflops:.0f} | {r.x_floor:.2f} | "
-            f"{r.extra_gb:.2f} | {r.note} |")
+            f"{r.extra_gb:.2f} | {fmt_host(r.host_ms)} | {r.note} |")
 
 
 def save_heads(dev: Device, results: list[HeadResult], out_dir: str) -> str:

@@ -3,6 +3,8 @@ broken harness; the numbers themselves are only ever taken on a GPU (benchmarks/
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -52,4 +54,21 @@ def test_a_failing_case_is_reported_not_raised():
     def make():
         raise RuntimeError("peer not available")
 
-    assert bench.measure_case(make) == (None, None, "RuntimeError: peer not available")
+    assert bench.measure_case(make) == (None, None, None, "RuntimeError: peer not available")
+
+
+def test_host_time_counts_the_calls_between_syncs():
+    syncs, calls = [], []
+    ms = bench.host_ms(lambda: (calls.append(1), time.sleep(0.002)), reps=5, sync=lambda: syncs.append(len(calls)))
+    assert calls == [1] * 5 and syncs == [0, 5]  # a sync before the first call and after the last
+    assert 2.0 <= ms < 50.0
+
+
+def test_result_rows_show_the_host_time():
+    r = bench.Result("la", "fastlt", 4, 8, "fp32", 1.5, gbps=0.1, x_floor=2.0, extra_gb=0.0, host_ms=0.25)
+    row = bench._row(r)
+    assert row.count("|") == bench.HEADER.splitlines()[0].count("|")
+    assert "| 0.250 |" in row
+    head = bench_heads.HeadResult("fastlt LA head", 4, 2, 8, "bf16", 1.5, tflops=1.0, x_floor=3.0, extra_gb=0.0)
+    assert "| — |" in bench_heads.head_row(head)
+    assert bench_heads.head_row(head).count("|") == bench_heads.HEAD_HEADER.splitlines()[0].count("|")
