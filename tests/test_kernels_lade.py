@@ -81,6 +81,15 @@ def test_lade_row_blocks_and_column_tiles(config):
     _compare(z, y, pi, config=config)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_lade_long_batch_reduction_matches_reference(reduction, monkeypatch):
+    """Beyond ONE_PROGRAM_ROWS rows the loss is reduced by torch ops: PriorCE's sum plus LADER's class-block partials
+    (several here, C > 256), and 'mean''s factor scaled in place."""
+    monkeypatch.setattr(launch, "ONE_PROGRAM_ROWS", 0)
+    z, y, pi, _ = _case(9, 600, torch.float32, 8, ignore=(2,))
+    _compare(z, y, pi, reduction=reduction, alpha=0.4)
+
+
 def test_lade_all_rows_ignored_gives_torch_semantics():
     z = torch.randn(4, 6, device=DEVICE)
     y = torch.full((4,), -100, device=DEVICE)
