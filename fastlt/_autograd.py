@@ -305,8 +305,10 @@ _LOG_PRIORS = WeakIdKeyDictionary()  # prior tensor -> (its _version, fp32 pi, l
 def _prior_and_log(prior: Tensor) -> tuple[Tensor, Tensor]:
     """``(pi, log pi)`` as contiguous fp32, computed once per prior tensor (a module's buffer, typically) and
     again only after it changes in place (its ``_version``); held weakly, so a freed prior frees its entry. Not
-    cached while compiling or capturing a CUDA graph (a tensor made during capture holds nothing until replay)."""
-    if torch.compiler.is_compiling() or (prior.is_cuda and torch.cuda.is_current_stream_capturing()):
+    cached while compiling or capturing a CUDA graph (a tensor made during capture holds nothing until replay), nor
+    for an inference tensor (made under ``torch.inference_mode``: it has no version counter)."""
+    if (torch.compiler.is_compiling() or prior.is_inference()
+            or (prior.is_cuda and torch.cuda.is_current_stream_capturing())):
         pi = _as_f32(prior)
         return pi, torch.log(pi)
     hit = _LOG_PRIORS.get(prior)

@@ -230,3 +230,16 @@ def test_log_prior_cache_follows_in_place_changes_and_new_tensors():
     other = (pi * torch.linspace(0.5, 2.0, pi.numel())).div_((pi * torch.linspace(0.5, 2.0, pi.numel())).sum())
     torch.testing.assert_close(LF.lade_loss(zk, yk, other.to(DEVICE), backend="triton").cpu(),
                                R.lade_loss(z, y, other), rtol=1e-5, atol=1e-5)
+
+
+def test_lade_with_a_prior_made_under_inference_mode():
+    """A module built under ``torch.inference_mode`` holds inference tensors, which have no version counter: the
+    loss still runs, inside inference mode and out of it (evaluation code often builds criteria there)."""
+    z, y, pi, _ = _case(6, 11, torch.float32, 9)
+    with torch.inference_mode():
+        pik = pi.to(DEVICE)
+        inside = LF.lade_loss(z.to(DEVICE), y.to(DEVICE), pik, backend="triton")
+    outside = LF.lade_loss(z.to(DEVICE), y.to(DEVICE), pik, backend="triton")
+    want = R.lade_loss(z, y, pi)
+    torch.testing.assert_close(inside.cpu(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outside.cpu(), want, rtol=1e-5, atol=1e-5)
