@@ -116,3 +116,17 @@ def test_loss_and_gradient_through_either_path(grad_in_forward):
     ref.backward(torch.tensor(1.5, dtype=torch.float64))
     torch.testing.assert_close(loss.detach().cpu().double(), ref.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(leaf.grad.cpu().double(), z64.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("E", [1, 5000])  # 5000: several BLOCK-wide steps over the extra values
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_extra_values_are_added_after_the_mean(E, reduction):
+    """``extra=`` (LADE's LADER partials) adds its sum to the reduced loss, outside the 'mean' division."""
+    rows, y, w = _case(21, 7, 3)
+    extra = torch.randn(E, generator=torch.Generator().manual_seed(E)).float()
+    args = RowOperatorArgs(weight=w.to(DEVICE), reduction=reduction)
+    got = launch.reduce(rows.to(DEVICE), y.to(DEVICE), args, extra=extra.to(DEVICE))
+    base = rows.double().sum().item() / (_want_denominator(y, w) if reduction == "mean" else 1.0)
+    assert math.isclose(got.item(), base + extra.double().sum().item(), rel_tol=1e-5, abs_tol=1e-4)
+    with pytest.raises(ValueError, match="extra= needs a reduced loss"):
+        launch.reduce(rows.to(DEVICE), y.to(DEVICE), RowOperatorArgs(reduction="none"), extra=extra.to(DEVICE))
