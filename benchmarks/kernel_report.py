@@ -202,7 +202,8 @@ def cases():
             args = launch.RowOperatorArgs(prior=torch.log(pi))
             cfg = launch.pick_tiles(N, C, z.device, column_stats=True, **tile) if tile else None
             _, lse, factor, terms = lade.forward(z, y, pi, 0.1, 0.1, args, config=cfg)
-            launch.grad(z, y, args, lse, factor, None, column_term=terms.column_term)
+            # with grad_output, as autograd calls it (the kernel scales the column term by it)
+            launch.grad(z, y, args, lse, factor, torch.ones(()), column_term=terms.column_term)
         return run
 
     def cosine_head(N, D, C, dtype):
