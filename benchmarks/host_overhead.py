@@ -1,0 +1,97 @@
+"""Host (CPU) time of one loss step with the kernel launches stubbed out: the Python and autograd work that a small
+batch pays whatever the GPU does. Runs anywhere, no GPU: ``python benchmarks/host_overhead.py [N C]``.
+
+Prints microseconds per step (best of 5 x 1000) for each loss module's forward + backward on CPU tensors, and a bare
+autograd Function doing nothing for comparison (PyTorch's own floor on this machine). The CPU-only target range
+check is skipped, as it is for CUDA tensors. Triton's own launcher (argument binding, ~20 us per launch of the row
+kernel with triton 3.9) is not included: the stubs replace it. Launch counts: ``tests/test_launch_counts.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # the kernel modules import without a GPU
+
+import torch  # noqa: E402
+
+import fastlt  # noqa: E402
+import fastlt._validation as V  # noqa: E402
+from fastlt.kernels import lade as lade_kernels  # noqa: E402
+from fastlt.kernels import launch  # noqa: E402
+
+
+class _NoLaunch:
+    """A kernel object whose launches do nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+class _Layer(torch.autograd.Function):
+    """The layer below: the loss sees a non-leaf input, and its gradient is dropped here (no accumulation into
+    ``.grad``, which no training step pays for an activation)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+class _Bare(torch.autograd.Function):
+    """Two allocations, one stub launch each way: what any fused loss Function costs at least."""
+
+    @staticmethod
+    def forward(ctx, z, y):
+        rows = torch.empty(z.shape[0])
+        ctx.save_for_backward(z, y, rows)
+        return torch.empty(())
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, _, _ = ctx.saved_tensors
+        return torch.empty_like(z), None
+
+
+def _best_us(step, reps: int = 1000, repeat: int = 5) -> float:
+    for _ in range(100):
+        step()
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            step()
+        best = min(best, (time.perf_counter() - t0) / reps * 1e6)
+    return best
+
+
+def main(N: int = 64, C: int = 512) -> None:
+    for name in ("row_loss_forward", "row_loss_combine", "row_loss_grad", "scale_rows", "reduce_rows"):
+        setattr(launch, name, _NoLaunch())
+    lade_kernels.lade_columns = _NoLaunch()
+    V.check_target = lambda *args, **kwargs: None
+    torch.manual_seed(0)
+    counts = torch.randint(1, 100, (C,))
+    z = torch.randn(N, C, requires_grad=True)
+    y = torch.randint(0, C, (N,))
+    cases = {
+        "LogitAdjustedLoss": fastlt.LogitAdjustedLoss(counts, backend="triton"),
+        "GCLLoss": fastlt.GCLLoss(counts, backend="triton"),
+        "LADELoss": fastlt.LADELoss(counts, backend="triton"),
+        "bare autograd Function": _Bare.apply,
+    }
+    print(f"host time per forward + backward, {N} x {C}, kernels stubbed (torch {torch.__version__})")
+    for name, criterion in cases.items():
+        def step(criterion=criterion):
+            criterion(_Layer.apply(z), y).backward()
+        print(f"  {name:24s} {_best_us(step):7.1f} us")
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    main(int(args[0]), int(args[1])) if args else main()
