@@ -495,6 +495,16 @@ def row_loss_grad(
 
 
 @triton.jit
+def _sum_of(ptr, n, BLOCK: tl.constexpr):
+    """fp32 sum of the ``n`` fp32 values at ``ptr``, in BLOCK-wide steps (a fixed order: deterministic)."""
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for start in range(0, n, BLOCK):
+        acc += tl.load(ptr + start + offs, mask=start + offs < n, other=0.0)
+    return tl.sum(acc, 0)
+
+
+@triton.jit
 def reduce_rows(loss_ptr, y_ptr, weight_ptr, factor_ptr, inv_denom_ptr, out_ptr, extra_ptr, N, C, E, ignore_index,
                 HAS_WEIGHT: tl.constexpr, DENOM: tl.constexpr, LOSS: tl.constexpr, MEAN: tl.constexpr,
                 SCALE_FACTOR: tl.constexpr, EXTRA: tl.constexpr, BLOCK: tl.constexpr):
@@ -521,18 +531,11 @@ def reduce_rows(loss_ptr, y_ptr, weight_ptr, factor_ptr, inv_denom_ptr, out_ptr,
     elif MEAN:
         inv = tl.load(inv_denom_ptr)
     if LOSS:
-        total = tl.zeros((BLOCK,), tl.float32)
-        for start in range(0, N, BLOCK):
-            rows = start + offs
-            total += tl.load(loss_ptr + rows, mask=rows < N, other=0.0)
-        loss = tl.sum(total, 0)
+        loss = _sum_of(loss_ptr, N, BLOCK)
         if MEAN:
             loss = loss * inv
         if EXTRA:
-            more = tl.zeros((BLOCK,), tl.float32)
-            for start in range(0, E, BLOCK):
-                more += tl.load(extra_ptr + start + offs, mask=start + offs < E, other=0.0)
-            loss += tl.sum(more, 0)
+            loss += _sum_of(extra_ptr, E, BLOCK)
         tl.store(out_ptr, loss.to(out_ptr.dtype.element_ty))
     if SCALE_FACTOR:
         for start in range(0, N, BLOCK):

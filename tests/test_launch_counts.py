@@ -33,6 +33,16 @@ class _Counter(TorchDispatchMode):
             self.counts["torch." + name] += 1
         return func(*args, **(kwargs or {}))
 
+    def uncounted(self, fn):
+        """``fn`` with the ops it runs left out of the counts."""
+        def run(*args, **kwargs):
+            self.paused += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.paused -= 1
+        return run
+
 
 class _CountedKernel:
     """A kernel object whose launches are counted; ops inside a launch (the CPU interpreter's) are not."""
@@ -41,16 +51,8 @@ class _CountedKernel:
         self.counter, self.name, self.kernel = counter, name, kernel
 
     def __getitem__(self, grid):
-        launch_fn = self.kernel[grid]
-
-        def run(*args, **kwargs):
-            self.counter.counts[self.name] += 1
-            self.counter.paused += 1
-            try:
-                return launch_fn(*args, **kwargs)
-            finally:
-                self.counter.paused -= 1
-        return run
+        self.counter.counts[self.name] += 1
+        return self.counter.uncounted(self.kernel[grid])
 
 
 @pytest.fixture
@@ -61,15 +63,8 @@ def counter(monkeypatch):
                      "lade_columns", "_normalize_fwd", "_normalize_bwd"):
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, _CountedKernel(c, name, getattr(module, name)))
-    check_target = V.check_target
-
-    def paused_check_target(*args, **kwargs):  # its range check reads CPU targets only (never a GPU sync)
-        c.paused += 1
-        try:
-            return check_target(*args, **kwargs)
-        finally:
-            c.paused -= 1
-    monkeypatch.setattr(V, "check_target", paused_check_target)
+    # the target range check reads CPU targets only (never a GPU sync)
+    monkeypatch.setattr(V, "check_target", c.uncounted(V.check_target))
     return c
 
 
