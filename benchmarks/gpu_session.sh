@@ -19,7 +19,7 @@ python3 -m pip install -q --no-index --no-build-isolation --no-deps -e . >/dev/n
 export PYTHONUNBUFFERED=1
 what=${1:-all}; shift || true
 step() { local limit=$1; shift; echo "## [$(date +%T)] $*" | tee -a "$LOG"; timeout "$limit" "$@" 2>&1 | tee -a "$LOG"; }
-FIRST="tests/test_launch_counts.py tests/test_kernels_launch_tiles.py tests/test_kernels_compile.py tests/test_kernels_cuda_graph.py tests/test_kernels_philox_noise.py tests/test_kernels_row_operator.py tests/test_kernels_lade.py tests/test_lade_head.py tests/test_heads_class_chunks.py tests/test_kernels_row_normalize.py"
+FIRST="tests/test_launch_counts.py tests/test_kernels_fused_reduce.py tests/test_kernels_launch_tiles.py tests/test_kernels_compile.py tests/test_kernels_cuda_graph.py tests/test_kernels_philox_noise.py tests/test_kernels_row_operator.py tests/test_kernels_lade.py tests/test_lade_head.py tests/test_heads_class_chunks.py tests/test_kernels_row_normalize.py"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$LOG"
@@ -29,7 +29,7 @@ part1() {
   step 150 python3 -m pytest $FIRST -q -p no:cacheprovider -rf
   step 130 python3 -m fastlt bench --no-compile --no-official --out "$OUT" "$@"
   step 110 python3 -m fastlt bench --heads --out "$OUT" "$@"
-  step 50 python3 benchmarks/profile_step.py 4096 8142 fp32
+  step 70 python3 benchmarks/profile_step.py 4096 8142 fp32
   step 50 python3 benchmarks/profile_heads.py
 }
 part2() {

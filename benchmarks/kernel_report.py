@@ -176,7 +176,7 @@ def cases():
             y = torch.zeros(N, dtype=torch.int64)
             args = launch.RowOperatorArgs(prior=log_prior(_counts(C)).float())
             cfg = launch.pick_tiles(N, C, z.device, **tile) if tile else None
-            loss, lse, factor, _ = launch.forward(z, y, args, config=cfg, grad_out=z if grad_in_forward else None)
+            loss, lse, factor = launch.loss(z, y, args, config=cfg, grad_out=z if grad_in_forward else None)
             if not grad_in_forward:
                 launch.grad(z, y, args, lse, factor, None, config=cfg)
         return run
@@ -189,7 +189,7 @@ def cases():
                                           margin_value=0.5, scale=30.0, seed=3,
                                           seed_tensor=torch.zeros(1, dtype=torch.int64) if seed_tensor else None)
             cfg = launch.pick_tiles(N, C, z.device, **tile) if tile else None
-            loss, lse, factor, _ = launch.forward(z, y, args, config=cfg, grad_out=z if grad_in_forward else None)
+            loss, lse, factor = launch.loss(z, y, args, config=cfg, grad_out=z if grad_in_forward else None)
             if not grad_in_forward:
                 launch.grad(z, y, args, lse, factor, None, config=cfg)
         return run
@@ -224,6 +224,7 @@ def cases():
         "la-131072-bf16": la(4096, 131072, torch.bfloat16),
         "la-131072-fp32": la(4096, 131072, torch.float32),
         "la-8142-bf16-fused": la(4096, 8142, torch.bfloat16, grad_in_forward=True),
+        "la-512x8142-bf16-fused": la(512, 8142, torch.bfloat16, grad_in_forward=True),  # one launch: OWN_DENOM
         "gcl-131072-bf16": gcl(4096, 131072, torch.bfloat16),
         "gcl-8142-bf16-fused": gcl(4096, 8142, torch.bfloat16, grad_in_forward=True),
         "gcl-131072-bf16-seed-tensor": gcl(4096, 131072, torch.bfloat16, seed_tensor=True),

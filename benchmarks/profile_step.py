@@ -4,6 +4,8 @@
 forward kernel alone, the backward kernel alone, the full forward+backward step, the host (CPU)
 time of one step without synchronisation, the profiler's top host ops, and a cProfile of the Python
 side of 200 steps on a tiny batch (64 rows: the GPU is idle, so every microsecond there is host work).
+First, the batch reduction in the row kernel's last program against its own launch after it
+(:func:`reduce_in_kernel_vs_launch`), at N x C and 512 x C.
 """
 
 from __future__ import annotations
@@ -22,12 +24,60 @@ from fastlt.kernels import launch
 from fastlt.priors import log_prior
 
 
+def _graph_replay_ms(fn) -> float:
+    """Median ms of a CUDA-graph replay of ``fn`` (device time, no host launch work)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return triton.testing.do_bench(graph.replay, return_mode="median")
+
+
+def _host_us(fn, reps=200) -> float:
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    host = (time.perf_counter() - t0) / reps * 1e6
+    torch.cuda.synchronize()
+    return host
+
+
+def reduce_in_kernel_vs_launch(N, C, dt, lp) -> None:
+    """``launch.loss`` with the batch reduced by the row kernel's last program (the default) against a separate
+    ``reduce_rows`` launch (what runs without a counter): device ms in a CUDA graph, eager median ms, host us."""
+    y = torch.randint(0, C, (N,), device="cuda")
+    z = torch.randn(N, C, device="cuda", dtype=dt)
+    gbuf = torch.empty_like(z)
+    args = launch.RowOperatorArgs(prior=lp)
+    counter = launch.reduce_counter
+    for mode, grad_out in (("recompute", None), ("grad-in-forward", gbuf)):
+        for where in ("in kernel", "own launch"):
+            launch.reduce_counter = counter if where == "in kernel" else (lambda device: None)
+            try:
+                def fn(grad_out=grad_out):
+                    return launch.loss(z, y, args, grad_out=grad_out)
+                print(f"{N}x{C} {mode:16s} reduction {where:10s}: graph {_graph_replay_ms(fn) * 1e3:7.1f} us | "
+                      f"eager {triton.testing.do_bench(fn, return_mode='median') * 1e3:7.1f} us | "
+                      f"host {_host_us(fn):6.1f} us")
+            finally:
+                launch.reduce_counter = counter
+
+
 def main(N=4096, C=8142, dtype="fp32"):
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     bw = measure_bandwidth()
     lp = log_prior(_counts(C)).cuda()
     y = torch.randint(0, C, (N,), device="cuda")
     z = torch.randn(N, C, device="cuda", dtype=dt, requires_grad=True)
+    for rows in dict.fromkeys((N, 512)):
+        reduce_in_kernel_vs_launch(rows, C, dt, lp)
     args = launch.RowOperatorArgs(prior=lp)
     cfg = launch.pick_tiles(N, C, z.device)
     loss, lse, factor, _ = launch.forward(z.detach(), y, args)

@@ -40,7 +40,7 @@ def _flat(a: RowOperatorArgs) -> tuple:
 
 
 def _forward_impl(logits, target, args: RowOperatorArgs, grad_out, out_dtype=torch.float32):
-    """``(loss, lse, factor)``: the row kernel plus one reduction launch (see :func:`launch.loss`)."""
+    """``(loss, lse, factor)``: the row kernel, whose last program reduces the batch (see :func:`launch.loss`)."""
     return launch.loss(logits, target, args, grad_out=grad_out, out_dtype=out_dtype)
 
 

@@ -311,12 +311,15 @@ def _fused_pass(x, w, b, y, params: _HeadParams, *, need_x: bool, need_w: bool, 
     C = w.shape[0]
     fused = (need_x or need_w or need_b) and args.reduction != "none"
     keep_stats = (need_x or need_w or need_b) and args.reduction == "none"
-    inv = launch.inv_denominator_of(y, args) if args.reduction == "mean" else None
     chunks = _chunks(N, params.chunk_rows)
+    single = len(chunks) == 1
+    # one chunk: its row kernel reduces the batch itself (launch.loss); several: one denominator for all of them
+    whole = single and args.reduction != "none"
+    inv = launch.inv_denominator_of(y, args) if args.reduction == "mean" and not whole else None
     buf = _logits_buffer(min(params.chunk_rows, N), C, x) if N else None
     row_losses = []
+    loss = None
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if fused and need_x else None
-    single = len(chunks) == 1
     dw = db = None
     if fused and need_w:
         dw = _grad_accumulator((C, D), x.dtype if single else torch.float32, x, len(chunks))
@@ -327,8 +330,12 @@ def _fused_pass(x, w, b, y, params: _HeadParams, *, need_x: bool, need_w: bool, 
         xc = x[r0:r1]
         z = _chunk_logits(buf, xc, w, b)
         a = dataclasses.replace(args, noise_row_offset=r0)
-        rows, lse, factor, _ = launch.forward(z, y[r0:r1], a, grad_out=z if fused else None, inv_denominator=inv)
-        row_losses.append(rows)
+        if whole:
+            loss, lse, factor = launch.loss(z, y, a, grad_out=z if fused else None)
+        else:
+            rows, lse, factor, _ = launch.forward(z, y[r0:r1], a, grad_out=z if fused else None,
+                                                  inv_denominator=inv)
+            row_losses.append(rows)
         if keep_stats:
             lse_chunks.append(lse)
             factor_chunks.append(factor)
@@ -338,7 +345,8 @@ def _fused_pass(x, w, b, y, params: _HeadParams, *, need_x: bool, need_w: bool, 
         dw = dw.to(x.dtype)
     if db is not None:
         db = db.to(x.dtype)
-    loss = launch.reduce(_joined(row_losses, x), y, args, inv_denominator=inv)  # 'mean' of no rows: NaN, as torch
+    if loss is None:  # 'mean' of no rows: NaN, as torch
+        loss = launch.reduce(_joined(row_losses, x), y, args, inv_denominator=inv)
     return loss.to(x.dtype), dx, dw, db, lse_chunks, factor_chunks
 
 
@@ -521,13 +529,9 @@ class FusedLinearLoss(torch.autograd.Function):
             raise RuntimeError("the fused linear head computed its gradients in the forward and has already "
                                "used them; it cannot be backpropagated twice (retain_graph=True)")
         ctx.grads = None
-        go = grad_output.contiguous()
-        out = []
-        for g in grads:
-            if g is not None:  # in place, on the device; skipped there when grad_output == 1 (no host sync)
-                launch.scale_by(g.view(1, -1) if g.dim() == 1 else g, go)
-            out.append(g)
-        return out[0], out[1], out[2], None, None
+        # in place, on the device, in one launch; skipped there when grad_output == 1 (no host sync)
+        launch.scale_all(grads, grad_output.contiguous())
+        return grads[0], grads[1], grads[2], None, None
 
 
 class _RowNormalize(torch.autograd.Function):

@@ -7,6 +7,7 @@ so the autograd Function passes one object through forward and backward.
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -205,6 +206,55 @@ def _dummy(device: torch.device) -> torch.Tensor:
     return torch.empty(1, dtype=torch.float32, device=device)
 
 
+_COUNTER_SLOTS = 4096
+
+
+class _CounterBank:
+    """Zeroed int32 counters of one device for the fused batch reductions (:func:`reduce_counter`): one per stream
+    (per thread on the CPU), and one more for each launch captured into a CUDA graph (a graph replays its launch
+    on whatever stream it is given, so it keeps a counter of its own). A launch leaves its counter at 0."""
+
+    def __init__(self, device: torch.device):
+        self.slots = torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
+        self.taken = 0
+        self.by_stream: dict[int, torch.Tensor] = {}
+
+    def fresh(self) -> torch.Tensor | None:
+        if self.taken == _COUNTER_SLOTS:
+            return None
+        self.taken += 1
+        return self.slots[self.taken - 1:self.taken]
+
+
+_BANKS: dict[torch.device, _CounterBank] = {}
+
+
+def _stream_key(device: torch.device) -> int:
+    if device.type != "cuda":
+        return threading.get_ident()  # the interpreter runs a launch on the calling thread
+    return torch._C._cuda_getCurrentRawStream(device.index)
+
+
+def reduce_counter(device: torch.device) -> torch.Tensor | None:
+    """A (1,) int32 device counter, 0 between launches, for a launch whose last program reduces the batch
+    (``REDUCE``), or None when none can be had: the first use on a device is inside a CUDA-graph capture (the bank
+    must be allocated outside it), or a process captured more than 4096 such launches. Then the caller launches
+    the reduction on its own. Launches on one stream share its counter; those on other streams do not."""
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    bank = _BANKS.get(device)
+    if bank is None:
+        if capturing:
+            return None
+        bank = _BANKS[device] = _CounterBank(device)
+    if capturing:
+        return bank.fresh()
+    key = _stream_key(device)
+    counter = bank.by_stream.get(key)
+    if counter is None:
+        counter = bank.by_stream[key] = bank.fresh()
+    return counter
+
+
 def weight_sum(args: RowOperatorArgs, device) -> torch.Tensor:
     """(1,) fp32 ``W = sum_j w_j``, which the kernels need only for label smoothing with class weights (else a
     placeholder); one launch per ``args`` (cached on it: the forward and the backward share it)."""
@@ -217,6 +267,22 @@ _REDUCE_BLOCK = 4096
 # One program reduces up to this many rows (a few loop steps: host launches dominate there). Longer batches
 # take torch's multi-block reductions, whose launch overhead is small next to their row kernels.
 ONE_PROGRAM_ROWS = 32768
+# A row kernel's programs each sum the 'mean' denominator themselves (OWN_DENOM) when programs x N targets stay
+# under this (8 MB of int64 reads from L2 in all: at 512 x 8142, 512 programs read 512 targets each), which
+# saves the denominator's launch before a gradient-in-forward.
+_OWN_DENOM_READS = 1 << 20
+
+
+def _own_denominator(programs: int, N: int) -> bool:
+    return programs * N <= _OWN_DENOM_READS
+
+
+def _rblock(num_warps: int) -> int:
+    """Width of the batch sums inside a row kernel (one 4-element vector per thread: no extra registers)."""
+    return 128 * num_warps
+
+
+_COMBINE_RBLOCK = 128  # one value per thread of the 4-warp combine (wider, triton 3.6's ptxas spills in its loop)
 
 
 def _reduce_launch(y: torch.Tensor, args: RowOperatorArgs, *, loss_rows=None, factor=None, inv_denom=None, out=None,
@@ -252,13 +318,14 @@ def inv_denominator_of(y: torch.Tensor, args: RowOperatorArgs) -> torch.Tensor:
 
 def reduce(loss_rows: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *,
            inv_denominator: torch.Tensor | None = None, factor: torch.Tensor | None = None,
-           extra: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+           extra: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
+           out: torch.Tensor | None = None) -> torch.Tensor:
     """The batch loss from the (N,) fp32 per-row losses: 'none' returns ``loss_rows``; 'sum' their sum; 'mean'
     the sum times ``inv_denominator`` ((1,) fp32, see :func:`inv_denominator_of`), computed here when None —
     then ``factor`` (the forward's, run with ``scale_mean=False``), if given, is multiplied by it in place.
     ``extra``: (E,) fp32 values added to the reduced loss (LADE's LADER partials). Returns a 0-dim tensor of
-    ``out_dtype`` (NaN for the 'mean' of no rows). One deterministic launch up to ``ONE_PROGRAM_ROWS`` rows (and
-    extra values), torch reductions beyond."""
+    ``out_dtype`` (NaN for the 'mean' of no rows), or writes it into ``out`` (0-dim) when given. One deterministic
+    launch up to ``ONE_PROGRAM_ROWS`` rows (and extra values), torch reductions beyond."""
     if args.reduction == "none":
         if extra is not None:
             raise ValueError("extra= needs a reduced loss ('mean' or 'sum')")
@@ -270,8 +337,9 @@ def reduce(loss_rows: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *,
             factor.mul_(inv)
         total = loss_rows.sum()
         total = total * inv[0] if mean else total
-        return (total if extra is None else total + extra.sum()).to(out_dtype)
-    out = torch.empty((), dtype=out_dtype, device=loss_rows.device)
+        total = total if extra is None else total + extra.sum()
+        return total.to(out_dtype) if out is None else out.copy_(total)
+    out = torch.empty((), dtype=out_dtype, device=loss_rows.device) if out is None else out
     if mean and inv_denominator is None:
         inv = torch.empty(1, dtype=torch.float32, device=loss_rows.device)
         _reduce_launch(y, args, loss_rows=loss_rows, factor=factor, inv_denom=inv, out=out, extra=extra, denom=True,
@@ -284,16 +352,19 @@ def reduce(loss_rows: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *,
 
 def loss(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out: torch.Tensor | None = None,
          out_dtype: torch.dtype = torch.float32, config: TileConfig | None = None):
-    """The reduced loss in the fewest launches: ``(loss, lse, factor)`` as :func:`forward` and :func:`reduce`
-    give them (the factor includes 'mean''s 1 / sum w_{y_i}). Recompute mode: the row kernel, then one
-    reduction launch that also finishes 'mean'. With ``grad_out`` (gradient in the forward) 'mean' needs its
-    denominator first: one more small launch."""
-    if grad_out is not None:
-        inv = inv_denominator_of(y, args) if args.reduction == "mean" else None
-        loss_rows, lse, factor, _ = forward(z, y, args, grad_out=grad_out, inv_denominator=inv, config=config)
-        return reduce(loss_rows, y, args, inv_denominator=inv, out_dtype=out_dtype), lse, factor
-    loss_rows, lse, factor, _ = forward(z, y, args, scale_mean=False, config=config)
-    return reduce(loss_rows, y, args, factor=factor, out_dtype=out_dtype), lse, factor
+    """The reduced loss (0-dim, ``out_dtype``; the (N,) fp32 rows for 'none') in the fewest launches: ``(loss,
+    lse, factor)`` as :func:`forward` gives them (the factor includes 'mean''s 1 / sum w_{y_i}). Up to
+    ``ONE_PROGRAM_ROWS`` rows the row kernel's last program reduces the batch, so a step is one launch (plus the
+    combine of split rows); with ``grad_out`` (gradient in the forward) 'mean' needs its denominator before any
+    gradient is written, which the row programs sum themselves when that is cheap (:data:`_OWN_DENOM_READS`) and
+    one small launch first computes otherwise."""
+    if args.reduction == "none":
+        loss_rows, lse, factor, _ = forward(z, y, args, grad_out=grad_out, config=config)
+        return loss_rows, lse, factor
+    out = torch.empty((), dtype=out_dtype, device=z.device)
+    _, lse, factor, _ = forward(z, y, args, grad_out=grad_out, config=config, scale_mean=grad_out is not None,
+                                out=out)
+    return out, lse, factor
 
 
 def row_align(*tensors: torch.Tensor) -> int:
@@ -328,7 +399,7 @@ def _class_ptrs(args: RowOperatorArgs, dev):
 
 def forward(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out: torch.Tensor | None = None,
             column_stats: bool = False, config: TileConfig | None = None,
-            inv_denominator: torch.Tensor | None = None, scale_mean: bool = True):
+            inv_denominator: torch.Tensor | None = None, scale_mean: bool = True, out: torch.Tensor | None = None):
     """Run the forward. Returns ``(loss_rows, lse, factor, column_stats)``, all fp32.
 
     ``loss_rows`` (N,): per-row losses (0 for ignored rows); ``lse`` (2, N): fp32 (row max, log
@@ -338,52 +409,69 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out
     ``grad_out``: a tensor (N, C), possibly ``z`` itself, that receives d(reduced loss)/dz.
     ``inv_denominator``: a (1,) fp32 device tensor replacing 1 / sum_i w_{y_i} for 'mean' (callers that
     process the rows of one batch in chunks pass the whole batch's value).
-    ``scale_mean=False`` ('mean', no ``grad_out``): leave the factor without 1 / sum_i w_{y_i};
-    :func:`reduce` with ``factor=`` finishes it (what :func:`loss` does, saving the denominator's launch).
+    ``scale_mean=False`` ('mean', no ``grad_out``): leave the factor without 1 / sum_i w_{y_i}; the reduction
+    (``out``, or :func:`reduce` with ``factor=``) finishes it, which saves the denominator's launch.
+    ``out`` (0-dim, 'mean' or 'sum', not with ``column_stats``): receives the reduced loss, from the last program
+    of the launch that finishes the rows when a counter is at hand (:func:`reduce_counter`; up to
+    ``ONE_PROGRAM_ROWS`` rows), else from one :func:`reduce` launch after it.
     """
     N, C = z.shape
     dev = z.device
     cfg = config or pick_tiles(N, C, dev, column_stats=column_stats, grad_in_forward=grad_out is not None,
                                elem_bytes=z.element_size())
-    prior, cloud, margin, weight = _class_ptrs(args, dev)
-    wsum = weight_sum(args, dev)
     if not scale_mean and grad_out is not None:
         raise ValueError("scale_mean=False needs the recompute mode (grad_out=None): the gradient needs the mean")
+    if out is not None and (args.reduction == "none" or column_stats):
+        raise ValueError("out= takes the 'mean' or 'sum' of a loss without column_stats")
+    prior, cloud, margin, weight = _class_ptrs(args, dev)
+    wsum = weight_sum(args, dev)
+    split = cfg.num_splits > 1
+    row_blocks = _cdiv(N, cfg.block_m)
+    grid_rows = cfg.row_grid(row_blocks)
+    block_s = max(2, _next_pow2(cfg.num_splits))
+    combine_m = max(1, min(64, 4096 // block_s))
     mean = args.reduction == "mean" and scale_mean
-    inv_denom = (inv_denominator if inv_denominator is not None else inv_denominator_of(y, args)) if mean \
-        else _dummy(dev)
+    own_denom = (mean and inv_denominator is None
+                 and _own_denominator(_cdiv(N, combine_m) if split else grid_rows, N))
+    inv_denom = inv_denominator if inv_denominator is not None else (
+        inv_denominator_of(y, args) if mean and not own_denom else _dummy(dev))
+    counter = reduce_counter(dev) if out is not None and 0 < N <= ONE_PROGRAM_ROWS else None
+    reduce_mode = 0 if counter is None else (2 if args.reduction == "mean" else 1)
     loss = torch.empty(N, dtype=torch.float32, device=dev)
     lse = torch.empty((2, N), dtype=torch.float32, device=dev)  # (row max, log sum-exp): LSE = their sum
     factor = torch.empty(N, dtype=torch.float32, device=dev)
-    split = cfg.num_splits > 1
     part = torch.empty((4, N, cfg.num_splits), dtype=torch.float32, device=dev) if split else _dummy(dev)
-    row_blocks = _cdiv(N, cfg.block_m)
     colstats = (ColumnStats(torch.empty((2, row_blocks, C), dtype=torch.float32, device=dev),
                             torch.empty(N, dtype=torch.float32, device=dev)) if column_stats
                 else ColumnStats(_dummy(dev), _dummy(dev)))
     fuse_grad = grad_out is not None and not split
     g = grad_out if fuse_grad else z
     flags = _common_flags(args)
+    d = _dummy(dev)
     if N > 0:
-        grid_rows = cfg.row_grid(row_blocks)
         row_loss_forward[(grid_rows, cfg.num_splits)](
             z, z.stride(0), z.stride(1), y, prior, cloud, margin, weight, wsum, inv_denom,
             loss, lse, factor, part, colstats.partials, colstats.target_logits, g, g.stride(0), g.stride(1),
             N, C, cfg.cols_per_split, 0, C, 0, cfg.num_splits, row_blocks, args.ignore_index, args.tau, args.noise_mul,
             args.margin_value, args.scale, args.gamma, args.label_smoothing, args.seed, args.noise_row_offset,
-            _seed_ptr(args, dev),
-            HAS_FOCAL=args.gamma != 0.0, MEAN=mean, SPLIT=split,
+            _seed_ptr(args, dev), out if out is not None else d, counter if counter is not None else d,
+            HAS_FOCAL=args.gamma != 0.0, MEAN=mean and not split, SPLIT=split,
             SINGLE_TILE=cfg.single_tile, GRAD_IN_FWD=fuse_grad, COLUMN_STATS=column_stats, ALIGN=row_align(z, g),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PERSISTENT=grid_rows < row_blocks, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages, **flags)
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PERSISTENT=grid_rows < row_blocks,
+            OWN_DENOM=own_denom and not split, REDUCE=0 if split else reduce_mode, RBLOCK=_rblock(cfg.num_warps),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags)
         if split:
-            block_s = max(2, _next_pow2(cfg.num_splits))
-            block_m = max(1, min(64, 4096 // block_s))
-            row_loss_combine[(_cdiv(N, block_m),)](
-                part, y, margin, weight, wsum, inv_denom, loss, lse, factor, N, C, cfg.num_splits,
-                args.ignore_index, args.gamma, args.label_smoothing,
-                HAS_WEIGHT=args.weight is not None, HAS_SMOOTH=args.label_smoothing > 0.0,
-                HAS_FOCAL=args.gamma != 0.0, MEAN=mean, BLOCK_M=block_m, BLOCK_S=block_s)
+            row_loss_combine[(_cdiv(N, combine_m),)](
+                part, y, margin, weight, wsum, inv_denom, loss, lse, factor, out if out is not None else d,
+                counter if counter is not None else d, N, C, cfg.num_splits, args.ignore_index, args.gamma,
+                args.label_smoothing, HAS_WEIGHT=args.weight is not None, HAS_SMOOTH=args.label_smoothing > 0.0,
+                HAS_FOCAL=args.gamma != 0.0, MEAN=mean, OWN_DENOM=own_denom, REDUCE=reduce_mode, BLOCK_M=combine_m,
+                BLOCK_S=block_s, RBLOCK=_COMBINE_RBLOCK)
+    if out is not None and counter is None:
+        unscaled = args.reduction == "mean" and not scale_mean
+        reduce(loss, y, args, inv_denominator=inv_denominator if inv_denominator is not None
+               else (inv_denom if mean and not own_denom else None),
+               factor=factor if unscaled else None, out=out)
     if grad_out is not None and split:
         grad(z, y, args, lse, factor, None, out=grad_out, config=cfg)
     return loss, lse, factor, (colstats if column_stats else None)
@@ -455,10 +543,11 @@ def chunk_partials(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, part
         column_stats.partials if has_cols else d, column_stats.target_logits if has_cols else d, z, 0, 0,
         N, num_classes, Ck, col_base, col_base + Ck, chunk, part.shape[2], row_blocks, args.ignore_index, args.tau,
         args.noise_mul, args.margin_value, args.scale, args.gamma, args.label_smoothing, args.seed,
-        args.noise_row_offset, _seed_ptr(args, dev), HAS_FOCAL=args.gamma != 0.0, MEAN=False, SPLIT=True,
+        args.noise_row_offset, _seed_ptr(args, dev), d, d, HAS_FOCAL=args.gamma != 0.0, MEAN=False, SPLIT=True,
         SINGLE_TILE=Ck <= block_n,
         GRAD_IN_FWD=False, COLUMN_STATS=has_cols, ALIGN=row_align(z), BLOCK_M=cfg.block_m, BLOCK_N=block_n,
-        PERSISTENT=False, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_common_flags(args))
+        PERSISTENT=False, OWN_DENOM=False, REDUCE=0, RBLOCK=_rblock(cfg.num_warps), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **_common_flags(args))
 
 
 def column_stat_blocks(N: int) -> int:
@@ -484,23 +573,61 @@ def combine_partials(part: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs,
     num_chunks = part.shape[2]
     block_s = max(2, _next_pow2(num_chunks))
     block_m = max(1, min(64, 4096 // block_s))
+    d = _dummy(dev)
     row_loss_combine[(_cdiv(N, block_m),)](
-        part, y, margin, weight, weight_sum(args, dev), inv_denom, loss, lse, factor, N, num_classes, num_chunks,
-        args.ignore_index, args.gamma, args.label_smoothing,
+        part, y, margin, weight, weight_sum(args, dev), inv_denom, loss, lse, factor, d, d, N, num_classes,
+        num_chunks, args.ignore_index, args.gamma, args.label_smoothing,
         HAS_WEIGHT=args.weight is not None, HAS_SMOOTH=args.label_smoothing > 0.0,
-        HAS_FOCAL=args.gamma != 0.0, MEAN=mean, BLOCK_M=block_m, BLOCK_S=block_s)
+        HAS_FOCAL=args.gamma != 0.0, MEAN=mean, OWN_DENOM=False, REDUCE=0, BLOCK_M=block_m, BLOCK_S=block_s,
+        RBLOCK=_COMBINE_RBLOCK)
     return loss, lse, factor
 
 
+_SCALE_TILE = 4096  # elements per tile of scale_rows
+_SCALE_PROGRAMS_PER_SM = 8
+
+
 def scale_by(grad_tensor: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
-    """``grad_tensor *= grad_output`` in place (scalar or per-row); a scalar 1 costs one tiny launch."""
-    N, C = grad_tensor.shape
-    if N == 0:
-        return grad_tensor
-    block_n = min(_next_pow2(max(C, 1)), 4096)
-    block_m = max(1, min(16, 4096 // block_n))
-    go_stride = 0 if grad_output.dim() == 0 else grad_output.stride(0)
-    scale_rows[(_cdiv(N, block_m), _cdiv(C, block_n))](
-        grad_tensor, grad_tensor.stride(0), grad_tensor.stride(1), grad_output, go_stride, N, C,
-        BLOCK_M=block_m, BLOCK_N=block_n)
+    """``grad_tensor *= grad_output`` in place: (M, C) by a scalar or by one value per row ((M,)); a scalar 1 costs
+    one launch of a few programs (:func:`scale_rows`). Returns ``grad_tensor``."""
+    if grad_output.dim() != 0 and grad_output.shape != grad_tensor.shape[:1]:
+        raise ValueError(f"grad_output must be a scalar or ({grad_tensor.shape[0]},), got {tuple(grad_output.shape)}")
+    _scale(grad_tensor.device, [grad_tensor], grad_output)
     return grad_tensor
+
+
+def scale_all(grads, grad_output: torch.Tensor) -> None:
+    """Multiply each tensor of ``grads`` (up to 3; None entries skipped; any shape) in place by the scalar
+    ``grad_output``, in one launch (the fused heads' dx, dW and db)."""
+    mats = [_as_matrix(g) for g in grads if g is not None]
+    if grad_output.dim() != 0:
+        raise ValueError(f"scale_all takes a scalar grad_output, got shape {tuple(grad_output.shape)}")
+    if len(mats) > 3:
+        raise ValueError(f"scale_all takes at most 3 tensors, got {len(mats)}")
+    if mats:
+        _scale(mats[0].device, mats, grad_output)
+
+
+def _as_matrix(g: torch.Tensor) -> torch.Tensor:
+    """A 2-D view of ``g`` for :func:`scale_rows`: one row when contiguous (whole 4096-element tiles)."""
+    if g.is_contiguous():
+        return g.view(1, -1)
+    if g.dim() <= 2:
+        return g.reshape(1, -1) if g.dim() == 0 else (g.unsqueeze(0) if g.dim() == 1 else g)
+    raise ValueError(f"scale_all takes contiguous tensors or 1-D/2-D views, got a non-contiguous {g.dim()}-D one")
+
+
+def _scale(dev: torch.device, mats, grad_output: torch.Tensor) -> None:
+    mats = [m for m in mats if m.numel() > 0]
+    if not mats:
+        return
+    block_n = min(_next_pow2(max(m.shape[1] for m in mats)), _SCALE_TILE)
+    block_m = max(1, min(16, _SCALE_TILE // block_n))
+    tiles = sum(_cdiv(m.shape[0], block_m) * _cdiv(m.shape[1], block_n) for m in mats)
+    slots = []
+    for k in range(3):
+        m = mats[k] if k < len(mats) else mats[0]
+        slots += [m, m.stride(0), m.stride(1), m.shape[0] if k < len(mats) else 0, m.shape[1]]
+    go_stride = 0 if grad_output.dim() == 0 else grad_output.stride(0)
+    scale_rows[(max(1, min(tiles, _SCALE_PROGRAMS_PER_SM * _sm_count(dev))),)](
+        *slots, grad_output, go_stride, NUM=len(mats), BLOCK_M=block_m, BLOCK_N=block_n)

@@ -10,8 +10,10 @@ the target is folded in fp32 before the gradient is cast to the logits' dtype. O
 
 Kernels: ``row_loss_forward`` (one pass; a row may be split over ``NUM_SPLITS`` programs whose
 partial (max, sum-exp) are merged by ``row_loss_combine``; optionally the gradient in the same
-launch, and LADE's per-column partial statistics), ``row_loss_grad`` (recompute backward, plus
-LADE's column term) and ``scale_rows`` (multiply a stored gradient by grad_output, skipped when 1).
+launch, and LADE's per-column partial statistics; the batch loss from the launch's last program, so a
+forward is one launch), ``row_loss_grad`` (recompute backward, plus LADE's column term),
+``reduce_rows`` (the batch reductions as a launch of their own, where the row kernel cannot do them) and
+``scale_rows`` (multiply up to three stored gradients by grad_output, skipped when 1).
 Flags are constexpr (an off flag costs nothing); every float hyperparameter is a runtime argument.
 """
 
@@ -139,16 +141,16 @@ def _finish_rows(row_max, log_sum, a_y, sw, w_y, valid, w_sum, gamma, label_smoo
 
 @triton.jit
 def _finish_and_store_rows(row_max, log_sum, a_y, sw, w_y, valid, rows, row_mask, N, C, wsum_ptr, inv_denom_ptr,
-                           loss_ptr, lse_ptr, factor_ptr, gamma, label_smoothing,
+                           own_inv, loss_ptr, lse_ptr, factor_ptr, gamma, label_smoothing,
                            HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_FOCAL: tl.constexpr,
-                           MEAN: tl.constexpr):
-    """Finish the rows (:func:`_finish_rows`; the factor times 1 / sum w_{y_i} for 'mean') and store loss,
-    (row max, log sum-exp) and factor. Returns the factor, for a gradient in the same launch."""
+                           MEAN: tl.constexpr, OWN_DENOM: tl.constexpr):
+    """Finish the rows (:func:`_finish_rows`; the factor times 1 / sum w_{y_i} when MEAN: :func:`_mean_inverse`)
+    and store loss, (row max, log sum-exp) and factor. Returns the factor, for a gradient in the same launch."""
     w_sum = _weight_sum(wsum_ptr, C, HAS_WEIGHT)
     loss, factor = _finish_rows(row_max, log_sum, a_y, sw, w_y, valid, w_sum, gamma, label_smoothing,
                                 1.0 / (C * 1.0), HAS_SMOOTH, HAS_FOCAL)
     if MEAN:
-        factor = factor * tl.load(inv_denom_ptr)
+        factor = factor * _mean_inverse(inv_denom_ptr, own_inv, OWN_DENOM)
     tl.store(loss_ptr + rows, loss, mask=row_mask)
     tl.store(lse_ptr + rows, row_max, mask=row_mask)
     tl.store(lse_ptr + N + rows, log_sum, mask=row_mask)
@@ -295,14 +297,14 @@ def _grad_columns(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr,
 def _forward_row_block(
     pid_m, pid_s,
     z_ptr, stride_zm, stride_zn, y_ptr, prior_ptr, cloud_ptr, margin_ptr, weight_ptr, wsum_ptr, inv_denom_ptr,
-    loss_ptr, lse_ptr, factor_ptr, part_ptr, colstat_ptr, zy_ptr, grad_ptr, stride_gm, stride_gn,
+    own_inv, loss_ptr, lse_ptr, factor_ptr, part_ptr, colstat_ptr, zy_ptr, grad_ptr, stride_gm, stride_gn,
     N, C, cols_per_split, col_base, col_end, split_base, total_splits, num_row_blocks,
     ignore_index, tau, noise_mul, margin_value, scale, gamma, label_smoothing, seed, noise_row0,
     HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_FOCAL: tl.constexpr, MEAN: tl.constexpr,
     SPLIT: tl.constexpr,
     SINGLE_TILE: tl.constexpr, GRAD_IN_FWD: tl.constexpr, COLUMN_STATS: tl.constexpr, ALIGN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, OWN_DENOM: tl.constexpr,
 ):
     """The work of program (pid_m, pid_s) of :func:`row_loss_forward`: row block ``pid_m``, column split ``pid_s``."""
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -350,8 +352,8 @@ def _forward_row_block(
     else:
         log_sum = tl.log(l_i)
         factor = _finish_and_store_rows(m_i, log_sum, a_y, sw, w_y, valid, rows, row_mask, N, C, wsum_ptr,
-                                        inv_denom_ptr, loss_ptr, lse_ptr, factor_ptr, gamma, label_smoothing,
-                                        HAS_WEIGHT, HAS_SMOOTH, HAS_FOCAL, MEAN)
+                                        inv_denom_ptr, own_inv, loss_ptr, lse_ptr, factor_ptr, gamma, label_smoothing,
+                                        HAS_WEIGHT, HAS_SMOOTH, HAS_FOCAL, MEAN, OWN_DENOM)
         if GRAD_IN_FWD:
             w_sum = _weight_sum(wsum_ptr, C, HAS_WEIGHT)
             inv_C = 1.0 / (C * 1.0)
@@ -376,12 +378,14 @@ def row_loss_forward(
     loss_ptr, lse_ptr, factor_ptr, part_ptr, colstat_ptr, zy_ptr, grad_ptr, stride_gm, stride_gn,
     N, C, cols_per_split, col_base, col_end, split_base, total_splits, num_row_blocks,
     ignore_index, tau, noise_mul, margin_value, scale, gamma, label_smoothing, seed, noise_row0, seed_ptr,
+    out_ptr, counter_ptr,
     HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_FOCAL: tl.constexpr, MEAN: tl.constexpr,
     SPLIT: tl.constexpr,
     SINGLE_TILE: tl.constexpr, GRAD_IN_FWD: tl.constexpr, COLUMN_STATS: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PERSISTENT: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
+    PERSISTENT: tl.constexpr, SEED_FROM_PTR: tl.constexpr, OWN_DENOM: tl.constexpr, REDUCE: tl.constexpr,
+    RBLOCK: tl.constexpr,
 ):
     """Grid (num_row_blocks = cdiv(N, BLOCK_M), num_splits), or fewer row programs when PERSISTENT. Online
     (max, sum-exp) over this program's columns.
@@ -400,37 +404,49 @@ def row_loss_forward(
     row (run from its end back, :func:`_grad_columns`) re-reads it from L2 rather than HBM.
     SEED_FROM_PTR: the noise seed is the int64 at ``seed_ptr`` (device memory: a CUDA graph replays the load, not
     a baked-in value), not ``seed``.
+    MEAN: the factor includes ``1 / sum_i w_{y_i}``, read from ``inv_denom_ptr``, or with OWN_DENOM summed by every
+    program itself from the targets (no launch before this one; cheap when programs x N is small).
+    REDUCE (not SPLIT): the program that finishes last also writes the batch loss to ``out_ptr`` (0-dim):
+    :func:`_last_program_reduces` (1: 'sum', 2: 'mean'; ``counter_ptr``: an int32 that is 0 before the launch and
+    after it). RBLOCK: the width of the in-kernel batch sums.
     """
     if SEED_FROM_PTR:
         seed = tl.load(seed_ptr)
+    own_inv = _own_inverse(y_ptr, weight_ptr, N, C, ignore_index, HAS_WEIGHT, MEAN and OWN_DENOM, RBLOCK)
     pid_s = tl.program_id(1)
     if PERSISTENT:
         for pid_m in range(tl.program_id(0), num_row_blocks, tl.num_programs(0)):
             _forward_row_block(
                 pid_m, pid_s, z_ptr, stride_zm, stride_zn, y_ptr, prior_ptr, cloud_ptr, margin_ptr, weight_ptr,
-                wsum_ptr, inv_denom_ptr, loss_ptr, lse_ptr, factor_ptr, part_ptr, colstat_ptr, zy_ptr, grad_ptr,
-                stride_gm, stride_gn, N, C, cols_per_split, col_base, col_end, split_base, total_splits,
+                wsum_ptr, inv_denom_ptr, own_inv, loss_ptr, lse_ptr, factor_ptr, part_ptr, colstat_ptr, zy_ptr,
+                grad_ptr, stride_gm, stride_gn, N, C, cols_per_split, col_base, col_end, split_base, total_splits,
                 num_row_blocks, ignore_index, tau, noise_mul, margin_value, scale, gamma, label_smoothing, seed,
                 noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, HAS_FOCAL, MEAN,
-                SPLIT, SINGLE_TILE, GRAD_IN_FWD, COLUMN_STATS, ALIGN, BLOCK_M, BLOCK_N)
+                SPLIT, SINGLE_TILE, GRAD_IN_FWD, COLUMN_STATS, ALIGN, BLOCK_M, BLOCK_N, OWN_DENOM)
     else:
         _forward_row_block(
             tl.program_id(0), pid_s, z_ptr, stride_zm, stride_zn, y_ptr, prior_ptr, cloud_ptr, margin_ptr, weight_ptr,
-            wsum_ptr, inv_denom_ptr, loss_ptr, lse_ptr, factor_ptr, part_ptr, colstat_ptr, zy_ptr, grad_ptr,
+            wsum_ptr, inv_denom_ptr, own_inv, loss_ptr, lse_ptr, factor_ptr, part_ptr, colstat_ptr, zy_ptr, grad_ptr,
             stride_gm, stride_gn, N, C, cols_per_split, col_base, col_end, split_base, total_splits, num_row_blocks,
             ignore_index, tau, noise_mul, margin_value, scale, gamma, label_smoothing, seed, noise_row0, HAS_PRIOR,
             HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, HAS_FOCAL, MEAN, SPLIT, SINGLE_TILE,
-            GRAD_IN_FWD, COLUMN_STATS, ALIGN, BLOCK_M, BLOCK_N)
+            GRAD_IN_FWD, COLUMN_STATS, ALIGN, BLOCK_M, BLOCK_N, OWN_DENOM)
+    if REDUCE != 0:
+        _last_program_reduces(counter_ptr, out_ptr, loss_ptr, y_ptr, weight_ptr, factor_ptr, inv_denom_ptr, own_inv,
+                              N, C, ignore_index, HAS_WEIGHT, MEAN, OWN_DENOM, REDUCE == 2, RBLOCK)
 
 
 @triton.jit
 def row_loss_combine(
-    part_ptr, y_ptr, margin_ptr, weight_ptr, wsum_ptr, inv_denom_ptr, loss_ptr, lse_ptr, factor_ptr,
-    N, C, num_splits, ignore_index, gamma, label_smoothing,
+    part_ptr, y_ptr, margin_ptr, weight_ptr, wsum_ptr, inv_denom_ptr, loss_ptr, lse_ptr, factor_ptr, out_ptr,
+    counter_ptr, N, C, num_splits, ignore_index, gamma, label_smoothing,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_FOCAL: tl.constexpr, MEAN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+    OWN_DENOM: tl.constexpr, REDUCE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+    RBLOCK: tl.constexpr,
 ):
-    """Grid (cdiv(N, BLOCK_M),): merge the split partials of ``row_loss_forward`` into loss, lse, factor."""
+    """Grid (cdiv(N, BLOCK_M),): merge the split partials of ``row_loss_forward`` into loss, lse, factor (MEAN,
+    OWN_DENOM and REDUCE as there)."""
+    own_inv = _own_inverse(y_ptr, weight_ptr, N, C, ignore_index, HAS_WEIGHT, MEAN and OWN_DENOM, RBLOCK)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     y, valid, row_mask, m, w_y = _row_info(y_ptr, margin_ptr, weight_ptr, rows, N, C, ignore_index, 0.0, 0,
                                            HAS_WEIGHT)
@@ -445,8 +461,11 @@ def row_loss_combine(
     m_row = tl.max(p_max, 1)
     log_sum = tl.log(tl.sum(p_sum * _exp(p_max - m_row[:, None]), 1))
     _finish_and_store_rows(m_row, log_sum, a_y, sw, w_y, valid, rows, row_mask, N, C, wsum_ptr, inv_denom_ptr,
-                           loss_ptr, lse_ptr, factor_ptr, gamma, label_smoothing, HAS_WEIGHT, HAS_SMOOTH, HAS_FOCAL,
-                           MEAN)
+                           own_inv, loss_ptr, lse_ptr, factor_ptr, gamma, label_smoothing, HAS_WEIGHT, HAS_SMOOTH,
+                           HAS_FOCAL, MEAN, OWN_DENOM)
+    if REDUCE != 0:
+        _last_program_reduces(counter_ptr, out_ptr, loss_ptr, y_ptr, weight_ptr, factor_ptr, inv_denom_ptr, own_inv,
+                              N, C, ignore_index, HAS_WEIGHT, MEAN, OWN_DENOM, REDUCE == 2, RBLOCK)
 
 
 @triton.jit(do_not_specialize=["seed", "noise_row0"])  # as row_loss_forward
@@ -495,13 +514,107 @@ def row_loss_grad(
 
 
 @triton.jit
-def _sum_of(ptr, n, BLOCK: tl.constexpr):
-    """fp32 sum of the ``n`` fp32 values at ``ptr``, in BLOCK-wide steps (a fixed order: deterministic)."""
+def _sum_of(ptr, n, BLOCK: tl.constexpr, CACHE: tl.constexpr):
+    """fp32 sum of the ``n`` fp32 values at ``ptr``, in BLOCK-wide steps (a fixed order: deterministic). CACHE: the
+    loads' cache modifier (".cg" reads at L2, for values other programs of the same launch wrote)."""
     offs = tl.arange(0, BLOCK)
     acc = tl.zeros((BLOCK,), tl.float32)
     for start in range(0, n, BLOCK):
-        acc += tl.load(ptr + start + offs, mask=start + offs < n, other=0.0)
+        acc += tl.load(ptr + start + offs, mask=start + offs < n, other=0.0, cache_modifier=CACHE)
     return tl.sum(acc, 0)
+
+
+@triton.jit
+def _batch_sums(loss_ptr, y_ptr, weight_ptr, N, C, ignore_index, HAS_WEIGHT: tl.constexpr, LOSS: tl.constexpr,
+                DENOM: tl.constexpr, BLOCK: tl.constexpr, CACHE: tl.constexpr):
+    """``(sum_i loss_i, sum_i w_{y_i})`` (fp32; the second over the valid rows, a target outside [0, C) counting 0;
+    either is 0 when its flag is off) in one BLOCK-wide loop, so the loads of both are in flight together; a fixed
+    order: deterministic. CACHE: the loss loads' cache modifier (as :func:`_sum_of`)."""
+    offs = tl.arange(0, BLOCK)
+    acc_loss = tl.zeros((BLOCK,), tl.float32)
+    acc_w = tl.zeros((BLOCK,), tl.float32)
+    for start in range(0, N, BLOCK):
+        rows = start + offs
+        if LOSS:
+            acc_loss += tl.load(loss_ptr + rows, mask=rows < N, other=0.0, cache_modifier=CACHE)
+        if DENOM:
+            y = tl.load(y_ptr + rows, mask=rows < N, other=ignore_index).to(tl.int64)
+            valid = (rows < N) & (y != ignore_index)
+            if HAS_WEIGHT:
+                ok = valid & (y >= 0) & (y < C)
+                acc_w += tl.load(weight_ptr + tl.where(ok, y, 0), mask=ok, other=0.0).to(tl.float32)
+            else:
+                acc_w += valid.to(tl.float32)
+    return tl.sum(acc_loss, 0), tl.sum(acc_w, 0)
+
+
+@triton.jit
+def _inv_denominator(y_ptr, weight_ptr, N, C, ignore_index, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+    """``1 / sum_i w_{y_i}`` over the valid rows (fp32; inf for none; a target outside [0, C) counts 0)."""
+    _, denom = _batch_sums(y_ptr, y_ptr, weight_ptr, N, C, ignore_index, HAS_WEIGHT, False, True, BLOCK, "")
+    return 1.0 / denom
+
+
+@triton.jit
+def _own_inverse(y_ptr, weight_ptr, N, C, ignore_index, HAS_WEIGHT: tl.constexpr, OWN: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """A row program's own ``1 / sum_i w_{y_i}`` when OWN (summed once, at its start), else a placeholder 1.0."""
+    inv = 1.0
+    if OWN:
+        inv = _inv_denominator(y_ptr, weight_ptr, N, C, ignore_index, HAS_WEIGHT, BLOCK)
+    return inv
+
+
+@triton.jit
+def _mean_inverse(inv_denom_ptr, own_inv, OWN_DENOM: tl.constexpr):
+    """The row kernels' ``1 / sum_i w_{y_i}``: their own (OWN_DENOM) or read where it is used (a load there keeps no
+    register live across the column loops)."""
+    if OWN_DENOM:
+        inv = own_inv
+    else:
+        inv = tl.load(inv_denom_ptr)
+    return inv
+
+
+@triton.jit
+def _scale_vector(ptr, inv, n, BLOCK: tl.constexpr, CACHE: tl.constexpr):
+    """``ptr[:n] *= inv`` (fp32), in BLOCK-wide steps."""
+    offs = tl.arange(0, BLOCK)
+    for start in range(0, n, BLOCK):
+        mask = start + offs < n
+        v = tl.load(ptr + start + offs, mask=mask, other=0.0, cache_modifier=CACHE)
+        tl.store(ptr + start + offs, v * inv, mask=mask)
+
+
+@triton.jit
+def _last_program_reduces(counter_ptr, out_ptr, loss_ptr, y_ptr, weight_ptr, factor_ptr, inv_denom_ptr, own_inv,
+                          N, C, ignore_index, HAS_WEIGHT: tl.constexpr, HAVE_INV: tl.constexpr,
+                          OWN_DENOM: tl.constexpr, MEAN_LOSS: tl.constexpr, BLOCK: tl.constexpr):
+    """The batch reduction in the launch that wrote the per-row losses, by its last program to finish.
+
+    Each program, once its rows are stored, takes a ticket from ``counter_ptr`` (an int32, 0 at launch). The one
+    that draws the last ticket sums every row in a fixed order (deterministic, whichever program it is) and writes
+    ``out``: times ``1 / sum_i w_{y_i}`` when MEAN_LOSS, the rows' own when HAVE_INV (:func:`_mean_inverse`);
+    without HAVE_INV it sums the denominator itself, in the same loop, and scales the factors by it too. Then it
+    puts the counter back to 0 for the next launch on its stream.
+
+    Ordering: the barrier makes this program's stores precede its ticket, the ticket is an acquire-release
+    atomic at GPU scope (the others' stores precede the last ticket, which precedes the last program's loads),
+    and those loads skip L1 (``.cg``); the pattern of Triton's layer-norm tutorial (stores, barrier, atomic)."""
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    if ticket == tl.num_programs(0) * tl.num_programs(1) - 1:
+        # the denominator too when the rows did not have it ('mean', recompute mode): one loop for both sums
+        total, denom = _batch_sums(loss_ptr, y_ptr, weight_ptr, N, C, ignore_index, HAS_WEIGHT, True,
+                                   MEAN_LOSS and not HAVE_INV, BLOCK, ".cg")
+        if MEAN_LOSS:
+            if HAVE_INV:
+                total = total * _mean_inverse(inv_denom_ptr, own_inv, OWN_DENOM)
+            else:
+                _scale_vector(factor_ptr, 1.0 / denom, N, BLOCK, ".cg")
+                total = total * (1.0 / denom)
+        tl.store(out_ptr, total.to(out_ptr.dtype.element_ty))
+        tl.store(counter_ptr, 0)
 
 
 @triton.jit
@@ -514,49 +627,49 @@ def reduce_rows(loss_ptr, y_ptr, weight_ptr, factor_ptr, inv_denom_ptr, out_ptr,
     stored to ``inv_denom`` (1,) fp32. LOSS: ``out = sum_i loss_i`` (times ``inv`` when MEAN; ``inv`` read back
     when not DENOM), plus ``sum_e extra_e`` (E fp32 values: LADE's LADER partials) when EXTRA, stored in ``out``'s
     dtype. SCALE_FACTOR: ``factor_i *= inv`` (a forward that left 'mean' to this launch)."""
-    offs = tl.arange(0, BLOCK)
+    loss, denom = _batch_sums(loss_ptr, y_ptr, weight_ptr, N, C, ignore_index, HAS_WEIGHT, LOSS, DENOM, BLOCK, "")
     if DENOM:
-        acc = tl.zeros((BLOCK,), tl.float32)
-        for start in range(0, N, BLOCK):
-            rows = start + offs
-            y = tl.load(y_ptr + rows, mask=rows < N, other=ignore_index).to(tl.int64)
-            valid = (rows < N) & (y != ignore_index)
-            if HAS_WEIGHT:
-                ok = valid & (y >= 0) & (y < C)
-                acc += tl.load(weight_ptr + tl.where(ok, y, 0), mask=ok, other=0.0).to(tl.float32)
-            else:
-                acc += valid.to(tl.float32)
-        inv = 1.0 / tl.sum(acc, 0)
+        inv = 1.0 / denom
         tl.store(inv_denom_ptr, inv)
     elif MEAN:
         inv = tl.load(inv_denom_ptr)
     if LOSS:
-        loss = _sum_of(loss_ptr, N, BLOCK)
         if MEAN:
             loss = loss * inv
         if EXTRA:
-            loss += _sum_of(extra_ptr, E, BLOCK)
+            loss += _sum_of(extra_ptr, E, BLOCK, "")
         tl.store(out_ptr, loss.to(out_ptr.dtype.element_ty))
     if SCALE_FACTOR:
-        for start in range(0, N, BLOCK):
-            rows = start + offs
-            f = tl.load(factor_ptr + rows, mask=rows < N, other=0.0)
-            tl.store(factor_ptr + rows, f * inv, mask=rows < N)
+        _scale_vector(factor_ptr, inv, N, BLOCK, "")
 
 
 @triton.jit
-def scale_rows(grad_ptr, stride_gm, stride_gn, go_ptr, go_stride, N, C,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Grid (cdiv(N, BLOCK_M), cdiv(C, BLOCK_N)): ``grad_ij *= go[i * go_stride]``; a scalar go equal
-    to 1 (the usual ``loss.backward()``) returns at once, read on the device: no host sync."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
+def _scale_tiles(g_ptr, stride_m, stride_n, M, C, go_ptr, go_stride, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``g_ij *= go[i * go_stride]`` over the (M, C) tiles ``pid, pid + programs, ...`` of one tensor."""
+    tiles_n = tl.cdiv(C, BLOCK_N)
+    for t in range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tiles_n, tl.num_programs(0)):
+        rows = (t // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = (t % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < M
+        go = tl.load(go_ptr + rows.to(tl.int64) * go_stride, mask=row_mask, other=0.0).to(tl.float32)
+        mask = row_mask[:, None] & (cols[None, :] < C)
+        offs = rows.to(tl.int64)[:, None] * stride_m + cols.to(tl.int64)[None, :] * stride_n
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(g_ptr + offs, (g * go[:, None]).to(g_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def scale_rows(g0_ptr, s0m, s0n, M0, C0, g1_ptr, s1m, s1n, M1, C1, g2_ptr, s2m, s2n, M2, C2, go_ptr, go_stride,
+               NUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Persistent grid: multiply ``NUM`` (1 to 3) stored gradients, each (M_k, C_k) with its own strides, in place by
+    grad_output: ``g_ij *= go[i * go_stride]`` (per row: ``go_stride`` > 0, one tensor), or by the scalar go
+    (``go_stride`` = 0), which when it is 1 (the usual ``loss.backward()``) returns at once, read on the device:
+    no host sync, and a no-op costs the grid's few programs, not one per tile."""
     if go_stride == 0:
         if tl.load(go_ptr).to(tl.float32) == 1.0:
             return
-    go = tl.load(go_ptr + rows.to(tl.int64) * go_stride, mask=row_mask, other=0.0).to(tl.float32)
-    mask = row_mask[:, None] & (cols[None, :] < C)
-    offs = rows.to(tl.int64)[:, None] * stride_gm + cols.to(tl.int64)[None, :] * stride_gn
-    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(grad_ptr + offs, (g * go[:, None]).to(grad_ptr.dtype.element_ty), mask=mask)
+    _scale_tiles(g0_ptr, s0m, s0n, M0, C0, go_ptr, go_stride, BLOCK_M, BLOCK_N)
+    if NUM > 1:
+        _scale_tiles(g1_ptr, s1m, s1n, M1, C1, go_ptr, go_stride, BLOCK_M, BLOCK_N)
+    if NUM > 2:
+        _scale_tiles(g2_ptr, s2m, s2n, M2, C2, go_ptr, go_stride, BLOCK_M, BLOCK_N)

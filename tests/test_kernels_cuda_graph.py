@@ -12,6 +12,23 @@ from fastlt.priors import gcl_cloud, log_prior, prior
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 
 
+def _capture(step, before_capture=None):
+    """``(graph, output)``: ``step`` warmed up twice on a side stream (compiles the kernels outside the capture),
+    then captured."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    if before_capture is not None:
+        before_capture()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    return graph, captured
+
+
 @pytest.mark.parametrize("loss", ["la", "gcl", "lade", "la_grad_in_forward"])
 def test_capture_and_replay_matches_eager(loss):
     gen = torch.Generator().manual_seed(0)
@@ -38,15 +55,7 @@ def test_capture_and_replay_matches_eager(loss):
 
     eager = step().detach().clone()
     eager_grad = layer.weight.grad.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):  # warm up (compiles the kernels) outside the capture
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = _capture(step)
     layer.weight.grad.zero_()
     graph.replay()
     torch.cuda.synchronize()
@@ -72,15 +81,7 @@ def test_seed_tensor_redrawn_inside_the_graph_gives_fresh_noise_per_replay():
         out.backward()
         return out
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = _capture(step)
     seen = []
     for _ in range(3):
         graph.replay()
@@ -91,3 +92,30 @@ def test_seed_tensor_redrawn_inside_the_graph_gives_fresh_noise_per_replay():
         eager = LF.gcl_cross_entropy(torch.tanh(layer(x)), y, cloud, 0.5, 30.0, 1.0, seed=seen[-1][0],
                                      backend="triton")
     torch.testing.assert_close(float(eager), seen[-1][1])
+
+
+@pytest.mark.parametrize("bank", ["counter-bank", "no-bank-yet"])
+def test_replays_reduce_each_new_batch_in_the_row_kernel(bank, monkeypatch):
+    """The row kernel's last program reduces the batch (a counter slot of the graph's own); replays with new inputs
+    in place, with eager steps in between on the same stream, each match eager. With no counter bank yet on the
+    device when the capture starts, the capture takes the separate reduction launch instead."""
+    from fastlt.kernels import launch
+
+    gen = torch.Generator().manual_seed(2)
+    N, C = 300, 1000
+    lp = log_prior(torch.randint(1, 200, (C,), generator=gen)).cuda()
+    y = torch.randint(0, C, (N,), generator=gen).cuda()
+    z = torch.randn(N, C, generator=gen).cuda()
+
+    def step():
+        return LF.logit_adjusted_cross_entropy(z, y, lp, backend="triton")
+
+    graph, captured = _capture(step, before_capture=(lambda: monkeypatch.setattr(launch, "_BANKS", {}))
+                               if bank == "no-bank-yet" else None)
+    for k in range(4):
+        z.copy_(torch.randn(N, C, generator=gen).cuda() * (k + 1))
+        graph.replay()
+        eager = step()  # on the default stream, its own counter
+        torch.testing.assert_close(captured, eager)
+        want = torch.nn.functional.cross_entropy(z + lp, y)
+        torch.testing.assert_close(captured, want)

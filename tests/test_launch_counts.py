@@ -86,44 +86,51 @@ _COUNTS = torch.arange(1, C + 1) * 3
 
 _CASES = {
     # loss: (module factory, forward kwargs, expected launches of one forward + backward)
+    # the row kernel's last program reduces the batch (no reduce_rows launch)
     "la": (lambda: fastlt.LogitAdjustedLoss(_COUNTS, backend="triton"), {},
-           {"row_loss_forward": 1, "reduce_rows": 1, "row_loss_grad": 1}),
+           {"row_loss_forward": 1, "row_loss_grad": 1}),
     "la-sum-weight-smoothing": (
         lambda: fastlt.LogitAdjustedLoss(_COUNTS, backend="triton", reduction="sum", label_smoothing=0.1,
                                          weight=torch.rand(C, generator=torch.Generator().manual_seed(0)) + 0.5),
-        {}, {"row_loss_forward": 1, "reduce_rows": 1, "row_loss_grad": 1, "torch.sum": 1}),  # sum_j w_j, once
+        {}, {"row_loss_forward": 1, "row_loss_grad": 1, "torch.sum": 1}),  # sum_j w_j, once
     "la-weight": (lambda: fastlt.LogitAdjustedLoss(_COUNTS, backend="triton", weight=torch.ones(C)), {},
-                  {"row_loss_forward": 1, "reduce_rows": 1, "row_loss_grad": 1}),
+                  {"row_loss_forward": 1, "row_loss_grad": 1}),
     "la-grad-in-forward": (lambda: fastlt.LogitAdjustedLoss(_COUNTS, backend="triton", grad_in_forward=True), {},
-                           # 'mean' needs its denominator before the gradient; backward rescales by grad_output
-                           {"reduce_rows": 2, "row_loss_forward": 1, "scale_rows": 1}),
+                           # the row programs sum 'mean''s denominator themselves; backward rescales by grad_output
+                           {"row_loss_forward": 1, "scale_rows": 1}),
+    "la-grad-in-forward-long-batch": (
+        # as if the batch were too long for every program to sum the targets: one denominator launch first
+        lambda: fastlt.LogitAdjustedLoss(_COUNTS, backend="triton", grad_in_forward=True), {"own_denom": False},
+        {"reduce_rows": 1, "row_loss_forward": 1, "scale_rows": 1}),
     "ldam": (lambda: fastlt.LDAMLoss(_COUNTS, backend="triton"), {},
-             {"row_loss_forward": 1, "reduce_rows": 1, "row_loss_grad": 1}),
+             {"row_loss_forward": 1, "row_loss_grad": 1}),
     "gcl": (lambda: fastlt.GCLLoss(_COUNTS, backend="triton"), {"seed": 5},
-            {"row_loss_forward": 1, "reduce_rows": 1, "row_loss_grad": 1}),
+            {"row_loss_forward": 1, "row_loss_grad": 1}),
     "lade": (lambda: fastlt.LADELoss(_COUNTS, backend="triton"), {},
              {"row_loss_forward": 1, "lade_columns": 1, "reduce_rows": 1, "row_loss_grad": 1}),
     # the heads (features (N, D) in): their matmuls, the row kernel writing d loss / dz over the logits, and in the
-    # backward the rescale of dx, dW (and db) by grad_output
+    # backward the rescale of dx, dW (and db) by grad_output, in one launch
     "la-head": (lambda: fastlt.LinearLossHead(D, C, _COUNTS, backend="triton"), {},
-                {"torch.addmm": 1, "reduce_rows": 2, "row_loss_forward": 1, "torch.mm": 2, "torch.sum": 1,
-                 "scale_rows": 3}),
+                {"torch.addmm": 1, "row_loss_forward": 1, "torch.mm": 2, "torch.sum": 1, "scale_rows": 1}),
     "la-head-row-chunks": (
         lambda: fastlt.LinearLossHead(D, C, _COUNTS, backend="triton", bias=False, chunk_rows=4), {},
         {"torch.mm": 2 + 2 + 1, "torch.addmm_": 1, "reduce_rows": 2, "row_loss_forward": 2, "torch.cat": 1,
-         "scale_rows": 2}),
+         "scale_rows": 1}),
     "lade-head": (lambda: fastlt.LinearLossHead(D, C, _COUNTS, loss="lade", backend="triton"), {},
                   {"torch.addmm": 2, "reduce_rows": 2, "row_loss_forward": 1, "lade_columns": 2, "row_loss_grad": 1,
-                   "torch.mm": 2, "torch.sum": 1, "scale_rows": 3}),
+                   "torch.mm": 2, "torch.sum": 1, "scale_rows": 1}),
     "cosine-gcl-head": (lambda: fastlt.CosineGCLHead(D, C, _COUNTS, backend="triton"), {"seed": 5},
-                        {"_normalize_fwd": 2, "reduce_rows": 2, "row_loss_forward": 1, "torch.mm": 3,
-                         "scale_rows": 2, "_normalize_bwd": 2}),
+                        {"_normalize_fwd": 2, "row_loss_forward": 1, "torch.mm": 3, "scale_rows": 1,
+                         "_normalize_bwd": 2}),
 }
 
 
 @pytest.mark.parametrize("case", list(_CASES))
-def test_one_step_launches_only_what_the_math_needs(case, counter):
+def test_one_step_launches_only_what_the_math_needs(case, counter, monkeypatch):
     make, kwargs, expected = _CASES[case]
+    kwargs = dict(kwargs)
+    if not kwargs.pop("own_denom", True):
+        monkeypatch.setattr(launch, "_OWN_DENOM_READS", 0)
     criterion = make().to(DEVICE)
     gen = torch.Generator().manual_seed(1)
     inputs = torch.randn(N, D if "head" in case else C, generator=gen).to(DEVICE).requires_grad_()

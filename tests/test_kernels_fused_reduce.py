@@ -1,0 +1,200 @@
+"""The batch reduction inside the row kernels and the one-launch rescale of stored gradients.
+
+``REDUCE``: the program of a row launch that finishes last sums the batch (``launch.loss``); ``OWN_DENOM``: every row
+program sums 'mean''s denominator itself, so a gradient-in-forward needs no launch before it. Both are checked
+against float64 torch and against the separate ``reduce_rows`` launch they replace (which still runs when no
+counter can be had: inside a CUDA-graph capture before any eager call, or for long batches). ``scale_rows``
+multiplies up to three stored gradients by grad_output in one launch of a grid-stride loop.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from fastlt import reference as R
+from fastlt.kernels import launch
+from fastlt.kernels.launch import RowOperatorArgs
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CONFIGS = {
+    "default": {},
+    "split": dict(block_n=16, num_splits=3),  # row_loss_forward SPLIT, then row_loss_combine reduces
+    "persistent": dict(block_n=16, num_splits=1, row_programs=3),  # fewer programs than row blocks
+    "row-blocks": dict(block_m=4, block_n=16, num_splits=1),
+}
+
+
+def _case(N: int, C: int, seed: int, *, weighted: bool, reduction: str):
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(N, C, generator=gen) * 3
+    y = torch.randint(0, C, (N,), generator=gen)
+    y[1::4] = -100
+    counts = torch.randint(1, 50, (C,), generator=gen)
+    prior = torch.log(counts / counts.sum()).float()
+    weight = torch.rand(C, generator=gen) + 0.5 if weighted else None
+    args = RowOperatorArgs(prior=prior.to(DEVICE), weight=None if weight is None else weight.to(DEVICE),
+                           label_smoothing=0.1 if weighted else 0.0, reduction=reduction)
+    want = R.adjusted_cross_entropy(z.double(), y, prior=prior.double(), tau=1.0,
+                                    weight=None if weight is None else weight.double(),
+                                    label_smoothing=args.label_smoothing, reduction=reduction)
+    return z.to(DEVICE), y.to(DEVICE), args, want
+
+
+def _run(z, y, args, *, grad_in_forward: bool, config: dict):
+    N, C = z.shape
+    cfg = launch.pick_tiles(N, C, z.device, grad_in_forward=grad_in_forward, **config) if config else None
+    g = z.clone() if grad_in_forward else None
+    loss, lse, factor = launch.loss(z, y, args, grad_out=g, config=cfg)
+    return loss, lse, factor, g
+
+
+def _counter_is_zero() -> bool:
+    return int(launch.reduce_counter(torch.device(DEVICE)).item()) == 0
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("grad_in_forward", [False, True], ids=["recompute", "grad-in-forward"])
+@pytest.mark.parametrize("reduction,weighted", [("mean", False), ("mean", True), ("sum", True)])
+@pytest.mark.parametrize("own_denom", [True, False], ids=["own-denominator", "denominator-launch"])
+@pytest.mark.parametrize("N", [1, 37])
+def test_in_kernel_reduction_matches_float64_and_the_separate_launch(config, grad_in_forward, reduction, weighted,
+                                                                     own_denom, N, monkeypatch):
+    if not own_denom:
+        monkeypatch.setattr(launch, "_OWN_DENOM_READS", 0)
+    z, y, args, want = _case(N, 50, N, weighted=weighted, reduction=reduction)
+    loss, lse, factor, g = _run(z, y, args, grad_in_forward=grad_in_forward, config=CONFIGS[config])
+    assert loss.shape == () and loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double().cpu(), want, rtol=2e-6, atol=2e-6)
+    assert _counter_is_zero(), "the last program must put the counter back to 0"
+
+    monkeypatch.setattr(launch, "reduce_counter", lambda device: None)  # as inside a capture with no counter yet
+    loss2, lse2, factor2, g2 = _run(z, y, args, grad_in_forward=grad_in_forward, config=CONFIGS[config])
+    torch.testing.assert_close(loss2, loss, rtol=1e-6, atol=1e-7)  # two summation orders, both fp32
+    torch.testing.assert_close(factor2, factor, rtol=1e-6, atol=0)  # 'mean': scaled in the kernel or by the launch
+    assert torch.equal(lse2, lse)
+    if grad_in_forward:
+        torch.testing.assert_close(g2, g, rtol=1e-6, atol=1e-9)
+
+
+def test_all_rows_ignored_and_empty_batch():
+    for N in (5, 0):
+        z, y, _, _ = _case(N, 9, 3, weighted=False, reduction="mean")
+        y = torch.full_like(y, -100)
+        for reduction in ("mean", "sum"):
+            for grad_in_forward in (False, True):
+                loss, *_ = _run(z, y, RowOperatorArgs(reduction=reduction), grad_in_forward=grad_in_forward,
+                                config={})
+                if reduction == "mean":
+                    assert torch.isnan(loss).item()
+                else:
+                    assert loss.item() == 0.0
+    assert _counter_is_zero()
+
+
+def test_the_sum_does_not_depend_on_which_program_finishes_last():
+    """The last program sums every row in index order: the loss is bitwise the same over grids and repeats."""
+    z, y, args, _ = _case(45, 40, 7, weighted=True, reduction="mean")
+    results = {name: _run(z, y, args, grad_in_forward=False, config=CONFIGS[name])[0]
+               for name in ("persistent", "row-blocks")}
+    results["repeat"] = _run(z, y, args, grad_in_forward=False, config=CONFIGS["persistent"])[0]
+    results["one-per-row"] = _run(z, y, args, grad_in_forward=False, config=dict(block_n=16, num_splits=1,
+                                                                                 block_m=1))[0]
+    first = results["persistent"]
+    for name, loss in results.items():
+        assert torch.equal(loss, first), name
+
+
+def test_counters_are_per_stream_and_the_bank_runs_dry():
+    dev = torch.device(DEVICE)
+    mine = launch.reduce_counter(dev)
+    assert launch.reduce_counter(dev) is mine  # one per stream (thread on the CPU), kept
+    assert mine.dtype == torch.int32 and mine.shape == (1,)
+    other = []
+    if DEVICE == "cuda":
+        with torch.cuda.stream(torch.cuda.Stream()):
+            other.append(launch.reduce_counter(dev))
+    else:
+        thread = threading.Thread(target=lambda: other.append(launch.reduce_counter(dev)))
+        thread.start()
+        thread.join()
+    assert other[0] is not None and other[0].data_ptr() != mine.data_ptr()
+    bank = launch._CounterBank(dev)
+    slots = [bank.fresh() for _ in range(launch._COUNTER_SLOTS)]
+    assert len({s.data_ptr() for s in slots}) == launch._COUNTER_SLOTS
+    assert bank.fresh() is None
+
+
+# --- scale_rows: the stored gradients times grad_output --------------------------------------------------------
+
+def _tensors():
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(40, 300, generator=gen).to(DEVICE),  # 3 tiles of 4096: more tiles than the CPU grid
+            torch.randn(33, generator=gen).to(DEVICE, torch.bfloat16),
+            torch.randn(2, 3, 5, generator=gen).to(DEVICE, torch.float16)]
+
+
+@pytest.mark.parametrize("go", [1.0, 2.5, -0.0])
+def test_scale_all_scales_up_to_three_tensors_in_one_launch(go):
+    grads = _tensors()
+    want = [g.float() * go for g in grads]
+    launch.scale_all([grads[0], None, grads[1], grads[2]], torch.tensor(go, device=DEVICE))
+    for g, w in zip(grads, want, strict=True):  # one rounding to the dtype (the interpreter's may differ by an ulp)
+        rtol = {torch.float32: 0.0, torch.bfloat16: 2**-7, torch.float16: 2**-10}[g.dtype]
+        torch.testing.assert_close(g.float(), w, rtol=rtol, atol=0)
+
+
+def test_scale_all_takes_views_and_refuses_what_it_cannot_scale():
+    base = torch.randn(30, 20).to(DEVICE)
+    view = base.t()  # non-contiguous 2-D
+    col = base[:, 3]  # non-contiguous 1-D
+    want_view, want_col = view * 3, col * 3  # col is a column of base, so base.t() * 3 covers it too
+    launch.scale_all([view], torch.tensor(3.0, device=DEVICE))
+    torch.testing.assert_close(view, want_view)
+    torch.testing.assert_close(col, want_col)
+    with pytest.raises(ValueError, match="scalar grad_output"):
+        launch.scale_all([base], torch.ones(30, device=DEVICE))
+    with pytest.raises(ValueError, match="at most 3"):
+        launch.scale_all([base] * 4, torch.tensor(2.0, device=DEVICE))
+    with pytest.raises(ValueError, match="non-contiguous 3-D"):
+        launch.scale_all([torch.randn(4, 5, 6).to(DEVICE).transpose(0, 2)], torch.tensor(2.0, device=DEVICE))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_scale_by_per_row_grad_output(layout):
+    gen = torch.Generator().manual_seed(1)
+    g = torch.randn(50, 37, generator=gen).to(DEVICE)
+    if layout == "transposed":
+        g = torch.randn(37, 50, generator=gen).to(DEVICE).t()
+    go = torch.randn(50, generator=gen).to(DEVICE)
+    want = g * go[:, None]
+    assert launch.scale_by(g, go) is g
+    torch.testing.assert_close(g, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="grad_output must be a scalar or \\(50,\\)"):
+        launch.scale_by(g, torch.ones(49, device=DEVICE))
+
+
+# --- on a GPU: programs really do finish in any order -----------------------------------------------------------
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter runs programs one after another: races need a GPU")
+def test_last_program_sees_every_row_under_concurrency():
+    """Hundreds of launches of varied sizes and grids: a row the last program read before its writer stored it
+    would show as a loss off the float64 sum (the interpreter cannot show this: it runs programs in order)."""
+    gen = torch.Generator().manual_seed(5)
+    dev = torch.device(DEVICE)
+    for step in range(300):
+        N = int(torch.randint(1, 3000, (1,), generator=gen))
+        C = [131, 1000, 8142][step % 3]
+        z = torch.randn(N, C, generator=gen).to(dev)
+        y = torch.randint(0, C, (N,), generator=gen).to(dev)
+        args = RowOperatorArgs(reduction="mean" if step % 2 else "sum")
+        config = [None, dict(row_programs=7, num_splits=1), dict(block_n=256, num_splits=3)][step % 3 if C > 256
+                                                                                          else 0]
+        cfg = launch.pick_tiles(N, C, dev, **config) if config else None
+        loss, _, _ = launch.loss(z, y, args, config=cfg)
+        rows, _, _, _ = launch.forward(z, y, RowOperatorArgs(reduction="none"))
+        want = rows.double().sum() / (N if args.reduction == "mean" else 1)
+        assert abs(loss.item() - want.item()) <= 1e-5 * abs(want.item()), (step, N, C, config)
+    assert _counter_is_zero()
