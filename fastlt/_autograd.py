@@ -152,7 +152,7 @@ def _lade_args(log_prior, weight, label_smoothing, ignore_index, reduction) -> R
 
 
 def _lade_forward_impl(logits, target, pi, args, alpha, remine_lambda, out_dtype=torch.float32):
-    """``(loss, lse, factor, columns)``, ``columns`` the (3, C) column term: three launches
+    """``(loss, lse, factor, columns)``, ``columns`` the (3, C) column term: two launches
     (:func:`fastlt.kernels.lade.forward`)."""
     loss, lse, factor, terms = lade_kernels.forward(logits, target, pi, alpha, remine_lambda, args,
                                                     out_dtype=out_dtype)

@@ -3,8 +3,8 @@
 ``forward`` runs ``row_loss_forward`` with ``COLUMN_STATS`` (per row-block partial column max and sum-exp,
 and each row's target logit; no atomics, so deterministic), then one ``lade_columns`` launch merges the
 partials down the row blocks, folds the per-class target sums and counts from ``(y_i, z_{i, y_i})`` and
-finishes LADER's per-column terms, which gives LADER (per block of classes, summed by the loss reduction's
-launch) plus the vectors its gradient needs:
+finishes LADER's per-column terms, which gives LADER (per block of classes; the same launch's last program
+adds them to the reduced PriorCE rows) plus the vectors its gradient needs:
 ``d LADER / d z_ic = col_a_c * [y_i == c] + col_b_c * exp(z_ic - col_lse_c)`` for valid rows, with
 ``col_a_c = -pi_c / (N_c + 1e-8)`` and ``col_b_c = pi_c * (1 + 2*lambda*second_c)``.
 """
@@ -19,15 +19,17 @@ import triton
 import triton.language as tl
 
 from . import launch
-from .row_operator import NEG_BIG, _exp
+from .row_operator import NEG_BIG, _exp, _last_program_reduces
 
 _BLOCK_C = 256
 
 
 @triton.jit
 def lade_columns(stat_ptr, R, C, y_ptr, zy_ptr, N, ignore_index, pi_ptr, alpha, remine_lambda, log_uniform, out_ptr,
-                 lader_ptr, FINISH: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_R: tl.constexpr,
-                 BLOCK_C: tl.constexpr, BLOCK_Y: tl.constexpr):
+                 lader_ptr, loss_rows_ptr, weight_ptr, factor_ptr, loss_ptr, counter_ptr,
+                 FINISH: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_C: tl.constexpr, BLOCK_Y: tl.constexpr, REDUCE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                 RBLOCK: tl.constexpr):
     """Grid (cdiv(C, BLOCK_C),). ``stat``: (2, R, C) fp32 partials (column max of z, sum exp(z - max)) of R row
     blocks, merged down R in fp32 (deterministic order).
 
@@ -38,7 +40,11 @@ def lade_columns(stat_ptr, R, C, y_ptr, zy_ptr, N, ignore_index, pi_ptr, alpha, 
     ``out`` (3, C) = (alpha * col_a, alpha * col_b, col_lse) with ``col_lse = LSE_i z_ic``,
     ``second = col_lse - log(pi + 1e-9) + log_uniform - log n_valid``, ``est = first - second - lambda second^2``
     (``log_uniform = log(1/C + 1e-9)``), and ``lader[program] = alpha * sum_c -pi_c * est_c`` over the program's
-    classes (0 when no row is valid: LADER = 0), summed by the loss reduction (``reduce_rows``' EXTRA)."""
+    classes (0 when no row is valid: LADER = 0), summed by the loss reduction (``reduce_rows``' EXTRA).
+    REDUCE (with FINISH; 1 'sum', 2 'mean'): that reduction here, by the last program to finish
+    (:func:`fastlt.kernels.row_operator._last_program_reduces`): ``loss`` (0-dim) = the reduced PriorCE rows
+    ``loss_rows`` (N,) plus every ``lader`` part, and for 'mean' the rows' ``factor`` (N,) times 1 / sum_i w_{y_i}
+    (``weight``: (C,) class weights when HAS_WEIGHT); ``counter_ptr`` as there."""
     c0 = tl.program_id(0) * BLOCK_C
     cols = c0 + tl.arange(0, BLOCK_C)
     col_mask = cols < C
@@ -84,9 +90,24 @@ def lade_columns(stat_ptr, R, C, y_ptr, zy_ptr, N, ignore_index, pi_ptr, alpha, 
         tl.store(out_ptr + 2 * C + cols, col_lse, mask=col_mask)
         lader = alpha * tl.sum(tl.where(col_mask, -pi * est, 0.0), 0)
         tl.store(lader_ptr + tl.program_id(0), tl.where(n_valid > 0, lader, 0.0))
+        if REDUCE != 0:
+            _last_program_reduces(counter_ptr, loss_ptr, loss_rows_ptr, y_ptr, weight_ptr, factor_ptr, loss_ptr, 1.0,
+                                  lader_ptr, tl.num_programs(0), N, C, ignore_index, HAS_WEIGHT, False, False,
+                                  REDUCE == 2, True, RBLOCK)
     else:
         tl.store(out_ptr + cols, c_max, mask=col_mask)
         tl.store(out_ptr + C + cols, c_sum, mask=col_mask)
+
+
+class PriorCERows(NamedTuple):
+    """PriorCE's rows as ``launch.forward(..., column_stats=True, scale_mean=False)`` leaves them, for :func:`finish`
+    to reduce together with LADER into ``out`` (0-dim): ``loss_rows`` and ``factor`` (N,) fp32 (for 'mean' the
+    factor is scaled by 1 / sum_i w_{y_i} there too), and the operator's ``args`` (reduction, class weights)."""
+
+    loss_rows: torch.Tensor
+    factor: torch.Tensor
+    args: launch.RowOperatorArgs
+    out: torch.Tensor
 
 
 class LaderTerms(NamedTuple):
@@ -119,7 +140,7 @@ class LaderTerms(NamedTuple):
         return self.parts.sum()
 
 
-def _columns(stats: torch.Tensor, finish_args=None, into: torch.Tensor | None = None):
+def _columns(stats: torch.Tensor, finish_args=None, into: torch.Tensor | None = None, reduce=None):
     if stats.dim() == 2:
         stats = stats[:, None]
     if stats.dtype != torch.float32 or stats.dim() != 3 or stats.shape[0] != 2:
@@ -135,6 +156,9 @@ def _columns(stats: torch.Tensor, finish_args=None, into: torch.Tensor | None = 
                                                     device=dev)
     parts = torch.empty(triton.cdiv(C, block_c), dtype=torch.float32, device=dev) if finish_args is not None else out
     if C == 0:
+        if reduce is not None:
+            launch.reduce(reduce.loss_rows, finish_args[0], reduce.args, factor=reduce.factor, extra=parts,
+                          out=reduce.out)
         return out, parts
     y, zy, ignore_index, pi, alpha, remine_lambda = (finish_args if finish_args is not None
                                                      else (out, out, -100, out, 0.0, 0.0))
@@ -143,10 +167,21 @@ def _columns(stats: torch.Tensor, finish_args=None, into: torch.Tensor | None = 
         y, zy = torch.full((1,), int(ignore_index), device=dev), out
     block_r = max(1, min(4096 // block_c, triton.next_power_of_2(max(R, 1))))  # few classes: taller steps
     block_y = max(1, min(4096 // block_c, triton.next_power_of_2(max(N, 1))))
+    loss_rows, factor, args, loss = reduce if reduce is not None else (out, out, None, out)
+    if args is not None and args.reduction == "none":
+        raise ValueError("LADE's rows reduce with LADER: reduction must be 'mean' or 'sum', got 'none'")
+    counter = (launch.reduce_counter(dev) if reduce is not None and 0 < N <= launch.ONE_PROGRAM_ROWS
+               and parts.shape[0] <= launch.ONE_PROGRAM_ROWS else None)
+    weight = args.weight if args is not None and args.weight is not None else None
     lade_columns[(triton.cdiv(C, block_c),)](
         stats, R, C, y, zy, N, int(ignore_index), pi, float(alpha), float(remine_lambda), math.log(1.0 / C + 1e-9),
-        out, parts, FINISH=finish_args is not None, ACCUMULATE=into is not None, BLOCK_R=block_r, BLOCK_C=block_c,
-        BLOCK_Y=block_y, num_warps=4)
+        out, parts, loss_rows, weight if weight is not None else out, factor, loss,
+        counter if counter is not None else out, FINISH=finish_args is not None, ACCUMULATE=into is not None,
+        BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_Y=block_y,
+        REDUCE=0 if counter is None else (2 if args.reduction == "mean" else 1), HAS_WEIGHT=weight is not None,
+        RBLOCK=launch._rblock(4), num_warps=4)
+    if reduce is not None and counter is None:
+        launch.reduce(loss_rows, finish_args[0], args, factor=factor, extra=parts, out=loss)
     return out, parts
 
 
@@ -158,18 +193,21 @@ def merge_partials(partials: torch.Tensor, into: torch.Tensor | None = None) -> 
 
 
 def finish(partials: torch.Tensor, y: torch.Tensor, target_logits: torch.Tensor, pi: torch.Tensor,
-           ignore_index: int, remine_lambda: float, alpha: float = 1.0) -> LaderTerms:
+           ignore_index: int, remine_lambda: float, alpha: float = 1.0, *,
+           rows: PriorCERows | None = None) -> LaderTerms:
     """LADER and its gradient vectors, scaled by ``alpha``, in one launch: ``partials`` the column (max, sum-exp) of
     all N rows, merged (2, C) or per row block (2, R, C); ``y`` (N,) targets and ``target_logits`` (N,) fp32 their
     logits ``z_{i, y_i}`` (read for valid rows only; see :class:`fastlt.kernels.launch.ColumnStats`).
 
-    ``pi``: (C,) fp32 prior. LADER is 0 when every row is ignored. Returns :class:`LaderTerms`."""
+    ``pi``: (C,) fp32 prior. LADER is 0 when every row is ignored. Returns :class:`LaderTerms`.
+    ``rows``: also write ``rows.out`` = the reduced PriorCE rows + alpha * LADER (what ``launch.reduce(...,
+    extra=parts)`` gives), from the same launch's last program when a counter is at hand, else one launch after."""
     if y.shape != target_logits.shape or y.dim() != 1:
         raise ValueError(f"y and target_logits must both be (N,), got {tuple(y.shape)} and "
                          f"{tuple(target_logits.shape)}")
     pi = pi.to(torch.float32).contiguous()
     out, parts = _columns(partials, (y.contiguous(), target_logits.contiguous(), ignore_index, pi, alpha,
-                                     remine_lambda))
+                                     remine_lambda), reduce=rows)
     return LaderTerms(parts, out)
 
 
@@ -178,8 +216,9 @@ def forward(z: torch.Tensor, y: torch.Tensor, pi: torch.Tensor, alpha: float, re
             out_dtype: torch.dtype = torch.float32):
     """LADE's forward: ``(loss, lse, factor, terms)`` with ``loss = PriorCE + alpha * LADER`` (0-dim, ``out_dtype``;
     PriorCE reduced by ``args.reduction``), the rows' fp32 ``lse`` and ``factor`` and the :class:`LaderTerms`.
-    Three launches: the rows with the column partials, LADER's finish, and the reduction that adds the two."""
+    Two launches: the rows with the column partials, and LADER's finish, whose last program adds the two."""
     loss_rows, lse, factor, cols = launch.forward(z, y, args, column_stats=True, config=config, scale_mean=False)
-    terms = finish(cols.partials, y, cols.target_logits, pi, args.ignore_index, remine_lambda, alpha)
-    loss = launch.reduce(loss_rows, y, args, factor=factor, extra=terms.parts, out_dtype=out_dtype)
+    loss = torch.empty((), dtype=out_dtype, device=z.device)
+    terms = finish(cols.partials, y, cols.target_logits, pi, args.ignore_index, remine_lambda, alpha,
+                   rows=PriorCERows(loss_rows, factor, args, loss))
     return loss, lse, factor, terms

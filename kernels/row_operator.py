@@ -433,7 +433,7 @@ def row_loss_forward(
             GRAD_IN_FWD, COLUMN_STATS, ALIGN, BLOCK_M, BLOCK_N, OWN_DENOM)
     if REDUCE != 0:
         _last_program_reduces(counter_ptr, out_ptr, loss_ptr, y_ptr, weight_ptr, factor_ptr, inv_denom_ptr, own_inv,
-                              N, C, ignore_index, HAS_WEIGHT, MEAN, OWN_DENOM, REDUCE == 2, RBLOCK)
+                              loss_ptr, 0, N, C, ignore_index, HAS_WEIGHT, MEAN, OWN_DENOM, REDUCE == 2, False, RBLOCK)
 
 
 @triton.jit
@@ -465,7 +465,7 @@ def row_loss_combine(
                            HAS_FOCAL, MEAN, OWN_DENOM)
     if REDUCE != 0:
         _last_program_reduces(counter_ptr, out_ptr, loss_ptr, y_ptr, weight_ptr, factor_ptr, inv_denom_ptr, own_inv,
-                              N, C, ignore_index, HAS_WEIGHT, MEAN, OWN_DENOM, REDUCE == 2, RBLOCK)
+                              loss_ptr, 0, N, C, ignore_index, HAS_WEIGHT, MEAN, OWN_DENOM, REDUCE == 2, False, RBLOCK)
 
 
 @triton.jit(do_not_specialize=["seed", "noise_row0"])  # as row_loss_forward
@@ -588,14 +588,16 @@ def _scale_vector(ptr, inv, n, BLOCK: tl.constexpr, CACHE: tl.constexpr):
 
 @triton.jit
 def _last_program_reduces(counter_ptr, out_ptr, loss_ptr, y_ptr, weight_ptr, factor_ptr, inv_denom_ptr, own_inv,
-                          N, C, ignore_index, HAS_WEIGHT: tl.constexpr, HAVE_INV: tl.constexpr,
-                          OWN_DENOM: tl.constexpr, MEAN_LOSS: tl.constexpr, BLOCK: tl.constexpr):
+                          extra_ptr, E, N, C, ignore_index, HAS_WEIGHT: tl.constexpr, HAVE_INV: tl.constexpr,
+                          OWN_DENOM: tl.constexpr, MEAN_LOSS: tl.constexpr, EXTRA: tl.constexpr,
+                          BLOCK: tl.constexpr):
     """The batch reduction in the launch that wrote the per-row losses, by its last program to finish.
 
     Each program, once its rows are stored, takes a ticket from ``counter_ptr`` (an int32, 0 at launch). The one
     that draws the last ticket sums every row in a fixed order (deterministic, whichever program it is) and writes
     ``out``: times ``1 / sum_i w_{y_i}`` when MEAN_LOSS, the rows' own when HAVE_INV (:func:`_mean_inverse`);
-    without HAVE_INV it sums the denominator itself, in the same loop, and scales the factors by it too. Then it
+    without HAVE_INV it sums the denominator itself, in the same loop, and scales the factors by it too. EXTRA:
+    plus the E fp32 values at ``extra_ptr`` that the programs wrote (LADE's LADER parts, one per program). Then it
     puts the counter back to 0 for the next launch on its stream.
 
     Ordering: the barrier makes this program's stores precede its ticket, the ticket is an acquire-release
@@ -613,6 +615,8 @@ def _last_program_reduces(counter_ptr, out_ptr, loss_ptr, y_ptr, weight_ptr, fac
             else:
                 _scale_vector(factor_ptr, 1.0 / denom, N, BLOCK, ".cg")
                 total = total * (1.0 / denom)
+        if EXTRA:
+            total += _sum_of(extra_ptr, E, BLOCK, ".cg")
         tl.store(out_ptr, total.to(out_ptr.dtype.element_ty))
         tl.store(counter_ptr, 0)
 

@@ -90,6 +90,18 @@ def test_lade_long_batch_reduction_matches_reference(reduction, monkeypatch):
     _compare(z, y, pi, reduction=reduction, alpha=0.4)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("where", ["in kernel", "own launch"])
+def test_lade_reduction_in_the_finish_launch_or_its_own(reduction, where, monkeypatch):
+    """The finish launch's last program adds the PriorCE rows and every class block's LADER part (C = 600: three
+    blocks, so three parts) and scales 'mean''s factors; without a counter (inside a CUDA-graph capture before any
+    eager call) one reduce_rows launch after it does the same."""
+    if where == "own launch":
+        monkeypatch.setattr(launch, "reduce_counter", lambda device: None)
+    z, y, pi, w = _case(21, 600, torch.float32, 9, ignore=(4,))
+    _compare(z, y, pi, reduction=reduction, weight=w, label_smoothing=0.1, alpha=0.4)
+
+
 def test_lade_all_rows_ignored_gives_torch_semantics():
     z = torch.randn(4, 6, device=DEVICE)
     y = torch.full((4,), -100, device=DEVICE)

@@ -107,7 +107,7 @@ _CASES = {
     "gcl": (lambda: fastlt.GCLLoss(_COUNTS, backend="triton"), {"seed": 5},
             {"row_loss_forward": 1, "row_loss_grad": 1}),
     "lade": (lambda: fastlt.LADELoss(_COUNTS, backend="triton"), {},
-             {"row_loss_forward": 1, "lade_columns": 1, "reduce_rows": 1, "row_loss_grad": 1}),
+             {"row_loss_forward": 1, "lade_columns": 1, "row_loss_grad": 1}),
     # the heads (features (N, D) in): their matmuls, the row kernel writing d loss / dz over the logits, and in the
     # backward the rescale of dx, dW (and db) by grad_output, in one launch
     "la-head": (lambda: fastlt.LinearLossHead(D, C, _COUNTS, backend="triton"), {},
