@@ -170,8 +170,9 @@ def _columns(stats: torch.Tensor, finish_args=None, into: torch.Tensor | None = 
     loss_rows, factor, args, loss = reduce if reduce is not None else (out, out, None, out)
     if args is not None and args.reduction == "none":
         raise ValueError("LADE's rows reduce with LADER: reduction must be 'mean' or 'sum', got 'none'")
-    counter = (launch.reduce_counter(dev) if reduce is not None and 0 < N <= launch.ONE_PROGRAM_ROWS
-               and parts.shape[0] <= launch.ONE_PROGRAM_ROWS else None)
+    rblock = launch._rblock(4)
+    counter = (launch.reduce_counter(dev) if reduce is not None and 0 < N <= launch.fused_reduce_rows(rblock)
+               and parts.shape[0] <= launch.fused_reduce_rows(rblock) else None)
     weight = args.weight if args is not None and args.weight is not None else None
     lade_columns[(triton.cdiv(C, block_c),)](
         stats, R, C, y, zy, N, int(ignore_index), pi, float(alpha), float(remine_lambda), math.log(1.0 / C + 1e-9),
@@ -179,7 +180,7 @@ def _columns(stats: torch.Tensor, finish_args=None, into: torch.Tensor | None = 
         counter if counter is not None else out, FINISH=finish_args is not None, ACCUMULATE=into is not None,
         BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_Y=block_y,
         REDUCE=0 if counter is None else (2 if args.reduction == "mean" else 1), HAS_WEIGHT=weight is not None,
-        RBLOCK=launch._rblock(4), num_warps=4)
+        RBLOCK=rblock, num_warps=4)
     if reduce is not None and counter is None:
         launch.reduce(loss_rows, finish_args[0], args, factor=factor, extra=parts, out=loss)
     return out, parts

@@ -283,6 +283,14 @@ def _rblock(num_warps: int) -> int:
 
 
 _COMBINE_RBLOCK = 128  # one value per thread of the 4-warp combine (wider, triton 3.6's ptxas spills in its loop)
+# The last program's sums walk the N rows in RBLOCK-wide steps, each an L2 round trip (~0.3 us) it waits for: up to
+# this many steps the tail costs about what a launch of its own would (larger batches take reduce_rows, 4096 wide).
+_FUSED_REDUCE_STEPS = 8
+
+
+def fused_reduce_rows(rblock: int) -> int:
+    """The most rows a launch with sums ``rblock`` wide reduces in its last program (:data:`_FUSED_REDUCE_STEPS`)."""
+    return min(ONE_PROGRAM_ROWS, _FUSED_REDUCE_STEPS * rblock)
 
 
 def _reduce_launch(y: torch.Tensor, args: RowOperatorArgs, *, loss_rows=None, factor=None, inv_denom=None, out=None,
@@ -354,8 +362,8 @@ def loss(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out: t
          out_dtype: torch.dtype = torch.float32, config: TileConfig | None = None):
     """The reduced loss (0-dim, ``out_dtype``; the (N,) fp32 rows for 'none') in the fewest launches: ``(loss,
     lse, factor)`` as :func:`forward` gives them (the factor includes 'mean''s 1 / sum w_{y_i}). Up to
-    ``ONE_PROGRAM_ROWS`` rows the row kernel's last program reduces the batch, so a step is one launch (plus the
-    combine of split rows); with ``grad_out`` (gradient in the forward) 'mean' needs its denominator before any
+    :func:`fused_reduce_rows` rows the row kernel's last program reduces the batch, so a step is one launch (plus
+    the combine of split rows); with ``grad_out`` (gradient in the forward) 'mean' needs its denominator before any
     gradient is written, which the row programs sum themselves when that is cheap (:data:`_OWN_DENOM_READS`) and
     one small launch first computes otherwise."""
     if args.reduction == "none":
@@ -412,8 +420,8 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out
     ``scale_mean=False`` ('mean', no ``grad_out``): leave the factor without 1 / sum_i w_{y_i}; the reduction
     (``out``, or :func:`reduce` with ``factor=``) finishes it, which saves the denominator's launch.
     ``out`` (0-dim, 'mean' or 'sum', not with ``column_stats``): receives the reduced loss, from the last program
-    of the launch that finishes the rows when a counter is at hand (:func:`reduce_counter`; up to
-    ``ONE_PROGRAM_ROWS`` rows), else from one :func:`reduce` launch after it.
+    of the launch that finishes the rows when a counter is at hand (:func:`reduce_counter`) and N is at most
+    :func:`fused_reduce_rows` (4096 rows for 4-warp programs), else from one :func:`reduce` launch after it.
     """
     N, C = z.shape
     dev = z.device
@@ -435,7 +443,8 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out
                  and _own_denominator(_cdiv(N, combine_m) if split else grid_rows, N))
     inv_denom = inv_denominator if inv_denominator is not None else (
         inv_denominator_of(y, args) if mean and not own_denom else _dummy(dev))
-    counter = reduce_counter(dev) if out is not None and 0 < N <= ONE_PROGRAM_ROWS else None
+    rblock = _COMBINE_RBLOCK if split else _rblock(cfg.num_warps)
+    counter = reduce_counter(dev) if out is not None and 0 < N <= fused_reduce_rows(rblock) else None
     reduce_mode = 0 if counter is None else (2 if args.reduction == "mean" else 1)
     loss = torch.empty(N, dtype=torch.float32, device=dev)
     lse = torch.empty((2, N), dtype=torch.float32, device=dev)  # (row max, log sum-exp): LSE = their sum
@@ -458,7 +467,7 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out
             HAS_FOCAL=args.gamma != 0.0, MEAN=mean and not split, SPLIT=split,
             SINGLE_TILE=cfg.single_tile, GRAD_IN_FWD=fuse_grad, COLUMN_STATS=column_stats, ALIGN=row_align(z, g),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PERSISTENT=grid_rows < row_blocks,
-            OWN_DENOM=own_denom and not split, REDUCE=0 if split else reduce_mode, RBLOCK=_rblock(cfg.num_warps),
+            OWN_DENOM=own_denom and not split, REDUCE=0 if split else reduce_mode, RBLOCK=rblock,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags)
         if split:
             row_loss_combine[(_cdiv(N, combine_m),)](
@@ -466,7 +475,7 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out
                 counter if counter is not None else d, N, C, cfg.num_splits, args.ignore_index, args.gamma,
                 args.label_smoothing, HAS_WEIGHT=args.weight is not None, HAS_SMOOTH=args.label_smoothing > 0.0,
                 HAS_FOCAL=args.gamma != 0.0, MEAN=mean, OWN_DENOM=own_denom, REDUCE=reduce_mode, BLOCK_M=combine_m,
-                BLOCK_S=block_s, RBLOCK=_COMBINE_RBLOCK)
+                BLOCK_S=block_s, RBLOCK=rblock)
     if out is not None and counter is None:
         unscaled = args.reduction == "mean" and not scale_mean
         reduce(loss, y, args, inv_denominator=inv_denominator if inv_denominator is not None

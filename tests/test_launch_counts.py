@@ -102,6 +102,9 @@ _CASES = {
         # as if the batch were too long for every program to sum the targets: one denominator launch first
         lambda: fastlt.LogitAdjustedLoss(_COUNTS, backend="triton", grad_in_forward=True), {"own_denom": False},
         {"reduce_rows": 1, "row_loss_forward": 1, "scale_rows": 1}),
+    "la-long-batch": (  # as if the batch were too long for the last program's sums: reduce_rows after the rows
+        lambda: fastlt.LogitAdjustedLoss(_COUNTS, backend="triton"), {"fused_rows": 0},
+        {"row_loss_forward": 1, "reduce_rows": 1, "row_loss_grad": 1}),
     "ldam": (lambda: fastlt.LDAMLoss(_COUNTS, backend="triton"), {},
              {"row_loss_forward": 1, "row_loss_grad": 1}),
     "gcl": (lambda: fastlt.GCLLoss(_COUNTS, backend="triton"), {"seed": 5},
@@ -131,6 +134,8 @@ def test_one_step_launches_only_what_the_math_needs(case, counter, monkeypatch):
     kwargs = dict(kwargs)
     if not kwargs.pop("own_denom", True):
         monkeypatch.setattr(launch, "_OWN_DENOM_READS", 0)
+    if kwargs.pop("fused_rows", None) == 0:
+        monkeypatch.setattr(launch, "_FUSED_REDUCE_STEPS", 0)
     criterion = make().to(DEVICE)
     gen = torch.Generator().manual_seed(1)
     inputs = torch.randn(N, D if "head" in case else C, generator=gen).to(DEVICE).requires_grad_()
