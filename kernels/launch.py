@@ -207,6 +207,9 @@ def _dummy(device: torch.device) -> torch.Tensor:
 
 
 _COUNTER_SLOTS = 4096
+# 16 bytes apart: Triton specialises a pointer on 16-byte alignment, so every slot gets the kernel variant the first
+# one compiled (a capture's fresh slot must not compile a new variant inside the capture)
+_SLOT_STRIDE = 4
 
 
 class _CounterBank:
@@ -215,15 +218,16 @@ class _CounterBank:
     on whatever stream it is given, so it keeps a counter of its own). A launch leaves its counter at 0."""
 
     def __init__(self, device: torch.device):
-        self.slots = torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
+        self.slots = torch.zeros(_COUNTER_SLOTS * _SLOT_STRIDE, dtype=torch.int32, device=device)
         self.taken = 0
         self.by_stream: dict[int, torch.Tensor] = {}
 
     def fresh(self) -> torch.Tensor | None:
         if self.taken == _COUNTER_SLOTS:
             return None
+        start = self.taken * _SLOT_STRIDE
         self.taken += 1
-        return self.slots[self.taken - 1:self.taken]
+        return self.slots[start:start + 1]
 
 
 _BANKS: dict[torch.device, _CounterBank] = {}

@@ -110,8 +110,17 @@ def test_replays_reduce_each_new_batch_in_the_row_kernel(bank, monkeypatch):
     def step():
         return LF.logit_adjusted_cross_entropy(z, y, lp, backend="triton")
 
-    graph, captured = _capture(step, before_capture=(lambda: monkeypatch.setattr(launch, "_BANKS", {}))
-                               if bank == "no-bank-yet" else None)
+    before_capture = None
+    if bank == "no-bank-yet":
+        # warm up the kernels of the separate reduction (nothing may compile inside the capture), then capture with
+        # the real reduce_counter and no bank
+        real = launch.reduce_counter
+        monkeypatch.setattr(launch, "reduce_counter", lambda device: None)
+
+        def before_capture():
+            monkeypatch.setattr(launch, "reduce_counter", real)
+            monkeypatch.setattr(launch, "_BANKS", {})
+    graph, captured = _capture(step, before_capture)
     for k in range(4):
         z.copy_(torch.randn(N, C, generator=gen).cuda() * (k + 1))
         graph.replay()
