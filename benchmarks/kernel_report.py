@@ -220,6 +220,12 @@ def cases():
                 heads.use_triton = use_triton
         return run
 
+    def rescale(N, D, C, dtype):
+        def run():  # the heads' backward: dx, dW, db times a scalar grad_output in one launch
+            launch.scale_all([torch.empty((N, D), dtype=dtype), torch.empty((C, D), dtype=dtype),
+                              torch.empty(C, dtype=dtype)], torch.ones(()))
+        return run
+
     return {
         "la-131072-bf16": la(4096, 131072, torch.bfloat16),
         "la-131072-fp32": la(4096, 131072, torch.float32),
@@ -237,6 +243,7 @@ def cases():
         "lade-131072-fp32": lade_case(4096, 131072, torch.float32),
         "lade-8142-bf16": lade_case(4096, 8142, torch.bfloat16),
         "cosine-gcl-head-bf16": cosine_head(256, 128, 1000, torch.bfloat16),
+        "heads-rescale-bf16": rescale(4096, 1024, 131072, torch.bfloat16),
     }
 
 

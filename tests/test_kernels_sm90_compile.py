@@ -5,7 +5,7 @@ The rest of the suite runs the kernels in the interpreter, which never compiles 
 the compiler rejects, or a tile that spills registers in its column loop, would only show on a GPU. This runs
 ``benchmarks/kernel_report.py --check`` in a fresh process without ``TRITON_INTERPRET`` (triton compiles to
 cubin with its bundled ptxas), over the default launches of every path (logit adjustment, GCL, LADE, split
-rows, gradient in forward, a whole-row tile, the cosine head)."""
+rows, gradient in forward, a whole-row tile, the cosine head, the heads' one-launch rescale)."""
 
 from __future__ import annotations
 
@@ -26,4 +26,4 @@ def test_kernels_compile_for_sm90_without_spills_in_loops():
     table = [ln for ln in proc.stdout.splitlines() if ln.startswith("| ")]
     kernels = {ln.split("|")[2].strip() for ln in table[1:]}
     assert {"row_loss_forward", "row_loss_grad", "row_loss_combine", "reduce_rows", "lade_columns",
-            "_normalize_fwd"} <= kernels, kernels
+            "_normalize_fwd", "scale_rows"} <= kernels, kernels
