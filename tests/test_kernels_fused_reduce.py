@@ -199,3 +199,25 @@ def test_last_program_sees_every_row_under_concurrency():
         want = rows.double().sum() / (N if args.reduction == "mean" else 1)
         assert abs(loss.item() - want.item()) <= 1e-5 * abs(want.item()), (step, N, C, config)
     assert _counter_is_zero()
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter runs programs one after another: races need a GPU")
+def test_lade_finish_sees_every_row_and_part_under_concurrency(monkeypatch):
+    """LADE's finish launch: its last program adds the PriorCE rows and every class block's LADER part; against the
+    separate reduction launch on the same inputs, over launches of varied sizes."""
+    from fastlt import functional as LF
+
+    gen = torch.Generator().manual_seed(6)
+    counter = launch.reduce_counter
+    for step in range(60):
+        N = int(torch.randint(1, 4000, (1,), generator=gen))
+        C = [300, 2000, 8142][step % 3]  # 2, 8 and 32 class blocks of LADER parts
+        z = torch.randn(N, C, generator=gen).to(DEVICE)
+        y = torch.randint(0, C, (N,), generator=gen).to(DEVICE)
+        pi = torch.softmax(torch.randn(C, generator=gen), 0).to(DEVICE)
+        reduction = "mean" if step % 2 else "sum"
+        fused = LF.lade_loss(z, y, pi, reduction=reduction, backend="triton")
+        monkeypatch.setattr(launch, "reduce_counter", lambda device: None)
+        separate = LF.lade_loss(z, y, pi, reduction=reduction, backend="triton")
+        monkeypatch.setattr(launch, "reduce_counter", counter)
+        assert abs(fused.item() - separate.item()) <= 1e-5 * max(1.0, abs(separate.item())), (step, N, C)
