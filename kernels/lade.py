@@ -155,32 +155,28 @@ def _columns(stats: torch.Tensor, finish_args=None, into: torch.Tensor | None = 
     out = into if into is not None else torch.empty((3 if finish_args is not None else 2, C), dtype=torch.float32,
                                                     device=dev)
     parts = torch.empty(triton.cdiv(C, block_c), dtype=torch.float32, device=dev) if finish_args is not None else out
-    if C == 0:
-        if reduce is not None:
-            launch.reduce(reduce.loss_rows, finish_args[0], reduce.args, factor=reduce.factor, extra=parts,
-                          out=reduce.out)
-        return out, parts
-    y, zy, ignore_index, pi, alpha, remine_lambda = (finish_args if finish_args is not None
-                                                     else (out, out, -100, out, 0.0, 0.0))
-    N = y.shape[0] if finish_args is not None else 0
-    if finish_args is not None and N == 0:  # no row to read: pointers of the usual types, surely valid
-        y, zy = torch.full((1,), int(ignore_index), device=dev), out
-    block_r = max(1, min(4096 // block_c, triton.next_power_of_2(max(R, 1))))  # few classes: taller steps
-    block_y = max(1, min(4096 // block_c, triton.next_power_of_2(max(N, 1))))
     loss_rows, factor, args, loss = reduce if reduce is not None else (out, out, None, out)
     if args is not None and args.reduction == "none":
         raise ValueError("LADE's rows reduce with LADER: reduction must be 'mean' or 'sum', got 'none'")
+    y, zy, ignore_index, pi, alpha, remine_lambda = (finish_args if finish_args is not None
+                                                     else (out, out, -100, out, 0.0, 0.0))
+    N = y.shape[0] if finish_args is not None else 0
     rblock = launch._rblock(4)
-    counter = (launch.reduce_counter(dev) if reduce is not None and 0 < N <= launch.fused_reduce_rows(rblock)
-               and parts.shape[0] <= launch.fused_reduce_rows(rblock) else None)
-    weight = args.weight if args is not None and args.weight is not None else None
-    lade_columns[(triton.cdiv(C, block_c),)](
-        stats, R, C, y, zy, N, int(ignore_index), pi, float(alpha), float(remine_lambda), math.log(1.0 / C + 1e-9),
-        out, parts, loss_rows, weight if weight is not None else out, factor, loss,
-        counter if counter is not None else out, FINISH=finish_args is not None, ACCUMULATE=into is not None,
-        BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_Y=block_y,
-        REDUCE=0 if counter is None else (2 if args.reduction == "mean" else 1), HAS_WEIGHT=weight is not None,
-        RBLOCK=rblock, num_warps=4)
+    # the last program sums the N rows and the P parts (with no row or no class there is nothing to launch it in)
+    counter, reduce_mode = (launch.fused_reduction(dev, max(N, parts.shape[0]) if N and C else 0, rblock,
+                                                   args.reduction) if reduce is not None else (None, 0))
+    if C > 0:
+        if finish_args is not None and N == 0:  # no row to read: pointers of the usual types, surely valid
+            y, zy = torch.full((1,), int(ignore_index), device=dev), out
+        block_r = max(1, min(4096 // block_c, triton.next_power_of_2(max(R, 1))))  # few classes: taller steps
+        block_y = max(1, min(4096 // block_c, triton.next_power_of_2(max(N, 1))))
+        weight = args.weight if args is not None else None
+        lade_columns[(triton.cdiv(C, block_c),)](
+            stats, R, C, y, zy, N, int(ignore_index), pi, float(alpha), float(remine_lambda),
+            math.log(1.0 / C + 1e-9), out, parts, loss_rows, weight if weight is not None else out, factor, loss,
+            counter if counter is not None else out, FINISH=finish_args is not None, ACCUMULATE=into is not None,
+            BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_Y=block_y, REDUCE=reduce_mode, HAS_WEIGHT=weight is not None,
+            RBLOCK=rblock, num_warps=4)
     if reduce is not None and counter is None:
         launch.reduce(loss_rows, finish_args[0], args, factor=factor, extra=parts, out=loss)
     return out, parts

@@ -292,9 +292,21 @@ _COMBINE_RBLOCK = 128  # one value per thread of the 4-warp combine (wider, trit
 _FUSED_REDUCE_STEPS = 8
 
 
-def fused_reduce_rows(rblock: int) -> int:
-    """The most rows a launch with sums ``rblock`` wide reduces in its last program (:data:`_FUSED_REDUCE_STEPS`)."""
-    return min(ONE_PROGRAM_ROWS, _FUSED_REDUCE_STEPS * rblock)
+def fused_reduction(device: torch.device, values: int, rblock: int, reduction: str) -> tuple[torch.Tensor | None, int]:
+    """``(counter, REDUCE)`` for a launch whose last program would sum ``values`` values (rows and any extra ones) in
+    ``rblock``-wide steps: a counter (:func:`reduce_counter`) and 1 ('sum') or 2 ('mean'), or ``(None, 0)`` when the
+    reduction must be a launch of its own (no values, more than :data:`_FUSED_REDUCE_STEPS` steps or
+    ``ONE_PROGRAM_ROWS`` values, or no counter to be had)."""
+    if not 0 < values <= min(ONE_PROGRAM_ROWS, _FUSED_REDUCE_STEPS * rblock):
+        return None, 0
+    counter = reduce_counter(device)
+    return counter, 0 if counter is None else (2 if reduction == "mean" else 1)
+
+
+def _combine_tiles(num_splits: int) -> tuple[int, int]:
+    """``(BLOCK_S, BLOCK_M)`` of :func:`row_loss_combine` for rows split in ``num_splits`` (4096 partials a tile)."""
+    block_s = max(2, _next_pow2(num_splits))
+    return block_s, max(1, min(64, 4096 // block_s))
 
 
 def _reduce_launch(y: torch.Tensor, args: RowOperatorArgs, *, loss_rows=None, factor=None, inv_denom=None, out=None,
@@ -366,7 +378,7 @@ def loss(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out: t
          out_dtype: torch.dtype = torch.float32, config: TileConfig | None = None):
     """The reduced loss (0-dim, ``out_dtype``; the (N,) fp32 rows for 'none') in the fewest launches: ``(loss,
     lse, factor)`` as :func:`forward` gives them (the factor includes 'mean''s 1 / sum w_{y_i}). Up to
-    :func:`fused_reduce_rows` rows the row kernel's last program reduces the batch, so a step is one launch (plus
+    :func:`fused_reduction`'s rows the row kernel's last program reduces the batch, so a step is one launch (plus
     the combine of split rows); with ``grad_out`` (gradient in the forward) 'mean' needs its denominator before any
     gradient is written, which the row programs sum themselves when that is cheap (:data:`_OWN_DENOM_READS`) and
     one small launch first computes otherwise."""
@@ -424,8 +436,8 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out
     ``scale_mean=False`` ('mean', no ``grad_out``): leave the factor without 1 / sum_i w_{y_i}; the reduction
     (``out``, or :func:`reduce` with ``factor=``) finishes it, which saves the denominator's launch.
     ``out`` (0-dim, 'mean' or 'sum', not with ``column_stats``): receives the reduced loss, from the last program
-    of the launch that finishes the rows when a counter is at hand (:func:`reduce_counter`) and N is at most
-    :func:`fused_reduce_rows` (4096 rows for 4-warp programs), else from one :func:`reduce` launch after it.
+    of the launch that finishes the rows when :func:`fused_reduction` allows (up to 4096 rows for 4-warp programs
+    and a counter at hand), else from one :func:`reduce` launch after it.
     """
     N, C = z.shape
     dev = z.device
@@ -435,32 +447,32 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out
         raise ValueError("scale_mean=False needs the recompute mode (grad_out=None): the gradient needs the mean")
     if out is not None and (args.reduction == "none" or column_stats):
         raise ValueError("out= takes the 'mean' or 'sum' of a loss without column_stats")
+    d = _dummy(dev)
     prior, cloud, margin, weight = _class_ptrs(args, dev)
     wsum = weight_sum(args, dev)
     split = cfg.num_splits > 1
     row_blocks = _cdiv(N, cfg.block_m)
     grid_rows = cfg.row_grid(row_blocks)
-    block_s = max(2, _next_pow2(cfg.num_splits))
-    combine_m = max(1, min(64, 4096 // block_s))
+    block_s, combine_m = _combine_tiles(cfg.num_splits)
     mean = args.reduction == "mean" and scale_mean
     own_denom = (mean and inv_denominator is None
                  and _own_denominator(_cdiv(N, combine_m) if split else grid_rows, N))
-    inv_denom = inv_denominator if inv_denominator is not None else (
-        inv_denominator_of(y, args) if mean and not own_denom else _dummy(dev))
+    inv = inv_denominator
+    if inv is None and mean and not own_denom:
+        inv = inv_denominator_of(y, args)
     rblock = _COMBINE_RBLOCK if split else _rblock(cfg.num_warps)
-    counter = reduce_counter(dev) if out is not None and 0 < N <= fused_reduce_rows(rblock) else None
-    reduce_mode = 0 if counter is None else (2 if args.reduction == "mean" else 1)
+    counter, reduce_mode = fused_reduction(dev, N, rblock, args.reduction) if out is not None else (None, 0)
     loss = torch.empty(N, dtype=torch.float32, device=dev)
     lse = torch.empty((2, N), dtype=torch.float32, device=dev)  # (row max, log sum-exp): LSE = their sum
     factor = torch.empty(N, dtype=torch.float32, device=dev)
-    part = torch.empty((4, N, cfg.num_splits), dtype=torch.float32, device=dev) if split else _dummy(dev)
+    part = torch.empty((4, N, cfg.num_splits), dtype=torch.float32, device=dev) if split else d
     colstats = (ColumnStats(torch.empty((2, row_blocks, C), dtype=torch.float32, device=dev),
                             torch.empty(N, dtype=torch.float32, device=dev)) if column_stats
-                else ColumnStats(_dummy(dev), _dummy(dev)))
+                else ColumnStats(d, d))
     fuse_grad = grad_out is not None and not split
     g = grad_out if fuse_grad else z
     flags = _common_flags(args)
-    d = _dummy(dev)
+    inv_denom = inv if inv is not None else d
     if N > 0:
         row_loss_forward[(grid_rows, cfg.num_splits)](
             z, z.stride(0), z.stride(1), y, prior, cloud, margin, weight, wsum, inv_denom,
@@ -482,9 +494,7 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out
                 BLOCK_S=block_s, RBLOCK=rblock)
     if out is not None and counter is None:
         unscaled = args.reduction == "mean" and not scale_mean
-        reduce(loss, y, args, inv_denominator=inv_denominator if inv_denominator is not None
-               else (inv_denom if mean and not own_denom else None),
-               factor=factor if unscaled else None, out=out)
+        reduce(loss, y, args, inv_denominator=inv, factor=factor if unscaled else None, out=out)
     if grad_out is not None and split:
         grad(z, y, args, lse, factor, None, out=grad_out, config=cfg)
     return loss, lse, factor, (colstats if column_stats else None)
@@ -584,8 +594,7 @@ def combine_partials(part: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs,
         return loss, lse, factor
     _, _, margin, weight = _class_ptrs(args, dev)
     num_chunks = part.shape[2]
-    block_s = max(2, _next_pow2(num_chunks))
-    block_m = max(1, min(64, 4096 // block_s))
+    block_s, block_m = _combine_tiles(num_chunks)
     d = _dummy(dev)
     row_loss_combine[(_cdiv(N, block_m),)](
         part, y, margin, weight, weight_sum(args, dev), inv_denom, loss, lse, factor, d, d, N, num_classes,
@@ -605,7 +614,7 @@ def scale_by(grad_tensor: torch.Tensor, grad_output: torch.Tensor) -> torch.Tens
     one launch of a few programs (:func:`scale_rows`). Returns ``grad_tensor``."""
     if grad_output.dim() != 0 and grad_output.shape != grad_tensor.shape[:1]:
         raise ValueError(f"grad_output must be a scalar or ({grad_tensor.shape[0]},), got {tuple(grad_output.shape)}")
-    _scale(grad_tensor.device, [grad_tensor], grad_output)
+    _scale([grad_tensor], grad_output)
     return grad_tensor
 
 
@@ -617,23 +626,25 @@ def scale_all(grads, grad_output: torch.Tensor) -> None:
         raise ValueError(f"scale_all takes a scalar grad_output, got shape {tuple(grad_output.shape)}")
     if len(mats) > 3:
         raise ValueError(f"scale_all takes at most 3 tensors, got {len(mats)}")
-    if mats:
-        _scale(mats[0].device, mats, grad_output)
+    _scale(mats, grad_output)
 
 
 def _as_matrix(g: torch.Tensor) -> torch.Tensor:
     """A 2-D view of ``g`` for :func:`scale_rows`: one row when contiguous (whole 4096-element tiles)."""
     if g.is_contiguous():
         return g.view(1, -1)
-    if g.dim() <= 2:
-        return g.reshape(1, -1) if g.dim() == 0 else (g.unsqueeze(0) if g.dim() == 1 else g)
+    if g.dim() == 1:
+        return g.unsqueeze(0)
+    if g.dim() == 2:
+        return g
     raise ValueError(f"scale_all takes contiguous tensors or 1-D/2-D views, got a non-contiguous {g.dim()}-D one")
 
 
-def _scale(dev: torch.device, mats, grad_output: torch.Tensor) -> None:
+def _scale(mats, grad_output: torch.Tensor) -> None:
     mats = [m for m in mats if m.numel() > 0]
     if not mats:
         return
+    dev = mats[0].device
     block_n = min(_next_pow2(max(m.shape[1] for m in mats)), _SCALE_TILE)
     block_m = max(1, min(16, _SCALE_TILE // block_n))
     tiles = sum(_cdiv(m.shape[0], block_m) * _cdiv(m.shape[1], block_n) for m in mats)
