@@ -270,7 +270,7 @@ def _chunk_logits(buf: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.
 def _row_chunk_grads(dz, xc, w, dx, dw, db, r0: int, r1: int, *, single: bool, first: bool) -> None:
     """The matmuls of one row chunk's gradient ``dz`` (R, C): ``dx[r0:r1] = dz W``, ``dw (+)= dz^T xc`` (written
     when there is a single chunk, else accumulated in fp32), ``db (+)= sum_rows dz`` (fp32; written by the first
-    chunk, see :func:`_grad_accumulator`). None: skipped."""
+    chunk, see :func:`_grad_accumulators`). None: skipped."""
     if dx is not None:
         torch.mm(dz, w, out=dx[r0:r1])
     if dw is not None:
@@ -293,10 +293,14 @@ def _joined(chunk_rows: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     return torch.cat(chunk_rows) if chunk_rows else torch.empty(0, dtype=torch.float32, device=x.device)
 
 
-def _grad_accumulator(shape, dtype: torch.dtype, x: torch.Tensor, num_chunks: int) -> torch.Tensor:
-    """A ``dw`` or ``db`` buffer for :func:`_row_chunk_grads`, whose first chunk writes it: zero-filled only when
-    no chunk does (an empty batch)."""
-    return (torch.empty if num_chunks else torch.zeros)(shape, dtype=dtype, device=x.device)
+def _grad_accumulators(C: int, D: int, x: torch.Tensor, num_chunks: int, *, need_w: bool, need_b: bool):
+    """``(dw, db)`` for :func:`_row_chunk_grads` (None when not needed): ``dw`` (C, D) in x's dtype for one row chunk
+    (its matmul writes it), fp32 for several (accumulated); ``db`` (C,) fp32. The first chunk writes them: they are
+    zero-filled only when no chunk does (an empty batch)."""
+    alloc = torch.empty if num_chunks else torch.zeros
+    dw = alloc((C, D), dtype=x.dtype if num_chunks == 1 else torch.float32, device=x.device) if need_w else None
+    db = alloc(C, dtype=torch.float32, device=x.device) if need_b else None
+    return dw, db
 
 
 def _fused_pass(x, w, b, y, params: _HeadParams, *, need_x: bool, need_w: bool, need_b: bool):
@@ -320,11 +324,7 @@ def _fused_pass(x, w, b, y, params: _HeadParams, *, need_x: bool, need_w: bool, 
     row_losses = []
     loss = None
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if fused and need_x else None
-    dw = db = None
-    if fused and need_w:
-        dw = _grad_accumulator((C, D), x.dtype if single else torch.float32, x, len(chunks))
-    if fused and need_b:
-        db = _grad_accumulator(C, torch.float32, x, len(chunks))
+    dw, db = _grad_accumulators(C, D, x, len(chunks), need_w=fused and need_w, need_b=fused and need_b)
     lse_chunks, factor_chunks = [], []
     for k, (r0, r1) in enumerate(chunks):
         xc = x[r0:r1]
@@ -367,8 +367,7 @@ def _recompute_backward(x, w, b, y, params: _HeadParams, lse_chunks, factor_chun
     go = grad_output.contiguous()
     buf = _logits_buffer(min(params.chunk_rows, N), C, x) if N else None
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
-    dw = _grad_accumulator((C, D), x.dtype if single else torch.float32, x, len(chunks)) if need_w else None
-    db = _grad_accumulator(C, torch.float32, x, len(chunks)) if need_b else None
+    dw, db = _grad_accumulators(C, D, x, len(chunks), need_w=need_w, need_b=need_b)
     for k, (r0, r1) in enumerate(chunks):
         xc = x[r0:r1]
         z = _chunk_logits(buf, xc, w, b)

@@ -40,7 +40,7 @@ from .heads import (
     _chunks,
     _class_grads,
     _class_row_stats,
-    _grad_accumulator,
+    _grad_accumulators,
     _joined,
     _logits_buffer,
     _row_chunk_grads,
@@ -100,8 +100,7 @@ def _lade_pass(x, w, b, y, params: _LADEHeadParams, *, need_x: bool, need_w: boo
         return loss, dx, dw, db
     single = len(chunks) == 1
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
-    dw = _grad_accumulator((C, D), x.dtype if single else torch.float32, x, len(chunks)) if need_w else None
-    db = _grad_accumulator(C, torch.float32, x, len(chunks)) if need_b else None
+    dw, db = _grad_accumulators(C, D, x, len(chunks), need_w=need_w, need_b=need_b)
     for k, (r0, r1) in enumerate(chunks):
         xc = x[r0:r1]
         z = _chunk_logits(buf, xc, w, b)
