@@ -19,7 +19,7 @@ import torch
 import triton.testing
 
 from fastlt import functional as LF
-from fastlt.bench import _counts, floor_ms, measure_bandwidth
+from fastlt.bench import _counts, floor_ms, host_ms, measure_bandwidth
 from fastlt.kernels import launch
 from fastlt.priors import log_prior
 
@@ -38,17 +38,6 @@ def _graph_replay_ms(fn) -> float:
     return triton.testing.do_bench(graph.replay, return_mode="median")
 
 
-def _host_us(fn, reps=200) -> float:
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    host = (time.perf_counter() - t0) / reps * 1e6
-    torch.cuda.synchronize()
-    return host
-
-
 def reduce_in_kernel_vs_launch(N, C, dt, lp) -> None:
     """``launch.loss`` with the batch reduced by the row kernel's last program (the default) against a separate
     ``reduce_rows`` launch (what runs without a counter): device ms in a CUDA graph, eager median ms, host us."""
@@ -65,7 +54,7 @@ def reduce_in_kernel_vs_launch(N, C, dt, lp) -> None:
                     return launch.loss(z, y, args, grad_out=grad_out)
                 print(f"{N}x{C} {mode:16s} reduction {where:10s}: graph {_graph_replay_ms(fn) * 1e3:7.1f} us | "
                       f"eager {triton.testing.do_bench(fn, return_mode='median') * 1e3:7.1f} us | "
-                      f"host {_host_us(fn):6.1f} us")
+                      f"host {host_ms(fn, reps=200) * 1e3:6.1f} us")
             finally:
                 launch.reduce_counter = counter
 
@@ -92,12 +81,7 @@ def main(N=4096, C=8142, dtype="fp32"):
         LF.logit_adjusted_cross_entropy(z, y, lp, backend="triton").backward()
 
     full = triton.testing.do_bench(step, return_mode="median")
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(50):
-        step()
-    host = (time.perf_counter() - t0) / 50 * 1e3
-    torch.cuda.synchronize()
+    host = host_ms(step, reps=50)
     fl = floor_ms(N, C, dt, bw)
     print(f"{N}x{C} {dtype} config={cfg} floor {fl:.3f} ms")
     print(f"forward kernel(s) {fwd:.3f} ms | backward kernel {bwd:.3f} ms | fused fwd+grad {fused:.3f} ms "
