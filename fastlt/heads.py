@@ -35,13 +35,14 @@ logits and gradient (:func:`fastlt.kernels.launch.grad`) and does the matmuls th
 
 **Class chunks, for very large C.** With many row chunks, step 3's fp32 ``dW`` accumulator (``C x D``)
 is read and written once per chunk: at 1024 x 1024 -> 1M bf16, 8 chunks of 128 rows move ~12 GB each,
-3x the matmul time (measured: 5.6x the matmul floor). So when that traffic would cost more than one
-extra logits matmul (:func:`_prefer_class_chunks`, by count; or ``chunk_classes=`` explicitly) the head
+3x the matmul time (measured: 5.6x the matmul floor). So when that traffic would cost more than the
+recomputed logits matmuls (:func:`_prefer_class_chunks`, by count; or ``chunk_classes=`` explicitly) the head
 chunks the classes instead, ``[c0, c1)`` of ``chunk_classes`` (a multiple of 8; by default an (N, cols)
 buffer of <= 512 MiB): pass 1 computes ``Z_k = F W_k^T`` per chunk and the row kernel writes each row's
 partial (max, sum-exp, target logit, smoothing sum) of those classes; one combine launch finishes every
-row; pass 2 recomputes ``Z_k``, writes ``dZ_k`` over it, ``dW_k = dZ_k^T F`` straight into its rows (no
-accumulator) and ``dF += dZ_k W_k`` ((N, D) fp32). ``8 N D C`` FLOPs instead of 6, memory O(N * cols).
+row; pass 2, last chunk first, recomputes ``Z_k`` (all but the last chunk's, which pass 1 left in the buffer),
+writes ``dZ_k`` over it, ``dW_k = dZ_k^T F`` straight into its rows (no accumulator) and ``dF += dZ_k W_k``
+((N, D) fp32). With K chunks, ``(6 + 2 (K - 1) / K) N D C`` FLOPs instead of 6, memory O(N * cols).
 
 Why not a single fused ``tl.dot`` kernel: the work is the three matmuls (``6 N D C`` FLOPs); cuBLAS
 (wgmma on Hopper) runs them near peak for every shape, which a hand-written Triton matmul that also
@@ -383,10 +384,15 @@ def _class_chunks(C: int, cols: int):
     return [(c0, min(C, c0 + cols)) for c0 in range(0, C, cols)]
 
 
+def _class_logits_view(flat: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The (rows, cols) view of the flat chunk buffer that a class chunk's logits occupy, rows 64-element aligned."""
+    stride = _padded(cols)
+    return flat[: rows * stride].view(rows, stride)[:, :cols]
+
+
 def _class_logits(flat: torch.Tensor, x, w, b, c0: int, c1: int) -> torch.Tensor:
-    """``x @ w[c0:c1]^T (+ b[c0:c1])`` into an (N, c1 - c0) view of the flat buffer, rows 64-element aligned."""
-    stride = _padded(c1 - c0)
-    out = flat[: x.shape[0] * stride].view(x.shape[0], stride)[:, : c1 - c0]
+    """``x @ w[c0:c1]^T (+ b[c0:c1])`` into the (N, c1 - c0) :func:`_class_logits_view` of the flat buffer."""
+    out = _class_logits_view(flat, x.shape[0], c1 - c0)
     if b is None:
         torch.mm(x, w[c0:c1].t(), out=out)
     else:
@@ -394,13 +400,14 @@ def _class_logits(flat: torch.Tensor, x, w, b, c0: int, c1: int) -> torch.Tensor
     return out
 
 
-def _class_row_stats(x, w, b, y, params, *, column_stats=None):
+def _class_row_stats(x, w, b, y, params, *, column_stats=None, out=None, scale_mean: bool = True):
     """Pass 1 of the class-chunked path: per class chunk ``[c0, c1)``, ``Z_k = F W_k^T`` and the row kernel's
     partials of those classes (max, sum-exp, target logit, smoothing sum); one combine launch finishes every
-    row. ``column_stats`` (LADE): a :class:`fastlt.kernels.launch.ColumnStats` that also receives the column
-    partials and target logits. Returns
-    ``(loss_rows, lse, factor, inv)`` as :func:`fastlt.kernels.launch.forward` (``inv``: the 'mean'
-    denominator, else None)."""
+    row (and, with ``out``, reduces the batch into it; ``scale_mean`` as
+    :func:`fastlt.kernels.launch.combine_partials`). ``column_stats`` (LADE): a
+    :class:`fastlt.kernels.launch.ColumnStats` that also receives the column partials and target logits. Returns
+    ``(loss_rows, lse, factor, flat)``: the rows as :func:`fastlt.kernels.launch.forward` gives them and ``flat``
+    the chunk buffer, which still holds the last chunk's logits (:func:`_class_grads` starts from them)."""
     from .kernels import launch
 
     args = params.args
@@ -409,36 +416,36 @@ def _class_row_stats(x, w, b, y, params, *, column_stats=None):
     chunks = _class_chunks(C, params.chunk_classes)
     flat = torch.empty(N * _padded(min(params.chunk_classes, C)), dtype=x.dtype, device=x.device)
     part = torch.empty((4, N, len(chunks)), dtype=torch.float32, device=x.device)
-    inv = launch.inv_denominator_of(y, args) if args.reduction == "mean" else None
     for k, (c0, c1) in enumerate(chunks):
         z = _class_logits(flat, x, w, b, c0, c1)
         launch.chunk_partials(z, y, args, part, k, col_base=c0, num_classes=C, column_stats=column_stats)
-    del flat
-    loss_rows, lse, factor = launch.combine_partials(part, y, args, C, inv_denominator=inv)
-    return loss_rows, lse, factor, inv
+    loss_rows, lse, factor = launch.combine_partials(part, y, args, C, scale_mean=scale_mean, out=out)
+    return loss_rows, lse, factor, flat
 
 
 def _class_pass(x, w, b, y, params: _HeadParams, *, need_x: bool, need_w: bool, need_b: bool):
     """Class-chunked forward (large C): :func:`_class_row_stats`, then, with gradients wanted and
     reduction != 'none', pass 2 (:func:`_class_grads`) in the forward. Same return as :func:`_fused_pass`
     (the row statistics as one-element lists)."""
-    from .kernels import launch
-
-    loss_rows, lse, factor, inv = _class_row_stats(x, w, b, y, params)
-    loss = launch.reduce(loss_rows, y, params.args, inv_denominator=inv)
+    reduced = params.args.reduction != "none"
+    out = torch.empty((), dtype=x.dtype, device=x.device) if reduced else None
+    loss_rows, lse, factor, flat = _class_row_stats(x, w, b, y, params, out=out)
+    loss = out if reduced else loss_rows.to(x.dtype)
     dx = dw = db = None
     if (need_x or need_w or need_b) and params.args.reduction != "none":
         dx, dw, db = _class_grads(x, w, b, y, params, lse, factor, None, need_x=need_x, need_w=need_w,
-                                  need_b=need_b)
-    return loss.to(x.dtype), dx, dw, db, [lse], [factor]
+                                  need_b=need_b, flat=flat)
+    return loss, dx, dw, db, [lse], [factor]
 
 
 def _class_grads(x, w, b, y, params, lse, factor, grad_output, *, need_x: bool, need_w: bool, need_b: bool,
-                 column_term=None):
-    """Pass 2 over the class chunks: recompute ``Z_k``, write ``dZ_k`` over it (times ``grad_output`` when
-    given), ``dW_k = dZ_k^T F`` and ``db_k`` straight into their rows (no accumulator), ``dF += dZ_k W_k``
-    (an (N, D) fp32 accumulator when there is more than one chunk and the dtype is half precision).
-    ``column_term``: LADE's (C,) column vectors, see :func:`fastlt.kernels.launch.grad`."""
+                 column_term=None, flat=None):
+    """Pass 2 over the class chunks, last chunk first: recompute ``Z_k``, write ``dZ_k`` over it (times
+    ``grad_output`` when given), ``dW_k = dZ_k^T F`` and ``db_k`` straight into their rows (no accumulator),
+    ``dF += dZ_k W_k`` (an (N, D) fp32 accumulator when there is more than one chunk and the dtype is half
+    precision). ``column_term``: LADE's (C,) column vectors, see :func:`fastlt.kernels.launch.grad`. ``flat``:
+    pass 1's chunk buffer (:func:`_class_row_stats`), whose last chunk's logits are not recomputed (one chunk: no
+    logits matmul at all); None: a fresh buffer, every chunk computed."""
     from .kernels import launch
 
     args = params.args
@@ -446,7 +453,9 @@ def _class_grads(x, w, b, y, params, lse, factor, grad_output, *, need_x: bool, 
     C = w.shape[0]
     chunks = _class_chunks(C, params.chunk_classes)
     single = len(chunks) == 1
-    flat = torch.empty(N * _padded(min(params.chunk_classes, C)), dtype=x.dtype, device=x.device)
+    reuse = flat is not None
+    if flat is None:
+        flat = torch.empty(N * _padded(min(params.chunk_classes, C)), dtype=x.dtype, device=x.device)
     dx = None
     if need_x:
         dx = torch.empty((N, D), dtype=x.dtype if single or x.dtype == torch.float32 else torch.float32,
@@ -455,15 +464,20 @@ def _class_grads(x, w, b, y, params, lse, factor, grad_output, *, need_x: bool, 
             dx.zero_()
     dw = torch.empty((C, D), dtype=x.dtype, device=x.device) if need_w else None
     db = torch.empty(C, dtype=x.dtype, device=x.device) if need_b else None
-    for k, (c0, c1) in enumerate(chunks):
-        z = _class_logits(flat, x, w, b, c0, c1)
+    last = len(chunks) - 1
+    for k in reversed(range(len(chunks))):
+        c0, c1 = chunks[k]
+        if reuse and k == last:
+            z = _class_logits_view(flat, N, c1 - c0)
+        else:
+            z = _class_logits(flat, x, w, b, c0, c1)
         launch.grad(z, y, args, lse, factor, grad_output, column_term=column_term, out=z, col_base=c0,
                     num_classes=C)
         if dx is not None:
             if single:
                 torch.mm(z, w[c0:c1], out=dx)
             else:
-                _acc_mm(dx, z, w[c0:c1], first=k == 0)
+                _acc_mm(dx, z, w[c0:c1], first=k == last)
         if dw is not None:
             torch.mm(z.t(), x, out=dw[c0:c1])
         if db is not None:
@@ -477,11 +491,13 @@ def _class_grads(x, w, b, y, params, lse, factor, grad_output, *, need_x: bool, 
 _FLOP_PER_BYTE = 725e12 / 3.0e12
 
 
-def _prefer_class_chunks(N: int, D: int, C: int, rows: int) -> bool:
-    """Row chunks cost the fp32 dW accumulator, read and written once per extra chunk (``8 C D`` bytes each);
-    class chunks cost one more logits matmul (``2 N D C`` FLOPs). Pick the cheaper, by count."""
+def _prefer_class_chunks(N: int, D: int, C: int, rows: int, cols: int) -> bool:
+    """Row chunks of ``rows`` cost the fp32 dW accumulator, read and written once per extra chunk (``8 C D`` bytes
+    each); K class chunks of ``cols`` cost the logits matmuls of all but the last chunk again
+    (``2 N D C (K - 1) / K`` FLOPs). Pick the cheaper, by count."""
     extra_row_chunks = math.ceil(N / max(rows, 1)) - 1
-    return extra_row_chunks * 8 * C * D * _FLOP_PER_BYTE > 2 * N * D * C
+    K = math.ceil(C / max(cols, 1))
+    return extra_row_chunks * 8 * C * D * _FLOP_PER_BYTE * K > 2 * N * D * C * (K - 1)
 
 
 def default_chunk_classes(num_rows: int, dtype: torch.dtype, chunk_bytes: int = CHUNK_BYTES) -> int:
@@ -559,8 +575,9 @@ def _run_fused(features, weight, bias, target, args, chunk_rows, chunk_classes=N
     N, D = features.shape
     C = weight.shape[0]
     rows = chunk_rows if chunk_rows is not None else default_chunk_rows(C, features.dtype)
-    if chunk_classes is None and chunk_rows is None and _prefer_class_chunks(N, D, C, rows):
-        chunk_classes = default_chunk_classes(N, features.dtype)
+    if chunk_classes is None and chunk_rows is None:
+        cols = default_chunk_classes(N, features.dtype)
+        chunk_classes = cols if _prefer_class_chunks(N, D, C, rows, cols) else None
     params = _HeadParams(args=args, chunk_rows=max(1, min(rows, max(N, 1))), chunk_classes=chunk_classes)
     tensors = (features, weight) + ((bias,) if bias is not None else ())
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
@@ -667,10 +684,11 @@ def cosine_cross_entropy(features, weight, target, *, prior=None, tau=1.0, margi
 # --- modules ---------------------------------------------------------------------------------------------------
 
 class _HeadBase(nn.Module):
-    """Shared arguments: class weights, ignore_index, reduction, label smoothing, backend, chunk_rows."""
+    """Shared arguments: class weights, ignore_index, reduction, label smoothing, backend, and the fused path's
+    ``chunk_rows`` / ``chunk_classes`` (at most one; see :func:`linear_cross_entropy`)."""
 
     def __init__(self, in_features: int, num_classes: int, *, weight_classes=None, ignore_index=-100,
-                 reduction="mean", label_smoothing=0.0, backend="auto", chunk_rows=None):
+                 reduction="mean", label_smoothing=0.0, backend="auto", chunk_rows=None, chunk_classes=None):
         super().__init__()
         for name, v in (("in_features", in_features), ("num_classes", num_classes)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -681,11 +699,13 @@ class _HeadBase(nn.Module):
         V.init_loss_options(self, "weight_classes", weight_classes, num_classes, ignore_index=ignore_index,
                             reduction=reduction, label_smoothing=label_smoothing, backend=backend, persistent=False)
         _check_chunk_rows(chunk_rows)
-        self.chunk_rows = chunk_rows
+        _check_chunk_classes(chunk_classes, chunk_rows)
+        self.chunk_rows, self.chunk_classes = chunk_rows, chunk_classes
 
     def _common(self) -> dict:
         return dict(weight_classes=self.weight_classes, ignore_index=self.ignore_index, reduction=self.reduction,
-                    label_smoothing=self.label_smoothing, backend=self.backend, chunk_rows=self.chunk_rows)
+                    label_smoothing=self.label_smoothing, backend=self.backend, chunk_rows=self.chunk_rows,
+                    chunk_classes=self.chunk_classes)
 
     def _check_features(self, features) -> None:
         if not isinstance(features, torch.Tensor):
@@ -799,7 +819,7 @@ class LinearLossHead(_HeadBase):
                                     remine_lambda=self.remine_lambda, weight_classes=c["weight_classes"],
                                     ignore_index=self.ignore_index, reduction=self.reduction,
                                     label_smoothing=self.label_smoothing, backend=self.backend,
-                                    chunk_rows=self.chunk_rows)
+                                    chunk_rows=self.chunk_rows, chunk_classes=self.chunk_classes)
         return linear_cross_entropy(features, self.weight, target, self.bias, prior=self.log_prior, tau=self.tau,
                                     margin=self.margins, scale=self.s, gamma=self.gamma, **self._common())
 

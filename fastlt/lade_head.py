@@ -8,16 +8,19 @@ passes over the row chunks of :mod:`fastlt.heads`:
 1. per chunk: ``z = F_chunk W^T (+ b)`` (cuBLAS), then the row kernel with ``COLUMN_STATS`` computes the
    PriorCE row losses and row statistics, the rows' target logits, and the chunk's column (max, sum-exp)
    partials, merged into running (2, C) fp32 statistics (no atomics: deterministic);
-2. LADER and its gradient vectors from the merged statistics; then per chunk: recompute ``z``, write
-   ``d loss / d z`` over it (row term plus LADER's column term), ``dF = dZ W``, ``dW += dZ^T F``.
+2. LADER and its gradient vectors from the merged statistics; then per chunk, last chunk first: ``z``
+   (recomputed, except for the last chunk, whose logits pass 1 left in the buffer), ``d loss / d z`` written
+   over it (row term plus LADER's column term), ``dF = dZ W``, ``dW += dZ^T F``.
 
-That is ``8 N D C`` FLOPs (one more logits matmul than the CE heads) and memory
-O(N*D + C*D + chunk*C). The backward only rescales the saved gradients by grad_output.
+With K chunks that is ``(6 + 2 (K - 1) / K) N D C`` FLOPs: for a batch that fits one chunk (the usual case:
+4096 x 8142 bf16 is 67 MB) it is ``6 N D C``, as the CE heads, and the forward is LADE's own two launches
+(:func:`fastlt.kernels.lade.forward`: the rows with the column partials, then LADER's finish, whose last program
+reduces the loss). Memory O(N*D + C*D + chunk*C). The backward only rescales the saved gradients by grad_output.
 
 When the rows take more than one chunk (or ``chunk_classes=`` is given) the classes are chunked instead
 (:func:`_lade_class_pass`): each class chunk sees every row, so its column statistics are complete at
-once; the same ``8 N D C`` FLOPs, but ``dW`` is written per class chunk with no fp32 accumulator, and
-the column partials take (2, N/16, C) fp32.
+once; the same FLOPs (K class chunks: the last one is not recomputed), but ``dW`` is written per class chunk
+with no fp32 accumulator, and the column partials take (2, N/16, C) fp32.
 """
 
 from __future__ import annotations
@@ -81,32 +84,41 @@ def _lade_pass(x, w, b, y, params: _LADEHeadParams, *, need_x: bool, need_w: boo
     args = params.args
     N, D = x.shape
     C = w.shape[0]
-    inv = launch.inv_denominator_of(y, args) if args.reduction == "mean" else None
     chunks = _chunks(N, params.chunk_rows)
+    single = len(chunks) == 1
     buf = _logits_buffer(min(params.chunk_rows, N), C, x) if N else None
-    row_losses, target_logits, row_stats, stats = [], [], [], None
-    for r0, r1 in chunks:
-        z = _chunk_logits(buf, x[r0:r1], w, b)
-        rows, lse, factor, cols = launch.forward(z, y[r0:r1], args, column_stats=True, inv_denominator=inv)
-        row_losses.append(rows)
-        target_logits.append(cols.target_logits)
-        row_stats.append((lse, factor))
-        stats = lade_kernels.merge_partials(cols.partials, into=stats)
-    loss, column_term = _lade_total(_joined(row_losses, x), inv, stats, _joined(target_logits, x), y, params)
-    loss = loss.to(x.dtype)
+    if single:  # the whole batch at once: LADE's own two launches (the finish's last program reduces the loss)
+        z = _chunk_logits(buf, x, w, b)
+        loss, lse, factor, terms = lade_kernels.forward(z, y, params.pi, params.alpha, params.remine_lambda, args,
+                                                        out_dtype=x.dtype)
+        row_stats, column_term = [(lse, factor)], terms.column_term
+    else:
+        inv = launch.inv_denominator_of(y, args) if args.reduction == "mean" else None
+        row_losses, target_logits, row_stats, stats = [], [], [], None
+        for r0, r1 in chunks:
+            z = _chunk_logits(buf, x[r0:r1], w, b)
+            rows, lse, factor, cols = launch.forward(z, y[r0:r1], args, column_stats=True, inv_denominator=inv)
+            row_losses.append(rows)
+            target_logits.append(cols.target_logits)
+            row_stats.append((lse, factor))
+            stats = lade_kernels.merge_partials(cols.partials, into=stats)
+        loss, column_term = _lade_total(_joined(row_losses, x), inv, stats, _joined(target_logits, x), y, params)
+        loss = loss.to(x.dtype)
 
     dx = dw = db = None
     if not (need_x or need_w or need_b):
         return loss, dx, dw, db
-    single = len(chunks) == 1
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
     dw, db = _grad_accumulators(C, D, x, len(chunks), need_w=need_w, need_b=need_b)
-    for k, (r0, r1) in enumerate(chunks):
+    # last chunk first: pass 1 left its logits in the buffer (the row kernel only reads them), so it is not
+    # recomputed; with one chunk, no logits matmul is repeated (6 N D C FLOPs, as the CE heads)
+    for k in reversed(range(len(chunks))):
+        r0, r1 = chunks[k]
         xc = x[r0:r1]
-        z = _chunk_logits(buf, xc, w, b)
+        z = buf[: r1 - r0] if k == len(chunks) - 1 else _chunk_logits(buf, xc, w, b)
         lse, factor = row_stats[k]
         launch.grad(z, y[r0:r1], args, lse, factor, None, column_term=column_term, out=z)
-        _row_chunk_grads(z, xc, w, dx, dw, db, r0, r1, single=single, first=k == 0)
+        _row_chunk_grads(z, xc, w, dx, dw, db, r0, r1, single=single, first=k == len(chunks) - 1)
     if dw is not None and dw.dtype != x.dtype:
         dw = dw.to(x.dtype)
     if db is not None:
@@ -131,20 +143,31 @@ def _lade_total(loss_rows, inv, stats, target_logits, y, params: _LADEHeadParams
 
 def _lade_class_pass(x, w, b, y, params: _LADEHeadParams, *, need_x: bool, need_w: bool, need_b: bool):
     """Class-chunked LADE: every class chunk sees all rows, so its column statistics are complete at once.
-    Pass 1 (:func:`fastlt.heads._class_row_stats` with a column-statistics buffer); then the rows are
-    combined and LADER finished; pass 2 (:func:`fastlt.heads._class_grads` with LADER's column term)
-    writes ``dW_k`` per chunk with no fp32 accumulator."""
+    Pass 1 (:func:`fastlt.heads._class_row_stats` with a column-statistics buffer, the factors left without
+    'mean''s denominator); then LADER's finish, whose last program reduces PriorCE's rows plus LADER into the loss
+    (as :func:`fastlt.kernels.lade.forward`); pass 2 (:func:`fastlt.heads._class_grads` with LADER's column term,
+    last chunk first, from the logits pass 1 left in the buffer) writes ``dW_k`` per chunk with no fp32
+    accumulator."""
+    from .kernels import lade as lade_kernels
     from .kernels import launch
 
+    args = params.args
     N = x.shape[0]
     cols = launch.ColumnStats.empty(N, w.shape[0], x.device)
-    loss_rows, lse, factor, inv = _class_row_stats(x, w, b, y, params, column_stats=cols)
-    loss, column_term = _lade_total(loss_rows, inv, cols.partials if N else None, cols.target_logits, y, params)
+    loss = torch.empty((), dtype=x.dtype, device=x.device)
+    loss_rows, lse, factor, flat = _class_row_stats(x, w, b, y, params, column_stats=cols, scale_mean=False)
+    column_term = None
+    if N == 0:  # no row, no LADER: the 'mean' of no rows is NaN, as torch's
+        launch.reduce(loss_rows, y, args, out=loss)
+    else:
+        column_term = lade_kernels.finish(cols.partials, y, cols.target_logits, params.pi, args.ignore_index,
+                                          params.remine_lambda, params.alpha,
+                                          rows=lade_kernels.PriorCERows(loss_rows, factor, args, loss)).column_term
     dx = dw = db = None
-    if (need_x or need_w or need_b) and N > 0:
+    if need_x or need_w or need_b:
         dx, dw, db = _class_grads(x, w, b, y, params, lse, factor, None, need_x=need_x, need_w=need_w,
-                                  need_b=need_b, column_term=column_term)
-    return loss.to(x.dtype), dx, dw, db
+                                  need_b=need_b, column_term=column_term, flat=flat)
+    return loss, dx, dw, db
 
 
 class FusedLinearLADE(FusedLinearLoss):
@@ -195,7 +218,7 @@ def lade_linear_loss(features, weight, target, prior, bias=None, *, alpha=0.1, r
     N, C = features.shape[0], weight.shape[0]
     rows = chunk_rows if chunk_rows is not None else default_chunk_rows(C, features.dtype)
     if chunk_classes is None and chunk_rows is None and rows < N:
-        # LADE costs 8 N D C FLOPs either way; class chunks save the fp32 dW accumulator of row chunks
+        # both recompute all but the last chunk's logits; class chunks save the fp32 dW accumulator of row chunks
         chunk_classes = default_chunk_classes(N, features.dtype)
     params = _LADEHeadParams(args=args, pi=pi, alpha=float(alpha), remine_lambda=float(remine_lambda),
                              chunk_rows=max(1, min(rows, max(N, 1))), chunk_classes=chunk_classes)

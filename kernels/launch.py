@@ -453,7 +453,7 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out
     split = cfg.num_splits > 1
     row_blocks = _cdiv(N, cfg.block_m)
     grid_rows = cfg.row_grid(row_blocks)
-    block_s, combine_m = _combine_tiles(cfg.num_splits)
+    combine_m = _combine_tiles(cfg.num_splits)[1]
     mean = args.reduction == "mean" and scale_mean
     own_denom = (mean and inv_denominator is None
                  and _own_denominator(_cdiv(N, combine_m) if split else grid_rows, N))
@@ -486,12 +486,8 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out
             OWN_DENOM=own_denom and not split, REDUCE=0 if split else reduce_mode, RBLOCK=rblock,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags)
         if split:
-            row_loss_combine[(_cdiv(N, combine_m),)](
-                part, y, margin, weight, wsum, inv_denom, loss, lse, factor, out if out is not None else d,
-                counter if counter is not None else d, N, C, cfg.num_splits, args.ignore_index, args.gamma,
-                args.label_smoothing, HAS_WEIGHT=args.weight is not None, HAS_SMOOTH=args.label_smoothing > 0.0,
-                HAS_FOCAL=args.gamma != 0.0, MEAN=mean, OWN_DENOM=own_denom, REDUCE=reduce_mode, BLOCK_M=combine_m,
-                BLOCK_S=block_s, RBLOCK=rblock)
+            _launch_combine(part, y, args, C, (loss, lse, factor), inv_denom, mean=mean, own_denom=own_denom,
+                            out=out, counter=counter, reduce_mode=reduce_mode)
     if out is not None and counter is None:
         unscaled = args.reduction == "mean" and not scale_mean
         reduce(loss, y, args, inv_denominator=inv, factor=factor if unscaled else None, out=out)
@@ -578,30 +574,47 @@ def column_stat_blocks(N: int) -> int:
     return _cdiv(N, pick_tiles(max(N, 1), 1, torch.device("cpu"), column_stats=True).block_m)
 
 
+def _launch_combine(part, y, args: RowOperatorArgs, C: int, rows, inv_denom, *, mean: bool, own_denom: bool, out,
+                    counter, reduce_mode: int) -> None:
+    """One ``row_loss_combine`` launch over the (4, N, S) partials into ``rows`` = (loss, lse, factor)."""
+    dev = part.device
+    N, num_splits = part.shape[1], part.shape[2]
+    block_s, block_m = _combine_tiles(num_splits)
+    _, _, margin, weight = _class_ptrs(args, dev)
+    d = _dummy(dev)
+    row_loss_combine[(_cdiv(N, block_m),)](
+        part, y, margin, weight, weight_sum(args, dev), inv_denom, *rows, out if out is not None else d,
+        counter if counter is not None else d, N, C, num_splits, args.ignore_index, args.gamma, args.label_smoothing,
+        HAS_WEIGHT=args.weight is not None, HAS_SMOOTH=args.label_smoothing > 0.0, HAS_FOCAL=args.gamma != 0.0,
+        MEAN=mean, OWN_DENOM=own_denom, REDUCE=reduce_mode, BLOCK_M=block_m, BLOCK_S=block_s, RBLOCK=_COMBINE_RBLOCK)
+
+
 def combine_partials(part: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, num_classes: int, *,
-                     inv_denominator: torch.Tensor | None = None):
-    """``(loss_rows, lse, factor)`` (fp32) from the (4, N, num_chunks) partials of :func:`chunk_partials`,
-    as :func:`forward` returns them (``inv_denominator`` as there)."""
+                     inv_denominator: torch.Tensor | None = None, scale_mean: bool = True,
+                     out: torch.Tensor | None = None):
+    """``(loss_rows, lse, factor)`` (fp32) from the (4, N, num_chunks) partials of :func:`chunk_partials`, as
+    :func:`forward` returns them; ``inv_denominator``, ``scale_mean`` and ``out`` as there: the combine's last
+    program reduces the batch into ``out`` when :func:`fused_reduction` allows, and its programs sum 'mean''s
+    denominator themselves when that is cheap, so a reduced loss is one launch."""
     N = part.shape[1]
     dev = part.device
-    mean = args.reduction == "mean"
-    inv_denom = (inv_denominator if inv_denominator is not None else inv_denominator_of(y, args)) if mean \
-        else _dummy(dev)
+    if out is not None and args.reduction == "none":
+        raise ValueError("out= takes the 'mean' or 'sum' of the rows")
+    mean = args.reduction == "mean" and scale_mean
+    own_denom = mean and inv_denominator is None and _own_denominator(_cdiv(N, _combine_tiles(part.shape[2])[1]), N)
+    inv = inv_denominator
+    if inv is None and mean and not own_denom:
+        inv = inv_denominator_of(y, args)
+    counter, reduce_mode = fused_reduction(dev, N, _COMBINE_RBLOCK, args.reduction) if out is not None else (None, 0)
     loss = torch.empty(N, dtype=torch.float32, device=dev)
     lse = torch.empty((2, N), dtype=torch.float32, device=dev)
     factor = torch.empty(N, dtype=torch.float32, device=dev)
-    if N == 0:
-        return loss, lse, factor
-    _, _, margin, weight = _class_ptrs(args, dev)
-    num_chunks = part.shape[2]
-    block_s, block_m = _combine_tiles(num_chunks)
-    d = _dummy(dev)
-    row_loss_combine[(_cdiv(N, block_m),)](
-        part, y, margin, weight, weight_sum(args, dev), inv_denom, loss, lse, factor, d, d, N, num_classes,
-        num_chunks, args.ignore_index, args.gamma, args.label_smoothing,
-        HAS_WEIGHT=args.weight is not None, HAS_SMOOTH=args.label_smoothing > 0.0,
-        HAS_FOCAL=args.gamma != 0.0, MEAN=mean, OWN_DENOM=False, REDUCE=0, BLOCK_M=block_m, BLOCK_S=block_s,
-        RBLOCK=_COMBINE_RBLOCK)
+    if N > 0:
+        _launch_combine(part, y, args, num_classes, (loss, lse, factor), inv if inv is not None else _dummy(dev),
+                        mean=mean, own_denom=own_denom, out=out, counter=counter, reduce_mode=reduce_mode)
+    if out is not None and counter is None:
+        unscaled = args.reduction == "mean" and not scale_mean
+        reduce(loss, y, args, inv_denominator=inv, factor=factor if unscaled else None, out=out)
     return loss, lse, factor
 
 

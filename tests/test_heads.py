@@ -300,9 +300,10 @@ def test_cosine_zero_and_tiny_rows(eps):
                     extra=dict(eps=eps))
 
 
+@pytest.mark.parametrize("chunks", [dict(chunk_rows=2), dict(chunk_classes=8)], ids=["rows", "classes"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("head", ["linear_bias", "cosine"])
-def test_all_rows_ignored_and_empty_batch(reduction, head):
+def test_all_rows_ignored_and_empty_batch(reduction, head, chunks):
     cosine = head == "cosine"
     D, C = 4, 5
     for N in (0, 3):
@@ -311,7 +312,7 @@ def test_all_rows_ignored_and_empty_batch(reduction, head):
         y = torch.full((N,), -100, dtype=torch.long)
         leaves = [t.float().to(DEVICE).requires_grad_() for t in (f, w, b) if t is not None]
         fk, wk, bk = (leaves + [None])[:3]
-        got = _fused(cosine, fk, wk, bk, y.to(DEVICE), {}, reduction=reduction, chunk_rows=2)
+        got = _fused(cosine, fk, wk, bk, y.to(DEVICE), {}, reduction=reduction, **chunks)
         logits = (F.normalize(f, dim=1) @ F.normalize(w, dim=1).t()) if cosine else F.linear(f, w, b)
         want = F.cross_entropy(logits.float(), y, reduction=reduction)
         torch.testing.assert_close(got.cpu(), want, equal_nan=True)

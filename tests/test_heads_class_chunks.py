@@ -95,6 +95,44 @@ def test_chunk_partials_and_combine_equal_the_single_launch_forward():
         launch.chunk_partials(z[:, 4:12].contiguous(), y, args, part, 0, col_base=4, num_classes=C)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("mode", ["last-program", "own-launch", "denominator-launch", "unscaled",
+                                  "unscaled-own-launch"])
+def test_combine_reduces_the_batch_in_its_launch(reduction, mode, monkeypatch):
+    """``combine_partials(out=)``: the combine's last program reduces the rows (summing 'mean''s denominator in its
+    programs), or one launch after it when that cannot be, or with the factors left to the reduction; each gives
+    the loss and factors of the single-launch forward + reduce."""
+    gen = _gen("combine", reduction, mode)
+    N, C = 9, 37
+    cv = _class_vectors(C, gen)
+    z = torch.randn(N, C, generator=gen).to(DEVICE)
+    y = torch.randint(0, C, (N,), generator=gen).to(DEVICE)
+    y[4] = -100
+    f32 = {k: v.float().to(DEVICE) for k, v in cv.items()}
+    args = launch.RowOperatorArgs(prior=f32["log_prior"], weight=f32["weight"], tau=0.7, label_smoothing=0.1,
+                                  reduction=reduction)
+    loss_rows, _, factor, _ = launch.forward(z, y, args)
+    want = launch.reduce(loss_rows, y, args)
+    bounds = [0, 16, 32, 37]
+    part = torch.empty((4, N, len(bounds) - 1), device=DEVICE)
+    for k, (c0, c1) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        launch.chunk_partials(z[:, c0:c1].contiguous(), y, args, part, k, col_base=c0, num_classes=C)
+    if mode.endswith("own-launch"):
+        monkeypatch.setattr(launch, "_FUSED_REDUCE_STEPS", 0)
+    if mode == "denominator-launch":
+        monkeypatch.setattr(launch, "_OWN_DENOM_READS", 0)
+    out = torch.full((), float("nan"), device=DEVICE)
+    rows2, _, factor2 = launch.combine_partials(part, y, args, C, out=out, scale_mean=not mode.startswith("unscaled"))
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rows2, loss_rows, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(factor2, factor, rtol=1e-5, atol=1e-7)
+    if not mode.endswith("own-launch"):
+        assert launch.reduce_counter(torch.device(DEVICE)).item() == 0
+    none = launch.RowOperatorArgs(reduction="none")
+    with pytest.raises(ValueError, match="out="):
+        launch.combine_partials(part, y, none, C, out=out)
+
+
 def test_chunk_classes_validation():
     f = torch.randn(3, 4, device=DEVICE)
     w = torch.randn(5, 4, device=DEVICE)
@@ -108,11 +146,18 @@ def test_chunk_classes_validation():
 
 def test_the_path_choice_by_count():
     bf16 = torch.bfloat16
-    # the benchmark shapes: 1M classes row-chunk into 8 x 128 rows (7 fp32 dW re-reads of 4 GB): class chunks;
-    # 131072 classes x 4096 rows: 4 row chunks cost less than one more logits matmul; 8142 classes: one chunk
-    assert H._prefer_class_chunks(1024, 1024, 1_000_000, H.default_chunk_rows(1_000_000, bf16))
-    assert not H._prefer_class_chunks(4096, 1024, 131072, H.default_chunk_rows(131072, bf16))
-    assert not H._prefer_class_chunks(4096, 2048, 8142, H.default_chunk_rows(8142, bf16))
+    # the benchmark shapes: 1M classes row-chunk into 4 x 256 rows (3 fp32 dW re-reads of 4 GB): class chunks
+    # (4 of them, 3 recomputed); 131072 classes x 4096 rows: 2 row chunks cost less than recomputing 1 of 2 class
+    # chunks; 8142 classes: one chunk
+    def prefer(N, D, C):
+        return H._prefer_class_chunks(N, D, C, H.default_chunk_rows(C, bf16), H.default_chunk_classes(N, bf16))
+
+    assert prefer(1024, 1024, 1_000_000)
+    assert not prefer(4096, 1024, 131072)
+    assert not prefer(4096, 2048, 8142)
+    # the last class chunk is not recomputed: one class chunk costs no extra matmul, so any row chunking loses
+    assert H._prefer_class_chunks(64, 8, 1000, 32, 1000)
+    assert not H._prefer_class_chunks(64, 8, 1000, 64, 1000)
     assert H.default_chunk_classes(1024, bf16) == (512 << 20) // 2048 // 128 * 128
     assert H.default_chunk_classes(10**9, bf16) == 128
 

@@ -108,12 +108,29 @@ def test_lade_head_chunking_does_not_change_the_result():
             torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
 
 
-def test_lade_head_all_rows_ignored_is_nan_like_torch():
+@pytest.mark.parametrize("chunks", [{}, dict(chunk_rows=2), dict(chunk_classes=8)], ids=["one", "rows", "classes"])
+def test_lade_head_all_rows_ignored_is_nan_like_torch(chunks):
     x, w, b, y, pi = _inputs(4, 3, 5, torch.float32)
     y[:] = -100
-    got = lade_linear_loss(x, w, y, pi, b, backend="triton")
+    got = lade_linear_loss(x, w, y, pi, b, backend="triton", **chunks)
     ref = reference_lade_linear_loss(x, w, y, pi, b)
     assert torch.isnan(got) and torch.isnan(ref)
+    got = lade_linear_loss(x, w, y, pi, b, backend="triton", reduction="sum", **chunks)
+    torch.testing.assert_close(got, reference_lade_linear_loss(x, w, y, pi, b, reduction="sum"))
+    assert got.item() == 0.0
+
+
+@pytest.mark.parametrize("chunks", [{}, dict(chunk_rows=2), dict(chunk_classes=8)], ids=["one", "rows", "classes"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_lade_head_empty_batch(chunks, reduction):
+    x, w, b, y, pi = _inputs(0, 3, 5, torch.float32)
+    got, grads = _grads(lambda x, w, b: lade_linear_loss(x, w, y, pi, b, backend="triton", reduction=reduction,
+                                                         **chunks), (x, w, b), 1.0)
+    want, want_grads = _grads(lambda x, w, b: reference_lade_linear_loss(x, w, y, pi, b, reduction=reduction),
+                              (x, w, b), 1.0)
+    torch.testing.assert_close(got, want, equal_nan=True)
+    for g, r in zip(grads, want_grads, strict=True):
+        assert g is not None and g.shape == r.shape and (g == 0).all() and (r == 0).all()
 
 
 def test_lade_head_no_grad_and_noncontiguous():

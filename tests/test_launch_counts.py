@@ -119,9 +119,20 @@ _CASES = {
         lambda: fastlt.LinearLossHead(D, C, _COUNTS, backend="triton", bias=False, chunk_rows=4), {},
         {"torch.mm": 2 + 2 + 1, "torch.addmm_": 1, "reduce_rows": 2, "row_loss_forward": 2, "torch.cat": 1,
          "scale_rows": 1}),
+    # one chunk: LADE's two forward launches, then the gradient over the logits still in the buffer (no second matmul)
     "lade-head": (lambda: fastlt.LinearLossHead(D, C, _COUNTS, loss="lade", backend="triton"), {},
-                  {"torch.addmm": 2, "reduce_rows": 2, "row_loss_forward": 1, "lade_columns": 2, "row_loss_grad": 1,
+                  {"torch.addmm": 1, "row_loss_forward": 1, "lade_columns": 1, "row_loss_grad": 1,
                    "torch.mm": 2, "torch.sum": 1, "scale_rows": 1}),
+    # 3 class chunks: pass 2 starts from the last chunk's logits, so 3 + 2 logits matmuls, not 3 + 3; then dx (one mm,
+    # two fp32 accumulations) and dW_k (3 mm). The combine's last program reduces the batch (LADE: the finish's)
+    "la-head-class-chunks": (
+        lambda: fastlt.LinearLossHead(D, C, _COUNTS, backend="triton", bias=False, chunk_classes=16), {},
+        {"torch.mm": 3 + 2 + 1 + 3, "torch.addmm_": 2, "row_loss_forward": 3, "row_loss_combine": 1,
+         "row_loss_grad": 3, "scale_rows": 1}),
+    "lade-head-class-chunks": (
+        lambda: fastlt.LinearLossHead(D, C, _COUNTS, loss="lade", backend="triton", bias=False, chunk_classes=16),
+        {}, {"torch.mm": 3 + 2 + 1 + 3, "torch.addmm_": 2, "row_loss_forward": 3, "row_loss_combine": 1,
+             "lade_columns": 1, "row_loss_grad": 3, "scale_rows": 1}),
     "cosine-gcl-head": (lambda: fastlt.CosineGCLHead(D, C, _COUNTS, backend="triton"), {"seed": 5},
                         {"_normalize_fwd": 2, "row_loss_forward": 1, "torch.mm": 3, "scale_rows": 1,
                          "_normalize_bwd": 2}),
