@@ -12,6 +12,7 @@ import torch
 from test_heads import DEVICE, _class_vectors, _flags, _inputs, run_and_compare
 
 from fastlt import heads as H
+from fastlt import lade_head as LH
 from fastlt.kernels import launch
 
 FLAGS = ["plain", "la", "ldam", "gcl_focal", "weighted_smooth", "all"]
@@ -142,6 +143,36 @@ def test_chunk_classes_validation():
             H.linear_cross_entropy(f, w, y, backend="triton", chunk_classes=bad)
     with pytest.raises(ValueError, match="not both"):
         H.cosine_cross_entropy(f, w, y, backend="triton", chunk_classes=8, chunk_rows=2)
+    counts = torch.arange(1, 6)
+    with pytest.raises(ValueError, match="chunk_classes"):
+        H.LinearLossHead(4, 5, counts, chunk_classes=12)
+    with pytest.raises(ValueError, match="not both"):
+        H.CosineGCLHead(4, 5, counts, chunk_classes=8, chunk_rows=2)
+
+
+@pytest.mark.parametrize("loss", ["la", "lade"])
+def test_modules_take_chunk_classes(loss, monkeypatch):
+    """A module's ``chunk_classes`` reaches the fused path: the same loss and gradients as its row-chunked run."""
+    seen = []
+    class_pass = H._class_row_stats
+    monkeypatch.setattr(H, "_class_row_stats", lambda *a, **k: seen.append(1) or class_pass(*a, **k))
+    monkeypatch.setattr(LH, "_class_row_stats", H._class_row_stats)
+    gen = _gen("modules", loss)
+    N, D, C = 6, 5, 40
+    x = torch.randn(N, D, generator=gen).to(DEVICE)
+    y = torch.randint(0, C, (N,), generator=gen).to(DEVICE)
+    counts = torch.randint(1, 50, (C,), generator=gen)
+    results = []
+    for extra in (dict(chunk_rows=4), dict(chunk_classes=16)):
+        torch.manual_seed(0)
+        head = H.LinearLossHead(D, C, counts, loss=loss, backend="triton", **extra).to(DEVICE)
+        xi = x.clone().requires_grad_()
+        out = head(xi, y)
+        out.backward()
+        results.append((out.detach(), xi.grad, head.weight.grad, head.bias.grad))
+    assert len(seen) == 1
+    for a, r in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(a, r, rtol=2e-5, atol=2e-6)
 
 
 def test_the_path_choice_by_count():
