@@ -15,8 +15,10 @@ A head replaces ``nn.Linear`` (or a cosine classifier) plus a long-tail loss. Pu
 How the fused path works (``backend='triton'``, or ``'auto'`` on CUDA tensors)
 ---------------------------------------------------------------------------
 The class dimension is handled by **cuBLAS matmuls on bounded row chunks plus the fused row kernel**,
-not by one ``tl.dot`` kernel. For each chunk of ``R`` rows (``chunk_rows``; by default the largest
-multiple of 64 whose ``(R, C)`` buffer fits in 512 MiB, at least 1 row):
+not by one ``tl.dot`` kernel. For each chunk of ``R`` rows (``chunk_rows``; by default
+:func:`head_chunk_rows`: the whole batch when its ``(N, C)`` buffer fits in 512 MiB plus the fp32 dW
+accumulator that row chunks would need, else the largest multiple of 64 whose ``(R, C)`` buffer fits in 512 MiB,
+at least 1 row):
 
 1. ``Z = F_chunk @ W^T (+ b)`` with ``torch.mm``/``torch.addmm`` (cuBLAS, fp32 accumulation), into one
    reused ``(R, C)`` buffer in the input dtype;
@@ -55,10 +57,13 @@ matmul time for ``D`` in the hundreds or more. Memory stays independent of ``N *
                  + C * D * 4   [more than one chunk and bf16/fp16 only: the fp32 dW accumulator]
                  + O(N + C) fp32                         (row statistics, db)
 
-i.e. O(N*D + C*D + R*C). The cosine head adds the normalised copies ``F_hat`` (N, D) and ``W_hat``
-(C, D) in the input dtype and the (N + C) fp32 inverse norms; the norms are computed once, in fp32,
-and the gradient flows through the normalisation (``(g - y <g, y>) / |x|`` per row, recomputed from
-the saved input and inverse norm), each direction one Triton pass (:mod:`fastlt.kernels.row_normalize`).
+i.e. O(N*D + C*D + R*C), and by default ``R * C * bytes + [C * D * 4] <= 512 MiB + C * D * 4``: one chunk of
+the whole batch up to that bound, since it costs no more than a chunk and the accumulator it spares.
+
+The cosine head adds the normalised copies ``F_hat`` (N, D) and ``W_hat`` (C, D) in the input dtype and
+the (N + C) fp32 inverse norms; the norms are computed once, in fp32, and the gradient flows through the
+normalisation (``(g - y <g, y>) / |x|`` per row, recomputed from the saved input and inverse norm), each
+direction one Triton pass (:mod:`fastlt.kernels.row_normalize`).
 
 bf16/fp16 features and weights: the matmuls accumulate in fp32 (cuBLAS), the row statistics and
 losses are fp32, gradients are stored in the input dtype (as every fastlt kernel does).
@@ -87,6 +92,7 @@ __all__ = [
     "LinearLossHead",
     "CosineGCLHead",
     "default_chunk_rows",
+    "head_chunk_rows",
 ]
 
 # Target size of one (rows, C) logits chunk. Every row chunk after the first reads and writes the (C, D) fp32 dW
@@ -102,6 +108,20 @@ def default_chunk_rows(num_classes: int, dtype: torch.dtype, chunk_bytes: int = 
     itemsize = torch.empty((), dtype=dtype).element_size()
     rows = max(1, chunk_bytes // (max(num_classes, 1) * itemsize))
     return rows - rows % 64 if rows >= 64 else rows
+
+
+def head_chunk_rows(num_rows: int, in_features: int, num_classes: int, dtype: torch.dtype, *,
+                    need_weight_grad: bool = True, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Rows per chunk of a fused head when ``chunk_rows`` is not given: the whole batch when its (N, C) buffer takes
+    no more than a chunk plus the (C, D) fp32 dW accumulator that several row chunks of a half-precision head
+    would need (``4 C D`` bytes) — the same peak memory, without the accumulator's traffic (read and written once
+    per extra chunk, then cast) or the logits that class chunks recompute; else :func:`default_chunk_rows`. At
+    4096 x 1024 -> 131072 bf16 that is one 1 GiB chunk instead of two of 512 MiB and a 512 MiB accumulator."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    accumulator = 4 * num_classes * in_features if need_weight_grad and itemsize < 4 else 0
+    if num_rows * num_classes * itemsize <= chunk_bytes + accumulator:
+        return max(num_rows, 1)
+    return default_chunk_rows(num_classes, dtype, chunk_bytes)
 
 
 # --- validation -----------------------------------------------------------------------------------------------
@@ -574,8 +594,9 @@ class _RowNormalize(torch.autograd.Function):
 def _run_fused(features, weight, bias, target, args, chunk_rows, chunk_classes=None):
     N, D = features.shape
     C = weight.shape[0]
-    rows = chunk_rows if chunk_rows is not None else default_chunk_rows(C, features.dtype)
-    if chunk_classes is None and chunk_rows is None:
+    rows = chunk_rows if chunk_rows is not None else head_chunk_rows(
+        N, D, C, features.dtype, need_weight_grad=torch.is_grad_enabled() and weight.requires_grad)
+    if chunk_classes is None and chunk_rows is None and rows < N:
         cols = default_chunk_classes(N, features.dtype)
         chunk_classes = cols if _prefer_class_chunks(N, D, C, rows, cols) else None
     params = _HeadParams(args=args, chunk_rows=max(1, min(rows, max(N, 1))), chunk_classes=chunk_classes)
@@ -647,10 +668,11 @@ def linear_cross_entropy(features, weight, target, bias=None, *, prior=None, tau
     class weights; ``ignore_index``, ``reduction``, ``label_smoothing`` as in ``F.cross_entropy``.
     ``noise``: (N, C) explicit noise, reference path only. ``backend``: 'auto' (kernels for CUDA tensors, the
     reference elsewhere), 'triton' or 'torch'. ``chunk_rows``: rows per chunk of the row-chunked path
-    (default: :func:`default_chunk_rows`, a <= 512 MiB logits buffer); ``chunk_classes`` (a multiple of 8):
+    (default: :func:`head_chunk_rows`: the whole batch when its logits fit in 512 MiB plus the fp32 dW
+    accumulator that row chunks need, else a <= 512 MiB buffer); ``chunk_classes`` (a multiple of 8):
     classes per chunk of the class-chunked path. By default the path is picked by count
-    (:func:`_prefer_class_chunks`: class chunks when C is so large that row chunks would re-read an fp32 dW
-    accumulator many times). Returns the loss in the features' dtype.
+    (:func:`_prefer_class_chunks`: class chunks when the batch takes several row chunks and C is so large that
+    they would re-read an fp32 dW accumulator many times). Returns the loss in the features' dtype.
     """
     _check_chunk_rows(chunk_rows)
     _check_chunk_classes(chunk_classes, chunk_rows)

@@ -48,7 +48,7 @@ from .heads import (
     _logits_buffer,
     _row_chunk_grads,
     default_chunk_classes,
-    default_chunk_rows,
+    head_chunk_rows,
 )
 
 __all__ = ["lade_linear_loss", "reference_lade_linear_loss"]
@@ -216,7 +216,8 @@ def lade_linear_loss(features, weight, target, prior, bias=None, *, alpha=0.1, r
                           reduction=reduction, label_smoothing=label_smoothing)
     pi, args = lade_operator_args(prior, weight_classes, label_smoothing, ignore_index, reduction)
     N, C = features.shape[0], weight.shape[0]
-    rows = chunk_rows if chunk_rows is not None else default_chunk_rows(C, features.dtype)
+    rows = chunk_rows if chunk_rows is not None else head_chunk_rows(
+        N, features.shape[1], C, features.dtype, need_weight_grad=torch.is_grad_enabled() and weight.requires_grad)
     if chunk_classes is None and chunk_rows is None and rows < N:
         # both recompute all but the last chunk's logits; class chunks save the fp32 dW accumulator of row chunks
         chunk_classes = default_chunk_classes(N, features.dtype)

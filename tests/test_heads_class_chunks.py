@@ -177,15 +177,25 @@ def test_modules_take_chunk_classes(loss, monkeypatch):
 
 def test_the_path_choice_by_count():
     bf16 = torch.bfloat16
-    # the benchmark shapes: 1M classes row-chunk into 4 x 256 rows (3 fp32 dW re-reads of 4 GB): class chunks
-    # (4 of them, 3 recomputed); 131072 classes x 4096 rows: 2 row chunks cost less than recomputing 1 of 2 class
-    # chunks; 8142 classes: one chunk
-    def prefer(N, D, C):
-        return H._prefer_class_chunks(N, D, C, H.default_chunk_rows(C, bf16), H.default_chunk_classes(N, bf16))
+    # the benchmark shapes take one chunk of the whole batch: its logits fit in a chunk plus the fp32 dW accumulator
+    # that row chunks would need (1024 x 1M bf16: 2 GiB <= 0.5 + 4 GiB; 4096 x 131072: 1 GiB <= 0.5 + 0.5 GiB)
+    for N, D, C in ((1024, 1024, 1_000_000), (4096, 1024, 131072), (4096, 2048, 8142), (0, 4, 5)):
+        assert H.head_chunk_rows(N, D, C, bf16) == max(N, 1)
+    # no accumulator to trade (no weight gradient; fp32, whose dW is its own accumulator): 512 MiB chunks
+    assert H.head_chunk_rows(4096, 1024, 131072, bf16, need_weight_grad=False) == 2048
+    assert H.head_chunk_rows(4096, 1024, 131072, torch.float32) == 1024
+    assert H.head_chunk_rows(4097, 1024, 131072, bf16) == 2048  # one row past the bound
+    assert H.head_chunk_rows(10, 4, 8, torch.float16, chunk_bytes=64) == 10  # 160 B <= 64 + 4 * 8 * 4
+    assert H.head_chunk_rows(40, 4, 8, torch.float16, chunk_bytes=64) == 4
 
-    assert prefer(1024, 1024, 1_000_000)
-    assert not prefer(4096, 1024, 131072)
-    assert not prefer(4096, 2048, 8142)
+    # several row chunks: their fp32 dW re-reads against the logits that class chunks recompute
+    def prefer(N, D, C):
+        rows = H.head_chunk_rows(N, D, C, bf16)
+        return H._prefer_class_chunks(N, D, C, rows, H.default_chunk_classes(N, bf16))
+
+    assert prefer(16384, 1024, 1_000_000)  # 64 row chunks of 256 rows, or 62 class chunks
+    assert not prefer(8192, 1024, 131072)  # 4 row chunks, or 4 class chunks (3 recomputed)
+    assert not prefer(4096, 2048, 8142)  # one chunk
     # the last class chunk is not recomputed: one class chunk costs no extra matmul, so any row chunking loses
     assert H._prefer_class_chunks(64, 8, 1000, 32, 1000)
     assert not H._prefer_class_chunks(64, 8, 1000, 64, 1000)
