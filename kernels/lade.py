@@ -21,7 +21,22 @@ import triton.language as tl
 from . import launch
 from .row_operator import NEG_BIG, _exp, _last_program_reduces
 
-_BLOCK_C = 256
+_MAX_BLOCK_C = 256
+_MIN_BLOCK_C = 32  # 128-byte rows of the (2, R, C) partials
+_TARGET_PROGRAMS = 4096  # lade_columns' programs, as far as 32 to 256 classes each allow (~31 per H100 SM)
+
+
+def _block_c(C: int) -> int:
+    """Classes per ``lade_columns`` program: 32, or more when C would make more than :data:`_TARGET_PROGRAMS`
+    programs (at most 256).
+
+    Its FINISH loop walks all N targets in ``4096 // BLOCK_C``-row steps and, in each step holding a target of its
+    classes, bins them with a (rows x classes) compare: serial, latency-bound steps, half of which bin at C = 8142.
+    256-class blocks made that 32 programs of 256 steps (one warp per SM); 32-class blocks make 255 programs of 32
+    steps (4096 x 8142). At very large C the blocks grow, so the parts that the loss reduction sums stay at most
+    4096 up to 1M classes (3907 there), within its in-kernel reduction."""
+    block = triton.next_power_of_2(max(1, triton.cdiv(C, _TARGET_PROGRAMS)))
+    return max(_MIN_BLOCK_C, min(_MAX_BLOCK_C, block))
 
 
 @triton.jit
@@ -148,7 +163,7 @@ def _columns(stats: torch.Tensor, finish_args=None, into: torch.Tensor | None = 
     stats = stats.contiguous()
     _, R, C = stats.shape
     dev = stats.device
-    block_c = min(_BLOCK_C, triton.next_power_of_2(max(C, 1)))
+    block_c = min(_block_c(C), triton.next_power_of_2(max(C, 1)))
     if into is not None and (into.shape != (2, C) or into.dtype != torch.float32 or not into.is_contiguous()):
         raise ValueError(f"into must be contiguous (2, C) = (2, {C}) fp32 running statistics, got "
                          f"{tuple(into.shape)} {into.dtype}")

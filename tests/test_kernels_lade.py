@@ -132,12 +132,18 @@ def _targets(N: int, C: int, seed: int):
     return y, zy
 
 
-@pytest.mark.parametrize("R, C, N", [(1, 1, 1), (3, 7, 40), (37, 300, 50), (16, 256, 1000), (2, 5, 0)])
-def test_merge_partials_and_finish_match_float64(R, C, N):
+@pytest.mark.parametrize("R, C, N, programs", [(1, 1, 1, None), (3, 7, 40, None), (37, 300, 50, None),
+                                               (16, 256, 1000, None), (2, 5, 0, None), (37, 300, 300, 4),
+                                               (20, 700, 90, 2)])
+def test_merge_partials_and_finish_match_float64(R, C, N, programs, monkeypatch):
     """The one-launch column merge (several row-block loops, a partial column tile), the class sums and counts
-    from the target logits, and LADER's finish."""
+    from the target logits, and LADER's finish. ``programs``: as if C were large (lade_columns' class blocks grow
+    past 32 classes when C would make more than _TARGET_PROGRAMS programs: 128 and 256 here)."""
     from fastlt.kernels import lade as lade_kernels
 
+    if programs is not None:
+        monkeypatch.setattr(lade_kernels, "_TARGET_PROGRAMS", programs)
+        assert lade_kernels._block_c(C) == {4: 128, 2: 256}[programs]
     p = _partials(R, C, R + C)
     got = lade_kernels.merge_partials(p.to(DEVICE)).cpu().double()
     p64 = p.double()
@@ -171,7 +177,7 @@ def test_merge_partials_and_finish_match_float64(R, C, N):
     if N:
         torch.testing.assert_close(col_b.cpu().double(), alpha * pi.double() * (1 + 2 * lam * second), rtol=1e-5,
                                    atol=1e-6)
-    assert terms.parts.shape == (-(-C // 256),)  # one LADER partial per program's block of classes
+    assert terms.parts.shape == (-(-C // lade_kernels._block_c(C)),)  # one LADER partial per block of classes
     want_lader = -(pi.double() * est).sum() if n_valid > 0 else torch.zeros((), dtype=torch.float64)
     torch.testing.assert_close(lader.cpu().double(), want_lader, rtol=1e-5, atol=1e-5)
     assert torch.isfinite(lader).item()
