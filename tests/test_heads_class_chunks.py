@@ -68,23 +68,33 @@ def test_class_chunks_equal_row_chunks():
             torch.testing.assert_close(a, r, rtol=2e-5, atol=2e-6)
 
 
-def test_chunk_partials_and_combine_equal_the_single_launch_forward():
-    gen = _gen("launch")
-    N, C = 7, 37
+def _logits_and_vectors(gen, N, C, ignored_row):
+    """(N, C) logits, targets with one ignored row, and the fp32 class vectors on the device."""
     cv = _class_vectors(C, gen)
     z = torch.randn(N, C, generator=gen).to(DEVICE)
     y = torch.randint(0, C, (N,), generator=gen).to(DEVICE)
-    y[3] = -100
-    f32 = {k: v.float().to(DEVICE) for k, v in cv.items()}
+    y[ignored_row] = -100
+    return z, y, {k: v.float().to(DEVICE) for k, v in cv.items()}
+
+
+def _class_partials(z, y, args, bounds):
+    """The (4, N, chunks) partials of the class chunks ``[bounds[k], bounds[k + 1])``."""
+    part = torch.empty((4, z.shape[0], len(bounds) - 1), device=DEVICE)
+    for k, (c0, c1) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        launch.chunk_partials(z[:, c0:c1].contiguous(), y, args, part, k, col_base=c0, num_classes=z.shape[1])
+    return part
+
+
+def test_chunk_partials_and_combine_equal_the_single_launch_forward():
+    N, C = 7, 37
+    z, y, f32 = _logits_and_vectors(_gen("launch"), N, C, 3)
     args = launch.RowOperatorArgs(prior=f32["log_prior"], cloud=f32["cloud"], margin=f32["margins"],
                                   weight=f32["weight"], tau=0.7, noise_mul=0.8, scale=3.0, gamma=1.5,
                                   label_smoothing=0.1, seed=5)
     loss, lse, factor, _ = launch.forward(z, y, args)
     full_grad = launch.grad(z, y, args, lse, factor, None)
     bounds = [0, 8, 16, 24, 32, 37]
-    part = torch.empty((4, N, len(bounds) - 1), device=DEVICE)
-    for k, (c0, c1) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        launch.chunk_partials(z[:, c0:c1].contiguous(), y, args, part, k, col_base=c0, num_classes=C)
+    part = _class_partials(z, y, args, bounds)
     loss2, lse2, factor2 = launch.combine_partials(part, y, args, C)
     torch.testing.assert_close(loss2, loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse2[0] + lse2[1], lse[0] + lse[1], rtol=1e-6, atol=1e-5)
@@ -103,21 +113,13 @@ def test_combine_reduces_the_batch_in_its_launch(reduction, mode, monkeypatch):
     """``combine_partials(out=)``: the combine's last program reduces the rows (summing 'mean''s denominator in its
     programs), or one launch after it when that cannot be, or with the factors left to the reduction; each gives
     the loss and factors of the single-launch forward + reduce."""
-    gen = _gen("combine", reduction, mode)
-    N, C = 9, 37
-    cv = _class_vectors(C, gen)
-    z = torch.randn(N, C, generator=gen).to(DEVICE)
-    y = torch.randint(0, C, (N,), generator=gen).to(DEVICE)
-    y[4] = -100
-    f32 = {k: v.float().to(DEVICE) for k, v in cv.items()}
+    C = 37
+    z, y, f32 = _logits_and_vectors(_gen("combine", reduction, mode), 9, C, 4)
     args = launch.RowOperatorArgs(prior=f32["log_prior"], weight=f32["weight"], tau=0.7, label_smoothing=0.1,
                                   reduction=reduction)
     loss_rows, _, factor, _ = launch.forward(z, y, args)
     want = launch.reduce(loss_rows, y, args)
-    bounds = [0, 16, 32, 37]
-    part = torch.empty((4, N, len(bounds) - 1), device=DEVICE)
-    for k, (c0, c1) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        launch.chunk_partials(z[:, c0:c1].contiguous(), y, args, part, k, col_base=c0, num_classes=C)
+    part = _class_partials(z, y, args, [0, 16, 32, C])
     if mode.endswith("own-launch"):
         monkeypatch.setattr(launch, "_FUSED_REDUCE_STEPS", 0)
     if mode == "denominator-launch":
