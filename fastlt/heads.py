@@ -452,7 +452,7 @@ def _class_pass(x, w, b, y, params: _HeadParams, *, need_x: bool, need_w: bool, 
     loss_rows, lse, factor, flat = _class_row_stats(x, w, b, y, params, out=out)
     loss = out if reduced else loss_rows.to(x.dtype)
     dx = dw = db = None
-    if (need_x or need_w or need_b) and params.args.reduction != "none":
+    if (need_x or need_w or need_b) and reduced:
         dx, dw, db = _class_grads(x, w, b, y, params, lse, factor, None, need_x=need_x, need_w=need_w,
                                   need_b=need_b, flat=flat)
     return loss, dx, dw, db, [lse], [factor]

@@ -27,8 +27,8 @@ _TARGET_PROGRAMS = 4096  # lade_columns' programs, as far as 32 to 256 classes e
 
 
 def _block_c(C: int) -> int:
-    """Classes per ``lade_columns`` program: 32, or more when C would make more than :data:`_TARGET_PROGRAMS`
-    programs (at most 256).
+    """Classes per ``lade_columns`` program: 32 (fewer for C < 32: one program), or more when C would make more
+    than :data:`_TARGET_PROGRAMS` programs (at most 256).
 
     Its FINISH loop walks all N targets in ``4096 // BLOCK_C``-row steps and, in each step holding a target of its
     classes, bins them with a (rows x classes) compare: serial, latency-bound steps, half of which bin at C = 8142.
@@ -36,7 +36,7 @@ def _block_c(C: int) -> int:
     steps (4096 x 8142). At very large C the blocks grow, so the parts that the loss reduction sums stay at most
     4096 up to 1M classes (3907 there), within its in-kernel reduction."""
     block = triton.next_power_of_2(max(1, triton.cdiv(C, _TARGET_PROGRAMS)))
-    return max(_MIN_BLOCK_C, min(_MAX_BLOCK_C, block))
+    return min(max(_MIN_BLOCK_C, min(_MAX_BLOCK_C, block)), triton.next_power_of_2(max(C, 1)))
 
 
 @triton.jit
@@ -163,7 +163,7 @@ def _columns(stats: torch.Tensor, finish_args=None, into: torch.Tensor | None = 
     stats = stats.contiguous()
     _, R, C = stats.shape
     dev = stats.device
-    block_c = min(_block_c(C), triton.next_power_of_2(max(C, 1)))
+    block_c = _block_c(C)
     if into is not None and (into.shape != (2, C) or into.dtype != torch.float32 or not into.is_contiguous()):
         raise ValueError(f"into must be contiguous (2, C) = (2, {C}) fp32 running statistics, got "
                          f"{tuple(into.shape)} {into.dtype}")
@@ -192,8 +192,9 @@ def _columns(stats: torch.Tensor, finish_args=None, into: torch.Tensor | None = 
             counter if counter is not None else out, FINISH=finish_args is not None, ACCUMULATE=into is not None,
             BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_Y=block_y, REDUCE=reduce_mode, HAS_WEIGHT=weight is not None,
             RBLOCK=rblock, num_warps=4)
-    if reduce is not None and counter is None:
-        launch.reduce(loss_rows, finish_args[0], args, factor=factor, extra=parts, out=loss)
+    if reduce is not None:  # PriorCE's factors come unscaled (PriorCERows)
+        launch.reduce_unless_fused(loss, counter, loss_rows, finish_args[0], args, factor=factor, scale_mean=False,
+                                   extra=parts)
     return out, parts
 
 

@@ -303,6 +303,30 @@ def fused_reduction(device: torch.device, values: int, rblock: int, reduction: s
     return counter, 0 if counter is None else (2 if reduction == "mean" else 1)
 
 
+def _mean_denominator(y: torch.Tensor, args: RowOperatorArgs, inv_denominator, mean: bool, programs: int):
+    """``(inv, own_denom)`` for a launch of ``programs`` row programs: with 'mean' scaling (``mean``) and no given
+    ``inv_denominator``, the programs sum the denominator themselves when that is cheap (:func:`_own_denominator`:
+    ``inv`` None), else one launch computes it first (:func:`inv_denominator_of`)."""
+    own = mean and inv_denominator is None and _own_denominator(programs, y.shape[0])
+    inv = inv_denominator
+    if inv is None and mean and not own:
+        inv = inv_denominator_of(y, args)
+    return inv, own
+
+
+def reduce_unless_fused(out: torch.Tensor | None, counter: torch.Tensor | None, loss_rows: torch.Tensor,
+                        y: torch.Tensor, args: RowOperatorArgs, *, inv_denominator=None, factor=None,
+                        scale_mean: bool = True, extra=None) -> None:
+    """The batch loss into ``out`` by one :func:`reduce` launch, for a launch that was asked for it (``out``) but had
+    no ``counter`` (:func:`fused_reduction`) to reduce it itself; else nothing. With 'mean' and ``scale_mean=False``
+    the rows' ``factor`` is scaled by 1 / sum_i w_{y_i} there too; ``extra`` as :func:`reduce`."""
+    if out is None or counter is not None:
+        return
+    unscaled = args.reduction == "mean" and not scale_mean
+    reduce(loss_rows, y, args, inv_denominator=inv_denominator, factor=factor if unscaled else None, extra=extra,
+           out=out)
+
+
 def _combine_tiles(num_splits: int) -> tuple[int, int]:
     """``(BLOCK_S, BLOCK_M)`` of :func:`row_loss_combine` for rows split in ``num_splits`` (4096 partials a tile)."""
     block_s = max(2, _next_pow2(num_splits))
@@ -455,11 +479,7 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out
     grid_rows = cfg.row_grid(row_blocks)
     combine_m = _combine_tiles(cfg.num_splits)[1]
     mean = args.reduction == "mean" and scale_mean
-    own_denom = (mean and inv_denominator is None
-                 and _own_denominator(_cdiv(N, combine_m) if split else grid_rows, N))
-    inv = inv_denominator
-    if inv is None and mean and not own_denom:
-        inv = inv_denominator_of(y, args)
+    inv, own_denom = _mean_denominator(y, args, inv_denominator, mean, _cdiv(N, combine_m) if split else grid_rows)
     rblock = _COMBINE_RBLOCK if split else _rblock(cfg.num_warps)
     counter, reduce_mode = fused_reduction(dev, N, rblock, args.reduction) if out is not None else (None, 0)
     loss = torch.empty(N, dtype=torch.float32, device=dev)
@@ -488,9 +508,7 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out
         if split:
             _launch_combine(part, y, args, C, (loss, lse, factor), inv_denom, mean=mean, own_denom=own_denom,
                             out=out, counter=counter, reduce_mode=reduce_mode)
-    if out is not None and counter is None:
-        unscaled = args.reduction == "mean" and not scale_mean
-        reduce(loss, y, args, inv_denominator=inv, factor=factor if unscaled else None, out=out)
+    reduce_unless_fused(out, counter, loss, y, args, inv_denominator=inv, factor=factor, scale_mean=scale_mean)
     if grad_out is not None and split:
         grad(z, y, args, lse, factor, None, out=grad_out, config=cfg)
     return loss, lse, factor, (colstats if column_stats else None)
@@ -601,10 +619,7 @@ def combine_partials(part: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs,
     if out is not None and args.reduction == "none":
         raise ValueError("out= takes the 'mean' or 'sum' of the rows")
     mean = args.reduction == "mean" and scale_mean
-    own_denom = mean and inv_denominator is None and _own_denominator(_cdiv(N, _combine_tiles(part.shape[2])[1]), N)
-    inv = inv_denominator
-    if inv is None and mean and not own_denom:
-        inv = inv_denominator_of(y, args)
+    inv, own_denom = _mean_denominator(y, args, inv_denominator, mean, _cdiv(N, _combine_tiles(part.shape[2])[1]))
     counter, reduce_mode = fused_reduction(dev, N, _COMBINE_RBLOCK, args.reduction) if out is not None else (None, 0)
     loss = torch.empty(N, dtype=torch.float32, device=dev)
     lse = torch.empty((2, N), dtype=torch.float32, device=dev)
@@ -612,9 +627,7 @@ def combine_partials(part: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs,
     if N > 0:
         _launch_combine(part, y, args, num_classes, (loss, lse, factor), inv if inv is not None else _dummy(dev),
                         mean=mean, own_denom=own_denom, out=out, counter=counter, reduce_mode=reduce_mode)
-    if out is not None and counter is None:
-        unscaled = args.reduction == "mean" and not scale_mean
-        reduce(loss, y, args, inv_denominator=inv, factor=factor if unscaled else None, out=out)
+    reduce_unless_fused(out, counter, loss, y, args, inv_denominator=inv, factor=factor, scale_mean=scale_mean)
     return loss, lse, factor
 
 
