@@ -67,6 +67,10 @@ direction one Triton pass (:mod:`fastlt.kernels.row_normalize`).
 
 bf16/fp16 features and weights: the matmuls accumulate in fp32 (cuBLAS), the row statistics and
 losses are fp32, gradients are stored in the input dtype (as every fastlt kernel does).
+
+Under ``torch.compile`` the same passes run as ``torch.library`` custom ops (:mod:`fastlt._head_ops`), so a compiled
+model that holds a head has no graph break; there the backward multiplies the forward's gradients by
+grad_output out of place (eager: in place, skipped on the device when it is 1).
 """
 
 from __future__ import annotations
@@ -600,6 +604,10 @@ def _run_fused(features, weight, bias, target, args, chunk_rows, chunk_classes=N
         cols = default_chunk_classes(N, features.dtype)
         chunk_classes = cols if _prefer_class_chunks(N, D, C, rows, cols) else None
     params = _HeadParams(args=args, chunk_rows=max(1, min(rows, max(N, 1))), chunk_classes=chunk_classes)
+    if torch.compiler.is_compiling():  # an opaque op with registered autograd (fastlt._head_ops)
+        from ._head_ops import linear_head
+
+        return linear_head(features, weight, bias, target, params)
     tensors = (features, weight) + ((bias,) if bias is not None else ())
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return FusedLinearLoss.apply(features, weight, bias, target, params)
@@ -633,7 +641,11 @@ def _triton_entry(features, weight, bias, target, *, cosine: bool, eps: float, c
 
     def run():
         x, w = features, weight
-        if cosine:
+        if cosine and torch.compiler.is_compiling():
+            from ._head_ops import normalize_rows
+
+            x, w = normalize_rows(x, eps), normalize_rows(w, eps)
+        elif cosine:
             x, w = _RowNormalize.apply(x, eps), _RowNormalize.apply(w, eps)
         else:
             x = x if x.stride(-1) == 1 else x.contiguous()
