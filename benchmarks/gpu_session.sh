@@ -19,7 +19,7 @@ python3 -m pip install -q --no-index --no-build-isolation --no-deps -e . >/dev/n
 export PYTHONUNBUFFERED=1
 what=${1:-all}; shift || true
 step() { local limit=$1; shift; echo "## [$(date +%T)] $*" | tee -a "$LOG"; timeout "$limit" "$@" 2>&1 | tee -a "$LOG"; }
-FIRST="tests/test_launch_counts.py tests/test_kernels_fused_reduce.py tests/test_kernels_launch_tiles.py tests/test_kernels_compile.py tests/test_heads_compile.py tests/test_kernels_cuda_graph.py tests/test_kernels_philox_noise.py tests/test_kernels_row_operator.py tests/test_kernels_lade.py tests/test_lade_head.py tests/test_heads_class_chunks.py tests/test_kernels_row_normalize.py"
+FIRST="tests/test_launch_counts.py tests/test_kernels_fused_reduce.py tests/test_kernels_launch_tiles.py tests/test_kernels_compile.py tests/test_kernels_cuda_graph.py tests/test_kernels_philox_noise.py tests/test_kernels_row_operator.py tests/test_kernels_lade.py tests/test_lade_head.py tests/test_heads_class_chunks.py tests/test_kernels_row_normalize.py"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$LOG"
