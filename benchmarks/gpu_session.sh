@@ -33,7 +33,7 @@ part1() {
   step 50 python3 benchmarks/profile_heads.py
 }
 part2() {
-  step 60 python3 benchmarks/tune_tiles.py --fused --out "$OUT"
+  step 80 python3 benchmarks/tune_tiles.py --fused --out "$OUT"
   step 100 python3 benchmarks/tune_tiles.py --lade --out "$OUT"
   # the sm_90 compile check is CPU work (CI runs it); on the GPU the tests compile every kernel natively
   step 270 python3 -m pytest tests -q -p no:cacheprovider -rf --durations=5 $(printf -- '--ignore=%s ' $FIRST) \

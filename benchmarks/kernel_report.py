@@ -234,6 +234,11 @@ def cases():
         "gcl-131072-bf16": gcl(4096, 131072, torch.bfloat16),
         "gcl-8142-bf16-fused": gcl(4096, 8142, torch.bfloat16, grad_in_forward=True),
         "gcl-131072-bf16-seed-tensor": gcl(4096, 131072, torch.bfloat16, seed_tensor=True),
+        # the cosine GCL head's row kernel at 4096 x 1024 -> 131072 (its chunk is the whole batch): STORE_P, and the
+        # persistent grid an H100 gets for it
+        "gcl-131072-bf16-fused": gcl(4096, 131072, torch.bfloat16, grad_in_forward=True),
+        "gcl-131072-bf16-fused-persistent": gcl(4096, 131072, torch.bfloat16, grad_in_forward=True, block_m=1,
+                                                block_n=8192, num_warps=16, row_programs=132),
         "la-131072-bf16-fused": la(4096, 131072, torch.bfloat16, grad_in_forward=True),
         # the persistent grid an H100 gets for it (pick_tiles sees 1 SM on the CPU)
         "la-131072-bf16-fused-persistent": la(4096, 131072, torch.bfloat16, grad_in_forward=True, block_m=1,

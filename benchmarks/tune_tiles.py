@@ -13,7 +13,8 @@ forward (row stats + column partials + merge) plus the gradient pass, against th
 pass's own tiles.
 
 ``--fused``: instead, only the gradient-in-forward of long rows (a few configs, ~1 minute): the default grid of one
-program per row against the persistent grids, LA and GCL, at the shapes of ``FUSED_SHAPES``.
+program per row against the persistent grids, LA and GCL, at the shapes of ``FUSED_SHAPES``; the first two grids
+with and without ``launch.STORE_PROBS`` (the second pass from the stored exp(a - max) or recomputing each tile).
 """
 
 from __future__ import annotations
@@ -156,15 +157,23 @@ def tune_fused(bw, out_dir):
             configs.append((f"persistent {p}/SM stages {st}",
                             launch.pick_tiles(N, C, z.device, block_m=1, block_n=8192 // p, num_warps=16 // p,
                                               num_stages=st, num_splits=1, row_programs=p * sm)))
-        for name, cfg in configs:
+        for k, (name, cfg) in enumerate(configs):
+            # the two grids of one program per row, with the second pass recomputing each tile (never) and scaling
+            # the exp(a - max) the first pass stored (always: launch.STORE_PROBS); the rest with the default policy
             for op, args in ops.items():
-                ms = _try_bench(functools.partial(launch.forward, z, y, args, grad_out=out, config=cfg),
-                                f"{name} {cfg}")
-                if ms is None:
-                    continue
-                print(f"fused {op} {N}x{C} {dname}: {name:28s} {ms:.3f} ms ({ms / fl:.2f}x floor) {cfg}")
-                rows.append(dict(N=N, C=C, dtype=dname, op=op, name=name, config=cfg.__dict__, ms=ms,
-                                 x_floor=ms / fl))
+                for store in ("never", "always") if k < 2 else (launch.STORE_PROBS,):
+                    launch.STORE_PROBS, default = store, launch.STORE_PROBS
+                    try:
+                        ms = _try_bench(functools.partial(launch.forward, z, y, args, grad_out=out, config=cfg),
+                                        f"{name} {cfg}")
+                    finally:
+                        launch.STORE_PROBS = default
+                    if ms is None:
+                        continue
+                    print(f"fused {op} {N}x{C} {dname}: {name:28s} store={store:6s} {ms:.3f} ms "
+                          f"({ms / fl:.2f}x floor) {cfg}")
+                    rows.append(dict(N=N, C=C, dtype=dname, op=op, name=name, store_probs=store,
+                                     config=cfg.__dict__, ms=ms, x_floor=ms / fl))
         del z, out
         torch.cuda.empty_cache()
     with open(os.path.join(out_dir, "tune_fused.json"), "w") as fh:

@@ -167,6 +167,15 @@ def _grad_tile(a, z, row_max, log_sum, y, cols, col_mask, mask, coef, w_y, weigh
     (BLOCK_M,): the target class's ``col_a``, gathered once per row and already times ``col_go``, the scalar
     upstream gradient of the loss)."""
     p = _exp((a - row_max[:, None]) - log_sum[:, None])  # a - max is exact for the large entries
+    return _grad_from_p(p, z, y, cols, col_mask, coef, w_y, weight_ptr, w_sum, scale, label_smoothing, inv_C, valid,
+                        col_a_y, col_b_ptr, col_lse_ptr, col_go, HAS_WEIGHT, HAS_SMOOTH, COLUMN_TERM)
+
+
+@triton.jit
+def _grad_from_p(p, z, y, cols, col_mask, coef, w_y, weight_ptr, w_sum, scale, label_smoothing, inv_C, valid, col_a_y,
+                 col_b_ptr, col_lse_ptr, col_go, HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr,
+                 COLUMN_TERM: tl.constexpr):
+    """:func:`_grad_tile` from the tile's probabilities ``p`` (fp32)."""
     onehot = (cols[None, :] == y[:, None]).to(tl.float32)
     d = (1.0 - label_smoothing) * w_y[:, None] * (p - onehot)
     if HAS_SMOOTH:
@@ -205,9 +214,12 @@ def _tile_stats(z, a, cols, col_mask, mask, y, valid, m_i, l_i, sw, weight_ptr, 
                 C, HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, COLUMN_STATS: tl.constexpr):
     """Fold one tile into the running row statistics (max, sum-exp, smoothing sum) and, for LADE,
     store its column partials (max z, sum exp(z - max) over the valid rows). LADE's class sums and counts
-    come from the gathered target logits instead (one element per row, not a compare per element)."""
+    come from the gathered target logits instead (one element per row, not a compare per element). Returns the
+    new (max, sum-exp, smoothing sum) and the tile's ``exp(a - max)`` (what :func:`_stats_step` stores with
+    STORE_P)."""
     m_new = tl.maximum(m_i, tl.max(a, 1))
-    l_i = l_i * _exp(m_i - m_new) + tl.sum(_exp(a - m_new[:, None]), 1)
+    e = _exp(a - m_new[:, None])
+    l_i = l_i * _exp(m_i - m_new) + tl.sum(e, 1)
     if HAS_SMOOTH:
         if HAS_WEIGHT:
             w_j = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
@@ -222,39 +234,67 @@ def _tile_stats(z, a, cols, col_mask, mask, y, valid, m_i, l_i, sw, weight_ptr, 
         base = colstat_ptr + tl.cast(pid_m, tl.int64) * C + cols
         tl.store(base, c_max, mask=col_mask)
         tl.store(base + tl.cast(num_row_blocks, tl.int64) * C, c_sum, mask=col_mask)
-    return m_new, l_i, sw
+    return m_new, l_i, sw, e
 
 
 @triton.jit
 def _stats_step(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, colstat_ptr, rows, row_mask, col_start,
                 col_base, col_hi, y, m, valid, m_i, l_i, sw, pid_m, num_row_blocks, C, tau, noise_mul, scale, seed,
-                noise_row0, HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr,
+                noise_row0, grad_ptr, stride_gm, stride_gn, tile_max_ptr, tile, num_tiles,
+                HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr,
                 HAS_SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, COLUMN_STATS: tl.constexpr,
-                MASK_COLS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One tile of the statistics pass: load it (:func:`_adjusted_tile`) and fold it in (:func:`_tile_stats`)."""
+                STORE_P: tl.constexpr, MASK_COLS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """One tile of the statistics pass: load it (:func:`_adjusted_tile`) and fold it in (:func:`_tile_stats`).
+    STORE_P: also store ``exp(a - max)`` over the tile of ``grad_ptr`` and the running max (the tile's ``max``) at
+    ``tile_max_ptr[row, tile]`` ((N, num_tiles) fp32), for :func:`_grad_step`'s STORED pass."""
     z, a, cols, col_mask, mask = _adjusted_tile(
         z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_start, col_base, y, m, col_hi, tau,
         noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, MASK_COLS, ALIGN, BLOCK_M,
         BLOCK_N)
-    return _tile_stats(z, a, cols, col_mask, mask, y, valid, m_i, l_i, sw, weight_ptr, colstat_ptr, pid_m,
-                       num_row_blocks, C, HAS_WEIGHT, HAS_SMOOTH, COLUMN_STATS)
+    m_i, l_i, sw, e = _tile_stats(z, a, cols, col_mask, mask, y, valid, m_i, l_i, sw, weight_ptr, colstat_ptr, pid_m,
+                                  num_row_blocks, C, HAS_WEIGHT, HAS_SMOOTH, COLUMN_STATS)
+    if STORE_P:
+        _store_grad(grad_ptr, stride_gm, stride_gn, rows, cols, col_base, mask, e, ALIGN)
+        tl.store(tile_max_ptr + rows.to(tl.int64) * num_tiles + tile, m_i, mask=row_mask)
+    return m_i, l_i, sw
 
 
 @triton.jit
 def _grad_step(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, grad_ptr, stride_gm, stride_gn, rows,
                row_mask, col_start, col_base, col_hi, y, m, valid, row_max, log_sum, coef, w_y, w_sum, inv_C, col_a_y,
-               col_b_ptr, col_lse_ptr, col_go, tau, noise_mul, scale, label_smoothing, seed, noise_row0,
+               col_b_ptr, col_lse_ptr, col_go, tau, noise_mul, scale, label_smoothing, seed, noise_row0, tile_max_ptr,
+               tile, num_tiles,
                HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
-               HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, COLUMN_TERM: tl.constexpr,
+               HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, COLUMN_TERM: tl.constexpr, STORED: tl.constexpr,
                MASK_COLS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One tile of a gradient pass: recompute it, write ``coef * d loss / d z`` (plus LADE's column term)."""
-    z, a, cols, col_mask, mask = _adjusted_tile(
-        z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_start, col_base, y, m, col_hi, tau,
-        noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, MASK_COLS, ALIGN, BLOCK_M,
-        BLOCK_N)
-    g = _grad_tile(a, z, row_max, log_sum, y, cols, col_mask, mask, coef, w_y, weight_ptr, w_sum, scale,
-                   label_smoothing, inv_C, valid, col_a_y, col_b_ptr, col_lse_ptr, col_go, HAS_WEIGHT, HAS_SMOOTH,
-                   COLUMN_TERM)
+    """One tile of a gradient pass: recompute it, write ``coef * d loss / d z`` (plus LADE's column term).
+    STORED (gradient in the forward, after a STORE_P statistics pass): the tile is not recomputed (no z, class
+    vectors or noise): ``p = e * exp(max_tile - row max - log sum-exp)`` from the ``e = exp(a - max_tile)`` that pass
+    stored over ``grad_ptr`` and its running max ``tile_max_ptr[row, tile]``. Rounding ``e`` to the gradient's dtype
+    costs ``p`` one rounding more, relative to ``p``; a confident target keeps ``p_y - 1`` exact: its ``a`` was the
+    running max where it was stored, so its ``e`` is exactly 1."""
+    if STORED:
+        cols = col_start + tl.arange(0, BLOCK_N)
+        if MASK_COLS:
+            col_mask = cols < col_hi
+        else:
+            col_mask = tl.full((BLOCK_N,), True, tl.int1)
+        mask = row_mask[:, None] & col_mask[None, :]
+        offs = _row_offsets(rows, stride_gm, ALIGN)[:, None] + (cols - col_base).to(tl.int64)[None, :] * stride_gn
+        e = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        m_t = tl.load(tile_max_ptr + rows.to(tl.int64) * num_tiles + tile, mask=row_mask, other=0.0)
+        p = e * _exp((m_t - row_max) - log_sum)[:, None]
+        g = _grad_from_p(p, e, y, cols, col_mask, coef, w_y, weight_ptr, w_sum, scale, label_smoothing, inv_C, valid,
+                         col_a_y, col_b_ptr, col_lse_ptr, col_go, HAS_WEIGHT, HAS_SMOOTH, False)
+    else:
+        z, a, cols, col_mask, mask = _adjusted_tile(
+            z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_start, col_base, y, m, col_hi, tau,
+            noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, MASK_COLS, ALIGN,
+            BLOCK_M, BLOCK_N)
+        g = _grad_tile(a, z, row_max, log_sum, y, cols, col_mask, mask, coef, w_y, weight_ptr, w_sum, scale,
+                       label_smoothing, inv_C, valid, col_a_y, col_b_ptr, col_lse_ptr, col_go, HAS_WEIGHT, HAS_SMOOTH,
+                       COLUMN_TERM)
     _store_grad(grad_ptr, stride_gm, stride_gn, rows, cols, col_base, mask, g, ALIGN)
 
 
@@ -268,29 +308,32 @@ def _full_tiles_end(col_lo, col_hi, BLOCK_N: tl.constexpr):
 def _grad_columns(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, grad_ptr, stride_gm, stride_gn, rows,
                   row_mask, col_lo, col_base, col_hi, y, m, valid, row_max, log_sum, coef, w_y, w_sum, inv_C,
                   col_a_y, col_b_ptr, col_lse_ptr, col_go, tau, noise_mul, scale, label_smoothing, seed,
-                  noise_row0, HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr,
-                  HAS_SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr,
-                  COLUMN_TERM: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                  noise_row0, tile_max_ptr, num_tiles, HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr,
+                  MARGIN_MODE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                  HAS_SMOOTH: tl.constexpr, COLUMN_TERM: tl.constexpr, STORED: tl.constexpr, ALIGN: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """A gradient pass over columns ``[col_lo, col_hi)`` (:func:`_grad_step`), **from the last column back**: the
     masked partial tile, then the whole tiles unmasked in descending order. The statistics pass just read the row
     front to back, so its most recent tiles (the ones most likely still in L2) are re-read first. Shared by the
     gradient-in-forward and the recompute backward (which also walks the rows backwards, see
-    :func:`row_loss_grad`)."""
+    :func:`row_loss_grad`). STORED: from what a STORE_P statistics pass left (see :func:`_grad_step`)."""
     full_end = _full_tiles_end(col_lo, col_hi, BLOCK_N)
+    num_full = (full_end - col_lo) // BLOCK_N
     if full_end < col_hi:
         _grad_step(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, grad_ptr, stride_gm, stride_gn,
                    rows, row_mask, full_end, col_base, col_hi, y, m, valid, row_max, log_sum, coef, w_y, w_sum, inv_C,
                    col_a_y, col_b_ptr, col_lse_ptr, col_go, tau, noise_mul, scale, label_smoothing, seed, noise_row0,
-                   HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_TERM, True, ALIGN,
-                   BLOCK_M, BLOCK_N)
+                   tile_max_ptr, num_full, num_tiles, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT,
+                   HAS_SMOOTH, COLUMN_TERM, STORED, True, ALIGN, BLOCK_M, BLOCK_N)
     col_start = full_end
-    for _ in range(0, (full_end - col_lo) // BLOCK_N):
+    for t in range(0, num_full):
         col_start -= BLOCK_N
         _grad_step(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, grad_ptr, stride_gm, stride_gn,
                    rows, row_mask, col_start, col_base, col_hi, y, m, valid, row_max, log_sum,
                    coef, w_y, w_sum, inv_C, col_a_y, col_b_ptr, col_lse_ptr, col_go, tau, noise_mul, scale,
-                   label_smoothing, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT,
-                   HAS_SMOOTH, COLUMN_TERM, False, ALIGN, BLOCK_M, BLOCK_N)
+                   label_smoothing, seed, noise_row0, tile_max_ptr, num_full - 1 - t, num_tiles, HAS_PRIOR,
+                   HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_TERM, STORED, False, ALIGN,
+                   BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -298,13 +341,13 @@ def _forward_row_block(
     pid_m, pid_s,
     z_ptr, stride_zm, stride_zn, y_ptr, prior_ptr, cloud_ptr, margin_ptr, weight_ptr, wsum_ptr, inv_denom_ptr,
     own_inv, loss_ptr, lse_ptr, factor_ptr, part_ptr, colstat_ptr, zy_ptr, grad_ptr, stride_gm, stride_gn,
-    N, C, cols_per_split, col_base, col_end, split_base, total_splits, num_row_blocks,
+    tile_max_ptr, num_tiles, N, C, cols_per_split, col_base, col_end, split_base, total_splits, num_row_blocks,
     ignore_index, tau, noise_mul, margin_value, scale, gamma, label_smoothing, seed, noise_row0,
     HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_FOCAL: tl.constexpr, MEAN: tl.constexpr,
     SPLIT: tl.constexpr,
     SINGLE_TILE: tl.constexpr, GRAD_IN_FWD: tl.constexpr, COLUMN_STATS: tl.constexpr, ALIGN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, OWN_DENOM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, OWN_DENOM: tl.constexpr, STORE_P: tl.constexpr,
 ):
     """The work of program (pid_m, pid_s) of :func:`row_loss_forward`: row block ``pid_m``, column split ``pid_s``."""
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -326,21 +369,23 @@ def _forward_row_block(
             z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_lo, col_base, y, m, col_hi, tau,
             noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, True, ALIGN, BLOCK_M,
             BLOCK_N)
-        m_i, l_i, sw = _tile_stats(z, a, cols, col_mask, mask, y, valid, m_i, l_i, sw, weight_ptr, colstat_ptr,
-                                   pid_m, num_row_blocks, C, HAS_WEIGHT, HAS_SMOOTH, COLUMN_STATS)
+        m_i, l_i, sw, _ = _tile_stats(z, a, cols, col_mask, mask, y, valid, m_i, l_i, sw, weight_ptr, colstat_ptr,
+                                      pid_m, num_row_blocks, C, HAS_WEIGHT, HAS_SMOOTH, COLUMN_STATS)
     else:
         full_end = _full_tiles_end(col_lo, col_hi, BLOCK_N)
         for col_start in range(col_lo, full_end, BLOCK_N):
             m_i, l_i, sw = _stats_step(
                 z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, colstat_ptr, rows, row_mask, col_start,
                 col_base, col_hi, y, m, valid, m_i, l_i, sw, pid_m, num_row_blocks, C, tau, noise_mul, scale, seed,
-                noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_STATS, False,
+                noise_row0, grad_ptr, stride_gm, stride_gn, tile_max_ptr, (col_start - col_lo) // BLOCK_N, num_tiles,
+                HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_STATS, STORE_P, False,
                 ALIGN, BLOCK_M, BLOCK_N)
         if full_end < col_hi:
             m_i, l_i, sw = _stats_step(
                 z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, colstat_ptr, rows, row_mask, full_end,
                 col_base, col_hi, y, m, valid, m_i, l_i, sw, pid_m, num_row_blocks, C, tau, noise_mul, scale, seed,
-                noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_STATS, True,
+                noise_row0, grad_ptr, stride_gm, stride_gn, tile_max_ptr, (full_end - col_lo) // BLOCK_N, num_tiles,
+                HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_STATS, STORE_P, True,
                 ALIGN, BLOCK_M, BLOCK_N)
     if SPLIT:
         offs = rows.to(tl.int64) * total_splits + (split_base + pid_s)
@@ -366,8 +411,8 @@ def _forward_row_block(
                 _grad_columns(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, grad_ptr, stride_gm,
                               stride_gn, rows, row_mask, col_lo, col_base, col_hi, y, m, valid, m_i, log_sum, factor,
                               w_y, w_sum, inv_C, w_y, loss_ptr, loss_ptr, 1.0, tau, noise_mul, scale, label_smoothing,
-                              seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH,
-                              False, ALIGN, BLOCK_M, BLOCK_N)
+                              seed, noise_row0, tile_max_ptr, num_tiles, HAS_PRIOR, HAS_NOISE, MARGIN_MODE,
+                              HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, False, STORE_P, ALIGN, BLOCK_M, BLOCK_N)
 
 
 # seed: a fresh random value every step; specialising on its divisibility by 16 would compile a second
@@ -376,7 +421,7 @@ def _forward_row_block(
 def row_loss_forward(
     z_ptr, stride_zm, stride_zn, y_ptr, prior_ptr, cloud_ptr, margin_ptr, weight_ptr, wsum_ptr, inv_denom_ptr,
     loss_ptr, lse_ptr, factor_ptr, part_ptr, colstat_ptr, zy_ptr, grad_ptr, stride_gm, stride_gn,
-    N, C, cols_per_split, col_base, col_end, split_base, total_splits, num_row_blocks,
+    tile_max_ptr, num_tiles, N, C, cols_per_split, col_base, col_end, split_base, total_splits, num_row_blocks,
     ignore_index, tau, noise_mul, margin_value, scale, gamma, label_smoothing, seed, noise_row0, seed_ptr,
     out_ptr, counter_ptr,
     HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
@@ -385,7 +430,7 @@ def row_loss_forward(
     SINGLE_TILE: tl.constexpr, GRAD_IN_FWD: tl.constexpr, COLUMN_STATS: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PERSISTENT: tl.constexpr, SEED_FROM_PTR: tl.constexpr, OWN_DENOM: tl.constexpr, REDUCE: tl.constexpr,
-    RBLOCK: tl.constexpr,
+    RBLOCK: tl.constexpr, STORE_P: tl.constexpr,
 ):
     """Grid (num_row_blocks = cdiv(N, BLOCK_M), num_splits), or fewer row programs when PERSISTENT. Online
     (max, sum-exp) over this program's columns.
@@ -406,6 +451,10 @@ def row_loss_forward(
     a baked-in value), not ``seed``.
     MEAN: the factor includes ``1 / sum_i w_{y_i}``, read from ``inv_denom_ptr``, or with OWN_DENOM summed by every
     program itself from the targets (no launch before this one; cheap when programs x N is small).
+    STORE_P (GRAD_IN_FWD over several tiles, not SPLIT): the statistics pass stores each tile's ``exp(a - max)``
+    over the gradient buffer and the running max in ``tile_max_ptr`` ((N, num_tiles) fp32); the gradient pass then
+    scales those instead of recomputing the tile (no second read of z, class vectors or noise: GCL draws its noise
+    once). The gradient is the same to one more rounding of ``p`` (``exp(a - max)`` in the gradient's dtype).
     REDUCE (not SPLIT): the program that finishes last also writes the batch loss to ``out_ptr`` (0-dim):
     :func:`_last_program_reduces` (1: 'sum', 2: 'mean'; ``counter_ptr``: an int32 that is 0 before the launch and
     after it). RBLOCK: the width of the in-kernel batch sums.
@@ -421,18 +470,19 @@ def row_loss_forward(
             _forward_row_block(
                 pid_m, pid_s, z_ptr, stride_zm, stride_zn, y_ptr, prior_ptr, cloud_ptr, margin_ptr, weight_ptr,
                 wsum_ptr, inv_denom_ptr, own_inv, loss_ptr, lse_ptr, factor_ptr, part_ptr, colstat_ptr, zy_ptr,
-                grad_ptr, stride_gm, stride_gn, N, C, cols_per_split, col_base, col_end, split_base, total_splits,
-                num_row_blocks, ignore_index, tau, noise_mul, margin_value, scale, gamma, label_smoothing, seed,
-                noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, HAS_FOCAL, MEAN,
-                SPLIT, SINGLE_TILE, GRAD_IN_FWD, COLUMN_STATS, ALIGN, BLOCK_M, BLOCK_N, OWN_DENOM)
+                grad_ptr, stride_gm, stride_gn, tile_max_ptr, num_tiles, N, C, cols_per_split, col_base, col_end,
+                split_base, total_splits, num_row_blocks, ignore_index, tau, noise_mul, margin_value, scale, gamma,
+                label_smoothing, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT,
+                HAS_SMOOTH, HAS_FOCAL, MEAN, SPLIT, SINGLE_TILE, GRAD_IN_FWD, COLUMN_STATS, ALIGN, BLOCK_M, BLOCK_N,
+                OWN_DENOM, STORE_P)
     else:
         _forward_row_block(
             tl.program_id(0), pid_s, z_ptr, stride_zm, stride_zn, y_ptr, prior_ptr, cloud_ptr, margin_ptr, weight_ptr,
             wsum_ptr, inv_denom_ptr, own_inv, loss_ptr, lse_ptr, factor_ptr, part_ptr, colstat_ptr, zy_ptr, grad_ptr,
-            stride_gm, stride_gn, N, C, cols_per_split, col_base, col_end, split_base, total_splits, num_row_blocks,
-            ignore_index, tau, noise_mul, margin_value, scale, gamma, label_smoothing, seed, noise_row0, HAS_PRIOR,
-            HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, HAS_FOCAL, MEAN, SPLIT, SINGLE_TILE,
-            GRAD_IN_FWD, COLUMN_STATS, ALIGN, BLOCK_M, BLOCK_N, OWN_DENOM)
+            stride_gm, stride_gn, tile_max_ptr, num_tiles, N, C, cols_per_split, col_base, col_end, split_base,
+            total_splits, num_row_blocks, ignore_index, tau, noise_mul, margin_value, scale, gamma, label_smoothing,
+            seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, HAS_FOCAL, MEAN,
+            SPLIT, SINGLE_TILE, GRAD_IN_FWD, COLUMN_STATS, ALIGN, BLOCK_M, BLOCK_N, OWN_DENOM, STORE_P)
     if REDUCE != 0:
         _last_program_reduces(counter_ptr, out_ptr, loss_ptr, y_ptr, weight_ptr, factor_ptr, inv_denom_ptr, own_inv,
                               loss_ptr, 0, N, C, ignore_index, HAS_WEIGHT, MEAN, OWN_DENOM, REDUCE == 2, False, RBLOCK)
@@ -511,8 +561,9 @@ def row_loss_grad(
         col_a_y = tl.load(col_a_ptr + y, mask=valid, other=0.0) * col_go
     _grad_columns(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, grad_ptr, stride_gm, stride_gn, rows,
                   row_mask, col_lo, col_base, col_hi, y, m, valid, row_max, log_sum, coef, w_y, w_sum, inv_C, col_a_y,
-                  col_b_ptr, col_lse_ptr, col_go, tau, noise_mul, scale, label_smoothing, seed, noise_row0, HAS_PRIOR,
-                  HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_TERM, ALIGN, BLOCK_M, BLOCK_N)
+                  col_b_ptr, col_lse_ptr, col_go, tau, noise_mul, scale, label_smoothing, seed, noise_row0, lse_ptr, 0,
+                  HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_TERM, False,
+                  ALIGN, BLOCK_M, BLOCK_N)
 
 
 @triton.jit

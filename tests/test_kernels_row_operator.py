@@ -176,6 +176,26 @@ def test_grad_in_forward(config, reduction, dtype):
     run_and_compare(z, y, _flags("all", cv, 23), reduction=reduction, grad_in_forward=True, config=config)
 
 
+@pytest.mark.parametrize("store", ["never", "always"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_grad_in_forward_stored_probabilities(store, dtype, monkeypatch):
+    """STORE_P: the gradient pass of a multi-tile row scales the exp(a - max) that the statistics pass stored over
+    the gradient (rounded to the logits' dtype) instead of recomputing the tile. Both policies, every dtype,
+    confident logits, the flags with and without noise (by default only GCL's noise turns it on). A confident
+    target was the running max where its exp(a - max) was stored, which is exactly 1, so its p_y - 1 stays exact
+    in bf16 and fp16."""
+    monkeypatch.setattr(launch, "STORE_PROBS", store)
+    gen = torch.Generator().manual_seed(13)
+    N, C = 9, 50
+    cv = _class_vectors(C, gen)
+    z, y = _inputs(N, C, dtype, gen, peaked=True)
+    z[torch.arange(N), y.clamp(min=0)] = 60.0
+    for flags in ("la", "gcl_focal", "all"):
+        for reduction in ("mean", "none"):
+            run_and_compare(z, y, _flags(flags, cv, 3), reduction=reduction, grad_in_forward=True,
+                            config=dict(block_n=16, num_splits=1))
+
+
 def test_grad_in_forward_overwrites_logits_and_skips_unit_scale():
     gen = torch.Generator().manual_seed(4)
     z, y = _inputs(4, 9, torch.float32, gen, ignore_rows=())
