@@ -59,6 +59,28 @@ def _row_info(y_ptr, margin_ptr, weight_ptr, rows, N, C, ignore_index, margin_va
 
 
 @triton.jit
+def _load_tile(x_ptr, stride_m, stride_n, rows, row_mask, col_start, col_base, col_hi, MASK_COLS: tl.constexpr,
+               ALIGN: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``(x fp32, cols, col_mask, mask)``: the (rows, BLOCK_N) tile of an (N, C) operand holding classes from
+    ``col_base`` on, columns from ``col_start``, masked at ``col_hi`` only when MASK_COLS (see
+    :func:`_adjusted_tile`)."""
+    cols = col_start + tl.arange(0, BLOCK_N)
+    if MASK_COLS:
+        col_mask = cols < col_hi
+    else:
+        col_mask = tl.full((BLOCK_N,), True, tl.int1)
+    mask = row_mask[:, None] & col_mask[None, :]
+    x = tl.load(x_ptr + _tile_offsets(rows, stride_m, stride_n, cols, col_base, ALIGN), mask=mask, other=0.0)
+    return x.to(tl.float32), cols, col_mask, mask
+
+
+@triton.jit
+def _tile_offsets(rows, stride_m, stride_n, cols, col_base, ALIGN: tl.constexpr):
+    """int64 element offsets of a tile (rows x cols, classes from ``col_base`` on) of an (N, C) operand."""
+    return _row_offsets(rows, stride_m, ALIGN)[:, None] + (cols - col_base).to(tl.int64)[None, :] * stride_n
+
+
+@triton.jit
 def _adjusted_tile(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_start, col_base, y, m,
                    col_hi, tau, noise_mul, scale, seed, noise_row0,
                    HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
@@ -69,14 +91,8 @@ def _adjusted_tile(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_
     are masked per row only (both vectorise at any C). z holds the classes from ``col_base`` on (0 unless the
     caller passes a class chunk); ALIGN: a power of two dividing its row stride (lets odd-C rows vectorise).
     HAS_SCALE: multiply by ``scale`` (off when it is 1)."""
-    cols = col_start + tl.arange(0, BLOCK_N)
-    if MASK_COLS:
-        col_mask = cols < col_hi
-    else:
-        col_mask = tl.full((BLOCK_N,), True, tl.int1)
-    mask = row_mask[:, None] & col_mask[None, :]
-    offs = _row_offsets(rows, stride_zm, ALIGN)[:, None] + (cols - col_base).to(tl.int64)[None, :] * stride_zn
-    z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    z, cols, col_mask, mask = _load_tile(z_ptr, stride_zm, stride_zn, rows, row_mask, col_start, col_base, col_hi,
+                                         MASK_COLS, ALIGN, BLOCK_N)
     a = z
     if HAS_PRIOR:
         a += tau * tl.load(prior_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -205,8 +221,8 @@ def _row_offsets(rows, stride, ALIGN: tl.constexpr):
 
 @triton.jit
 def _store_grad(grad_ptr, stride_gm, stride_gn, rows, cols, col_base, mask, g, ALIGN: tl.constexpr):
-    offs = _row_offsets(rows, stride_gm, ALIGN)[:, None] + (cols - col_base).to(tl.int64)[None, :] * stride_gn
-    tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+    tl.store(grad_ptr + _tile_offsets(rows, stride_gm, stride_gn, cols, col_base, ALIGN),
+             g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -275,14 +291,8 @@ def _grad_step(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, gr
     costs ``p`` one rounding more, relative to ``p``; a confident target keeps ``p_y - 1`` exact: its ``a`` was the
     running max where it was stored, so its ``e`` is exactly 1."""
     if STORED:
-        cols = col_start + tl.arange(0, BLOCK_N)
-        if MASK_COLS:
-            col_mask = cols < col_hi
-        else:
-            col_mask = tl.full((BLOCK_N,), True, tl.int1)
-        mask = row_mask[:, None] & col_mask[None, :]
-        offs = _row_offsets(rows, stride_gm, ALIGN)[:, None] + (cols - col_base).to(tl.int64)[None, :] * stride_gn
-        e = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        e, cols, col_mask, mask = _load_tile(grad_ptr, stride_gm, stride_gn, rows, row_mask, col_start, col_base,
+                                             col_hi, MASK_COLS, ALIGN, BLOCK_N)
         m_t = tl.load(tile_max_ptr + rows.to(tl.int64) * num_tiles + tile, mask=row_mask, other=0.0)
         p = e * _exp((m_t - row_max) - log_sum)[:, None]
         g = _grad_from_p(p, e, y, cols, col_mask, coef, w_y, weight_ptr, w_sum, scale, label_smoothing, inv_C, valid,
