@@ -421,11 +421,12 @@ def row_align(*tensors: torch.Tensor) -> int:
     strides divisible by 16 by itself; this lets an odd width such as 8142 still move 2 elements per access."""
     align = 16
     for t in tensors:
-        if t.shape[0] > 1 and t.shape[1] > 1 and t.stride(1) != 1:
+        (rows, cols), (stride_m, stride_n) = t.shape, t.stride()
+        if rows > 1 and cols > 1 and stride_n != 1:
             return 1
         align = min(align, 16 // t.element_size())
-        if t.shape[0] > 1:
-            while align > 1 and t.stride(0) % align:
+        if rows > 1:
+            while align > 1 and stride_m % align:
                 align //= 2
     return align
 
