@@ -158,8 +158,8 @@ def tune_fused(bw, out_dir):
                             launch.pick_tiles(N, C, z.device, block_m=1, block_n=8192 // p, num_warps=16 // p,
                                               num_stages=st, num_splits=1, row_programs=p * sm)))
         for k, (name, cfg) in enumerate(configs):
-            # the two grids of one program per row, with the second pass recomputing each tile (never) and scaling
-            # the exp(a - max) the first pass stored (always: launch.STORE_PROBS); the rest with the default policy
+            # the default grid and one program per row, each with the second pass recomputing every tile (never) and
+            # scaling the exp(a - max) the first pass stored (always: launch.STORE_PROBS); the rest with the default
             for op, args in ops.items():
                 for store in ("never", "always") if k < 2 else (launch.STORE_PROBS,):
                     launch.STORE_PROBS, default = store, launch.STORE_PROBS
