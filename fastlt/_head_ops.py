@@ -53,6 +53,8 @@ def linear_head_forward_op(features: Tensor, weight: Tensor, bias: Tensor | None
     loss, dx, dw, db, lse_chunks, factor_chunks = _fused_pass(features, weight, bias, target, params,
                                                               need_x=need_x, need_w=need_w, need_b=need_b)
     f32 = features.new_empty(0, dtype=torch.float32)
+    if _REDUCTIONS[reduction] != "none" or not (need_x or need_w or need_b):
+        lse_chunks, factor_chunks = [], []  # only 'none' backward needs them (the class-chunked pass always has them)
     lse = (lse_chunks[0] if len(lse_chunks) == 1 else torch.cat(lse_chunks, dim=1)) if lse_chunks else f32
     factor = (factor_chunks[0] if len(factor_chunks) == 1 else torch.cat(factor_chunks)) if factor_chunks else (
         f32.clone())
@@ -133,7 +135,9 @@ def _scaled(ctx, grad_loss) -> tuple:
 
 
 def _linear_head_backward(ctx, grad_loss, *unused):
-    if not ctx.none:
+    if not any(ctx.need):  # the forward computed no gradient and kept no statistics
+        grads = (None, None, None)
+    elif not ctx.none:
         grads = _scaled(ctx, grad_loss)
     else:
         features, weight, bias, target, lse, factor, prior, cloud, margin, weight_classes, seed_tensor = (

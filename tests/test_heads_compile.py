@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import fastlt
+from fastlt import _head_ops as H
+from fastlt._autograd import _flat, operator_args
 from fastlt.heads import cosine_cross_entropy, linear_cross_entropy
 from fastlt.lade_head import lade_linear_loss
 from fastlt.priors import gcl_cloud, log_prior, prior
@@ -147,3 +149,26 @@ def test_compiled_cosine_head_draws_fresh_noise_per_call():
     losses[0].backward()
     assert torch.isfinite(head.weight.grad).all() and head.weight.grad.abs().sum() > 0
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("need", [(True, True, True), (False, True, False), (False, False, False)],
+                         ids=["all", "weight", "none"])
+@pytest.mark.parametrize("chunks", [(3, 0), (10, 16)], ids=["rows", "classes"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_head_ops_pass_opcheck(reduction, chunks, need):
+    """torch.library.opcheck: schema, autograd registration, the fake (meta) outputs against the real ones and
+    AOT dispatch with dynamic shapes, for the linear head's op in every mode (which gradients, row or class chunks,
+    per-row losses), the LADE head's and the normalisation's."""
+    counts, x, w, b, y = _data(6)
+    lp = log_prior(counts).to(DEVICE)
+    x, w, b = (t.detach().requires_grad_(g) for t, g in zip((x, w, b), need, strict=True))
+    args = operator_args(prior=lp, tau=1.0, cloud=gcl_cloud(counts).to(DEVICE), noise_mul=0.5, seed=3, margin=0.2,
+                         scale=2.0, gamma=0.0, weight=None, ignore_index=-100, reduction=reduction,
+                         label_smoothing=0.1, device=x.device)
+    torch.library.opcheck(H.linear_head_forward_op, (x, w, b, y, *_flat(args), *chunks, *need))
+    if reduction == "mean":
+        pi = prior(counts).to(DEVICE)
+        torch.library.opcheck(H.lade_head_forward_op, (x, w, b, y, torch.log(pi), pi, None, 0.1, 0.1, 0.0, -100, 0,
+                                                       *chunks, *need))
+    if need == (True, True, True) and chunks[1] == 0:
+        torch.library.opcheck(H.normalize_rows_op, (x, 1e-12))
