@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ._autograd import _REDUCTIONS, _args, _flat
-from .heads import _fused_pass, _HeadParams, _recompute_backward
+from .heads import _chunks, _fused_pass, _HeadParams, _recompute_backward
 from .kernels.launch import RowOperatorArgs
 from .kernels.row_normalize import normalize_rows as _normalize_rows
 from .kernels.row_normalize import normalize_rows_backward as _normalize_rows_backward
@@ -94,7 +94,7 @@ def linear_head_backward_op(grad_output: Tensor, features: Tensor, weight: Tenso
     if params.chunk_classes is not None:
         lse_chunks, factor_chunks = [lse], [factor]
     else:
-        spans = [(r0, min(features.shape[0], r0 + chunk_rows)) for r0 in range(0, features.shape[0], chunk_rows)]
+        spans = _chunks(features.shape[0], chunk_rows)
         lse_chunks = [lse[:, r0:r1].contiguous() for r0, r1 in spans]
         factor_chunks = [factor[r0:r1] for r0, r1 in spans]
     dx, dw, db = _recompute_backward(features, weight, bias, target, params, lse_chunks, factor_chunks, grad_output,
