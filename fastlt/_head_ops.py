@@ -21,9 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._autograd import _REDUCTIONS, _args, _flat
+from ._autograd import _REDUCTIONS, _args, _flat, _lade_args
 from .heads import _chunks, _fused_pass, _HeadParams, _recompute_backward
-from .kernels.launch import RowOperatorArgs
 from .kernels.row_normalize import normalize_rows as _normalize_rows
 from .kernels.row_normalize import normalize_rows_backward as _normalize_rows_backward
 from .lade_head import _lade_pass, _LADEHeadParams
@@ -31,6 +30,20 @@ from .lade_head import _lade_pass, _LADEHeadParams
 
 def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
     return t if t is not None else like.new_empty(0)
+
+
+def _wanted(features: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[bool, bool, bool]:
+    """``(need_x, need_w, need_b)``: which gradients the ops compute (none under no_grad)."""
+    grad = torch.is_grad_enabled()
+    return (grad and features.requires_grad, grad and weight.requires_grad,
+            grad and bias is not None and bias.requires_grad)
+
+
+def _fake_grads(features: Tensor, weight: Tensor, need_x: bool, need_w: bool, need_b: bool) -> tuple:
+    """The fake ``(dx, dw, db)`` of an op: (N, D), (C, D), (C,) where wanted, else empty (0,)."""
+    (N, D), C = features.shape, weight.shape[0]
+    return (features.new_empty((N, D) if need_x else (0,)), features.new_empty((C, D) if need_w else (0,)),
+            features.new_empty((C,) if need_b else (0,)))
 
 
 def _params(flat: tuple, chunk_rows: int, chunk_classes: int) -> _HeadParams:
@@ -63,20 +76,14 @@ def linear_head_forward_op(features: Tensor, weight: Tensor, bias: Tensor | None
 
 @linear_head_forward_op.register_fake
 def _(features, weight, bias, target, *rest):
-    reduction = _REDUCTIONS[rest[13]]
     need_x, need_w, need_b = rest[-3:]
-    N, D = features.shape
-    C = weight.shape[0]
-    none = reduction == "none"
-    grads = not none and (need_x or need_w or need_b)
+    N = features.shape[0]
+    none = _REDUCTIONS[rest[13]] == "none"
     stats = none and (need_x or need_w or need_b)
-
-    def maybe(cond, shape, dtype=features.dtype):
-        return features.new_empty(shape if cond else (0,), dtype=dtype)
-
-    return (features.new_empty((N,) if none else ()), maybe(grads and need_x, (N, D)),
-            maybe(grads and need_w, (C, D)), maybe(grads and need_b, (C,)),
-            maybe(stats, (2, N), torch.float32), maybe(stats, (N,), torch.float32))
+    f32 = dict(dtype=torch.float32)
+    return (features.new_empty((N,) if none else ()),
+            *_fake_grads(features, weight, not none and need_x, not none and need_w, not none and need_b),
+            features.new_empty((2, N) if stats else (0,), **f32), features.new_empty((N,) if stats else (0,), **f32))
 
 
 @torch.library.custom_op("fastlt::linear_head_backward", mutates_args=())
@@ -104,11 +111,7 @@ def linear_head_backward_op(grad_output: Tensor, features: Tensor, weight: Tenso
 
 @linear_head_backward_op.register_fake
 def _(grad_output, features, weight, bias, target, lse, factor, *rest):
-    need_x, need_w, need_b = rest[-3:]
-    N, D = features.shape
-    C = weight.shape[0]
-    return (features.new_empty((N, D) if need_x else (0,)), features.new_empty((C, D) if need_w else (0,)),
-            features.new_empty((C,) if need_b else (0,)))
+    return _fake_grads(features, weight, *rest[-3:])
 
 
 _LINEAR_INPUTS = 24  # arguments of linear_head_forward_op
@@ -154,12 +157,8 @@ linear_head_forward_op.register_autograd(_linear_head_backward, setup_context=_s
 
 def linear_head(features: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, params: _HeadParams) -> Tensor:
     """:class:`fastlt.heads.FusedLinearLoss` as the custom op (the compiled path): the loss."""
-    args: RowOperatorArgs = params.args
-    grad = torch.is_grad_enabled()
-    need = (grad and features.requires_grad, grad and weight.requires_grad,
-            grad and bias is not None and bias.requires_grad)
-    return linear_head_forward_op(features, weight, bias, target, *_flat(args), params.chunk_rows,
-                                  params.chunk_classes or 0, *need)[0]
+    return linear_head_forward_op(features, weight, bias, target, *_flat(params.args), params.chunk_rows,
+                                  params.chunk_classes or 0, *_wanted(features, weight, bias))[0]
 
 
 # --- LADE head ---------------------------------------------------------------------------------------------------
@@ -170,8 +169,7 @@ def lade_head_forward_op(features: Tensor, weight: Tensor, bias: Tensor | None, 
                          label_smoothing: float, ignore_index: int, reduction: int, chunk_rows: int,
                          chunk_classes: int, need_x: bool, need_w: bool,
                          need_b: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    args = RowOperatorArgs(prior=log_prior, weight=weight_classes, tau=1.0, label_smoothing=label_smoothing,
-                           ignore_index=ignore_index, reduction=_REDUCTIONS[reduction])
+    args = _lade_args(log_prior, weight_classes, label_smoothing, ignore_index, reduction)
     params = _LADEHeadParams(args=args, pi=pi, alpha=alpha, remine_lambda=remine_lambda, chunk_rows=chunk_rows,
                              chunk_classes=chunk_classes or None)
     loss, dx, dw, db = _lade_pass(features, weight, bias, target, params, need_x=need_x, need_w=need_w,
@@ -181,11 +179,7 @@ def lade_head_forward_op(features: Tensor, weight: Tensor, bias: Tensor | None, 
 
 @lade_head_forward_op.register_fake
 def _(features, weight, bias, target, *rest):
-    need_x, need_w, need_b = rest[-3:]
-    N, D = features.shape
-    C = weight.shape[0]
-    return (features.new_empty(()), features.new_empty((N, D) if need_x else (0,)),
-            features.new_empty((C, D) if need_w else (0,)), features.new_empty((C,) if need_b else (0,)))
+    return (features.new_empty(()), *_fake_grads(features, weight, *rest[-3:]))
 
 
 _LADE_INPUTS = 17  # arguments of lade_head_forward_op
@@ -206,14 +200,11 @@ lade_head_forward_op.register_autograd(_lade_head_backward, setup_context=_setup
 def lade_head(features: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
               params: _LADEHeadParams) -> Tensor:
     """:class:`fastlt.lade_head.FusedLinearLADE` as the custom op (the compiled path): the loss."""
-    args: RowOperatorArgs = params.args
-    grad = torch.is_grad_enabled()
-    need = (grad and features.requires_grad, grad and weight.requires_grad,
-            grad and bias is not None and bias.requires_grad)
+    args = params.args
     return lade_head_forward_op(features, weight, bias, target, args.prior, params.pi, args.weight, params.alpha,
                                 params.remine_lambda, args.label_smoothing, args.ignore_index,
                                 _REDUCTIONS.index(args.reduction), params.chunk_rows, params.chunk_classes or 0,
-                                *need)[0]
+                                *_wanted(features, weight, bias))[0]
 
 
 # --- cosine head: row normalisation ------------------------------------------------------------------------------
