@@ -244,6 +244,8 @@ def cases():
         "la-131072-bf16-fused-persistent": la(4096, 131072, torch.bfloat16, grad_in_forward=True, block_m=1,
                                               block_n=8192, num_warps=16, row_programs=132),
         "la-1M-bf16-split": la(128, 1_000_000, torch.bfloat16, num_splits=16),
+        # GCL's gradient in the forward over split rows: STORE_P in the split forward, row_loss_grad's STORED after
+        "gcl-1M-bf16-split-fused": gcl(128, 1_000_000, torch.bfloat16, grad_in_forward=True, num_splits=16),
         "la-8142-fp32-whole-row": la(4096, 8142, torch.float32, grad_in_forward=True, block_n=8192, num_warps=16),
         "lade-131072-fp32": lade_case(4096, 131072, torch.float32),
         "lade-8142-bf16": lade_case(4096, 8142, torch.bfloat16),

@@ -450,7 +450,8 @@ def _class_ptrs(args: RowOperatorArgs, dev):
 # also stores each tile's exp(a - max) over the gradient buffer and the second only scales it: one more write of the
 # row (absorbed by L2 while the row is still there, which the reverse walk and the persistent grid aim at), and a
 # second pass without z, class vectors, noise or exp. Static count, GCL 4096 x 131072 bf16: that pass's loop goes
-# from ~860 to ~200 SASS instructions per 16 elements a thread, the noise drawn once instead of twice. Where the tile
+# from ~860 to ~200 SASS instructions per 16 elements a thread, the noise drawn once instead of twice (split rows:
+# the forward's splits store, and grad(stored=) scales after the combine; GCL 128 x 1M: 899 -> 196). Where the tile
 # is cheap to recompute (no noise) the extra write is not worth it. "noise" (default): only when GCL's noise is on;
 # "always" / "never": for tests and tuning.
 STORE_PROBS = "noise"
@@ -505,9 +506,10 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out
                             torch.empty(N, dtype=torch.float32, device=dev)) if column_stats
                 else ColumnStats(d, d))
     fuse_grad = grad_out is not None and not split
-    g = grad_out if fuse_grad else z
-    store_p = fuse_grad and not cfg.single_tile and not column_stats and _store_probs(args)
-    num_tiles = _cdiv(min(cfg.cols_per_split, C), cfg.block_n) if store_p else 0
+    # split rows: the gradient comes from grad() after the combine; with STORE_P it scales what the forward stored
+    store_p = grad_out is not None and not cfg.single_tile and not column_stats and _store_probs(args)
+    g = grad_out if fuse_grad or store_p else z
+    num_tiles = _cdiv(C, cfg.block_n) if store_p else 0
     tile_max = torch.empty((N, num_tiles), dtype=torch.float32, device=dev) if store_p else d
     flags = _common_flags(args)
     inv_denom = inv if inv is not None else d
@@ -529,24 +531,29 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out
                             out=out, counter=counter, reduce_mode=reduce_mode)
     reduce_unless_fused(out, counter, loss, y, args, inv_denominator=inv, factor=factor, scale_mean=scale_mean)
     if grad_out is not None and split:
-        grad(z, y, args, lse, factor, None, out=grad_out, config=cfg)
+        grad(z, y, args, lse, factor, None, out=grad_out, config=cfg, stored=tile_max if store_p else None)
     return loss, lse, factor, (colstats if column_stats else None)
 
 
 def grad(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, lse: torch.Tensor, factor: torch.Tensor,
          grad_output: torch.Tensor | None, *, column_term=None, out: torch.Tensor | None = None,
-         config: TileConfig | None = None, col_base: int = 0, num_classes: int | None = None) -> torch.Tensor:
+         config: TileConfig | None = None, col_base: int = 0, num_classes: int | None = None,
+         stored: torch.Tensor | None = None) -> torch.Tensor:
     """d loss / d z recomputed from the saved ``lse`` and ``factor``; ``grad_output``: scalar or (N,)
     (None: 1). ``column_term``: LADE's ``(col_a, col_b, col_lse)`` (C,) fp32 vectors (alpha included: see
     :class:`fastlt.kernels.lade.LaderTerms`); its loss is reduced, so ``grad_output`` must then be a scalar, which
     the kernel applies to the column term too. A class chunk: ``z`` (N, Ck) holds classes
-    ``[col_base, col_base + Ck)`` of ``num_classes``."""
+    ``[col_base, col_base + Ck)`` of ``num_classes``.
+    ``stored`` (:func:`forward` of split rows with STORE_P, same ``config``): the (N, tiles) fp32 running maxima
+    whose tiles of ``exp(a - max)`` that forward left in ``out``; they are scaled in place, ``z`` is not read."""
     N, Ck = z.shape
     C = Ck if num_classes is None else num_classes
     if column_term is not None and grad_output is not None and grad_output.dim() != 0:
         raise ValueError(f"column_term (LADE) needs a scalar grad_output, got shape {tuple(grad_output.shape)}")
     if col_base % 8:
         raise ValueError(f"col_base must be a multiple of 8 (8 noise columns per Philox call), got {col_base}")
+    if stored is not None and (out is None or column_term is not None or col_base or num_classes not in (None, Ck)):
+        raise ValueError("stored= scales the forward's tiles in out=, over all classes, without column_term")
     dev = z.device
     cfg = config or pick_tiles(N, Ck, dev, column_term=column_term is not None)
     out = torch.empty((N, Ck), dtype=z.dtype, device=dev) if out is None else out
@@ -562,8 +569,9 @@ def grad(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, lse: torch.Ten
         ca, cb, cl, out, out.stride(0), out.stride(1),
         N, C, cfg.cols_per_split, col_base, col_base + Ck, args.ignore_index, args.tau, args.noise_mul,
         args.margin_value, args.scale, args.label_smoothing, args.seed, args.noise_row_offset, _seed_ptr(args, dev),
+        stored if stored is not None else _dummy(dev), stored.shape[1] if stored is not None else 0,
         HAS_UPSTREAM=grad_output is not None, COLUMN_TERM=column_term is not None, ALIGN=row_align(z, out),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STORED=stored is not None, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **_common_flags(args))
     return out
 

@@ -329,11 +329,12 @@ def _grad_columns(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr,
     :func:`row_loss_grad`). STORED: from what a STORE_P statistics pass left (see :func:`_grad_step`)."""
     full_end = _full_tiles_end(col_lo, col_hi, BLOCK_N)
     num_full = (full_end - col_lo) // BLOCK_N
+    tile0 = (col_lo - col_base) // BLOCK_N  # the tiles of STORED are numbered from col_base (all splits of a row)
     if full_end < col_hi:
         _grad_step(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, grad_ptr, stride_gm, stride_gn,
                    rows, row_mask, full_end, col_base, col_hi, y, m, valid, row_max, log_sum, coef, w_y, w_sum, inv_C,
                    col_a_y, col_b_ptr, col_lse_ptr, col_go, tau, noise_mul, scale, label_smoothing, seed, noise_row0,
-                   tile_max_ptr, num_full, num_tiles, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT,
+                   tile_max_ptr, tile0 + num_full, num_tiles, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT,
                    HAS_SMOOTH, COLUMN_TERM, STORED, True, ALIGN, BLOCK_M, BLOCK_N)
     col_start = full_end
     for t in range(0, num_full):
@@ -341,7 +342,7 @@ def _grad_columns(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr,
         _grad_step(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, grad_ptr, stride_gm, stride_gn,
                    rows, row_mask, col_start, col_base, col_hi, y, m, valid, row_max, log_sum,
                    coef, w_y, w_sum, inv_C, col_a_y, col_b_ptr, col_lse_ptr, col_go, tau, noise_mul, scale,
-                   label_smoothing, seed, noise_row0, tile_max_ptr, num_full - 1 - t, num_tiles, HAS_PRIOR,
+                   label_smoothing, seed, noise_row0, tile_max_ptr, tile0 + num_full - 1 - t, num_tiles, HAS_PRIOR,
                    HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_TERM, STORED, False, ALIGN,
                    BLOCK_M, BLOCK_N)
 
@@ -387,14 +388,14 @@ def _forward_row_block(
             m_i, l_i, sw = _stats_step(
                 z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, colstat_ptr, rows, row_mask, col_start,
                 col_base, col_hi, y, m, valid, m_i, l_i, sw, pid_m, num_row_blocks, C, tau, noise_mul, scale, seed,
-                noise_row0, grad_ptr, stride_gm, stride_gn, tile_max_ptr, (col_start - col_lo) // BLOCK_N, num_tiles,
+                noise_row0, grad_ptr, stride_gm, stride_gn, tile_max_ptr, (col_start - col_base) // BLOCK_N, num_tiles,
                 HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_STATS, STORE_P, False,
                 ALIGN, BLOCK_M, BLOCK_N)
         if full_end < col_hi:
             m_i, l_i, sw = _stats_step(
                 z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, colstat_ptr, rows, row_mask, full_end,
                 col_base, col_hi, y, m, valid, m_i, l_i, sw, pid_m, num_row_blocks, C, tau, noise_mul, scale, seed,
-                noise_row0, grad_ptr, stride_gm, stride_gn, tile_max_ptr, (full_end - col_lo) // BLOCK_N, num_tiles,
+                noise_row0, grad_ptr, stride_gm, stride_gn, tile_max_ptr, (full_end - col_base) // BLOCK_N, num_tiles,
                 HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_STATS, STORE_P, True,
                 ALIGN, BLOCK_M, BLOCK_N)
     if SPLIT:
@@ -461,10 +462,12 @@ def row_loss_forward(
     a baked-in value), not ``seed``.
     MEAN: the factor includes ``1 / sum_i w_{y_i}``, read from ``inv_denom_ptr``, or with OWN_DENOM summed by every
     program itself from the targets (no launch before this one; cheap when programs x N is small).
-    STORE_P (GRAD_IN_FWD over several tiles, not SPLIT): the statistics pass stores each tile's ``exp(a - max)``
-    over the gradient buffer and the running max in ``tile_max_ptr`` ((N, num_tiles) fp32); the gradient pass then
-    scales those instead of recomputing the tile (no second read of z, class vectors or noise: GCL draws its noise
-    once). The gradient is the same to one more rounding of ``p`` (``exp(a - max)`` in the gradient's dtype).
+    STORE_P (GRAD_IN_FWD over several tiles, or SPLIT for a gradient in the forward): the statistics pass stores
+    each tile's ``exp(a - max)`` over the gradient buffer and the running max in ``tile_max_ptr`` ((N, num_tiles)
+    fp32, tiles numbered from ``col_base`` across the splits); the gradient pass (here, or :func:`row_loss_grad`'s
+    STORED after the combine of split rows) then scales those instead of recomputing the tile (no second read of z,
+    class vectors or noise: GCL draws its noise once). The gradient is the same to one more rounding of ``p``
+    (``exp(a - max)`` in the gradient's dtype).
     REDUCE (not SPLIT): the program that finishes last also writes the batch loss to ``out_ptr`` (0-dim):
     :func:`_last_program_reduces` (1: 'sum', 2: 'mean'; ``counter_ptr``: an int32 that is 0 before the launch and
     after it). RBLOCK: the width of the in-kernel batch sums.
@@ -535,15 +538,18 @@ def row_loss_grad(
     z_ptr, stride_zm, stride_zn, y_ptr, prior_ptr, cloud_ptr, margin_ptr, weight_ptr, wsum_ptr,
     lse_ptr, factor_ptr, go_ptr, go_stride, col_a_ptr, col_b_ptr, col_lse_ptr, grad_ptr, stride_gm, stride_gn,
     N, C, cols_per_split, col_base, col_end, ignore_index, tau, noise_mul, margin_value, scale, label_smoothing, seed,
-    noise_row0, seed_ptr,
+    noise_row0, seed_ptr, tile_max_ptr, num_tiles,
     HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_UPSTREAM: tl.constexpr, COLUMN_TERM: tl.constexpr,
     ALIGN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEED_FROM_PTR: tl.constexpr, STORED: tl.constexpr,
 ):
     """Grid (cdiv(N, BLOCK_M), num_splits): recompute the tile from the saved fp32 (row max, log sum-exp) and write
     ``upstream_i * factor_i * d loss_i / d z`` (plus LADE's column term, times the scalar upstream, when
-    COLUMN_TERM); classes from ``col_base`` on, as in ``row_loss_forward`` (SEED_FROM_PTR too)."""
+    COLUMN_TERM); classes from ``col_base`` on, as in ``row_loss_forward`` (SEED_FROM_PTR too).
+    STORED (the gradient in the forward of split rows): no recompute; ``grad_ptr`` holds what a split
+    ``row_loss_forward`` with STORE_P left there (``exp(a - max)`` per tile, the running max at ``tile_max_ptr``
+    (N, num_tiles)), which :func:`_grad_step` scales in place: z is not read and GCL's noise is not drawn again."""
     if SEED_FROM_PTR:
         seed = tl.load(seed_ptr)
     # the last programs of the forward (its last row blocks and splits, whose ends are the likeliest still in L2)
@@ -571,9 +577,9 @@ def row_loss_grad(
         col_a_y = tl.load(col_a_ptr + y, mask=valid, other=0.0) * col_go
     _grad_columns(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, grad_ptr, stride_gm, stride_gn, rows,
                   row_mask, col_lo, col_base, col_hi, y, m, valid, row_max, log_sum, coef, w_y, w_sum, inv_C, col_a_y,
-                  col_b_ptr, col_lse_ptr, col_go, tau, noise_mul, scale, label_smoothing, seed, noise_row0, lse_ptr, 0,
-                  HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_TERM, False,
-                  ALIGN, BLOCK_M, BLOCK_N)
+                  col_b_ptr, col_lse_ptr, col_go, tau, noise_mul, scale, label_smoothing, seed, noise_row0,
+                  tile_max_ptr, num_tiles, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH,
+                  COLUMN_TERM, STORED, ALIGN, BLOCK_M, BLOCK_N)
 
 
 @triton.jit

@@ -176,14 +176,16 @@ def test_grad_in_forward(config, reduction, dtype):
     run_and_compare(z, y, _flags("all", cv, 23), reduction=reduction, grad_in_forward=True, config=config)
 
 
+@pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("store", ["never", "always"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_grad_in_forward_stored_probabilities(store, dtype, monkeypatch):
+def test_grad_in_forward_stored_probabilities(store, dtype, splits, monkeypatch):
     """STORE_P: the gradient pass of a multi-tile row scales the exp(a - max) that the statistics pass stored over
-    the gradient (rounded to the logits' dtype) instead of recomputing the tile. Both policies, every dtype,
-    confident logits, the flags with and without noise (by default only GCL's noise turns it on). A confident
-    target was the running max where its exp(a - max) was stored, which is exactly 1, so its p_y - 1 stays exact
-    in bf16 and fp16."""
+    the gradient (rounded to the logits' dtype) instead of recomputing the tile; for split rows that pass is
+    row_loss_grad's STORED after the combine. Both policies, every dtype, one and several splits, confident
+    logits, the flags with and without noise (by default only GCL's noise turns it on). A confident target was
+    the running max where its exp(a - max) was stored, which is exactly 1, so its p_y - 1 stays exact in bf16 and
+    fp16."""
     monkeypatch.setattr(launch, "STORE_PROBS", store)
     gen = torch.Generator().manual_seed(13)
     N, C = 9, 50
@@ -193,7 +195,27 @@ def test_grad_in_forward_stored_probabilities(store, dtype, monkeypatch):
     for flags in ("la", "gcl_focal", "all"):
         for reduction in ("mean", "none"):
             run_and_compare(z, y, _flags(flags, cv, 3), reduction=reduction, grad_in_forward=True,
-                            config=dict(block_n=16, num_splits=1))
+                            config=dict(block_n=16, num_splits=splits))
+
+
+def test_split_grad_in_forward_draws_the_noise_once(monkeypatch):
+    """GCL's gradient in the forward over split rows (128 x 1M's path): the gradient launch after the combine
+    scales what the forward stored and never reads the logits, so the noise is drawn once. Proven by handing that
+    launch logits full of NaN: the gradient still matches the reference (and the launch was asked for STORED)."""
+    seen = []
+    orig = launch.grad
+
+    def spy(z, *a, stored=None, **k):
+        seen.append(stored is not None)
+        return orig(torch.full_like(z, float("nan")), *a, stored=stored, **k)
+
+    monkeypatch.setattr(launch, "grad", spy)
+    gen = torch.Generator().manual_seed(31)
+    N, C = 5, 70
+    cv = _class_vectors(C, gen)
+    z, y = _inputs(N, C, torch.float32, gen)
+    run_and_compare(z, y, _flags("gcl", cv, 41), grad_in_forward=True, config=dict(block_n=16, num_splits=3))
+    assert seen == [True]
 
 
 def test_grad_in_forward_overwrites_logits_and_skips_unit_scale():
