@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# One device-machine session: install, then the GPU tests and the benchmarks, most uncertain first, each
-# step bounded so a short lease still brings back what finished. Everything is logged to $OUT/session.log;
-# the benchmark tables land in $OUT/<device>/ (results.* and heads.*).
-# Usage (device tool, repo root): bash benchmarks/gpu_session.sh [part1|part2|all|tests|bench|heads] [extra bench args]
-# With 30 minutes of device time: one call with part1 (tests of the newest kernels, both benchmarks, the
-# profiles of a logits step and of the heads kernel by kernel), then one with part2 (the long-row
-# gradient-in-forward grids, the LADE tile sweep, the other tests, the row-kernel tile sweep).
-# Optional peers travel as wheels in .whl/ (git-ignored; see README "Benchmarks").
+# One device-machine session: install, then the GPU tests and the benchmarks, each step bounded so a short lease
+# still brings back what finished. Everything is logged to $OUT/session.log; the benchmark tables land in
+# $OUT/<device>/ (results.* and heads.*).
+# Usage (device tool, repo root): bash benchmarks/gpu_session.sh [one|two|part1|part2|all|tests|bench|heads]
+#   [extra bench args]
+# A session now has 15 minutes of device time, a machine's start (a minute or more) included, and one call runs at
+# most 600 s. So: one call with `one` (timeout_s 600; its bounds add up to 535 s): the whole test suite natively,
+# spread over the machine's cores with pytest-xdist (the image has it; the time goes to compiling kernels), both
+# benchmark tables, the gradient-in-forward grids (STORE_P on and off) and the heads' CUDA time kernel by kernel.
+# Then, while the machine is still warm (30 s), `two` if the time left allows (bounds add up to 175 s): the
+# profile of a logits step and the LADE tile sweep. part1/part2 are the older 30-minute plan.
+# Optional peers travel as wheels in .whl/ (git-ignored; benchmarks/fetch_peer_wheels.sh fills it; carry [".whl"]).
 set -uo pipefail
 OUT=${OUT:-/tmp/fastlt-out}
 mkdir -p "$OUT"
@@ -17,7 +21,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 python3 -m pip install -q --no-index --no-build-isolation --no-deps -e . >/dev/null || exit 1
 export PYTHONUNBUFFERED=1
-what=${1:-all}; shift || true
+what=${1:-one}; shift || true
 step() { local limit=$1; shift; echo "## [$(date +%T)] $*" | tee -a "$LOG"; timeout "$limit" "$@" 2>&1 | tee -a "$LOG"; }
 FIRST="tests/test_launch_counts.py tests/test_kernels_fused_reduce.py tests/test_kernels_launch_tiles.py tests/test_kernels_compile.py tests/test_kernels_cuda_graph.py tests/test_kernels_philox_noise.py tests/test_kernels_row_operator.py tests/test_kernels_lade.py tests/test_lade_head.py tests/test_heads_class_chunks.py tests/test_kernels_row_normalize.py"
 
@@ -40,7 +44,23 @@ part2() {
     --ignore=tests/test_kernels_sm90_compile.py
   step 90 python3 benchmarks/tune_tiles.py --out "$OUT"
 }
+# pytest-xdist spreads the kernels' compiles over the cores; without it the suite runs in one process
+XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 12")
+one() {
+  # shellcheck disable=SC2086
+  step 170 python3 -m pytest tests -q -p no:cacheprovider -rf $XDIST --ignore=tests/test_kernels_sm90_compile.py
+  step 130 python3 -m fastlt bench --no-compile --no-official --out "$OUT" "$@"
+  step 110 python3 -m fastlt bench --heads --out "$OUT" "$@"
+  step 80 python3 benchmarks/tune_tiles.py --fused --out "$OUT"
+  step 45 python3 benchmarks/profile_heads.py
+}
+two() {
+  step 70 python3 benchmarks/profile_step.py 4096 8142 fp32
+  step 105 python3 benchmarks/tune_tiles.py --lade --out "$OUT"
+}
 case "$what" in
+  one) one "$@" ;;
+  two) two ;;
   part1) part1 "$@" ;;
   part2) part2 ;;
   all) part1 "$@"; part2 ;;
