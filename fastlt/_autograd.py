@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ._first_order import first_order
 from ._validation import as_index_target
 from .kernels import lade as lade_kernels  # noqa: I001
 from .kernels import launch
@@ -177,7 +178,10 @@ class RowOperatorLoss(torch.autograd.Function):
     """SPEC 2.4 operator; ``apply(logits, target, args, grad_in_forward)`` -> loss in the logits' dtype.
 
     With ``grad_in_forward`` the forward writes d loss / d logits over ``logits`` and backward only
-    rescales it by grad_output (a no-op on the device when grad_output is 1)."""
+    rescales it by grad_output (a no-op on the device when grad_output is 1), in place: so it can be used once, and
+    a second backward through the same graph (``retain_graph=True``) raises instead of rescaling it again.
+    First-order only (:func:`fastlt._first_order.first_order`): a gradient taken with ``create_graph=True`` cannot be
+    differentiated again, and says so."""
 
     @staticmethod
     def forward(ctx, logits, target, args: RowOperatorArgs, grad_in_forward: bool):
@@ -185,12 +189,19 @@ class RowOperatorLoss(torch.autograd.Function):
                                           out_dtype=logits.dtype)
         _save(ctx, args, logits, target, lse, factor)
         ctx.grad_in_forward = grad_in_forward
+        ctx.used = False
         return loss if loss.dtype == logits.dtype else loss.to(logits.dtype)  # 'none': fp32 rows
 
     @staticmethod
+    @first_order
     def backward(ctx, grad_loss):
         args, (logits, target, lse, factor) = _restore(ctx)
         if ctx.grad_in_forward:
+            if ctx.used:
+                raise RuntimeError("grad_in_forward=True left the gradient in the logits and the first backward "
+                                   "has scaled it in place; the graph cannot be backpropagated twice "
+                                   "(retain_graph=True): use grad_in_forward=False for that")
+            ctx.used = True
             return launch.scale_by(logits, grad_loss.contiguous()), None, None, None
         return _backward_impl(grad_loss, logits, target, args, lse, factor, None), None, None, None
 
@@ -206,6 +217,7 @@ class LADELossFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @first_order
     def backward(ctx, grad_loss):
         args, (logits, target, lse, factor, columns) = _restore(ctx)
         grad = _backward_impl(grad_loss, logits, target, args, lse, factor, tuple(columns))

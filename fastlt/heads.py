@@ -85,6 +85,7 @@ from torch import nn
 
 from . import _validation as V
 from . import reference as R
+from ._first_order import first_order
 from .functional import use_triton
 from .priors import gcl_cloud_from, ldam_margins_from, log_prior_from, prior_from
 
@@ -554,6 +555,7 @@ class FusedLinearLoss(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @first_order
     def backward(ctx, grad_output):
         need_x, need_w, need_b = ctx.need
         if ctx.params.args.reduction == "none":
@@ -588,6 +590,7 @@ class _RowNormalize(torch.autograd.Function):
         return y
 
     @staticmethod
+    @first_order
     def backward(ctx, g):
         from .kernels.row_normalize import normalize_rows_backward
 
