@@ -5,7 +5,8 @@ launchers would launch for each case (the launchers run with their kernels swapp
 arguments, constexpr flags and alignment specialisation are exactly the runtime's) for an sm_``arch``
 target, and prints per kernel: registers per thread, spilled bytes, shared memory, and SASS instruction
 counts by class (global loads/stores, shared-memory traffic, barriers, MUFU transcendentals, FP32 math), the
-size of each loop body, and spills inside loops (``--check`` fails on those).
+size of each loop body, and spills inside the column loops (paid per tile: ``--check`` fails on those) and, apart,
+inside a persistent program's loop around them (paid once per row block: reported, not failed).
 No GPU needed: triton compiles to cubin with its bundled ptxas, and cuobjdump reads it back.
 
 Counting, not timing: a convert_layout through shared memory, a spill, or a class vector re-read from L2 per
@@ -94,7 +95,8 @@ def _inspect(compiled, name: str, flags: str) -> Compiled:
                 counts[cls] += 1
     counts["total"] = len(lines)
     counts["loops"] = _loop_sizes(lines)
-    counts["loop spills"] = _loop_spills(lines)
+    counts["loop spills"] = _loop_spills(lines, innermost=True)
+    counts["row-loop spills"] = _loop_spills(lines, innermost=False)
     return Compiled(name, flags, regs, spilled, max(field("SHARED"), compiled.metadata.shared), dict(counts), sass)
 
 
@@ -115,14 +117,18 @@ def _loop_sizes(lines: list[str]) -> str:
     return ",".join(str(n) for n in sizes) or "-"
 
 
-def _loop_spills(lines: list[str]) -> int:
-    """Local-memory loads and stores (spills) inside loop bodies: the ones paid per tile."""
+def _loop_spills(lines: list[str], innermost: bool) -> int:
+    """Local-memory loads and stores (spills) inside loop bodies. ``innermost``: in loops that hold no other loop,
+    the column loops, where they are paid per tile; else in the loops around them only (a persistent program's
+    loop over its row blocks), paid once per row block, beside a whole row's tiles."""
     loops = _loops(lines)
+    inner = [(a, b) for a, b in loops if not any((c, d) != (a, b) and a <= c and d <= b for c, d in loops)]
     n = 0
     for ln in lines:
         if _CLASSES["LDL/STL"].search(ln):
             addr = int(re.match(r"\s+/\*([0-9a-f]+)\*/", ln).group(1), 16)
-            n += any(a <= addr <= b for a, b in loops)
+            in_inner = any(a <= addr <= b for a, b in inner)
+            n += in_inner if innermost else (not in_inner and any(a <= addr <= b for a, b in loops))
     return n
 
 
@@ -274,7 +280,7 @@ def report(names=None, arch: int = 90, sass_dir: str | None = None) -> list[tupl
 
 
 def markdown(rows) -> str:
-    cls = list(_CLASSES) + ["total", "loops", "loop spills"]
+    cls = list(_CLASSES) + ["total", "loops", "loop spills", "row-loop spills"]
     head = "| case | kernel | flags | regs | spill B | smem B | " + " | ".join(cls) + " |"
     lines = [head, "|" + "---|" * (6 + len(cls))]
     for name, c in rows:

@@ -4,34 +4,65 @@ Element (i, j): Philox4x32-10 of counter (j // 8, i, 0, 0) under the 64-bit seed
 with the int64 offset ``(i << 32) | (j // 8)``); each of the four words gives two 16-bit uniforms
 ``(h + 1/2) / 2^16`` and one Box-Muller pair; column ``j`` takes normal ``j % 8`` of
 ``[c0, s0, c1, s1, c2, s2, c3, s3]``; then ``e = min(|g| / 3, 1)``. ``fastlt.noise`` computes the
-same in plain PyTorch (see it for why 16-bit uniforms); the kernel's log, sin and cos are short
-polynomials on the exactly reduced arguments (``_pair``), within 1e-6 of it.
+same in plain PyTorch (see it for why 16-bit uniforms).
+
+On the GPU the log2, sin and cos of the Box-Muller step are one special-function-unit instruction each (MUFU.LG2,
+MUFU.SIN, MUFU.COS: libdevice's ``fast_*`` forms), on arguments reduced so that their documented absolute errors
+(2^-22 for log2 on [1/2, 2), 2^-20.9 for sin and cos on the first quadrant) stay below ~1.5e-6 in ``e``. That unit
+runs beside the FP32 pipes; the short polynomials that stood here before cost ~30 FP32 instructions per element
+and left GCL's loops compute-bound (static count, benchmarks/kernel_report.py: the GCL gradient loop 899 -> 725
+SASS instructions per 16 elements a thread). The interpreter has no ``fast_*`` forms, so there (``FAST_MATH``
+off) the same steps take numpy's exact functions; the CPU tests check that structure against float64 to 1e-6, the
+GPU tests the fast path to 2.5e-6.
 """
+
+import os
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
+FAST_MATH = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 _LN2 = tl.constexpr(0.6931471805599453)
 _ANGLE_STEP = tl.constexpr(3.141592653589793 / 32768.0)  # (pi / 2) / 2^14: one step of the in-quadrant angle
 _ANGLE_START = tl.constexpr(-8191.5 * 3.141592653589793 / 32768.0)  # x = (j + 1/2) * step - pi / 4
 
 
 @triton.jit
-def _neg_log_u(lo):
-    """``-log u`` for ``u = (lo + 1/2) / 2^16`` (``lo`` a 16-bit integer), float32, relative error ~1e-7.
+def _log2(x):
+    if FAST_MATH:
+        return libdevice.fast_log2f(x)
+    else:
+        return tl.log2(x)
 
-    ``lo + 1/2 = 2^k * m`` with ``m`` in [sqrt(1/2), sqrt(2)) (exponent bits, no libdevice call), then
-    ``log m = 2 atanh(t)``, ``t = (m - 1) / (m + 1)``, |t| < 0.172, as an odd series to t^9. ``log u`` keeps
-    full relative precision near u = 1 (k = 16 there, so nothing cancels)."""
-    v = lo.to(tl.float32) + 0.5
-    ix = v.to(tl.int32, bitcast=True) - 0x3F3504F3
-    k = ix >> 23
-    m = ((ix & 0x7FFFFF) + 0x3F3504F3).to(tl.float32, bitcast=True)
-    f = m - 1.0
-    t = f / (2.0 + f)
-    t2 = t * t
-    log_m = 2.0 * t + (2.0 * t * t2) * (1.0 / 3.0 + t2 * (0.2 + t2 * (1.0 / 7.0 + t2 * (1.0 / 9.0))))
-    return -((k - 16).to(tl.float32) * _LN2 + log_m)
+
+@triton.jit
+def _sin(x):
+    if FAST_MATH:
+        return libdevice.fast_sinf(x)
+    else:
+        return tl.sin(x)
+
+
+@triton.jit
+def _cos(x):
+    if FAST_MATH:
+        return libdevice.fast_cosf(x)
+    else:
+        return tl.cos(x)
+
+
+@triton.jit
+def _neg_log_u(lo):
+    """``-log u`` for ``u = (lo + 1/2) / 2^16`` (``lo`` a 16-bit integer), float32: ``-log(2) log2(u)``, except
+    near u = 1, where ``-log u`` is small and log2's absolute error (2^-22 on the GPU) would be a large relative
+    one: for ``t = 1 - u < 1/64`` the series ``t + t^2/2 + t^3/3 + t^4/4`` (relative error < 2e-8). Both are exact
+    in their inputs (``u`` and ``t`` are multiples of 2^-17)."""
+    v = lo.to(tl.float32)
+    big = -_LN2 * _log2((v + 0.5) * (1.0 / 65536.0))
+    t = (65535.5 - v) * (1.0 / 65536.0)
+    small = t * (1.0 + t * (0.5 + t * (1.0 / 3.0 + t * 0.25)))
+    return tl.where(t < 0.015625, small, big)
 
 
 @triton.jit
@@ -39,15 +70,14 @@ def _pair(w):
     """``e = min(|g| / 3, 1)`` of one Box-Muller pair ``(r cos theta, r sin theta)`` from the 16-bit halves
     of a uint32 word: ``r = sqrt(-2 log u_lo)``, ``theta = 2 pi u_hi``, ``u = (h + 1/2) / 2^16``.
 
-    Plain float arithmetic, no transcendental calls (they dominated the noise's cost): the top two bits of
-    ``h_hi`` are the quadrant of theta and the other 14 give ``a = pi/4 + x`` inside it, so
+    The top two bits of ``h_hi`` are the quadrant of theta and the other 14 give ``a = pi/4 + x`` inside it, so
     ``|cos theta|, |sin theta|`` are ``cos a, sin a`` (swapped in odd quadrants), and
-    ``sqrt(2) cos a = cos x - sin x``, ``sqrt(2) sin a = cos x + sin x`` with |x| < pi/4 (Taylor to x^9)."""
+    ``sqrt(2) cos a = cos x - sin x``, ``sqrt(2) sin a = cos x + sin x`` with |x| < pi/4 (where the fast sin and
+    cos are accurate)."""
     r3 = tl.sqrt(_neg_log_u(w & 0xFFFF)) * (1.0 / 3.0)  # r / (3 sqrt(2))
     x = ((w >> 16) & 0x3FFF).to(tl.float32) * _ANGLE_STEP + _ANGLE_START
-    s = x * x
-    sin_x = x + (x * s) * (-1.0 / 6.0 + s * (1.0 / 120.0 + s * (-1.0 / 5040.0 + s * (1.0 / 362880.0))))
-    cos_x = 1.0 + s * (-0.5 + s * (1.0 / 24.0 + s * (-1.0 / 720.0 + s * (1.0 / 40320.0))))
+    sin_x = _sin(x)
+    cos_x = _cos(x)
     odd = ((w >> 30) & 1) != 0
     e_cos = tl.minimum(r3 * tl.where(odd, cos_x + sin_x, cos_x - sin_x), 1.0)
     e_sin = tl.minimum(r3 * tl.where(odd, cos_x - sin_x, cos_x + sin_x), 1.0)

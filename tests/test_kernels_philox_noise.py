@@ -1,5 +1,6 @@
-"""The kernels' Box-Muller step (``philox_noise._pair``): polynomial log/sin/cos on exactly reduced
-arguments, checked against float64 Box-Muller on every 16-bit half of a Philox word."""
+"""The kernels' Box-Muller step (``philox_noise._pair``): log2/sin/cos on exactly reduced arguments (the GPU's
+special-function unit natively, numpy's exact functions in the interpreter), checked against float64 Box-Muller on
+every 16-bit half of a Philox word."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlt.kernels.philox_noise import _pair, gcl_noise_at, gcl_noise_kernel
+from fastlt.kernels.philox_noise import FAST_MATH, _pair, gcl_noise_at, gcl_noise_kernel
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -41,9 +42,14 @@ def test_pair_matches_float64_box_muller_on_every_half():
     r = torch.sqrt(-2 * torch.log(u1))
     want_cos = torch.clamp((r * torch.cos(theta)).abs() / 3, max=1.0)
     want_sin = torch.clamp((r * torch.sin(theta)).abs() / 3, max=1.0)
-    # float32 rounding of the inputs alone is ~4e-7 here; a wrong series coefficient shows as >1e-4
-    assert (e_cos.cpu().double() - want_cos).abs().max().item() < 1e-6
-    assert (e_sin.cpu().double() - want_sin).abs().max().item() < 1e-6
+    # float32 rounding of the inputs alone is ~4e-7 here; a wrong series coefficient or branch shows as >1e-4. The
+    # GPU's MUFU log2/sin/cos add at most ~1.2e-6 (documented absolute errors 2^-22 and 2^-20.9, times r / 3 <= 1.14)
+    tol = 2.5e-6 if FAST_MATH else 1e-6
+    near_one = (w & 0xFFFF) >= 64512  # u_lo > 63/64: -log u from the series, not from log2
+    for got, want in ((e_cos, want_cos), (e_sin, want_sin)):
+        err = (got.cpu().double() - want).abs()
+        assert err.max().item() < tol
+        assert err[near_one].max().item() < tol and err[~near_one].max().item() < tol
     assert e_cos.min().item() >= 0.0 and e_sin.min().item() >= 0.0
     assert e_cos.max().item() <= 1.0 and e_sin.max().item() <= 1.0
     assert (e_cos == 1.0).any() and (e_sin == 1.0).any()  # the clip at 3 sigma is reached (small u_lo)
