@@ -10,7 +10,7 @@ On the GPU the log2, sin and cos of the Box-Muller step are one special-function
 MUFU.SIN, MUFU.COS: libdevice's ``fast_*`` forms), on arguments reduced so that their documented absolute errors
 (2^-22 for log2 on [1/2, 2), 2^-20.9 for sin and cos on the first quadrant) stay below ~1.5e-6 in ``e``. That unit
 runs beside the FP32 pipes; the short polynomials that stood here before cost ~30 FP32 instructions per element
-and left GCL's loops compute-bound (static count, benchmarks/kernel_report.py: the GCL gradient loop 899 -> 725
+and left GCL's loops compute-bound (static count, benchmarks/kernel_report.py: the GCL gradient loop 899 -> 705
 SASS instructions per 16 elements a thread). The interpreter has no ``fast_*`` forms, so there (``FAST_MATH``
 off) the same steps take numpy's exact functions; the CPU tests check that structure against float64 to 1e-6, the
 GPU tests the fast path to 2.5e-6.
@@ -24,8 +24,9 @@ from triton.language.extra import libdevice
 
 FAST_MATH = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 _LN2 = tl.constexpr(0.6931471805599453)
-_ANGLE_STEP = tl.constexpr(3.141592653589793 / 32768.0)  # (pi / 2) / 2^14: one step of the in-quadrant angle
-_ANGLE_START = tl.constexpr(-8191.5 * 3.141592653589793 / 32768.0)  # x = (j + 1/2) * step - pi / 4
+_HALF_PI = tl.constexpr(1.5707963267948966)
+# x = (j + 1/2) * step - pi/4 with step = (pi/2) / 2^14, as (1 + j / 2^14) * pi/2 + (step/2 - pi/4 - pi/2)
+_ANGLE_START = tl.constexpr(3.141592653589793 / 65536.0 - 0.75 * 3.141592653589793)
 
 
 @triton.jit
@@ -53,16 +54,25 @@ def _cos(x):
 
 
 @triton.jit
-def _neg_log_u(lo):
-    """``-log u`` for ``u = (lo + 1/2) / 2^16`` (``lo`` a 16-bit integer), float32: ``-log(2) log2(u)``, except
-    near u = 1, where ``-log u`` is small and log2's absolute error (2^-22 on the GPU) would be a large relative
-    one: for ``t = 1 - u < 1/64`` the series ``t + t^2/2 + t^3/3 + t^4/4`` (relative error < 2e-8). Both are exact
-    in their inputs (``u`` and ``t`` are multiples of 2^-17)."""
-    v = lo.to(tl.float32)
-    big = -_LN2 * _log2((v + 0.5) * (1.0 / 65536.0))
-    t = (65535.5 - v) * (1.0 / 65536.0)
-    small = t * (1.0 + t * (0.5 + t * (1.0 / 3.0 + t * 0.25)))
-    return tl.where(t < 0.015625, small, big)
+def _unit_float(bits):
+    """``1 + bits / 2^23`` as float32, for ``bits < 2^23`` (uint32): the mantissa filled in, no conversion
+    instruction (I2F shares the special-function unit's throughput)."""
+    return (bits | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _r_over_3(w):
+    """``r / (3 sqrt(2)) = sqrt(-log u / 9)`` for ``u = (lo + 1/2) / 2^16``, ``lo`` the low half of ``w``: from
+    ``f = 1 + lo / 2^16`` both ``u = f - (1 - 2^-17)`` and ``t = 1 - u = (2 - 2^-17) - f`` are exact (Sterbenz).
+    ``-log u = -log(2) log2(u)``, except near u = 1, where ``-log u`` is small and log2's absolute error (2^-22 on
+    the GPU) would be a large relative one: for ``t < 1/64`` the series ``t + t^2/2 + t^3/3 + t^4/4`` (relative
+    error < 2e-8). The 1/9 is folded into both."""
+    f = _unit_float((w << 7) & 0x7FFF80)
+    u = f - (1.0 - 1.0 / 131072.0)
+    t = (2.0 - 1.0 / 131072.0) - f
+    big = (-_LN2 / 9.0) * _log2(u)
+    small = t * (1.0 / 9.0 + t * (1.0 / 18.0 + t * (1.0 / 27.0 + t * (1.0 / 36.0))))
+    return tl.sqrt(tl.where(t < 0.015625, small, big))
 
 
 @triton.jit
@@ -70,17 +80,18 @@ def _pair(w):
     """``e = min(|g| / 3, 1)`` of one Box-Muller pair ``(r cos theta, r sin theta)`` from the 16-bit halves
     of a uint32 word: ``r = sqrt(-2 log u_lo)``, ``theta = 2 pi u_hi``, ``u = (h + 1/2) / 2^16``.
 
-    The top two bits of ``h_hi`` are the quadrant of theta and the other 14 give ``a = pi/4 + x`` inside it, so
-    ``|cos theta|, |sin theta|`` are ``cos a, sin a`` (swapped in odd quadrants), and
-    ``sqrt(2) cos a = cos x - sin x``, ``sqrt(2) sin a = cos x + sin x`` with |x| < pi/4 (where the fast sin and
-    cos are accurate)."""
-    r3 = tl.sqrt(_neg_log_u(w & 0xFFFF)) * (1.0 / 3.0)  # r / (3 sqrt(2))
-    x = ((w >> 16) & 0x3FFF).to(tl.float32) * _ANGLE_STEP + _ANGLE_START
+    The top two bits of ``h_hi`` are the quadrant of theta and the other 14 (``j``) give ``a = pi/4 + x`` inside it,
+    ``x = (j + 1/2) pi / 2^15 - pi/4``, so ``|cos theta|, |sin theta|`` are ``cos a, sin a`` (swapped in odd
+    quadrants), and ``sqrt(2) cos a = cos x - sin x``, ``sqrt(2) sin a = cos x + sin x`` with |x| < pi/4 (where
+    the fast sin and cos are accurate). The swap is a sign flip of x in odd quadrants (sin is odd, cos even): the
+    quadrant's low bit, moved to the sign bit. ``x`` is one FMA of ``1 + j / 2^14`` (mantissa bits, no I2F)."""
+    r3 = _r_over_3(w)
+    x = _unit_float((w >> 7) & 0x7FFE00) * _HALF_PI + _ANGLE_START
+    x = (x.to(tl.uint32, bitcast=True) ^ ((w << 1) & 0x80000000)).to(tl.float32, bitcast=True)
     sin_x = _sin(x)
     cos_x = _cos(x)
-    odd = ((w >> 30) & 1) != 0
-    e_cos = tl.minimum(r3 * tl.where(odd, cos_x + sin_x, cos_x - sin_x), 1.0)
-    e_sin = tl.minimum(r3 * tl.where(odd, cos_x - sin_x, cos_x + sin_x), 1.0)
+    e_cos = tl.minimum(r3 * (cos_x - sin_x), 1.0)
+    e_sin = tl.minimum(r3 * (cos_x + sin_x), 1.0)
     return e_cos, e_sin
 
 
