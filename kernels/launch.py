@@ -381,8 +381,8 @@ def reduce(loss_rows: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *,
     mean = args.reduction == "mean"
     if max(loss_rows.shape[0], 0 if extra is None else extra.shape[0]) > ONE_PROGRAM_ROWS:
         inv = inv_denominator if inv_denominator is not None or not mean else inv_denominator_of(y, args)
-        if mean and inv_denominator is None and factor is not None:
-            factor.mul_(inv)
+        if mean and inv_denominator is None and factor is not None:  # ignored rows stay 0 (inf when none is valid)
+            factor.mul_(inv).masked_fill_(y == args.ignore_index, 0.0)
         total = loss_rows.sum()
         total = total * inv[0] if mean else total
         total = total if extra is None else total + extra.sum()

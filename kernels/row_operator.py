@@ -165,8 +165,8 @@ def _finish_and_store_rows(row_max, log_sum, a_y, sw, w_y, valid, rows, row_mask
     w_sum = _weight_sum(wsum_ptr, C, HAS_WEIGHT)
     loss, factor = _finish_rows(row_max, log_sum, a_y, sw, w_y, valid, w_sum, gamma, label_smoothing,
                                 1.0 / (C * 1.0), HAS_SMOOTH, HAS_FOCAL)
-    if MEAN:
-        factor = factor * _mean_inverse(inv_denom_ptr, own_inv, OWN_DENOM)
+    if MEAN:  # an ignored row stays 0 when no row is valid (1 / sum w = inf): zero gradients, as torch gives
+        factor = tl.where(valid, factor * _mean_inverse(inv_denom_ptr, own_inv, OWN_DENOM), 0.0)
     tl.store(loss_ptr + rows, loss, mask=row_mask)
     tl.store(lse_ptr + rows, row_max, mask=row_mask)
     tl.store(lse_ptr + N + rows, log_sum, mask=row_mask)
@@ -646,13 +646,15 @@ def _mean_inverse(inv_denom_ptr, own_inv, OWN_DENOM: tl.constexpr):
 
 
 @triton.jit
-def _scale_vector(ptr, inv, n, BLOCK: tl.constexpr, CACHE: tl.constexpr):
-    """``ptr[:n] *= inv`` (fp32), in BLOCK-wide steps."""
+def _scale_factors(ptr, inv, n, y_ptr, ignore_index, BLOCK: tl.constexpr, CACHE: tl.constexpr):
+    """``factor_i *= inv`` (fp32, ``n`` rows) for the valid rows; an ignored row's factor stays 0 even when no row
+    is valid (``inv = 1 / 0``), so its gradient is 0 rather than NaN (as torch's)."""
     offs = tl.arange(0, BLOCK)
     for start in range(0, n, BLOCK):
         mask = start + offs < n
         v = tl.load(ptr + start + offs, mask=mask, other=0.0, cache_modifier=CACHE)
-        tl.store(ptr + start + offs, v * inv, mask=mask)
+        y = tl.load(y_ptr + start + offs, mask=mask, other=ignore_index)
+        tl.store(ptr + start + offs, tl.where(y != ignore_index, v * inv, 0.0), mask=mask)
 
 
 @triton.jit
@@ -683,7 +685,7 @@ def _last_program_reduces(counter_ptr, out_ptr, loss_ptr, y_ptr, weight_ptr, fac
                 total = total * _mean_inverse(inv_denom_ptr, own_inv, OWN_DENOM)
             else:
                 batch_inv = 1.0 / denom
-                _scale_vector(factor_ptr, batch_inv, N, BLOCK, ".cg")
+                _scale_factors(factor_ptr, batch_inv, N, y_ptr, ignore_index, BLOCK, ".cg")
                 total = total * batch_inv
         if EXTRA:
             total += _sum_of(extra_ptr, E, BLOCK, ".cg")
@@ -714,7 +716,7 @@ def reduce_rows(loss_ptr, y_ptr, weight_ptr, factor_ptr, inv_denom_ptr, out_ptr,
             loss += _sum_of(extra_ptr, E, BLOCK, "")
         tl.store(out_ptr, loss.to(out_ptr.dtype.element_ty))
     if SCALE_FACTOR:
-        _scale_vector(factor_ptr, inv, N, BLOCK, "")
+        _scale_factors(factor_ptr, inv, N, y_ptr, ignore_index, BLOCK, "")
 
 
 @triton.jit

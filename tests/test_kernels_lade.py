@@ -109,6 +109,12 @@ def test_lade_all_rows_ignored_gives_torch_semantics():
     got = LF.lade_loss(z, y, pi, reduction="sum", backend="triton")
     assert got.item() == 0.0
     assert torch.isnan(LF.lade_loss(z, y, pi, backend="triton"))
+    for reduction in ("mean", "sum"):  # the gradient is 0 (as the reference's), not NaN from 1 / 0
+        zk = z.clone().requires_grad_()
+        LF.lade_loss(zk, y, pi, reduction=reduction, backend="triton").backward()
+        zr = z.cpu().clone().requires_grad_()
+        R.lade_loss(zr, y.cpu(), pi.cpu(), reduction=reduction).backward()
+        assert torch.equal(zr.grad, torch.zeros_like(zr)) and torch.equal(zk.grad, torch.zeros_like(zk))
 
 
 def _partials(R: int, C: int, seed: int) -> torch.Tensor:

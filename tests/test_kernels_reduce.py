@@ -75,7 +75,9 @@ def test_mean_scales_the_factor_in_the_same_launch_and_writes_the_output_dtype()
     denom = _want_denominator(y, w)
     assert loss.dtype == torch.bfloat16
     assert math.isclose(loss.float().item(), rows.double().sum().item() / denom, rel_tol=1e-2)
-    torch.testing.assert_close(fk.cpu(), factor / denom, rtol=1e-6, atol=0)
+    # the valid rows' factors scaled; an ignored row's is 0 (the row kernels write 0 there; this launch keeps it 0
+    # even when 1 / sum w is inf)
+    torch.testing.assert_close(fk.cpu(), torch.where(y != -100, factor / denom, 0.0), rtol=1e-6, atol=0)
 
 
 def test_targets_outside_the_classes_count_zero_in_the_weighted_denominator():
@@ -130,3 +132,14 @@ def test_extra_values_are_added_after_the_mean(E, reduction):
     assert math.isclose(got.item(), base + extra.double().sum().item(), rel_tol=1e-5, abs_tol=1e-4)
     with pytest.raises(ValueError, match="extra= needs a reduced loss"):
         launch.reduce(rows.to(DEVICE), y.to(DEVICE), RowOperatorArgs(reduction="none"), extra=extra.to(DEVICE))
+
+
+def test_mean_of_no_valid_row_keeps_the_factors_zero():
+    """Every row ignored: 1 / sum w is inf, the loss NaN (as torch's), and the factors (hence the gradients) stay 0
+    rather than 0 * inf = NaN."""
+    y = torch.full((9,), -100)
+    rows = torch.zeros(9)
+    fk = torch.zeros(9, device=DEVICE)
+    loss = launch.reduce(rows.to(DEVICE), y.to(DEVICE), RowOperatorArgs(reduction="mean"), factor=fk)
+    assert math.isnan(loss.item())
+    assert torch.equal(fk.cpu(), torch.zeros(9))

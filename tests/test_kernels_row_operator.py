@@ -271,8 +271,27 @@ def test_all_rows_ignored_and_empty_batch(reduction):
         want = torch.nn.functional.cross_entropy(z, y, reduction=reduction)
         torch.testing.assert_close(got.cpu(), want, equal_nan=True)
         got.sum().backward()
-        if reduction != "mean":
-            assert (zk.grad == 0).all()
+        # 'mean' too: 1 / sum w is inf, yet every row is ignored, so torch's gradient is 0, not NaN
+        assert (zk.grad == 0).all()
+
+
+@pytest.mark.parametrize("config", [None, dict(block_n=16, num_splits=1), dict(block_n=16, num_splits=3)],
+                         ids=["single_tile", "tiles", "split"])
+@pytest.mark.parametrize("grad_in_forward", [False, True])
+def test_all_rows_ignored_mean_gives_zero_gradients(config, grad_in_forward):
+    """Every path that scales 'mean''s row factors by 1 / sum w (inf here): in the row kernel, the combine of split
+    rows, the fused reduction, and with weights and GCL's flags."""
+    gen = torch.Generator().manual_seed(33)
+    N, C = 4, 40
+    cv = _class_vectors(C, gen)
+    z, _ = _inputs(N, C, torch.float32, gen)
+    y = torch.full((N,), -100)
+    leaf = z.to(DEVICE).requires_grad_()
+    zin = leaf * 1.0 if grad_in_forward else leaf
+    loss = _call_kernel(zin, y.to(DEVICE), _flags("all", cv, 5), "mean", grad_in_forward, config)
+    assert torch.isnan(loss).item()
+    loss.backward()
+    assert torch.equal(leaf.grad, torch.zeros_like(leaf))
 
 
 def test_custom_ignore_index_and_int32_targets():

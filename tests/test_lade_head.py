@@ -118,6 +118,13 @@ def test_lade_head_all_rows_ignored_is_nan_like_torch(chunks):
     got = lade_linear_loss(x, w, y, pi, b, backend="triton", reduction="sum", **chunks)
     torch.testing.assert_close(got, reference_lade_linear_loss(x, w, y, pi, b, reduction="sum"))
     assert got.item() == 0.0
+    for reduction in ("mean", "sum"):  # zero gradients, as the reference's, not NaN from 1 / sum w = inf
+        _, grads = _grads(lambda x, w, b, r=reduction: lade_linear_loss(x, w, y, pi, b, backend="triton",
+                                                                        reduction=r, **chunks), (x, w, b), 1.0)
+        _, want = _grads(lambda x, w, b, r=reduction: reference_lade_linear_loss(x, w, y, pi, b, reduction=r),
+                         (x, w, b), 1.0)
+        for g, r in zip(grads, want, strict=True):
+            assert torch.equal(r, torch.zeros_like(r)) and torch.equal(g, torch.zeros_like(g))
 
 
 @pytest.mark.parametrize("chunks", [{}, dict(chunk_rows=2), dict(chunk_classes=8)], ids=["one", "rows", "classes"])
