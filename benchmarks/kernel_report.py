@@ -110,11 +110,29 @@ def _loops(lines: list[str]) -> list[tuple[int, int]]:
     return out
 
 
+def _skipped(lines: list[str], a: int, b: int) -> int:
+    """Instructions of the loop body ``[a, b]`` that a predicated forward branch inside it jumps over (a tile that
+    holds no target skips its per-element target compare): the body minus these is its shortest path."""
+    n, reach = 0, a
+    for ln in lines:
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+@!?U?P\d\s+BRA\b[^0x]*0x([0-9a-f]+)", ln)
+        if m:
+            at, to = int(m.group(1), 16), int(m.group(2), 16)
+            if a <= at and to <= b and to > at and at >= reach:
+                n += (to - at) // 16 - 1
+                reach = to
+    return n
+
+
 def _loop_sizes(lines: list[str]) -> str:
     """Instructions in each loop body, largest first: what one iteration of a column loop executes per thread (the
-    totals also count each loop's copy of the tail tile)."""
-    sizes = sorted(((b - a) // 16 + 1 for a, b in _loops(lines)), reverse=True)
-    return ",".join(str(n) for n in sizes) or "-"
+    totals also count each loop's copy of the tail tile); ``size/shortest`` where a branch inside skips some (see
+    :func:`_skipped`)."""
+    out = []
+    for a, b in sorted(_loops(lines), key=lambda ab: ab[0] - ab[1]):
+        size, skip = (b - a) // 16 + 1, _skipped(lines, a, b)
+        out.append(f"{size}/{size - skip}" if skip else str(size))
+    return ",".join(out) or "-"
 
 
 def _loop_spills(lines: list[str], innermost: bool) -> int:
