@@ -185,25 +185,25 @@ def _finish_and_store_rows(row_max, log_sum, a_y, sw, w_y, valid, rows, row_mask
 
 @triton.jit
 def _grad_tile(a, z, row_max, log_sum, y, cols, col_mask, mask, coef, w_y, weight_ptr, w_sum, scale,
-               label_smoothing, inv_C, valid, col_a_y, col_b_ptr, col_lse_ptr, col_go, hit,
-               HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, COLUMN_TERM: tl.constexpr):
+               label_smoothing, inv_C, valid, col_a_y, col_b_ptr, col_lse_ptr, col_go,
+               HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, COLUMN_TERM: tl.constexpr, TARGET: tl.constexpr):
     """d loss / d z for one tile, fp32 (the target's -1 folded here, before any downcast). COLUMN_TERM (LADE):
     plus ``col_a_y * [j == y_i] + col_go * col_b_j * exp(z_ij - col_lse_j)`` on valid rows (``col_a_y``
     (BLOCK_M,): the target class's ``col_a``, gathered once per row and already times ``col_go``, the scalar
-    upstream gradient of the loss). ``hit``: the tile holds a target (:func:`_holds_target`), else the one-hot
-    terms are skipped."""
+    upstream gradient of the loss). TARGET: the tile may hold a target (:func:`_holds_target`); without it the
+    one-hot terms are left out."""
     p = _exp((a - row_max[:, None]) - log_sum[:, None])  # a - max is exact for the large entries
     return _grad_from_p(p, z, y, cols, col_mask, coef, w_y, weight_ptr, w_sum, scale, label_smoothing, inv_C, valid,
-                        col_a_y, col_b_ptr, col_lse_ptr, col_go, hit, HAS_WEIGHT, HAS_SMOOTH, COLUMN_TERM)
+                        col_a_y, col_b_ptr, col_lse_ptr, col_go, HAS_WEIGHT, HAS_SMOOTH, COLUMN_TERM, TARGET)
 
 
 @triton.jit
 def _grad_from_p(p, z, y, cols, col_mask, coef, w_y, weight_ptr, w_sum, scale, label_smoothing, inv_C, valid, col_a_y,
-                 col_b_ptr, col_lse_ptr, col_go, hit, HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr,
-                 COLUMN_TERM: tl.constexpr):
+                 col_b_ptr, col_lse_ptr, col_go, HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr,
+                 COLUMN_TERM: tl.constexpr, TARGET: tl.constexpr):
     """:func:`_grad_tile` from the tile's probabilities ``p`` (fp32)."""
     d = p
-    if hit:
+    if TARGET:
         d = p - (cols[None, :] == y[:, None]).to(tl.float32)
     d = (1.0 - label_smoothing) * w_y[:, None] * d
     if HAS_SMOOTH:
@@ -218,7 +218,7 @@ def _grad_from_p(p, z, y, cols, col_mask, coef, w_y, weight_ptr, w_sum, scale, l
         col_lse = tl.load(col_lse_ptr + cols, mask=col_mask, other=0.0)
         q = _exp(z - col_lse[None, :])
         t = col_b[None, :] * q
-        if hit:
+        if TARGET:
             t += tl.where(cols[None, :] == y[:, None], col_a_y[:, None], 0.0)
         g += tl.where(valid[:, None], t, 0.0)
     return g
@@ -305,23 +305,53 @@ def _grad_step(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, gr
     stored over ``grad_ptr`` and its running max ``tile_max_ptr[row, tile]``. Rounding ``e`` to the gradient's dtype
     costs ``p`` one rounding more, relative to ``p``; a confident target keeps ``p_y - 1`` exact: its ``a`` was the
     running max where it was stored, so its ``e`` is exactly 1."""
-    hit = _holds_target(y, col_start, BLOCK_N)
+    # two versions of the tile's work: the one tile per row that holds its target, with the compares (margin,
+    # one-hot), and every other tile without them (a branch per tile, not ~3 instructions per element)
     if STORED:
         e, cols, col_mask, mask = _load_tile(grad_ptr, stride_gm, stride_gn, rows, row_mask, col_start, col_base,
                                              col_hi, MASK_COLS, ALIGN, BLOCK_N)
         m_t = tl.load(tile_max_ptr + rows.to(tl.int64) * num_tiles + tile, mask=row_mask, other=0.0)
         p = e * _exp((m_t - row_max) - log_sum)[:, None]
-        g = _grad_from_p(p, e, y, cols, col_mask, coef, w_y, weight_ptr, w_sum, scale, label_smoothing, inv_C, valid,
-                         col_a_y, col_b_ptr, col_lse_ptr, col_go, hit, HAS_WEIGHT, HAS_SMOOTH, False)
+        if _holds_target(y, col_start, BLOCK_N):
+            g = _grad_from_p(p, e, y, cols, col_mask, coef, w_y, weight_ptr, w_sum, scale, label_smoothing, inv_C,
+                             valid, col_a_y, col_b_ptr, col_lse_ptr, col_go, HAS_WEIGHT, HAS_SMOOTH, False, True)
+        else:
+            g = _grad_from_p(p, e, y, cols, col_mask, coef, w_y, weight_ptr, w_sum, scale, label_smoothing, inv_C,
+                             valid, col_a_y, col_b_ptr, col_lse_ptr, col_go, HAS_WEIGHT, HAS_SMOOTH, False, False)
     else:
-        z, a, cols, col_mask, mask = _adjusted_tile(
-            z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_start, col_base, y, m, col_hi, tau,
-            noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, MASK_COLS, ALIGN,
-            BLOCK_M, BLOCK_N)
-        g = _grad_tile(a, z, row_max, log_sum, y, cols, col_mask, mask, coef, w_y, weight_ptr, w_sum, scale,
-                       label_smoothing, inv_C, valid, col_a_y, col_b_ptr, col_lse_ptr, col_go, hit, HAS_WEIGHT,
-                       HAS_SMOOTH, COLUMN_TERM)
+        if _holds_target(y, col_start, BLOCK_N):
+            g, cols, mask = _recomputed_grad(
+                z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, rows, row_mask, col_start, col_base,
+                col_hi, y, m, valid, row_max, log_sum, coef, w_y, w_sum, inv_C, col_a_y, col_b_ptr, col_lse_ptr,
+                col_go, tau, noise_mul, scale, label_smoothing, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE,
+                HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_TERM, True, MASK_COLS, ALIGN, BLOCK_M, BLOCK_N)
+        else:
+            g, cols, mask = _recomputed_grad(
+                z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, rows, row_mask, col_start, col_base,
+                col_hi, y, m, valid, row_max, log_sum, coef, w_y, w_sum, inv_C, col_a_y, col_b_ptr, col_lse_ptr,
+                col_go, tau, noise_mul, scale, label_smoothing, seed, noise_row0, HAS_PRIOR, HAS_NOISE, 0,
+                HAS_SCALE, HAS_WEIGHT, HAS_SMOOTH, COLUMN_TERM, False, MASK_COLS, ALIGN, BLOCK_M, BLOCK_N)
     _store_grad(grad_ptr, stride_gm, stride_gn, rows, cols, col_base, mask, g, ALIGN)
+
+
+@triton.jit
+def _recomputed_grad(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, rows, row_mask, col_start,
+                     col_base, col_hi, y, m, valid, row_max, log_sum, coef, w_y, w_sum, inv_C, col_a_y, col_b_ptr,
+                     col_lse_ptr, col_go, tau, noise_mul, scale, label_smoothing, seed, noise_row0,
+                     HAS_PRIOR: tl.constexpr, HAS_NOISE: tl.constexpr, MARGIN_MODE: tl.constexpr,
+                     HAS_SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr,
+                     COLUMN_TERM: tl.constexpr, TARGET: tl.constexpr, MASK_COLS: tl.constexpr, ALIGN: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The tile recomputed (:func:`_adjusted_tile`) and its gradient (:func:`_grad_tile`): ``(g, cols, mask)``.
+    TARGET off (a tile without a target; MARGIN_MODE 0 then too): no compare with the target at all."""
+    z, a, cols, col_mask, mask = _adjusted_tile(
+        z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, rows, row_mask, col_start, col_base, y, m, col_hi, tau,
+        noise_mul, scale, seed, noise_row0, HAS_PRIOR, HAS_NOISE, MARGIN_MODE, HAS_SCALE, MASK_COLS, ALIGN,
+        BLOCK_M, BLOCK_N)
+    g = _grad_tile(a, z, row_max, log_sum, y, cols, col_mask, mask, coef, w_y, weight_ptr, w_sum, scale,
+                   label_smoothing, inv_C, valid, col_a_y, col_b_ptr, col_lse_ptr, col_go, HAS_WEIGHT, HAS_SMOOTH,
+                   COLUMN_TERM, TARGET)
+    return g, cols, mask
 
 
 @triton.jit
@@ -432,7 +462,7 @@ def _forward_row_block(
             if SINGLE_TILE:  # the tile of the statistics pass, still in registers
                 g = _grad_tile(a, z, m_i, log_sum, y, cols, col_mask, mask, factor, w_y, weight_ptr, w_sum, scale,
                                label_smoothing, inv_C, valid, w_y, loss_ptr, loss_ptr, 1.0,
-                               _holds_target(y, col_lo, BLOCK_N), HAS_WEIGHT, HAS_SMOOTH, False)
+                               HAS_WEIGHT, HAS_SMOOTH, False, True)
                 _store_grad(grad_ptr, stride_gm, stride_gn, rows, cols, col_base, mask, g, ALIGN)
             else:
                 _grad_columns(z_ptr, stride_zm, stride_zn, prior_ptr, cloud_ptr, weight_ptr, grad_ptr, stride_gm,
