@@ -2,14 +2,15 @@
 # One device-machine session: install, then the GPU tests and the benchmarks, each step bounded so a short lease
 # still brings back what finished. Everything is logged to $OUT/session.log; the benchmark tables land in
 # $OUT/<device>/ (results.* and heads.*).
-# Usage (device tool, repo root): bash benchmarks/gpu_session.sh [one|two|part1|part2|all|tests|bench|heads]
+# Usage (device tool, repo root): bash benchmarks/gpu_session.sh [one|two|tests|bench|heads]
 #   [extra bench args]
 # A session now has 15 minutes of device time, a machine's start (a minute or more) included, and one call runs at
 # most 600 s. So: one call with `one` (timeout_s 600; its bounds add up to 535 s): the whole test suite natively,
 # spread over the machine's cores with pytest-xdist (the image has it; the time goes to compiling kernels), both
 # benchmark tables, the gradient-in-forward grids (STORE_P on and off) and the heads' CUDA time kernel by kernel.
 # Then, while the machine is still warm (30 s), `two` if the time left allows (bounds add up to 175 s): the
-# profile of a logits step and the LADE tile sweep. part1/part2 are the older 30-minute plan.
+# profile of a logits step and the LADE tile sweep. The row kernel's tile sweep (benchmarks/tune_tiles.py without
+# flags, ~90 s) fits neither; run it on its own in a later lease.
 # Optional peers travel as wheels in .whl/ (git-ignored; benchmarks/fetch_peer_wheels.sh fills it; carry [".whl"]).
 set -uo pipefail
 OUT=${OUT:-/tmp/fastlt-out}
@@ -23,27 +24,9 @@ python3 -m pip install -q --no-index --no-build-isolation --no-deps -e . >/dev/n
 export PYTHONUNBUFFERED=1
 what=${1:-one}; shift || true
 step() { local limit=$1; shift; echo "## [$(date +%T)] $*" | tee -a "$LOG"; timeout "$limit" "$@" 2>&1 | tee -a "$LOG"; }
-FIRST="tests/test_launch_counts.py tests/test_kernels_fused_reduce.py tests/test_kernels_launch_tiles.py tests/test_kernels_compile.py tests/test_kernels_cuda_graph.py tests/test_kernels_philox_noise.py tests/test_kernels_row_operator.py tests/test_kernels_lade.py tests/test_lade_head.py tests/test_heads_class_chunks.py tests/test_kernels_row_normalize.py"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$LOG"
-# A device call runs at most 600 s: part1 and part2 each fit one call (the bounds below add up to < 560 s).
-part1() {
-  # shellcheck disable=SC2086
-  step 150 python3 -m pytest $FIRST -q -p no:cacheprovider -rf
-  step 130 python3 -m fastlt bench --no-compile --no-official --out "$OUT" "$@"
-  step 110 python3 -m fastlt bench --heads --out "$OUT" "$@"
-  step 70 python3 benchmarks/profile_step.py 4096 8142 fp32
-  step 50 python3 benchmarks/profile_heads.py
-}
-part2() {
-  step 80 python3 benchmarks/tune_tiles.py --fused --out "$OUT"
-  step 100 python3 benchmarks/tune_tiles.py --lade --out "$OUT"
-  # the sm_90 compile check is CPU work (CI runs it); on the GPU the tests compile every kernel natively
-  step 270 python3 -m pytest tests -q -p no:cacheprovider -rf --durations=5 $(printf -- '--ignore=%s ' $FIRST) \
-    --ignore=tests/test_kernels_sm90_compile.py
-  step 90 python3 benchmarks/tune_tiles.py --out "$OUT"
-}
 # pytest-xdist spreads the kernels' compiles over the cores; without it the suite runs in one process
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 12")
 one() {
@@ -61,9 +44,6 @@ two() {
 case "$what" in
   one) one "$@" ;;
   two) two ;;
-  part1) part1 "$@" ;;
-  part2) part2 ;;
-  all) part1 "$@"; part2 ;;
   tests) step 590 python3 -m pytest tests -q -p no:cacheprovider -rf --durations=5 ;;
   heads) step 590 python3 -m fastlt bench --heads --out "$OUT" "$@" ;;
   bench) step 590 python3 -m fastlt bench --out "$OUT" "$@" ;;
