@@ -437,12 +437,12 @@ def _common_flags(args: RowOperatorArgs) -> dict:
                 HAS_SMOOTH=args.label_smoothing > 0.0, SEED_FROM_PTR=args.seed_from_device)
 
 
-def _seed_ptr(args: RowOperatorArgs, dev):
-    return args.seed_tensor if args.seed_from_device else _dummy(torch.device(dev))
+def _seed_ptr(args: RowOperatorArgs, dev: torch.device):
+    return args.seed_tensor if args.seed_from_device else _dummy(dev)
 
 
-def _class_ptrs(args: RowOperatorArgs, dev):
-    d = _dummy(torch.device(dev))
+def _class_ptrs(args: RowOperatorArgs, dev: torch.device):
+    d = _dummy(dev)
     return tuple(t if t is not None else d for t in (args.prior, args.cloud, args.margin, args.weight))
 
 
@@ -493,11 +493,13 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out
     split = cfg.num_splits > 1
     row_blocks = _cdiv(N, cfg.block_m)
     grid_rows = cfg.row_grid(row_blocks)
-    combine_m = _combine_tiles(cfg.num_splits)[1]
     mean = args.reduction == "mean" and scale_mean
-    inv, own_denom = _mean_denominator(y, args, inv_denominator, mean, _cdiv(N, combine_m) if split else grid_rows)
+    programs = _cdiv(N, _combine_tiles(cfg.num_splits)[1]) if split else grid_rows  # those that finish the rows
+    inv, own_denom = _mean_denominator(y, args, inv_denominator, mean, programs)
     rblock = _COMBINE_RBLOCK if split else _rblock(cfg.num_warps)
     counter, reduce_mode = fused_reduction(dev, N, rblock, args.reduction) if out is not None else (None, 0)
+    # three allocations, not views of one: the torch.compile ops return lse and factor, and an op's outputs may
+    # not share memory
     loss = torch.empty(N, dtype=torch.float32, device=dev)
     lse = torch.empty((2, N), dtype=torch.float32, device=dev)  # (row max, log sum-exp): LSE = their sum
     factor = torch.empty(N, dtype=torch.float32, device=dev)
