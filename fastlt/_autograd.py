@@ -25,6 +25,8 @@ from .noise import SEED_BITS, draw_seed
 from .reference import check_lade_args, check_operator_args
 
 _REDUCTIONS = ("mean", "sum", "none")
+# bumps a tensor's version counter after a write autograd did not see (torch >= 2.1; a no-op before)
+_increment_version = getattr(torch.autograd.graph, "increment_version", lambda tensor: None)
 
 
 def _args(prior, cloud, margin, weight, tau, noise_mul, margin_value, has_margin, scale, gamma, label_smoothing,
@@ -187,6 +189,11 @@ class RowOperatorLoss(torch.autograd.Function):
     def forward(ctx, logits, target, args: RowOperatorArgs, grad_in_forward: bool):
         loss, lse, factor = _forward_impl(logits, target, args, logits if grad_in_forward else None,
                                           out_dtype=logits.dtype)
+        if grad_in_forward and logits._base is None:
+            # the logits now hold the gradient: an op that saved them for its backward (the output of relu, exp, ...)
+            # must raise autograd's in-place error, not read it. Not for a view: autograd forbids in-place writes
+            # to a view a custom Function returned, and bumping its version would raise for that too
+            _increment_version(logits)
         _save(ctx, args, logits, target, lse, factor)
         ctx.grad_in_forward = grad_in_forward
         ctx.used = False

@@ -69,3 +69,23 @@ def test_recompute_backward_can_run_twice():
     first = leaf.grad.clone()
     (2.5 * loss).backward()
     torch.testing.assert_close(leaf.grad, 2 * first)
+
+
+@pytest.mark.parametrize("op", [torch.relu, torch.sigmoid, torch.exp])
+def test_grad_in_forward_over_a_saved_output_raises(op):
+    """The gradient in the forward overwrites the logits. An op whose backward reads its own output (relu, sigmoid,
+    exp) would silently read that gradient instead: the write bumps the logits' version, so autograd raises its
+    in-place error. An op that saves only its inputs (a linear layer) is unaffected."""
+    gen = torch.Generator().manual_seed(5)
+    h = torch.randn(6, 9, generator=gen).to(DEVICE).requires_grad_()
+    y = torch.randint(0, 9, (6,), generator=gen).to(DEVICE)
+    loss = LF.adjusted_cross_entropy(op(h), y, backend="triton", grad_in_forward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    x = torch.randn(6, 4, generator=gen).to(DEVICE)
+    lin = torch.nn.Linear(4, 9).to(DEVICE)
+    LF.adjusted_cross_entropy(lin(x), y, backend="triton", grad_in_forward=True).backward()
+    fused = lin.weight.grad.clone()
+    lin.weight.grad = None
+    LF.adjusted_cross_entropy(lin(x), y, backend="triton").backward()
+    torch.testing.assert_close(fused, lin.weight.grad, rtol=1e-5, atol=1e-6)
