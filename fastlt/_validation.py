@@ -17,13 +17,21 @@ REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "torch", "triton")
 
 
+def _isfinite(value: float) -> bool:
+    """``math.isfinite``, but in comparisons when compiling: dynamo traces a scheduled float as a symbol, on which
+    ``math.isfinite`` breaks the graph while a comparison becomes a guard."""
+    if torch.compiler.is_compiling():
+        return value == value and -math.inf < value < math.inf
+    return math.isfinite(value)
+
+
 def check_finite_float(name: str, value, *, min_value: float | None = None,
                        max_value: float | None = None, min_inclusive: bool = True) -> float:
     """A Python real number that is finite (and inside the given range); returned as float."""
     if type(value) is not float and (isinstance(value, bool) or not isinstance(value, Real)):  # float: no ABC check
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value):
+    if not _isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     if min_value is not None and (value < min_value or (not min_inclusive and value == min_value)):
         op = ">=" if min_inclusive else ">"

@@ -81,3 +81,24 @@ def test_loss_ops_pass_opcheck():
         torch.library.opcheck(row_loss_forward_op, (z, y, *_flat(args)))
     pi = prior(counts).to(DEVICE)
     torch.library.opcheck(lade_forward_op, (z, y, torch.log(pi), pi, None, 0.1, 0.1, 0.0, -100, 0))
+
+
+def test_compile_fullgraph_takes_a_scheduled_hyperparameter():
+    """A module's float hyperparameter changed between calls (a tau schedule) is traced as a symbol once it
+    changes; the argument checks compare it instead of calling ``math.isfinite`` on it, which would break the graph
+    (a hard error under ``fullgraph=True``). Each value gives the eager loss and gradient."""
+    import fastlt
+
+    counts, z, y = _inputs()
+    crit = fastlt.LogitAdjustedLoss(counts, backend="triton").to(DEVICE)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda t: crit(t, y), fullgraph=True, backend="aot_eager")
+    for tau in (1.0, 0.5, 0.25):
+        crit.tau = tau
+        z1, z2 = z.clone().requires_grad_(), z.clone().requires_grad_()
+        got = fn(z1)
+        got.backward()
+        eager = crit(z2, y)
+        eager.backward()
+        torch.testing.assert_close(got, eager)
+        torch.testing.assert_close(z1.grad, z2.grad)
