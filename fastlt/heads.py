@@ -277,10 +277,18 @@ def _padded(n: int) -> int:
     return -(-n // _ROW_ALIGN) * _ROW_ALIGN
 
 
+def _chunk_buffer(shape, x: torch.Tensor) -> torch.Tensor:
+    """Uninitialised memory for chunk logits in x's dtype and device; zeroed for bf16 on the CPU, where torch's bf16
+    matmul (torch 2.13) reads the padding past a padded-row view's columns, so leftover NaN there poisons the
+    result (fp16 and fp32 do not, nor does cuBLAS)."""
+    cpu_bf16 = x.device.type == "cpu" and x.dtype == torch.bfloat16
+    return (torch.zeros if cpu_bf16 else torch.empty)(shape, dtype=x.dtype, device=x.device)
+
+
 def _logits_buffer(rows: int, C: int, x: torch.Tensor) -> torch.Tensor:
     """A (rows, C) chunk buffer whose row stride is C rounded up to 64 elements (C = 8142 would leave the
     matmuls a 4-byte-aligned leading dimension, which keeps cuBLAS off its TMA kernels on Hopper)."""
-    return torch.empty((rows, _padded(C)), dtype=x.dtype, device=x.device)[:, :C]
+    return _chunk_buffer((rows, _padded(C)), x)[:, :C]
 
 
 def _chunk_logits(buf: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -439,7 +447,7 @@ def _class_row_stats(x, w, b, y, params, *, column_stats=None, out=None, scale_m
     N = x.shape[0]
     C = w.shape[0]
     chunks = _class_chunks(C, params.chunk_classes)
-    flat = torch.empty(N * _padded(min(params.chunk_classes, C)), dtype=x.dtype, device=x.device)
+    flat = _chunk_buffer(N * _padded(min(params.chunk_classes, C)), x)
     part = torch.empty((4, N, len(chunks)), dtype=torch.float32, device=x.device)
     for k, (c0, c1) in enumerate(chunks):
         z = _class_logits(flat, x, w, b, c0, c1)
@@ -480,7 +488,7 @@ def _class_grads(x, w, b, y, params, lse, factor, grad_output, *, need_x: bool, 
     single = len(chunks) == 1
     reuse = flat is not None
     if flat is None:
-        flat = torch.empty(N * _padded(min(params.chunk_classes, C)), dtype=x.dtype, device=x.device)
+        flat = _chunk_buffer(N * _padded(min(params.chunk_classes, C)), x)
     dx = None
     if need_x:
         dx = torch.empty((N, D), dtype=x.dtype if single or x.dtype == torch.float32 else torch.float32,

@@ -250,6 +250,37 @@ def test_chunking_does_not_change_the_result(head, reduction, dtype):
     assert (same - other).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("chunk_classes", [None, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_uninitialised_memory_is_never_read(monkeypatch, dtype, chunk_classes):
+    """Every ``torch.empty`` is filled with NaN (what leftover memory may hold): the heads' loss and gradients do
+    not change, so no buffer is read before it is written, padding included (torch's CPU bf16 matmul reads the
+    padding of a padded-row view: the chunk buffers are zeroed on the CPU). C = 129 pads rows to 192."""
+    gen = torch.Generator().manual_seed(8)
+    N, D, C = 40, 8, 129
+    f, w, b, y = (t if t is None else t.to(DEVICE) for t in _inputs(N, D, C, gen, cosine=False))
+
+    def step():
+        leaves = [t.to(dtype).requires_grad_() for t in (f, w, b)]
+        loss = LF.linear_cross_entropy(*leaves[:2], y, leaves[2], backend="triton", chunk_classes=chunk_classes)
+        loss.backward()
+        return [loss.detach()] + [t.grad for t in leaves]
+
+    clean = step()
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poisoned(make):
+        def alloc(*args, **kwargs):
+            t = make(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+        return alloc
+
+    monkeypatch.setattr(torch, "empty", poisoned(empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(empty_like))
+    for got, want in zip(step(), clean, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_reference_seed_noise_matches_the_kernel():
     """Given only seed=, the oracle draws the same Philox noise as the kernel (to float32 rounding)."""
     gen = torch.Generator().manual_seed(2)
