@@ -85,6 +85,7 @@ from torch import nn
 
 from . import _validation as V
 from . import reference as R
+from ._count_buffers import CountBuffers
 from ._first_order import first_order
 from .functional import use_triton
 from .priors import gcl_cloud_from, ldam_margins_from, log_prior_from, prior_from
@@ -728,7 +729,7 @@ def cosine_cross_entropy(features, weight, target, *, prior=None, tau=1.0, margi
 
 # --- modules ---------------------------------------------------------------------------------------------------
 
-class _HeadBase(nn.Module):
+class _HeadBase(CountBuffers):
     """Shared arguments: class weights, ignore_index, reduction, label smoothing, backend, and the fused path's
     ``chunk_rows`` / ``chunk_classes`` (at most one; see :func:`linear_cross_entropy`)."""
 
@@ -814,7 +815,7 @@ class LinearLossHead(_HeadBase):
         super().__init__(in_features, num_classes, **kwargs)
         self.loss = V.check_choice("loss", loss, _HEAD_LOSSES)
         self.tau = V.check_finite_float("tau", 1.0 if loss in ("balanced_softmax", "lade") else tau)
-        self.max_margin = V.check_finite_float("max_margin", max_margin, min_value=0.0)
+        self._max_margin = V.check_finite_float("max_margin", max_margin, min_value=0.0)
         self.s = V.check_finite_float("s", (30.0 if loss == "ldam" else 1.0) if s is None else s)
         self.gamma = V.check_finite_float("gamma", gamma, min_value=0.0)
         self.alpha = V.check_finite_float("alpha", alpha)
@@ -825,7 +826,8 @@ class LinearLossHead(_HeadBase):
                                  "use 'mean' or 'sum'")
             if self.s != 1.0 or self.gamma != 0.0:
                 raise ValueError("loss='lade' takes no logit scale s or focal gamma (the official LADE has neither)")
-        log_prior = margins = pi = None
+        for name in ("log_prior", "margins", "pi"):  # those the loss uses are filled from the counts below
+            self.register_buffer(name, None, persistent=False)
         if class_counts is None:
             if loss != "ce":
                 raise ValueError(f"loss={loss!r} needs class_counts (the per-class training counts)")
@@ -833,15 +835,13 @@ class LinearLossHead(_HeadBase):
             counts = V.as_class_counts(class_counts, smoothing=count_smoothing)
             if counts.numel() != num_classes:
                 raise ValueError(f"class_counts describes {counts.numel()} classes but num_classes = {num_classes}")
+            f64 = torch.float64
             if loss in ("la", "balanced_softmax", "lade"):
-                log_prior = log_prior_from(counts)
+                self.count_buffer("log_prior", counts, lambda c: log_prior_from(c, f64))
             if loss == "lade":
-                pi = prior_from(counts)
+                self.count_buffer("pi", counts, lambda c: prior_from(c, f64))
             elif loss == "ldam":
-                margins = ldam_margins_from(counts, self.max_margin)
-        self.register_buffer("log_prior", log_prior, persistent=False)
-        self.register_buffer("margins", margins, persistent=False)
-        self.register_buffer("pi", pi, persistent=False)
+                self.count_buffer("margins", counts, lambda c: ldam_margins_from(c, self._max_margin, f64))
         factory = dict(device=device, dtype=dtype)
         self.weight = nn.Parameter(torch.empty((num_classes, in_features), **factory))
         self.bias = nn.Parameter(torch.empty(num_classes, **factory)) if bias else None
@@ -867,6 +867,17 @@ class LinearLossHead(_HeadBase):
                                     chunk_rows=self.chunk_rows, chunk_classes=self.chunk_classes)
         return linear_cross_entropy(features, self.weight, target, self.bias, prior=self.log_prior, tau=self.tau,
                                     margin=self.margins, scale=self.s, gamma=self.gamma, **self._common())
+
+    @property
+    def max_margin(self) -> float:
+        """LDAM's largest margin (the rarest class's); setting it (a schedule) rebuilds ``margins``."""
+        return self._max_margin
+
+    @max_margin.setter
+    def max_margin(self, value) -> None:
+        self._max_margin = V.check_finite_float("max_margin", value, min_value=0.0)
+        if self.margins is not None:
+            self.margins = self.exact_count_buffer("margins", self.margins)  # the module's device and dtype
 
     def _dense_logits(self, features, adjusted: bool = False):
         z = F.linear(features, self.weight, self.bias)
@@ -910,7 +921,7 @@ class CosineGCLHead(_HeadBase):
         counts = V.as_class_counts(class_counts, smoothing=count_smoothing)
         if counts.numel() != num_classes:
             raise ValueError(f"class_counts describes {counts.numel()} classes but num_classes = {num_classes}")
-        self.register_buffer("cloud", gcl_cloud_from(counts), persistent=False)
+        self.count_buffer("cloud", counts, lambda c: gcl_cloud_from(c, torch.float64))
         self.weight = nn.Parameter(torch.empty((num_classes, in_features), device=device, dtype=dtype))
         self.reset_parameters()
 

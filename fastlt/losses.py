@@ -10,16 +10,16 @@ Float hyperparameters (tau, s, m, noise_mul, gamma, alpha) are plain attributes:
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from . import _validation as V
 from . import functional as LF
+from ._count_buffers import CountBuffers
 from .priors import gcl_cloud_from, ldam_margins_from, log_prior_from, prior_from
 
 __all__ = ["LogitAdjustedLoss", "BalancedSoftmaxLoss", "LDAMLoss", "GCLLoss", "LADELoss"]
 
 
-class _LongTailLoss(nn.Module):
+class _LongTailLoss(CountBuffers):
     """Shared arguments and buffers; subclasses add their per-class vectors."""
 
     def __init__(self, class_counts, *, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
@@ -29,7 +29,7 @@ class _LongTailLoss(nn.Module):
         self.num_classes = counts.numel()
         self.count_smoothing = count_smoothing
         self._counts64 = counts  # validated, smoothed, float64: the source of every per-class vector
-        self.register_buffer("class_counts", counts.to(torch.float32), persistent=False)
+        self.count_buffer("class_counts", counts, lambda c: c)
         V.init_loss_options(self, "weight", weight, self.num_classes, ignore_index=ignore_index,
                             reduction=reduction, label_smoothing=label_smoothing, backend=backend)
 
@@ -57,7 +57,7 @@ class LogitAdjustedLoss(_LongTailLoss):
         super().__init__(class_counts, **kwargs)
         self.tau = V.check_finite_float("tau", tau)
         self.grad_in_forward = bool(grad_in_forward)
-        self.register_buffer("log_prior", log_prior_from(self._counts64), persistent=False)
+        self.count_buffer("log_prior", self._counts64, lambda c: log_prior_from(c, torch.float64))
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         self._check_input(logits)
@@ -80,8 +80,8 @@ class LDAMLoss(_LongTailLoss):
 
     def __init__(self, class_counts, max_margin=0.5, s=30.0, *, grad_in_forward=False, **kwargs):
         super().__init__(class_counts, **kwargs)
-        self.register_buffer("margins", None, persistent=False)
-        self.max_margin = max_margin
+        self._max_margin = V.check_finite_float("max_margin", max_margin, min_value=0.0)
+        self.count_buffer("margins", self._counts64, lambda c: ldam_margins_from(c, self._max_margin, torch.float64))
         self.s = V.check_finite_float("s", s)
         self.grad_in_forward = bool(grad_in_forward)
 
@@ -92,12 +92,8 @@ class LDAMLoss(_LongTailLoss):
 
     @max_margin.setter
     def max_margin(self, value) -> None:
-        value = V.check_finite_float("max_margin", value, min_value=0.0)
-        margins = ldam_margins_from(self._counts64, value)
-        if self.margins is not None:  # keep the module's device and dtype (after .to(...))
-            margins = margins.to(device=self.margins.device, dtype=self.margins.dtype)
-        self._max_margin = value
-        self.margins = margins
+        self._max_margin = V.check_finite_float("max_margin", value, min_value=0.0)
+        self.margins = self.exact_count_buffer("margins", self.margins)  # the module's device and dtype
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         self._check_input(logits)
@@ -128,7 +124,7 @@ class GCLLoss(_LongTailLoss):
         self.noise_mul = V.check_finite_float("noise_mul", noise_mul)
         self.gamma = V.check_finite_float("gamma", gamma, min_value=0.0)
         self.grad_in_forward = bool(grad_in_forward)
-        self.register_buffer("cloud", gcl_cloud_from(self._counts64), persistent=False)
+        self.count_buffer("cloud", self._counts64, lambda c: gcl_cloud_from(c, torch.float64))
 
     def forward(self, cosine: torch.Tensor, target: torch.Tensor,
                 seed: int | torch.Tensor | None = None) -> torch.Tensor:
@@ -155,7 +151,7 @@ class LADELoss(_LongTailLoss):
                              "use 'mean' or 'sum'")
         self.alpha = V.check_finite_float("alpha", alpha)
         self.remine_lambda = V.check_finite_float("remine_lambda", remine_lambda)
-        self.register_buffer("prior", prior_from(self._counts64), persistent=False)
+        self.count_buffer("prior", self._counts64, lambda c: prior_from(c, torch.float64))
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         self._check_input(logits)

@@ -575,6 +575,26 @@ def test_linear_loss_head_logits_and_topk(loss):
         assert torch.equal(indices, ti)
 
 
+def test_linear_loss_head_ldam_margin_can_be_scheduled():
+    """Setting ``max_margin`` rebuilds the margins (as LDAMLoss's does), keeping the module's dtype; a float64
+    head gets them exact in float64."""
+    counts = [500, 100, 20, 5]
+    head = fastlt.LinearLossHead(3, 4, counts, loss="ldam", backend="torch")
+    f = torch.randn(6, 3, generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([0, 1, 2, 3, 3, 2])
+    before = head(f, y)
+    head.max_margin = 0.0
+    torch.testing.assert_close(head.margins, torch.zeros(4), rtol=0, atol=0)
+    plain = F.cross_entropy(30.0 * F.linear(f, head.weight, head.bias), y)
+    torch.testing.assert_close(head(f, y), plain)
+    assert (head(f, y) - before).abs() > 1e-3
+    head.double()
+    head.max_margin = 0.3
+    torch.testing.assert_close(head.margins, ldam_margins(counts, 0.3, dtype=torch.float64), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="max_margin"):
+        head.max_margin = -1.0
+
+
 def test_linear_loss_head_initialises_as_nn_linear():
     counts = [50, 20, 10, 5, 1]
     for bias in (True, False):

@@ -203,9 +203,12 @@ def test_buffers_follow_dtype_and_device(name):
     out32 = mod(z, y, seed=3) if name == "gcl" else mod(z, y)
     mod64 = mod.to(F64)
     assert mod64 is mod
+    exact = _exact_buffers(counts)
     for key, b in mod.named_buffers():
         assert b.dtype == F64, key
-        close(b, buffers[key].to(F64), 0)
+        # count-derived buffers are computed again in float64 (not the float32 roundings widened)
+        close(b, exact[key] if key in exact else buffers[key].to(F64), 0)
+        close(b.float(), buffers[key], 0)
     out64 = mod(z.to(F64), y, seed=3) if name == "gcl" else mod(z.to(F64), y)
     assert out64.dtype == F64
     close(out64.float(), out32, 1e-5)
@@ -213,6 +216,39 @@ def test_buffers_follow_dtype_and_device(name):
     assert all(b.device.type == "cpu" for b in mod.buffers())
     mod.half()
     assert all(b.dtype == torch.float16 for b in mod.buffers())
+
+
+def _exact_buffers(counts) -> dict:
+    c = torch.as_tensor(counts, dtype=F64)
+    return {"class_counts": c, "log_prior": P.log_prior(counts, dtype=F64),
+            "margins": P.ldam_margins(counts, 0.5, dtype=F64), "cloud": P.gcl_cloud(counts, dtype=F64),
+            "prior": P.prior(counts, dtype=F64)}
+
+
+@pytest.mark.parametrize("name", ["la", "bs", "ldam", "gcl", "lade"])
+def test_float64_module_equals_the_float64_formula(name):
+    """A module made float64 computes its per-class vectors from the counts in float64: its loss is the float64
+    reference's with float64 priors to ~1e-15, not the ~1e-8 that widened float32 roundings would give."""
+    counts = [3, 100, 7, 1000, 29]
+    z = torch.randn(6, 5, generator=gen(5), dtype=F64)
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    mod = all_modules(counts)[name]
+    mod.double()
+    ex = _exact_buffers(counts)
+    w = mod.weight
+    if name in ("la", "bs"):
+        expected = R.logit_adjusted_cross_entropy(z, y, ex["log_prior"], mod.tau, weight=w)
+    elif name == "ldam":
+        expected = R.ldam_cross_entropy(z, y, ex["margins"], mod.s)
+    elif name == "gcl":
+        expected = R.gcl_cross_entropy(z, y, ex["cloud"], mod.m, mod.s, mod.noise_mul, seed=11)
+    else:
+        expected = R.lade_loss(z, y, ex["prior"], mod.alpha, mod.remine_lambda)
+    got = mod(z, y, seed=11) if name == "gcl" else mod(z, y)
+    torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)
+    if name == "ldam":  # a scheduled margin stays exact in float64 too
+        mod.max_margin = 0.25
+        close(mod.margins, P.ldam_margins(counts, 0.25, dtype=F64), 0)
 
 
 def test_buffer_values():
