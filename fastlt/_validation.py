@@ -13,6 +13,9 @@ from numbers import Real
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# integer dtypes of class labels; torch's uint16/32/64 (numpy arrays of those types) where this torch has them
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8) + tuple(
+    getattr(torch, name) for name in ("uint16", "uint32", "uint64") if hasattr(torch, name))
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "torch", "triton")
 
@@ -60,9 +63,10 @@ def check_logits(name: str, logits) -> None:
 
 
 def as_index_target(target):
-    """Narrow integer targets (uint8, int8, int16) widened to int64, so ``target != ignore_index`` never
-    wraps (-100 is 156 in uint8); int32 and int64 pass through unchanged (the kernels read both)."""
-    if isinstance(target, torch.Tensor) and target.dtype in (torch.uint8, torch.int8, torch.int16):
+    """Integer targets other than int32 and int64 (uint8, int8, int16, uint16/32/64) widened to int64, so
+    ``target != ignore_index`` never wraps (-100 is 156 in uint8); int32 and int64 pass through unchanged (the
+    kernels read both)."""
+    if isinstance(target, torch.Tensor) and target.dtype in INT_DTYPES[2:]:
         return target.long()
     return target
 
@@ -71,7 +75,7 @@ def check_target(target, logits: torch.Tensor, ignore_index: int) -> None:
     """(N,) integer tensor on the logits' device. Range is checked only on the CPU (no GPU sync)."""
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+    if target.dtype not in INT_DTYPES:
         raise TypeError(f"target must hold integer class indices, got {target.dtype}")
     if target.dim() != 1 or target.shape[0] != logits.shape[0]:
         raise ValueError(
@@ -170,8 +174,15 @@ def init_loss_options(module, weight_name: str, weight, num_classes: int, *, ign
     the buffer ``weight_name`` (float32, or None; in the state dict when ``persistent``, as
     ``nn.CrossEntropyLoss``'s ``weight``), ``ignore_index``, ``reduction``, ``label_smoothing``, ``backend``."""
     if weight is not None:
-        check_class_vector(weight_name, torch.as_tensor(weight), num_classes)
-        weight = torch.as_tensor(weight, dtype=torch.float32)
+        try:
+            as_tensor = weight.detach() if isinstance(weight, torch.Tensor) else torch.as_tensor(weight)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"{weight_name} must be a (C,) tensor or sequence of floats, got "
+                            f"{type(weight).__name__}") from exc
+        check_class_vector(weight_name, as_tensor, num_classes)
+        if not bool(torch.isfinite(as_tensor).all()):  # construction time: reading the values costs no step a sync
+            raise ValueError(f"{weight_name} must be finite")
+        weight = as_tensor.to(torch.float32)
     module.register_buffer(weight_name, weight, persistent=persistent)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")

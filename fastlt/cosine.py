@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._validation import FLOAT_DTYPES, check_finite_float
+
 
 class CosineClassifier(nn.Module):
     """Features (N, D) -> cosine logits (N, C); ``weight`` is (C, D) like ``nn.Linear`` (no bias).
@@ -18,13 +20,23 @@ class CosineClassifier(nn.Module):
 
     def __init__(self, in_features: int, num_classes: int, eps: float = 1e-12):
         super().__init__()
-        if in_features < 1 or num_classes < 1:
-            raise ValueError(f"in_features and num_classes must be >= 1, got {in_features}, {num_classes}")
+        for name, value in (("in_features", in_features), ("num_classes", num_classes)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        eps = check_finite_float("eps", eps)
+        if eps <= 0:
+            raise ValueError(f"eps must be > 0 (it bounds the norms away from 0), got {eps}")
         self.in_features, self.num_classes, self.eps = in_features, num_classes, eps
         self.weight = nn.Parameter(torch.empty(num_classes, in_features))
         nn.init.uniform_(self.weight, -1.0 / math.sqrt(in_features), 1.0 / math.sqrt(in_features))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if not isinstance(features, torch.Tensor):
+            raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
+        if features.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"features must be a floating tensor, got {features.dtype}")
         if features.dim() != 2 or features.shape[1] != self.in_features:
             raise ValueError(f"features must have shape (N, {self.in_features}), got {tuple(features.shape)}")
         return F.normalize(features, dim=1, eps=self.eps) @ F.normalize(self.weight, dim=1, eps=self.eps).t()

@@ -19,10 +19,9 @@ from numbers import Integral
 import torch
 from torch.utils.data import Sampler
 
-from ._validation import check_choice, check_finite_float
+from ._validation import INT_DTYPES, check_choice, check_finite_float
 
 PROFILES = ("exp", "step")
-_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def _check_int(name: str, value, min_value: int) -> int:
@@ -49,12 +48,12 @@ def _as_labels(labels, name: str = "labels") -> torch.Tensor:
             out = torch.as_tensor(labels)
         except (TypeError, ValueError, RuntimeError) as exc:
             raise TypeError(f"{name} must be a sequence of integers, got {type(labels).__name__}") from exc
-    if out.dtype not in _INT_DTYPES:
-        raise TypeError(f"{name} must hold integer class indices, got {out.dtype}")
     if out.dim() != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(out.shape)}")
+    if out.dtype not in INT_DTYPES and out.numel() > 0:  # an empty [] or numpy array is float: nothing to check
+        raise TypeError(f"{name} must hold integer class indices, got {out.dtype}")
     out = out.to(torch.int64)
-    if out.numel() > 0 and int(out.min()) < 0:
+    if out.numel() > 0 and int(out.min()) < 0:  # (a uint64 label past 2^63 - 1 lands here too)
         raise ValueError(f"{name} must be non-negative class indices, got {int(out.min())}")
     return out
 
@@ -88,9 +87,10 @@ def long_tailed_counts(num_classes: int, max_count: int, imbalance_ratio: float,
       ``ceil(C * step_fraction)`` get ``floor(n_max / r)`` (so a lone class with ``step_fraction > 0``
       is a tail class).
 
-    Every count is at least 1 (only matters when ``n_max < r``). ``r = imbalance_ratio >= 1``. The floor
-    has a 1e-12 relative guard, so e.g. ``n_max = 98, r = 49`` ends at 2, not at 1 as a bare float
-    ``98 * (1/49)`` would.
+    Every count is at least 1 (only matters when ``n_max < r``). ``r = imbalance_ratio >= 1``. The floors
+    and the ceiling have a 1e-12 relative guard, so e.g. ``n_max = 98, r = 49`` ends at 2, not at 1 as a bare
+    float ``98 * (1/49)`` would, and ``C = 90, step_fraction = 0.3`` has 27 tail classes, not the 28 of a bare
+    ``ceil(90 * 0.3)`` (27.000000000000004).
     """
     num_classes = _check_int("num_classes", num_classes, 1)
     max_count = _check_int("max_count", max_count, 1)
@@ -103,8 +103,8 @@ def long_tailed_counts(num_classes: int, max_count: int, imbalance_ratio: float,
         # (1/r)^(j/(C-1)) as the CIFAR-LT code computes it, so the published splits are reproduced.
         counts = [_floor(max_count * (1.0 / r) ** (j / (num_classes - 1))) for j in range(num_classes)]
     else:
-        head = math.floor(num_classes * (1.0 - step_fraction))
-        counts = [max_count] * head + [_floor(max_count / r)] * (num_classes - head)
+        tail = math.ceil(num_classes * step_fraction * (1.0 - 1e-12))  # ceil(C sf) = C - floor(C (1 - sf))
+        counts = [max_count] * (num_classes - tail) + [_floor(max_count / r)] * tail
     return [max(1, n) for n in counts]
 
 
@@ -125,12 +125,15 @@ def long_tailed_indices(labels, imbalance_ratio: float, profile: str = "exp", ma
     """
     labels = _as_labels(labels)
     _check_generator(generator)
+    if labels.numel() == 0:
+        raise ValueError("labels is empty: there is nothing to subsample")
     counts = class_counts(labels)
+    if bool((counts == 0).any()):  # every quota is at least 1, so no max_count can serve an absent class
+        empty = int(torch.nonzero(counts == 0)[0, 0])
+        raise ValueError(f"labels has no sample of class {empty} (below the largest label, "
+                         f"{counts.numel() - 1}): relabel the classes to 0..C-1 without gaps")
     if max_count is None:
         max_count = int(counts.min())
-        if max_count < 1:
-            empty = int(torch.nonzero(counts == 0)[0, 0])
-            raise ValueError(f"labels has no sample of class {empty}: pass max_count or relabel the classes")
     quota = long_tailed_counts(counts.numel(), max_count, imbalance_ratio, profile, step_fraction)
     order = torch.argsort(labels, stable=True)
     starts = torch.cumsum(counts, 0) - counts
@@ -220,7 +223,8 @@ class ClassBalancedSampler(_ClassMassSampler):
         n = self.counts.to(torch.float64)
         present = n > 0
         weight = torch.zeros_like(n)
-        weight[present] = n[present].pow(self.q - 1.0)
+        log_w = (self.q - 1.0) * n[present].log()  # n^(q-1) relative to its largest: no overflow for any q
+        weight[present] = (log_w - log_w.max()).exp()
         self._set_class_weights(weight)
 
 

@@ -260,6 +260,8 @@ def _repeatable_cpu(threads: int):
 def _demo(seed: int, epochs: int | None, imbalance_ratio: float, quick: bool, progress: bool):
     if epochs is None:
         epochs = QUICK_EPOCHS if quick else DEFAULT_EPOCHS
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2^63), got {seed!r}")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
     if not (isinstance(imbalance_ratio, (int, float)) and math.isfinite(imbalance_ratio)
@@ -289,11 +291,27 @@ def header(split: Split, imbalance_ratio: float, epochs: int) -> str:
     )
 
 
+def _option(kind, check, what: str):
+    """An argparse ``type=`` that converts with ``kind`` and rejects values failing ``check`` with a usage error
+    (exit status 2, no traceback)."""
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return convert
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--epochs", type=int, default=None,
+    parser.add_argument("--seed", type=_option(int, lambda v: 0 <= v < 2**63, "an int in [0, 2^63)"), default=0,
+                        help="random seed (default 0)")
+    parser.add_argument("--epochs", type=_option(int, lambda v: v >= 1, "an int >= 1"), default=None,
                         help=f"training epochs per method (default {DEFAULT_EPOCHS}, {QUICK_EPOCHS} with --quick)")
-    parser.add_argument("--imbalance-ratio", type=float, default=100.0,
+    parser.add_argument("--imbalance-ratio", type=_option(float, lambda v: math.isfinite(v) and v >= 1,
+                                                          "a finite number >= 1"), default=100.0,
                         help="n_max / n_min of the training split (default 100)")
     parser.add_argument("--quick", action="store_true", help="a tiny run (a few seconds), for tests")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

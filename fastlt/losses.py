@@ -72,6 +72,9 @@ class BalancedSoftmaxLoss(LogitAdjustedLoss):
     """Balanced Softmax (Ren et al., NeurIPS 2020) = logit-adjusted CE with tau = 1 (LADE's PriorCE)."""
 
     def __init__(self, class_counts, **kwargs):
+        if "tau" in kwargs:
+            raise TypeError("BalancedSoftmaxLoss fixes tau = 1; use LogitAdjustedLoss(class_counts, tau=...) for "
+                            "another tau")
         super().__init__(class_counts, tau=1.0, **kwargs)
 
 
@@ -140,8 +143,12 @@ class GCLLoss(_LongTailLoss):
 class LADELoss(_LongTailLoss):
     """LADE (Hong et al., CVPR 2021): ``PriorCE(z) + alpha * LADER(z)`` (official code's form, SPEC 2.3).
 
-    ``reduction`` is 'mean' or 'sum' (LADER is a batch statistic). Predict with
-    :func:`fastlt.posthoc.pc_softmax` toward the target prior.
+    ``reduction`` is 'mean' or 'sum' (LADER is a batch statistic).
+
+    Inference: PriorCE trains ``z + log pi``, so the raw logits ``z`` already leave out the training prior. For a
+    balanced test set predict ``argmax z``; toward a target prior ``p_t`` take
+    ``fastlt.posthoc.pc_softmax(z + log pi, class_counts, p_t)`` (= ``softmax(z + log p_t)``).
+    ``pc_softmax(z, class_counts)`` itself would remove the prior twice.
     """
 
     def __init__(self, class_counts, alpha=0.1, remine_lambda=0.1, **kwargs):

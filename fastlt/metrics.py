@@ -14,10 +14,9 @@ from numbers import Real
 
 import torch
 
-from ._validation import check_finite_float
+from ._validation import INT_DTYPES, check_finite_float
 
 METRIC_KEYS = ("overall", "balanced", "many", "medium", "few")
-_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def _as_tensor(name: str, value) -> torch.Tensor:
@@ -66,7 +65,7 @@ def shot_accuracy(predictions_or_logits, targets, train_class_counts, many_thres
     if few_threshold > many_threshold:
         raise ValueError(f"few_threshold ({few_threshold}) must be <= many_threshold ({many_threshold})")
 
-    if targets.dtype not in _INT_DTYPES:
+    if targets.dtype not in INT_DTYPES:
         raise TypeError(f"targets must hold integer class indices, got {targets.dtype}")
     if targets.dim() != 1 or targets.numel() == 0:
         raise ValueError(f"targets must have shape (N,) with N >= 1, got {tuple(targets.shape)}")
@@ -85,7 +84,7 @@ def shot_accuracy(predictions_or_logits, targets, train_class_counts, many_thres
             raise TypeError(f"predictions_or_logits must be real scores, got {scores.dtype}")
         preds = scores.argmax(dim=1)
     elif scores.dim() == 1:
-        if scores.dtype not in _INT_DTYPES:
+        if scores.dtype not in INT_DTYPES:
             raise TypeError(
                 f"predictions_or_logits of shape (N,) must hold integer labels, got {scores.dtype}"
             )

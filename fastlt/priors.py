@@ -10,29 +10,35 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import as_class_counts, check_finite_float
+from ._validation import FLOAT_DTYPES, as_class_counts, check_finite_float
+
+
+def _check_dtype(dtype) -> torch.dtype:
+    if not isinstance(dtype, torch.dtype) or dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be torch.float16, bfloat16, float32 or float64, got {dtype!r}")
+    return dtype
 
 
 def prior(class_counts, *, count_smoothing: float = 0.0, dtype=torch.float32) -> torch.Tensor:
     """``pi_j = n_j / sum n`` as a (C,) tensor of ``dtype``."""
-    return prior_from(as_class_counts(class_counts, smoothing=count_smoothing), dtype)
+    return prior_from(as_class_counts(class_counts, smoothing=count_smoothing), _check_dtype(dtype))
 
 
 def log_prior(class_counts, *, count_smoothing: float = 0.0, dtype=torch.float32) -> torch.Tensor:
     """``log pi_j = log(n_j / sum n)`` as a (C,) tensor; zero counts raise unless smoothed."""
-    return log_prior_from(as_class_counts(class_counts, smoothing=count_smoothing), dtype)
+    return log_prior_from(as_class_counts(class_counts, smoothing=count_smoothing), _check_dtype(dtype))
 
 
 def ldam_margins(class_counts, max_margin: float = 0.5, *, count_smoothing: float = 0.0,
                  dtype=torch.float32) -> torch.Tensor:
     """LDAM margins ``m_j = max_margin * n_j^(-1/4) / max_k n_k^(-1/4)`` (Cao et al., 2019)."""
     max_margin = check_finite_float("max_margin", max_margin, min_value=0.0)
-    return ldam_margins_from(as_class_counts(class_counts, smoothing=count_smoothing), max_margin, dtype)
+    return ldam_margins_from(as_class_counts(class_counts, smoothing=count_smoothing), max_margin, _check_dtype(dtype))
 
 
 def gcl_cloud(class_counts, *, count_smoothing: float = 0.0, dtype=torch.float32) -> torch.Tensor:
     """GCL cloud sizes ``delta_j / max(delta)`` in [0, 1]; 0 for the most frequent class."""
-    return gcl_cloud_from(as_class_counts(class_counts, smoothing=count_smoothing), dtype)
+    return gcl_cloud_from(as_class_counts(class_counts, smoothing=count_smoothing), _check_dtype(dtype))
 
 
 # the same from counts already validated (and smoothed) by ``as_class_counts``: float64, positive

@@ -87,6 +87,20 @@ def test_exp_profile_edge_cases():
     assert long_tailed_counts(3, 5, 100) == [5, 1, 1]  # never below 1
 
 
+def test_step_profile_split_is_exact_for_decimal_fractions():
+    """floor(C (1 - sf)) head and ceil(C sf) tail classes as exact arithmetic gives them: C * sf in floats is off
+    by an ulp for many decimal fractions (10 * (1 - 0.9) = 0.9999999999999998, 90 * 0.3 = 27.000000000000004)."""
+    from fractions import Fraction
+
+    assert long_tailed_counts(10, 100, 10.0, "step", 0.9) == [100] + [10] * 9
+    assert long_tailed_counts(5, 100, 10.0, "step", 0.8) == [100] + [10] * 4
+    assert long_tailed_counts(90, 100, 10.0, "step", 0.3).count(10) == 27
+    for sf in ("0.1", "0.2", "0.25", "0.3", "0.5", "0.6", "0.7", "0.8", "0.9", "0.95", "0.99"):
+        for C in range(1, 400):
+            tail = math.ceil(C * Fraction(sf))
+            assert long_tailed_counts(C, 100, 10.0, "step", float(sf)).count(10) == tail, (C, sf)
+
+
 def test_step_profile_hand_computed():
     assert long_tailed_counts(10, 100, 10, profile="step") == [100] * 5 + [10] * 5
     assert long_tailed_counts(5, 100, 10, profile="step") == [100, 100, 10, 10, 10]
@@ -110,11 +124,12 @@ def test_profiles_are_non_increasing_and_bounded(num_classes, max_count, ratio, 
     assert all(a >= b for a, b in zip(counts[:-1], counts[1:], strict=True))
     assert all(1 <= n <= max_count for n in counts)
     assert counts[-1] >= max(1, math.floor(max_count / ratio) - 1)
-    head = math.floor(num_classes * (1.0 - step_fraction))
-    if profile == "exp" or head >= 1:
+    tail_cut = num_classes * step_fraction  # step: ceil(C sf) tail classes, up to a rounding of C sf
+    if profile == "exp" or math.ceil(tail_cut * (1 - 1e-9)) < num_classes:
         assert counts[0] == max_count
-    if profile == "step":
-        assert counts.count(max_count) >= head
+    if profile == "step" and counts[-1] < max_count:
+        tail = num_classes - counts.count(max_count)
+        assert math.ceil(tail_cut * (1 - 1e-9)) <= tail <= math.ceil(tail_cut * (1 + 1e-9))
 
 
 @pytest.mark.parametrize(
@@ -175,8 +190,11 @@ def test_long_tailed_indices_errors():
     labels = _labels_from_counts([10, 10, 10])
     with pytest.raises(ValueError, match="max_count"):
         long_tailed_indices(labels, 2, max_count=11)
-    with pytest.raises(ValueError, match="class 1"):
-        long_tailed_indices(torch.tensor([0, 0, 2, 2]), 2)
+    for kwargs in ({}, {"max_count": 1}):  # no max_count serves an absent class: the message says to relabel
+        with pytest.raises(ValueError, match="class 1.*relabel"):
+            long_tailed_indices(torch.tensor([0, 0, 2, 2]), 2, **kwargs)
+    with pytest.raises(ValueError, match="empty"):
+        long_tailed_indices(torch.tensor([], dtype=torch.long), 2)
     with pytest.raises(ValueError, match="imbalance_ratio"):
         long_tailed_indices(labels, 0.1)
     with pytest.raises(TypeError, match="generator"):
@@ -286,6 +304,35 @@ def test_class_balanced_sampler_weights_are_distributions(counts, q):
 def test_class_balanced_sampler_errors(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         ClassBalancedSampler(torch.tensor([0, 1, 1]), **kwargs)
+
+
+@pytest.mark.parametrize("q", [200.0, -200.0, 1e4])
+def test_class_balanced_sampler_extreme_q_stays_a_distribution(q):
+    """n^(q-1) overflows or underflows for large |q|; the weights are taken relative to the largest, so they stay
+    a distribution (q = 200: all mass on the largest class) and the sampler draws."""
+    labels = _labels_from_counts([100, 5, 1000, 1000][: 2 if q > 0 else 4])
+    sampler = ClassBalancedSampler(labels, q=q, generator=torch.Generator().manual_seed(0))
+    probs = sampler.class_probabilities
+    assert torch.isfinite(probs).all() and abs(float(probs.sum()) - 1.0) < 1e-12
+    n = sampler.counts.double()
+    log_mass = q * n.log()  # p_j = n_j^q / sum n^q, in log space
+    torch.testing.assert_close(probs, torch.softmax(log_mass, 0), rtol=1e-9, atol=1e-300)
+    assert len(list(sampler)) == labels.numel()
+
+
+def test_class_counts_of_empty_labels_with_num_classes():
+    """[] (float in torch/numpy by default) counts as an empty label set: zeros when num_classes is given."""
+    for empty in ([], (), np.array([]), torch.tensor([])):
+        assert class_counts(empty, num_classes=5).tolist() == [0] * 5
+    with pytest.raises(ValueError, match="num_classes"):
+        class_counts([])
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.uint64])
+def test_unsigned_numpy_labels(dtype):
+    labels = np.array([0, 1, 1, 3], dtype=dtype)
+    assert class_counts(labels).tolist() == [1, 2, 0, 1]
+    assert ClassBalancedSampler(labels).counts.tolist() == [1, 2, 0, 1]
 
 
 def test_samplers_reject_bad_labels():

@@ -58,6 +58,19 @@ def test_bad_arguments_raise():
         run_demo(epochs=0, progress=False)
     with pytest.raises(ValueError):
         run_demo(imbalance_ratio=0.5, quick=True, progress=False)
+    with pytest.raises(ValueError, match="seed"):
+        run_demo(seed=-1, quick=True, progress=False)
+
+
+@pytest.mark.parametrize("argv", [["--epochs", "0"], ["--imbalance-ratio", "0.5"], ["--imbalance-ratio", "nan"],
+                                  ["--seed", "99999999999999999999"], ["--seed", "-1"]])
+def test_cli_demo_bad_values_are_usage_errors(argv, capsys):
+    """Out-of-range option values exit 2 with argparse's message naming the option, not a traceback."""
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {argv[0]}" in err and "Traceback" not in err
 
 
 def test_cli_demo_quick_prints_the_table(capsys):

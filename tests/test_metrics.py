@@ -172,3 +172,11 @@ def test_format_report_without_time_column_and_from_shot_accuracy():
 def test_format_report_errors(rows, exc, match):
     with pytest.raises(exc, match=match):
         format_report(rows)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.uint64])
+def test_shot_accuracy_takes_unsigned_numpy_labels(dtype):
+    preds = np.array([0, 1, 2, 2], dtype=dtype)
+    targets = np.array([0, 1, 1, 2], dtype=dtype)
+    expected = shot_accuracy(preds.astype(np.int64), targets.astype(np.int64), [200, 50, 5])
+    assert shot_accuracy(preds, targets, [200, 50, 5]) == expected

@@ -455,7 +455,14 @@ def test_cosine_classifier_bad_arguments():
         fastlt.CosineClassifier(0, 3)
     with pytest.raises(ValueError, match="num_classes"):
         fastlt.CosineClassifier(3, 0)
+    for args, exc, match in [((4.0, 3), TypeError, "in_features"), ((True, 3), TypeError, "in_features"),
+                             ((4, 3, -1.0), ValueError, "eps"), ((4, 3, 0.0), ValueError, "eps"),
+                             ((4, 3, "x"), TypeError, "eps")]:
+        with pytest.raises(exc, match=match):
+            fastlt.CosineClassifier(*args)
     head = fastlt.CosineClassifier(4, 3)
+    with pytest.raises(TypeError, match="features"):
+        head(torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="features"):
         head(torch.zeros(2, 5))
     with pytest.raises(ValueError, match="features"):

@@ -150,3 +150,11 @@ def test_counts_input_not_modified():
     counts = torch.tensor([3, 0, 2])
     P.log_prior(counts, count_smoothing=0.5)
     assert counts.tolist() == [3, 0, 2]
+
+
+@pytest.mark.parametrize("fn", [P.prior, P.log_prior, P.ldam_margins, P.gcl_cloud])
+@pytest.mark.parametrize("dtype", [torch.long, torch.bool, "float32", np.float32])
+def test_priors_reject_a_non_floating_dtype(fn, dtype):
+    """dtype= must be a floating torch dtype: an integer one would truncate the prior to zeros."""
+    with pytest.raises(TypeError, match="dtype"):
+        fn([1, 2, 3], dtype=dtype)

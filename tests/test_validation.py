@@ -379,6 +379,31 @@ def test_weight_wrong_dtype_or_type():
         la(z, y, weight=torch.ones(C, device="meta"))
 
 
+def test_module_weight_of_a_wrong_type_or_not_finite():
+    """A module's weight= is checked before any conversion (the error names it) and must be finite: a NaN weight
+    would make every loss NaN."""
+    for cls in MODULES:
+        with pytest.raises(TypeError, match="weight"):
+            cls(COUNTS, weight="abc")
+        with pytest.raises(ValueError, match="weight must be finite"):
+            cls(COUNTS, weight=[float("nan")] + [1.0] * (C - 1))
+        with pytest.raises(ValueError, match="weight must be finite"):
+            cls(COUNTS, weight=torch.full((C,), float("inf")))
+
+
+def test_balanced_softmax_rejects_tau():
+    with pytest.raises(TypeError, match="LogitAdjustedLoss"):
+        fastlt.BalancedSoftmaxLoss(COUNTS, tau=2.0)
+
+
+def test_unsigned_targets_are_widened():
+    """uint16/32/64 targets (numpy arrays of those types) are class indices like any other integer dtype."""
+    z, y = data()
+    expected = la(z, y)
+    for dtype in (torch.uint16, torch.uint32, torch.uint64):
+        torch.testing.assert_close(la(z, y.to(dtype)), expected, rtol=0, atol=0)
+
+
 def test_other_class_vectors():
     z, y = data()
     with pytest.raises(ValueError, match="prior"):
