@@ -835,13 +835,12 @@ class LinearLossHead(_HeadBase):
             counts = V.as_class_counts(class_counts, smoothing=count_smoothing)
             if counts.numel() != num_classes:
                 raise ValueError(f"class_counts describes {counts.numel()} classes but num_classes = {num_classes}")
-            f64 = torch.float64
             if loss in ("la", "balanced_softmax", "lade"):
-                self.count_buffer("log_prior", counts, lambda c: log_prior_from(c, f64))
+                self.count_buffer("log_prior", counts, log_prior_from)
             if loss == "lade":
-                self.count_buffer("pi", counts, lambda c: prior_from(c, f64))
+                self.count_buffer("pi", counts, prior_from)
             elif loss == "ldam":
-                self.count_buffer("margins", counts, lambda c: ldam_margins_from(c, self._max_margin, f64))
+                self.count_buffer("margins", counts, ldam_margins_from, "_max_margin")
         factory = dict(device=device, dtype=dtype)
         self.weight = nn.Parameter(torch.empty((num_classes, in_features), **factory))
         self.bias = nn.Parameter(torch.empty(num_classes, **factory)) if bias else None
@@ -921,7 +920,7 @@ class CosineGCLHead(_HeadBase):
         counts = V.as_class_counts(class_counts, smoothing=count_smoothing)
         if counts.numel() != num_classes:
             raise ValueError(f"class_counts describes {counts.numel()} classes but num_classes = {num_classes}")
-        self.count_buffer("cloud", counts, lambda c: gcl_cloud_from(c, torch.float64))
+        self.count_buffer("cloud", counts, gcl_cloud_from)
         self.weight = nn.Parameter(torch.empty((num_classes, in_features), device=device, dtype=dtype))
         self.reset_parameters()
 

@@ -251,6 +251,39 @@ def test_float64_module_equals_the_float64_formula(name):
         close(mod.margins, P.ldam_margins(counts, 0.25, dtype=F64), 0)
 
 
+def _every_counted_module(counts):
+    C = len(counts)
+    return {**all_modules(counts),
+            **{f"{loss}-head": fastlt.LinearLossHead(3, C, counts, loss=loss) for loss in ("la", "ldam", "lade")},
+            "gcl-head": fastlt.CosineGCLHead(3, C, counts)}
+
+
+@pytest.mark.parametrize("name", ["la", "bs", "ldam", "gcl", "lade", "la-head", "ldam-head", "lade-head", "gcl-head"])
+def test_modules_pickle_and_copy_with_their_count_buffers(name):
+    """torch.save of a whole module round-trips (the count buffers' makers are module-level functions, not
+    closures), and a deep copy's LDAM margin schedule rebuilds the copy's margins from the copy's max_margin."""
+    import copy
+    import io
+
+    counts = [500, 100, 20, 4]
+    mod = _every_counted_module(counts)[name]
+    buf = io.BytesIO()
+    torch.save(mod, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for (key, b), (key2, b2) in zip(mod.named_buffers(), loaded.named_buffers(), strict=True):
+        assert key == key2
+        close(b2, b, 0)
+    loaded.double()
+    for key, b in loaded.named_buffers():
+        assert b.dtype == F64, key
+    if "ldam" in name:
+        twin = copy.deepcopy(mod)
+        twin.max_margin = 0.1
+        close(twin.margins, P.ldam_margins(counts, 0.1), 0)
+        close(mod.margins, P.ldam_margins(counts, 0.5), 0)
+
+
 def test_buffer_values():
     counts = [500, 100, 20, 4]
     mods = all_modules(counts)
