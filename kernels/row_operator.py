@@ -22,8 +22,10 @@ import triton.language as tl
 
 from .philox_noise import gcl_noise_at, gcl_noise_tile
 
-# finite "minus infinity" for running maxima (keeps exp(m_old - m_new) NaN-free)
-NEG_BIG: tl.constexpr = tl.constexpr(-1.0e30)
+# The start of every running max: the most negative finite float32, so any finite logit (torch.finfo(dtype).min,
+# the usual masking value, too) is >= it, while exp(m_old - m_new) stays NaN-free where only -inf was seen. (It was
+# -1e30, above a row masked with finfo.min, whose loss then came out -inf and its gradient inf.)
+NEG_BIG: tl.constexpr = tl.constexpr(-3.4028234663852886e38)
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
 

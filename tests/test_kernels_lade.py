@@ -119,11 +119,11 @@ def test_lade_all_rows_ignored_gives_torch_semantics():
 
 def _partials(R: int, C: int, seed: int) -> torch.Tensor:
     """(2, R, C) fp32 column partials as the forward writes them: max, sum-exp below it; one row block with no
-    valid rows (NEG_BIG, 0) when R > 1."""
+    valid rows (the float32 minimum, 0) when R > 1."""
     gen = torch.Generator().manual_seed(seed)
     p = torch.stack([torch.randn(R, C, generator=gen) * 3, torch.rand(R, C, generator=gen) * 5 + 1])
     if R > 1:
-        p[:, R // 2] = torch.tensor([-1.0e30, 0.0])[:, None]
+        p[:, R // 2] = torch.tensor([torch.finfo(torch.float32).min, 0.0])[:, None]
     return p
 
 
@@ -267,3 +267,18 @@ def test_lade_with_a_prior_made_under_inference_mode():
     want = R.lade_loss(z, y, pi)
     torch.testing.assert_close(inside.cpu(), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(outside.cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_lade_column_masked_with_the_float_minimum_has_a_finite_gradient():
+    """A class masked with finfo(float32).min in every row: its column statistics start from -inf (they used to be
+    clamped at -1e30, above every entry, which gave that column an LSE of -inf and a -inf gradient). LADER's loss
+    overflows float32 there (lambda * second^2), as the float32 reference's does; the gradient is finite and
+    matches the float64 reference's."""
+    z, y, pi, _ = _case(12, 9, torch.float32, 5, ignore=(2,), absent_class=4)
+    z[:, 4] = torch.finfo(torch.float32).min
+    zk = z.to(DEVICE).clone().requires_grad_()
+    LF.lade_loss(zk, y.to(DEVICE), pi.to(DEVICE), 0.1, 0.1, backend="triton").backward()
+    z64 = z.double().requires_grad_()
+    R.lade_loss(z64, y, pi.double(), 0.1, 0.1).backward()
+    assert torch.isfinite(z64.grad).all()
+    torch.testing.assert_close(zk.grad.cpu().double(), z64.grad, rtol=1e-4, atol=1e-6)

@@ -218,6 +218,30 @@ def test_split_grad_in_forward_draws_the_noise_once(monkeypatch):
     assert seen == [True]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", [None, dict(block_n=16, num_splits=1), dict(block_n=16, num_splits=3),
+                                    dict(block_n=32, num_splits=1, block_m=2, row_programs=2)],
+                         ids=["default", "tiles", "split3", "persistent"])
+@pytest.mark.parametrize("grad_in_forward", [False, True])
+def test_logits_masked_with_the_dtype_minimum(dtype, config, grad_in_forward):
+    """Classes masked with ``torch.finfo(dtype).min`` (the usual masking idiom): a row masked whole (its target
+    too), a row masked but for a few classes, an ignored masked row. The running maxima start at -inf, so such a
+    row's max is its own (finite) value; it used to start at -1e30, above every entry, which gave -inf losses and
+    inf / NaN gradients where torch gives finite ones."""
+    gen = torch.Generator().manual_seed(23)
+    N, C = 5, 70
+    cv = _class_vectors(C, gen)
+    z, y = _inputs(N, C, dtype, gen, ignore_rows=(3,))
+    low = torch.finfo(dtype).min
+    z[0] = low
+    z[2, : C - 5] = low
+    y[2] = C - 2
+    z[3] = low
+    for flags in ("plain", "la"):
+        run_and_compare(z, y, _flags(flags, cv, 3), reduction="none", grad_in_forward=grad_in_forward,
+                        config=config)
+
+
 def test_grad_in_forward_overwrites_logits_and_skips_unit_scale():
     gen = torch.Generator().manual_seed(4)
     z, y = _inputs(4, 9, torch.float32, gen, ignore_rows=())
