@@ -71,6 +71,14 @@ def as_index_target(target):
     return target
 
 
+def as_long_target(target):
+    """Integer targets of every dtype as int64: the reference path compares them with ``ignore_index`` in torch,
+    which would wrap an ``ignore_index`` outside the int32 range to the dtype of int32 targets (2^32 -> 0)."""
+    if isinstance(target, torch.Tensor) and target.dtype in INT_DTYPES[1:]:
+        return target.long()
+    return target
+
+
 def check_target(target, logits: torch.Tensor, ignore_index: int) -> None:
     """(N,) integer tensor on the logits' device. Range is checked only on the CPU (no GPU sync)."""
     if not isinstance(target, torch.Tensor):

@@ -639,3 +639,22 @@ def test_lade_low_precision_with_a_class_absent_from_the_batch(dtype):
     exp = lade_official(z.to(F64), y, pi.to(dtype).to(F64), 0.1, 0.1)
     tol = TOL[dtype]
     assert_close(out.to(F64), exp, rtol=tol, atol=tol)
+
+
+def test_int32_targets_with_an_ignore_index_beyond_int32():
+    """int32 targets are compared with ignore_index in int64: 2^32 must not wrap to class 0 (torch's own cross
+    entropy on int64 targets ignores nothing here)."""
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(4, 5, generator=gen, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3])
+    want = torch.nn.functional.cross_entropy(z, y, reduction="none")
+    for ignore in (2**32, -(2**32) - 100):
+        got = R.adjusted_cross_entropy(z, y.to(torch.int32), ignore_index=ignore, reduction="none")
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_half_margin_beyond_the_dtype_range_is_inf_not_an_error():
+    z = torch.randn(3, 4).half()
+    y = torch.tensor([0, 1, 2])
+    loss = R.adjusted_cross_entropy(z, y, margin=1e5, reduction="none")  # the margin is inf in float16
+    assert loss.dtype == torch.float16
