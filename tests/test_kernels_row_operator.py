@@ -225,9 +225,9 @@ def test_split_grad_in_forward_draws_the_noise_once(monkeypatch):
 @pytest.mark.parametrize("grad_in_forward", [False, True])
 def test_logits_masked_with_the_dtype_minimum(dtype, config, grad_in_forward):
     """Classes masked with ``torch.finfo(dtype).min`` (the usual masking idiom): a row masked whole (its target
-    too), a row masked but for a few classes, an ignored masked row. The running maxima start at -inf, so such a
-    row's max is its own (finite) value; it used to start at -1e30, above every entry, which gave -inf losses and
-    inf / NaN gradients where torch gives finite ones."""
+    too), a row masked but for a few classes, an ignored masked row; and half a row masked with -inf. The running
+    maxima start at the float32 minimum, so such a row's max is its own (finite) value; they used to start at
+    -1e30, above every entry, which gave -inf losses and inf / NaN gradients where torch gives finite ones."""
     gen = torch.Generator().manual_seed(23)
     N, C = 5, 70
     cv = _class_vectors(C, gen)
@@ -237,6 +237,8 @@ def test_logits_masked_with_the_dtype_minimum(dtype, config, grad_in_forward):
     z[2, : C - 5] = low
     y[2] = C - 2
     z[3] = low
+    z[4, : C // 2] = float("-inf")  # masked with -inf (the target is not)
+    y[4] = C - 1
     for flags in ("plain", "la"):
         run_and_compare(z, y, _flags(flags, cv, 3), reduction="none", grad_in_forward=grad_in_forward,
                         config=config)
