@@ -729,6 +729,12 @@ def cosine_cross_entropy(features, weight, target, *, prior=None, tau=1.0, margi
 
 # --- modules ---------------------------------------------------------------------------------------------------
 
+def _count_dtype(dtype) -> torch.dtype | None:
+    """The dtype of a head's count buffers: float64 for a float64 head (exact, as ``.double()`` makes them), else
+    float32 (what the kernels read)."""
+    return torch.float64 if dtype == torch.float64 else None
+
+
 class _HeadBase(CountBuffers):
     """Shared arguments: class weights, ignore_index, reduction, label smoothing, backend, and the fused path's
     ``chunk_rows`` / ``chunk_classes`` (at most one; see :func:`linear_cross_entropy`)."""
@@ -836,11 +842,11 @@ class LinearLossHead(_HeadBase):
             if counts.numel() != num_classes:
                 raise ValueError(f"class_counts describes {counts.numel()} classes but num_classes = {num_classes}")
             if loss in ("la", "balanced_softmax", "lade"):
-                self.count_buffer("log_prior", counts, log_prior_from)
+                self.count_buffer("log_prior", counts, log_prior_from, dtype=_count_dtype(dtype))
             if loss == "lade":
-                self.count_buffer("pi", counts, prior_from)
+                self.count_buffer("pi", counts, prior_from, dtype=_count_dtype(dtype))
             elif loss == "ldam":
-                self.count_buffer("margins", counts, ldam_margins_from, "_max_margin")
+                self.count_buffer("margins", counts, ldam_margins_from, "_max_margin", dtype=_count_dtype(dtype))
         factory = dict(device=device, dtype=dtype)
         self.weight = nn.Parameter(torch.empty((num_classes, in_features), **factory))
         self.bias = nn.Parameter(torch.empty(num_classes, **factory)) if bias else None
@@ -876,7 +882,7 @@ class LinearLossHead(_HeadBase):
     def max_margin(self, value) -> None:
         self._max_margin = V.check_finite_float("max_margin", value, min_value=0.0)
         if self.margins is not None:
-            self.margins = self.exact_count_buffer("margins", self.margins)  # the module's device and dtype
+            self.set_count_buffer("margins", self.exact_count_buffer("margins", self.margins))  # its device, dtype
 
     def _dense_logits(self, features, adjusted: bool = False):
         z = F.linear(features, self.weight, self.bias)
@@ -920,7 +926,7 @@ class CosineGCLHead(_HeadBase):
         counts = V.as_class_counts(class_counts, smoothing=count_smoothing)
         if counts.numel() != num_classes:
             raise ValueError(f"class_counts describes {counts.numel()} classes but num_classes = {num_classes}")
-        self.count_buffer("cloud", counts, gcl_cloud_from)
+        self.count_buffer("cloud", counts, gcl_cloud_from, dtype=_count_dtype(dtype))
         self.weight = nn.Parameter(torch.empty((num_classes, in_features), device=device, dtype=dtype))
         self.reset_parameters()
 

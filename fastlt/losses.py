@@ -96,7 +96,7 @@ class LDAMLoss(_LongTailLoss):
     @max_margin.setter
     def max_margin(self, value) -> None:
         self._max_margin = V.check_finite_float("max_margin", value, min_value=0.0)
-        self.margins = self.exact_count_buffer("margins", self.margins)  # the module's device and dtype
+        self.set_count_buffer("margins", self.exact_count_buffer("margins", self.margins))  # its device, dtype
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         self._check_input(logits)

@@ -284,6 +284,39 @@ def test_modules_pickle_and_copy_with_their_count_buffers(name):
         close(mod.margins, P.ldam_margins(counts, 0.5), 0)
 
 
+def test_count_buffers_the_user_set_or_edited_are_only_converted():
+    """A float64 conversion makes the module's own count buffers again from the counts, and only those: one the user
+    assigned or edited in place is widened as any buffer; conversions that keep float64 (a device move,
+    share_memory) leave every buffer alone; the class_counts buffer is no alias of the exact counts."""
+    counts = [500, 100, 20, 4]
+    mod = fastlt.LogitAdjustedLoss(counts)
+    mod.log_prior = torch.zeros(4)
+    mod.double()
+    close(mod.log_prior, torch.zeros(4, dtype=F64), 0)
+    mod = fastlt.LDAMLoss(counts)
+    mod.margins.mul_(2.0)
+    mod.double()
+    close(mod.margins, (2.0 * P.ldam_margins(counts, 0.5)).double(), 0)
+    mod = fastlt.LogitAdjustedLoss(counts).double()
+    mod.class_counts.add_(1000.0)
+    mod.cpu()
+    close(mod.log_prior, P.log_prior(counts, dtype=F64), 0)
+    mod = fastlt.GCLLoss(counts).double().share_memory()
+    assert all(b.is_shared() for b in mod.buffers())
+
+
+def test_float64_head_made_so_equals_one_converted():
+    counts = [500, 100, 20, 4]
+    for loss in ("la", "ldam", "lade"):
+        made = fastlt.LinearLossHead(3, 4, counts, loss=loss, dtype=F64)
+        converted = fastlt.LinearLossHead(3, 4, counts, loss=loss).double()
+        for (name, a), (_, b) in zip(made.named_buffers(), converted.named_buffers(), strict=True):
+            assert a.dtype == F64, name
+            close(a, b, 0)
+    assert fastlt.CosineGCLHead(3, 4, counts, dtype=F64).cloud.dtype == F64
+    assert fastlt.LinearLossHead(3, 4, counts, dtype=torch.bfloat16).log_prior.dtype == torch.float32
+
+
 def test_buffer_values():
     counts = [500, 100, 20, 4]
     mods = all_modules(counts)
@@ -496,6 +529,9 @@ def test_cosine_classifier_bad_arguments():
     head = fastlt.CosineClassifier(4, 3)
     with pytest.raises(TypeError, match="features"):
         head(torch.zeros(2, 4, dtype=torch.long))
+    import numpy as np
+
+    assert fastlt.CosineClassifier(np.int64(4), np.int64(3)).weight.shape == (3, 4)  # e.g. labels.max() + 1
     with pytest.raises(ValueError, match="features"):
         head(torch.zeros(2, 5))
     with pytest.raises(ValueError, match="features"):
