@@ -188,7 +188,8 @@ def init_loss_options(module, weight_name: str, weight, num_classes: int, *, ign
             raise TypeError(f"{weight_name} must be a (C,) tensor or sequence of floats, got "
                             f"{type(weight).__name__}") from exc
         check_class_vector(weight_name, as_tensor, num_classes)
-        if not bool(torch.isfinite(as_tensor).all()):  # construction time: reading the values costs no step a sync
+        # construction time: reading the values costs no step a sync (a meta tensor has none to read)
+        if as_tensor.device.type != "meta" and not bool(torch.isfinite(as_tensor).all()):
             raise ValueError(f"{weight_name} must be finite")
         weight = as_tensor.to(torch.float32)
     module.register_buffer(weight_name, weight, persistent=persistent)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from numbers import Integral
 
 import torch
 import torch.nn.functional as F
@@ -21,16 +22,16 @@ class CosineClassifier(nn.Module):
     def __init__(self, in_features: int, num_classes: int, eps: float = 1e-12):
         super().__init__()
         for name, value in (("in_features", in_features), ("num_classes", num_classes)):
-            if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, bool) or not isinstance(value, Integral):  # numpy ints too (labels.max() + 1)
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         eps = check_finite_float("eps", eps)
         if eps <= 0:
             raise ValueError(f"eps must be > 0 (it bounds the norms away from 0), got {eps}")
-        self.in_features, self.num_classes, self.eps = in_features, num_classes, eps
-        self.weight = nn.Parameter(torch.empty(num_classes, in_features))
-        nn.init.uniform_(self.weight, -1.0 / math.sqrt(in_features), 1.0 / math.sqrt(in_features))
+        self.in_features, self.num_classes, self.eps = int(in_features), int(num_classes), eps
+        self.weight = nn.Parameter(torch.empty(self.num_classes, self.in_features))
+        nn.init.uniform_(self.weight, -1.0 / math.sqrt(self.in_features), 1.0 / math.sqrt(self.in_features))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if not isinstance(features, torch.Tensor):

@@ -260,8 +260,8 @@ def _repeatable_cpu(threads: int):
 def _demo(seed: int, epochs: int | None, imbalance_ratio: float, quick: bool, progress: bool):
     if epochs is None:
         epochs = QUICK_EPOCHS if quick else DEFAULT_EPOCHS
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an int in [0, 2^63), got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
+        raise ValueError(f"seed must be an int in [-2^63, 2^64) (torch.manual_seed's range), got {seed!r}")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
     if not (isinstance(imbalance_ratio, (int, float)) and math.isfinite(imbalance_ratio)
@@ -306,7 +306,8 @@ def _option(kind, check, what: str):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=_option(int, lambda v: 0 <= v < 2**63, "an int in [0, 2^63)"), default=0,
+    parser.add_argument("--seed", type=_option(int, lambda v: -(2**63) <= v < 2**64, "an int in [-2^63, 2^64)"),
+                        default=0,
                         help="random seed (default 0)")
     parser.add_argument("--epochs", type=_option(int, lambda v: v >= 1, "an int >= 1"), default=None,
                         help=f"training epochs per method (default {DEFAULT_EPOCHS}, {QUICK_EPOCHS} with --quick)")

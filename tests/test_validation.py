@@ -391,6 +391,12 @@ def test_module_weight_of_a_wrong_type_or_not_finite():
             cls(COUNTS, weight=torch.full((C,), float("inf")))
 
 
+def test_module_weight_on_the_meta_device():
+    """Building on the meta device (deferred initialisation) skips the finiteness check: no values to read."""
+    mod = fastlt.LogitAdjustedLoss(COUNTS, weight=torch.ones(C, device="meta"))
+    assert mod.weight.device.type == "meta"
+
+
 def test_balanced_softmax_rejects_tau():
     with pytest.raises(TypeError, match="LogitAdjustedLoss"):
         fastlt.BalancedSoftmaxLoss(COUNTS, tau=2.0)
