@@ -8,7 +8,7 @@ construction time, e.g. class counts, not for the per-step hot path).
 from __future__ import annotations
 
 import math
-from numbers import Real
+from numbers import Integral, Real
 
 import torch
 
@@ -41,6 +41,16 @@ def check_finite_float(name: str, value, *, min_value: float | None = None,
         raise ValueError(f"{name} must be {op} {min_value}, got {value}")
     if max_value is not None and value > max_value:
         raise ValueError(f"{name} must be <= {max_value}, got {value}")
+    return value
+
+
+def check_int(name: str, value, min_value: int) -> int:
+    """A Python or numpy integer (not a bool) of at least ``min_value``; returned as int."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if value < min_value:
+        raise ValueError(f"{name} must be >= {min_value}, got {value}")
     return value
 
 

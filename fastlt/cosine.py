@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-from numbers import Integral
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._validation import FLOAT_DTYPES, check_finite_float
+from ._validation import FLOAT_DTYPES, check_finite_float, check_int
 
 
 class CosineClassifier(nn.Module):
@@ -21,15 +20,11 @@ class CosineClassifier(nn.Module):
 
     def __init__(self, in_features: int, num_classes: int, eps: float = 1e-12):
         super().__init__()
-        for name, value in (("in_features", in_features), ("num_classes", num_classes)):
-            if isinstance(value, bool) or not isinstance(value, Integral):  # numpy ints too (labels.max() + 1)
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        eps = check_finite_float("eps", eps)
-        if eps <= 0:
-            raise ValueError(f"eps must be > 0 (it bounds the norms away from 0), got {eps}")
-        self.in_features, self.num_classes, self.eps = int(in_features), int(num_classes), eps
+        self.in_features = check_int("in_features", in_features, 1)  # numpy ints too (labels.max() + 1)
+        self.num_classes = check_int("num_classes", num_classes, 1)
+        self.eps = check_finite_float("eps", eps)
+        if self.eps <= 0:
+            raise ValueError(f"eps must be > 0 (it bounds the norms away from 0), got {self.eps}")
         self.weight = nn.Parameter(torch.empty(self.num_classes, self.in_features))
         nn.init.uniform_(self.weight, -1.0 / math.sqrt(self.in_features), 1.0 / math.sqrt(self.in_features))
 

@@ -14,23 +14,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from numbers import Integral
 
 import torch
 from torch.utils.data import Sampler
 
-from ._validation import INT_DTYPES, check_choice, check_finite_float
+from ._validation import INT_DTYPES, check_choice, check_finite_float, check_int
 
 PROFILES = ("exp", "step")
-
-
-def _check_int(name: str, value, min_value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    value = int(value)
-    if value < min_value:
-        raise ValueError(f"{name} must be >= {min_value}, got {value}")
-    return value
 
 
 def _check_generator(generator) -> torch.Generator | None:
@@ -70,7 +60,7 @@ def class_counts(labels, num_classes: int | None = None) -> torch.Tensor:
             raise ValueError("labels is empty: pass num_classes to count an empty label set")
         num_classes = int(labels.max()) + 1
     else:
-        num_classes = _check_int("num_classes", num_classes, 1)
+        num_classes = check_int("num_classes", num_classes, 1)
         if labels.numel() > 0 and int(labels.max()) >= num_classes:
             top = int(labels.max())
             raise ValueError(f"labels holds class {top}, outside [0, num_classes={num_classes})")
@@ -92,8 +82,8 @@ def long_tailed_counts(num_classes: int, max_count: int, imbalance_ratio: float,
     float ``98 * (1/49)`` would, and ``C = 90, step_fraction = 0.3`` has 27 tail classes, not the 28 of a bare
     ``ceil(90 * 0.3)`` (27.000000000000004).
     """
-    num_classes = _check_int("num_classes", num_classes, 1)
-    max_count = _check_int("max_count", max_count, 1)
+    num_classes = check_int("num_classes", num_classes, 1)
+    max_count = check_int("max_count", max_count, 1)
     r = check_finite_float("imbalance_ratio", imbalance_ratio, min_value=1.0)
     check_choice("profile", profile, PROFILES)
     step_fraction = check_finite_float("step_fraction", step_fraction, min_value=0.0, max_value=1.0)
@@ -161,7 +151,7 @@ class _ClassMassSampler(Sampler[int]):
             raise ValueError("labels must hold at least one sample")
         if not isinstance(replacement, bool):
             raise TypeError(f"replacement must be a bool, got {type(replacement).__name__}")
-        num_samples = labels.numel() if num_samples is None else _check_int("num_samples", num_samples, 1)
+        num_samples = labels.numel() if num_samples is None else check_int("num_samples", num_samples, 1)
         if not replacement and num_samples > labels.numel():
             raise ValueError(
                 f"num_samples={num_samples} exceeds the {labels.numel()} samples of labels; "
