@@ -72,19 +72,11 @@ def check_logits(name: str, logits) -> None:
         raise ValueError(f"{name} must have at least one class (C >= 1), got shape {tuple(logits.shape)}")
 
 
-def as_index_target(target):
-    """Integer targets other than int32 and int64 (uint8, int8, int16, uint16/32/64) widened to int64, so
-    ``target != ignore_index`` never wraps (-100 is 156 in uint8); int32 and int64 pass through unchanged (the
-    kernels read both)."""
-    if isinstance(target, torch.Tensor) and target.dtype in INT_DTYPES[2:]:
-        return target.long()
-    return target
-
-
-def as_long_target(target):
-    """Integer targets of every dtype as int64: the reference path compares them with ``ignore_index`` in torch,
-    which would wrap an ``ignore_index`` outside the int32 range to the dtype of int32 targets (2^32 -> 0)."""
-    if isinstance(target, torch.Tensor) and target.dtype in INT_DTYPES[1:]:
+def as_index_target(target, *, keep_int32: bool = True):
+    """Integer targets other than int64 widened to int64, so ``target != ignore_index`` never wraps (-100 is 156 in
+    uint8). ``keep_int32``: int32 passes through (the kernels read it, and compare in int64); the reference path
+    passes False, as torch would wrap an ``ignore_index`` outside int32 to the targets' dtype (2^32 -> 0)."""
+    if isinstance(target, torch.Tensor) and target.dtype in INT_DTYPES[2 if keep_int32 else 1:]:
         return target.long()
     return target
 

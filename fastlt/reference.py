@@ -143,7 +143,7 @@ def adjusted_cross_entropy(logits, target, *, prior=None, tau=1.0, cloud=None, n
     ``seed``, else from torch's generator); ``margin``: float or (C,) per-class target margin;
     ``scale``: ``s``; ``gamma``: focal exponent (``p_y`` detached).
     """
-    target = V.as_long_target(target)
+    target = V.as_index_target(target, keep_int32=False)
     check_operator_args(logits, target, prior=prior, tau=tau, cloud=cloud, noise_mul=noise_mul, noise=noise,
                         seed=seed, margin=margin, scale=scale, gamma=gamma, weight=weight,
                         ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
@@ -213,7 +213,7 @@ def lader(logits, target, prior, remine_lambda=0.1, ignore_index=-100) -> torch.
     logits' dtype.
     """
     N, C = logits.shape
-    target = V.as_long_target(target)
+    target = V.as_index_target(target, keep_int32=False)
     out_dtype = logits.dtype
     # half precision cannot hold the official epsilons (1e-8 underflows in fp16: 0/0 for absent classes)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -240,7 +240,7 @@ def lade_loss(logits, target, prior, alpha=0.1, remine_lambda=0.1, *, weight=Non
     PriorCE is logit-adjusted CE with tau = 1 and ``log(pi)`` (reduced by ``reduction``: 'mean' or
     'sum'); LADER as in :func:`lader`.
     """
-    target = V.as_long_target(target)
+    target = V.as_index_target(target, keep_int32=False)
     check_lade_args(logits, target, prior, alpha, remine_lambda, reduction)
     prior_ce = adjusted_cross_entropy(logits, target, prior=torch.log(prior), tau=1.0, weight=weight,
                                       ignore_index=ignore_index, reduction=reduction,
