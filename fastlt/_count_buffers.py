@@ -14,6 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ._validation import check_finite_float
+
 
 def counts_as_is(counts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A copy of the counts in ``dtype`` (a maker for :meth:`CountBuffers.count_buffer`)."""
@@ -75,3 +77,25 @@ class CountBuffers(nn.Module):
             if buf is not None:
                 self.set_count_buffer(name, buf)
         return self
+
+
+class CountParameter:
+    """A float hyperparameter that a count buffer is made from (LDAM's ``max_margin``), as a class attribute of a
+    :class:`CountBuffers` module: setting it checks the value (finite, at least ``min_value``) and, once the buffer
+    exists, makes the buffer again in its device and dtype (a schedule). The value lives in ``_<name>``, which the
+    buffer's maker reads."""
+
+    def __init__(self, buffer: str, *, min_value: float | None = None, doc: str = ""):
+        self.buffer, self.min_value, self.__doc__ = buffer, min_value, doc
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name, self.slot = name, "_" + name
+
+    def __get__(self, module, owner=None):
+        return self if module is None else module.__dict__[self.slot]
+
+    def __set__(self, module: CountBuffers, value) -> None:
+        module.__dict__[self.slot] = check_finite_float(self.name, value, min_value=self.min_value)
+        buf = module._buffers.get(self.buffer)
+        if buf is not None and self.buffer in module.__dict__.get("_count_makers", {}):
+            module.set_count_buffer(self.buffer, module.exact_count_buffer(self.buffer, buf))

@@ -85,7 +85,7 @@ from torch import nn
 
 from . import _validation as V
 from . import reference as R
-from ._count_buffers import CountBuffers
+from ._count_buffers import CountBuffers, CountParameter
 from ._first_order import first_order
 from .functional import use_triton
 from .priors import gcl_cloud_from, ldam_margins_from, log_prior_from, prior_from
@@ -821,7 +821,7 @@ class LinearLossHead(_HeadBase):
         super().__init__(in_features, num_classes, **kwargs)
         self.loss = V.check_choice("loss", loss, _HEAD_LOSSES)
         self.tau = V.check_finite_float("tau", 1.0 if loss in ("balanced_softmax", "lade") else tau)
-        self._max_margin = V.check_finite_float("max_margin", max_margin, min_value=0.0)
+        self.max_margin = max_margin
         self.s = V.check_finite_float("s", (30.0 if loss == "ldam" else 1.0) if s is None else s)
         self.gamma = V.check_finite_float("gamma", gamma, min_value=0.0)
         self.alpha = V.check_finite_float("alpha", alpha)
@@ -873,16 +873,8 @@ class LinearLossHead(_HeadBase):
         return linear_cross_entropy(features, self.weight, target, self.bias, prior=self.log_prior, tau=self.tau,
                                     margin=self.margins, scale=self.s, gamma=self.gamma, **self._common())
 
-    @property
-    def max_margin(self) -> float:
-        """LDAM's largest margin (the rarest class's); setting it (a schedule) rebuilds ``margins``."""
-        return self._max_margin
-
-    @max_margin.setter
-    def max_margin(self, value) -> None:
-        self._max_margin = V.check_finite_float("max_margin", value, min_value=0.0)
-        if self.margins is not None:
-            self.set_count_buffer("margins", self.exact_count_buffer("margins", self.margins))  # its device, dtype
+    max_margin = CountParameter("margins", min_value=0.0, doc="LDAM's largest margin (the rarest class's); setting "
+                                "it (a schedule) rebuilds ``margins``.")
 
     def _dense_logits(self, features, adjusted: bool = False):
         z = F.linear(features, self.weight, self.bias)

@@ -13,7 +13,7 @@ import torch
 
 from . import _validation as V
 from . import functional as LF
-from ._count_buffers import CountBuffers, counts_as_is
+from ._count_buffers import CountBuffers, CountParameter, counts_as_is
 from .priors import gcl_cloud_from, ldam_margins_from, log_prior_from, prior_from
 
 __all__ = ["LogitAdjustedLoss", "BalancedSoftmaxLoss", "LDAMLoss", "GCLLoss", "LADELoss"]
@@ -28,7 +28,7 @@ class _LongTailLoss(CountBuffers):
         counts = V.as_class_counts(class_counts, smoothing=count_smoothing)
         self.num_classes = counts.numel()
         self.count_smoothing = count_smoothing
-        self._counts64 = counts  # validated, smoothed, float64: the source of every per-class vector
+        # the validated, smoothed float64 counts, kept as self._counts_exact: the source of every per-class vector
         self.count_buffer("class_counts", counts, counts_as_is)
         V.init_loss_options(self, "weight", weight, self.num_classes, ignore_index=ignore_index,
                             reduction=reduction, label_smoothing=label_smoothing, backend=backend)
@@ -57,7 +57,7 @@ class LogitAdjustedLoss(_LongTailLoss):
         super().__init__(class_counts, **kwargs)
         self.tau = V.check_finite_float("tau", tau)
         self.grad_in_forward = bool(grad_in_forward)
-        self.count_buffer("log_prior", self._counts64, log_prior_from)
+        self.count_buffer("log_prior", self._counts_exact, log_prior_from)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         self._check_input(logits)
@@ -83,20 +83,13 @@ class LDAMLoss(_LongTailLoss):
 
     def __init__(self, class_counts, max_margin=0.5, s=30.0, *, grad_in_forward=False, **kwargs):
         super().__init__(class_counts, **kwargs)
-        self._max_margin = V.check_finite_float("max_margin", max_margin, min_value=0.0)
-        self.count_buffer("margins", self._counts64, ldam_margins_from, "_max_margin")
+        self.max_margin = max_margin
+        self.count_buffer("margins", self._counts_exact, ldam_margins_from, "_max_margin")
         self.s = V.check_finite_float("s", s)
         self.grad_in_forward = bool(grad_in_forward)
 
-    @property
-    def max_margin(self) -> float:
-        """The largest margin (the rarest class's); setting it (a schedule) rebuilds ``margins``."""
-        return self._max_margin
-
-    @max_margin.setter
-    def max_margin(self, value) -> None:
-        self._max_margin = V.check_finite_float("max_margin", value, min_value=0.0)
-        self.set_count_buffer("margins", self.exact_count_buffer("margins", self.margins))  # its device, dtype
+    max_margin = CountParameter("margins", min_value=0.0, doc="The largest margin (the rarest class's); setting it "
+                                "(a schedule) rebuilds ``margins``.")
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         self._check_input(logits)
@@ -127,7 +120,7 @@ class GCLLoss(_LongTailLoss):
         self.noise_mul = V.check_finite_float("noise_mul", noise_mul)
         self.gamma = V.check_finite_float("gamma", gamma, min_value=0.0)
         self.grad_in_forward = bool(grad_in_forward)
-        self.count_buffer("cloud", self._counts64, gcl_cloud_from)
+        self.count_buffer("cloud", self._counts_exact, gcl_cloud_from)
 
     def forward(self, cosine: torch.Tensor, target: torch.Tensor,
                 seed: int | torch.Tensor | None = None) -> torch.Tensor:
@@ -158,7 +151,7 @@ class LADELoss(_LongTailLoss):
                              "use 'mean' or 'sum'")
         self.alpha = V.check_finite_float("alpha", alpha)
         self.remine_lambda = V.check_finite_float("remine_lambda", remine_lambda)
-        self.count_buffer("prior", self._counts64, prior_from)
+        self.count_buffer("prior", self._counts_exact, prior_from)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         self._check_input(logits)
