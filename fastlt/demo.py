@@ -257,16 +257,24 @@ def _repeatable_cpu(threads: int):
         torch.set_num_threads(old_threads)
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# (check, what it asks for) of each option, shared by run_demo's arguments and the command line's
+_SEED = (lambda v: _is_int(v) and -(2**63) <= v < 2**64, "an int in [-2^63, 2^64) (torch.manual_seed's range)")
+_EPOCHS = (lambda v: _is_int(v) and v >= 1, "an int >= 1")
+_RATIO = (lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v >= 1,
+          "a finite number >= 1")
+
+
 def _demo(seed: int, epochs: int | None, imbalance_ratio: float, quick: bool, progress: bool):
     if epochs is None:
         epochs = QUICK_EPOCHS if quick else DEFAULT_EPOCHS
-    if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
-        raise ValueError(f"seed must be an int in [-2^63, 2^64) (torch.manual_seed's range), got {seed!r}")
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
-    if not (isinstance(imbalance_ratio, (int, float)) and math.isfinite(imbalance_ratio)
-            and imbalance_ratio >= 1):
-        raise ValueError(f"imbalance_ratio must be a finite number >= 1, got {imbalance_ratio!r}")
+    for name, value, (ok, what) in (("seed", seed, _SEED), ("epochs", epochs, _EPOCHS),
+                                    ("imbalance_ratio", imbalance_ratio, _RATIO)):
+        if not ok(value):
+            raise ValueError(f"{name} must be {what}, got {value!r}")
     with _repeatable_cpu(min(2, os.cpu_count() or 1)):
         return _run(seed, epochs, float(imbalance_ratio), progress)
 
@@ -291,9 +299,11 @@ def header(split: Split, imbalance_ratio: float, epochs: int) -> str:
     )
 
 
-def _option(kind, check, what: str):
-    """An argparse ``type=`` that converts with ``kind`` and rejects values failing ``check`` with a usage error
-    (exit status 2, no traceback)."""
+def _option(kind, rule):
+    """An argparse ``type=`` that converts with ``kind`` and rejects values failing ``rule`` (``_SEED``, ...) with a
+    usage error (exit status 2, no traceback)."""
+    check, what = rule
+
     def convert(text: str):
         try:
             value = kind(text)
@@ -306,13 +316,10 @@ def _option(kind, check, what: str):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=_option(int, lambda v: -(2**63) <= v < 2**64, "an int in [-2^63, 2^64)"),
-                        default=0,
-                        help="random seed (default 0)")
-    parser.add_argument("--epochs", type=_option(int, lambda v: v >= 1, "an int >= 1"), default=None,
+    parser.add_argument("--seed", type=_option(int, _SEED), default=0, help="random seed (default 0)")
+    parser.add_argument("--epochs", type=_option(int, _EPOCHS), default=None,
                         help=f"training epochs per method (default {DEFAULT_EPOCHS}, {QUICK_EPOCHS} with --quick)")
-    parser.add_argument("--imbalance-ratio", type=_option(float, lambda v: math.isfinite(v) and v >= 1,
-                                                          "a finite number >= 1"), default=100.0,
+    parser.add_argument("--imbalance-ratio", type=_option(float, _RATIO), default=100.0,
                         help="n_max / n_min of the training split (default 100)")
     parser.add_argument("--quick", action="store_true", help="a tiny run (a few seconds), for tests")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
