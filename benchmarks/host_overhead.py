@@ -19,7 +19,7 @@ import torch  # noqa: E402
 
 import fastlt  # noqa: E402
 import fastlt._validation as V  # noqa: E402
-from fastlt.bench import GradSink  # noqa: E402
+from fastlt._bench_harness import GradSink  # noqa: E402
 from fastlt.kernels import lade as lade_kernels  # noqa: E402
 from fastlt.kernels import launch  # noqa: E402
 

@@ -190,7 +190,8 @@ def _flags(kwargs: dict) -> str:
 
 def cases():
     """name -> a function that runs the launchers once on CPU stand-in tensors (nothing is computed)."""
-    from fastlt.bench import _counts
+    from fastlt._bench_harness import long_tail_counts as _counts
+    from fastlt._operator import AdjustedCEArgs
     from fastlt.kernels import lade, launch
     from fastlt.priors import gcl_cloud, log_prior, prior
 
@@ -198,7 +199,7 @@ def cases():
         def run():
             z = torch.empty((N, C), dtype=dtype)
             y = torch.zeros(N, dtype=torch.int64)
-            args = launch.RowOperatorArgs(prior=log_prior(_counts(C)).float())
+            args = AdjustedCEArgs(log_prior=log_prior(_counts(C)).float())
             cfg = launch.pick_tiles(N, C, z.device, **tile) if tile else None
             loss, lse, factor = launch.loss(z, y, args, config=cfg, grad_out=z if grad_in_forward else None)
             if not grad_in_forward:
@@ -209,9 +210,8 @@ def cases():
         def run():
             z = torch.empty((N, C), dtype=dtype)
             y = torch.zeros(N, dtype=torch.int64)
-            args = launch.RowOperatorArgs(cloud=gcl_cloud(_counts(C)).float(), noise_mul=1.0, has_margin=True,
-                                          margin_value=0.5, scale=30.0, seed=3,
-                                          seed_tensor=torch.zeros(1, dtype=torch.int64) if seed_tensor else None)
+            args = AdjustedCEArgs(cloud=gcl_cloud(_counts(C)).float(), noise_mul=1.0, margin=0.5, scale=30.0,
+                                  seed=torch.zeros(1, dtype=torch.int64) if seed_tensor else 3)
             cfg = launch.pick_tiles(N, C, z.device, **tile) if tile else None
             loss, lse, factor = launch.loss(z, y, args, config=cfg, grad_out=z if grad_in_forward else None)
             if not grad_in_forward:
@@ -223,7 +223,7 @@ def cases():
             z = torch.empty((N, C), dtype=dtype)
             y = torch.zeros(N, dtype=torch.int64)
             pi = prior(_counts(C)).float()
-            args = launch.RowOperatorArgs(prior=torch.log(pi))
+            args = AdjustedCEArgs(log_prior=torch.log(pi))
             cfg = launch.pick_tiles(N, C, z.device, column_stats=True, **tile) if tile else None
             _, lse, factor, terms = lade.forward(z, y, pi, 0.1, 0.1, args, config=cfg)
             # with grad_output, as autograd calls it (the kernel scales the column term by it)
@@ -232,7 +232,7 @@ def cases():
 
     def cosine_head(N, D, C, dtype):
         def run():
-            from fastlt import heads
+            from fastlt.heads import functional as heads
 
             x = torch.zeros((N, D), dtype=dtype, requires_grad=True)
             w = torch.zeros((C, D), dtype=dtype, requires_grad=True)

@@ -19,14 +19,15 @@ import torch
 import triton.testing
 
 from fastlt import functional as LF
-from fastlt.bench import _counts, _graphed, floor_ms, host_ms, measure_bandwidth
+from fastlt._bench_harness import floor_ms, graphed, host_ms, long_tail_counts, measure_bandwidth
+from fastlt._operator import AdjustedCEArgs
 from fastlt.kernels import launch
 from fastlt.priors import log_prior
 
 
 def _graph_replay_ms(fn) -> float:
     """Median ms of a CUDA-graph replay of ``fn`` (device time, no host launch work; the benchmark's capture)."""
-    return triton.testing.do_bench(_graphed(lambda: fn)(), return_mode="median")
+    return triton.testing.do_bench(graphed(lambda: fn)(), return_mode="median")
 
 
 def reduce_in_kernel_vs_launch(N, C, dt, lp) -> None:
@@ -35,7 +36,7 @@ def reduce_in_kernel_vs_launch(N, C, dt, lp) -> None:
     y = torch.randint(0, C, (N,), device="cuda")
     z = torch.randn(N, C, device="cuda", dtype=dt)
     gbuf = torch.empty_like(z)
-    args = launch.RowOperatorArgs(prior=lp)
+    args = AdjustedCEArgs(log_prior=lp)
     counter = launch.reduce_counter
     for mode, grad_out in (("recompute", None), ("grad-in-forward", gbuf)):
         for where in ("in kernel", "own launch"):
@@ -53,12 +54,12 @@ def reduce_in_kernel_vs_launch(N, C, dt, lp) -> None:
 def main(N=4096, C=8142, dtype="fp32"):
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     bw = measure_bandwidth()
-    lp = log_prior(_counts(C)).cuda()
+    lp = log_prior(long_tail_counts(C)).cuda()
     y = torch.randint(0, C, (N,), device="cuda")
     z = torch.randn(N, C, device="cuda", dtype=dt, requires_grad=True)
     for rows in dict.fromkeys((N, 512)):
         reduce_in_kernel_vs_launch(rows, C, dt, lp)
-    args = launch.RowOperatorArgs(prior=lp)
+    args = AdjustedCEArgs(log_prior=lp)
     cfg = launch.pick_tiles(N, C, z.device)
     loss, lse, factor, _ = launch.forward(z.detach(), y, args)
     go = torch.ones((), device="cuda")

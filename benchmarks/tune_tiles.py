@@ -28,7 +28,8 @@ import os
 import torch
 import triton.testing
 
-from fastlt.bench import _counts, floor_ms, measure_bandwidth
+from fastlt._bench_harness import floor_ms, long_tail_counts, measure_bandwidth
+from fastlt._operator import AdjustedCEArgs
 from fastlt.kernels import launch
 from fastlt.priors import gcl_cloud, log_prior
 
@@ -91,8 +92,8 @@ def tune_lade(bw, out_dir):
     rows = []
     for N, C, dname in LADE_SHAPES:
         dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dname]
-        pi = prior(_counts(C)).cuda()
-        args = launch.RowOperatorArgs(prior=torch.log(pi))
+        pi = prior(long_tail_counts(C)).cuda()
+        args = AdjustedCEArgs(log_prior=torch.log(pi))
         z = torch.randn(N, C, device="cuda", dtype=dt)
         y = torch.randint(0, C, (N,), device="cuda")
         out = torch.empty_like(z)
@@ -146,14 +147,14 @@ def tune_fused(bw, out_dir):
     sm = torch.cuda.get_device_properties(0).multi_processor_count
     for N, C, dname, sweep in FUSED_SHAPES:
         dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dname]
-        counts = _counts(C)
+        counts = long_tail_counts(C)
         z = torch.randn(N, C, device="cuda", dtype=dt)
         out = torch.empty_like(z)  # the same traffic as writing over z, and z stays the same between repeats
         y = torch.randint(0, C, (N,), device="cuda")
         fl = floor_ms(N, C, dt, bw)
-        ops = {"la": launch.RowOperatorArgs(prior=log_prior(counts).cuda()),
-               "gcl": launch.RowOperatorArgs(cloud=gcl_cloud(counts).cuda(), noise_mul=1.0, has_margin=True,
-                                             margin_value=0.5, scale=30.0, seed=3)}
+        ops = {"la": AdjustedCEArgs(log_prior=log_prior(counts).cuda()),
+               "gcl": AdjustedCEArgs(cloud=gcl_cloud(counts).cuda(), noise_mul=1.0, margin=0.5, scale=30.0,
+                                     seed=3)}
         configs = [("default", launch.pick_tiles(N, C, z.device, grad_in_forward=True, elem_bytes=z.element_size())),
                    ("one per row", launch.pick_tiles(N, C, z.device, row_programs=0))]
         for p, st in itertools.product([1, 2, 4], [2, 3, 4]) if sweep else ():
@@ -199,14 +200,13 @@ def main():
     rows = []
     for N, C, dname in SHAPES:
         dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dname]
-        counts = _counts(C)
+        counts = long_tail_counts(C)
         z = torch.randn(N, C, device="cuda", dtype=dt)
         y = torch.randint(0, C, (N,), device="cuda")
         out = torch.empty_like(z)
         fl = floor_ms(N, C, dt, bw)
-        la = launch.RowOperatorArgs(prior=log_prior(counts).cuda())
-        gcl = launch.RowOperatorArgs(cloud=gcl_cloud(counts).cuda(), noise_mul=1.0, has_margin=True,
-                                     margin_value=0.5, scale=30.0, seed=3)
+        la = AdjustedCEArgs(log_prior=log_prior(counts).cuda())
+        gcl = AdjustedCEArgs(cloud=gcl_cloud(counts).cuda(), noise_mul=1.0, margin=0.5, scale=30.0, seed=3)
         default = launch.pick_tiles(N, C, z.device)
         default_fused = launch.pick_tiles(N, C, z.device, grad_in_forward=True, elem_bytes=z.element_size())
         sm_count = torch.cuda.get_device_properties(z.device).multi_processor_count

@@ -4,7 +4,8 @@ Modules: :class:`LogitAdjustedLoss`, :class:`BalancedSoftmaxLoss`, :class:`LDAML
 :class:`LADELoss`, :class:`CosineClassifier`; fused heads (features in, no (N, C) logits)
 :class:`LinearLossHead`, :class:`CosineGCLHead`. Submodules: ``functional`` (the same as functions,
 ``backend=`` switch), ``reference`` (the pure-PyTorch oracle), ``priors``, ``noise``, ``posthoc``,
-``data``, ``metrics``, ``heads`` and ``lade_head`` (the fused heads' functions and oracles).
+``data``, ``metrics`` and ``heads`` (the fused heads' functions and modules; ``lade_head`` re-exports its LADE
+head for code written against it). The design: docs/design.md.
 """
 
 from . import data, functional, heads, lade_head, metrics, noise, posthoc, priors, reference

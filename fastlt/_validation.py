@@ -8,6 +8,7 @@ construction time, e.g. class counts, not for the per-step hot path).
 from __future__ import annotations
 
 import math
+import warnings
 from numbers import Integral, Real
 
 import torch
@@ -201,3 +202,65 @@ def init_loss_options(module, weight_name: str, weight, num_classes: int, *, ign
     module.reduction = check_choice("reduction", reduction, REDUCTIONS)
     module.label_smoothing = check_finite_float("label_smoothing", label_smoothing, min_value=0.0, max_value=1.0)
     module.backend = check_choice("backend", backend, BACKENDS)
+
+
+def renamed_argument(name: str, value, old_name: str, old_value):
+    """The value of keyword ``name``, given under its deprecated ``old_name`` too (a ``DeprecationWarning``); both
+    at once is a ``TypeError``."""
+    if old_value is None:
+        return value
+    if value is not None:
+        raise TypeError(f"got both {name}= and {old_name}=, its deprecated name; pass {name}= only")
+    warnings.warn(f"{old_name}= is deprecated: the argument is named {name}= (it holds log pi; 'prior' means pi "
+                  "everywhere in fastlt)", DeprecationWarning, stacklevel=3)
+    return old_value
+
+
+def check_matrix(name: str, t, what: str) -> None:
+    """A 2-D floating tensor, ``what`` naming its shape in the message."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must have shape {what}, got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def check_head(features, weight, bias) -> None:
+    """A head's inputs: ``features`` (N, D), ``weight`` (C, D) with C >= 1, ``bias`` (C,) or None, one dtype and
+    device."""
+    check_matrix("features", features, "(N, D)")
+    check_matrix("weight", weight, "(C, D)")
+    D = features.shape[1]
+    C = weight.shape[0]
+    if weight.shape[1] != D:
+        raise ValueError(f"weight must have shape (C, D) with D = {D} (features.shape[1]), got {tuple(weight.shape)}")
+    if C < 1:
+        raise ValueError(f"weight must have at least one class (C >= 1), got shape {tuple(weight.shape)}")
+    if weight.dtype != features.dtype:
+        raise TypeError(f"weight has dtype {weight.dtype} but features have {features.dtype}; they must match "
+                        "(cast one, or run under torch.autocast)")
+    if weight.device != features.device:
+        raise ValueError(f"weight is on {weight.device} but features are on {features.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.dim() != 1 or bias.shape[0] != C:
+            raise ValueError(f"bias must have shape (C,) = ({C},), got {tuple(bias.shape)}")
+        if bias.dtype != features.dtype:
+            raise TypeError(f"bias has dtype {bias.dtype} but features have {features.dtype}; they must match")
+        if bias.device != features.device:
+            raise ValueError(f"bias is on {bias.device} but features are on {features.device}")
+
+
+def check_chunks(chunk_rows, chunk_classes) -> None:
+    """A head's chunking: ``chunk_rows`` a positive int or None, ``chunk_classes`` a positive multiple of 8 or None,
+    not both."""
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
+        raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
+    if chunk_classes is None:
+        return
+    if isinstance(chunk_classes, bool) or not isinstance(chunk_classes, int) or chunk_classes < 8 or chunk_classes % 8:
+        raise ValueError(f"chunk_classes must be a positive multiple of 8 or None, got {chunk_classes!r}")
+    if chunk_rows is not None:
+        raise ValueError("give chunk_rows or chunk_classes, not both (they pick the row- or the class-chunked path)")

@@ -1,4 +1,5 @@
-"""The benchmark harness shared by ``fastlt bench`` and ``benchmarks/`` (pytest-benchmark).
+"""``fastlt bench``: the logits losses' benchmark table, shared with ``benchmarks/`` (pytest-benchmark); the harness
+it runs on is :mod:`fastlt._bench_harness`, the heads' table :mod:`fastlt.bench_heads`.
 
 Every case is forward + backward of one loss on (N, C) logits; a number means the same thing
 wherever it is printed: median milliseconds (CUDA events, ``triton.testing.do_bench``), GB/s of the
@@ -16,15 +17,25 @@ import argparse
 import json
 import math
 import os
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from typing import NamedTuple
+from dataclasses import asdict, dataclass
 
 import torch
 
+from ._bench_harness import (  # noqa: F401 - GradSink, floor_ms, host_ms, measure_case: the harness, by this name too
+    DTYPES,
+    Device,
+    GradSink,
+    floor_ms,
+    fmt_host,
+    gcl_gpu_noise,
+    graphed,
+    host_ms,
+    long_tail_counts,
+    measure_bandwidth,
+    measure_case,
+)
+
 SHAPES = [(4096, 8142), (4096, 131072), (1024, 1_000_000), (128, 1_000_000), (512, 8142)]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -42,112 +53,7 @@ class Result:
     note: str = ""
 
 
-class Measured(NamedTuple):
-    """One case's numbers (None when it failed, ``note`` saying why)."""
-
-    ms: float | None
-    extra_gb: float | None
-    host_ms: float | None
-    note: str = ""
-
-
-@dataclass
-class Device:
-    name: str
-    bandwidth: float  # bytes / s, device-to-device copy (read + write)
-    meta: dict = field(default_factory=dict)
-
-
-def measure_bandwidth() -> float:
-    """Bytes per second of a 2 GiB device-to-device copy, counting bytes read and written."""
-    import triton.testing
-
-    n = 1 << 29
-    a = torch.empty(n, dtype=torch.float32, device="cuda")
-    b = torch.empty_like(a)
-    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=50, rep=200, return_mode="median")
-    return 2 * n * 4 / (ms * 1e-3)
-
-
-def floor_ms(N: int, C: int, dtype: torch.dtype, bandwidth: float) -> float:
-    return 2 * N * C * torch.finfo(dtype).bits / 8 / bandwidth * 1e3
-
-
-def host_ms(step: Callable[[], None], *, reps: int = 10, sync: Callable[[], None] | None = None) -> float:
-    """Host (CPU) milliseconds per call of ``step``: ``reps`` calls after a device sync, the clock stopped before
-    the next sync, so it counts Python and launch work, not kernel time (unless the step waits for the device
-    itself). A step whose host time is near its device time is host-bound."""
-    sync = sync or torch.cuda.synchronize
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        step()
-    elapsed = time.perf_counter() - t0
-    sync()
-    return elapsed / reps * 1e3
-
-
-def time_step(step: Callable[[], None], *, reps: int | None = None) -> tuple[float, float, float | None]:
-    """(median ms, peak extra GB, host ms) of ``step``; ``reps`` for very slow peers (host timing, no host ms)."""
-    import triton.testing
-
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    extra = (torch.cuda.max_memory_allocated() - base) / 1e9
-    if reps is not None:
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            step()
-            torch.cuda.synchronize()
-            times.append((time.perf_counter() - t0) * 1e3)
-        times.sort()
-        return times[len(times) // 2], extra, None
-    ms = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
-    return ms, extra, host_ms(step)
-
-
-def measure_case(make: Callable[[], Callable[[], None]], *, reps: int | None = None) -> Measured:
-    """The :class:`Measured` numbers of the step ``make()`` builds; all None with the reason in ``note`` when it
-    runs out of memory or fails (a failing peer is reported, not fatal). Frees the step's memory afterwards."""
-    step = None
-    try:
-        step = make()
-        return Measured(*time_step(step, reps=reps))
-    except torch.cuda.OutOfMemoryError:
-        return Measured(None, None, None, "out of memory")
-    except Exception as exc:  # noqa: BLE001 - any failure of a peer becomes its note
-        return Measured(None, None, None, f"{type(exc).__name__}: {exc}"[:120])
-    finally:
-        step = None
-        torch.cuda.empty_cache()
-
-
 # --- the losses and their peers -------------------------------------------------------------------------
-
-class GradSink(torch.autograd.Function):
-    """Identity whose backward drops the incoming gradient. Every timed input goes through it, so the loss
-    sees a non-leaf tensor (as a layer's output is) and its gradient is handed on as a layer below would
-    receive it; a leaf input would make autograd copy an in-place gradient into ``.grad``, an extra full
-    pass that no training step pays."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return None
-
-
-def _counts(C: int) -> torch.Tensor:
-    """A long-tailed count profile (imbalance 1000, exponential), as iNaturalist-like data has."""
-    j = torch.arange(C, dtype=torch.float64)
-    return torch.floor(1000.0 * 1000.0 ** (-j / max(C - 1, 1))).clamp(min=1)
-
 
 def build_cases(N: int, C: int, dtype: torch.dtype, *, loss: str, with_compile: bool, with_official: bool,
                 device="cuda"):
@@ -157,7 +63,7 @@ def build_cases(N: int, C: int, dtype: torch.dtype, *, loss: str, with_compile: 
     from fastlt.priors import gcl_cloud, log_prior, prior
 
     dev = device
-    counts = _counts(C)
+    counts = long_tail_counts(C)
     lp, cloud, pi = log_prior(counts).to(dev), gcl_cloud(counts).to(dev), prior(counts).to(dev)
     y = torch.randint(0, C, (N,), device=dev)
 
@@ -174,15 +80,15 @@ def build_cases(N: int, C: int, dtype: torch.dtype, *, loss: str, with_compile: 
         return make
 
     if loss in ("la", "gcl"):
-        kw = dict(prior=lp) if loss == "la" else dict(cloud=cloud, noise_mul=1.0, margin=0.5, scale=30.0, seed=1)
+        kw = dict(log_prior=lp) if loss == "la" else dict(cloud=cloud, noise_mul=1.0, margin=0.5, scale=30.0, seed=1)
         yield "fastlt", autograd_step(lambda z: fastlt.functional.adjusted_cross_entropy(z, y, backend="triton",
                                                                                         **kw))
         yield "fastlt grad-in-fwd", autograd_step(lambda z: fastlt.functional.adjusted_cross_entropy(
             z, y, backend="triton", grad_in_forward=True, **kw))
         if loss == "la":
-            yield "fastlt (CUDA graph)", _graphed(autograd_step(lambda z: fastlt.functional.adjusted_cross_entropy(
+            yield "fastlt (CUDA graph)", graphed(autograd_step(lambda z: fastlt.functional.adjusted_cross_entropy(
                 z, y, backend="triton", **kw)))
-            yield "eager PyTorch", autograd_step(lambda z: R.adjusted_cross_entropy(z, y, prior=lp))
+            yield "eager PyTorch", autograd_step(lambda z: R.adjusted_cross_entropy(z, y, log_prior=lp))
             if with_compile:
                 compiled = torch.compile(lambda z: torch.nn.functional.cross_entropy(z + lp.to(z.dtype), y))
                 yield "torch.compile", autograd_step(compiled)
@@ -190,9 +96,9 @@ def build_cases(N: int, C: int, dtype: torch.dtype, *, loss: str, with_compile: 
             if liger is not None:
                 yield "Liger CE (plain CE)", autograd_step(lambda z: liger(z, y))
         else:
-            yield "eager, GPU noise", autograd_step(lambda z: _gcl_gpu_noise(z, y, cloud))
+            yield "eager, GPU noise", autograd_step(lambda z: gcl_gpu_noise(z, y, cloud))
             if with_compile:
-                compiled = torch.compile(lambda z: _gcl_gpu_noise(z, y, cloud))
+                compiled = torch.compile(lambda z: gcl_gpu_noise(z, y, cloud))
                 yield "torch.compile, GPU noise", autograd_step(compiled)
             if with_official:
                 yield "official (CPU noise)", autograd_step(lambda z: _gcl_official(z, y, cloud))
@@ -201,32 +107,6 @@ def build_cases(N: int, C: int, dtype: torch.dtype, *, loss: str, with_compile: 
         yield "eager PyTorch", autograd_step(lambda z: R.lade_loss(z, y, pi))
         if with_official:
             yield "official (C x N masks)", autograd_step(lambda z: _lade_official(z, y, pi))
-
-
-def _graphed(make):
-    """The step of ``make`` captured once in a CUDA graph and replayed: the same kernels without the host's
-    launch overhead (what a training loop under CUDA graphs pays; small shapes are host-bound otherwise)."""
-    def build():
-        step = make()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up (compile, allocate) off the capture
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        return graph.replay
-    return build
-
-
-def _gcl_gpu_noise(cos, y, cloud, m=0.5, s=30.0, noise_mul=1.0):
-    """GCL as the official loss computes it, with its noise drawn on the GPU (torch.randn)."""
-    noise = (torch.randn_like(cos, dtype=torch.float32) / 3).clamp(-1, 1).abs()
-    c = cos - (noise_mul * noise * cloud).to(cos.dtype)
-    onehot = torch.nn.functional.one_hot(y, cos.shape[1]).bool()
-    return torch.nn.functional.cross_entropy(s * torch.where(onehot, c - m, c), y)
 
 
 def _gcl_official(cos, y, cloud, m=0.5, s=30.0, noise_mul=1.0):
@@ -292,10 +172,6 @@ def run(losses=("la", "gcl", "lade"), shapes=SHAPES, dtypes=("fp32", "bf16"), *,
                     results.append(r)
                     log(_row(r))
     return dev, results
-
-
-def fmt_host(host: float | None) -> str:
-    return "—" if host is None else f"{host:.3f}"
 
 
 def _row(r: Result) -> str:

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .bench import DTYPES, Device, GradSink, _counts, _gcl_gpu_noise, fmt_host, measure_case
+from ._bench_harness import DTYPES, Device, GradSink, fmt_host, gcl_gpu_noise, long_tail_counts, measure_case
 
 HEAD_SHAPES = [(4096, 2048, 8142), (4096, 1024, 131072), (1024, 1024, 1_000_000)]
 HEAD_METHODS = ("fastlt LA head", "fastlt CE head", "fastlt cosine GCL head", "fastlt LADE head",
@@ -59,12 +59,12 @@ def build_head_cases(N: int, D: int, C: int, dtype: torch.dtype, methods=HEAD_ME
     """Yield (method, make_step); ``make_step()`` allocates the inputs and returns a fwd+bwd step."""
     import torch.nn.functional as F
 
-    from . import heads, lade_head
+    from . import heads
     from . import reference as R
     from .priors import gcl_cloud, log_prior, prior
 
     dev = device
-    counts = _counts(C)
+    counts = long_tail_counts(C)
     lp, cloud, pi = log_prior(counts).to(dev), gcl_cloud(counts).to(dev), prior(counts).to(dev)
     y = torch.randint(0, C, (N,), device=dev)
 
@@ -80,13 +80,14 @@ def build_head_cases(N: int, D: int, C: int, dtype: torch.dtype, methods=HEAD_ME
 
     gcl = dict(cloud=cloud, noise_mul=1.0, margin=0.5, scale=30.0, seed=1)
     table = {
-        "fastlt LA head": lambda: make(lambda x, w: heads.linear_cross_entropy(x, w, y, prior=lp, backend="triton")),
+        "fastlt LA head": lambda: make(lambda x, w: heads.linear_cross_entropy(x, w, y, log_prior=lp,
+                                                                               backend="triton")),
         "fastlt CE head": lambda: make(lambda x, w: heads.linear_cross_entropy(x, w, y, backend="triton")),
         "fastlt cosine GCL head": lambda: make(lambda x, w: heads.cosine_cross_entropy(x, w, y, backend="triton",
                                                                                         **gcl)),
-        "fastlt LADE head": lambda: make(lambda x, w: lade_head.lade_linear_loss(x, w, y, pi, backend="triton")),
+        "fastlt LADE head": lambda: make(lambda x, w: heads.lade_linear_loss(x, w, y, pi, backend="triton")),
         "eager LA (linear + loss)": lambda: make(lambda x, w: F.cross_entropy(F.linear(x, w) + lp.to(dtype), y)),
-        "eager cosine GCL": lambda: make(lambda x, w: _gcl_gpu_noise(
+        "eager cosine GCL": lambda: make(lambda x, w: gcl_gpu_noise(
             F.linear(F.normalize(x, dim=1), F.normalize(w, dim=1)), y, cloud)),
         "eager LADE": lambda: make(lambda x, w: R.lade_loss(F.linear(x, w), y, pi)),
         "Liger FLCE (CE)": _liger_case(make, y),

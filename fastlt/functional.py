@@ -1,16 +1,19 @@
-"""The losses as functions, with a ``backend`` switch: ``'torch'`` runs :mod:`fastlt.reference`,
-``'triton'`` the fused kernels, ``'auto'`` (default) the kernels for CUDA tensors and the reference
-elsewhere. Signatures match :mod:`fastlt.reference`, plus ``backend`` and, for the row operator,
-``grad_in_forward`` (compute the gradient inside the forward and store it over the logits: no extra
-memory, but the caller's logits tensor is overwritten — see :func:`adjusted_cross_entropy`).
+"""The losses as functions, with a ``backend`` switch: ``'torch'`` runs :mod:`fastlt.reference`, ``'triton'`` the fused
+kernels, ``'auto'`` (default) the kernels for CUDA tensors and the reference elsewhere. Signatures match
+:mod:`fastlt.reference`, plus ``backend`` and, for the adjusted cross-entropy, ``grad_in_forward`` (compute the
+gradient inside the forward and store it over the logits: no extra memory, but the caller's logits tensor is
+overwritten; see :func:`adjusted_cross_entropy`). The fused heads' functions (features in) are here too.
 """
 
 from __future__ import annotations
 
-import torch
+from torch import Tensor
 
 from . import _validation as V
 from . import reference as R
+from ._backend import use_triton
+from ._operator import gcl_fields, la_fields, ldam_fields
+from .heads.functional import cosine_cross_entropy, lade_linear_loss, linear_cross_entropy
 
 __all__ = [
     "adjusted_cross_entropy",
@@ -19,126 +22,108 @@ __all__ = [
     "ldam_cross_entropy",
     "gcl_cross_entropy",
     "lade_loss",
+    "linear_cross_entropy",
+    "cosine_cross_entropy",
+    "lade_linear_loss",
     "use_triton",
 ]
 
 
-def use_triton(backend: str, logits: torch.Tensor) -> bool:
-    """Resolve ``backend`` for these logits; ``'triton'`` raises if the kernels cannot run here."""
-    V.check_choice("backend", backend, V.BACKENDS)
-    if backend == "torch":
-        return False
-    if backend == "auto":
-        return isinstance(logits, torch.Tensor) and logits.is_cuda and _kernels_available()
-    if not _kernels_available():
-        raise RuntimeError("backend='triton' needs the triton package, which is not importable here")
-    if isinstance(logits, torch.Tensor) and not logits.is_cuda and not _interpreting():
-        raise RuntimeError(
-            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported, "
-            f"which runs the kernels on the CPU); got a tensor on {logits.device}"
-        )
-    return True
+def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor | None = None, tau: float = 1.0,
+                           cloud: Tensor | None = None, noise_mul: float = 0.0, noise: Tensor | None = None,
+                           seed: int | Tensor | None = None, margin: float | Tensor | None = None,
+                           scale: float = 1.0, gamma: float = 0.0, weight: Tensor | None = None,
+                           ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                           backend: str = "auto", grad_in_forward: bool = False,
+                           prior: Tensor | None = None) -> Tensor:
+    """The adjusted cross-entropy, every logits-input loss of fastlt (docs/design.md, "The operator"):
+    ``a_ij = s * (z_ij + tau*log_prior_j - noise_mul*cloud_j*e_ij - m_i*[j == y_i])``, then cross-entropy with
+    class weights, label smoothing and a focal factor.
 
+    Args:
+        logits: (N, C) fp32, bf16 or fp16 (float64: ``backend='torch'`` only).
+        target: (N,) integer class indices, or ``ignore_index``.
+        log_prior, tau, cloud, noise_mul, noise, margin, scale, gamma, weight, ignore_index, reduction,
+            label_smoothing: as :func:`fastlt.reference.adjusted_cross_entropy` (``noise`` on the reference only).
+        seed: GCL's noise seed: an int, or a one-element int64 tensor on the logits' device, which the kernels read
+            from device memory (a CUDA graph that redraws it in place, e.g. ``seed_t.random_(0, 2**62)``, gets fresh
+            noise on every replay; an int is baked into the graph). None draws one from torch's CPU generator (the
+            reference path draws the same); under ``torch.compile`` the draw is an op of the graph instead, so every
+            call of the compiled graph gets fresh noise without a graph break.
+        backend: 'auto', 'triton' or 'torch'.
+        grad_in_forward: (Triton only) compute d loss / d logits in the forward and write it over ``logits``, which
+            must then be a non-leaf tensor you no longer need; the backward only rescales it by ``grad_output``
+            (skipped, on the GPU, when that is 1).
+        prior: the old name of ``log_prior`` (deprecated).
 
-def _kernels_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def adjusted_cross_entropy(logits, target, *, prior=None, tau=1.0, cloud=None, noise_mul=0.0, noise=None,
-                           seed=None, margin=None, scale=1.0, gamma=0.0, weight=None, ignore_index=-100,
-                           reduction="mean", label_smoothing=0.0, backend="auto",
-                           grad_in_forward=False) -> torch.Tensor:
-    """SPEC 2.4's operator; see :func:`fastlt.reference.adjusted_cross_entropy` for the math.
-
-    ``grad_in_forward=True`` (Triton backend only) computes d loss / d logits in the forward pass and
-    writes it over ``logits`` (which must then be a leaf-free, contiguous-rows tensor you no longer
-    need); the backward only rescales it by ``grad_output`` (skipped, on the GPU, when that is 1).
-
-    ``seed`` (GCL noise): an int, or a one-element int64 tensor on the logits' device, which the kernels read
-    from device memory (a CUDA graph that redraws it in place, e.g. ``seed_t.random_(0, 2**62)``, gets fresh
-    noise on every replay; an int is baked into the graph). ``None`` draws one from torch's CPU generator (the
-    reference path draws the same); under ``torch.compile`` the draw is an op of the graph instead, so every call
-    of the compiled graph gets fresh noise without a graph break.
+    Returns:
+        The loss in the logits' dtype: 0-dim, or (N,) for ``reduction='none'``.
     """
+    log_prior = V.renamed_argument("log_prior", log_prior, "prior", prior)
+    fields = dict(log_prior=log_prior, tau=tau, cloud=cloud, noise_mul=noise_mul, seed=seed, margin=margin,
+                  scale=scale, gamma=gamma, weight=weight, ignore_index=ignore_index, reduction=reduction,
+                  label_smoothing=label_smoothing)
     if not use_triton(backend, logits):
         if grad_in_forward:
             raise ValueError("grad_in_forward=True needs the Triton backend (CUDA tensors)")
-        return R.adjusted_cross_entropy(logits, target, prior=prior, tau=tau, cloud=cloud, noise_mul=noise_mul,
-                                        noise=noise, seed=seed, margin=margin, scale=scale, gamma=gamma,
-                                        weight=weight, ignore_index=ignore_index, reduction=reduction,
-                                        label_smoothing=label_smoothing)
-    from ._autograd import adjusted_cross_entropy_triton
+        return R.adjusted_cross_entropy(logits, target, noise=noise, **fields)
+    from ._glue import adjusted_cross_entropy_triton
 
-    return adjusted_cross_entropy_triton(logits, target, prior=prior, tau=tau, cloud=cloud, noise_mul=noise_mul,
-                                         noise=noise, seed=seed, margin=margin, scale=scale, gamma=gamma,
-                                         weight=weight, ignore_index=ignore_index, reduction=reduction,
-                                         label_smoothing=label_smoothing, grad_in_forward=grad_in_forward)
+    return adjusted_cross_entropy_triton(logits, target, noise=noise, grad_in_forward=grad_in_forward, **fields)
 
 
-def logit_adjusted_cross_entropy(logits, target, log_prior, tau=1.0, *, weight=None, ignore_index=-100,
-                                 reduction="mean", label_smoothing=0.0, backend="auto",
-                                 grad_in_forward=False) -> torch.Tensor:
+def logit_adjusted_cross_entropy(logits: Tensor, target: Tensor, log_prior: Tensor, tau: float = 1.0, *,
+                                 weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+                                 label_smoothing: float = 0.0, backend: str = "auto",
+                                 grad_in_forward: bool = False) -> Tensor:
     """``CE(z + tau * log_prior, y)`` (Menon et al., 2021); ``log_prior`` (C,) from ``fastlt.priors``."""
-    return adjusted_cross_entropy(logits, target, prior=log_prior, tau=tau, weight=weight,
-                                  ignore_index=ignore_index, reduction=reduction,
-                                  label_smoothing=label_smoothing, backend=backend,
-                                  grad_in_forward=grad_in_forward)
+    return adjusted_cross_entropy(logits, target, **la_fields(log_prior, tau), weight=weight,
+                                  ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                                  backend=backend, grad_in_forward=grad_in_forward)
 
 
-def balanced_softmax_cross_entropy(logits, target, log_prior, *, weight=None, ignore_index=-100,
-                                   reduction="mean", label_smoothing=0.0, backend="auto",
-                                   grad_in_forward=False) -> torch.Tensor:
+def balanced_softmax_cross_entropy(logits: Tensor, target: Tensor, log_prior: Tensor, *,
+                                   weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+                                   label_smoothing: float = 0.0, backend: str = "auto",
+                                   grad_in_forward: bool = False) -> Tensor:
     """Balanced Softmax (Ren et al., 2020): logit-adjusted CE with tau = 1."""
     return logit_adjusted_cross_entropy(logits, target, log_prior, 1.0, weight=weight, ignore_index=ignore_index,
                                         reduction=reduction, label_smoothing=label_smoothing, backend=backend,
                                         grad_in_forward=grad_in_forward)
 
 
-def ldam_cross_entropy(logits, target, margins, s=30.0, *, weight=None, ignore_index=-100, reduction="mean",
-                       label_smoothing=0.0, backend="auto", grad_in_forward=False) -> torch.Tensor:
+def ldam_cross_entropy(logits: Tensor, target: Tensor, margins: Tensor, s: float = 30.0, *,
+                       weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+                       label_smoothing: float = 0.0, backend: str = "auto", grad_in_forward: bool = False) -> Tensor:
     """LDAM: ``CE(s * (z - margins[y] * onehot(y)), y)``; ``margins`` (C,) from ``fastlt.priors.ldam_margins``."""
     V.check_finite_float("s", s)
-    return adjusted_cross_entropy(logits, target, margin=margins, scale=s, weight=weight, ignore_index=ignore_index,
-                                  reduction=reduction, label_smoothing=label_smoothing, backend=backend,
-                                  grad_in_forward=grad_in_forward)
+    return adjusted_cross_entropy(logits, target, **ldam_fields(margins, s), weight=weight,
+                                  ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                                  backend=backend, grad_in_forward=grad_in_forward)
 
 
-def gcl_cross_entropy(cosine, target, cloud, m=0.5, s=30.0, noise_mul=1.0, gamma=0.0, *, seed=None, noise=None,
-                      weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, backend="auto",
-                      grad_in_forward=False) -> torch.Tensor:
-    """GCL on cosine logits; see :func:`fastlt.reference.gcl_cross_entropy`. Noise follows ``seed``
+def gcl_cross_entropy(cosine: Tensor, target: Tensor, cloud: Tensor, m: float = 0.5, s: float = 30.0,
+                      noise_mul: float = 1.0, gamma: float = 0.0, *, seed: int | Tensor | None = None,
+                      noise: Tensor | None = None, weight: Tensor | None = None, ignore_index: int = -100,
+                      reduction: str = "mean", label_smoothing: float = 0.0, backend: str = "auto",
+                      grad_in_forward: bool = False) -> Tensor:
+    """GCL on (N, C) cosine logits; see :func:`fastlt.reference.gcl_cross_entropy`. Noise follows ``seed``
     (drawn from torch's generator when None), the same numbers on every backend."""
     V.check_finite_float("m", m)
     V.check_finite_float("s", s)
-    return adjusted_cross_entropy(cosine, target, cloud=cloud, noise_mul=noise_mul, noise=noise, seed=seed,
-                                  margin=m, scale=s, gamma=gamma, weight=weight, ignore_index=ignore_index,
-                                  reduction=reduction, label_smoothing=label_smoothing, backend=backend,
-                                  grad_in_forward=grad_in_forward)
+    return adjusted_cross_entropy(cosine, target, **gcl_fields(cloud, m, s, noise_mul, gamma), noise=noise,
+                                  seed=seed, weight=weight, ignore_index=ignore_index, reduction=reduction,
+                                  label_smoothing=label_smoothing, backend=backend, grad_in_forward=grad_in_forward)
 
 
-def lade_loss(logits, target, prior, alpha=0.1, remine_lambda=0.1, *, weight=None, ignore_index=-100,
-              reduction="mean", label_smoothing=0.0, backend="auto") -> torch.Tensor:
+def lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: float = 0.1, remine_lambda: float = 0.1, *,
+              weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+              label_smoothing: float = 0.0, backend: str = "auto") -> Tensor:
     """LADE: ``PriorCE(z) + alpha * LADER(z)``; ``prior`` (C,) is pi (see :func:`fastlt.reference.lade_loss`)."""
     if not use_triton(backend, logits):
         return R.lade_loss(logits, target, prior, alpha, remine_lambda, weight=weight, ignore_index=ignore_index,
                            reduction=reduction, label_smoothing=label_smoothing)
-    from ._autograd import lade_loss_triton
+    from ._glue import lade_loss_triton
 
     return lade_loss_triton(logits, target, prior, alpha, remine_lambda, weight=weight, ignore_index=ignore_index,
                             reduction=reduction, label_smoothing=label_smoothing)
-
-
-from .heads import cosine_cross_entropy, linear_cross_entropy  # noqa: E402
-from .lade_head import lade_linear_loss  # noqa: E402
-
-__all__ += ["linear_cross_entropy", "cosine_cross_entropy", "lade_linear_loss"]

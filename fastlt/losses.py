@@ -1,43 +1,54 @@
 """Loss modules that feel like ``torch.nn.CrossEntropyLoss``: ``loss = criterion(logits, target)``.
 
-Each takes the per-class training counts once (validated; zero counts need ``count_smoothing > 0``),
-keeps the derived per-class vectors as buffers (they follow ``.to(device)``), and the usual
-``weight``, ``ignore_index``, ``reduction``, ``label_smoothing``, plus ``backend='auto'|'torch'|
-'triton'`` ('auto': fused Triton kernels for CUDA tensors, the pure-PyTorch reference elsewhere).
-Float hyperparameters (tau, s, m, noise_mul, gamma, alpha) are plain attributes: schedule them freely.
+Each takes the per-class training counts once (validated; zero counts need ``count_smoothing > 0``), keeps the
+derived per-class vectors as buffers (they follow ``.to(device)``; a float64 module makes them again from the
+counts in float64: :mod:`fastlt._count_buffers`), and the usual ``weight``, ``ignore_index``, ``reduction``,
+``label_smoothing``, plus ``backend='auto'|'torch'|'triton'`` ('auto': fused Triton kernels for CUDA tensors, the
+pure-PyTorch reference elsewhere). Float hyperparameters keep the papers' names (tau, s, m, max_margin, noise_mul,
+gamma, alpha) and are plain attributes: schedule them freely. Their mapping to the adjusted cross-entropy's
+parameters is written once, in :mod:`fastlt._operator` (``la_fields``, ``ldam_fields``, ``gcl_fields``), which
+:mod:`fastlt.functional` applies.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from . import _validation as V
 from . import functional as LF
-from ._count_buffers import CountBuffers, CountParameter, counts_as_is
+from ._count_buffers import CountBuffers, MarginSchedule
 from .priors import gcl_cloud_from, ldam_margins_from, log_prior_from, prior_from
 
 __all__ = ["LogitAdjustedLoss", "BalancedSoftmaxLoss", "LDAMLoss", "GCLLoss", "LADELoss"]
 
+F64 = torch.float64
+
 
 class _LongTailLoss(CountBuffers):
-    """Shared arguments and buffers; subclasses add their per-class vectors."""
+    """Shared arguments and buffers: ``class_counts`` (the validated, smoothed counts) and the class ``weight``;
+    subclasses add their per-class vectors (:meth:`_count_vectors`) and call ``init_count_buffers``."""
 
-    def __init__(self, class_counts, *, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                 backend="auto", count_smoothing=0.0):
+    def __init__(self, class_counts, *, weight=None, ignore_index: int = -100, reduction: str = "mean",
+                 label_smoothing: float = 0.0, backend: str = "auto", count_smoothing: float = 0.0):
         super().__init__()
-        counts = V.as_class_counts(class_counts, smoothing=count_smoothing)
-        self.num_classes = counts.numel()
+        self._counts_in = V.as_class_counts(class_counts, smoothing=count_smoothing)
+        self.num_classes = self._counts_in.numel()
         self.count_smoothing = count_smoothing
-        # the validated, smoothed float64 counts, kept as self._counts_exact: the source of every per-class vector
-        self.count_buffer("class_counts", counts, counts_as_is)
         V.init_loss_options(self, "weight", weight, self.num_classes, ignore_index=ignore_index,
                             reduction=reduction, label_smoothing=label_smoothing, backend=backend)
+
+    def _count_vectors(self, counts: Tensor) -> dict[str, Tensor]:
+        return {"class_counts": counts.clone()}
+
+    def _init_buffers(self) -> None:
+        self.init_count_buffers(self.__dict__.pop("_counts_in"))
 
     def _common(self) -> dict:
         return dict(weight=self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
                     label_smoothing=self.label_smoothing, backend=self.backend)
 
-    def _check_input(self, logits: torch.Tensor, name: str = "logits") -> None:
+    def _check_input(self, logits: Tensor, name: str = "logits") -> None:
         V.check_logits(name, logits)
         V.check_num_classes(logits, self.num_classes)
 
@@ -48,18 +59,26 @@ class _LongTailLoss(CountBuffers):
 class LogitAdjustedLoss(_LongTailLoss):
     """Logit-adjusted cross-entropy (Menon et al., ICLR 2021): ``CE(z + tau * log pi, y)``.
 
-    Input (N, C) logits of any float dtype and (N,) int targets. ``grad_in_forward=True`` (Triton only)
-    computes the gradient during the forward and stores it over the logits: no extra memory, but the
-    logits tensor is overwritten (use it only when nothing else reads the logits afterwards).
+    Args:
+        class_counts: (C,) training counts per class (a sequence, array or tensor of whole numbers).
+        tau: the weight of the prior offset.
+        grad_in_forward: (Triton only) compute the gradient during the forward and store it over the logits: no
+            extra memory, but the logits tensor is overwritten (use it only when nothing else reads them after).
+        weight, ignore_index, reduction, label_smoothing, backend, count_smoothing: see the module docstring.
+
+    ``forward(logits, target)``: (N, C) logits of any float dtype, (N,) int targets.
     """
 
-    def __init__(self, class_counts, tau=1.0, *, grad_in_forward=False, **kwargs):
+    def __init__(self, class_counts, tau: float = 1.0, *, grad_in_forward: bool = False, **kwargs):
         super().__init__(class_counts, **kwargs)
         self.tau = V.check_finite_float("tau", tau)
         self.grad_in_forward = bool(grad_in_forward)
-        self.count_buffer("log_prior", self._counts_exact, log_prior_from)
+        self._init_buffers()
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def _count_vectors(self, counts: Tensor) -> dict[str, Tensor]:
+        return {**super()._count_vectors(counts), "log_prior": log_prior_from(counts, F64)}
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         self._check_input(logits)
         return LF.logit_adjusted_cross_entropy(logits, target, self.log_prior, self.tau,
                                                grad_in_forward=self.grad_in_forward, **self._common())
@@ -78,20 +97,29 @@ class BalancedSoftmaxLoss(LogitAdjustedLoss):
         super().__init__(class_counts, tau=1.0, **kwargs)
 
 
-class LDAMLoss(_LongTailLoss):
-    """LDAM (Cao et al., NeurIPS 2019): ``CE(s * (z - m_y onehot(y)), y)``, ``m_y ∝ n_y^(-1/4)``, max ``max_margin``."""
+class LDAMLoss(MarginSchedule, _LongTailLoss):
+    """LDAM (Cao et al., NeurIPS 2019): ``CE(s * (z - m_y onehot(y)), y)``, ``m_y ∝ n_y^(-1/4)``, max ``max_margin``.
 
-    def __init__(self, class_counts, max_margin=0.5, s=30.0, *, grad_in_forward=False, **kwargs):
+    Args:
+        class_counts: (C,) training counts per class.
+        max_margin: the largest margin (the rarest class's); setting it later rebuilds ``margins`` (a schedule).
+        s: the logit scale.
+        grad_in_forward, weight, ignore_index, reduction, label_smoothing, backend, count_smoothing: as
+            :class:`LogitAdjustedLoss`.
+    """
+
+    def __init__(self, class_counts, max_margin: float = 0.5, s: float = 30.0, *, grad_in_forward: bool = False,
+                 **kwargs):
         super().__init__(class_counts, **kwargs)
         self.max_margin = max_margin
-        self.count_buffer("margins", self._counts_exact, ldam_margins_from, "_max_margin")
         self.s = V.check_finite_float("s", s)
         self.grad_in_forward = bool(grad_in_forward)
+        self._init_buffers()
 
-    max_margin = CountParameter("margins", min_value=0.0, doc="The largest margin (the rarest class's); setting it "
-                                "(a schedule) rebuilds ``margins``.")
+    def _count_vectors(self, counts: Tensor) -> dict[str, Tensor]:
+        return {**super()._count_vectors(counts), "margins": ldam_margins_from(counts, self.max_margin, F64)}
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         self._check_input(logits)
         return LF.ldam_cross_entropy(logits, target, self.margins, self.s, grad_in_forward=self.grad_in_forward,
                                      **self._common())
@@ -103,27 +131,36 @@ class LDAMLoss(_LongTailLoss):
 class GCLLoss(_LongTailLoss):
     """Gaussian clouded logit adjustment (Li, Cheung, Lu, CVPR 2022) on (N, C) cosine logits.
 
-    ``CE(s * (cos - noise_mul * e * delta/max(delta) - m * onehot(y)), y)`` with half-normal noise ``e``
-    (sigma 1/3, clipped at 1) drawn per element from (seed, row, column) — on the GPU inside the kernel.
-    Defaults are the official loss class's (m=0.5, s=30, noise_mul=1, gamma=0); the official scripts
-    use m=0, s=30, noise_mul=0.5 for the backbone stage and m=0.1, s=20, noise_mul=0.5, gamma=1 for
-    the classifier re-training stage (with :class:`fastlt.data.CBENSampler`). ``forward(cos, y, seed=None)``:
-    the seed is drawn from torch's generator unless given (an int, or a one-element int64 tensor on the device
-    for CUDA graphs: see :func:`fastlt.functional.adjusted_cross_entropy`).
+    ``CE(s * (cos - noise_mul * e * delta/max(delta) - m * onehot(y)), y)`` with half-normal noise ``e`` (sigma 1/3,
+    clipped at 1) drawn per element from (seed, row, column): on the GPU inside the kernel.
+
+    Args:
+        class_counts: (C,) training counts per class.
+        m: the target margin; s: the logit scale; noise_mul: the cloud's scale; gamma: the focal exponent.
+        grad_in_forward, weight, ignore_index, reduction, label_smoothing, backend, count_smoothing: as
+            :class:`LogitAdjustedLoss`.
+
+    Defaults are the official loss class's (m=0.5, s=30, noise_mul=1, gamma=0); the official scripts use m=0, s=30,
+    noise_mul=0.5 for the backbone stage and m=0.1, s=20, noise_mul=0.5, gamma=1 for the classifier re-training stage
+    (with :class:`fastlt.data.CBENSampler`). ``forward(cos, y, seed=None)``: the seed is drawn from torch's generator
+    unless given (an int, or a one-element int64 tensor on the device for CUDA graphs: see
+    :func:`fastlt.functional.adjusted_cross_entropy`).
     """
 
-    def __init__(self, class_counts, m=0.5, s=30.0, noise_mul=1.0, gamma=0.0, *, grad_in_forward=False,
-                 **kwargs):
+    def __init__(self, class_counts, m: float = 0.5, s: float = 30.0, noise_mul: float = 1.0, gamma: float = 0.0, *,
+                 grad_in_forward: bool = False, **kwargs):
         super().__init__(class_counts, **kwargs)
         self.m = V.check_finite_float("m", m)
         self.s = V.check_finite_float("s", s)
         self.noise_mul = V.check_finite_float("noise_mul", noise_mul)
         self.gamma = V.check_finite_float("gamma", gamma, min_value=0.0)
         self.grad_in_forward = bool(grad_in_forward)
-        self.count_buffer("cloud", self._counts_exact, gcl_cloud_from)
+        self._init_buffers()
 
-    def forward(self, cosine: torch.Tensor, target: torch.Tensor,
-                seed: int | torch.Tensor | None = None) -> torch.Tensor:
+    def _count_vectors(self, counts: Tensor) -> dict[str, Tensor]:
+        return {**super()._count_vectors(counts), "cloud": gcl_cloud_from(counts, F64)}
+
+    def forward(self, cosine: Tensor, target: Tensor, seed: int | Tensor | None = None) -> Tensor:
         self._check_input(cosine, "cosine")
         return LF.gcl_cross_entropy(cosine, target, self.cloud, self.m, self.s, self.noise_mul, self.gamma,
                                     seed=seed, grad_in_forward=self.grad_in_forward, **self._common())
@@ -134,9 +171,13 @@ class GCLLoss(_LongTailLoss):
 
 
 class LADELoss(_LongTailLoss):
-    """LADE (Hong et al., CVPR 2021): ``PriorCE(z) + alpha * LADER(z)`` (official code's form, SPEC 2.3).
+    """LADE (Hong et al., CVPR 2021): ``PriorCE(z) + alpha * LADER(z)`` (the official code's form).
 
-    ``reduction`` is 'mean' or 'sum' (LADER is a batch statistic).
+    Args:
+        class_counts: (C,) training counts per class; the ``prior`` buffer is pi.
+        alpha: the weight of LADER; remine_lambda: LADER's quadratic penalty.
+        reduction: 'mean' or 'sum' (LADER is a batch statistic).
+        weight, ignore_index, label_smoothing, backend, count_smoothing: as :class:`LogitAdjustedLoss`.
 
     Inference: PriorCE trains ``z + log pi``, so the raw logits ``z`` already leave out the training prior. For a
     balanced test set predict ``argmax z``; toward a target prior ``p_t`` take
@@ -144,16 +185,19 @@ class LADELoss(_LongTailLoss):
     ``pc_softmax(z, class_counts)`` itself would remove the prior twice.
     """
 
-    def __init__(self, class_counts, alpha=0.1, remine_lambda=0.1, **kwargs):
+    def __init__(self, class_counts, alpha: float = 0.1, remine_lambda: float = 0.1, **kwargs):
         super().__init__(class_counts, **kwargs)
         if self.reduction == "none":
             raise ValueError("reduction='none' is not defined for LADELoss: LADER is a batch-level statistic; "
                              "use 'mean' or 'sum'")
         self.alpha = V.check_finite_float("alpha", alpha)
         self.remine_lambda = V.check_finite_float("remine_lambda", remine_lambda)
-        self.count_buffer("prior", self._counts_exact, prior_from)
+        self._init_buffers()
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def _count_vectors(self, counts: Tensor) -> dict[str, Tensor]:
+        return {**super()._count_vectors(counts), "prior": prior_from(counts, F64)}
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         self._check_input(logits)
         return LF.lade_loss(logits, target, self.prior, self.alpha, self.remine_lambda, **self._common())
 

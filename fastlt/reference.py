@@ -1,17 +1,19 @@
 """The pure-PyTorch definitions of every fastlt loss: the oracle the kernels are tested against.
 
-Runs on any device and dtype (it computes in the logits' dtype, as eager PyTorch would); gradients
-come from autograd. Every function validates its arguments and follows ``torch.nn.functional.
-cross_entropy`` for ``weight``, ``ignore_index``, ``reduction`` and ``label_smoothing``:
+Runs on any device and dtype (it computes in the logits' dtype, as eager PyTorch would); gradients come from
+autograd. Every function checks its arguments and follows ``torch.nn.functional.cross_entropy`` for ``weight``,
+``ignore_index``, ``reduction`` and ``label_smoothing``:
 
 - per row: ``loss_i = (1 - eps) * w_{y_i} * (LSE_j a_ij - a_{i,y_i}) + eps/C * sum_j w_j (LSE_j a_ij - a_ij)``
   (``w = 1`` without weights), times the focal factor ``(1 - p_{i,y_i})^gamma`` with ``p`` detached;
 - ignored rows (``y_i == ignore_index``) give 0 and count nowhere;
-- ``'mean'`` divides the sum by ``sum_i w_{y_i}`` over the non-ignored rows (NaN for an empty batch,
-  as torch), ``'sum'`` sums, ``'none'`` returns the (N,) per-row losses.
+- ``'mean'`` divides the sum by ``sum_i w_{y_i}`` over the non-ignored rows (NaN for an empty batch, as torch),
+  ``'sum'`` sums, ``'none'`` returns the (N,) per-row losses.
 
-All logits-input losses are instances of :func:`adjusted_cross_entropy` (SPEC 2.4):
-``a_ij = s * (z_ij + tau*log_pi_j - noise_mul*cloud_j*e_ij - m_i*[j == y_i])``.
+Every logits-input loss is an instance of :func:`adjusted_cross_entropy`, the adjusted cross-entropy
+(docs/design.md, "The operator"): ``a_ij = s * (z_ij + tau*log_prior_j - noise_mul*cloud_j*e_ij - m_i*[j == y_i])``.
+The fused heads' oracles (:func:`reference_linear_cross_entropy`, :func:`reference_cosine_cross_entropy`,
+:func:`reference_lade_linear_loss`) compute the dense logits first, then the same functions.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from . import _validation as V
+from ._operator import check_lade_args, check_operator_args
 from .noise import draw_seed, gcl_noise
 
 __all__ = [
@@ -31,48 +35,16 @@ __all__ = [
     "ldam_cross_entropy",
     "gcl_cross_entropy",
     "lade_loss",
+    "lader",
+    "adjusted_logits",
+    "reference_linear_cross_entropy",
+    "reference_cosine_cross_entropy",
+    "reference_lade_linear_loss",
 ]
 
 
-def check_operator_args(logits, target, *, prior, tau, cloud, noise_mul, noise, seed, margin, scale,
-                        gamma, weight, ignore_index, reduction, label_smoothing) -> None:
-    """Validate the arguments of the SPEC 2.4 operator (shared by the reference and kernel paths)."""
-    V.check_logits("logits", logits)
-    V.check_target(target, logits, ignore_index)
-    C = logits.shape[1]
-    V.check_finite_float("tau", tau)
-    V.check_finite_float("noise_mul", noise_mul)
-    V.check_finite_float("scale", scale)
-    V.check_finite_float("gamma", gamma, min_value=0.0)
-    V.check_finite_float("label_smoothing", label_smoothing, min_value=0.0, max_value=1.0)
-    V.check_choice("reduction", reduction, V.REDUCTIONS)
-    if prior is not None:
-        V.check_class_vector("prior", prior, C, logits.device)
-    if cloud is not None:
-        V.check_class_vector("cloud", cloud, C, logits.device)
-    if weight is not None:
-        V.check_class_vector("weight", weight, C, logits.device)
-    if margin is not None and not isinstance(margin, torch.Tensor):
-        V.check_finite_float("margin", margin)
-    elif margin is not None:
-        V.check_class_vector("margin", margin, C, logits.device)
-    if noise is not None:
-        if not isinstance(noise, torch.Tensor) or noise.shape != logits.shape:
-            raise ValueError(f"noise must be a tensor of the logits' shape {tuple(logits.shape)}")
-        if noise.device != logits.device:
-            raise ValueError(f"noise is on {noise.device} but the logits are on {logits.device}")
-    if isinstance(seed, torch.Tensor):
-        V.check_seed_tensor(seed, logits.device)
-    elif seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be a non-negative int or a one-element int64 tensor, got "
-                            f"{type(seed).__name__} {seed!r}")
-        if not 0 <= seed < 2**63:
-            raise ValueError(f"seed must be in [0, 2^63) (a 64-bit Philox key), got {seed}")
-
-
-def _row_losses(a: torch.Tensor, target: torch.Tensor, weight, ignore_index: int, label_smoothing: float,
-                gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _row_losses(a: Tensor, target: Tensor, weight, ignore_index: int, label_smoothing: float,
+                gamma: float) -> tuple[Tensor, Tensor]:
     """Per-row losses (N,) of the adjusted logits ``a`` and each row's reduction weight (N,)."""
     N, C = a.shape
     valid = target != ignore_index
@@ -91,7 +63,7 @@ def _row_losses(a: torch.Tensor, target: torch.Tensor, weight, ignore_index: int
     return torch.where(valid, loss, zero), torch.where(valid, w_row, zero)
 
 
-def _reduce(loss: torch.Tensor, row_weight: torch.Tensor, reduction: str) -> torch.Tensor:
+def _reduce(loss: Tensor, row_weight: Tensor, reduction: str) -> Tensor:
     if reduction == "none":
         return loss
     if reduction == "sum":
@@ -99,9 +71,9 @@ def _reduce(loss: torch.Tensor, row_weight: torch.Tensor, reduction: str) -> tor
     return loss.sum() / row_weight.sum()
 
 
-def _margin_rows(margin, target: torch.Tensor, ignore_index: int, dtype) -> torch.Tensor:
+def _margin_rows(margin, target: Tensor, ignore_index: int, dtype) -> Tensor:
     """(N,) per-row margin ``m_i``: a float for every row, or ``margin[y_i]`` for a (C,) tensor."""
-    if isinstance(margin, torch.Tensor):
+    if isinstance(margin, Tensor):
         safe_t = torch.where(target != ignore_index, target, torch.zeros_like(target)).long()
         return margin.to(dtype)[safe_t]
     value = float(margin)
@@ -110,13 +82,17 @@ def _margin_rows(margin, target: torch.Tensor, ignore_index: int, dtype) -> torc
     return torch.full(target.shape, value, dtype=dtype, device=target.device)
 
 
-def adjusted_logits(logits, target, *, prior=None, tau=1.0, cloud=None, noise_mul=0.0, noise=None,
-                    seed=None, margin=None, scale=1.0, ignore_index=-100) -> torch.Tensor:
-    """``a = s * (z + tau*prior - noise_mul*cloud*e - m_i*onehot(y))`` in the logits' dtype, (N, C)."""
+def adjusted_logits(logits: Tensor, target: Tensor, *, log_prior: Tensor | None = None, tau: float = 1.0,
+                    cloud: Tensor | None = None, noise_mul: float = 0.0, noise: Tensor | None = None,
+                    seed: int | Tensor | None = None, margin: float | Tensor | None = None, scale: float = 1.0,
+                    ignore_index: int = -100, prior: Tensor | None = None) -> Tensor:
+    """``a = s * (z + tau*log_prior - noise_mul*cloud*e - m_i*onehot(y))`` in the logits' dtype, (N, C); the
+    arguments as :func:`adjusted_cross_entropy` (``prior=`` is the old name of ``log_prior``)."""
+    log_prior = V.renamed_argument("log_prior", log_prior, "prior", prior)
     a = logits
     N, C = logits.shape
-    if prior is not None:
-        a = a + tau * prior.to(a.dtype)
+    if log_prior is not None:
+        a = a + tau * log_prior.to(a.dtype)
     if cloud is not None and noise_mul != 0.0:
         if noise is None:
             noise = gcl_noise(draw_seed() if seed is None else int(seed), N, C, logits.device)
@@ -133,44 +109,63 @@ def adjusted_logits(logits, target, *, prior=None, tau=1.0, cloud=None, noise_mu
     return a
 
 
-def adjusted_cross_entropy(logits, target, *, prior=None, tau=1.0, cloud=None, noise_mul=0.0, noise=None,
-                           seed=None, margin=None, scale=1.0, gamma=0.0, weight=None, ignore_index=-100,
-                           reduction="mean", label_smoothing=0.0) -> torch.Tensor:
-    """The one operator of SPEC 2.4 on (N, C) logits and (N,) targets.
+def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor | None = None, tau: float = 1.0,
+                           cloud: Tensor | None = None, noise_mul: float = 0.0, noise: Tensor | None = None,
+                           seed: int | Tensor | None = None, margin: float | Tensor | None = None,
+                           scale: float = 1.0, gamma: float = 0.0, weight: Tensor | None = None,
+                           ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                           prior: Tensor | None = None) -> Tensor:
+    """The adjusted cross-entropy on (N, C) logits and (N,) targets (docs/design.md, "The operator").
 
-    ``prior``: (C,) log prior (the offset is ``tau * prior``); ``cloud``: (C,) normalised cloud sizes
-    (``sigma_j = noise_mul * cloud_j``); ``noise``: optional (N, C) noise ``e`` (else drawn from
-    ``seed``, else from torch's generator); ``margin``: float or (C,) per-class target margin;
-    ``scale``: ``s``; ``gamma``: focal exponent (``p_y`` detached).
+    Args:
+        logits: (N, C) float tensor (any float dtype; computed in it).
+        target: (N,) integer class indices, or ``ignore_index``.
+        log_prior: (C,) log pi; the offset is ``tau * log_prior``. None: no offset.
+        tau: the weight of the prior offset.
+        cloud: (C,) normalised cloud sizes (GCL); ``sigma_j = noise_mul * cloud_j``.
+        noise_mul: the noise scale (0: no noise).
+        noise: (N, C) noise ``e`` to use instead of drawing it from ``seed`` (hand it the kernel's for exact checks).
+        seed: the noise seed (int, or a one-element int64 tensor); None draws one from torch's generator.
+        margin: the target margin: a float for every row, or (C,) looked up by the target.
+        scale: ``s``, the scale of the adjusted logits.
+        gamma: the focal exponent, ``(1 - p_{i,y_i})^gamma`` with ``p`` detached.
+        weight, ignore_index, reduction, label_smoothing: as ``F.cross_entropy``.
+        prior: the old name of ``log_prior`` (deprecated).
+
+    Returns:
+        The loss in the logits' dtype: 0-dim, or (N,) for ``reduction='none'``.
     """
+    log_prior = V.renamed_argument("log_prior", log_prior, "prior", prior)
     target = V.as_index_target(target, keep_int32=False)
-    check_operator_args(logits, target, prior=prior, tau=tau, cloud=cloud, noise_mul=noise_mul, noise=noise,
-                        seed=seed, margin=margin, scale=scale, gamma=gamma, weight=weight,
-                        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
-    a = adjusted_logits(logits, target, prior=prior, tau=tau, cloud=cloud, noise_mul=noise_mul, noise=noise,
+    check_operator_args(logits, target, noise=noise, log_prior=log_prior, tau=tau, cloud=cloud, noise_mul=noise_mul,
+                        seed=seed, margin=margin, scale=scale, gamma=gamma, weight=weight, ignore_index=ignore_index,
+                        reduction=reduction, label_smoothing=label_smoothing)
+    a = adjusted_logits(logits, target, log_prior=log_prior, tau=tau, cloud=cloud, noise_mul=noise_mul, noise=noise,
                         seed=seed, margin=margin, scale=scale, ignore_index=ignore_index)
     loss, row_w = _row_losses(a, target, weight, ignore_index, label_smoothing, gamma)
     return _reduce(loss, row_w, reduction)
 
 
-def logit_adjusted_cross_entropy(logits, target, log_prior, tau=1.0, *, weight=None, ignore_index=-100,
-                                 reduction="mean", label_smoothing=0.0) -> torch.Tensor:
-    """Logit-adjusted CE (Menon et al., 2021): ``CE(z + tau * log_pi, y)``; ``log_prior`` is (C,)."""
-    return adjusted_cross_entropy(logits, target, prior=log_prior, tau=tau, weight=weight,
-                                  ignore_index=ignore_index, reduction=reduction,
-                                  label_smoothing=label_smoothing)
+def logit_adjusted_cross_entropy(logits: Tensor, target: Tensor, log_prior: Tensor, tau: float = 1.0, *,
+                                 weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+                                 label_smoothing: float = 0.0) -> Tensor:
+    """Logit-adjusted CE (Menon et al., 2021): ``CE(z + tau * log_prior, y)``; ``log_prior`` is (C,) log pi."""
+    return adjusted_cross_entropy(logits, target, log_prior=log_prior, tau=tau, weight=weight,
+                                  ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
 
 
-def balanced_softmax_cross_entropy(logits, target, log_prior, *, weight=None, ignore_index=-100,
-                                   reduction="mean", label_smoothing=0.0) -> torch.Tensor:
+def balanced_softmax_cross_entropy(logits: Tensor, target: Tensor, log_prior: Tensor, *,
+                                   weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+                                   label_smoothing: float = 0.0) -> Tensor:
     """Balanced Softmax (Ren et al., 2020) = logit-adjusted CE with tau = 1."""
     return logit_adjusted_cross_entropy(logits, target, log_prior, 1.0, weight=weight,
                                         ignore_index=ignore_index, reduction=reduction,
                                         label_smoothing=label_smoothing)
 
 
-def ldam_cross_entropy(logits, target, margins, s=30.0, *, weight=None, ignore_index=-100,
-                       reduction="mean", label_smoothing=0.0) -> torch.Tensor:
+def ldam_cross_entropy(logits: Tensor, target: Tensor, margins: Tensor, s: float = 30.0, *,
+                       weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+                       label_smoothing: float = 0.0) -> Tensor:
     """LDAM (Cao et al., 2019): ``CE(s * (z - m_y * onehot(y)), y)``; ``margins`` (C,) from ``ldam_margins``."""
     V.check_finite_float("s", s)
     return adjusted_cross_entropy(logits, target, margin=margins, scale=s, weight=weight,
@@ -178,8 +173,10 @@ def ldam_cross_entropy(logits, target, margins, s=30.0, *, weight=None, ignore_i
                                   label_smoothing=label_smoothing)
 
 
-def gcl_cross_entropy(cosine, target, cloud, m=0.5, s=30.0, noise_mul=1.0, gamma=0.0, *, seed=None, noise=None,
-                      weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0) -> torch.Tensor:
+def gcl_cross_entropy(cosine: Tensor, target: Tensor, cloud: Tensor, m: float = 0.5, s: float = 30.0,
+                      noise_mul: float = 1.0, gamma: float = 0.0, *, seed: int | Tensor | None = None,
+                      noise: Tensor | None = None, weight: Tensor | None = None, ignore_index: int = -100,
+                      reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
     """GCL (Li et al., 2022) on (N, C) cosine logits: ``CE(s * (cos - noise_mul*cloud*e - m*onehot(y)), y)``.
 
     ``cloud``: (C,) from ``gcl_cloud``; ``e`` the half-normal noise of ``fastlt.noise.gcl_noise`` for
@@ -193,24 +190,15 @@ def gcl_cross_entropy(cosine, target, cloud, m=0.5, s=30.0, noise_mul=1.0, gamma
                                   reduction=reduction, label_smoothing=label_smoothing)
 
 
-def check_lade_args(logits, target, prior, alpha, remine_lambda, reduction) -> None:
-    V.check_logits("logits", logits)
-    V.check_class_vector("prior", prior, logits.shape[1], logits.device)
-    V.check_finite_float("alpha", alpha)
-    V.check_finite_float("remine_lambda", remine_lambda)
-    if reduction == "none":
-        raise ValueError("reduction='none' is not defined for LADELoss: its LADER term is a batch-level "
-                         "statistic; use 'mean' or 'sum'")
-
-
-def lader(logits, target, prior, remine_lambda=0.1, ignore_index=-100) -> torch.Tensor:
-    """LADE's regulariser as the official code computes it (SPEC 2.3), a scalar.
+def lader(logits: Tensor, target: Tensor, prior: Tensor, remine_lambda: float = 0.1,
+          ignore_index: int = -100) -> Tensor:
+    """LADE's regulariser as the official code computes it (docs/design.md, "LADE"), a scalar.
 
     ``first_c = sum_{i: y_i=c} z_ic / (N_c + 1e-8)``,
     ``second_c = LSE_i(z_ic - log(pi_c + 1e-9) + log(1/C + 1e-9)) - log N``,
     ``LADER = -sum_c pi_c * (first_c - second_c - remine_lambda * second_c^2)``, 0 for an empty batch.
     Computed in at least float32 (fp16 cannot represent the 1e-8 / 1e-9 epsilons), returned in the
-    logits' dtype.
+    logits' dtype. ``prior`` (C,) is pi.
     """
     N, C = logits.shape
     target = V.as_index_target(target, keep_int32=False)
@@ -233,16 +221,83 @@ def lader(logits, target, prior, remine_lambda=0.1, ignore_index=-100) -> torch.
     return torch.where(n_valid > 0, value, torch.zeros_like(value)).to(out_dtype)
 
 
-def lade_loss(logits, target, prior, alpha=0.1, remine_lambda=0.1, *, weight=None, ignore_index=-100,
-              reduction="mean", label_smoothing=0.0) -> torch.Tensor:
-    """LADE (Hong et al., 2021): ``PriorCE(z) + alpha * LADER(z)``, ``prior`` = (C,) training prior pi.
+def lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: float = 0.1, remine_lambda: float = 0.1, *,
+              weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+              label_smoothing: float = 0.0) -> Tensor:
+    """LADE (Hong et al., 2021): ``PriorCE(z) + alpha * LADER(z)``.
 
-    PriorCE is logit-adjusted CE with tau = 1 and ``log(pi)`` (reduced by ``reduction``: 'mean' or
-    'sum'); LADER as in :func:`lader`.
+    Args:
+        logits: (N, C) float tensor.
+        target: (N,) integer class indices, or ``ignore_index``.
+        prior: (C,) the training prior pi (probabilities).
+        alpha: the weight of LADER.
+        remine_lambda: LADER's quadratic penalty (:func:`lader`).
+        weight, ignore_index, label_smoothing: as ``F.cross_entropy`` (PriorCE's).
+        reduction: 'mean' or 'sum' (PriorCE's; LADER is a batch statistic).
+
+    PriorCE is logit-adjusted CE with tau = 1 and ``log(pi)``.
     """
     target = V.as_index_target(target, keep_int32=False)
     check_lade_args(logits, target, prior, alpha, remine_lambda, reduction)
-    prior_ce = adjusted_cross_entropy(logits, target, prior=torch.log(prior), tau=1.0, weight=weight,
+    prior_ce = adjusted_cross_entropy(logits, target, log_prior=torch.log(prior), tau=1.0, weight=weight,
                                       ignore_index=ignore_index, reduction=reduction,
                                       label_smoothing=label_smoothing)
     return prior_ce + alpha * lader(logits, target, prior, remine_lambda, ignore_index)
+
+
+# --- the fused heads' oracles: the dense logits, then the losses above ------------------------------------------
+
+def normalize_rows(x: Tensor, eps: float) -> Tensor:
+    """``x / max(|x|, eps)`` per row, in at least fp32 (fp64 stays fp64), cast back to ``x``'s dtype."""
+    cdt = torch.promote_types(x.dtype, torch.float32)
+    return F.normalize(x.to(cdt), dim=1, eps=eps).to(x.dtype)
+
+
+def reference_linear_cross_entropy(features: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None, *,
+                                   log_prior: Tensor | None = None, tau: float = 1.0,
+                                   margin: float | Tensor | None = None, scale: float = 1.0,
+                                   cloud: Tensor | None = None, noise_mul: float = 0.0,
+                                   seed: int | Tensor | None = None, noise: Tensor | None = None, gamma: float = 0.0,
+                                   weight_classes: Tensor | None = None, ignore_index: int = -100,
+                                   reduction: str = "mean", label_smoothing: float = 0.0,
+                                   prior: Tensor | None = None) -> Tensor:
+    """Unfused oracle of the linear head: ``z = features @ weight^T + bias`` (materialises (N, C); gradients by
+    autograd), then :func:`adjusted_cross_entropy` on ``z`` with ``weight_classes`` as its class weights."""
+    V.check_head(features, weight, bias)
+    target = V.as_index_target(target)
+    logits = F.linear(features, weight, bias)
+    return adjusted_cross_entropy(logits, target, log_prior=log_prior, tau=tau, cloud=cloud, noise_mul=noise_mul,
+                                  noise=noise, seed=seed, margin=margin, scale=scale, gamma=gamma,
+                                  weight=weight_classes, ignore_index=ignore_index, reduction=reduction,
+                                  label_smoothing=label_smoothing, prior=prior)
+
+
+def reference_cosine_cross_entropy(features: Tensor, weight: Tensor, target: Tensor, *,
+                                   log_prior: Tensor | None = None, tau: float = 1.0,
+                                   margin: float | Tensor | None = None, scale: float = 1.0,
+                                   cloud: Tensor | None = None, noise_mul: float = 0.0,
+                                   seed: int | Tensor | None = None, noise: Tensor | None = None, gamma: float = 0.0,
+                                   weight_classes: Tensor | None = None, ignore_index: int = -100,
+                                   reduction: str = "mean", label_smoothing: float = 0.0, eps: float = 1e-12,
+                                   prior: Tensor | None = None) -> Tensor:
+    """Unfused oracle of the cosine head: ``cos = normalize(f) @ normalize(W)^T`` (normalised in at least fp32,
+    then cast back), then :func:`adjusted_cross_entropy` on ``cos``."""
+    V.check_head(features, weight, None)
+    V.check_finite_float("eps", eps, min_value=0.0, min_inclusive=False)
+    target = V.as_index_target(target)
+    cos = F.linear(normalize_rows(features, eps), normalize_rows(weight, eps))
+    return adjusted_cross_entropy(cos, target, log_prior=log_prior, tau=tau, cloud=cloud, noise_mul=noise_mul,
+                                  noise=noise, seed=seed, margin=margin, scale=scale, gamma=gamma,
+                                  weight=weight_classes, ignore_index=ignore_index, reduction=reduction,
+                                  label_smoothing=label_smoothing, prior=prior)
+
+
+def reference_lade_linear_loss(features: Tensor, weight: Tensor, target: Tensor, prior: Tensor,
+                               bias: Tensor | None = None, *, alpha: float = 0.1, remine_lambda: float = 0.1,
+                               weight_classes: Tensor | None = None, ignore_index: int = -100,
+                               reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
+    """Unfused oracle of the LADE head: ``z = F.linear(features, weight, bias)``, then :func:`lade_loss`."""
+    V.check_head(features, weight, bias)
+    target = V.as_index_target(target)
+    return lade_loss(F.linear(features, weight, bias), target, prior, alpha, remine_lambda, weight=weight_classes,
+                     ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)

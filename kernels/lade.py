@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._operator import AdjustedCEArgs
 from . import launch
 from .row_operator import NEG_BIG, _exp, _last_program_reduces
 
@@ -121,7 +122,7 @@ class PriorCERows(NamedTuple):
 
     loss_rows: torch.Tensor
     factor: torch.Tensor
-    args: launch.RowOperatorArgs
+    args: AdjustedCEArgs
     out: torch.Tensor
 
 
@@ -225,7 +226,7 @@ def finish(partials: torch.Tensor, y: torch.Tensor, target_logits: torch.Tensor,
 
 
 def forward(z: torch.Tensor, y: torch.Tensor, pi: torch.Tensor, alpha: float, remine_lambda: float,
-            args: launch.RowOperatorArgs, config: launch.TileConfig | None = None,
+            args: AdjustedCEArgs, config: launch.TileConfig | None = None,
             out_dtype: torch.dtype = torch.float32):
     """LADE's forward: ``(loss, lse, factor, terms)`` with ``loss = PriorCE + alpha * LADER`` (0-dim, ``out_dtype``;
     PriorCE reduced by ``args.reduction``), the rows' fp32 ``lse`` and ``factor`` and the :class:`LaderTerms`.

@@ -1,6 +1,6 @@
 """Launchers for the row-operator kernels: tile shapes, split decisions, buffers. No host syncs.
 
-``RowOperatorArgs`` carries every hyperparameter of SPEC 2.4 (per-class tensors and runtime floats)
+``AdjustedCEArgs`` carries every hyperparameter of SPEC 2.4 (per-class tensors and runtime floats)
 so the autograd Function passes one object through forward and backward.
 """
 
@@ -13,49 +13,10 @@ from typing import NamedTuple
 
 import torch
 
+from .._operator import AdjustedCEArgs
 from .row_operator import reduce_rows, row_loss_combine, row_loss_forward, row_loss_grad, scale_rows
 
 _TILE_N = 2048  # default elements of z per program and tile
-
-
-@dataclass(frozen=True)
-class RowOperatorArgs:
-    """Hyperparameters of the row operator. Tensors are (C,) and live on the logits' device."""
-
-    prior: torch.Tensor | None = None
-    cloud: torch.Tensor | None = None
-    margin: torch.Tensor | None = None
-    weight: torch.Tensor | None = None
-    tau: float = 1.0
-    noise_mul: float = 0.0
-    margin_value: float = 0.0
-    has_margin: bool = False
-    scale: float = 1.0
-    gamma: float = 0.0
-    label_smoothing: float = 0.0
-    ignore_index: int = -100
-    seed: int = 0
-    reduction: str = "mean"
-    noise_row_offset: int = 0  # global index of row 0 (chunked callers): the noise is a function of (seed, row, col)
-    seed_tensor: torch.Tensor | None = None  # (1,) int64 on the device: the kernels read the seed there instead
-
-    @property
-    def has_noise(self) -> bool:
-        return self.cloud is not None and self.noise_mul != 0.0
-
-    @property
-    def seed_from_device(self) -> bool:
-        """The kernels read the seed from ``seed_tensor`` (SEED_FROM_PTR) rather than take ``seed``."""
-        return self.has_noise and self.seed_tensor is not None
-
-    @property
-    def margin_mode(self) -> int:
-        return 2 if self.margin is not None else (1 if self.has_margin else 0)
-
-    @functools.cached_property
-    def weight_total(self) -> torch.Tensor:
-        """(1,) fp32 ``sum_j w_j`` of the class weights (computed once per args; see :func:`weight_sum`)."""
-        return self.weight.to(torch.float32).sum().reshape(1)
 
 
 class ColumnStats(NamedTuple):
@@ -259,7 +220,7 @@ def reduce_counter(device: torch.device) -> torch.Tensor | None:
     return counter
 
 
-def weight_sum(args: RowOperatorArgs, device) -> torch.Tensor:
+def weight_sum(args: AdjustedCEArgs, device) -> torch.Tensor:
     """(1,) fp32 ``W = sum_j w_j``, which the kernels need only for label smoothing with class weights (else a
     placeholder); one launch per ``args`` (cached on it: the forward and the backward share it)."""
     if args.weight is None or args.label_smoothing == 0.0:
@@ -303,7 +264,7 @@ def fused_reduction(device: torch.device, values: int, rblock: int, reduction: s
     return counter, 0 if counter is None else (2 if reduction == "mean" else 1)
 
 
-def _mean_denominator(y: torch.Tensor, args: RowOperatorArgs, inv_denominator, mean: bool, programs: int):
+def _mean_denominator(y: torch.Tensor, args: AdjustedCEArgs, inv_denominator, mean: bool, programs: int):
     """``(inv, own_denom)`` for a launch of ``programs`` row programs: with 'mean' scaling (``mean``) and no given
     ``inv_denominator``, the programs sum the denominator themselves when that is cheap (:func:`_own_denominator`:
     ``inv`` None), else one launch computes it first (:func:`inv_denominator_of`)."""
@@ -315,7 +276,7 @@ def _mean_denominator(y: torch.Tensor, args: RowOperatorArgs, inv_denominator, m
 
 
 def reduce_unless_fused(out: torch.Tensor | None, counter: torch.Tensor | None, loss_rows: torch.Tensor,
-                        y: torch.Tensor, args: RowOperatorArgs, *, inv_denominator=None, factor=None,
+                        y: torch.Tensor, args: AdjustedCEArgs, *, inv_denominator=None, factor=None,
                         scale_mean: bool = True, extra=None) -> None:
     """The batch loss into ``out`` by one :func:`reduce` launch, for a launch that was asked for it (``out``) but had
     no ``counter`` (:func:`fused_reduction`) to reduce it itself; else nothing. With 'mean' and ``scale_mean=False``
@@ -333,7 +294,7 @@ def _combine_tiles(num_splits: int) -> tuple[int, int]:
     return block_s, max(1, min(64, 4096 // block_s))
 
 
-def _reduce_launch(y: torch.Tensor, args: RowOperatorArgs, *, loss_rows=None, factor=None, inv_denom=None, out=None,
+def _reduce_launch(y: torch.Tensor, args: AdjustedCEArgs, *, loss_rows=None, factor=None, inv_denom=None, out=None,
                    extra=None, denom: bool, mean: bool) -> None:
     dev = y.device
     d = _dummy(dev)
@@ -347,7 +308,7 @@ def _reduce_launch(y: torch.Tensor, args: RowOperatorArgs, *, loss_rows=None, fa
         SCALE_FACTOR=factor is not None, EXTRA=extra is not None, BLOCK=_REDUCE_BLOCK, num_warps=8)
 
 
-def inv_denominator_of(y: torch.Tensor, args: RowOperatorArgs) -> torch.Tensor:
+def inv_denominator_of(y: torch.Tensor, args: AdjustedCEArgs) -> torch.Tensor:
     """(1,) fp32 ``1 / sum_i w_{y_i}`` over the valid rows ('mean'; inf for an empty batch; a target outside
     [0, C) counts 0). No sync; one launch up to ``ONE_PROGRAM_ROWS`` rows."""
     if y.shape[0] > ONE_PROGRAM_ROWS:
@@ -364,7 +325,7 @@ def inv_denominator_of(y: torch.Tensor, args: RowOperatorArgs) -> torch.Tensor:
     return inv
 
 
-def reduce(loss_rows: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *,
+def reduce(loss_rows: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *,
            inv_denominator: torch.Tensor | None = None, factor: torch.Tensor | None = None,
            extra: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
            out: torch.Tensor | None = None) -> torch.Tensor:
@@ -398,7 +359,7 @@ def reduce(loss_rows: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *,
     return out
 
 
-def loss(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out: torch.Tensor | None = None,
+def loss(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out: torch.Tensor | None = None,
          out_dtype: torch.dtype = torch.float32, config: TileConfig | None = None):
     """The reduced loss (0-dim, ``out_dtype``; the (N,) fp32 rows for 'none') in the fewest launches: ``(loss,
     lse, factor)`` as :func:`forward` gives them (the factor includes 'mean''s 1 / sum w_{y_i}). Up to
@@ -431,19 +392,19 @@ def row_align(*tensors: torch.Tensor) -> int:
     return align
 
 
-def _common_flags(args: RowOperatorArgs) -> dict:
-    return dict(HAS_PRIOR=args.prior is not None, HAS_NOISE=args.has_noise, MARGIN_MODE=args.margin_mode,
+def _common_flags(args: AdjustedCEArgs) -> dict:
+    return dict(HAS_PRIOR=args.log_prior is not None, HAS_NOISE=args.has_noise, MARGIN_MODE=args.margin_mode,
                 HAS_SCALE=args.scale != 1.0, HAS_WEIGHT=args.weight is not None,
                 HAS_SMOOTH=args.label_smoothing > 0.0, SEED_FROM_PTR=args.seed_from_device)
 
 
-def _seed_ptr(args: RowOperatorArgs, dev: torch.device):
-    return args.seed_tensor if args.seed_from_device else _dummy(dev)
+def _seed_ptr(args: AdjustedCEArgs, dev: torch.device):
+    return args.seed if args.seed_from_device else _dummy(dev)
 
 
-def _class_ptrs(args: RowOperatorArgs, dev: torch.device):
+def _class_ptrs(args: AdjustedCEArgs, dev: torch.device):
     d = _dummy(dev)
-    return tuple(t if t is not None else d for t in (args.prior, args.cloud, args.margin, args.weight))
+    return tuple(t if t is not None else d for t in (args.log_prior, args.cloud, args.margin_vector, args.weight))
 
 
 # A gradient in the forward over rows of several tiles makes two passes. With STORE_P (row_loss_forward) the first
@@ -457,11 +418,11 @@ def _class_ptrs(args: RowOperatorArgs, dev: torch.device):
 STORE_PROBS = "noise"
 
 
-def _store_probs(args: RowOperatorArgs) -> bool:
+def _store_probs(args: AdjustedCEArgs) -> bool:
     return STORE_PROBS == "always" or (STORE_PROBS == "noise" and args.has_noise)
 
 
-def forward(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out: torch.Tensor | None = None,
+def forward(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out: torch.Tensor | None = None,
             column_stats: bool = False, config: TileConfig | None = None,
             inv_denominator: torch.Tensor | None = None, scale_mean: bool = True, out: torch.Tensor | None = None):
     """Run the forward. Returns ``(loss_rows, lse, factor, column_stats)``, all fp32.
@@ -520,7 +481,7 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out
             z, z.stride(0), z.stride(1), y, prior, cloud, margin, weight, wsum, inv_denom,
             loss, lse, factor, part, colstats.partials, colstats.target_logits, g, g.stride(0), g.stride(1),
             tile_max, num_tiles, N, C, cfg.cols_per_split, 0, C, 0, cfg.num_splits, row_blocks, args.ignore_index,
-            args.tau, args.noise_mul, args.margin_value, args.scale, args.gamma, args.label_smoothing, args.seed,
+            args.tau, args.noise_mul, args.margin_value, args.scale, args.gamma, args.label_smoothing, args.seed_value,
             args.noise_row_offset,
             _seed_ptr(args, dev), out if out is not None else d, counter if counter is not None else d,
             HAS_FOCAL=args.gamma != 0.0, MEAN=mean and not split, SPLIT=split,
@@ -537,7 +498,7 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, *, grad_out
     return loss, lse, factor, (colstats if column_stats else None)
 
 
-def grad(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, lse: torch.Tensor, factor: torch.Tensor,
+def grad(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, lse: torch.Tensor, factor: torch.Tensor,
          grad_output: torch.Tensor | None, *, column_term=None, out: torch.Tensor | None = None,
          config: TileConfig | None = None, col_base: int = 0, num_classes: int | None = None,
          stored: torch.Tensor | None = None) -> torch.Tensor:
@@ -570,7 +531,8 @@ def grad(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, lse: torch.Ten
         z, z.stride(0), z.stride(1), y, prior, cloud, margin, weight, wsum, lse, factor, go, go_stride,
         ca, cb, cl, out, out.stride(0), out.stride(1),
         N, C, cfg.cols_per_split, col_base, col_base + Ck, args.ignore_index, args.tau, args.noise_mul,
-        args.margin_value, args.scale, args.label_smoothing, args.seed, args.noise_row_offset, _seed_ptr(args, dev),
+        args.margin_value, args.scale, args.label_smoothing, args.seed_value, args.noise_row_offset,
+        _seed_ptr(args, dev),
         stored if stored is not None else _dummy(dev), stored.shape[1] if stored is not None else 0,
         HAS_UPSTREAM=grad_output is not None, COLUMN_TERM=column_term is not None, ALIGN=row_align(z, out),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STORED=stored is not None, num_warps=cfg.num_warps,
@@ -578,7 +540,7 @@ def grad(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, lse: torch.Ten
     return out
 
 
-def chunk_partials(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, part: torch.Tensor, chunk: int, *,
+def chunk_partials(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, part: torch.Tensor, chunk: int, *,
                    col_base: int, num_classes: int, column_stats: ColumnStats | None = None) -> None:
     """Row partials of one class chunk: ``z`` (N, Ck) holds classes ``[col_base, col_base + Ck)`` of
     ``num_classes``; writes (max, sum-exp, a_y, sum w*a) of those classes to ``part[:, :, chunk]``
@@ -608,7 +570,7 @@ def chunk_partials(z: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, part
         z, z.stride(0), z.stride(1), y, prior, cloud, margin, weight, d, d, d, d, d, part,
         column_stats.partials if has_cols else d, column_stats.target_logits if has_cols else d, z, 0, 0, d, 0,
         N, num_classes, Ck, col_base, col_base + Ck, chunk, part.shape[2], row_blocks, args.ignore_index, args.tau,
-        args.noise_mul, args.margin_value, args.scale, args.gamma, args.label_smoothing, args.seed,
+        args.noise_mul, args.margin_value, args.scale, args.gamma, args.label_smoothing, args.seed_value,
         args.noise_row_offset, _seed_ptr(args, dev), d, d, HAS_FOCAL=args.gamma != 0.0, MEAN=False, SPLIT=True,
         SINGLE_TILE=Ck <= block_n,
         GRAD_IN_FWD=False, COLUMN_STATS=has_cols, ALIGN=row_align(z), BLOCK_M=cfg.block_m, BLOCK_N=block_n,
@@ -621,7 +583,7 @@ def column_stat_blocks(N: int) -> int:
     return _cdiv(N, pick_tiles(max(N, 1), 1, torch.device("cpu"), column_stats=True).block_m)
 
 
-def _launch_combine(part, y, args: RowOperatorArgs, C: int, rows, inv_denom, *, mean: bool, own_denom: bool, out,
+def _launch_combine(part, y, args: AdjustedCEArgs, C: int, rows, inv_denom, *, mean: bool, own_denom: bool, out,
                     counter, reduce_mode: int) -> None:
     """One ``row_loss_combine`` launch over the (4, N, S) partials into ``rows`` = (loss, lse, factor)."""
     dev = part.device
@@ -636,7 +598,7 @@ def _launch_combine(part, y, args: RowOperatorArgs, C: int, rows, inv_denom, *, 
         MEAN=mean, OWN_DENOM=own_denom, REDUCE=reduce_mode, BLOCK_M=block_m, BLOCK_S=block_s, RBLOCK=_COMBINE_RBLOCK)
 
 
-def combine_partials(part: torch.Tensor, y: torch.Tensor, args: RowOperatorArgs, num_classes: int, *,
+def combine_partials(part: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, num_classes: int, *,
                      inv_denominator: torch.Tensor | None = None, scale_mean: bool = True,
                      out: torch.Tensor | None = None):
     """``(loss_rows, lse, factor)`` (fp32) from the (4, N, num_chunks) partials of :func:`chunk_partials`, as

@@ -47,14 +47,14 @@ def _class_vectors(C: int, gen: torch.Generator) -> dict:
 def _flags(name: str, cv: dict, seed: int) -> dict:
     return {
         "plain": {},
-        "la": dict(prior=cv["log_prior"], tau=1.0),
-        "la_half": dict(prior=cv["log_prior"], tau=0.5),
+        "la": dict(log_prior=cv["log_prior"], tau=1.0),
+        "la_half": dict(log_prior=cv["log_prior"], tau=0.5),
         "ldam": dict(margin=cv["margins"], scale=30.0),
         "scalar_margin": dict(margin=0.3, scale=16.0),
         "gcl": dict(cloud=cv["cloud"], noise_mul=1.0, seed=seed, margin=0.5, scale=30.0),
         "gcl_focal": dict(cloud=cv["cloud"], noise_mul=0.5, seed=seed, margin=0.1, scale=20.0, gamma=1.0),
-        "weighted_smooth": dict(prior=cv["log_prior"], weight_classes=cv["weight"], label_smoothing=0.15),
-        "all": dict(prior=cv["log_prior"], tau=0.7, cloud=cv["cloud"], noise_mul=0.5, seed=seed,
+        "weighted_smooth": dict(log_prior=cv["log_prior"], weight_classes=cv["weight"], label_smoothing=0.15),
+        "all": dict(log_prior=cv["log_prior"], tau=0.7, cloud=cv["cloud"], noise_mul=0.5, seed=seed,
                     margin=cv["margins"], scale=8.0, gamma=2.0, weight_classes=cv["weight"], label_smoothing=0.1),
     }[name]
 
@@ -541,7 +541,7 @@ def test_linear_loss_head_triton_matches_torch_and_the_formula(loss, bias):
                  None if head.bias is None else head.bias.detach().double().cpu())
     kw = dict(gamma=0.5, weight=wc.double(), label_smoothing=0.05)
     if loss in ("la", "balanced_softmax"):
-        kw.update(prior=log_prior(counts, dtype=torch.float64), tau=tau)
+        kw.update(log_prior=log_prior(counts, dtype=torch.float64), tau=tau)
     elif loss == "ldam":
         kw.update(margin=ldam_margins(counts, 0.5, dtype=torch.float64), scale=30.0)
     want = R.adjusted_cross_entropy(z, y, **kw)
@@ -776,7 +776,7 @@ def test_triton_only_errors():
                                 backend="triton")
     # the operator's own checks run on the (N, C) shape without materialising it
     with pytest.raises(ValueError, match="prior"):
-        LF.linear_cross_entropy(f, w, y, prior=torch.zeros(4, device=DEVICE), backend="triton")
+        LF.linear_cross_entropy(f, w, y, log_prior=torch.zeros(4, device=DEVICE), backend="triton")
     with pytest.raises(ValueError, match="reduction"):
         LF.linear_cross_entropy(f, w, y, reduction="avg", backend="triton")
 

@@ -12,7 +12,9 @@ import torch
 from test_heads import DEVICE, _class_vectors, _flags, _inputs, run_and_compare
 
 from fastlt import heads as H
-from fastlt import lade_head as LH
+from fastlt._operator import AdjustedCEArgs
+from fastlt.heads import lade as heads_lade
+from fastlt.heads import passes, plan
 from fastlt.kernels import launch
 
 FLAGS = ["plain", "la", "ldam", "gcl_focal", "weighted_smooth", "all"]
@@ -88,9 +90,9 @@ def _class_partials(z, y, args, bounds):
 def test_chunk_partials_and_combine_equal_the_single_launch_forward():
     N, C = 7, 37
     z, y, f32 = _logits_and_vectors(_gen("launch"), N, C, 3)
-    args = launch.RowOperatorArgs(prior=f32["log_prior"], cloud=f32["cloud"], margin=f32["margins"],
-                                  weight=f32["weight"], tau=0.7, noise_mul=0.8, scale=3.0, gamma=1.5,
-                                  label_smoothing=0.1, seed=5)
+    args = AdjustedCEArgs(log_prior=f32["log_prior"], cloud=f32["cloud"], margin=f32["margins"],
+                          weight=f32["weight"], tau=0.7, noise_mul=0.8, scale=3.0, gamma=1.5, label_smoothing=0.1,
+                          seed=5)
     loss, lse, factor, _ = launch.forward(z, y, args)
     full_grad = launch.grad(z, y, args, lse, factor, None)
     bounds = [0, 8, 16, 24, 32, 37]
@@ -115,8 +117,8 @@ def test_combine_reduces_the_batch_in_its_launch(reduction, mode, monkeypatch):
     the loss and factors of the single-launch forward + reduce."""
     C = 37
     z, y, f32 = _logits_and_vectors(_gen("combine", reduction, mode), 9, C, 4)
-    args = launch.RowOperatorArgs(prior=f32["log_prior"], weight=f32["weight"], tau=0.7, label_smoothing=0.1,
-                                  reduction=reduction)
+    args = AdjustedCEArgs(log_prior=f32["log_prior"], weight=f32["weight"], tau=0.7, label_smoothing=0.1,
+                          reduction=reduction)
     loss_rows, _, factor, _ = launch.forward(z, y, args)
     want = launch.reduce(loss_rows, y, args)
     part = _class_partials(z, y, args, [0, 16, 32, C])
@@ -131,7 +133,7 @@ def test_combine_reduces_the_batch_in_its_launch(reduction, mode, monkeypatch):
     torch.testing.assert_close(factor2, factor, rtol=1e-5, atol=1e-7)
     if not mode.endswith("own-launch"):
         assert launch.reduce_counter(torch.device(DEVICE)).item() == 0
-    none = launch.RowOperatorArgs(reduction="none")
+    none = AdjustedCEArgs(reduction="none")
     with pytest.raises(ValueError, match="out="):
         launch.combine_partials(part, y, none, C, out=out)
 
@@ -156,9 +158,9 @@ def test_chunk_classes_validation():
 def test_modules_take_chunk_classes(loss, monkeypatch):
     """A module's ``chunk_classes`` reaches the fused path: the same loss and gradients as its row-chunked run."""
     seen = []
-    class_pass = H._class_row_stats
-    monkeypatch.setattr(H, "_class_row_stats", lambda *a, **k: seen.append(1) or class_pass(*a, **k))
-    monkeypatch.setattr(LH, "_class_row_stats", H._class_row_stats)
+    class_pass = passes.class_row_stats
+    monkeypatch.setattr(passes, "class_row_stats", lambda *a, **k: seen.append(1) or class_pass(*a, **k))
+    monkeypatch.setattr(heads_lade, "class_row_stats", passes.class_row_stats)
     gen = _gen("modules", loss)
     N, D, C = 6, 5, 40
     x = torch.randn(N, D, generator=gen).to(DEVICE)
@@ -193,22 +195,22 @@ def test_the_path_choice_by_count():
     # several row chunks: their fp32 dW re-reads against the logits that class chunks recompute
     def prefer(N, D, C):
         rows = H.head_chunk_rows(N, D, C, bf16)
-        return H._prefer_class_chunks(N, D, C, rows, H.default_chunk_classes(N, bf16))
+        return plan.prefer_class_chunks(N, D, C, rows, plan.default_chunk_classes(N, bf16))
 
     assert prefer(16384, 1024, 1_000_000)  # 64 row chunks of 256 rows, or 62 class chunks
     assert not prefer(8192, 1024, 131072)  # 4 row chunks, or 4 class chunks (3 recomputed)
     assert not prefer(4096, 2048, 8142)  # one chunk
     # the last class chunk is not recomputed: one class chunk costs no extra matmul, so any row chunking loses
-    assert H._prefer_class_chunks(64, 8, 1000, 32, 1000)
-    assert not H._prefer_class_chunks(64, 8, 1000, 64, 1000)
+    assert plan.prefer_class_chunks(64, 8, 1000, 32, 1000)
+    assert not plan.prefer_class_chunks(64, 8, 1000, 64, 1000)
     assert H.default_chunk_classes(1024, bf16) == (512 << 20) // 2048 // 128 * 128
     assert H.default_chunk_classes(10**9, bf16) == 128
 
 
 def test_chunk_buffers_have_aligned_rows():
     x = torch.empty(2, 3, dtype=torch.bfloat16)
-    buf = H._logits_buffer(5, 8142, x)
+    buf = passes.logits_buffer(5, 8142, x)
     assert buf.shape == (5, 8142) and buf.stride() == (8192, 1)  # 16 KiB rows: every cuBLAS ld 128-B aligned
-    flat = torch.empty(4 * H._padded(100))
-    z = H._class_logits(flat, torch.randn(4, 3), torch.randn(300, 3), None, 128, 228)
+    flat = torch.empty(4 * passes.padded(100))
+    z = passes.class_logits(flat, torch.randn(4, 3), torch.randn(300, 3), None, 128, 228)
     assert z.shape == (4, 100) and z.stride() == (128, 1)

@@ -1,4 +1,4 @@
-"""The fused heads under torch.compile: custom ops (fastlt._head_ops) with registered autograd, no graph break,
+"""The fused heads under torch.compile: custom ops (fastlt.heads.glue) with registered autograd, no graph break,
 the same loss and gradients as the eager fused path (every path: one chunk, row chunks, class chunks, 'none',
 the cosine normalisation, LADE, frozen features)."""
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import fastlt
-from fastlt import _head_ops as H
-from fastlt._autograd import _flat, operator_args
+from fastlt._operator import AdjustedCEArgs, ChunkPlan, LadeArgs, Needs, flatten
 from fastlt.heads import cosine_cross_entropy, linear_cross_entropy
+from fastlt.heads import glue as H
 from fastlt.lade_head import lade_linear_loss
 from fastlt.priors import gcl_cloud, log_prior, prior
 
@@ -66,7 +66,7 @@ def test_linear_head_compiled_matches_eager(chunks, reduction):
     upstream = torch.tensor(2.5, device=DEVICE) if reduction == "mean" else torch.rand(N, device=DEVICE) + 0.5
 
     def fn(x, w, b):
-        return linear_cross_entropy(x, w, y, b, prior=lp, tau=1.0, reduction=reduction, label_smoothing=0.1,
+        return linear_cross_entropy(x, w, y, b, log_prior=lp, tau=1.0, reduction=reduction, label_smoothing=0.1,
                                     backend="triton", **chunks)
 
     _check_compiled(fn, (x, w, b), upstream)
@@ -162,13 +162,15 @@ def test_head_ops_pass_opcheck(reduction, chunks, need):
     counts, x, w, b, y = _data(6)
     lp = log_prior(counts).to(DEVICE)
     x, w, b = (t.detach().requires_grad_(g) for t, g in zip((x, w, b), need, strict=True))
-    args = operator_args(prior=lp, tau=1.0, cloud=gcl_cloud(counts).to(DEVICE), noise_mul=0.5, seed=3, margin=0.2,
-                         scale=2.0, gamma=0.0, weight=None, ignore_index=-100, reduction=reduction,
-                         label_smoothing=0.1, device=x.device)
-    torch.library.opcheck(H.linear_head_forward_op, (x, w, b, y, *_flat(args), *chunks, *need))
+    args = AdjustedCEArgs.from_kwargs(x.device, log_prior=lp, tau=1.0, cloud=gcl_cloud(counts).to(DEVICE),
+                                      noise_mul=0.5, seed=3, margin=0.2, scale=2.0, gamma=0.0, weight=None,
+                                      ignore_index=-100, reduction=reduction, label_smoothing=0.1)
+    plan = ChunkPlan(rows=chunks[0], classes=chunks[1] or None)
+    torch.library.opcheck(H.linear_head_forward_op, (x, w, b, y, *flatten(args, plan, Needs(*need))))
     if reduction == "mean":
         pi = prior(counts).to(DEVICE)
-        torch.library.opcheck(H.lade_head_forward_op, (x, w, b, y, torch.log(pi), pi, None, 0.1, 0.1, 0.0, -100, 0,
-                                                       *chunks, *need))
+        lade_args = AdjustedCEArgs(log_prior=torch.log(pi), label_smoothing=0.0, ignore_index=-100)
+        torch.library.opcheck(H.lade_head_forward_op,
+                              (x, w, b, y, *flatten(lade_args, LadeArgs(pi, 0.1, 0.1), plan, Needs(*need))))
     if need == (True, True, True) and chunks[1] == 0:
         torch.library.opcheck(H.normalize_rows_op, (x, 1e-12))

@@ -68,19 +68,22 @@ def test_compile_draws_a_fresh_seed_per_call_without_a_graph_break():
 
 def test_loss_ops_pass_opcheck():
     """torch.library.opcheck (schema, autograd registration, fake against real outputs, AOT dispatch with dynamic
-    shapes) for the row operator's op in every reduction, with every flag, and LADE's op."""
-    from fastlt._autograd import _flat, lade_forward_op, operator_args, row_loss_forward_op
+    shapes) for the adjusted cross-entropy's op in every reduction, with every flag, and LADE's op."""
+    from fastlt._glue import adjusted_ce_forward_op, lade_forward_op
+    from fastlt._operator import AdjustedCEArgs, LadeArgs, flatten
     from fastlt.priors import prior
 
     counts, z, y = _inputs()
     z = z.requires_grad_()
     for reduction in ("mean", "sum", "none"):
-        args = operator_args(prior=log_prior(counts).to(DEVICE), tau=1.0, cloud=gcl_cloud(counts).to(DEVICE),
-                             noise_mul=0.5, seed=3, margin=0.2, scale=2.0, gamma=1.0, weight=None, ignore_index=-100,
-                             reduction=reduction, label_smoothing=0.1, device=z.device)
-        torch.library.opcheck(row_loss_forward_op, (z, y, *_flat(args)))
+        args = AdjustedCEArgs.from_kwargs(z.device, log_prior=log_prior(counts).to(DEVICE), tau=1.0,
+                                          cloud=gcl_cloud(counts).to(DEVICE), noise_mul=0.5, seed=3, margin=0.2,
+                                          scale=2.0, gamma=1.0, weight=None, ignore_index=-100, reduction=reduction,
+                                          label_smoothing=0.1)
+        torch.library.opcheck(adjusted_ce_forward_op, (z, y, *flatten(args)))
     pi = prior(counts).to(DEVICE)
-    torch.library.opcheck(lade_forward_op, (z, y, torch.log(pi), pi, None, 0.1, 0.1, 0.0, -100, 0))
+    lade_args = AdjustedCEArgs(log_prior=torch.log(pi))
+    torch.library.opcheck(lade_forward_op, (z, y, *flatten(lade_args, LadeArgs(pi, 0.1, 0.1))))
 
 
 def test_compile_fullgraph_takes_a_scheduled_hyperparameter():

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from fastlt import reference as R
+from fastlt._operator import AdjustedCEArgs
 from fastlt.kernels import launch
-from fastlt.kernels.launch import RowOperatorArgs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CONFIGS = {
@@ -35,9 +35,9 @@ def _case(N: int, C: int, seed: int, *, weighted: bool, reduction: str):
     counts = torch.randint(1, 50, (C,), generator=gen)
     prior = torch.log(counts / counts.sum()).float()
     weight = torch.rand(C, generator=gen) + 0.5 if weighted else None
-    args = RowOperatorArgs(prior=prior.to(DEVICE), weight=None if weight is None else weight.to(DEVICE),
+    args = AdjustedCEArgs(log_prior=prior.to(DEVICE), weight=None if weight is None else weight.to(DEVICE),
                            label_smoothing=0.1 if weighted else 0.0, reduction=reduction)
-    want = R.adjusted_cross_entropy(z.double(), y, prior=prior.double(), tau=1.0,
+    want = R.adjusted_cross_entropy(z.double(), y, log_prior=prior.double(), tau=1.0,
                                     weight=None if weight is None else weight.double(),
                                     label_smoothing=args.label_smoothing, reduction=reduction)
     return z.to(DEVICE), y.to(DEVICE), args, want
@@ -85,7 +85,7 @@ def test_all_rows_ignored_and_empty_batch():
         y = torch.full_like(y, -100)
         for reduction in ("mean", "sum"):
             for grad_in_forward in (False, True):
-                loss, *_ = _run(z, y, RowOperatorArgs(reduction=reduction), grad_in_forward=grad_in_forward,
+                loss, *_ = _run(z, y, AdjustedCEArgs(reduction=reduction), grad_in_forward=grad_in_forward,
                                 config={})
                 if reduction == "mean":
                     assert torch.isnan(loss).item()
@@ -190,12 +190,12 @@ def test_last_program_sees_every_row_under_concurrency():
         C = [131, 1000, 8142][step % 3]
         z = torch.randn(N, C, generator=gen).to(dev)
         y = torch.randint(0, C, (N,), generator=gen).to(dev)
-        args = RowOperatorArgs(reduction="mean" if step % 2 else "sum")
+        args = AdjustedCEArgs(reduction="mean" if step % 2 else "sum")
         config = [None, dict(row_programs=7, num_splits=1), dict(block_n=256, num_splits=3)][step % 3 if C > 256
                                                                                           else 0]
         cfg = launch.pick_tiles(N, C, dev, **config) if config else None
         loss, _, _ = launch.loss(z, y, args, config=cfg)
-        rows, _, _, _ = launch.forward(z, y, RowOperatorArgs(reduction="none"))
+        rows, _, _, _ = launch.forward(z, y, AdjustedCEArgs(reduction="none"))
         want = rows.double().sum() / (N if args.reduction == "mean" else 1)
         assert abs(loss.item() - want.item()) <= 1e-5 * abs(want.item()), (step, N, C, config)
     assert _counter_is_zero()

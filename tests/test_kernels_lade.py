@@ -8,6 +8,7 @@ from oracle import assert_oracle_close
 
 from fastlt import functional as LF
 from fastlt import reference as R
+from fastlt._operator import AdjustedCEArgs
 from fastlt.kernels import launch
 from fastlt.priors import prior
 
@@ -231,7 +232,7 @@ def test_chunk_partials_rejects_column_stats_of_the_wrong_shape():
     z = torch.zeros(5, 8, device=DEVICE)
     y = torch.zeros(5, dtype=torch.long, device=DEVICE)
     part = torch.empty((4, 5, 1), device=DEVICE)
-    args = launch.RowOperatorArgs()
+    args = AdjustedCEArgs()
     wrong = launch.ColumnStats(torch.empty((2, 1, 7), device=DEVICE), torch.empty(5, device=DEVICE))
     with pytest.raises(ValueError, match="column_stats must hold"):
         launch.chunk_partials(z, y, args, part, 0, col_base=0, num_classes=8, column_stats=wrong)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from fastlt._operator import AdjustedCEArgs
 from fastlt.kernels import launch
-from fastlt.kernels.launch import RowOperatorArgs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -43,7 +43,7 @@ def _want_denominator(y: torch.Tensor, w: torch.Tensor | None) -> float:
 def test_inv_denominator_and_reductions(N, weighted):
     C = 13
     rows, y, w = _case(N, C, N)
-    args = RowOperatorArgs(weight=w.to(DEVICE) if weighted else None, reduction="mean")
+    args = AdjustedCEArgs(weight=w.to(DEVICE) if weighted else None, reduction="mean")
     yk = y.to(DEVICE)
     rk = rows.to(DEVICE)
     denom = _want_denominator(y, w if weighted else None)
@@ -60,16 +60,16 @@ def test_inv_denominator_and_reductions(N, weighted):
         assert math.isnan(mean.item())
     same = launch.reduce(rk, yk, args, inv_denominator=inv)
     torch.testing.assert_close(same, mean, equal_nan=True)
-    total = launch.reduce(rk, yk, RowOperatorArgs(weight=args.weight, reduction="sum"))
+    total = launch.reduce(rk, yk, AdjustedCEArgs(weight=args.weight, reduction="sum"))
     assert math.isclose(total.item(), rows.double().sum().item(), rel_tol=1e-5)
-    none = launch.reduce(rk, yk, RowOperatorArgs(reduction="none"))
+    none = launch.reduce(rk, yk, AdjustedCEArgs(reduction="none"))
     assert none is rk  # 'none' hands back the per-row losses themselves
 
 
 def test_mean_scales_the_factor_in_the_same_launch_and_writes_the_output_dtype():
     rows, y, w = _case(37, 9, 0)
     factor = torch.rand(37, generator=torch.Generator().manual_seed(1))
-    args = RowOperatorArgs(weight=w.to(DEVICE), reduction="mean")
+    args = AdjustedCEArgs(weight=w.to(DEVICE), reduction="mean")
     fk = factor.to(DEVICE).clone()
     loss = launch.reduce(rows.to(DEVICE), y.to(DEVICE), args, factor=fk, out_dtype=torch.bfloat16)
     denom = _want_denominator(y, w)
@@ -84,15 +84,15 @@ def test_targets_outside_the_classes_count_zero_in_the_weighted_denominator():
     """Out-of-range targets give NaN rows in the kernels; the denominator must not read out of bounds."""
     w = torch.tensor([1.0, 2.0, 3.0])
     y = torch.tensor([0, 2, 7, -5, -100])
-    inv = launch.inv_denominator_of(y.to(DEVICE), RowOperatorArgs(weight=w.to(DEVICE), reduction="mean"))
+    inv = launch.inv_denominator_of(y.to(DEVICE), AdjustedCEArgs(weight=w.to(DEVICE), reduction="mean"))
     assert math.isclose(inv.item(), 1 / 4.0, rel_tol=1e-6)
 
 
 def test_empty_batch():
     y = torch.empty(0, dtype=torch.int64, device=DEVICE)
     rows = torch.empty(0, device=DEVICE)
-    assert math.isnan(launch.reduce(rows, y, RowOperatorArgs(reduction="mean")).item())
-    assert launch.reduce(rows, y, RowOperatorArgs(reduction="sum")).item() == 0.0
+    assert math.isnan(launch.reduce(rows, y, AdjustedCEArgs(reduction="mean")).item())
+    assert launch.reduce(rows, y, AdjustedCEArgs(reduction="sum")).item() == 0.0
 
 
 @pytest.mark.parametrize("grad_in_forward", [False, True])
@@ -110,11 +110,11 @@ def test_loss_and_gradient_through_either_path(grad_in_forward):
     prior = torch.randn(C, generator=gen, dtype=torch.float64)
     leaf = z.float().to(DEVICE).requires_grad_()
     logits = leaf * 1.0
-    loss = LF.adjusted_cross_entropy(logits, y.to(DEVICE), prior=prior.float().to(DEVICE), weight=w.float().to(DEVICE),
-                                     backend="triton", grad_in_forward=grad_in_forward)
+    loss = LF.adjusted_cross_entropy(logits, y.to(DEVICE), log_prior=prior.float().to(DEVICE),
+                                     weight=w.float().to(DEVICE), backend="triton", grad_in_forward=grad_in_forward)
     loss.backward(torch.tensor(1.5, device=DEVICE))
     z64 = z.clone().requires_grad_()
-    ref = R.adjusted_cross_entropy(z64, y, prior=prior, weight=w)
+    ref = R.adjusted_cross_entropy(z64, y, log_prior=prior, weight=w)
     ref.backward(torch.tensor(1.5, dtype=torch.float64))
     torch.testing.assert_close(loss.detach().cpu().double(), ref.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(leaf.grad.cpu().double(), z64.grad, rtol=1e-4, atol=1e-6)
@@ -126,12 +126,12 @@ def test_extra_values_are_added_after_the_mean(E, reduction):
     """``extra=`` (LADE's LADER partials) adds its sum to the reduced loss, outside the 'mean' division."""
     rows, y, w = _case(21, 7, 3)
     extra = torch.randn(E, generator=torch.Generator().manual_seed(E)).float()
-    args = RowOperatorArgs(weight=w.to(DEVICE), reduction=reduction)
+    args = AdjustedCEArgs(weight=w.to(DEVICE), reduction=reduction)
     got = launch.reduce(rows.to(DEVICE), y.to(DEVICE), args, extra=extra.to(DEVICE))
     base = rows.double().sum().item() / (_want_denominator(y, w) if reduction == "mean" else 1.0)
     assert math.isclose(got.item(), base + extra.double().sum().item(), rel_tol=1e-5, abs_tol=1e-4)
     with pytest.raises(ValueError, match="extra= needs a reduced loss"):
-        launch.reduce(rows.to(DEVICE), y.to(DEVICE), RowOperatorArgs(reduction="none"), extra=extra.to(DEVICE))
+        launch.reduce(rows.to(DEVICE), y.to(DEVICE), AdjustedCEArgs(reduction="none"), extra=extra.to(DEVICE))
 
 
 def test_mean_of_no_valid_row_keeps_the_factors_zero():
@@ -140,6 +140,6 @@ def test_mean_of_no_valid_row_keeps_the_factors_zero():
     y = torch.full((9,), -100)
     rows = torch.zeros(9)
     fk = torch.zeros(9, device=DEVICE)
-    loss = launch.reduce(rows.to(DEVICE), y.to(DEVICE), RowOperatorArgs(reduction="mean"), factor=fk)
+    loss = launch.reduce(rows.to(DEVICE), y.to(DEVICE), AdjustedCEArgs(reduction="mean"), factor=fk)
     assert math.isnan(loss.item())
     assert torch.equal(fk.cpu(), torch.zeros(9))

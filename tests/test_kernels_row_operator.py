@@ -32,12 +32,12 @@ def _class_vectors(C: int, gen: torch.Generator) -> dict:
 def _flags(name: str, cv: dict, seed: int) -> dict:
     return {
         "plain": {},
-        "la": dict(prior=cv["log_prior"], tau=1.3),
+        "la": dict(log_prior=cv["log_prior"], tau=1.3),
         "ldam": dict(margin=cv["margins"], scale=30.0),
         "gcl": dict(cloud=cv["cloud"], noise_mul=1.0, seed=seed, margin=0.5, scale=30.0),
         "gcl_focal": dict(cloud=cv["cloud"], noise_mul=0.5, seed=seed, margin=0.1, scale=20.0, gamma=1.0),
-        "weighted_smooth": dict(prior=cv["log_prior"], weight=cv["weight"], label_smoothing=0.15),
-        "all": dict(prior=cv["log_prior"], tau=0.7, cloud=cv["cloud"], noise_mul=0.5, seed=seed,
+        "weighted_smooth": dict(log_prior=cv["log_prior"], weight=cv["weight"], label_smoothing=0.15),
+        "all": dict(log_prior=cv["log_prior"], tau=0.7, cloud=cv["cloud"], noise_mul=0.5, seed=seed,
                     margin=cv["margins"], scale=8.0, gamma=2.0, weight=cv["weight"], label_smoothing=0.1),
     }[name]
 

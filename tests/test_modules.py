@@ -463,8 +463,8 @@ def test_functional_torch_backend_equals_reference():
         (LF.gcl_cross_entropy(cos, y, P.gcl_cloud(counts), seed=3, backend="torch"),
          R.gcl_cross_entropy(cos, y, P.gcl_cloud(counts), seed=3)),
         (LF.lade_loss(z, y, pi, backend="torch"), R.lade_loss(z, y, pi)),
-        (LF.adjusted_cross_entropy(z, y, prior=lp, margin=0.2, scale=2.0, gamma=1.0, backend="auto"),
-         R.adjusted_cross_entropy(z, y, prior=lp, margin=0.2, scale=2.0, gamma=1.0)),
+        (LF.adjusted_cross_entropy(z, y, log_prior=lp, margin=0.2, scale=2.0, gamma=1.0, backend="auto"),
+         R.adjusted_cross_entropy(z, y, log_prior=lp, margin=0.2, scale=2.0, gamma=1.0)),
     ]
     for got, exp in pairs:
         assert torch.equal(got, exp)

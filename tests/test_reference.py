@@ -396,7 +396,7 @@ def test_gradcheck_adjusted_cross_entropy_all_flags(reduction):
     weight = torch.rand(C, generator=g, dtype=F64) + 0.2
 
     def fn(x):
-        return R.adjusted_cross_entropy(x, y, prior=prior, tau=0.7, cloud=cloud, noise_mul=0.8, seed=1234,
+        return R.adjusted_cross_entropy(x, y, log_prior=prior, tau=0.7, cloud=cloud, noise_mul=0.8, seed=1234,
                                         margin=margin, scale=3.0, weight=weight, label_smoothing=0.15,
                                         reduction=reduction)
 
@@ -410,11 +410,11 @@ def test_focal_gradient_with_all_flags_is_factor_times_plain_gradient():
     z = torch.randn(N, C, generator=g, dtype=F64)
     y = torch.randint(0, C, (N,), generator=g)
     y[3] = -100
-    kw = dict(prior=torch.log(torch.rand(C, generator=g, dtype=F64) + 0.1), tau=0.7,
+    kw = dict(log_prior=torch.log(torch.rand(C, generator=g, dtype=F64) + 0.1), tau=0.7,
               cloud=torch.rand(C, generator=g, dtype=F64), noise_mul=0.8, seed=77,
               margin=torch.rand(C, generator=g, dtype=F64) * 0.5, scale=3.0,
               weight=torch.rand(C, generator=g, dtype=F64) + 0.2, label_smoothing=0.1)
-    a = R.adjusted_logits(z, y, prior=kw["prior"], tau=0.7, cloud=kw["cloud"], noise_mul=0.8, seed=77,
+    a = R.adjusted_logits(z, y, log_prior=kw["log_prior"], tau=0.7, cloud=kw["cloud"], noise_mul=0.8, seed=77,
                           margin=kw["margin"], scale=3.0)
     safe_y = y.clamp(min=0)
     p_y = torch.softmax(a, dim=1).gather(1, safe_y[:, None])[:, 0]
@@ -594,7 +594,7 @@ def _dtype_cases(C):
         "gcl": (30.0, lambda x, y, dt: R.gcl_cross_entropy(x.clamp(-1, 1), y, cloud.to(dt), 0.5, 30.0, 1.0,
                                                            seed=5, reduction="none")),
         "lade": (1.0, lambda x, y, dt: R.lade_loss(x, y, pi.to(dt), 0.1, 0.1).reshape(1)),
-        "focal": (1.0, lambda x, y, dt: R.adjusted_cross_entropy(x, y, prior=log_pi.to(dt), gamma=2.0,
+        "focal": (1.0, lambda x, y, dt: R.adjusted_cross_entropy(x, y, log_prior=log_pi.to(dt), gamma=2.0,
                                                                  label_smoothing=0.1, reduction="none")),
     }
 

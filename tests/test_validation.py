@@ -493,3 +493,24 @@ def test_valid_edge_values_are_accepted():
     assert torch.isfinite(la(z, y, tau=0.0))
     for reduction in ("mean", "sum", "none"):
         la(z, y, reduction=reduction)
+
+
+def test_prior_is_the_deprecated_name_of_log_prior():
+    """``prior=`` of the adjusted cross-entropy and the heads (it held log pi) still works, with a DeprecationWarning,
+    and gives what ``log_prior=`` gives; both at once is an error naming them."""
+    z, y = data()
+    lp = P.log_prior(COUNTS)
+    want = LF.adjusted_cross_entropy(z, y, log_prior=lp, tau=0.5)
+    with pytest.warns(DeprecationWarning, match="log_prior"):
+        got = LF.adjusted_cross_entropy(z, y, prior=lp, tau=0.5)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.warns(DeprecationWarning, match="log_prior"):
+        torch.testing.assert_close(R.adjusted_cross_entropy(z, y, prior=lp, tau=0.5), want, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="log_prior"):
+        LF.adjusted_cross_entropy(z, y, prior=lp, log_prior=lp)
+    f, w = torch.randn(z.shape[0], 3), torch.randn(C, 3)
+    head_want = LF.linear_cross_entropy(f, w, y, log_prior=lp)
+    with pytest.warns(DeprecationWarning, match="log_prior"):
+        torch.testing.assert_close(LF.linear_cross_entropy(f, w, y, prior=lp), head_want, rtol=0, atol=0)
+    with pytest.warns(DeprecationWarning, match="log_prior"):
+        LF.cosine_cross_entropy(f, w, y, prior=lp)

@@ -1,0 +1,52 @@
+"""Which backend runs a call: the Triton kernels or the pure-PyTorch reference (the bottom of the package: it
+imports nothing of fastlt but the argument checks)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import _validation as V
+
+__all__ = ["use_triton", "kernels_available", "interpreting"]
+
+
+def use_triton(backend: str, logits) -> bool:
+    """Resolve ``backend`` ('auto', 'torch' or 'triton') for ``logits`` (or features): 'auto' takes the kernels for
+    CUDA tensors when Triton is importable, the reference otherwise; 'triton' raises ``RuntimeError`` where the
+    kernels cannot run (no triton, or CPU tensors without ``TRITON_INTERPRET=1``)."""
+    V.check_choice("backend", backend, V.BACKENDS)
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return isinstance(logits, torch.Tensor) and logits.is_cuda and kernels_available()
+    if not kernels_available():
+        raise RuntimeError("backend='triton' needs the triton package, which is not importable here")
+    if isinstance(logits, torch.Tensor) and not logits.is_cuda and not interpreting():
+        raise RuntimeError(
+            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported, "
+            f"which runs the kernels on the CPU); got a tensor on {logits.device}"
+        )
+    return True
+
+
+_AVAILABLE: bool | None = None  # kernels_available's answer, once asked
+
+
+def kernels_available() -> bool:
+    """Whether triton imports here (tried once, at the first call)."""
+    global _AVAILABLE
+    if _AVAILABLE is None:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            _AVAILABLE = False
+        else:
+            _AVAILABLE = True
+    return _AVAILABLE
+
+
+def interpreting() -> bool:
+    """Whether Triton runs its kernels in the interpreter (``TRITON_INTERPRET=1``: on the CPU)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -1,0 +1,164 @@
+"""The benchmark harness that ``fastlt bench`` (:mod:`fastlt.bench`, the logits losses) and ``fastlt bench --heads``
+(:mod:`fastlt.bench_heads`, the fused heads) share, so that a number means the same thing wherever it is printed:
+the device and its measured bandwidth, the floors, the timing of one step (median ms by CUDA events, peak extra
+memory, host ms), the non-leaf input every timed step goes through, CUDA-graph replay, and the peers' helpers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+__all__ = ["DTYPES", "Device", "Measured", "measure_bandwidth", "floor_ms", "host_ms", "time_step", "measure_case",
+           "GradSink", "long_tail_counts", "graphed", "gcl_gpu_noise", "fmt_host"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class Measured(NamedTuple):
+    """One case's numbers (None when it failed, ``note`` saying why)."""
+
+    ms: float | None
+    extra_gb: float | None
+    host_ms: float | None
+    note: str = ""
+
+
+@dataclass
+class Device:
+    name: str
+    bandwidth: float  # bytes / s, device-to-device copy (read + write)
+    meta: dict = field(default_factory=dict)
+
+
+def measure_bandwidth() -> float:
+    """Bytes per second of a 2 GiB device-to-device copy, counting bytes read and written."""
+    import triton.testing
+
+    n = 1 << 29
+    a = torch.empty(n, dtype=torch.float32, device="cuda")
+    b = torch.empty_like(a)
+    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=50, rep=200, return_mode="median")
+    return 2 * n * 4 / (ms * 1e-3)
+
+
+def floor_ms(N: int, C: int, dtype: torch.dtype, bandwidth: float) -> float:
+    return 2 * N * C * torch.finfo(dtype).bits / 8 / bandwidth * 1e3
+
+
+def host_ms(step: Callable[[], None], *, reps: int = 10, sync: Callable[[], None] | None = None) -> float:
+    """Host (CPU) milliseconds per call of ``step``: ``reps`` calls after a device sync, the clock stopped before
+    the next sync, so it counts Python and launch work, not kernel time (unless the step waits for the device
+    itself). A step whose host time is near its device time is host-bound."""
+    sync = sync or torch.cuda.synchronize
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        step()
+    elapsed = time.perf_counter() - t0
+    sync()
+    return elapsed / reps * 1e3
+
+
+def time_step(step: Callable[[], None], *, reps: int | None = None) -> tuple[float, float, float | None]:
+    """(median ms, peak extra GB, host ms) of ``step``; ``reps`` for very slow peers (host timing, no host ms)."""
+    import triton.testing
+
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    extra = (torch.cuda.max_memory_allocated() - base) / 1e9
+    if reps is not None:
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) * 1e3)
+        times.sort()
+        return times[len(times) // 2], extra, None
+    ms = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
+    return ms, extra, host_ms(step)
+
+
+def measure_case(make: Callable[[], Callable[[], None]], *, reps: int | None = None) -> Measured:
+    """The :class:`Measured` numbers of the step ``make()`` builds; all None with the reason in ``note`` when it
+    runs out of memory or fails (a failing peer is reported, not fatal). Frees the step's memory afterwards."""
+    step = None
+    try:
+        step = make()
+        return Measured(*time_step(step, reps=reps))
+    except torch.cuda.OutOfMemoryError:
+        return Measured(None, None, None, "out of memory")
+    except Exception as exc:  # noqa: BLE001 - any failure of a peer becomes its note
+        return Measured(None, None, None, f"{type(exc).__name__}: {exc}"[:120])
+    finally:
+        step = None
+        torch.cuda.empty_cache()
+
+
+# --- what every case is built from ------------------------------------------------------------------------------
+
+class GradSink(torch.autograd.Function):
+    """Identity whose backward drops the incoming gradient. Every timed input goes through it, so the loss
+    sees a non-leaf tensor (as a layer's output is) and its gradient is handed on as a layer below would
+    receive it; a leaf input would make autograd copy an in-place gradient into ``.grad``, an extra full
+    pass that no training step pays."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+def long_tail_counts(C: int) -> torch.Tensor:
+    """A long-tailed count profile (imbalance 1000, exponential), as iNaturalist-like data has."""
+    j = torch.arange(C, dtype=torch.float64)
+    return torch.floor(1000.0 * 1000.0 ** (-j / max(C - 1, 1))).clamp(min=1)
+
+
+def graphed(make):
+    """The step of ``make`` captured once in a CUDA graph and replayed: the same kernels without the host's
+    launch overhead (what a training loop under CUDA graphs pays; small shapes are host-bound otherwise)."""
+    def build():
+        step = make()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up (compile, allocate) off the capture
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        return graph.replay
+    return build
+
+
+def _gcl_gpu_noise(cos, y, cloud, m=0.5, s=30.0, noise_mul=1.0):
+    """GCL as the official loss computes it, with its noise drawn on the GPU (torch.randn)."""
+    noise = (torch.randn_like(cos, dtype=torch.float32) / 3).clamp(-1, 1).abs()
+    c = cos - (noise_mul * noise * cloud).to(cos.dtype)
+    onehot = torch.nn.functional.one_hot(y, cos.shape[1]).bool()
+    return torch.nn.functional.cross_entropy(s * torch.where(onehot, c - m, c), y)
+
+
+def gcl_gpu_noise(cos, y, cloud, m=0.5, s=30.0, noise_mul=1.0):
+    """GCL as the official loss computes it, with its noise drawn on the GPU (torch.randn)."""
+    noise = (torch.randn_like(cos, dtype=torch.float32) / 3).clamp(-1, 1).abs()
+    c = cos - (noise_mul * noise * cloud).to(cos.dtype)
+    onehot = torch.nn.functional.one_hot(y, cos.shape[1]).bool()
+    return torch.nn.functional.cross_entropy(s * torch.where(onehot, c - m, c), y)
+
+
+def fmt_host(host: float | None) -> str:
+    return "—" if host is None else f"{host:.3f}"

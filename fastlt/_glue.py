@@ -1,0 +1,261 @@
+"""Autograd over the adjusted cross-entropy and LADE kernels, two ways to the same launchers:
+
+- eager: :class:`AdjustedCEFunction` / :class:`LADEFunction`, autograd Functions taking the logits, the targets and
+  the declared parameter groups (:class:`fastlt._operator.AdjustedCEArgs`, :class:`fastlt._operator.LadeArgs`);
+  backward returns one gradient and None for the rest. No dispatcher on the way: small batches are host-bound.
+- ``torch.compile``: the ``torch.library`` custom ops ``fastlt::adjusted_ce_forward``,
+  ``fastlt::adjusted_ce_backward`` and ``fastlt::lade_forward``, whose schemas come from the declarations, with
+  registered autograd, so the compiler sees opaque ops, not graph breaks. Under compile ``grad_in_forward`` is
+  ignored (an op that mutates its input cannot carry registered autograd): the recompute backward runs instead.
+
+Nothing here synchronises with the GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+from . import _operator as O
+from ._custom_ops import define, input_grads, save_inputs, saved_inputs
+from ._first_order import first_order
+from ._operator import AdjustedCEArgs, LadeArgs
+from ._validation import as_index_target
+from .kernels import lade as lade_kernels
+from .kernels import launch
+
+__all__ = ["AdjustedCEFunction", "LADEFunction", "adjusted_cross_entropy_triton", "lade_loss_triton",
+           "check_kernel_input", "lade_operator_args"]
+
+# bumps a tensor's version counter after a write autograd did not see (torch >= 2.1; a no-op before)
+_increment_version = getattr(torch.autograd.graph, "increment_version", lambda tensor: None)
+
+
+# --- implementations shared by both paths --------------------------------------------------------------------------
+
+def _forward(logits, target, args: AdjustedCEArgs, grad_out=None, out_dtype=torch.float32):
+    """``(loss, row_stats, row_coef)``: the row kernel, whose last program reduces the batch (:func:`launch.loss`)."""
+    return launch.loss(logits, target, args, grad_out=grad_out, out_dtype=out_dtype)
+
+
+def _backward(grad_output, logits, target, args: AdjustedCEArgs, row_stats, row_coef, columns=None):
+    """The recompute backward; ``columns``: LADE's (3, C) column term, which the kernel scales by the scalar
+    ``grad_output`` itself."""
+    column_term = None if columns is None else tuple(columns)
+    return launch.grad(logits, target, args, row_stats, row_coef, grad_output.contiguous(), column_term=column_term)
+
+
+def _lade_forward(logits, target, args: AdjustedCEArgs, lade: LadeArgs, out_dtype=torch.float32):
+    """``(loss, row_stats, row_coef, columns)``, ``columns`` the (3, C) column term: two launches
+    (:func:`fastlt.kernels.lade.forward`)."""
+    loss, row_stats, row_coef, terms = lade_kernels.forward(logits, target, lade.prior, lade.alpha,
+                                                            lade.remine_lambda, args, out_dtype=out_dtype)
+    return loss, row_stats, row_coef, terms.columns
+
+
+# --- torch.compile path: custom ops with registered autograd ----------------------------------------------------
+# Under torch.compile the losses are these opaque ops (no graph break); their backward is registered with
+# torch.library.register_autograd. Eager calls skip the op dispatch and use the Functions below.
+
+@define("fastlt::adjusted_ce_forward", "Tensor logits, Tensor target", [AdjustedCEArgs], "(Tensor, Tensor, Tensor)")
+def adjusted_ce_forward_op(logits, target, *flat):
+    (args,) = O.unflatten([AdjustedCEArgs], flat)
+    return _forward(logits, target, args)
+
+
+@adjusted_ce_forward_op.register_fake
+def _(logits, target, *flat):
+    (args,) = O.unflatten([AdjustedCEArgs], flat)
+    N = logits.shape[0]
+    loss = logits.new_empty((N,) if args.reduction == "none" else (), dtype=torch.float32)
+    return loss, logits.new_empty((2, N), dtype=torch.float32), logits.new_empty(N, dtype=torch.float32)
+
+
+@define("fastlt::adjusted_ce_backward",
+        "Tensor grad_output, Tensor logits, Tensor target, Tensor row_stats, Tensor row_coef, Tensor? columns",
+        [AdjustedCEArgs], "Tensor")
+def adjusted_ce_backward_op(grad_output, logits, target, row_stats, row_coef, columns, *flat):
+    (args,) = O.unflatten([AdjustedCEArgs], flat)
+    return _backward(grad_output, logits, target, args, row_stats, row_coef, columns)
+
+
+@adjusted_ce_backward_op.register_fake
+def _(grad_output, logits, *rest):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _setup_adjusted_ce(ctx, inputs, output):
+    _, row_stats, row_coef = output
+    save_inputs(ctx, inputs, row_stats, row_coef)
+
+
+def _adjusted_ce_backward(ctx, grad_loss, grad_row_stats, grad_row_coef):
+    (logits, target, *flat), (row_stats, row_coef) = saved_inputs(ctx)
+    grad = adjusted_ce_backward_op(grad_loss, logits, target, row_stats, row_coef, None, *flat)
+    return input_grads(ctx, grad)
+
+
+adjusted_ce_forward_op.register_autograd(_adjusted_ce_backward, setup_context=_setup_adjusted_ce)
+
+
+@define("fastlt::lade_forward", "Tensor logits, Tensor target", [AdjustedCEArgs, LadeArgs],
+        "(Tensor, Tensor, Tensor, Tensor)")
+def lade_forward_op(logits, target, *flat):
+    args, lade = O.unflatten([AdjustedCEArgs, LadeArgs], flat)
+    return _lade_forward(logits, target, args, lade)
+
+
+@lade_forward_op.register_fake
+def _(logits, target, *flat):
+    N, C = logits.shape
+    f = torch.float32
+    return (logits.new_empty((), dtype=f), logits.new_empty((2, N), dtype=f), logits.new_empty(N, dtype=f),
+            logits.new_empty((3, C), dtype=f))
+
+
+def _setup_lade(ctx, inputs, output):
+    _, row_stats, row_coef, columns = output
+    save_inputs(ctx, inputs, row_stats, row_coef, columns)
+
+
+def _lade_backward(ctx, grad_loss, *unused):
+    (logits, target, *flat), (row_stats, row_coef, columns) = saved_inputs(ctx)
+    args, _ = O.unflatten([AdjustedCEArgs, LadeArgs], flat)
+    grad = adjusted_ce_backward_op(grad_loss, logits, target, row_stats, row_coef, columns, *O.flatten(args))
+    return input_grads(ctx, grad)
+
+
+lade_forward_op.register_autograd(_lade_backward, setup_context=_setup_lade)
+
+
+# --- eager path: autograd Functions over the launchers ---------------------------------------------------------
+
+class AdjustedCEFunction(torch.autograd.Function):
+    """The adjusted cross-entropy; ``apply(logits, target, args, grad_in_forward)`` -> loss in the logits' dtype.
+
+    ``args`` rides on ctx as it is: its (C,) class tensors are buffers of the caller, never outputs of this
+    Function, so holding them makes no reference cycle (and skips copies, host time that small batches feel).
+    With ``grad_in_forward`` the forward writes d loss / d logits over ``logits`` and backward only rescales it by
+    grad_output (a no-op on the device when grad_output is 1), in place: so it can be used once, and a second
+    backward through the same graph (``retain_graph=True``) raises instead of rescaling it again. First-order only
+    (:func:`fastlt._first_order.first_order`)."""
+
+    @staticmethod
+    def forward(ctx, logits, target, args: AdjustedCEArgs, grad_in_forward: bool):
+        loss, row_stats, row_coef = _forward(logits, target, args, logits if grad_in_forward else None,
+                                             out_dtype=logits.dtype)
+        if grad_in_forward and logits._base is None:
+            # the logits now hold the gradient: an op that saved them for its backward (the output of relu, exp, ...)
+            # must raise autograd's in-place error, not read it. Not for a view: autograd forbids in-place writes
+            # to a view a custom Function returned, and bumping its version would raise for that too
+            _increment_version(logits)
+        ctx.save_for_backward(logits, target, row_stats, row_coef)
+        ctx.args = args
+        ctx.grad_in_forward = grad_in_forward
+        ctx.used = False
+        return loss if loss.dtype == logits.dtype else loss.to(logits.dtype)  # 'none': fp32 rows
+
+    @staticmethod
+    @first_order
+    def backward(ctx, grad_loss):
+        logits, target, row_stats, row_coef = ctx.saved_tensors
+        if ctx.grad_in_forward:
+            if ctx.used:
+                raise RuntimeError("grad_in_forward=True left the gradient in the logits and the first backward "
+                                   "has scaled it in place; the graph cannot be backpropagated twice "
+                                   "(retain_graph=True): use grad_in_forward=False for that")
+            ctx.used = True
+            return launch.scale_by(logits, grad_loss.contiguous()), None, None, None
+        return _backward(grad_loss, logits, target, ctx.args, row_stats, row_coef), None, None, None
+
+
+class LADEFunction(torch.autograd.Function):
+    """LADE: ``apply(logits, target, args, lade)`` -> scalar loss in the logits' dtype; ``args`` its PriorCE
+    operator (:func:`lade_operator_args`)."""
+
+    @staticmethod
+    def forward(ctx, logits, target, args: AdjustedCEArgs, lade: LadeArgs):
+        loss, row_stats, row_coef, columns = _lade_forward(logits, target, args, lade, out_dtype=logits.dtype)
+        ctx.save_for_backward(logits, target, row_stats, row_coef, columns)
+        ctx.args = args
+        return loss
+
+    @staticmethod
+    @first_order
+    def backward(ctx, grad_loss):
+        logits, target, row_stats, row_coef, columns = ctx.saved_tensors
+        return _backward(grad_loss, logits, target, ctx.args, row_stats, row_coef, columns), None, None, None
+
+
+# --- entry points of fastlt.functional ----------------------------------------------------------------------------
+
+def adjusted_cross_entropy_triton(logits: Tensor, target: Tensor, *, noise: Tensor | None = None,
+                                  grad_in_forward: bool = False, **fields) -> Tensor:
+    """The adjusted cross-entropy on the kernels; ``fields``: the operator's parameters by name
+    (:class:`fastlt._operator.AdjustedCEArgs`, ``seed`` may be None)."""
+    target = as_index_target(target)
+    O.check_operator_args(logits, target, noise=noise, **fields)
+    check_kernel_input("logits", logits, noise)
+    if grad_in_forward and logits.requires_grad and logits.is_leaf:
+        raise ValueError("grad_in_forward=True overwrites the logits with their gradient; it cannot be a "
+                         "leaf tensor that requires grad (pass the output of a layer)")
+    args = AdjustedCEArgs.from_kwargs(logits.device, **fields)
+    if torch.compiler.is_compiling():  # an opaque op with registered autograd (recompute backward)
+        return adjusted_ce_forward_op(logits, target, *O.flatten(args))[0].to(logits.dtype)
+    return AdjustedCEFunction.apply(logits, target, args, bool(grad_in_forward))
+
+
+def lade_loss_triton(logits: Tensor, target: Tensor, prior: Tensor, alpha: float = 0.1, remine_lambda: float = 0.1, *,
+                     weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+                     label_smoothing: float = 0.0) -> Tensor:
+    """LADE on the kernels (arguments as :func:`fastlt.functional.lade_loss`)."""
+    target = as_index_target(target)
+    O.check_lade_args(logits, target, prior, alpha, remine_lambda, reduction)
+    O.check_operator_args(logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
+                          label_smoothing=label_smoothing)
+    check_kernel_input("logits", logits)
+    args, lade = lade_operator_args(prior, alpha, remine_lambda, weight=weight, label_smoothing=label_smoothing,
+                                    ignore_index=ignore_index, reduction=reduction)
+    if torch.compiler.is_compiling():
+        return lade_forward_op(logits, target, *O.flatten(args, lade))[0].to(logits.dtype)
+    return LADEFunction.apply(logits, target, args, lade)
+
+
+def check_kernel_input(name: str, t: Tensor, noise: Tensor | None = None) -> None:
+    """What the Triton path cannot take: float64 input (the reference path can) and explicit noise."""
+    if t.dtype == torch.float64:
+        raise TypeError(f"the Triton kernels take float32, bfloat16 or float16 {name}; use backend='torch' "
+                        "for float64")
+    if noise is not None:
+        raise ValueError("noise= is a reference-path option (backend='torch'); the kernels draw the noise "
+                         "from seed= inside the kernel")
+
+
+def lade_operator_args(prior: Tensor, alpha: float, remine_lambda: float, *, weight, label_smoothing, ignore_index,
+                       reduction) -> tuple[AdjustedCEArgs, LadeArgs]:
+    """LADE's PriorCE operator (``log pi`` offset, tau = 1) and its :class:`fastlt._operator.LadeArgs` (pi fp32)."""
+    pi, log_pi = _prior_and_log(prior)
+    args = AdjustedCEArgs.from_kwargs(prior.device, log_prior=log_pi, weight=weight, label_smoothing=label_smoothing,
+                                      ignore_index=ignore_index, reduction=reduction)
+    return args, LadeArgs(prior=pi, alpha=float(alpha), remine_lambda=float(remine_lambda))
+
+
+_LOG_PRIORS = WeakIdKeyDictionary()  # prior tensor -> (its _version, fp32 pi, log pi)
+
+
+def _prior_and_log(prior: Tensor) -> tuple[Tensor, Tensor]:
+    """``(pi, log pi)`` as contiguous fp32, computed once per prior tensor (a module's buffer, typically) and
+    again only after it changes in place (its ``_version``); held weakly, so a freed prior frees its entry. Not
+    cached while compiling or capturing a CUDA graph (a tensor made during capture holds nothing until replay), nor
+    for an inference tensor (made under ``torch.inference_mode``: it has no version counter)."""
+    if (torch.compiler.is_compiling() or prior.is_inference()
+            or (prior.is_cuda and torch.cuda.is_current_stream_capturing())):
+        pi = O.as_f32(prior)
+        return pi, torch.log(pi)
+    hit = _LOG_PRIORS.get(prior)
+    if hit is None or hit[0] != prior._version:
+        pi = O.as_f32(prior)
+        hit = (prior._version, pi, torch.log(pi))
+        _LOG_PRIORS[prior] = hit
+    return hit[1], hit[2]

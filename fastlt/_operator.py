@@ -1,0 +1,409 @@
+"""The adjusted cross-entropy operator's parameters, declared once (docs/design.md, "The operator").
+
+Every logits-input loss of fastlt is one operator on (N, C) logits ``z`` and (N,) targets ``y``::
+
+    a_ij   = s * (z_ij + tau * log_prior_j - noise_mul * cloud_j * e_ij - m_i * [j == y_i])
+    loss_i = focal_i * ((1 - eps) * w_{y_i} * (LSE_j a_ij - a_{i,y_i}) + eps/C * sum_j w_j (LSE_j a_ij - a_ij))
+
+:class:`AdjustedCEArgs` declares its parameters, each with its kind, default and meaning. Everything else is derived
+from that declaration by field name: the argument checks of both backends (:func:`check_operator_args`), the
+kernels' argument bundle (:meth:`AdjustedCEArgs.from_kwargs`), and the ``torch.library`` schemas of the custom ops
+with their flatten / unflatten (:func:`op_schema`, :func:`flatten`, :func:`unflatten`), which also serve the other
+declared groups (LADE's :class:`LadeArgs`, the heads' :class:`ChunkPlan` and :class:`Needs`). Adding a parameter to
+the operator is adding a field here (and its use in the kernel and the reference). Importable without Triton.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _validation as V
+from .noise import SEED_BITS, draw_seed
+
+__all__ = [
+    "AdjustedCEArgs",
+    "LadeArgs",
+    "ChunkPlan",
+    "Needs",
+    "check_operator_args",
+    "check_lade_args",
+    "op_schema",
+    "flatten",
+    "unflatten",
+    "la_fields",
+    "ldam_fields",
+    "gcl_fields",
+]
+
+
+# --- kinds: how a declared parameter is checked and how it crosses a torch.library schema -------------------------
+
+class Kind:
+    """A parameter kind. ``slots``: ``(suffix, schema type)`` of each value the parameter takes in a flat argument
+    list (a custom op's schema); most kinds take one slot named as the parameter."""
+
+    slots: tuple[tuple[str, str], ...] = (("", "Tensor?"),)
+
+    def check(self, name: str, value, spec: Param, num_classes: int, device) -> None:
+        """Raise ``TypeError``/``ValueError`` naming ``name`` when ``value`` is not of this kind."""
+
+    def to_flat(self, value) -> tuple:
+        return (value,)
+
+    def from_flat(self, values: tuple):
+        return values[0]
+
+
+class _Vector(Kind):
+    """A (C,) floating tensor on the logits' device (per-class quantities), or None where ``optional``."""
+
+    def __init__(self, optional: bool = True):
+        self.optional = optional
+        self.slots = (("", "Tensor?" if optional else "Tensor"),)
+
+    def check(self, name, value, spec, num_classes, device):
+        if value is not None or not self.optional:
+            V.check_class_vector(name, value, num_classes, device)
+
+
+class _Float(Kind):
+    """A finite Python real (runtime in the kernels, never constexpr: users schedule them)."""
+
+    slots = (("", "float"),)
+
+    def check(self, name, value, spec, num_classes, device):
+        V.check_finite_float(name, value, min_value=spec.low, max_value=spec.high)
+
+
+class _Int(Kind):
+    """A Python int (not a bool)."""
+
+    def __init__(self, optional: bool = False):
+        self.optional = optional
+        self.slots = (("", "int?" if optional else "int"),)
+
+    def check(self, name, value, spec, num_classes, device):
+        if value is None and self.optional:
+            return
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if spec.low is not None and value < spec.low:
+            raise ValueError(f"{name} must be >= {spec.low:g}, got {value}")
+
+
+class _Bool(Kind):
+    slots = (("", "bool"),)
+
+
+class _Choice(Kind):
+    slots = (("", "str"),)
+
+    def __init__(self, choices: tuple[str, ...]):
+        self.choices = choices
+
+    def check(self, name, value, spec, num_classes, device):
+        V.check_choice(name, value, self.choices)
+
+
+class _Margin(Kind):
+    """A target margin: None (off), a float for every row, or a (C,) tensor looked up by the target class. Two slots:
+    the (C,) tensor and the float."""
+
+    slots = (("_classes", "Tensor?"), ("_value", "float?"))
+
+    def check(self, name, value, spec, num_classes, device):
+        if isinstance(value, Tensor):
+            V.check_class_vector(name, value, num_classes, device)
+        elif value is not None:
+            V.check_finite_float(name, value)
+
+    def to_flat(self, value) -> tuple:
+        return (value, None) if isinstance(value, Tensor) else (None, value)
+
+    def from_flat(self, values: tuple):
+        return values[0] if values[0] is not None else values[1]
+
+
+class _Seed(Kind):
+    """The noise seed: an int in [0, 2^63) (the 64-bit Philox key), or a one-element int64 tensor on the logits'
+    device that the kernels read there (a CUDA graph replays the load, not a baked-in value); None at the public API
+    (one is drawn). Two slots: the int and the tensor."""
+
+    slots = (("", "int"), ("_tensor", "Tensor?"))
+
+    def check(self, name, value, spec, num_classes, device):
+        if isinstance(value, Tensor):
+            V.check_seed_tensor(value, device)
+        elif value is not None:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be a non-negative int or a one-element int64 tensor, got "
+                                f"{type(value).__name__} {value!r}")
+            if not 0 <= value < 2**63:
+                raise ValueError(f"{name} must be in [0, 2^63) (a 64-bit Philox key), got {value}")
+
+    def to_flat(self, value) -> tuple:
+        return (0, value) if isinstance(value, Tensor) else (value, None)
+
+    def from_flat(self, values: tuple):
+        return values[1] if values[1] is not None else values[0]
+
+
+VECTOR = _Vector()
+REQUIRED_VECTOR = _Vector(optional=False)
+FLOAT = _Float()
+INT = _Int()
+OPTIONAL_INT = _Int(optional=True)
+BOOL = _Bool()
+MARGIN = _Margin()
+SEED = _Seed()
+
+
+@dataclass(frozen=True)
+class Param:
+    """A declared parameter: its kind, its meaning (one line, for docs and errors) and inclusive bounds."""
+
+    kind: Kind
+    meaning: str
+    low: float | None = None
+    high: float | None = None
+
+
+def param(default, kind: Kind, meaning: str, *, low: float | None = None, high: float | None = None):
+    """A dataclass field declaring one parameter (see :class:`Param`)."""
+    return field(default=default, metadata={"param": Param(kind, meaning, low, high)})
+
+
+def declared(cls):
+    """Class decorator of a declared group (after ``@dataclass``): its ``(name, Param)`` pairs, in declaration order,
+    become the tuple ``cls.__params__`` (a plain attribute, which ``torch.compile`` traces)."""
+    cls.__params__ = tuple((f.name, f.metadata["param"]) for f in dataclasses.fields(cls))
+    return cls
+
+
+def params(group) -> tuple[tuple[str, Param], ...]:
+    """``(name, Param)`` of a declared group (class or instance), in declaration order."""
+    return group.__params__
+
+
+# --- the operator ---------------------------------------------------------------------------------------------------
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+@declared
+@dataclass(frozen=True)
+class AdjustedCEArgs:
+    """The parameters of the adjusted cross-entropy operator, as the kernels take them: tensors are (C,) fp32 and live
+    on the logits' device; scalars are Python numbers. Build it with :meth:`from_kwargs` (checked, converted)."""
+
+    log_prior: Tensor | None = param(None, VECTOR, "(C,) log pi_j of the training prior; the offset is tau * log_prior")
+    tau: float = param(1.0, FLOAT, "the weight of the prior offset")
+    cloud: Tensor | None = param(None, VECTOR, "(C,) GCL cloud sizes delta_j / max(delta), times noise_mul")
+    noise_mul: float = param(0.0, FLOAT, "the scale of GCL's noise (0: no noise)")
+    margin: float | Tensor | None = param(None, MARGIN, "the target margin m_i: a float, or (C,) looked up by y_i")
+    scale: float = param(1.0, FLOAT, "s, the scale of the adjusted logits")
+    gamma: float = param(0.0, FLOAT, "the focal exponent (1 - p_{i,y_i})^gamma, p detached", low=0.0)
+    label_smoothing: float = param(0.0, FLOAT, "eps, as F.cross_entropy's", low=0.0, high=1.0)
+    weight: Tensor | None = param(None, VECTOR, "(C,) class weights w_j, as F.cross_entropy's")
+    ignore_index: int = param(-100, INT, "the target of rows that count nowhere")
+    reduction: str = param("mean", _Choice(REDUCTIONS), "'mean' (over sum_i w_{y_i}), 'sum' or 'none'")
+    seed: int | Tensor = param(0, SEED, "GCL's noise seed: an int, or a (1,) int64 tensor on the device")
+    noise_row_offset: int = param(0, INT, "the global index of row 0 (chunked callers): noise is f(seed, row, col)")
+
+    @property
+    def has_noise(self) -> bool:
+        return self.cloud is not None and self.noise_mul != 0.0
+
+    @property
+    def seed_from_device(self) -> bool:
+        """The kernels read the seed from the (1,) tensor ``seed`` rather than take it as an int."""
+        return self.has_noise and isinstance(self.seed, Tensor)
+
+    @property
+    def margin_mode(self) -> int:
+        """0: no margin; 1: one float for every row; 2: a (C,) tensor looked up by the target."""
+        return 0 if self.margin is None else (2 if isinstance(self.margin, Tensor) else 1)
+
+    @property
+    def margin_vector(self) -> Tensor | None:
+        return self.margin if isinstance(self.margin, Tensor) else None
+
+    @property
+    def margin_value(self) -> float:
+        return self.margin if isinstance(self.margin, float) else 0.0
+
+    @property
+    def seed_value(self) -> int:
+        return 0 if isinstance(self.seed, Tensor) else self.seed
+
+    @functools.cached_property
+    def weight_total(self) -> Tensor:
+        """(1,) fp32 ``sum_j w_j`` of the class weights (once per args: the forward and the backward share it)."""
+        return self.weight.to(torch.float32).sum().reshape(1)
+
+    @classmethod
+    def from_kwargs(cls, device, **fields) -> AdjustedCEArgs:
+        """The kernels' arguments from checked public ones: class tensors as contiguous fp32, scalars as Python
+        numbers, ``margin`` a float or a (C,) tensor, ``seed`` an int or a (1,) int64 tensor on ``device``. When the
+        noise is on and ``seed`` is None, one is drawn from torch's CPU generator (the reference path draws the same
+        one); under ``torch.compile`` it is drawn on ``device`` by an op of the graph instead, so each call of the
+        compiled graph gets a fresh one (a host int would break the graph, or be baked into it)."""
+        out = {}
+        for name, spec in params(cls):
+            if name not in fields:
+                continue
+            value = fields[name]
+            if spec.kind is VECTOR:
+                value = as_f32(value)
+            elif spec.kind is FLOAT:
+                value = float(value)
+            elif spec.kind is MARGIN and value is not None:
+                value = as_f32(value) if isinstance(value, Tensor) else float(value)
+            elif spec.kind is INT:
+                value = int(value)
+            elif spec.kind is SEED and isinstance(value, Tensor):
+                value = value.reshape(1).contiguous()
+            out[name] = value
+        if out.get("seed") is None:
+            noise = out.get("cloud") is not None and out.get("noise_mul", 0.0) != 0.0
+            out["seed"] = _fresh_seed(device) if noise else 0
+        return cls(**out)
+
+
+def _fresh_seed(device) -> int | Tensor:
+    if torch.compiler.is_compiling():
+        return torch.randint(0, 2**SEED_BITS, (1,), dtype=torch.int64, device=device)
+    return draw_seed()
+
+
+def as_f32(t: Tensor | None) -> Tensor | None:
+    """``t`` as a contiguous fp32 tensor (itself when it is one already: a module's buffer costs no dispatch)."""
+    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
+        return t
+    return t.to(torch.float32).contiguous()
+
+
+def check_operator_args(logits, target, *, noise=None, **fields) -> None:
+    """Check the logits, the targets and the operator's parameters given by name (those of :class:`AdjustedCEArgs`;
+    ``seed`` may be None), for either backend: clear errors naming the argument, no host sync. ``logits`` may be a
+    broadcast stand-in (the heads check without materialising them). ``noise``: the reference path's explicit
+    (N, C) noise."""
+    V.check_logits("logits", logits)
+    V.check_target(target, logits, fields.get("ignore_index", -100))
+    num_classes, device = logits.shape[1], logits.device
+    for name, spec in params(AdjustedCEArgs):
+        if name in fields:
+            spec.kind.check(name, fields[name], spec, num_classes, device)
+    if noise is not None:
+        if not isinstance(noise, Tensor) or noise.shape != logits.shape:
+            raise ValueError(f"noise must be a tensor of the logits' shape {tuple(logits.shape)}")
+        if noise.device != logits.device:
+            raise ValueError(f"noise is on {noise.device} but the logits are on {logits.device}")
+
+
+def check_lade_args(logits, target, prior, alpha, remine_lambda, reduction) -> None:
+    """LADE's own arguments (beside its PriorCE operator's): ``prior`` (C,) pi, finite ``alpha`` and
+    ``remine_lambda``, and a reduced loss (LADER is a batch statistic)."""
+    V.check_logits("logits", logits)
+    num_classes, device = logits.shape[1], logits.device
+    values = dict(prior=prior, alpha=alpha, remine_lambda=remine_lambda)
+    for name, spec in params(LadeArgs):
+        spec.kind.check(name, values[name], spec, num_classes, device)
+    if reduction == "none":
+        raise ValueError("reduction='none' is not defined for LADELoss: its LADER term is a batch-level "
+                         "statistic; use 'mean' or 'sum'")
+
+
+# --- the presets: each paper's hyperparameters mapped to the operator's, once ---------------------------------------
+
+def la_fields(log_prior, tau: float) -> dict[str, Any]:
+    """Logit adjustment (Menon et al., 2021) and Balanced Softmax (tau = 1): ``CE(z + tau * log_prior)``."""
+    return dict(log_prior=log_prior, tau=tau)
+
+
+def ldam_fields(margins, s: float) -> dict[str, Any]:
+    """LDAM (Cao et al., 2019): ``CE(s * (z - m_y onehot(y)))``, ``margins`` (C,)."""
+    return dict(margin=margins, scale=s)
+
+
+def gcl_fields(cloud, m: float, s: float, noise_mul: float, gamma: float) -> dict[str, Any]:
+    """GCL (Li et al., 2022) on cosine logits: ``CE(s * (cos - noise_mul * cloud * e - m onehot(y)))``, focal gamma."""
+    return dict(cloud=cloud, noise_mul=noise_mul, margin=m, scale=s, gamma=gamma)
+
+
+# --- the other declared groups of the custom ops -------------------------------------------------------------------
+
+@declared
+@dataclass(frozen=True)
+class LadeArgs:
+    """LADE's parameters beside its PriorCE operator (``log_prior = log pi``, tau = 1)."""
+
+    prior: Tensor = param(None, REQUIRED_VECTOR, "(C,) fp32 training prior pi (probabilities)")
+    alpha: float = param(0.1, FLOAT, "the weight of LADER")
+    remine_lambda: float = param(0.1, FLOAT, "LADER's quadratic penalty lambda")
+
+
+@declared
+@dataclass(frozen=True)
+class ChunkPlan:
+    """How a fused head walks its (N, C) logits: ``rows`` per row chunk, or ``classes`` per class chunk (set: the
+    class-chunked path)."""
+
+    rows: int = param(1, INT, "rows per chunk of the row-chunked path", low=1)
+    classes: int | None = param(None, OPTIONAL_INT, "classes per chunk of the class-chunked path (None: rows)")
+
+
+@declared
+@dataclass(frozen=True)
+class Needs:
+    """Which gradients of a fused head to compute: features, weight, bias."""
+
+    x: bool = param(False, BOOL, "d loss / d features")
+    w: bool = param(False, BOOL, "d loss / d weight")
+    b: bool = param(False, BOOL, "d loss / d bias")
+
+    @property
+    def any(self) -> bool:
+        return self.x or self.w or self.b
+
+
+# --- flat forms for torch.library, derived from the declarations -------------------------------------------------
+
+def op_schema(inputs: str, groups: Iterable[type], outputs: str) -> str:
+    """A custom op's schema: ``(inputs, <each group's slots>) -> outputs``; slot names are the field names (plus
+    the kind's suffixes)."""
+    slots = [f"{typ} {name}{suffix}" for g in groups for name, spec in params(g) for suffix, typ in spec.kind.slots]
+    return f"({', '.join([inputs] + slots if inputs else slots)}) -> {outputs}"
+
+
+def flatten(*groups) -> tuple:
+    """The flat values of declared dataclass instances, in the order of :func:`op_schema`."""
+    return tuple(v for g in groups for name, spec in params(g) for v in spec.kind.to_flat(getattr(g, name)))
+
+
+def unflatten(groups: Iterable[type], flat: Iterable) -> tuple:
+    """Instances of the declared ``groups`` from their flat values (:func:`flatten`'s inverse), field by field."""
+    values = iter(flat)
+    out = []
+    for g in groups:
+        kw = {}
+        for name, spec in params(g):
+            kw[name] = spec.kind.from_flat(tuple(next(values) for _ in spec.kind.slots))
+        out.append(g(**kw))
+    rest = tuple(values)
+    if rest:
+        raise ValueError(f"{len(rest)} flat values left over after {[g.__name__ for g in groups]}")
+    return tuple(out)
+
+
+def num_slots(groups: Iterable[type]) -> int:
+    """How many flat values the declared ``groups`` take."""
+    return sum(len(spec.kind.slots) for g in groups for _, spec in params(g))
+

@@ -1,0 +1,119 @@
+"""The fused heads as functions: features in, loss out, never the (N, C) logits (docs/design.md, "Fused heads").
+
+``backend='auto'`` (default) runs the fused kernels for CUDA tensors and the reference (:mod:`fastlt.reference`:
+the dense logits, then the loss) elsewhere; ``'triton'`` / ``'torch'`` force one.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .. import _validation as V
+from .. import reference as R
+from .._backend import use_triton
+
+__all__ = ["linear_cross_entropy", "cosine_cross_entropy", "lade_linear_loss"]
+
+
+def linear_cross_entropy(features: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None, *,
+                         log_prior: Tensor | None = None, tau: float = 1.0, margin: float | Tensor | None = None,
+                         scale: float = 1.0, cloud: Tensor | None = None, noise_mul: float = 0.0,
+                         seed: int | Tensor | None = None, noise: Tensor | None = None, gamma: float = 0.0,
+                         weight_classes: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+                         label_smoothing: float = 0.0, backend: str = "auto", chunk_rows: int | None = None,
+                         chunk_classes: int | None = None, prior: Tensor | None = None) -> Tensor:
+    """The adjusted cross-entropy on the logits of a linear layer, ``z = features @ weight^T + bias``, without
+    holding the (N, C) logits.
+
+    Args:
+        features: (N, D) fp32, bf16 or fp16 (float64: ``backend='torch'`` only).
+        weight: (C, D), the features' dtype and device.
+        target: (N,) integer class indices, or ``ignore_index``.
+        bias: (C,) or None.
+        log_prior, tau, margin, scale, cloud, noise_mul, seed, gamma, ignore_index, reduction, label_smoothing: the
+            operator's parameters, as :func:`fastlt.functional.adjusted_cross_entropy`.
+        noise: (N, C) explicit noise, reference path only.
+        weight_classes: (C,) class weights of the loss.
+        backend: 'auto', 'triton' or 'torch'.
+        chunk_rows: rows per chunk of the row-chunked path (default: :func:`fastlt.heads.plan.head_chunk_rows`: the
+            whole batch when its logits fit in 512 MiB plus the fp32 dW accumulator that row chunks need, else a
+            <= 512 MiB buffer).
+        chunk_classes: classes per chunk of the class-chunked path (a multiple of 8). By default the path is picked
+            by count (:func:`fastlt.heads.plan.prefer_class_chunks`: class chunks when the batch takes several row
+            chunks and C is so large that they would re-read an fp32 dW accumulator many times).
+        prior: the old name of ``log_prior`` (deprecated).
+
+    Returns:
+        The loss in the features' dtype: 0-dim, or (N,) for ``reduction='none'``.
+    """
+    V.check_chunks(chunk_rows, chunk_classes)
+    log_prior = V.renamed_argument("log_prior", log_prior, "prior", prior)
+    fields = dict(log_prior=log_prior, tau=tau, margin=margin, scale=scale, cloud=cloud, noise_mul=noise_mul,
+                  seed=seed, gamma=gamma, ignore_index=ignore_index, reduction=reduction,
+                  label_smoothing=label_smoothing)
+    if not use_triton(backend, features):
+        return R.reference_linear_cross_entropy(features, weight, target, bias, noise=noise,
+                                                weight_classes=weight_classes, **fields)
+    from .glue import run_head
+
+    return run_head(features, weight, bias, target, dict(fields, weight=weight_classes), cosine=False, eps=0.0,
+                    chunk_rows=chunk_rows, chunk_classes=chunk_classes, noise=noise)
+
+
+def cosine_cross_entropy(features: Tensor, weight: Tensor, target: Tensor, *, log_prior: Tensor | None = None,
+                         tau: float = 1.0, margin: float | Tensor | None = None, scale: float = 1.0,
+                         cloud: Tensor | None = None, noise_mul: float = 0.0, seed: int | Tensor | None = None,
+                         noise: Tensor | None = None, gamma: float = 0.0, weight_classes: Tensor | None = None,
+                         ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                         backend: str = "auto", chunk_rows: int | None = None, chunk_classes: int | None = None,
+                         eps: float = 1e-12, prior: Tensor | None = None) -> Tensor:
+    """As :func:`linear_cross_entropy` (no bias) on cosine logits ``cos_ij = <f_i/|f_i|, w_j/|w_j|>``: rows of
+    ``features`` and ``weight`` are L2-normalised (norms once, in fp32, clamped at ``eps`` as ``F.normalize``) and
+    the gradient flows through the normalisation. GCL is ``cloud=gcl_cloud(counts), noise_mul, margin=m,
+    scale=s`` (see :class:`fastlt.CosineGCLHead`)."""
+    V.check_chunks(chunk_rows, chunk_classes)
+    V.check_finite_float("eps", eps, min_value=0.0, min_inclusive=False)
+    log_prior = V.renamed_argument("log_prior", log_prior, "prior", prior)
+    fields = dict(log_prior=log_prior, tau=tau, margin=margin, scale=scale, cloud=cloud, noise_mul=noise_mul,
+                  seed=seed, gamma=gamma, ignore_index=ignore_index, reduction=reduction,
+                  label_smoothing=label_smoothing)
+    if not use_triton(backend, features):
+        return R.reference_cosine_cross_entropy(features, weight, target, noise=noise, eps=eps,
+                                                weight_classes=weight_classes, **fields)
+    from .glue import run_head
+
+    return run_head(features, weight, None, target, dict(fields, weight=weight_classes), cosine=True, eps=eps,
+                    chunk_rows=chunk_rows, chunk_classes=chunk_classes, noise=noise)
+
+
+def lade_linear_loss(features: Tensor, weight: Tensor, target: Tensor, prior: Tensor, bias: Tensor | None = None, *,
+                     alpha: float = 0.1, remine_lambda: float = 0.1, weight_classes: Tensor | None = None,
+                     ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                     backend: str = "auto", chunk_rows: int | None = None,
+                     chunk_classes: int | None = None) -> Tensor:
+    """LADE (Hong et al., CVPR 2021) on ``z = features @ weight^T + bias`` without the (N, C) logits.
+
+    Args:
+        features: (N, D); weight: (C, D); bias: (C,) or None; one float dtype.
+        target: (N,) integer class indices, or ``ignore_index``.
+        prior: (C,) training prior pi (probabilities).
+        alpha, remine_lambda, weight_classes, ignore_index, label_smoothing: as :func:`fastlt.functional.lade_loss`
+            (``weight_classes`` its ``weight``).
+        reduction: 'mean' or 'sum'.
+        backend, chunk_rows, chunk_classes: as :func:`linear_cross_entropy` (class chunks by default whenever the
+            rows would take more than one chunk).
+
+    Returns:
+        The loss in the features' dtype (0-dim).
+    """
+    V.check_chunks(chunk_rows, chunk_classes)
+    if not use_triton(backend, features):
+        return R.reference_lade_linear_loss(features, weight, target, prior, bias, alpha=alpha,
+                                            remine_lambda=remine_lambda, weight_classes=weight_classes,
+                                            ignore_index=ignore_index, reduction=reduction,
+                                            label_smoothing=label_smoothing)
+    from .glue import run_lade_head
+
+    return run_lade_head(features, weight, bias, target, prior, alpha=alpha, remine_lambda=remine_lambda,
+                         weight_classes=weight_classes, ignore_index=ignore_index, reduction=reduction,
+                         label_smoothing=label_smoothing, chunk_rows=chunk_rows, chunk_classes=chunk_classes)

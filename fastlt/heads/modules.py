@@ -1,0 +1,266 @@
+"""The fused heads as modules: :class:`LinearLossHead` (``nn.Linear`` + a long-tail loss) and :class:`CosineGCLHead`
+(a cosine classifier + GCL), ``head(features, target) -> loss`` without the (N, C) logits in memory on CUDA (the
+reference path elsewhere), with ``logits(features)`` and a row-chunked ``topk(features, k)`` for inference."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import _validation as V
+from .._count_buffers import CountBuffers, MarginSchedule
+from .._operator import gcl_fields, la_fields, ldam_fields
+from ..priors import gcl_cloud_from, ldam_margins_from, log_prior_from, prior_from
+from ..reference import normalize_rows
+from .functional import cosine_cross_entropy, lade_linear_loss, linear_cross_entropy
+from .plan import default_chunk_rows, row_chunks
+
+__all__ = ["LinearLossHead", "CosineGCLHead"]
+
+_HEAD_LOSSES = ("ce", "la", "balanced_softmax", "ldam", "lade")
+F64 = torch.float64
+
+
+def _count_dtype(dtype) -> torch.dtype | None:
+    """The dtype of a head's count buffers: float64 for a float64 head (exact, as ``.double()`` makes them), else
+    float32 (what the kernels read)."""
+    return F64 if dtype == F64 else None
+
+
+class _HeadBase(CountBuffers):
+    """Shared arguments: class weights, ignore_index, reduction, label smoothing, backend, and the fused path's
+    ``chunk_rows`` / ``chunk_classes`` (at most one; see :func:`fastlt.heads.linear_cross_entropy`)."""
+
+    def __init__(self, in_features: int, num_classes: int, *, weight_classes=None, ignore_index: int = -100,
+                 reduction: str = "mean", label_smoothing: float = 0.0, backend: str = "auto",
+                 chunk_rows: int | None = None, chunk_classes: int | None = None):
+        super().__init__()
+        for name, v in (("in_features", in_features), ("num_classes", num_classes)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self.in_features, self.num_classes = in_features, num_classes
+        # weight_classes stays out of the state dict (like the priors): a head's state dict is its layer's
+        # (nn.Linear's weight and bias, CosineClassifier's weight), so checkpoints move between the two
+        V.init_loss_options(self, "weight_classes", weight_classes, num_classes, ignore_index=ignore_index,
+                            reduction=reduction, label_smoothing=label_smoothing, backend=backend, persistent=False)
+        V.check_chunks(chunk_rows, chunk_classes)
+        self.chunk_rows, self.chunk_classes = chunk_rows, chunk_classes
+
+    def _counts(self, class_counts, count_smoothing: float) -> Tensor:
+        counts = V.as_class_counts(class_counts, smoothing=count_smoothing)
+        if counts.numel() != self.num_classes:
+            raise ValueError(f"class_counts describes {counts.numel()} classes but num_classes = {self.num_classes}")
+        return counts
+
+    def _common(self) -> dict:
+        return dict(weight_classes=self.weight_classes, ignore_index=self.ignore_index, reduction=self.reduction,
+                    label_smoothing=self.label_smoothing, backend=self.backend, chunk_rows=self.chunk_rows,
+                    chunk_classes=self.chunk_classes)
+
+    def _check_features(self, features) -> None:
+        if not isinstance(features, Tensor):
+            raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
+        if features.dim() != 2 or features.shape[1] != self.in_features:
+            raise ValueError(f"features must have shape (N, {self.in_features}), got {tuple(features.shape)}")
+
+    def _dense_logits(self, features: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def logits(self, features: Tensor) -> Tensor:
+        """The (N, C) inference logits, dense (see the class docstring for which)."""
+        self._check_features(features)
+        return self._dense_logits(features)
+
+    @torch.no_grad()
+    def topk(self, features: Tensor, k: int = 1, *, chunk_rows: int | None = None):
+        """``(values, indices)``, each (N, k), of :meth:`logits`, computed in row chunks, never holding (N, C)
+        (chunk as in the loss: ``chunk_rows`` or a <= 512 MiB buffer). No gradient."""
+        self._check_features(features)
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_classes:
+            raise ValueError(f"k must be an int in [1, {self.num_classes}], got {k!r}")
+        V.check_chunks(chunk_rows, None)
+        N = features.shape[0]
+        rows = chunk_rows or self.chunk_rows or default_chunk_rows(self.num_classes, features.dtype)
+        values = torch.empty((N, k), dtype=features.dtype, device=features.device)
+        indices = torch.empty((N, k), dtype=torch.int64, device=features.device)
+        for r0, r1 in row_chunks(N, rows):
+            v, i = torch.topk(self._dense_logits(features[r0:r1]), k, dim=1)
+            values[r0:r1] = v
+            indices[r0:r1] = i
+        return torch.return_types.topk((values, indices))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, num_classes={self.num_classes}, reduction={self.reduction!r}, "
+                f"backend={self.backend!r}")
+
+
+class LinearLossHead(MarginSchedule, _HeadBase):
+    """``nn.Linear(in_features, num_classes, bias)`` + a long-tail loss, fused: ``head(features, target) -> loss``
+    without the (N, C) logits in memory (on CUDA; the reference path elsewhere).
+
+    Args:
+        in_features: D; num_classes: C.
+        class_counts: (C,) training counts (optional for 'ce').
+        loss: 'ce' (plain cross-entropy), 'la' (logit adjustment, ``CE(z + tau * log pi, y)``), 'balanced_softmax'
+            (la with tau = 1), 'ldam' (``CE(s (z - m_y 1_y), y)`` with ``m_y ∝ n_y^(-1/4)``, largest
+            ``max_margin``) or 'lade' (``PriorCE + alpha * LADER`` with ``remine_lambda``,
+            :func:`fastlt.heads.lade_linear_loss`; 'mean' or 'sum'; ``s`` and ``gamma`` do not apply).
+        bias: whether the layer has a bias.
+        tau, max_margin, alpha, remine_lambda: the losses' hyperparameters (``max_margin`` can be scheduled).
+        s: the logit scale (default 30 for 'ldam', else 1).
+        gamma: focal exponent.
+        count_smoothing: added to the counts (needed when a count is 0).
+        device, dtype: of the parameters (a float64 head makes its count buffers in float64).
+        **kwargs: ``weight_classes`` ((C,) class weights of the loss), ``ignore_index``, ``reduction``,
+            ``label_smoothing``, ``backend``, ``chunk_rows``, ``chunk_classes``.
+
+    Parameters ``weight`` (C, D) and ``bias`` (C,) as ``nn.Linear`` (same initialisation). Under ``torch.autocast``
+    the head runs in the autocast dtype. Inference: :meth:`logits` returns the raw ``z = f W^T + b``; with loss-side
+    adjustment (la, Balanced Softmax, LDAM) ``argmax z`` is already the balanced prediction;
+    ``logits(f, adjusted=True)`` adds ``tau * log pi`` (the training-distribution posterior). :meth:`topk` ranks the
+    same logits by row chunks.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, class_counts=None, loss: str = "la", bias: bool = True,
+                 *, tau: float = 1.0, max_margin: float = 0.5, s: float | None = None, gamma: float = 0.0,
+                 alpha: float = 0.1, remine_lambda: float = 0.1, count_smoothing: float = 0.0, device=None,
+                 dtype=None, **kwargs):
+        super().__init__(in_features, num_classes, **kwargs)
+        self.loss = V.check_choice("loss", loss, _HEAD_LOSSES)
+        self.tau = V.check_finite_float("tau", 1.0 if loss in ("balanced_softmax", "lade") else tau)
+        self.max_margin = max_margin
+        self.s = V.check_finite_float("s", (30.0 if loss == "ldam" else 1.0) if s is None else s)
+        self.gamma = V.check_finite_float("gamma", gamma, min_value=0.0)
+        self.alpha = V.check_finite_float("alpha", alpha)
+        self.remine_lambda = V.check_finite_float("remine_lambda", remine_lambda)
+        if loss == "lade":
+            if self.reduction == "none":
+                raise ValueError("reduction='none' is not defined for loss='lade': LADER is a batch-level statistic; "
+                                 "use 'mean' or 'sum'")
+            if self.s != 1.0 or self.gamma != 0.0:
+                raise ValueError("loss='lade' takes no logit scale s or focal gamma (the official LADE has neither)")
+        for name in ("log_prior", "margins", "prior"):  # those the loss uses are filled from the counts below
+            self.register_buffer(name, None, persistent=False)
+        if class_counts is None:
+            if loss != "ce":
+                raise ValueError(f"loss={loss!r} needs class_counts (the per-class training counts)")
+        else:
+            self.init_count_buffers(self._counts(class_counts, count_smoothing), dtype=_count_dtype(dtype))
+        factory = dict(device=device, dtype=dtype)
+        self.weight = nn.Parameter(torch.empty((num_classes, in_features), **factory))
+        self.bias = nn.Parameter(torch.empty(num_classes, **factory)) if bias else None
+        self.reset_parameters()
+
+    def _count_vectors(self, counts: Tensor) -> dict[str, Tensor]:
+        out = {}
+        if self.loss in ("la", "balanced_softmax", "lade"):
+            out["log_prior"] = log_prior_from(counts, F64)
+        if self.loss == "lade":
+            out["prior"] = prior_from(counts, F64)
+        if self.loss == "ldam":
+            out["margins"] = ldam_margins_from(counts, self.max_margin, F64)
+        return out
+
+    @property
+    def pi(self) -> Tensor | None:
+        """The training prior of the 'lade' loss (the ``prior`` buffer; kept under its old name)."""
+        return self.prior
+
+    def reset_parameters(self) -> None:
+        """``nn.Linear``'s initialisation."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, features: Tensor, target: Tensor) -> Tensor:
+        self._check_features(features)
+        if self.loss == "lade":
+            return lade_linear_loss(features, self.weight, target, self.prior, self.bias, alpha=self.alpha,
+                                    remine_lambda=self.remine_lambda, **self._common())
+        return linear_cross_entropy(features, self.weight, target, self.bias, **self._operator_fields(),
+                                    **self._common())
+
+    def _operator_fields(self) -> dict:
+        """The loss's hyperparameters as the operator's (the presets of :mod:`fastlt._operator`), plus the logit
+        scale and the focal exponent, which every loss but 'lade' takes."""
+        fields = dict(scale=self.s, gamma=self.gamma)
+        if self.loss in ("la", "balanced_softmax"):
+            fields.update(la_fields(self.log_prior, self.tau))
+        elif self.loss == "ldam":
+            fields.update(ldam_fields(self.margins, self.s))
+        return fields
+
+    def _dense_logits(self, features, adjusted: bool = False):
+        z = F.linear(features, self.weight, self.bias)
+        if adjusted and self.log_prior is not None:
+            z = z + (self.tau * self.log_prior).to(z.dtype)
+        return z
+
+    def logits(self, features: Tensor, *, adjusted: bool = False) -> Tensor:
+        """Dense (N, C) ``z = f W^T + b``; ``adjusted=True`` adds ``tau * log pi`` (la, Balanced Softmax, lade)."""
+        self._check_features(features)
+        return self._dense_logits(features, adjusted)
+
+    def extra_repr(self) -> str:
+        return (f"loss={self.loss!r}, tau={self.tau}, s={self.s}, gamma={self.gamma}, bias={self.bias is not None}, "
+                + super().extra_repr())
+
+
+class CosineGCLHead(_HeadBase):
+    """Cosine classifier + GCL (Li, Cheung, Lu, CVPR 2022), fused: ``head(features, target, seed=None) -> loss``.
+
+    ``CE(s * (cos - noise_mul * e * delta/max(delta) - m * onehot(y)), y)`` on ``cos_ij = <f_i/|f_i|, w_j/|w_j|>``,
+    half-normal noise ``e`` per element from (seed, row, column), inside the kernel; focal ``gamma``.
+
+    Args:
+        in_features: D; num_classes: C; class_counts: (C,) training counts.
+        m, s, noise_mul, gamma: GCL's hyperparameters (as :class:`fastlt.GCLLoss`).
+        count_smoothing: added to the counts; eps: the norms' clamp (as ``F.normalize``).
+        device, dtype: of the parameter.
+        **kwargs: as :class:`LinearLossHead`.
+
+    Defaults are the official loss class's (m=0.5, s=30, noise_mul=1, gamma=0); the official scripts use m=0, s=30,
+    noise_mul=0.5 for the backbone stage and m=0.1, s=20, noise_mul=0.5, gamma=1 to re-train the classifier.
+    ``weight`` (C, D) is initialised as :class:`fastlt.CosineClassifier`'s (same layout), so a state dict moves
+    between the two. ``noise_mul=0, m=0`` gives a plain scaled-cosine softmax head. Inference: :meth:`logits` returns
+    the raw cosine logits ``cos`` in [-1, 1] (as ``CosineClassifier``; multiply by ``s`` for the training
+    temperature); :meth:`topk` ranks them by row chunks.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, class_counts, m: float = 0.5, s: float = 30.0,
+                 noise_mul: float = 1.0, gamma: float = 0.0, *, count_smoothing: float = 0.0, eps: float = 1e-12,
+                 device=None, dtype=None, **kwargs):
+        super().__init__(in_features, num_classes, **kwargs)
+        self.m = V.check_finite_float("m", m)
+        self.s = V.check_finite_float("s", s)
+        self.noise_mul = V.check_finite_float("noise_mul", noise_mul)
+        self.gamma = V.check_finite_float("gamma", gamma, min_value=0.0)
+        self.eps = V.check_finite_float("eps", eps, min_value=0.0, min_inclusive=False)
+        self.init_count_buffers(self._counts(class_counts, count_smoothing), dtype=_count_dtype(dtype))
+        self.weight = nn.Parameter(torch.empty((num_classes, in_features), device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def _count_vectors(self, counts: Tensor) -> dict[str, Tensor]:
+        return {"cloud": gcl_cloud_from(counts, F64)}
+
+    def reset_parameters(self) -> None:
+        """:class:`fastlt.CosineClassifier`'s initialisation, ``U(-1/sqrt(D), 1/sqrt(D))``."""
+        bound = 1.0 / math.sqrt(self.in_features)
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def forward(self, features: Tensor, target: Tensor, seed: int | Tensor | None = None) -> Tensor:
+        self._check_features(features)
+        return cosine_cross_entropy(features, self.weight, target,
+                                    **gcl_fields(self.cloud, self.m, self.s, self.noise_mul, self.gamma), seed=seed,
+                                    eps=self.eps, **self._common())
+
+    def _dense_logits(self, features):
+        return F.linear(normalize_rows(features, self.eps), normalize_rows(self.weight, self.eps).to(features.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"m={self.m}, s={self.s}, noise_mul={self.noise_mul}, gamma={self.gamma}, "
+                + super().extra_repr())
