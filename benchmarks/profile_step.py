@@ -21,7 +21,7 @@ import triton.testing
 from fastlt import functional as LF
 from fastlt._bench_harness import floor_ms, graphed, host_ms, long_tail_counts, measure_bandwidth
 from fastlt._operator import AdjustedCEArgs
-from fastlt.kernels import launch
+from fastlt.kernels import counters, launch
 from fastlt.priors import log_prior
 
 
@@ -37,10 +37,10 @@ def reduce_in_kernel_vs_launch(N, C, dt, lp) -> None:
     z = torch.randn(N, C, device="cuda", dtype=dt)
     gbuf = torch.empty_like(z)
     args = AdjustedCEArgs(log_prior=lp)
-    counter = launch.reduce_counter
+    counter = counters.reduce_counter
     for mode, grad_out in (("recompute", None), ("grad-in-forward", gbuf)):
         for where in ("in kernel", "own launch"):
-            launch.reduce_counter = counter if where == "in kernel" else (lambda device: None)
+            counters.reduce_counter = counter if where == "in kernel" else (lambda device: None)
             try:
                 def fn(grad_out=grad_out):
                     return launch.loss(z, y, args, grad_out=grad_out)
@@ -48,7 +48,7 @@ def reduce_in_kernel_vs_launch(N, C, dt, lp) -> None:
                       f"eager {triton.testing.do_bench(fn, return_mode='median') * 1e3:7.1f} us | "
                       f"host {host_ms(fn, reps=200) * 1e3:6.1f} us")
             finally:
-                launch.reduce_counter = counter
+                counters.reduce_counter = counter
 
 
 def main(N=4096, C=8142, dtype="fp32"):

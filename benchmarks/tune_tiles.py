@@ -30,7 +30,7 @@ import triton.testing
 
 from fastlt._bench_harness import floor_ms, long_tail_counts, measure_bandwidth
 from fastlt._operator import AdjustedCEArgs
-from fastlt.kernels import launch
+from fastlt.kernels import launch, tiles
 from fastlt.priors import gcl_cloud, log_prior
 
 SHAPES = [(4096, 8142, "fp32"), (4096, 8142, "bf16"), (4096, 131072, "fp32"), (4096, 131072, "bf16"),
@@ -239,7 +239,7 @@ def main():
                          la=dict(fwd=f1, bwd=b1, fused=fused1), config=cfg.__dict__))
         # GCL's own best gradient-in-forward tile: a whole-row tile draws the noise once, a column loop twice
         gcl_best = None
-        for bn, w in itertools.product(sorted({2048, 8192, min(16384, launch._next_pow2(C))}), [4, 8, 16]):
+        for bn, w in itertools.product(sorted({2048, 8192, min(16384, tiles.next_pow2(C))}), [4, 8, 16]):
             gcfg = launch.pick_tiles(N, C, z.device, block_m=1, block_n=bn, num_warps=w, num_stages=3)
             g_fused = _try_bench(functools.partial(launch.forward, z, y, gcl, grad_out=out, config=gcfg),
                                  f"GCL {gcfg}", rep=20)

@@ -42,7 +42,7 @@ def _forward(logits, target, args: AdjustedCEArgs, grad_out=None, out_dtype=torc
 def _backward(grad_output, logits, target, args: AdjustedCEArgs, row_stats, row_coef, columns=None):
     """The recompute backward; ``columns``: LADE's (3, C) column term, which the kernel scales by the scalar
     ``grad_output`` itself."""
-    column_term = None if columns is None else tuple(columns)
+    column_term = None if columns is None else lade_kernels.column_term(columns)
     return launch.grad(logits, target, args, row_stats, row_coef, grad_output.contiguous(), column_term=column_term)
 
 
@@ -190,17 +190,17 @@ class LADEFunction(torch.autograd.Function):
 
 # --- entry points of fastlt.functional ----------------------------------------------------------------------------
 
-def adjusted_cross_entropy_triton(logits: Tensor, target: Tensor, *, noise: Tensor | None = None,
-                                  grad_in_forward: bool = False, **fields) -> Tensor:
+def adjusted_cross_entropy_triton(logits: Tensor, target: Tensor, fields: dict, *, noise: Tensor | None = None,
+                                  grad_in_forward: bool = False) -> Tensor:
     """The adjusted cross-entropy on the kernels; ``fields``: the operator's parameters by name
     (:class:`fastlt._operator.AdjustedCEArgs`, ``seed`` may be None)."""
     target = as_index_target(target)
-    O.check_operator_args(logits, target, noise=noise, **fields)
+    O.check_operator_args(logits, target, fields, noise=noise)
     check_kernel_input("logits", logits, noise)
     if grad_in_forward and logits.requires_grad and logits.is_leaf:
         raise ValueError("grad_in_forward=True overwrites the logits with their gradient; it cannot be a "
                          "leaf tensor that requires grad (pass the output of a layer)")
-    args = AdjustedCEArgs.from_kwargs(logits.device, **fields)
+    args = AdjustedCEArgs.from_fields(logits.device, fields)
     if torch.compiler.is_compiling():  # an opaque op with registered autograd (recompute backward)
         return adjusted_ce_forward_op(logits, target, *O.flatten(args))[0].to(logits.dtype)
     return AdjustedCEFunction.apply(logits, target, args, bool(grad_in_forward))
@@ -212,8 +212,8 @@ def lade_loss_triton(logits: Tensor, target: Tensor, prior: Tensor, alpha: float
     """LADE on the kernels (arguments as :func:`fastlt.functional.lade_loss`)."""
     target = as_index_target(target)
     O.check_lade_args(logits, target, prior, alpha, remine_lambda, reduction)
-    O.check_operator_args(logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
-                          label_smoothing=label_smoothing)
+    O.check_operator_args(logits, target, dict(weight=weight, ignore_index=ignore_index, reduction=reduction,
+                                               label_smoothing=label_smoothing))
     check_kernel_input("logits", logits)
     args, lade = lade_operator_args(prior, alpha, remine_lambda, weight=weight, label_smoothing=label_smoothing,
                                     ignore_index=ignore_index, reduction=reduction)

@@ -7,7 +7,7 @@ Every logits-input loss of fastlt is one operator on (N, C) logits ``z`` and (N,
 
 :class:`AdjustedCEArgs` declares its parameters, each with its kind, default and meaning. Everything else is derived
 from that declaration by field name: the argument checks of both backends (:func:`check_operator_args`), the
-kernels' argument bundle (:meth:`AdjustedCEArgs.from_kwargs`), and the ``torch.library`` schemas of the custom ops
+kernels' argument bundle (:meth:`AdjustedCEArgs.from_fields`), and the ``torch.library`` schemas of the custom ops
 with their flatten / unflatten (:func:`op_schema`, :func:`flatten`, :func:`unflatten`), which also serve the other
 declared groups (LADE's :class:`LadeArgs`, the heads' :class:`ChunkPlan` and :class:`Needs`). Adding a parameter to
 the operator is adding a field here (and its use in the kernel and the reference). Importable without Triton.
@@ -50,9 +50,14 @@ class Kind:
     list (a custom op's schema); most kinds take one slot named as the parameter."""
 
     slots: tuple[tuple[str, str], ...] = (("", "Tensor?"),)
+    none_ok = False  # None is a value of this kind (checked by its absence)
 
     def check(self, name: str, value, spec: Param, num_classes: int, device) -> None:
         """Raise ``TypeError``/``ValueError`` naming ``name`` when ``value`` is not of this kind."""
+
+    def convert(self, value):
+        """A checked value as the kernels take it."""
+        return value
 
     def to_flat(self, value) -> tuple:
         return (value,)
@@ -65,12 +70,14 @@ class _Vector(Kind):
     """A (C,) floating tensor on the logits' device (per-class quantities), or None where ``optional``."""
 
     def __init__(self, optional: bool = True):
-        self.optional = optional
+        self.none_ok = optional
         self.slots = (("", "Tensor?" if optional else "Tensor"),)
 
     def check(self, name, value, spec, num_classes, device):
-        if value is not None or not self.optional:
-            V.check_class_vector(name, value, num_classes, device)
+        V.check_class_vector(name, value, num_classes, device)
+
+    def convert(self, value):
+        return as_f32(value)
 
 
 class _Float(Kind):
@@ -81,21 +88,25 @@ class _Float(Kind):
     def check(self, name, value, spec, num_classes, device):
         V.check_finite_float(name, value, min_value=spec.low, max_value=spec.high)
 
+    def convert(self, value):
+        return float(value)
+
 
 class _Int(Kind):
     """A Python int (not a bool)."""
 
     def __init__(self, optional: bool = False):
-        self.optional = optional
+        self.none_ok = optional
         self.slots = (("", "int?" if optional else "int"),)
 
     def check(self, name, value, spec, num_classes, device):
-        if value is None and self.optional:
-            return
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         if spec.low is not None and value < spec.low:
             raise ValueError(f"{name} must be >= {spec.low:g}, got {value}")
+
+    def convert(self, value):
+        return None if value is None else int(value)
 
 
 class _Bool(Kind):
@@ -117,12 +128,16 @@ class _Margin(Kind):
     the (C,) tensor and the float."""
 
     slots = (("_classes", "Tensor?"), ("_value", "float?"))
+    none_ok = True
 
     def check(self, name, value, spec, num_classes, device):
         if isinstance(value, Tensor):
             V.check_class_vector(name, value, num_classes, device)
-        elif value is not None:
+        else:
             V.check_finite_float(name, value)
+
+    def convert(self, value):
+        return as_f32(value) if isinstance(value, Tensor) else (None if value is None else float(value))
 
     def to_flat(self, value) -> tuple:
         return (value, None) if isinstance(value, Tensor) else (None, value)
@@ -137,16 +152,20 @@ class _Seed(Kind):
     (one is drawn). Two slots: the int and the tensor."""
 
     slots = (("", "int"), ("_tensor", "Tensor?"))
+    none_ok = True
 
     def check(self, name, value, spec, num_classes, device):
         if isinstance(value, Tensor):
             V.check_seed_tensor(value, device)
-        elif value is not None:
+        else:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be a non-negative int or a one-element int64 tensor, got "
                                 f"{type(value).__name__} {value!r}")
             if not 0 <= value < 2**63:
                 raise ValueError(f"{name} must be in [0, 2^63) (a 64-bit Philox key), got {value}")
+
+    def convert(self, value):
+        return value.reshape(1).contiguous() if isinstance(value, Tensor) else value
 
     def to_flat(self, value) -> tuple:
         return (0, value) if isinstance(value, Tensor) else (value, None)
@@ -182,8 +201,12 @@ def param(default, kind: Kind, meaning: str, *, low: float | None = None, high: 
 
 def declared(cls):
     """Class decorator of a declared group (after ``@dataclass``): its ``(name, Param)`` pairs, in declaration order,
-    become the tuple ``cls.__params__`` (a plain attribute, which ``torch.compile`` traces)."""
+    become the tuple ``cls.__params__`` (a plain attribute, which ``torch.compile`` traces), and its
+    ``(name, check, Param, None allowed)`` and ``(name, convert)`` the tuples ``__checks__`` and ``__converts__``
+    (bound once: they run on every call of a loss)."""
     cls.__params__ = tuple((f.name, f.metadata["param"]) for f in dataclasses.fields(cls))
+    cls.__checks__ = tuple((name, spec.kind.check, spec, spec.kind.none_ok) for name, spec in cls.__params__)
+    cls.__converts__ = tuple((name, spec.kind.convert) for name, spec in cls.__params__)
     return cls
 
 
@@ -201,7 +224,7 @@ REDUCTIONS = ("mean", "sum", "none")
 @dataclass(frozen=True)
 class AdjustedCEArgs:
     """The parameters of the adjusted cross-entropy operator, as the kernels take them: tensors are (C,) fp32 and live
-    on the logits' device; scalars are Python numbers. Build it with :meth:`from_kwargs` (checked, converted)."""
+    on the logits' device; scalars are Python numbers. Build it with :meth:`from_fields` (checked, converted)."""
 
     log_prior: Tensor | None = param(None, VECTOR, "(C,) log pi_j of the training prior; the offset is tau * log_prior")
     tau: float = param(1.0, FLOAT, "the weight of the prior offset")
@@ -244,37 +267,34 @@ class AdjustedCEArgs:
         return 0 if isinstance(self.seed, Tensor) else self.seed
 
     @functools.cached_property
+    def memo(self) -> dict:
+        """Values derived from these arguments once per call of a loss and shared by its forward and backward (the
+        kernels' argument groups, by device: :func:`fastlt.kernels.launch.kernel_groups`)."""
+        return {}
+
+    @functools.cached_property
     def weight_total(self) -> Tensor:
         """(1,) fp32 ``sum_j w_j`` of the class weights (once per args: the forward and the backward share it)."""
         return self.weight.to(torch.float32).sum().reshape(1)
 
     @classmethod
-    def from_kwargs(cls, device, **fields) -> AdjustedCEArgs:
-        """The kernels' arguments from checked public ones: class tensors as contiguous fp32, scalars as Python
-        numbers, ``margin`` a float or a (C,) tensor, ``seed`` an int or a (1,) int64 tensor on ``device``. When the
-        noise is on and ``seed`` is None, one is drawn from torch's CPU generator (the reference path draws the same
-        one); under ``torch.compile`` it is drawn on ``device`` by an op of the graph instead, so each call of the
-        compiled graph gets a fresh one (a host int would break the graph, or be baked into it)."""
-        out = {}
-        for name, spec in params(cls):
-            if name not in fields:
-                continue
-            value = fields[name]
-            if spec.kind is VECTOR:
-                value = as_f32(value)
-            elif spec.kind is FLOAT:
-                value = float(value)
-            elif spec.kind is MARGIN and value is not None:
-                value = as_f32(value) if isinstance(value, Tensor) else float(value)
-            elif spec.kind is INT:
-                value = int(value)
-            elif spec.kind is SEED and isinstance(value, Tensor):
-                value = value.reshape(1).contiguous()
-            out[name] = value
+    def from_fields(cls, device, fields: dict) -> AdjustedCEArgs:
+        """The kernels' arguments from checked public ones (:func:`check_operator_args`), by name: class tensors as
+        contiguous fp32, scalars as Python numbers, ``margin`` a float or a (C,) tensor, ``seed`` an int or a (1,)
+        int64 tensor on ``device``. When the noise is on and ``seed`` is None, one is drawn from torch's CPU generator
+        (the reference path draws the same one); under ``torch.compile`` it is drawn on ``device`` by an op of the
+        graph instead, so each call of the compiled graph gets a fresh one (a host int would break the graph, or be
+        baked into it)."""
+        out = {name: convert(fields[name]) for name, convert in cls.__converts__ if name in fields}
         if out.get("seed") is None:
             noise = out.get("cloud") is not None and out.get("noise_mul", 0.0) != 0.0
             out["seed"] = _fresh_seed(device) if noise else 0
         return cls(**out)
+
+    @classmethod
+    def from_kwargs(cls, device, **fields) -> AdjustedCEArgs:
+        """:meth:`from_fields` with the fields as keywords."""
+        return cls.from_fields(device, fields)
 
 
 def _fresh_seed(device) -> int | Tensor:
@@ -290,17 +310,21 @@ def as_f32(t: Tensor | None) -> Tensor | None:
     return t.to(torch.float32).contiguous()
 
 
-def check_operator_args(logits, target, *, noise=None, **fields) -> None:
-    """Check the logits, the targets and the operator's parameters given by name (those of :class:`AdjustedCEArgs`;
-    ``seed`` may be None), for either backend: clear errors naming the argument, no host sync. ``logits`` may be a
-    broadcast stand-in (the heads check without materialising them). ``noise``: the reference path's explicit
-    (N, C) noise."""
+_ABSENT = object()
+
+
+def check_operator_args(logits, target, fields: dict, *, noise=None) -> None:
+    """Check the logits, the targets and the operator's parameters ``fields`` (by the names of
+    :class:`AdjustedCEArgs`; ``seed`` may be None), for either backend: clear errors naming the argument, no host
+    sync. ``logits`` may be a broadcast stand-in (the heads check without materialising them). ``noise``: the
+    reference path's explicit (N, C) noise."""
     V.check_logits("logits", logits)
     V.check_target(target, logits, fields.get("ignore_index", -100))
     num_classes, device = logits.shape[1], logits.device
-    for name, spec in params(AdjustedCEArgs):
-        if name in fields:
-            spec.kind.check(name, fields[name], spec, num_classes, device)
+    for name, check, spec, none_ok in AdjustedCEArgs.__checks__:
+        value = fields.get(name, _ABSENT)
+        if value is not _ABSENT and (value is not None or not none_ok):
+            check(name, value, spec, num_classes, device)
     if noise is not None:
         if not isinstance(noise, Tensor) or noise.shape != logits.shape:
             raise ValueError(f"noise must be a tensor of the logits' shape {tuple(logits.shape)}")

@@ -63,12 +63,7 @@ def check_choice(name: str, value, choices) -> str:
 
 def check_logits(name: str, logits) -> None:
     """(N, C) floating tensor with C >= 1."""
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dim() != 2:
-        raise ValueError(f"{name} must have shape (N, C), got shape {tuple(logits.shape)}")
-    if logits.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+    check_matrix(name, logits, "(N, C)")
     if logits.shape[1] < 1:
         raise ValueError(f"{name} must have at least one class (C >= 1), got shape {tuple(logits.shape)}")
 

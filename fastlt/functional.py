@@ -69,7 +69,7 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor 
         return R.adjusted_cross_entropy(logits, target, noise=noise, **fields)
     from ._glue import adjusted_cross_entropy_triton
 
-    return adjusted_cross_entropy_triton(logits, target, noise=noise, grad_in_forward=grad_in_forward, **fields)
+    return adjusted_cross_entropy_triton(logits, target, fields, noise=noise, grad_in_forward=grad_in_forward)
 
 
 def logit_adjusted_cross_entropy(logits: Tensor, target: Tensor, log_prior: Tensor, tau: float = 1.0, *,

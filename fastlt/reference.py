@@ -137,9 +137,10 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor 
     """
     log_prior = V.renamed_argument("log_prior", log_prior, "prior", prior)
     target = V.as_index_target(target, keep_int32=False)
-    check_operator_args(logits, target, noise=noise, log_prior=log_prior, tau=tau, cloud=cloud, noise_mul=noise_mul,
-                        seed=seed, margin=margin, scale=scale, gamma=gamma, weight=weight, ignore_index=ignore_index,
-                        reduction=reduction, label_smoothing=label_smoothing)
+    check_operator_args(logits, target, dict(log_prior=log_prior, tau=tau, cloud=cloud, noise_mul=noise_mul, seed=seed,
+                                             margin=margin, scale=scale, gamma=gamma, weight=weight,
+                                             ignore_index=ignore_index, reduction=reduction,
+                                             label_smoothing=label_smoothing), noise=noise)
     a = adjusted_logits(logits, target, log_prior=log_prior, tau=tau, cloud=cloud, noise_mul=noise_mul, noise=noise,
                         seed=seed, margin=margin, scale=scale, ignore_index=ignore_index)
     loss, row_w = _row_losses(a, target, weight, ignore_index, label_smoothing, gamma)

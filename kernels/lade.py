@@ -19,8 +19,10 @@ import triton
 import triton.language as tl
 
 from .._operator import AdjustedCEArgs
-from . import launch
-from .row_operator import NEG_BIG, _exp, _last_program_reduces
+from . import launch, tiles
+from .adjusted_ce import ColumnTerm
+from .numerics import NEG_BIG, exp
+from .reduce import Reduction, Targets, last_program_reduces
 
 _MAX_BLOCK_C = 256
 _MIN_BLOCK_C = 32  # 128-byte rows of the (2, R, C) partials
@@ -42,10 +44,9 @@ def _block_c(C: int) -> int:
 
 @triton.jit
 def lade_columns(stat_ptr, R, C, y_ptr, zy_ptr, N, ignore_index, pi_ptr, alpha, remine_lambda, log_uniform, out_ptr,
-                 lader_ptr, loss_rows_ptr, weight_ptr, factor_ptr, loss_ptr, counter_ptr,
-                 FINISH: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_R: tl.constexpr,
-                 BLOCK_C: tl.constexpr, BLOCK_Y: tl.constexpr, REDUCE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                 RBLOCK: tl.constexpr):
+                 lader_ptr, loss_rows_ptr, weight_ptr, coef_ptr, red, FINISH: tl.constexpr, ACCUMULATE: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Y: tl.constexpr, REDUCE: tl.constexpr,
+                 HAS_WEIGHT: tl.constexpr, RBLOCK: tl.constexpr):
     """Grid (cdiv(C, BLOCK_C),). ``stat``: (2, R, C) fp32 partials (column max of z, sum exp(z - max)) of R row
     blocks, merged down R in fp32 (deterministic order).
 
@@ -58,9 +59,9 @@ def lade_columns(stat_ptr, R, C, y_ptr, zy_ptr, N, ignore_index, pi_ptr, alpha, 
     (``log_uniform = log(1/C + 1e-9)``), and ``lader[program] = alpha * sum_c -pi_c * est_c`` over the program's
     classes (0 when no row is valid: LADER = 0), summed by the loss reduction (``reduce_rows``' EXTRA).
     REDUCE (with FINISH; 1 'sum', 2 'mean'): that reduction here, by the last program to finish
-    (:func:`fastlt.kernels.row_operator._last_program_reduces`): ``loss`` (0-dim) = the reduced PriorCE rows
-    ``loss_rows`` (N,) plus every ``lader`` part, and for 'mean' the rows' ``factor`` (N,) times 1 / sum_i w_{y_i}
-    (``weight``: (C,) class weights when HAS_WEIGHT); ``counter_ptr`` as there."""
+    (:func:`fastlt.kernels.reduce.last_program_reduces`): ``red.out`` (0-dim) = the reduced PriorCE rows
+    ``loss_rows`` (N,) plus every ``lader`` part, and for 'mean' the rows' coefficients ``coef`` (N,) times
+    1 / sum_i w_{y_i} (``weight``: (C,) class weights when HAS_WEIGHT)."""
     c0 = tl.program_id(0) * BLOCK_C
     cols = c0 + tl.arange(0, BLOCK_C)
     col_mask = cols < C
@@ -78,7 +79,7 @@ def lade_columns(stat_ptr, R, C, y_ptr, zy_ptr, N, ignore_index, pi_ptr, alpha, 
         p_max = tl.load(stat_ptr + offs, mask=mask, other=NEG_BIG)
         p_sum = tl.load(stat_ptr + plane + offs, mask=mask, other=0.0)
         m_new = tl.maximum(c_max, tl.max(p_max, 0))
-        c_sum = c_sum * _exp(c_max - m_new) + tl.sum(p_sum * _exp(p_max - m_new[None, :]), 0)
+        c_sum = c_sum * exp(c_max - m_new) + tl.sum(p_sum * exp(p_max - m_new[None, :]), 0)
         c_max = m_new
     if FINISH:
         c_first = tl.zeros((BLOCK_C,), tl.float32)
@@ -107,9 +108,9 @@ def lade_columns(stat_ptr, R, C, y_ptr, zy_ptr, N, ignore_index, pi_ptr, alpha, 
         lader = alpha * tl.sum(tl.where(col_mask, -pi * est, 0.0), 0)
         tl.store(lader_ptr + tl.program_id(0), tl.where(n_valid > 0, lader, 0.0))
         if REDUCE != 0:
-            _last_program_reduces(counter_ptr, loss_ptr, loss_rows_ptr, y_ptr, weight_ptr, factor_ptr, loss_ptr, 1.0,
-                                  lader_ptr, tl.num_programs(0), N, C, ignore_index, HAS_WEIGHT, False, False,
-                                  REDUCE == 2, True, RBLOCK)
+            last_program_reduces(red, loss_rows_ptr, Targets(y_ptr, weight_ptr, N, C, ignore_index), coef_ptr, None,
+                                 1.0, lader_ptr, tl.num_programs(0), HAS_WEIGHT, False, False, REDUCE == 2, True,
+                                 RBLOCK)
     else:
         tl.store(out_ptr + cols, c_max, mask=col_mask)
         tl.store(out_ptr + C + cols, c_sum, mask=col_mask)
@@ -117,11 +118,12 @@ def lade_columns(stat_ptr, R, C, y_ptr, zy_ptr, N, ignore_index, pi_ptr, alpha, 
 
 class PriorCERows(NamedTuple):
     """PriorCE's rows as ``launch.forward(..., column_stats=True, scale_mean=False)`` leaves them, for :func:`finish`
-    to reduce together with LADER into ``out`` (0-dim): ``loss_rows`` and ``factor`` (N,) fp32 (for 'mean' the
-    factor is scaled by 1 / sum_i w_{y_i} there too), and the operator's ``args`` (reduction, class weights)."""
+    to reduce together with LADER into ``out`` (0-dim): ``loss_rows`` and ``row_coef`` (N,) fp32 (for 'mean' the
+    coefficients are scaled by 1 / sum_i w_{y_i} there too), and the operator's ``args`` (reduction, class
+    weights)."""
 
     loss_rows: torch.Tensor
-    factor: torch.Tensor
+    row_coef: torch.Tensor
     args: AdjustedCEArgs
     out: torch.Tensor
 
@@ -148,15 +150,36 @@ class LaderTerms(NamedTuple):
         return self.columns[2]
 
     @property
-    def column_term(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.col_a, self.col_b, self.col_lse
+    def column_term(self) -> ColumnTerm:
+        return column_term(self.columns)
 
     def lader(self) -> torch.Tensor:
         """``alpha * LADER``, 0-dim fp32 (one reduction launch; the losses fold ``parts`` into their own)."""
         return self.parts.sum()
 
 
-def _columns(stats: torch.Tensor, finish_args=None, into: torch.Tensor | None = None, reduce=None):
+def column_term(columns: torch.Tensor) -> ColumnTerm:
+    """The gradient's :class:`fastlt.kernels.adjusted_ce.ColumnTerm` from the (3, C) ``columns`` of
+    :class:`LaderTerms`: rows ``col_a``, ``col_b``, ``col_lse``."""
+    col_a, col_b, col_lse = columns.unbind(0)
+    return ColumnTerm(a=col_a, b=col_b, lse=col_lse)
+
+
+class _Finish(NamedTuple):
+    """What LADER's finish reads beside the column statistics (see :func:`finish`)."""
+
+    y: torch.Tensor
+    target_logits: torch.Tensor
+    ignore_index: int
+    prior: torch.Tensor
+    alpha: float
+    remine_lambda: float
+
+
+def _columns(stats: torch.Tensor, *, finish: _Finish | None = None, into: torch.Tensor | None = None,
+             rows: PriorCERows | None = None):
+    """One ``lade_columns`` launch: merge the column statistics (into ``into``), and with ``finish`` LADER's terms
+    (and with ``rows`` the reduced loss). Returns ``(out, parts)``."""
     if stats.dim() == 2:
         stats = stats[:, None]
     if stats.dtype != torch.float32 or stats.dim() != 3 or stats.shape[0] != 2:
@@ -168,34 +191,38 @@ def _columns(stats: torch.Tensor, finish_args=None, into: torch.Tensor | None = 
     if into is not None and (into.shape != (2, C) or into.dtype != torch.float32 or not into.is_contiguous()):
         raise ValueError(f"into must be contiguous (2, C) = (2, {C}) fp32 running statistics, got "
                          f"{tuple(into.shape)} {into.dtype}")
-    out = into if into is not None else torch.empty((3 if finish_args is not None else 2, C), dtype=torch.float32,
+    out = into if into is not None else torch.empty((3 if finish is not None else 2, C), dtype=torch.float32,
                                                     device=dev)
-    parts = torch.empty(triton.cdiv(C, block_c), dtype=torch.float32, device=dev) if finish_args is not None else out
-    loss_rows, factor, args, loss = reduce if reduce is not None else (out, out, None, out)
-    if args is not None and args.reduction == "none":
+    parts = torch.empty(triton.cdiv(C, block_c), dtype=torch.float32, device=dev) if finish is not None else None
+    if rows is not None and rows.args.reduction == "none":
         raise ValueError("LADE's rows reduce with LADER: reduction must be 'mean' or 'sum', got 'none'")
-    y, zy, ignore_index, pi, alpha, remine_lambda = (finish_args if finish_args is not None
-                                                     else (out, out, -100, out, 0.0, 0.0))
-    N = y.shape[0] if finish_args is not None else 0
-    rblock = launch._rblock(4)
+    N = finish.y.shape[0] if finish is not None else 0
+    rblock = tiles.rblock(4)
     # the last program sums the N rows and the P parts (with no row or no class there is nothing to launch it in)
     counter, reduce_mode = (launch.fused_reduction(dev, max(N, parts.shape[0]) if N and C else 0, rblock,
-                                                   args.reduction) if reduce is not None else (None, 0))
+                                                   rows.args.reduction) if rows is not None else (None, 0))
+    weight = rows.args.weight if rows is not None else None
     if C > 0:
-        if finish_args is not None and N == 0:  # no row to read: pointers of the usual types, surely valid
-            y, zy = torch.full((1,), int(ignore_index), device=dev), out
+        # every pointer a flag leaves unused points at `out` (never read through): the merge reads no rows, reduces
+        # nothing
+        fin = finish or _Finish(y=out, target_logits=out, ignore_index=-100, prior=out, alpha=0.0, remine_lambda=0.0)
+        y, zy = fin.y, fin.target_logits
+        if finish is not None and N == 0:  # no row to read: pointers of the usual types, surely valid
+            y, zy = torch.full((1,), int(finish.ignore_index), device=dev), out
         block_r = max(1, min(4096 // block_c, triton.next_power_of_2(max(R, 1))))  # few classes: taller steps
         block_y = max(1, min(4096 // block_c, triton.next_power_of_2(max(N, 1))))
-        weight = args.weight if args is not None else None
         lade_columns[(triton.cdiv(C, block_c),)](
-            stats, R, C, y, zy, N, int(ignore_index), pi, float(alpha), float(remine_lambda),
-            math.log(1.0 / C + 1e-9), out, parts, loss_rows, weight if weight is not None else out, factor, loss,
-            counter if counter is not None else out, FINISH=finish_args is not None, ACCUMULATE=into is not None,
-            BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_Y=block_y, REDUCE=reduce_mode, HAS_WEIGHT=weight is not None,
-            RBLOCK=rblock, num_warps=4)
-    if reduce is not None:  # PriorCE's factors come unscaled (PriorCERows)
-        launch.reduce_unless_fused(loss, counter, loss_rows, finish_args[0], args, factor=factor, scale_mean=False,
-                                   extra=parts)
+            stat_ptr=stats, R=R, C=C, y_ptr=y, zy_ptr=zy, N=N, ignore_index=int(fin.ignore_index), pi_ptr=fin.prior,
+            alpha=float(fin.alpha), remine_lambda=float(fin.remine_lambda), log_uniform=math.log(1.0 / C + 1e-9),
+            out_ptr=out, lader_ptr=parts if parts is not None else out,
+            loss_rows_ptr=rows.loss_rows if rows is not None else out, weight_ptr=weight if weight is not None else out,
+            coef_ptr=rows.row_coef if rows is not None else out,
+            red=Reduction(out=rows.out if rows is not None else out, counter=counter if counter is not None else out),
+            FINISH=finish is not None, ACCUMULATE=into is not None, BLOCK_R=block_r, BLOCK_C=block_c,
+            BLOCK_Y=block_y, REDUCE=reduce_mode, HAS_WEIGHT=weight is not None, RBLOCK=rblock, num_warps=4)
+    if rows is not None:  # PriorCE's coefficients come unscaled (PriorCERows)
+        launch.reduce_unless_fused(rows.out, counter, rows.loss_rows, finish.y, rows.args, row_coef=rows.row_coef,
+                                   scale_mean=False, extra=parts)
     return out, parts
 
 
@@ -211,7 +238,7 @@ def finish(partials: torch.Tensor, y: torch.Tensor, target_logits: torch.Tensor,
            rows: PriorCERows | None = None) -> LaderTerms:
     """LADER and its gradient vectors, scaled by ``alpha``, in one launch: ``partials`` the column (max, sum-exp) of
     all N rows, merged (2, C) or per row block (2, R, C); ``y`` (N,) targets and ``target_logits`` (N,) fp32 their
-    logits ``z_{i, y_i}`` (read for valid rows only; see :class:`fastlt.kernels.launch.ColumnStats`).
+    logits ``z_{i, y_i}`` (read for valid rows only; see :class:`fastlt.kernels.adjusted_ce.ColumnStats`).
 
     ``pi``: (C,) fp32 prior. LADER is 0 when every row is ignored. Returns :class:`LaderTerms`.
     ``rows``: also write ``rows.out`` = the reduced PriorCE rows + alpha * LADER (what ``launch.reduce(...,
@@ -220,19 +247,21 @@ def finish(partials: torch.Tensor, y: torch.Tensor, target_logits: torch.Tensor,
         raise ValueError(f"y and target_logits must both be (N,), got {tuple(y.shape)} and "
                          f"{tuple(target_logits.shape)}")
     pi = pi.to(torch.float32).contiguous()
-    out, parts = _columns(partials, (y.contiguous(), target_logits.contiguous(), ignore_index, pi, alpha,
-                                     remine_lambda), reduce=rows)
+    out, parts = _columns(partials, finish=_Finish(y=y.contiguous(), target_logits=target_logits.contiguous(),
+                                                   ignore_index=ignore_index, prior=pi, alpha=alpha,
+                                                   remine_lambda=remine_lambda), rows=rows)
     return LaderTerms(parts, out)
 
 
 def forward(z: torch.Tensor, y: torch.Tensor, pi: torch.Tensor, alpha: float, remine_lambda: float,
-            args: AdjustedCEArgs, config: launch.TileConfig | None = None,
-            out_dtype: torch.dtype = torch.float32):
-    """LADE's forward: ``(loss, lse, factor, terms)`` with ``loss = PriorCE + alpha * LADER`` (0-dim, ``out_dtype``;
-    PriorCE reduced by ``args.reduction``), the rows' fp32 ``lse`` and ``factor`` and the :class:`LaderTerms`.
-    Two launches: the rows with the column partials, and LADER's finish, whose last program adds the two."""
-    loss_rows, lse, factor, cols = launch.forward(z, y, args, column_stats=True, config=config, scale_mean=False)
+            args: AdjustedCEArgs, config: tiles.TileConfig | None = None, out_dtype: torch.dtype = torch.float32):
+    """LADE's forward: ``(loss, row_stats, row_coef, terms)`` with ``loss = PriorCE + alpha * LADER`` (0-dim,
+    ``out_dtype``; PriorCE reduced by ``args.reduction``), the rows' fp32 statistics and coefficients (as
+    :func:`fastlt.kernels.launch.forward`) and the :class:`LaderTerms`. Two launches: the rows with the column
+    partials, and LADER's finish, whose last program adds the two."""
+    loss_rows, row_stats, row_coef, cols = launch.forward(z, y, args, column_stats=True, config=config,
+                                                          scale_mean=False)
     loss = torch.empty((), dtype=out_dtype, device=z.device)
     terms = finish(cols.partials, y, cols.target_logits, pi, args.ignore_index, remine_lambda, alpha,
-                   rows=PriorCERows(loss_rows, factor, args, loss))
-    return loss, lse, factor, terms
+                   rows=PriorCERows(loss_rows, row_coef, args, loss))
+    return loss, row_stats, row_coef, terms

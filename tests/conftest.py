@@ -1,10 +1,42 @@
-"""Test setup: without a GPU the Triton kernels run in the interpreter (TRITON_INTERPRET=1), which
-must be set before triton is first imported — so it is set here, at collection time."""
+"""Test setup and the helpers every test file shares.
+
+Without a GPU the Triton kernels run in the interpreter (TRITON_INTERPRET=1), which must be set before triton is
+first imported, so it is set here, at collection time. ``DEVICE`` is where the kernel tests put their tensors
+(CUDA when there is one: the same tests then run natively), ``DTYPES`` the logits dtypes every kernel is tested in.
+"""
 
 import os
 
+import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+def long_tail_counts(C: int, gen: torch.Generator) -> torch.Tensor:
+    """(C,) int64 training counts in [1, 500) with a clear head class (class 0: 1000)."""
+    counts = torch.randint(1, 500, (C,), generator=gen)
+    counts[0] = 1000
+    return counts
+
+
+def class_vectors(C: int, gen: torch.Generator) -> dict:
+    """Per-class vectors of :func:`long_tail_counts`: ``log_prior``, ``cloud``, LDAM ``margins`` (float32, CPU) and
+    class ``weight`` in [0.1, 1.1)."""
+    from fastlt.priors import gcl_cloud, ldam_margins, log_prior
+
+    counts = long_tail_counts(C, gen)
+    return dict(log_prior=log_prior(counts), cloud=gcl_cloud(counts), margins=ldam_margins(counts),
+                weight=torch.rand(C, generator=gen) + 0.1)
+
+
+def to_device(kw: dict, dtype=None, device=DEVICE) -> dict:
+    """``kw`` with its tensors moved to ``device`` (and to ``dtype`` when given); other values as they are."""
+    return {k: (v.to(device=device, dtype=dtype or v.dtype) if isinstance(v, torch.Tensor) else v)
+            for k, v in kw.items()}

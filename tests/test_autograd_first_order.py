@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICE
 
 from fastlt import functional as LF
 from fastlt.lade_head import lade_linear_loss
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _losses():

@@ -7,10 +7,9 @@ import time
 
 import pytest
 import torch
+from conftest import DEVICE
 
 from fastlt import bench, bench_heads
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize("loss", ["la", "gcl", "lade"])

@@ -15,6 +15,7 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEVICE, DTYPES, class_vectors, long_tail_counts, to_device
 from oracle import FLOOR, assert_oracle_close
 
 import fastlt
@@ -24,25 +25,11 @@ from fastlt import reference as R
 from fastlt.kernels.philox_noise import gcl_noise_kernel
 from fastlt.priors import gcl_cloud, ldam_margins, log_prior
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 HEADS = ["linear_bias", "linear", "cosine"]
 FLAGS = ["plain", "la", "la_half", "ldam", "scalar_margin", "gcl", "gcl_focal", "weighted_smooth", "all"]
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------
-
-def _counts(C: int, gen: torch.Generator) -> torch.Tensor:
-    counts = torch.randint(1, 500, (C,), generator=gen)
-    counts[0] = 1000  # a clear head class
-    return counts
-
-
-def _class_vectors(C: int, gen: torch.Generator) -> dict:
-    counts = _counts(C, gen)
-    return dict(log_prior=log_prior(counts), cloud=gcl_cloud(counts), margins=ldam_margins(counts),
-                weight=torch.rand(C, generator=gen) + 0.1)
-
 
 def _flags(name: str, cv: dict, seed: int) -> dict:
     return {
@@ -69,11 +56,6 @@ def _inputs(N, D, C, gen, *, cosine=False, bias=True, ignore_rows=(1,)):
         if r < N:
             y[r] = -100
     return f, w, b, y
-
-
-def _to(kw: dict, dtype=None, device=DEVICE) -> dict:
-    return {k: (v.to(device=device, dtype=dtype or v.dtype) if isinstance(v, torch.Tensor) else v)
-            for k, v in kw.items()}
 
 
 def _with_kernel_noise(kw: dict, N: int, C: int) -> dict:
@@ -166,21 +148,21 @@ def run_and_compare(f, w, b, y, dtype, kw, *, cosine=False, reduction="mean", ch
 
     leaves = [t.to(DEVICE, copy=True).requires_grad_() for t in base]
     fk, wk, bk = (leaves + [None])[:3]
-    loss = _fused(cosine, fk, wk, bk, y.to(DEVICE), _to(kw), reduction=reduction, chunk_rows=chunk_rows, **extra)
+    loss = _fused(cosine, fk, wk, bk, y.to(DEVICE), to_device(kw), reduction=reduction, chunk_rows=chunk_rows, **extra)
     assert loss.dtype == dtype
     go = _backward(loss, reduction, gen)
 
     kw_ref = _with_kernel_noise(kw, N, C)
     l64 = [t.to(torch.float64).requires_grad_() for t in base]
     f64, w64, b64 = (l64 + [None])[:3]
-    ref64 = _reference(cosine, f64, w64, b64, y, _to(kw_ref, torch.float64, "cpu"), reduction=reduction, **extra)
+    ref64 = _reference(cosine, f64, w64, b64, y, to_device(kw_ref, torch.float64, "cpu"), reduction=reduction, **extra)
     _ref_backward(ref64, go, reduction)
     ls = [t.clone().requires_grad_() for t in base]
     fs, ws, bs = (ls + [None])[:3]
-    ref_same = _reference(cosine, fs, ws, bs, y, _to(kw_ref, dtype, "cpu"), reduction=reduction, **extra)
+    ref_same = _reference(cosine, fs, ws, bs, y, to_device(kw_ref, dtype, "cpu"), reduction=reduction, **extra)
     _ref_backward(ref_same, go, reduction)
     lr = [t.to(torch.float64).requires_grad_() for t in base]
-    ref_round = _reference_on_rounded_logits(cosine, lr, y, _to(kw_ref, torch.float64, "cpu"), dtype,
+    ref_round = _reference_on_rounded_logits(cosine, lr, y, to_device(kw_ref, torch.float64, "cpu"), dtype,
                                              reduction=reduction, **extra)
     _ref_backward(ref_round, go, reduction)
 
@@ -201,7 +183,7 @@ def test_every_flag_dtype_reduction(flags, reduction, dtype, head):
     gen = torch.Generator().manual_seed(zlib.crc32(f"{flags}-{reduction}-{dtype}-{head}".encode()))
     N, D, C = 6, 12, 37
     cosine = head == "cosine"
-    cv = _class_vectors(C, gen)
+    cv = class_vectors(C, gen)
     f, w, b, y = _inputs(N, D, C, gen, cosine=cosine, bias=head == "linear_bias")
     kw = _flags(flags, cv, seed=int(torch.randint(0, 2**40, (), generator=gen)))
     # chunks of 4 rows: two chunks, the second partial (4 does not divide 6)
@@ -215,7 +197,7 @@ def test_every_flag_dtype_reduction(flags, reduction, dtype, head):
 def test_odd_shapes(N, D, C, chunk_rows, flags, head):
     gen = torch.Generator().manual_seed(N * 100003 + D * 101 + C)
     cosine = head == "cosine"
-    cv = _class_vectors(C, gen)
+    cv = class_vectors(C, gen)
     f, w, b, y = _inputs(N, D, C, gen, cosine=cosine, ignore_rows=(1,) if N > 1 else ())
     run_and_compare(f, w, b, y, torch.float32, _flags(flags, cv, seed=5), cosine=cosine, chunk_rows=chunk_rows)
 
@@ -229,7 +211,7 @@ def test_chunking_does_not_change_the_result(head, reduction, dtype):
     gen = torch.Generator().manual_seed(21)
     N, D, C = 9, 8, 31
     cosine = head == "cosine"
-    cv = _class_vectors(C, gen)
+    cv = class_vectors(C, gen)
     f, w, b, y = _inputs(N, D, C, gen, cosine=cosine)
     kw = _flags("all", cv, seed=987654321)
     kw["scale"] = 30.0  # make the noise matter
@@ -245,7 +227,7 @@ def test_chunking_does_not_change_the_result(head, reduction, dtype):
             torch.testing.assert_close(g, g0, **tol, msg=f"chunk_rows={rows}")
     # and the noise does matter: another seed changes the row losses
     args = [t if t is None else t.to(DEVICE, torch.float32) for t in (f, w, b)]
-    same, other = (_fused(cosine, *args, y.to(DEVICE), _to({**kw, "seed": s}), reduction="none", chunk_rows=4)
+    same, other = (_fused(cosine, *args, y.to(DEVICE), to_device({**kw, "seed": s}), reduction="none", chunk_rows=4)
                    for s in (kw["seed"], 5))
     assert (same - other).abs().max() > 1e-2
 
@@ -285,14 +267,14 @@ def test_reference_seed_noise_matches_the_kernel():
     """Given only seed=, the oracle draws the same Philox noise as the kernel (to float32 rounding)."""
     gen = torch.Generator().manual_seed(2)
     N, D, C = 7, 6, 45
-    cv = _class_vectors(C, gen)
+    cv = class_vectors(C, gen)
     f, w, _, y = _inputs(N, D, C, gen, cosine=True)
     kw = _flags("gcl", cv, seed=2**40 + 11)
     got = LF.cosine_cross_entropy(f.float().to(DEVICE), w.float().to(DEVICE), y.to(DEVICE), backend="triton",
-                                  reduction="none", chunk_rows=3, **_to(kw))
-    ref = H.reference_cosine_cross_entropy(f, w, y, reduction="none", **_to(kw, torch.float64, "cpu"))
+                                  reduction="none", chunk_rows=3, **to_device(kw))
+    ref = H.reference_cosine_cross_entropy(f, w, y, reduction="none", **to_device(kw, torch.float64, "cpu"))
     torch.testing.assert_close(got.cpu().double(), ref, atol=2e-4, rtol=1e-5)
-    plain = H.reference_cosine_cross_entropy(f, w, y, reduction="none", **_to({**kw, "noise_mul": 0.0},
+    plain = H.reference_cosine_cross_entropy(f, w, y, reduction="none", **to_device({**kw, "noise_mul": 0.0},
                                                                                 torch.float64, "cpu"))
     assert (got.cpu().double() - plain)[y != -100].abs().max() > 1e-2  # the noise is really applied
 
@@ -300,9 +282,9 @@ def test_reference_seed_noise_matches_the_kernel():
 def test_noise_seed_none_follows_torch_manual_seed():
     gen = torch.Generator().manual_seed(3)
     N, D, C = 5, 4, 20
-    cv = _class_vectors(C, gen)
+    cv = class_vectors(C, gen)
     f, w, _, y = _inputs(N, D, C, gen, cosine=True)
-    kw = _to(dict(cloud=cv["cloud"], noise_mul=1.0, margin=0.5, scale=30.0))
+    kw = to_device(dict(cloud=cv["cloud"], noise_mul=1.0, margin=0.5, scale=30.0))
     fk, wk, yk = f.float().to(DEVICE), w.float().to(DEVICE), y.to(DEVICE)
     outs = []
     for _ in range(2):
@@ -320,7 +302,7 @@ def test_cosine_zero_and_tiny_rows(eps):
     (a zero row, a tiny one: F.normalize's clamp, no projection in the backward), in features and weight."""
     gen = torch.Generator().manual_seed(6)
     N, D, C = 5, 7, 11
-    cv = _class_vectors(C, gen)
+    cv = class_vectors(C, gen)
     f, w, _, y = _inputs(N, D, C, gen, cosine=True, ignore_rows=())
     f[2] *= 0.01 / f[2].norm()
     w[5] *= 0.01 / w[5].norm()
@@ -372,7 +354,7 @@ def test_non_contiguous_features_and_weight(layout, head):
     gen = torch.Generator().manual_seed(5)
     N, D, C = 7, 6, 13
     cosine = head == "cosine"
-    cv = _class_vectors(C, gen)
+    cv = class_vectors(C, gen)
     kw = _flags("all", cv, seed=11)
 
     def views(dtype, device):
@@ -391,11 +373,11 @@ def test_non_contiguous_features_and_weight(layout, head):
     leaves, (fk, wk, bk) = views(torch.float32, DEVICE)
     assert not fk.is_contiguous() and not wk.is_contiguous() and not bk.is_contiguous()
     y = torch.randint(0, C, (N,), generator=gen)
-    loss = _fused(cosine, fk, wk, bk, y.to(DEVICE), _to(kw), chunk_rows=3)
+    loss = _fused(cosine, fk, wk, bk, y.to(DEVICE), to_device(kw), chunk_rows=3)
     (loss * 2.5).backward()
 
     l64, (f64, w64, b64) = views(torch.float64, "cpu")
-    ref = _reference(cosine, f64, w64, b64, y, _to(_with_kernel_noise(kw, N, C), torch.float64, "cpu"))
+    ref = _reference(cosine, f64, w64, b64, y, to_device(_with_kernel_noise(kw, N, C), torch.float64, "cpu"))
     (ref * 2.5).backward()
     torch.testing.assert_close(loss.double().cpu(), ref, atol=1e-5, rtol=1e-5)
     for lk, l6 in zip(leaves[:2] if cosine else leaves, l64[:2] if cosine else l64, strict=True):
@@ -410,9 +392,9 @@ def test_no_grad_paths_give_the_same_loss(reduction, head):
     gen = torch.Generator().manual_seed(12)
     N, D, C = 6, 5, 17
     cosine = head == "cosine"
-    cv = _class_vectors(C, gen)
+    cv = class_vectors(C, gen)
     f, w, b, y = _inputs(N, D, C, gen, cosine=cosine)
-    kw = _to(_flags("all", cv, seed=3))
+    kw = to_device(_flags("all", cv, seed=3))
     plain = [t.float().to(DEVICE) for t in (f, w, b) if t is not None]
     fk, wk, bk = (plain + [None])[:3]
     yk = y.to(DEVICE)
@@ -426,7 +408,7 @@ def test_no_grad_paths_give_the_same_loss(reduction, head):
     torch.testing.assert_close(no_req, with_grad.detach(), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(no_grad, with_grad.detach(), atol=1e-6, rtol=1e-6)
     ref = _reference(cosine, *[t if t is None else t.double() for t in (f, w, b)], y,
-                     _to(_with_kernel_noise(_flags("all", cv, seed=3), N, C), torch.float64, "cpu"),
+                     to_device(_with_kernel_noise(_flags("all", cv, seed=3), N, C), torch.float64, "cpu"),
                      reduction=reduction)
     torch.testing.assert_close(no_req.double().cpu(), ref, atol=1e-5, rtol=1e-5)
 
@@ -437,17 +419,17 @@ def test_partial_requires_grad(which, reduction):
     """Only some inputs need a gradient (a frozen backbone or a frozen classifier)."""
     gen = torch.Generator().manual_seed(13)
     N, D, C = 6, 5, 9
-    cv = _class_vectors(C, gen)
+    cv = class_vectors(C, gen)
     f, w, b, y = _inputs(N, D, C, gen)
     kw = _flags("la", cv, seed=0)
     names = ("features", "weight", "bias")
     ts = [t.float().to(DEVICE).requires_grad_(n in which.split("+")) for n, t in zip(names, (f, w, b), strict=True)]
     loss = LF.linear_cross_entropy(ts[0], ts[1], y.to(DEVICE), ts[2], backend="triton", reduction=reduction,
-                                   chunk_rows=4, **_to(kw))
+                                   chunk_rows=4, **to_device(kw))
     loss.sum().backward()
     r = [t.clone().requires_grad_() for t in (f, w, b)]
     H.reference_linear_cross_entropy(r[0], r[1], y, r[2], reduction=reduction,
-                                     **_to(kw, torch.float64, "cpu")).sum().backward()
+                                     **to_device(kw, torch.float64, "cpu")).sum().backward()
     for n, t, t64 in zip(names, ts, r, strict=True):
         if n in which.split("+"):
             torch.testing.assert_close(t.grad.double().cpu(), t64.grad, atol=1e-6, rtol=1e-5)
@@ -490,9 +472,9 @@ def test_autocast(head):
     gen = torch.Generator().manual_seed(16)
     cosine = head == "cosine"
     N, D, C = 6, 8, 10
-    cv = _class_vectors(C, gen)
+    cv = class_vectors(C, gen)
     f, w, b, y = _inputs(N, D, C, gen, cosine=cosine)
-    kw = _to(_flags("la", cv, 0))
+    kw = to_device(_flags("la", cv, 0))
     leaves32 = [t.float().to(DEVICE).requires_grad_() for t in (f, w, b) if t is not None]
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         loss = _fused(cosine, *(leaves32 + [None])[:3], y.to(DEVICE), kw, chunk_rows=4)
@@ -514,7 +496,7 @@ def test_autocast(head):
 def test_linear_loss_head_triton_matches_torch_and_the_formula(loss, bias):
     gen = torch.Generator().manual_seed(17)
     N, D, C = 9, 10, 23
-    counts = _counts(C, gen)
+    counts = long_tail_counts(C, gen)
     wc = torch.rand(C, generator=gen) + 0.2
     common = dict(loss=loss, bias=bias, tau=0.7, gamma=0.5, weight_classes=wc, label_smoothing=0.05, chunk_rows=4)
     head = fastlt.LinearLossHead(D, C, counts, backend="triton", **common).to(DEVICE)
@@ -553,7 +535,7 @@ def test_linear_loss_head_triton_matches_torch_and_the_formula(loss, bias):
 def test_linear_loss_head_logits_and_topk(loss):
     gen = torch.Generator().manual_seed(18)
     N, D, C = 11, 6, 19
-    counts = _counts(C, gen)
+    counts = long_tail_counts(C, gen)
     head = fastlt.LinearLossHead(D, C, counts if loss != "ce" else None, loss=loss, tau=0.6).to(DEVICE)
     f = torch.randn(N, D, generator=gen).to(DEVICE)
     z = head.logits(f)
@@ -618,7 +600,7 @@ def test_linear_loss_head_initialises_as_nn_linear():
 def test_cosine_gcl_head_triton_matches_torch(reduction):
     gen = torch.Generator().manual_seed(19)
     N, D, C = 10, 8, 21
-    counts = _counts(C, gen)
+    counts = long_tail_counts(C, gen)
     common = dict(m=0.1, s=20.0, noise_mul=0.5, gamma=1.0, reduction=reduction, chunk_rows=3)
     head = fastlt.CosineGCLHead(D, C, counts, backend="triton", **common).to(DEVICE)
     ref = fastlt.CosineGCLHead(D, C, counts, backend="torch", **common)
@@ -649,7 +631,8 @@ def test_cosine_gcl_head_triton_matches_torch(reduction):
 def test_cosine_gcl_head_without_noise_and_margin_is_scaled_cosine_softmax():
     gen = torch.Generator().manual_seed(20)
     N, D, C = 8, 5, 9
-    head = fastlt.CosineGCLHead(D, C, _counts(C, gen), m=0.0, s=16.0, noise_mul=0.0, backend="triton").to(DEVICE)
+    head = fastlt.CosineGCLHead(D, C, long_tail_counts(C, gen), m=0.0, s=16.0, noise_mul=0.0,
+                                backend="triton").to(DEVICE)
     f = torch.randn(N, D, generator=gen)
     y = torch.randint(0, C, (N,), generator=gen)
     got = head(f.to(DEVICE), y.to(DEVICE))
@@ -660,7 +643,7 @@ def test_cosine_gcl_head_without_noise_and_margin_is_scaled_cosine_softmax():
 def test_cosine_gcl_head_state_dict_and_logits_match_cosine_classifier():
     gen = torch.Generator().manual_seed(21)
     N, D, C = 7, 6, 12
-    counts = _counts(C, gen)
+    counts = long_tail_counts(C, gen)
     torch.manual_seed(3)
     head = fastlt.CosineGCLHead(D, C, counts)
     torch.manual_seed(3)

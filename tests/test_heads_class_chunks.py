@@ -9,13 +9,14 @@ import zlib
 import pytest
 import test_heads
 import torch
-from test_heads import DEVICE, _class_vectors, _flags, _inputs, run_and_compare
+from conftest import DEVICE, class_vectors
+from test_heads import _flags, _inputs, run_and_compare
 
 from fastlt import heads as H
 from fastlt._operator import AdjustedCEArgs
 from fastlt.heads import lade as heads_lade
 from fastlt.heads import passes, plan
-from fastlt.kernels import launch
+from fastlt.kernels import counters, launch, tiles
 
 FLAGS = ["plain", "la", "ldam", "gcl_focal", "weighted_smooth", "all"]
 
@@ -39,7 +40,7 @@ def test_class_chunks_match_the_oracle(flags, reduction, dtype, head, monkeypatc
     N, D, C = 6, 8, 37  # chunks of 8 classes: 5 chunks, the last one partial, tiles wider than a chunk
     cosine = head == "cosine"
     f, w, b, y = _inputs(N, D, C, gen, cosine=cosine, bias=head == "linear_bias")
-    kw = _flags(flags, _class_vectors(C, gen), seed=11)
+    kw = _flags(flags, class_vectors(C, gen), seed=11)
     _fused_with(monkeypatch, chunk_classes=8)
     run_and_compare(f, w, b, y, dtype, kw, cosine=cosine, reduction=reduction)
 
@@ -48,7 +49,7 @@ def test_class_chunks_match_the_oracle(flags, reduction, dtype, head, monkeypatc
 def test_class_chunks_odd_sizes(N, D, C, cols, monkeypatch):
     gen = _gen(N, D, C, cols)
     f, w, b, y = _inputs(N, D, C, gen)
-    kw = _flags("all", _class_vectors(C, gen), seed=3)
+    kw = _flags("all", class_vectors(C, gen), seed=3)
     _fused_with(monkeypatch, chunk_classes=cols)
     run_and_compare(f, w, b, y, torch.float32, kw)
 
@@ -57,7 +58,7 @@ def test_class_chunks_equal_row_chunks():
     gen = _gen("equal")
     N, D, C = 7, 8, 45
     f, w, b, y = _inputs(N, D, C, gen)
-    kw = _flags("all", _class_vectors(C, gen), seed=5)
+    kw = _flags("all", class_vectors(C, gen), seed=5)
     kw = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
     results = []
     for extra in (dict(chunk_rows=3), dict(chunk_classes=8), dict(chunk_classes=24), dict(chunk_classes=64)):
@@ -72,7 +73,7 @@ def test_class_chunks_equal_row_chunks():
 
 def _logits_and_vectors(gen, N, C, ignored_row):
     """(N, C) logits, targets with one ignored row, and the fp32 class vectors on the device."""
-    cv = _class_vectors(C, gen)
+    cv = class_vectors(C, gen)
     z = torch.randn(N, C, generator=gen).to(DEVICE)
     y = torch.randint(0, C, (N,), generator=gen).to(DEVICE)
     y[ignored_row] = -100
@@ -123,16 +124,16 @@ def test_combine_reduces_the_batch_in_its_launch(reduction, mode, monkeypatch):
     want = launch.reduce(loss_rows, y, args)
     part = _class_partials(z, y, args, [0, 16, 32, C])
     if mode.endswith("own-launch"):
-        monkeypatch.setattr(launch, "_FUSED_REDUCE_STEPS", 0)
+        monkeypatch.setattr(tiles, "FUSED_REDUCE_STEPS", 0)
     if mode == "denominator-launch":
-        monkeypatch.setattr(launch, "_OWN_DENOM_READS", 0)
+        monkeypatch.setattr(tiles, "OWN_DENOM_READS", 0)
     out = torch.full((), float("nan"), device=DEVICE)
     rows2, _, factor2 = launch.combine_partials(part, y, args, C, out=out, scale_mean=not mode.startswith("unscaled"))
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(rows2, loss_rows, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(factor2, factor, rtol=1e-5, atol=1e-7)
     if not mode.endswith("own-launch"):
-        assert launch.reduce_counter(torch.device(DEVICE)).item() == 0
+        assert counters.reduce_counter(torch.device(DEVICE)).item() == 0
     none = AdjustedCEArgs(reduction="none")
     with pytest.raises(ValueError, match="out="):
         launch.combine_partials(part, y, none, C, out=out)

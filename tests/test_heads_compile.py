@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICE
 
 import fastlt
 from fastlt._operator import AdjustedCEArgs, ChunkPlan, LadeArgs, Needs, flatten
@@ -14,7 +15,6 @@ from fastlt.heads import glue as H
 from fastlt.lade_head import lade_linear_loss
 from fastlt.priors import gcl_cloud, log_prior, prior
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 N, D, C = 10, 12, 40
 
 

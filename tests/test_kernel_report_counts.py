@@ -1,18 +1,10 @@
-"""``benchmarks/kernel_report.py``'s loop metrics on hand-written SASS: a loop's size and its shortest path (a
-predicated forward branch inside it skips the target compares), and spills counted per column loop (innermost) apart
-from a persistent program's row loop around it. No compiler needed."""
+"""``tools/kernel_report.py``'s loop metrics on hand-written SASS: a loop's size and its shortest path (a predicated
+forward branch inside it skips the target compares), and spills counted per column loop (innermost) apart from a
+persistent program's row loop around it. No compiler needed."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_report.py"
-_spec = importlib.util.spec_from_file_location("kernel_report", _PATH)
-K = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("kernel_report", K)  # its dataclass looks its module up there
-_spec.loader.exec_module(K)
+from tools import kernel_report as K
 
 
 def _sass(body: dict[int, str]) -> list[str]:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
+from conftest import DEVICE
 
 from fastlt import functional as LF
 from fastlt.priors import gcl_cloud, log_prior, prior
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _inputs():

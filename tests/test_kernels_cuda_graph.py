@@ -99,7 +99,7 @@ def test_replays_reduce_each_new_batch_in_the_row_kernel(bank, monkeypatch):
     """The row kernel's last program reduces the batch (a counter slot of the graph's own); replays with new inputs
     in place, with eager steps in between on the same stream, each match eager. With no counter bank yet on the
     device when the capture starts, the capture takes the separate reduction launch instead."""
-    from fastlt.kernels import launch
+    from fastlt.kernels import counters
 
     gen = torch.Generator().manual_seed(2)
     N, C = 300, 1000
@@ -114,12 +114,12 @@ def test_replays_reduce_each_new_batch_in_the_row_kernel(bank, monkeypatch):
     if bank == "no-bank-yet":
         # warm up the kernels of the separate reduction (nothing may compile inside the capture), then capture with
         # the real reduce_counter and no bank
-        real = launch.reduce_counter
-        monkeypatch.setattr(launch, "reduce_counter", lambda device: None)
+        real = counters.reduce_counter
+        monkeypatch.setattr(counters, "reduce_counter", lambda device: None)
 
         def before_capture():
-            monkeypatch.setattr(launch, "reduce_counter", real)
-            monkeypatch.setattr(launch, "_BANKS", {})
+            monkeypatch.setattr(counters, "reduce_counter", real)
+            monkeypatch.setattr(counters, "BANKS", {})
     graph, captured = _capture(step, before_capture)
     for k in range(4):
         z.copy_(torch.randn(N, C, generator=gen).cuda() * (k + 1))

@@ -13,12 +13,12 @@ import threading
 
 import pytest
 import torch
+from conftest import DEVICE
 
 from fastlt import reference as R
 from fastlt._operator import AdjustedCEArgs
-from fastlt.kernels import launch
+from fastlt.kernels import counters, launch, tiles
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CONFIGS = {
     "default": {},
     "split": dict(block_n=16, num_splits=3),  # row_loss_forward SPLIT, then row_loss_combine reduces
@@ -52,7 +52,7 @@ def _run(z, y, args, *, grad_in_forward: bool, config: dict):
 
 
 def _counter_is_zero() -> bool:
-    return int(launch.reduce_counter(torch.device(DEVICE)).item()) == 0
+    return int(counters.reduce_counter(torch.device(DEVICE)).item()) == 0
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
@@ -63,14 +63,14 @@ def _counter_is_zero() -> bool:
 def test_in_kernel_reduction_matches_float64_and_the_separate_launch(config, grad_in_forward, reduction, weighted,
                                                                      own_denom, N, monkeypatch):
     if not own_denom:
-        monkeypatch.setattr(launch, "_OWN_DENOM_READS", 0)
+        monkeypatch.setattr(tiles, "OWN_DENOM_READS", 0)
     z, y, args, want = _case(N, 50, N, weighted=weighted, reduction=reduction)
     loss, lse, factor, g = _run(z, y, args, grad_in_forward=grad_in_forward, config=CONFIGS[config])
     assert loss.shape == () and loss.dtype == torch.float32
     torch.testing.assert_close(loss.double().cpu(), want, rtol=2e-6, atol=2e-6)
     assert _counter_is_zero(), "the last program must put the counter back to 0"
 
-    monkeypatch.setattr(launch, "reduce_counter", lambda device: None)  # as inside a capture with no counter yet
+    monkeypatch.setattr(counters, "reduce_counter", lambda device: None)  # as inside a capture with no counter yet
     loss2, lse2, factor2, g2 = _run(z, y, args, grad_in_forward=grad_in_forward, config=CONFIGS[config])
     torch.testing.assert_close(loss2, loss, rtol=1e-6, atol=1e-7)  # two summation orders, both fp32
     torch.testing.assert_close(factor2, factor, rtol=1e-6, atol=0)  # 'mean': scaled in the kernel or by the launch
@@ -109,21 +109,21 @@ def test_the_sum_does_not_depend_on_which_program_finishes_last():
 
 def test_counters_are_per_stream_and_the_bank_runs_dry():
     dev = torch.device(DEVICE)
-    mine = launch.reduce_counter(dev)
-    assert launch.reduce_counter(dev) is mine  # one per stream (thread on the CPU), kept
+    mine = counters.reduce_counter(dev)
+    assert counters.reduce_counter(dev) is mine  # one per stream (thread on the CPU), kept
     assert mine.dtype == torch.int32 and mine.shape == (1,)
     other = []
     if DEVICE == "cuda":
         with torch.cuda.stream(torch.cuda.Stream()):
-            other.append(launch.reduce_counter(dev))
+            other.append(counters.reduce_counter(dev))
     else:
-        thread = threading.Thread(target=lambda: other.append(launch.reduce_counter(dev)))
+        thread = threading.Thread(target=lambda: other.append(counters.reduce_counter(dev)))
         thread.start()
         thread.join()
     assert other[0] is not None and other[0].data_ptr() != mine.data_ptr()
-    bank = launch._CounterBank(dev)
-    slots = [bank.fresh() for _ in range(launch._COUNTER_SLOTS)]
-    assert len({s.data_ptr() for s in slots}) == launch._COUNTER_SLOTS
+    bank = counters.CounterBank(dev)
+    slots = [bank.fresh() for _ in range(counters.COUNTER_SLOTS)]
+    assert len({s.data_ptr() for s in slots}) == counters.COUNTER_SLOTS
     assert all(s.data_ptr() % 16 == 0 for s in slots)  # one kernel variant for every slot (Triton's alignment)
     assert bank.fresh() is None
 
@@ -208,7 +208,7 @@ def test_lade_finish_sees_every_row_and_part_under_concurrency(monkeypatch):
     from fastlt import functional as LF
 
     gen = torch.Generator().manual_seed(6)
-    counter = launch.reduce_counter
+    counter = counters.reduce_counter
     for step in range(60):
         N = int(torch.randint(1, 4000, (1,), generator=gen))
         C = [300, 2000, 8142][step % 3]  # 2, 8 and 32 class blocks of LADER parts
@@ -217,7 +217,7 @@ def test_lade_finish_sees_every_row_and_part_under_concurrency(monkeypatch):
         pi = torch.softmax(torch.randn(C, generator=gen), 0).to(DEVICE)
         reduction = "mean" if step % 2 else "sum"
         fused = LF.lade_loss(z, y, pi, reduction=reduction, backend="triton")
-        monkeypatch.setattr(launch, "reduce_counter", lambda device: None)
+        monkeypatch.setattr(counters, "reduce_counter", lambda device: None)
         separate = LF.lade_loss(z, y, pi, reduction=reduction, backend="triton")
-        monkeypatch.setattr(launch, "reduce_counter", counter)
+        monkeypatch.setattr(counters, "reduce_counter", counter)
         assert abs(fused.item() - separate.item()) <= 1e-5 * max(1.0, abs(separate.item())), (step, N, C)

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICE
 from oracle import assert_oracle_close
 
 from fastlt import functional as LF
 from fastlt import reference as R
 from fastlt._operator import AdjustedCEArgs
-from fastlt.kernels import launch
+from fastlt.kernels import counters, launch, tiles
 from fastlt.priors import prior
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _case(N, C, dtype, seed, *, ignore=(), absent_class=None):
@@ -86,7 +85,7 @@ def test_lade_row_blocks_and_column_tiles(config):
 def test_lade_long_batch_reduction_matches_reference(reduction, monkeypatch):
     """Beyond ONE_PROGRAM_ROWS rows the loss is reduced by torch ops: PriorCE's sum plus LADER's class-block partials
     (several here, C > 256), and 'mean''s factor scaled in place."""
-    monkeypatch.setattr(launch, "ONE_PROGRAM_ROWS", 0)
+    monkeypatch.setattr(tiles, "ONE_PROGRAM_ROWS", 0)
     z, y, pi, _ = _case(9, 600, torch.float32, 8, ignore=(2,))
     _compare(z, y, pi, reduction=reduction, alpha=0.4)
 
@@ -98,7 +97,7 @@ def test_lade_reduction_in_the_finish_launch_or_its_own(reduction, where, monkey
     blocks, so three parts) and scales 'mean''s factors; without a counter (inside a CUDA-graph capture before any
     eager call) one reduce_rows launch after it does the same."""
     if where == "own launch":
-        monkeypatch.setattr(launch, "reduce_counter", lambda device: None)
+        monkeypatch.setattr(counters, "reduce_counter", lambda device: None)
     z, y, pi, w = _case(21, 600, torch.float32, 9, ignore=(4,))
     _compare(z, y, pi, reduction=reduction, weight=w, label_smoothing=0.1, alpha=0.4)
 
@@ -236,7 +235,7 @@ def test_chunk_partials_rejects_column_stats_of_the_wrong_shape():
     wrong = launch.ColumnStats(torch.empty((2, 1, 7), device=DEVICE), torch.empty(5, device=DEVICE))
     with pytest.raises(ValueError, match="column_stats must hold"):
         launch.chunk_partials(z, y, args, part, 0, col_base=0, num_classes=8, column_stats=wrong)
-    short = launch.ColumnStats.empty(4, 8, DEVICE)
+    short = launch.new_column_stats(4, 8, DEVICE)
     with pytest.raises(ValueError, match="column_stats must hold"):
         launch.chunk_partials(z, y, args, part, 0, col_base=0, num_classes=8, column_stats=short)
 

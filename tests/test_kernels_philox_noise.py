@@ -9,10 +9,9 @@ import math
 import torch
 import triton
 import triton.language as tl
+from conftest import DEVICE
 
 from fastlt.kernels.philox_noise import FAST_MATH, _pair, gcl_noise_at, gcl_noise_kernel
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @triton.jit

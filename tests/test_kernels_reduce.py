@@ -6,18 +6,17 @@ import math
 
 import pytest
 import torch
+from conftest import DEVICE
 
 from fastlt._operator import AdjustedCEArgs
-from fastlt.kernels import launch
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from fastlt.kernels import launch, tiles
 
 
 @pytest.fixture(params=["one_launch", "torch"], autouse=True)
 def path(request, monkeypatch):
     """Every test runs on both paths: the one-program kernel and torch's reductions (long batches)."""
     if request.param == "torch":
-        monkeypatch.setattr(launch, "ONE_PROGRAM_ROWS", 0)
+        monkeypatch.setattr(tiles, "ONE_PROGRAM_ROWS", 0)
     return request.param
 
 
@@ -71,7 +70,7 @@ def test_mean_scales_the_factor_in_the_same_launch_and_writes_the_output_dtype()
     factor = torch.rand(37, generator=torch.Generator().manual_seed(1))
     args = AdjustedCEArgs(weight=w.to(DEVICE), reduction="mean")
     fk = factor.to(DEVICE).clone()
-    loss = launch.reduce(rows.to(DEVICE), y.to(DEVICE), args, factor=fk, out_dtype=torch.bfloat16)
+    loss = launch.reduce(rows.to(DEVICE), y.to(DEVICE), args, row_coef=fk, out_dtype=torch.bfloat16)
     denom = _want_denominator(y, w)
     assert loss.dtype == torch.bfloat16
     assert math.isclose(loss.float().item(), rows.double().sum().item() / denom, rel_tol=1e-2)
@@ -140,6 +139,6 @@ def test_mean_of_no_valid_row_keeps_the_factors_zero():
     y = torch.full((9,), -100)
     rows = torch.zeros(9)
     fk = torch.zeros(9, device=DEVICE)
-    loss = launch.reduce(rows.to(DEVICE), y.to(DEVICE), AdjustedCEArgs(reduction="mean"), factor=fk)
+    loss = launch.reduce(rows.to(DEVICE), y.to(DEVICE), AdjustedCEArgs(reduction="mean"), row_coef=fk)
     assert math.isnan(loss.item())
     assert torch.equal(fk.cpu(), torch.zeros(9))

@@ -10,23 +10,13 @@ import zlib
 
 import pytest
 import torch
+from conftest import DEVICE, DTYPES, class_vectors, to_device
 from oracle import assert_oracle_close
 
 from fastlt import functional as LF
 from fastlt import reference as R
 from fastlt.kernels import launch
 from fastlt.kernels.philox_noise import gcl_noise_kernel
-from fastlt.priors import gcl_cloud, ldam_margins, log_prior
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def _class_vectors(C: int, gen: torch.Generator) -> dict:
-    counts = torch.randint(1, 500, (C,), generator=gen)
-    counts[0] = 1000  # a clear head class
-    return dict(log_prior=log_prior(counts), cloud=gcl_cloud(counts), margins=ldam_margins(counts),
-                weight=torch.rand(C, generator=gen) + 0.1)
 
 
 def _flags(name: str, cv: dict, seed: int) -> dict:
@@ -51,11 +41,6 @@ def _inputs(N, C, dtype, gen, *, peaked=False, ignore_rows=(1,)):
     return z.to(dtype), y
 
 
-def _to(kw: dict, dtype=None, device=DEVICE) -> dict:
-    return {k: (v.to(device=device, dtype=dtype or v.dtype) if isinstance(v, torch.Tensor) else v)
-            for k, v in kw.items()}
-
-
 def run_and_compare(z, y, kw, *, reduction="mean", grad_in_forward=False, config=None, go_scale=True):
     """Kernel vs float64 reference vs same-dtype reference: loss and d loss / d z."""
     dtype = z.dtype
@@ -73,10 +58,10 @@ def run_and_compare(z, y, kw, *, reduction="mean", grad_in_forward=False, config
 
     kw = _with_kernel_noise(kw, *z.shape)
     z64 = z.to(torch.float64).requires_grad_()
-    ref64 = R.adjusted_cross_entropy(z64, y, reduction=reduction, **_to(kw, torch.float64, "cpu"))
+    ref64 = R.adjusted_cross_entropy(z64, y, reduction=reduction, **to_device(kw, torch.float64, "cpu"))
     ref64.backward(go)
     zs = z.clone().requires_grad_()
-    kw_same = {k: (v.to(dtype) if isinstance(v, torch.Tensor) else v) for k, v in _to(kw, None, "cpu").items()}
+    kw_same = {k: (v.to(dtype) if isinstance(v, torch.Tensor) else v) for k, v in to_device(kw, None, "cpu").items()}
     ref_same = R.adjusted_cross_entropy(zs, y, reduction=reduction, **kw_same)
     ref_same.backward(go.to(dtype))
     assert_oracle_close(loss, ref64, ref_same, dtype, what="loss")
@@ -96,13 +81,13 @@ def _with_kernel_noise(kw: dict, N: int, C: int) -> dict:
 def _call_kernel(zin, yk, kw, reduction, grad_in_forward, config):
     if config is None:
         return LF.adjusted_cross_entropy(zin, yk, reduction=reduction, backend="triton",
-                                         grad_in_forward=grad_in_forward, **_to(kw))
+                                         grad_in_forward=grad_in_forward, **to_device(kw))
     # a forced tile configuration (split rows, many tiles): go through the Function with patched tiles
     orig = launch.pick_tiles
     launch.pick_tiles = lambda N, C, device, **k: orig(N, C, device, **{**config, **k})
     try:
         return LF.adjusted_cross_entropy(zin, yk, reduction=reduction, backend="triton",
-                                         grad_in_forward=grad_in_forward, **_to(kw))
+                                         grad_in_forward=grad_in_forward, **to_device(kw))
     finally:
         launch.pick_tiles = orig
 
@@ -113,7 +98,7 @@ def _call_kernel(zin, yk, kw, reduction, grad_in_forward, config):
 def test_every_flag_dtype_reduction(flags, reduction, dtype):
     gen = torch.Generator().manual_seed(zlib.crc32(repr((flags, reduction, str(dtype))).encode()))  # stable per case
     N, C = 6, 37
-    cv = _class_vectors(C, gen)
+    cv = class_vectors(C, gen)
     z, y = _inputs(N, C, dtype, gen)
     run_and_compare(z, y, _flags(flags, cv, seed=int(torch.randint(0, 2**40, (), generator=gen))),
                     reduction=reduction)
@@ -123,7 +108,7 @@ def test_every_flag_dtype_reduction(flags, reduction, dtype):
 @pytest.mark.parametrize("flags", ["plain", "all"])
 def test_odd_shapes(N, C, flags):
     gen = torch.Generator().manual_seed(N * 100003 + C)
-    cv = _class_vectors(C, gen)
+    cv = class_vectors(C, gen)
     z, y = _inputs(N, C, torch.float32, gen)
     run_and_compare(z, y, _flags(flags, cv, seed=5))
 
@@ -131,7 +116,7 @@ def test_odd_shapes(N, C, flags):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_confident_logits(dtype):
     gen = torch.Generator().manual_seed(11)
-    cv = _class_vectors(50, gen)
+    cv = class_vectors(50, gen)
     z, y = _inputs(16, 50, dtype, gen, peaked=True)
     z[torch.arange(16), y.clamp(min=0)] = 60.0  # the target dominates: p_y -> 1, gradient tiny
     run_and_compare(z, y, _flags("la", cv, 0))
@@ -147,7 +132,7 @@ def test_confident_logits(dtype):
 def test_split_and_multi_tile_paths(config, flags, reduction):
     gen = torch.Generator().manual_seed(7)
     N, C = 5, 101
-    cv = _class_vectors(C, gen)
+    cv = class_vectors(C, gen)
     z, y = _inputs(N, C, torch.float32, gen)
     run_and_compare(z, y, _flags(flags, cv, 17), reduction=reduction, config=config)
 
@@ -158,7 +143,7 @@ def test_whole_tiles_only(dtype, grad_in_forward):
     """C a multiple of the tile: every tile takes the unmasked-column path and no partial tile follows."""
     gen = torch.Generator().manual_seed(19)
     N, C = 6, 64
-    cv = _class_vectors(C, gen)
+    cv = class_vectors(C, gen)
     z, y = _inputs(N, C, dtype, gen)
     run_and_compare(z, y, _flags("all", cv, 29), grad_in_forward=grad_in_forward, config=dict(block_n=16))
 
@@ -171,7 +156,7 @@ def test_whole_tiles_only(dtype, grad_in_forward):
 def test_grad_in_forward(config, reduction, dtype):
     gen = torch.Generator().manual_seed(3)
     N, C = 7, 70
-    cv = _class_vectors(C, gen)
+    cv = class_vectors(C, gen)
     z, y = _inputs(N, C, dtype, gen)
     run_and_compare(z, y, _flags("all", cv, 23), reduction=reduction, grad_in_forward=True, config=config)
 
@@ -189,7 +174,7 @@ def test_grad_in_forward_stored_probabilities(store, dtype, splits, monkeypatch)
     monkeypatch.setattr(launch, "STORE_PROBS", store)
     gen = torch.Generator().manual_seed(13)
     N, C = 9, 50
-    cv = _class_vectors(C, gen)
+    cv = class_vectors(C, gen)
     z, y = _inputs(N, C, dtype, gen, peaked=True)
     z[torch.arange(N), y.clamp(min=0)] = 60.0
     for flags in ("la", "gcl_focal", "all"):
@@ -212,7 +197,7 @@ def test_split_grad_in_forward_draws_the_noise_once(monkeypatch):
     monkeypatch.setattr(launch, "grad", spy)
     gen = torch.Generator().manual_seed(31)
     N, C = 5, 70
-    cv = _class_vectors(C, gen)
+    cv = class_vectors(C, gen)
     z, y = _inputs(N, C, torch.float32, gen)
     run_and_compare(z, y, _flags("gcl", cv, 41), grad_in_forward=True, config=dict(block_n=16, num_splits=3))
     assert seen == [True]
@@ -230,7 +215,7 @@ def test_logits_masked_with_the_dtype_minimum(dtype, config, grad_in_forward):
     -1e30, above every entry, which gave -inf losses and inf / NaN gradients where torch gives finite ones."""
     gen = torch.Generator().manual_seed(23)
     N, C = 5, 70
-    cv = _class_vectors(C, gen)
+    cv = class_vectors(C, gen)
     z, y = _inputs(N, C, dtype, gen, ignore_rows=(3,))
     low = torch.finfo(dtype).min
     z[0] = low
@@ -267,7 +252,7 @@ def test_grad_in_forward_refuses_a_leaf():
 def test_non_contiguous_logits(layout):
     gen = torch.Generator().manual_seed(5)
     N, C = 6, 29
-    cv = _class_vectors(C, gen)
+    cv = class_vectors(C, gen)
     base = torch.randn(N, C + 11, generator=gen) if layout == "row_stride" else torch.randn(C, N, generator=gen)
     z = base[:, :C] if layout == "row_stride" else base.t()
     assert not z.is_contiguous()
@@ -277,10 +262,10 @@ def test_non_contiguous_logits(layout):
     zk.requires_grad_()
     assert zk.stride() == z.stride()
     kw = _flags("all", cv, 2)
-    loss = LF.adjusted_cross_entropy(zk, y.to(DEVICE), backend="triton", **_to(kw))
+    loss = LF.adjusted_cross_entropy(zk, y.to(DEVICE), backend="triton", **to_device(kw))
     loss.backward()
     z64 = z.double().requires_grad_()
-    ref = R.adjusted_cross_entropy(z64, y, **_to(_with_kernel_noise(kw, N, C), torch.float64, "cpu"))
+    ref = R.adjusted_cross_entropy(z64, y, **to_device(_with_kernel_noise(kw, N, C), torch.float64, "cpu"))
     ref.backward()
     torch.testing.assert_close(loss.double().cpu(), ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(zk.grad.double().cpu(), z64.grad, atol=1e-6, rtol=1e-4)
@@ -309,7 +294,7 @@ def test_all_rows_ignored_mean_gives_zero_gradients(config, grad_in_forward):
     rows, the fused reduction, and with weights and GCL's flags."""
     gen = torch.Generator().manual_seed(33)
     N, C = 4, 40
-    cv = _class_vectors(C, gen)
+    cv = class_vectors(C, gen)
     z, _ = _inputs(N, C, torch.float32, gen)
     y = torch.full((N,), -100)
     leaf = z.to(DEVICE).requires_grad_()
@@ -333,10 +318,10 @@ def test_custom_ignore_index_and_int32_targets():
 def test_deterministic_for_a_seed_and_noise_follows_manual_seed():
     gen = torch.Generator().manual_seed(9)
     C = 40
-    cv = _class_vectors(C, gen)
+    cv = class_vectors(C, gen)
     z, y = _inputs(8, C, torch.float32, gen)
     zk, yk = z.to(DEVICE), y.to(DEVICE)
-    kw = _to(dict(cloud=cv["cloud"], noise_mul=1.0, margin=0.5, scale=30.0))
+    kw = to_device(dict(cloud=cv["cloud"], noise_mul=1.0, margin=0.5, scale=30.0))
     outs = []
     for _ in range(2):
         torch.manual_seed(1234)
@@ -346,7 +331,7 @@ def test_deterministic_for_a_seed_and_noise_follows_manual_seed():
         outs.append((loss.detach().clone(), zz.grad.clone()))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     torch.manual_seed(1234)
-    ref = R.adjusted_cross_entropy(z, y, reduction="none", **_to(kw, None, "cpu"))
+    ref = R.adjusted_cross_entropy(z, y, reduction="none", **to_device(kw, None, "cpu"))
     torch.testing.assert_close(outs[0][0].cpu(), ref, atol=1e-4, rtol=1e-5)
     other = LF.adjusted_cross_entropy(zk, yk, backend="triton", reduction="none", seed=77, **kw)
     assert not torch.allclose(other, outs[0][0])
@@ -373,12 +358,12 @@ def test_seed_tensor_gives_the_int_seeds_noise(config, grad_in_forward):
     path takes it too."""
     gen = torch.Generator().manual_seed(31)
     N, C = 5, 67
-    cv = _class_vectors(C, gen)
+    cv = class_vectors(C, gen)
     z, y = _inputs(N, C, torch.float32, gen)
     seed = 2**45 + 987
     outs = []
     for s in (seed, torch.tensor([seed], device=DEVICE), torch.tensor(seed, device=DEVICE)):
-        kw = _to(dict(cloud=cv["cloud"], noise_mul=1.0, margin=0.5, scale=30.0))
+        kw = to_device(dict(cloud=cv["cloud"], noise_mul=1.0, margin=0.5, scale=30.0))
         leaf = z.to(DEVICE).clone().requires_grad_()
         zin = leaf * 1.0
         loss = _call_kernel(zin, y.to(DEVICE), {**kw, "seed": s}, "none", grad_in_forward, config)
@@ -386,7 +371,7 @@ def test_seed_tensor_gives_the_int_seeds_noise(config, grad_in_forward):
         outs.append((loss.detach(), leaf.grad))
     for loss, grad in outs[1:]:
         assert torch.equal(loss, outs[0][0]) and torch.equal(grad, outs[0][1])
-    ref_kw = _to(dict(cloud=cv["cloud"], noise_mul=1.0, margin=0.5, scale=30.0), None, "cpu")
+    ref_kw = to_device(dict(cloud=cv["cloud"], noise_mul=1.0, margin=0.5, scale=30.0), None, "cpu")
     ref_int = R.adjusted_cross_entropy(z, y, reduction="none", seed=seed, **ref_kw)
     ref_t = R.adjusted_cross_entropy(z, y, reduction="none", seed=torch.tensor([seed]), **ref_kw)
     assert torch.equal(ref_int, ref_t)

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICE, DTYPES
 from oracle import assert_oracle_close
 
 from fastlt.lade_head import lade_linear_loss, reference_lade_linear_loss
 from fastlt.priors import prior
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def _inputs(N, D, C, dtype, *, bias=True, seed=0):

@@ -7,14 +7,13 @@ import collections
 
 import pytest
 import torch
+from conftest import DEVICE
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastlt
 import fastlt._validation as V
 from fastlt.kernels import lade as lade_kernels
-from fastlt.kernels import launch, row_normalize
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from fastlt.kernels import launch, row_normalize, tiles
 
 # ops that allocate or make views: no kernel runs
 _FREE = {"empty", "empty_like", "empty_strided", "new_empty", "view", "_unsafe_view", "reshape", "as_strided",
@@ -144,9 +143,9 @@ def test_one_step_launches_only_what_the_math_needs(case, counter, monkeypatch):
     make, kwargs, expected = _CASES[case]
     kwargs = dict(kwargs)
     if not kwargs.pop("own_denom", True):
-        monkeypatch.setattr(launch, "_OWN_DENOM_READS", 0)
+        monkeypatch.setattr(tiles, "OWN_DENOM_READS", 0)
     if kwargs.pop("fused_rows", None) == 0:
-        monkeypatch.setattr(launch, "_FUSED_REDUCE_STEPS", 0)
+        monkeypatch.setattr(tiles, "FUSED_REDUCE_STEPS", 0)
     criterion = make().to(DEVICE)
     gen = torch.Generator().manual_seed(1)
     inputs = torch.randn(N, D if "head" in case else C, generator=gen).to(DEVICE).requires_grad_()

@@ -319,7 +319,7 @@ def _plan(features: Tensor, weight: Tensor, chunk_rows, chunk_classes, *, lade: 
 def _check_head_operator(features: Tensor, weight: Tensor, target: Tensor, fields: dict, noise=None) -> None:
     """The operator's argument checks on an (N, C) stand-in for the logits: a broadcast scalar, no memory."""
     proxy = features.new_empty((1, 1)).expand(features.shape[0], weight.shape[0])
-    O.check_operator_args(proxy, target, noise=noise, **fields)
+    O.check_operator_args(proxy, target, fields, noise=noise)
 
 
 def run_head(features: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, fields: dict, *, cosine: bool,
@@ -332,7 +332,7 @@ def run_head(features: Tensor, weight: Tensor, bias: Tensor | None, target: Tens
     check_kernel_input("features", features, noise)
     target = V.as_index_target(target)
     _check_head_operator(features, weight, target, fields, noise)
-    args = AdjustedCEArgs.from_kwargs(features.device, **fields)
+    args = AdjustedCEArgs.from_fields(features.device, fields)
 
     def run():
         x, w = features, weight
@@ -363,8 +363,8 @@ def run_lade_head(features: Tensor, weight: Tensor, bias: Tensor | None, target:
     target = V.as_index_target(target)
     proxy = features.new_empty((1, 1)).expand(features.shape[0], weight.shape[0])  # checks without the logits
     O.check_lade_args(proxy, target, prior, alpha, remine_lambda, reduction)
-    O.check_operator_args(proxy, target, weight=weight_classes, ignore_index=ignore_index, reduction=reduction,
-                          label_smoothing=label_smoothing)
+    O.check_operator_args(proxy, target, dict(weight=weight_classes, ignore_index=ignore_index, reduction=reduction,
+                                              label_smoothing=label_smoothing))
     args, lade = lade_operator_args(prior, alpha, remine_lambda, weight=weight_classes,
                                     label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction)
 

@@ -1,6 +1,6 @@
 """What the compiler makes of the kernels, without a GPU: registers, spills and SASS instruction counts.
 
-``python benchmarks/kernel_report.py [--arch 90] [--case NAME ...] [--sass DIR] [--check]`` compiles the kernels the
+``python tools/kernel_report.py [--arch 90] [--case NAME ...] [--sass DIR] [--check]`` compiles the kernels the
 launchers would launch for each case (the launchers run with their kernels swapped for a recorder, so the
 arguments, constexpr flags and alignment specialisation are exactly the runtime's) for an sm_``arch``
 target, and prints per kernel: registers per thread, spilled bytes, shared memory, and SASS instruction
@@ -11,6 +11,11 @@ No GPU needed: triton compiles to cubin with its bundled ptxas, and cuobjdump re
 
 Counting, not timing: a convert_layout through shared memory, a spill, or a class vector re-read from L2 per
 element shows up here before a GPU session can time it. SASS counts are static (a loop body counts once).
+
+Compiling a kernel for a target without its device takes Triton's private API, which changes between releases:
+:func:`compile_for` is the one place that calls it (triton 3.4 to 3.9 known), and raises
+:class:`UnsupportedTriton` on a Triton it does not know (``main`` then exits with status 3, and the test that runs
+it skips with that reason). A developer tool, not installed with fastlt; the tests import it as ``tools.kernel_report``.
 """
 
 from __future__ import annotations
@@ -58,21 +63,51 @@ def _tool(name: str) -> str:
     return path if os.path.exists(path) else name
 
 
-def _compile(fn, args, kwargs, arch: int):
-    """Compile ``fn`` for ``args``/``kwargs`` as ``fn[grid](*args, **kwargs)`` would, for sm_``arch``."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.compiler import compile as triton_compile
-    from triton.runtime.jit import create_function_from_signature
+class UnsupportedTriton(RuntimeError):
+    """This Triton's private compile API is not one :func:`compile_for` knows."""
 
+
+def compile_for(fn, args, kwargs, arch: int):
+    """Compile the ``@triton.jit`` kernel ``fn`` for ``args``/``kwargs`` as ``fn[grid](*args, **kwargs)`` would, for an
+    sm_``arch`` target with no device present. The only caller of Triton's private API here."""
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource, make_backend
+        from triton.compiler import compile as triton_compile
+        from triton.runtime.jit import create_function_from_signature
+    except ImportError as exc:
+        raise UnsupportedTriton(f"triton {_triton_version()}: {exc}") from exc
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     kwargs = dict(kwargs)
     kwargs.setdefault("debug", False)
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    try:
+        binder = create_function_from_signature(fn.signature, fn.params, backend)
+    except (AttributeError, TypeError) as exc:  # the private helper's own signature moved
+        raise UnsupportedTriton(f"triton {_triton_version()}: {exc}") from exc
     bound_args, specialization, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    if hasattr(fn, "_pack_args"):  # triton >= 3.6
+        options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    else:  # triton 3.4, 3.5: what JITFunction.run does before it compiles
+        try:
+            from triton._utils import find_paths_if, get_iterable_path
+        except ImportError as exc:
+            raise UnsupportedTriton(f"triton {_triton_version()}: {exc}") from exc
+        options = backend.parse_options(kwargs)
+        sigvals = [x[0] for x in specialization]
+        signature = dict(zip([p.name for p in fn.params], sigvals, strict=True))
+        constexprs = {path: get_iterable_path(list(bound_args.values()), path)
+                      for path in find_paths_if(sigvals, lambda _, val: val == "constexpr")}
+        attrvals = [x[1] for x in specialization]
+        attrs = {k: backend.parse_attr(get_iterable_path(attrvals, k))
+                 for k in find_paths_if(attrvals, lambda _, x: isinstance(x, str))}
     return triton_compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
 
 
 def _inspect(compiled, name: str, flags: str) -> Compiled:
@@ -182,8 +217,14 @@ def record(run) -> list:
 
 
 def _flags(kwargs: dict) -> str:
-    on = [k for k, v in kwargs.items() if k.isupper() and v is True]
-    sizes = [f"{k}={v}" for k, v in kwargs.items() if k.isupper() and not isinstance(v, bool)]
+    constexprs = {}
+    for k, v in kwargs.items():
+        if k.isupper() and hasattr(v, "_asdict"):  # a group of flags (fastlt.kernels.adjusted_ce.Flags)
+            constexprs.update(v._asdict())
+        elif k.isupper():
+            constexprs[k] = v
+    on = [k for k, v in constexprs.items() if v is True]
+    sizes = [f"{k}={v}" for k, v in constexprs.items() if not isinstance(v, bool)]
     extra = [f"{k}={kwargs[k]}" for k in ("num_warps", "num_stages") if k in kwargs]
     return " ".join(on + sizes + extra)
 
@@ -288,7 +329,7 @@ def report(names=None, arch: int = 90, sass_dir: str | None = None) -> list[tupl
             if key in seen:
                 continue
             seen.add(key)
-            c = _inspect(_compile(fn, args, kwargs, arch), fn.__name__, _flags(kwargs))
+            c = _inspect(compile_for(fn, args, kwargs, arch), fn.__name__, _flags(kwargs))
             out.append((name, c))
             if sass_dir:
                 os.makedirs(sass_dir, exist_ok=True)
@@ -314,7 +355,11 @@ def main(argv=None) -> int:
     p.add_argument("--sass", default=None, help="write each kernel's SASS into this folder")
     p.add_argument("--check", action="store_true", help="exit 1 if a kernel spills inside a loop")
     a = p.parse_args(argv)
-    rows = report(a.case, a.arch, a.sass)
+    try:
+        rows = report(a.case, a.arch, a.sass)
+    except UnsupportedTriton as exc:
+        print(f"kernel_report: unsupported Triton ({exc})")
+        return 3
     print(markdown(rows))
     bad = [f"{name}: {c.kernel} ({c.flags})" for name, c in rows if c.counts["loop spills"]]
     if a.check and bad:

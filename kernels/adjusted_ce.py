@@ -1,0 +1,683 @@
+"""The adjusted cross-entropy's row kernels (docs/design.md, "The operator" and "Kernels").
+
+On (N, C) logits ``z`` (fp32/bf16/fp16, any strides) and int targets ``y``:
+``a_ij = s * (z_ij + tau*log_prior_j - noise_mul*cloud_j*e_ij - m_i*[j == y_i])``,
+``loss_i = focal_i * ((1 - eps) * w_{y_i} * (LSE_j a_ij - a_{i,y_i}) + eps/C * sum_j w_j (LSE_j a_ij - a_ij))``,
+``focal_i = (1 - p_{i,y_i})^gamma`` (detached), 0 for ignored rows. Gradient w.r.t. ``z``:
+``s * coef_i * ((1 - eps) * w_y * (p_ij - [j == y_i]) + eps/C * (W * p_ij - w_j))``, ``W = sum_j w_j``,
+``coef_i = focal_i * upstream_i`` (``/ sum_i w_{y_i}`` for 'mean'). Statistics are fp32; the ``-1`` of the target
+is folded in fp32 before the gradient is cast to the logits' dtype. Offsets are int64.
+
+Kernels: ``row_loss_forward`` (one pass; a row may be split over several programs whose partial (max, sum-exp) are
+merged by ``row_loss_combine``; optionally the gradient in the same launch, and LADE's per-column partial
+statistics; the batch loss from the launch's last program, so a forward is one launch) and ``row_loss_grad``
+(recompute backward, plus LADE's column term). Flags are constexpr (an off flag costs nothing); every float
+hyperparameter is a runtime argument.
+
+Call tree::
+
+    row_loss_forward -- _forward_row_block --+-- _row_info, _target_logit
+          |                                  +-- _adjusted_tile + _tile_stats (one tile), or _stats_step per tile
+          |                                  +-- _finish_and_store_rows -- _finish_rows
+          |                                  +-- _grad_tile (one tile), or _grad_columns -- _grad_step per tile
+          +-- reduce.last_program_reduces
+    row_loss_combine -- _row_info, _finish_and_store_rows, reduce.last_program_reduces
+    row_loss_grad ----- _row_info, _grad_columns -- _grad_step -- _adjusted_tile, _grad_tile (or a stored tile)
+
+The arguments travel in groups, NamedTuples the launchers (:mod:`fastlt.kernels.launch`) build: :class:`Operand`
+(a matrix and its strides), :class:`ClassVectors` (the (C,) vectors), :class:`Hyper` (runtime scalars),
+:class:`Flags` (constexpr switches), :class:`Columns` (the launch's classes), :class:`RowOutputs`, and the
+optional outputs of some modes. Inside a program: :class:`Row` (a block of rows), :class:`Tile`, :class:`Rng`,
+:class:`RowGrad`, :class:`ColumnGrad`.
+"""
+
+from typing import Any, NamedTuple
+
+import triton
+import triton.language as tl
+
+from .numerics import NEG_BIG, exp
+from .philox_noise import gcl_noise_at, gcl_noise_tile
+from .reduce import Targets, last_program_reduces, mean_inverse, own_inverse
+
+# --- argument groups, built by the launchers -------------------------------------------------------------------------
+
+
+class Operand(NamedTuple):
+    """An (N, C) matrix: its pointer and strides (elements)."""
+
+    ptr: Any
+    stride_m: Any
+    stride_n: Any
+
+
+class ClassVectors(NamedTuple):
+    """The operator's (C,) fp32 vectors (None where its flag is off): ``log_prior`` (times tau), ``cloud`` (times
+    noise_mul), per-class target ``margin`` (MARGIN_MODE 2), class ``weight``."""
+
+    log_prior: Any
+    cloud: Any
+    margin: Any
+    weight: Any
+
+
+class Hyper(NamedTuple):
+    """The operator's runtime scalars (never constexpr: users schedule them). A kernel that never reads one is passed
+    None there (no parameter)."""
+
+    ignore_index: Any
+    tau: Any
+    noise_mul: Any
+    margin_value: Any  # MARGIN_MODE 1: the margin of every row
+    scale: Any
+    gamma: Any
+    label_smoothing: Any
+
+
+class Flags(NamedTuple):
+    """Which terms of the operator are on (one constexpr: an off term costs nothing). MARGIN_MODE: 0 none, 1 one
+    value for every row, 2 per class. SEED_FROM_PTR: the noise seed is the int64 at ``seed_ptr`` (a CUDA graph
+    replays the load, not a baked-in value)."""
+
+    HAS_LOG_PRIOR: bool = False
+    HAS_NOISE: bool = False
+    MARGIN_MODE: int = 0
+    HAS_SCALE: bool = False
+    HAS_WEIGHT: bool = False
+    HAS_SMOOTH: bool = False
+    HAS_FOCAL: bool = False
+    SEED_FROM_PTR: bool = False
+
+
+class Columns(NamedTuple):
+    """The classes of a launch: program (i, s) covers ``[base + s * per_split, ...)`` capped at ``end`` (C, or the end
+    of a class chunk); the operands hold the classes from ``base`` on (0 unless the caller passes a class chunk).
+    Split rows (SPLIT) write their partials (4, N, ``num_splits``) fp32 (max, sum-exp, a_y, sum w*a) to slot
+    ``first_split + s`` (None where no partials are written)."""
+
+    per_split: Any
+    base: Any
+    end: Any
+    first_split: Any = None
+    num_splits: Any = None
+
+
+class RowOutputs(NamedTuple):
+    """What the forward leaves per row, fp32: ``loss`` (N,), ``stats`` (2, N) = (row max, log sum-exp) of the
+    adjusted row (the LSE is their sum), ``coef`` (N,) = the backward's coefficient (focal factor, 'mean''s
+    1 / sum_i w_{y_i})."""
+
+    loss: Any
+    stats: Any
+    coef: Any
+
+
+class ColumnStats(NamedTuple):
+    """LADE's per-column statistics as the row kernel leaves them: ``partials`` (2, R, C) fp32, per block of rows
+    the column max of z and sum exp(z - max) over its valid rows; ``target_logits`` (N,) fp32, each valid row's
+    ``z_{i, y_i}`` (rows that are ignored or whose target is out of range are left unwritten). The per-class
+    target sums and counts are folded from these by :func:`fastlt.kernels.lade.finish`."""
+
+    partials: Any
+    target_logits: Any
+
+
+class StoredTiles(NamedTuple):
+    """STORE_P: the running max of each tile, ``maxima`` (N, count) fp32 (tiles numbered from ``Columns.base``
+    across the splits of a row), beside the tiles' ``exp(a - max)`` in the gradient buffer."""
+
+    maxima: Any
+    count: Any
+
+
+class ColumnTerm(NamedTuple):
+    """LADE's gradient term, (C,) fp32 vectors ``a``, ``b`` (both times alpha) and ``lse``:
+    ``a_c [y_i == c] + b_c exp(z_ic - lse_c)`` on valid rows, times the scalar upstream gradient."""
+
+    a: Any
+    b: Any
+    lse: Any
+
+
+# --- inside a program ---------------------------------------------------------------------------------------------
+
+
+class Row(NamedTuple):
+    """A block of rows: ``idx`` (BLOCK_M,) indices, ``mask`` (< N), target ``y`` (0 when ignored or out of range),
+    ``valid`` (not ignored), ``margin`` m_i and ``w_y`` the target's class weight (NaN for a target out of range),
+    both fp32."""
+
+    idx: Any
+    mask: Any
+    y: Any
+    valid: Any
+    margin: Any
+    w_y: Any
+
+
+class Tile(NamedTuple):
+    """A (BLOCK_M, BLOCK_N) tile: ``z`` fp32, ``a`` the adjusted logits (fp32, -inf outside the matrix), global class
+    indices ``cols``, ``col_mask`` and the 2-D ``mask``."""
+
+    z: Any
+    a: Any
+    cols: Any
+    col_mask: Any
+    mask: Any
+
+
+class Rng(NamedTuple):
+    """GCL's noise: element (i, j) is a function of (``seed``, ``row0 + i``, j)."""
+
+    seed: Any
+    row0: Any
+
+
+class RowGrad(NamedTuple):
+    """What a gradient pass needs per row: the saved (``row_max``, ``log_sum``), the coefficient ``coef`` (times the
+    upstream gradient), ``w_sum`` = W and ``inv_C`` = 1 / C."""
+
+    row_max: Any
+    log_sum: Any
+    coef: Any
+    w_sum: Any
+    inv_C: Any
+
+
+class ColumnGrad(NamedTuple):
+    """LADE's column term in a gradient pass: ``a_y`` (BLOCK_M,) the target class's ``a`` (times ``go``), the
+    pointers ``b`` and ``lse``, and ``go`` the scalar upstream gradient."""
+
+    a_y: Any
+    b: Any
+    lse: Any
+    go: Any
+
+
+# --- the operator on a tile ---------------------------------------------------------------------------------------
+
+@triton.jit
+def _row_info(y_ptr, vecs, hp, idx, N, C, F: tl.constexpr):
+    """The :class:`Row` of indices ``idx``: targets clamped to 0 when ignored, validity, margin and class weight."""
+    row_mask = idx < N
+    y = tl.load(y_ptr + idx, mask=row_mask, other=hp.ignore_index).to(tl.int64)
+    valid = row_mask & (y != hp.ignore_index)
+    in_range = (y >= 0) & (y < C)
+    y = tl.where(valid & in_range, y, 0)
+    if F.MARGIN_MODE == 2:
+        m = tl.load(vecs.margin + y, mask=valid, other=0.0).to(tl.float32)
+    elif F.MARGIN_MODE == 1:
+        m = tl.zeros(idx.shape, tl.float32) + hp.margin_value
+    else:
+        m = tl.zeros(idx.shape, tl.float32)
+    if F.HAS_WEIGHT:
+        w_y = tl.load(vecs.weight + y, mask=valid, other=0.0).to(tl.float32)
+    else:
+        w_y = tl.full(idx.shape, 1.0, tl.float32)
+    # a target outside [0, C) is never loaded through: its row's loss and gradient become NaN (the GPU
+    # path cannot raise without a host sync; the CPU path raises ValueError before launching)
+    w_y = tl.where(valid & ~in_range, float("nan"), w_y)
+    return Row(idx, row_mask, y, valid, m, w_y)
+
+
+@triton.jit
+def _row_offsets(rows, stride, ALIGN: tl.constexpr):
+    """int64 ``rows * stride``, declared a multiple of ALIGN (the launcher checks the stride) so that rows of an odd
+    width (C = 8142) still load and store in 2- or 4-element vectors."""
+    offs = rows.to(tl.int64) * stride
+    if ALIGN > 1:
+        offs = tl.multiple_of(offs, ALIGN)
+    return offs
+
+
+@triton.jit
+def _tile_offsets(x, rows, cols, col_base, ALIGN: tl.constexpr):
+    """int64 element offsets of a tile (rows x cols, classes from ``col_base`` on) of the :class:`Operand` ``x``."""
+    return _row_offsets(rows, x.stride_m, ALIGN)[:, None] + (cols - col_base).to(tl.int64)[None, :] * x.stride_n
+
+
+@triton.jit
+def _load_tile(x, row, col_start, col_base, col_hi, MASK_COLS: tl.constexpr, ALIGN: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """``(x fp32, cols, col_mask, mask)``: the (rows, BLOCK_N) tile of the :class:`Operand` ``x`` holding classes from
+    ``col_base`` on, columns from ``col_start``, masked at ``col_hi`` only when MASK_COLS (see
+    :func:`_adjusted_tile`)."""
+    cols = col_start + tl.arange(0, BLOCK_N)
+    if MASK_COLS:
+        col_mask = cols < col_hi
+    else:
+        col_mask = tl.full((BLOCK_N,), True, tl.int1)
+    mask = row.mask[:, None] & col_mask[None, :]
+    v = tl.load(x.ptr + _tile_offsets(x, row.idx, cols, col_base, ALIGN), mask=mask, other=0.0)
+    return v.to(tl.float32), cols, col_mask, mask
+
+
+@triton.jit
+def _holds_target(y, col_start, BLOCK_N: tl.constexpr):
+    """Whether a target of the tile's rows lies in its columns ``[col_start, col_start + BLOCK_N)``, a scalar: only
+    such a tile (one per row) needs the per-element compare with the target (margin, one-hot), which otherwise
+    costs ~3 instructions per element in every tile."""
+    return tl.sum(((y >= col_start) & (y < col_start + BLOCK_N)).to(tl.int32), 0) > 0
+
+
+@triton.jit
+def _adjusted_tile(z_op, vecs, hp, rng, row, col_start, col_base, col_hi, F: tl.constexpr, MARGIN: tl.constexpr,
+                   MASK_COLS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Load a tile of z and return its :class:`Tile`. ``cols`` are global class indices, masked at ``col_hi`` (the end
+    of this program's columns) when MASK_COLS; a tile that lies wholly inside them passes MASK_COLS=False, so the
+    (C,) vectors load unmasked and the loads of z are masked per row only (both vectorise at any C). z holds the
+    classes from ``col_base`` on; ALIGN: a power of two dividing its row stride (lets odd-C rows vectorise).
+    MARGIN: apply the target margin (when the tile holds a target); off where the tile is known to hold none."""
+    z, cols, col_mask, mask = _load_tile(z_op, row, col_start, col_base, col_hi, MASK_COLS, ALIGN, BLOCK_N)
+    a = z
+    if F.HAS_LOG_PRIOR:
+        a += hp.tau * tl.load(vecs.log_prior + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if F.HAS_NOISE:
+        cloud = tl.load(vecs.cloud + cols, mask=col_mask, other=0.0).to(tl.float32)
+        a -= (hp.noise_mul * cloud)[None, :] * gcl_noise_tile(rng.seed, row.idx + rng.row0, col_start, BLOCK_M,
+                                                              BLOCK_N)
+    if MARGIN:
+        if _holds_target(row.y, col_start, BLOCK_N):
+            a -= tl.where(cols[None, :] == row.y[:, None], row.margin[:, None], 0.0)
+    if F.HAS_SCALE:
+        a = a * hp.scale
+    if MASK_COLS or BLOCK_M > 1:  # a whole tile of one row (the grid has exactly N rows) has nothing to mask
+        a = tl.where(mask, a, float("-inf"))
+    return Tile(z, a, cols, col_mask, mask)
+
+
+@triton.jit
+def _target_logit(z_op, vecs, hp, rng, row, col_base, col_lo, col_hi, F: tl.constexpr):
+    """``(a_{i, y_i}, z_{i, y_i})`` (fp32) for the rows whose target lies in ``[col_lo, col_hi)``, 0 elsewhere:
+    one gathered element per row, the same arithmetic as :func:`_adjusted_tile` (so no per-element
+    compare-and-sum), and the raw logit (LADE's class sums)."""
+    here = row.mask & (row.y >= col_lo) & (row.y < col_hi)
+    offs = row.idx.to(tl.int64) * z_op.stride_m + (row.y - col_base) * z_op.stride_n
+    z = tl.load(z_op.ptr + offs, mask=here, other=0.0).to(tl.float32)
+    a = z
+    if F.HAS_LOG_PRIOR:
+        a += hp.tau * tl.load(vecs.log_prior + row.y, mask=here, other=0.0).to(tl.float32)
+    if F.HAS_NOISE:
+        cloud = tl.load(vecs.cloud + row.y, mask=here, other=0.0).to(tl.float32)
+        a -= (hp.noise_mul * cloud) * gcl_noise_at(rng.seed, row.idx + rng.row0, row.y)
+    if F.MARGIN_MODE != 0:
+        a -= row.margin
+    return tl.where(here, a * hp.scale, 0.0), z
+
+
+@triton.jit
+def _weight_sum(wsum_ptr, C, F: tl.constexpr):
+    """W = sum_j w_j (precomputed on the device; only label smoothing reads it), or C without weights."""
+    if F.HAS_WEIGHT and F.HAS_SMOOTH:
+        w_sum = tl.load(wsum_ptr)
+    else:
+        w_sum = C * 1.0
+    return w_sum
+
+
+@triton.jit
+def _finish_rows(row_max, log_sum, a_y, sw, row, w_sum, hp, inv_C, F: tl.constexpr):
+    """Per-row loss (0 when ignored) and focal factor (0 when ignored) from the row statistics."""
+    ce = (row_max - a_y) + log_sum  # LSE - a_y without rounding LSE at the logits' magnitude
+    loss = (1.0 - hp.label_smoothing) * row.w_y * ce
+    if F.HAS_SMOOTH:
+        loss += hp.label_smoothing * inv_C * (w_sum * (row_max + log_sum) - sw)
+    focal = tl.full(ce.shape, 1.0, tl.float32)
+    if F.HAS_FOCAL:
+        base = tl.maximum(1.0 - exp(-ce), 0.0)
+        focal = tl.where(base > 0.0, tl.exp2(hp.gamma * tl.log2(base)), 0.0)
+        loss = loss * focal
+    return tl.where(row.valid, loss, 0.0), tl.where(row.valid, focal, 0.0)
+
+
+@triton.jit
+def _finish_and_store_rows(row_max, log_sum, a_y, sw, row, N, C, wsum_ptr, inv_denom_ptr, own_inv, out, hp,
+                           F: tl.constexpr, MEAN: tl.constexpr, OWN_DENOM: tl.constexpr):
+    """Finish the rows (:func:`_finish_rows`; the coefficient times 1 / sum w_{y_i} when MEAN:
+    :func:`fastlt.kernels.reduce.mean_inverse`) and store them in the :class:`RowOutputs` ``out``. Returns the
+    coefficient, for a gradient in the same launch."""
+    w_sum = _weight_sum(wsum_ptr, C, F)
+    loss, coef = _finish_rows(row_max, log_sum, a_y, sw, row, w_sum, hp, 1.0 / (C * 1.0), F)
+    if MEAN:  # an ignored row stays 0 when no row is valid (1 / sum w = inf): zero gradients, as torch gives
+        coef = tl.where(row.valid, coef * mean_inverse(inv_denom_ptr, own_inv, OWN_DENOM), 0.0)
+    tl.store(out.loss + row.idx, loss, mask=row.mask)
+    tl.store(out.stats + row.idx, row_max, mask=row.mask)
+    tl.store(out.stats + N + row.idx, log_sum, mask=row.mask)
+    tl.store(out.coef + row.idx, coef, mask=row.mask)
+    return coef
+
+
+@triton.jit
+def _grad_tile(tile, row, rg, vecs, hp, colg, F: tl.constexpr, COLUMN_TERM: tl.constexpr, TARGET: tl.constexpr):
+    """d loss / d z for one :class:`Tile`, fp32 (the target's -1 folded here, before any downcast), from the row's
+    :class:`RowGrad` ``rg``. COLUMN_TERM (LADE): plus ``colg.a_y * [j == y_i] + colg.go * b_j * exp(z_ij - lse_j)``
+    on valid rows (:class:`ColumnGrad`). TARGET: the tile may hold a target (:func:`_holds_target`); without it the
+    one-hot terms are left out."""
+    p = exp((tile.a - rg.row_max[:, None]) - rg.log_sum[:, None])  # a - max is exact for the large entries
+    return _grad_from_p(p, tile.z, tile.cols, tile.col_mask, row, rg, vecs, hp, colg, F, COLUMN_TERM, TARGET)
+
+
+@triton.jit
+def _grad_from_p(p, z, cols, col_mask, row, rg, vecs, hp, colg, F: tl.constexpr, COLUMN_TERM: tl.constexpr,
+                 TARGET: tl.constexpr):
+    """:func:`_grad_tile` from the tile's probabilities ``p`` (fp32)."""
+    d = p
+    if TARGET:
+        d = p - (cols[None, :] == row.y[:, None]).to(tl.float32)
+    d = (1.0 - hp.label_smoothing) * row.w_y[:, None] * d
+    if F.HAS_SMOOTH:
+        if F.HAS_WEIGHT:
+            w_j = tl.load(vecs.weight + cols, mask=col_mask, other=0.0).to(tl.float32)
+            d += hp.label_smoothing * rg.inv_C * (rg.w_sum * p - w_j[None, :])
+        else:
+            d += hp.label_smoothing * rg.inv_C * (rg.w_sum * p - 1.0)
+    g = d * (rg.coef * hp.scale)[:, None]
+    if COLUMN_TERM:
+        col_b = tl.load(colg.b + cols, mask=col_mask, other=0.0) * colg.go
+        col_lse = tl.load(colg.lse + cols, mask=col_mask, other=0.0)
+        q = exp(z - col_lse[None, :])
+        t = col_b[None, :] * q
+        if TARGET:
+            t += tl.where(cols[None, :] == row.y[:, None], colg.a_y[:, None], 0.0)
+        g += tl.where(row.valid[:, None], t, 0.0)
+    return g
+
+
+@triton.jit
+def _store_tile(g_op, row, cols, col_base, mask, g, ALIGN: tl.constexpr):
+    """Store the fp32 tile ``g`` into the :class:`Operand` ``g_op`` in its dtype."""
+    tl.store(g_op.ptr + _tile_offsets(g_op, row.idx, cols, col_base, ALIGN), g.to(g_op.ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _tile_stats(tile, row, m_i, l_i, sw, vecs, colstats, pid_m, num_row_blocks, C, F: tl.constexpr,
+                COLUMN_STATS: tl.constexpr):
+    """Fold one :class:`Tile` into the running row statistics (max, sum-exp, smoothing sum) and, for LADE, store its
+    column partials (max z, sum exp(z - max) over the valid rows) in the :class:`ColumnStats` ``colstats``. LADE's
+    class sums and counts come from the gathered target logits instead (one element per row, not a compare per
+    element). Returns the new (max, sum-exp, smoothing sum) and the tile's ``exp(a - max)`` (what
+    :func:`_stats_step` stores with STORE_P)."""
+    m_new = tl.maximum(m_i, tl.max(tile.a, 1))
+    e = exp(tile.a - m_new[:, None])
+    l_i = l_i * exp(m_i - m_new) + tl.sum(e, 1)
+    if F.HAS_SMOOTH:
+        if F.HAS_WEIGHT:
+            w_j = tl.load(vecs.weight + tile.cols, mask=tile.col_mask, other=0.0).to(tl.float32)
+            sw += tl.sum(tl.where(tile.mask, tile.a * w_j[None, :], 0.0), 1)
+        else:
+            sw += tl.sum(tl.where(tile.mask, tile.a, 0.0), 1)
+    if COLUMN_STATS:
+        vmask = tile.mask & row.valid[:, None]
+        zc = tl.where(vmask, tile.z, float("-inf"))
+        c_max = tl.maximum(tl.max(zc, 0), NEG_BIG)
+        c_sum = tl.sum(exp(zc - c_max[None, :]), 0)
+        base = colstats.partials + tl.cast(pid_m, tl.int64) * C + tile.cols
+        tl.store(base, c_max, mask=tile.col_mask)
+        tl.store(base + tl.cast(num_row_blocks, tl.int64) * C, c_sum, mask=tile.col_mask)
+    return m_new, l_i, sw, e
+
+
+# --- the passes over a row's columns --------------------------------------------------------------------------------
+
+@triton.jit
+def _stats_step(z_op, g_op, vecs, hp, rng, row, col_start, col_base, col_hi, m_i, l_i, sw, colstats, pid_m,
+                num_row_blocks, C, stored, tile, F: tl.constexpr, COLUMN_STATS: tl.constexpr, STORE_P: tl.constexpr,
+                MASK_COLS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One tile of the statistics pass: load it (:func:`_adjusted_tile`) and fold it in (:func:`_tile_stats`).
+    STORE_P: also store ``exp(a - max)`` over the tile of ``g_op`` and the running max (the tile's ``max``) at
+    ``stored.maxima[row, tile]`` (:class:`StoredTiles`), for :func:`_grad_step`'s STORED pass."""
+    t = _adjusted_tile(z_op, vecs, hp, rng, row, col_start, col_base, col_hi, F, F.MARGIN_MODE != 0, MASK_COLS, ALIGN,
+                       BLOCK_M, BLOCK_N)
+    m_i, l_i, sw, e = _tile_stats(t, row, m_i, l_i, sw, vecs, colstats, pid_m, num_row_blocks, C, F, COLUMN_STATS)
+    if STORE_P:
+        _store_tile(g_op, row, t.cols, col_base, t.mask, e, ALIGN)
+        tl.store(stored.maxima + row.idx.to(tl.int64) * stored.count + tile, m_i, mask=row.mask)
+    return m_i, l_i, sw
+
+
+@triton.jit
+def _grad_step(z_op, g_op, vecs, hp, rng, row, rg, colg, col_start, col_base, col_hi, stored, tile,
+               F: tl.constexpr, COLUMN_TERM: tl.constexpr, STORED: tl.constexpr, MASK_COLS: tl.constexpr,
+               ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One tile of a gradient pass: recompute it, write ``coef * d loss / d z`` (plus LADE's column term).
+    STORED (gradient in the forward, after a STORE_P statistics pass): the tile is not recomputed (no z, class
+    vectors or noise): ``p = e * exp(max_tile - row max - log sum-exp)`` from the ``e = exp(a - max_tile)`` that pass
+    stored over ``g_op`` and its running max ``stored.maxima[row, tile]``. Rounding ``e`` to the gradient's dtype
+    costs ``p`` one rounding more, relative to ``p``; a confident target keeps ``p_y - 1`` exact: its ``a`` was the
+    running max where it was stored, so its ``e`` is exactly 1."""
+    # two versions of the tile's work: the one tile per row that holds its target, with the compares (margin,
+    # one-hot), and every other tile without them (a branch per tile, not ~3 instructions per element)
+    if STORED:
+        e, cols, col_mask, mask = _load_tile(g_op, row, col_start, col_base, col_hi, MASK_COLS, ALIGN, BLOCK_N)
+        m_t = tl.load(stored.maxima + row.idx.to(tl.int64) * stored.count + tile, mask=row.mask, other=0.0)
+        p = e * exp((m_t - rg.row_max) - rg.log_sum)[:, None]
+        if _holds_target(row.y, col_start, BLOCK_N):
+            g = _grad_from_p(p, e, cols, col_mask, row, rg, vecs, hp, colg, F, False, True)
+        else:
+            g = _grad_from_p(p, e, cols, col_mask, row, rg, vecs, hp, colg, F, False, False)
+    else:
+        if _holds_target(row.y, col_start, BLOCK_N):
+            g, cols, mask = _recomputed_grad(z_op, vecs, hp, rng, row, rg, colg, col_start, col_base, col_hi, F,
+                                             COLUMN_TERM, True, MASK_COLS, ALIGN, BLOCK_M, BLOCK_N)
+        else:
+            g, cols, mask = _recomputed_grad(z_op, vecs, hp, rng, row, rg, colg, col_start, col_base, col_hi, F,
+                                             COLUMN_TERM, False, MASK_COLS, ALIGN, BLOCK_M, BLOCK_N)
+    _store_tile(g_op, row, cols, col_base, mask, g, ALIGN)
+
+
+@triton.jit
+def _recomputed_grad(z_op, vecs, hp, rng, row, rg, colg, col_start, col_base, col_hi, F: tl.constexpr,
+                     COLUMN_TERM: tl.constexpr, TARGET: tl.constexpr, MASK_COLS: tl.constexpr, ALIGN: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The tile recomputed (:func:`_adjusted_tile`) and its gradient (:func:`_grad_tile`): ``(g, cols, mask)``.
+    TARGET off (a tile without a target): no compare with the target at all (no margin, no one-hot)."""
+    t = _adjusted_tile(z_op, vecs, hp, rng, row, col_start, col_base, col_hi, F, TARGET and F.MARGIN_MODE != 0,
+                       MASK_COLS, ALIGN, BLOCK_M, BLOCK_N)
+    return _grad_tile(t, row, rg, vecs, hp, colg, F, COLUMN_TERM, TARGET), t.cols, t.mask
+
+
+@triton.jit
+def _full_tiles_end(col_lo, col_hi, BLOCK_N: tl.constexpr):
+    """End of the whole tiles in ``[col_lo, col_hi)``: they need no column mask; a last partial tile follows."""
+    return col_lo + ((col_hi - col_lo) // BLOCK_N) * BLOCK_N
+
+
+@triton.jit
+def _grad_columns(z_op, g_op, vecs, hp, rng, row, rg, colg, col_lo, col_base, col_hi, stored, F: tl.constexpr,
+                  COLUMN_TERM: tl.constexpr, STORED: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """A gradient pass over columns ``[col_lo, col_hi)`` (:func:`_grad_step`), **from the last column back**: the
+    masked partial tile, then the whole tiles unmasked in descending order. The statistics pass just read the row
+    front to back, so its most recent tiles (the ones most likely still in L2) are re-read first. Shared by the
+    gradient-in-forward and the recompute backward (which also walks the rows backwards, see
+    :func:`row_loss_grad`). STORED: from what a STORE_P statistics pass left (see :func:`_grad_step`)."""
+    full_end = _full_tiles_end(col_lo, col_hi, BLOCK_N)
+    num_full = (full_end - col_lo) // BLOCK_N
+    tile0 = (col_lo - col_base) // BLOCK_N  # the tiles of STORED are numbered from col_base (all splits of a row)
+    if full_end < col_hi:
+        _grad_step(z_op, g_op, vecs, hp, rng, row, rg, colg, full_end, col_base, col_hi, stored, tile0 + num_full, F,
+                   COLUMN_TERM, STORED, True, ALIGN, BLOCK_M, BLOCK_N)
+    col_start = full_end
+    for t in range(0, num_full):
+        col_start -= BLOCK_N
+        _grad_step(z_op, g_op, vecs, hp, rng, row, rg, colg, col_start, col_base, col_hi, stored,
+                   tile0 + num_full - 1 - t, F, COLUMN_TERM, STORED, False, ALIGN, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, out, part_ptr, colstats, stored,
+                       wsum_ptr,
+                       inv_denom_ptr, own_inv, N, C, num_row_blocks, F: tl.constexpr, MEAN: tl.constexpr,
+                       SPLIT: tl.constexpr, SINGLE_TILE: tl.constexpr, GRAD_IN_FWD: tl.constexpr,
+                       COLUMN_STATS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, OWN_DENOM: tl.constexpr, STORE_P: tl.constexpr):
+    """The work of program (pid_m, pid_s) of :func:`row_loss_forward`: row block ``pid_m``, column split ``pid_s``."""
+    row = _row_info(y_ptr, vecs, hp, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), N, C, F)
+    col_lo = cols_of.base + pid_s * cols_of.per_split
+    col_hi = tl.minimum(col_lo + cols_of.per_split, cols_of.end)
+    m_i = tl.full((BLOCK_M,), NEG_BIG, tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    sw = tl.zeros((BLOCK_M,), tl.float32)
+    a_y, z_y = _target_logit(z_op, vecs, hp, rng, row, cols_of.base, col_lo, col_hi, F)
+    if COLUMN_STATS:
+        tl.store(colstats.target_logits + row.idx, z_y, mask=row.valid & (row.y >= col_lo) & (row.y < col_hi))
+    if SINGLE_TILE:
+        # the row is one tile: it stays in registers for a gradient in the same launch (no reload, and
+        # GCL's noise is drawn once)
+        t = _adjusted_tile(z_op, vecs, hp, rng, row, col_lo, cols_of.base, col_hi, F, F.MARGIN_MODE != 0, True,
+                           ALIGN, BLOCK_M, BLOCK_N)
+        m_i, l_i, sw, _ = _tile_stats(t, row, m_i, l_i, sw, vecs, colstats, pid_m, num_row_blocks, C, F,
+                                      COLUMN_STATS)
+    else:
+        full_end = _full_tiles_end(col_lo, col_hi, BLOCK_N)
+        for col_start in range(col_lo, full_end, BLOCK_N):
+            m_i, l_i, sw = _stats_step(z_op, g_op, vecs, hp, rng, row, col_start, cols_of.base, col_hi, m_i, l_i, sw,
+                                       colstats, pid_m, num_row_blocks, C, stored,
+                                       (col_start - cols_of.base) // BLOCK_N, F, COLUMN_STATS, STORE_P, False, ALIGN,
+                                       BLOCK_M, BLOCK_N)
+        if full_end < col_hi:
+            m_i, l_i, sw = _stats_step(z_op, g_op, vecs, hp, rng, row, full_end, cols_of.base, col_hi, m_i, l_i, sw,
+                                       colstats, pid_m, num_row_blocks, C, stored,
+                                       (full_end - cols_of.base) // BLOCK_N, F, COLUMN_STATS, STORE_P, True, ALIGN,
+                                       BLOCK_M, BLOCK_N)
+    if SPLIT:
+        offs = row.idx.to(tl.int64) * cols_of.num_splits + (cols_of.first_split + pid_s)
+        plane = tl.cast(N, tl.int64) * cols_of.num_splits
+        tl.store(part_ptr + offs, m_i, mask=row.mask)
+        tl.store(part_ptr + plane + offs, l_i, mask=row.mask)
+        tl.store(part_ptr + 2 * plane + offs, a_y, mask=row.mask)
+        tl.store(part_ptr + 3 * plane + offs, sw, mask=row.mask)
+    else:
+        log_sum = tl.log(l_i)
+        coef = _finish_and_store_rows(m_i, log_sum, a_y, sw, row, N, C, wsum_ptr, inv_denom_ptr, own_inv, out, hp,
+                                      F, MEAN, OWN_DENOM)
+        if GRAD_IN_FWD:
+            rg = RowGrad(m_i, log_sum, coef, _weight_sum(wsum_ptr, C, F), 1.0 / (C * 1.0))
+            if SINGLE_TILE:  # the tile of the statistics pass, still in registers
+                g = _grad_tile(t, row, rg, vecs, hp, None, F, False, True)
+                _store_tile(g_op, row, t.cols, cols_of.base, t.mask, g, ALIGN)
+            else:
+                _grad_columns(z_op, g_op, vecs, hp, rng, row, rg, None, col_lo, cols_of.base, col_hi, stored, F,
+                              False, STORE_P, ALIGN, BLOCK_M, BLOCK_N)
+
+
+# --- the kernels ------------------------------------------------------------------------------------------------------
+
+# seed: a fresh random value every step; specialising on its divisibility by 16 would compile a second
+# variant mid-training (1 step in 16), so it (and the chunk's first row) is a plain runtime argument
+@triton.jit(do_not_specialize=["seed", "noise_row0"])
+def row_loss_forward(z_op, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, part_ptr, colstats, g_op, stored, N, C, cols_of,
+                     num_row_blocks, hp, seed, noise_row0, seed_ptr, red, F: tl.constexpr, MEAN: tl.constexpr,
+                     SPLIT: tl.constexpr, SINGLE_TILE: tl.constexpr, GRAD_IN_FWD: tl.constexpr,
+                     COLUMN_STATS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     PERSISTENT: tl.constexpr, OWN_DENOM: tl.constexpr, REDUCE: tl.constexpr, RBLOCK: tl.constexpr,
+                     STORE_P: tl.constexpr):
+    """Grid (num_row_blocks = cdiv(N, BLOCK_M), num_splits), or fewer row programs when PERSISTENT. Online
+    (max, sum-exp) over this program's columns (:class:`Columns` ``cols_of``); ``z_op`` (and ``g_op``, the gradient)
+    hold the classes from ``cols_of.base`` on, so a caller may pass one class chunk of the logits.
+
+    SPLIT: write partial (max, sumexp, a_y, sum w*a) to ``part_ptr`` (see :class:`Columns`), for ``row_loss_combine``;
+    else
+    write the :class:`RowOutputs` ``out`` (and the gradient over ``g_op`` when GRAD_IN_FWD). COLUMN_STATS (LADE):
+    per column, over this program's valid rows, write max z and sum exp(z - max) to ``colstats.partials``
+    (2, num_row_blocks, C), and each valid row's raw target logit ``z_{i, y_i}`` to ``colstats.target_logits`` (N,)
+    (by the one program whose columns hold the target; other rows are left unwritten).
+    PERSISTENT: the grid has fewer row programs than the ``num_row_blocks`` row blocks and each program walks
+    ``pid, pid + programs, ...``: fewer rows in flight, so that the gradient-in-forward's second pass over a long
+    row (run from its end back, :func:`_grad_columns`) re-reads it from L2 rather than HBM.
+    MEAN: the coefficient includes ``1 / sum_i w_{y_i}``, read from ``inv_denom_ptr``, or with OWN_DENOM summed by
+    every program itself from the targets (no launch before this one; cheap when programs x N is small).
+    STORE_P (GRAD_IN_FWD over several tiles, or SPLIT for a gradient in the forward): the statistics pass stores
+    each tile's ``exp(a - max)`` over ``g_op`` and the running max in ``stored`` (:class:`StoredTiles`); the gradient
+    pass (here, or :func:`row_loss_grad`'s STORED after the combine of split rows) then scales those instead of
+    recomputing the tile (no second read of z, class vectors or noise: GCL draws its noise once). The gradient is
+    the same to one more rounding of ``p`` (``exp(a - max)`` in the gradient's dtype).
+    REDUCE (not SPLIT): the program that finishes last also writes the batch loss to the :class:`Reduction` ``red``
+    (:func:`fastlt.kernels.reduce.last_program_reduces`; 1: 'sum', 2: 'mean'). RBLOCK: the width of the in-kernel
+    batch sums.
+    """
+    if F.SEED_FROM_PTR:
+        seed = tl.load(seed_ptr)
+    rng = Rng(seed, noise_row0)
+    batch = Targets(y_ptr, vecs.weight, N, C, hp.ignore_index)
+    own_inv = own_inverse(batch, F.HAS_WEIGHT, MEAN and OWN_DENOM, RBLOCK)
+    pid_s = tl.program_id(1)
+    # two calls, not one loop whose trip count is 1 without PERSISTENT: that loop doubles the registers of the
+    # one-row-block kernels (LA 131072 bf16 forward 39 -> 63, GCL 8142 fused 114 -> 255 with spills; kernel_report)
+    if PERSISTENT:
+        for pid_m in range(tl.program_id(0), num_row_blocks, tl.num_programs(0)):
+            _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, out, part_ptr, colstats, stored,
+                               wsum_ptr, inv_denom_ptr, own_inv, N, C, num_row_blocks, F, MEAN, SPLIT, SINGLE_TILE,
+                               GRAD_IN_FWD, COLUMN_STATS, ALIGN, BLOCK_M, BLOCK_N, OWN_DENOM, STORE_P)
+    else:
+        _forward_row_block(tl.program_id(0), pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, out, part_ptr, colstats,
+                           stored, wsum_ptr, inv_denom_ptr, own_inv, N, C, num_row_blocks, F, MEAN, SPLIT,
+                           SINGLE_TILE, GRAD_IN_FWD, COLUMN_STATS, ALIGN, BLOCK_M, BLOCK_N, OWN_DENOM, STORE_P)
+    if REDUCE != 0:
+        last_program_reduces(red, out.loss, batch, out.coef, inv_denom_ptr, own_inv, None, 0, F.HAS_WEIGHT, MEAN,
+                             OWN_DENOM, REDUCE == 2, False, RBLOCK)
+
+
+@triton.jit
+def row_loss_combine(part_ptr, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, red, N, C, num_splits, hp, F: tl.constexpr,
+                     MEAN: tl.constexpr, OWN_DENOM: tl.constexpr, REDUCE: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_S: tl.constexpr, RBLOCK: tl.constexpr):
+    """Grid (cdiv(N, BLOCK_M),): merge the (4, N, num_splits) partials at ``part_ptr`` of the split rows of
+    ``row_loss_forward`` into the :class:`RowOutputs` ``out`` (MEAN, OWN_DENOM and REDUCE as there)."""
+    batch = Targets(y_ptr, vecs.weight, N, C, hp.ignore_index)
+    own_inv = own_inverse(batch, F.HAS_WEIGHT, MEAN and OWN_DENOM, RBLOCK)
+    row = _row_info(y_ptr, vecs, hp, tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), N, C, F)
+    s = tl.arange(0, BLOCK_S)
+    mask = row.mask[:, None] & (s[None, :] < num_splits)
+    offs = row.idx.to(tl.int64)[:, None] * num_splits + s[None, :]
+    plane = tl.cast(N, tl.int64) * num_splits
+    p_max = tl.load(part_ptr + offs, mask=mask, other=NEG_BIG)
+    p_sum = tl.load(part_ptr + plane + offs, mask=mask, other=0.0)
+    a_y = tl.sum(tl.load(part_ptr + 2 * plane + offs, mask=mask, other=0.0), 1)
+    sw = tl.sum(tl.load(part_ptr + 3 * plane + offs, mask=mask, other=0.0), 1)
+    m_row = tl.max(p_max, 1)
+    log_sum = tl.log(tl.sum(p_sum * exp(p_max - m_row[:, None]), 1))
+    _finish_and_store_rows(m_row, log_sum, a_y, sw, row, N, C, wsum_ptr, inv_denom_ptr, own_inv, out, hp, F, MEAN,
+                           OWN_DENOM)
+    if REDUCE != 0:
+        last_program_reduces(red, out.loss, batch, out.coef, inv_denom_ptr, own_inv, None, 0, F.HAS_WEIGHT, MEAN,
+                             OWN_DENOM, REDUCE == 2, False, RBLOCK)
+
+
+@triton.jit(do_not_specialize=["seed", "noise_row0"])  # as row_loss_forward
+def row_loss_grad(z_op, y_ptr, vecs, wsum_ptr, row_stats_ptr, coef_ptr, go_ptr, go_stride, col_term, g_op, N, C,
+                  cols_of, hp, seed, noise_row0, seed_ptr, stored, F: tl.constexpr, HAS_UPSTREAM: tl.constexpr,
+                  COLUMN_TERM: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  STORED: tl.constexpr):
+    """Grid (cdiv(N, BLOCK_M), num_splits): recompute the tile from the saved fp32 (row max, log sum-exp) at
+    ``row_stats_ptr`` and write ``upstream_i * coef_i * d loss_i / d z`` over ``g_op`` (plus LADE's column term
+    :class:`ColumnTerm` ``col_term``, times the scalar upstream, when COLUMN_TERM); classes as in
+    ``row_loss_forward``. STORED (the gradient in the forward of split rows): no recompute; ``g_op`` holds what a
+    split ``row_loss_forward`` with STORE_P left there (``exp(a - max)`` per tile, the running maxima in ``stored``),
+    which :func:`_grad_step` scales in place: z is not read and GCL's noise is not drawn again."""
+    if F.SEED_FROM_PTR:
+        seed = tl.load(seed_ptr)
+    # the last programs of the forward (its last row blocks and splits, whose ends are the likeliest still in L2)
+    # come first, and each row is walked from its end (:func:`_grad_columns`). The max(., 0) tells the compiler the
+    # block index is not negative (without it the LADE gradient tile spills a register in its column loop).
+    pid_m = tl.maximum(tl.num_programs(0) - 1 - tl.program_id(0), 0)
+    pid_s = tl.num_programs(1) - 1 - tl.program_id(1)
+    row = _row_info(y_ptr, vecs, hp, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), N, C, F)
+    row_max = tl.load(row_stats_ptr + row.idx, mask=row.mask, other=0.0)
+    log_sum = tl.load(row_stats_ptr + N + row.idx, mask=row.mask, other=0.0)
+    coef = tl.load(coef_ptr + row.idx, mask=row.mask, other=0.0)
+    if HAS_UPSTREAM:
+        coef = coef * tl.load(go_ptr + row.idx.to(tl.int64) * go_stride, mask=row.mask, other=0.0).to(tl.float32)
+    rg = RowGrad(row_max, log_sum, coef, _weight_sum(wsum_ptr, C, F), 1.0 / (C * 1.0))
+    col_lo = cols_of.base + pid_s * cols_of.per_split
+    col_hi = tl.minimum(col_lo + cols_of.per_split, cols_of.end)
+    colg = None
+    if COLUMN_TERM:  # LADE: its loss is reduced, so the upstream gradient is a scalar
+        col_go = 1.0
+        if HAS_UPSTREAM:
+            col_go = tl.load(go_ptr).to(tl.float32)
+        colg = ColumnGrad(tl.load(col_term.a + row.y, mask=row.valid, other=0.0) * col_go, col_term.b, col_term.lse,
+                          col_go)
+    _grad_columns(z_op, g_op, vecs, hp, Rng(seed, noise_row0), row, rg, colg, col_lo, cols_of.base, col_hi, stored, F,
+                  COLUMN_TERM, STORED, ALIGN, BLOCK_M, BLOCK_N)

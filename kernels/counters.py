@@ -1,0 +1,60 @@
+"""The zeroed int32 counters with which a launch's last program knows it is last (the fused batch reductions of
+:func:`fastlt.kernels.reduce.last_program_reduces`): one per stream, one more per launch captured in a CUDA graph."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+COUNTER_SLOTS = 4096
+# 16 bytes apart: Triton specialises a pointer on 16-byte alignment, so every slot gets the kernel variant the first
+# one compiled (a capture's fresh slot must not compile a new variant inside the capture)
+_SLOT_STRIDE = 4
+
+
+class CounterBank:
+    """Zeroed int32 counters of one device (:func:`reduce_counter`): one per stream (per thread on the CPU), and one
+    more for each launch captured into a CUDA graph (a graph replays its launch on whatever stream it is given, so it
+    keeps a counter of its own). A launch leaves its counter at 0. Not thread-safe (nor is graph capture)."""
+
+    def __init__(self, device: torch.device):
+        self.slots = torch.zeros(COUNTER_SLOTS * _SLOT_STRIDE, dtype=torch.int32, device=device)
+        self.taken = 0
+        self.by_stream: dict[int, torch.Tensor] = {}
+
+    def fresh(self) -> torch.Tensor | None:
+        if self.taken == COUNTER_SLOTS:
+            return None
+        start = self.taken * _SLOT_STRIDE
+        self.taken += 1
+        return self.slots[start:start + 1]
+
+
+BANKS: dict[torch.device, CounterBank] = {}
+
+
+def _stream_key(device: torch.device) -> int:
+    if device.type != "cuda":
+        return threading.get_ident()  # the interpreter runs a launch on the calling thread
+    return torch._C._cuda_getCurrentRawStream(device.index)
+
+
+def reduce_counter(device: torch.device) -> torch.Tensor | None:
+    """A (1,) int32 device counter, 0 between launches, for a launch whose last program reduces the batch
+    (``REDUCE``), or None when none can be had: the first use on a device is inside a CUDA-graph capture (the bank
+    must be allocated outside it), or a process captured more than 4096 such launches. Then the caller launches
+    the reduction on its own. Launches on one stream share its counter; those on other streams do not."""
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    bank = BANKS.get(device)
+    if bank is None:
+        if capturing:
+            return None
+        bank = BANKS[device] = CounterBank(device)
+    if capturing:
+        return bank.fresh()
+    key = _stream_key(device)
+    counter = bank.by_stream.get(key)
+    if counter is None:
+        counter = bank.by_stream[key] = bank.fresh()
+    return counter

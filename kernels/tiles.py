@@ -1,0 +1,204 @@
+"""The launch policy of the row kernels: tile shapes, row splits, persistent grids, alignment, and where a batch
+reduction runs (docs/design.md, "Kernels"). Pure arithmetic on shapes (and the device's SM count), cached."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+TILE_N = 2048  # default elements of z per program and tile
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    num_splits: int
+    cols_per_split: int
+    num_warps: int
+    num_stages: int = 2
+    row_programs: int | None = None  # persistent forward: this many row programs walk the row blocks (None: one each)
+
+    @property
+    def single_tile(self) -> bool:
+        return self.num_splits == 1 and self.cols_per_split <= self.block_n
+
+    def row_grid(self, row_blocks: int) -> int:
+        """Row programs of the forward's grid for ``row_blocks`` row blocks."""
+        return row_blocks if self.row_programs is None else max(1, min(self.row_programs, row_blocks))
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def pick_tiles(N: int, C: int, device: torch.device, *, column_stats: bool = False, column_term: bool = False,
+               grad_in_forward: bool = False, elem_bytes: int = 4, block_m: int | None = None,
+               block_n: int | None = None, num_splits: int | None = None, num_warps: int | None = None,
+               num_stages: int | None = None, row_programs: int | None = None) -> TileConfig:
+    """Tile shape and row split for an (N, C) problem (cached). ``column_stats``: LADE's forward;
+    ``column_term``: LADE's gradient; ``grad_in_forward`` (with ``elem_bytes``, the logits' element size): the
+    forward that also writes the gradient, which may get a persistent grid (:func:`_persistent_per_sm`). Explicit
+    arguments override (tests, tuning); ``row_programs=0`` turns the persistent grid off."""
+    return _pick_tiles(N, C, sm_count(device), column_stats, column_term, grad_in_forward, elem_bytes, block_m,
+                       block_n, num_splits, num_warps, num_stages, row_programs)
+
+
+_COLUMN_TERM_ROWS = 4  # rows per LADE gradient tile: its three (C,) vectors are read once per 4 rows
+
+# L2 of the target GPUs (H100, H200: 50 MB). The gradient-in-forward's second pass over a row hits L2 only if the
+# rows in flight fit in about half of it (the gradient being written shares it); see _persistent_per_sm.
+L2_BYTES = 50 << 20
+_RESIDENT_PROGRAMS = 8  # 4-warp row programs an SM holds at once (registers), for the estimate of rows in flight
+_PERSISTENT_TILE = 8192  # columns per tile of a persistent program: 16 warps x 16 elements per thread
+
+
+def _persistent_per_sm(N: int, C: int, sm_count: int, elem_bytes: int) -> int | None:
+    """Row programs per SM of a persistent gradient-in-forward (1, 2 or 4: as many as keep the rows in flight,
+    ``programs * C * elem_bytes``, within half of :data:`L2_BYTES`), or None: when a row fits one persistent tile,
+    when the default grid's rows in flight fit half the L2 anyway, or when even one row per SM overflows the L2
+    (then no grid gets the re-reads from L2, and the default grid keeps more loads in flight)."""
+    row_bytes = C * elem_bytes
+    budget = L2_BYTES // 2
+    if (C <= _PERSISTENT_TILE or min(N, _RESIDENT_PROGRAMS * sm_count) * row_bytes <= budget
+            or sm_count * row_bytes > L2_BYTES):
+        return None
+    fit = budget // (sm_count * row_bytes)
+    return 4 if fit >= 4 else (2 if fit >= 2 else 1)
+
+
+@functools.lru_cache(maxsize=1024)
+def _pick_tiles(N, C, sm_count, column_stats, column_term, grad_in_forward, elem_bytes, block_m, block_n, num_splits,
+                num_warps, num_stages, row_programs) -> TileConfig:
+    # Defaults from benchmarks/tune_tiles.py on an H100 (triton 3.6, 2026-11-23): 2048-wide tiles and 4 warps beat
+    # whole-row tiles at every shape measured (more programs in flight per SM hide HBM latency better than one
+    # 16-warp program holding a whole 8K row). num_stages is inert for these loops: Triton software-pipelines the
+    # loads of a loop without tl.dot only when it is written tl.range(..., num_stages=k), and the column loops are
+    # plain range() loops (stages 1 and 3 timed the same in that sweep).
+    # LADE's column statistics: per program, BLOCK_M rows reduce into one partial per column
+    # ((2, N/BLOCK_M, C) fp32). 16 x 1024 tiles measured 6.74 ms at 4096 x 131072 fp32 (H100), 64 x 256
+    # tiles (4x fewer partials) 8.72 ms: taller tiles cost more in the kernel than the partials save. Since the
+    # class sums left the tile (static count, benchmarks/kernel_report.py): 16 x 1024 with 16 warps still
+    # spills in fp32 (32 elements per thread), 16 x 512 with 16 warps does not (16 per thread, ~100
+    # registers, the same 16 warps per SM), so that is the default until a GPU run of
+    # benchmarks/tune_tiles.py --lade says otherwise.
+    # LADE's gradient reads three (C,) fp32 vectors per element beside z (12 B from L2 per 4 B of fp32 z with
+    # one-row tiles): 4 x 512 tiles share each vector load between 4 rows (no spills, 64 registers).
+    # Gradient-in-forward of long rows (unmeasured; benchmarks/tune_tiles.py sweeps it): with one program
+    # per row, thousands of rows are in flight and the second pass re-reads each from HBM (1.5x the floor at
+    # best). A persistent grid keeps the rows in flight within half the L2: p = 1, 2 or 4 programs per SM of 16 / p
+    # warps and 8192 / p-column tiles (16 elements per thread; the row-block loop raises a program to ~122 registers,
+    # so 16 warps per SM is what fits).
+    if row_programs is None and grad_in_forward and not (column_stats or column_term):
+        per_sm = _persistent_per_sm(N, C, sm_count, elem_bytes)
+        if per_sm is not None:
+            row_programs = per_sm * sm_count
+            block_m = 1 if block_m is None else block_m
+            block_n = max(16, min(next_pow2(C), _PERSISTENT_TILE // per_sm)) if block_n is None else block_n
+            num_warps = 16 // per_sm if num_warps is None else num_warps
+            num_splits = 1 if num_splits is None else num_splits
+    row_programs = row_programs or None
+    if block_n is None:
+        width = 512 if column_stats else (TILE_N // _COLUMN_TERM_ROWS if column_term and block_m is None else TILE_N)
+        block_n = max(16, min(next_pow2(C), width))
+    if block_m is None:
+        if column_stats:
+            block_m = min(16, max(1, next_pow2(N)))
+        elif column_term:
+            block_m = min(_COLUMN_TERM_ROWS, next_pow2(max(N, 1)))
+        else:
+            block_m = max(1, min(64, TILE_N // block_n, next_pow2(max(N, 1))))
+    tiles = cdiv(C, block_n)
+    if num_splits is None:
+        num_splits = 1
+        row_blocks = cdiv(max(N, 1), block_m)
+        target = 16 * sm_count  # short batches of long rows: ~16 programs per SM (128 x 1M: ~17 splits)
+        if tiles >= 4 and row_blocks < target:
+            num_splits = min(tiles, cdiv(target, row_blocks))
+    cols_per_split = cdiv(tiles, num_splits) * block_n
+    num_splits = cdiv(C, cols_per_split)
+    if num_warps is None:
+        elements = block_m * block_n
+        if column_stats:  # ~16 elements per thread: more spill (see above)
+            num_warps = max(4, min(16, elements // 512))
+        else:
+            num_warps = 4 if elements <= 2048 else (8 if elements <= 8192 else 16)
+    return TileConfig(block_m, block_n, num_splits, cols_per_split, num_warps, 3 if num_stages is None else num_stages,
+                      row_programs)
+
+
+def row_align(*tensors: torch.Tensor) -> int:
+    """The ``ALIGN`` constexpr of the row kernels: the largest power of two, at most one 16-byte vector of elements,
+    dividing the row stride of every (N, C) operand (1 unless their rows are unit-stride). Triton specialises
+    strides divisible by 16 by itself; this lets an odd width such as 8142 still move 2 elements per access."""
+    align = 16
+    for t in tensors:
+        (rows, cols), (stride_m, stride_n) = t.shape, t.stride()
+        if rows > 1 and cols > 1 and stride_n != 1:
+            return 1
+        align = min(align, 16 // t.element_size())
+        if rows > 1:
+            while align > 1 and stride_m % align:
+                align //= 2
+    return align
+
+
+def combine_tiles(num_splits: int) -> tuple[int, int]:
+    """``(BLOCK_S, BLOCK_M)`` of :func:`row_loss_combine` for rows split in ``num_splits`` (4096 partials a tile)."""
+    block_s = max(2, next_pow2(num_splits))
+    return block_s, max(1, min(64, 4096 // block_s))
+
+
+def column_stat_blocks(N: int) -> int:
+    """Row blocks of the LADE column partials for N rows (what :func:`forward` and :func:`chunk_partials` use)."""
+    return cdiv(N, pick_tiles(max(N, 1), 1, torch.device("cpu"), column_stats=True).block_m)
+
+
+REDUCE_BLOCK = 4096
+# One program reduces up to this many rows (a few loop steps: host launches dominate there). Longer batches
+# take torch's multi-block reductions, whose launch overhead is small next to their row kernels.
+ONE_PROGRAM_ROWS = 32768
+# A row kernel's programs each sum the 'mean' denominator themselves (OWN_DENOM) when programs x N targets stay
+# under this (8 MB of int64 reads from L2 in all: at 512 x 8142, 512 programs read 512 targets each), which
+# saves the denominator's launch before a gradient-in-forward.
+OWN_DENOM_READS = 1 << 20
+
+
+def own_denominator(programs: int, N: int) -> bool:
+    """Whether ``programs`` row programs each sum 'mean''s denominator over the N targets themselves."""
+    return programs * N <= OWN_DENOM_READS
+
+
+def rblock(num_warps: int) -> int:
+    """Width of the batch sums inside a row kernel (one 4-element vector per thread: no extra registers)."""
+    return 128 * num_warps
+
+
+COMBINE_RBLOCK = 128  # one value per thread of the 4-warp combine (wider, triton 3.6's ptxas spills in its loop)
+# The last program's sums walk the N rows in RBLOCK-wide steps, each an L2 round trip (~0.3 us) it waits for: up to
+# this many steps the tail costs about what a launch of its own would (larger batches take reduce_rows, 4096 wide).
+FUSED_REDUCE_STEPS = 8
+
+
+def fusable_reduction(values: int, rblock: int) -> bool:
+    """Whether a launch's last program may sum ``values`` values (rows and any extra ones) in ``rblock``-wide steps
+    (:func:`fastlt.kernels.reduce.last_program_reduces`): some, and at most :data:`FUSED_REDUCE_STEPS` steps and
+    :data:`ONE_PROGRAM_ROWS` values."""
+    return 0 < values <= min(ONE_PROGRAM_ROWS, FUSED_REDUCE_STEPS * rblock)
+
+
+SCALE_TILE = 4096  # elements per tile of scale_rows
+SCALE_PROGRAMS_PER_SM = 8
