@@ -28,8 +28,8 @@ from .kernels import launch
 __all__ = ["AdjustedCEFunction", "LADEFunction", "adjusted_cross_entropy_triton", "lade_loss_triton",
            "check_kernel_input", "lade_operator_args"]
 
-# bumps a tensor's version counter after a write autograd did not see (torch >= 2.1; a no-op before)
-_increment_version = getattr(torch.autograd.graph, "increment_version", lambda tensor: None)
+# bumps a tensor's version counter after a write autograd did not see
+_increment_version = torch.autograd.graph.increment_version
 
 
 # --- implementations shared by both paths --------------------------------------------------------------------------

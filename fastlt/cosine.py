@@ -16,9 +16,14 @@ class CosineClassifier(nn.Module):
 
     GCL's ``NormedLinear`` (official code) computes the same product; feed its output to
     :class:`fastlt.GCLLoss`, which applies the scale ``s``.
+
+    Args:
+        in_features: D, the feature width, at least 1 (a Python or numpy int).
+        num_classes: C, at least 1.
+        eps: ``> 0``, the lower bound on the feature and weight-row norms.
     """
 
-    def __init__(self, in_features: int, num_classes: int, eps: float = 1e-12):
+    def __init__(self, in_features: int, num_classes: int, eps: float = 1e-12) -> None:
         super().__init__()
         self.in_features = check_int("in_features", in_features, 1)  # numpy ints too (labels.max() + 1)
         self.num_classes = check_int("num_classes", num_classes, 1)
@@ -29,6 +34,16 @@ class CosineClassifier(nn.Module):
         nn.init.uniform_(self.weight, -1.0 / math.sqrt(self.in_features), 1.0 / math.sqrt(self.in_features))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Cosine logits of a batch of features.
+
+        Args:
+            features: (N, D) floating tensor (float16, bfloat16, float32 or float64), of the weight's dtype
+                and device.
+
+        Returns:
+            (N, C) tensor of cosines in [-1, 1], in the dtype of the product (that of ``features`` and
+            ``weight``, or the autocast dtype).
+        """
         if not isinstance(features, torch.Tensor):
             raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
         if features.dtype not in FLOAT_DTYPES:
@@ -38,4 +53,9 @@ class CosineClassifier(nn.Module):
         return F.normalize(features, dim=1, eps=self.eps) @ F.normalize(self.weight, dim=1, eps=self.eps).t()
 
     def extra_repr(self) -> str:
+        """The module's repr details.
+
+        Returns:
+            ``'in_features=D, num_classes=C'``.
+        """
         return f"in_features={self.in_features}, num_classes={self.num_classes}"

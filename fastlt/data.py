@@ -13,12 +13,16 @@ it; without replacement they fall back to one multinomial over the per-sample we
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import Sampler
 
 from ._validation import INT_DTYPES, check_choice, check_finite_float, check_int
+
+if TYPE_CHECKING:
+    import numpy as np
 
 PROFILES = ("exp", "step")
 
@@ -48,11 +52,16 @@ def _as_labels(labels, name: str = "labels") -> torch.Tensor:
     return out
 
 
-def class_counts(labels, num_classes: int | None = None) -> torch.Tensor:
+def class_counts(labels: torch.Tensor | Sequence[int] | np.ndarray, num_classes: int | None = None) -> torch.Tensor:
     """Per-class counts ``n_j = #{i : labels_i == j}``, a (C,) int64 tensor.
 
-    ``labels``: (N,) integer labels (tensor, sequence or numpy array), each in ``[0, num_classes)``.
-    ``num_classes`` defaults to ``labels.max() + 1``; classes without samples count 0.
+    Args:
+        labels: (N,) integer labels (tensor, sequence or numpy array of any integer dtype), each in
+            ``[0, num_classes)``.
+        num_classes: the number of classes C; defaults to ``labels.max() + 1``. Classes without samples count 0.
+
+    Returns:
+        (C,) int64 CPU tensor of per-class counts.
     """
     labels = _as_labels(labels)
     if num_classes is None:
@@ -81,6 +90,16 @@ def long_tailed_counts(num_classes: int, max_count: int, imbalance_ratio: float,
     and the ceiling have a 1e-12 relative guard, so e.g. ``n_max = 98, r = 49`` ends at 2, not at 1 as a bare
     float ``98 * (1/49)`` would, and ``C = 90, step_fraction = 0.3`` has 27 tail classes, not the 28 of a bare
     ``ceil(90 * 0.3)`` (27.000000000000004).
+
+    Args:
+        num_classes: the number of classes C, at least 1.
+        max_count: ``n_max``, the head-class count, at least 1.
+        imbalance_ratio: ``r >= 1``; the tail count is ``floor(n_max / r)``.
+        profile: ``'exp'`` or ``'step'``.
+        step_fraction: for ``'step'``, the fraction of tail classes, in [0, 1]; ignored by ``'exp'``.
+
+    Returns:
+        A list of C Python ints, each at least 1, non-increasing in j.
     """
     num_classes = check_int("num_classes", num_classes, 1)
     max_count = check_int("max_count", max_count, 1)
@@ -103,7 +122,8 @@ def _floor(x: float) -> int:
     return math.floor(x * (1.0 + 1e-12))
 
 
-def long_tailed_indices(labels, imbalance_ratio: float, profile: str = "exp", max_count: int | None = None,
+def long_tailed_indices(labels: torch.Tensor | Sequence[int] | np.ndarray, imbalance_ratio: float,
+                        profile: str = "exp", max_count: int | None = None,
                         generator: torch.Generator | None = None, *,
                         step_fraction: float = 0.5) -> torch.Tensor:
     """Indices (sorted, int64) of a long-tailed subsample of a (balanced) labelled dataset.
@@ -112,6 +132,18 @@ def long_tailed_indices(labels, imbalance_ratio: float, profile: str = "exp", ma
     profile, step_fraction)`` with ``C = labels.max() + 1``: the first ``n_j`` in dataset order when
     ``generator`` is None, else a random subset drawn with ``generator`` (deterministic for a seeded
     generator). ``max_count`` defaults to the smallest class size, so every class can supply its quota.
+
+    Args:
+        labels: (N,) integer labels (tensor, sequence or numpy array) of the full dataset; every class
+            ``0..labels.max()`` must have at least one sample.
+        imbalance_ratio: ``r >= 1`` (see ``long_tailed_counts``).
+        profile: ``'exp'`` or ``'step'`` (see ``long_tailed_counts``).
+        max_count: ``n_max``, the head-class count; defaults to the smallest class size.
+        generator: draws the kept subset of each class; None keeps the first ``n_j`` in dataset order.
+        step_fraction: for ``'step'``, the fraction of tail classes, in [0, 1].
+
+    Returns:
+        (M,) int64 CPU tensor of kept dataset indices, sorted ascending, ``M = sum_j n_j``.
     """
     labels = _as_labels(labels)
     _check_generator(generator)
@@ -200,13 +232,21 @@ class _ClassMassSampler(Sampler[int]):
 class ClassBalancedSampler(_ClassMassSampler):
     """Sampler over dataset indices with class mass ``p_j = n_j^q / sum_k n_k^q``.
 
-    ``labels``: (N,) integer labels. Each sample of class j is drawn with probability ∝ ``n_j^q / n_j``:
-    ``q = 0`` class-balanced, ``q = 0.5`` square-root, ``q = 1`` instance-balanced (plain shuffling
-    with replacement). ``num_samples`` draws per epoch (default N), from ``generator`` (default:
-    torch's global generator). Classes absent from ``labels`` get no mass.
+    Each sample of class j is drawn with probability ∝ ``n_j^q / n_j``: ``q = 0`` class-balanced,
+    ``q = 0.5`` square-root, ``q = 1`` instance-balanced (plain shuffling with replacement). Classes absent
+    from ``labels`` get no mass. Iterating yields ``num_samples`` dataset indices (Python ints).
+
+    Args:
+        labels: (N,) integer labels (tensor, sequence or numpy array), at least one sample.
+        q: the exponent of the class mass ``n_j^q`` (finite).
+        num_samples: draws per epoch, at least 1; default N.
+        replacement: draw with replacement (class first, then a sample uniformly inside it); without
+            replacement, one multinomial over the per-sample weights, which needs ``num_samples <= N``.
+        generator: the source of randomness; default torch's global generator.
     """
 
-    def __init__(self, labels, q: float = 0.0, num_samples: int | None = None, replacement: bool = True,
+    def __init__(self, labels: torch.Tensor | Sequence[int] | np.ndarray, q: float = 0.0,
+                 num_samples: int | None = None, replacement: bool = True,
                  generator: torch.Generator | None = None) -> None:
         self.q = check_finite_float("q", q)
         super().__init__(labels, num_samples, replacement, generator)
@@ -230,10 +270,18 @@ class CBENSampler(_ClassMassSampler):
     Defaults ``a = 0.999, b = 0.0009`` (beta in [0.999, 0.9999]) are what the GCL paper states; the
     official code's sampler uses ``a = 0.9999, b = 1e-5`` and its stage-2 scripts default to plain
     1/n class-balanced sampling (``ClassBalancedSampler(q=0)``). Both a and b are arguments here.
-    Requires ``0 <= a < 1``, ``b >= 0``, ``a + b < 1``.
+    Draws are always with replacement; iterating yields ``num_samples`` dataset indices (Python ints).
+
+    Args:
+        labels: (N,) integer labels (tensor, sequence or numpy array), at least one sample.
+        a: the smallest beta (for the most frequent class); requires ``0 <= a < 1``.
+        b: the span of beta above ``a``; requires ``b >= 0`` and ``a + b < 1``.
+        num_samples: draws per epoch, at least 1; default N.
+        generator: the source of randomness; default torch's global generator.
     """
 
-    def __init__(self, labels, a: float = 0.999, b: float = 0.0009, num_samples: int | None = None,
+    def __init__(self, labels: torch.Tensor | Sequence[int] | np.ndarray, a: float = 0.999, b: float = 0.0009,
+                 num_samples: int | None = None,
                  generator: torch.Generator | None = None) -> None:
         a = check_finite_float("a", a, min_value=0.0)
         if a >= 1.0:

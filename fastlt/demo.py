@@ -13,7 +13,7 @@ initialisation, on the same shuffled batches, with the same optimiser and epoch 
 - ``post-hoc LA``: the CE model's logits adjusted with :func:`fastlt.posthoc.logit_adjust` (tau = 1);
   no retraining, so its time is the adjustment and evaluation only.
 - ``Balanced Softmax``: :class:`fastlt.BalancedSoftmaxLoss`. With tau = 1 it is the same loss as
-  ``LA loss`` (SPEC 2.1), so the two rows coincide: that is expected, not a bug.
+  ``LA loss`` (docs/design.md, The losses), so the two rows coincide: that is expected, not a bug.
 - ``LDAM``: :class:`fastlt.LDAMLoss` (max margin 0.5, s = 30) on a :class:`fastlt.CosineClassifier`
   head, as the official recipe's normed classifier does (``s * z`` with a plain linear head makes
   the logits 30x too large to train stably). Plain LDAM: no deferred re-weighting.

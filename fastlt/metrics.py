@@ -9,12 +9,16 @@ many-shot with more than ``many_threshold`` (100) training samples, few-shot wit
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from numbers import Real
+from typing import TYPE_CHECKING
 
 import torch
 
 from ._validation import INT_DTYPES, check_finite_float
+
+if TYPE_CHECKING:
+    import numpy as np
 
 METRIC_KEYS = ("overall", "balanced", "many", "medium", "few")
 
@@ -43,18 +47,30 @@ def _train_counts(train_class_counts) -> torch.Tensor:
     return counts
 
 
-def shot_accuracy(predictions_or_logits, targets, train_class_counts, many_threshold: float = 100,
+def shot_accuracy(predictions_or_logits: torch.Tensor | Sequence[int] | Sequence[Sequence[float]] | np.ndarray,
+                  targets: torch.Tensor | Sequence[int] | np.ndarray,
+                  train_class_counts: torch.Tensor | Sequence[int] | np.ndarray, many_threshold: float = 100,
                   few_threshold: float = 20) -> dict[str, float]:
     """Top-1, balanced and many/medium/few-shot accuracy, as fractions in [0, 1].
 
-    ``predictions_or_logits``: (N,) predicted labels (integer) or (N, C) scores (argmax is taken).
-    ``targets``: (N,) integer labels in ``[0, C)``. ``train_class_counts``: (C,) training counts ``n``.
+    Args:
+        predictions_or_logits: (N,) predicted labels (integer dtype) or (N, C) real scores (argmax is
+            taken); tensor, numpy array or sequence.
+        targets: (N,) integer labels in ``[0, C)``, N >= 1.
+        train_class_counts: (C,) training counts ``n`` (finite, non-negative), which define the splits.
+        many_threshold: a class with ``n_j > many_threshold`` is many-shot (default 100).
+        few_threshold: a class with ``n_j < few_threshold`` is few-shot (default 20); at most
+            ``many_threshold``.
 
-    - ``'overall'``: ``mean_i [pred_i == y_i]``.
-    - ``'balanced'``: mean per-class recall over the classes present in ``targets``.
-    - ``'many'`` (``n_j > many_threshold``), ``'medium'`` (``few_threshold <= n_j <= many_threshold``),
-      ``'few'`` (``n_j < few_threshold``): mean per-class recall over the split's classes present in
-      ``targets`` (the standard long-tail report); NaN when the split has no test class.
+    Returns:
+        A dict of Python floats with the keys ``'overall', 'balanced', 'many', 'medium', 'few'``:
+
+
+        - ``'overall'``: ``mean_i [pred_i == y_i]``.
+        - ``'balanced'``: mean per-class recall over the classes present in ``targets``.
+        - ``'many'`` (``n_j > many_threshold``), ``'medium'`` (``few_threshold <= n_j <= many_threshold``),
+          ``'few'`` (``n_j < few_threshold``): mean per-class recall over the split's classes present in
+          ``targets`` (the standard long-tail report); NaN when the split has no test class.
     """
     scores = _as_tensor("predictions_or_logits", predictions_or_logits)
     targets = _as_tensor("targets", targets)
@@ -120,9 +136,14 @@ def shot_accuracy(predictions_or_logits, targets, train_class_counts, many_thres
 def format_report(rows: Mapping[str, Mapping[str, float]]) -> str:
     """A fixed-width text table: one line per method, the ``shot_accuracy`` keys as percentages.
 
-    ``rows``: method name -> dict with the keys ``'overall', 'balanced', 'many', 'medium', 'few'``
-    (fractions in [0, 1], shown as percent with one decimal; NaN shows as ``-``) and optionally
-    ``'time_s'`` (seconds, a column added when any row has it).
+    Args:
+        rows: method name -> dict with the keys ``'overall', 'balanced', 'many', 'medium', 'few'``
+            (fractions in [0, 1], shown as percent with one decimal; NaN shows as ``-``) and optionally
+            ``'time_s'`` (seconds, a column added when any row has it).
+
+    Returns:
+        The table as one string: a header line, a rule of dashes and one line per row, joined by newlines
+        (no trailing newline).
     """
     if not isinstance(rows, Mapping):
         raise TypeError(f"rows must be a dict of method name -> metrics, got {type(rows).__name__}")

@@ -33,7 +33,14 @@ SEED_BITS = 62
 
 
 def draw_seed(generator: torch.Generator | None = None) -> int:
-    """A fresh seed in [0, 2^62) from torch's CPU generator (no GPU synchronisation)."""
+    """A fresh seed in [0, 2^62) from torch's CPU generator (no GPU synchronisation).
+
+    Args:
+        generator: a CPU ``torch.Generator``; None uses torch's default CPU generator (``torch.manual_seed``).
+
+    Returns:
+        A Python int in [0, 2^62).
+    """
     return int(torch.randint(0, 2**SEED_BITS, (), generator=generator, dtype=torch.int64))
 
 
@@ -46,8 +53,19 @@ def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox4x32(seed: int, c0: torch.Tensor, c1: torch.Tensor, rounds: int = PHILOX_ROUNDS):
-    """Philox4x32 of counters (c0, c1, 0, 0) under the 64-bit ``seed``; int64 tensors in [0, 2^32)."""
+def philox4x32(seed: int, c0: torch.Tensor, c1: torch.Tensor,
+               rounds: int = PHILOX_ROUNDS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox4x32 of counters (c0, c1, 0, 0) under the 64-bit ``seed``; int64 tensors in [0, 2^32).
+
+    Args:
+        seed: the 64-bit key, split in (low, high) 32-bit key words.
+        c0, c1: the first two counter words, int64 tensors of one shape with values in [0, 2^32).
+        rounds: the number of Philox rounds (10 for Philox4x32-10).
+
+    Returns:
+        The four output words ``(c0, c1, c2, c3)``, int64 tensors of the counters' shape and device with
+        values in [0, 2^32).
+    """
     k0, k1 = seed & _M32, (seed >> 32) & _M32
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
@@ -75,8 +93,17 @@ def _box_muller(u1: torch.Tensor, u2: torch.Tensor) -> tuple[torch.Tensor, torch
 NORMALS_PER_CALL = 8
 
 
-def standard_normal(seed: int, n_rows: int, n_cols: int, device=None) -> torch.Tensor:
-    """(n_rows, n_cols) float32 standard normals, element (i, j) a function of (seed, i, j) only."""
+def standard_normal(seed: int, n_rows: int, n_cols: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(n_rows, n_cols) float32 standard normals, element (i, j) a function of (seed, i, j) only.
+
+    Args:
+        seed: the 64-bit Philox key (e.g. from ``draw_seed``).
+        n_rows, n_cols: the output shape (rows i, columns j).
+        device: where to generate; None = torch's default device.
+
+    Returns:
+        (n_rows, n_cols) contiguous float32 tensor on ``device``.
+    """
     groups = (n_cols + NORMALS_PER_CALL - 1) // NORMALS_PER_CALL
     c0 = torch.arange(groups, dtype=torch.int64, device=device).expand(n_rows, groups)
     c1 = torch.arange(n_rows, dtype=torch.int64, device=device)[:, None].expand(n_rows, groups)
@@ -86,7 +113,16 @@ def standard_normal(seed: int, n_rows: int, n_cols: int, device=None) -> torch.T
     return torch.stack(normals, dim=-1).reshape(n_rows, groups * NORMALS_PER_CALL)[:, :n_cols].contiguous()
 
 
-def gcl_noise(seed: int, n_rows: int, n_cols: int, device=None) -> torch.Tensor:
-    """GCL noise ``e_ij = min(|g_ij| / 3, 1)`` (float32, (n_rows, n_cols)); a half-normal, sigma 1/3, clipped at 1."""
+def gcl_noise(seed: int, n_rows: int, n_cols: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """GCL noise ``e_ij = min(|g_ij| / 3, 1)`` (float32, (n_rows, n_cols)); a half-normal, sigma 1/3, clipped at 1.
+
+    Args:
+        seed: the 64-bit Philox key (e.g. from ``draw_seed``).
+        n_rows, n_cols: the output shape (rows i, columns j).
+        device: where to generate; None = torch's default device.
+
+    Returns:
+        (n_rows, n_cols) float32 tensor on ``device``, values in [0, 1].
+    """
     g = standard_normal(seed, n_rows, n_cols, device)
     return torch.clamp(g.abs() * (1.0 / 3.0), max=1.0)

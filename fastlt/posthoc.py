@@ -1,4 +1,4 @@
-"""Post-hoc corrections of a model trained with plain cross-entropy (no retraining), SPEC 2.1.
+"""Post-hoc corrections of a model trained with plain cross-entropy (no retraining); docs/design.md, The losses.
 
 - ``logit_adjust``: ``z - tau * log pi`` (Menon et al., ICLR 2021); ``predict`` takes its argmax.
 - ``pc_softmax``: ``softmax(z - log p_s + log p_t)`` for a target prior ``p_t`` (LADE, Hong et al. 2021).
@@ -8,6 +8,9 @@ Priors are computed from counts in float64 on the CPU and cast to the logits' dt
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +22,9 @@ from ._validation import (
     check_logits,
     check_num_classes,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
 
 PRIOR_SUM_TOLERANCE = 1e-3  # pc_softmax's target_prior: |sum - 1| at most this
 
@@ -32,14 +38,24 @@ def _log_prior64(class_counts, count_smoothing: float, name: str = "class_counts
     return counts.log() - counts.sum().log()
 
 
-def logit_adjust(logits: torch.Tensor, class_counts=None, tau: float = 1.0, *,
-                 log_prior: torch.Tensor | None = None, count_smoothing: float = 0.0) -> torch.Tensor:
+def logit_adjust(logits: torch.Tensor, class_counts: torch.Tensor | Sequence[int] | np.ndarray | None = None,
+                 tau: float = 1.0, *, log_prior: torch.Tensor | None = None,
+                 count_smoothing: float = 0.0) -> torch.Tensor:
     """Post-hoc logit adjustment ``z_ij - tau * log pi_j``, shape (N, C), dtype of ``logits``.
 
-    ``logits``: (N, C) floating tensor. Give exactly one of ``class_counts`` ((C,) training counts
-    ``n``, any numeric 1-D; ``log pi = log(n / sum n)`` computed in float64, zero counts raise unless
-    ``count_smoothing > 0``, which uses ``n + count_smoothing``) or ``log_prior`` ((C,) floating tensor
-    on the logits' device, a precomputed ``log pi``).
+    Give exactly one of ``class_counts`` and ``log_prior``.
+
+    Args:
+        logits: (N, C) floating tensor.
+        class_counts: (C,) training counts ``n``, any numeric 1-D (tensor, sequence or numpy array) of whole
+            numbers; ``log pi = log(n / sum n)`` is computed in float64.
+        tau: the weight of the prior offset (finite).
+        log_prior: (C,) floating tensor on the logits' device, a precomputed finite ``log pi``.
+        count_smoothing: with ``class_counts``: zero counts raise unless ``count_smoothing > 0``, which uses
+            ``n + count_smoothing``.
+
+    Returns:
+        (N, C) tensor of the adjusted logits, dtype and device of ``logits``.
     """
     check_logits("logits", logits)
     tau = check_finite_float("tau", tau)
@@ -57,16 +73,25 @@ def logit_adjust(logits: torch.Tensor, class_counts=None, tau: float = 1.0, *,
     return logits - offset
 
 
-def pc_softmax(logits: torch.Tensor, source_counts, target_prior=None, *,
+def pc_softmax(logits: torch.Tensor, source_counts: torch.Tensor | Sequence[int] | np.ndarray,
+               target_prior: torch.Tensor | Sequence[float] | np.ndarray | None = None, *,
                count_smoothing: float = 0.0) -> torch.Tensor:
     """PC Softmax probabilities ``softmax_j(z_ij - log p_s(j) + log p_t(j))``, shape (N, C).
 
-    ``logits``: (N, C) floating tensor; ``source_counts``: (C,) training counts (``p_s = n / sum n``,
-    zero counts raise unless ``count_smoothing > 0``); ``target_prior``: (C,) non-negative, summing
-    to 1 within 1e-3 (tensor, sequence or numpy; a float32 softmax over 10^6 classes sums to 1 within ~1e-4,
-    and the result does not depend on the prior's scale: the check only catches counts or unnormalised weights
-    passed by mistake), None = uniform ``1/C``, which gives
-    ``softmax(logit_adjust(z, n, tau=1))``. Computed in at least float32, returned in the logits' dtype.
+    Args:
+        logits: (N, C) floating tensor.
+        source_counts: (C,) training counts ``n`` (tensor, sequence or numpy array); ``p_s = n / sum n``,
+            computed in float64.
+        target_prior: (C,) non-negative, summing to 1 within 1e-3 (tensor, sequence or numpy; a float32
+            softmax over 10^6 classes sums to 1 within ~1e-4, and the result does not depend on the prior's
+            scale: the check only catches counts or unnormalised weights passed by mistake). None = uniform
+            ``1/C``, which gives ``softmax(logit_adjust(z, n, tau=1))``.
+        count_smoothing: zero counts in ``source_counts`` raise unless ``count_smoothing > 0``, which uses
+            ``n + count_smoothing``.
+
+    Returns:
+        (N, C) tensor of probabilities (rows sum to 1), computed in at least float32, returned in the
+        logits' dtype, on their device.
     """
     check_logits("logits", logits)
     num_classes = logits.shape[1]
@@ -95,8 +120,14 @@ def pc_softmax(logits: torch.Tensor, source_counts, target_prior=None, *,
 def tau_normalize(weight: torch.Tensor, tau: float = 1.0, eps: float = 1e-12) -> torch.Tensor:
     """Tau-normalised classifier weight ``w_j / max(|w_j|_2, eps)^tau`` row-wise, shape (C, D).
 
-    ``weight``: (C, D) floating tensor (one row per class). ``tau = 1`` gives unit-norm rows,
-    ``tau = 0`` returns an unchanged copy. Norms are computed in at least float32.
+    Args:
+        weight: (C, D) float16, bfloat16, float32 or float64 tensor (one row per class).
+        tau: the norm exponent, ``>= 0``: ``tau = 1`` gives unit-norm rows, ``tau = 0`` returns an unchanged
+            copy.
+        eps: ``> 0``, the lower bound on each row norm.
+
+    Returns:
+        (C, D) tensor, dtype and device of ``weight``; norms are computed in at least float32.
     """
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
@@ -114,7 +145,17 @@ def tau_normalize(weight: torch.Tensor, tau: float = 1.0, eps: float = 1e-12) ->
     return (w / norms.pow(tau)).to(weight.dtype)
 
 
-def predict(logits: torch.Tensor, class_counts, tau: float = 1.0, *,
+def predict(logits: torch.Tensor, class_counts: torch.Tensor | Sequence[int] | np.ndarray, tau: float = 1.0, *,
             count_smoothing: float = 0.0) -> torch.Tensor:
-    """Post-hoc adjusted predictions ``argmax_j (z_ij - tau * log pi_j)``, an (N,) int64 tensor."""
+    """Post-hoc adjusted predictions ``argmax_j (z_ij - tau * log pi_j)``, an (N,) int64 tensor.
+
+    Args:
+        logits: (N, C) floating tensor.
+        class_counts: (C,) training counts ``n`` (tensor, sequence or numpy array); ``pi = n / sum n``.
+        tau: the weight of the prior offset (finite).
+        count_smoothing: zero counts raise unless ``count_smoothing > 0``, which uses ``n + count_smoothing``.
+
+    Returns:
+        (N,) int64 tensor of predicted classes in ``[0, C)``, on the logits' device.
+    """
     return logit_adjust(logits, class_counts, tau, count_smoothing=count_smoothing).argmax(dim=1)

@@ -9,9 +9,9 @@ same in plain PyTorch (see it for why 16-bit uniforms).
 On the GPU the log2, sin and cos of the Box-Muller step are one special-function-unit instruction each (MUFU.LG2,
 MUFU.SIN, MUFU.COS: libdevice's ``fast_*`` forms), on arguments reduced so that their documented absolute errors
 (2^-22 for log2 on [1/2, 2), 2^-20.9 for sin and cos on the first quadrant) stay below ~1.5e-6 in ``e``. That unit
-runs beside the FP32 pipes; the short polynomials that stood here before cost ~30 FP32 instructions per element
-and left GCL's loops compute-bound (static count, benchmarks/kernel_report.py: the GCL gradient loop 899 -> 705
-SASS instructions per 16 elements a thread). The interpreter has no ``fast_*`` forms, so there (``FAST_MATH``
+runs beside the FP32 pipes, where FP32 polynomials would cost ~30 instructions per element and leave GCL's loops
+compute-bound (static count, tools/kernel_report.py: the GCL gradient loop takes 705 SASS instructions per 16
+elements a thread this way, 899 with polynomials). The interpreter has no ``fast_*`` forms, so there (``FAST_MATH``
 off) the same steps take numpy's exact functions; the CPU tests check that structure against float64 to 1e-6, the
 GPU tests the fast path to 2.5e-6.
 """

@@ -90,8 +90,8 @@ def _pick_tiles(N, C, sm_count, column_stats, column_term, grad_in_forward, elem
     # plain range() loops (stages 1 and 3 timed the same in that sweep).
     # LADE's column statistics: per program, BLOCK_M rows reduce into one partial per column
     # ((2, N/BLOCK_M, C) fp32). 16 x 1024 tiles measured 6.74 ms at 4096 x 131072 fp32 (H100), 64 x 256
-    # tiles (4x fewer partials) 8.72 ms: taller tiles cost more in the kernel than the partials save. Since the
-    # class sums left the tile (static count, benchmarks/kernel_report.py): 16 x 1024 with 16 warps still
+    # tiles (4x fewer partials) 8.72 ms: taller tiles cost more in the kernel than the partials save. With the
+    # class sums taken from the gathered target logits (static count, tools/kernel_report.py): 16 x 1024 with 16 warps
     # spills in fp32 (32 elements per thread), 16 x 512 with 16 warps does not (16 per thread, ~100
     # registers, the same 16 warps per SM), so that is the default until a GPU run of
     # benchmarks/tune_tiles.py --lade says otherwise.

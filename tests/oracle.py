@@ -1,4 +1,4 @@
-"""Error-relative-to-reference checks (SPEC 7): a kernel result passes when its error against the
+"""Error-relative-to-reference checks (docs/design.md, Tests): a kernel result passes when its error against the
 float64 reference is at most ``factor`` times the error of the same-dtype PyTorch reference, plus an
 absolute floor scaled by the magnitude of the reference."""
 

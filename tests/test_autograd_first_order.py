@@ -24,7 +24,7 @@ def _losses():
     x = torch.randn(N, D, generator=gen).to(DEVICE)
     w = torch.randn(C, D, generator=gen).to(DEVICE)
     return {
-        "row operator": ((z,), lambda z: LF.adjusted_cross_entropy(z, y, log_prior=prior, backend="triton")),
+        "adjusted ce": ((z,), lambda z: LF.adjusted_cross_entropy(z, y, log_prior=prior, backend="triton")),
         "lade": ((z,), lambda z: LF.lade_loss(z, y, pi, 0.1, 0.1, backend="triton")),
         "linear head": ((x, w), lambda x, w: LF.linear_cross_entropy(x, w, y, log_prior=prior, backend="triton")),
         "cosine head": ((x, w), lambda x, w: LF.cosine_cross_entropy(x, w, y, scale=8.0, backend="triton")),

@@ -349,7 +349,7 @@ def test_samplers_reject_bad_labels():
 
 
 def _cben_reference(counts, a, b):
-    """The SPEC 2.5 formula, written out per class with math (absent classes get 0)."""
+    """The CBEN formula (docs/design.md, The losses), written out per class with math (absent classes get 0)."""
     present = [j for j, n in enumerate(counts) if n > 0]
     n_max = max(counts)
     delta = {j: math.log(n_max) - math.log(counts[j]) for j in present}

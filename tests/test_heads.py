@@ -1,4 +1,5 @@
-"""The fused linear / cosine classifier heads (fastlt.heads, SPEC 5) against the float64 oracle (SPEC 7).
+"""The fused linear / cosine classifier heads (fastlt.heads) against the float64 oracle
+(docs/design.md, Fused heads, Tests).
 
 The fused path (``backend='triton'``: chunked matmuls + the row-operator kernel, gradient in forward) is
 compared with the unfused oracles ``reference_linear_cross_entropy`` / ``reference_cosine_cross_entropy``

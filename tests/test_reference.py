@@ -95,7 +95,8 @@ def test_logit_adjusted_matches_shifted_cross_entropy(N, C, tau):
 
 
 def test_logit_adjusted_gradient_formula():
-    """SPEC 2.1: d loss_i / d z_ij = softmax(z_i + tau*log_pi)_j - [j == y_i] (reduction='sum')."""
+    """Logit adjustment (docs/design.md, The losses): d loss_i / d z_ij = softmax(z_i + tau*log_pi)_j - [j == y_i]
+    (reduction='sum')."""
     z, y, counts = make_inputs(9, 6, seed=3)
     log_pi, tau = log_pi_of(counts), 1.3
     _, g = grad_of(lambda x: R.logit_adjusted_cross_entropy(x, y, log_pi, tau, reduction="sum"), z)

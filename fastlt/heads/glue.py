@@ -187,11 +187,12 @@ def _(grad_output, features, weight, bias, target, row_stats, row_coef, *flat):
 def _setup_linear_head(ctx, inputs, output):
     _, _, _, _, *flat = inputs
     args, _, need = O.unflatten(_LINEAR_GROUPS, flat)
+    _, dx, dw, db, row_stats, row_coef = output
     ctx.none, ctx.need = args.reduction == "none", need
     if ctx.none:
-        save_inputs(ctx, inputs, output[4], output[5])  # the row statistics
+        save_inputs(ctx, inputs, row_stats, row_coef)
     else:
-        save_inputs(ctx, inputs, *output[1:4], keep=False)  # the gradients for grad_output = 1
+        save_inputs(ctx, inputs, dx, dw, db, keep=False)  # the gradients for grad_output = 1
 
 
 def _scaled(grads: tuple, need: Needs, grad_loss) -> tuple:
@@ -234,9 +235,11 @@ def _(features, weight, bias, target, *flat):
 
 
 def _setup_lade_head(ctx, inputs, output):
-    *_, need = O.unflatten(_LADE_GROUPS, inputs[4:])
+    _, _, _, _, *flat = inputs
+    *_, need = O.unflatten(_LADE_GROUPS, flat)
+    _, dx, dw, db = output
     ctx.need = need
-    save_inputs(ctx, inputs, *output[1:4], keep=False)  # the gradients for grad_output = 1
+    save_inputs(ctx, inputs, dx, dw, db, keep=False)  # the gradients for grad_output = 1
 
 
 def _lade_head_backward(ctx, grad_loss, *unused):
@@ -269,7 +272,8 @@ def _(x, inv, grad, eps):
 
 def _setup_normalize(ctx, inputs, output):
     x, eps = inputs
-    ctx.save_for_backward(x, output[1])
+    _, inv = output
+    ctx.save_for_backward(x, inv)
     ctx.eps = eps
 
 

@@ -1,4 +1,4 @@
-"""The Triton row-operator kernels against the float64 reference (SPEC 7).
+"""The Triton row-operator kernels against the float64 reference (docs/design.md, Tests).
 
 Without a GPU these run the real kernels in the Triton interpreter on CPU tensors (conftest sets
 TRITON_INTERPRET=1); with one they run natively on CUDA tensors. Shapes stay small for CI.
@@ -70,7 +70,7 @@ def run_and_compare(z, y, kw, *, reduction="mean", grad_in_forward=False, config
 
 
 def _with_kernel_noise(kw: dict, N: int, C: int) -> dict:
-    """Hand the reference the kernel's own noise (SPEC 3): the two agree only to float32 rounding of
+    """Hand the reference the kernel's own noise (docs/design.md, Noise): the two agree only to float32 rounding of
     log/cos, which the scale s amplifies, so exact comparison needs the same numbers."""
     if kw.get("cloud") is None or kw.get("noise_mul", 0.0) == 0.0:
         return kw

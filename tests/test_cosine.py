@@ -1,0 +1,65 @@
+"""fastlt.CosineClassifier: cosine logits in [-1, 1], their gradient, and its argument checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_losses import close, gen
+
+import fastlt
+
+
+def test_cosine_classifier_output():
+    torch.manual_seed(0)
+    head = fastlt.CosineClassifier(16, 9)
+    x = torch.randn(13, 16, generator=gen(19)) * 5
+    out = head(x)
+    W = head.weight.detach()
+    expected = (x / x.norm(dim=1, keepdim=True)) @ (W / W.norm(dim=1, keepdim=True)).T
+    assert out.shape == (13, 9)
+    close(out, expected, 1e-6)
+    assert out.min().item() >= -1.0 - 1e-6 and out.max().item() <= 1.0 + 1e-6
+    # scale invariance in features and weights
+    close(head(x * 7.5), out, 1e-6)
+    # cos(w_j, w_j) = 1
+    close(head(W[:3] * 2)[torch.arange(3), torch.arange(3)], torch.ones(3), 1e-6)
+
+
+def test_cosine_classifier_backward_and_gcl_pipeline():
+    torch.manual_seed(1)
+    head = fastlt.CosineClassifier(8, 5)
+    x = torch.randn(20, 8, generator=gen(20), requires_grad=True)
+    y = torch.randint(0, 5, (20,), generator=gen(21))
+    loss = fastlt.GCLLoss([500, 100, 50, 10, 2])(head(x), y, seed=0)
+    loss.backward()
+    assert torch.isfinite(head.weight.grad).all() and head.weight.grad.abs().sum() > 0
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_cosine_classifier_zero_feature_is_finite():
+    head = fastlt.CosineClassifier(4, 3)
+    out = head(torch.zeros(2, 4))
+    assert torch.isfinite(out).all()
+    assert torch.all(out == 0)
+
+
+def test_cosine_classifier_bad_arguments():
+    with pytest.raises(ValueError, match="in_features"):
+        fastlt.CosineClassifier(0, 3)
+    with pytest.raises(ValueError, match="num_classes"):
+        fastlt.CosineClassifier(3, 0)
+    for args, exc, match in [((4.0, 3), TypeError, "in_features"), ((True, 3), TypeError, "in_features"),
+                             ((4, 3, -1.0), ValueError, "eps"), ((4, 3, 0.0), ValueError, "eps"),
+                             ((4, 3, "x"), TypeError, "eps")]:
+        with pytest.raises(exc, match=match):
+            fastlt.CosineClassifier(*args)
+    head = fastlt.CosineClassifier(4, 3)
+    with pytest.raises(TypeError, match="features"):
+        head(torch.zeros(2, 4, dtype=torch.long))
+    import numpy as np
+
+    assert fastlt.CosineClassifier(np.int64(4), np.int64(3)).weight.shape == (3, 4)  # e.g. labels.max() + 1
+    with pytest.raises(ValueError, match="features"):
+        head(torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="features"):
+        head(torch.zeros(4))
