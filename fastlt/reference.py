@@ -19,6 +19,7 @@ The fused heads' oracles (:func:`reference_linear_cross_entropy`, :func:`referen
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,9 @@ __all__ = [
     "gcl_cross_entropy",
     "lade_loss",
     "lader",
+    "lader_statistics",
+    "lader_from_statistics",
+    "LaderStatistics",
     "adjusted_logits",
     "reference_linear_cross_entropy",
     "reference_cosine_cross_entropy",
@@ -85,7 +89,7 @@ def _margin_rows(margin, target: Tensor, ignore_index: int, dtype) -> Tensor:
 def adjusted_logits(logits: Tensor, target: Tensor, *, log_prior: Tensor | None = None, tau: float = 1.0,
                     cloud: Tensor | None = None, noise_mul: float = 0.0, noise: Tensor | None = None,
                     seed: int | Tensor | None = None, margin: float | Tensor | None = None, scale: float = 1.0,
-                    ignore_index: int = -100, prior: Tensor | None = None) -> Tensor:
+                    ignore_index: int = -100, noise_row_offset: int = 0, prior: Tensor | None = None) -> Tensor:
     """``a = s * (z + tau*log_prior - noise_mul*cloud*e - m_i*onehot(y))`` in the logits' dtype, (N, C); the
     arguments as :func:`adjusted_cross_entropy` (``prior=`` is the old name of ``log_prior``)."""
     log_prior = V.renamed_argument("log_prior", log_prior, "prior", prior)
@@ -95,7 +99,8 @@ def adjusted_logits(logits: Tensor, target: Tensor, *, log_prior: Tensor | None 
         a = a + tau * log_prior.to(a.dtype)
     if cloud is not None and noise_mul != 0.0:
         if noise is None:
-            noise = gcl_noise(draw_seed() if seed is None else int(seed), N, C, logits.device)
+            noise = gcl_noise(draw_seed() if seed is None else int(seed), N, C, logits.device,
+                              row_offset=noise_row_offset)
         cdt = torch.promote_types(a.dtype, torch.float32)  # float64 stays float64: the oracle is exact
         a = a - (noise_mul * cloud.to(cdt) * noise.to(cdt)).to(a.dtype)
     if margin is not None:
@@ -114,7 +119,7 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor 
                            seed: int | Tensor | None = None, margin: float | Tensor | None = None,
                            scale: float = 1.0, gamma: float = 0.0, weight: Tensor | None = None,
                            ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                           prior: Tensor | None = None) -> Tensor:
+                           noise_row_offset: int = 0, prior: Tensor | None = None) -> Tensor:
     """The adjusted cross-entropy on (N, C) logits and (N,) targets (docs/design.md, "The operator").
 
     Args:
@@ -130,6 +135,8 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor 
         scale: ``s``, the scale of the adjusted logits.
         gamma: the focal exponent, ``(1 - p_{i,y_i})^gamma`` with ``p`` detached.
         weight, ignore_index, reduction, label_smoothing: as ``F.cross_entropy``.
+        noise_row_offset: the global index of row 0: row i draws noise row ``noise_row_offset + i`` (a data-parallel
+            rank's rows, see :mod:`fastlt.distributed`).
         prior: the old name of ``log_prior`` (deprecated).
 
     Returns:
@@ -140,9 +147,11 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor 
     check_operator_args(logits, target, dict(log_prior=log_prior, tau=tau, cloud=cloud, noise_mul=noise_mul, seed=seed,
                                              margin=margin, scale=scale, gamma=gamma, weight=weight,
                                              ignore_index=ignore_index, reduction=reduction,
-                                             label_smoothing=label_smoothing), noise=noise)
+                                             label_smoothing=label_smoothing, noise_row_offset=noise_row_offset),
+                        noise=noise)
     a = adjusted_logits(logits, target, log_prior=log_prior, tau=tau, cloud=cloud, noise_mul=noise_mul, noise=noise,
-                        seed=seed, margin=margin, scale=scale, ignore_index=ignore_index)
+                        seed=seed, margin=margin, scale=scale, ignore_index=ignore_index,
+                        noise_row_offset=noise_row_offset)
     loss, row_w = _row_losses(a, target, weight, ignore_index, label_smoothing, gamma)
     return _reduce(loss, row_w, reduction)
 
@@ -191,6 +200,57 @@ def gcl_cross_entropy(cosine: Tensor, target: Tensor, cloud: Tensor, m: float = 
                                   reduction=reduction, label_smoothing=label_smoothing)
 
 
+class LaderStatistics(NamedTuple):
+    """LADER's column statistics of a set of rows (fp32 or wider, (C,) each unless said): what a data-parallel rank
+    sums with the other ranks' before :func:`lader_from_statistics` (:mod:`fastlt.distributed`).
+
+    ``col_lse``: ``LSE_i z_ic`` over the valid rows (-inf where there is none); ``target_sum``: ``sum_{i: y_i = c}
+    z_ic``; ``count``: ``N_c``; ``valid``: 0-dim, the number of valid rows."""
+
+    col_lse: Tensor
+    target_sum: Tensor
+    count: Tensor
+    valid: Tensor
+
+
+def _masked_logsumexp(x: Tensor, valid: Tensor) -> Tensor:
+    """``LSE_i x_ic`` (``torch.logsumexp``, as the official code) over the rows where ``valid``, (C,); -inf where no
+    row is valid, with a zero (not NaN) gradient there."""
+    some = valid.any()
+    masked = torch.where(valid[:, None], x, torch.full_like(x, -math.inf))
+    lse = torch.logsumexp(torch.where(some, masked, torch.zeros_like(x)), dim=0)
+    return torch.where(some, lse, torch.full_like(lse, -math.inf))
+
+
+def lader_statistics(logits: Tensor, target: Tensor, ignore_index: int = -100) -> LaderStatistics:
+    """The :class:`LaderStatistics` of (N, C) ``logits`` and (N,) ``target``, in at least float32 (differentiable
+    in the logits)."""
+    C = logits.shape[1]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    dt = logits.dtype
+    valid = target != ignore_index
+    safe_t = torch.where(valid, target, torch.zeros_like(target)).long()
+    onehot = F.one_hot(safe_t, C).to(dt) * valid[:, None].to(dt)
+    return LaderStatistics(col_lse=_masked_logsumexp(logits, valid), target_sum=(logits * onehot).sum(0),
+                           count=onehot.sum(0), valid=valid.sum().to(dt))
+
+
+def lader_from_statistics(stats: LaderStatistics, prior: Tensor, remine_lambda: float = 0.1) -> Tensor:
+    """LADER (0-dim, the statistics' dtype) from the :class:`LaderStatistics` of the whole batch: 0 when no row is
+    valid; the formula of :func:`lader`."""
+    C = stats.col_lse.shape[0]
+    dt = stats.col_lse.dtype
+    pi = prior.to(dt)
+    some = stats.valid > 0
+    col_lse = torch.where(torch.isfinite(stats.col_lse), stats.col_lse, torch.zeros_like(stats.col_lse))
+    first = stats.target_sum / (stats.count + 1e-8)
+    n_valid = torch.where(some, stats.valid, torch.ones_like(stats.valid))
+    second = col_lse - torch.log(pi + 1e-9) + math.log(1.0 / C + 1e-9) - torch.log(n_valid)
+    est = first - second - remine_lambda * second.pow(2)
+    value = -(pi * est).sum()
+    return torch.where(some, value, torch.zeros_like(value))
+
+
 def lader(logits: Tensor, target: Tensor, prior: Tensor, remine_lambda: float = 0.1,
           ignore_index: int = -100) -> Tensor:
     """LADE's regulariser as the official code computes it (docs/design.md, "LADE"), a scalar.
@@ -199,27 +259,12 @@ def lader(logits: Tensor, target: Tensor, prior: Tensor, remine_lambda: float = 
     ``second_c = LSE_i(z_ic - log(pi_c + 1e-9) + log(1/C + 1e-9)) - log N``,
     ``LADER = -sum_c pi_c * (first_c - second_c - remine_lambda * second_c^2)``, 0 for an empty batch.
     Computed in at least float32 (fp16 cannot represent the 1e-8 / 1e-9 epsilons), returned in the
-    logits' dtype. ``prior`` (C,) is pi.
+    logits' dtype. ``prior`` (C,) is pi. Two phases: :func:`lader_statistics` (sums over rows, which data-parallel
+    ranks add up) and :func:`lader_from_statistics`.
     """
-    N, C = logits.shape
     target = V.as_index_target(target, keep_int32=False)
-    out_dtype = logits.dtype
-    # half precision cannot hold the official epsilons (1e-8 underflows in fp16: 0/0 for absent classes)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    valid = target != ignore_index
-    safe_t = torch.where(valid, target, torch.zeros_like(target)).long()
-    dt = logits.dtype
-    onehot = F.one_hot(safe_t, C).to(dt) * valid[:, None].to(dt)
-    n_c = onehot.sum(0)
-    first = (logits * onehot).sum(0) / (n_c + 1e-8)
-    pi = prior.to(dt)
-    shifted = logits - torch.log(pi + 1e-9) + math.log(1.0 / C + 1e-9)
-    shifted = torch.where(valid[:, None], shifted, torch.full_like(shifted, -math.inf))
-    n_valid = valid.sum().to(dt)
-    second = torch.logsumexp(shifted, dim=0) - torch.log(n_valid)
-    est = first - second - remine_lambda * second.pow(2)
-    value = -(pi * est).sum()
-    return torch.where(n_valid > 0, value, torch.zeros_like(value)).to(out_dtype)
+    stats = lader_statistics(logits, target, ignore_index)
+    return lader_from_statistics(stats, prior, remine_lambda).to(logits.dtype)
 
 
 def lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: float = 0.1, remine_lambda: float = 0.1, *,
@@ -261,7 +306,7 @@ def reference_linear_cross_entropy(features: Tensor, weight: Tensor, target: Ten
                                    seed: int | Tensor | None = None, noise: Tensor | None = None, gamma: float = 0.0,
                                    weight_classes: Tensor | None = None, ignore_index: int = -100,
                                    reduction: str = "mean", label_smoothing: float = 0.0,
-                                   prior: Tensor | None = None) -> Tensor:
+                                   noise_row_offset: int = 0, prior: Tensor | None = None) -> Tensor:
     """Unfused oracle of the linear head: ``z = features @ weight^T + bias`` (materialises (N, C); gradients by
     autograd), then :func:`adjusted_cross_entropy` on ``z`` with ``weight_classes`` as its class weights."""
     V.check_head(features, weight, bias)
@@ -270,7 +315,7 @@ def reference_linear_cross_entropy(features: Tensor, weight: Tensor, target: Ten
     return adjusted_cross_entropy(logits, target, log_prior=log_prior, tau=tau, cloud=cloud, noise_mul=noise_mul,
                                   noise=noise, seed=seed, margin=margin, scale=scale, gamma=gamma,
                                   weight=weight_classes, ignore_index=ignore_index, reduction=reduction,
-                                  label_smoothing=label_smoothing, prior=prior)
+                                  label_smoothing=label_smoothing, noise_row_offset=noise_row_offset, prior=prior)
 
 
 def reference_cosine_cross_entropy(features: Tensor, weight: Tensor, target: Tensor, *,
@@ -280,7 +325,7 @@ def reference_cosine_cross_entropy(features: Tensor, weight: Tensor, target: Ten
                                    seed: int | Tensor | None = None, noise: Tensor | None = None, gamma: float = 0.0,
                                    weight_classes: Tensor | None = None, ignore_index: int = -100,
                                    reduction: str = "mean", label_smoothing: float = 0.0, eps: float = 1e-12,
-                                   prior: Tensor | None = None) -> Tensor:
+                                   noise_row_offset: int = 0, prior: Tensor | None = None) -> Tensor:
     """Unfused oracle of the cosine head: ``cos = normalize(f) @ normalize(W)^T`` (normalised in at least fp32,
     then cast back), then :func:`adjusted_cross_entropy` on ``cos``."""
     V.check_head(features, weight, None)
@@ -290,7 +335,7 @@ def reference_cosine_cross_entropy(features: Tensor, weight: Tensor, target: Ten
     return adjusted_cross_entropy(cos, target, log_prior=log_prior, tau=tau, cloud=cloud, noise_mul=noise_mul,
                                   noise=noise, seed=seed, margin=margin, scale=scale, gamma=gamma,
                                   weight=weight_classes, ignore_index=ignore_index, reduction=reduction,
-                                  label_smoothing=label_smoothing, prior=prior)
+                                  label_smoothing=label_smoothing, noise_row_offset=noise_row_offset, prior=prior)
 
 
 def reference_lade_linear_loss(features: Tensor, weight: Tensor, target: Tensor, prior: Tensor,

@@ -205,3 +205,12 @@ def test_reference_gcl_seed_uses_gcl_noise():
     a = R.gcl_cross_entropy(cos, y, cloud, seed=1, reduction="none")
     b = R.gcl_cross_entropy(cos, y, cloud, seed=2, reduction="none")
     assert not torch.allclose(a, b)
+
+
+def test_row_offset_selects_the_rows_of_a_larger_draw():
+    """``row_offset``: rows ``row_offset ..`` of the noise (a data-parallel rank's rows, a chunk's)."""
+    from fastlt.noise import gcl_noise, standard_normal
+
+    whole = gcl_noise(77, 9, 13)
+    assert torch.equal(gcl_noise(77, 4, 13, row_offset=5), whole[5:])
+    assert torch.equal(standard_normal(77, 2, 13, row_offset=3), standard_normal(77, 5, 13)[3:])

@@ -659,3 +659,18 @@ def test_half_margin_beyond_the_dtype_range_is_inf_not_an_error():
     y = torch.tensor([0, 1, 2])
     loss = R.adjusted_cross_entropy(z, y, margin=1e5, reduction="none")  # the margin is inf in float16
     assert loss.dtype == torch.float16
+
+
+def test_lader_phases_and_a_batch_without_valid_rows():
+    """``lader`` is ``lader_from_statistics(lader_statistics(...))``; with every row ignored LADER is 0 and its
+    gradient 0, not NaN (a data-parallel rank can hold such a batch)."""
+    gen = torch.Generator().manual_seed(2)
+    z = torch.randn(6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1, -100, 3, 3, 4])
+    pi = torch.softmax(torch.randn(5, generator=gen, dtype=torch.float64), 0)
+    stats = R.lader_statistics(z, y)
+    assert torch.equal(R.lader_from_statistics(stats, pi, 0.1), R.lader(z, y, pi, 0.1))
+    assert stats.valid.item() == 5 and stats.count.tolist() == [1, 1, 0, 2, 1]
+    empty = R.lader(z, torch.full((6,), -100), pi, 0.1)
+    empty.backward()
+    assert empty.item() == 0 and torch.equal(z.grad, torch.zeros_like(z))

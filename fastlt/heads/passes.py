@@ -167,7 +167,7 @@ def fused_pass(x, w, b, y, params: HeadParams, *, need_x: bool, need_w: bool, ne
     for k, (r0, r1) in enumerate(chunks):
         xc = x[r0:r1]
         z = chunk_logits(buf, xc, w, b)
-        a = dataclasses.replace(args, noise_row_offset=r0)
+        a = dataclasses.replace(args, noise_row_offset=args.noise_row_offset + r0)
         if whole:
             loss, row_stats, row_coef = launch.loss(z, y, a, grad_out=z if fused else None)
         else:
@@ -203,7 +203,7 @@ def recompute_backward(x, w, b, y, params: HeadParams, stats_chunks, coef_chunks
     for k, (r0, r1) in enumerate(chunks):
         xc = x[r0:r1]
         z = chunk_logits(buf, xc, w, b)
-        a = dataclasses.replace(args, noise_row_offset=r0)
+        a = dataclasses.replace(args, noise_row_offset=args.noise_row_offset + r0)
         launch.grad(z, y[r0:r1], a, stats_chunks[k], coef_chunks[k], go[r0:r1], out=z)
         row_chunk_grads(z, xc, w, dx, dw, db, r0, r1, single=single, first=k == 0)
     dw, db = cast_grads(x, dw, db)
