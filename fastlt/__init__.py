@@ -4,11 +4,11 @@ Modules: :class:`LogitAdjustedLoss`, :class:`BalancedSoftmaxLoss`, :class:`LDAML
 :class:`LADELoss`, :class:`CosineClassifier`; fused heads (features in, no (N, C) logits)
 :class:`LinearLossHead`, :class:`CosineGCLHead`. Submodules: ``functional`` (the same as functions,
 ``backend=`` switch), ``reference`` (the pure-PyTorch oracle), ``priors``, ``noise``, ``posthoc``,
-``data``, ``metrics`` and ``heads`` (the fused heads' functions and modules; ``lade_head`` re-exports its LADE
-head for code written against it). The design: docs/design.md.
+``data``, ``metrics``, ``heads`` (the fused heads' functions and modules; ``lade_head`` re-exports its LADE
+head for code written against it) and ``distributed`` (data parallel: ``dp_group=``). The design: docs/design.md.
 """
 
-from . import data, functional, heads, lade_head, metrics, noise, posthoc, priors, reference
+from . import data, distributed, functional, heads, lade_head, metrics, noise, posthoc, priors, reference
 from .cosine import CosineClassifier
 from .heads import CosineGCLHead, LinearLossHead
 from .losses import BalancedSoftmaxLoss, GCLLoss, LADELoss, LDAMLoss, LogitAdjustedLoss
@@ -33,4 +33,5 @@ __all__ = [
     "posthoc",
     "data",
     "metrics",
+    "distributed",
 ]

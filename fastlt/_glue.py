@@ -24,9 +24,10 @@ from ._operator import AdjustedCEArgs, LadeArgs
 from ._validation import as_index_target
 from .kernels import lade as lade_kernels
 from .kernels import launch
+from .reference import LaderStatistics
 
 __all__ = ["AdjustedCEFunction", "LADEFunction", "adjusted_cross_entropy_triton", "lade_loss_triton",
-           "check_kernel_input", "lade_operator_args"]
+           "lade_statistics_triton", "check_kernel_input", "lade_operator_args"]
 
 # bumps a tensor's version counter after a write autograd did not see
 _increment_version = torch.autograd.graph.increment_version
@@ -43,7 +44,8 @@ def _backward(grad_output, logits, target, args: AdjustedCEArgs, row_stats, row_
     """The recompute backward; ``columns``: LADE's (3, C) column term, which the kernel scales by the scalar
     ``grad_output`` itself."""
     column_term = None if columns is None else lade_kernels.column_term(columns)
-    return launch.grad(logits, target, args, row_stats, row_coef, grad_output.contiguous(), column_term=column_term)
+    upstream = None if grad_output is None else grad_output.contiguous()
+    return launch.grad(logits, target, args, row_stats, row_coef, upstream, column_term=column_term)
 
 
 def _lade_forward(logits, target, args: AdjustedCEArgs, lade: LadeArgs, out_dtype=torch.float32):
@@ -73,7 +75,7 @@ def _(logits, target, *flat):
 
 
 @define("fastlt::adjusted_ce_backward",
-        "Tensor grad_output, Tensor logits, Tensor target, Tensor row_stats, Tensor row_coef, Tensor? columns",
+        "Tensor? grad_output, Tensor logits, Tensor target, Tensor row_stats, Tensor row_coef, Tensor? columns",
         [AdjustedCEArgs], "Tensor")
 def adjusted_ce_backward_op(grad_output, logits, target, row_stats, row_coef, columns, *flat):
     (args,) = O.unflatten([AdjustedCEArgs], flat)
@@ -127,6 +129,56 @@ def _lade_backward(ctx, grad_loss, *unused):
 
 
 lade_forward_op.register_autograd(_lade_backward, setup_context=_setup_lade)
+
+
+@define("fastlt::lade_statistics", "Tensor logits, Tensor target", [AdjustedCEArgs],
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+def lade_statistics_op(logits, target, *flat):
+    """A data-parallel rank's LADE pass (:func:`lade_statistics_triton`): ``(row_sum, col_lse, target_sum, count,
+    row_stats, row_coef)``, fp32: the sum of PriorCE's rows (0-dim; ``args``' reduction must be 'sum'), LADER's
+    column statistics (C,) (:class:`fastlt.reference.LaderStatistics`), and the rows' saved statistics."""
+    (args,) = O.unflatten([AdjustedCEArgs], flat)
+    N, C = logits.shape
+    loss_rows, row_stats, row_coef, cols = launch.forward(logits, target, args, column_stats=True)
+    merged = lade_kernels.merge_partials(cols.partials)
+    col_lse = merged[0] + torch.log(merged[1])  # -inf for no valid row
+    valid = target != args.ignore_index
+    safe = torch.where(valid, target, torch.zeros_like(target)).long()
+    target_sum = torch.zeros(C, dtype=torch.float32, device=logits.device).index_add_(
+        0, safe, torch.where(valid, cols.target_logits, torch.zeros_like(cols.target_logits)))
+    count = torch.zeros(C, dtype=torch.float32, device=logits.device).index_add_(0, safe, valid.to(torch.float32))
+    return loss_rows.sum(), col_lse, target_sum, count, row_stats, row_coef
+
+
+@lade_statistics_op.register_fake
+def _(logits, target, *flat):
+    N, C = logits.shape
+    f = torch.float32
+    return (logits.new_empty((), dtype=f), logits.new_empty(C, dtype=f), logits.new_empty(C, dtype=f),
+            logits.new_empty(C, dtype=f), logits.new_empty((2, N), dtype=f), logits.new_empty(N, dtype=f))
+
+
+def _setup_lade_statistics(ctx, inputs, output):
+    _, col_lse, _, _, row_stats, row_coef = output
+    save_inputs(ctx, inputs, row_stats, row_coef, col_lse)
+
+
+def _lade_statistics_backward(ctx, grad_sum, grad_lse, grad_target_sum, *unused):
+    """d/dz_ic = g_sum * (PriorCE row i) + g_T_c [y_i == c] + g_lse_c exp(z_ic - lse_c): the row kernel's gradient
+    with the rows' coefficients times ``g_sum`` and LADE's column term made of the statistics' gradients."""
+    (logits, target, *flat), (row_stats, row_coef, col_lse) = saved_inputs(ctx)
+    C = logits.shape[1]
+    zeros = col_lse.new_zeros(C)
+    finite = torch.isfinite(col_lse)  # -inf: no valid row here, so the column term is read by no row
+    columns = torch.stack([zeros if grad_target_sum is None else grad_target_sum.float(),
+                           zeros if grad_lse is None else torch.where(finite, grad_lse.float(), zeros),
+                           torch.where(finite, col_lse, zeros)])
+    coef = row_coef * (0.0 if grad_sum is None else grad_sum.float())
+    grad = adjusted_ce_backward_op(None, logits, target, row_stats, coef, columns, *flat)
+    return input_grads(ctx, grad)
+
+
+lade_statistics_op.register_autograd(_lade_statistics_backward, setup_context=_setup_lade_statistics)
 
 
 # --- eager path: autograd Functions over the launchers ---------------------------------------------------------
@@ -220,6 +272,22 @@ def lade_loss_triton(logits: Tensor, target: Tensor, prior: Tensor, alpha: float
     if torch.compiler.is_compiling():
         return lade_forward_op(logits, target, *O.flatten(args, lade))[0].to(logits.dtype)
     return LADEFunction.apply(logits, target, args, lade)
+
+
+def lade_statistics_triton(logits: Tensor, target: Tensor, prior: Tensor, *, weight: Tensor | None = None,
+                           ignore_index: int = -100, label_smoothing: float = 0.0):
+    """One data-parallel rank's LADE pass on the kernels: ``(row_sum, stats)``, the sum of PriorCE's rows (0-dim
+    fp32; class weights and smoothing applied per row) and LADER's :class:`fastlt.reference.LaderStatistics` of the
+    rows (fp32), both differentiable in ``logits`` (one custom op; the backward is one row-kernel launch)."""
+    target = as_index_target(target)
+    O.check_operator_args(logits, target, dict(weight=weight, ignore_index=ignore_index, reduction="sum",
+                                               label_smoothing=label_smoothing))
+    check_kernel_input("logits", logits)
+    args, _ = lade_operator_args(prior, 0.0, 0.0, weight=weight, label_smoothing=label_smoothing,
+                                 ignore_index=ignore_index, reduction="sum")
+    row_sum, col_lse, target_sum, count, _, _ = lade_statistics_op(logits, target, *O.flatten(args))
+    valid = (target != ignore_index).sum(dtype=torch.float32)
+    return row_sum, LaderStatistics(col_lse=col_lse, target_sum=target_sum, count=count, valid=valid)
 
 
 def check_kernel_input(name: str, t: Tensor, noise: Tensor | None = None) -> None:

@@ -7,7 +7,10 @@
 - ``CBENSampler``: GCL's stage-2 sampler (effective-number weights with a per-class beta).
 
 Both samplers draw a class first (multinomial over per-class mass), then a sample uniformly inside
-it; without replacement they fall back to one multinomial over the per-sample weights.
+it; without replacement they fall back to one multinomial over the per-sample weights. Under data parallelism
+(``num_replicas``/``rank``, or an initialised ``torch.distributed``) every rank draws the same seeded stream of
+the epoch (``seed + epoch``; ``set_epoch``) and keeps every ``num_replicas``-th index from its rank, as torch's
+``DistributedSampler`` does: equal lengths, and the ranks' union is one process's draw.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from torch.utils.data import Sampler
 
 from ._validation import INT_DTYPES, check_choice, check_finite_float, check_int
+from .distributed.ranks import replicas, shared_seed
 
 if TYPE_CHECKING:
     import numpy as np
@@ -174,10 +178,12 @@ def long_tailed_indices(labels: torch.Tensor | Sequence[int] | np.ndarray, imbal
 
 
 class _ClassMassSampler(Sampler[int]):
-    """Shared drawing: class j gets total probability ``class_probabilities[j]``, uniform inside."""
+    """Shared drawing: class j gets total probability ``class_probabilities[j]``, uniform inside; the ranks'
+    slicing of one seeded stream (see the module docstring)."""
 
     def __init__(self, labels, num_samples: int | None, replacement: bool,
-                 generator: torch.Generator | None) -> None:
+                 generator: torch.Generator | None, num_replicas: int | None = None, rank: int | None = None,
+                 seed: int | None = None) -> None:
         labels = _as_labels(labels)
         if labels.numel() == 0:
             raise ValueError("labels must hold at least one sample")
@@ -189,13 +195,25 @@ class _ClassMassSampler(Sampler[int]):
                 f"num_samples={num_samples} exceeds the {labels.numel()} samples of labels; "
                 "it needs replacement=True"
             )
+        self.num_replicas, self.rank = replicas(num_replicas, rank)
+        if _check_generator(generator) is not None and (seed is not None or self.num_replicas > 1):
+            raise ValueError("generator= is one process's stream; with several ranks (or seed=) the ranks share "
+                             "seed= instead")
+        self.seed = shared_seed(seed, self.num_replicas)
+        self.epoch = 0
         self.labels = labels
         self.counts = torch.bincount(labels)
         self.num_samples = num_samples
+        self.total_size = -(-num_samples // self.num_replicas) * self.num_replicas
         self.replacement = replacement
-        self.generator = _check_generator(generator)
+        self.generator = generator
         self._order = torch.argsort(labels, stable=True)
         self._starts = torch.cumsum(self.counts, 0) - self.counts
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose stream the next iteration draws (``seed + epoch``); call it every epoch, as with
+        ``DistributedSampler``. Without a shared seed (one process, no ``seed=``) it has no effect."""
+        self.epoch = check_int("epoch", epoch, 0)
 
     def _set_class_weights(self, per_sample_weight: torch.Tensor) -> None:
         """``per_sample_weight``: (C,) float64, 0 for absent classes; stored normalised over classes."""
@@ -214,19 +232,29 @@ class _ClassMassSampler(Sampler[int]):
         return self._class_probabilities.clone()
 
     def __len__(self) -> int:
-        return self.num_samples
+        return self.total_size // self.num_replicas
+
+    def _draw(self, n: int, g: torch.Generator | None) -> torch.Tensor:
+        """``n`` dataset indices (int64)."""
+        if self.replacement:
+            cls = torch.multinomial(self._class_probabilities, n, True, generator=g)
+            count = self.counts[cls]
+            offset = (torch.rand(n, generator=g, dtype=torch.float64) * count).long()
+            return self._order[self._starts[cls] + torch.minimum(offset, count - 1)]
+        weights = self._class_weights[self.labels]
+        if n <= self.labels.numel():
+            return torch.multinomial(weights, n, False, generator=g)
+        # the ranks' equal share needs more indices than there are samples: repeat the first ones (as
+        # DistributedSampler pads)
+        idx = torch.multinomial(weights, self.num_samples, False, generator=g)
+        return torch.cat([idx, idx[: n - self.num_samples]])
 
     def __iter__(self) -> Iterator[int]:
-        g = self.generator
-        if self.replacement:
-            cls = torch.multinomial(self._class_probabilities, self.num_samples, True, generator=g)
-            n = self.counts[cls]
-            offset = (torch.rand(self.num_samples, generator=g, dtype=torch.float64) * n).long()
-            idx = self._order[self._starts[cls] + torch.minimum(offset, n - 1)]
-        else:
-            weights = self._class_weights[self.labels]
-            idx = torch.multinomial(weights, self.num_samples, False, generator=g)
-        yield from idx.tolist()
+        if self.seed is None:  # one process, its own generator (or torch's)
+            yield from self._draw(self.num_samples, self.generator).tolist()
+            return
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        yield from self._draw(self.total_size, g)[self.rank::self.num_replicas].tolist()
 
 
 class ClassBalancedSampler(_ClassMassSampler):
@@ -242,14 +270,24 @@ class ClassBalancedSampler(_ClassMassSampler):
         num_samples: draws per epoch, at least 1; default N.
         replacement: draw with replacement (class first, then a sample uniformly inside it); without
             replacement, one multinomial over the per-sample weights, which needs ``num_samples <= N``.
-        generator: the source of randomness; default torch's global generator.
+        generator: the source of randomness of one process; default torch's global generator.
+        num_replicas, rank, seed: data parallel, see below.
+
+    Data parallel: ``num_replicas`` ranks (default: the initialised ``torch.distributed`` world, else 1), this one
+    ``rank``; each epoch every rank draws ``ceil(num_samples / num_replicas) * num_replicas`` indices from
+    ``torch.Generator().manual_seed(seed + epoch)`` and yields every ``num_replicas``-th from position ``rank``
+    (``len`` = that count / ``num_replicas``, equal on every rank; without replacement no index is on two ranks,
+    unless ``num_samples`` is within ``num_replicas`` of N and the share is padded by repeating indices, as
+    ``DistributedSampler``). ``seed`` must be the same on every rank: None draws it on rank 0 and broadcasts it
+    once, here. Call ``set_epoch(epoch)`` every epoch. ``seed`` alone (one process) gives the same seeded epochs.
     """
 
     def __init__(self, labels: torch.Tensor | Sequence[int] | np.ndarray, q: float = 0.0,
                  num_samples: int | None = None, replacement: bool = True,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, *, num_replicas: int | None = None,
+                 rank: int | None = None, seed: int | None = None) -> None:
         self.q = check_finite_float("q", q)
-        super().__init__(labels, num_samples, replacement, generator)
+        super().__init__(labels, num_samples, replacement, generator, num_replicas, rank, seed)
         n = self.counts.to(torch.float64)
         present = n > 0
         weight = torch.zeros_like(n)
@@ -277,12 +315,14 @@ class CBENSampler(_ClassMassSampler):
         a: the smallest beta (for the most frequent class); requires ``0 <= a < 1``.
         b: the span of beta above ``a``; requires ``b >= 0`` and ``a + b < 1``.
         num_samples: draws per epoch, at least 1; default N.
-        generator: the source of randomness; default torch's global generator.
+        generator: the source of randomness of one process; default torch's global generator.
+        num_replicas, rank, seed: data parallel, as :class:`ClassBalancedSampler` (``set_epoch`` too).
     """
 
     def __init__(self, labels: torch.Tensor | Sequence[int] | np.ndarray, a: float = 0.999, b: float = 0.0009,
                  num_samples: int | None = None,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, *, num_replicas: int | None = None,
+                 rank: int | None = None, seed: int | None = None) -> None:
         a = check_finite_float("a", a, min_value=0.0)
         if a >= 1.0:
             raise ValueError(f"a must be < 1, got {a}")
@@ -290,7 +330,7 @@ class CBENSampler(_ClassMassSampler):
         if a + b >= 1.0:
             raise ValueError(f"a + b must be < 1 (beta_j < 1), got a={a}, b={b}")
         self.a, self.b = a, b
-        super().__init__(labels, num_samples, True, generator)
+        super().__init__(labels, num_samples, True, generator, num_replicas, rank, seed)
         n = self.counts.to(torch.float64)
         present = n > 0
         log_n = n[present].log()

@@ -13,6 +13,7 @@ from . import _validation as V
 from . import reference as R
 from ._backend import use_triton
 from ._operator import gcl_fields, la_fields, ldam_fields
+from .distributed.data_parallel import batch_dependent, global_batch_loss, global_lade_loss, warn_without_group
 from .heads.functional import cosine_cross_entropy, lade_linear_loss, linear_cross_entropy
 
 __all__ = [
@@ -34,8 +35,8 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor 
                            seed: int | Tensor | None = None, margin: float | Tensor | None = None,
                            scale: float = 1.0, gamma: float = 0.0, weight: Tensor | None = None,
                            ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                           backend: str = "auto", grad_in_forward: bool = False,
-                           prior: Tensor | None = None) -> Tensor:
+                           backend: str = "auto", grad_in_forward: bool = False, dp_group=None,
+                           rows_per_rank: int | None = None, prior: Tensor | None = None) -> Tensor:
     """The adjusted cross-entropy, every logits-input loss of fastlt (docs/design.md, "The operator"):
     ``a_ij = s * (z_ij + tau*log_prior_j - noise_mul*cloud_j*e_ij - m_i*[j == y_i])``, then cross-entropy with
     class weights, label smoothing and a focal factor.
@@ -54,6 +55,12 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor 
         grad_in_forward: (Triton only) compute d loss / d logits in the forward and write it over ``logits``, which
             must then be a non-leaf tensor you no longer need; the backward only rescales it by ``grad_output``
             (skipped, on the GPU, when that is 1).
+        dp_group: a ``torch.distributed`` process group over which the batch is split (data parallel): the loss of
+            the global batch on every rank, gradients scaled for DDP's averaging (:mod:`fastlt.distributed`). None:
+            this rank's rows only (warns once under several ranks when the result depends on the split: a
+            class-weighted mean); False: the same, without the warning.
+        rows_per_rank: with ``dp_group``, the per-rank batch size: rank r's rows draw GCL noise rows
+            ``r * rows_per_rank + i`` (default: this rank's row count, right when the ranks' batches are equal).
         prior: the old name of ``log_prior`` (deprecated).
 
     Returns:
@@ -63,63 +70,86 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor 
     fields = dict(log_prior=log_prior, tau=tau, cloud=cloud, noise_mul=noise_mul, seed=seed, margin=margin,
                   scale=scale, gamma=gamma, weight=weight, ignore_index=ignore_index, reduction=reduction,
                   label_smoothing=label_smoothing)
-    if not use_triton(backend, logits):
-        if grad_in_forward:
-            raise ValueError("grad_in_forward=True needs the Triton backend (CUDA tensors)")
-        return R.adjusted_cross_entropy(logits, target, noise=noise, **fields)
-    from ._glue import adjusted_cross_entropy_triton
+    triton = use_triton(backend, logits)
+    if grad_in_forward and not triton:
+        raise ValueError("grad_in_forward=True needs the Triton backend (CUDA tensors)")
 
-    return adjusted_cross_entropy_triton(logits, target, fields, noise=noise, grad_in_forward=grad_in_forward)
+    def local(f: dict) -> Tensor:
+        if not triton:
+            return R.adjusted_cross_entropy(logits, target, noise=noise, **f)
+        from ._glue import adjusted_cross_entropy_triton
+
+        return adjusted_cross_entropy_triton(logits, target, f, noise=noise, grad_in_forward=grad_in_forward)
+
+    if dp_group is None and batch_dependent(weight, reduction):
+        warn_without_group("a class-weighted 'mean'")
+    if dp_group is not None and dp_group is not False:
+        return global_batch_loss(local, logits, target, fields, dp_group, weight=weight, rows_per_rank=rows_per_rank)
+    return local(fields)
 
 
 def logit_adjusted_cross_entropy(logits: Tensor, target: Tensor, log_prior: Tensor, tau: float = 1.0, *,
                                  weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
                                  label_smoothing: float = 0.0, backend: str = "auto",
-                                 grad_in_forward: bool = False) -> Tensor:
-    """``CE(z + tau * log_prior, y)`` (Menon et al., 2021); ``log_prior`` (C,) from ``fastlt.priors``."""
+                                 grad_in_forward: bool = False, dp_group=None) -> Tensor:
+    """``CE(z + tau * log_prior, y)`` (Menon et al., 2021); ``log_prior`` (C,) from ``fastlt.priors``; the other
+    arguments as :func:`adjusted_cross_entropy`."""
     return adjusted_cross_entropy(logits, target, **la_fields(log_prior, tau), weight=weight,
                                   ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-                                  backend=backend, grad_in_forward=grad_in_forward)
+                                  backend=backend, grad_in_forward=grad_in_forward, dp_group=dp_group)
 
 
 def balanced_softmax_cross_entropy(logits: Tensor, target: Tensor, log_prior: Tensor, *,
                                    weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
                                    label_smoothing: float = 0.0, backend: str = "auto",
-                                   grad_in_forward: bool = False) -> Tensor:
+                                   grad_in_forward: bool = False, dp_group=None) -> Tensor:
     """Balanced Softmax (Ren et al., 2020): logit-adjusted CE with tau = 1."""
     return logit_adjusted_cross_entropy(logits, target, log_prior, 1.0, weight=weight, ignore_index=ignore_index,
                                         reduction=reduction, label_smoothing=label_smoothing, backend=backend,
-                                        grad_in_forward=grad_in_forward)
+                                        grad_in_forward=grad_in_forward, dp_group=dp_group)
 
 
 def ldam_cross_entropy(logits: Tensor, target: Tensor, margins: Tensor, s: float = 30.0, *,
                        weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
-                       label_smoothing: float = 0.0, backend: str = "auto", grad_in_forward: bool = False) -> Tensor:
+                       label_smoothing: float = 0.0, backend: str = "auto", grad_in_forward: bool = False,
+                       dp_group=None) -> Tensor:
     """LDAM: ``CE(s * (z - margins[y] * onehot(y)), y)``; ``margins`` (C,) from ``fastlt.priors.ldam_margins``."""
     V.check_finite_float("s", s)
     return adjusted_cross_entropy(logits, target, **ldam_fields(margins, s), weight=weight,
                                   ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-                                  backend=backend, grad_in_forward=grad_in_forward)
+                                  backend=backend, grad_in_forward=grad_in_forward, dp_group=dp_group)
 
 
 def gcl_cross_entropy(cosine: Tensor, target: Tensor, cloud: Tensor, m: float = 0.5, s: float = 30.0,
                       noise_mul: float = 1.0, gamma: float = 0.0, *, seed: int | Tensor | None = None,
                       noise: Tensor | None = None, weight: Tensor | None = None, ignore_index: int = -100,
                       reduction: str = "mean", label_smoothing: float = 0.0, backend: str = "auto",
-                      grad_in_forward: bool = False) -> Tensor:
+                      grad_in_forward: bool = False, dp_group=None, rows_per_rank: int | None = None) -> Tensor:
     """GCL on (N, C) cosine logits; see :func:`fastlt.reference.gcl_cross_entropy`. Noise follows ``seed``
-    (drawn from torch's generator when None), the same numbers on every backend."""
+    (drawn from torch's generator when None), the same numbers on every backend. ``dp_group``, ``rows_per_rank``:
+    as :func:`adjusted_cross_entropy` (rank r's rows draw noise rows ``r * rows_per_rank + i``)."""
     V.check_finite_float("m", m)
     V.check_finite_float("s", s)
     return adjusted_cross_entropy(cosine, target, **gcl_fields(cloud, m, s, noise_mul, gamma), noise=noise,
                                   seed=seed, weight=weight, ignore_index=ignore_index, reduction=reduction,
-                                  label_smoothing=label_smoothing, backend=backend, grad_in_forward=grad_in_forward)
+                                  label_smoothing=label_smoothing, backend=backend, grad_in_forward=grad_in_forward,
+                                  dp_group=dp_group, rows_per_rank=rows_per_rank)
 
 
 def lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: float = 0.1, remine_lambda: float = 0.1, *,
               weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
-              label_smoothing: float = 0.0, backend: str = "auto") -> Tensor:
-    """LADE: ``PriorCE(z) + alpha * LADER(z)``; ``prior`` (C,) is pi (see :func:`fastlt.reference.lade_loss`)."""
+              label_smoothing: float = 0.0, backend: str = "auto", dp_group=None) -> Tensor:
+    """LADE: ``PriorCE(z) + alpha * LADER(z)``; ``prior`` (C,) is pi (see :func:`fastlt.reference.lade_loss`).
+
+    ``dp_group``: LADER's column statistics (and PriorCE's mean) over the global batch of the data-parallel group,
+    as the official code's single-process ``nn.DataParallel`` computed them (one MAX and one SUM all-reduce of
+    ~12 C bytes; see :func:`adjusted_cross_entropy`). None warns once under several ranks."""
+    if dp_group is not None and dp_group is not False:
+        return global_lade_loss(logits, target, prior, alpha, remine_lambda, dp_group, weight=weight,
+                                ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                                triton=use_triton(backend, logits))
+    if dp_group is None:
+        warn_without_group("LADELoss / lade_loss")
     if not use_triton(backend, logits):
         return R.lade_loss(logits, target, prior, alpha, remine_lambda, weight=weight, ignore_index=ignore_index,
                            reduction=reduction, label_smoothing=label_smoothing)

@@ -4,10 +4,11 @@ Each takes the per-class training counts once (validated; zero counts need ``cou
 derived per-class vectors as buffers (they follow ``.to(device)``; a float64 module makes them again from the
 counts in float64: :mod:`fastlt._count_buffers`), and the usual ``weight``, ``ignore_index``, ``reduction``,
 ``label_smoothing``, plus ``backend='auto'|'torch'|'triton'`` ('auto': fused Triton kernels for CUDA tensors, the
-pure-PyTorch reference elsewhere). Float hyperparameters keep the papers' names (tau, s, m, max_margin, noise_mul,
-gamma, alpha) and are plain attributes: schedule them freely. Their mapping to the adjusted cross-entropy's
-parameters is written once, in :mod:`fastlt._operator` (``la_fields``, ``ldam_fields``, ``gcl_fields``), which
-:mod:`fastlt.functional` applies.
+pure-PyTorch reference elsewhere) and ``dp_group`` (data parallel: the loss of the global batch, see
+:func:`fastlt.functional.adjusted_cross_entropy` and :mod:`fastlt.distributed`). Float hyperparameters keep the
+papers' names (tau, s, m, max_margin, noise_mul, gamma, alpha) and are plain attributes: schedule them freely. Their
+mapping to the adjusted cross-entropy's parameters is written once, in :mod:`fastlt._operator` (``la_fields``,
+``ldam_fields``, ``gcl_fields``), which :mod:`fastlt.functional` applies.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ class _LongTailLoss(CountBuffers):
     subclasses add their per-class vectors (:meth:`_count_vectors`) and call ``init_count_buffers``."""
 
     def __init__(self, class_counts, *, weight=None, ignore_index: int = -100, reduction: str = "mean",
-                 label_smoothing: float = 0.0, backend: str = "auto", count_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, backend: str = "auto", count_smoothing: float = 0.0, dp_group=None):
         super().__init__()
+        self.dp_group = dp_group
         self._counts_in = V.as_class_counts(class_counts, smoothing=count_smoothing)
         self.num_classes = self._counts_in.numel()
         self.count_smoothing = count_smoothing
@@ -46,7 +48,7 @@ class _LongTailLoss(CountBuffers):
 
     def _common(self) -> dict:
         return dict(weight=self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
-                    label_smoothing=self.label_smoothing, backend=self.backend)
+                    label_smoothing=self.label_smoothing, backend=self.backend, dp_group=self.dp_group)
 
     def _check_input(self, logits: Tensor, name: str = "logits") -> None:
         V.check_logits(name, logits)
@@ -64,7 +66,8 @@ class LogitAdjustedLoss(_LongTailLoss):
         tau: the weight of the prior offset.
         grad_in_forward: (Triton only) compute the gradient during the forward and store it over the logits: no
             extra memory, but the logits tensor is overwritten (use it only when nothing else reads them after).
-        weight, ignore_index, reduction, label_smoothing, backend, count_smoothing: see the module docstring.
+        weight, ignore_index, reduction, label_smoothing, backend, count_smoothing, dp_group: see the module
+            docstring.
 
     ``forward(logits, target)``: (N, C) logits of any float dtype, (N,) int targets.
     """
@@ -104,7 +107,7 @@ class LDAMLoss(MarginSchedule, _LongTailLoss):
         class_counts: (C,) training counts per class.
         max_margin: the largest margin (the rarest class's); setting it later rebuilds ``margins`` (a schedule).
         s: the logit scale.
-        grad_in_forward, weight, ignore_index, reduction, label_smoothing, backend, count_smoothing: as
+        grad_in_forward, weight, ignore_index, reduction, label_smoothing, backend, count_smoothing, dp_group: as
             :class:`LogitAdjustedLoss`.
     """
 
@@ -137,7 +140,9 @@ class GCLLoss(_LongTailLoss):
     Args:
         class_counts: (C,) training counts per class.
         m: the target margin; s: the logit scale; noise_mul: the cloud's scale; gamma: the focal exponent.
-        grad_in_forward, weight, ignore_index, reduction, label_smoothing, backend, count_smoothing: as
+        rows_per_rank: with ``dp_group``, the per-rank batch size: rank r's rows draw noise rows
+            ``r * rows_per_rank + i`` (default: the rank's row count; pass it when the last batch may be short).
+        grad_in_forward, weight, ignore_index, reduction, label_smoothing, backend, count_smoothing, dp_group: as
             :class:`LogitAdjustedLoss`.
 
     Defaults are the official loss class's (m=0.5, s=30, noise_mul=1, gamma=0); the official scripts use m=0, s=30,
@@ -148,8 +153,9 @@ class GCLLoss(_LongTailLoss):
     """
 
     def __init__(self, class_counts, m: float = 0.5, s: float = 30.0, noise_mul: float = 1.0, gamma: float = 0.0, *,
-                 grad_in_forward: bool = False, **kwargs):
+                 grad_in_forward: bool = False, rows_per_rank: int | None = None, **kwargs):
         super().__init__(class_counts, **kwargs)
+        self.rows_per_rank = None if rows_per_rank is None else V.check_int("rows_per_rank", rows_per_rank, 1)
         self.m = V.check_finite_float("m", m)
         self.s = V.check_finite_float("s", s)
         self.noise_mul = V.check_finite_float("noise_mul", noise_mul)
@@ -163,7 +169,8 @@ class GCLLoss(_LongTailLoss):
     def forward(self, cosine: Tensor, target: Tensor, seed: int | Tensor | None = None) -> Tensor:
         self._check_input(cosine, "cosine")
         return LF.gcl_cross_entropy(cosine, target, self.cloud, self.m, self.s, self.noise_mul, self.gamma,
-                                    seed=seed, grad_in_forward=self.grad_in_forward, **self._common())
+                                    seed=seed, grad_in_forward=self.grad_in_forward, rows_per_rank=self.rows_per_rank,
+                                    **self._common())
 
     def extra_repr(self) -> str:
         return (f"m={self.m}, s={self.s}, noise_mul={self.noise_mul}, gamma={self.gamma}, "
@@ -178,6 +185,8 @@ class LADELoss(_LongTailLoss):
         alpha: the weight of LADER; remine_lambda: LADER's quadratic penalty.
         reduction: 'mean' or 'sum' (LADER is a batch statistic).
         weight, ignore_index, label_smoothing, backend, count_smoothing: as :class:`LogitAdjustedLoss`.
+        dp_group: data parallel: LADER's column statistics and PriorCE's mean over the global batch (as the official
+            code's single-process ``nn.DataParallel``); see :func:`fastlt.functional.lade_loss`.
 
     Inference: PriorCE trains ``z + log pi``, so the raw logits ``z`` already leave out the training prior. For a
     balanced test set predict ``argmax z``; toward a target prior ``p_t`` take

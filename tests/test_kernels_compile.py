@@ -67,7 +67,7 @@ def test_compile_draws_a_fresh_seed_per_call_without_a_graph_break():
 
 def test_loss_ops_pass_opcheck():
     """torch.library.opcheck (schema, autograd registration, fake against real outputs, AOT dispatch with dynamic
-    shapes) for the adjusted cross-entropy's op in every reduction, with every flag, and LADE's op."""
+    shapes) for the adjusted cross-entropy's op in every reduction, with every flag, and LADE's ops."""
     from fastlt._glue import adjusted_ce_forward_op, lade_forward_op
     from fastlt._operator import AdjustedCEArgs, LadeArgs, flatten
     from fastlt.priors import prior
@@ -83,6 +83,12 @@ def test_loss_ops_pass_opcheck():
     pi = prior(counts).to(DEVICE)
     lade_args = AdjustedCEArgs(log_prior=torch.log(pi))
     torch.library.opcheck(lade_forward_op, (z, y, *flatten(lade_args, LadeArgs(pi, 0.1, 0.1))))
+    # a data-parallel rank's LADE pass (fastlt.distributed): PriorCE's sum and LADER's column statistics
+    from fastlt._glue import lade_statistics_op
+
+    weight = torch.rand(11, generator=torch.Generator().manual_seed(1)).to(DEVICE) + 0.5
+    rank_args = AdjustedCEArgs(log_prior=torch.log(pi), weight=weight, label_smoothing=0.1, reduction="sum")
+    torch.library.opcheck(lade_statistics_op, (z, y, *flatten(rank_args)))
 
 
 def test_compile_fullgraph_takes_a_scheduled_hyperparameter():

@@ -6,11 +6,13 @@ the dense logits, then the loss) elsewhere; ``'triton'`` / ``'torch'`` force one
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _validation as V
 from .. import reference as R
 from .._backend import use_triton
+from ..distributed.data_parallel import batch_dependent, global_batch_loss, global_lade_loss, warn_without_group
 
 __all__ = ["linear_cross_entropy", "cosine_cross_entropy", "lade_linear_loss"]
 
@@ -21,7 +23,8 @@ def linear_cross_entropy(features: Tensor, weight: Tensor, target: Tensor, bias:
                          seed: int | Tensor | None = None, noise: Tensor | None = None, gamma: float = 0.0,
                          weight_classes: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
                          label_smoothing: float = 0.0, backend: str = "auto", chunk_rows: int | None = None,
-                         chunk_classes: int | None = None, prior: Tensor | None = None) -> Tensor:
+                         chunk_classes: int | None = None, dp_group=None, rows_per_rank: int | None = None,
+                         prior: Tensor | None = None) -> Tensor:
     """The adjusted cross-entropy on the logits of a linear layer, ``z = features @ weight^T + bias``, without
     holding the (N, C) logits.
 
@@ -41,6 +44,8 @@ def linear_cross_entropy(features: Tensor, weight: Tensor, target: Tensor, bias:
         chunk_classes: classes per chunk of the class-chunked path (a multiple of 8). By default the path is picked
             by count (:func:`fastlt.heads.plan.prefer_class_chunks`: class chunks when the batch takes several row
             chunks and C is so large that they would re-read an fp32 dW accumulator many times).
+        dp_group, rows_per_rank: data parallel, the loss of the global batch (as
+            :func:`fastlt.functional.adjusted_cross_entropy`).
         prior: the old name of ``log_prior`` (deprecated).
 
     Returns:
@@ -51,13 +56,18 @@ def linear_cross_entropy(features: Tensor, weight: Tensor, target: Tensor, bias:
     fields = dict(log_prior=log_prior, tau=tau, margin=margin, scale=scale, cloud=cloud, noise_mul=noise_mul,
                   seed=seed, gamma=gamma, ignore_index=ignore_index, reduction=reduction,
                   label_smoothing=label_smoothing)
-    if not use_triton(backend, features):
-        return R.reference_linear_cross_entropy(features, weight, target, bias, noise=noise,
-                                                weight_classes=weight_classes, **fields)
-    from .glue import run_head
+    triton = use_triton(backend, features)
 
-    return run_head(features, weight, bias, target, dict(fields, weight=weight_classes), cosine=False, eps=0.0,
-                    chunk_rows=chunk_rows, chunk_classes=chunk_classes, noise=noise)
+    def local(f: dict) -> Tensor:
+        if not triton:
+            return R.reference_linear_cross_entropy(features, weight, target, bias, noise=noise,
+                                                    weight_classes=weight_classes, **f)
+        from .glue import run_head
+
+        return run_head(features, weight, bias, target, dict(f, weight=weight_classes), cosine=False, eps=0.0,
+                        chunk_rows=chunk_rows, chunk_classes=chunk_classes, noise=noise)
+
+    return _data_parallel(local, features, target, fields, weight_classes, dp_group, rows_per_rank)
 
 
 def cosine_cross_entropy(features: Tensor, weight: Tensor, target: Tensor, *, log_prior: Tensor | None = None,
@@ -66,31 +76,48 @@ def cosine_cross_entropy(features: Tensor, weight: Tensor, target: Tensor, *, lo
                          noise: Tensor | None = None, gamma: float = 0.0, weight_classes: Tensor | None = None,
                          ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
                          backend: str = "auto", chunk_rows: int | None = None, chunk_classes: int | None = None,
-                         eps: float = 1e-12, prior: Tensor | None = None) -> Tensor:
+                         eps: float = 1e-12, dp_group=None, rows_per_rank: int | None = None,
+                         prior: Tensor | None = None) -> Tensor:
     """As :func:`linear_cross_entropy` (no bias) on cosine logits ``cos_ij = <f_i/|f_i|, w_j/|w_j|>``: rows of
     ``features`` and ``weight`` are L2-normalised (norms once, in fp32, clamped at ``eps`` as ``F.normalize``) and
     the gradient flows through the normalisation. GCL is ``cloud=gcl_cloud(counts), noise_mul, margin=m,
-    scale=s`` (see :class:`fastlt.CosineGCLHead`)."""
+    scale=s`` (see :class:`fastlt.CosineGCLHead`). ``dp_group``, ``rows_per_rank``: as :func:`linear_cross_entropy`."""
     V.check_chunks(chunk_rows, chunk_classes)
     V.check_finite_float("eps", eps, min_value=0.0, min_inclusive=False)
     log_prior = V.renamed_argument("log_prior", log_prior, "prior", prior)
     fields = dict(log_prior=log_prior, tau=tau, margin=margin, scale=scale, cloud=cloud, noise_mul=noise_mul,
                   seed=seed, gamma=gamma, ignore_index=ignore_index, reduction=reduction,
                   label_smoothing=label_smoothing)
-    if not use_triton(backend, features):
-        return R.reference_cosine_cross_entropy(features, weight, target, noise=noise, eps=eps,
-                                                weight_classes=weight_classes, **fields)
-    from .glue import run_head
+    triton = use_triton(backend, features)
 
-    return run_head(features, weight, None, target, dict(fields, weight=weight_classes), cosine=True, eps=eps,
-                    chunk_rows=chunk_rows, chunk_classes=chunk_classes, noise=noise)
+    def local(f: dict) -> Tensor:
+        if not triton:
+            return R.reference_cosine_cross_entropy(features, weight, target, noise=noise, eps=eps,
+                                                    weight_classes=weight_classes, **f)
+        from .glue import run_head
+
+        return run_head(features, weight, None, target, dict(f, weight=weight_classes), cosine=True, eps=eps,
+                        chunk_rows=chunk_rows, chunk_classes=chunk_classes, noise=noise)
+
+    return _data_parallel(local, features, target, fields, weight_classes, dp_group, rows_per_rank)
+
+
+def _data_parallel(local, features: Tensor, target: Tensor, fields: dict, weight_classes, dp_group,
+                   rows_per_rank) -> Tensor:
+    """``local(fields)`` on this rank's rows, or, with ``dp_group``, the loss of the global batch."""
+    if dp_group is None and batch_dependent(weight_classes, fields["reduction"]):
+        warn_without_group("a class-weighted 'mean'")
+    if dp_group is None or dp_group is False:
+        return local(fields)
+    return global_batch_loss(local, features, target, fields, dp_group, weight=weight_classes,
+                             rows_per_rank=rows_per_rank)
 
 
 def lade_linear_loss(features: Tensor, weight: Tensor, target: Tensor, prior: Tensor, bias: Tensor | None = None, *,
                      alpha: float = 0.1, remine_lambda: float = 0.1, weight_classes: Tensor | None = None,
                      ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
                      backend: str = "auto", chunk_rows: int | None = None,
-                     chunk_classes: int | None = None) -> Tensor:
+                     chunk_classes: int | None = None, dp_group=None) -> Tensor:
     """LADE (Hong et al., CVPR 2021) on ``z = features @ weight^T + bias`` without the (N, C) logits.
 
     Args:
@@ -102,11 +129,22 @@ def lade_linear_loss(features: Tensor, weight: Tensor, target: Tensor, prior: Te
         reduction: 'mean' or 'sum'.
         backend, chunk_rows, chunk_classes: as :func:`linear_cross_entropy` (class chunks by default whenever the
             rows would take more than one chunk).
+        dp_group: data parallel, LADE of the global batch (:func:`fastlt.functional.lade_loss`). The rank's
+            (N_r, C) logits are then formed (one matmul, autograd through it) and the logits loss runs on them: a
+            rank's batch is small, and LADER's statistics must be all-reduced between the two passes of the fused
+            path.
 
     Returns:
         The loss in the features' dtype (0-dim).
     """
     V.check_chunks(chunk_rows, chunk_classes)
+    if dp_group is not None and dp_group is not False:
+        V.check_head(features, weight, bias)
+        return global_lade_loss(F.linear(features, weight, bias), target, prior, alpha, remine_lambda, dp_group,
+                                weight=weight_classes, ignore_index=ignore_index, reduction=reduction,
+                                label_smoothing=label_smoothing, triton=use_triton(backend, features))
+    if dp_group is None:
+        warn_without_group("a LADE head")
     if not use_triton(backend, features):
         return R.reference_lade_linear_loss(features, weight, target, prior, bias, alpha=alpha,
                                             remine_lambda=remine_lambda, weight_classes=weight_classes,

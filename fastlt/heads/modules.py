@@ -31,13 +31,15 @@ def _count_dtype(dtype) -> torch.dtype | None:
 
 
 class _HeadBase(CountBuffers):
-    """Shared arguments: class weights, ignore_index, reduction, label smoothing, backend, and the fused path's
-    ``chunk_rows`` / ``chunk_classes`` (at most one; see :func:`fastlt.heads.linear_cross_entropy`)."""
+    """Shared arguments: class weights, ignore_index, reduction, label smoothing, backend, the fused path's
+    ``chunk_rows`` / ``chunk_classes`` (at most one; see :func:`fastlt.heads.linear_cross_entropy`) and ``dp_group``
+    (data parallel: the loss of the global batch, :mod:`fastlt.distributed`)."""
 
     def __init__(self, in_features: int, num_classes: int, *, weight_classes=None, ignore_index: int = -100,
                  reduction: str = "mean", label_smoothing: float = 0.0, backend: str = "auto",
-                 chunk_rows: int | None = None, chunk_classes: int | None = None):
+                 chunk_rows: int | None = None, chunk_classes: int | None = None, dp_group=None):
         super().__init__()
+        self.dp_group = dp_group
         for name, v in (("in_features", in_features), ("num_classes", num_classes)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -58,7 +60,7 @@ class _HeadBase(CountBuffers):
     def _common(self) -> dict:
         return dict(weight_classes=self.weight_classes, ignore_index=self.ignore_index, reduction=self.reduction,
                     label_smoothing=self.label_smoothing, backend=self.backend, chunk_rows=self.chunk_rows,
-                    chunk_classes=self.chunk_classes)
+                    chunk_classes=self.chunk_classes, dp_group=self.dp_group)
 
     def _check_features(self, features) -> None:
         if not isinstance(features, Tensor):
@@ -115,7 +117,8 @@ class LinearLossHead(MarginSchedule, _HeadBase):
         count_smoothing: added to the counts (needed when a count is 0).
         device, dtype: of the parameters (a float64 head makes its count buffers in float64).
         **kwargs: ``weight_classes`` ((C,) class weights of the loss), ``ignore_index``, ``reduction``,
-            ``label_smoothing``, ``backend``, ``chunk_rows``, ``chunk_classes``.
+            ``label_smoothing``, ``backend``, ``chunk_rows``, ``chunk_classes``, ``dp_group`` (data parallel: the
+            loss of the global batch, see :func:`fastlt.heads.linear_cross_entropy`).
 
     Parameters ``weight`` (C, D) and ``bias`` (C,) as ``nn.Linear`` (same initialisation). Under ``torch.autocast``
     the head runs in the autocast dtype. Inference: :meth:`logits` returns the raw ``z = f W^T + b``; with loss-side
@@ -220,6 +223,7 @@ class CosineGCLHead(_HeadBase):
         in_features: D; num_classes: C; class_counts: (C,) training counts.
         m, s, noise_mul, gamma: GCL's hyperparameters (as :class:`fastlt.GCLLoss`).
         count_smoothing: added to the counts; eps: the norms' clamp (as ``F.normalize``).
+        rows_per_rank: with ``dp_group``, the per-rank batch size (GCL noise rows, as :class:`fastlt.GCLLoss`).
         device, dtype: of the parameter.
         **kwargs: as :class:`LinearLossHead`.
 
@@ -233,8 +237,9 @@ class CosineGCLHead(_HeadBase):
 
     def __init__(self, in_features: int, num_classes: int, class_counts, m: float = 0.5, s: float = 30.0,
                  noise_mul: float = 1.0, gamma: float = 0.0, *, count_smoothing: float = 0.0, eps: float = 1e-12,
-                 device=None, dtype=None, **kwargs):
+                 rows_per_rank: int | None = None, device=None, dtype=None, **kwargs):
         super().__init__(in_features, num_classes, **kwargs)
+        self.rows_per_rank = None if rows_per_rank is None else V.check_int("rows_per_rank", rows_per_rank, 1)
         self.m = V.check_finite_float("m", m)
         self.s = V.check_finite_float("s", s)
         self.noise_mul = V.check_finite_float("noise_mul", noise_mul)
@@ -256,7 +261,7 @@ class CosineGCLHead(_HeadBase):
         self._check_features(features)
         return cosine_cross_entropy(features, self.weight, target,
                                     **gcl_fields(self.cloud, self.m, self.s, self.noise_mul, self.gamma), seed=seed,
-                                    eps=self.eps, **self._common())
+                                    eps=self.eps, rows_per_rank=self.rows_per_rank, **self._common())
 
     def _dense_logits(self, features):
         return F.linear(normalize_rows(features, self.eps), normalize_rows(self.weight, self.eps).to(features.dtype))

@@ -1,0 +1,12 @@
+"""Scaling past one GPU. Data parallel (``dp_group=`` on every loss and head, :mod:`.data_parallel`): the loss of the
+global batch on every rank, gradients that DDP/FSDP averaging turns into the single-process gradient; the collectives
+(:mod:`.collectives`); a single-process simulation of the ranks for tests (:mod:`.simulate`). The distributed
+samplers are :class:`fastlt.data.ClassBalancedSampler` and :class:`fastlt.data.CBENSampler` (``num_replicas``,
+``rank``, ``seed``, ``set_epoch``)."""
+
+from .collectives import all_reduce, global_logsumexp, global_sum, rank_and_size, world_gradient
+from .data_parallel import global_batch_loss, global_lade_loss, noise_row_offset
+from .simulate import SimulatedWorld
+
+__all__ = ["all_reduce", "global_logsumexp", "global_sum", "rank_and_size", "world_gradient", "global_batch_loss",
+           "global_lade_loss", "noise_row_offset", "SimulatedWorld"]

@@ -1,0 +1,56 @@
+"""Who this process is among the data-parallel ranks, and the one seed they share: what the distributed samplers
+(:class:`fastlt.data.ClassBalancedSampler`, :class:`fastlt.data.CBENSampler`) need, as torch's
+``DistributedSampler`` does it."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["replicas", "shared_seed", "SEED_LIMIT"]
+
+SEED_LIMIT = 2**63 - 2**20  # seed + epoch must stay an int64 for torch.Generator.manual_seed
+
+
+def _distributed():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def replicas(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
+    """``(num_replicas, rank)``: the given ones, else those of the initialised default process group, else
+    ``(1, 0)``. Raises ``ValueError`` for a rank outside ``[0, num_replicas)``, or a ``num_replicas > 1`` without a
+    rank when ``torch.distributed`` is not initialised."""
+    dist = _distributed()
+    for name, v in (("num_replicas", num_replicas), ("rank", rank)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise TypeError(f"{name} must be an int or None, got {type(v).__name__}")
+    if num_replicas is None:
+        num_replicas = dist.get_world_size() if dist is not None else 1
+    if num_replicas < 1:
+        raise ValueError(f"num_replicas must be at least 1, got {num_replicas}")
+    if rank is None:
+        if dist is None and num_replicas > 1:
+            raise ValueError(f"num_replicas={num_replicas} needs rank= when torch.distributed is not initialised")
+        rank = dist.get_rank() if dist is not None else 0
+    if not 0 <= rank < num_replicas:
+        raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
+    return num_replicas, rank
+
+
+def shared_seed(seed: int | None, num_replicas: int) -> int | None:
+    """The seed every rank draws its epochs from: ``seed`` itself (an int in [0, 2^63 - 2^20)); else, with several
+    ranks, rank 0's draw from torch's generator, broadcast once (``broadcast_object_list``: any backend); else
+    None (one process: its generator)."""
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+            raise ValueError(f"seed must be an int in [0, 2^63 - 2^20), got {seed!r}")
+        return seed
+    if num_replicas == 1:
+        return None
+    dist = _distributed()
+    if dist is None:
+        raise ValueError("num_replicas > 1 without torch.distributed needs seed= (the same int on every rank)")
+    box = [int(torch.randint(0, 2**62, (), dtype=torch.int64)) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return int(box[0])

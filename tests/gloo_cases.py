@@ -1,0 +1,175 @@
+"""The cases the real gloo ranks run (:mod:`gloo_pool`); each returns plain values or CPU tensors, which the tests
+compare with one process on the concatenated batch. Inputs come from fixed seeds, so the test process rebuilds
+them (:func:`batch`, :func:`model`)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+if not torch.cuda.is_available():  # the kernels on the CPU run in Triton's interpreter (as in conftest)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch.distributed as dist  # noqa: E402
+from torch import nn  # noqa: E402
+
+import fastlt  # noqa: E402
+from fastlt import functional as LF  # noqa: E402
+
+F64 = torch.float64
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel cases' tensors (gloo carries CUDA tensors too)
+N, D, C = 8, 6, 11
+SIZES = (5, 3)  # uneven per-rank batches
+GCL_SEED = 7
+
+
+def batch(seed: int = 0):
+    """The global batch: features (N, D) float64, targets (N,) with two ignored rows, class counts, class
+    weights."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=gen, dtype=F64)
+    y = torch.randint(0, C, (N,), generator=gen)
+    y[[1, 6]] = -100
+    counts = torch.randint(1, 300, (C,), generator=gen)
+    weight = torch.rand(C, generator=gen, dtype=F64) + 0.5
+    return x, y, counts, weight
+
+
+def model() -> nn.Linear:
+    torch.manual_seed(0)
+    return nn.Linear(D, C).double()
+
+
+def criteria(counts, weight, dp_group) -> dict:
+    """The losses compared, by name: every module, with class weights, ignored rows, smoothing, 'mean' and 'sum'."""
+    common = dict(backend="torch", dp_group=dp_group)
+    return {
+        "la_weighted_mean": fastlt.LogitAdjustedLoss(counts, tau=0.5, weight=weight, label_smoothing=0.1, **common),
+        "balanced_softmax_sum": fastlt.BalancedSoftmaxLoss(counts, reduction="sum", **common),
+        "ldam_weighted": fastlt.LDAMLoss(counts, s=5.0, weight=weight, **common),
+        "gcl": fastlt.GCLLoss(counts, m=0.1, s=8.0, noise_mul=0.5, gamma=1.0, rows_per_rank=max(SIZES), **common),
+        "lade_weighted": fastlt.LADELoss(counts, weight=weight, label_smoothing=0.1, **common),
+    }
+
+
+def _rows():
+    rank = dist.get_rank()
+    start = sum(SIZES[:rank])
+    return slice(start, start + SIZES[rank])
+
+
+def ddp_losses() -> dict:
+    """Every loss under ``DistributedDataParallel(nn.Linear)`` on uneven batches: the loss and the averaged
+    parameter gradients."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    x, y, counts, weight = batch()
+    rows = _rows()
+    out = {}
+    for name, crit in criteria(counts, weight, dist.group.WORLD).items():
+        net = DDP(model())
+        logits = net(x[rows])
+        loss = crit(logits, y[rows], seed=GCL_SEED) if name == "gcl" else crit(logits, y[rows])
+        loss.backward()
+        out[name] = dict(loss=loss.detach(), weight=net.module.weight.grad, bias=net.module.bias.grad)
+    return out
+
+
+def gcl_noise_rows() -> dict:
+    """GCL seeded alike on every rank (``torch.manual_seed(0)``, the usual DDP setup), equal batches of 4 zero
+    logits: the per-row losses show the noise each rank drew."""
+    counts = batch()[2]
+    torch.manual_seed(0)
+    crit = fastlt.GCLLoss(counts, m=0.0, s=1.0, noise_mul=1.0, reduction="none", backend="torch",
+                          dp_group=dist.group.WORLD)
+    return dict(rows=crit(torch.zeros(4, C, dtype=F64), torch.zeros(4, dtype=torch.long)))
+
+
+def comm_counts() -> dict:
+    """Collectives in the forward and the backward, counted by ``CommDebugMode``."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    x, y, counts, weight = batch()
+    rows = _rows()
+    out = {}
+    for name, crit in criteria(counts, weight, dist.group.WORLD).items():
+        z = x[rows, :1].expand(-1, C).clone().requires_grad_()
+        with CommDebugMode() as fwd:
+            loss = crit(z, y[rows], seed=GCL_SEED) if name == "gcl" else crit(z, y[rows])
+        with CommDebugMode() as bwd:
+            loss.backward()
+        out[name] = (fwd.get_total_counts(), bwd.get_total_counts(),
+                     {str(k): v for k, v in fwd.get_comm_counts().items()})
+    return out
+
+
+def compiled() -> dict:
+    """LADE and a weighted logit-adjusted mean with dp_group under ``torch.compile(fullgraph=True)`` (no graph
+    break: functional collectives), against eager: the reference path in float64, the kernels in fp32."""
+    x, y, counts, weight = batch()
+    rows = _rows()
+    group = dist.group.WORLD
+    out = {}
+    for backend, dtype, dev in (("torch", F64, "cpu"), ("triton", torch.float32, DEVICE)):
+        pi = fastlt.priors.prior(counts).to(dev, dtype)
+        w = weight.to(dev, dtype)
+        t = y[rows].to(dev)
+
+        def step(z, pi=pi, w=w, t=t, backend=backend):
+            return (LF.lade_loss(z, t, pi, backend=backend, dp_group=group)
+                    + LF.logit_adjusted_cross_entropy(z, t, torch.log(pi), weight=w, backend=backend,
+                                                      dp_group=group))
+
+        torch._dynamo.reset()
+        fn = torch.compile(step, fullgraph=True, backend="aot_eager")
+        for label, f in (("eager", step), ("compiled", fn)):
+            z = x[rows].repeat(1, 2)[:, :C].to(dev, dtype).requires_grad_()
+            loss = f(z)
+            loss.backward()
+            out[f"{backend} {label}"] = (loss.detach().cpu(), z.grad.cpu())
+    return out
+
+
+def warning() -> dict:
+    """The one-time warning: LADE without dp_group under 2 ranks warns once; dp_group=False never."""
+    from fastlt.distributed import data_parallel
+
+    x, y, counts, weight = batch()
+    pi = fastlt.priors.prior(counts).to(F64)
+    data_parallel._WARNED = False
+    with warnings.catch_warnings(record=True) as silent:
+        warnings.simplefilter("always")
+        LF.lade_loss(x[:, :1].expand(-1, C), y, pi, backend="torch", dp_group=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            LF.lade_loss(x[:, :1].expand(-1, C), y, pi, backend="torch")
+            LF.logit_adjusted_cross_entropy(x[:, :1].expand(-1, C), y, torch.log(pi), weight=weight, backend="torch")
+    return dict(silent=len(silent), messages=[str(w.message) for w in caught])
+
+
+def sampler() -> dict:
+    """ClassBalancedSampler without seed: rank 0's seed broadcast; the ranks' indices for epochs 0 and 1."""
+    labels = torch.arange(40) % 7
+    s = fastlt.data.ClassBalancedSampler(labels, num_samples=21)
+    first = list(s)
+    s.set_epoch(1)
+    return dict(seed=s.seed, len=len(s), epoch0=first, epoch1=list(s))
+
+
+def kernels() -> dict:
+    """The Triton path (the interpreter without a GPU; with one, CUDA tensors over gloo) with dp_group: a weighted
+    logit-adjusted mean and LADE, fp32, tiny."""
+    dev = DEVICE
+    x, y, counts, weight = batch()
+    rows = _rows()
+    pi = fastlt.priors.prior(counts).to(dev)
+    y = y[rows].to(dev)
+    z = x[rows].float().repeat(1, 2)[:, :C].to(dev).requires_grad_()
+    loss = (LF.logit_adjusted_cross_entropy(z, y, torch.log(pi), weight=weight.float().to(dev), backend="triton",
+                                            dp_group=dist.group.WORLD)
+            + LF.lade_loss(z, y, pi, backend="triton", dp_group=dist.group.WORLD))
+    loss.backward()
+    return dict(loss=loss.detach().cpu(), grad=z.grad.cpu())

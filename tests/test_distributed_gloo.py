@@ -1,0 +1,134 @@
+"""Data parallel in real processes: 2 gloo ranks on the CPU (spawned once for this file, :mod:`gloo_pool`), uneven
+batches (5 and 3 rows), against one process on the concatenated batch of 8 rows (float64)."""
+
+import math
+
+import gloo_cases as G
+import pytest
+import torch
+import torch.distributed as dist
+
+from fastlt import functional as LF
+from fastlt import reference as R
+from fastlt.noise import draw_seed, gcl_noise
+from fastlt.priors import gcl_cloud, prior
+
+pytestmark = [pytest.mark.distributed,
+              pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")]
+
+
+@pytest.fixture(scope="module")
+def pool():
+    from gloo_pool import GlooPool
+
+    p = GlooPool(2)
+    yield p
+    p.close()
+
+
+def _single_process(name):
+    """One process, the same module without dp_group, on all 8 rows: the loss and the parameters' gradients."""
+    x, y, counts, weight = G.batch()
+    crit = G.criteria(counts, weight, dp_group=False)[name]
+    net = G.model()
+    logits = net(x)
+    loss = crit(logits, y, seed=G.GCL_SEED) if name == "gcl" else crit(logits, y)
+    loss.backward()
+    return loss.detach(), net.weight.grad, net.bias.grad
+
+
+@pytest.mark.parametrize("name", ["la_weighted_mean", "balanced_softmax_sum", "ldam_weighted", "gcl", "lade_weighted"])
+def test_ddp_gradients_equal_one_process_on_the_whole_batch(pool, name):
+    """DistributedDataParallel(nn.Linear) + the loss with dp_group on 5 and 3 rows: every rank's loss and DDP's
+    averaged gradients equal one process on the 8 rows, in float64."""
+    results = getattr(pool, "_ddp", None) or pool.run("ddp_losses")
+    pool._ddp = results
+    loss, gw, gb = _single_process(name)
+    for rank in results:
+        got = rank[name]
+        torch.testing.assert_close(got["loss"], loss, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got["weight"], gw, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got["bias"], gb, rtol=1e-12, atol=1e-12)
+
+
+def test_ddp_without_dp_group_is_not_the_global_batch(pool):
+    """The control: per-rank LADE (no dp_group), averaged by DDP, differs from the global batch's gradient, so the
+    equality above is the collectives' doing."""
+    x, y, counts, weight = G.batch()
+    want = _single_process("lade_weighted")[1]
+    grads = []
+    for rows in (slice(0, 5), slice(5, 8)):
+        net = G.model()
+        G.criteria(counts, weight, dp_group=False)["lade_weighted"](net(x[rows]), y[rows]).backward()
+        grads.append(net.weight.grad)
+    assert (sum(grads) / 2 - want).abs().max() > 1e-3
+
+
+def test_gcl_ranks_seeded_alike_draw_the_rows_of_one_process(pool):
+    """torch.manual_seed(0) on both ranks: each rank's noise is its rows of one process's draw for that seed (rank
+    r: rows 4r..4r+3), so the ranks' noise differs."""
+    r0, r1 = (r["rows"] for r in pool.run("gcl_noise_rows"))
+    torch.manual_seed(0)
+    seed = draw_seed()
+    cloud = gcl_cloud(G.batch()[2]).to(torch.float64)
+    z = -(cloud * gcl_noise(seed, 8, G.C).to(torch.float64))
+    want = torch.nn.functional.cross_entropy(z, torch.zeros(8, dtype=torch.long), reduction="none")
+    torch.testing.assert_close(torch.cat([r0, r1]), want, rtol=1e-12, atol=1e-12)
+    assert (r0 - r1).abs().min() > 0
+
+
+def test_collective_counts(pool):
+    """CommDebugMode: a cross-entropy's 'mean'/'sum' one all-reduce forward, LADE two (MAX and SUM), none in any
+    backward."""
+    for rank in pool.run("comm_counts"):
+        for name, (fwd, bwd, kinds) in rank.items():
+            assert fwd == (2 if name.startswith("lade") else 1), (name, kinds)
+            assert bwd == 0, name
+            assert all("all_reduce" in k or "allreduce" in k for k in kinds), kinds
+
+
+def test_compiled_loss_equals_eager(pool):
+    """torch.compile(fullgraph=True) traces the collectives (no graph break) and gives eager's loss and gradient."""
+    for rank in pool.run("compiled"):
+        for backend, tol in (("torch", 1e-12), ("triton", 1e-6)):
+            (le, ge), (lc, gc) = rank[f"{backend} eager"], rank[f"{backend} compiled"]
+            torch.testing.assert_close(lc, le, rtol=tol, atol=tol)
+            torch.testing.assert_close(gc, ge, rtol=tol, atol=tol)
+
+
+def test_one_time_warning_without_dp_group(pool):
+    for rank in pool.run("warning"):
+        assert rank["silent"] == 0
+        assert len(rank["messages"]) == 1 and "dp_group" in rank["messages"][0], rank["messages"]
+
+
+def test_sampler_shares_rank_zero_seed(pool):
+    """No seed: rank 0's draw is broadcast; equal lengths, the ranks' interleaved indices are one seeded draw, a new
+    one after set_epoch."""
+    from fastlt.data import ClassBalancedSampler
+
+    a, b = pool.run("sampler")
+    assert a["seed"] == b["seed"] and a["len"] == b["len"] == 11
+    labels = torch.arange(40) % 7
+    for epoch in (0, 1):
+        one = ClassBalancedSampler(labels, num_samples=22, seed=a["seed"] + epoch)
+        merged = [i for pair in zip(a[f"epoch{epoch}"], b[f"epoch{epoch}"], strict=True) for i in pair]
+        assert merged == list(one)
+    assert a["epoch0"] != a["epoch1"]
+
+
+def test_kernel_path(pool):
+    """The Triton path with dp_group in real processes: the loss and each rank's gradient / 2 against the float64
+    reference on the 8 rows."""
+    x, y, counts, weight = G.batch()
+    pi = prior(counts)
+    z = x.float().repeat(1, 2)[:, :G.C].double().requires_grad_()
+    want = (R.logit_adjusted_cross_entropy(z, y, torch.log(pi).double(), weight=weight.float().double())
+            + R.lade_loss(z, y, pi.double()))
+    want.backward()
+    ranks = pool.run("kernels")
+    for rank in ranks:
+        torch.testing.assert_close(rank["loss"].double(), want.detach(), rtol=1e-5, atol=1e-5)
+    got = torch.cat([r["grad"] for r in ranks]).double() / 2
+    torch.testing.assert_close(got, z.grad, rtol=1e-4, atol=1e-6)
+    assert math.isfinite(float(LF.lade_loss(z.detach().float(), y, pi, backend="torch")))

@@ -1,0 +1,86 @@
+"""The samplers under data parallelism, in one process with explicit ``num_replicas`` / ``rank`` / ``seed``."""
+
+import pytest
+import torch
+
+from fastlt.data import CBENSampler, ClassBalancedSampler
+
+pytestmark = pytest.mark.distributed
+
+LABELS = torch.tensor([0] * 30 + [1] * 9 + [2] * 4 + [3] * 1 + [4] * 6)  # 50 samples, long-tailed
+
+
+def _ranks(cls, world, **kw):
+    return [cls(LABELS, num_replicas=world, rank=r, seed=123, **kw) for r in range(world)]
+
+
+@pytest.mark.parametrize("cls,kw", [(ClassBalancedSampler, dict(q=0.0)), (ClassBalancedSampler, dict(q=0.5)),
+                                    (CBENSampler, {})])
+@pytest.mark.parametrize("world,num_samples", [(2, 50), (3, 50), (3, 7)])
+def test_ranks_partition_one_seeded_draw(cls, kw, world, num_samples):
+    """Equal lengths ceil(num_samples / W); interleaved, the ranks' indices are exactly one process's draw of
+    ceil(num_samples / W) * W with the same seed; set_epoch gives the next seeded stream, the same on every rank."""
+    samplers = _ranks(cls, world, num_samples=num_samples, **kw)
+    per = -(-num_samples // world)
+    for epoch in (0, 3):
+        for s in samplers:
+            s.set_epoch(epoch)
+        draws = [list(s) for s in samplers]
+        assert all(len(d) == per == len(s) for d, s in zip(draws, samplers, strict=True))
+        one = cls(LABELS, num_samples=per * world, seed=123 + epoch, **kw)
+        merged = [draws[r][i] for i in range(per) for r in range(world)]
+        assert merged == list(one)
+    samplers[0].set_epoch(0)
+    again = list(samplers[0])
+    samplers[0].set_epoch(1)
+    assert list(samplers[0]) != again
+    samplers[0].set_epoch(0)
+    assert list(samplers[0]) == again  # an epoch's stream is a function of (seed, epoch) only
+
+
+@pytest.mark.parametrize("world,num_samples", [(2, 50), (5, 45), (3, 49)])
+def test_without_replacement_no_index_on_two_ranks(world, num_samples):
+    """replacement=False: the ranks' indices are disjoint and distinct (padding repeats indices only when
+    ceil(num_samples / W) * W exceeds the dataset: (3, 49) -> 51 > 50)."""
+    draws = [list(s) for s in _ranks(ClassBalancedSampler, world, num_samples=num_samples, replacement=False)]
+    flat = [i for d in draws for i in d]
+    total = -(-num_samples // world) * world
+    if total <= LABELS.numel():
+        assert len(set(flat)) == len(flat) == total
+    else:
+        assert len(set(flat)) == num_samples and len(flat) == total
+
+
+def test_class_balance_survives_the_split():
+    """q=0 over many draws: each rank sees every class about equally often."""
+    s0, s1 = (ClassBalancedSampler(LABELS, num_samples=20000, num_replicas=2, rank=r, seed=5) for r in range(2))
+    for s in (s0, s1):
+        freq = torch.bincount(LABELS[list(s)], minlength=5).double() / len(s)
+        assert torch.allclose(freq, torch.full((5,), 0.2, dtype=torch.float64), atol=0.02)
+
+
+def test_single_process_behaviour_is_unchanged():
+    """No num_replicas, no seed, no process group: the generator's stream, num_samples long, as before."""
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    a = ClassBalancedSampler(LABELS, num_samples=9, generator=g1)
+    b = ClassBalancedSampler(LABELS, num_samples=9, generator=g2)
+    assert len(a) == 9 and list(a) == list(b) and a.num_replicas == 1 and a.seed is None
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="rank"):
+        ClassBalancedSampler(LABELS, num_replicas=2, rank=2, seed=0)
+    with pytest.raises(ValueError, match="rank="):
+        ClassBalancedSampler(LABELS, num_replicas=2, seed=0)
+    with pytest.raises(ValueError, match="seed="):
+        ClassBalancedSampler(LABELS, num_replicas=2, rank=0)
+    with pytest.raises(ValueError, match="num_replicas"):
+        CBENSampler(LABELS, num_replicas=0, rank=0, seed=0)
+    with pytest.raises(ValueError, match="generator"):
+        ClassBalancedSampler(LABELS, num_replicas=2, rank=0, seed=0, generator=torch.Generator())
+    with pytest.raises(ValueError, match="seed"):
+        ClassBalancedSampler(LABELS, seed=-1)
+    with pytest.raises(TypeError, match="num_replicas"):
+        ClassBalancedSampler(LABELS, num_replicas=2.0, rank=0, seed=0)
+    with pytest.raises(ValueError, match="epoch"):
+        ClassBalancedSampler(LABELS, seed=0).set_epoch(-1)
