@@ -45,6 +45,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -52,11 +53,12 @@ from torch import nn
 from . import posthoc
 from .cosine import CosineClassifier
 from .data import CBENSampler, class_counts, long_tailed_indices
+from .functional import adjusted_cross_entropy
 from .losses import BalancedSoftmaxLoss, GCLLoss, LADELoss, LDAMLoss, LogitAdjustedLoss
 from .metrics import format_report, shot_accuracy
 from .priors import log_prior
 
-__all__ = ["run_demo", "main", "METHODS", "DEFAULT_EPOCHS"]
+__all__ = ["run_demo", "main", "METHODS", "DEFAULT_EPOCHS", "Ranks"]
 
 DESCRIPTION = ("Train CE, logit adjustment (loss and post-hoc), Balanced Softmax, LDAM, LADE and GCL on a "
                "long-tailed split of scikit-learn's digits (CPU, no download) and print one report table.")
@@ -123,6 +125,27 @@ def make_split(seed: int = 0, imbalance_ratio: float = 100.0, test_per_class: in
     )
 
 
+@dataclass
+class Ranks:
+    """How the demo's training is split over data-parallel ranks; the defaults are one process (the command
+    ``fastlt demo``). :mod:`fastlt.ddp_demo` runs the same training under ``torchrun`` with ``dp_group`` set, DDP
+    wrapping the model, and each global batch split into contiguous per-rank parts."""
+
+    group: object = None  # the losses' dp_group
+    rank: int = 0
+    size: int = 1
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The model as trained (DDP under several ranks)."""
+        return model
+
+    def rows(self, idx: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """This rank's contiguous part of a global batch and the per-rank batch size (rank r holds rows
+        ``r * per ...``, so GCL's noise rows are the single process's)."""
+        per = -(-idx.numel() // self.size)
+        return idx[self.rank * per:(self.rank + 1) * per], per
+
+
 class Net(nn.Module):
     """MLP backbone (64 -> 128 -> 64, ReLU) and a linear or cosine classifier head."""
 
@@ -159,11 +182,16 @@ def _sgd(params, epochs_steps: int):
 
 
 def _fit(model: nn.Module, params, criterion, x: torch.Tensor, y: torch.Tensor, batches: list[torch.Tensor],
-         desc: str, progress: bool) -> None:
+         desc: str, progress: bool, ranks: Ranks = Ranks(), split: bool = True) -> None:
+    """SGD over ``batches`` (global batches, split over ``ranks`` when ``split``; else already this rank's)."""
     opt, sched = _sgd(params, len(batches))
     model.train()
     with _bar(len(batches), desc, progress) as bar:
         for idx in batches:
+            if ranks.size > 1:
+                idx, per = ranks.rows(idx) if split else (idx, BATCH_SIZE // ranks.size)
+                if hasattr(criterion, "rows_per_rank"):
+                    criterion.rows_per_rank = per
             loss = criterion(model(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -179,8 +207,10 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x)
 
 
-def _run(seed: int, epochs: int, imbalance_ratio: float, progress: bool) -> tuple[dict[str, dict], Split]:
+def _run(seed: int, epochs: int, imbalance_ratio: float, progress: bool,
+         ranks: Ranks = Ranks()) -> tuple[dict[str, dict], Split]:
     split = make_split(seed, imbalance_ratio)
+    dp = {} if ranks.size == 1 else dict(dp_group=ranks.group)
     counts = split.counts
     n, d = split.x_train.shape
     C = split.num_classes
@@ -197,45 +227,52 @@ def _run(seed: int, epochs: int, imbalance_ratio: float, progress: bool) -> tupl
 
     rows: dict[str, dict] = {}
 
-    def train_and_eval(name: str, criterion, cosine: bool = False, predict=None) -> Net:
+    def train_and_eval(name: str, criterion, cosine: bool = False, predict=None) -> nn.Module:
         t0 = time.perf_counter()
-        model = fresh(cosine)
-        _fit(model, model.parameters(), criterion, x, y, batches, name, progress)
+        model = ranks.wrap(fresh(cosine))
+        _fit(model, model.parameters(), criterion, x, y, batches, name, progress, ranks)
         scores = _logits(model, split.x_test)
         if predict is not None:
             scores = predict(scores)
         rows[name] = {**evaluate(scores), "time_s": time.perf_counter() - t0}
         return model
 
-    ce_model = train_and_eval("CE", nn.CrossEntropyLoss())
-    train_and_eval("LA loss", LogitAdjustedLoss(counts, tau=1.0))
+    ce = nn.CrossEntropyLoss() if ranks.size == 1 else partial(adjusted_cross_entropy, **dp)
+    ce_model = train_and_eval("CE", ce)
+    train_and_eval("LA loss", LogitAdjustedLoss(counts, tau=1.0, **dp))
 
     t0 = time.perf_counter()  # post-hoc LA: the CE model, no retraining
     scores = posthoc.logit_adjust(_logits(ce_model, split.x_test), counts, tau=1.0)
     rows["post-hoc LA"] = {**evaluate(scores), "time_s": time.perf_counter() - t0}
 
-    train_and_eval("Balanced Softmax", BalancedSoftmaxLoss(counts))
-    train_and_eval("LDAM", LDAMLoss(counts, max_margin=0.5, s=30.0), cosine=LDAM_COSINE_HEAD)
+    train_and_eval("Balanced Softmax", BalancedSoftmaxLoss(counts, **dp))
+    train_and_eval("LDAM", LDAMLoss(counts, max_margin=0.5, s=30.0, **dp), cosine=LDAM_COSINE_HEAD)
     # LADE's network is trained through PriorCE, so its source-posterior logits are z + log pi; PC Softmax
     # of those toward the uniform prior is softmax(z) (the official code predicts argmax(z + log p_t)).
     # pc_softmax(z, counts) itself, i.e. argmax(z - log pi), would remove the prior twice.
     log_pi = log_prior(counts)
-    train_and_eval("LADE", LADELoss(counts, alpha=0.1, remine_lambda=0.1),
+    train_and_eval("LADE", LADELoss(counts, alpha=0.1, remine_lambda=0.1, **dp),
                    predict=lambda z: posthoc.pc_softmax(z + log_pi, counts))
 
     # GCL, two stages.
     t0 = time.perf_counter()
-    model = fresh(cosine=True)
-    torch.manual_seed(seed + 3)  # the GCL noise seeds come from torch's generator
-    _fit(model, model.parameters(), GCLLoss(counts, m=0.0, s=30.0, noise_mul=0.5), x, y, batches,
-         "GCL stage 1", progress)
-    for p in model.backbone.parameters():
+    net = fresh(cosine=True)
+    model = ranks.wrap(net)
+    torch.manual_seed(seed + 3)  # the GCL noise seeds come from torch's generator (alike on every rank)
+    _fit(model, model.parameters(), GCLLoss(counts, m=0.0, s=30.0, noise_mul=0.5, **dp), x, y, batches,
+         "GCL stage 1", progress, ranks)
+    for p in net.backbone.parameters():
         p.requires_grad_(False)
+    model = ranks.wrap(net)  # DDP again: it reduces only the parameters that still train
     stage2_epochs = max(1, round(epochs * GCL_STAGE2_FRACTION))
-    sampler = CBENSampler(y, num_samples=n * stage2_epochs, generator=torch.Generator().manual_seed(seed + 4))
-    stage2 = list(torch.tensor(list(sampler), dtype=torch.int64).split(BATCH_SIZE))
-    _fit(model, model.head.parameters(), GCLLoss(counts, m=0.1, s=20.0, noise_mul=0.5, gamma=1.0), x, y,
-         stage2, "GCL stage 2", progress)
+    if ranks.size == 1:
+        sampler = CBENSampler(y, num_samples=n * stage2_epochs, generator=torch.Generator().manual_seed(seed + 4))
+    else:  # one seeded stream sliced per rank: the ranks' i-th batches make up one global batch
+        sampler = CBENSampler(y, num_samples=n * stage2_epochs, num_replicas=ranks.size, rank=ranks.rank,
+                              seed=seed + 4)
+    stage2 = list(torch.tensor(list(sampler), dtype=torch.int64).split(BATCH_SIZE // ranks.size))
+    _fit(model, net.head.parameters(), GCLLoss(counts, m=0.1, s=20.0, noise_mul=0.5, gamma=1.0, **dp), x, y,
+         stage2, "GCL stage 2", progress, ranks, split=False)
     rows["GCL"] = {**evaluate(_logits(model, split.x_test)), "time_s": time.perf_counter() - t0}
 
     return {name: rows[name] for name in METHODS}, split
@@ -268,15 +305,16 @@ _RATIO = (lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v >= 1,
           "a finite number >= 1")
 
 
-def _demo(seed: int, epochs: int | None, imbalance_ratio: float, quick: bool, progress: bool):
+def _demo(seed: int, epochs: int | None, imbalance_ratio: float, quick: bool, progress: bool,
+          ranks: Ranks = Ranks()):
     if epochs is None:
         epochs = QUICK_EPOCHS if quick else DEFAULT_EPOCHS
     for name, value, (ok, what) in (("seed", seed, _SEED), ("epochs", epochs, _EPOCHS),
                                     ("imbalance_ratio", imbalance_ratio, _RATIO)):
         if not ok(value):
             raise ValueError(f"{name} must be {what}, got {value!r}")
-    with _repeatable_cpu(min(2, os.cpu_count() or 1)):
-        return _run(seed, epochs, float(imbalance_ratio), progress)
+    with _repeatable_cpu(max(1, min(2, os.cpu_count() or 1) // ranks.size)):
+        return _run(seed, epochs, float(imbalance_ratio), progress, ranks)
 
 
 def run_demo(seed: int = 0, epochs: int | None = None, imbalance_ratio: float = 100.0, quick: bool = False,
@@ -325,13 +363,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def run_from_args(args: argparse.Namespace) -> int:
+def run_from_args(args: argparse.Namespace, ranks: Ranks = Ranks()) -> int:
     epochs = args.epochs if args.epochs is not None else (QUICK_EPOCHS if args.quick else DEFAULT_EPOCHS)
     t0 = time.perf_counter()
-    rows, split = _demo(args.seed, epochs, args.imbalance_ratio, args.quick, not args.no_progress)
+    rows, split = _demo(args.seed, epochs, args.imbalance_ratio, args.quick, not args.no_progress, ranks)
+    if ranks.rank != 0:
+        return 0
     print(header(split, args.imbalance_ratio, epochs))
     print(format_report(rows))
-    print(f"total wall time {time.perf_counter() - t0:.1f} s on {min(2, os.cpu_count() or 1)} CPU thread(s). "
+    where = (f"{min(2, os.cpu_count() or 1)} CPU thread(s)" if ranks.size == 1 else
+             f"{ranks.size} data-parallel ranks (gloo), the losses' dp_group set")
+    print(f"total wall time {time.perf_counter() - t0:.1f} s on {where}. "
           "Notes: post-hoc LA reuses the CE model (its time is the adjustment only);\n"
           "LA loss (tau=1) and Balanced Softmax are the same loss, so their rows coincide; "
           "GCL's time covers both stages.")
