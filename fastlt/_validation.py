@@ -68,6 +68,19 @@ def check_logits(name: str, logits) -> None:
         raise ValueError(f"{name} must have at least one class (C >= 1), got shape {tuple(logits.shape)}")
 
 
+def check_shaped_logits(name: str, logits) -> None:
+    """Logits of a shape ``F.cross_entropy`` takes: (C,), (N, C) or (N, C, d1, ...), floating, C >= 1."""
+    if isinstance(logits, torch.Tensor) and logits.dim() not in (0, 2):
+        if logits.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+        if logits.shape[0 if logits.dim() == 1 else 1] < 1:
+            raise ValueError(f"{name} must have at least one class (C >= 1), got shape {tuple(logits.shape)}")
+        return
+    if isinstance(logits, torch.Tensor) and logits.dim() == 0:
+        raise ValueError(f"{name} must have shape (C,), (N, C) or (N, C, d1, ...), got a 0-dim tensor")
+    check_logits(name, logits)
+
+
 def as_index_target(target, *, keep_int32: bool = True):
     """Integer targets other than int64 widened to int64, so ``target != ignore_index`` never wraps (-100 is 156 in
     uint8). ``keep_int32``: int32 passes through (the kernels read it, and compare in int64); the reference path
@@ -155,10 +168,10 @@ def as_class_counts(class_counts, *, smoothing: float = 0.0) -> torch.Tensor:
 
 
 def check_num_classes(logits: torch.Tensor, num_classes: int, what: str = "class_counts") -> None:
-    if logits.shape[1] != num_classes:
-        raise ValueError(
-            f"logits have C = {logits.shape[1]} classes but {what} describes {num_classes} classes"
-        )
+    """C (dim 1; dim 0 of unbatched (C,) logits) equals ``num_classes``."""
+    C = logits.shape[0 if logits.dim() == 1 else 1]
+    if C != num_classes:
+        raise ValueError(f"logits have C = {C} classes but {what} describes {num_classes} classes")
 
 
 def check_seed_tensor(seed: torch.Tensor, device: torch.device) -> None:

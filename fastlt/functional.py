@@ -13,6 +13,7 @@ from . import _validation as V
 from . import reference as R
 from ._backend import use_triton
 from ._operator import gcl_fields, la_fields, ldam_fields
+from ._shapes import as_rows, restore
 from .distributed.data_parallel import batch_dependent, global_batch_loss, global_lade_loss, warn_without_group
 from .heads.functional import cosine_cross_entropy, lade_linear_loss, linear_cross_entropy
 
@@ -42,8 +43,9 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor 
     class weights, label smoothing and a focal factor.
 
     Args:
-        logits: (N, C) fp32, bf16 or fp16 (float64: ``backend='torch'`` only).
-        target: (N,) integer class indices, or ``ignore_index``.
+        logits: (N, C) fp32, bf16 or fp16 (float64: ``backend='torch'`` only); or (C,) unbatched, or
+            (N, C, d1, ..., dk) with the positions as rows, as ``F.cross_entropy`` (:mod:`fastlt._shapes`).
+        target: (N,) integer class indices, or ``ignore_index`` ((), (N, d1, ..., dk) for the shapes above).
         log_prior, tau, cloud, noise_mul, noise, margin, scale, gamma, weight, ignore_index, reduction,
             label_smoothing: as :func:`fastlt.reference.adjusted_cross_entropy` (``noise`` on the reference only).
         seed: GCL's noise seed: an int, or a one-element int64 tensor on the logits' device, which the kernels read
@@ -64,12 +66,17 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor 
         prior: the old name of ``log_prior`` (deprecated).
 
     Returns:
-        The loss in the logits' dtype: 0-dim, or (N,) for ``reduction='none'``.
+        The loss in the logits' dtype: 0-dim, or the targets' shape for ``reduction='none'``.
     """
     log_prior = V.renamed_argument("log_prior", log_prior, "prior", prior)
     fields = dict(log_prior=log_prior, tau=tau, cloud=cloud, noise_mul=noise_mul, seed=seed, margin=margin,
                   scale=scale, gamma=gamma, weight=weight, ignore_index=ignore_index, reduction=reduction,
                   label_smoothing=label_smoothing)
+    rows = as_rows(logits, target)
+    if rows.shape is not None:  # (C,) or (N, C, d1, ...): the positions as rows, the result in the targets' shape
+        return restore(adjusted_cross_entropy(rows.logits, rows.target, **fields, noise=noise, backend=backend,
+                                              grad_in_forward=grad_in_forward, dp_group=dp_group,
+                                              rows_per_rank=rows_per_rank), rows)
     triton = use_triton(backend, logits)
     if grad_in_forward and not triton:
         raise ValueError("grad_in_forward=True needs the Triton backend (CUDA tensors)")
@@ -143,7 +150,10 @@ def lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: float = 0.1,
 
     ``dp_group``: LADER's column statistics (and PriorCE's mean) over the global batch of the data-parallel group,
     as the official code's single-process ``nn.DataParallel`` computed them (one MAX and one SUM all-reduce of
-    ~12 C bytes; see :func:`adjusted_cross_entropy`). None warns once under several ranks."""
+    ~12 C bytes; see :func:`adjusted_cross_entropy`). None warns once under several ranks. Shaped inputs as
+    :func:`adjusted_cross_entropy` (positions are rows, for LADER's statistics too)."""
+    rows = as_rows(logits, target)
+    logits, target = rows.logits, rows.target
     if dp_group is not None and dp_group is not False:
         return global_lade_loss(logits, target, prior, alpha, remine_lambda, dp_group, weight=weight,
                                 ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,

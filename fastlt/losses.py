@@ -51,7 +51,7 @@ class _LongTailLoss(CountBuffers):
                     label_smoothing=self.label_smoothing, backend=self.backend, dp_group=self.dp_group)
 
     def _check_input(self, logits: Tensor, name: str = "logits") -> None:
-        V.check_logits(name, logits)
+        V.check_shaped_logits(name, logits)
         V.check_num_classes(logits, self.num_classes)
 
     def extra_repr(self) -> str:

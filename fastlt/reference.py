@@ -27,6 +27,7 @@ from torch import Tensor
 
 from . import _validation as V
 from ._operator import check_lade_args, check_operator_args
+from ._shapes import as_rows, restore
 from .noise import draw_seed, gcl_noise
 
 __all__ = [
@@ -123,8 +124,9 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor 
     """The adjusted cross-entropy on (N, C) logits and (N,) targets (docs/design.md, "The operator").
 
     Args:
-        logits: (N, C) float tensor (any float dtype; computed in it).
-        target: (N,) integer class indices, or ``ignore_index``.
+        logits: (N, C) float tensor (any float dtype; computed in it); or (C,) unbatched, or (N, C, d1, ..., dk)
+            with the positions as rows, as ``F.cross_entropy`` (:mod:`fastlt._shapes`).
+        target: (N,) integer class indices, or ``ignore_index`` ((), (N, d1, ..., dk) for the shapes above).
         log_prior: (C,) log pi; the offset is ``tau * log_prior``. None: no offset.
         tau: the weight of the prior offset.
         cloud: (C,) normalised cloud sizes (GCL); ``sigma_j = noise_mul * cloud_j``.
@@ -140,10 +142,11 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor 
         prior: the old name of ``log_prior`` (deprecated).
 
     Returns:
-        The loss in the logits' dtype: 0-dim, or (N,) for ``reduction='none'``.
+        The loss in the logits' dtype: 0-dim, or the targets' shape for ``reduction='none'``.
     """
     log_prior = V.renamed_argument("log_prior", log_prior, "prior", prior)
-    target = V.as_index_target(target, keep_int32=False)
+    rows = as_rows(logits, target)
+    logits, target = rows.logits, V.as_index_target(rows.target, keep_int32=False)
     check_operator_args(logits, target, dict(log_prior=log_prior, tau=tau, cloud=cloud, noise_mul=noise_mul, seed=seed,
                                              margin=margin, scale=scale, gamma=gamma, weight=weight,
                                              ignore_index=ignore_index, reduction=reduction,
@@ -153,7 +156,7 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor 
                         seed=seed, margin=margin, scale=scale, ignore_index=ignore_index,
                         noise_row_offset=noise_row_offset)
     loss, row_w = _row_losses(a, target, weight, ignore_index, label_smoothing, gamma)
-    return _reduce(loss, row_w, reduction)
+    return restore(_reduce(loss, row_w, reduction), rows)
 
 
 def logit_adjusted_cross_entropy(logits: Tensor, target: Tensor, log_prior: Tensor, tau: float = 1.0, *,
@@ -281,9 +284,11 @@ def lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: float = 0.1,
         weight, ignore_index, label_smoothing: as ``F.cross_entropy`` (PriorCE's).
         reduction: 'mean' or 'sum' (PriorCE's; LADER is a batch statistic).
 
-    PriorCE is logit-adjusted CE with tau = 1 and ``log(pi)``.
+    PriorCE is logit-adjusted CE with tau = 1 and ``log(pi)``. Shaped inputs as :func:`adjusted_cross_entropy`
+    (K-dim positions count as rows of the batch, for LADER too).
     """
-    target = V.as_index_target(target, keep_int32=False)
+    rows = as_rows(logits, target)
+    logits, target = rows.logits, V.as_index_target(rows.target, keep_int32=False)
     check_lade_args(logits, target, prior, alpha, remine_lambda, reduction)
     prior_ce = adjusted_cross_entropy(logits, target, log_prior=torch.log(prior), tau=1.0, weight=weight,
                                       ignore_index=ignore_index, reduction=reduction,

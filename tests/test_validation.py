@@ -31,9 +31,10 @@ def la(z, y, **kw):
 # logits
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape", [(6,), (2, 3, 4), ()])
-def test_logits_must_be_2d(shape):
-    z = torch.zeros(shape)
+def test_logits_need_a_class_dimension():
+    """0-dim logits are refused naming the argument; (C,) and (N, C, d1, ...) are F.cross_entropy's shapes
+    (tests/test_shapes.py), whose targets must match them."""
+    z = torch.zeros(())
     y = torch.zeros(6, dtype=torch.long)
     with pytest.raises(ValueError, match="logits"):
         R.adjusted_cross_entropy(z, y)
@@ -43,6 +44,11 @@ def test_logits_must_be_2d(shape):
         fastlt.GCLLoss(COUNTS)(z, y)
     with pytest.raises(ValueError, match="logits"):
         R.lade_loss(z, y, P.prior(COUNTS))
+    C = len(COUNTS)
+    with pytest.raises(ValueError, match="0-dim target"):
+        fastlt.LogitAdjustedLoss(COUNTS)(torch.zeros(C), y)
+    with pytest.raises(ValueError, match=r"\(N, d1, \.\.\.\)"):
+        R.adjusted_cross_entropy(torch.zeros(2, C, 4), y)
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64])
