@@ -13,6 +13,9 @@ Nothing here synchronises with the GPU.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
@@ -35,9 +38,17 @@ _increment_version = torch.autograd.graph.increment_version
 
 # --- implementations shared by both paths --------------------------------------------------------------------------
 
-def _forward(logits, target, args: AdjustedCEArgs, grad_out=None, out_dtype=torch.float32):
+def _forward(logits, target, args: AdjustedCEArgs, grad_out=None, out_dtype=torch.float32, row_scale=1.0):
     """``(loss, row_stats, row_coef)``: the row kernel, whose last program reduces the batch (:func:`launch.loss`)."""
-    return launch.loss(logits, target, args, grad_out=grad_out, out_dtype=out_dtype)
+    return launch.loss(logits, target, args, grad_out=grad_out, out_dtype=out_dtype, row_scale=row_scale)
+
+
+def soft_mean(args: AdjustedCEArgs, target: Tensor, rows: int) -> tuple[AdjustedCEArgs, float]:
+    """``(args, row_scale)`` for the launchers: class-probability targets run 'mean' as 'sum' with every row scaled
+    by ``1 / rows`` (``F.cross_entropy`` divides by N there, not by the targets' weights); else as they are."""
+    if target.is_floating_point() and args.reduction == "mean":
+        return dataclasses.replace(args, reduction="sum"), (1.0 / rows if rows else math.inf)
+    return args, 1.0
 
 
 def _backward(grad_output, logits, target, args: AdjustedCEArgs, row_stats, row_coef, columns=None):
@@ -60,18 +71,20 @@ def _lade_forward(logits, target, args: AdjustedCEArgs, lade: LadeArgs, out_dtyp
 # Under torch.compile the losses are these opaque ops (no graph break); their backward is registered with
 # torch.library.register_autograd. Eager calls skip the op dispatch and use the Functions below.
 
-@define("fastlt::adjusted_ce_forward", "Tensor logits, Tensor target", [AdjustedCEArgs], "(Tensor, Tensor, Tensor)")
-def adjusted_ce_forward_op(logits, target, *flat):
+@define("fastlt::adjusted_ce_forward", "Tensor logits, Tensor target, float row_scale", [AdjustedCEArgs],
+        "(Tensor, Tensor, Tensor)")
+def adjusted_ce_forward_op(logits, target, row_scale, *flat):
     (args,) = O.unflatten([AdjustedCEArgs], flat)
-    return _forward(logits, target, args)
+    return _forward(logits, target, args, row_scale=row_scale)
 
 
 @adjusted_ce_forward_op.register_fake
-def _(logits, target, *flat):
+def _(logits, target, row_scale, *flat):
     (args,) = O.unflatten([AdjustedCEArgs], flat)
     N = logits.shape[0]
     loss = logits.new_empty((N,) if args.reduction == "none" else (), dtype=torch.float32)
-    return loss, logits.new_empty((2, N), dtype=torch.float32), logits.new_empty(N, dtype=torch.float32)
+    stats = 3 if target.is_floating_point() else 2  # class probabilities: W_q too
+    return loss, logits.new_empty((stats, N), dtype=torch.float32), logits.new_empty(N, dtype=torch.float32)
 
 
 @define("fastlt::adjusted_ce_backward",
@@ -93,7 +106,7 @@ def _setup_adjusted_ce(ctx, inputs, output):
 
 
 def _adjusted_ce_backward(ctx, grad_loss, grad_row_stats, grad_row_coef):
-    (logits, target, *flat), (row_stats, row_coef) = saved_inputs(ctx)
+    (logits, target, _, *flat), (row_stats, row_coef) = saved_inputs(ctx)
     grad = adjusted_ce_backward_op(grad_loss, logits, target, row_stats, row_coef, None, *flat)
     return input_grads(ctx, grad)
 
@@ -194,9 +207,9 @@ class AdjustedCEFunction(torch.autograd.Function):
     (:func:`fastlt._first_order.first_order`)."""
 
     @staticmethod
-    def forward(ctx, logits, target, args: AdjustedCEArgs, grad_in_forward: bool):
+    def forward(ctx, logits, target, args: AdjustedCEArgs, grad_in_forward: bool, row_scale: float = 1.0):
         loss, row_stats, row_coef = _forward(logits, target, args, logits if grad_in_forward else None,
-                                             out_dtype=logits.dtype)
+                                             out_dtype=logits.dtype, row_scale=row_scale)
         if grad_in_forward and logits._base is None:
             # the logits now hold the gradient: an op that saved them for its backward (the output of relu, exp, ...)
             # must raise autograd's in-place error, not read it. Not for a view: autograd forbids in-place writes
@@ -218,8 +231,8 @@ class AdjustedCEFunction(torch.autograd.Function):
                                    "has scaled it in place; the graph cannot be backpropagated twice "
                                    "(retain_graph=True): use grad_in_forward=False for that")
             ctx.used = True
-            return launch.scale_by(logits, grad_loss.contiguous()), None, None, None
-        return _backward(grad_loss, logits, target, ctx.args, row_stats, row_coef), None, None, None
+            return launch.scale_by(logits, grad_loss.contiguous()), None, None, None, None
+        return _backward(grad_loss, logits, target, ctx.args, row_stats, row_coef), None, None, None, None
 
 
 class LADEFunction(torch.autograd.Function):
@@ -252,10 +265,12 @@ def adjusted_cross_entropy_triton(logits: Tensor, target: Tensor, fields: dict, 
     if grad_in_forward and logits.requires_grad and logits.is_leaf:
         raise ValueError("grad_in_forward=True overwrites the logits with their gradient; it cannot be a "
                          "leaf tensor that requires grad (pass the output of a layer)")
-    args = AdjustedCEArgs.from_fields(logits.device, fields)
+    args, row_scale = soft_mean(AdjustedCEArgs.from_fields(logits.device, fields), target, logits.shape[0])
     if torch.compiler.is_compiling():  # an opaque op with registered autograd (recompute backward)
-        return adjusted_ce_forward_op(logits, target, *O.flatten(args))[0].to(logits.dtype)
-    return AdjustedCEFunction.apply(logits, target, args, bool(grad_in_forward))
+        loss = adjusted_ce_forward_op(logits, target, row_scale, *O.flatten(args))[0].to(logits.dtype)
+    else:
+        loss = AdjustedCEFunction.apply(logits, target, args, bool(grad_in_forward), row_scale)
+    return loss * math.nan if row_scale == math.inf else loss  # the 'mean' of no probability rows: NaN, as torch
 
 
 def lade_loss_triton(logits: Tensor, target: Tensor, prior: Tensor, alpha: float = 0.1, remine_lambda: float = 0.1, *,

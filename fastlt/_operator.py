@@ -314,12 +314,15 @@ _ABSENT = object()
 
 
 def check_operator_args(logits, target, fields: dict, *, noise=None) -> None:
-    """Check the logits, the targets and the operator's parameters ``fields`` (by the names of
-    :class:`AdjustedCEArgs`; ``seed`` may be None), for either backend: clear errors naming the argument, no host
-    sync. ``logits`` may be a broadcast stand-in (the heads check without materialising them). ``noise``: the
+    """Check the logits, the targets (class indices (N,), or class probabilities (N, C)) and the operator's
+    parameters ``fields`` (by the names of :class:`AdjustedCEArgs`; ``seed`` may be None), for either backend: clear
+    errors naming the argument, no host sync. ``logits`` may be a broadcast stand-in (the heads check without materialising them). ``noise``: the
     reference path's explicit (N, C) noise."""
     V.check_logits("logits", logits)
-    V.check_target(target, logits, fields.get("ignore_index", -100))
+    if isinstance(target, Tensor) and target.is_floating_point():
+        V.check_soft_target(target, logits)
+    else:
+        V.check_target(target, logits, fields.get("ignore_index", -100))
     num_classes, device = logits.shape[1], logits.device
     for name, check, spec, none_ok in AdjustedCEArgs.__checks__:
         value = fields.get(name, _ABSENT)

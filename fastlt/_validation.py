@@ -120,6 +120,21 @@ def check_target(target, logits: torch.Tensor, ignore_index: int) -> None:
                 )
 
 
+def check_soft_target(target, logits: torch.Tensor) -> None:
+    """(N, C) class probabilities: floating, the logits' shape and device. On the CPU (no GPU sync) also finite and
+    non-negative (rows need not sum to 1, as ``F.cross_entropy`` does not ask it)."""
+    if target.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"class-probability targets must be floating, got {target.dtype}")
+    if target.shape != logits.shape:
+        raise ValueError(f"class-probability targets must have the logits' shape {tuple(logits.shape)}, got "
+                         f"{tuple(target.shape)}")
+    if target.device != logits.device:
+        raise ValueError(f"target is on {target.device} but the logits are on {logits.device}")
+    if target.device.type == "cpu" and target.numel() > 0 and not torch.compiler.is_compiling():
+        if not bool(torch.isfinite(target).all()) or bool((target < 0).any()):
+            raise ValueError("class-probability targets must be finite and non-negative")
+
+
 def check_class_vector(name: str, vec, num_classes: int, device: torch.device | None = None) -> None:
     """A (C,) floating tensor (class weights, priors, margins)."""
     if not isinstance(vec, torch.Tensor):

@@ -10,6 +10,12 @@ autograd. Every function checks its arguments and follows ``torch.nn.functional.
 - ``'mean'`` divides the sum by ``sum_i w_{y_i}`` over the non-ignored rows (NaN for an empty batch, as torch),
   ``'sum'`` sums, ``'none'`` returns the (N,) per-row losses.
 
+Class-probability targets ``q`` (N, C) (mixup, cutmix; as ``F.cross_entropy``'s): ``loss_i = focal_i *
+sum_j w_j q'_ij (LSE_j a_ij - a_ij)`` with ``q' = (1 - eps) q + eps/C``; the target margin becomes ``m_j q_ij``
+(``m q_ij`` for a float margin); ``focal_i = (1 - sum_j q_ij p_ij)^gamma``; 'mean' divides by N; no row is
+ignored. For a one-hot ``q`` each of these is the hard-target term (and 'sum'/'none' the hard-target loss).
+LADE's statistics weigh classes by ``q`` (:func:`lader_statistics`).
+
 Every logits-input loss is an instance of :func:`adjusted_cross_entropy`, the adjusted cross-entropy
 (docs/design.md, "The operator"): ``a_ij = s * (z_ij + tau*log_prior_j - noise_mul*cloud_j*e_ij - m_i*[j == y_i])``.
 The fused heads' oracles (:func:`reference_linear_cross_entropy`, :func:`reference_cosine_cross_entropy`,
@@ -68,6 +74,23 @@ def _row_losses(a: Tensor, target: Tensor, weight, ignore_index: int, label_smoo
     return torch.where(valid, loss, zero), torch.where(valid, w_row, zero)
 
 
+def _soft_row_losses(a: Tensor, q: Tensor, weight, label_smoothing: float, gamma: float) -> tuple[Tensor, Tensor]:
+    """Per-row losses (N,) for class-probability targets ``q`` (N, C) and each row's reduction weight (1: 'mean'
+    divides by N, as ``F.cross_entropy``): ``sum_j w_j q'_ij (LSE_j a_ij - a_ij)`` with ``q' = (1 - eps) q + eps/C``,
+    times ``(1 - sum_j q_ij p_ij)^gamma`` (p detached), which is the hard-target loss for a one-hot ``q``."""
+    N, C = a.shape
+    logp = torch.log_softmax(a, dim=1)
+    q = q.to(a.dtype)
+    w = torch.ones(C, dtype=a.dtype, device=a.device) if weight is None else weight.to(a.dtype)
+    loss = -(1.0 - label_smoothing) * (q * w * logp).sum(1)
+    if label_smoothing > 0:
+        loss = loss - (label_smoothing / C) * (logp * w).sum(1)
+    if gamma != 0:
+        p_t = (q * logp.detach().exp()).sum(1)
+        loss = loss * (1.0 - p_t).clamp(min=0).pow(gamma)
+    return loss, torch.ones_like(loss)
+
+
 def _reduce(loss: Tensor, row_weight: Tensor, reduction: str) -> Tensor:
     if reduction == "none":
         return loss
@@ -104,7 +127,11 @@ def adjusted_logits(logits: Tensor, target: Tensor, *, log_prior: Tensor | None 
                               row_offset=noise_row_offset)
         cdt = torch.promote_types(a.dtype, torch.float32)  # float64 stays float64: the oracle is exact
         a = a - (noise_mul * cloud.to(cdt) * noise.to(cdt)).to(a.dtype)
-    if margin is not None:
+    if margin is not None and target.is_floating_point():  # class probabilities: m_j * q_ij
+        m = margin.to(a.dtype)[None, :] if isinstance(margin, Tensor) else _margin_rows(margin, target[:, 0], 0,
+                                                                                         a.dtype)[:, None]
+        a = a - m * target.to(a.dtype)
+    elif margin is not None:
         m = _margin_rows(margin, target, ignore_index, a.dtype)
         valid = target != ignore_index
         safe_t = torch.where(valid, target, torch.zeros_like(target)).long()
@@ -126,14 +153,16 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor 
     Args:
         logits: (N, C) float tensor (any float dtype; computed in it); or (C,) unbatched, or (N, C, d1, ..., dk)
             with the positions as rows, as ``F.cross_entropy`` (:mod:`fastlt._shapes`).
-        target: (N,) integer class indices, or ``ignore_index`` ((), (N, d1, ..., dk) for the shapes above).
+        target: (N,) integer class indices, or ``ignore_index`` ((), (N, d1, ..., dk) for the shapes above); or
+            class probabilities of the logits' shape (see the module docstring).
         log_prior: (C,) log pi; the offset is ``tau * log_prior``. None: no offset.
         tau: the weight of the prior offset.
         cloud: (C,) normalised cloud sizes (GCL); ``sigma_j = noise_mul * cloud_j``.
         noise_mul: the noise scale (0: no noise).
         noise: (N, C) noise ``e`` to use instead of drawing it from ``seed`` (hand it the kernel's for exact checks).
         seed: the noise seed (int, or a one-element int64 tensor); None draws one from torch's generator.
-        margin: the target margin: a float for every row, or (C,) looked up by the target.
+        margin: the target margin: a float for every row, or (C,) looked up by the target (``m_j q_ij`` for
+            class probabilities).
         scale: ``s``, the scale of the adjusted logits.
         gamma: the focal exponent, ``(1 - p_{i,y_i})^gamma`` with ``p`` detached.
         weight, ignore_index, reduction, label_smoothing: as ``F.cross_entropy``.
@@ -155,7 +184,10 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor 
     a = adjusted_logits(logits, target, log_prior=log_prior, tau=tau, cloud=cloud, noise_mul=noise_mul, noise=noise,
                         seed=seed, margin=margin, scale=scale, ignore_index=ignore_index,
                         noise_row_offset=noise_row_offset)
-    loss, row_w = _row_losses(a, target, weight, ignore_index, label_smoothing, gamma)
+    if target.is_floating_point():
+        loss, row_w = _soft_row_losses(a, target, weight, label_smoothing, gamma)
+    else:
+        loss, row_w = _row_losses(a, target, weight, ignore_index, label_smoothing, gamma)
     return restore(_reduce(loss, row_w, reduction), rows)
 
 
@@ -227,13 +259,18 @@ def _masked_logsumexp(x: Tensor, valid: Tensor) -> Tensor:
 
 def lader_statistics(logits: Tensor, target: Tensor, ignore_index: int = -100) -> LaderStatistics:
     """The :class:`LaderStatistics` of (N, C) ``logits`` and (N,) ``target``, in at least float32 (differentiable
-    in the logits)."""
+    in the logits). Class-probability targets ``q`` (N, C) weigh the class sums and counts
+    (``N_c = sum_i q_ic``, ``sum_i q_ic z_ic``); every row is valid."""
     C = logits.shape[1]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     dt = logits.dtype
-    valid = target != ignore_index
-    safe_t = torch.where(valid, target, torch.zeros_like(target)).long()
-    onehot = F.one_hot(safe_t, C).to(dt) * valid[:, None].to(dt)
+    if target.is_floating_point():
+        valid = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+        onehot = target.to(dt)
+    else:
+        valid = target != ignore_index
+        safe_t = torch.where(valid, target, torch.zeros_like(target)).long()
+        onehot = F.one_hot(safe_t, C).to(dt) * valid[:, None].to(dt)
     return LaderStatistics(col_lse=_masked_logsumexp(logits, valid), target_sum=(logits * onehot).sum(0),
                            count=onehot.sum(0), valid=valid.sum().to(dt))
 

@@ -77,7 +77,7 @@ class Hyper(NamedTuple):
 class Flags(NamedTuple):
     """Which terms of the operator are on (one constexpr: an off term costs nothing). MARGIN_MODE: 0 none, 1 one
     value for every row, 2 per class. SEED_FROM_PTR: the noise seed is the int64 at ``seed_ptr`` (a CUDA graph
-    replays the load, not a baked-in value)."""
+    replays the load, not a baked-in value). SOFT: the targets are class probabilities (:class:`Soft`)."""
 
     HAS_LOG_PRIOR: bool = False
     HAS_NOISE: bool = False
@@ -87,6 +87,7 @@ class Flags(NamedTuple):
     HAS_SMOOTH: bool = False
     HAS_FOCAL: bool = False
     SEED_FROM_PTR: bool = False
+    SOFT: bool = False  # class-probability targets (:class:`Soft`)
 
 
 class Columns(NamedTuple):
@@ -139,6 +140,21 @@ class ColumnTerm(NamedTuple):
     lse: Any
 
 
+class Soft(NamedTuple):
+    """Class-probability targets (SOFT; None otherwise, no parameter): the (N, C) targets ``q`` and their strides
+    (classes from the same base as z; flat, not a nested :class:`Operand`, which triton 3.6 mis-specialises), and
+    ``row_scale`` a runtime float multiplying every row's loss and coefficient ('mean' over probabilities divides
+    by N: the launchers run it as 'sum' with ``1 / N`` here).
+    For a row: ``W_q = sum_j w_j q_ij``, ``A_q = sum_j w_j q_ij a_ij`` and, for the focal factor,
+    ``p_t = sum_j q_ij p_ij``; the loss ``(1 - eps) (W_q LSE - A_q) + eps/C (W LSE - sum_j w_j a_ij)`` and the
+    gradient ``(1 - eps) (W_q p_ij - w_j q_ij) + eps/C (W p_ij - w_j)``; the margin is ``m_j q_ij``."""
+
+    q: Any
+    stride_m: Any
+    stride_n: Any
+    row_scale: Any
+
+
 # --- inside a program ---------------------------------------------------------------------------------------------
 
 
@@ -157,13 +173,15 @@ class Row(NamedTuple):
 
 class Tile(NamedTuple):
     """A (BLOCK_M, BLOCK_N) tile: ``z`` fp32, ``a`` the adjusted logits (fp32, -inf outside the matrix), global class
-    indices ``cols``, ``col_mask`` and the 2-D ``mask``."""
+    indices ``cols``, ``col_mask``, the 2-D ``mask``, and ``q`` the class-probability targets (fp32, 0 outside;
+    without SOFT a placeholder, never read)."""
 
     z: Any
     a: Any
     cols: Any
     col_mask: Any
     mask: Any
+    q: Any
 
 
 class Rng(NamedTuple):
@@ -175,49 +193,60 @@ class Rng(NamedTuple):
 
 class RowGrad(NamedTuple):
     """What a gradient pass needs per row: the saved (``row_max``, ``log_sum``), the coefficient ``coef`` (times the
-    upstream gradient), ``w_sum`` = W and ``inv_C`` = 1 / C."""
+    upstream gradient), ``w_sum`` = W, ``inv_C`` = 1 / C, and ``w_q`` = W_q (SOFT: saved as ``stats[2]``; else
+    None)."""
 
     row_max: Any
     log_sum: Any
     coef: Any
     w_sum: Any
     inv_C: Any
+    w_q: Any = None
 
 
 class ColumnGrad(NamedTuple):
     """LADE's column term in a gradient pass: ``a_y`` (BLOCK_M,) the target class's ``a`` (times ``go``), the
-    pointers ``b`` and ``lse``, and ``go`` the scalar upstream gradient."""
+    pointers ``b`` and ``lse``, ``go`` the scalar upstream gradient, and (SOFT) the pointer ``a``, read per class
+    and weighed by the targets' tile."""
 
     a_y: Any
     b: Any
     lse: Any
     go: Any
+    a: Any = None
 
 
 # --- the operator on a tile ---------------------------------------------------------------------------------------
 
 @triton.jit
 def _row_info(y_ptr, vecs, hp, idx, N, C, F: tl.constexpr):
-    """The :class:`Row` of indices ``idx``: targets clamped to 0 when ignored, validity, margin and class weight."""
+    """The :class:`Row` of indices ``idx``: targets clamped to 0 when ignored, validity, margin and class weight.
+    SOFT: no index is read; every row in range is valid, ``y`` 0, and ``w_y`` 1 until the forward replaces it by
+    ``W_q`` (the per-element terms read the targets' tiles)."""
     row_mask = idx < N
-    y = tl.load(y_ptr + idx, mask=row_mask, other=hp.ignore_index).to(tl.int64)
-    valid = row_mask & (y != hp.ignore_index)
-    in_range = (y >= 0) & (y < C)
-    y = tl.where(valid & in_range, y, 0)
-    if F.MARGIN_MODE == 2:
-        m = tl.load(vecs.margin + y, mask=valid, other=0.0).to(tl.float32)
-    elif F.MARGIN_MODE == 1:
-        m = tl.zeros(idx.shape, tl.float32) + hp.margin_value
+    if F.SOFT:
+        row = Row(idx, row_mask, tl.zeros(idx.shape, tl.int64), row_mask, tl.zeros(idx.shape, tl.float32),
+                  tl.full(idx.shape, 1.0, tl.float32))
     else:
-        m = tl.zeros(idx.shape, tl.float32)
-    if F.HAS_WEIGHT:
-        w_y = tl.load(vecs.weight + y, mask=valid, other=0.0).to(tl.float32)
-    else:
-        w_y = tl.full(idx.shape, 1.0, tl.float32)
-    # a target outside [0, C) is never loaded through: its row's loss and gradient become NaN (the GPU
-    # path cannot raise without a host sync; the CPU path raises ValueError before launching)
-    w_y = tl.where(valid & ~in_range, float("nan"), w_y)
-    return Row(idx, row_mask, y, valid, m, w_y)
+        y = tl.load(y_ptr + idx, mask=row_mask, other=hp.ignore_index).to(tl.int64)
+        valid = row_mask & (y != hp.ignore_index)
+        in_range = (y >= 0) & (y < C)
+        y = tl.where(valid & in_range, y, 0)
+        if F.MARGIN_MODE == 2:
+            m = tl.load(vecs.margin + y, mask=valid, other=0.0).to(tl.float32)
+        elif F.MARGIN_MODE == 1:
+            m = tl.zeros(idx.shape, tl.float32) + hp.margin_value
+        else:
+            m = tl.zeros(idx.shape, tl.float32)
+        if F.HAS_WEIGHT:
+            w_y = tl.load(vecs.weight + y, mask=valid, other=0.0).to(tl.float32)
+        else:
+            w_y = tl.full(idx.shape, 1.0, tl.float32)
+        # a target outside [0, C) is never loaded through: its row's loss and gradient become NaN (the GPU
+        # path cannot raise without a host sync; the CPU path raises ValueError before launching)
+        w_y = tl.where(valid & ~in_range, float("nan"), w_y)
+        row = Row(idx, row_mask, y, valid, m, w_y)
+    return row
 
 
 @triton.jit
@@ -261,14 +290,18 @@ def _holds_target(y, col_start, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _adjusted_tile(z_op, vecs, hp, rng, row, col_start, col_base, col_hi, F: tl.constexpr, MARGIN: tl.constexpr,
+def _adjusted_tile(z_op, vecs, hp, rng, row, col_start, col_base, col_hi, soft, F: tl.constexpr, MARGIN: tl.constexpr,
                    MASK_COLS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Load a tile of z and return its :class:`Tile`. ``cols`` are global class indices, masked at ``col_hi`` (the end
     of this program's columns) when MASK_COLS; a tile that lies wholly inside them passes MASK_COLS=False, so the
     (C,) vectors load unmasked and the loads of z are masked per row only (both vectorise at any C). z holds the
     classes from ``col_base`` on; ALIGN: a power of two dividing its row stride (lets odd-C rows vectorise).
-    MARGIN: apply the target margin (when the tile holds a target); off where the tile is known to hold none."""
+    MARGIN: apply the target margin (when the tile holds a target); off where the tile is known to hold none.
+    SOFT: the targets' tile is loaded too (:class:`Soft`), and the margin is ``m_j q_ij``."""
     z, cols, col_mask, mask = _load_tile(z_op, row, col_start, col_base, col_hi, MASK_COLS, ALIGN, BLOCK_N)
+    q = z  # without SOFT, a placeholder never read (triton 3.6 cannot return a tuple holding None)
+    if F.SOFT:
+        q = _load_tile(Operand(soft.q, soft.stride_m, soft.stride_n), row, col_start, col_base, col_hi, MASK_COLS, ALIGN, BLOCK_N)[0]
     a = z
     if F.HAS_LOG_PRIOR:
         a += hp.tau * tl.load(vecs.log_prior + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -276,14 +309,19 @@ def _adjusted_tile(z_op, vecs, hp, rng, row, col_start, col_base, col_hi, F: tl.
         cloud = tl.load(vecs.cloud + cols, mask=col_mask, other=0.0).to(tl.float32)
         a -= (hp.noise_mul * cloud)[None, :] * gcl_noise_tile(rng.seed, row.idx + rng.row0, col_start, BLOCK_M,
                                                               BLOCK_N)
-    if MARGIN:
+    if F.SOFT:
+        if F.MARGIN_MODE == 2:
+            a -= tl.load(vecs.margin + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :] * q
+        elif F.MARGIN_MODE == 1:
+            a -= hp.margin_value * q
+    elif MARGIN:
         if _holds_target(row.y, col_start, BLOCK_N):
             a -= tl.where(cols[None, :] == row.y[:, None], row.margin[:, None], 0.0)
     if F.HAS_SCALE:
         a = a * hp.scale
     if MASK_COLS or BLOCK_M > 1:  # a whole tile of one row (the grid has exactly N rows) has nothing to mask
         a = tl.where(mask, a, float("-inf"))
-    return Tile(z, a, cols, col_mask, mask)
+    return Tile(z, a, cols, col_mask, mask, q)
 
 
 @triton.jit
@@ -316,28 +354,41 @@ def _weight_sum(wsum_ptr, C, F: tl.constexpr):
 
 
 @triton.jit
-def _finish_rows(row_max, log_sum, a_y, sw, row, w_sum, hp, inv_C, F: tl.constexpr):
-    """Per-row loss (0 when ignored) and focal factor (0 when ignored) from the row statistics."""
-    ce = (row_max - a_y) + log_sum  # LSE - a_y without rounding LSE at the logits' magnitude
-    loss = (1.0 - hp.label_smoothing) * row.w_y * ce
+def _finish_rows(row_max, log_sum, a_y, sw, row, w_sum, hp, inv_C, soft, p_t, F: tl.constexpr):
+    """Per-row loss (0 when ignored) and focal factor (0 when ignored) from the row statistics. SOFT: ``a_y`` is
+    ``A_q``, ``row.w_y`` is ``W_q`` and ``p_t`` the target probability ``sum_j q_ij p_ij`` (:class:`Soft`); both
+    results are multiplied by ``soft.row_scale``."""
+    if F.SOFT:
+        loss = (1.0 - hp.label_smoothing) * (row.w_y * (row_max + log_sum) - a_y)  # W_q LSE - A_q
+    else:
+        ce = (row_max - a_y) + log_sum  # LSE - a_y without rounding LSE at the logits' magnitude
+        loss = (1.0 - hp.label_smoothing) * row.w_y * ce
     if F.HAS_SMOOTH:
         loss += hp.label_smoothing * inv_C * (w_sum * (row_max + log_sum) - sw)
-    focal = tl.full(ce.shape, 1.0, tl.float32)
+    focal = tl.full(row_max.shape, 1.0, tl.float32)
     if F.HAS_FOCAL:
-        base = tl.maximum(1.0 - exp(-ce), 0.0)
+        if F.SOFT:
+            base = tl.maximum(1.0 - p_t, 0.0)
+        else:
+            base = tl.maximum(1.0 - exp(-ce), 0.0)
         focal = tl.where(base > 0.0, tl.exp2(hp.gamma * tl.log2(base)), 0.0)
         loss = loss * focal
+    if F.SOFT:
+        loss = loss * soft.row_scale
+        focal = focal * soft.row_scale
     return tl.where(row.valid, loss, 0.0), tl.where(row.valid, focal, 0.0)
 
 
 @triton.jit
-def _finish_and_store_rows(row_max, log_sum, a_y, sw, row, N, C, wsum_ptr, inv_denom_ptr, own_inv, out, hp,
-                           F: tl.constexpr, MEAN: tl.constexpr, OWN_DENOM: tl.constexpr):
+def _finish_and_store_rows(row_max, log_sum, a_y, sw, row, N, C, wsum_ptr, inv_denom_ptr, own_inv, out, hp, soft,
+                           p_t, F: tl.constexpr, MEAN: tl.constexpr, OWN_DENOM: tl.constexpr):
     """Finish the rows (:func:`_finish_rows`; the coefficient times 1 / sum w_{y_i} when MEAN:
-    :func:`fastlt.kernels.reduce.mean_inverse`) and store them in the :class:`RowOutputs` ``out``. Returns the
-    coefficient, for a gradient in the same launch."""
+    :func:`fastlt.kernels.reduce.mean_inverse`) and store them in the :class:`RowOutputs` ``out`` (SOFT: ``W_q`` as
+    ``stats[2]``). Returns the coefficient, for a gradient in the same launch."""
     w_sum = _weight_sum(wsum_ptr, C, F)
-    loss, coef = _finish_rows(row_max, log_sum, a_y, sw, row, w_sum, hp, 1.0 / (C * 1.0), F)
+    loss, coef = _finish_rows(row_max, log_sum, a_y, sw, row, w_sum, hp, 1.0 / (C * 1.0), soft, p_t, F)
+    if F.SOFT:
+        tl.store(out.stats + 2 * N + row.idx, row.w_y, mask=row.mask)
     if MEAN:  # an ignored row stays 0 when no row is valid (1 / sum w = inf): zero gradients, as torch gives
         coef = tl.where(row.valid, coef * mean_inverse(inv_denom_ptr, own_inv, OWN_DENOM), 0.0)
     tl.store(out.loss + row.idx, loss, mask=row.mask)
@@ -354,17 +405,24 @@ def _grad_tile(tile, row, rg, vecs, hp, colg, F: tl.constexpr, COLUMN_TERM: tl.c
     on valid rows (:class:`ColumnGrad`). TARGET: the tile may hold a target (:func:`_holds_target`); without it the
     one-hot terms are left out."""
     p = exp((tile.a - rg.row_max[:, None]) - rg.log_sum[:, None])  # a - max is exact for the large entries
-    return _grad_from_p(p, tile.z, tile.cols, tile.col_mask, row, rg, vecs, hp, colg, F, COLUMN_TERM, TARGET)
+    return _grad_from_p(p, tile.z, tile.q, tile.cols, tile.col_mask, row, rg, vecs, hp, colg, F, COLUMN_TERM, TARGET)
 
 
 @triton.jit
-def _grad_from_p(p, z, cols, col_mask, row, rg, vecs, hp, colg, F: tl.constexpr, COLUMN_TERM: tl.constexpr,
+def _grad_from_p(p, z, q, cols, col_mask, row, rg, vecs, hp, colg, F: tl.constexpr, COLUMN_TERM: tl.constexpr,
                  TARGET: tl.constexpr):
-    """:func:`_grad_tile` from the tile's probabilities ``p`` (fp32)."""
-    d = p
-    if TARGET:
-        d = p - (cols[None, :] == row.y[:, None]).to(tl.float32)
-    d = (1.0 - hp.label_smoothing) * row.w_y[:, None] * d
+    """:func:`_grad_tile` from the tile's probabilities ``p`` (fp32); SOFT: ``q`` the targets' tile (fp32)."""
+    if F.SOFT:
+        if F.HAS_WEIGHT:
+            w_q = tl.load(vecs.weight + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :] * q
+        else:
+            w_q = q
+        d = (1.0 - hp.label_smoothing) * (rg.w_q[:, None] * p - w_q)
+    else:
+        d = p
+        if TARGET:
+            d = p - (cols[None, :] == row.y[:, None]).to(tl.float32)
+        d = (1.0 - hp.label_smoothing) * row.w_y[:, None] * d
     if F.HAS_SMOOTH:
         if F.HAS_WEIGHT:
             w_j = tl.load(vecs.weight + cols, mask=col_mask, other=0.0).to(tl.float32)
@@ -375,9 +433,11 @@ def _grad_from_p(p, z, cols, col_mask, row, rg, vecs, hp, colg, F: tl.constexpr,
     if COLUMN_TERM:
         col_b = tl.load(colg.b + cols, mask=col_mask, other=0.0) * colg.go
         col_lse = tl.load(colg.lse + cols, mask=col_mask, other=0.0)
-        q = exp(z - col_lse[None, :])
-        t = col_b[None, :] * q
-        if TARGET:
+        e_col = exp(z - col_lse[None, :])  # before col_b: this order keeps LADE's bf16 gradient at 72 registers
+        t = col_b[None, :] * e_col
+        if F.SOFT:  # LADE's class sums weigh the rows by q: a_j q_ij
+            t += tl.load(colg.a + cols, mask=col_mask, other=0.0)[None, :] * colg.go * q
+        elif TARGET:
             t += tl.where(cols[None, :] == row.y[:, None], colg.a_y[:, None], 0.0)
         g += tl.where(row.valid[:, None], t, 0.0)
     return g
@@ -391,15 +451,26 @@ def _store_tile(g_op, row, cols, col_base, mask, g, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _tile_stats(tile, row, m_i, l_i, sw, vecs, colstats, pid_m, num_row_blocks, C, F: tl.constexpr,
+def _tile_stats(tile, row, m_i, l_i, sw, qa, qw, qp, vecs, colstats, pid_m, num_row_blocks, C, F: tl.constexpr,
                 COLUMN_STATS: tl.constexpr):
     """Fold one :class:`Tile` into the running row statistics (max, sum-exp, smoothing sum) and, for LADE, store its
     column partials (max z, sum exp(z - max) over the valid rows) in the :class:`ColumnStats` ``colstats``. LADE's
     class sums and counts come from the gathered target logits instead (one element per row, not a compare per
-    element). Returns the new (max, sum-exp, smoothing sum) and the tile's ``exp(a - max)`` (what
-    :func:`_stats_step` stores with STORE_P)."""
+    element). Returns the new (max, sum-exp, smoothing sum), the SOFT sums (``A_q``, ``W_q`` and ``sum_j q_ij
+    exp(a_ij - max)``, :class:`Soft`; unchanged without SOFT) and the tile's ``exp(a - max)`` (what
+    :func:`_stats_step` stores with STORE_P). SOFT with COLUMN_STATS: the column partials also hold
+    ``sum_i q_ic z_ic`` and ``sum_i q_ic`` (planes 2 and 3 of (4, R, C))."""
     m_new = tl.maximum(m_i, tl.max(tile.a, 1))
     e = exp(tile.a - m_new[:, None])
+    if F.SOFT:
+        if F.HAS_FOCAL:
+            qp = qp * exp(m_i - m_new) + tl.sum(tile.q * e, 1)
+        if F.HAS_WEIGHT:
+            wq = tl.load(vecs.weight + tile.cols, mask=tile.col_mask, other=0.0).to(tl.float32)[None, :] * tile.q
+        else:
+            wq = tile.q
+        qa += tl.sum(tl.where(tile.mask, tile.a * wq, 0.0), 1)
+        qw += tl.sum(wq, 1)
     l_i = l_i * exp(m_i - m_new) + tl.sum(e, 1)
     if F.HAS_SMOOTH:
         if F.HAS_WEIGHT:
@@ -413,31 +484,37 @@ def _tile_stats(tile, row, m_i, l_i, sw, vecs, colstats, pid_m, num_row_blocks, 
         c_max = tl.maximum(tl.max(zc, 0), NEG_BIG)
         c_sum = tl.sum(exp(zc - c_max[None, :]), 0)
         base = colstats.partials + tl.cast(pid_m, tl.int64) * C + tile.cols
+        plane = tl.cast(num_row_blocks, tl.int64) * C
         tl.store(base, c_max, mask=tile.col_mask)
-        tl.store(base + tl.cast(num_row_blocks, tl.int64) * C, c_sum, mask=tile.col_mask)
-    return m_new, l_i, sw, e
+        tl.store(base + plane, c_sum, mask=tile.col_mask)
+        if F.SOFT:
+            tl.store(base + 2 * plane, tl.sum(tl.where(vmask, tile.q * tile.z, 0.0), 0), mask=tile.col_mask)
+            tl.store(base + 3 * plane, tl.sum(tl.where(vmask, tile.q, 0.0), 0), mask=tile.col_mask)
+    return m_new, l_i, sw, qa, qw, qp, e
 
 
 # --- the passes over a row's columns --------------------------------------------------------------------------------
 
 @triton.jit
-def _stats_step(z_op, g_op, vecs, hp, rng, row, col_start, col_base, col_hi, m_i, l_i, sw, colstats, pid_m,
-                num_row_blocks, C, stored, tile, F: tl.constexpr, COLUMN_STATS: tl.constexpr, STORE_P: tl.constexpr,
-                MASK_COLS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _stats_step(z_op, g_op, vecs, hp, rng, row, col_start, col_base, col_hi, m_i, l_i, sw, qa, qw, qp, colstats,
+                pid_m, num_row_blocks, C, stored, tile, soft, F: tl.constexpr, COLUMN_STATS: tl.constexpr,
+                STORE_P: tl.constexpr, MASK_COLS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
     """One tile of the statistics pass: load it (:func:`_adjusted_tile`) and fold it in (:func:`_tile_stats`).
     STORE_P: also store ``exp(a - max)`` over the tile of ``g_op`` and the running max (the tile's ``max``) at
     ``stored.maxima[row, tile]`` (:class:`StoredTiles`), for :func:`_grad_step`'s STORED pass."""
-    t = _adjusted_tile(z_op, vecs, hp, rng, row, col_start, col_base, col_hi, F, F.MARGIN_MODE != 0, MASK_COLS, ALIGN,
-                       BLOCK_M, BLOCK_N)
-    m_i, l_i, sw, e = _tile_stats(t, row, m_i, l_i, sw, vecs, colstats, pid_m, num_row_blocks, C, F, COLUMN_STATS)
+    t = _adjusted_tile(z_op, vecs, hp, rng, row, col_start, col_base, col_hi, soft, F, F.MARGIN_MODE != 0, MASK_COLS,
+                       ALIGN, BLOCK_M, BLOCK_N)
+    m_i, l_i, sw, qa, qw, qp, e = _tile_stats(t, row, m_i, l_i, sw, qa, qw, qp, vecs, colstats, pid_m, num_row_blocks,
+                                              C, F, COLUMN_STATS)
     if STORE_P:
         _store_tile(g_op, row, t.cols, col_base, t.mask, e, ALIGN)
         tl.store(stored.maxima + row.idx.to(tl.int64) * stored.count + tile, m_i, mask=row.mask)
-    return m_i, l_i, sw
+    return m_i, l_i, sw, qa, qw, qp
 
 
 @triton.jit
-def _grad_step(z_op, g_op, vecs, hp, rng, row, rg, colg, col_start, col_base, col_hi, stored, tile,
+def _grad_step(z_op, g_op, vecs, hp, rng, row, rg, colg, col_start, col_base, col_hi, stored, tile, soft,
                F: tl.constexpr, COLUMN_TERM: tl.constexpr, STORED: tl.constexpr, MASK_COLS: tl.constexpr,
                ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One tile of a gradient pass: recompute it, write ``coef * d loss / d z`` (plus LADE's column term).
@@ -452,28 +529,34 @@ def _grad_step(z_op, g_op, vecs, hp, rng, row, rg, colg, col_start, col_base, co
         e, cols, col_mask, mask = _load_tile(g_op, row, col_start, col_base, col_hi, MASK_COLS, ALIGN, BLOCK_N)
         m_t = tl.load(stored.maxima + row.idx.to(tl.int64) * stored.count + tile, mask=row.mask, other=0.0)
         p = e * exp((m_t - rg.row_max) - rg.log_sum)[:, None]
-        if _holds_target(row.y, col_start, BLOCK_N):
-            g = _grad_from_p(p, e, cols, col_mask, row, rg, vecs, hp, colg, F, False, True)
+        if F.SOFT:  # no one-hot: the targets' tile
+            q = _load_tile(Operand(soft.q, soft.stride_m, soft.stride_n), row, col_start, col_base, col_hi, MASK_COLS, ALIGN, BLOCK_N)[0]
+            g = _grad_from_p(p, e, q, cols, col_mask, row, rg, vecs, hp, colg, F, False, False)
+        elif _holds_target(row.y, col_start, BLOCK_N):
+            g = _grad_from_p(p, e, None, cols, col_mask, row, rg, vecs, hp, colg, F, False, True)
         else:
-            g = _grad_from_p(p, e, cols, col_mask, row, rg, vecs, hp, colg, F, False, False)
+            g = _grad_from_p(p, e, None, cols, col_mask, row, rg, vecs, hp, colg, F, False, False)
     else:
-        if _holds_target(row.y, col_start, BLOCK_N):
-            g, cols, mask = _recomputed_grad(z_op, vecs, hp, rng, row, rg, colg, col_start, col_base, col_hi, F,
+        if F.SOFT:
+            g, cols, mask = _recomputed_grad(z_op, vecs, hp, rng, row, rg, colg, col_start, col_base, col_hi, soft, F,
+                                             COLUMN_TERM, False, MASK_COLS, ALIGN, BLOCK_M, BLOCK_N)
+        elif _holds_target(row.y, col_start, BLOCK_N):
+            g, cols, mask = _recomputed_grad(z_op, vecs, hp, rng, row, rg, colg, col_start, col_base, col_hi, soft, F,
                                              COLUMN_TERM, True, MASK_COLS, ALIGN, BLOCK_M, BLOCK_N)
         else:
-            g, cols, mask = _recomputed_grad(z_op, vecs, hp, rng, row, rg, colg, col_start, col_base, col_hi, F,
+            g, cols, mask = _recomputed_grad(z_op, vecs, hp, rng, row, rg, colg, col_start, col_base, col_hi, soft, F,
                                              COLUMN_TERM, False, MASK_COLS, ALIGN, BLOCK_M, BLOCK_N)
     _store_tile(g_op, row, cols, col_base, mask, g, ALIGN)
 
 
 @triton.jit
-def _recomputed_grad(z_op, vecs, hp, rng, row, rg, colg, col_start, col_base, col_hi, F: tl.constexpr,
+def _recomputed_grad(z_op, vecs, hp, rng, row, rg, colg, col_start, col_base, col_hi, soft, F: tl.constexpr,
                      COLUMN_TERM: tl.constexpr, TARGET: tl.constexpr, MASK_COLS: tl.constexpr, ALIGN: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The tile recomputed (:func:`_adjusted_tile`) and its gradient (:func:`_grad_tile`): ``(g, cols, mask)``.
     TARGET off (a tile without a target): no compare with the target at all (no margin, no one-hot)."""
-    t = _adjusted_tile(z_op, vecs, hp, rng, row, col_start, col_base, col_hi, F, TARGET and F.MARGIN_MODE != 0,
-                       MASK_COLS, ALIGN, BLOCK_M, BLOCK_N)
+    t = _adjusted_tile(z_op, vecs, hp, rng, row, col_start, col_base, col_hi, soft, F,
+                       TARGET and F.MARGIN_MODE != 0, MASK_COLS, ALIGN, BLOCK_M, BLOCK_N)
     return _grad_tile(t, row, rg, vecs, hp, colg, F, COLUMN_TERM, TARGET), t.cols, t.mask
 
 
@@ -484,7 +567,7 @@ def _full_tiles_end(col_lo, col_hi, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _grad_columns(z_op, g_op, vecs, hp, rng, row, rg, colg, col_lo, col_base, col_hi, stored, F: tl.constexpr,
+def _grad_columns(z_op, g_op, vecs, hp, rng, row, rg, colg, col_lo, col_base, col_hi, stored, soft, F: tl.constexpr,
                   COLUMN_TERM: tl.constexpr, STORED: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr):
     """A gradient pass over columns ``[col_lo, col_hi)`` (:func:`_grad_step`), **from the last column back**: the
@@ -496,20 +579,19 @@ def _grad_columns(z_op, g_op, vecs, hp, rng, row, rg, colg, col_lo, col_base, co
     num_full = (full_end - col_lo) // BLOCK_N
     tile0 = (col_lo - col_base) // BLOCK_N  # the tiles of STORED are numbered from col_base (all splits of a row)
     if full_end < col_hi:
-        _grad_step(z_op, g_op, vecs, hp, rng, row, rg, colg, full_end, col_base, col_hi, stored, tile0 + num_full, F,
-                   COLUMN_TERM, STORED, True, ALIGN, BLOCK_M, BLOCK_N)
+        _grad_step(z_op, g_op, vecs, hp, rng, row, rg, colg, full_end, col_base, col_hi, stored, tile0 + num_full,
+                   soft, F, COLUMN_TERM, STORED, True, ALIGN, BLOCK_M, BLOCK_N)
     col_start = full_end
     for t in range(0, num_full):
         col_start -= BLOCK_N
         _grad_step(z_op, g_op, vecs, hp, rng, row, rg, colg, col_start, col_base, col_hi, stored,
-                   tile0 + num_full - 1 - t, F, COLUMN_TERM, STORED, False, ALIGN, BLOCK_M, BLOCK_N)
+                   tile0 + num_full - 1 - t, soft, F, COLUMN_TERM, STORED, False, ALIGN, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
 def _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, out, part_ptr, colstats, stored,
-                       wsum_ptr,
-                       inv_denom_ptr, own_inv, N, C, num_row_blocks, F: tl.constexpr, MEAN: tl.constexpr,
-                       SPLIT: tl.constexpr, SINGLE_TILE: tl.constexpr, GRAD_IN_FWD: tl.constexpr,
+                       wsum_ptr, inv_denom_ptr, own_inv, N, C, num_row_blocks, soft, F: tl.constexpr,
+                       MEAN: tl.constexpr, SPLIT: tl.constexpr, SINGLE_TILE: tl.constexpr, GRAD_IN_FWD: tl.constexpr,
                        COLUMN_STATS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, OWN_DENOM: tl.constexpr, STORE_P: tl.constexpr):
     """The work of program (pid_m, pid_s) of :func:`row_loss_forward`: row block ``pid_m``, column split ``pid_s``."""
@@ -519,28 +601,36 @@ def _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, 
     m_i = tl.full((BLOCK_M,), NEG_BIG, tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     sw = tl.zeros((BLOCK_M,), tl.float32)
-    a_y, z_y = _target_logit(z_op, vecs, hp, rng, row, cols_of.base, col_lo, col_hi, F)
-    if COLUMN_STATS:
-        tl.store(colstats.target_logits + row.idx, z_y, mask=row.valid & (row.y >= col_lo) & (row.y < col_hi))
+    qa = tl.zeros((BLOCK_M,), tl.float32)  # SOFT: A_q, W_q and sum_j q_ij exp(a_ij - max) (:class:`Soft`)
+    qw = tl.zeros((BLOCK_M,), tl.float32)
+    qp = tl.zeros((BLOCK_M,), tl.float32)
+    if F.SOFT:
+        a_y = tl.zeros((BLOCK_M,), tl.float32)
+    else:
+        a_y, z_y = _target_logit(z_op, vecs, hp, rng, row, cols_of.base, col_lo, col_hi, F)
+        if COLUMN_STATS:
+            tl.store(colstats.target_logits + row.idx, z_y, mask=row.valid & (row.y >= col_lo) & (row.y < col_hi))
     if SINGLE_TILE:
         # the row is one tile: it stays in registers for a gradient in the same launch (no reload, and
         # GCL's noise is drawn once)
-        t = _adjusted_tile(z_op, vecs, hp, rng, row, col_lo, cols_of.base, col_hi, F, F.MARGIN_MODE != 0, True,
+        t = _adjusted_tile(z_op, vecs, hp, rng, row, col_lo, cols_of.base, col_hi, soft, F, F.MARGIN_MODE != 0, True,
                            ALIGN, BLOCK_M, BLOCK_N)
-        m_i, l_i, sw, _ = _tile_stats(t, row, m_i, l_i, sw, vecs, colstats, pid_m, num_row_blocks, C, F,
-                                      COLUMN_STATS)
+        m_i, l_i, sw, qa, qw, qp, _ = _tile_stats(t, row, m_i, l_i, sw, qa, qw, qp, vecs, colstats, pid_m,
+                                                  num_row_blocks, C, F, COLUMN_STATS)
     else:
         full_end = _full_tiles_end(col_lo, col_hi, BLOCK_N)
         for col_start in range(col_lo, full_end, BLOCK_N):
-            m_i, l_i, sw = _stats_step(z_op, g_op, vecs, hp, rng, row, col_start, cols_of.base, col_hi, m_i, l_i, sw,
-                                       colstats, pid_m, num_row_blocks, C, stored,
-                                       (col_start - cols_of.base) // BLOCK_N, F, COLUMN_STATS, STORE_P, False, ALIGN,
-                                       BLOCK_M, BLOCK_N)
+            m_i, l_i, sw, qa, qw, qp = _stats_step(z_op, g_op, vecs, hp, rng, row, col_start, cols_of.base, col_hi,
+                                                   m_i, l_i, sw, qa, qw, qp, colstats, pid_m, num_row_blocks, C,
+                                                   stored, (col_start - cols_of.base) // BLOCK_N, soft, F,
+                                                   COLUMN_STATS, STORE_P, False, ALIGN, BLOCK_M, BLOCK_N)
         if full_end < col_hi:
-            m_i, l_i, sw = _stats_step(z_op, g_op, vecs, hp, rng, row, full_end, cols_of.base, col_hi, m_i, l_i, sw,
-                                       colstats, pid_m, num_row_blocks, C, stored,
-                                       (full_end - cols_of.base) // BLOCK_N, F, COLUMN_STATS, STORE_P, True, ALIGN,
-                                       BLOCK_M, BLOCK_N)
+            m_i, l_i, sw, qa, qw, qp = _stats_step(z_op, g_op, vecs, hp, rng, row, full_end, cols_of.base, col_hi,
+                                                   m_i, l_i, sw, qa, qw, qp, colstats, pid_m, num_row_blocks, C,
+                                                   stored, (full_end - cols_of.base) // BLOCK_N, soft, F,
+                                                   COLUMN_STATS, STORE_P, True, ALIGN, BLOCK_M, BLOCK_N)
+    if F.SOFT:
+        a_y = qa
     if SPLIT:
         offs = row.idx.to(tl.int64) * cols_of.num_splits + (cols_of.first_split + pid_s)
         plane = tl.cast(N, tl.int64) * cols_of.num_splits
@@ -548,17 +638,26 @@ def _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, 
         tl.store(part_ptr + plane + offs, l_i, mask=row.mask)
         tl.store(part_ptr + 2 * plane + offs, a_y, mask=row.mask)
         tl.store(part_ptr + 3 * plane + offs, sw, mask=row.mask)
+        if F.SOFT:  # (6, N, splits) partials
+            tl.store(part_ptr + 4 * plane + offs, qw, mask=row.mask)
+            tl.store(part_ptr + 5 * plane + offs, qp, mask=row.mask)
     else:
         log_sum = tl.log(l_i)
+        p_t = None
+        w_q = None
+        if F.SOFT:
+            row = Row(row.idx, row.mask, row.y, row.valid, row.margin, qw)
+            p_t = qp / l_i
+            w_q = qw
         coef = _finish_and_store_rows(m_i, log_sum, a_y, sw, row, N, C, wsum_ptr, inv_denom_ptr, own_inv, out, hp,
-                                      F, MEAN, OWN_DENOM)
+                                      soft, p_t, F, MEAN, OWN_DENOM)
         if GRAD_IN_FWD:
-            rg = RowGrad(m_i, log_sum, coef, _weight_sum(wsum_ptr, C, F), 1.0 / (C * 1.0))
+            rg = RowGrad(m_i, log_sum, coef, _weight_sum(wsum_ptr, C, F), 1.0 / (C * 1.0), w_q)
             if SINGLE_TILE:  # the tile of the statistics pass, still in registers
                 g = _grad_tile(t, row, rg, vecs, hp, None, F, False, True)
                 _store_tile(g_op, row, t.cols, cols_of.base, t.mask, g, ALIGN)
             else:
-                _grad_columns(z_op, g_op, vecs, hp, rng, row, rg, None, col_lo, cols_of.base, col_hi, stored, F,
+                _grad_columns(z_op, g_op, vecs, hp, rng, row, rg, None, col_lo, cols_of.base, col_hi, stored, soft, F,
                               False, STORE_P, ALIGN, BLOCK_M, BLOCK_N)
 
 
@@ -568,7 +667,7 @@ def _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, 
 # variant mid-training (1 step in 16), so it (and the chunk's first row) is a plain runtime argument
 @triton.jit(do_not_specialize=["seed", "noise_row0"])
 def row_loss_forward(z_op, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, part_ptr, colstats, g_op, stored, N, C, cols_of,
-                     num_row_blocks, hp, seed, noise_row0, seed_ptr, red, F: tl.constexpr, MEAN: tl.constexpr,
+                     num_row_blocks, hp, seed, noise_row0, seed_ptr, red, soft, F: tl.constexpr, MEAN: tl.constexpr,
                      SPLIT: tl.constexpr, SINGLE_TILE: tl.constexpr, GRAD_IN_FWD: tl.constexpr,
                      COLUMN_STATS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      PERSISTENT: tl.constexpr, OWN_DENOM: tl.constexpr, REDUCE: tl.constexpr, RBLOCK: tl.constexpr,
@@ -595,7 +694,8 @@ def row_loss_forward(z_op, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, part_ptr, 
     the same to one more rounding of ``p`` (``exp(a - max)`` in the gradient's dtype).
     REDUCE (not SPLIT): the program that finishes last also writes the batch loss to the :class:`Reduction` ``red``
     (:func:`fastlt.kernels.reduce.last_program_reduces`; 1: 'sum', 2: 'mean'). RBLOCK: the width of the in-kernel
-    batch sums.
+    batch sums. SOFT: class-probability targets in ``soft`` (:class:`Soft`; ``y_ptr`` is not read), 'sum' only
+    ('mean' is ``soft.row_scale`` = 1 / N), ``out.stats`` (3, N) with ``W_q`` third, SPLIT partials (6, N, splits).
     """
     if F.SEED_FROM_PTR:
         seed = tl.load(seed_ptr)
@@ -608,11 +708,11 @@ def row_loss_forward(z_op, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, part_ptr, 
     if PERSISTENT:
         for pid_m in range(tl.program_id(0), num_row_blocks, tl.num_programs(0)):
             _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, out, part_ptr, colstats, stored,
-                               wsum_ptr, inv_denom_ptr, own_inv, N, C, num_row_blocks, F, MEAN, SPLIT, SINGLE_TILE,
-                               GRAD_IN_FWD, COLUMN_STATS, ALIGN, BLOCK_M, BLOCK_N, OWN_DENOM, STORE_P)
+                               wsum_ptr, inv_denom_ptr, own_inv, N, C, num_row_blocks, soft, F, MEAN, SPLIT,
+                               SINGLE_TILE, GRAD_IN_FWD, COLUMN_STATS, ALIGN, BLOCK_M, BLOCK_N, OWN_DENOM, STORE_P)
     else:
         _forward_row_block(tl.program_id(0), pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, out, part_ptr, colstats,
-                           stored, wsum_ptr, inv_denom_ptr, own_inv, N, C, num_row_blocks, F, MEAN, SPLIT,
+                           stored, wsum_ptr, inv_denom_ptr, own_inv, N, C, num_row_blocks, soft, F, MEAN, SPLIT,
                            SINGLE_TILE, GRAD_IN_FWD, COLUMN_STATS, ALIGN, BLOCK_M, BLOCK_N, OWN_DENOM, STORE_P)
     if REDUCE != 0:
         last_program_reduces(red, out.loss, batch, out.coef, inv_denom_ptr, own_inv, None, 0, F.HAS_WEIGHT, MEAN,
@@ -620,11 +720,12 @@ def row_loss_forward(z_op, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, part_ptr, 
 
 
 @triton.jit
-def row_loss_combine(part_ptr, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, red, N, C, num_splits, hp, F: tl.constexpr,
-                     MEAN: tl.constexpr, OWN_DENOM: tl.constexpr, REDUCE: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_S: tl.constexpr, RBLOCK: tl.constexpr):
+def row_loss_combine(part_ptr, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, red, N, C, num_splits, hp, soft,
+                     F: tl.constexpr, MEAN: tl.constexpr, OWN_DENOM: tl.constexpr, REDUCE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, RBLOCK: tl.constexpr):
     """Grid (cdiv(N, BLOCK_M),): merge the (4, N, num_splits) partials at ``part_ptr`` of the split rows of
-    ``row_loss_forward`` into the :class:`RowOutputs` ``out`` (MEAN, OWN_DENOM and REDUCE as there)."""
+    ``row_loss_forward`` into the :class:`RowOutputs` ``out`` (MEAN, OWN_DENOM, REDUCE and SOFT, with (6, N,
+    num_splits) partials, as there)."""
     batch = Targets(y_ptr, vecs.weight, N, C, hp.ignore_index)
     own_inv = own_inverse(batch, F.HAS_WEIGHT, MEAN and OWN_DENOM, RBLOCK)
     row = _row_info(y_ptr, vecs, hp, tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), N, C, F)
@@ -637,9 +738,15 @@ def row_loss_combine(part_ptr, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, red, N
     a_y = tl.sum(tl.load(part_ptr + 2 * plane + offs, mask=mask, other=0.0), 1)
     sw = tl.sum(tl.load(part_ptr + 3 * plane + offs, mask=mask, other=0.0), 1)
     m_row = tl.max(p_max, 1)
-    log_sum = tl.log(tl.sum(p_sum * exp(p_max - m_row[:, None]), 1))
-    _finish_and_store_rows(m_row, log_sum, a_y, sw, row, N, C, wsum_ptr, inv_denom_ptr, own_inv, out, hp, F, MEAN,
-                           OWN_DENOM)
+    rescale = exp(p_max - m_row[:, None])
+    l_row = tl.sum(p_sum * rescale, 1)
+    p_t = None
+    if F.SOFT:
+        qw = tl.sum(tl.load(part_ptr + 4 * plane + offs, mask=mask, other=0.0), 1)
+        p_t = tl.sum(tl.load(part_ptr + 5 * plane + offs, mask=mask, other=0.0) * rescale, 1) / l_row
+        row = Row(row.idx, row.mask, row.y, row.valid, row.margin, qw)
+    _finish_and_store_rows(m_row, tl.log(l_row), a_y, sw, row, N, C, wsum_ptr, inv_denom_ptr, own_inv, out, hp, soft,
+                           p_t, F, MEAN, OWN_DENOM)
     if REDUCE != 0:
         last_program_reduces(red, out.loss, batch, out.coef, inv_denom_ptr, own_inv, None, 0, F.HAS_WEIGHT, MEAN,
                              OWN_DENOM, REDUCE == 2, False, RBLOCK)
@@ -647,7 +754,7 @@ def row_loss_combine(part_ptr, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, red, N
 
 @triton.jit(do_not_specialize=["seed", "noise_row0"])  # as row_loss_forward
 def row_loss_grad(z_op, y_ptr, vecs, wsum_ptr, row_stats_ptr, coef_ptr, go_ptr, go_stride, col_term, g_op, N, C,
-                  cols_of, hp, seed, noise_row0, seed_ptr, stored, F: tl.constexpr, HAS_UPSTREAM: tl.constexpr,
+                  cols_of, hp, seed, noise_row0, seed_ptr, stored, soft, F: tl.constexpr, HAS_UPSTREAM: tl.constexpr,
                   COLUMN_TERM: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   STORED: tl.constexpr):
     """Grid (cdiv(N, BLOCK_M), num_splits): recompute the tile from the saved fp32 (row max, log sum-exp) at
@@ -655,7 +762,8 @@ def row_loss_grad(z_op, y_ptr, vecs, wsum_ptr, row_stats_ptr, coef_ptr, go_ptr, 
     :class:`ColumnTerm` ``col_term``, times the scalar upstream, when COLUMN_TERM); classes as in
     ``row_loss_forward``. STORED (the gradient in the forward of split rows): no recompute; ``g_op`` holds what a
     split ``row_loss_forward`` with STORE_P left there (``exp(a - max)`` per tile, the running maxima in ``stored``),
-    which :func:`_grad_step` scales in place: z is not read and GCL's noise is not drawn again."""
+    which :func:`_grad_step` scales in place: z is not read and GCL's noise is not drawn again. SOFT: the targets'
+    tiles from ``soft`` and ``W_q`` from ``row_stats[2]`` (:class:`Soft`)."""
     if F.SEED_FROM_PTR:
         seed = tl.load(seed_ptr)
     # the last programs of the forward (its last row blocks and splits, whose ends are the likeliest still in L2)
@@ -669,7 +777,10 @@ def row_loss_grad(z_op, y_ptr, vecs, wsum_ptr, row_stats_ptr, coef_ptr, go_ptr, 
     coef = tl.load(coef_ptr + row.idx, mask=row.mask, other=0.0)
     if HAS_UPSTREAM:
         coef = coef * tl.load(go_ptr + row.idx.to(tl.int64) * go_stride, mask=row.mask, other=0.0).to(tl.float32)
-    rg = RowGrad(row_max, log_sum, coef, _weight_sum(wsum_ptr, C, F), 1.0 / (C * 1.0))
+    w_q = None
+    if F.SOFT:
+        w_q = tl.load(row_stats_ptr + 2 * N + row.idx, mask=row.mask, other=0.0)
+    rg = RowGrad(row_max, log_sum, coef, _weight_sum(wsum_ptr, C, F), 1.0 / (C * 1.0), w_q)
     col_lo = cols_of.base + pid_s * cols_of.per_split
     col_hi = tl.minimum(col_lo + cols_of.per_split, cols_of.end)
     colg = None
@@ -677,7 +788,10 @@ def row_loss_grad(z_op, y_ptr, vecs, wsum_ptr, row_stats_ptr, coef_ptr, go_ptr, 
         col_go = 1.0
         if HAS_UPSTREAM:
             col_go = tl.load(go_ptr).to(tl.float32)
-        colg = ColumnGrad(tl.load(col_term.a + row.y, mask=row.valid, other=0.0) * col_go, col_term.b, col_term.lse,
-                          col_go)
-    _grad_columns(z_op, g_op, vecs, hp, Rng(seed, noise_row0), row, rg, colg, col_lo, cols_of.base, col_hi, stored, F,
-                  COLUMN_TERM, STORED, ALIGN, BLOCK_M, BLOCK_N)
+        if F.SOFT:  # the class term weighs q: read per class in the tile
+            colg = ColumnGrad(tl.zeros((BLOCK_M,), tl.float32), col_term.b, col_term.lse, col_go, col_term.a)
+        else:
+            colg = ColumnGrad(tl.load(col_term.a + row.y, mask=row.valid, other=0.0) * col_go, col_term.b,
+                              col_term.lse, col_go)
+    _grad_columns(z_op, g_op, vecs, hp, Rng(seed, noise_row0), row, rg, colg, col_lo, cols_of.base, col_hi, stored,
+                  soft, F, COLUMN_TERM, STORED, ALIGN, BLOCK_M, BLOCK_N)

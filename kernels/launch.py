@@ -7,6 +7,10 @@ Per row the forward leaves ``loss_rows`` (N,), ``row_stats`` (2, N) = (row max, 
 (the LSE is their sum, kept apart so the backward's ``exp((a - max) - log_sum)`` is as exact as torch's softmax)
 and ``row_coef`` (N,), the backward's coefficient of the row before grad_output (d reduced loss / d loss_i times
 the focal factor); all fp32.
+
+Targets are class indices (N,) or, as a floating (N, C) tensor in their place, class probabilities
+(:class:`fastlt.kernels.adjusted_ce.Soft`): then ``row_stats`` is (3, N) with ``W_q`` third, the reduction must be
+'sum' or 'none', and ``row_scale`` multiplies the rows (the callers run 'mean' as 'sum' with ``1 / N``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from .adjusted_ce import (
     Hyper,
     Operand,
     RowOutputs,
+    Soft,
     StoredTiles,
     row_loss_combine,
     row_loss_forward,
@@ -102,6 +107,19 @@ def _operand(t: torch.Tensor) -> Operand:
     return Operand(t, t.stride(0), t.stride(1))
 
 
+def _soft(y: torch.Tensor, args: AdjustedCEArgs, row_scale: float) -> Soft | None:
+    """The :class:`Soft` group when ``y`` holds class probabilities (floating, (N, C)), else None (no parameter)."""
+    if not y.is_floating_point():
+        return None
+    if args.reduction == "mean":
+        raise ValueError("class-probability targets: run 'mean' as 'sum' with row_scale=1/N (fastlt._glue does)")
+    return Soft(q=y, stride_m=y.stride(0), stride_n=y.stride(1), row_scale=float(row_scale))
+
+
+def _flags(flags: Flags, soft: Soft | None) -> Flags:
+    return flags if soft is None else flags._replace(SOFT=True)
+
+
 def weight_sum(args: AdjustedCEArgs) -> torch.Tensor | None:
     """(1,) fp32 ``W = sum_j w_j``, which the kernels need only for label smoothing with class weights (else None);
     one launch per ``args`` (cached on it: the forward and the backward share it)."""
@@ -110,19 +128,20 @@ def weight_sum(args: AdjustedCEArgs) -> torch.Tensor | None:
     return args.weight_total
 
 
-def new_column_stats(N: int, C: int, device, row_blocks: int | None = None) -> ColumnStats:
+def new_column_stats(N: int, C: int, device, row_blocks: int | None = None, *, soft: bool = False) -> ColumnStats:
     """An uninitialised :class:`ColumnStats` for N rows and C classes (LADE's column partials), in ``row_blocks``
-    blocks of rows (default: :func:`column_stat_blocks`, the default tiles' count)."""
+    blocks of rows (default: :func:`column_stat_blocks`, the default tiles' count); ``soft``: (4, R, C) partials,
+    the class sums and counts of class-probability targets as planes 2 and 3."""
     R = column_stat_blocks(N) if row_blocks is None else row_blocks
-    return ColumnStats(partials=torch.empty((2, R, C), dtype=torch.float32, device=device),
+    return ColumnStats(partials=torch.empty((4 if soft else 2, R, C), dtype=torch.float32, device=device),
                        target_logits=torch.empty(N, dtype=torch.float32, device=device))
 
 
-def _row_outputs(N: int, dev) -> RowOutputs:
+def _row_outputs(N: int, dev, soft: bool = False) -> RowOutputs:
     # three allocations, not views of one: the torch.compile ops return row_stats and row_coef, and an op's outputs
     # may not share memory
     return RowOutputs(loss=torch.empty(N, dtype=torch.float32, device=dev),
-                      stats=torch.empty((2, N), dtype=torch.float32, device=dev),
+                      stats=torch.empty((3 if soft else 2, N), dtype=torch.float32, device=dev),
                       coef=torch.empty(N, dtype=torch.float32, device=dev))
 
 
@@ -234,7 +253,7 @@ def reduce(loss_rows: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *,
 # --- the row kernels ------------------------------------------------------------------------------------------------
 
 def loss(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out: torch.Tensor | None = None,
-         out_dtype: torch.dtype = torch.float32, config: TileConfig | None = None):
+         out_dtype: torch.dtype = torch.float32, config: TileConfig | None = None, row_scale: float = 1.0):
     """The reduced loss (0-dim, ``out_dtype``; the (N,) fp32 rows for 'none') in the fewest launches: ``(loss,
     row_stats, row_coef)`` as :func:`forward` gives them (the coefficient includes 'mean''s 1 / sum w_{y_i}). Up to
     :func:`fused_reduction`'s rows the row kernel's last program reduces the batch, so a step is one launch (plus
@@ -242,11 +261,11 @@ def loss(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out: to
     gradient is written, which the row programs sum themselves when that is cheap (``tiles.OWN_DENOM_READS``) and
     one small launch first computes otherwise."""
     if args.reduction == "none":
-        loss_rows, row_stats, row_coef, _ = forward(z, y, args, grad_out=grad_out, config=config)
+        loss_rows, row_stats, row_coef, _ = forward(z, y, args, grad_out=grad_out, config=config, row_scale=row_scale)
         return loss_rows, row_stats, row_coef
     out = torch.empty((), dtype=out_dtype, device=z.device)
     _, row_stats, row_coef, _ = forward(z, y, args, grad_out=grad_out, config=config, scale_mean=grad_out is not None,
-                                        out=out)
+                                        out=out, row_scale=row_scale)
     return out, row_stats, row_coef
 
 
@@ -267,7 +286,8 @@ def _store_probs(args: AdjustedCEArgs) -> bool:
 
 def forward(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out: torch.Tensor | None = None,
             column_stats: bool = False, config: TileConfig | None = None,
-            inv_denominator: torch.Tensor | None = None, scale_mean: bool = True, out: torch.Tensor | None = None):
+            inv_denominator: torch.Tensor | None = None, scale_mean: bool = True, out: torch.Tensor | None = None,
+            row_scale: float = 1.0):
     """Run the forward on (N, C) logits ``z`` and (N,) targets ``y``. Returns ``(loss_rows, row_stats, row_coef,
     column_stats)`` (see the module docstring; ``column_stats``: a :class:`ColumnStats` (LADE) when asked for,
     else None).
@@ -280,9 +300,11 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out:
     ``out`` (0-dim, 'mean' or 'sum', not with ``column_stats``): receives the reduced loss, from the last program
     of the launch that finishes the rows when :func:`fused_reduction` allows, else from one :func:`reduce` launch
     after it.
+    ``y`` may be (N, C) class probabilities ('sum' or 'none'; ``row_scale`` multiplies the rows): see the module.
     """
     N, C = z.shape
     dev = z.device
+    soft = _soft(y, args, row_scale)
     cfg = config or pick_tiles(N, C, dev, column_stats=column_stats, grad_in_forward=grad_out is not None,
                                elem_bytes=z.element_size())
     if not scale_mean and grad_out is not None:
@@ -297,11 +319,12 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out:
     inv, own_denom = _mean_denominator(y, args, inv_denominator, mean, programs)
     rblock = tiles.COMBINE_RBLOCK if split else tiles.rblock(cfg.num_warps)
     counter, reduce_mode = fused_reduction(dev, N, rblock, args.reduction) if out is not None else (None, 0)
-    rows = _row_outputs(N, dev)
+    rows = _row_outputs(N, dev, soft is not None)
     d = _dummy(dev)
     kg = kernel_groups(args, dev)
-    part = torch.empty((4, N, cfg.num_splits), dtype=torch.float32, device=dev) if split else None
-    colstats = new_column_stats(N, C, dev, row_blocks) if column_stats else None
+    part = (torch.empty((4 if soft is None else 6, N, cfg.num_splits), dtype=torch.float32, device=dev) if split
+            else None)
+    colstats = new_column_stats(N, C, dev, row_blocks, soft=soft is not None) if column_stats else None
     fuse_grad = grad_out is not None and not split
     # split rows: the gradient comes from grad() after the combine; with STORE_P it scales what the forward stored
     store_p = grad_out is not None and not cfg.single_tile and not column_stats and _store_probs(args)
@@ -316,15 +339,16 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out:
             stored=stored or StoredTiles(maxima=d, count=0), N=N, C=C,
             cols_of=Columns(per_split=cfg.cols_per_split, base=0, end=C, first_split=0, num_splits=cfg.num_splits),
             num_row_blocks=row_blocks, hp=kg.hp, **kg.rng,
-            red=Reduction(out=_or_dummy(out, dev), counter=_or_dummy(counter, dev)), F=kg.flags,
-            MEAN=mean and not split, SPLIT=split, SINGLE_TILE=cfg.single_tile, GRAD_IN_FWD=fuse_grad,
-            COLUMN_STATS=column_stats, ALIGN=row_align(z, g), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            red=Reduction(out=_or_dummy(out, dev), counter=_or_dummy(counter, dev)), soft=soft,
+            F=_flags(kg.flags, soft), MEAN=mean and not split, SPLIT=split, SINGLE_TILE=cfg.single_tile,
+            GRAD_IN_FWD=fuse_grad, COLUMN_STATS=column_stats, ALIGN=row_align(z, g, *([] if soft is None else [y])),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             PERSISTENT=grid_rows < row_blocks, OWN_DENOM=own_denom and not split,
             REDUCE=0 if split else reduce_mode, RBLOCK=rblock, STORE_P=store_p, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages)
         if split:
             _launch_combine(part, y, args, C, rows, inv, mean=mean, own_denom=own_denom, out=out, counter=counter,
-                            reduce_mode=reduce_mode)
+                            reduce_mode=reduce_mode, soft=soft)
     reduce_unless_fused(out, counter, rows.loss, y, args, inv_denominator=inv, row_coef=rows.coef,
                         scale_mean=scale_mean)
     if grad_out is not None and split:
@@ -358,15 +382,16 @@ def grad(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, row_stats: torc
         return out
     d = _dummy(dev)
     kg = kernel_groups(args, dev)
+    soft = None if not y.is_floating_point() else Soft(q=y, stride_m=y.stride(0), stride_n=y.stride(1), row_scale=None)
     row_loss_grad[(cdiv(N, cfg.block_m), cfg.num_splits)](
         z_op=_operand(z), y_ptr=y, vecs=kg.vecs, wsum_ptr=_or_dummy(weight_sum(args), dev),
         row_stats_ptr=row_stats, coef_ptr=row_coef, go_ptr=_or_dummy(grad_output, dev),
         go_stride=0 if grad_output is None or grad_output.dim() == 0 else grad_output.stride(0),
         col_term=column_term or ColumnTerm(a=d, b=d, lse=d), g_op=_operand(out), N=N, C=C,
         cols_of=Columns(per_split=cfg.cols_per_split, base=col_base, end=col_base + Ck),
-        hp=kg.grad_hp, **kg.rng, stored=stored or StoredTiles(maxima=d, count=0), F=kg.grad_flags,
-        HAS_UPSTREAM=grad_output is not None,
-        COLUMN_TERM=column_term is not None, ALIGN=row_align(z, out), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        hp=kg.grad_hp, **kg.rng, stored=stored or StoredTiles(maxima=d, count=0), soft=soft,
+        F=_flags(kg.grad_flags, soft), HAS_UPSTREAM=grad_output is not None, COLUMN_TERM=column_term is not None,
+        ALIGN=row_align(z, out, *([] if soft is None else [y])), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         STORED=stored is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
@@ -375,7 +400,9 @@ def chunk_partials(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, part:
                    col_base: int, num_classes: int, column_stats: ColumnStats | None = None) -> None:
     """Row partials of one class chunk: ``z`` (N, Ck) holds classes ``[col_base, col_base + Ck)`` of
     ``num_classes``; writes (max, sum-exp, a_y, sum w*a) of those classes to ``part[:, :, chunk]``
-    (``part``: (4, N, num_chunks) fp32). :func:`combine_partials` finishes the rows once every chunk is in.
+    (``part``: (4, N, num_chunks) fp32; class probabilities ``y`` (N, Ck), the chunk's columns: (6, N, num_chunks),
+    see :class:`fastlt.kernels.adjusted_ce.Soft`). :func:`combine_partials` finishes the rows once every chunk is
+    in.
     ``column_stats`` (LADE): a :class:`ColumnStats` for N rows and ``num_classes`` columns
     (:func:`new_column_stats`) that receives this chunk's column partials in its columns
     ``[col_base, col_base + Ck)`` and the target logits of the rows whose targets lie there (as :func:`forward`
@@ -387,10 +414,12 @@ def chunk_partials(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, part:
     has_cols = column_stats is not None
     cfg = pick_tiles(N, Ck, dev, column_stats=has_cols)
     row_blocks = cdiv(N, cfg.block_m)
-    if has_cols and (tuple(column_stats.partials.shape) != (2, column_stat_blocks(N), num_classes)
+    soft = None if not y.is_floating_point() else Soft(q=y, stride_m=y.stride(0), stride_n=y.stride(1), row_scale=None)
+    planes = 2 if soft is None else 4
+    if has_cols and (tuple(column_stats.partials.shape) != (planes, column_stat_blocks(N), num_classes)
                      or tuple(column_stats.target_logits.shape) != (N,)):
-        raise ValueError(f"column_stats must hold (2, {column_stat_blocks(N)}, {num_classes}) partials and ({N},) "
-                         f"target logits (new_column_stats), got {tuple(column_stats.partials.shape)} and "
+        raise ValueError(f"column_stats must hold ({planes}, {column_stat_blocks(N)}, {num_classes}) partials and "
+                         f"({N},) target logits (new_column_stats), got {tuple(column_stats.partials.shape)} and "
                          f"{tuple(column_stats.target_logits.shape)}")
     if N == 0 or Ck == 0:
         return
@@ -402,16 +431,16 @@ def chunk_partials(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, part:
         colstats=column_stats or ColumnStats(partials=d, target_logits=d), g_op=Operand(ptr=z, stride_m=0, stride_n=0),
         stored=StoredTiles(maxima=d, count=0), N=N, C=num_classes,
         cols_of=Columns(per_split=Ck, base=col_base, end=col_base + Ck, first_split=chunk, num_splits=part.shape[2]),
-        num_row_blocks=row_blocks, hp=kg.hp, **kg.rng, red=Reduction(out=d, counter=d), F=kg.flags, MEAN=False,
-        SPLIT=True, SINGLE_TILE=Ck <= cfg.block_n, GRAD_IN_FWD=False,
-        COLUMN_STATS=has_cols, ALIGN=row_align(z), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PERSISTENT=False,
-        OWN_DENOM=False, REDUCE=0, RBLOCK=tiles.rblock(cfg.num_warps), STORE_P=False, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+        num_row_blocks=row_blocks, hp=kg.hp, **kg.rng, red=Reduction(out=d, counter=d), soft=soft,
+        F=_flags(kg.flags, soft), MEAN=False, SPLIT=True, SINGLE_TILE=Ck <= cfg.block_n, GRAD_IN_FWD=False,
+        COLUMN_STATS=has_cols, ALIGN=row_align(z, *([] if soft is None else [y])), BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, PERSISTENT=False, OWN_DENOM=False, REDUCE=0, RBLOCK=tiles.rblock(cfg.num_warps),
+        STORE_P=False, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _launch_combine(part, y, args: AdjustedCEArgs, C: int, rows: RowOutputs, inv_denom, *, mean: bool,
-                    own_denom: bool, out, counter, reduce_mode: int) -> None:
-    """One ``row_loss_combine`` launch over the (4, N, S) partials into ``rows``."""
+                    own_denom: bool, out, counter, reduce_mode: int, soft: Soft | None = None) -> None:
+    """One ``row_loss_combine`` launch over the (4, N, S) partials ((6, N, S) with ``soft``) into ``rows``."""
     dev = part.device
     N, num_splits = part.shape[1], part.shape[2]
     block_s, block_m = tiles.combine_tiles(num_splits)
@@ -423,20 +452,24 @@ def _launch_combine(part, y, args: AdjustedCEArgs, C: int, rows: RowOutputs, inv
         wsum_ptr=_or_dummy(weight_sum(args), dev), inv_denom_ptr=_or_dummy(inv_denom, dev), out=rows,
         red=Reduction(out=_or_dummy(out, dev), counter=_or_dummy(counter, dev)), N=N, C=C, num_splits=num_splits,
         hp=kg.hp._replace(tau=None, noise_mul=None, margin_value=None, scale=None),
-        F=Flags(HAS_WEIGHT=kg.flags.HAS_WEIGHT, HAS_SMOOTH=kg.flags.HAS_SMOOTH, HAS_FOCAL=kg.flags.HAS_FOCAL),
+        soft=None if soft is None else soft._replace(q=None, stride_m=None, stride_n=None),
+        F=Flags(HAS_WEIGHT=kg.flags.HAS_WEIGHT, HAS_SMOOTH=kg.flags.HAS_SMOOTH, HAS_FOCAL=kg.flags.HAS_FOCAL,
+                SOFT=soft is not None),
         MEAN=mean, OWN_DENOM=own_denom, REDUCE=reduce_mode, BLOCK_M=block_m, BLOCK_S=block_s,
         RBLOCK=tiles.COMBINE_RBLOCK)
 
 
 def combine_partials(part: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, num_classes: int, *,
                      inv_denominator: torch.Tensor | None = None, scale_mean: bool = True,
-                     out: torch.Tensor | None = None):
+                     out: torch.Tensor | None = None, row_scale: float = 1.0):
     """``(loss_rows, row_stats, row_coef)`` (fp32) from the (4, N, num_chunks) partials of :func:`chunk_partials`, as
     :func:`forward` returns them; ``inv_denominator``, ``scale_mean`` and ``out`` as there: the combine's last
     program reduces the batch into ``out`` when :func:`fused_reduction` allows, and its programs sum 'mean''s
-    denominator themselves when that is cheap, so a reduced loss is one launch."""
+    denominator themselves when that is cheap, so a reduced loss is one launch. Class probabilities ``y`` (N, C):
+    (6, N, num_chunks) partials, 'sum' or 'none', ``row_scale`` as :func:`forward`."""
     N = part.shape[1]
     dev = part.device
+    soft = _soft(y, args, row_scale)
     if out is not None and args.reduction == "none":
         raise ValueError("out= takes the 'mean' or 'sum' of the rows")
     mean = args.reduction == "mean" and scale_mean
@@ -444,10 +477,10 @@ def combine_partials(part: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, 
                                        cdiv(N, tiles.combine_tiles(part.shape[2])[1]))
     counter, reduce_mode = (fused_reduction(dev, N, tiles.COMBINE_RBLOCK, args.reduction) if out is not None
                             else (None, 0))
-    rows = _row_outputs(N, dev)
+    rows = _row_outputs(N, dev, soft is not None)
     if N > 0:
         _launch_combine(part, y, args, num_classes, rows, inv, mean=mean, own_denom=own_denom, out=out,
-                        counter=counter, reduce_mode=reduce_mode)
+                        counter=counter, reduce_mode=reduce_mode, soft=soft)
     reduce_unless_fused(out, counter, rows.loss, y, args, inv_denominator=inv, row_coef=rows.coef,
                         scale_mean=scale_mean)
     return rows.loss, rows.stats, rows.coef

@@ -236,23 +236,28 @@ def cases():
     from fastlt.kernels import lade, launch
     from fastlt.priors import gcl_cloud, log_prior, prior
 
-    def la(N, C, dtype, grad_in_forward=False, **tile):
+    def targets(N, C, dtype, soft):
+        """Class indices, or (soft) class probabilities in the logits' dtype (mixup)."""
+        return torch.empty((N, C), dtype=dtype) if soft else torch.zeros(N, dtype=torch.int64)
+
+    def la(N, C, dtype, grad_in_forward=False, soft=False, **tile):
         def run():
             z = torch.empty((N, C), dtype=dtype)
-            y = torch.zeros(N, dtype=torch.int64)
-            args = AdjustedCEArgs(log_prior=log_prior(_counts(C)).float())
+            y = targets(N, C, dtype, soft)
+            args = AdjustedCEArgs(log_prior=log_prior(_counts(C)).float(), reduction="sum" if soft else "mean")
             cfg = launch.pick_tiles(N, C, z.device, **tile) if tile else None
             loss, lse, factor = launch.loss(z, y, args, config=cfg, grad_out=z if grad_in_forward else None)
             if not grad_in_forward:
                 launch.grad(z, y, args, lse, factor, None, config=cfg)
         return run
 
-    def gcl(N, C, dtype, grad_in_forward=False, seed_tensor=False, **tile):
+    def gcl(N, C, dtype, grad_in_forward=False, seed_tensor=False, soft=False, **tile):
         def run():
             z = torch.empty((N, C), dtype=dtype)
-            y = torch.zeros(N, dtype=torch.int64)
+            y = targets(N, C, dtype, soft)
             args = AdjustedCEArgs(cloud=gcl_cloud(_counts(C)).float(), noise_mul=1.0, margin=0.5, scale=30.0,
-                                  seed=torch.zeros(1, dtype=torch.int64) if seed_tensor else 3)
+                                  seed=torch.zeros(1, dtype=torch.int64) if seed_tensor else 3,
+                                  reduction="sum" if soft else "mean")
             cfg = launch.pick_tiles(N, C, z.device, **tile) if tile else None
             loss, lse, factor = launch.loss(z, y, args, config=cfg, grad_out=z if grad_in_forward else None)
             if not grad_in_forward:
@@ -316,6 +321,11 @@ def cases():
         "lade-8142-bf16": lade_case(4096, 8142, torch.bfloat16),
         "cosine-gcl-head-bf16": cosine_head(256, 128, 1000, torch.bfloat16),
         "heads-rescale-bf16": rescale(4096, 1024, 131072, torch.bfloat16),
+        # class-probability targets (mixup): the targets' tiles read beside the logits
+        "la-soft-8142-bf16-fused": la(4096, 8142, torch.bfloat16, grad_in_forward=True, soft=True),
+        "la-soft-131072-bf16": la(4096, 131072, torch.bfloat16, soft=True),
+        "gcl-soft-1M-bf16-split-fused": gcl(128, 1_000_000, torch.bfloat16, grad_in_forward=True, num_splits=16,
+                                            soft=True),
     }
 
 

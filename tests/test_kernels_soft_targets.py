@@ -1,0 +1,136 @@
+"""Class-probability targets (mixup, cutmix) on the row kernels against the float64 reference
+(fastlt.reference: ``sum_j w_j q'_ij (LSE_i - a_ij)``, margin ``m_j q_ij``, focal ``(1 - sum_j q_ij p_ij)^gamma``,
+'mean' over N), every flag, dtype, reduction and tile path; one-hot probabilities give the hard-target kernels'
+results."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE, DTYPES, class_vectors, to_device
+from test_kernels_adjusted_ce import _flags, _inputs, run_and_compare
+
+from fastlt import functional as LF
+from fastlt.kernels import launch
+
+
+def _soft(N, C, gen, kind="mixup"):
+    """(N, C) float32 class probabilities: mixup pairs (two classes, lam), dense softmax, or one-hot."""
+    a = torch.randint(0, C, (N,), generator=gen)
+    if kind == "onehot":
+        return F.one_hot(a, C).float()
+    if kind == "dense":
+        return torch.softmax(torch.randn(N, C, generator=gen) * 2.0, 1)
+    b = torch.randint(0, C, (N,), generator=gen)
+    lam = torch.rand(N, 1, generator=gen)
+    return lam * F.one_hot(a, C).float() + (1 - lam) * F.one_hot(b, C).float()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("flags", ["plain", "la", "ldam", "gcl", "gcl_focal", "weighted_smooth", "all"])
+def test_every_flag_dtype_reduction(flags, reduction, dtype):
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(("soft", flags, reduction, str(dtype))).encode()))
+    N, C = 6, 37
+    cv = class_vectors(C, gen)
+    z, _ = _inputs(N, C, dtype, gen)
+    q = _soft(N, C, gen, "dense" if flags in ("plain", "all") else "mixup")
+    run_and_compare(z, q, _flags(flags, cv, seed=int(torch.randint(0, 2**40, (), generator=gen))),
+                    reduction=reduction)
+
+
+@pytest.mark.parametrize("config", [dict(block_n=16, num_splits=1), dict(block_n=16, num_splits=3),
+                                    dict(block_n=32, num_splits=2, block_m=2),
+                                    dict(block_n=32, num_splits=1, block_m=2, row_programs=2)],
+                         ids=["tiles", "split3", "split2x2", "persistent"])
+@pytest.mark.parametrize("flags", ["plain", "gcl_focal", "all"])
+@pytest.mark.parametrize("grad_in_forward", [False, True])
+def test_split_and_multi_tile_paths(config, flags, grad_in_forward):
+    gen = torch.Generator().manual_seed(8)
+    N, C = 5, 101
+    cv = class_vectors(C, gen)
+    z, _ = _inputs(N, C, torch.float32, gen)
+    run_and_compare(z, _soft(N, C, gen), _flags(flags, cv, 17), reduction="mean", config=config,
+                    grad_in_forward=grad_in_forward)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_grad_in_forward_stored_probabilities(dtype, splits, monkeypatch):
+    """STORE_P: the gradient pass scales the stored exp(a - max) and reads the targets' tiles again."""
+    monkeypatch.setattr(launch, "STORE_PROBS", "always")
+    gen = torch.Generator().manual_seed(14)
+    N, C = 7, 50
+    cv = class_vectors(C, gen)
+    z, _ = _inputs(N, C, dtype, gen)
+    for flags in ("la", "all"):
+        run_and_compare(z, _soft(N, C, gen, "dense"), _flags(flags, cv, 3), reduction="none", grad_in_forward=True,
+                        config=dict(block_n=16, num_splits=splits))
+
+
+@pytest.mark.parametrize("N,C", [(1, 1), (1, 7), (3, 2), (4, 1000)])
+def test_odd_shapes(N, C):
+    gen = torch.Generator().manual_seed(N * 7 + C)
+    cv = class_vectors(C, gen)
+    z, _ = _inputs(N, C, torch.float32, gen)
+    run_and_compare(z, _soft(N, C, gen, "dense"), _flags("all", cv, seed=5))
+
+
+@pytest.mark.parametrize("flags", ["plain", "ldam", "gcl_focal", "weighted_smooth", "all"])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_one_hot_probabilities_equal_the_hard_target_kernels(flags, reduction):
+    """One-hot class probabilities: the same loss and gradient as the class indices, to float32 rounding (the two
+    kernels sum in other orders). 'mean' differs by definition when classes are weighted (N vs sum_i w_{y_i})."""
+    gen = torch.Generator().manual_seed(21)
+    N, C = 6, 45
+    cv = class_vectors(C, gen)
+    z, y = _inputs(N, C, torch.float32, gen, ignore_rows=())
+    kw = to_device(_flags(flags, cv, 9))
+    grads = []
+    for target in (y, F.one_hot(y, C).float()):
+        zk = z.to(DEVICE).requires_grad_()
+        loss = LF.adjusted_cross_entropy(zk, target.to(DEVICE), reduction=reduction, backend="triton", **kw)
+        loss.sum().backward()
+        grads.append((loss.detach(), zk.grad))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("q_dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_target_dtypes_and_a_transposed_target(q_dtype):
+    """The kernels read the targets in their own dtype and strides."""
+    gen = torch.Generator().manual_seed(4)
+    N, C = 6, 29
+    cv = class_vectors(C, gen)
+    z, _ = _inputs(N, C, torch.float32, gen)
+    q = _soft(N, C, gen, "dense").to(q_dtype)
+    run_and_compare(z, q, _flags("all", cv, 2))
+    qt = q.t().contiguous().t()
+    assert not qt.is_contiguous()
+    run_and_compare(z, qt, _flags("ldam", cv, 2), reduction="none")
+
+
+def test_rows_without_mass_and_an_empty_batch():
+    """A row of zeros costs nothing and gets no gradient; 'mean' still divides by N; no rows: NaN as torch."""
+    gen = torch.Generator().manual_seed(6)
+    z, _ = _inputs(4, 9, torch.float32, gen)
+    q = _soft(4, 9, gen, "dense")
+    q[2] = 0.0
+    run_and_compare(z, q, {}, reduction="mean")
+    empty = LF.adjusted_cross_entropy(torch.zeros(0, 9, device=DEVICE), torch.zeros(0, 9, device=DEVICE),
+                                      backend="triton")
+    assert torch.isnan(empty)
+
+
+def test_bad_probability_targets():
+    z = torch.randn(3, 5, device=DEVICE)
+    with pytest.raises(ValueError, match="logits' shape"):
+        LF.adjusted_cross_entropy(z, torch.rand(3, 4, device=DEVICE), backend="triton")
+    if DEVICE == "cpu":
+        with pytest.raises(ValueError, match="non-negative"):
+            LF.adjusted_cross_entropy(z, -torch.rand(3, 5), backend="triton")
+    with pytest.raises(ValueError, match="logits' shape"):
+        LF.adjusted_cross_entropy(z.cpu().double(), torch.rand(3, 5, 1).double(), backend="torch")
