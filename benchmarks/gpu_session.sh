@@ -40,6 +40,8 @@ one() {
 two() {
   step 70 python3 benchmarks/profile_step.py 4096 8142 fp32
   step 105 python3 benchmarks/tune_tiles.py --lade --out "$OUT"
+  # class-probability targets (mixup; floor 3 N C bytes) beside the pair form (issue 21); a folder of its own
+  step 90 python3 -m fastlt bench --loss la_soft --shapes 4096x8142 4096x131072 --out "$OUT/soft"
 }
 case "$what" in
   one) one "$@" ;;

@@ -46,8 +46,10 @@ def measure_bandwidth() -> float:
     return 2 * n * 4 / (ms * 1e-3)
 
 
-def floor_ms(N: int, C: int, dtype: torch.dtype, bandwidth: float) -> float:
-    return 2 * N * C * torch.finfo(dtype).bits / 8 / bandwidth * 1e3
+def floor_ms(N: int, C: int, dtype: torch.dtype, bandwidth: float, passes: int = 2) -> float:
+    """The bandwidth floor of a logits loss: ``passes`` (N, C) matrices of ``dtype`` moved once each (2: read the
+    logits, write the gradient; 3 with class-probability targets read too), at ``bandwidth`` bytes/s, in ms."""
+    return passes * N * C * torch.finfo(dtype).bits / 8 / bandwidth * 1e3
 
 
 def host_ms(step: Callable[[], None], *, reps: int = 10, sync: Callable[[], None] | None = None) -> float:

@@ -38,17 +38,23 @@ _increment_version = torch.autograd.graph.increment_version
 
 # --- implementations shared by both paths --------------------------------------------------------------------------
 
-def _forward(logits, target, args: AdjustedCEArgs, grad_out=None, out_dtype=torch.float32, row_scale=1.0):
+def _forward(logits, target, args: AdjustedCEArgs, grad_out=None, out_dtype=torch.float32):
     """``(loss, row_stats, row_coef)``: the row kernel, whose last program reduces the batch (:func:`launch.loss`)."""
-    return launch.loss(logits, target, args, grad_out=grad_out, out_dtype=out_dtype, row_scale=row_scale)
+    return launch.loss(logits, target, args, grad_out=grad_out, out_dtype=out_dtype)
 
 
-def soft_mean(args: AdjustedCEArgs, target: Tensor, rows: int) -> tuple[AdjustedCEArgs, float]:
-    """``(args, row_scale)`` for the launchers: class-probability targets run 'mean' as 'sum' with every row scaled
-    by ``1 / rows`` (``F.cross_entropy`` divides by N there, not by the targets' weights); else as they are."""
+def soft_mean(args: AdjustedCEArgs, target: Tensor, rows: int) -> AdjustedCEArgs:
+    """``args`` for the launchers: class-probability targets run 'mean' as 'sum' with every row scaled by
+    ``row_scale = 1 / rows`` (``F.cross_entropy`` divides by N there, not by the targets' weights; inf for no row:
+    :func:`nan_if_empty`); else as they are."""
     if target.is_floating_point() and args.reduction == "mean":
-        return dataclasses.replace(args, reduction="sum"), (1.0 / rows if rows else math.inf)
-    return args, 1.0
+        return dataclasses.replace(args, reduction="sum", row_scale=1.0 / rows if rows else math.inf)
+    return args
+
+
+def nan_if_empty(loss: Tensor, args: AdjustedCEArgs) -> Tensor:
+    """The 'mean' of no class-probability rows is NaN, as torch's (:func:`soft_mean` left it a 'sum' of nothing)."""
+    return loss * math.nan if args.row_scale == math.inf else loss
 
 
 def _backward(grad_output, logits, target, args: AdjustedCEArgs, row_stats, row_coef, columns=None):
@@ -71,15 +77,14 @@ def _lade_forward(logits, target, args: AdjustedCEArgs, lade: LadeArgs, out_dtyp
 # Under torch.compile the losses are these opaque ops (no graph break); their backward is registered with
 # torch.library.register_autograd. Eager calls skip the op dispatch and use the Functions below.
 
-@define("fastlt::adjusted_ce_forward", "Tensor logits, Tensor target, float row_scale", [AdjustedCEArgs],
-        "(Tensor, Tensor, Tensor)")
-def adjusted_ce_forward_op(logits, target, row_scale, *flat):
+@define("fastlt::adjusted_ce_forward", "Tensor logits, Tensor target", [AdjustedCEArgs], "(Tensor, Tensor, Tensor)")
+def adjusted_ce_forward_op(logits, target, *flat):
     (args,) = O.unflatten([AdjustedCEArgs], flat)
-    return _forward(logits, target, args, row_scale=row_scale)
+    return _forward(logits, target, args)
 
 
 @adjusted_ce_forward_op.register_fake
-def _(logits, target, row_scale, *flat):
+def _(logits, target, *flat):
     (args,) = O.unflatten([AdjustedCEArgs], flat)
     N = logits.shape[0]
     loss = logits.new_empty((N,) if args.reduction == "none" else (), dtype=torch.float32)
@@ -106,7 +111,7 @@ def _setup_adjusted_ce(ctx, inputs, output):
 
 
 def _adjusted_ce_backward(ctx, grad_loss, grad_row_stats, grad_row_coef):
-    (logits, target, _, *flat), (row_stats, row_coef) = saved_inputs(ctx)
+    (logits, target, *flat), (row_stats, row_coef) = saved_inputs(ctx)
     grad = adjusted_ce_backward_op(grad_loss, logits, target, row_stats, row_coef, None, *flat)
     return input_grads(ctx, grad)
 
@@ -125,7 +130,8 @@ def lade_forward_op(logits, target, *flat):
 def _(logits, target, *flat):
     N, C = logits.shape
     f = torch.float32
-    return (logits.new_empty((), dtype=f), logits.new_empty((2, N), dtype=f), logits.new_empty(N, dtype=f),
+    stats = 3 if target.is_floating_point() else 2
+    return (logits.new_empty((), dtype=f), logits.new_empty((stats, N), dtype=f), logits.new_empty(N, dtype=f),
             logits.new_empty((3, C), dtype=f))
 
 
@@ -155,6 +161,8 @@ def lade_statistics_op(logits, target, *flat):
     loss_rows, row_stats, row_coef, cols = launch.forward(logits, target, args, column_stats=True)
     merged = lade_kernels.merge_partials(cols.partials)
     col_lse = merged[0] + torch.log(merged[1])  # -inf for no valid row
+    if target.is_floating_point():  # class probabilities: the partials summed sum_i q_ic z_ic and sum_i q_ic
+        return loss_rows.sum(), col_lse, merged[2].clone(), merged[3].clone(), row_stats, row_coef
     valid = target != args.ignore_index
     safe = torch.where(valid, target, torch.zeros_like(target)).long()
     target_sum = torch.zeros(C, dtype=torch.float32, device=logits.device).index_add_(
@@ -167,8 +175,9 @@ def lade_statistics_op(logits, target, *flat):
 def _(logits, target, *flat):
     N, C = logits.shape
     f = torch.float32
+    stats = 3 if target.is_floating_point() else 2
     return (logits.new_empty((), dtype=f), logits.new_empty(C, dtype=f), logits.new_empty(C, dtype=f),
-            logits.new_empty(C, dtype=f), logits.new_empty((2, N), dtype=f), logits.new_empty(N, dtype=f))
+            logits.new_empty(C, dtype=f), logits.new_empty((stats, N), dtype=f), logits.new_empty(N, dtype=f))
 
 
 def _setup_lade_statistics(ctx, inputs, output):
@@ -207,9 +216,9 @@ class AdjustedCEFunction(torch.autograd.Function):
     (:func:`fastlt._first_order.first_order`)."""
 
     @staticmethod
-    def forward(ctx, logits, target, args: AdjustedCEArgs, grad_in_forward: bool, row_scale: float = 1.0):
+    def forward(ctx, logits, target, args: AdjustedCEArgs, grad_in_forward: bool):
         loss, row_stats, row_coef = _forward(logits, target, args, logits if grad_in_forward else None,
-                                             out_dtype=logits.dtype, row_scale=row_scale)
+                                             out_dtype=logits.dtype)
         if grad_in_forward and logits._base is None:
             # the logits now hold the gradient: an op that saved them for its backward (the output of relu, exp, ...)
             # must raise autograd's in-place error, not read it. Not for a view: autograd forbids in-place writes
@@ -231,8 +240,8 @@ class AdjustedCEFunction(torch.autograd.Function):
                                    "has scaled it in place; the graph cannot be backpropagated twice "
                                    "(retain_graph=True): use grad_in_forward=False for that")
             ctx.used = True
-            return launch.scale_by(logits, grad_loss.contiguous()), None, None, None, None
-        return _backward(grad_loss, logits, target, ctx.args, row_stats, row_coef), None, None, None, None
+            return launch.scale_by(logits, grad_loss.contiguous()), None, None, None
+        return _backward(grad_loss, logits, target, ctx.args, row_stats, row_coef), None, None, None
 
 
 class LADEFunction(torch.autograd.Function):
@@ -265,12 +274,12 @@ def adjusted_cross_entropy_triton(logits: Tensor, target: Tensor, fields: dict, 
     if grad_in_forward and logits.requires_grad and logits.is_leaf:
         raise ValueError("grad_in_forward=True overwrites the logits with their gradient; it cannot be a "
                          "leaf tensor that requires grad (pass the output of a layer)")
-    args, row_scale = soft_mean(AdjustedCEArgs.from_fields(logits.device, fields), target, logits.shape[0])
+    args = soft_mean(AdjustedCEArgs.from_fields(logits.device, fields), target, logits.shape[0])
     if torch.compiler.is_compiling():  # an opaque op with registered autograd (recompute backward)
-        loss = adjusted_ce_forward_op(logits, target, row_scale, *O.flatten(args))[0].to(logits.dtype)
+        loss = adjusted_ce_forward_op(logits, target, *O.flatten(args))[0].to(logits.dtype)
     else:
-        loss = AdjustedCEFunction.apply(logits, target, args, bool(grad_in_forward), row_scale)
-    return loss * math.nan if row_scale == math.inf else loss  # the 'mean' of no probability rows: NaN, as torch
+        loss = AdjustedCEFunction.apply(logits, target, args, bool(grad_in_forward))
+    return nan_if_empty(loss, args)
 
 
 def lade_loss_triton(logits: Tensor, target: Tensor, prior: Tensor, alpha: float = 0.1, remine_lambda: float = 0.1, *,
@@ -284,9 +293,12 @@ def lade_loss_triton(logits: Tensor, target: Tensor, prior: Tensor, alpha: float
     check_kernel_input("logits", logits)
     args, lade = lade_operator_args(prior, alpha, remine_lambda, weight=weight, label_smoothing=label_smoothing,
                                     ignore_index=ignore_index, reduction=reduction)
+    args = soft_mean(args, target, logits.shape[0])
     if torch.compiler.is_compiling():
-        return lade_forward_op(logits, target, *O.flatten(args, lade))[0].to(logits.dtype)
-    return LADEFunction.apply(logits, target, args, lade)
+        loss = lade_forward_op(logits, target, *O.flatten(args, lade))[0].to(logits.dtype)
+    else:
+        loss = LADEFunction.apply(logits, target, args, lade)
+    return nan_if_empty(loss, args)
 
 
 def lade_statistics_triton(logits: Tensor, target: Tensor, prior: Tensor, *, weight: Tensor | None = None,
@@ -301,7 +313,10 @@ def lade_statistics_triton(logits: Tensor, target: Tensor, prior: Tensor, *, wei
     args, _ = lade_operator_args(prior, 0.0, 0.0, weight=weight, label_smoothing=label_smoothing,
                                  ignore_index=ignore_index, reduction="sum")
     row_sum, col_lse, target_sum, count, _, _ = lade_statistics_op(logits, target, *O.flatten(args))
-    valid = (target != ignore_index).sum(dtype=torch.float32)
+    if target.is_floating_point():
+        valid = torch.full((), float(logits.shape[0]), dtype=torch.float32, device=logits.device)
+    else:
+        valid = (target != ignore_index).sum(dtype=torch.float32)
     return row_sum, LaderStatistics(col_lse=col_lse, target_sum=target_sum, count=count, valid=valid)
 
 

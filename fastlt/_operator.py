@@ -239,6 +239,8 @@ class AdjustedCEArgs:
     reduction: str = param("mean", _Choice(REDUCTIONS), "'mean' (over sum_i w_{y_i}), 'sum' or 'none'")
     seed: int | Tensor = param(0, SEED, "GCL's noise seed: an int, or a (1,) int64 tensor on the device")
     noise_row_offset: int = param(0, INT, "the global index of row 0 (chunked callers): noise is f(seed, row, col)")
+    row_scale: float = param(1.0, FLOAT, "class-probability targets: every row's loss and gradient times this (their "
+                             "'mean' runs as 'sum' with 1 / N: fastlt._glue.soft_mean)")
 
     @property
     def has_noise(self) -> bool:
@@ -316,10 +318,10 @@ _ABSENT = object()
 def check_operator_args(logits, target, fields: dict, *, noise=None) -> None:
     """Check the logits, the targets (class indices (N,), or class probabilities (N, C)) and the operator's
     parameters ``fields`` (by the names of :class:`AdjustedCEArgs`; ``seed`` may be None), for either backend: clear
-    errors naming the argument, no host sync. ``logits`` may be a broadcast stand-in (the heads check without materialising them). ``noise``: the
-    reference path's explicit (N, C) noise."""
+    errors naming the argument, no host sync. ``logits`` may be a broadcast stand-in (the heads check without
+    materialising them). ``noise``: the reference path's explicit (N, C) noise."""
     V.check_logits("logits", logits)
-    if isinstance(target, Tensor) and target.is_floating_point():
+    if isinstance(target, Tensor) and target.is_floating_point() and target.dim() >= 2:
         V.check_soft_target(target, logits)
     else:
         V.check_target(target, logits, fields.get("ignore_index", -100))

@@ -95,7 +95,8 @@ def check_target(target, logits: torch.Tensor, ignore_index: int) -> None:
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if target.dtype not in INT_DTYPES:
-        raise TypeError(f"target must hold integer class indices, got {target.dtype}")
+        raise TypeError(f"target must hold integer class indices (N,) or class probabilities of the logits' shape "
+                        f"{tuple(logits.shape)}, got {target.dtype} {tuple(target.shape)}")
     if target.dim() != 1 or target.shape[0] != logits.shape[0]:
         raise ValueError(
             f"target must have shape (N,) = ({logits.shape[0]},) to match the logits, got {tuple(target.shape)}"

@@ -4,7 +4,8 @@ it runs on is :mod:`fastlt._bench_harness`, the heads' table :mod:`fastlt.bench_
 Every case is forward + backward of one loss on (N, C) logits; a number means the same thing
 wherever it is printed: median milliseconds (CUDA events, ``triton.testing.do_bench``), GB/s of the
 byte model, ``x floor`` against the bandwidth floor ``2 * N * C * bytes / BW`` (read the logits once,
-write the gradient once; BW measured in the same run by a device-to-device copy), the peak
+write the gradient once; BW measured in the same run by a device-to-device copy; ``3 * N * C * bytes`` for
+``la_soft``, logit adjustment with mixup class-probability targets, which reads the targets too), the peak
 extra memory over the inputs, and the host (CPU) time of one step: where it is near the median, the step is
 host-bound (Python and launch work), not kernel-bound. Peers run in the same process: eager PyTorch (the
 reference path), ``torch.compile`` of it, Liger-Kernel's CE (if installed; plain CE, so it does less work), and the
@@ -102,6 +103,21 @@ def build_cases(N: int, C: int, dtype: torch.dtype, *, loss: str, with_compile: 
                 yield "torch.compile, GPU noise", autograd_step(compiled)
             if with_official:
                 yield "official (CPU noise)", autograd_step(lambda z: _gcl_official(z, y, cloud))
+    elif loss == "la_soft":  # mixup: dense targets, beside the pair form (y_a, y_b, lam) that needs no dense read
+        y_b = torch.randint(0, C, (N,), device=dev)
+        lam = 0.7
+        q = (lam * torch.nn.functional.one_hot(y, C) + (1 - lam) * torch.nn.functional.one_hot(y_b, C)).to(dtype)
+        F = fastlt.functional
+        yield "fastlt", autograd_step(lambda z: F.adjusted_cross_entropy(z, q, log_prior=lp, backend="triton"))
+        yield "fastlt grad-in-fwd", autograd_step(lambda z: F.adjusted_cross_entropy(
+            z, q, log_prior=lp, backend="triton", grad_in_forward=True))
+        yield "fastlt pair form (2 hard calls)", autograd_step(
+            lambda z: lam * F.adjusted_cross_entropy(z, y, log_prior=lp, backend="triton")
+            + (1 - lam) * F.adjusted_cross_entropy(z, y_b, log_prior=lp, backend="triton"))
+        yield "eager PyTorch", autograd_step(lambda z: R.adjusted_cross_entropy(z, q, log_prior=lp))
+        if with_compile:
+            compiled = torch.compile(lambda z: torch.nn.functional.cross_entropy(z + lp.to(z.dtype), q))
+            yield "torch.compile", autograd_step(compiled)
     elif loss == "lade":
         yield "fastlt", autograd_step(lambda z: fastlt.functional.lade_loss(z, y, pi, backend="triton"))
         yield "eager PyTorch", autograd_step(lambda z: R.lade_loss(z, y, pi))
@@ -158,7 +174,8 @@ def run(losses=("la", "gcl", "lade"), shapes=SHAPES, dtypes=("fp32", "bf16"), *,
         for N, C in shapes:
             for dname in dtypes:
                 dtype = DTYPES[dname]
-                floor = floor_ms(N, C, dtype, bw)
+                passes = 3 if loss == "la_soft" else 2  # the targets' read
+                floor = floor_ms(N, C, dtype, bw, passes)
                 small = N * C <= 4096 * 8142
                 cases = build_cases(N, C, dtype, loss=loss, with_compile=with_compile and N * C <= 4096 * 131072,
                                     with_official=with_official and (small or loss == "lade"))
@@ -167,7 +184,7 @@ def run(losses=("la", "gcl", "lade"), shapes=SHAPES, dtypes=("fp32", "bf16"), *,
                     m = measure_case(make, reps=3 if slow else None)
                     r = Result(loss, method, N, C, dname, m.ms, host_ms=m.host_ms, note=m.note)
                     if m.ms is not None:
-                        r.gbps = 2 * N * C * dtype.itemsize / (m.ms * 1e-3) / 1e9
+                        r.gbps = passes * N * C * dtype.itemsize / (m.ms * 1e-3) / 1e9
                         r.x_floor, r.extra_gb = m.ms / floor, m.extra_gb
                     results.append(r)
                     log(_row(r))
@@ -238,7 +255,8 @@ def _plot(results: list[Result], path: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fastlt bench", description=__doc__.splitlines()[0])
-    p.add_argument("--loss", nargs="+", default=["la", "gcl", "lade"], choices=["la", "gcl", "lade"])
+    p.add_argument("--loss", nargs="+", default=["la", "gcl", "lade"], choices=["la", "gcl", "lade", "la_soft"],
+                   help="la_soft: logit adjustment with mixup class-probability targets (floor 3 N C bytes)")
     p.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     p.add_argument("--shapes", nargs="+", default=None, help="NxC items, e.g. 4096x8142")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer (compiles are slow)")

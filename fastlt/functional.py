@@ -45,7 +45,9 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor 
     Args:
         logits: (N, C) fp32, bf16 or fp16 (float64: ``backend='torch'`` only); or (C,) unbatched, or
             (N, C, d1, ..., dk) with the positions as rows, as ``F.cross_entropy`` (:mod:`fastlt._shapes`).
-        target: (N,) integer class indices, or ``ignore_index`` ((), (N, d1, ..., dk) for the shapes above).
+        target: (N,) integer class indices, or ``ignore_index`` ((), (N, d1, ..., dk) for the shapes above); or
+            class probabilities of the logits' shape, any float dtype (mixup; see
+            :func:`fastlt.reference.adjusted_cross_entropy`).
         log_prior, tau, cloud, noise_mul, noise, margin, scale, gamma, weight, ignore_index, reduction,
             label_smoothing: as :func:`fastlt.reference.adjusted_cross_entropy` (``noise`` on the reference only).
         seed: GCL's noise seed: an int, or a one-element int64 tensor on the logits' device, which the kernels read

@@ -314,7 +314,7 @@ def lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: float = 0.1,
 
     Args:
         logits: (N, C) float tensor.
-        target: (N,) integer class indices, or ``ignore_index``.
+        target: (N,) integer class indices, or ``ignore_index``; or (N, C) class probabilities.
         prior: (C,) the training prior pi (probabilities).
         alpha: the weight of LADER.
         remine_lambda: LADER's quadratic penalty (:func:`lader`).

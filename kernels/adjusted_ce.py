@@ -301,7 +301,8 @@ def _adjusted_tile(z_op, vecs, hp, rng, row, col_start, col_base, col_hi, soft, 
     z, cols, col_mask, mask = _load_tile(z_op, row, col_start, col_base, col_hi, MASK_COLS, ALIGN, BLOCK_N)
     q = z  # without SOFT, a placeholder never read (triton 3.6 cannot return a tuple holding None)
     if F.SOFT:
-        q = _load_tile(Operand(soft.q, soft.stride_m, soft.stride_n), row, col_start, col_base, col_hi, MASK_COLS, ALIGN, BLOCK_N)[0]
+        q = _load_tile(Operand(soft.q, soft.stride_m, soft.stride_n), row, col_start, col_base, col_hi, MASK_COLS,
+                       ALIGN, BLOCK_N)[0]
     a = z
     if F.HAS_LOG_PRIOR:
         a += hp.tau * tl.load(vecs.log_prior + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -530,7 +531,8 @@ def _grad_step(z_op, g_op, vecs, hp, rng, row, rg, colg, col_start, col_base, co
         m_t = tl.load(stored.maxima + row.idx.to(tl.int64) * stored.count + tile, mask=row.mask, other=0.0)
         p = e * exp((m_t - rg.row_max) - rg.log_sum)[:, None]
         if F.SOFT:  # no one-hot: the targets' tile
-            q = _load_tile(Operand(soft.q, soft.stride_m, soft.stride_n), row, col_start, col_base, col_hi, MASK_COLS, ALIGN, BLOCK_N)[0]
+            q = _load_tile(Operand(soft.q, soft.stride_m, soft.stride_n), row, col_start, col_base, col_hi,
+                           MASK_COLS, ALIGN, BLOCK_N)[0]
             g = _grad_from_p(p, e, q, cols, col_mask, row, rg, vecs, hp, colg, F, False, False)
         elif _holds_target(row.y, col_start, BLOCK_N):
             g = _grad_from_p(p, e, None, cols, col_mask, row, rg, vecs, hp, colg, F, False, True)

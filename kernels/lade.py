@@ -46,7 +46,7 @@ def _block_c(C: int) -> int:
 def lade_columns(stat_ptr, R, C, y_ptr, zy_ptr, N, ignore_index, pi_ptr, alpha, remine_lambda, log_uniform, out_ptr,
                  lader_ptr, loss_rows_ptr, weight_ptr, coef_ptr, red, FINISH: tl.constexpr, ACCUMULATE: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Y: tl.constexpr, REDUCE: tl.constexpr,
-                 HAS_WEIGHT: tl.constexpr, RBLOCK: tl.constexpr):
+                 HAS_WEIGHT: tl.constexpr, RBLOCK: tl.constexpr, SOFT: tl.constexpr = False):
     """Grid (cdiv(C, BLOCK_C),). ``stat``: (2, R, C) fp32 partials (column max of z, sum exp(z - max)) of R row
     blocks, merged down R in fp32 (deterministic order).
 
@@ -61,13 +61,22 @@ def lade_columns(stat_ptr, R, C, y_ptr, zy_ptr, N, ignore_index, pi_ptr, alpha, 
     REDUCE (with FINISH; 1 'sum', 2 'mean'): that reduction here, by the last program to finish
     (:func:`fastlt.kernels.reduce.last_program_reduces`): ``red.out`` (0-dim) = the reduced PriorCE rows
     ``loss_rows`` (N,) plus every ``lader`` part, and for 'mean' the rows' coefficients ``coef`` (N,) times
-    1 / sum_i w_{y_i} (``weight``: (C,) class weights when HAS_WEIGHT)."""
+    1 / sum_i w_{y_i} (``weight``: (C,) class weights when HAS_WEIGHT).
+
+    SOFT (class-probability targets): ``stat`` (4, R, C) also holds per row block ``sum_i q_ic z_ic`` and
+    ``sum_i q_ic``, summed down R (into ``out`` planes 2 and 3 without FINISH: (4, C)); FINISH takes them as the
+    class sums and counts (``y`` and ``zy`` are not read) and every one of the N rows as valid."""
     c0 = tl.program_id(0) * BLOCK_C
     cols = c0 + tl.arange(0, BLOCK_C)
     col_mask = cols < C
+    c_t = tl.zeros((BLOCK_C,), tl.float32)  # SOFT: sum_i q_ic z_ic and sum_i q_ic
+    c_n = tl.zeros((BLOCK_C,), tl.float32)
     if ACCUMULATE:
         c_max = tl.load(out_ptr + cols, mask=col_mask, other=NEG_BIG)
         c_sum = tl.load(out_ptr + C + cols, mask=col_mask, other=0.0)
+        if SOFT:
+            c_t = tl.load(out_ptr + 2 * C + cols, mask=col_mask, other=0.0)
+            c_n = tl.load(out_ptr + 3 * C + cols, mask=col_mask, other=0.0)
     else:
         c_max = tl.full((BLOCK_C,), NEG_BIG, tl.float32)
         c_sum = tl.zeros((BLOCK_C,), tl.float32)
@@ -78,25 +87,33 @@ def lade_columns(stat_ptr, R, C, y_ptr, zy_ptr, N, ignore_index, pi_ptr, alpha, 
         offs = r.to(tl.int64)[:, None] * C + cols[None, :]
         p_max = tl.load(stat_ptr + offs, mask=mask, other=NEG_BIG)
         p_sum = tl.load(stat_ptr + plane + offs, mask=mask, other=0.0)
+        if SOFT:
+            c_t += tl.sum(tl.load(stat_ptr + 2 * plane + offs, mask=mask, other=0.0), 0)
+            c_n += tl.sum(tl.load(stat_ptr + 3 * plane + offs, mask=mask, other=0.0), 0)
         m_new = tl.maximum(c_max, tl.max(p_max, 0))
         c_sum = c_sum * exp(c_max - m_new) + tl.sum(p_sum * exp(p_max - m_new[None, :]), 0)
         c_max = m_new
     if FINISH:
-        c_first = tl.zeros((BLOCK_C,), tl.float32)
-        c_count = tl.zeros((BLOCK_C,), tl.float32)
-        n_acc = tl.zeros((BLOCK_Y,), tl.float32)
-        for i0 in range(0, N, BLOCK_Y):
-            i = i0 + tl.arange(0, BLOCK_Y)
-            y = tl.load(y_ptr + i, mask=i < N, other=ignore_index).to(tl.int64)
-            valid = (i < N) & (y != ignore_index)
-            n_acc += valid.to(tl.float32)
-            here = valid & (y >= c0) & (y < c0 + BLOCK_C) & (y < C)
-            if tl.sum(here.to(tl.int32), 0) > 0:  # most row steps hold no target of these classes
-                zy = tl.load(zy_ptr + i, mask=here, other=0.0)
-                hit = here[:, None] & (y[:, None] == cols[None, :])
-                c_first += tl.sum(tl.where(hit, zy[:, None], 0.0), 0)
-                c_count += tl.sum(hit.to(tl.float32), 0)
-        n_valid = tl.sum(n_acc, 0)
+        if SOFT:
+            c_first = c_t
+            c_count = c_n
+            n_valid = N * 1.0
+        else:
+            c_first = tl.zeros((BLOCK_C,), tl.float32)
+            c_count = tl.zeros((BLOCK_C,), tl.float32)
+            n_acc = tl.zeros((BLOCK_Y,), tl.float32)
+            for i0 in range(0, N, BLOCK_Y):
+                i = i0 + tl.arange(0, BLOCK_Y)
+                y = tl.load(y_ptr + i, mask=i < N, other=ignore_index).to(tl.int64)
+                valid = (i < N) & (y != ignore_index)
+                n_acc += valid.to(tl.float32)
+                here = valid & (y >= c0) & (y < c0 + BLOCK_C) & (y < C)
+                if tl.sum(here.to(tl.int32), 0) > 0:  # most row steps hold no target of these classes
+                    zy = tl.load(zy_ptr + i, mask=here, other=0.0)
+                    hit = here[:, None] & (y[:, None] == cols[None, :])
+                    c_first += tl.sum(tl.where(hit, zy[:, None], 0.0), 0)
+                    c_count += tl.sum(hit.to(tl.float32), 0)
+            n_valid = tl.sum(n_acc, 0)
         pi = tl.load(pi_ptr + cols, mask=col_mask, other=0.0)
         col_lse = c_max + tl.log(c_sum)
         inv_count = 1.0 / (c_count + 1e-8)
@@ -114,6 +131,9 @@ def lade_columns(stat_ptr, R, C, y_ptr, zy_ptr, N, ignore_index, pi_ptr, alpha, 
     else:
         tl.store(out_ptr + cols, c_max, mask=col_mask)
         tl.store(out_ptr + C + cols, c_sum, mask=col_mask)
+        if SOFT:
+            tl.store(out_ptr + 2 * C + cols, c_t, mask=col_mask)
+            tl.store(out_ptr + 3 * C + cols, c_n, mask=col_mask)
 
 
 class PriorCERows(NamedTuple):
@@ -182,16 +202,18 @@ def _columns(stats: torch.Tensor, *, finish: _Finish | None = None, into: torch.
     (and with ``rows`` the reduced loss). Returns ``(out, parts)``."""
     if stats.dim() == 2:
         stats = stats[:, None]
-    if stats.dtype != torch.float32 or stats.dim() != 3 or stats.shape[0] != 2:
-        raise ValueError(f"column statistics must be (2, R, C) or (2, C) fp32, got {tuple(stats.shape)} {stats.dtype}")
+    if stats.dtype != torch.float32 or stats.dim() != 3 or stats.shape[0] not in (2, 4):
+        raise ValueError(f"column statistics must be (2, R, C) or (2, C) fp32 ((4, ...) for class probabilities), "
+                         f"got {tuple(stats.shape)} {stats.dtype}")
     stats = stats.contiguous()
-    _, R, C = stats.shape
+    planes, R, C = stats.shape
+    soft = planes == 4  # class-probability targets: the class sums and counts come with the partials
     dev = stats.device
     block_c = _block_c(C)
-    if into is not None and (into.shape != (2, C) or into.dtype != torch.float32 or not into.is_contiguous()):
-        raise ValueError(f"into must be contiguous (2, C) = (2, {C}) fp32 running statistics, got "
+    if into is not None and (into.shape != (planes, C) or into.dtype != torch.float32 or not into.is_contiguous()):
+        raise ValueError(f"into must be contiguous ({planes}, C) = ({planes}, {C}) fp32 running statistics, got "
                          f"{tuple(into.shape)} {into.dtype}")
-    out = into if into is not None else torch.empty((3 if finish is not None else 2, C), dtype=torch.float32,
+    out = into if into is not None else torch.empty((3 if finish is not None else planes, C), dtype=torch.float32,
                                                     device=dev)
     parts = torch.empty(triton.cdiv(C, block_c), dtype=torch.float32, device=dev) if finish is not None else None
     if rows is not None and rows.args.reduction == "none":
@@ -207,7 +229,9 @@ def _columns(stats: torch.Tensor, *, finish: _Finish | None = None, into: torch.
         # nothing
         fin = finish or _Finish(y=out, target_logits=out, ignore_index=-100, prior=out, alpha=0.0, remine_lambda=0.0)
         y, zy = fin.y, fin.target_logits
-        if finish is not None and N == 0:  # no row to read: pointers of the usual types, surely valid
+        if soft:  # neither is read
+            y, zy = out, out
+        elif finish is not None and N == 0:  # no row to read: pointers of the usual types, surely valid
             y, zy = torch.full((1,), int(finish.ignore_index), device=dev), out
         block_r = max(1, min(4096 // block_c, triton.next_power_of_2(max(R, 1))))  # few classes: taller steps
         block_y = max(1, min(4096 // block_c, triton.next_power_of_2(max(N, 1))))
@@ -219,7 +243,8 @@ def _columns(stats: torch.Tensor, *, finish: _Finish | None = None, into: torch.
             coef_ptr=rows.row_coef if rows is not None else out,
             red=Reduction(out=rows.out if rows is not None else out, counter=counter if counter is not None else out),
             FINISH=finish is not None, ACCUMULATE=into is not None, BLOCK_R=block_r, BLOCK_C=block_c,
-            BLOCK_Y=block_y, REDUCE=reduce_mode, HAS_WEIGHT=weight is not None, RBLOCK=rblock, num_warps=4)
+            BLOCK_Y=block_y, REDUCE=reduce_mode, HAS_WEIGHT=weight is not None, RBLOCK=rblock, SOFT=soft,
+            num_warps=4)
     if rows is not None:  # PriorCE's coefficients come unscaled (PriorCERows)
         launch.reduce_unless_fused(rows.out, counter, rows.loss_rows, finish.y, rows.args, row_coef=rows.row_coef,
                                    scale_mean=False, extra=parts)
@@ -228,8 +253,8 @@ def _columns(stats: torch.Tensor, *, finish: _Finish | None = None, into: torch.
 
 def merge_partials(partials: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
     """(2, R, C) per-row-block partials (column max, sum-exp relative to it) -> (2, C) for the whole set of rows
-    (one launch). ``into``: (2, C) running statistics of earlier row chunks, merged with the partials in place
-    (and returned)."""
+    (one launch); (4, R, C) -> (4, C) for class-probability targets (their class sums and counts summed too).
+    ``into``: running statistics of earlier row chunks, merged with the partials in place (and returned)."""
     return _columns(partials, into=into)[0]
 
 
@@ -243,7 +268,11 @@ def finish(partials: torch.Tensor, y: torch.Tensor, target_logits: torch.Tensor,
     ``pi``: (C,) fp32 prior. LADER is 0 when every row is ignored. Returns :class:`LaderTerms`.
     ``rows``: also write ``rows.out`` = the reduced PriorCE rows + alpha * LADER (what ``launch.reduce(...,
     extra=parts)`` gives), from the same launch's last program when a counter is at hand, else one launch after."""
-    if y.shape != target_logits.shape or y.dim() != 1:
+    if y.is_floating_point():  # class probabilities (N, C): their sums are in the (4, ...) partials
+        if y.dim() != 2 or partials.shape[0] != 4:
+            raise ValueError(f"class-probability targets need (N, C) targets and (4, R, C) partials, got "
+                             f"{tuple(y.shape)} and {tuple(partials.shape)}")
+    elif y.shape != target_logits.shape or y.dim() != 1:
         raise ValueError(f"y and target_logits must both be (N,), got {tuple(y.shape)} and "
                          f"{tuple(target_logits.shape)}")
     pi = pi.to(torch.float32).contiguous()

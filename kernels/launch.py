@@ -10,7 +10,7 @@ the focal factor); all fp32.
 
 Targets are class indices (N,) or, as a floating (N, C) tensor in their place, class probabilities
 (:class:`fastlt.kernels.adjusted_ce.Soft`): then ``row_stats`` is (3, N) with ``W_q`` third, the reduction must be
-'sum' or 'none', and ``row_scale`` multiplies the rows (the callers run 'mean' as 'sum' with ``1 / N``).
+'sum' or 'none', and ``args.row_scale`` multiplies the rows (the callers run 'mean' as 'sum' with ``1 / N``).
 """
 
 from __future__ import annotations
@@ -107,13 +107,15 @@ def _operand(t: torch.Tensor) -> Operand:
     return Operand(t, t.stride(0), t.stride(1))
 
 
-def _soft(y: torch.Tensor, args: AdjustedCEArgs, row_scale: float) -> Soft | None:
-    """The :class:`Soft` group when ``y`` holds class probabilities (floating, (N, C)), else None (no parameter)."""
+def _soft(y: torch.Tensor, args: AdjustedCEArgs | None) -> Soft | None:
+    """The :class:`Soft` group when ``y`` holds class probabilities (floating, (N, C)), else None (no parameter);
+    ``args.row_scale`` multiplies the rows (``args`` None: a launch that finishes no row, no scale)."""
     if not y.is_floating_point():
         return None
-    if args.reduction == "mean":
-        raise ValueError("class-probability targets: run 'mean' as 'sum' with row_scale=1/N (fastlt._glue does)")
-    return Soft(q=y, stride_m=y.stride(0), stride_n=y.stride(1), row_scale=float(row_scale))
+    if args is not None and args.reduction == "mean":
+        raise ValueError("class-probability targets: run 'mean' as 'sum' with row_scale=1/N (fastlt._glue.soft_mean)")
+    return Soft(q=y, stride_m=y.stride(0), stride_n=y.stride(1),
+                row_scale=None if args is None else float(args.row_scale))
 
 
 def _flags(flags: Flags, soft: Soft | None) -> Flags:
@@ -253,7 +255,7 @@ def reduce(loss_rows: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *,
 # --- the row kernels ------------------------------------------------------------------------------------------------
 
 def loss(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out: torch.Tensor | None = None,
-         out_dtype: torch.dtype = torch.float32, config: TileConfig | None = None, row_scale: float = 1.0):
+         out_dtype: torch.dtype = torch.float32, config: TileConfig | None = None):
     """The reduced loss (0-dim, ``out_dtype``; the (N,) fp32 rows for 'none') in the fewest launches: ``(loss,
     row_stats, row_coef)`` as :func:`forward` gives them (the coefficient includes 'mean''s 1 / sum w_{y_i}). Up to
     :func:`fused_reduction`'s rows the row kernel's last program reduces the batch, so a step is one launch (plus
@@ -261,11 +263,11 @@ def loss(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out: to
     gradient is written, which the row programs sum themselves when that is cheap (``tiles.OWN_DENOM_READS``) and
     one small launch first computes otherwise."""
     if args.reduction == "none":
-        loss_rows, row_stats, row_coef, _ = forward(z, y, args, grad_out=grad_out, config=config, row_scale=row_scale)
+        loss_rows, row_stats, row_coef, _ = forward(z, y, args, grad_out=grad_out, config=config)
         return loss_rows, row_stats, row_coef
     out = torch.empty((), dtype=out_dtype, device=z.device)
     _, row_stats, row_coef, _ = forward(z, y, args, grad_out=grad_out, config=config, scale_mean=grad_out is not None,
-                                        out=out, row_scale=row_scale)
+                                        out=out)
     return out, row_stats, row_coef
 
 
@@ -286,8 +288,7 @@ def _store_probs(args: AdjustedCEArgs) -> bool:
 
 def forward(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out: torch.Tensor | None = None,
             column_stats: bool = False, config: TileConfig | None = None,
-            inv_denominator: torch.Tensor | None = None, scale_mean: bool = True, out: torch.Tensor | None = None,
-            row_scale: float = 1.0):
+            inv_denominator: torch.Tensor | None = None, scale_mean: bool = True, out: torch.Tensor | None = None):
     """Run the forward on (N, C) logits ``z`` and (N,) targets ``y``. Returns ``(loss_rows, row_stats, row_coef,
     column_stats)`` (see the module docstring; ``column_stats``: a :class:`ColumnStats` (LADE) when asked for,
     else None).
@@ -300,11 +301,12 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out:
     ``out`` (0-dim, 'mean' or 'sum', not with ``column_stats``): receives the reduced loss, from the last program
     of the launch that finishes the rows when :func:`fused_reduction` allows, else from one :func:`reduce` launch
     after it.
-    ``y`` may be (N, C) class probabilities ('sum' or 'none'; ``row_scale`` multiplies the rows): see the module.
+    ``y`` may be (N, C) class probabilities ('sum' or 'none'; ``args.row_scale`` multiplies the rows): see the
+    module.
     """
     N, C = z.shape
     dev = z.device
-    soft = _soft(y, args, row_scale)
+    soft = _soft(y, args)
     cfg = config or pick_tiles(N, C, dev, column_stats=column_stats, grad_in_forward=grad_out is not None,
                                elem_bytes=z.element_size())
     if not scale_mean and grad_out is not None:
@@ -382,7 +384,7 @@ def grad(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, row_stats: torc
         return out
     d = _dummy(dev)
     kg = kernel_groups(args, dev)
-    soft = None if not y.is_floating_point() else Soft(q=y, stride_m=y.stride(0), stride_n=y.stride(1), row_scale=None)
+    soft = _soft(y, None)
     row_loss_grad[(cdiv(N, cfg.block_m), cfg.num_splits)](
         z_op=_operand(z), y_ptr=y, vecs=kg.vecs, wsum_ptr=_or_dummy(weight_sum(args), dev),
         row_stats_ptr=row_stats, coef_ptr=row_coef, go_ptr=_or_dummy(grad_output, dev),
@@ -414,7 +416,7 @@ def chunk_partials(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, part:
     has_cols = column_stats is not None
     cfg = pick_tiles(N, Ck, dev, column_stats=has_cols)
     row_blocks = cdiv(N, cfg.block_m)
-    soft = None if not y.is_floating_point() else Soft(q=y, stride_m=y.stride(0), stride_n=y.stride(1), row_scale=None)
+    soft = _soft(y, None)
     planes = 2 if soft is None else 4
     if has_cols and (tuple(column_stats.partials.shape) != (planes, column_stat_blocks(N), num_classes)
                      or tuple(column_stats.target_logits.shape) != (N,)):
@@ -461,15 +463,15 @@ def _launch_combine(part, y, args: AdjustedCEArgs, C: int, rows: RowOutputs, inv
 
 def combine_partials(part: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, num_classes: int, *,
                      inv_denominator: torch.Tensor | None = None, scale_mean: bool = True,
-                     out: torch.Tensor | None = None, row_scale: float = 1.0):
+                     out: torch.Tensor | None = None):
     """``(loss_rows, row_stats, row_coef)`` (fp32) from the (4, N, num_chunks) partials of :func:`chunk_partials`, as
     :func:`forward` returns them; ``inv_denominator``, ``scale_mean`` and ``out`` as there: the combine's last
     program reduces the batch into ``out`` when :func:`fused_reduction` allows, and its programs sum 'mean''s
     denominator themselves when that is cheap, so a reduced loss is one launch. Class probabilities ``y`` (N, C):
-    (6, N, num_chunks) partials, 'sum' or 'none', ``row_scale`` as :func:`forward`."""
+    (6, N, num_chunks) partials, 'sum' or 'none', ``args.row_scale`` as :func:`forward`."""
     N = part.shape[1]
     dev = part.device
-    soft = _soft(y, args, row_scale)
+    soft = _soft(y, args)
     if out is not None and args.reduction == "none":
         raise ValueError("out= takes the 'mean' or 'sum' of the rows")
     mean = args.reduction == "mean" and scale_mean

@@ -302,3 +302,24 @@ def test_kernel_heads(head):
         torch.testing.assert_close(loss.cpu().to(F64), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.cat(grads["f"]).cpu().to(F64) / 2, want_grads["f"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close((sum(grads["w"]) / 2).cpu().to(F64), want_grads["w"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,dtype", [("torch", F64), ("triton", torch.float32)])
+@pytest.mark.parametrize("name", ["la", "gcl", "lade"])
+def test_probability_targets(backend, dtype, name):
+    """Class-probability targets (mixup) with dp_group: 'mean' over the global N, LADE's class sums weighed by q."""
+    gen = torch.Generator().manual_seed(17)
+    N, C = 7, 9
+    x = torch.randn(N, C, generator=gen, dtype=dtype)
+    q = torch.softmax(torch.randn(N, C, generator=gen, dtype=dtype) * 2, 1)
+    vec = class_vectors(C, gen)
+    dp_fn, _ = _losses(name, {k: t.to(DEVICE) for k, t in vec.items()}, dtype, weight=vec["weight"],
+                       label_smoothing=0.1, reduction="mean", backend=backend, sizes=[4, 3])
+    _, ref_fn = _losses(name, vec, F64, weight=vec["weight"], label_smoothing=0.1, reduction="mean",
+                        backend="torch", sizes=[4, 3])
+    losses, grads, _ = _run([4, 3], dict(x=x.to(DEVICE), y=q.to(DEVICE)), dp_fn)
+    want, want_grad = _reference(dict(x=x.to(F64), y=q.to(F64)), ref_fn)
+    tol = 1e-12 if dtype == F64 else 1e-5
+    for loss in losses:
+        torch.testing.assert_close(loss.cpu().to(F64), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(torch.cat(grads["x"]).cpu().to(F64) / 2, want_grad["x"], rtol=tol, atol=tol)

@@ -79,7 +79,7 @@ def test_loss_ops_pass_opcheck():
                                           cloud=gcl_cloud(counts).to(DEVICE), noise_mul=0.5, seed=3, margin=0.2,
                                           scale=2.0, gamma=1.0, weight=None, ignore_index=-100, reduction=reduction,
                                           label_smoothing=0.1)
-        torch.library.opcheck(adjusted_ce_forward_op, (z, y, 1.0, *flatten(args)))
+        torch.library.opcheck(adjusted_ce_forward_op, (z, y, *flatten(args)))
     pi = prior(counts).to(DEVICE)
     lade_args = AdjustedCEArgs(log_prior=torch.log(pi))
     torch.library.opcheck(lade_forward_op, (z, y, *flatten(lade_args, LadeArgs(pi, 0.1, 0.1))))

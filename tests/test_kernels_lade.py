@@ -217,9 +217,14 @@ def test_merge_partials_and_finish_reject_bad_shapes():
     from fastlt.kernels import lade as lade_kernels
 
     with pytest.raises(ValueError, match=r"\(2, R, C\) or \(2, C\) fp32"):
-        lade_kernels.merge_partials(torch.zeros(4, 2, 5, device=DEVICE))
+        lade_kernels.merge_partials(torch.zeros(3, 2, 5, device=DEVICE))
     with pytest.raises(ValueError, match=r"\(2, R, C\) or \(2, C\) fp32"):
         lade_kernels.merge_partials(torch.zeros(2, 2, 5, dtype=torch.float64, device=DEVICE))
+    with pytest.raises(ValueError, match=r"into must be contiguous \(4, C\)"):  # class probabilities' four planes
+        lade_kernels.merge_partials(torch.zeros(4, 2, 5, device=DEVICE), into=torch.zeros(2, 5, device=DEVICE))
+    with pytest.raises(ValueError, match="class-probability targets need"):
+        lade_kernels.finish(torch.zeros(2, 5, device=DEVICE), torch.zeros(3, 5, device=DEVICE),
+                            torch.zeros(3, device=DEVICE), torch.full((5,), 0.2, device=DEVICE), -100, 0.1)
     with pytest.raises(ValueError, match=r"into must be contiguous \(2, C\)"):
         lade_kernels.merge_partials(torch.zeros(2, 2, 5, device=DEVICE), into=torch.zeros(2, 4, device=DEVICE))
     with pytest.raises(ValueError, match="target_logits"):

@@ -13,7 +13,10 @@ import torch.nn.functional as F
 from conftest import DEVICE, DTYPES, class_vectors, to_device
 from test_kernels_adjusted_ce import _flags, _inputs, run_and_compare
 
+import fastlt
 from fastlt import functional as LF
+from fastlt import heads as H
+from fastlt import reference as R
 from fastlt.kernels import launch
 
 
@@ -134,3 +137,96 @@ def test_bad_probability_targets():
             LF.adjusted_cross_entropy(z, -torch.rand(3, 5), backend="triton")
     with pytest.raises(ValueError, match="logits' shape"):
         LF.adjusted_cross_entropy(z.cpu().double(), torch.rand(3, 5, 1).double(), backend="torch")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_lade_with_probability_targets(dtype, reduction):
+    """LADE's statistics weigh the classes by q (N_c = sum_i q_ic, sum_i q_ic z_ic); every row counts."""
+    gen = torch.Generator().manual_seed(31)
+    N, C = 7, 40
+    cv = class_vectors(C, gen)
+    z, _ = _inputs(N, C, dtype, gen)
+    q = _soft(N, C, gen)
+    pi = torch.softmax(cv["log_prior"].double(), 0)
+    zk = z.to(DEVICE).detach().requires_grad_()
+    loss = LF.lade_loss(zk, q.to(DEVICE), pi.to(DEVICE).float(), 0.3, 0.1, weight=cv["weight"].to(DEVICE),
+                        label_smoothing=0.1, reduction=reduction, backend="triton")
+    loss.backward()
+    z64 = z.double().requires_grad_()
+    want = R.lade_loss(z64, q.double(), pi, 0.3, 0.1, weight=cv["weight"].double(), label_smoothing=0.1,
+                       reduction=reduction)
+    want.backward()
+    tol = dict(rtol=3e-2, atol=3e-2) if dtype != torch.float32 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss.cpu().double(), want.detach(), **tol)
+    torch.testing.assert_close(zk.grad.cpu().double(), z64.grad, **tol)
+
+
+@pytest.mark.parametrize("head", ["linear", "cosine_gcl", "lade"])
+@pytest.mark.parametrize("chunks", [{}, dict(chunk_rows=3), dict(chunk_classes=16)], ids=["whole", "rows", "classes"])
+def test_heads_with_probability_targets(head, chunks):
+    """The fused heads read each chunk's targets (rows, or the class chunk's columns) against the dense oracle."""
+    gen = torch.Generator().manual_seed(23)
+    N, D, C = 7, 6, 37
+    cv = class_vectors(C, gen)
+    f = torch.randn(N, D, generator=gen)
+    w = torch.randn(C, D, generator=gen)
+    b = torch.randn(C, generator=gen)
+    q = _soft(N, C, gen, "dense")
+    pi = torch.softmax(cv["log_prior"], 0)
+    kw64 = dict(reduction="sum")
+    if head == "linear":
+        def run(f, w, q, backend, **k):
+            dt = f.dtype
+            return H.linear_cross_entropy(f, w, q, b.to(f), log_prior=cv["log_prior"].to(f), tau=0.5,
+                                          weight_classes=cv["weight"].to(dt), label_smoothing=0.1, backend=backend,
+                                          **k, **kw64)
+    elif head == "cosine_gcl":
+        def run(f, w, q, backend, **k):
+            return H.cosine_cross_entropy(f, w, q, cloud=cv["cloud"].to(f), noise_mul=0.0, margin=0.2, scale=8.0,
+                                          gamma=1.0, backend=backend, **k, **kw64)
+    else:
+        def run(f, w, q, backend, **k):
+            return H.lade_linear_loss(f, w, q, pi.to(f), b.to(f), weight_classes=cv["weight"].to(f), backend=backend,
+                                      **k, **kw64)
+    fk, wk = f.to(DEVICE).detach().requires_grad_(), w.to(DEVICE).detach().requires_grad_()
+    got = run(fk, wk, q.to(DEVICE), "triton", **chunks)
+    got.backward()
+    f64, w64 = f.double().requires_grad_(), w.double().requires_grad_()
+    want = run(f64, w64, q.double(), "torch")
+    want.backward()
+    torch.testing.assert_close(got.cpu().double(), want.detach(), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(fk.grad.cpu().double(), f64.grad, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(wk.grad.cpu().double(), w64.grad, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_every_module_takes_probability_targets(backend):
+    """The loss modules and heads with mixup targets (and K-dim probabilities) on both backends agree with the
+    float64 reference; at the identity setting the loss is F.cross_entropy's."""
+    gen = torch.Generator().manual_seed(2)
+    N, C, D = 6, 11, 5
+    counts = torch.randint(1, 100, (C,), generator=gen)
+    dev = DEVICE if backend == "triton" else "cpu"
+    z = torch.randn(N, C, generator=gen).to(dev)
+    q = _soft(N, C, gen).to(dev)
+    plain = fastlt.LogitAdjustedLoss(counts, tau=0.0, backend=backend).to(dev)
+    torch.testing.assert_close(plain(z, q), F.cross_entropy(z, q), rtol=1e-5, atol=1e-6)
+    for crit, kw in ((fastlt.BalancedSoftmaxLoss(counts, backend=backend), {}),
+                     (fastlt.LDAMLoss(counts, backend=backend), {}),
+                     (fastlt.GCLLoss(counts, backend=backend), dict(seed=3)),
+                     (fastlt.LADELoss(counts, backend=backend), {})):
+        got = crit.to(dev)(z, q, **kw)
+        assert torch.isfinite(got)
+        want = crit.double().to(dev)(z.double(), q.double(), **kw) if backend == "torch" else None
+        if want is not None:
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    z4 = torch.randn(2, C, 3, 2, generator=gen).to(dev)
+    q4 = torch.softmax(torch.randn(2, C, 3, 2, generator=gen), 1).to(dev)
+    torch.testing.assert_close(plain(z4, q4), F.cross_entropy(z4, q4), rtol=1e-5, atol=1e-6)
+    head = fastlt.LinearLossHead(D, C, counts, loss="la", backend=backend).to(dev)
+    feats = torch.randn(N, D, generator=gen).to(dev)
+    want = F.cross_entropy(head.logits(feats, adjusted=True), q)
+    torch.testing.assert_close(head(feats, q), want, rtol=1e-5, atol=1e-5)
+    cosine = fastlt.CosineGCLHead(D, C, counts, noise_mul=0.0, backend=backend).to(dev)
+    assert torch.isfinite(cosine(feats, q))

@@ -674,3 +674,33 @@ def test_lader_phases_and_a_batch_without_valid_rows():
     empty = R.lader(z, torch.full((6,), -100), pi, 0.1)
     empty.backward()
     assert empty.item() == 0 and torch.equal(z.grad, torch.zeros_like(z))
+
+
+def test_probability_targets_against_an_independent_formula():
+    """Class probabilities: at tau = 0 F.cross_entropy's (weights, smoothing, every reduction, unbatched); at
+    tau != 0 with margins, scale and the focal factor, the formula written out; a one-hot target is the
+    class-index loss."""
+    gen = torch.Generator().manual_seed(12)
+    N, C = 7, 6
+    z = torch.randn(N, C, generator=gen, dtype=torch.float64)
+    q = torch.softmax(torch.randn(N, C, generator=gen, dtype=torch.float64) * 2, 1)
+    w = torch.rand(C, generator=gen, dtype=torch.float64) + 0.5
+    lp = torch.log_softmax(torch.randn(C, generator=gen, dtype=torch.float64), 0)
+    m = torch.rand(C, generator=gen, dtype=torch.float64) * 0.4
+    for reduction in ("mean", "sum", "none"):
+        got = R.adjusted_cross_entropy(z, q, weight=w, label_smoothing=0.2, reduction=reduction)
+        torch.testing.assert_close(got, F.cross_entropy(z, q, weight=w, label_smoothing=0.2, reduction=reduction))
+    torch.testing.assert_close(R.adjusted_cross_entropy(z[0], q[0]), F.cross_entropy(z[0], q[0]))
+    eps, s, tau, gamma = 0.1, 3.0, 0.7, 2.0
+    a = s * (z + tau * lp - m * q)
+    logp = torch.log_softmax(a, 1)
+    q_eps = (1 - eps) * q + eps / C
+    focal = (1 - (q * logp.exp()).sum(1)) ** gamma
+    want = (focal * -(w * q_eps * logp).sum(1)).mean()
+    got = R.adjusted_cross_entropy(z, q, log_prior=lp, tau=tau, margin=m, scale=s, gamma=gamma, weight=w,
+                                   label_smoothing=eps)
+    torch.testing.assert_close(got, want)
+    y = torch.randint(0, C, (N,), generator=gen)
+    onehot = F.one_hot(y, C).double()
+    kw = dict(log_prior=lp, tau=tau, margin=m, scale=s, gamma=gamma, weight=w, label_smoothing=eps, reduction="none")
+    torch.testing.assert_close(R.adjusted_cross_entropy(z, onehot, **kw), R.adjusted_cross_entropy(z, y, **kw))

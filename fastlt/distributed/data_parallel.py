@@ -48,7 +48,10 @@ def noise_row_offset(rank: int, rows: int, rows_per_rank: int | None) -> int:
 
 
 def mean_denominator(target: Tensor, weight: Tensor | None, ignore_index: int, dtype: torch.dtype) -> Tensor:
-    """``sum_i w_{y_i}`` over the rows whose target is not ``ignore_index`` (``w = 1`` without weights), 0-dim."""
+    """``sum_i w_{y_i}`` over the rows whose target is not ``ignore_index`` (``w = 1`` without weights), 0-dim; the
+    number of rows for class-probability targets (``F.cross_entropy``'s 'mean' over them)."""
+    if target.is_floating_point():
+        return torch.full((), float(target.shape[0]), dtype=dtype, device=target.device)
     valid = target != ignore_index
     if weight is None:
         return valid.sum().to(dtype)

@@ -31,7 +31,8 @@ def linear_cross_entropy(features: Tensor, weight: Tensor, target: Tensor, bias:
     Args:
         features: (N, D) fp32, bf16 or fp16 (float64: ``backend='torch'`` only).
         weight: (C, D), the features' dtype and device.
-        target: (N,) integer class indices, or ``ignore_index``.
+        target: (N,) integer class indices, or ``ignore_index``; or (N, C) class probabilities (mixup), as
+            :func:`fastlt.functional.adjusted_cross_entropy`.
         bias: (C,) or None.
         log_prior, tau, margin, scale, cloud, noise_mul, seed, gamma, ignore_index, reduction, label_smoothing: the
             operator's parameters, as :func:`fastlt.functional.adjusted_cross_entropy`.
@@ -122,7 +123,8 @@ def lade_linear_loss(features: Tensor, weight: Tensor, target: Tensor, prior: Te
 
     Args:
         features: (N, D); weight: (C, D); bias: (C,) or None; one float dtype.
-        target: (N,) integer class indices, or ``ignore_index``.
+        target: (N,) integer class indices, or ``ignore_index``; or (N, C) class probabilities (mixup), as
+            :func:`fastlt.functional.adjusted_cross_entropy`.
         prior: (C,) training prior pi (probabilities).
         alpha, remine_lambda, weight_classes, ignore_index, label_smoothing: as :func:`fastlt.functional.lade_loss`
             (``weight_classes`` its ``weight``).

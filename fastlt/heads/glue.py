@@ -21,7 +21,7 @@ from .. import _operator as O
 from .. import _validation as V
 from .._custom_ops import define, input_grads, save_inputs, saved_inputs
 from .._first_order import first_order
-from .._glue import check_kernel_input, lade_operator_args
+from .._glue import check_kernel_input, lade_operator_args, nan_if_empty, soft_mean
 from .._operator import AdjustedCEArgs, ChunkPlan, LadeArgs, Needs
 from ..kernels import launch
 from ..kernels.row_normalize import normalize_rows as _normalize_rows
@@ -158,8 +158,10 @@ def _(features, weight, bias, target, *flat):
     stats = none and need.any
     f32 = dict(dtype=torch.float32)
     grads = _fake_grads(features, weight, Needs(x=need.x and not none, w=need.w and not none, b=need.b and not none))
+    planes = 3 if target.is_floating_point() else 2  # class probabilities: W_q too
     return (features.new_empty((N,) if none else ()), *grads,
-            features.new_empty((2, N) if stats else (0,), **f32), features.new_empty((N,) if stats else (0,), **f32))
+            features.new_empty((planes, N) if stats else (0,), **f32),
+            features.new_empty((N,) if stats else (0,), **f32))
 
 
 @define("fastlt::linear_head_backward", f"Tensor grad_output, {_HEAD}, Tensor row_stats, Tensor row_coef",
@@ -336,7 +338,7 @@ def run_head(features: Tensor, weight: Tensor, bias: Tensor | None, target: Tens
     check_kernel_input("features", features, noise)
     target = V.as_index_target(target)
     _check_head_operator(features, weight, target, fields, noise)
-    args = AdjustedCEArgs.from_fields(features.device, fields)
+    args = soft_mean(AdjustedCEArgs.from_fields(features.device, fields), target, features.shape[0])
 
     def run():
         x, w = features, weight
@@ -354,7 +356,7 @@ def run_head(features: Tensor, weight: Tensor, bias: Tensor | None, target: Tens
             return FusedLinearLoss.apply(x, w, bias, target, params)
         return fused_pass(x, w, bias, target, params, need_x=False, need_w=False, need_b=False)[0]
 
-    return _run_autocast_off(autocast_dev, run)
+    return nan_if_empty(_run_autocast_off(autocast_dev, run), args)
 
 
 def run_lade_head(features: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, prior: Tensor, *,
@@ -371,6 +373,7 @@ def run_lade_head(features: Tensor, weight: Tensor, bias: Tensor | None, target:
                                               label_smoothing=label_smoothing))
     args, lade = lade_operator_args(prior, alpha, remine_lambda, weight=weight_classes,
                                     label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction)
+    args = soft_mean(args, target, features.shape[0])
 
     def run():
         x = features if features.stride(-1) == 1 else features.contiguous()
@@ -383,4 +386,4 @@ def run_lade_head(features: Tensor, weight: Tensor, bias: Tensor | None, target:
             return FusedLinearLADE.apply(x, w, bias, target, params)
         return lade_pass(x, w, bias, target, params, need_x=False, need_w=False, need_b=False)[0]
 
-    return _run_autocast_off(autocast_dev, run)
+    return nan_if_empty(_run_autocast_off(autocast_dev, run), args)

@@ -109,7 +109,7 @@ def lade_class_pass(x, w, b, y, params: HeadParams, *, need_x: bool, need_w: boo
     accumulator."""
     args, lade = params.args, params.lade
     N = x.shape[0]
-    cols = launch.new_column_stats(N, w.shape[0], x.device)
+    cols = launch.new_column_stats(N, w.shape[0], x.device, soft=y.is_floating_point())
     loss = torch.empty((), dtype=x.dtype, device=x.device)
     loss_rows, row_stats, row_coef, flat = class_row_stats(x, w, b, y, params, column_stats=cols, scale_mean=False)
     column_term = None

@@ -3,8 +3,9 @@ row kernel (docs/design.md, "Fused heads"). Row chunks (:func:`fused_pass`, :fun
 chunks (:func:`class_pass`, :func:`class_row_stats`, :func:`class_grads`); LADE's passes build on these
 (:mod:`fastlt.heads.lade`).
 
-Shapes: features ``x`` (N, D), weight ``w`` (C, D), bias ``b`` (C,) or None, targets ``y`` (N,). Gradients are
-returned for grad_output = 1 (the autograd glue rescales them); fp32 accumulators where several chunks add up.
+Shapes: features ``x`` (N, D), weight ``w`` (C, D), bias ``b`` (C,) or None, targets ``y`` (N,) or class
+probabilities (N, C) (a class chunk reads its columns: :func:`target_columns`). Gradients are returned for
+grad_output = 1 (the autograd glue rescales them); fp32 accumulators where several chunks add up.
 """
 
 from __future__ import annotations
@@ -210,6 +211,11 @@ def recompute_backward(x, w, b, y, params: HeadParams, stats_chunks, coef_chunks
     return dx, dw, db
 
 
+def target_columns(y: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
+    """The targets a class chunk ``[c0, c1)`` reads: class indices whole, class probabilities their columns."""
+    return y[:, c0:c1] if y.is_floating_point() else y
+
+
 def class_logits_view(flat: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """The (rows, cols) view of the flat chunk buffer that a class chunk's logits occupy, rows 64-element aligned."""
     stride = padded(cols)
@@ -239,10 +245,11 @@ def class_row_stats(x, w, b, y, params: HeadParams, *, column_stats=None, out=No
     C = w.shape[0]
     chunks = class_chunks(C, params.plan.classes)
     flat = chunk_buffer(N * padded(min(params.plan.classes, C)), x)
-    part = torch.empty((4, N, len(chunks)), dtype=torch.float32, device=x.device)
+    part = torch.empty((6 if y.is_floating_point() else 4, N, len(chunks)), dtype=torch.float32, device=x.device)
     for k, (c0, c1) in enumerate(chunks):
         z = class_logits(flat, x, w, b, c0, c1)
-        launch.chunk_partials(z, y, args, part, k, col_base=c0, num_classes=C, column_stats=column_stats)
+        launch.chunk_partials(z, target_columns(y, c0, c1), args, part, k, col_base=c0, num_classes=C,
+                              column_stats=column_stats)
     loss_rows, row_stats, row_coef = launch.combine_partials(part, y, args, C, scale_mean=scale_mean, out=out)
     return loss_rows, row_stats, row_coef, flat
 
@@ -293,8 +300,8 @@ def class_grads(x, w, b, y, params: HeadParams, row_stats, row_coef, grad_output
             z = class_logits_view(flat, N, c1 - c0)
         else:
             z = class_logits(flat, x, w, b, c0, c1)
-        launch.grad(z, y, args, row_stats, row_coef, grad_output, column_term=column_term, out=z, col_base=c0,
-                    num_classes=C)
+        launch.grad(z, target_columns(y, c0, c1), args, row_stats, row_coef, grad_output, column_term=column_term,
+                    out=z, col_base=c0, num_classes=C)
         if dx is not None:
             if single:
                 torch.mm(z, w[c0:c1], out=dx)
