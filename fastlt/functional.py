@@ -14,6 +14,7 @@ from . import reference as R
 from ._backend import use_triton
 from ._operator import gcl_fields, la_fields, ldam_fields
 from ._shapes import as_rows, restore
+from .distributed.class_parallel import sharded_cross_entropy, sharded_lade_loss
 from .distributed.data_parallel import batch_dependent, global_batch_loss, global_lade_loss, warn_without_group
 from .heads.functional import cosine_cross_entropy, lade_linear_loss, linear_cross_entropy
 
@@ -37,7 +38,7 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor 
                            scale: float = 1.0, gamma: float = 0.0, weight: Tensor | None = None,
                            ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
                            backend: str = "auto", grad_in_forward: bool = False, dp_group=None,
-                           rows_per_rank: int | None = None, prior: Tensor | None = None) -> Tensor:
+                           rows_per_rank: int | None = None, shard=None, prior: Tensor | None = None) -> Tensor:
     """The adjusted cross-entropy, every logits-input loss of fastlt (docs/design.md, "The operator"):
     ``a_ij = s * (z_ij + tau*log_prior_j - noise_mul*cloud_j*e_ij - m_i*[j == y_i])``, then cross-entropy with
     class weights, label smoothing and a focal factor.
@@ -65,6 +66,10 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor 
             class-weighted mean); False: the same, without the warning.
         rows_per_rank: with ``dp_group``, the per-rank batch size: rank r's rows draw GCL noise rows
             ``r * rows_per_rank + i`` (default: this rank's row count, right when the ranks' batches are equal).
+        shard: a :class:`fastlt.distributed.ClassShard` (class parallel): ``logits`` are this rank's columns
+            (N, shard.size), ``target`` the global class ids of all N rows (the same on every rank of the shard's
+            group), the class vectors full (C,); the loss of the full logits, the same on every rank, with the
+            gradient of the local columns (two all-reduces forward, none backward: :mod:`fastlt.distributed`).
         prior: the old name of ``log_prior`` (deprecated).
 
     Returns:
@@ -78,8 +83,11 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor 
     if rows.shape is not None:  # (C,) or (N, C, d1, ...): the positions as rows, the result in the targets' shape
         return restore(adjusted_cross_entropy(rows.logits, rows.target, **fields, noise=noise, backend=backend,
                                               grad_in_forward=grad_in_forward, dp_group=dp_group,
-                                              rows_per_rank=rows_per_rank), rows)
+                                              rows_per_rank=rows_per_rank, shard=shard), rows)
     triton = use_triton(backend, logits)
+    if shard is not None:
+        _check_shard_options(dp_group, grad_in_forward, noise)
+        return sharded_cross_entropy(logits, target, fields, shard, triton=triton)
     if grad_in_forward and not triton:
         raise ValueError("grad_in_forward=True needs the Triton backend (CUDA tensors)")
 
@@ -97,43 +105,54 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor 
     return local(fields)
 
 
+def _check_shard_options(dp_group, grad_in_forward, noise) -> None:
+    if dp_group is not None and dp_group is not False:
+        raise NotImplementedError("shard= together with dp_group= (a 2-D layout) is not supported yet")
+    if grad_in_forward:
+        raise ValueError("grad_in_forward=True is not available with shard= (the forward needs the collectives "
+                         "before any gradient)")
+    if noise is not None:
+        raise ValueError("noise= is not available with shard=; GCL draws the noise of each rank's columns from seed=")
+
+
 def logit_adjusted_cross_entropy(logits: Tensor, target: Tensor, log_prior: Tensor, tau: float = 1.0, *,
                                  weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
                                  label_smoothing: float = 0.0, backend: str = "auto",
-                                 grad_in_forward: bool = False, dp_group=None) -> Tensor:
+                                 grad_in_forward: bool = False, dp_group=None, shard=None) -> Tensor:
     """``CE(z + tau * log_prior, y)`` (Menon et al., 2021); ``log_prior`` (C,) from ``fastlt.priors``; the other
     arguments as :func:`adjusted_cross_entropy`."""
     return adjusted_cross_entropy(logits, target, **la_fields(log_prior, tau), weight=weight,
                                   ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-                                  backend=backend, grad_in_forward=grad_in_forward, dp_group=dp_group)
+                                  backend=backend, grad_in_forward=grad_in_forward, dp_group=dp_group, shard=shard)
 
 
 def balanced_softmax_cross_entropy(logits: Tensor, target: Tensor, log_prior: Tensor, *,
                                    weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
                                    label_smoothing: float = 0.0, backend: str = "auto",
-                                   grad_in_forward: bool = False, dp_group=None) -> Tensor:
+                                   grad_in_forward: bool = False, dp_group=None, shard=None) -> Tensor:
     """Balanced Softmax (Ren et al., 2020): logit-adjusted CE with tau = 1."""
     return logit_adjusted_cross_entropy(logits, target, log_prior, 1.0, weight=weight, ignore_index=ignore_index,
                                         reduction=reduction, label_smoothing=label_smoothing, backend=backend,
-                                        grad_in_forward=grad_in_forward, dp_group=dp_group)
+                                        grad_in_forward=grad_in_forward, dp_group=dp_group, shard=shard)
 
 
 def ldam_cross_entropy(logits: Tensor, target: Tensor, margins: Tensor, s: float = 30.0, *,
                        weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
                        label_smoothing: float = 0.0, backend: str = "auto", grad_in_forward: bool = False,
-                       dp_group=None) -> Tensor:
+                       dp_group=None, shard=None) -> Tensor:
     """LDAM: ``CE(s * (z - margins[y] * onehot(y)), y)``; ``margins`` (C,) from ``fastlt.priors.ldam_margins``."""
     V.check_finite_float("s", s)
     return adjusted_cross_entropy(logits, target, **ldam_fields(margins, s), weight=weight,
                                   ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-                                  backend=backend, grad_in_forward=grad_in_forward, dp_group=dp_group)
+                                  backend=backend, grad_in_forward=grad_in_forward, dp_group=dp_group, shard=shard)
 
 
 def gcl_cross_entropy(cosine: Tensor, target: Tensor, cloud: Tensor, m: float = 0.5, s: float = 30.0,
                       noise_mul: float = 1.0, gamma: float = 0.0, *, seed: int | Tensor | None = None,
                       noise: Tensor | None = None, weight: Tensor | None = None, ignore_index: int = -100,
                       reduction: str = "mean", label_smoothing: float = 0.0, backend: str = "auto",
-                      grad_in_forward: bool = False, dp_group=None, rows_per_rank: int | None = None) -> Tensor:
+                      grad_in_forward: bool = False, dp_group=None, rows_per_rank: int | None = None,
+                      shard=None) -> Tensor:
     """GCL on (N, C) cosine logits; see :func:`fastlt.reference.gcl_cross_entropy`. Noise follows ``seed``
     (drawn from torch's generator when None), the same numbers on every backend. ``dp_group``, ``rows_per_rank``:
     as :func:`adjusted_cross_entropy` (rank r's rows draw noise rows ``r * rows_per_rank + i``)."""
@@ -142,12 +161,12 @@ def gcl_cross_entropy(cosine: Tensor, target: Tensor, cloud: Tensor, m: float = 
     return adjusted_cross_entropy(cosine, target, **gcl_fields(cloud, m, s, noise_mul, gamma), noise=noise,
                                   seed=seed, weight=weight, ignore_index=ignore_index, reduction=reduction,
                                   label_smoothing=label_smoothing, backend=backend, grad_in_forward=grad_in_forward,
-                                  dp_group=dp_group, rows_per_rank=rows_per_rank)
+                                  dp_group=dp_group, rows_per_rank=rows_per_rank, shard=shard)
 
 
 def lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: float = 0.1, remine_lambda: float = 0.1, *,
               weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
-              label_smoothing: float = 0.0, backend: str = "auto", dp_group=None) -> Tensor:
+              label_smoothing: float = 0.0, backend: str = "auto", dp_group=None, shard=None) -> Tensor:
     """LADE: ``PriorCE(z) + alpha * LADER(z)``; ``prior`` (C,) is pi (see :func:`fastlt.reference.lade_loss`).
 
     ``dp_group``: LADER's column statistics (and PriorCE's mean) over the global batch of the data-parallel group,
@@ -156,6 +175,12 @@ def lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: float = 0.1,
     :func:`adjusted_cross_entropy` (positions are rows, for LADER's statistics too)."""
     rows = as_rows(logits, target)
     logits, target = rows.logits, rows.target
+    if shard is not None:  # class parallel: the reference's arithmetic (backend='triton' is refused)
+        _check_shard_options(dp_group, False, None)
+        if backend == "triton":
+            raise NotImplementedError("LADE with shard= runs the reference path (backend='auto' or 'torch')")
+        return sharded_lade_loss(logits, target, prior, alpha, remine_lambda, shard, weight=weight,
+                                 ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
     if dp_group is not None and dp_group is not False:
         return global_lade_loss(logits, target, prior, alpha, remine_lambda, dp_group, weight=weight,
                                 ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,

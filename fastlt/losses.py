@@ -4,8 +4,9 @@ Each takes the per-class training counts once (validated; zero counts need ``cou
 derived per-class vectors as buffers (they follow ``.to(device)``; a float64 module makes them again from the
 counts in float64: :mod:`fastlt._count_buffers`), and the usual ``weight``, ``ignore_index``, ``reduction``,
 ``label_smoothing``, plus ``backend='auto'|'torch'|'triton'`` ('auto': fused Triton kernels for CUDA tensors, the
-pure-PyTorch reference elsewhere) and ``dp_group`` (data parallel: the loss of the global batch, see
-:func:`fastlt.functional.adjusted_cross_entropy` and :mod:`fastlt.distributed`). Float hyperparameters keep the
+pure-PyTorch reference elsewhere), ``dp_group`` (data parallel: the loss of the global batch) and ``shard`` (class
+parallel: local logits of a :class:`fastlt.distributed.ClassShard`); see
+:func:`fastlt.functional.adjusted_cross_entropy` and :mod:`fastlt.distributed`. Float hyperparameters keep the
 papers' names (tau, s, m, max_margin, noise_mul, gamma, alpha) and are plain attributes: schedule them freely. Their
 mapping to the adjusted cross-entropy's parameters is written once, in :mod:`fastlt._operator` (``la_fields``,
 ``ldam_fields``, ``gcl_fields``), which :mod:`fastlt.functional` applies.
@@ -31,9 +32,11 @@ class _LongTailLoss(CountBuffers):
     subclasses add their per-class vectors (:meth:`_count_vectors`) and call ``init_count_buffers``."""
 
     def __init__(self, class_counts, *, weight=None, ignore_index: int = -100, reduction: str = "mean",
-                 label_smoothing: float = 0.0, backend: str = "auto", count_smoothing: float = 0.0, dp_group=None):
+                 label_smoothing: float = 0.0, backend: str = "auto", count_smoothing: float = 0.0, dp_group=None,
+                 shard=None):
         super().__init__()
         self.dp_group = dp_group
+        self.shard = shard
         self._counts_in = V.as_class_counts(class_counts, smoothing=count_smoothing)
         self.num_classes = self._counts_in.numel()
         self.count_smoothing = count_smoothing
@@ -48,11 +51,16 @@ class _LongTailLoss(CountBuffers):
 
     def _common(self) -> dict:
         return dict(weight=self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
-                    label_smoothing=self.label_smoothing, backend=self.backend, dp_group=self.dp_group)
+                    label_smoothing=self.label_smoothing, backend=self.backend, dp_group=self.dp_group,
+                    shard=self.shard)
 
     def _check_input(self, logits: Tensor, name: str = "logits") -> None:
         V.check_shaped_logits(name, logits)
-        V.check_num_classes(logits, self.num_classes)
+        if self.shard is None:  # a class shard's local logits are checked against it (fastlt.distributed)
+            V.check_num_classes(logits, self.num_classes)
+        elif self.shard.num_classes != self.num_classes:
+            raise ValueError(f"the shard describes {self.shard.num_classes} classes but class_counts "
+                             f"{self.num_classes}")
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, reduction={self.reduction!r}, backend={self.backend!r}"

@@ -94,30 +94,34 @@ NORMALS_PER_CALL = 8
 
 
 def standard_normal(seed: int, n_rows: int, n_cols: int, device: torch.device | str | None = None, *,
-                    row_offset: int = 0) -> torch.Tensor:
-    """(n_rows, n_cols) float32 standard normals, element (i, j) a function of (seed, row_offset + i, j) only.
+                    row_offset: int = 0, col_offset: int = 0) -> torch.Tensor:
+    """(n_rows, n_cols) float32 standard normals, element (i, j) a function of (seed, row_offset + i,
+    col_offset + j) only.
 
     Args:
         seed: the 64-bit Philox key (e.g. from ``draw_seed``).
         n_rows, n_cols: the output shape (rows i, columns j).
         device: where to generate; None = torch's default device.
         row_offset: the global index of row 0 (a data-parallel rank's rows, a chunk of rows).
+        col_offset: the global index of column 0 (a class-parallel rank's classes).
 
     Returns:
         (n_rows, n_cols) contiguous float32 tensor on ``device``.
     """
-    groups = (n_cols + NORMALS_PER_CALL - 1) // NORMALS_PER_CALL
-    c0 = torch.arange(groups, dtype=torch.int64, device=device).expand(n_rows, groups)
+    first = col_offset // NORMALS_PER_CALL  # whole Philox groups of 8 columns, sliced below
+    skip = col_offset - first * NORMALS_PER_CALL
+    groups = (skip + n_cols + NORMALS_PER_CALL - 1) // NORMALS_PER_CALL
+    c0 = torch.arange(first, first + groups, dtype=torch.int64, device=device).expand(n_rows, groups)
     rows = torch.arange(row_offset, row_offset + n_rows, dtype=torch.int64, device=device)
     c1 = rows[:, None].expand(n_rows, groups)
     normals = []
     for w in philox4x32(int(seed), c0, c1):
         normals.extend(_box_muller(*_half_uniforms(w)))
-    return torch.stack(normals, dim=-1).reshape(n_rows, groups * NORMALS_PER_CALL)[:, :n_cols].contiguous()
+    return torch.stack(normals, dim=-1).reshape(n_rows, groups * NORMALS_PER_CALL)[:, skip:skip + n_cols].contiguous()
 
 
 def gcl_noise(seed: int, n_rows: int, n_cols: int, device: torch.device | str | None = None, *,
-              row_offset: int = 0) -> torch.Tensor:
+              row_offset: int = 0, col_offset: int = 0) -> torch.Tensor:
     """GCL noise ``e_ij = min(|g_ij| / 3, 1)`` (float32, (n_rows, n_cols)); a half-normal, sigma 1/3, clipped at 1.
 
     Args:
@@ -125,9 +129,10 @@ def gcl_noise(seed: int, n_rows: int, n_cols: int, device: torch.device | str | 
         n_rows, n_cols: the output shape (rows i, columns j).
         device: where to generate; None = torch's default device.
         row_offset: the global index of row 0 (rows ``row_offset .. row_offset + n_rows - 1`` of the noise).
+        col_offset: the global index of column 0 (a class shard's columns).
 
     Returns:
         (n_rows, n_cols) float32 tensor on ``device``, values in [0, 1].
     """
-    g = standard_normal(seed, n_rows, n_cols, device, row_offset=row_offset)
+    g = standard_normal(seed, n_rows, n_cols, device, row_offset=row_offset, col_offset=col_offset)
     return torch.clamp(g.abs() * (1.0 / 3.0), max=1.0)

@@ -275,10 +275,12 @@ def lader_statistics(logits: Tensor, target: Tensor, ignore_index: int = -100) -
                            count=onehot.sum(0), valid=valid.sum().to(dt))
 
 
-def lader_from_statistics(stats: LaderStatistics, prior: Tensor, remine_lambda: float = 0.1) -> Tensor:
+def lader_from_statistics(stats: LaderStatistics, prior: Tensor, remine_lambda: float = 0.1,
+                          num_classes: int | None = None) -> Tensor:
     """LADER (0-dim, the statistics' dtype) from the :class:`LaderStatistics` of the whole batch: 0 when no row is
-    valid; the formula of :func:`lader`."""
-    C = stats.col_lse.shape[0]
+    valid; the formula of :func:`lader`. ``num_classes``: C of ``log(1/C + 1e-9)`` when the statistics (and
+    ``prior``) cover a class shard only (the sum is then that shard's part of LADER); default their length."""
+    C = stats.col_lse.shape[0] if num_classes is None else num_classes
     dt = stats.col_lse.dtype
     pi = prior.to(dt)
     some = stats.valid > 0

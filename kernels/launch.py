@@ -373,15 +373,16 @@ def grad(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, row_stats: torc
     C = Ck if num_classes is None else num_classes
     if column_term is not None and grad_output is not None and grad_output.dim() != 0:
         raise ValueError(f"column_term (LADE) needs a scalar grad_output, got shape {tuple(grad_output.shape)}")
-    if col_base % 8:
-        raise ValueError(f"col_base must be a multiple of 8 (8 noise columns per Philox call), got {col_base}")
+    if col_base % 8 and args.has_noise:
+        raise ValueError(f"with noise, col_base must be a multiple of 8 (8 noise columns per Philox call), got "
+                         f"{col_base}")
     if stored is not None and (out is None or column_term is not None or col_base or num_classes not in (None, Ck)):
         raise ValueError("stored= scales the forward's tiles in out=, over all classes, without column_term")
     dev = z.device
-    cfg = config or pick_tiles(N, Ck, dev, column_term=column_term is not None)
     out = torch.empty((N, Ck), dtype=z.dtype, device=dev) if out is None else out
-    if N == 0:
+    if N == 0 or Ck == 0:  # nothing to write (an empty class shard holds no column)
         return out
+    cfg = config or pick_tiles(N, Ck, dev, column_term=column_term is not None)
     d = _dummy(dev)
     kg = kernel_groups(args, dev)
     soft = _soft(y, None)
@@ -410,12 +411,11 @@ def chunk_partials(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, part:
     ``[col_base, col_base + Ck)`` and the target logits of the rows whose targets lie there (as :func:`forward`
     fills them for the whole matrix)."""
     N, Ck = z.shape
-    if col_base % 8:
-        raise ValueError(f"col_base must be a multiple of 8 (8 noise columns per Philox call), got {col_base}")
+    if col_base % 8 and args.has_noise:
+        raise ValueError(f"with noise, col_base must be a multiple of 8 (8 noise columns per Philox call), got "
+                         f"{col_base}")
     dev = z.device
     has_cols = column_stats is not None
-    cfg = pick_tiles(N, Ck, dev, column_stats=has_cols)
-    row_blocks = cdiv(N, cfg.block_m)
     soft = _soft(y, None)
     planes = 2 if soft is None else 4
     if has_cols and (tuple(column_stats.partials.shape) != (planes, column_stat_blocks(N), num_classes)
@@ -425,6 +425,8 @@ def chunk_partials(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, part:
                          f"{tuple(column_stats.target_logits.shape)}")
     if N == 0 or Ck == 0:
         return
+    cfg = pick_tiles(N, Ck, dev, column_stats=has_cols)
+    row_blocks = cdiv(N, cfg.block_m)
     d = _dummy(dev)
     kg = kernel_groups(args, dev)
     row_loss_forward[(row_blocks, 1)](

@@ -33,7 +33,7 @@ def batch(seed: int = 0):
     y = torch.randint(0, C, (N,), generator=gen)
     y[[1, 6]] = -100
     counts = torch.randint(1, 300, (C,), generator=gen)
-    weight = torch.rand(C, generator=gen, dtype=F64) + 0.5
+    weight = (torch.rand(C, generator=gen) + 0.5).to(F64)  # exact in fp32 (the modules keep fp32 weights)
     return x, y, counts, weight
 
 
@@ -173,3 +173,58 @@ def kernels() -> dict:
             + LF.lade_loss(z, y, pi, backend="triton", dp_group=dist.group.WORLD))
     loss.backward()
     return dict(loss=loss.detach().cpu(), grad=z.grad.cpu())
+
+
+def class_parallel() -> dict:
+    """Class parallel on the 2 real ranks (balanced shards of C = 11: 8 and 3 classes): the full logits' loss and
+    the local columns' gradient for every logits loss (float64 reference path, and the kernels in fp32), the
+    collectives counted, and torch.compile(fullgraph=True) of the sharded loss."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    from fastlt.distributed import ClassShard
+
+    x, y, counts, weight = batch()
+    z = x.repeat(1, 2)[:, :C]  # (8, 11) float64 logits, replicated; each rank keeps its columns
+    shard = ClassShard.balanced(C, dist.group.WORLD)
+    out = {"bounds": (shard.start, shard.stop)}
+    crits = {
+        "la_weighted": fastlt.LogitAdjustedLoss(counts, tau=0.5, weight=weight, label_smoothing=0.1, backend="torch",
+                                                shard=shard),
+        "ldam": fastlt.LDAMLoss(counts, s=5.0, backend="torch", shard=shard),
+        "gcl": fastlt.GCLLoss(counts, m=0.1, s=8.0, noise_mul=0.5, gamma=1.0, backend="torch", shard=shard),
+        "lade": fastlt.LADELoss(counts, weight=weight, backend="torch", shard=shard),
+    }
+    for name, crit in crits.items():
+        crit = crit.double()  # float64 class vectors, made again from the counts
+        zl = z[:, shard.start:shard.stop].clone().requires_grad_()
+        with CommDebugMode() as fwd:
+            loss = crit(zl, y, seed=GCL_SEED) if name == "gcl" else crit(zl, y)
+        with CommDebugMode() as bwd:
+            loss.backward()
+        out[name] = (loss.detach(), zl.grad, fwd.get_total_counts(), bwd.get_total_counts())
+    zk = z[:, shard.start:shard.stop].float().to(DEVICE).requires_grad_()
+    loss = LF.logit_adjusted_cross_entropy(zk, y.to(DEVICE), torch.log(fastlt.priors.prior(counts)).to(DEVICE),
+                                           weight=weight.float().to(DEVICE), backend="triton", shard=shard)
+    loss.backward()
+    out["kernels"] = (loss.detach().cpu(), zk.grad.cpu())
+    lp = torch.log(fastlt.priors.prior(counts)).to(F64)
+
+    def step(zl):
+        return LF.logit_adjusted_cross_entropy(zl, y, lp, weight=weight, backend="torch", shard=shard)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    zl = z[:, shard.start:shard.stop].clone().requires_grad_()
+    c = compiled(zl)
+    c.backward()
+    out["compiled"] = (c.detach(), zl.grad)
+    # a head shard on replicated features: the features' gradient summed over the ranks (shared_input)
+    from fastlt.distributed import shared_input
+
+    net = model()
+    feats = x.clone().requires_grad_()
+    w_local = net.weight[shard.start:shard.stop].detach().clone().requires_grad_()
+    logits = torch.nn.functional.linear(shared_input(feats, dist.group.WORLD), w_local)
+    LF.logit_adjusted_cross_entropy(logits, y, lp, backend="torch", shard=shard).backward()
+    out["head"] = (feats.grad, w_local.grad)
+    return out

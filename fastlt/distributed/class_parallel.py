@@ -1,0 +1,267 @@
+"""Class-parallel losses (``shard=``): each rank holds the logits of its classes only, (N, shard.size), and the
+targets of all N rows (global class ids, the same on every rank of ``shard.group``). Every rank returns the loss of
+the full (N, C) logits, and the gradient of its own columns (docs/design.md, "Scaling past one GPU").
+
+Per row, the rank's partials of its classes: the max ``m_r`` of the adjusted logits, ``e_r = sum_j exp(a_ij - m)``,
+the target's ``a_{i,y_i}`` (0 off its owner), and ``Q_r = sum_j w_j a_ij`` (label smoothing); one MAX all-reduce of
+the row maxima (N fp32) and one SUM all-reduce of ``[e, a_y, Q]`` (3N fp32), and the loss is finished from the
+global row statistics exactly as one process would (label smoothing over the global C, the focal factor from the
+global LSE, class weights from the replicated (C,) vector). No collective in backward: each rank's gradient is the
+row kernel's on its columns (``col_base = shard.start``). Class vectors stay (C,) and replicated; GCL's noise of
+element (i, j) is drawn by the rank holding column j from (seed, global row, global class), so a common seed gives
+the single-process noise. LADE: its column statistics are complete per shard (every rank sees all N rows of its
+classes), and LADER's per-class sum is one more float in the SUM.
+
+Both backends: the reference (autograd through :func:`fastlt.distributed.collectives.global_sum`) and the kernels
+(``fastlt::shard_partials``, the collectives, ``fastlt::shard_finish`` whose registered backward is the row kernel's
+gradient). Collectives are functional (``torch.compile`` traces them), no host sync.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .. import _operator as O
+from .. import reference as R
+from .._custom_ops import define, input_grads, save_inputs, saved_inputs
+from .._operator import AdjustedCEArgs
+from ..kernels import launch
+from ..noise import draw_seed, gcl_noise
+from .class_shard import ClassShard
+from .collectives import all_reduce, global_sum, stat_dtype
+
+__all__ = ["sharded_cross_entropy", "sharded_lade_loss", "check_shard", "shared_input"]
+
+
+def check_shard(shard, logits: Tensor, target: Tensor) -> None:
+    """``shard`` a :class:`ClassShard` whose size is the logits' width; class indices (N,) as targets."""
+    if not isinstance(shard, ClassShard):
+        raise TypeError(f"shard must be a fastlt.distributed.ClassShard, got {type(shard).__name__}")
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        raise ValueError("class-parallel logits must be (N, shard.size) local logits")
+    if logits.shape[1] != shard.size:
+        raise ValueError(f"the local logits hold {logits.shape[1]} classes but the shard holds {shard.size} "
+                         f"(classes [{shard.start}, {shard.stop}) of {shard.num_classes})")
+    if isinstance(target, Tensor) and target.is_floating_point():
+        raise ValueError("class-probability targets are not supported with shard= yet; pass class indices")
+
+
+def _global_checks(logits: Tensor, target: Tensor, fields: dict, shard: ClassShard) -> None:
+    """The operator's checks against the global (N, C) problem (a broadcast stand-in: no memory)."""
+    proxy = logits.new_empty((1, 1)).expand(logits.shape[0], shard.num_classes)
+    O.check_operator_args(proxy, target, fields)
+
+
+def _local_targets(target: Tensor, shard: ClassShard, ignore_index: int):
+    """``(valid, local, safe_global, y_local)``: rows not ignored, rows whose target this rank holds, the targets
+    with ignored rows at 0, and the local column of a held target (0 elsewhere)."""
+    valid = target != ignore_index
+    safe = torch.where(valid, target, torch.zeros_like(target)).long()
+    local = valid & (safe >= shard.start) & (safe < shard.stop)
+    y_local = torch.where(local, safe - shard.start, torch.zeros_like(safe))
+    return valid, local, safe, y_local
+
+
+# --- the reference path ---------------------------------------------------------------------------------------
+
+def _local_adjusted(logits: Tensor, target: Tensor, f: dict, shard: ClassShard, local, y_local) -> Tensor:
+    """The adjusted logits of this rank's columns (the reference's arithmetic, in the logits' dtype)."""
+    s0, s1 = shard.start, shard.stop
+    N, Cl = logits.shape
+    a = logits
+    if f.get("log_prior") is not None:
+        a = a + f.get("tau", 1.0) * f["log_prior"][s0:s1].to(a.dtype)
+    cloud, noise_mul = f.get("cloud"), f.get("noise_mul", 0.0)
+    if cloud is not None and noise_mul != 0.0:
+        seed = f.get("seed")
+        e = gcl_noise(draw_seed() if seed is None else int(seed), N, Cl, logits.device,
+                      row_offset=f.get("noise_row_offset", 0), col_offset=s0)
+        cdt = torch.promote_types(a.dtype, torch.float32)
+        a = a - (noise_mul * cloud[s0:s1].to(cdt) * e.to(cdt)).to(a.dtype)
+    margin = f.get("margin")
+    if margin is not None:
+        m = margin[torch.where(local, y_local + s0, torch.zeros_like(y_local))].to(a.dtype) if isinstance(
+            margin, Tensor) else torch.full((N,), float(margin), dtype=a.dtype, device=a.device)
+        onehot = torch.nn.functional.one_hot(y_local, Cl).to(a.dtype) if Cl else a.new_zeros((N, 0))
+        a = a - (m * local.to(a.dtype))[:, None] * onehot
+    if f.get("scale", 1.0) != 1.0:
+        a = a * f["scale"]
+    return a
+
+
+def _finish(M, e, a_y, q, target, valid, safe, f: dict, C: int, dtype) -> Tensor:
+    """The loss from the global row statistics (fp32 or wider), as the reference computes it."""
+    eps, gamma, weight = f.get("label_smoothing", 0.0), f.get("gamma", 0.0), f.get("weight")
+    lse = M + torch.log(e)
+    ce = lse - a_y
+    w_y = torch.ones_like(ce) if weight is None else weight.to(ce.dtype)[safe]
+    loss = (1.0 - eps) * w_y * ce
+    if eps > 0:
+        w_sum = float(C) if weight is None else weight.to(ce.dtype).sum()
+        loss = loss + (eps / C) * (w_sum * lse - q)
+    if gamma != 0:
+        loss = loss * (1.0 - torch.exp(-ce.detach())).clamp(min=0).pow(gamma)
+    zero = torch.zeros((), dtype=loss.dtype, device=loss.device)
+    loss, w_y = torch.where(valid, loss, zero), torch.where(valid, w_y, zero)
+    reduction = f.get("reduction", "mean")
+    out = loss if reduction == "none" else (loss.sum() if reduction == "sum" else loss.sum() / w_y.sum())
+    return out.to(dtype)
+
+
+def _reference_partials(logits, target, f, shard, extra=None):
+    """``(M, e, a_y, Q, extra...)`` global (autograd into the local logits), and what :func:`_finish` needs."""
+    ignore = f.get("ignore_index", -100)
+    valid, local, safe, y_local = _local_targets(target, shard, ignore)
+    a = _local_adjusted(logits, target, f, shard, local, y_local)
+    sdt = stat_dtype(a.dtype)
+    a = a.to(sdt)
+    N, Cl = a.shape
+    m_local = a.detach().amax(1) if Cl else a.new_full((N,), -math.inf)
+    M = all_reduce(m_local, "max", shard.group)
+    e = torch.exp(a - M[:, None]).sum(1)
+    a_y = torch.where(local, a.gather(1, y_local[:, None])[:, 0] if Cl else a.new_zeros(N), a.new_zeros(()))
+    weight = f.get("weight")
+    q = (a if weight is None else a * weight[shard.start:shard.stop].to(sdt)).sum(1)
+    e, a_y, q, *more = global_sum([e, a_y, q, *(extra or [])], shard.group)
+    return (M, e, a_y, q, more), (valid, safe)
+
+
+def sharded_cross_entropy(logits: Tensor, target: Tensor, fields: dict, shard: ClassShard, *,
+                          triton: bool = False) -> Tensor:
+    """The adjusted cross-entropy of the full (N, C) logits from this rank's (N, shard.size) columns; ``fields``
+    the operator's parameters by name (full (C,) class vectors). Returns the loss in the logits' dtype, the same
+    on every rank of ``shard.group``."""
+    check_shard(shard, logits, target)
+    _global_checks(logits, target, fields, shard)
+    if triton:
+        return _sharded_triton(logits, target, fields, shard)
+    (M, e, a_y, q, _), (valid, safe) = _reference_partials(logits, target, fields, shard)
+    return _finish(M, e, a_y, q, target, valid, safe, fields, shard.num_classes, logits.dtype)
+
+
+def sharded_lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: float, remine_lambda: float,
+                      shard: ClassShard, *, weight=None, ignore_index: int = -100, reduction: str = "mean",
+                      label_smoothing: float = 0.0) -> Tensor:
+    """LADE of the full (N, C) logits from this rank's columns (reference path): PriorCE sharded as
+    :func:`sharded_cross_entropy`, LADER's column statistics complete per shard (all N rows of its classes) and
+    its per-class sum added over the ranks in the same SUM all-reduce."""
+    check_shard(shard, logits, target)
+    proxy = logits.new_empty((1, 1)).expand(logits.shape[0], shard.num_classes)
+    O.check_lade_args(proxy, target, prior, alpha, remine_lambda, reduction)
+    fields = dict(log_prior=torch.log(prior), tau=1.0, weight=weight, ignore_index=ignore_index, reduction=reduction,
+                  label_smoothing=label_smoothing)
+    O.check_operator_args(proxy, target, fields)
+    valid, local, safe, y_local = _local_targets(target, shard, ignore_index)
+    s0, s1 = shard.start, shard.stop
+    z = logits.to(stat_dtype(logits.dtype))
+    onehot = (torch.nn.functional.one_hot(y_local, shard.size).to(z.dtype) if shard.size else z.new_zeros(z.shape))
+    onehot = onehot * local[:, None].to(z.dtype)
+    stats = R.LaderStatistics(col_lse=R._masked_logsumexp(z, valid), target_sum=(z * onehot).sum(0),
+                              count=onehot.sum(0), valid=valid.sum().to(z.dtype))
+    part = R.lader_from_statistics(stats, prior[s0:s1], remine_lambda, num_classes=shard.num_classes)
+    (M, e, a_y, q, (lader,)), _ = _reference_partials(logits, target, fields, shard, extra=[part])
+    prior_ce = _finish(M, e, a_y, q, target, valid, safe, fields, shard.num_classes, torch.float64
+                       if logits.dtype == torch.float64 else torch.float32)
+    return (prior_ce + alpha * lader).to(logits.dtype)
+
+
+# --- the kernels: two custom ops around the collectives ----------------------------------------------------------
+
+@define("fastlt::shard_partials", "Tensor logits, Tensor target, int col_base, int num_classes", [AdjustedCEArgs],
+        "Tensor")
+def shard_partials_op(logits, target, col_base, num_classes, *flat):
+    """(4, N) fp32 partials of this rank's classes: row max, sum exp(a - max), the target's a (0 off its owner),
+    sum_j w_j a_j (:func:`fastlt.kernels.launch.chunk_partials`). Not differentiable (the finish op is)."""
+    (args,) = O.unflatten([AdjustedCEArgs], flat)
+    N = logits.shape[0]
+    part = torch.empty((4, N, 1), dtype=torch.float32, device=logits.device)
+    if logits.shape[1] == 0:  # an empty shard takes part with nothing
+        part[0].fill_(-math.inf)
+        part[1:].zero_()
+    launch.chunk_partials(logits, target, args, part, 0, col_base=col_base, num_classes=num_classes)
+    return part[:, :, 0]
+
+
+@shard_partials_op.register_fake
+def _(logits, target, col_base, num_classes, *flat):
+    return logits.new_empty((4, logits.shape[0]), dtype=torch.float32)
+
+
+@define("fastlt::shard_finish", "Tensor logits, Tensor target, Tensor partials, int col_base, int num_classes",
+        [AdjustedCEArgs], "(Tensor, Tensor, Tensor)")
+def shard_finish_op(logits, target, partials, col_base, num_classes, *flat):
+    """``(loss, row_stats, row_coef)`` from the (4, N) global partials (row max, sum-exp relative to it, target
+    logit, smoothing sum); its registered backward is the row kernel's gradient of the local columns."""
+    (args,) = O.unflatten([AdjustedCEArgs], flat)
+    part = partials[:, :, None].contiguous()
+    if args.reduction == "none":
+        loss, row_stats, row_coef = launch.combine_partials(part, target, args, num_classes)
+        return loss, row_stats, row_coef
+    out = torch.empty((), dtype=torch.float32, device=logits.device)
+    _, row_stats, row_coef = launch.combine_partials(part, target, args, num_classes, out=out)
+    return out, row_stats, row_coef
+
+
+@shard_finish_op.register_fake
+def _(logits, target, partials, col_base, num_classes, *flat):
+    (args,) = O.unflatten([AdjustedCEArgs], flat)
+    N = logits.shape[0]
+    loss = logits.new_empty((N,) if args.reduction == "none" else (), dtype=torch.float32)
+    return loss, logits.new_empty((2, N), dtype=torch.float32), logits.new_empty(N, dtype=torch.float32)
+
+
+def _setup_finish(ctx, inputs, output):
+    _, row_stats, row_coef = output
+    save_inputs(ctx, inputs, row_stats, row_coef)
+
+
+def _finish_backward(ctx, grad_loss, *unused):
+    (logits, target, _, col_base, num_classes, *flat), (row_stats, row_coef) = saved_inputs(ctx)
+    (args,) = O.unflatten([AdjustedCEArgs], flat)
+    grad = launch.grad(logits, target, args, row_stats, row_coef, grad_loss.contiguous(), col_base=col_base,
+                       num_classes=num_classes)
+    return input_grads(ctx, grad)
+
+
+shard_finish_op.register_autograd(_finish_backward, setup_context=_setup_finish)
+
+
+def _sharded_triton(logits: Tensor, target: Tensor, fields: dict, shard: ClassShard) -> Tensor:
+    from .._glue import check_kernel_input
+    from .._validation import as_index_target
+
+    check_kernel_input("logits", logits)
+    target = as_index_target(target)
+    args = AdjustedCEArgs.from_fields(logits.device, fields)
+    flat = O.flatten(args)
+    local = shard_partials_op(logits.detach(), target, shard.start, shard.num_classes, *flat)
+    M = all_reduce(local[0], "max", shard.group)
+    e = local[1] * torch.exp(local[0] - M)
+    total = all_reduce(torch.stack([e, local[2], local[3]]), "sum", shard.group)
+    partials = torch.cat([M[None], total])
+    loss = shard_finish_op(logits, target, partials, shard.start, shard.num_classes, *flat)[0]
+    return loss.to(logits.dtype)
+
+
+class _SharedInput(torch.autograd.Function):
+    """Identity forward; the backward sums the gradient over the group (each rank's columns contribute a part)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce(grad.contiguous(), "sum", ctx.group).to(grad.dtype), None
+
+
+def shared_input(x: Tensor, group) -> Tensor:
+    """``x`` (features, replicated on every rank of a class shard's ``group``) as the input of the rank's head
+    shard: the same values, and a backward that sums the ranks' gradients (each rank's classes give a part of
+    d loss / d x), so the layers below get the full gradient on every rank (Megatron's
+    ``copy_to_tensor_model_parallel_region``). One SUM all-reduce of x's size in backward."""
+    return _SharedInput.apply(x, group)

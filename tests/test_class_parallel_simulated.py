@@ -1,0 +1,157 @@
+"""Class parallel in one process: every loss on simulated class shards (:class:`fastlt.distributed.SimulatedWorld`)
+against the float64 reference on the full logits. Each rank must return the full logits' loss and the reference
+gradient of its own columns; uneven, unaligned (torch.chunk) and empty shards; the kernels at tiny shapes."""
+
+import pytest
+import torch
+from conftest import DEVICE, class_vectors
+
+import fastlt
+from fastlt import functional as LF
+from fastlt import reference as R
+from fastlt.distributed import ClassShard, SimulatedWorld, balanced_bounds, chunked_bounds
+
+pytestmark = pytest.mark.distributed
+
+F64 = torch.float64
+
+
+def _run(world_size, z, y, loss_fn, *, layout="balanced"):
+    """``loss_fn(shard, local_logits, y)`` on each simulated rank: losses, the local gradients in rank order, and
+    the all-reduces per rank."""
+    world = SimulatedWorld(world_size)
+    C = z.shape[1]
+
+    def rank_fn(group):
+        shard = (ClassShard.balanced(C, group) if layout == "balanced" else ClassShard.chunked(C, group))
+        zl = z[:, shard.start:shard.stop].detach().clone().requires_grad_()
+        loss = loss_fn(shard, zl, y)
+        (loss * torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device).reshape(
+            loss.shape)).sum().backward()
+        return loss.detach(), zl.grad
+
+    out = world.run(rank_fn)
+    return [o[0] for o in out], torch.cat([o[1] for o in out], 1), world.all_reduces
+
+
+def _reference(z, y, fn):
+    z64 = z.detach().to(F64).requires_grad_()
+    loss = fn(z64, y)
+    (loss * torch.linspace(0.5, 1.5, loss.numel(), dtype=F64).reshape(loss.shape)).sum().backward()
+    return loss.detach(), z64.grad
+
+
+def _cases(vec, dtype):
+    v = {k: t.to(dtype) for k, t in vec.items()}
+    return {
+        "la": dict(log_prior=v["log_prior"], tau=0.7),
+        "ldam": dict(margin=v["margins"], scale=8.0),
+        "gcl": dict(cloud=v["cloud"], noise_mul=0.5, seed=77, margin=0.2, scale=8.0, gamma=1.0),
+        "weighted_smooth": dict(log_prior=v["log_prior"], weight=v["weight"], label_smoothing=0.15),
+        "all": dict(log_prior=v["log_prior"], tau=0.5, margin=v["margins"], scale=4.0, gamma=2.0,
+                    weight=v["weight"], label_smoothing=0.1),
+    }
+
+
+@pytest.mark.parametrize("name", ["la", "ldam", "gcl", "weighted_smooth", "all"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("world,C,layout", [(3, 37, "balanced"), (3, 9, "balanced"), (5, 37, "chunked")],
+                         ids=["37over3", "9over3_empty", "37over5_chunk"])
+def test_reference_path_equals_the_full_logits(name, reduction, world, C, layout):
+    """Every loss x reduction; C = 37 over 3 (16/16/5), C = 9 over 3 (8/1/0: an empty shard), torch.chunk's
+    unaligned 8/8/8/8/5 over 5 (GCL's noise needs starts on multiples of 8: balanced only), ignored rows."""
+    if name == "gcl" and layout == "chunked":
+        layout = "balanced"
+    gen = torch.Generator().manual_seed(C * 10 + world)
+    z = torch.randn(7, C, generator=gen, dtype=F64)
+    y = torch.randint(0, C, (7,), generator=gen)
+    y[[1, 5]] = -100
+    kw = _cases(class_vectors(C, gen), F64)[name]
+    losses, grads, count = _run(world, z, y, lambda sh, zl, t: LF.adjusted_cross_entropy(
+        zl, t, shard=sh, reduction=reduction, backend="torch", **kw), layout=layout)
+    want, want_grad = _reference(z, y, lambda zz, t: R.adjusted_cross_entropy(zz, t, reduction=reduction, **kw))
+    for loss in losses:
+        torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads, want_grad, rtol=1e-12, atol=1e-12)
+    assert count == 2  # MAX, then one packed SUM
+
+
+@pytest.mark.parametrize("name", ["la", "gcl", "all"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kernel_path_equals_the_full_logits(name, dtype):
+    """The kernels (interpreter without a GPU): local partials, the collectives, the combine, and the row kernel's
+    gradient of the local columns, against the float64 reference; an empty shard among them."""
+    gen = torch.Generator().manual_seed(3)
+    C = 41
+    z = torch.randn(6, C, generator=gen).to(dtype)
+    y = torch.randint(0, C, (6,), generator=gen)
+    y[2] = -100
+    vec = class_vectors(C, gen)
+    kw = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in _cases(vec, torch.float32)[name].items()}
+    losses, grads, _ = _run(4, z.to(DEVICE), y.to(DEVICE), lambda sh, zl, t: LF.adjusted_cross_entropy(
+        zl, t, shard=sh, backend="triton", **kw))
+    want, want_grad = _reference(z.to(F64), y, lambda zz, t: R.adjusted_cross_entropy(
+        zz, t, **{k: (v.to(F64) if isinstance(v, torch.Tensor) else v) for k, v in _cases(vec, F64)[name].items()}))
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=2e-5, atol=2e-5)
+    for loss in losses:
+        assert loss.dtype == dtype
+        torch.testing.assert_close(loss.cpu().to(F64), want, **tol)
+    torch.testing.assert_close(grads.cpu().to(F64), want_grad, **tol)
+
+
+@pytest.mark.parametrize("layout", ["balanced", "chunked"])
+def test_lade_and_the_modules(layout):
+    """LADE sharded (its column statistics complete per shard, LADER's per-class sum in the SUM) and the loss
+    modules with shard=."""
+    gen = torch.Generator().manual_seed(9)
+    C = 29
+    counts = torch.randint(1, 200, (C,), generator=gen)
+    z = torch.randn(8, C, generator=gen, dtype=F64)
+    y = torch.randint(0, C, (8,), generator=gen)
+    y[3] = -100
+    w = torch.rand(C, generator=gen, dtype=F64) + 0.5
+    pi = fastlt.priors.prior(counts).to(F64)
+    losses, grads, count = _run(3, z, y, lambda sh, zl, t: LF.lade_loss(zl, t, pi, 0.3, 0.1, weight=w,
+                                                                        label_smoothing=0.1, shard=sh), layout=layout)
+    want, want_grad = _reference(z, y, lambda zz, t: R.lade_loss(zz, t, pi, 0.3, 0.1, weight=w, label_smoothing=0.1))
+    for loss in losses:
+        torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads, want_grad, rtol=1e-12, atol=1e-12)
+    assert count == 2
+    for make in (lambda sh: fastlt.LogitAdjustedLoss(counts, tau=0.5, shard=sh, backend="torch"),
+                 lambda sh: fastlt.LDAMLoss(counts, shard=sh, backend="torch"),
+                 lambda sh: fastlt.LADELoss(counts, shard=sh, backend="torch")):
+        losses, grads, _ = _run(3, z, y, lambda sh, zl, t, make=make: make(sh).double()(zl, t), layout=layout)
+        want, want_grad = _reference(z, y, lambda zz, t, make=make: make(None).double()(zz, t))
+        torch.testing.assert_close(losses[0], want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grads, want_grad, rtol=1e-12, atol=1e-12)
+
+
+def test_bounds_and_errors():
+    assert balanced_bounds(37, 3) == [(0, 16), (16, 32), (32, 37)]
+    assert balanced_bounds(9, 3) == [(0, 8), (8, 9), (9, 9)]
+    assert chunked_bounds(8142, 8)[:2] == [(0, 1018), (1018, 2036)] and chunked_bounds(9, 4)[-1] == (9, 9)
+    assert sum(b - a for a, b in balanced_bounds(1_000_003, 64)) == 1_000_003
+    with pytest.raises(ValueError, match="stop"):
+        ClassShard(5, 4, 10, object())
+    with pytest.raises(ValueError, match="group"):
+        ClassShard(0, 4, 10, None)
+    world = SimulatedWorld(2)
+
+    def bad(group):
+        sh = ClassShard.balanced(10, group)
+        with pytest.raises(ValueError, match="shard holds"):
+            LF.adjusted_cross_entropy(torch.zeros(2, sh.size + 1), torch.zeros(2, dtype=torch.long), shard=sh)
+        with pytest.raises(ValueError, match="grad_in_forward"):
+            LF.adjusted_cross_entropy(torch.zeros(2, sh.size), torch.zeros(2, dtype=torch.long), shard=sh,
+                                      grad_in_forward=True)
+        with pytest.raises(ValueError, match="class"):
+            LF.adjusted_cross_entropy(torch.zeros(2, sh.size), torch.full((2,), 10), shard=sh)  # global C = 10
+        chunk = ClassShard.chunked(10, group)
+        if chunk.start % 8:
+            with pytest.raises(ValueError, match="multiple of 8"):
+                LF.gcl_cross_entropy(torch.zeros(2, chunk.size), torch.zeros(2, dtype=torch.long),
+                                     torch.ones(10), seed=1, shard=chunk, backend="triton")
+        return 0
+
+    world.run(bad)
