@@ -16,6 +16,7 @@ from ._operator import gcl_fields, la_fields, ldam_fields
 from ._shapes import as_rows, restore
 from .distributed.class_parallel import sharded_cross_entropy, sharded_lade_loss
 from .distributed.data_parallel import batch_dependent, global_batch_loss, global_lade_loss, warn_without_group
+from .distributed.dtensor import from_dtensor, is_dtensor
 from .heads.functional import cosine_cross_entropy, lade_linear_loss, linear_cross_entropy
 
 __all__ = [
@@ -70,6 +71,8 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor 
             (N, shard.size), ``target`` the global class ids of all N rows (the same on every rank of the shard's
             group), the class vectors full (C,); the loss of the full logits, the same on every rank, with the
             gradient of the local columns (two all-reduces forward, none backward: :mod:`fastlt.distributed`).
+            ``logits`` may instead be a DTensor sharded ``Shard(-1)`` on a 1-D mesh (the shard is read off it;
+            :mod:`fastlt.distributed.dtensor`).
         prior: the old name of ``log_prior`` (deprecated).
 
     Returns:
@@ -79,6 +82,7 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor 
     fields = dict(log_prior=log_prior, tau=tau, cloud=cloud, noise_mul=noise_mul, seed=seed, margin=margin,
                   scale=scale, gamma=gamma, weight=weight, ignore_index=ignore_index, reduction=reduction,
                   label_smoothing=label_smoothing)
+    logits, target, shard = _dtensor_shard(logits, target, shard)
     rows = as_rows(logits, target)
     if rows.shape is not None:  # (C,) or (N, C, d1, ...): the positions as rows, the result in the targets' shape
         return restore(adjusted_cross_entropy(rows.logits, rows.target, **fields, noise=noise, backend=backend,
@@ -103,6 +107,15 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor 
     if dp_group is not None and dp_group is not False:
         return global_batch_loss(local, logits, target, fields, dp_group, weight=weight, rows_per_rank=rows_per_rank)
     return local(fields)
+
+
+def _dtensor_shard(logits, target, shard):
+    """A class-sharded DTensor's local columns and shard (:mod:`fastlt.distributed.dtensor`); else unchanged."""
+    if not is_dtensor(logits):
+        return logits, target, shard
+    if shard is not None:
+        raise ValueError("shard= is read off a DTensor's layout: pass DTensor logits or shard=, not both")
+    return from_dtensor(logits, target)
 
 
 def _check_shard_options(dp_group, grad_in_forward, noise) -> None:
@@ -173,6 +186,7 @@ def lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: float = 0.1,
     as the official code's single-process ``nn.DataParallel`` computed them (one MAX and one SUM all-reduce of
     ~12 C bytes; see :func:`adjusted_cross_entropy`). None warns once under several ranks. Shaped inputs as
     :func:`adjusted_cross_entropy` (positions are rows, for LADER's statistics too)."""
+    logits, target, shard = _dtensor_shard(logits, target, shard)
     rows = as_rows(logits, target)
     logits, target = rows.logits, rows.target
     if shard is not None:  # class parallel: the reference's arithmetic (backend='triton' is refused)

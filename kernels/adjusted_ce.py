@@ -88,6 +88,8 @@ class Flags(NamedTuple):
     HAS_FOCAL: bool = False
     SEED_FROM_PTR: bool = False
     SOFT: bool = False  # class-probability targets (:class:`Soft`)
+    NOISE_PER_ELEMENT: bool = False  # the columns start off a multiple of 8 (an unaligned class shard): one Philox
+    # call per noise element instead of one per 8 (:func:`fastlt.kernels.philox_noise.gcl_noise_at`)
 
 
 class Columns(NamedTuple):
@@ -308,8 +310,11 @@ def _adjusted_tile(z_op, vecs, hp, rng, row, col_start, col_base, col_hi, soft, 
         a += hp.tau * tl.load(vecs.log_prior + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if F.HAS_NOISE:
         cloud = tl.load(vecs.cloud + cols, mask=col_mask, other=0.0).to(tl.float32)
-        a -= (hp.noise_mul * cloud)[None, :] * gcl_noise_tile(rng.seed, row.idx + rng.row0, col_start, BLOCK_M,
-                                                              BLOCK_N)
+        spread = (hp.noise_mul * cloud)[None, :]
+        if F.NOISE_PER_ELEMENT:
+            a -= spread * gcl_noise_at(rng.seed, (row.idx + rng.row0)[:, None], cols[None, :])
+        else:
+            a -= spread * gcl_noise_tile(rng.seed, row.idx + rng.row0, col_start, BLOCK_M, BLOCK_N)
     if F.SOFT:
         if F.MARGIN_MODE == 2:
             a -= tl.load(vecs.margin + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :] * q

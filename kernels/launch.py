@@ -118,8 +118,14 @@ def _soft(y: torch.Tensor, args: AdjustedCEArgs | None) -> Soft | None:
                 row_scale=None if args is None else float(args.row_scale))
 
 
-def _flags(flags: Flags, soft: Soft | None) -> Flags:
-    return flags if soft is None else flags._replace(SOFT=True)
+def _flags(flags: Flags, soft: Soft | None, col_base: int = 0) -> Flags:
+    """``flags`` for a launch: SOFT with class-probability targets; NOISE_PER_ELEMENT when noise columns start off a
+    multiple of 8 (a class chunk or shard at ``col_base``)."""
+    if soft is not None:
+        flags = flags._replace(SOFT=True)
+    if flags.HAS_NOISE and col_base % 8:
+        flags = flags._replace(NOISE_PER_ELEMENT=True)
+    return flags
 
 
 def weight_sum(args: AdjustedCEArgs) -> torch.Tensor | None:
@@ -373,9 +379,6 @@ def grad(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, row_stats: torc
     C = Ck if num_classes is None else num_classes
     if column_term is not None and grad_output is not None and grad_output.dim() != 0:
         raise ValueError(f"column_term (LADE) needs a scalar grad_output, got shape {tuple(grad_output.shape)}")
-    if col_base % 8 and args.has_noise:
-        raise ValueError(f"with noise, col_base must be a multiple of 8 (8 noise columns per Philox call), got "
-                         f"{col_base}")
     if stored is not None and (out is None or column_term is not None or col_base or num_classes not in (None, Ck)):
         raise ValueError("stored= scales the forward's tiles in out=, over all classes, without column_term")
     dev = z.device
@@ -393,7 +396,8 @@ def grad(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, row_stats: torc
         col_term=column_term or ColumnTerm(a=d, b=d, lse=d), g_op=_operand(out), N=N, C=C,
         cols_of=Columns(per_split=cfg.cols_per_split, base=col_base, end=col_base + Ck),
         hp=kg.grad_hp, **kg.rng, stored=stored or StoredTiles(maxima=d, count=0), soft=soft,
-        F=_flags(kg.grad_flags, soft), HAS_UPSTREAM=grad_output is not None, COLUMN_TERM=column_term is not None,
+        F=_flags(kg.grad_flags, soft, col_base), HAS_UPSTREAM=grad_output is not None,
+        COLUMN_TERM=column_term is not None,
         ALIGN=row_align(z, out, *([] if soft is None else [y])), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         STORED=stored is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
@@ -411,9 +415,6 @@ def chunk_partials(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, part:
     ``[col_base, col_base + Ck)`` and the target logits of the rows whose targets lie there (as :func:`forward`
     fills them for the whole matrix)."""
     N, Ck = z.shape
-    if col_base % 8 and args.has_noise:
-        raise ValueError(f"with noise, col_base must be a multiple of 8 (8 noise columns per Philox call), got "
-                         f"{col_base}")
     dev = z.device
     has_cols = column_stats is not None
     soft = _soft(y, None)
@@ -436,7 +437,7 @@ def chunk_partials(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, part:
         stored=StoredTiles(maxima=d, count=0), N=N, C=num_classes,
         cols_of=Columns(per_split=Ck, base=col_base, end=col_base + Ck, first_split=chunk, num_splits=part.shape[2]),
         num_row_blocks=row_blocks, hp=kg.hp, **kg.rng, red=Reduction(out=d, counter=d), soft=soft,
-        F=_flags(kg.flags, soft), MEAN=False, SPLIT=True, SINGLE_TILE=Ck <= cfg.block_n, GRAD_IN_FWD=False,
+        F=_flags(kg.flags, soft, col_base), MEAN=False, SPLIT=True, SINGLE_TILE=Ck <= cfg.block_n, GRAD_IN_FWD=False,
         COLUMN_STATS=has_cols, ALIGN=row_align(z, *([] if soft is None else [y])), BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, PERSISTENT=False, OWN_DENOM=False, REDUCE=0, RBLOCK=tiles.rblock(cfg.num_warps),
         STORE_P=False, num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -113,9 +113,10 @@ def gcl_noise_tile(seed, rows, col_start, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
 
 @triton.jit
 def gcl_noise_at(seed, rows, cols):
-    """The noise of elements ``(rows[k], cols[k])`` (one column per row, e.g. the target), float32: the same
-    number :func:`gcl_noise_tile` gives that element (column ``j`` takes normal ``j % 8`` of the word
-    ``(j % 8) // 2``, cos for even ``j``)."""
+    """The noise of elements ``(rows[k], cols[k])`` (one column per row, e.g. the target; or broadcast
+    ``rows[:, None]`` x ``cols[None, :]``, a tile whose columns start off a multiple of 8), float32: the same number
+    :func:`gcl_noise_tile` gives that element (column ``j`` takes normal ``j % 8`` of the word ``(j % 8) // 2``, cos
+    for even ``j``), at one Philox call per element."""
     offsets = (rows.to(tl.int64) << 32) | (cols.to(tl.int64) // 8)
     w0, w1, w2, w3 = tl.randint4x(seed, offsets)
     q = cols % 8

@@ -16,14 +16,15 @@ pytestmark = pytest.mark.distributed
 F64 = torch.float64
 
 
-def _run(world_size, z, y, loss_fn, *, layout="balanced"):
+def _run(world_size, z, y, loss_fn, *, layout="balanced", combine="all_reduce"):
     """``loss_fn(shard, local_logits, y)`` on each simulated rank: losses, the local gradients in rank order, and
-    the all-reduces per rank."""
+    the collectives per rank."""
     world = SimulatedWorld(world_size)
     C = z.shape[1]
 
     def rank_fn(group):
-        shard = (ClassShard.balanced(C, group) if layout == "balanced" else ClassShard.chunked(C, group))
+        shard = (ClassShard.balanced(C, group, combine=combine) if layout == "balanced"
+                 else ClassShard.chunked(C, group, combine=combine))
         zl = z[:, shard.start:shard.stop].detach().clone().requires_grad_()
         loss = loss_fn(shard, zl, y)
         (loss * torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device).reshape(
@@ -59,9 +60,7 @@ def _cases(vec, dtype):
                          ids=["37over3", "9over3_empty", "37over5_chunk"])
 def test_reference_path_equals_the_full_logits(name, reduction, world, C, layout):
     """Every loss x reduction; C = 37 over 3 (16/16/5), C = 9 over 3 (8/1/0: an empty shard), torch.chunk's
-    unaligned 8/8/8/8/5 over 5 (GCL's noise needs starts on multiples of 8: balanced only), ignored rows."""
-    if name == "gcl" and layout == "chunked":
-        layout = "balanced"
+    unaligned 8/8/8/8/5 over 5, ignored rows."""
     gen = torch.Generator().manual_seed(C * 10 + world)
     z = torch.randn(7, C, generator=gen, dtype=F64)
     y = torch.randint(0, C, (7,), generator=gen)
@@ -76,11 +75,13 @@ def test_reference_path_equals_the_full_logits(name, reduction, world, C, layout
     assert count == 2  # MAX, then one packed SUM
 
 
+@pytest.mark.parametrize("layout", ["balanced", "chunked"])
 @pytest.mark.parametrize("name", ["la", "gcl", "all"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_kernel_path_equals_the_full_logits(name, dtype):
+def test_kernel_path_equals_the_full_logits(name, dtype, layout):
     """The kernels (interpreter without a GPU): local partials, the collectives, the combine, and the row kernel's
-    gradient of the local columns, against the float64 reference; an empty shard among them."""
+    gradient of the local columns, against the float64 reference; an empty shard among them (balanced: 16/16/9/0),
+    torch.chunk's starts off multiples of 8 (11/11/11/8: GCL's noise then drawn per element, the same numbers)."""
     gen = torch.Generator().manual_seed(3)
     C = 41
     z = torch.randn(6, C, generator=gen).to(dtype)
@@ -89,7 +90,7 @@ def test_kernel_path_equals_the_full_logits(name, dtype):
     vec = class_vectors(C, gen)
     kw = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in _cases(vec, torch.float32)[name].items()}
     losses, grads, _ = _run(4, z.to(DEVICE), y.to(DEVICE), lambda sh, zl, t: LF.adjusted_cross_entropy(
-        zl, t, shard=sh, backend="triton", **kw))
+        zl, t, shard=sh, backend="triton", **kw), layout=layout)
     want, want_grad = _reference(z.to(F64), y, lambda zz, t: R.adjusted_cross_entropy(
         zz, t, **{k: (v.to(F64) if isinstance(v, torch.Tensor) else v) for k, v in _cases(vec, F64)[name].items()}))
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=2e-5, atol=2e-5)
@@ -97,6 +98,33 @@ def test_kernel_path_equals_the_full_logits(name, dtype):
         assert loss.dtype == dtype
         torch.testing.assert_close(loss.cpu().to(F64), want, **tol)
     torch.testing.assert_close(grads.cpu().to(F64), want_grad, **tol)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("name", ["la", "gcl", "all"])
+@pytest.mark.parametrize("world,C", [(3, 37), (3, 9)], ids=["37over3", "9over3_empty"])
+def test_gather_combine_is_one_collective_and_the_same_bits_on_every_rank(backend, name, world, C):
+    """combine='gather': one all-gather of the partials, combined in rank order: the reference's loss and gradient,
+    and the same loss bits on every rank (float64 reference path; fp32 kernels)."""
+    gen = torch.Generator().manual_seed(C + world)
+    dtype = F64 if backend == "torch" else torch.float32
+    z = torch.randn(5, C, generator=gen, dtype=F64)
+    y = torch.randint(0, C, (5,), generator=gen)
+    y[1] = -100
+    vec = class_vectors(C, gen)
+    kw = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) and backend == "triton" else v)
+          for k, v in _cases(vec, dtype)[name].items()}
+    dev = DEVICE if backend == "triton" else "cpu"
+    losses, grads, count = _run(world, z.to(dtype).to(dev), y.to(dev), lambda sh, zl, t: LF.adjusted_cross_entropy(
+        zl, t, shard=sh, backend=backend, **kw), combine="gather")
+    want, want_grad = _reference(z.to(dtype), y, lambda zz, t: R.adjusted_cross_entropy(
+        zz, t, **{k: (v.to(F64) if isinstance(v, torch.Tensor) else v) for k, v in _cases(vec, dtype)[name].items()}))
+    tol = dict(rtol=1e-12, atol=1e-12) if backend == "torch" else dict(rtol=2e-5, atol=2e-5)
+    for loss in losses:
+        assert torch.equal(loss, losses[0])
+        torch.testing.assert_close(loss.cpu().to(F64), want, **tol)
+    torch.testing.assert_close(grads.cpu().to(F64), want_grad, **tol)
+    assert count == 1
 
 
 @pytest.mark.parametrize("layout", ["balanced", "chunked"])
@@ -136,6 +164,8 @@ def test_bounds_and_errors():
         ClassShard(5, 4, 10, object())
     with pytest.raises(ValueError, match="group"):
         ClassShard(0, 4, 10, None)
+    with pytest.raises(ValueError, match="combine"):
+        ClassShard(0, 4, 10, object(), combine="ring")
     world = SimulatedWorld(2)
 
     def bad(group):
@@ -147,11 +177,6 @@ def test_bounds_and_errors():
                                       grad_in_forward=True)
         with pytest.raises(ValueError, match="class"):
             LF.adjusted_cross_entropy(torch.zeros(2, sh.size), torch.full((2,), 10), shard=sh)  # global C = 10
-        chunk = ClassShard.chunked(10, group)
-        if chunk.start % 8:
-            with pytest.raises(ValueError, match="multiple of 8"):
-                LF.gcl_cross_entropy(torch.zeros(2, chunk.size), torch.zeros(2, dtype=torch.long),
-                                     torch.ones(10), seed=1, shard=chunk, backend="triton")
         return 0
 
     world.run(bad)

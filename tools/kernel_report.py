@@ -290,6 +290,18 @@ def cases():
                 heads.use_triton = use_triton
         return run
 
+    def gcl_shard(N, C, W, dtype):
+        def run():  # rank 1's launches of a class-sharded GCL loss at torch.chunk's start (not a multiple of 8)
+            size = -(-C // W)
+            z = torch.empty((N, size), dtype=dtype)
+            y = torch.zeros(N, dtype=torch.int64)
+            args = AdjustedCEArgs(cloud=gcl_cloud(_counts(C)).float(), noise_mul=1.0, margin=0.5, scale=30.0, seed=3)
+            part = torch.empty((4, N, 1), dtype=torch.float32)
+            launch.chunk_partials(z, y, args, part, 0, col_base=size, num_classes=C)
+            _, stats, coef = launch.combine_partials(part, y, args, C, out=torch.empty((), dtype=torch.float32))
+            launch.grad(z, y, args, stats, coef, None, col_base=size, num_classes=C)
+        return run
+
     def rescale(N, D, C, dtype):
         def run():  # the heads' backward: dx, dW, db times a scalar grad_output in one launch
             launch.scale_all([torch.empty((N, D), dtype=dtype), torch.empty((C, D), dtype=dtype),
@@ -316,6 +328,7 @@ def cases():
         "la-1M-bf16-split": la(128, 1_000_000, torch.bfloat16, num_splits=16),
         # GCL's gradient in the forward over split rows: STORE_P in the split forward, row_loss_grad's STORED after
         "gcl-1M-bf16-split-fused": gcl(128, 1_000_000, torch.bfloat16, grad_in_forward=True, num_splits=16),
+        "gcl-shard-8142-over-8-bf16": gcl_shard(4096, 8142, 8, torch.bfloat16),  # noise drawn per element
         "la-8142-fp32-whole-row": la(4096, 8142, torch.float32, grad_in_forward=True, block_n=8192, num_warps=16),
         "lade-131072-fp32": lade_case(4096, 131072, torch.float32),
         "lade-8142-bf16": lade_case(4096, 8142, torch.bfloat16),

@@ -14,7 +14,9 @@ classes), and LADER's per-class sum is one more float in the SUM.
 
 Both backends: the reference (autograd through :func:`fastlt.distributed.collectives.global_sum`) and the kernels
 (``fastlt::shard_partials``, the collectives, ``fastlt::shard_finish`` whose registered backward is the row kernel's
-gradient). Collectives are functional (``torch.compile`` traces them), no host sync.
+gradient). Collectives are functional (``torch.compile`` traces them), no host sync. ``shard.combine='gather'``
+replaces the two all-reduces by one all-gather of the partials, combined in rank order (the same bits on every
+rank).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from .._operator import AdjustedCEArgs
 from ..kernels import launch
 from ..noise import draw_seed, gcl_noise
 from .class_shard import ClassShard
-from .collectives import all_reduce, global_sum, stat_dtype
+from .collectives import all_reduce, gathered_partials, global_sum, stat_dtype
 
 __all__ = ["sharded_cross_entropy", "sharded_lade_loss", "check_shard", "shared_input"]
 
@@ -120,13 +122,27 @@ def _reference_partials(logits, target, f, shard, extra=None):
     a = a.to(sdt)
     N, Cl = a.shape
     m_local = a.detach().amax(1) if Cl else a.new_full((N,), -math.inf)
-    M = all_reduce(m_local, "max", shard.group)
-    e = torch.exp(a - M[:, None]).sum(1)
     a_y = torch.where(local, a.gather(1, y_local[:, None])[:, 0] if Cl else a.new_zeros(N), a.new_zeros(()))
     weight = f.get("weight")
     q = (a if weight is None else a * weight[shard.start:shard.stop].to(sdt)).sum(1)
-    e, a_y, q, *more = global_sum([e, a_y, q, *(extra or [])], shard.group)
+    sums = [a_y, q, *(extra or [])]
+    if shard.combine == "gather":
+        M, e, sums = _gathered(a, m_local, sums, shard.group)
+    else:
+        M = all_reduce(m_local, "max", shard.group)
+        e, *sums = global_sum([torch.exp(a - M[:, None]).sum(1), *sums], shard.group)
+    a_y, q, *more = sums
     return (M, e, a_y, q, more), (valid, safe)
+
+
+def _gathered(a: Tensor, m_local: Tensor, sums: list[Tensor], group):
+    """``combine='gather'``: :func:`fastlt.distributed.collectives.gathered_partials`, with the gradient of this
+    rank's parts (as :func:`fastlt.distributed.collectives.global_sum`)."""
+    finite = torch.isfinite(m_local)
+    e_local = torch.exp(a - torch.where(finite, m_local, 0.0)[:, None]).sum(1)
+    M, e, totals = gathered_partials(m_local, e_local, sums, group)
+    mine = e_local * torch.where(finite, torch.exp(m_local - M), 0.0)
+    return M, mine + (e - mine).detach(), [t + (v - t).detach() for t, v in zip(sums, totals, strict=True)]
 
 
 def sharded_cross_entropy(logits: Tensor, target: Tensor, fields: dict, shard: ClassShard, *,
@@ -238,10 +254,14 @@ def _sharded_triton(logits: Tensor, target: Tensor, fields: dict, shard: ClassSh
     args = AdjustedCEArgs.from_fields(logits.device, fields)
     flat = O.flatten(args)
     local = shard_partials_op(logits.detach(), target, shard.start, shard.num_classes, *flat)
-    M = all_reduce(local[0], "max", shard.group)
-    e = local[1] * torch.exp(local[0] - M)
-    total = all_reduce(torch.stack([e, local[2], local[3]]), "sum", shard.group)
-    partials = torch.cat([M[None], total])
+    if shard.combine == "gather":
+        M, e, (a_y, q) = gathered_partials(local[0], local[1], [local[2], local[3]], shard.group)
+        partials = torch.stack([M, e, a_y, q])
+    else:
+        M = all_reduce(local[0], "max", shard.group)
+        e = local[1] * torch.exp(local[0] - M)
+        total = all_reduce(torch.stack([e, local[2], local[3]]), "sum", shard.group)
+        partials = torch.cat([M[None], total])
     loss = shard_finish_op(logits, target, partials, shard.start, shard.num_classes, *flat)[0]
     return loss.to(logits.dtype)
 

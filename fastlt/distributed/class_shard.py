@@ -14,7 +14,9 @@ from typing import Any
 
 from .collectives import rank_and_size
 
-__all__ = ["ClassShard", "balanced_bounds", "chunked_bounds"]
+__all__ = ["ClassShard", "balanced_bounds", "chunked_bounds", "COMBINES"]
+
+COMBINES = ("all_reduce", "gather")
 
 
 def _int(name: str, value, low: int) -> int:
@@ -52,14 +54,21 @@ class ClassShard:
     """This rank's classes ``[start, stop)`` of ``num_classes``, on the process group ``group`` whose ranks together
     hold every class once (contiguous, in rank order). Build it with :meth:`balanced` or :meth:`chunked`, or give
     the range (the caller's own layout: the ranks' ranges must tile ``[0, num_classes)``; not checked, which would
-    cost a collective)."""
+    cost a collective).
+
+    ``combine``: how the ranks' row partials meet. 'all_reduce' (default): one MAX of N and one SUM of 3N floats.
+    'gather': one all-gather of every rank's 4N floats, combined in rank order on every rank, so the loss is the
+    same bits on every rank whatever order the collective reduces in (W times the bytes received)."""
 
     start: int
     stop: int
     num_classes: int
     group: Any
+    combine: str = "all_reduce"
 
     def __post_init__(self):
+        if self.combine not in COMBINES:
+            raise ValueError(f"combine must be one of {COMBINES}, got {self.combine!r}")
         _int("num_classes", self.num_classes, 1)
         _int("start", self.start, 0)
         _int("stop", self.stop, self.start)
@@ -74,18 +83,19 @@ class ClassShard:
         return self.stop - self.start
 
     @classmethod
-    def balanced(cls, num_classes: int, group, align: int = 8) -> ClassShard:
+    def balanced(cls, num_classes: int, group, align: int = 8, *, combine: str = "all_reduce") -> ClassShard:
         """The balanced split of :func:`balanced_bounds` for this rank of ``group``."""
         rank, world = rank_and_size(group)
         start, stop = balanced_bounds(num_classes, world, align)[rank]
-        return cls(start, stop, num_classes, group)
+        return cls(start, stop, num_classes, group, combine)
 
     @classmethod
-    def chunked(cls, num_classes: int, group) -> ClassShard:
+    def chunked(cls, num_classes: int, group, *, combine: str = "all_reduce") -> ClassShard:
         """``torch.chunk``'s split (:func:`chunked_bounds`), the layout of a DTensor sharded on the classes."""
         rank, world = rank_and_size(group)
         start, stop = chunked_bounds(num_classes, world)[rank]
-        return cls(start, stop, num_classes, group)
+        return cls(start, stop, num_classes, group, combine)
 
     def __repr__(self) -> str:
-        return f"ClassShard(start={self.start}, stop={self.stop}, num_classes={self.num_classes})"
+        extra = "" if self.combine == "all_reduce" else f", combine={self.combine!r}"
+        return f"ClassShard(start={self.start}, stop={self.stop}, num_classes={self.num_classes}{extra})"

@@ -25,7 +25,8 @@ from torch import Tensor
 
 from .simulate import RankGroup
 
-__all__ = ["rank_and_size", "all_reduce", "global_sum", "global_logsumexp", "world_gradient", "stat_dtype"]
+__all__ = ["rank_and_size", "all_reduce", "all_gather", "reduce_scatter", "gathered_partials", "global_sum",
+           "global_logsumexp", "world_gradient", "stat_dtype"]
 
 
 def rank_and_size(group) -> tuple[int, int]:
@@ -50,6 +51,18 @@ def all_reduce(t: Tensor, op: str, group) -> Tensor:
     import torch.distributed._functional_collectives as funcol
 
     return funcol.all_reduce(t.detach().contiguous(), op, group) * 1  # a plain tensor (waits for the collective)
+
+
+def all_gather(t: Tensor, group) -> Tensor:
+    """The ranks' ``t`` (the same shape on every rank) stacked in rank order, (size, *t.shape); no gradient."""
+    if isinstance(group, RankGroup):
+        return group.simulated_all_gather(t.detach())
+    import torch.distributed._functional_collectives as funcol
+
+    size = rank_and_size(group)[1]
+    gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor  # the older name (torch < 2.6)
+    out = gather(t.detach().contiguous().reshape(1, *t.shape), 0, group) * 1
+    return out.reshape(size, *t.shape)
 
 
 def global_sum(tensors: Sequence[Tensor], group) -> list[Tensor]:
@@ -80,6 +93,39 @@ def global_logsumexp(local_lse: Tensor, group, *more: Tensor) -> tuple[Tensor, l
     some = total > 0
     value = top + torch.log(torch.where(some, total, torch.ones_like(total)))
     return torch.where(some, value, torch.full_like(value, -math.inf)), rest
+
+
+def reduce_scatter(t: Tensor, group) -> Tensor:
+    """The sum over the ranks of ``t`` (W * n, ...), this rank's block of n rows; no gradient."""
+    rank, size = rank_and_size(group)
+    if t.shape[0] % size:
+        raise ValueError(f"reduce_scatter needs rows divisible by the group's size {size}, got {t.shape[0]}")
+    if isinstance(group, RankGroup):
+        n = t.shape[0] // size
+        return group.simulated_all_reduce(t.detach(), "sum")[rank * n:(rank + 1) * n]
+    import torch.distributed._functional_collectives as funcol
+
+    return funcol.reduce_scatter_tensor(t.detach().contiguous(), "sum", 0, group) * 1
+
+
+def gathered_partials(m: Tensor, e: Tensor, sums: Sequence[Tensor], group) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """The ranks' row partials combined from one all-gather, in rank order, so every rank computes the same bits:
+    ``m`` (N,) the rank's row maxima (-inf: none), ``e`` (N,) its sums of ``exp(a - m)``, ``sums`` more tensors
+    added over the ranks. Returns ``(M, sum_r e_r exp(m_r - M), [sum_r s_r])``, in the :func:`stat_dtype`, without
+    gradient. (The all-reduce combine, one MAX and one SUM, costs less bandwidth at large N; this one is
+    bit-identical on every rank whatever the collective's reduction order.)"""
+    dtype = stat_dtype(functools.reduce(torch.promote_types, [t.dtype for t in (m, e, *sums)]))
+    parts = [m, e, *sums]
+    flat = torch.cat([t.detach().to(dtype).reshape(-1) for t in parts])
+    every = all_gather(flat, group)  # (W, L)
+    out, start = [], 0
+    for t in parts:
+        out.append(every[:, start:start + t.numel()].reshape(-1, *t.shape))
+        start += t.numel()
+    ms, es, *rest = out
+    top = ms.amax(0)
+    shift = torch.where(torch.isfinite(ms), torch.exp(ms - torch.where(torch.isfinite(top), top, 0.0)), 0.0)
+    return top, (es * shift).sum(0), [r.sum(0) for r in rest]
 
 
 def world_gradient(loss: Tensor, size: int) -> Tensor:

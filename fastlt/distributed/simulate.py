@@ -5,7 +5,8 @@ all-reduces are answered from the other ranks' contributions.
 returns the reduced value when every rank's k-th contribution is known from an earlier round, else it records the
 rank's contribution and returns a placeholder (the rest of that round is discarded). A loss with K all-reduces
 takes K + 1 rounds; the last round's results are the ranks' true ones. ``fn`` must therefore be deterministic (give
-GCL an explicit seed) and may run its backward inside (only the last round's gradients count).
+GCL an explicit seed) and may run its backward inside (only the last round's gradients count). An exception raised
+after a placeholder was returned is ignored (that round is discarded); any other propagates.
 """
 
 from __future__ import annotations
@@ -17,31 +18,41 @@ from torch import Tensor
 
 __all__ = ["SimulatedWorld", "RankGroup"]
 
-_REDUCE = {"sum": lambda ts: torch.stack(ts).sum(0), "max": lambda ts: torch.stack(ts).amax(0)}
+_REDUCE = {"sum": lambda ts: torch.stack(ts).sum(0), "max": lambda ts: torch.stack(ts).amax(0),
+           "gather": torch.stack}
 
 
 class RankGroup:
-    """What a loss sees as its ``dp_group`` on one simulated rank."""
+    """What a loss sees as its process group on one simulated rank (all-reduces and all-gathers)."""
 
     def __init__(self, rank: int, size: int, known: list[Tensor], pending: dict):
         self.rank, self.size = rank, size
         self._known, self._pending, self._calls = known, pending, 0
+        self.placeholder_given = False  # this round is discarded (an error after it is the placeholder's doing)
 
     def simulated_rank_and_size(self) -> tuple[int, int]:
         return self.rank, self.size
+
+    def simulated_all_gather(self, t: Tensor) -> Tensor:
+        """The ranks' ``t`` stacked, (size, *t.shape) (a placeholder of that shape in a discarded round)."""
+        return self.simulated_all_reduce(t, "gather")
 
     def simulated_all_reduce(self, t: Tensor, op: str) -> Tensor:
         k = self._calls
         self._calls += 1
         if k < len(self._known):
             value = self._known[k]
+            if op == "gather":
+                value = value[0]
             if value.shape != t.shape or value.dtype != t.dtype:
-                raise RuntimeError(f"rank {self.rank}: all-reduce #{k} of {tuple(t.shape)} {t.dtype} does not match "
+                raise RuntimeError(f"rank {self.rank}: collective #{k} of {tuple(t.shape)} {t.dtype} does not match "
                                    f"the other ranks' {tuple(value.shape)} {value.dtype}")
-            return value.clone()
+            return self._known[k].clone()
         if k == len(self._known):
             self._pending[self.rank] = (t.detach().clone(), op)
-        return t.detach().clone()  # a placeholder: this round is discarded
+        self.placeholder_given = True
+        placeholder = t.detach().clone()  # this round is discarded
+        return placeholder.expand(self.size, *t.shape).clone() if op == "gather" else placeholder
 
 
 class SimulatedWorld:
@@ -57,7 +68,7 @@ class SimulatedWorld:
         known: list[Tensor] = []
         for _ in range(max_rounds):
             pending: dict = {}
-            results = [fn(RankGroup(r, self.size, known, pending)) for r in range(self.size)]
+            results = [self._call(fn, RankGroup(r, self.size, known, pending)) for r in range(self.size)]
             if not pending:
                 self.all_reduces = len(known)
                 return results
@@ -70,3 +81,12 @@ class SimulatedWorld:
                 raise RuntimeError(f"all-reduce #{len(known)} differs between the ranks (op or shape)")
             known.append(_REDUCE[op](parts))
         raise RuntimeError(f"more than {max_rounds - 1} all-reduces")
+
+    @staticmethod
+    def _call(fn, group: RankGroup):
+        try:
+            return fn(group)
+        except Exception:
+            if group.placeholder_given:  # computed from a placeholder: the round is discarded anyway
+                return None
+            raise
