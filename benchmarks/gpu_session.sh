@@ -2,7 +2,7 @@
 # One device-machine session: install, then the GPU tests and the benchmarks, each step bounded so a short lease
 # still brings back what finished. Everything is logged to $OUT/session.log; the benchmark tables land in
 # $OUT/<device>/ (results.* and heads.*).
-# Usage (device tool, repo root): bash benchmarks/gpu_session.sh [one|two|tests|bench|heads]
+# Usage (device tool, repo root): bash benchmarks/gpu_session.sh [one|two|shards|tests|bench|heads]
 #   [extra bench args]
 # A session now has 15 minutes of device time, a machine's start (a minute or more) included, and one call runs at
 # most 600 s. So: one call with `one` (timeout_s 600; its bounds add up to 535 s): the whole test suite natively,
@@ -43,9 +43,14 @@ two() {
   # class-probability targets (mixup; floor 3 N C bytes) beside the pair form (issue 21); a folder of its own
   step 90 python3 -m fastlt bench --loss la_soft --shapes 4096x8142 4096x131072 --out "$OUT/soft"
 }
+shards() {
+  # class parallel (issue 19): each rank's local phase at its shard for W = 1..64 (bounded; a lease of its own)
+  step 400 python3 -m fastlt bench --shards 1 2 4 8 16 32 64 --out "$OUT" "$@"
+}
 case "$what" in
   one) one "$@" ;;
   two) two ;;
+  shards) shards "$@" ;;
   tests) step 590 python3 -m pytest tests -q -p no:cacheprovider -rf --durations=5 ;;
   heads) step 590 python3 -m fastlt bench --heads --out "$OUT" "$@" ;;
   bench) step 590 python3 -m fastlt bench --out "$OUT" "$@" ;;

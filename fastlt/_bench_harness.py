@@ -162,5 +162,21 @@ def gcl_gpu_noise(cos, y, cloud, m=0.5, s=30.0, noise_mul=1.0):
     return torch.nn.functional.cross_entropy(s * torch.where(onehot, c - m, c), y)
 
 
+def save_table(dev: Device, results: list, out_dir: str, stem: str, markdown: str) -> str:
+    """Write ``<out_dir>/<device>/<stem>.json`` (the device and the result dataclasses) and ``<stem>.md``
+    (``markdown``); returns the folder."""
+    import json
+    import os
+    from dataclasses import asdict
+
+    folder = os.path.join(out_dir, dev.name.replace(" ", "-"))
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{stem}.json"), "w") as f:
+        json.dump({"device": asdict(dev), "results": [asdict(r) for r in results]}, f, indent=1)
+    with open(os.path.join(folder, f"{stem}.md"), "w") as f:
+        f.write(markdown)
+    return folder
+
+
 def fmt_host(host: float | None) -> str:
     return "—" if host is None else f"{host:.3f}"

@@ -18,7 +18,7 @@ import argparse
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -34,6 +34,7 @@ from ._bench_harness import (  # noqa: F401 - GradSink, floor_ms, host_ms, measu
     long_tail_counts,
     measure_bandwidth,
     measure_case,
+    save_table,
 )
 
 SHAPES = [(4096, 8142), (4096, 131072), (1024, 1_000_000), (128, 1_000_000), (512, 8142)]
@@ -212,12 +213,7 @@ def markdown(dev: Device, results: list[Result]) -> str:
 
 
 def save(dev: Device, results: list[Result], out_dir: str) -> str:
-    folder = os.path.join(out_dir, dev.name.replace(" ", "-"))
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "results.json"), "w") as f:
-        json.dump({"device": asdict(dev), "results": [asdict(r) for r in results]}, f, indent=1)
-    with open(os.path.join(folder, "results.md"), "w") as f:
-        f.write(markdown(dev, results))
+    folder = save_table(dev, results, out_dir, "results", markdown(dev, results))
     _plot(results, os.path.join(folder, "x_floor.png"))
     return folder
 
@@ -264,10 +260,18 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results", help="folder for results/<device>/")
     p.add_argument("--heads", action="store_true",
                    help="benchmark the fused linear / cosine heads instead (features in; see fastlt.bench_heads)")
+    p.add_argument("--shards", nargs="+", type=int, default=None, metavar="W",
+                   help="class parallel: each rank's cost for these world sizes (see fastlt.bench_shards); "
+                        "--shapes then takes NxC (logits) and NxDxC (heads) items")
+    p.add_argument("--no-peers", action="store_true", help="--shards: skip the W = 1 peers")
     a = p.parse_args(argv)
+    if a.shards is not None and any(w < 1 for w in a.shards):
+        p.error("--shards takes world sizes >= 1")
     if not torch.cuda.is_available():
         print("fastlt bench: no CUDA GPU visible; the benchmarks time GPU kernels and never fake a number")
         return 2
+    if a.shards is not None:
+        return _main_shards(a)
     if a.heads:
         return _main_heads(a)
     shapes = SHAPES if a.shapes is None else [tuple(int(v) for v in s.lower().split("x")) for s in a.shapes]
@@ -295,4 +299,18 @@ def _main_heads(a) -> int:
         results += part
         folder = save_heads(dev, results, a.out)
     print(f"\nwrote {folder}/heads.json, heads.md")
+    return 0
+
+
+def _main_shards(a) -> int:
+    from .bench_shards import SHARD_HEADER, SHARD_HEADS, SHARD_LOGITS, run_shards, save_shards
+
+    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in a.shapes] if a.shapes else None
+    logits = SHARD_LOGITS if shapes is None else [s for s in shapes if len(s) == 2]
+    heads = SHARD_HEADS if shapes is None else [s for s in shapes if len(s) == 3]
+    dtypes = a.dtype if a.dtype != ["fp32", "bf16"] else ["bf16"]
+    print(SHARD_HEADER)
+    dev, results = run_shards(a.shards, logits, heads, dtypes, peers=None if a.no_peers else build_cases)
+    folder = save_shards(dev, results, a.out)
+    print(f"\nwrote {folder}/shards.json, shards.md")
     return 0

@@ -12,12 +12,20 @@ heads).
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
-from ._bench_harness import DTYPES, Device, GradSink, fmt_host, gcl_gpu_noise, long_tail_counts, measure_case
+from ._bench_harness import (
+    DTYPES,
+    Device,
+    GradSink,
+    fmt_host,
+    gcl_gpu_noise,
+    long_tail_counts,
+    measure_case,
+    save_table,
+)
 
 HEAD_SHAPES = [(4096, 2048, 8142), (4096, 1024, 131072), (1024, 1024, 1_000_000)]
 HEAD_METHODS = ("fastlt LA head", "fastlt CE head", "fastlt cosine GCL head", "fastlt LADE head",
@@ -157,12 +165,7 @@ def head_row(r: HeadResult) -> str:
 
 
 def save_heads(dev: Device, results: list[HeadResult], out_dir: str) -> str:
-    folder = os.path.join(out_dir, dev.name.replace(" ", "-"))
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "heads.json"), "w") as f:
-        json.dump({"device": asdict(dev), "results": [asdict(r) for r in results]}, f, indent=1)
-    with open(os.path.join(folder, "heads.md"), "w") as f:
-        f.write(f"# fastlt fused heads on {dev.name}\n\nForward + backward (dF, dW), median of CUDA-event "
-                f"timings; floor = 6*N*D*C FLOPs at the matmul rate measured in this run. "
-                f"{json.dumps(dev.meta)}\n\n{HEAD_HEADER}\n" + "\n".join(head_row(r) for r in results) + "\n")
-    return folder
+    return save_table(dev, results, out_dir, "heads", (
+        f"# fastlt fused heads on {dev.name}\n\nForward + backward (dF, dW), median of CUDA-event timings; floor = "
+        f"6*N*D*C FLOPs at the matmul rate measured in this run. {json.dumps(dev.meta)}\n\n{HEAD_HEADER}\n"
+        + "\n".join(head_row(r) for r in results) + "\n"))

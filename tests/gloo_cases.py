@@ -228,3 +228,96 @@ def class_parallel() -> dict:
     LF.logit_adjusted_cross_entropy(logits, y, lp, backend="torch", shard=shard).backward()
     out["head"] = (feats.grad, w_local.grad)
     return out
+
+
+def dtensor_and_gather() -> dict:
+    """Class-sharded DTensor logits (torch.chunk's layout over a 1-D mesh: 6 and 5 of the 11 classes) into the loss
+    modules and functions (float64 reference path; GCL's kernels in fp32 at the unaligned start 6), and
+    ``combine='gather'`` (one all-gather, the same bits on both ranks)."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+
+    from fastlt.distributed import ClassShard
+
+    x, y, counts, weight = batch()
+    z = x.repeat(1, 2)[:, :C]
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    out = {}
+    crits = {
+        "la_weighted": fastlt.LogitAdjustedLoss(counts, tau=0.5, weight=weight, label_smoothing=0.1,
+                                                backend="torch").double(),
+        "gcl": fastlt.GCLLoss(counts, m=0.1, s=8.0, noise_mul=0.5, gamma=1.0, backend="torch").double(),
+        "lade": fastlt.LADELoss(counts, weight=weight, backend="torch").double(),
+    }
+    for name, crit in crits.items():
+        zd = distribute_tensor(z.clone(), mesh, [Shard(1)]).requires_grad_()
+        loss = crit(zd, y, seed=GCL_SEED) if name == "gcl" else crit(zd, y)
+        loss.backward()
+        out[name] = (loss.detach(), zd.grad.to_local())
+    yd = distribute_tensor(y, mesh, [Replicate()])
+    zk = distribute_tensor(z.float().clone(), mesh, [Shard(1)]).requires_grad_()
+    loss = LF.gcl_cross_entropy(zk, yd, fastlt.priors.gcl_cloud(counts).float(), m=0.1, s=8.0, noise_mul=0.5,
+                                seed=GCL_SEED, backend="triton")
+    loss.backward()
+    out["gcl_kernels"] = (loss.detach().cpu(), zk.grad.to_local().cpu())
+    shard = ClassShard.balanced(C, dist.group.WORLD, combine="gather")
+    lp = torch.log(fastlt.priors.prior(counts)).to(F64)
+    for backend, dtype in (("torch", F64), ("triton", torch.float32)):
+        zl = z[:, shard.start:shard.stop].to(dtype).clone().requires_grad_()
+        loss = LF.logit_adjusted_cross_entropy(zl, y, lp.to(dtype), weight=weight.to(dtype), label_smoothing=0.1,
+                                               backend=backend, shard=shard)
+        loss.backward()
+        out[f"gather_{backend}"] = (loss.detach(), zl.grad)
+    return out
+
+
+class _Net(nn.Module):
+    """A backbone (DDP averages it) and a class-sharded cosine GCL head (DDP must leave it alone)."""
+
+    def __init__(self, head):
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = nn.Linear(D, D).double()
+        self.head = head
+
+    def forward(self, x, y):
+        return self.head(torch.tanh(self.backbone(x)), y, seed=GCL_SEED)
+
+
+def gcl_head(counts, C_, shard=None):
+    torch.manual_seed(1)
+    return fastlt.CosineGCLHead(D, C_, counts, m=0.1, s=8.0, noise_mul=0.5, gamma=1.0, dtype=F64, shard=shard)
+
+
+def sharded_head() -> dict:
+    """A DDP backbone with a class-parallel cosine GCL head (balanced 8 + 3 of the 11 classes, 4 rows per rank,
+    gather_inputs): the loss, DDP's averaged backbone gradient and each rank's head rows' gradient; DDP over the
+    head's parameters without exclude_from_ddp raises in the forward (16 classes: 8 + 8, shapes DDP accepts)."""
+    from torch.distributed.tensor.debug import CommDebugMode
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from fastlt.distributed import ClassShard, exclude_from_ddp
+
+    x, y, counts, _ = batch()
+    rank = dist.get_rank()
+    rows = slice(4 * rank, 4 * rank + 4)
+    shard = ClassShard.balanced(C, dist.group.WORLD)
+    full = gcl_head(counts, C)
+    head = gcl_head(counts, C, shard)
+    with torch.no_grad():
+        head.weight.copy_(full.weight[shard.start:shard.stop])
+    net = _Net(head)
+    ignored = exclude_from_ddp(net)
+    model = DDP(net)
+    with CommDebugMode() as fwd:
+        loss = model(x[rows], y[rows])
+    loss.backward()
+    out = dict(loss=loss.detach(), backbone=net.backbone.weight.grad, head=head.weight.grad, ignored=ignored,
+               fwd=fwd.get_total_counts())
+    counts16 = torch.arange(1, 17)
+    bad = DDP(_Net(gcl_head(counts16, 16, ClassShard.balanced(16, dist.group.WORLD))))
+    try:
+        bad(x[rows], y[rows].clamp(min=0))
+        out["inside_ddp"] = None
+    except ValueError as e:
+        out["inside_ddp"] = str(e)
+    return out

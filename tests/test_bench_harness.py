@@ -71,3 +71,42 @@ def test_result_rows_show_the_host_time():
     head = bench_heads.HeadResult("fastlt LA head", 4, 2, 8, "bf16", 1.5, tflops=1.0, x_floor=3.0, extra_gb=0.0)
     assert "| — |" in bench_heads.head_row(head)
     assert bench_heads.head_row(head).count("|") == bench_heads.HEAD_HEADER.splitlines()[0].count("|")
+
+
+def test_shard_cases_run():
+    """``fastlt bench --shards``: the sharded logits losses and heads at rank 0's shard run with the collectives
+    replaced by local copies; the shard sizes and the modelled bytes."""
+    from fastlt import bench_shards as S
+
+    for W in (1, 3):
+        for loss in ("la", "gcl"):
+            for _, make in S.build_logits_cases(6, 20, W, torch.float32, loss=loss, device=DEVICE):
+                step = make()
+                step()
+                step()
+        methods = []
+        for method, make in S.build_head_cases(6, 4, 20, W, torch.float32, device=DEVICE):
+            make()()
+            methods.append(method)
+        assert len(methods) == (1 if W == 1 else 2)
+    assert S.shard_size(8142, 8) == 1024 and S.shard_size(1_000_000, 64) == 15632
+    assert S.logits_comm_bytes(512) == 8192
+    assert S.head_comm_bytes(8, 4, 1, torch.bfloat16) == S.logits_comm_bytes(8)
+
+
+def test_shard_table_is_written(tmp_path):
+    """The --shards table's rows and files (a measured row, a modelled-only row)."""
+    import json
+
+    from fastlt import bench_shards as S
+    from fastlt._bench_harness import Device
+
+    rows = [S.ShardResult("4096 x 131072", "bf16", 8, "fastlt shard (la)", 16384, 0.05, 1.2, 0.01, 0.066, 0.02),
+            S.ShardResult("4096 x 131072", "bf16", 8, "all-gather of the logits", 131072, None, comm_mb=939.5,
+                          note="then the W = 1 loss on (N, C)")]
+    assert S.shard_row(rows[0]).startswith("| 4096 x 131072 | bf16 | 8 | fastlt shard (la) | 16384 | 0.050 | 1.20 |")
+    assert "| — | — | — | 939.500 |" in S.shard_row(rows[1])
+    folder = S.save_shards(Device("Test GPU", 3e12, {}), rows, str(tmp_path))
+    data = json.loads((tmp_path / "Test-GPU" / "shards.json").read_text())
+    assert folder.endswith("Test-GPU") and [r["W"] for r in data["results"]] == [8, 8]
+    assert S.SHARD_HEADER.splitlines()[0] in (tmp_path / "Test-GPU" / "shards.md").read_text()

@@ -177,3 +177,61 @@ def test_class_parallel_equals_the_full_logits(pool):
     for rank in ranks:
         torch.testing.assert_close(rank["head"][0], feats.grad, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(torch.cat([r["head"][1] for r in ranks]), net.weight.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_dtensor_logits_and_gather_combine(pool):
+    """DTensor logits sharded Shard(-1) on a 1-D mesh (torch.chunk's 6 + 5 classes) give the full logits' loss and
+    gradient through the modules (LA, GCL, LADE) and the GCL kernels (an unaligned start: noise per element);
+    combine='gather' gives it too, the same bits on both ranks."""
+    x, y, counts, weight = G.batch()
+    z = x.repeat(1, 2)[:, :G.C]
+    lp = torch.log(prior(counts)).to(torch.float64)
+    refs = {
+        "la_weighted": fastlt.LogitAdjustedLoss(counts, tau=0.5, weight=weight, label_smoothing=0.1).double(),
+        "gcl": lambda t, y: fastlt.GCLLoss(counts, m=0.1, s=8.0, noise_mul=0.5, gamma=1.0).double()(
+            t, y, seed=G.GCL_SEED),
+        "lade": fastlt.LADELoss(counts, weight=weight).double(),
+    }
+    ranks = pool.run("dtensor_and_gather")
+    for name, ref in refs.items():
+        z64 = z.clone().requires_grad_()
+        want = ref(z64, y)
+        want.backward()
+        for rank in ranks:
+            torch.testing.assert_close(rank[name][0], want.detach(), rtol=1e-12, atol=1e-12, msg=name)
+        torch.testing.assert_close(torch.cat([r[name][1] for r in ranks], 1), z64.grad, rtol=1e-12, atol=1e-12)
+    z32 = z.float().double().requires_grad_()
+    want = R.gcl_cross_entropy(z32, y, gcl_cloud(counts).float().double(), m=0.1, s=8.0, noise_mul=0.5,
+                               seed=G.GCL_SEED)
+    want.backward()
+    for rank in ranks:
+        torch.testing.assert_close(rank["gcl_kernels"][0].double(), want.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([r["gcl_kernels"][1] for r in ranks], 1).double(), z32.grad, rtol=1e-4,
+                               atol=1e-6)
+    for backend, tol in (("torch", 1e-12), ("triton", 2e-5)):
+        zz = z.to(torch.float64 if backend == "torch" else torch.float32).double().clone().requires_grad_()
+        want = R.logit_adjusted_cross_entropy(zz, y, lp, weight=weight, label_smoothing=0.1)
+        want.backward()
+        got = [r[f"gather_{backend}"] for r in ranks]
+        assert torch.equal(got[0][0], got[1][0])
+        torch.testing.assert_close(got[0][0].double(), want.detach(), rtol=tol, atol=tol)
+        torch.testing.assert_close(torch.cat([g[1] for g in got], 1).double(), zz.grad, rtol=tol * 10, atol=tol)
+
+
+def test_class_parallel_head_under_a_ddp_backbone(pool):
+    """2 ranks, 4 rows each: a DDP backbone and a class-sharded cosine GCL head (8 + 3 classes, features and labels
+    all-gathered) give one process's loss on the 8 rows, its backbone gradient (DDP's average of the ranks' W-scaled
+    features' gradients) and its head gradient split by rows; 3 collectives forward (features, labels, and the
+    loss's two all-reduces: CommDebugMode counts the all-gathers and all-reduces); DDP over the head raises."""
+    x, y, counts, _ = G.batch()
+    net = G._Net(G.gcl_head(counts, G.C))
+    want = net(x, y)
+    want.backward()
+    ranks = pool.run("sharded_head")
+    for rank in ranks:
+        torch.testing.assert_close(rank["loss"], want.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(rank["backbone"], net.backbone.weight.grad, rtol=1e-12, atol=1e-12)
+        assert "head.weight" in rank["ignored"]
+        assert rank["fwd"] == 4
+        assert "exclude_from_ddp" in rank["inside_ddp"]
+    torch.testing.assert_close(torch.cat([r["head"] for r in ranks]), net.head.weight.grad, rtol=1e-12, atol=1e-12)

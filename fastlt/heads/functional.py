@@ -13,6 +13,7 @@ from .. import _validation as V
 from .. import reference as R
 from .._backend import use_triton
 from ..distributed.data_parallel import batch_dependent, global_batch_loss, global_lade_loss, warn_without_group
+from ..distributed.sharded_heads import sharded_head_loss
 
 __all__ = ["linear_cross_entropy", "cosine_cross_entropy", "lade_linear_loss"]
 
@@ -24,6 +25,7 @@ def linear_cross_entropy(features: Tensor, weight: Tensor, target: Tensor, bias:
                          weight_classes: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
                          label_smoothing: float = 0.0, backend: str = "auto", chunk_rows: int | None = None,
                          chunk_classes: int | None = None, dp_group=None, rows_per_rank: int | None = None,
+                         shard=None, gather_inputs: bool = True, features_grad_scale: float | None = None,
                          prior: Tensor | None = None) -> Tensor:
     """The adjusted cross-entropy on the logits of a linear layer, ``z = features @ weight^T + bias``, without
     holding the (N, C) logits.
@@ -47,6 +49,12 @@ def linear_cross_entropy(features: Tensor, weight: Tensor, target: Tensor, bias:
             chunks and C is so large that they would re-read an fp32 dW accumulator many times).
         dp_group, rows_per_rank: data parallel, the loss of the global batch (as
             :func:`fastlt.functional.adjusted_cross_entropy`).
+        shard: a :class:`fastlt.distributed.ClassShard` (class parallel): ``weight`` (shard.size, D) and ``bias``
+            (shard.size,) are this rank's rows, the class vectors full (C,) (:mod:`fastlt.distributed.sharded_heads`;
+            the rank's (rows, shard.size) logits are formed).
+        gather_inputs: with ``shard``, True (default): all-gather every rank's features and targets (the loss of the
+            gathered batch; the features' gradient reduce-scattered back, times ``features_grad_scale``, default
+            the group's size for a DDP backbone); False: the features are replicated on the group.
         prior: the old name of ``log_prior`` (deprecated).
 
     Returns:
@@ -58,6 +66,10 @@ def linear_cross_entropy(features: Tensor, weight: Tensor, target: Tensor, bias:
                   seed=seed, gamma=gamma, ignore_index=ignore_index, reduction=reduction,
                   label_smoothing=label_smoothing)
     triton = use_triton(backend, features)
+    if shard is not None:
+        _check_shard_head(dp_group, noise, chunk_rows, chunk_classes)
+        return sharded_head_loss(features, weight, bias, target, shard, fields=dict(fields, weight=weight_classes),
+                                 gather_inputs=gather_inputs, features_grad_scale=features_grad_scale, triton=triton)
 
     def local(f: dict) -> Tensor:
         if not triton:
@@ -77,12 +89,14 @@ def cosine_cross_entropy(features: Tensor, weight: Tensor, target: Tensor, *, lo
                          noise: Tensor | None = None, gamma: float = 0.0, weight_classes: Tensor | None = None,
                          ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
                          backend: str = "auto", chunk_rows: int | None = None, chunk_classes: int | None = None,
-                         eps: float = 1e-12, dp_group=None, rows_per_rank: int | None = None,
+                         eps: float = 1e-12, dp_group=None, rows_per_rank: int | None = None, shard=None,
+                         gather_inputs: bool = True, features_grad_scale: float | None = None,
                          prior: Tensor | None = None) -> Tensor:
     """As :func:`linear_cross_entropy` (no bias) on cosine logits ``cos_ij = <f_i/|f_i|, w_j/|w_j|>``: rows of
     ``features`` and ``weight`` are L2-normalised (norms once, in fp32, clamped at ``eps`` as ``F.normalize``) and
     the gradient flows through the normalisation. GCL is ``cloud=gcl_cloud(counts), noise_mul, margin=m,
-    scale=s`` (see :class:`fastlt.CosineGCLHead`). ``dp_group``, ``rows_per_rank``: as :func:`linear_cross_entropy`."""
+    scale=s`` (see :class:`fastlt.CosineGCLHead`). ``dp_group``, ``rows_per_rank``, ``shard``, ``gather_inputs``,
+    ``features_grad_scale``: as :func:`linear_cross_entropy` (GCL's noise rows are the gathered batch's)."""
     V.check_chunks(chunk_rows, chunk_classes)
     V.check_finite_float("eps", eps, min_value=0.0, min_inclusive=False)
     log_prior = V.renamed_argument("log_prior", log_prior, "prior", prior)
@@ -90,6 +104,11 @@ def cosine_cross_entropy(features: Tensor, weight: Tensor, target: Tensor, *, lo
                   seed=seed, gamma=gamma, ignore_index=ignore_index, reduction=reduction,
                   label_smoothing=label_smoothing)
     triton = use_triton(backend, features)
+    if shard is not None:
+        _check_shard_head(dp_group, noise, chunk_rows, chunk_classes)
+        return sharded_head_loss(features, weight, None, target, shard, fields=dict(fields, weight=weight_classes),
+                                 cosine=True, eps=eps, gather_inputs=gather_inputs,
+                                 features_grad_scale=features_grad_scale, triton=triton)
 
     def local(f: dict) -> Tensor:
         if not triton:
@@ -101,6 +120,16 @@ def cosine_cross_entropy(features: Tensor, weight: Tensor, target: Tensor, *, lo
                         chunk_rows=chunk_rows, chunk_classes=chunk_classes, noise=noise)
 
     return _data_parallel(local, features, target, fields, weight_classes, dp_group, rows_per_rank)
+
+
+def _check_shard_head(dp_group, noise, chunk_rows, chunk_classes) -> None:
+    if dp_group is not None and dp_group is not False:
+        raise NotImplementedError("shard= together with dp_group= (a 2-D layout) is not supported yet; "
+                                  "gather_inputs=True gives a data-parallel backbone with a class-parallel head")
+    if noise is not None:
+        raise ValueError("noise= is not available with shard=; GCL draws the noise of each rank's columns from seed=")
+    if chunk_rows is not None or chunk_classes is not None:
+        raise ValueError("chunk_rows / chunk_classes do not apply with shard= (the rank's logits are formed)")
 
 
 def _data_parallel(local, features: Tensor, target: Tensor, fields: dict, weight_classes, dp_group,
@@ -118,7 +147,8 @@ def lade_linear_loss(features: Tensor, weight: Tensor, target: Tensor, prior: Te
                      alpha: float = 0.1, remine_lambda: float = 0.1, weight_classes: Tensor | None = None,
                      ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
                      backend: str = "auto", chunk_rows: int | None = None,
-                     chunk_classes: int | None = None, dp_group=None) -> Tensor:
+                     chunk_classes: int | None = None, dp_group=None, shard=None, gather_inputs: bool = True,
+                     features_grad_scale: float | None = None) -> Tensor:
     """LADE (Hong et al., CVPR 2021) on ``z = features @ weight^T + bias`` without the (N, C) logits.
 
     Args:
@@ -135,11 +165,21 @@ def lade_linear_loss(features: Tensor, weight: Tensor, target: Tensor, prior: Te
             (N_r, C) logits are then formed (one matmul, autograd through it) and the logits loss runs on them: a
             rank's batch is small, and LADER's statistics must be all-reduced between the two passes of the fused
             path.
+        shard, gather_inputs, features_grad_scale: class parallel, as :func:`linear_cross_entropy` (LADE's
+            reference arithmetic on the rank's logits: ``backend='triton'`` is refused).
 
     Returns:
         The loss in the features' dtype (0-dim).
     """
     V.check_chunks(chunk_rows, chunk_classes)
+    if shard is not None:
+        _check_shard_head(dp_group, None, chunk_rows, chunk_classes)
+        if backend == "triton":
+            raise NotImplementedError("LADE with shard= runs the reference path (backend='auto' or 'torch')")
+        return sharded_head_loss(features, weight, bias, target, shard, lade=dict(
+            prior=prior, alpha=alpha, remine_lambda=remine_lambda, weight=weight_classes, ignore_index=ignore_index,
+            reduction=reduction, label_smoothing=label_smoothing), gather_inputs=gather_inputs,
+            features_grad_scale=features_grad_scale)
     if dp_group is not None and dp_group is not False:
         V.check_head(features, weight, bias)
         return global_lade_loss(F.linear(features, weight, bias), target, prior, alpha, remine_lambda, dp_group,

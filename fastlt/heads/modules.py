@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from .. import _validation as V
 from .._count_buffers import CountBuffers, MarginSchedule
 from .._operator import gcl_fields, la_fields, ldam_fields
+from ..distributed.sharded_training import check_head_shard, check_outside_ddp, sharded_topk
 from ..priors import gcl_cloud_from, ldam_margins_from, log_prior_from, prior_from
 from ..reference import normalize_rows
 from .functional import cosine_cross_entropy, lade_linear_loss, linear_cross_entropy
@@ -32,18 +33,24 @@ def _count_dtype(dtype) -> torch.dtype | None:
 
 class _HeadBase(CountBuffers):
     """Shared arguments: class weights, ignore_index, reduction, label smoothing, backend, the fused path's
-    ``chunk_rows`` / ``chunk_classes`` (at most one; see :func:`fastlt.heads.linear_cross_entropy`) and ``dp_group``
-    (data parallel: the loss of the global batch, :mod:`fastlt.distributed`)."""
+    ``chunk_rows`` / ``chunk_classes`` (at most one; see :func:`fastlt.heads.linear_cross_entropy`), ``dp_group``
+    (data parallel: the loss of the global batch, :mod:`fastlt.distributed`) and ``shard``, ``gather_inputs``,
+    ``features_grad_scale`` (class parallel: the head holds the weight rows of ``shard``'s classes,
+    :mod:`fastlt.distributed.sharded_heads`; keep it out of DDP: :func:`fastlt.distributed.exclude_from_ddp`)."""
 
     def __init__(self, in_features: int, num_classes: int, *, weight_classes=None, ignore_index: int = -100,
                  reduction: str = "mean", label_smoothing: float = 0.0, backend: str = "auto",
-                 chunk_rows: int | None = None, chunk_classes: int | None = None, dp_group=None):
+                 chunk_rows: int | None = None, chunk_classes: int | None = None, dp_group=None, shard=None,
+                 gather_inputs: bool = True, features_grad_scale: float | None = None):
         super().__init__()
         self.dp_group = dp_group
         for name, v in (("in_features", in_features), ("num_classes", num_classes)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         self.in_features, self.num_classes = in_features, num_classes
+        self.shard, self.gather_inputs, self.features_grad_scale = shard, gather_inputs, features_grad_scale
+        if shard is not None:
+            check_head_shard(shard, num_classes, dp_group)
         # weight_classes stays out of the state dict (like the priors): a head's state dict is its layer's
         # (nn.Linear's weight and bias, CosineClassifier's weight), so checkpoints move between the two
         V.init_loss_options(self, "weight_classes", weight_classes, num_classes, ignore_index=ignore_index,
@@ -60,7 +67,18 @@ class _HeadBase(CountBuffers):
     def _common(self) -> dict:
         return dict(weight_classes=self.weight_classes, ignore_index=self.ignore_index, reduction=self.reduction,
                     label_smoothing=self.label_smoothing, backend=self.backend, chunk_rows=self.chunk_rows,
-                    chunk_classes=self.chunk_classes, dp_group=self.dp_group)
+                    chunk_classes=self.chunk_classes, dp_group=self.dp_group, **self._shard_options())
+
+    @property
+    def weight_rows(self) -> int:
+        """The rows of the weight this head holds: ``num_classes``, or the shard's classes."""
+        return self.num_classes if self.shard is None else self.shard.size
+
+    def _shard_options(self) -> dict:
+        if self.shard is None:
+            return {}
+        check_outside_ddp(self)
+        return dict(shard=self.shard, gather_inputs=self.gather_inputs, features_grad_scale=self.features_grad_scale)
 
     def _check_features(self, features) -> None:
         if not isinstance(features, Tensor):
@@ -79,11 +97,15 @@ class _HeadBase(CountBuffers):
     @torch.no_grad()
     def topk(self, features: Tensor, k: int = 1, *, chunk_rows: int | None = None):
         """``(values, indices)``, each (N, k), of :meth:`logits`, computed in row chunks, never holding (N, C)
-        (chunk as in the loss: ``chunk_rows`` or a <= 512 MiB buffer). No gradient."""
+        (chunk as in the loss: ``chunk_rows`` or a <= 512 MiB buffer). No gradient. A class-sharded head ranks
+        every class: each rank's top k of its classes, one all-gather, the top k of those (with ``gather_inputs``
+        the rows are gathered too, and each rank gets its own rows' answer)."""
         self._check_features(features)
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_classes:
             raise ValueError(f"k must be an int in [1, {self.num_classes}], got {k!r}")
         V.check_chunks(chunk_rows, None)
+        if self.shard is not None:
+            return sharded_topk(self._dense_logits, features, k, self.shard, gather_inputs=self.gather_inputs)
         N = features.shape[0]
         rows = chunk_rows or self.chunk_rows or default_chunk_rows(self.num_classes, features.dtype)
         values = torch.empty((N, k), dtype=features.dtype, device=features.device)
@@ -153,8 +175,8 @@ class LinearLossHead(MarginSchedule, _HeadBase):
         else:
             self.init_count_buffers(self._counts(class_counts, count_smoothing), dtype=_count_dtype(dtype))
         factory = dict(device=device, dtype=dtype)
-        self.weight = nn.Parameter(torch.empty((num_classes, in_features), **factory))
-        self.bias = nn.Parameter(torch.empty(num_classes, **factory)) if bias else None
+        self.weight = nn.Parameter(torch.empty((self.weight_rows, in_features), **factory))
+        self.bias = nn.Parameter(torch.empty(self.weight_rows, **factory)) if bias else None
         self.reset_parameters()
 
     def _count_vectors(self, counts: Tensor) -> dict[str, Tensor]:
@@ -173,8 +195,9 @@ class LinearLossHead(MarginSchedule, _HeadBase):
         return self.prior
 
     def reset_parameters(self) -> None:
-        """``nn.Linear``'s initialisation."""
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        """``nn.Linear``'s initialisation (fan-in D: a class shard's rows are drawn alike)."""
+        if self.weight.numel():
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
@@ -200,11 +223,13 @@ class LinearLossHead(MarginSchedule, _HeadBase):
     def _dense_logits(self, features, adjusted: bool = False):
         z = F.linear(features, self.weight, self.bias)
         if adjusted and self.log_prior is not None:
-            z = z + (self.tau * self.log_prior).to(z.dtype)
+            lp = self.log_prior if self.shard is None else self.log_prior[self.shard.start:self.shard.stop]
+            z = z + (self.tau * lp).to(z.dtype)
         return z
 
     def logits(self, features: Tensor, *, adjusted: bool = False) -> Tensor:
-        """Dense (N, C) ``z = f W^T + b``; ``adjusted=True`` adds ``tau * log pi`` (la, Balanced Softmax, lade)."""
+        """Dense (N, C) ``z = f W^T + b``; ``adjusted=True`` adds ``tau * log pi`` (la, Balanced Softmax, lade). A
+        class-sharded head: the (N, shard.size) logits of its classes."""
         self._check_features(features)
         return self._dense_logits(features, adjusted)
 
@@ -246,7 +271,7 @@ class CosineGCLHead(_HeadBase):
         self.gamma = V.check_finite_float("gamma", gamma, min_value=0.0)
         self.eps = V.check_finite_float("eps", eps, min_value=0.0, min_inclusive=False)
         self.init_count_buffers(self._counts(class_counts, count_smoothing), dtype=_count_dtype(dtype))
-        self.weight = nn.Parameter(torch.empty((num_classes, in_features), device=device, dtype=dtype))
+        self.weight = nn.Parameter(torch.empty((self.weight_rows, in_features), device=device, dtype=dtype))
         self.reset_parameters()
 
     def _count_vectors(self, counts: Tensor) -> dict[str, Tensor]:
