@@ -127,6 +127,30 @@ def test_gather_combine_is_one_collective_and_the_same_bits_on_every_rank(backen
     assert count == 1
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_inaturalist_over_8_ranks_in_torch_chunks_layout(backend):
+    """8142 classes over 8 ranks, torch.chunk's 1018 per rank (every start but the first off a multiple of 8): GCL
+    with label smoothing and LA equal the full logits (float64 reference path; the kernels in fp32)."""
+    gen = torch.Generator().manual_seed(8142)
+    C = 8142
+    dtype = F64 if backend == "torch" else torch.float32
+    dev = "cpu" if backend == "torch" else DEVICE
+    z = torch.randn(2, C, generator=gen, dtype=F64)
+    y = torch.tensor([5000, 17])
+    vec = class_vectors(C, gen)
+    for kw in (dict(cloud=vec["cloud"], noise_mul=0.5, seed=3, margin=0.1, scale=16.0, label_smoothing=0.1),
+               dict(log_prior=vec["log_prior"], tau=1.0)):
+        losses, grads, _ = _run(8, z.to(dev, dtype), y.to(dev), lambda sh, zl, t, kw=kw: LF.adjusted_cross_entropy(
+            zl, t, shard=sh, backend=backend, **{k: (v.to(dev, dtype) if isinstance(v, torch.Tensor) else v)
+                                                 for k, v in kw.items()}), layout="chunked")
+        want, want_grad = _reference(z.to(dtype), y, lambda zz, t, kw=kw: R.adjusted_cross_entropy(
+            zz, t, **{k: (v.to(dtype).to(F64) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}))
+        tol = dict(rtol=1e-12, atol=1e-12) if backend == "torch" else dict(rtol=2e-5, atol=1e-6)
+        for loss in losses:
+            torch.testing.assert_close(loss.cpu().to(F64), want, **tol)
+        torch.testing.assert_close(grads.cpu().to(F64), want_grad, **tol)
+
+
 @pytest.mark.parametrize("layout", ["balanced", "chunked"])
 def test_lade_and_the_modules(layout):
     """LADE sharded (its column statistics complete per shard, LADER's per-class sum in the SUM) and the loss

@@ -190,6 +190,9 @@ def test_errors():
                              torch.full((11,), 1 / 11), shard=shard, backend="triton")
         head = fastlt.LinearLossHead(D, 11, counts, shard=shard)
         assert head.weight.shape == (shard.size, D) and head.logits(torch.zeros(3, D)).shape == (3, shard.size)
+        head.weight._fsdp_flattened = True  # what FSDP marks its flattened parameters with
+        with pytest.raises(ValueError, match="FSDP"):
+            head(torch.zeros(2, D), torch.zeros(2, dtype=torch.long))
         return 0
 
     world.run(bad)

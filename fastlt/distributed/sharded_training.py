@@ -58,9 +58,16 @@ def exclude_from_ddp(model: nn.Module) -> list[str]:
 
 def check_outside_ddp(module: nn.Module) -> None:
     """Raise when the ``DistributedDataParallel`` whose forward is running manages a parameter of ``module`` (a
-    class-sharded head: DDP would average different classes' rows)."""
+    class-sharded head: DDP would average different classes' rows), or when FSDP has taken its parameters (FSDP's
+    flattened views, or FSDP2's / tensor parallel's DTensors)."""
     if torch.compiler.is_compiling():
         return
+    from .dtensor import is_dtensor
+
+    for name, p in module.named_parameters():
+        if getattr(p, "_fsdp_flattened", False) or is_dtensor(p):
+            raise ValueError(f"a class-sharded head's parameter {name!r} is managed by FSDP (or is a DTensor): each "
+                             "rank's rows are other classes; wrap the backbone only and keep the head beside it")
     from torch.nn.parallel import DistributedDataParallel
 
     active = getattr(DistributedDataParallel, "_active_ddp_module", None)
