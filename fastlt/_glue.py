@@ -264,18 +264,29 @@ class LADEFunction(torch.autograd.Function):
 
 # --- entry points of fastlt.functional ----------------------------------------------------------------------------
 
+_LAST_ARGS = O.ArgsCache()  # a loss module's steps pass the same fields: built and checked once
+
 def adjusted_cross_entropy_triton(logits: Tensor, target: Tensor, fields: dict, *, noise: Tensor | None = None,
                                   grad_in_forward: bool = False) -> Tensor:
     """The adjusted cross-entropy on the kernels; ``fields``: the operator's parameters by name
     (:class:`fastlt._operator.AdjustedCEArgs`, ``seed`` may be None)."""
     target = as_index_target(target)
-    O.check_operator_args(logits, target, fields, noise=noise)
+    compiling = torch.compiler.is_compiling()
+    args = None if compiling or noise is not None else _LAST_ARGS.lookup(fields, logits)
+    if args is None:
+        O.check_operator_args(logits, target, fields, noise=noise)
+    else:  # the same fields as the last call: checked then
+        O.check_rows(logits, target, fields.get("ignore_index", -100))
     check_kernel_input("logits", logits, noise)
     if grad_in_forward and logits.requires_grad and logits.is_leaf:
         raise ValueError("grad_in_forward=True overwrites the logits with their gradient; it cannot be a "
                          "leaf tensor that requires grad (pass the output of a layer)")
-    args = soft_mean(AdjustedCEArgs.from_fields(logits.device, fields), target, logits.shape[0])
-    if torch.compiler.is_compiling():  # an opaque op with registered autograd (recompute backward)
+    if args is None:
+        args = AdjustedCEArgs.from_fields(logits.device, fields)
+        if not compiling:
+            _LAST_ARGS.store(fields, logits, args)
+    args = soft_mean(args, target, logits.shape[0])
+    if compiling:  # an opaque op with registered autograd (recompute backward)
         loss = adjusted_ce_forward_op(logits, target, *O.flatten(args))[0].to(logits.dtype)
     else:
         loss = AdjustedCEFunction.apply(logits, target, args, bool(grad_in_forward))

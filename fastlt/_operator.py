@@ -33,6 +33,8 @@ __all__ = [
     "ChunkPlan",
     "Needs",
     "check_operator_args",
+    "check_rows",
+    "ArgsCache",
     "check_lade_args",
     "op_schema",
     "flatten",
@@ -299,6 +301,41 @@ class AdjustedCEArgs:
         return cls.from_fields(device, fields)
 
 
+class ArgsCache:
+    """The :class:`AdjustedCEArgs` of the last call, reused (its fields' checks, conversions and the kernels'
+    argument groups in its ``memo`` with it) while a call passes the same fields: the same tensor objects, unchanged
+    (``_version``), and equal scalars, for logits of the same class count on the same device. A loss module passes
+    its own buffers every step, so its steps after the first skip that work. The entry holds the fields' objects,
+    so no tensor id is reused while it is cached. A drawn seed (``seed=None`` with the noise on) is drawn again on
+    every call."""
+
+    def __init__(self):
+        self._key: tuple | None = None
+        self._objects: tuple = ()  # the fields' values, kept alive while their ids are in the key
+        self._args: AdjustedCEArgs | None = None
+
+    @staticmethod
+    def _key_of(fields: dict, logits: Tensor) -> tuple | None:
+        """(C, device, names, values with each tensor as (id, version)); None for an inference tensor (no
+        version counter)."""
+        try:
+            values = tuple((id(v), v._version) if isinstance(v, Tensor) else v for v in fields.values())
+        except RuntimeError:
+            return None
+        return logits.shape[1], logits.device, tuple(fields), values
+
+    def lookup(self, fields: dict, logits: Tensor) -> AdjustedCEArgs | None:
+        if self._key is None or self._key != self._key_of(fields, logits):
+            return None
+        args = self._args
+        if fields.get("seed", 0) is None and args.has_noise:
+            args = dataclasses.replace(args, seed=_fresh_seed(logits.device))
+        return args
+
+    def store(self, fields: dict, logits: Tensor, args: AdjustedCEArgs) -> None:
+        self._key, self._objects, self._args = self._key_of(fields, logits), tuple(fields.values()), args
+
+
 def _fresh_seed(device) -> int | Tensor:
     if torch.compiler.is_compiling():
         return torch.randint(0, 2**SEED_BITS, (1,), dtype=torch.int64, device=device)
@@ -315,16 +352,21 @@ def as_f32(t: Tensor | None) -> Tensor | None:
 _ABSENT = object()
 
 
+def check_rows(logits, target, ignore_index) -> None:
+    """The logits (N, C) and the targets (class indices (N,), or class probabilities (N, C)) of a call."""
+    V.check_logits("logits", logits)
+    if isinstance(target, Tensor) and target.is_floating_point() and target.dim() >= 2:
+        V.check_soft_target(target, logits)
+    else:
+        V.check_target(target, logits, ignore_index)
+
+
 def check_operator_args(logits, target, fields: dict, *, noise=None) -> None:
     """Check the logits, the targets (class indices (N,), or class probabilities (N, C)) and the operator's
     parameters ``fields`` (by the names of :class:`AdjustedCEArgs`; ``seed`` may be None), for either backend: clear
     errors naming the argument, no host sync. ``logits`` may be a broadcast stand-in (the heads check without
     materialising them). ``noise``: the reference path's explicit (N, C) noise."""
-    V.check_logits("logits", logits)
-    if isinstance(target, Tensor) and target.is_floating_point() and target.dim() >= 2:
-        V.check_soft_target(target, logits)
-    else:
-        V.check_target(target, logits, fields.get("ignore_index", -100))
+    check_rows(logits, target, fields.get("ignore_index", -100))
     num_classes, device = logits.shape[1], logits.device
     for name, check, spec, none_ok in AdjustedCEArgs.__checks__:
         value = fields.get(name, _ABSENT)
