@@ -44,18 +44,14 @@ def draw_seed(generator: torch.Generator | None = None) -> int:
     return int(torch.randint(0, 2**SEED_BITS, (), generator=generator, dtype=torch.int64))
 
 
-def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """High and low 32-bit words of ``a * b`` for a 32-bit constant ``a`` and int64 ``b < 2^32``."""
-    p_lo = a * (b & 0xFFFF)  # < 2^48
-    p_hi = a * (b >> 16)  # < 2^48
-    hi = (p_hi + (p_lo >> 16)) >> 16
-    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _M32
-    return hi, lo
-
-
 def philox4x32(seed: int, c0: torch.Tensor, c1: torch.Tensor,
                rounds: int = PHILOX_ROUNDS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Philox4x32 of counters (c0, c1, 0, 0) under the 64-bit ``seed``; int64 tensors in [0, 2^32).
+
+    Each round's 32 x 32 -> 64-bit products are int64 multiplications, which wrap modulo 2^64 (two's complement):
+    their bits are the unsigned product's, so the high word is ``(p >> 32) & 0xFFFFFFFF`` and the low word
+    ``p & 0xFFFFFFFF`` (the same numbers as the kernels' ``umulhi``; tests/test_noise.py and
+    tests/test_kernels_philox_noise.py compare them). In-place ops: a round allocates two tensors.
 
     Args:
         seed: the 64-bit key, split in (low, high) 32-bit key words.
@@ -67,27 +63,31 @@ def philox4x32(seed: int, c0: torch.Tensor, c1: torch.Tensor,
         values in [0, 2^32).
     """
     k0, k1 = seed & _M32, (seed >> 32) & _M32
+    c0, c1 = c0.contiguous(), c1.contiguous()
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
     for _ in range(rounds):
-        hi_b, lo_b = _mulhilo32(_ROUND_B, c2)
-        hi_a, lo_a = _mulhilo32(_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        p_b = c2 * _ROUND_B
+        p_a = c0 * _ROUND_A
+        hi_b = (p_b >> 32).bitwise_and_(_M32)
+        hi_a = (p_a >> 32).bitwise_and_(_M32)
+        c0 = hi_b.bitwise_xor_(c1).bitwise_xor_(k0)
+        c1 = p_b.bitwise_and_(_M32)
+        c2 = hi_a.bitwise_xor_(c3).bitwise_xor_(k1)
+        c3 = p_a.bitwise_and_(_M32)
         k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
     return c0, c1, c2, c3
 
 
-def _half_uniforms(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two float32 uniforms in (0, 1) of a 32-bit word held in int64: ``(h + 1/2) / 2^16`` per half."""
-    lo = (w & 0xFFFF).to(torch.float32)
-    hi = (w >> 16).to(torch.float32)
-    return (lo + 0.5) * (1.0 / 65536.0), (hi + 0.5) * (1.0 / 65536.0)
-
-
-def _box_muller(u1: torch.Tensor, u2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    theta = u2 * 6.283185307179586
-    r = torch.sqrt(-2.0 * torch.log(u1))
-    return r * torch.cos(theta), r * torch.sin(theta)
+def _box_muller_into(w: torch.Tensor, cos_out: torch.Tensor, sin_out: torch.Tensor) -> None:
+    """Box-Muller of the two float32 uniforms in (0, 1) of a 32-bit word held in int64, ``u = (h + 1/2) / 2^16``
+    per half (low half: the radius, high half: the angle), written into ``cos_out`` and ``sin_out``."""
+    u1 = (w & 0xFFFF).to(torch.float32).add_(0.5).mul_(1.0 / 65536.0)
+    u2 = (w >> 16).to(torch.float32).add_(0.5).mul_(1.0 / 65536.0)
+    r = u1.log_().mul_(-2.0).sqrt_()
+    theta = u2.mul_(6.283185307179586)
+    torch.mul(r, torch.cos(theta), out=cos_out)
+    torch.mul(r, theta.sin_(), out=sin_out)
 
 
 NORMALS_PER_CALL = 8
@@ -114,10 +114,10 @@ def standard_normal(seed: int, n_rows: int, n_cols: int, device: torch.device | 
     c0 = torch.arange(first, first + groups, dtype=torch.int64, device=device).expand(n_rows, groups)
     rows = torch.arange(row_offset, row_offset + n_rows, dtype=torch.int64, device=device)
     c1 = rows[:, None].expand(n_rows, groups)
-    normals = []
-    for w in philox4x32(int(seed), c0, c1):
-        normals.extend(_box_muller(*_half_uniforms(w)))
-    return torch.stack(normals, dim=-1).reshape(n_rows, groups * NORMALS_PER_CALL)[:, skip:skip + n_cols].contiguous()
+    out = torch.empty((n_rows, groups, NORMALS_PER_CALL), dtype=torch.float32, device=device)
+    for k, w in enumerate(philox4x32(int(seed), c0, c1)):  # word k gives normals 2k (cos) and 2k + 1 (sin)
+        _box_muller_into(w, out[:, :, 2 * k], out[:, :, 2 * k + 1])
+    return out.reshape(n_rows, groups * NORMALS_PER_CALL)[:, skip:skip + n_cols].contiguous()
 
 
 def gcl_noise(seed: int, n_rows: int, n_cols: int, device: torch.device | str | None = None, *,
@@ -135,4 +135,4 @@ def gcl_noise(seed: int, n_rows: int, n_cols: int, device: torch.device | str | 
         (n_rows, n_cols) float32 tensor on ``device``, values in [0, 1].
     """
     g = standard_normal(seed, n_rows, n_cols, device, row_offset=row_offset, col_offset=col_offset)
-    return torch.clamp(g.abs() * (1.0 / 3.0), max=1.0)
+    return g.abs_().mul_(1.0 / 3.0).clamp_(max=1.0)  # in place: g is ours
