@@ -2,15 +2,16 @@
 # One device-machine session: install, then the GPU tests and the benchmarks, each step bounded so a short lease
 # still brings back what finished. Everything is logged to $OUT/session.log; the benchmark tables land in
 # $OUT/<device>/ (results.* and heads.*).
-# Usage (device tool, repo root): bash benchmarks/gpu_session.sh [one|two|shards|tests|bench|heads]
+# Usage (device tool, repo root): bash benchmarks/gpu_session.sh [one|two|shards|lade|tests|bench|heads]
 #   [extra bench args]
 # A session now has 15 minutes of device time, a machine's start (a minute or more) included, and one call runs at
 # most 600 s. So: one call with `one` (timeout_s 600; its bounds add up to 535 s): the whole test suite natively,
 # spread over the machine's cores with pytest-xdist (the image has it; the time goes to compiling kernels), both
-# benchmark tables, the gradient-in-forward grids (STORE_P on and off) and the heads' CUDA time kernel by kernel.
-# Then, while the machine is still warm (30 s), `two` if the time left allows (bounds add up to 175 s): the
-# profile of a logits step and the LADE tile sweep. The row kernel's tile sweep (benchmarks/tune_tiles.py without
-# flags, ~90 s) fits neither; run it on its own in a later lease.
+# benchmark tables (each case eager and replayed from a CUDA graph) and the heads' CUDA time kernel by kernel.
+# Then, while the machine is still warm (30 s), `two` if the time left allows (bounds add up to 200 s): the profile
+# of a logits step, the gradient-in-forward grids (STORE_P on and off) and the mixup table. `shards` (class
+# parallel, ~400 s), `lade` (LADE's tile sweep) and the row kernel's tile sweep (benchmarks/tune_tiles.py without
+# flags, ~90 s) each need a lease of their own.
 # Optional peers travel as wheels in .whl/ (git-ignored; benchmarks/fetch_peer_wheels.sh fills it; carry [".whl"]).
 set -uo pipefail
 OUT=${OUT:-/tmp/fastlt-out}
@@ -32,16 +33,19 @@ XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 12")
 one() {
   # shellcheck disable=SC2086
   step 170 python3 -m pytest tests -q -p no:cacheprovider -rf $XDIST --ignore=tests/test_kernels_sm90_compile.py
-  step 130 python3 -m fastlt bench --no-compile --no-official --out "$OUT" "$@"
-  step 110 python3 -m fastlt bench --heads --out "$OUT" "$@"
-  step 80 python3 benchmarks/tune_tiles.py --fused --out "$OUT"
+  # every case eager and replayed from a CUDA graph (the graph column: kernel time without host time)
+  step 180 python3 -m fastlt bench --no-compile --no-official --out "$OUT" "$@"
+  step 140 python3 -m fastlt bench --heads --out "$OUT" "$@"
   step 45 python3 benchmarks/profile_heads.py
 }
 two() {
-  step 70 python3 benchmarks/profile_step.py 4096 8142 fp32
-  step 105 python3 benchmarks/tune_tiles.py --lade --out "$OUT"
+  step 60 python3 benchmarks/profile_step.py 4096 8142 fp32
+  step 70 python3 benchmarks/tune_tiles.py --fused --out "$OUT"
   # class-probability targets (mixup; floor 3 N C bytes) beside the pair form (issue 21); a folder of its own
-  step 90 python3 -m fastlt bench --loss la_soft --shapes 4096x8142 4096x131072 --out "$OUT/soft"
+  step 70 python3 -m fastlt bench --loss la_soft --shapes 4096x8142 4096x131072 --out "$OUT/soft"
+}
+lade() {
+  step 105 python3 benchmarks/tune_tiles.py --lade --out "$OUT"
 }
 shards() {
   # class parallel (issue 19): each rank's local phase at its shard for W = 1..64 (bounded; a lease of its own)
@@ -51,6 +55,7 @@ case "$what" in
   one) one "$@" ;;
   two) two ;;
   shards) shards "$@" ;;
+  lade) lade ;;
   tests) step 590 python3 -m pytest tests -q -p no:cacheprovider -rf --durations=5 ;;
   heads) step 590 python3 -m fastlt bench --heads --out "$OUT" "$@" ;;
   bench) step 590 python3 -m fastlt bench --out "$OUT" "$@" ;;

@@ -146,12 +146,20 @@ def graphed(make):
     return build
 
 
-def _gcl_gpu_noise(cos, y, cloud, m=0.5, s=30.0, noise_mul=1.0):
-    """GCL as the official loss computes it, with its noise drawn on the GPU (torch.randn)."""
-    noise = (torch.randn_like(cos, dtype=torch.float32) / 3).clamp(-1, 1).abs()
-    c = cos - (noise_mul * noise * cloud).to(cos.dtype)
-    onehot = torch.nn.functional.one_hot(y, cos.shape[1]).bool()
-    return torch.nn.functional.cross_entropy(s * torch.where(onehot, c - m, c), y)
+def graph_ms(make, skip: bool = False, note: str = "") -> tuple[float | None, str]:
+    """``(median ms of the step replayed from a CUDA graph, note)``: the kernels' time without the host's (the eager
+    median includes the launches' host work, which small shapes feel). ``skip`` (a step that cannot be captured,
+    such as one that copies from the host) or a failed capture gives None, the reason added to ``note``."""
+    if skip:
+        return None, note
+    m = measure_case(graphed(make))
+    if m.ms is None:
+        return None, "; ".join(n for n in (note, f"graph: {m.note}") if n)
+    return m.ms, note
+
+
+def fmt_graph(ms: float | None, floor: float) -> str:
+    return "—" if ms is None else f"{ms:.3f} ({ms / floor:.2f})"
 
 
 def gcl_gpu_noise(cos, y, cloud, m=0.5, s=30.0, noise_mul=1.0):

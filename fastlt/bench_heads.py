@@ -6,7 +6,8 @@ bf16 (or fp32/tf32) matmul rate measured in the same run by one large ``torch.mm
 memory over the inputs. Peers in the same process: eager PyTorch (matmul, then the loss on the dense
 logits; GCL's noise from ``torch.randn`` as the official loss draws it, but on the GPU), Liger-Kernel's
 fused linear CE and Cut Cross-Entropy (optional; both plain CE, so they do less work than the long-tail
-heads).
+heads; CCE both with its default gradient filter and exact, ``filter_eps=None``). Every case is also timed replayed
+from a CUDA graph (``graph ms``: the kernels without the host's launch work).
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from ._bench_harness import (
     DTYPES,
     Device,
     GradSink,
+    fmt_graph,
     fmt_host,
     gcl_gpu_noise,
+    graph_ms,
     long_tail_counts,
     measure_case,
     save_table,
@@ -29,7 +32,8 @@ from ._bench_harness import (
 
 HEAD_SHAPES = [(4096, 2048, 8142), (4096, 1024, 131072), (1024, 1024, 1_000_000)]
 HEAD_METHODS = ("fastlt LA head", "fastlt CE head", "fastlt cosine GCL head", "fastlt LADE head",
-                "eager LA (linear + loss)", "eager cosine GCL", "eager LADE", "Liger FLCE (CE)", "CCE (CE)")
+                "eager LA (linear + loss)", "eager cosine GCL", "eager LADE", "Liger FLCE (CE)", "CCE (CE)",
+                "CCE exact (CE, filter_eps=None)")
 
 
 @dataclass
@@ -45,6 +49,7 @@ class HeadResult:
     extra_gb: float | None = None
     host_ms: float | None = None
     note: str = ""
+    graph_ms: float | None = None  # replayed from a CUDA graph: kernel time without host time
 
 
 def measure_matmul_rate(dtype: torch.dtype) -> float:
@@ -100,6 +105,9 @@ def build_head_cases(N: int, D: int, C: int, dtype: torch.dtype, methods=HEAD_ME
         "eager LADE": lambda: make(lambda x, w: R.lade_loss(F.linear(x, w), y, pi)),
         "Liger FLCE (CE)": _liger_case(make, y),
         "CCE (CE)": _cce_case(make, y),
+        # its default filter skips the gradient blocks whose softmax is below ~2^-12 (most of them at 10^6 random
+        # classes): less work than an exact head; filter_eps=None computes every block
+        "CCE exact (CE, filter_eps=None)": _cce_case(make, y, filter_eps=None),
     }
     for method in methods:
         factory = table[method]
@@ -117,12 +125,12 @@ def _liger_case(make, y):
     return lambda: make(lambda x, w: loss(w, x, y))
 
 
-def _cce_case(make, y):
+def _cce_case(make, y, **options):
     try:
         from cut_cross_entropy import linear_cross_entropy as cce
     except Exception:  # noqa: BLE001 - optional peer
         return None
-    return lambda: make(lambda x, w: cce(x, w, y))
+    return lambda: make(lambda x, w: cce(x, w, y, **options))
 
 
 def run_heads(shapes=HEAD_SHAPES, dtypes=("bf16",), methods=HEAD_METHODS, *, log=print):
@@ -147,21 +155,22 @@ def run_heads(shapes=HEAD_SHAPES, dtypes=("bf16",), methods=HEAD_METHODS, *, log
                 r = HeadResult(method, N, D, C, dname, m.ms, host_ms=m.host_ms, note=m.note)
                 if m.ms is not None:
                     r.tflops, r.x_floor, r.extra_gb = 6 * N * D * C / (m.ms * 1e-3) / 1e12, m.ms / floor, m.extra_gb
+                    r.graph_ms, r.note = graph_ms(make, note=r.note)
                 results.append(r)
                 log(head_row(r))
     return dev, results
 
 
-HEAD_HEADER = ("| N x D -> C | dtype | method | median ms | TFLOP/s | x matmul floor | extra GB | host ms | note |\n"
-               "|---|---|---|---|---|---|---|---|---|")
+HEAD_HEADER = ("| N x D -> C | dtype | method | median ms | graph ms (x floor) | TFLOP/s | x matmul floor | extra GB "
+               "| host ms | note |\n|---|---|---|---|---|---|---|---|---|---|")
 
 
 def head_row(r: HeadResult) -> str:
     shape = f"{r.N} x {r.D} -> {r.C}"
     if r.ms is None:
-        return f"| {shape} | {r.dtype} | {r.method} | — | — | — | — | — | {r.note} |"
-    return (f"| {shape} | {r.dtype} | {r.method} | {r.ms:.3f} | {r.tflops:.0f} | {r.x_floor:.2f} | "
-            f"{r.extra_gb:.2f} | {fmt_host(r.host_ms)} | {r.note} |")
+        return f"| {shape} | {r.dtype} | {r.method} | — | — | — | — | — | — | {r.note} |"
+    return (f"| {shape} | {r.dtype} | {r.method} | {r.ms:.3f} | {fmt_graph(r.graph_ms, r.ms / r.x_floor)} | "
+            f"{r.tflops:.0f} | {r.x_floor:.2f} | {r.extra_gb:.2f} | {fmt_host(r.host_ms)} | {r.note} |")
 
 
 def save_heads(dev: Device, results: list[HeadResult], out_dir: str) -> str:
