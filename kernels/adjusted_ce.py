@@ -293,7 +293,8 @@ def _holds_target(y, col_start, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _adjusted_tile(z_op, vecs, hp, rng, row, col_start, col_base, col_hi, soft, F: tl.constexpr, MARGIN: tl.constexpr,
-                   MASK_COLS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   MASK_COLS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   FINISH: tl.constexpr):
     """Load a tile of z and return its :class:`Tile`. ``cols`` are global class indices, masked at ``col_hi`` (the end
     of this program's columns) when MASK_COLS; a tile that lies wholly inside them passes MASK_COLS=False, so the
     (C,) vectors load unmasked and the loads of z are masked per row only (both vectorise at any C). z holds the
@@ -323,11 +324,26 @@ def _adjusted_tile(z_op, vecs, hp, rng, row, col_start, col_base, col_hi, soft, 
     elif MARGIN:
         if _holds_target(row.y, col_start, BLOCK_N):
             a -= tl.where(cols[None, :] == row.y[:, None], row.margin[:, None], 0.0)
+    t = Tile(z, a, cols, col_mask, mask, q)
+    if FINISH:
+        t = _finish_tile(t, row, hp, F, False, MASK_COLS or BLOCK_M > 1)
+    return t
+
+
+@triton.jit
+def _finish_tile(t, row, hp, F: tl.constexpr, TARGET_MARGIN: tl.constexpr, MASK: tl.constexpr):
+    """The end of :func:`_adjusted_tile`: the target's margin (TARGET_MARGIN: the gradient pass's tile that holds the
+    target, which loaded its tile unfinished so that the loads stay above the branch), then the scale, then -inf
+    outside the matrix (MASK; a whole tile of one row, the grid having exactly N rows, has nothing to mask). The
+    statistics pass's order, so the same rounding."""
+    a = t.a
+    if TARGET_MARGIN:
+        a -= tl.where(t.cols[None, :] == row.y[:, None], row.margin[:, None], 0.0)
     if F.HAS_SCALE:
         a = a * hp.scale
-    if MASK_COLS or BLOCK_M > 1:  # a whole tile of one row (the grid has exactly N rows) has nothing to mask
-        a = tl.where(mask, a, float("-inf"))
-    return Tile(z, a, cols, col_mask, mask, q)
+    if MASK:
+        a = tl.where(t.mask, a, float("-inf"))
+    return Tile(t.z, a, t.cols, t.col_mask, t.mask, t.q)
 
 
 @triton.jit
@@ -510,7 +526,7 @@ def _stats_step(z_op, g_op, vecs, hp, rng, row, col_start, col_base, col_hi, m_i
     STORE_P: also store ``exp(a - max)`` over the tile of ``g_op`` and the running max (the tile's ``max``) at
     ``stored.maxima[row, tile]`` (:class:`StoredTiles`), for :func:`_grad_step`'s STORED pass."""
     t = _adjusted_tile(z_op, vecs, hp, rng, row, col_start, col_base, col_hi, soft, F, F.MARGIN_MODE != 0, MASK_COLS,
-                       ALIGN, BLOCK_M, BLOCK_N)
+                       ALIGN, BLOCK_M, BLOCK_N, True)
     m_i, l_i, sw, qa, qw, qp, e = _tile_stats(t, row, m_i, l_i, sw, qa, qw, qp, vecs, colstats, pid_m, num_row_blocks,
                                               C, F, COLUMN_STATS)
     if STORE_P:
@@ -544,27 +560,21 @@ def _grad_step(z_op, g_op, vecs, hp, rng, row, rg, colg, col_start, col_base, co
         else:
             g = _grad_from_p(p, e, None, cols, col_mask, row, rg, vecs, hp, colg, F, False, False)
     else:
+        # the tile's loads before the branch (the pipeliner of a tl.range loop sees only the loads at its top level),
+        # its margin, scale and mask after it (_finish_tile)
+        t = _adjusted_tile(z_op, vecs, hp, rng, row, col_start, col_base, col_hi, soft, F, False, MASK_COLS, ALIGN,
+                           BLOCK_M, BLOCK_N, False)
+        cols, mask = t.cols, t.mask
         if F.SOFT:
-            g, cols, mask = _recomputed_grad(z_op, vecs, hp, rng, row, rg, colg, col_start, col_base, col_hi, soft, F,
-                                             COLUMN_TERM, False, MASK_COLS, ALIGN, BLOCK_M, BLOCK_N)
+            g = _grad_tile(_finish_tile(t, row, hp, F, False, MASK_COLS or BLOCK_M > 1), row, rg, vecs, hp, colg, F,
+                           COLUMN_TERM, False)
         elif _holds_target(row.y, col_start, BLOCK_N):
-            g, cols, mask = _recomputed_grad(z_op, vecs, hp, rng, row, rg, colg, col_start, col_base, col_hi, soft, F,
-                                             COLUMN_TERM, True, MASK_COLS, ALIGN, BLOCK_M, BLOCK_N)
+            g = _grad_tile(_finish_tile(t, row, hp, F, F.MARGIN_MODE != 0, MASK_COLS or BLOCK_M > 1), row, rg, vecs,
+                           hp, colg, F, COLUMN_TERM, True)
         else:
-            g, cols, mask = _recomputed_grad(z_op, vecs, hp, rng, row, rg, colg, col_start, col_base, col_hi, soft, F,
-                                             COLUMN_TERM, False, MASK_COLS, ALIGN, BLOCK_M, BLOCK_N)
+            g = _grad_tile(_finish_tile(t, row, hp, F, False, MASK_COLS or BLOCK_M > 1), row, rg, vecs, hp, colg, F,
+                           COLUMN_TERM, False)
     _store_tile(g_op, row, cols, col_base, mask, g, ALIGN)
-
-
-@triton.jit
-def _recomputed_grad(z_op, vecs, hp, rng, row, rg, colg, col_start, col_base, col_hi, soft, F: tl.constexpr,
-                     COLUMN_TERM: tl.constexpr, TARGET: tl.constexpr, MASK_COLS: tl.constexpr, ALIGN: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The tile recomputed (:func:`_adjusted_tile`) and its gradient (:func:`_grad_tile`): ``(g, cols, mask)``.
-    TARGET off (a tile without a target): no compare with the target at all (no margin, no one-hot)."""
-    t = _adjusted_tile(z_op, vecs, hp, rng, row, col_start, col_base, col_hi, soft, F,
-                       TARGET and F.MARGIN_MODE != 0, MASK_COLS, ALIGN, BLOCK_M, BLOCK_N)
-    return _grad_tile(t, row, rg, vecs, hp, colg, F, COLUMN_TERM, TARGET), t.cols, t.mask
 
 
 @triton.jit
@@ -576,7 +586,7 @@ def _full_tiles_end(col_lo, col_hi, BLOCK_N: tl.constexpr):
 @triton.jit
 def _grad_columns(z_op, g_op, vecs, hp, rng, row, rg, colg, col_lo, col_base, col_hi, stored, soft, F: tl.constexpr,
                   COLUMN_TERM: tl.constexpr, STORED: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
+                  BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
     """A gradient pass over columns ``[col_lo, col_hi)`` (:func:`_grad_step`), **from the last column back**: the
     masked partial tile, then the whole tiles unmasked in descending order. The statistics pass just read the row
     front to back, so its most recent tiles (the ones most likely still in L2) are re-read first. Shared by the
@@ -588,10 +598,10 @@ def _grad_columns(z_op, g_op, vecs, hp, rng, row, rg, colg, col_lo, col_base, co
     if full_end < col_hi:
         _grad_step(z_op, g_op, vecs, hp, rng, row, rg, colg, full_end, col_base, col_hi, stored, tile0 + num_full,
                    soft, F, COLUMN_TERM, STORED, True, ALIGN, BLOCK_M, BLOCK_N)
-    col_start = full_end
-    for t in range(0, num_full):
-        col_start -= BLOCK_N
-        _grad_step(z_op, g_op, vecs, hp, rng, row, rg, colg, col_start, col_base, col_hi, stored,
+    # tl.range with STAGES > 1: Triton software-pipelines the loop's loads (async copies, STAGES tiles in flight);
+    # a plain range() is never pipelined. The tile's column is a function of t alone, which the pipeliner needs
+    for t in tl.range(0, num_full, num_stages=STAGES):
+        _grad_step(z_op, g_op, vecs, hp, rng, row, rg, colg, full_end - (t + 1) * BLOCK_N, col_base, col_hi, stored,
                    tile0 + num_full - 1 - t, soft, F, COLUMN_TERM, STORED, False, ALIGN, BLOCK_M, BLOCK_N)
 
 
@@ -600,7 +610,7 @@ def _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, 
                        wsum_ptr, inv_denom_ptr, own_inv, N, C, num_row_blocks, soft, F: tl.constexpr,
                        MEAN: tl.constexpr, SPLIT: tl.constexpr, SINGLE_TILE: tl.constexpr, GRAD_IN_FWD: tl.constexpr,
                        COLUMN_STATS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, OWN_DENOM: tl.constexpr, STORE_P: tl.constexpr):
+                       BLOCK_N: tl.constexpr, OWN_DENOM: tl.constexpr, STORE_P: tl.constexpr, STAGES: tl.constexpr):
     """The work of program (pid_m, pid_s) of :func:`row_loss_forward`: row block ``pid_m``, column split ``pid_s``."""
     row = _row_info(y_ptr, vecs, hp, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), N, C, F)
     col_lo = cols_of.base + pid_s * cols_of.per_split
@@ -621,12 +631,12 @@ def _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, 
         # the row is one tile: it stays in registers for a gradient in the same launch (no reload, and
         # GCL's noise is drawn once)
         t = _adjusted_tile(z_op, vecs, hp, rng, row, col_lo, cols_of.base, col_hi, soft, F, F.MARGIN_MODE != 0, True,
-                           ALIGN, BLOCK_M, BLOCK_N)
+                           ALIGN, BLOCK_M, BLOCK_N, True)
         m_i, l_i, sw, qa, qw, qp, _ = _tile_stats(t, row, m_i, l_i, sw, qa, qw, qp, vecs, colstats, pid_m,
                                                   num_row_blocks, C, F, COLUMN_STATS)
     else:
         full_end = _full_tiles_end(col_lo, col_hi, BLOCK_N)
-        for col_start in range(col_lo, full_end, BLOCK_N):
+        for col_start in tl.range(col_lo, full_end, BLOCK_N, num_stages=STAGES):  # pipelined: see _grad_columns
             m_i, l_i, sw, qa, qw, qp = _stats_step(z_op, g_op, vecs, hp, rng, row, col_start, cols_of.base, col_hi,
                                                    m_i, l_i, sw, qa, qw, qp, colstats, pid_m, num_row_blocks, C,
                                                    stored, (col_start - cols_of.base) // BLOCK_N, soft, F,
@@ -665,7 +675,7 @@ def _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, 
                 _store_tile(g_op, row, t.cols, cols_of.base, t.mask, g, ALIGN)
             else:
                 _grad_columns(z_op, g_op, vecs, hp, rng, row, rg, None, col_lo, cols_of.base, col_hi, stored, soft, F,
-                              False, STORE_P, ALIGN, BLOCK_M, BLOCK_N)
+                              False, STORE_P, ALIGN, BLOCK_M, BLOCK_N, STAGES)
 
 
 # --- the kernels ------------------------------------------------------------------------------------------------------
@@ -678,7 +688,7 @@ def row_loss_forward(z_op, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, part_ptr, 
                      SPLIT: tl.constexpr, SINGLE_TILE: tl.constexpr, GRAD_IN_FWD: tl.constexpr,
                      COLUMN_STATS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      PERSISTENT: tl.constexpr, OWN_DENOM: tl.constexpr, REDUCE: tl.constexpr, RBLOCK: tl.constexpr,
-                     STORE_P: tl.constexpr):
+                     STORE_P: tl.constexpr, STAGES: tl.constexpr):
     """Grid (num_row_blocks = cdiv(N, BLOCK_M), num_splits), or fewer row programs when PERSISTENT. Online
     (max, sum-exp) over this program's columns (:class:`Columns` ``cols_of``); ``z_op`` (and ``g_op``, the gradient)
     hold the classes from ``cols_of.base`` on, so a caller may pass one class chunk of the logits.
@@ -716,11 +726,13 @@ def row_loss_forward(z_op, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, part_ptr, 
         for pid_m in range(tl.program_id(0), num_row_blocks, tl.num_programs(0)):
             _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, out, part_ptr, colstats, stored,
                                wsum_ptr, inv_denom_ptr, own_inv, N, C, num_row_blocks, soft, F, MEAN, SPLIT,
-                               SINGLE_TILE, GRAD_IN_FWD, COLUMN_STATS, ALIGN, BLOCK_M, BLOCK_N, OWN_DENOM, STORE_P)
+                               SINGLE_TILE, GRAD_IN_FWD, COLUMN_STATS, ALIGN, BLOCK_M, BLOCK_N, OWN_DENOM, STORE_P,
+                               STAGES)
     else:
         _forward_row_block(tl.program_id(0), pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, out, part_ptr, colstats,
                            stored, wsum_ptr, inv_denom_ptr, own_inv, N, C, num_row_blocks, soft, F, MEAN, SPLIT,
-                           SINGLE_TILE, GRAD_IN_FWD, COLUMN_STATS, ALIGN, BLOCK_M, BLOCK_N, OWN_DENOM, STORE_P)
+                           SINGLE_TILE, GRAD_IN_FWD, COLUMN_STATS, ALIGN, BLOCK_M, BLOCK_N, OWN_DENOM, STORE_P,
+                               STAGES)
     if REDUCE != 0:
         last_program_reduces(red, out.loss, batch, out.coef, inv_denom_ptr, own_inv, None, 0, F.HAS_WEIGHT, MEAN,
                              OWN_DENOM, REDUCE == 2, False, RBLOCK)
@@ -763,7 +775,7 @@ def row_loss_combine(part_ptr, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, red, N
 def row_loss_grad(z_op, y_ptr, vecs, wsum_ptr, row_stats_ptr, coef_ptr, go_ptr, go_stride, col_term, g_op, N, C,
                   cols_of, hp, seed, noise_row0, seed_ptr, stored, soft, F: tl.constexpr, HAS_UPSTREAM: tl.constexpr,
                   COLUMN_TERM: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  STORED: tl.constexpr):
+                  STORED: tl.constexpr, STAGES: tl.constexpr):
     """Grid (cdiv(N, BLOCK_M), num_splits): recompute the tile from the saved fp32 (row max, log sum-exp) at
     ``row_stats_ptr`` and write ``upstream_i * coef_i * d loss_i / d z`` over ``g_op`` (plus LADE's column term
     :class:`ColumnTerm` ``col_term``, times the scalar upstream, when COLUMN_TERM); classes as in
@@ -801,4 +813,4 @@ def row_loss_grad(z_op, y_ptr, vecs, wsum_ptr, row_stats_ptr, coef_ptr, go_ptr, 
             colg = ColumnGrad(tl.load(col_term.a + row.y, mask=row.valid, other=0.0) * col_go, col_term.b,
                               col_term.lse, col_go)
     _grad_columns(z_op, g_op, vecs, hp, Rng(seed, noise_row0), row, rg, colg, col_lo, cols_of.base, col_hi, stored,
-                  soft, F, COLUMN_TERM, STORED, ALIGN, BLOCK_M, BLOCK_N)
+                  soft, F, COLUMN_TERM, STORED, ALIGN, BLOCK_M, BLOCK_N, STAGES)

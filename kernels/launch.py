@@ -352,8 +352,8 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out:
             GRAD_IN_FWD=fuse_grad, COLUMN_STATS=column_stats, ALIGN=row_align(z, g, *([] if soft is None else [y])),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             PERSISTENT=grid_rows < row_blocks, OWN_DENOM=own_denom and not split,
-            REDUCE=0 if split else reduce_mode, RBLOCK=rblock, STORE_P=store_p, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages)
+            REDUCE=0 if split else reduce_mode, RBLOCK=rblock, STORE_P=store_p, STAGES=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if split:
             _launch_combine(part, y, args, C, rows, inv, mean=mean, own_denom=own_denom, out=out, counter=counter,
                             reduce_mode=reduce_mode, soft=soft)
@@ -399,7 +399,7 @@ def grad(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, row_stats: torc
         F=_flags(kg.grad_flags, soft, col_base), HAS_UPSTREAM=grad_output is not None,
         COLUMN_TERM=column_term is not None,
         ALIGN=row_align(z, out, *([] if soft is None else [y])), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        STORED=stored is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        STORED=stored is not None, STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
@@ -440,7 +440,7 @@ def chunk_partials(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, part:
         F=_flags(kg.flags, soft, col_base), MEAN=False, SPLIT=True, SINGLE_TILE=Ck <= cfg.block_n, GRAD_IN_FWD=False,
         COLUMN_STATS=has_cols, ALIGN=row_align(z, *([] if soft is None else [y])), BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, PERSISTENT=False, OWN_DENOM=False, REDUCE=0, RBLOCK=tiles.rblock(cfg.num_warps),
-        STORE_P=False, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        STORE_P=False, STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _launch_combine(part, y, args: AdjustedCEArgs, C: int, rows: RowOutputs, inv_denom, *, mean: bool,

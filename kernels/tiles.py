@@ -57,6 +57,7 @@ def pick_tiles(N: int, C: int, device: torch.device, *, column_stats: bool = Fal
                        block_n, num_splits, num_warps, num_stages, row_programs)
 
 
+DEFAULT_STAGES = 3  # the column loops' software-pipelining depth (tl.range num_stages); 1: the unpipelined loops
 _COLUMN_TERM_ROWS = 4  # rows per LADE gradient tile: its three (C,) vectors are read once per 4 rows
 
 # L2 of the target GPUs (H100, H200: 50 MB). The gradient-in-forward's second pass over a row hits L2 only if the
@@ -85,9 +86,12 @@ def _pick_tiles(N, C, sm_count, column_stats, column_term, grad_in_forward, elem
                 num_warps, num_stages, row_programs) -> TileConfig:
     # Defaults from benchmarks/tune_tiles.py on an H100 (triton 3.6, 2026-11-23): 2048-wide tiles and 4 warps beat
     # whole-row tiles at every shape measured (more programs in flight per SM hide HBM latency better than one
-    # 16-warp program holding a whole 8K row). num_stages is inert for these loops: Triton software-pipelines the
-    # loads of a loop without tl.dot only when it is written tl.range(..., num_stages=k), and the column loops are
-    # plain range() loops (stages 1 and 3 timed the same in that sweep).
+    # 16-warp program holding a whole 8K row). num_stages: that sweep found it inert, rightly then: Triton
+    # software-pipelines the loads of a loop without tl.dot only when it is written tl.range(..., num_stages=k), and
+    # the column loops were plain range() loops. They are tl.range(num_stages=STAGES) loops now, STAGES the config's
+    # num_stages (default 3: async copies, 3 tiles in flight, ~24 KB of shared memory per 2048-wide bf16 program;
+    # tools/kernel_report.py shows and checks it). Not timed yet: num_stages=1 is the old loop form, which
+    # benchmarks/tune_tiles.py sweeps against it on the next GPU.
     # LADE's column statistics: per program, BLOCK_M rows reduce into one partial per column
     # ((2, N/BLOCK_M, C) fp32). 16 x 1024 tiles measured 6.74 ms at 4096 x 131072 fp32 (H100), 64 x 256
     # tiles (4x fewer partials) 8.72 ms: taller tiles cost more in the kernel than the partials save. With the
@@ -136,8 +140,8 @@ def _pick_tiles(N, C, sm_count, column_stats, column_term, grad_in_forward, elem
             num_warps = max(4, min(16, elements // 512))
         else:
             num_warps = 4 if elements <= 2048 else (8 if elements <= 8192 else 16)
-    return TileConfig(block_m, block_n, num_splits, cols_per_split, num_warps, 3 if num_stages is None else num_stages,
-                      row_programs)
+    stages = DEFAULT_STAGES if num_stages is None else num_stages
+    return TileConfig(block_m, block_n, num_splits, cols_per_split, num_warps, stages, row_programs)
 
 
 def row_align(*tensors: torch.Tensor) -> int:

@@ -38,3 +38,29 @@ def test_spills_in_the_column_loop_and_in_the_row_loop_are_told_apart():
     assert K._loop_spills(inner, innermost=True) == 1 and K._loop_spills(inner, innermost=False) == 0
     outer = _program(spill_in_inner=False, spill_in_outer=True)
     assert K._loop_spills(outer, innermost=True) == 0 and K._loop_spills(outer, innermost=False) == 1
+
+
+def test_pipelined_loops_are_those_with_async_copies():
+    """An innermost loop that loads with LDGSTS is pipelined; one with plain LDG is not; loops without loads and
+    loops around others do not count."""
+    ops = {a: "FADD R1, R2, R3" for a in range(0x0000, 0x0300, 0x10)}
+    ops[0x0100] = "@P1 BRA 0x40"  # inner loop 1: 0x40..0x100
+    ops[0x0060] = "LDGSTS.E.BYPASS.128 [R2], desc[UR4][R4.64]"
+    ops[0x0080] = "LDG.E.128 R8, desc[UR4][R6.64]"  # a loop may do both: it holds async copies
+    ops[0x0180] = "@P2 BRA 0x20"  # outer loop around it
+    ops[0x0240] = "@P3 BRA 0x1c0"  # inner loop 2: 0x1c0..0x240, plain loads
+    ops[0x01e0] = "LDG.E R9, desc[UR4][R6.64]"
+    ops[0x02c0] = "@P4 BRA 0x2a0"  # a loop without loads
+    lines = _sass(ops)
+    assert K._pipelined(lines) == ("1/2", "yes")  # the largest loading loop (0x40..0x100) holds the async copies
+    ops[0x0060] = "LDG.E.128 R2, desc[UR4][R4.64]"
+    assert K._pipelined(_sass(ops)) == ("0/2", "no")
+    assert K._pipelined(_sass({0x0: "FADD R1, R2, R3"})) == ("-", "-")
+
+    def compiled(flags, main):
+        return K.Compiled("row_loss_forward", flags, 40, 0, 0, {"main loop pipelined": main}, "")
+
+    assert K.not_pipelined(compiled("STAGES=3 num_stages=3", "no"))
+    assert not K.not_pipelined(compiled("STAGES=3", "yes"))
+    assert not K.not_pipelined(compiled("STAGES=1", "no"))  # asked for no stages: the old loop form
+    assert not K.not_pipelined(compiled("SINGLE_TILE STAGES=3", "no"))  # no column loop

@@ -1,5 +1,5 @@
-"""The kernels compile for an H100 (sm_90) with the real Triton compiler, no GPU needed, and spill nothing
-inside their loops.
+"""The kernels compile for an H100 (sm_90) with the real Triton compiler, no GPU needed, spill nothing inside their
+loops, and software-pipeline the loads of the row kernels' column loops (async copies in the main loop's SASS).
 
 The rest of the suite runs the kernels in the interpreter, which never compiles them: a constexpr branch that
 the compiler rejects, or a tile that spills registers in its column loop, would only show on a GPU. This runs
@@ -31,3 +31,7 @@ def test_kernels_compile_for_sm90_without_spills_in_loops():
     kernels = {ln.split("|")[2].strip() for ln in table[1:]}
     assert {"row_loss_forward", "row_loss_grad", "row_loss_combine", "reduce_rows", "lade_columns",
             "_normalize_fwd", "scale_rows"} <= kernels, kernels
+    header = table[0].split("|")
+    main = header.index(" main loop pipelined ")
+    piped = [ln.split("|")[main].strip() for ln in table[2:] if "STAGES=3" in ln and "SINGLE_TILE" not in ln]
+    assert piped and set(piped) == {"yes"}, piped  # --check fails on a "no" too: this says the column is read

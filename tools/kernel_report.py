@@ -6,7 +6,9 @@ arguments, constexpr flags and alignment specialisation are exactly the runtime'
 target, and prints per kernel: registers per thread, spilled bytes, shared memory, and SASS instruction
 counts by class (global loads/stores, shared-memory traffic, barriers, MUFU transcendentals, FP32 math), the
 size of each loop body, and spills inside the column loops (paid per tile: ``--check`` fails on those) and, apart,
-inside a persistent program's loop around them (paid once per row block: reported, not failed).
+inside a persistent program's loop around them (paid once per row block: reported, not failed), and how many of
+the innermost loops that load are software-pipelined (async copies in their body; ``--check`` fails a row kernel
+launched with ``STAGES > 1`` whose main loop, the column loop, is not).
 No GPU needed: triton compiles to cubin with its bundled ptxas, and cuobjdump reads it back.
 
 Counting, not timing: a convert_layout through shared memory, a spill, or a class vector re-read from L2 per
@@ -44,6 +46,7 @@ class Compiled:
 
 _CLASSES = {  # opcode classes; "\b" also ends a name before its ".E.128"-style modifiers
     "LDG": re.compile(r"\bLDG\b"),
+    "LDGSTS": re.compile(r"\bLDGSTS\b"),  # async global -> shared copies: a software-pipelined loop's loads
     "STG": re.compile(r"\bSTG\b"),
     "LDS": re.compile(r"\bLDSM?\b"),
     "STS": re.compile(r"\bSTS\b"),
@@ -132,6 +135,7 @@ def _inspect(compiled, name: str, flags: str) -> Compiled:
     counts["loops"] = _loop_sizes(lines)
     counts["loop spills"] = _loop_spills(lines, innermost=True)
     counts["row-loop spills"] = _loop_spills(lines, innermost=False)
+    counts["pipelined loops"], counts["main loop pipelined"] = _pipelined(lines)
     return Compiled(name, flags, regs, spilled, max(field("SHARED"), compiled.metadata.shared), dict(counts), sass)
 
 
@@ -170,12 +174,34 @@ def _loop_sizes(lines: list[str]) -> str:
     return ",".join(out) or "-"
 
 
+def _innermost(loops: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    return [(a, b) for a, b in loops if not any((c, d) != (a, b) and a <= c and d <= b for c, d in loops)]
+
+
+def _pipelined(lines: list[str]) -> tuple[str, str]:
+    """``(p/n, main)``: of the n innermost loops that load from global memory, the p whose loads are
+    software-pipelined (they hold async copies, LDGSTS: Triton pipelines a loop without tl.dot only when it is
+    written ``tl.range(..., num_stages=k)`` with k > 1), and whether the largest of them (a row kernel's column loop;
+    the others are short reductions) is: "yes" / "no" ("-", "-" when no innermost loop loads)."""
+    loads = {}
+    for ln in lines:
+        m = re.match(r"\s+/\*([0-9a-f]+)\*/", ln)
+        if m and (_CLASSES["LDG"].search(ln) or _CLASSES["LDGSTS"].search(ln)):
+            loads[int(m.group(1), 16)] = bool(_CLASSES["LDGSTS"].search(ln))
+    inner = sorted(((a, b) for a, b in _innermost(_loops(lines)) if any(a <= x <= b for x in loads)),
+                   key=lambda ab: ab[0] - ab[1])
+    if not inner:
+        return "-", "-"
+    piped = [any(a <= x <= b and is_async for x, is_async in loads.items()) for a, b in inner]
+    return f"{sum(piped)}/{len(inner)}", "yes" if piped[0] else "no"
+
+
 def _loop_spills(lines: list[str], innermost: bool) -> int:
     """Local-memory loads and stores (spills) inside loop bodies. ``innermost``: in loops that hold no other loop,
     the column loops, where they are paid per tile; else in the loops around them only (a persistent program's
     loop over its row blocks), paid once per row block, beside a whole row's tiles."""
     loops = _loops(lines)
-    inner = [(a, b) for a, b in loops if not any((c, d) != (a, b) and a <= c and d <= b for c, d in loops)]
+    inner = _innermost(loops)
     n = 0
     for ln in lines:
         if _CLASSES["LDL/STL"].search(ln):
@@ -362,7 +388,8 @@ def report(names=None, arch: int = 90, sass_dir: str | None = None) -> list[tupl
 
 
 def markdown(rows) -> str:
-    cls = list(_CLASSES) + ["total", "loops", "loop spills", "row-loop spills"]
+    cls = list(_CLASSES) + ["total", "loops", "loop spills", "row-loop spills", "pipelined loops",
+                            "main loop pipelined"]
     head = "| case | kernel | flags | regs | spill B | smem B | " + " | ".join(cls) + " |"
     lines = [head, "|" + "---|" * (6 + len(cls))]
     for name, c in rows:
@@ -376,7 +403,9 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--case", nargs="*", default=None)
     p.add_argument("--sass", default=None, help="write each kernel's SASS into this folder")
-    p.add_argument("--check", action="store_true", help="exit 1 if a kernel spills inside a loop")
+    p.add_argument("--check", action="store_true",
+                   help="exit 1 if a kernel spills inside a loop, or a row kernel's column loop asked for stages "
+                        "(STAGES > 1) is not pipelined")
     a = p.parse_args(argv)
     try:
         rows = report(a.case, a.arch, a.sass)
@@ -385,10 +414,24 @@ def main(argv=None) -> int:
         return 3
     print(markdown(rows))
     bad = [f"{name}: {c.kernel} ({c.flags})" for name, c in rows if c.counts["loop spills"]]
-    if a.check and bad:
-        print("local-memory traffic inside a loop:\n  " + "\n  ".join(bad))
+    unpiped = [f"{name}: {c.kernel} ({c.flags}): {c.counts['pipelined loops']} loops pipelined" for name, c in rows
+               if not_pipelined(c)]
+    if a.check and (bad or unpiped):
+        if bad:
+            print("local-memory traffic inside a loop:\n  " + "\n  ".join(bad))
+        if unpiped:
+            print("column loops asked for stages but not pipelined:\n  " + "\n  ".join(unpiped))
         return 1
     return 0
+
+
+def not_pipelined(c: Compiled) -> bool:
+    """A row kernel launched with ``STAGES > 1`` over several tiles a row (not SINGLE_TILE) whose main loop (its
+    largest loading innermost loop: the column loop) is not software-pipelined."""
+    stages = re.search(r"\bSTAGES=(\d+)", c.flags)
+    if not stages or int(stages.group(1)) < 2 or re.search(r"\bSINGLE_TILE\b", c.flags):
+        return False
+    return c.counts.get("main loop pipelined", "-") == "no"
 
 
 if __name__ == "__main__":
