@@ -67,9 +67,8 @@ def _row_losses(a: Tensor, target: Tensor, weight, ignore_index: int, label_smoo
     if label_smoothing > 0:
         smooth = -(logp.sum(1) if weight is None else (logp * weight.to(a.dtype)).sum(1))
         loss = loss + (label_smoothing / C) * smooth
-    if gamma != 0:
-        p_y = logp_y.detach().exp()
-        loss = loss * (1.0 - p_y).clamp(min=0).pow(gamma)
+    if gamma != 0:  # 1 - p_y as -expm1(log p_y): exact for a confident row, where 1 - exp(.) cancels
+        loss = loss * (-torch.expm1(logp_y.detach())).clamp(min=0).pow(gamma)
     zero = torch.zeros((), dtype=a.dtype, device=a.device)
     return torch.where(valid, loss, zero), torch.where(valid, w_row, zero)
 

@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import triton
 import triton.language as tl
 
-from .numerics import NEG_BIG, exp
+from .numerics import NEG_BIG, exp, one_minus_exp_neg
 from .philox_noise import gcl_noise_at, gcl_noise_tile
 from .reduce import Targets, last_program_reduces, mean_inverse, own_inverse
 
@@ -377,22 +377,26 @@ def _weight_sum(wsum_ptr, C, F: tl.constexpr):
 
 @triton.jit
 def _finish_rows(row_max, log_sum, a_y, sw, row, w_sum, hp, inv_C, soft, p_t, F: tl.constexpr):
-    """Per-row loss (0 when ignored) and focal factor (0 when ignored) from the row statistics. SOFT: ``a_y`` is
-    ``A_q``, ``row.w_y`` is ``W_q`` and ``p_t`` the target probability ``sum_j q_ij p_ij`` (:class:`Soft`); both
-    results are multiplied by ``soft.row_scale``."""
+    """Per-row loss (0 when ignored) and focal factor (0 when ignored) from the row statistics. ``sw``: label
+    smoothing's ``sum_j w_j (a_j - row_max)`` and ``w_sum`` its ``sum_j w_j``, so that its term
+    ``W LSE - sum_j w_j a_j`` is ``w_sum * log_sum - sw``: no cancellation of two sums at the logits' magnitude
+    (a large common offset keeps its precision, a row masked whole with ``finfo.min`` stays finite). SOFT: ``a_y``
+    is ``A_q``, ``row.w_y`` is ``W_q`` and ``p_t`` the target probability ``sum_j q_ij p_ij`` (:class:`Soft`); both
+    results are multiplied by ``soft.row_scale``. The focal base ``1 - p_y = 1 - exp(-ce)`` comes from
+    :func:`one_minus_exp_neg` (accurate for a confident row's small ``ce``)."""
     if F.SOFT:
         loss = (1.0 - hp.label_smoothing) * (row.w_y * (row_max + log_sum) - a_y)  # W_q LSE - A_q
     else:
         ce = (row_max - a_y) + log_sum  # LSE - a_y without rounding LSE at the logits' magnitude
         loss = (1.0 - hp.label_smoothing) * row.w_y * ce
     if F.HAS_SMOOTH:
-        loss += hp.label_smoothing * inv_C * (w_sum * (row_max + log_sum) - sw)
+        loss += hp.label_smoothing * inv_C * (w_sum * log_sum - sw)
     focal = tl.full(row_max.shape, 1.0, tl.float32)
     if F.HAS_FOCAL:
         if F.SOFT:
             base = tl.maximum(1.0 - p_t, 0.0)
         else:
-            base = tl.maximum(1.0 - exp(-ce), 0.0)
+            base = tl.maximum(one_minus_exp_neg(ce), 0.0)
         focal = tl.where(base > 0.0, tl.exp2(hp.gamma * tl.log2(base)), 0.0)
         loss = loss * focal
     if F.SOFT:
@@ -402,12 +406,21 @@ def _finish_rows(row_max, log_sum, a_y, sw, row, w_sum, hp, inv_C, soft, p_t, F:
 
 
 @triton.jit
-def _finish_and_store_rows(row_max, log_sum, a_y, sw, row, N, C, wsum_ptr, inv_denom_ptr, own_inv, out, hp, soft,
-                           p_t, F: tl.constexpr, MEAN: tl.constexpr, OWN_DENOM: tl.constexpr):
+def _finish_and_store_rows(row_max, log_sum, a_y, sw, w_seen, row, N, C, wsum_ptr, inv_denom_ptr, own_inv, out, hp,
+                           soft, p_t, F: tl.constexpr, MEAN: tl.constexpr, OWN_DENOM: tl.constexpr,
+                           RELATIVE: tl.constexpr):
     """Finish the rows (:func:`_finish_rows`; the coefficient times 1 / sum w_{y_i} when MEAN:
     :func:`fastlt.kernels.reduce.mean_inverse`) and store them in the :class:`RowOutputs` ``out`` (SOFT: ``W_q`` as
-    ``stats[2]``). Returns the coefficient, for a gradient in the same launch."""
+    ``stats[2]``). Returns the coefficient, for a gradient in the same launch. Label smoothing's ``sw``: RELATIVE,
+    ``sum_j w_j (a_j - row_max)`` over the columns whose weights sum to ``w_seen`` (a program that saw its whole
+    row); else the raw ``sum_j w_j a_j`` (the combine of split rows, class-probability targets), made relative
+    here with ``W``."""
     w_sum = _weight_sum(wsum_ptr, C, F)
+    if F.HAS_SMOOTH:
+        if RELATIVE:
+            w_sum = w_seen
+        else:
+            sw = sw - w_sum * row_max
     loss, coef = _finish_rows(row_max, log_sum, a_y, sw, row, w_sum, hp, 1.0 / (C * 1.0), soft, p_t, F)
     if F.SOFT:
         tl.store(out.stats + 2 * N + row.idx, row.w_y, mask=row.mask)
@@ -479,7 +492,8 @@ def _tile_stats(tile, row, m_i, l_i, sw, qa, qw, qp, vecs, colstats, pid_m, num_
     column partials (max z, sum exp(z - max) over the valid rows) in the :class:`ColumnStats` ``colstats``. LADE's
     class sums and counts come from the gathered target logits instead (one element per row, not a compare per
     element). Returns the new (max, sum-exp, smoothing sum), the SOFT sums (``A_q``, ``W_q`` and ``sum_j q_ij
-    exp(a_ij - max)``, :class:`Soft`; unchanged without SOFT) and the tile's ``exp(a - max)`` (what
+    exp(a_ij - max)``, :class:`Soft`; without SOFT, ``qw`` is label smoothing's weight sum of the columns seen, and
+    the smoothing sum is relative to the running max) and the tile's ``exp(a - max)`` (what
     :func:`_stats_step` stores with STORE_P). SOFT with COLUMN_STATS: the column partials also hold
     ``sum_i q_ic z_ic`` and ``sum_i q_ic`` (planes 2 and 3 of (4, R, C))."""
     m_new = tl.maximum(m_i, tl.max(tile.a, 1))
@@ -496,10 +510,15 @@ def _tile_stats(tile, row, m_i, l_i, sw, qa, qw, qp, vecs, colstats, pid_m, num_
     l_i = l_i * exp(m_i - m_new) + tl.sum(e, 1)
     if F.HAS_SMOOTH:
         if F.HAS_WEIGHT:
-            w_j = tl.load(vecs.weight + tile.cols, mask=tile.col_mask, other=0.0).to(tl.float32)
-            sw += tl.sum(tl.where(tile.mask, tile.a * w_j[None, :], 0.0), 1)
+            w_j = tl.load(vecs.weight + tile.cols, mask=tile.col_mask, other=0.0).to(tl.float32)[None, :]
         else:
-            sw += tl.sum(tl.where(tile.mask, tile.a, 0.0), 1)
+            w_j = 1.0
+        if F.SOFT:  # raw sum_j w_j a_j (qw holds W_q)
+            sw += tl.sum(tl.where(tile.mask, tile.a * w_j, 0.0), 1)
+        else:  # sum_j w_j (a_j - running max), moved with the max; qw carries the weights seen, sum_j w_j
+            sw = sw + tl.where(qw > 0.0, qw * (m_i - m_new), 0.0)
+            sw += tl.sum(tl.where(tile.mask, (tile.a - m_new[:, None]) * w_j, 0.0), 1)
+            qw += tl.sum(tl.where(tile.mask, w_j, 0.0), 1)
     if COLUMN_STATS:
         vmask = tile.mask & row.valid[:, None]
         zc = tl.where(vmask, tile.z, float("-inf"))
@@ -654,6 +673,8 @@ def _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, 
         tl.store(part_ptr + offs, m_i, mask=row.mask)
         tl.store(part_ptr + plane + offs, l_i, mask=row.mask)
         tl.store(part_ptr + 2 * plane + offs, a_y, mask=row.mask)
+        if F.HAS_SMOOTH and not F.SOFT:  # the combine takes raw sums (their max differs from split to split)
+            sw = sw + qw * m_i
         tl.store(part_ptr + 3 * plane + offs, sw, mask=row.mask)
         if F.SOFT:  # (6, N, splits) partials
             tl.store(part_ptr + 4 * plane + offs, qw, mask=row.mask)
@@ -666,8 +687,8 @@ def _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, 
             row = Row(row.idx, row.mask, row.y, row.valid, row.margin, qw)
             p_t = qp / l_i
             w_q = qw
-        coef = _finish_and_store_rows(m_i, log_sum, a_y, sw, row, N, C, wsum_ptr, inv_denom_ptr, own_inv, out, hp,
-                                      soft, p_t, F, MEAN, OWN_DENOM)
+        coef = _finish_and_store_rows(m_i, log_sum, a_y, sw, qw, row, N, C, wsum_ptr, inv_denom_ptr, own_inv, out,
+                                      hp, soft, p_t, F, MEAN, OWN_DENOM, not F.SOFT)
         if GRAD_IN_FWD:
             rg = RowGrad(m_i, log_sum, coef, _weight_sum(wsum_ptr, C, F), 1.0 / (C * 1.0), w_q)
             if SINGLE_TILE:  # the tile of the statistics pass, still in registers
@@ -764,8 +785,8 @@ def row_loss_combine(part_ptr, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, red, N
         qw = tl.sum(tl.load(part_ptr + 4 * plane + offs, mask=mask, other=0.0), 1)
         p_t = tl.sum(tl.load(part_ptr + 5 * plane + offs, mask=mask, other=0.0) * rescale, 1) / l_row
         row = Row(row.idx, row.mask, row.y, row.valid, row.margin, qw)
-    _finish_and_store_rows(m_row, tl.log(l_row), a_y, sw, row, N, C, wsum_ptr, inv_denom_ptr, own_inv, out, hp, soft,
-                           p_t, F, MEAN, OWN_DENOM)
+    _finish_and_store_rows(m_row, tl.log(l_row), a_y, sw, None, row, N, C, wsum_ptr, inv_denom_ptr, own_inv, out,
+                           hp, soft, p_t, F, MEAN, OWN_DENOM, False)
     if REDUCE != 0:
         last_program_reduces(red, out.loss, batch, out.coef, inv_denom_ptr, own_inv, None, 0, F.HAS_WEIGHT, MEAN,
                              OWN_DENOM, REDUCE == 2, False, RBLOCK)

@@ -266,11 +266,13 @@ def cases():
         """Class indices, or (soft) class probabilities in the logits' dtype (mixup)."""
         return torch.empty((N, C), dtype=dtype) if soft else torch.zeros(N, dtype=torch.int64)
 
-    def la(N, C, dtype, grad_in_forward=False, soft=False, **tile):
+    def la(N, C, dtype, grad_in_forward=False, soft=False, smooth=False, **tile):
         def run():
             z = torch.empty((N, C), dtype=dtype)
             y = targets(N, C, dtype, soft)
-            args = AdjustedCEArgs(log_prior=log_prior(_counts(C)).float(), reduction="sum" if soft else "mean")
+            extra = dict(label_smoothing=0.1, gamma=2.0, weight=torch.ones(C)) if smooth else {}
+            args = AdjustedCEArgs(log_prior=log_prior(_counts(C)).float(), reduction="sum" if soft else "mean",
+                                  **extra)
             cfg = launch.pick_tiles(N, C, z.device, **tile) if tile else None
             loss, lse, factor = launch.loss(z, y, args, config=cfg, grad_out=z if grad_in_forward else None)
             if not grad_in_forward:
@@ -362,6 +364,8 @@ def cases():
         "heads-rescale-bf16": rescale(4096, 1024, 131072, torch.bfloat16),
         # class-probability targets (mixup): the targets' tiles read beside the logits
         "la-soft-8142-bf16-fused": la(4096, 8142, torch.bfloat16, grad_in_forward=True, soft=True),
+        # label smoothing (relative to the running max), class weights and the focal factor
+        "la-smooth-focal-131072-bf16": la(4096, 131072, torch.bfloat16, smooth=True),
         "la-soft-131072-bf16": la(4096, 131072, torch.bfloat16, soft=True),
         "gcl-soft-1M-bf16-split-fused": gcl(128, 1_000_000, torch.bfloat16, grad_in_forward=True, num_splits=16,
                                             soft=True),

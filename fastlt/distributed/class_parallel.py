@@ -105,7 +105,7 @@ def _finish(M, e, a_y, q, target, valid, safe, f: dict, C: int, dtype) -> Tensor
         w_sum = float(C) if weight is None else weight.to(ce.dtype).sum()
         loss = loss + (eps / C) * (w_sum * lse - q)
     if gamma != 0:
-        loss = loss * (1.0 - torch.exp(-ce.detach())).clamp(min=0).pow(gamma)
+        loss = loss * (-torch.expm1(-ce.detach())).clamp(min=0).pow(gamma)
     zero = torch.zeros((), dtype=loss.dtype, device=loss.device)
     loss, w_y = torch.where(valid, loss, zero), torch.where(valid, w_y, zero)
     reduction = f.get("reduction", "mean")

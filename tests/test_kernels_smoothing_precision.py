@@ -1,0 +1,90 @@
+"""Label smoothing's sum ``sum_j w_j a_j`` kept relative to the running max, and the focal base ``1 - exp(-ce)`` for
+small ``ce`` (:func:`fastlt.kernels.numerics.one_minus_exp_neg`), against the float64 reference: a large common
+offset of the logits loses no precision, a row masked whole with ``finfo.min`` gets a finite loss, on the paths
+where one program sees its whole row (one tile, several tiles). Rows split over programs still combine raw sums
+(their maxima differ): a known limit, checked here to stay as before."""
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from conftest import DEVICE
+
+from fastlt import reference as R
+from fastlt._operator import AdjustedCEArgs
+from fastlt.kernels import launch
+from fastlt.kernels.numerics import one_minus_exp_neg
+
+F64 = torch.float64
+N, C = 4, 1000
+PATHS = {"one tile": dict(block_n=1024), "several tiles": dict(block_n=256, num_splits=1)}
+
+
+def _rows(z, y, kw, path):
+    args = AdjustedCEArgs.from_kwargs(DEVICE, reduction="none", **{k: (v.to(DEVICE) if torch.is_tensor(v) else v)
+                                                                    for k, v in kw.items()})
+    cfg = launch.pick_tiles(N, C, torch.device(DEVICE), **PATHS[path])
+    return launch.loss(z.to(DEVICE), y.to(DEVICE), args, config=cfg)[0].cpu().double()
+
+
+def _want(z, y, kw):
+    return R.adjusted_cross_entropy(z.double(), y, reduction="none",
+                                    **{k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()})
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_a_large_common_offset_keeps_its_precision(path, weighted):
+    """Logits 3e4 + N(0, 1), fp32: the smoothing term no longer cancels two sums of ~3e7 (the raw sums erred by
+    ~3e-4 here; now ~4e-7, the row's own rounding)."""
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(N, C, generator=gen) + 3e4
+    y = torch.randint(0, C, (N,), generator=gen)
+    kw = dict(label_smoothing=0.1)  # no additive term: its fp32 rounding at 3e4 (~1e-3) would dominate either way
+    if weighted:
+        kw["weight"] = torch.rand(C, generator=gen) + 0.5
+    torch.testing.assert_close(_rows(z, y, kw, path), _want(z, y, kw), rtol=0, atol=5e-6)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_a_row_masked_whole_with_finfo_min_is_finite(path):
+    gen = torch.Generator().manual_seed(2)
+    z = torch.randn(N, C, generator=gen)
+    z[1] = torch.finfo(torch.float32).min
+    y = torch.randint(0, C, (N,), generator=gen)
+    kw = dict(label_smoothing=0.1)
+    got = _rows(z, y, kw, path)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, _want(z, y, kw), rtol=1e-6, atol=1e-5)  # row 1: log C
+
+
+def test_split_rows_combine_raw_sums_as_before():
+    """The known limit: split rows' partials hold raw sums; a small offset stays exact, a large one errs as before."""
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(N, C, generator=gen) + 10.0
+    y = torch.randint(0, C, (N,), generator=gen)
+    kw = dict(label_smoothing=0.1)
+    args = AdjustedCEArgs.from_kwargs(DEVICE, reduction="none", **kw)
+    cfg = launch.pick_tiles(N, C, torch.device(DEVICE), block_n=256, num_splits=4)
+    got = launch.loss(z.to(DEVICE), y.to(DEVICE), args, config=cfg)[0].cpu().double()
+    torch.testing.assert_close(got, _want(z, y, kw), rtol=0, atol=2e-5)
+
+
+@triton.jit
+def _one_minus_exp_neg_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + i, mask=i < n, other=0.0)
+    tl.store(out_ptr + i, one_minus_exp_neg(x), mask=i < n)
+
+
+def test_focal_base_is_accurate_for_small_cross_entropy():
+    """``1 - exp(-x)`` within 1e-6 relative of float64 from 1e-9 to 30 (fp32 ``1 - exp(-x)`` loses every bit at
+    1e-9); the focal factor of a confident row follows."""
+    x = torch.cat([torch.logspace(-9, 1.5, 200), torch.tensor([0.0, 0.03125, 0.0312])]).float()
+    out = torch.empty_like(x)
+    xd, outd = x.to(DEVICE), out.to(DEVICE)
+    _one_minus_exp_neg_kernel[(1,)](xd, outd, x.numel(), BLOCK=256)
+    want = -torch.expm1(-x.double())
+    got = outd.cpu().double()
+    assert got[-3] == 0.0
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
