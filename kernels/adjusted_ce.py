@@ -673,9 +673,9 @@ def _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, 
         tl.store(part_ptr + offs, m_i, mask=row.mask)
         tl.store(part_ptr + plane + offs, l_i, mask=row.mask)
         tl.store(part_ptr + 2 * plane + offs, a_y, mask=row.mask)
-        if F.HAS_SMOOTH and not F.SOFT:  # the combine takes raw sums (their max differs from split to split)
-            sw = sw + qw * m_i
         tl.store(part_ptr + 3 * plane + offs, sw, mask=row.mask)
+        if F.HAS_SMOOTH and not F.SOFT:  # the smoothing sum is relative to this split's max, and its weights
+            tl.store(part_ptr + 4 * plane + offs, qw, mask=row.mask)
         if F.SOFT:  # (6, N, splits) partials
             tl.store(part_ptr + 4 * plane + offs, qw, mask=row.mask)
             tl.store(part_ptr + 5 * plane + offs, qp, mask=row.mask)
@@ -714,7 +714,8 @@ def row_loss_forward(z_op, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, part_ptr, 
     (max, sum-exp) over this program's columns (:class:`Columns` ``cols_of``); ``z_op`` (and ``g_op``, the gradient)
     hold the classes from ``cols_of.base`` on, so a caller may pass one class chunk of the logits.
 
-    SPLIT: write partial (max, sumexp, a_y, sum w*a) to ``part_ptr`` (see :class:`Columns`), for ``row_loss_combine``;
+    SPLIT: write partial (max, sumexp, a_y, sum w*(a - max), sum w) to ``part_ptr`` (see :class:`Columns`), for
+    ``row_loss_combine`` (SOFT: (max, sumexp, A_q, raw sum w*a, W_q, sum q exp(a - max)));
     else
     write the :class:`RowOutputs` ``out`` (and the gradient over ``g_op`` when GRAD_IN_FWD). COLUMN_STATS (LADE):
     per column, over this program's valid rows, write max z and sum exp(z - max) to ``colstats.partials``
@@ -763,7 +764,7 @@ def row_loss_forward(z_op, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, part_ptr, 
 def row_loss_combine(part_ptr, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, red, N, C, num_splits, hp, soft,
                      F: tl.constexpr, MEAN: tl.constexpr, OWN_DENOM: tl.constexpr, REDUCE: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, RBLOCK: tl.constexpr):
-    """Grid (cdiv(N, BLOCK_M),): merge the (4, N, num_splits) partials at ``part_ptr`` of the split rows of
+    """Grid (cdiv(N, BLOCK_M),): merge the (5, N, num_splits) partials at ``part_ptr`` of the split rows of
     ``row_loss_forward`` into the :class:`RowOutputs` ``out`` (MEAN, OWN_DENOM, REDUCE and SOFT, with (6, N,
     num_splits) partials, as there)."""
     batch = Targets(y_ptr, vecs.weight, N, C, hp.ignore_index)
@@ -776,17 +777,25 @@ def row_loss_combine(part_ptr, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, red, N
     p_max = tl.load(part_ptr + offs, mask=mask, other=NEG_BIG)
     p_sum = tl.load(part_ptr + plane + offs, mask=mask, other=0.0)
     a_y = tl.sum(tl.load(part_ptr + 2 * plane + offs, mask=mask, other=0.0), 1)
-    sw = tl.sum(tl.load(part_ptr + 3 * plane + offs, mask=mask, other=0.0), 1)
     m_row = tl.max(p_max, 1)
     rescale = exp(p_max - m_row[:, None])
     l_row = tl.sum(p_sum * rescale, 1)
     p_t = None
+    w_seen = None
     if F.SOFT:
+        sw = tl.sum(tl.load(part_ptr + 3 * plane + offs, mask=mask, other=0.0), 1)  # raw sums
         qw = tl.sum(tl.load(part_ptr + 4 * plane + offs, mask=mask, other=0.0), 1)
         p_t = tl.sum(tl.load(part_ptr + 5 * plane + offs, mask=mask, other=0.0) * rescale, 1) / l_row
         row = Row(row.idx, row.mask, row.y, row.valid, row.margin, qw)
-    _finish_and_store_rows(m_row, tl.log(l_row), a_y, sw, None, row, N, C, wsum_ptr, inv_denom_ptr, own_inv, out,
-                           hp, soft, p_t, F, MEAN, OWN_DENOM, False)
+    elif F.HAS_SMOOTH:  # each split's sum_j w_j (a_j - m_s), moved to the row's max: + W_s (m_s - m)
+        w_s = tl.load(part_ptr + 4 * plane + offs, mask=mask, other=0.0)
+        shift = tl.where(w_s > 0.0, w_s * (p_max - m_row[:, None]), 0.0)
+        sw = tl.sum(tl.load(part_ptr + 3 * plane + offs, mask=mask, other=0.0) + shift, 1)
+        w_seen = tl.sum(w_s, 1)
+    else:
+        sw = tl.zeros((BLOCK_M,), tl.float32)
+    _finish_and_store_rows(m_row, tl.log(l_row), a_y, sw, w_seen, row, N, C, wsum_ptr, inv_denom_ptr, own_inv, out,
+                           hp, soft, p_t, F, MEAN, OWN_DENOM, not F.SOFT)
     if REDUCE != 0:
         last_program_reduces(red, out.loss, batch, out.coef, inv_denom_ptr, own_inv, None, 0, F.HAS_WEIGHT, MEAN,
                              OWN_DENOM, REDUCE == 2, False, RBLOCK)

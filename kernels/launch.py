@@ -40,9 +40,9 @@ from .adjusted_ce import (
 from .reduce import Reduction, Scaled, Targets, reduce_rows, scale_rows
 from .tiles import TileConfig, cdiv, column_stat_blocks, pick_tiles, row_align
 
-__all__ = ["loss", "forward", "grad", "chunk_partials", "combine_partials", "reduce", "inv_denominator_of",
-           "scale_by", "scale_all", "new_column_stats", "ColumnStats", "TileConfig", "pick_tiles", "row_align",
-           "column_stat_blocks"]
+__all__ = ["loss", "forward", "grad", "chunk_partials", "combine_partials", "PARTIAL_PLANES", "reduce",
+           "inv_denominator_of", "scale_by", "scale_all", "new_column_stats", "ColumnStats", "TileConfig", "pick_tiles",
+           "row_align", "column_stat_blocks"]
 
 
 # --- the operator's argument groups ---------------------------------------------------------------------------------
@@ -143,6 +143,21 @@ def new_column_stats(N: int, C: int, device, row_blocks: int | None = None, *, s
     R = column_stat_blocks(N) if row_blocks is None else row_blocks
     return ColumnStats(partials=torch.empty((4 if soft else 2, R, C), dtype=torch.float32, device=device),
                        target_logits=torch.empty(N, dtype=torch.float32, device=device))
+
+
+def _check_partials(part: torch.Tensor, N: int, soft: bool) -> None:
+    """``part``: (PARTIAL_PLANES, N, chunks) fp32 ((6, N, chunks) for class probabilities), contiguous."""
+    planes = 6 if soft else PARTIAL_PLANES
+    if (part.dim() != 3 or part.shape[0] != planes or part.shape[1] != N or part.dtype != torch.float32
+            or not part.is_contiguous()):
+        raise ValueError(f"partials must be a contiguous fp32 ({planes}, {N}, chunks) tensor, got "
+                         f"{tuple(part.shape)} {part.dtype}")
+
+
+# The planes of a split row's partials: max, sum-exp, target logit, label smoothing's sum_j w_j (a_j - max) and its
+# weights sum_j w_j (the combine moves each split's sum to the row's max); (6, ...) for class probabilities
+# (:class:`fastlt.kernels.adjusted_ce.Soft`).
+PARTIAL_PLANES = 5
 
 
 def _row_outputs(N: int, dev, soft: bool = False) -> RowOutputs:
@@ -330,7 +345,8 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out:
     rows = _row_outputs(N, dev, soft is not None)
     d = _dummy(dev)
     kg = kernel_groups(args, dev)
-    part = (torch.empty((4 if soft is None else 6, N, cfg.num_splits), dtype=torch.float32, device=dev) if split
+    part = (torch.empty((PARTIAL_PLANES if soft is None else 6, N, cfg.num_splits), dtype=torch.float32, device=dev)
+            if split
             else None)
     colstats = new_column_stats(N, C, dev, row_blocks, soft=soft is not None) if column_stats else None
     fuse_grad = grad_out is not None and not split
@@ -407,7 +423,8 @@ def chunk_partials(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, part:
                    col_base: int, num_classes: int, column_stats: ColumnStats | None = None) -> None:
     """Row partials of one class chunk: ``z`` (N, Ck) holds classes ``[col_base, col_base + Ck)`` of
     ``num_classes``; writes (max, sum-exp, a_y, sum w*a) of those classes to ``part[:, :, chunk]``
-    (``part``: (4, N, num_chunks) fp32; class probabilities ``y`` (N, Ck), the chunk's columns: (6, N, num_chunks),
+    (``part``: (:data:`PARTIAL_PLANES`, N, num_chunks) fp32; class probabilities ``y`` (N, Ck), the chunk's
+    columns: (6, N, num_chunks),
     see :class:`fastlt.kernels.adjusted_ce.Soft`). :func:`combine_partials` finishes the rows once every chunk is
     in.
     ``column_stats`` (LADE): a :class:`ColumnStats` for N rows and ``num_classes`` columns
@@ -418,6 +435,7 @@ def chunk_partials(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, part:
     dev = z.device
     has_cols = column_stats is not None
     soft = _soft(y, None)
+    _check_partials(part, N, soft is not None)
     planes = 2 if soft is None else 4
     if has_cols and (tuple(column_stats.partials.shape) != (planes, column_stat_blocks(N), num_classes)
                      or tuple(column_stats.target_logits.shape) != (N,)):
@@ -445,7 +463,7 @@ def chunk_partials(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, part:
 
 def _launch_combine(part, y, args: AdjustedCEArgs, C: int, rows: RowOutputs, inv_denom, *, mean: bool,
                     own_denom: bool, out, counter, reduce_mode: int, soft: Soft | None = None) -> None:
-    """One ``row_loss_combine`` launch over the (4, N, S) partials ((6, N, S) with ``soft``) into ``rows``."""
+    """One ``row_loss_combine`` launch over the (5, N, S) partials ((6, N, S) with ``soft``) into ``rows``."""
     dev = part.device
     N, num_splits = part.shape[1], part.shape[2]
     block_s, block_m = tiles.combine_tiles(num_splits)
@@ -467,12 +485,13 @@ def _launch_combine(part, y, args: AdjustedCEArgs, C: int, rows: RowOutputs, inv
 def combine_partials(part: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, num_classes: int, *,
                      inv_denominator: torch.Tensor | None = None, scale_mean: bool = True,
                      out: torch.Tensor | None = None):
-    """``(loss_rows, row_stats, row_coef)`` (fp32) from the (4, N, num_chunks) partials of :func:`chunk_partials`, as
+    """``(loss_rows, row_stats, row_coef)`` (fp32) from the (5, N, num_chunks) partials of :func:`chunk_partials`, as
     :func:`forward` returns them; ``inv_denominator``, ``scale_mean`` and ``out`` as there: the combine's last
     program reduces the batch into ``out`` when :func:`fused_reduction` allows, and its programs sum 'mean''s
     denominator themselves when that is cheap, so a reduced loss is one launch. Class probabilities ``y`` (N, C):
     (6, N, num_chunks) partials, 'sum' or 'none', ``args.row_scale`` as :func:`forward`."""
     N = part.shape[1]
+    _check_partials(part, N, y.is_floating_point() and y.dim() == 2)
     dev = part.device
     soft = _soft(y, args)
     if out is not None and args.reduction == "none":

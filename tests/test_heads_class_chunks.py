@@ -81,8 +81,8 @@ def _logits_and_vectors(gen, N, C, ignored_row):
 
 
 def _class_partials(z, y, args, bounds):
-    """The (4, N, chunks) partials of the class chunks ``[bounds[k], bounds[k + 1])``."""
-    part = torch.empty((4, z.shape[0], len(bounds) - 1), device=DEVICE)
+    """The (PARTIAL_PLANES, N, chunks) partials of the class chunks ``[bounds[k], bounds[k + 1])``."""
+    part = torch.empty((launch.PARTIAL_PLANES, z.shape[0], len(bounds) - 1), device=DEVICE)
     for k, (c0, c1) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
         launch.chunk_partials(z[:, c0:c1].contiguous(), y, args, part, k, col_base=c0, num_classes=z.shape[1])
     return part

@@ -235,11 +235,13 @@ def test_merge_partials_and_finish_reject_bad_shapes():
 def test_chunk_partials_rejects_column_stats_of_the_wrong_shape():
     z = torch.zeros(5, 8, device=DEVICE)
     y = torch.zeros(5, dtype=torch.long, device=DEVICE)
-    part = torch.empty((4, 5, 1), device=DEVICE)
+    part = torch.empty((launch.PARTIAL_PLANES, 5, 1), device=DEVICE)
     args = AdjustedCEArgs()
     wrong = launch.ColumnStats(torch.empty((2, 1, 7), device=DEVICE), torch.empty(5, device=DEVICE))
     with pytest.raises(ValueError, match="column_stats must hold"):
         launch.chunk_partials(z, y, args, part, 0, col_base=0, num_classes=8, column_stats=wrong)
+    with pytest.raises(ValueError, match="partials must be"):  # too few planes: refused, never written past
+        launch.chunk_partials(z, y, args, torch.empty((4, 5, 1), device=DEVICE), 0, col_base=0, num_classes=8)
     short = launch.new_column_stats(4, 8, DEVICE)
     with pytest.raises(ValueError, match="column_stats must hold"):
         launch.chunk_partials(z, y, args, part, 0, col_base=0, num_classes=8, column_stats=short)

@@ -1,8 +1,8 @@
 """Label smoothing's sum ``sum_j w_j a_j`` kept relative to the running max, and the focal base ``1 - exp(-ce)`` for
 small ``ce`` (:func:`fastlt.kernels.numerics.one_minus_exp_neg`), against the float64 reference: a large common
-offset of the logits loses no precision, a row masked whole with ``finfo.min`` gets a finite loss, on the paths
-where one program sees its whole row (one tile, several tiles). Rows split over programs still combine raw sums
-(their maxima differ): a known limit, checked here to stay as before."""
+offset of the logits loses no precision, a row masked whole with ``finfo.min`` gets a finite loss, on every path:
+one tile, several tiles, rows split over programs (each split's sum relative to its own max, moved to the row's
+by the combine with the split's weights), and class chunks as the heads and class shards use them."""
 
 import pytest
 import torch
@@ -17,7 +17,8 @@ from fastlt.kernels.numerics import one_minus_exp_neg
 
 F64 = torch.float64
 N, C = 4, 1000
-PATHS = {"one tile": dict(block_n=1024), "several tiles": dict(block_n=256, num_splits=1)}
+PATHS = {"one tile": dict(block_n=1024), "several tiles": dict(block_n=256, num_splits=1),
+         "split rows": dict(block_n=256, num_splits=4)}
 
 
 def _rows(z, y, kw, path):
@@ -58,16 +59,25 @@ def test_a_row_masked_whole_with_finfo_min_is_finite(path):
     torch.testing.assert_close(got, _want(z, y, kw), rtol=1e-6, atol=1e-5)  # row 1: log C
 
 
-def test_split_rows_combine_raw_sums_as_before():
-    """The known limit: split rows' partials hold raw sums; a small offset stays exact, a large one errs as before."""
-    gen = torch.Generator().manual_seed(3)
-    z = torch.randn(N, C, generator=gen) + 10.0
+@pytest.mark.parametrize("masked", [False, True], ids=["offset", "finfo_min_row"])
+def test_class_chunks_combine_relative_sums(masked):
+    """:func:`fastlt.kernels.launch.chunk_partials` over class chunks (a head's class chunks, a class shard), then
+    :func:`fastlt.kernels.launch.combine_partials`: the same precision."""
+    gen = torch.Generator().manual_seed(4)
+    z = torch.randn(N, C, generator=gen) + (0.0 if masked else 3e4)
+    if masked:
+        z[2] = torch.finfo(torch.float32).min
     y = torch.randint(0, C, (N,), generator=gen)
-    kw = dict(label_smoothing=0.1)
-    args = AdjustedCEArgs.from_kwargs(DEVICE, reduction="none", **kw)
-    cfg = launch.pick_tiles(N, C, torch.device(DEVICE), block_n=256, num_splits=4)
-    got = launch.loss(z.to(DEVICE), y.to(DEVICE), args, config=cfg)[0].cpu().double()
-    torch.testing.assert_close(got, _want(z, y, kw), rtol=0, atol=2e-5)
+    kw = dict(label_smoothing=0.1, weight=torch.rand(C, generator=gen) + 0.5)
+    args = AdjustedCEArgs.from_kwargs(DEVICE, reduction="none", label_smoothing=0.1, weight=kw["weight"].to(DEVICE))
+    bounds = [0, 296, 600, 1000]
+    part = torch.empty((launch.PARTIAL_PLANES, N, 3), device=DEVICE)
+    zd, yd = z.to(DEVICE), y.to(DEVICE)
+    for k, (c0, c1) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        launch.chunk_partials(zd[:, c0:c1].contiguous(), yd, args, part, k, col_base=c0, num_classes=C)
+    got = launch.combine_partials(part, yd, args, C)[0].cpu().double()
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, _want(z, y, kw), rtol=1e-6, atol=5e-6)
 
 
 @triton.jit

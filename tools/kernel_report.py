@@ -324,7 +324,7 @@ def cases():
             z = torch.empty((N, size), dtype=dtype)
             y = torch.zeros(N, dtype=torch.int64)
             args = AdjustedCEArgs(cloud=gcl_cloud(_counts(C)).float(), noise_mul=1.0, margin=0.5, scale=30.0, seed=3)
-            part = torch.empty((4, N, 1), dtype=torch.float32)
+            part = torch.empty((launch.PARTIAL_PLANES, N, 1), dtype=torch.float32)
             launch.chunk_partials(z, y, args, part, 0, col_base=size, num_classes=C)
             _, stats, coef = launch.combine_partials(part, y, args, C, out=torch.empty((), dtype=torch.float32))
             launch.grad(z, y, args, stats, coef, None, col_base=size, num_classes=C)

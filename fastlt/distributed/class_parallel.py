@@ -140,7 +140,7 @@ def _gathered(a: Tensor, m_local: Tensor, sums: list[Tensor], group):
     rank's parts (as :func:`fastlt.distributed.collectives.global_sum`)."""
     finite = torch.isfinite(m_local)
     e_local = torch.exp(a - torch.where(finite, m_local, 0.0)[:, None]).sum(1)
-    M, e, totals = gathered_partials(m_local, e_local, sums, group)
+    M, e, totals = gathered_partials(m_local, e_local, sums, group=group)
     mine = e_local * torch.where(finite, torch.exp(m_local - M), 0.0)
     return M, mine + (e - mine).detach(), [t + (v - t).detach() for t, v in zip(sums, totals, strict=True)]
 
@@ -189,11 +189,12 @@ def sharded_lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: floa
 @define("fastlt::shard_partials", "Tensor logits, Tensor target, int col_base, int num_classes", [AdjustedCEArgs],
         "Tensor")
 def shard_partials_op(logits, target, col_base, num_classes, *flat):
-    """(4, N) fp32 partials of this rank's classes: row max, sum exp(a - max), the target's a (0 off its owner),
-    sum_j w_j a_j (:func:`fastlt.kernels.launch.chunk_partials`). Not differentiable (the finish op is)."""
+    """(5, N) fp32 partials of this rank's classes: row max, sum exp(a - max), the target's a (0 off its owner),
+    sum_j w_j (a_j - max), sum_j w_j (:func:`fastlt.kernels.launch.chunk_partials`). Not differentiable (the finish
+    op is)."""
     (args,) = O.unflatten([AdjustedCEArgs], flat)
     N = logits.shape[0]
-    part = torch.empty((4, N, 1), dtype=torch.float32, device=logits.device)
+    part = torch.empty((launch.PARTIAL_PLANES, N, 1), dtype=torch.float32, device=logits.device)
     if logits.shape[1] == 0:  # an empty shard takes part with nothing
         part[0].fill_(-math.inf)
         part[1:].zero_()
@@ -203,14 +204,15 @@ def shard_partials_op(logits, target, col_base, num_classes, *flat):
 
 @shard_partials_op.register_fake
 def _(logits, target, col_base, num_classes, *flat):
-    return logits.new_empty((4, logits.shape[0]), dtype=torch.float32)
+    return logits.new_empty((launch.PARTIAL_PLANES, logits.shape[0]), dtype=torch.float32)
 
 
 @define("fastlt::shard_finish", "Tensor logits, Tensor target, Tensor partials, int col_base, int num_classes",
         [AdjustedCEArgs], "(Tensor, Tensor, Tensor)")
 def shard_finish_op(logits, target, partials, col_base, num_classes, *flat):
-    """``(loss, row_stats, row_coef)`` from the (4, N) global partials (row max, sum-exp relative to it, target
-    logit, smoothing sum); its registered backward is the row kernel's gradient of the local columns."""
+    """``(loss, row_stats, row_coef)`` from the (5, N) global partials (row max, sum-exp and smoothing sum relative
+    to it, target logit, the smoothing weights); its registered backward is the row kernel's gradient of the local
+    columns."""
     (args,) = O.unflatten([AdjustedCEArgs], flat)
     part = partials[:, :, None].contiguous()
     if args.reduction == "none":
@@ -255,15 +257,24 @@ def _sharded_triton(logits: Tensor, target: Tensor, fields: dict, shard: ClassSh
     flat = O.flatten(args)
     local = shard_partials_op(logits.detach(), target, shard.start, shard.num_classes, *flat)
     if shard.combine == "gather":
-        M, e, (a_y, q) = gathered_partials(local[0], local[1], [local[2], local[3]], shard.group)
-        partials = torch.stack([M, e, a_y, q])
-    else:
+        M, e, (a_y,), ((q, w),) = gathered_partials(local[0], local[1], [local[2]], moved=[(local[3], local[4])],
+                                                 group=shard.group)
+        partials = torch.stack([M, e, a_y, q, w])
+    else:  # the smoothing sum moved from the rank's max to the global one before the sum: + W_r (m_r - M)
         M = all_reduce(local[0], "max", shard.group)
-        e = local[1] * torch.exp(local[0] - M)
-        total = all_reduce(torch.stack([e, local[2], local[3]]), "sum", shard.group)
-        partials = torch.cat([M[None], total])
+        shift = torch.exp(local[0] - M)
+        q = local[3] + torch.where(local[4] > 0, local[4] * (local[0] - M), 0.0)
+        total = all_reduce(torch.stack([local[1] * shift, local[2], q]), "sum", shard.group)
+        partials = torch.cat([M[None], total, _weights_seen(args, shard, M)[None]])
     loss = shard_finish_op(logits, target, partials, shard.start, shard.num_classes, *flat)[0]
     return loss.to(logits.dtype)
+
+
+def _weights_seen(args: AdjustedCEArgs, shard: ClassShard, like: Tensor) -> Tensor:
+    """(N,) ``sum_j w_j`` over all classes (the smoothing sum's weights, for the finish; C without weights)."""
+    if args.weight is None:
+        return torch.full_like(like, float(shard.num_classes))
+    return args.weight_total.to(like.dtype).expand_as(like)
 
 
 class _SharedInput(torch.autograd.Function):

@@ -108,14 +108,18 @@ def reduce_scatter(t: Tensor, group) -> Tensor:
     return funcol.reduce_scatter_tensor(t.detach().contiguous(), "sum", 0, group) * 1
 
 
-def gathered_partials(m: Tensor, e: Tensor, sums: Sequence[Tensor], group) -> tuple[Tensor, Tensor, list[Tensor]]:
+def gathered_partials(m: Tensor, e: Tensor, sums: Sequence[Tensor], *, group,
+                      moved: Sequence[tuple[Tensor, Tensor]] = ()) -> tuple:
     """The ranks' row partials combined from one all-gather, in rank order, so every rank computes the same bits:
     ``m`` (N,) the rank's row maxima (-inf: none), ``e`` (N,) its sums of ``exp(a - m)``, ``sums`` more tensors
-    added over the ranks. Returns ``(M, sum_r e_r exp(m_r - M), [sum_r s_r])``, in the :func:`stat_dtype`, without
-    gradient. (The all-reduce combine, one MAX and one SUM, costs less bandwidth at large N; this one is
-    bit-identical on every rank whatever the collective's reduction order.)"""
-    dtype = stat_dtype(functools.reduce(torch.promote_types, [t.dtype for t in (m, e, *sums)]))
-    parts = [m, e, *sums]
+    added over the ranks, ``moved`` pairs ``(s, w)`` of sums relative to the rank's max with their weights
+    (``sum_j w_j (a_j - m)`` and ``sum_j w_j``). Returns ``(M, sum_r e_r exp(m_r - M), [sum_r s_r],
+    [(sum_r s_r + w_r (m_r - M), sum_r w_r)])``, in the :func:`stat_dtype`, without gradient (the last item only
+    when ``moved`` is given). (The all-reduce combine, one MAX and one SUM, costs less bandwidth at large N; this one
+    is bit-identical on every rank whatever the collective's reduction order.)"""
+    pairs = [t for pair in moved for t in pair]
+    parts = [m, e, *sums, *pairs]
+    dtype = stat_dtype(functools.reduce(torch.promote_types, [t.dtype for t in parts]))
     flat = torch.cat([t.detach().to(dtype).reshape(-1) for t in parts])
     every = all_gather(flat, group)  # (W, L)
     out, start = [], 0
@@ -124,8 +128,16 @@ def gathered_partials(m: Tensor, e: Tensor, sums: Sequence[Tensor], group) -> tu
         start += t.numel()
     ms, es, *rest = out
     top = ms.amax(0)
-    shift = torch.where(torch.isfinite(ms), torch.exp(ms - torch.where(torch.isfinite(top), top, 0.0)), 0.0)
-    return top, (es * shift).sum(0), [r.sum(0) for r in rest]
+    finite = torch.isfinite(ms)
+    shift = torch.where(finite, torch.exp(ms - torch.where(torch.isfinite(top), top, 0.0)), 0.0)
+    totals = [r.sum(0) for r in rest[:len(sums)]]
+    moved_out = []
+    for k in range(len(moved)):
+        s, w = rest[len(sums) + 2 * k], rest[len(sums) + 2 * k + 1]
+        step = torch.where(finite & (w > 0), w * (ms - top), 0.0)
+        moved_out.append(((s + step).sum(0), w.sum(0)))
+    result = (top, (es * shift).sum(0), totals)
+    return (*result, moved_out) if moved else result
 
 
 def world_gradient(loss: Tensor, size: int) -> Tensor:

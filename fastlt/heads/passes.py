@@ -245,7 +245,8 @@ def class_row_stats(x, w, b, y, params: HeadParams, *, column_stats=None, out=No
     C = w.shape[0]
     chunks = class_chunks(C, params.plan.classes)
     flat = chunk_buffer(N * padded(min(params.plan.classes, C)), x)
-    part = torch.empty((6 if y.is_floating_point() else 4, N, len(chunks)), dtype=torch.float32, device=x.device)
+    part = torch.empty((6 if y.is_floating_point() else launch.PARTIAL_PLANES, N, len(chunks)), dtype=torch.float32,
+                       device=x.device)
     for k, (c0, c1) in enumerate(chunks):
         z = class_logits(flat, x, w, b, c0, c1)
         launch.chunk_partials(z, target_columns(y, c0, c1), args, part, k, col_base=c0, num_classes=C,
