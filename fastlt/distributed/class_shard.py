@@ -57,7 +57,7 @@ class ClassShard:
     cost a collective).
 
     ``combine``: how the ranks' row partials meet. 'all_reduce' (default): one MAX of N and one SUM of 3N floats.
-    'gather': one all-gather of every rank's 4N floats, combined in rank order on every rank, so the loss is the
+    'gather': one all-gather of every rank's 5N floats, combined in rank order on every rank, so the loss is the
     same bits on every rank whatever order the collective reduces in (W times the bytes received)."""
 
     start: int
