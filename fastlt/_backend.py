@@ -9,7 +9,7 @@ import torch
 
 from . import _validation as V
 
-__all__ = ["use_triton", "kernels_available", "interpreting"]
+__all__ = ["use_triton", "kernels_available", "interpreting", "autocast_inputs"]
 
 
 def use_triton(backend: str, logits) -> bool:
@@ -50,3 +50,16 @@ def kernels_available() -> bool:
 def interpreting() -> bool:
     """Whether Triton runs its kernels in the interpreter (``TRITON_INTERPRET=1``: on the CPU)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autocast_inputs(features, weight, bias):
+    """``(features, weight, bias, device_type)`` in the autocast dtype under ``torch.autocast`` (CUDA or CPU), as
+    ``nn.Linear`` would run a head, with the device type whose autocast is on; else as given and None (non-tensors
+    too: the head's checks raise for those)."""
+    if not all(isinstance(t, torch.Tensor) for t in (features, weight) + (() if bias is None else (bias,))):
+        return features, weight, bias, None
+    dev = features.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        return features.to(dt), weight.to(dt), None if bias is None else bias.to(dt), dev
+    return features, weight, bias, None

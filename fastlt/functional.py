@@ -14,7 +14,7 @@ from . import reference as R
 from ._backend import use_triton
 from ._operator import gcl_fields, la_fields, ldam_fields
 from ._shapes import as_rows, restore
-from .distributed.class_parallel import sharded_cross_entropy, sharded_lade_loss
+from .distributed.class_parallel import check_shard_options, sharded_cross_entropy, sharded_lade_loss
 from .distributed.data_parallel import batch_dependent, global_batch_loss, global_lade_loss, warn_without_group
 from .distributed.dtensor import from_dtensor, is_dtensor
 from .heads.functional import cosine_cross_entropy, lade_linear_loss, linear_cross_entropy
@@ -90,7 +90,7 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor 
                                               rows_per_rank=rows_per_rank, shard=shard), rows)
     triton = use_triton(backend, logits)
     if shard is not None:
-        _check_shard_options(dp_group, grad_in_forward, noise)
+        check_shard_options(dp_group, noise=noise, grad_in_forward=grad_in_forward)
         return sharded_cross_entropy(logits, target, fields, shard, triton=triton)
     if grad_in_forward and not triton:
         raise ValueError("grad_in_forward=True needs the Triton backend (CUDA tensors)")
@@ -116,16 +116,6 @@ def _dtensor_shard(logits, target, shard):
     if shard is not None:
         raise ValueError("shard= is read off a DTensor's layout: pass DTensor logits or shard=, not both")
     return from_dtensor(logits, target)
-
-
-def _check_shard_options(dp_group, grad_in_forward, noise) -> None:
-    if dp_group is not None and dp_group is not False:
-        raise NotImplementedError("shard= together with dp_group= (a 2-D layout) is not supported yet")
-    if grad_in_forward:
-        raise ValueError("grad_in_forward=True is not available with shard= (the forward needs the collectives "
-                         "before any gradient)")
-    if noise is not None:
-        raise ValueError("noise= is not available with shard=; GCL draws the noise of each rank's columns from seed=")
 
 
 def logit_adjusted_cross_entropy(logits: Tensor, target: Tensor, log_prior: Tensor, tau: float = 1.0, *,
@@ -190,9 +180,7 @@ def lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: float = 0.1,
     rows = as_rows(logits, target)
     logits, target = rows.logits, rows.target
     if shard is not None:  # class parallel: the reference's arithmetic (backend='triton' is refused)
-        _check_shard_options(dp_group, False, None)
-        if backend == "triton":
-            raise NotImplementedError("LADE with shard= runs the reference path (backend='auto' or 'torch')")
+        check_shard_options(dp_group, lade_backend=backend)
         return sharded_lade_loss(logits, target, prior, alpha, remine_lambda, shard, weight=weight,
                                  ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
     if dp_group is not None and dp_group is not False:

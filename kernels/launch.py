@@ -491,9 +491,9 @@ def combine_partials(part: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, 
     denominator themselves when that is cheap, so a reduced loss is one launch. Class probabilities ``y`` (N, C):
     (6, N, num_chunks) partials, 'sum' or 'none', ``args.row_scale`` as :func:`forward`."""
     N = part.shape[1]
-    _check_partials(part, N, y.is_floating_point() and y.dim() == 2)
     dev = part.device
     soft = _soft(y, args)
+    _check_partials(part, N, soft is not None)
     if out is not None and args.reduction == "none":
         raise ValueError("out= takes the 'mean' or 'sum' of the rows")
     mean = args.reduction == "mean" and scale_mean

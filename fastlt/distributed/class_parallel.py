@@ -33,28 +33,49 @@ from .._operator import AdjustedCEArgs
 from ..kernels import launch
 from ..noise import draw_seed, gcl_noise
 from .class_shard import ClassShard
-from .collectives import all_reduce, gathered_partials, global_sum, stat_dtype
+from .collectives import all_reduce, gathered_partials, global_sum, moved_to_max, stat_dtype
 
-__all__ = ["sharded_cross_entropy", "sharded_lade_loss", "check_shard", "shared_input"]
+__all__ = ["sharded_cross_entropy", "sharded_lade_loss", "check_shard", "check_shard_options", "check_shard_target",
+           "shared_input"]
+
+
+def check_shard_options(dp_group=None, *, noise=None, grad_in_forward: bool = False,
+                        lade_backend: str | None = None) -> None:
+    """What ``shard=`` does not combine with, for the logits losses, the heads and their modules: ``dp_group``
+    (a 2-D layout), explicit ``noise``, ``grad_in_forward``, and LADE on the kernels (``lade_backend='triton'``)."""
+    if dp_group is not None and dp_group is not False:
+        raise NotImplementedError("shard= together with dp_group= (a 2-D layout) is not supported yet; "
+                                  "gather_inputs=True gives a data-parallel backbone with a class-parallel head")
+    if grad_in_forward:
+        raise ValueError("grad_in_forward=True is not available with shard= (the forward needs the collectives "
+                         "before any gradient)")
+    if noise is not None:
+        raise ValueError("noise= is not available with shard=; GCL draws the noise of each rank's columns from seed=")
+    if lade_backend == "triton":
+        raise NotImplementedError("LADE with shard= runs the reference path (backend='auto' or 'torch')")
+
+
+def check_shard_target(shard, target) -> None:
+    """``shard`` a :class:`ClassShard`, and class indices as targets (class probabilities are not sharded yet)."""
+    if not isinstance(shard, ClassShard):
+        raise TypeError(f"shard must be a fastlt.distributed.ClassShard, got {type(shard).__name__}")
+    if isinstance(target, Tensor) and target.is_floating_point():
+        raise ValueError("class-probability targets are not supported with shard= yet; pass class indices")
 
 
 def check_shard(shard, logits: Tensor, target: Tensor) -> None:
     """``shard`` a :class:`ClassShard` whose size is the logits' width; class indices (N,) as targets."""
-    if not isinstance(shard, ClassShard):
-        raise TypeError(f"shard must be a fastlt.distributed.ClassShard, got {type(shard).__name__}")
+    check_shard_target(shard, target)
     if not isinstance(logits, Tensor) or logits.dim() != 2:
         raise ValueError("class-parallel logits must be (N, shard.size) local logits")
     if logits.shape[1] != shard.size:
         raise ValueError(f"the local logits hold {logits.shape[1]} classes but the shard holds {shard.size} "
                          f"(classes [{shard.start}, {shard.stop}) of {shard.num_classes})")
-    if isinstance(target, Tensor) and target.is_floating_point():
-        raise ValueError("class-probability targets are not supported with shard= yet; pass class indices")
 
 
-def _global_checks(logits: Tensor, target: Tensor, fields: dict, shard: ClassShard) -> None:
-    """The operator's checks against the global (N, C) problem (a broadcast stand-in: no memory)."""
-    proxy = logits.new_empty((1, 1)).expand(logits.shape[0], shard.num_classes)
-    O.check_operator_args(proxy, target, fields)
+def _global_proxy(logits: Tensor, shard: ClassShard) -> Tensor:
+    """A stand-in for the global (N, C) logits, for the operator's checks (a broadcast scalar: no memory)."""
+    return logits.new_empty((1, 1)).expand(logits.shape[0], shard.num_classes)
 
 
 def _local_targets(target: Tensor, shard: ClassShard, ignore_index: int):
@@ -151,7 +172,7 @@ def sharded_cross_entropy(logits: Tensor, target: Tensor, fields: dict, shard: C
     the operator's parameters by name (full (C,) class vectors). Returns the loss in the logits' dtype, the same
     on every rank of ``shard.group``."""
     check_shard(shard, logits, target)
-    _global_checks(logits, target, fields, shard)
+    O.check_operator_args(_global_proxy(logits, shard), target, fields)
     if triton:
         return _sharded_triton(logits, target, fields, shard)
     (M, e, a_y, q, _), (valid, safe) = _reference_partials(logits, target, fields, shard)
@@ -165,7 +186,7 @@ def sharded_lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: floa
     :func:`sharded_cross_entropy`, LADER's column statistics complete per shard (all N rows of its classes) and
     its per-class sum added over the ranks in the same SUM all-reduce."""
     check_shard(shard, logits, target)
-    proxy = logits.new_empty((1, 1)).expand(logits.shape[0], shard.num_classes)
+    proxy = _global_proxy(logits, shard)
     O.check_lade_args(proxy, target, prior, alpha, remine_lambda, reduction)
     fields = dict(log_prior=torch.log(prior), tau=1.0, weight=weight, ignore_index=ignore_index, reduction=reduction,
                   label_smoothing=label_smoothing)
@@ -179,8 +200,7 @@ def sharded_lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: floa
                               count=onehot.sum(0), valid=valid.sum().to(z.dtype))
     part = R.lader_from_statistics(stats, prior[s0:s1], remine_lambda, num_classes=shard.num_classes)
     (M, e, a_y, q, (lader,)), _ = _reference_partials(logits, target, fields, shard, extra=[part])
-    prior_ce = _finish(M, e, a_y, q, target, valid, safe, fields, shard.num_classes, torch.float64
-                       if logits.dtype == torch.float64 else torch.float32)
+    prior_ce = _finish(M, e, a_y, q, target, valid, safe, fields, shard.num_classes, z.dtype)
     return (prior_ce + alpha * lader).to(logits.dtype)
 
 
@@ -262,9 +282,8 @@ def _sharded_triton(logits: Tensor, target: Tensor, fields: dict, shard: ClassSh
         partials = torch.stack([M, e, a_y, q, w])
     else:  # the smoothing sum moved from the rank's max to the global one before the sum: + W_r (m_r - M)
         M = all_reduce(local[0], "max", shard.group)
-        shift = torch.exp(local[0] - M)
-        q = local[3] + torch.where(local[4] > 0, local[4] * (local[0] - M), 0.0)
-        total = all_reduce(torch.stack([local[1] * shift, local[2], q]), "sum", shard.group)
+        q = moved_to_max(local[3], local[4], local[0], M)
+        total = all_reduce(torch.stack([local[1] * torch.exp(local[0] - M), local[2], q]), "sum", shard.group)
         partials = torch.cat([M[None], total, _weights_seen(args, shard, M)[None]])
     loss = shard_finish_op(logits, target, partials, shard.start, shard.num_classes, *flat)[0]
     return loss.to(logits.dtype)

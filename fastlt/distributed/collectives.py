@@ -25,8 +25,8 @@ from torch import Tensor
 
 from .simulate import RankGroup
 
-__all__ = ["rank_and_size", "all_reduce", "all_gather", "reduce_scatter", "gathered_partials", "global_sum",
-           "global_logsumexp", "world_gradient", "stat_dtype"]
+__all__ = ["rank_and_size", "all_reduce", "all_gather", "reduce_scatter", "moved_to_max", "gathered_partials",
+           "global_sum", "global_logsumexp", "world_gradient", "stat_dtype"]
 
 
 def rank_and_size(group) -> tuple[int, int]:
@@ -108,6 +108,13 @@ def reduce_scatter(t: Tensor, group) -> Tensor:
     return funcol.reduce_scatter_tensor(t.detach().contiguous(), "sum", 0, group) * 1
 
 
+def moved_to_max(s: Tensor, w: Tensor, m: Tensor, top: Tensor) -> Tensor:
+    """``s + w (m - top)``: a sum ``s = sum_j w_j (a_j - m)`` relative to a part's max ``m``, with its weights
+    ``w = sum_j w_j``, made relative to the larger max ``top`` (a part without columns, ``w = 0`` and ``m = -inf``,
+    moves by 0, not NaN)."""
+    return s + torch.where((w > 0) & torch.isfinite(m), w * (m - top), 0.0)
+
+
 def gathered_partials(m: Tensor, e: Tensor, sums: Sequence[Tensor], *, group,
                       moved: Sequence[tuple[Tensor, Tensor]] = ()) -> tuple:
     """The ranks' row partials combined from one all-gather, in rank order, so every rank computes the same bits:
@@ -134,8 +141,7 @@ def gathered_partials(m: Tensor, e: Tensor, sums: Sequence[Tensor], *, group,
     moved_out = []
     for k in range(len(moved)):
         s, w = rest[len(sums) + 2 * k], rest[len(sums) + 2 * k + 1]
-        step = torch.where(finite & (w > 0), w * (ms - top), 0.0)
-        moved_out.append(((s + step).sum(0), w.sum(0)))
+        moved_out.append((moved_to_max(s, w, ms, top).sum(0), w.sum(0)))
     result = (top, (es * shift).sum(0), totals)
     return (*result, moved_out) if moved else result
 

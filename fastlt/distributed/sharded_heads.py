@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _validation as V
+from .._backend import autocast_inputs
 from ..reference import normalize_rows
-from .class_parallel import sharded_cross_entropy, sharded_lade_loss, shared_input
+from .class_parallel import check_shard_target, sharded_cross_entropy, sharded_lade_loss, shared_input
 from .class_shard import ClassShard
 from .collectives import all_gather, rank_and_size, reduce_scatter, stat_dtype
 
@@ -70,8 +71,7 @@ def head_inputs(features: Tensor, target: Tensor, shard: ClassShard, *, gather_i
 
 
 def _check(features, weight, bias, target, shard: ClassShard) -> None:
-    if not isinstance(shard, ClassShard):
-        raise TypeError(f"shard must be a fastlt.distributed.ClassShard, got {type(shard).__name__}")
+    check_shard_target(shard, target)
     V.check_matrix("features", features, "(N, D)")
     V.check_matrix("weight", weight, "(shard.size, D)")
     if weight.shape[0] != shard.size:
@@ -81,17 +81,6 @@ def _check(features, weight, bias, target, shard: ClassShard) -> None:
         V.check_head(features, weight, bias)
     elif weight.shape[1] != features.shape[1]:
         raise ValueError(f"weight must have shape (0, {features.shape[1]}), got {tuple(weight.shape)}")
-    if isinstance(target, Tensor) and target.is_floating_point():
-        raise ValueError("class-probability targets are not supported with shard= yet; pass class indices")
-
-
-def _autocast(features, weight, bias):
-    """Under torch.autocast, the head's inputs in the autocast dtype (as nn.Linear would run)."""
-    dev = features.device.type
-    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        return features.to(dt), weight.to(dt), None if bias is None else bias.to(dt)
-    return features, weight, bias
 
 
 def sharded_head_loss(features: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, shard: ClassShard, *,
@@ -104,8 +93,7 @@ def sharded_head_loss(features: Tensor, weight: Tensor, bias: Tensor | None, tar
     :func:`fastlt.distributed.class_parallel.sharded_lade_loss` (prior, alpha, remine_lambda, weight,
     ignore_index, reduction, label_smoothing). ``cosine``: rows of features and weight L2-normalised (``eps``).
     Returns the loss of the rows (gathered or replicated), the same on every rank."""
-    if isinstance(features, Tensor) and isinstance(weight, Tensor):
-        features, weight, bias = _autocast(features, weight, bias)
+    features, weight, bias, _ = autocast_inputs(features, weight, bias)  # then F.linear runs as autocast would
     _check(features, weight, bias, target, shard)
     x, y = head_inputs(features, target, shard, gather_inputs=gather_inputs, features_grad_scale=features_grad_scale)
     if cosine:
@@ -113,7 +101,5 @@ def sharded_head_loss(features: Tensor, weight: Tensor, bias: Tensor | None, tar
     else:
         z = F.linear(x, weight, bias)
     if lade is not None:
-        lade = dict(lade)
-        prior, alpha, remine_lambda = lade.pop("prior"), lade.pop("alpha"), lade.pop("remine_lambda")
-        return sharded_lade_loss(z, y, prior, alpha, remine_lambda, shard, **lade)
+        return sharded_lade_loss(z, y, shard=shard, **lade)
     return sharded_cross_entropy(z, y, fields, shard, triton=triton)

@@ -15,11 +15,13 @@ checkpoints and inference need to know about parameters that differ from rank to
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
 
+from .class_parallel import check_shard_options, check_shard_target
 from .class_shard import ClassShard
 from .collectives import all_gather, all_reduce, rank_and_size
 
@@ -29,18 +31,14 @@ __all__ = ["check_head_shard", "check_outside_ddp", "exclude_from_ddp", "clip_gr
 
 def check_head_shard(shard, num_classes: int, dp_group) -> None:
     """A head's ``shard``: a :class:`ClassShard` over ``num_classes``, not with ``dp_group``."""
-    if not isinstance(shard, ClassShard):
-        raise TypeError(f"shard must be a fastlt.distributed.ClassShard, got {type(shard).__name__}")
+    check_shard_target(shard, None)
     if shard.num_classes != num_classes:
         raise ValueError(f"the shard describes {shard.num_classes} classes but num_classes = {num_classes}")
-    if dp_group is not None and dp_group is not False:
-        raise NotImplementedError("shard= together with dp_group= (a 2-D layout) is not supported yet; "
-                                  "gather_inputs=True gives a data-parallel backbone with a class-parallel head")
+    check_shard_options(dp_group)
 
 
 def _sharded_heads(model: nn.Module):
-    return [(name, m) for name, m in model.named_modules() if getattr(m, "shard", None) is not None
-            and isinstance(m.shard, ClassShard)]
+    return [(name, m) for name, m in model.named_modules() if isinstance(getattr(m, "shard", None), ClassShard)]
 
 
 def exclude_from_ddp(model: nn.Module) -> list[str]:
@@ -56,10 +54,14 @@ def exclude_from_ddp(model: nn.Module) -> list[str]:
     return names
 
 
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # DDP wrapper -> the heads found outside it
+
+
 def check_outside_ddp(module: nn.Module) -> None:
     """Raise when the ``DistributedDataParallel`` whose forward is running manages a parameter of ``module`` (a
-    class-sharded head: DDP would average different classes' rows), or when FSDP has taken its parameters (FSDP's
-    flattened views, or FSDP2's / tensor parallel's DTensors)."""
+    class-sharded head: DDP would average different classes' rows; checked once per DDP wrapper, the set of the
+    parameters it manages being fixed when it wraps), or when FSDP has taken its parameters (FSDP's flattened
+    views, or FSDP2's / tensor parallel's DTensors)."""
     if torch.compiler.is_compiling():
         return
     from .dtensor import is_dtensor
@@ -71,13 +73,14 @@ def check_outside_ddp(module: nn.Module) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     active = getattr(DistributedDataParallel, "_active_ddp_module", None)
-    if active is None:
+    if active is None or module in _CHECKED.get(active, ()):  # checked at this DDP's first step
         return
     managed = {id(p) for p in getattr(active, "_module_parameters", ())}
     if any(id(p) in managed for p in module.parameters()):
         raise ValueError("a class-sharded head's parameters are inside DistributedDataParallel, which would average "
                          "the rows of different classes: call fastlt.distributed.exclude_from_ddp(model) before "
                          "wrapping, or keep the head outside DDP")
+    _CHECKED.setdefault(active, weakref.WeakSet()).add(module)
 
 
 def clip_grad_norm_(replicated: Iterable[Tensor], sharded: Iterable[Tensor], max_norm: float, group,
@@ -92,14 +95,21 @@ def clip_grad_norm_(replicated: Iterable[Tensor], sharded: Iterable[Tensor], max
     rep = [p.grad for p in replicated if p.grad is not None]
     sh = [p.grad for p in sharded if p.grad is not None]
     dev = (rep + sh)[0].device if rep + sh else torch.device("cpu")
-    if norm_type == math.inf:
-        part = torch.stack([g.detach().abs().max().float() for g in sh if g.numel()] or [torch.zeros((), device=dev)])
-        total = torch.maximum(all_reduce(part.max(), "max", group), torch.stack(
-            [g.detach().abs().max().float() for g in rep if g.numel()] or [torch.zeros((), device=dev)]).max())
+    inf = norm_type == math.inf
+
+    def part(grads):
+        """Over ``grads``: the largest |g| (inf) or the sum of squares, in fp32; 0 for none."""
+        each = [g.detach().float() for g in grads if g.numel()]
+        if not each:
+            return torch.zeros((), device=dev)
+        if inf:
+            return torch.stack([g.abs().amax() for g in each]).amax()
+        return torch.stack([g.square().sum() for g in each]).sum()
+
+    if inf:
+        total = torch.maximum(all_reduce(part(sh), "max", group), part(rep))
     else:
-        sq = torch.stack([g.detach().float().square().sum() for g in sh] or [torch.zeros((), device=dev)]).sum()
-        rsq = torch.stack([g.detach().float().square().sum() for g in rep] or [torch.zeros((), device=dev)]).sum()
-        total = (all_reduce(sq, "sum", group) + rsq).sqrt()
+        total = (all_reduce(part(sh), "sum", group) + part(rep)).sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for g in rep + sh:
         g.mul_(coef.to(g.dtype))

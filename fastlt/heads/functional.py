@@ -12,6 +12,7 @@ from torch import Tensor
 from .. import _validation as V
 from .. import reference as R
 from .._backend import use_triton
+from ..distributed.class_parallel import check_shard_options
 from ..distributed.data_parallel import batch_dependent, global_batch_loss, global_lade_loss, warn_without_group
 from ..distributed.sharded_heads import sharded_head_loss
 
@@ -122,12 +123,8 @@ def cosine_cross_entropy(features: Tensor, weight: Tensor, target: Tensor, *, lo
     return _data_parallel(local, features, target, fields, weight_classes, dp_group, rows_per_rank)
 
 
-def _check_shard_head(dp_group, noise, chunk_rows, chunk_classes) -> None:
-    if dp_group is not None and dp_group is not False:
-        raise NotImplementedError("shard= together with dp_group= (a 2-D layout) is not supported yet; "
-                                  "gather_inputs=True gives a data-parallel backbone with a class-parallel head")
-    if noise is not None:
-        raise ValueError("noise= is not available with shard=; GCL draws the noise of each rank's columns from seed=")
+def _check_shard_head(dp_group, noise, chunk_rows, chunk_classes, lade_backend: str | None = None) -> None:
+    check_shard_options(dp_group, noise=noise, lade_backend=lade_backend)
     if chunk_rows is not None or chunk_classes is not None:
         raise ValueError("chunk_rows / chunk_classes do not apply with shard= (the rank's logits are formed)")
 
@@ -173,9 +170,7 @@ def lade_linear_loss(features: Tensor, weight: Tensor, target: Tensor, prior: Te
     """
     V.check_chunks(chunk_rows, chunk_classes)
     if shard is not None:
-        _check_shard_head(dp_group, None, chunk_rows, chunk_classes)
-        if backend == "triton":
-            raise NotImplementedError("LADE with shard= runs the reference path (backend='auto' or 'torch')")
+        _check_shard_head(dp_group, None, chunk_rows, chunk_classes, lade_backend=backend)
         return sharded_head_loss(features, weight, bias, target, shard, lade=dict(
             prior=prior, alpha=alpha, remine_lambda=remine_lambda, weight=weight_classes, ignore_index=ignore_index,
             reduction=reduction, label_smoothing=label_smoothing), gather_inputs=gather_inputs,

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .. import _operator as O
 from .. import _validation as V
+from .._backend import autocast_inputs
 from .._custom_ops import define, input_grads, save_inputs, saved_inputs
 from .._first_order import first_order
 from .._glue import check_kernel_input, lade_operator_args, nan_if_empty, soft_mean
@@ -289,19 +290,6 @@ normalize_rows_op.register_autograd(_normalize_backward, setup_context=_setup_no
 
 # --- the Triton path's entries --------------------------------------------------------------------------------------
 
-def _autocast_inputs(features, weight, bias):
-    """Under torch.autocast, run the head in the autocast dtype (as nn.Linear would) with autocast off inside."""
-    if not all(isinstance(t, torch.Tensor) for t in (features, weight) + (() if bias is None else (bias,))):
-        return features, weight, bias, None  # check_head raises the TypeError
-    dev = features.device.type
-    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        features, weight = features.to(dt), weight.to(dt)
-        bias = bias.to(dt) if bias is not None else None
-        return features, weight, bias, dev
-    return features, weight, bias, None
-
-
 def _run_autocast_off(autocast_dev, run):
     if autocast_dev is None:
         return run()
@@ -333,7 +321,7 @@ def run_head(features: Tensor, weight: Tensor, bias: Tensor | None, target: Tens
     """The linear (or, with ``cosine``, the cosine) head on the kernels; ``fields`` the operator's parameters by name
     (:class:`fastlt._operator.AdjustedCEArgs`: its ``weight`` is the class weights, ``weight_classes`` of the public
     functions)."""
-    features, weight, bias, autocast_dev = _autocast_inputs(features, weight, bias)
+    features, weight, bias, autocast_dev = autocast_inputs(features, weight, bias)
     V.check_head(features, weight, bias)
     check_kernel_input("features", features, noise)
     target = V.as_index_target(target)
@@ -363,7 +351,7 @@ def run_lade_head(features: Tensor, weight: Tensor, bias: Tensor | None, target:
                   alpha: float, remine_lambda: float, weight_classes, ignore_index: int, reduction: str,
                   label_smoothing: float, chunk_rows, chunk_classes) -> Tensor:
     """The LADE head on the kernels (arguments as :func:`fastlt.heads.functional.lade_linear_loss`)."""
-    features, weight, bias, autocast_dev = _autocast_inputs(features, weight, bias)
+    features, weight, bias, autocast_dev = autocast_inputs(features, weight, bias)
     V.check_head(features, weight, bias)
     check_kernel_input("features", features)
     target = V.as_index_target(target)

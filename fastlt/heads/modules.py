@@ -140,7 +140,8 @@ class LinearLossHead(MarginSchedule, _HeadBase):
         device, dtype: of the parameters (a float64 head makes its count buffers in float64).
         **kwargs: ``weight_classes`` ((C,) class weights of the loss), ``ignore_index``, ``reduction``,
             ``label_smoothing``, ``backend``, ``chunk_rows``, ``chunk_classes``, ``dp_group`` (data parallel: the
-            loss of the global batch, see :func:`fastlt.heads.linear_cross_entropy`).
+            loss of the global batch, see :func:`fastlt.heads.linear_cross_entropy`), ``shard``, ``gather_inputs``,
+            ``features_grad_scale`` (class parallel: ``weight`` and ``bias`` hold the shard's rows).
 
     Parameters ``weight`` (C, D) and ``bias`` (C,) as ``nn.Linear`` (same initialisation). Under ``torch.autocast``
     the head runs in the autocast dtype. Inference: :meth:`logits` returns the raw ``z = f W^T + b``; with loss-side
