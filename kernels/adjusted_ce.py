@@ -38,7 +38,7 @@ import triton.language as tl
 
 from .numerics import NEG_BIG, exp, one_minus_exp_neg
 from .philox_noise import gcl_noise_at, gcl_noise_tile
-from .reduce import Targets, last_program_reduces, mean_inverse, own_inverse
+from .reduce import Targets, last_program_reduces, mean_inverse, own_inverse, publish_inverse
 
 # --- argument groups, built by the launchers -------------------------------------------------------------------------
 
@@ -407,7 +407,7 @@ def _finish_rows(row_max, log_sum, a_y, sw, row, w_sum, hp, inv_C, soft, p_t, F:
 
 @triton.jit
 def _finish_and_store_rows(row_max, log_sum, a_y, sw, w_seen, row, N, C, wsum_ptr, inv_denom_ptr, own_inv, out, hp,
-                           soft, p_t, F: tl.constexpr, MEAN: tl.constexpr, OWN_DENOM: tl.constexpr,
+                           soft, p_t, F: tl.constexpr, MEAN: tl.constexpr, DENOM: tl.constexpr,
                            RELATIVE: tl.constexpr):
     """Finish the rows (:func:`_finish_rows`; the coefficient times 1 / sum w_{y_i} when MEAN:
     :func:`fastlt.kernels.reduce.mean_inverse`) and store them in the :class:`RowOutputs` ``out`` (SOFT: ``W_q`` as
@@ -425,7 +425,7 @@ def _finish_and_store_rows(row_max, log_sum, a_y, sw, w_seen, row, N, C, wsum_pt
     if F.SOFT:
         tl.store(out.stats + 2 * N + row.idx, row.w_y, mask=row.mask)
     if MEAN:  # an ignored row stays 0 when no row is valid (1 / sum w = inf): zero gradients, as torch gives
-        coef = tl.where(row.valid, coef * mean_inverse(inv_denom_ptr, own_inv, OWN_DENOM), 0.0)
+        coef = tl.where(row.valid, coef * mean_inverse(inv_denom_ptr, own_inv, DENOM), 0.0)
     tl.store(out.loss + row.idx, loss, mask=row.mask)
     tl.store(out.stats + row.idx, row_max, mask=row.mask)
     tl.store(out.stats + N + row.idx, log_sum, mask=row.mask)
@@ -629,7 +629,7 @@ def _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, 
                        wsum_ptr, inv_denom_ptr, own_inv, N, C, num_row_blocks, soft, F: tl.constexpr,
                        MEAN: tl.constexpr, SPLIT: tl.constexpr, SINGLE_TILE: tl.constexpr, GRAD_IN_FWD: tl.constexpr,
                        COLUMN_STATS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, OWN_DENOM: tl.constexpr, STORE_P: tl.constexpr, STAGES: tl.constexpr):
+                       BLOCK_N: tl.constexpr, DENOM: tl.constexpr, STORE_P: tl.constexpr, STAGES: tl.constexpr):
     """The work of program (pid_m, pid_s) of :func:`row_loss_forward`: row block ``pid_m``, column split ``pid_s``."""
     row = _row_info(y_ptr, vecs, hp, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), N, C, F)
     col_lo = cols_of.base + pid_s * cols_of.per_split
@@ -688,7 +688,7 @@ def _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, 
             p_t = qp / l_i
             w_q = qw
         coef = _finish_and_store_rows(m_i, log_sum, a_y, sw, qw, row, N, C, wsum_ptr, inv_denom_ptr, own_inv, out,
-                                      hp, soft, p_t, F, MEAN, OWN_DENOM, not F.SOFT)
+                                      hp, soft, p_t, F, MEAN, DENOM, not F.SOFT)
         if GRAD_IN_FWD:
             rg = RowGrad(m_i, log_sum, coef, _weight_sum(wsum_ptr, C, F), 1.0 / (C * 1.0), w_q)
             if SINGLE_TILE:  # the tile of the statistics pass, still in registers
@@ -708,7 +708,7 @@ def row_loss_forward(z_op, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, part_ptr, 
                      num_row_blocks, hp, seed, noise_row0, seed_ptr, red, soft, F: tl.constexpr, MEAN: tl.constexpr,
                      SPLIT: tl.constexpr, SINGLE_TILE: tl.constexpr, GRAD_IN_FWD: tl.constexpr,
                      COLUMN_STATS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     PERSISTENT: tl.constexpr, OWN_DENOM: tl.constexpr, REDUCE: tl.constexpr, RBLOCK: tl.constexpr,
+                     PERSISTENT: tl.constexpr, DENOM: tl.constexpr, REDUCE: tl.constexpr, RBLOCK: tl.constexpr,
                      STORE_P: tl.constexpr, STAGES: tl.constexpr):
     """Grid (num_row_blocks = cdiv(N, BLOCK_M), num_splits), or fewer row programs when PERSISTENT. Online
     (max, sum-exp) over this program's columns (:class:`Columns` ``cols_of``); ``z_op`` (and ``g_op``, the gradient)
@@ -724,8 +724,10 @@ def row_loss_forward(z_op, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, part_ptr, 
     PERSISTENT: the grid has fewer row programs than the ``num_row_blocks`` row blocks and each program walks
     ``pid, pid + programs, ...``: fewer rows in flight, so that the gradient-in-forward's second pass over a long
     row (run from its end back, :func:`_grad_columns`) re-reads it from L2 rather than HBM.
-    MEAN: the coefficient includes ``1 / sum_i w_{y_i}``, read from ``inv_denom_ptr``, or with OWN_DENOM summed by
-    every program itself from the targets (no launch before this one; cheap when programs x N is small).
+    MEAN: the coefficient includes ``1 / sum_i w_{y_i}``: DENOM 0, read from ``inv_denom_ptr``; 1, summed by every
+    program itself from the targets (no launch before this one; cheap when programs x N is small); 2, summed by the
+    launch's first program and published in the counter slot ``red.counter`` (``inv_denom_ptr`` is that slot; needs
+    REDUCE, whose last program clears it: :func:`fastlt.kernels.reduce.publish_inverse`).
     STORE_P (GRAD_IN_FWD over several tiles, or SPLIT for a gradient in the forward): the statistics pass stores
     each tile's ``exp(a - max)`` over ``g_op`` and the running max in ``stored`` (:class:`StoredTiles`); the gradient
     pass (here, or :func:`row_loss_grad`'s STORED after the combine of split rows) then scales those instead of
@@ -740,7 +742,8 @@ def row_loss_forward(z_op, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, part_ptr, 
         seed = tl.load(seed_ptr)
     rng = Rng(seed, noise_row0)
     batch = Targets(y_ptr, vecs.weight, N, C, hp.ignore_index)
-    own_inv = own_inverse(batch, F.HAS_WEIGHT, MEAN and OWN_DENOM, RBLOCK)
+    own_inv = own_inverse(batch, F.HAS_WEIGHT, MEAN and DENOM == 1, RBLOCK)
+    publish_inverse(red.counter, batch, F.HAS_WEIGHT, MEAN and DENOM == 2, RBLOCK)
     pid_s = tl.program_id(1)
     # two calls, not one loop whose trip count is 1 without PERSISTENT: that loop doubles the registers of the
     # one-row-block kernels (LA 131072 bf16 forward 39 -> 63, GCL 8142 fused 114 -> 255 with spills; kernel_report)
@@ -748,27 +751,28 @@ def row_loss_forward(z_op, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, part_ptr, 
         for pid_m in range(tl.program_id(0), num_row_blocks, tl.num_programs(0)):
             _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, out, part_ptr, colstats, stored,
                                wsum_ptr, inv_denom_ptr, own_inv, N, C, num_row_blocks, soft, F, MEAN, SPLIT,
-                               SINGLE_TILE, GRAD_IN_FWD, COLUMN_STATS, ALIGN, BLOCK_M, BLOCK_N, OWN_DENOM, STORE_P,
+                               SINGLE_TILE, GRAD_IN_FWD, COLUMN_STATS, ALIGN, BLOCK_M, BLOCK_N, DENOM, STORE_P,
                                STAGES)
     else:
         _forward_row_block(tl.program_id(0), pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, out, part_ptr, colstats,
                            stored, wsum_ptr, inv_denom_ptr, own_inv, N, C, num_row_blocks, soft, F, MEAN, SPLIT,
-                           SINGLE_TILE, GRAD_IN_FWD, COLUMN_STATS, ALIGN, BLOCK_M, BLOCK_N, OWN_DENOM, STORE_P,
+                           SINGLE_TILE, GRAD_IN_FWD, COLUMN_STATS, ALIGN, BLOCK_M, BLOCK_N, DENOM, STORE_P,
                                STAGES)
     if REDUCE != 0:
         last_program_reduces(red, out.loss, batch, out.coef, inv_denom_ptr, own_inv, None, 0, F.HAS_WEIGHT, MEAN,
-                             OWN_DENOM, REDUCE == 2, False, RBLOCK)
+                             DENOM, REDUCE == 2, False, RBLOCK)
 
 
 @triton.jit
 def row_loss_combine(part_ptr, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, red, N, C, num_splits, hp, soft,
-                     F: tl.constexpr, MEAN: tl.constexpr, OWN_DENOM: tl.constexpr, REDUCE: tl.constexpr,
+                     F: tl.constexpr, MEAN: tl.constexpr, DENOM: tl.constexpr, REDUCE: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, RBLOCK: tl.constexpr):
     """Grid (cdiv(N, BLOCK_M),): merge the (5, N, num_splits) partials at ``part_ptr`` of the split rows of
-    ``row_loss_forward`` into the :class:`RowOutputs` ``out`` (MEAN, OWN_DENOM, REDUCE and SOFT, with (6, N,
+    ``row_loss_forward`` into the :class:`RowOutputs` ``out`` (MEAN, DENOM, REDUCE and SOFT, with (6, N,
     num_splits) partials, as there)."""
     batch = Targets(y_ptr, vecs.weight, N, C, hp.ignore_index)
-    own_inv = own_inverse(batch, F.HAS_WEIGHT, MEAN and OWN_DENOM, RBLOCK)
+    own_inv = own_inverse(batch, F.HAS_WEIGHT, MEAN and DENOM == 1, RBLOCK)
+    publish_inverse(red.counter, batch, F.HAS_WEIGHT, MEAN and DENOM == 2, RBLOCK)
     row = _row_info(y_ptr, vecs, hp, tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), N, C, F)
     s = tl.arange(0, BLOCK_S)
     mask = row.mask[:, None] & (s[None, :] < num_splits)
@@ -795,10 +799,10 @@ def row_loss_combine(part_ptr, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, red, N
     else:
         sw = tl.zeros((BLOCK_M,), tl.float32)
     _finish_and_store_rows(m_row, tl.log(l_row), a_y, sw, w_seen, row, N, C, wsum_ptr, inv_denom_ptr, own_inv, out,
-                           hp, soft, p_t, F, MEAN, OWN_DENOM, not F.SOFT)
+                           hp, soft, p_t, F, MEAN, DENOM, not F.SOFT)
     if REDUCE != 0:
         last_program_reduces(red, out.loss, batch, out.coef, inv_denom_ptr, own_inv, None, 0, F.HAS_WEIGHT, MEAN,
-                             OWN_DENOM, REDUCE == 2, False, RBLOCK)
+                             DENOM, REDUCE == 2, False, RBLOCK)
 
 
 @triton.jit(do_not_specialize=["seed", "noise_row0"])  # as row_loss_forward

@@ -37,7 +37,16 @@ from .adjusted_ce import (
     row_loss_forward,
     row_loss_grad,
 )
-from .reduce import Reduction, Scaled, Targets, reduce_rows, scale_rows
+from .reduce import (
+    DENOM_OWN,
+    DENOM_POINTER,
+    DENOM_PUBLISHED,
+    Reduction,
+    Scaled,
+    Targets,
+    reduce_rows,
+    scale_rows,
+)
 from .tiles import TileConfig, cdiv, column_stat_blocks, pick_tiles, row_align
 
 __all__ = ["loss", "forward", "grad", "chunk_partials", "combine_partials", "PARTIAL_PLANES", "reduce",
@@ -186,16 +195,20 @@ def fused_reduction(device: torch.device, values: int, rblock: int, reduction: s
     return counter, 0 if counter is None else (2 if reduction == "mean" else 1)
 
 
-def _mean_denominator(y: torch.Tensor, args: AdjustedCEArgs, inv_denominator, mean: bool, programs: int):
-    """``(inv, own_denom)`` for a launch of ``programs`` row programs: with 'mean' scaling (``mean``) and no given
-    ``inv_denominator``, the programs sum the denominator themselves when that is cheap
-    (:func:`fastlt.kernels.tiles.own_denominator`: ``inv`` None), else one launch computes it first
-    (:func:`inv_denominator_of`)."""
-    own = mean and inv_denominator is None and tiles.own_denominator(programs, y.shape[0])
-    inv = inv_denominator
-    if inv is None and mean and not own:
-        inv = inv_denominator_of(y, args)
-    return inv, own
+def _mean_denominator(y: torch.Tensor, args: AdjustedCEArgs, inv_denominator, mean: bool, programs: int,
+                      counter: torch.Tensor | None):
+    """``(inv, DENOM)`` for a launch of ``programs`` row programs (see ``row_loss_forward``'s DENOM): with 'mean'
+    scaling (``mean``) and no given ``inv_denominator``, the programs sum the denominator themselves when that is
+    cheap (:func:`fastlt.kernels.tiles.own_denominator`: ``inv`` None), else the launch's first program sums and
+    publishes it when the launch reduces the batch (``counter``, its slot, is ``inv``), else one launch computes it
+    first (:func:`inv_denominator_of`)."""
+    if not mean or inv_denominator is not None:
+        return inv_denominator, DENOM_POINTER
+    if tiles.own_denominator(programs, y.shape[0]):
+        return None, DENOM_OWN
+    if counter is not None:
+        return counter, DENOM_PUBLISHED
+    return inv_denominator_of(y, args), DENOM_POINTER
 
 
 def reduce_unless_fused(out: torch.Tensor | None, counter: torch.Tensor | None, loss_rows: torch.Tensor,
@@ -281,8 +294,9 @@ def loss(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out: to
     row_stats, row_coef)`` as :func:`forward` gives them (the coefficient includes 'mean''s 1 / sum w_{y_i}). Up to
     :func:`fused_reduction`'s rows the row kernel's last program reduces the batch, so a step is one launch (plus
     the combine of split rows); with ``grad_out`` (gradient in the forward) 'mean' needs its denominator before any
-    gradient is written, which the row programs sum themselves when that is cheap (``tiles.OWN_DENOM_READS``) and
-    one small launch first computes otherwise."""
+    gradient is written, which the row programs sum themselves when that is cheap (``tiles.OWN_DENOM_READS``), the
+    launch's first program sums and publishes to the others when the launch also reduces the batch (4096 x 8142:
+    still one launch), and one small launch computes first otherwise (batches past the fused reduction's rows)."""
     if args.reduction == "none":
         loss_rows, row_stats, row_coef, _ = forward(z, y, args, grad_out=grad_out, config=config)
         return loss_rows, row_stats, row_coef
@@ -339,9 +353,9 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out:
     grid_rows = cfg.row_grid(row_blocks)
     mean = args.reduction == "mean" and scale_mean
     programs = cdiv(N, tiles.combine_tiles(cfg.num_splits)[1]) if split else grid_rows  # those that finish the rows
-    inv, own_denom = _mean_denominator(y, args, inv_denominator, mean, programs)
     rblock = tiles.COMBINE_RBLOCK if split else tiles.rblock(cfg.num_warps)
     counter, reduce_mode = fused_reduction(dev, N, rblock, args.reduction) if out is not None else (None, 0)
+    inv, denom = _mean_denominator(y, args, inv_denominator, mean, programs, counter)
     rows = _row_outputs(N, dev, soft is not None)
     d = _dummy(dev)
     kg = kernel_groups(args, dev)
@@ -367,11 +381,11 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out:
             F=_flags(kg.flags, soft), MEAN=mean and not split, SPLIT=split, SINGLE_TILE=cfg.single_tile,
             GRAD_IN_FWD=fuse_grad, COLUMN_STATS=column_stats, ALIGN=row_align(z, g, *([] if soft is None else [y])),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            PERSISTENT=grid_rows < row_blocks, OWN_DENOM=own_denom and not split,
+            PERSISTENT=grid_rows < row_blocks, DENOM=DENOM_POINTER if split else denom,
             REDUCE=0 if split else reduce_mode, RBLOCK=rblock, STORE_P=store_p, STAGES=cfg.num_stages,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if split:
-            _launch_combine(part, y, args, C, rows, inv, mean=mean, own_denom=own_denom, out=out, counter=counter,
+            _launch_combine(part, y, args, C, rows, inv, mean=mean, denom=denom, out=out, counter=counter,
                             reduce_mode=reduce_mode, soft=soft)
     reduce_unless_fused(out, counter, rows.loss, y, args, inv_denominator=inv, row_coef=rows.coef,
                         scale_mean=scale_mean)
@@ -401,7 +415,7 @@ def grad(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, row_stats: torc
     out = torch.empty((N, Ck), dtype=z.dtype, device=dev) if out is None else out
     if N == 0 or Ck == 0:  # nothing to write (an empty class shard holds no column)
         return out
-    cfg = config or pick_tiles(N, Ck, dev, column_term=column_term is not None)
+    cfg = config or pick_tiles(N, Ck, dev, column_term=column_term is not None, elem_bytes=z.element_size())
     d = _dummy(dev)
     kg = kernel_groups(args, dev)
     soft = _soft(y, None)
@@ -457,12 +471,12 @@ def chunk_partials(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, part:
         num_row_blocks=row_blocks, hp=kg.hp, **kg.rng, red=Reduction(out=d, counter=d), soft=soft,
         F=_flags(kg.flags, soft, col_base), MEAN=False, SPLIT=True, SINGLE_TILE=Ck <= cfg.block_n, GRAD_IN_FWD=False,
         COLUMN_STATS=has_cols, ALIGN=row_align(z, *([] if soft is None else [y])), BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, PERSISTENT=False, OWN_DENOM=False, REDUCE=0, RBLOCK=tiles.rblock(cfg.num_warps),
+        BLOCK_N=cfg.block_n, PERSISTENT=False, DENOM=DENOM_POINTER, REDUCE=0, RBLOCK=tiles.rblock(cfg.num_warps),
         STORE_P=False, STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _launch_combine(part, y, args: AdjustedCEArgs, C: int, rows: RowOutputs, inv_denom, *, mean: bool,
-                    own_denom: bool, out, counter, reduce_mode: int, soft: Soft | None = None) -> None:
+                    denom: int, out, counter, reduce_mode: int, soft: Soft | None = None) -> None:
     """One ``row_loss_combine`` launch over the (5, N, S) partials ((6, N, S) with ``soft``) into ``rows``."""
     dev = part.device
     N, num_splits = part.shape[1], part.shape[2]
@@ -478,7 +492,7 @@ def _launch_combine(part, y, args: AdjustedCEArgs, C: int, rows: RowOutputs, inv
         soft=None if soft is None else soft._replace(q=None, stride_m=None, stride_n=None),
         F=Flags(HAS_WEIGHT=kg.flags.HAS_WEIGHT, HAS_SMOOTH=kg.flags.HAS_SMOOTH, HAS_FOCAL=kg.flags.HAS_FOCAL,
                 SOFT=soft is not None),
-        MEAN=mean, OWN_DENOM=own_denom, REDUCE=reduce_mode, BLOCK_M=block_m, BLOCK_S=block_s,
+        MEAN=mean, DENOM=denom, REDUCE=reduce_mode, BLOCK_M=block_m, BLOCK_S=block_s,
         RBLOCK=tiles.COMBINE_RBLOCK)
 
 
@@ -497,13 +511,13 @@ def combine_partials(part: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, 
     if out is not None and args.reduction == "none":
         raise ValueError("out= takes the 'mean' or 'sum' of the rows")
     mean = args.reduction == "mean" and scale_mean
-    inv, own_denom = _mean_denominator(y, args, inv_denominator, mean,
-                                       cdiv(N, tiles.combine_tiles(part.shape[2])[1]))
     counter, reduce_mode = (fused_reduction(dev, N, tiles.COMBINE_RBLOCK, args.reduction) if out is not None
                             else (None, 0))
+    inv, denom = _mean_denominator(y, args, inv_denominator, mean, cdiv(N, tiles.combine_tiles(part.shape[2])[1]),
+                                   counter)
     rows = _row_outputs(N, dev, soft is not None)
     if N > 0:
-        _launch_combine(part, y, args, num_classes, rows, inv, mean=mean, own_denom=own_denom, out=out,
+        _launch_combine(part, y, args, num_classes, rows, inv, mean=mean, denom=denom, out=out,
                         counter=counter, reduce_mode=reduce_mode, soft=soft)
     reduce_unless_fused(out, counter, rows.loss, y, args, inv_denominator=inv, row_coef=rows.coef,
                         scale_mean=scale_mean)

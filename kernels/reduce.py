@@ -83,12 +83,42 @@ def own_inverse(t, HAS_WEIGHT: tl.constexpr, OWN: tl.constexpr, BLOCK: tl.conste
     return inv
 
 
+# The 'mean' denominator's source in a row kernel (its DENOM constexpr): read from a pointer (computed by a launch
+# before it, or given), summed by every program itself (cheap when programs x N is small), or summed by the
+# launch's first program and published to the others through the launch's counter slot (see publish_inverse).
+DENOM_POINTER, DENOM_OWN, DENOM_PUBLISHED = 0, 1, 2
+# The int32 words of a counter slot (fastlt.kernels.counters: 4 a slot): the finish ticket (last_program_reduces),
+# the start ticket, the published flag and the published 1 / denominator (fp32 bits). All 0 between launches.
+_START, _READY, _VALUE = tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
+
+
 @triton.jit
-def mean_inverse(inv_denom_ptr, own_inv, OWN_DENOM: tl.constexpr):
-    """The row kernels' ``1 / sum_i w_{y_i}``: their own (OWN_DENOM) or read where it is used (a load there keeps no
-    register live across the column loops)."""
-    if OWN_DENOM:
+def publish_inverse(counter, t, HAS_WEIGHT: tl.constexpr, PUBLISH: tl.constexpr, BLOCK: tl.constexpr):
+    """DENOM_PUBLISHED, at a program's start: the program that draws the launch's first start ticket sums
+    ``1 / sum_i w_{y_i}`` over the valid rows of the :class:`Targets` ``t`` and publishes it (value, then a release
+    of the flag) in the counter slot at ``counter``; the others read it where they use it (:func:`mean_inverse`,
+    after their statistics pass: by then it is there). No program waits for one that has not started: the
+    publisher runs before it takes any wait, so the spin cannot deadlock, whatever the order programs start in.
+    The launch's last program (:func:`last_program_reduces`) puts the slot back to 0."""
+    if PUBLISH:
+        if tl.atomic_add(counter + _START, 1, sem="relaxed", scope="gpu") == 0:
+            _, denom = batch_sums(t.ptr, t, HAS_WEIGHT, False, True, BLOCK, "")
+            tl.atomic_xchg(counter + _VALUE, (1.0 / denom).to(tl.int32, bitcast=True), sem="relaxed", scope="gpu")
+            tl.atomic_xchg(counter + _READY, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def mean_inverse(inv_denom_ptr, own_inv, DENOM: tl.constexpr):
+    """The row kernels' ``1 / sum_i w_{y_i}``: their own (DENOM_OWN), published by the launch's first program
+    (DENOM_PUBLISHED: ``inv_denom_ptr`` is the launch's counter slot; spins on its flag, acquire), or read where it
+    is used (a load there keeps no register live across the column loops)."""
+    if DENOM == 1:
         inv = own_inv
+    elif DENOM == 2:
+        ready = tl.atomic_add(inv_denom_ptr + _READY, 0, sem="acquire", scope="gpu")
+        while ready == 0:
+            ready = tl.atomic_add(inv_denom_ptr + _READY, 0, sem="acquire", scope="gpu")
+        inv = tl.atomic_add(inv_denom_ptr + _VALUE, 0, sem="relaxed", scope="gpu").to(tl.float32, bitcast=True)
     else:
         inv = tl.load(inv_denom_ptr)
     return inv
@@ -108,7 +138,7 @@ def _scale_coefs(coef_ptr, inv, t, BLOCK: tl.constexpr, CACHE: tl.constexpr):
 
 @triton.jit
 def last_program_reduces(red, loss_ptr, t, coef_ptr, inv_denom_ptr, own_inv, extra_ptr, E, HAS_WEIGHT: tl.constexpr,
-                         HAVE_INV: tl.constexpr, OWN_DENOM: tl.constexpr, MEAN_LOSS: tl.constexpr,
+                         HAVE_INV: tl.constexpr, DENOM: tl.constexpr, MEAN_LOSS: tl.constexpr,
                          EXTRA: tl.constexpr, BLOCK: tl.constexpr):
     """The batch reduction in the launch that wrote the per-row losses, by its last program to finish.
 
@@ -129,7 +159,7 @@ def last_program_reduces(red, loss_ptr, t, coef_ptr, inv_denom_ptr, own_inv, ext
         total, denom = batch_sums(loss_ptr, t, HAS_WEIGHT, True, MEAN_LOSS and not HAVE_INV, BLOCK, ".cg")
         if MEAN_LOSS:
             if HAVE_INV:
-                total = total * mean_inverse(inv_denom_ptr, own_inv, OWN_DENOM)
+                total = total * mean_inverse(inv_denom_ptr, own_inv, DENOM)
             else:
                 batch_inv = 1.0 / denom
                 _scale_coefs(coef_ptr, batch_inv, t, BLOCK, ".cg")
@@ -137,6 +167,10 @@ def last_program_reduces(red, loss_ptr, t, coef_ptr, inv_denom_ptr, own_inv, ext
         if EXTRA:
             total += sum_of(extra_ptr, E, BLOCK, ".cg")
         tl.store(red.out, total.to(red.out.dtype.element_ty))
+        if DENOM == 2:  # the published denominator's words too (every program has read it: they hold tickets)
+            tl.store(red.counter + _START, 0)
+            tl.store(red.counter + _READY, 0)
+            tl.store(red.counter + _VALUE, 0)
         tl.store(red.counter, 0)
 
 

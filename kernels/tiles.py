@@ -57,6 +57,23 @@ def pick_tiles(N: int, C: int, device: torch.device, *, column_stats: bool = Fal
                        block_n, num_splits, num_warps, num_stages, row_programs)
 
 
+# Rows of at most this many bytes (8192 fp32 classes, 16384 bf16: iNaturalist's 8142 either way) are never split
+# over columns (512 x 8142 is one launch, not a split forward and its combine), and with the gradient in the forward
+# one program holds the whole row as one tile (WHOLE_ROW_GRAD_IN_FORWARD; 16 warps at 8192 and more: 16 fp32 or 32
+# bf16 elements a thread), so it is read once and written once. SPEC 8's calibration kernel reached 1.26x the floor
+# this way at 4096 x 8142 fp32; the H100 sweep of 2026-11-23 timed 2048-wide tiles faster, but with a host-bound
+# forward column and the unpipelined loops: benchmarks/tune_tiles.py's fused sweep (8192-wide tiles against 2048)
+# decides on the next GPU. Static count (tools/kernel_report.py, sm_90): LA 4096 x 8142 bf16 90 registers, GCL
+# 112, no spills.
+WHOLE_ROW_BYTES = 32768
+WHOLE_ROW_GRAD_IN_FORWARD = True
+
+
+def whole_row_elements(elem_bytes: int) -> int:
+    """The longest row (in elements of ``elem_bytes`` bytes) kept whole: :data:`WHOLE_ROW_BYTES` of logits."""
+    return WHOLE_ROW_BYTES // max(1, elem_bytes)
+
+
 DEFAULT_STAGES = 3  # the column loops' software-pipelining depth (tl.range num_stages); 1: the unpipelined loops
 _COLUMN_TERM_ROWS = 4  # rows per LADE gradient tile: its three (C,) vectors are read once per 4 rows
 
@@ -106,7 +123,15 @@ def _pick_tiles(N, C, sm_count, column_stats, column_term, grad_in_forward, elem
     # best). A persistent grid keeps the rows in flight within half the L2: p = 1, 2 or 4 programs per SM of 16 / p
     # warps and 8192 / p-column tiles (16 elements per thread; the row-block loop raises a program to ~122 registers,
     # so 16 warps per SM is what fits).
-    if row_programs is None and grad_in_forward and not (column_stats or column_term):
+    whole_row = C <= whole_row_elements(elem_bytes) and not (column_stats or column_term)
+    if (grad_in_forward and whole_row and WHOLE_ROW_GRAD_IN_FORWARD and block_n is None and num_splits is None
+            and row_programs is None):
+        # the row is one tile, held in registers from its read to its gradient's write (read once, written once)
+        block_n = max(16, next_pow2(C))
+        num_splits = 1
+        if num_warps is None and block_n > TILE_N:
+            num_warps = min(16, block_n // 512)
+    if row_programs is None and grad_in_forward and not (column_stats or column_term) and not whole_row:
         per_sm = _persistent_per_sm(N, C, sm_count, elem_bytes)
         if per_sm is not None:
             row_programs = per_sm * sm_count
@@ -130,7 +155,7 @@ def _pick_tiles(N, C, sm_count, column_stats, column_term, grad_in_forward, elem
         num_splits = 1
         row_blocks = cdiv(max(N, 1), block_m)
         target = 16 * sm_count  # short batches of long rows: ~16 programs per SM (128 x 1M: ~17 splits)
-        if tiles >= 4 and row_blocks < target:
+        if tiles >= 4 and row_blocks < target and not whole_row:
             num_splits = min(tiles, cdiv(target, row_blocks))
     cols_per_split = cdiv(tiles, num_splits) * block_n
     num_splits = cdiv(C, cols_per_split)
@@ -175,9 +200,10 @@ REDUCE_BLOCK = 4096
 # One program reduces up to this many rows (a few loop steps: host launches dominate there). Longer batches
 # take torch's multi-block reductions, whose launch overhead is small next to their row kernels.
 ONE_PROGRAM_ROWS = 32768
-# A row kernel's programs each sum the 'mean' denominator themselves (OWN_DENOM) when programs x N targets stay
+# A row kernel's programs each sum the 'mean' denominator themselves (DENOM_OWN) when programs x N targets stay
 # under this (8 MB of int64 reads from L2 in all: at 512 x 8142, 512 programs read 512 targets each), which
-# saves the denominator's launch before a gradient-in-forward.
+# saves the denominator's launch before a gradient-in-forward; longer, the launch's first program sums it and
+# publishes it to the others (DENOM_PUBLISHED, when the launch reduces the batch).
 OWN_DENOM_READS = 1 << 20
 
 

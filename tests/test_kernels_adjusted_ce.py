@@ -161,6 +161,20 @@ def test_grad_in_forward(config, reduction, dtype):
     run_and_compare(z, y, _flags("all", cv, 23), reduction=reduction, grad_in_forward=True, config=config)
 
 
+@pytest.mark.parametrize("flags", ["all", "gcl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_grad_in_forward_whole_row_past_the_default_tile(flags, dtype):
+    """A row wider than the 2048-wide default tile but within tiles.WHOLE_ROW_BYTES: with the gradient in the forward
+    it is one 4096-wide tile of 8 warps (read once, its gradient written from registers), against float64."""
+    gen = torch.Generator().manual_seed(4)
+    N, C = 3, 2900
+    cfg = launch.pick_tiles(N, C, torch.device(DEVICE), grad_in_forward=True, elem_bytes=dtype.itemsize)
+    assert cfg.single_tile and cfg.block_n == 4096 and cfg.num_warps == 8
+    cv = class_vectors(C, gen)
+    z, y = _inputs(N, C, dtype, gen)
+    run_and_compare(z, y, _flags(flags, cv, 5), grad_in_forward=True)
+
+
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("store", ["never", "always"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -52,13 +52,18 @@ def _run(z, y, args, *, grad_in_forward: bool, config: dict):
 
 
 def _counter_is_zero() -> bool:
-    return int(counters.reduce_counter(torch.device(DEVICE)).item()) == 0
+    """The stream's counter slot is back to 0: the finish ticket, and the published denominator's start ticket,
+    flag and value (kernels/reduce.py: publish_inverse)."""
+    counter = counters.reduce_counter(torch.device(DEVICE))
+    return not counter.as_strided((4,), (1,)).any().item()
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("grad_in_forward", [False, True], ids=["recompute", "grad-in-forward"])
 @pytest.mark.parametrize("reduction,weighted", [("mean", False), ("mean", True), ("sum", True)])
-@pytest.mark.parametrize("own_denom", [True, False], ids=["own-denominator", "denominator-launch"])
+# the denominator of 'mean': every program's own, or (OWN_DENOM_READS 0) the first program's published to the others;
+# the second run (no counter) takes it from a launch of its own
+@pytest.mark.parametrize("own_denom", [True, False], ids=["own-denominator", "published-denominator"])
 @pytest.mark.parametrize("N", [1, 37])
 def test_in_kernel_reduction_matches_float64_and_the_separate_launch(config, grad_in_forward, reduction, weighted,
                                                                      own_denom, N, monkeypatch):
@@ -198,6 +203,34 @@ def test_last_program_sees_every_row_under_concurrency():
         rows, _, _, _ = launch.forward(z, y, AdjustedCEArgs(reduction="none"))
         want = rows.double().sum() / (N if args.reduction == "mean" else 1)
         assert abs(loss.item() - want.item()) <= 1e-5 * abs(want.item()), (step, N, C, config)
+    assert _counter_is_zero()
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter runs programs one after another: races need a GPU")
+def test_published_denominator_reaches_every_program_under_concurrency(monkeypatch):
+    """A gradient in the forward whose 'mean' denominator the launch's first program publishes (OWN_DENOM_READS 0):
+    a program that read the slot before its value was there would scale its rows by 0 or by the last launch's
+    value; against the denominator's own launch (no counter) on the same inputs, over launches of varied sizes."""
+    monkeypatch.setattr(tiles, "OWN_DENOM_READS", 0)
+    gen = torch.Generator().manual_seed(7)
+    dev = torch.device(DEVICE)
+    counter = counters.reduce_counter
+    for step in range(200):
+        N = int(torch.randint(1, 3000, (1,), generator=gen))
+        C = [131, 1000, 8142][step % 3]
+        z = torch.randn(N, C, generator=gen).to(dev)
+        y = torch.randint(0, C, (N,), generator=gen).to(dev)
+        w = (torch.rand(C, generator=gen) + 0.5).to(dev) if step % 2 else None
+        args = AdjustedCEArgs(reduction="mean", weight=w)
+        g = torch.empty_like(z)
+        loss, _, _ = launch.loss(z, y, args, grad_out=g)
+        monkeypatch.setattr(counters, "reduce_counter", lambda device: None)
+        g2 = torch.empty_like(z)
+        loss2, _, _ = launch.loss(z, y, args, grad_out=g2)
+        monkeypatch.setattr(counters, "reduce_counter", counter)
+        assert abs(loss.item() - loss2.item()) <= 1e-5 * max(1.0, abs(loss2.item())), (step, N, C)
+        where = (step, N, C)
+        torch.testing.assert_close(g, g2, rtol=1e-5, atol=1e-9, msg=lambda m, where=where: f"{where}: {m}")
     assert _counter_is_zero()
 
 

@@ -99,9 +99,13 @@ _CASES = {
                            # the row programs sum 'mean''s denominator themselves; backward rescales by grad_output
                            {"row_loss_forward": 1, "scale_rows": 1}),
     "la-grad-in-forward-long-batch": (
-        # as if the batch were too long for every program to sum the targets: one denominator launch first
+        # as if the batch were too long for every program to sum the targets: the first program sums and publishes
         lambda: fastlt.LogitAdjustedLoss(_COUNTS, backend="triton", grad_in_forward=True), {"own_denom": False},
-        {"reduce_rows": 1, "row_loss_forward": 1, "scale_rows": 1}),
+        {"row_loss_forward": 1, "scale_rows": 1}),
+    "la-grad-in-forward-very-long-batch": (
+        # and too long for the last program's sums: a denominator launch first, the batch's reduction after
+        lambda: fastlt.LogitAdjustedLoss(_COUNTS, backend="triton", grad_in_forward=True),
+        {"own_denom": False, "fused_rows": 0}, {"reduce_rows": 2, "row_loss_forward": 1, "scale_rows": 1}),
     "la-long-batch": (  # as if the batch were too long for the last program's sums: reduce_rows after the rows
         lambda: fastlt.LogitAdjustedLoss(_COUNTS, backend="triton"), {"fused_rows": 0},
         {"row_loss_forward": 1, "reduce_rows": 1, "row_loss_grad": 1}),
@@ -159,3 +163,49 @@ def test_one_step_launches_only_what_the_math_needs(case, counter, monkeypatch):
         torch.autograd.backward(loss, one)
     assert dict(counter.counts) == expected
     assert inputs.grad is not None and torch.isfinite(inputs.grad).all()
+
+
+# --- iNaturalist's 8142 classes on an H100's 132 SMs: the launch plan, kernels stubbed -----------------------------
+
+class _Recorded:
+    """A kernel object that records each launch's grid and constexprs and runs nothing (the plan, not the math:
+    4096 x 8142 is too big for the interpreter)."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def __getitem__(self, grid):
+        def launch_(**kwargs):
+            self.log.append((self.name, tuple(grid), kwargs))
+        return launch_
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("grad_in_forward", [False, True], ids=["recompute", "grad-in-forward"])
+@pytest.mark.parametrize("rows", [512, 4096])
+def test_inaturalist_rows_are_one_launch_unsplit(rows, grad_in_forward, dtype, monkeypatch):
+    """C = 8142 fits one program (tiles.WHOLE_ROW_BYTES): no column split at any batch (512 x 8142 was 4 splits, 3
+    forward launches), and with the gradient in the forward the row is one tile (read once, written once) and a
+    step is the forward's one launch (its 'mean' denominator summed by every program at 512 rows, published by the
+    first at 4096) plus the backward's rescale by grad_output; recompute: the forward and the gradient."""
+    log = []
+    for module in (launch, lade_kernels, row_normalize):
+        for name in ("row_loss_forward", "row_loss_combine", "row_loss_grad", "scale_rows", "reduce_rows"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, _Recorded(name, log))
+    monkeypatch.setattr(tiles, "sm_count", lambda device: 132)
+    C = 8142
+    counts = torch.arange(1, C + 1)
+    criterion = fastlt.LogitAdjustedLoss(counts, backend="triton", grad_in_forward=grad_in_forward).to(DEVICE)
+    z = torch.zeros(rows, C, dtype=dtype, device=DEVICE)
+    target = torch.randint(0, C, (rows,), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    loss = criterion(_Layer.apply(z.requires_grad_()), target)
+    torch.autograd.backward(loss, torch.ones((), device=DEVICE))
+    names = [name for name, _, _ in log]
+    assert names == (["row_loss_forward", "scale_rows"] if grad_in_forward else ["row_loss_forward", "row_loss_grad"])
+    _, grid, kw = log[0]
+    assert grid == (rows, 1)  # one program per row, no column split
+    assert kw["REDUCE"] == 2 and not kw["SPLIT"]  # the batch's mean in the same launch
+    if grad_in_forward:
+        assert kw["SINGLE_TILE"] and kw["BLOCK_N"] >= C and kw["GRAD_IN_FWD"]
+        assert kw["DENOM"] == (1 if rows == 512 else 2)  # own / published (kernels/reduce.py)

@@ -340,7 +340,7 @@ def cases():
         "la-131072-bf16": la(4096, 131072, torch.bfloat16),
         "la-131072-fp32": la(4096, 131072, torch.float32),
         "la-8142-bf16-fused": la(4096, 8142, torch.bfloat16, grad_in_forward=True),
-        "la-512x8142-bf16-fused": la(512, 8142, torch.bfloat16, grad_in_forward=True),  # one launch: OWN_DENOM
+        "la-512x8142-bf16-fused": la(512, 8142, torch.bfloat16, grad_in_forward=True),  # one launch: DENOM=1 (own)
         "gcl-131072-bf16": gcl(4096, 131072, torch.bfloat16),
         "gcl-8142-bf16-fused": gcl(4096, 8142, torch.bfloat16, grad_in_forward=True),
         "gcl-131072-bf16-seed-tensor": gcl(4096, 131072, torch.bfloat16, seed_tensor=True),
