@@ -1,7 +1,8 @@
 """GCL noise for a (BLOCK_M, BLOCK_N) tile, eight values per Philox call.
 
-Element (i, j): Philox4x32-10 of counter (j // 8, i, 0, 0) under the 64-bit seed (``tl.randint4x``
-with the int64 offset ``(i << 32) | (j // 8)``); each of the four words gives two 16-bit uniforms
+Element (i, j): Philox4x32-7 (``fastlt.noise.NOISE_ROUNDS`` rounds: see there why 7) of counter
+(j // 8, i, 0, 0) under the 64-bit seed (``tl.randint4x`` with the int64 offset ``(i << 32) | (j // 8)``);
+each of the four words gives two 16-bit uniforms
 ``(h + 1/2) / 2^16`` and one Box-Muller pair; column ``j`` takes normal ``j % 8`` of
 ``[c0, s0, c1, s1, c2, s2, c3, s3]``; then ``e = min(|g| / 3, 1)``. ``fastlt.noise`` computes the
 same in plain PyTorch (see it for why 16-bit uniforms).
@@ -22,7 +23,10 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from ..noise import NOISE_ROUNDS
+
 FAST_MATH = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+ROUNDS = tl.constexpr(NOISE_ROUNDS)
 _LN2 = tl.constexpr(0.6931471805599453)
 _HALF_PI = tl.constexpr(1.5707963267948966)
 # x = (j + 1/2) * step - pi/4 with step = (pi/2) / 2^14, as (1 + j / 2^14) * pi/2 + (step/2 - pi/4 - pi/2)
@@ -100,7 +104,7 @@ def gcl_noise_tile(seed, rows, col_start, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
     """(BLOCK_M, BLOCK_N) float32 noise for ``rows`` x ``[col_start, col_start + BLOCK_N)``; col_start % 8 == 0."""
     groups = col_start // 8 + tl.arange(0, BLOCK_N // 8)
     offsets = (rows.to(tl.int64)[:, None] << 32) | groups.to(tl.int64)[None, :]
-    w0, w1, w2, w3 = tl.randint4x(seed, offsets)
+    w0, w1, w2, w3 = tl.randint4x(seed, offsets, ROUNDS)
     c0, s0 = _pair(w0)
     c1, s1 = _pair(w1)
     c2, s2 = _pair(w2)
@@ -118,7 +122,7 @@ def gcl_noise_at(seed, rows, cols):
     :func:`gcl_noise_tile` gives that element (column ``j`` takes normal ``j % 8`` of the word ``(j % 8) // 2``, cos
     for even ``j``), at one Philox call per element."""
     offsets = (rows.to(tl.int64) << 32) | (cols.to(tl.int64) // 8)
-    w0, w1, w2, w3 = tl.randint4x(seed, offsets)
+    w0, w1, w2, w3 = tl.randint4x(seed, offsets, ROUNDS)
     q = cols % 8
     word = tl.where(q < 4, tl.where(q < 2, w0, w1), tl.where(q < 6, w2, w3))
     e_cos, e_sin = _pair(word)

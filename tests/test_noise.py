@@ -26,9 +26,9 @@ def philox_py(seed: int, c0: int, c1: int, c2: int = 0, c3: int = 0, rounds: int
 
 
 def normal_py(seed: int, i: int, j: int) -> float:
-    """Element (i, j): Philox counter (j // 8, i, 0, 0); word k = (j % 8) // 2 gives two 16-bit uniforms
+    """Element (i, j): Philox4x32-7 of counter (j // 8, i, 0, 0); word k = (j % 8) // 2 gives two 16-bit uniforms
     (h + 1/2) / 2^16, Box-Muller on (low, high), cos for even j % 8, sin for odd."""
-    words = philox_py(seed, j // 8, i)
+    words = philox_py(seed, j // 8, i, rounds=7)
     q = j % 8
     w = words[q // 2]
     u1 = ((w & 0xFFFF) + 0.5) / 65536.0
