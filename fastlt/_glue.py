@@ -265,6 +265,7 @@ class LADEFunction(torch.autograd.Function):
 # --- entry points of fastlt.functional ----------------------------------------------------------------------------
 
 _LAST_ARGS = O.ArgsCache()  # a loss module's steps pass the same fields: built and checked once
+_LAST_LADE = O.ArgsCache()  # LADE's (PriorCE arguments, LadeArgs) likewise
 
 def adjusted_cross_entropy_triton(logits: Tensor, target: Tensor, fields: dict, *, noise: Tensor | None = None,
                                   grad_in_forward: bool = False) -> Tensor:
@@ -296,16 +297,28 @@ def adjusted_cross_entropy_triton(logits: Tensor, target: Tensor, fields: dict, 
 def lade_loss_triton(logits: Tensor, target: Tensor, prior: Tensor, alpha: float = 0.1, remine_lambda: float = 0.1, *,
                      weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
                      label_smoothing: float = 0.0) -> Tensor:
-    """LADE on the kernels (arguments as :func:`fastlt.functional.lade_loss`)."""
+    """LADE on the kernels (arguments as :func:`fastlt.functional.lade_loss`); a module's steps reuse the last call's
+    arguments (``_LAST_LADE``, as :func:`adjusted_cross_entropy_triton`)."""
     target = as_index_target(target)
-    O.check_lade_args(logits, target, prior, alpha, remine_lambda, reduction)
-    O.check_operator_args(logits, target, dict(weight=weight, ignore_index=ignore_index, reduction=reduction,
-                                               label_smoothing=label_smoothing))
+    compiling = torch.compiler.is_compiling()
+    fields = dict(prior=prior, alpha=alpha, remine_lambda=remine_lambda, weight=weight, ignore_index=ignore_index,
+                  reduction=reduction, label_smoothing=label_smoothing)
+    cached = None if compiling else _LAST_LADE.lookup(fields, logits)
+    if cached is None:
+        O.check_lade_args(logits, target, prior, alpha, remine_lambda, reduction)
+        O.check_operator_args(logits, target, dict(weight=weight, ignore_index=ignore_index, reduction=reduction,
+                                                   label_smoothing=label_smoothing))
+    else:  # the same fields as the last call: checked then
+        O.check_rows(logits, target, ignore_index)
     check_kernel_input("logits", logits)
-    args, lade = lade_operator_args(prior, alpha, remine_lambda, weight=weight, label_smoothing=label_smoothing,
+    if cached is None:
+        cached = lade_operator_args(prior, alpha, remine_lambda, weight=weight, label_smoothing=label_smoothing,
                                     ignore_index=ignore_index, reduction=reduction)
+        if not compiling:
+            _LAST_LADE.store(fields, logits, cached)
+    args, lade = cached
     args = soft_mean(args, target, logits.shape[0])
-    if torch.compiler.is_compiling():
+    if compiling:
         loss = lade_forward_op(logits, target, *O.flatten(args, lade))[0].to(logits.dtype)
     else:
         loss = LADEFunction.apply(logits, target, args, lade)

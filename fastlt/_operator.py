@@ -35,6 +35,7 @@ __all__ = [
     "check_operator_args",
     "check_rows",
     "ArgsCache",
+    "SEED_FREE",
     "check_lade_args",
     "op_schema",
     "flatten",
@@ -273,8 +274,18 @@ class AdjustedCEArgs:
     @functools.cached_property
     def memo(self) -> dict:
         """Values derived from these arguments once per call of a loss and shared by its forward and backward (the
-        kernels' argument groups, by device: :func:`fastlt.kernels.launch.kernel_groups`)."""
+        kernels' argument groups, by device: :func:`fastlt.kernels.launch.kernel_groups`, and launch plans). Entries
+        under a key ``(SEED_FREE, ...)`` do not depend on ``seed``: :meth:`reseeded` copies share them."""
         return {}
+
+    def reseeded(self, seed) -> AdjustedCEArgs:
+        """These arguments with another ``seed`` of the same kind (int or tensor), sharing the memo's seed-free
+        entries and the cached class-weight sum."""
+        fresh = object.__new__(type(self))  # the fields as they are (checked and converted once): no __init__
+        fresh.__dict__.update(self.__dict__)  # the cached weight_total too
+        fresh.__dict__["seed"] = seed
+        fresh.__dict__["memo"] = {k: v for k, v in self.memo.items() if isinstance(k, tuple) and k[:1] == (SEED_FREE,)}
+        return fresh
 
     @functools.cached_property
     def weight_total(self) -> Tensor:
@@ -301,13 +312,17 @@ class AdjustedCEArgs:
         return cls.from_fields(device, fields)
 
 
+SEED_FREE = "seed-free"  # the first item of a memo key whose value does not depend on the seed
+
+
 class ArgsCache:
-    """The :class:`AdjustedCEArgs` of the last call, reused (its fields' checks, conversions and the kernels'
-    argument groups in its ``memo`` with it) while a call passes the same fields: the same tensor objects, unchanged
-    (``_version``), and equal scalars, for logits of the same class count on the same device. A loss module passes
-    its own buffers every step, so its steps after the first skip that work. The entry holds the fields' objects,
-    so no tensor id is reused while it is cached. A drawn seed (``seed=None`` with the noise on) is drawn again on
-    every call."""
+    """The :class:`AdjustedCEArgs` of the last call (or whatever a caller stores: LADE's pair of arguments), reused
+    (its fields' checks, conversions and the kernels' argument groups and launch plans in its ``memo`` with it)
+    while a call passes the same fields: the same tensor objects, unchanged (``_version``), and equal scalars, for
+    logits of the same class count on the same device. A loss module passes its own buffers every step, so its
+    steps after the first skip that work. The entry holds the fields' objects, so no tensor id is reused while it
+    is cached. A drawn seed (``seed=None`` with the noise on) is drawn again on every call
+    (:meth:`AdjustedCEArgs.reseeded`: the seed-free memo is kept)."""
 
     def __init__(self):
         self._key: tuple | None = None
@@ -328,8 +343,8 @@ class ArgsCache:
         if self._key is None or self._key != self._key_of(fields, logits):
             return None
         args = self._args
-        if fields.get("seed", 0) is None and args.has_noise:
-            args = dataclasses.replace(args, seed=_fresh_seed(logits.device))
+        if fields.get("seed", 0) is None and isinstance(args, AdjustedCEArgs) and args.has_noise:
+            args = args.reseeded(_fresh_seed(logits.device))
         return args
 
     def store(self, fields: dict, logits: Tensor, args: AdjustedCEArgs) -> None:

@@ -38,8 +38,8 @@ def _block_c(C: int) -> int:
     256-class blocks made that 32 programs of 256 steps (one warp per SM); 32-class blocks make 255 programs of 32
     steps (4096 x 8142). At very large C the blocks grow, so the parts that the loss reduction sums stay at most
     4096 up to 1M classes (3907 there), within its in-kernel reduction."""
-    block = triton.next_power_of_2(max(1, triton.cdiv(C, _TARGET_PROGRAMS)))
-    return min(max(_MIN_BLOCK_C, min(_MAX_BLOCK_C, block)), triton.next_power_of_2(max(C, 1)))
+    block = tiles.next_pow2(max(1, tiles.cdiv(C, _TARGET_PROGRAMS)))
+    return min(max(_MIN_BLOCK_C, min(_MAX_BLOCK_C, block)), tiles.next_pow2(max(C, 1)))
 
 
 @triton.jit
@@ -215,7 +215,7 @@ def _columns(stats: torch.Tensor, *, finish: _Finish | None = None, into: torch.
                          f"{tuple(into.shape)} {into.dtype}")
     out = into if into is not None else torch.empty((3 if finish is not None else planes, C), dtype=torch.float32,
                                                     device=dev)
-    parts = torch.empty(triton.cdiv(C, block_c), dtype=torch.float32, device=dev) if finish is not None else None
+    parts = torch.empty(tiles.cdiv(C, block_c), dtype=torch.float32, device=dev) if finish is not None else None
     if rows is not None and rows.args.reduction == "none":
         raise ValueError("LADE's rows reduce with LADER: reduction must be 'mean' or 'sum', got 'none'")
     N = finish.y.shape[0] if finish is not None else 0
@@ -233,9 +233,9 @@ def _columns(stats: torch.Tensor, *, finish: _Finish | None = None, into: torch.
             y, zy = out, out
         elif finish is not None and N == 0:  # no row to read: pointers of the usual types, surely valid
             y, zy = torch.full((1,), int(finish.ignore_index), device=dev), out
-        block_r = max(1, min(4096 // block_c, triton.next_power_of_2(max(R, 1))))  # few classes: taller steps
-        block_y = max(1, min(4096 // block_c, triton.next_power_of_2(max(N, 1))))
-        lade_columns[(triton.cdiv(C, block_c),)](
+        block_r = max(1, min(4096 // block_c, tiles.next_pow2(max(R, 1))))  # few classes: taller steps
+        block_y = max(1, min(4096 // block_c, tiles.next_pow2(max(N, 1))))
+        lade_columns[(tiles.cdiv(C, block_c),)](
             stat_ptr=stats, R=R, C=C, y_ptr=y, zy_ptr=zy, N=N, ignore_index=int(fin.ignore_index), pi_ptr=fin.prior,
             alpha=float(fin.alpha), remine_lambda=float(fin.remine_lambda), log_uniform=math.log(1.0 / C + 1e-9),
             out_ptr=out, lader_ptr=parts if parts is not None else out,

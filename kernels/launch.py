@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from .._operator import AdjustedCEArgs
+from .._operator import SEED_FREE, AdjustedCEArgs
 from . import counters, tiles
 from .adjusted_ce import (
     ClassVectors,
@@ -92,22 +92,26 @@ class KernelGroups(NamedTuple):
 
 def kernel_groups(args: AdjustedCEArgs, dev) -> KernelGroups:
     """:class:`KernelGroups` of ``args`` on ``dev``, made once per ``args`` (its ``memo``: the forward and the backward
-    of a call share them)."""
+    of a call share them). All but the seed's are kept under a :data:`fastlt._operator.SEED_FREE` key, which a
+    reseeded copy of ``args`` shares (:class:`fastlt._operator.ArgsCache`: GCL's drawn seed each step)."""
     groups = args.memo.get(dev)
     if groups is None:
         d = _dummy(dev)
-        margin = args.margin_vector
-        vecs = ClassVectors(d if args.log_prior is None else args.log_prior, d if args.cloud is None else args.cloud,
-                            d if margin is None else margin, d if args.weight is None else args.weight)
-        hp = Hyper(args.ignore_index, args.tau, args.noise_mul, args.margin_value, args.scale, args.gamma,
-                   args.label_smoothing)
-        from_device = args.seed_from_device
-        rng = dict(seed=args.seed_value, noise_row0=args.noise_row_offset, seed_ptr=args.seed if from_device else d)
-        f = kernel_flags(args)
-        grad_hp = Hyper(args.ignore_index, args.tau, args.noise_mul, args.margin_value, args.scale, None,
-                        args.label_smoothing)
-        grad_flags = Flags(f.HAS_LOG_PRIOR, f.HAS_NOISE, f.MARGIN_MODE, f.HAS_SCALE, f.HAS_WEIGHT, f.HAS_SMOOTH, False,
-                           f.SEED_FROM_PTR)
+        free = args.memo.get((SEED_FREE, "groups", dev))
+        if free is None:
+            margin = args.margin_vector
+            vecs = ClassVectors(d if args.log_prior is None else args.log_prior,
+                                d if args.cloud is None else args.cloud, d if margin is None else margin,
+                                d if args.weight is None else args.weight)
+            hp = Hyper(args.ignore_index, args.tau, args.noise_mul, args.margin_value, args.scale, args.gamma,
+                       args.label_smoothing)
+            f = kernel_flags(args)
+            grad_hp = hp._replace(gamma=None)
+            grad_flags = f._replace(HAS_FOCAL=False)
+            free = args.memo[(SEED_FREE, "groups", dev)] = (vecs, hp, f, grad_hp, grad_flags)
+        vecs, hp, f, grad_hp, grad_flags = free
+        rng = dict(seed=args.seed_value, noise_row0=args.noise_row_offset,
+                   seed_ptr=args.seed if args.seed_from_device else d)
         groups = args.memo[dev] = KernelGroups(vecs, hp, f, rng, grad_hp, grad_flags)
     return groups
 
@@ -196,15 +200,16 @@ def fused_reduction(device: torch.device, values: int, rblock: int, reduction: s
 
 
 def _mean_denominator(y: torch.Tensor, args: AdjustedCEArgs, inv_denominator, mean: bool, programs: int,
-                      counter: torch.Tensor | None):
+                      counter: torch.Tensor | None, own: bool | None = None):
     """``(inv, DENOM)`` for a launch of ``programs`` row programs (see ``row_loss_forward``'s DENOM): with 'mean'
     scaling (``mean``) and no given ``inv_denominator``, the programs sum the denominator themselves when that is
     cheap (:func:`fastlt.kernels.tiles.own_denominator`: ``inv`` None), else the launch's first program sums and
     publishes it when the launch reduces the batch (``counter``, its slot, is ``inv``), else one launch computes it
-    first (:func:`inv_denominator_of`)."""
+    first (:func:`inv_denominator_of`). ``own``: :func:`fastlt.kernels.tiles.own_denominator`'s answer, when
+    known."""
     if not mean or inv_denominator is not None:
         return inv_denominator, DENOM_POINTER
-    if tiles.own_denominator(programs, y.shape[0]):
+    if own if own is not None else tiles.own_denominator(programs, y.shape[0]):
         return None, DENOM_OWN
     if counter is not None:
         return counter, DENOM_PUBLISHED
@@ -342,56 +347,135 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out:
     N, C = z.shape
     dev = z.device
     soft = _soft(y, args)
-    cfg = config or pick_tiles(N, C, dev, column_stats=column_stats, grad_in_forward=grad_out is not None,
-                               elem_bytes=z.element_size())
     if not scale_mean and grad_out is not None:
         raise ValueError("scale_mean=False needs the recompute mode (grad_out=None): the gradient needs the mean")
     if out is not None and (args.reduction == "none" or column_stats):
         raise ValueError("out= takes the 'mean' or 'sum' of a loss without column_stats")
-    split = cfg.num_splits > 1
-    row_blocks = cdiv(N, cfg.block_m)
-    grid_rows = cfg.row_grid(row_blocks)
-    mean = args.reduction == "mean" and scale_mean
-    programs = cdiv(N, tiles.combine_tiles(cfg.num_splits)[1]) if split else grid_rows  # those that finish the rows
-    rblock = tiles.COMBINE_RBLOCK if split else tiles.rblock(cfg.num_warps)
-    counter, reduce_mode = fused_reduction(dev, N, rblock, args.reduction) if out is not None else (None, 0)
-    inv, denom = _mean_denominator(y, args, inv_denominator, mean, programs, counter)
+    g_in = grad_out if grad_out is not None else z
+    plan = _forward_plan(args, z, y, g_in, soft, grad_out is not None, column_stats, config, scale_mean,
+                         out is not None)
+    cfg, split = plan.cfg, plan.split
+    counter, reduce_mode = None, 0
+    if out is not None and plan.fusable:
+        counter = counters.reduce_counter(dev)
+        reduce_mode = 0 if counter is None else plan.reduce_mode
+    inv, denom = _mean_denominator(y, args, inv_denominator, plan.mean, plan.programs, counter, plan.own_denom)
     rows = _row_outputs(N, dev, soft is not None)
-    d = _dummy(dev)
     kg = kernel_groups(args, dev)
     part = (torch.empty((PARTIAL_PLANES if soft is None else 6, N, cfg.num_splits), dtype=torch.float32, device=dev)
             if split
             else None)
-    colstats = new_column_stats(N, C, dev, row_blocks, soft=soft is not None) if column_stats else None
-    fuse_grad = grad_out is not None and not split
-    # split rows: the gradient comes from grad() after the combine; with STORE_P it scales what the forward stored
-    store_p = grad_out is not None and not cfg.single_tile and not column_stats and _store_probs(args)
+    colstats = new_column_stats(N, C, dev, plan.row_blocks, soft=soft is not None) if column_stats else None
     stored = (StoredTiles(maxima=torch.empty((N, cdiv(C, cfg.block_n)), dtype=torch.float32, device=dev),
-                          count=cdiv(C, cfg.block_n)) if store_p else None)
-    g = grad_out if fuse_grad or store_p else z
+                          count=cdiv(C, cfg.block_n)) if plan.store_p else None)
+    buffers = {}  # those a launch of this plan has only per call (the plan's placeholders otherwise)
+    if split:
+        buffers["part_ptr"] = part
+    if colstats is not None:
+        buffers["colstats"] = colstats
+    if stored is not None:
+        buffers["stored"] = stored
     if N > 0:
-        row_loss_forward[(grid_rows, cfg.num_splits)](
-            z_op=_operand(z), y_ptr=y, vecs=kg.vecs, wsum_ptr=_or_dummy(weight_sum(args), dev),
-            inv_denom_ptr=_or_dummy(inv, dev), out=rows, part_ptr=_or_dummy(part, dev),
-            colstats=colstats or ColumnStats(partials=d, target_logits=d), g_op=_operand(g),
-            stored=stored or StoredTiles(maxima=d, count=0), N=N, C=C,
-            cols_of=Columns(per_split=cfg.cols_per_split, base=0, end=C, first_split=0, num_splits=cfg.num_splits),
-            num_row_blocks=row_blocks, hp=kg.hp, **kg.rng,
+        row_loss_forward[plan.grid](
+            z_op=_operand(z), y_ptr=y, inv_denom_ptr=_or_dummy(inv, dev), out=rows,
+            g_op=_operand(grad_out) if plan.writes_g else _operand(z), **kg.rng,
             red=Reduction(out=_or_dummy(out, dev), counter=_or_dummy(counter, dev)), soft=soft,
-            F=_flags(kg.flags, soft), MEAN=mean and not split, SPLIT=split, SINGLE_TILE=cfg.single_tile,
-            GRAD_IN_FWD=fuse_grad, COLUMN_STATS=column_stats, ALIGN=row_align(z, g, *([] if soft is None else [y])),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            PERSISTENT=grid_rows < row_blocks, DENOM=DENOM_POINTER if split else denom,
-            REDUCE=0 if split else reduce_mode, RBLOCK=rblock, STORE_P=store_p, STAGES=cfg.num_stages,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            DENOM=DENOM_POINTER if split else denom, REDUCE=0 if split else reduce_mode, **plan.static, **buffers)
         if split:
-            _launch_combine(part, y, args, C, rows, inv, mean=mean, denom=denom, out=out, counter=counter,
+            _launch_combine(part, y, args, C, rows, inv, mean=plan.mean, denom=denom, out=out, counter=counter,
                             reduce_mode=reduce_mode, soft=soft)
     reduce_unless_fused(out, counter, rows.loss, y, args, inv_denominator=inv, row_coef=rows.coef,
                         scale_mean=scale_mean)
     if grad_out is not None and split:
         grad(z, y, args, rows.stats, rows.coef, None, out=grad_out, config=cfg, stored=stored)
     return rows.loss, rows.stats, rows.coef, colstats
+
+
+class _ForwardPlan(NamedTuple):
+    """What a :func:`forward` launch takes from its shapes and ``args`` alone: the tiles, the grid, the reduction's
+    and the denominator's choices, and the kernel arguments that are the same on every call (``static``)."""
+
+    cfg: TileConfig
+    split: bool
+    row_blocks: int
+    grid: tuple
+    mean: bool
+    programs: int
+    fusable: bool
+    reduce_mode: int
+    own_denom: bool
+    store_p: bool
+    writes_g: bool
+    static: dict
+
+
+def _forward_plan(args: AdjustedCEArgs, z, y, g, soft, grad_in_forward: bool, column_stats: bool, config,
+                  scale_mean: bool, reduced: bool) -> _ForwardPlan:
+    """The :class:`_ForwardPlan` of a launch, kept in ``args.memo`` (seed-free) for the common launch (class indices,
+    no column statistics, the default tiles) under its shapes, strides and dtypes, so that a module's steps build
+    it once."""
+    key = None
+    if soft is None and not column_stats and config is None:
+        key = ("forward", z.device, tuple(z.shape), z.stride(), z.dtype, g is z, g.stride(), g.dtype, y.stride(),
+               y.dtype, grad_in_forward, scale_mean, reduced)
+        plan = _plans(args).get(key)
+        if plan is not None:
+            return plan
+    N, C = z.shape
+    dev = z.device
+    cfg = config or pick_tiles(N, C, dev, column_stats=column_stats, grad_in_forward=grad_in_forward,
+                               elem_bytes=z.element_size())
+    split = cfg.num_splits > 1
+    row_blocks = cdiv(N, cfg.block_m)
+    grid_rows = cfg.row_grid(row_blocks)
+    mean = args.reduction == "mean" and scale_mean
+    programs = cdiv(N, tiles.combine_tiles(cfg.num_splits)[1]) if split else grid_rows  # those that finish the rows
+    rblock = tiles.COMBINE_RBLOCK if split else tiles.rblock(cfg.num_warps)
+    fuse_grad = grad_in_forward and not split
+    # split rows: the gradient comes from grad() after the combine; with STORE_P it scales what the forward stored
+    store_p = grad_in_forward and not cfg.single_tile and not column_stats and _store_probs(args)
+    writes_g = fuse_grad or store_p
+    kg = kernel_groups(args, dev)
+    d = _dummy(dev)
+    static = dict(
+        vecs=kg.vecs, wsum_ptr=_or_dummy(weight_sum(args), dev), N=N, C=C,
+        cols_of=Columns(per_split=cfg.cols_per_split, base=0, end=C, first_split=0, num_splits=cfg.num_splits),
+        num_row_blocks=row_blocks, hp=kg.hp, F=_flags(kg.flags, soft), MEAN=mean and not split, SPLIT=split,
+        SINGLE_TILE=cfg.single_tile, GRAD_IN_FWD=fuse_grad, COLUMN_STATS=column_stats,
+        ALIGN=row_align(z, g if writes_g else z, *([] if soft is None else [y])), BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, PERSISTENT=grid_rows < row_blocks, RBLOCK=rblock, STORE_P=store_p,
+        STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if not split:
+        static["part_ptr"] = d
+    if not column_stats:
+        static["colstats"] = ColumnStats(partials=d, target_logits=d)
+    if not store_p:
+        static["stored"] = StoredTiles(maxima=d, count=0)
+    plan = _ForwardPlan(cfg, split, row_blocks, (grid_rows, cfg.num_splits), mean, programs,
+                        reduced and tiles.fusable_reduction(N, rblock),
+                        2 if args.reduction == "mean" else 1, tiles.own_denominator(programs, N), store_p, writes_g,
+                        static)
+    if key is not None:
+        _keep_plan(args, key, plan)
+    return plan
+
+
+_MAX_PLANS = 16  # per args: a batch of another length is another plan (variable-length batches must not pile up)
+
+
+def _keep_plan(args: AdjustedCEArgs, key: tuple, plan) -> None:
+    plans = _plans(args)
+    if len(plans) >= _MAX_PLANS:
+        plans.clear()
+    plans[key] = plan
+
+
+def _plans(args: AdjustedCEArgs) -> dict:
+    """``args``' launch plans by shape signature (seed-free; emptied before a new one past :data:`_MAX_PLANS`)."""
+    plans = args.memo.get((SEED_FREE, "plans"))
+    if plans is None:
+        plans = args.memo[(SEED_FREE, "plans")] = {}
+    return plans
 
 
 def grad(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, row_stats: torch.Tensor, row_coef: torch.Tensor,
@@ -415,22 +499,57 @@ def grad(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, row_stats: torc
     out = torch.empty((N, Ck), dtype=z.dtype, device=dev) if out is None else out
     if N == 0 or Ck == 0:  # nothing to write (an empty class shard holds no column)
         return out
-    cfg = config or pick_tiles(N, Ck, dev, column_term=column_term is not None, elem_bytes=z.element_size())
+    soft = _soft(y, None)
+    grid, static = _grad_plan(args, z, y, out, soft, column_term is not None, grad_output is not None, config,
+                              col_base, C, stored)
+    buffers = {}  # those a launch of this plan has only per call (the plan's placeholders otherwise)
+    if column_term is not None:
+        buffers["col_term"] = column_term
+    if stored is not None:
+        buffers["stored"] = stored
+    row_loss_grad[grid](
+        z_op=_operand(z), y_ptr=y, row_stats_ptr=row_stats, coef_ptr=row_coef, go_ptr=_or_dummy(grad_output, dev),
+        go_stride=0 if grad_output is None or grad_output.dim() == 0 else grad_output.stride(0), g_op=_operand(out),
+        **_rng_args(args, dev), soft=soft, **static, **buffers)
+    return out
+
+
+def _rng_args(args: AdjustedCEArgs, dev) -> dict:
+    """The seed's keyword arguments of ``args``' launches (:class:`KernelGroups` ``rng``)."""
+    return kernel_groups(args, dev).rng
+
+
+def _grad_plan(args: AdjustedCEArgs, z, y, out, soft, column_term: bool, upstream: bool, config, col_base: int,
+               C: int, stored) -> tuple[tuple, dict]:
+    """``(grid, static)`` of a :func:`grad` launch: the grid and the kernel arguments that its shapes and ``args``
+    decide, kept in ``args``' plans (seed-free) for launches with class indices and no ``stored``."""
+    key = None
+    if soft is None and stored is None:
+        key = ("grad", z.device, tuple(z.shape), z.stride(), z.dtype, out.stride(), y.stride(), y.dtype, column_term,
+               upstream, config, col_base, C)
+        hit = _plans(args).get(key)
+        if hit is not None:
+            return hit
+    N, Ck = z.shape
+    dev = z.device
+    cfg = config or pick_tiles(N, Ck, dev, column_term=column_term, elem_bytes=z.element_size())
     d = _dummy(dev)
     kg = kernel_groups(args, dev)
-    soft = _soft(y, None)
-    row_loss_grad[(cdiv(N, cfg.block_m), cfg.num_splits)](
-        z_op=_operand(z), y_ptr=y, vecs=kg.vecs, wsum_ptr=_or_dummy(weight_sum(args), dev),
-        row_stats_ptr=row_stats, coef_ptr=row_coef, go_ptr=_or_dummy(grad_output, dev),
-        go_stride=0 if grad_output is None or grad_output.dim() == 0 else grad_output.stride(0),
-        col_term=column_term or ColumnTerm(a=d, b=d, lse=d), g_op=_operand(out), N=N, C=C,
-        cols_of=Columns(per_split=cfg.cols_per_split, base=col_base, end=col_base + Ck),
-        hp=kg.grad_hp, **kg.rng, stored=stored or StoredTiles(maxima=d, count=0), soft=soft,
-        F=_flags(kg.grad_flags, soft, col_base), HAS_UPSTREAM=grad_output is not None,
-        COLUMN_TERM=column_term is not None,
-        ALIGN=row_align(z, out, *([] if soft is None else [y])), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        STORED=stored is not None, STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return out
+    static = dict(
+        vecs=kg.vecs, wsum_ptr=_or_dummy(weight_sum(args), dev), N=N, C=C,
+        cols_of=Columns(per_split=cfg.cols_per_split, base=col_base, end=col_base + Ck), hp=kg.grad_hp,
+        F=_flags(kg.grad_flags, soft, col_base), HAS_UPSTREAM=upstream,
+        COLUMN_TERM=column_term, ALIGN=row_align(z, out, *([] if soft is None else [y])), BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, STORED=stored is not None, STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
+    if not column_term:
+        static["col_term"] = ColumnTerm(a=d, b=d, lse=d)
+    if stored is None:
+        static["stored"] = StoredTiles(maxima=d, count=0)
+    plan = ((cdiv(N, cfg.block_m), cfg.num_splits), static)
+    if key is not None:
+        _keep_plan(args, key, plan)
+    return plan
 
 
 def chunk_partials(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, part: torch.Tensor, chunk: int, *,

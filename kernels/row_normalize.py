@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tiles
+
 
 @triton.jit
 def _normalize_fwd(x_ptr, stride_x, y_ptr, stride_y, inv_ptr, R, D, eps,
@@ -63,7 +65,7 @@ def _normalize_bwd(x_ptr, stride_x, g_ptr, stride_g, dx_ptr, stride_dx, inv_ptr,
 
 
 def _tiles(D: int) -> tuple[int, int]:
-    block_d = min(triton.next_power_of_2(max(D, 1)), 2048)
+    block_d = min(tiles.next_pow2(max(D, 1)), 2048)
     block_r = max(1, min(16, 4096 // block_d))
     return block_r, block_d
 
@@ -77,7 +79,7 @@ def normalize_rows(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Ten
     inv = torch.empty(R, dtype=torch.float32, device=x.device)
     if R:
         block_r, block_d = _tiles(D)
-        _normalize_fwd[(triton.cdiv(R, block_r),)](x, x.stride(0), y, y.stride(0), inv, R, D, float(eps),
+        _normalize_fwd[(tiles.cdiv(R, block_r),)](x, x.stride(0), y, y.stride(0), inv, R, D, float(eps),
                                                    BLOCK_R=block_r, BLOCK_D=block_d)
     return y, inv
 
@@ -92,6 +94,6 @@ def normalize_rows_backward(x: torch.Tensor, inv: torch.Tensor, grad: torch.Tens
     dx = torch.empty((R, D), dtype=x.dtype, device=x.device)
     if R:
         block_r, block_d = _tiles(D)
-        _normalize_bwd[(triton.cdiv(R, block_r),)](x, x.stride(0), grad, grad.stride(0), dx, dx.stride(0), inv, R, D,
+        _normalize_bwd[(tiles.cdiv(R, block_r),)](x, x.stride(0), grad, grad.stride(0), dx, dx.stride(0), inv, R, D,
                                                    float(eps), BLOCK_R=block_r, BLOCK_D=block_d)
     return dx

@@ -90,3 +90,68 @@ def test_inference_tensors_are_not_cached():
         b = LF.logit_adjusted_cross_entropy(z, y, lp, backend="triton")
     torch.testing.assert_close(a, b)
     assert _glue._LAST_ARGS._key is None
+
+
+def _plans(args):
+    from fastlt._operator import SEED_FREE
+
+    return args.memo.get((SEED_FREE, "plans"), {})
+
+
+def test_launch_plans_follow_the_batch_shape_and_stay_bounded():
+    """A module's launch plans (kernels/launch.py: tiles, grid, constant kernel arguments) are kept per shape,
+    stride and dtype: a last batch of another length, a transposed view, another dtype each get their own and the
+    loss and gradient of their values; past 16 shapes the plans start over (variable-length batches)."""
+    from fastlt.kernels import launch
+
+    counts = torch.arange(1, 12)
+    crit = fastlt.LogitAdjustedLoss(counts, tau=0.7, backend="triton").to(DEVICE)
+    lp = torch.log(fastlt.priors.prior(counts)).double()
+    cases = [(5, torch.float32, False), (3, torch.float32, False), (5, torch.float32, True), (5, torch.bfloat16, False),
+             (5, torch.float32, False)]
+    for N, dtype, transposed in cases:
+        z, y, _ = _data(N=N, seed=N)
+        z = (z.t().contiguous().t() if transposed else z).to(dtype).requires_grad_()
+        loss = crit(z, y)
+        loss.backward()
+        zd = z.detach().cpu().double().requires_grad_()
+        want = R.logit_adjusted_cross_entropy(zd, y.cpu(), lp, 0.7)
+        want.backward()
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(loss.detach().cpu().double(), want.detach(), rtol=tol, atol=tol)
+        torch.testing.assert_close(z.grad.cpu().double(), zd.grad, rtol=tol, atol=tol)
+    args = _glue._LAST_ARGS._args
+    kinds = sorted(key[0] for key in _plans(args))
+    assert kinds == ["forward"] * 4 + ["grad"] * 4  # the last case reused the first one's plans
+    z, y, _ = _data(N=2)
+    for N in range(2, 2 + launch._MAX_PLANS):
+        crit(torch.randn(N, 11, device=DEVICE), torch.randint(0, 11, (N,), device=DEVICE))
+    assert 0 < len(_plans(_glue._LAST_ARGS._args)) <= launch._MAX_PLANS
+
+
+def test_a_drawn_seed_keeps_the_seed_free_plans(monkeypatch):
+    """GCL draws a seed each step: the step's arguments are the cached ones reseeded (fastlt._operator:
+    AdjustedCEArgs.reseeded), sharing their launch plans and argument groups but not the seed's arguments; the
+    losses are the reference's for the same drawn seeds."""
+    from fastlt._operator import AdjustedCEArgs
+    from fastlt.kernels import launch
+
+    made = []
+    reseeded = AdjustedCEArgs.reseeded
+    monkeypatch.setattr(AdjustedCEArgs, "reseeded", lambda self, seed: made.append(reseeded(self, seed)) or made[-1])
+    z, y, _ = _data()
+    counts = torch.arange(1, 12)
+    crit = fastlt.GCLLoss(counts, m=0.1, s=8.0, noise_mul=1.0, backend="triton").to(DEVICE)
+    ref = fastlt.GCLLoss(counts, m=0.1, s=8.0, noise_mul=1.0, backend="torch")
+    torch.manual_seed(3)
+    got = [crit(z, y) for _ in range(3)]
+    torch.manual_seed(3)
+    want = [ref(z.cpu(), y.cpu()) for _ in range(3)]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.cpu(), w, rtol=1e-5, atol=1e-5)
+    cached = _glue._LAST_ARGS._args
+    assert len(made) == 2 and made[0].seed != made[1].seed  # the first call built the cached one
+    for a in made:
+        assert a.cloud is cached.cloud and _plans(a) is _plans(cached) and _plans(a)
+        groups = launch.kernel_groups(a, z.device)
+        assert groups.rng["seed"] == a.seed and groups.vecs is launch.kernel_groups(cached, z.device).vecs
