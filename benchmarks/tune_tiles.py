@@ -139,7 +139,7 @@ def tune_lade(bw, out_dir):
 # (N, C, dtype, sweep the persistent grids): 8142 classes fit one persistent tile, so only its two default grids
 # run there (STORE_P on and off: GCL's rows there are 4 tiles of 2048)
 FUSED_SHAPES = [(4096, 131072, "bf16", True), (4096, 131072, "fp32", True), (4096, 32768, "bf16", True),
-                (4096, 8142, "bf16", False)]
+                (4096, 8142, "bf16", False), (4096, 8142, "fp32", False), (512, 8142, "bf16", False)]
 
 
 def tune_fused(bw, out_dir):
@@ -155,8 +155,13 @@ def tune_fused(bw, out_dir):
         ops = {"la": AdjustedCEArgs(log_prior=log_prior(counts).cuda()),
                "gcl": AdjustedCEArgs(cloud=gcl_cloud(counts).cuda(), noise_mul=1.0, margin=0.5, scale=30.0,
                                      seed=3)}
+        # up to tiles.WHOLE_ROW_BYTES the default holds the row as one tile; "one per row" is then the 2048-wide
+        # tiles' two passes (the A/B of issue 17 item 2), and a whole row of 8 warps a third point
         configs = [("default", launch.pick_tiles(N, C, z.device, grad_in_forward=True, elem_bytes=z.element_size())),
                    ("one per row", launch.pick_tiles(N, C, z.device, row_programs=0))]
+        if C <= tiles.whole_row_elements(z.element_size()):
+            configs.append(("whole row, 8 warps", launch.pick_tiles(N, C, z.device, block_m=1,
+                                                                     block_n=tiles.next_pow2(C), num_warps=8)))
         for p, st in itertools.product([1, 2, 4], [2, 3, 4]) if sweep else ():
             configs.append((f"persistent {p}/SM stages {st}",
                             launch.pick_tiles(N, C, z.device, block_m=1, block_n=8192 // p, num_warps=16 // p,

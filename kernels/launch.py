@@ -141,6 +141,13 @@ def _flags(flags: Flags, soft: Soft | None, col_base: int = 0) -> Flags:
     return flags
 
 
+def reads_class_vectors(args: AdjustedCEArgs) -> bool:
+    """Whether the row kernels read a (C,) vector per element for ``args`` (a log prior, GCL's cloud, class weights
+    with label smoothing): :func:`fastlt.kernels.tiles.pick_tiles`'s ``class_vectors``."""
+    return (args.log_prior is not None or args.has_noise
+            or (args.weight is not None and args.label_smoothing > 0.0))
+
+
 def weight_sum(args: AdjustedCEArgs) -> torch.Tensor | None:
     """(1,) fp32 ``W = sum_j w_j``, which the kernels need only for label smoothing with class weights (else None);
     one launch per ``args`` (cached on it: the forward and the backward share it)."""
@@ -416,15 +423,15 @@ def _forward_plan(args: AdjustedCEArgs, z, y, g, soft, grad_in_forward: bool, co
     it once."""
     key = None
     if soft is None and not column_stats and config is None:
-        key = ("forward", z.device, tuple(z.shape), z.stride(), z.dtype, g is z, g.stride(), g.dtype, y.stride(),
-               y.dtype, grad_in_forward, scale_mean, reduced)
+        key = ("forward", tiles.GENERATION, z.device, tuple(z.shape), z.stride(), z.dtype, g is z, g.stride(),
+               g.dtype, y.stride(), y.dtype, grad_in_forward, scale_mean, reduced)
         plan = _plans(args).get(key)
         if plan is not None:
             return plan
     N, C = z.shape
     dev = z.device
     cfg = config or pick_tiles(N, C, dev, column_stats=column_stats, grad_in_forward=grad_in_forward,
-                               elem_bytes=z.element_size())
+                               elem_bytes=z.element_size(), class_vectors=reads_class_vectors(args))
     split = cfg.num_splits > 1
     row_blocks = cdiv(N, cfg.block_m)
     grid_rows = cfg.row_grid(row_blocks)
@@ -525,14 +532,15 @@ def _grad_plan(args: AdjustedCEArgs, z, y, out, soft, column_term: bool, upstrea
     decide, kept in ``args``' plans (seed-free) for launches with class indices and no ``stored``."""
     key = None
     if soft is None and stored is None:
-        key = ("grad", z.device, tuple(z.shape), z.stride(), z.dtype, out.stride(), y.stride(), y.dtype, column_term,
-               upstream, config, col_base, C)
+        key = ("grad", tiles.GENERATION, z.device, tuple(z.shape), z.stride(), z.dtype, out.stride(), y.stride(),
+               y.dtype, column_term, upstream, config, col_base, C)
         hit = _plans(args).get(key)
         if hit is not None:
             return hit
     N, Ck = z.shape
     dev = z.device
-    cfg = config or pick_tiles(N, Ck, dev, column_term=column_term, elem_bytes=z.element_size())
+    cfg = config or pick_tiles(N, Ck, dev, column_term=column_term, elem_bytes=z.element_size(),
+                               class_vectors=reads_class_vectors(args))
     d = _dummy(dev)
     kg = kernel_groups(args, dev)
     static = dict(

@@ -46,15 +46,38 @@ def sm_count(device: torch.device) -> int:
 
 
 def pick_tiles(N: int, C: int, device: torch.device, *, column_stats: bool = False, column_term: bool = False,
-               grad_in_forward: bool = False, elem_bytes: int = 4, block_m: int | None = None,
-               block_n: int | None = None, num_splits: int | None = None, num_warps: int | None = None,
-               num_stages: int | None = None, row_programs: int | None = None) -> TileConfig:
+               grad_in_forward: bool = False, elem_bytes: int = 4, class_vectors: bool = False,
+               block_m: int | None = None, block_n: int | None = None, num_splits: int | None = None,
+               num_warps: int | None = None, num_stages: int | None = None,
+               row_programs: int | None = None) -> TileConfig:
     """Tile shape and row split for an (N, C) problem (cached). ``column_stats``: LADE's forward;
     ``column_term``: LADE's gradient; ``grad_in_forward`` (with ``elem_bytes``, the logits' element size): the
-    forward that also writes the gradient, which may get a persistent grid (:func:`_persistent_per_sm`). Explicit
-    arguments override (tests, tuning); ``row_programs=0`` turns the persistent grid off."""
-    return _pick_tiles(N, C, sm_count(device), column_stats, column_term, grad_in_forward, elem_bytes, block_m,
-                       block_n, num_splits, num_warps, num_stages, row_programs)
+    forward that also writes the gradient, which may get a persistent grid (:func:`_persistent_per_sm`);
+    ``class_vectors``: the launch reads a (C,) fp32 vector per element (a log prior, GCL's cloud, class weights with
+    label smoothing), which 2-byte rows share between :data:`HALF_WIDTH_ROWS` rows. Explicit arguments override
+    (tests, tuning); ``row_programs=0`` turns the persistent grid off."""
+    return _pick_tiles(N, C, sm_count(device), column_stats, column_term, grad_in_forward, elem_bytes, class_vectors,
+                       block_m, block_n, num_splits, num_warps, num_stages, row_programs, GENERATION)
+
+
+GENERATION = 0  # bumped by reconfigure(): launch plans made under another policy are not reused
+
+
+def reconfigure(**values) -> dict:
+    """Set this module's policy constants by name (``DEFAULT_STAGES=1``, ``HALF_WIDTH_ROWS=1``,
+    ``WHOLE_ROW_GRAD_IN_FORWARD=False``, ...: the A/B switches of benchmarks/ab_switches.py) so that every later
+    launch follows them: the tile cache is cleared and the launch plans kept with loss arguments
+    (:mod:`fastlt.kernels.launch`) are not reused. Returns the previous values, for a second call to restore."""
+    global GENERATION
+    before = {}
+    for name, value in values.items():
+        if not name.isupper() or name not in globals():
+            raise ValueError(f"tiles has no policy constant {name!r}")
+        before[name] = globals()[name]
+        globals()[name] = value
+    _pick_tiles.cache_clear()
+    GENERATION += 1
+    return before
 
 
 # Rows of at most this many bytes (8192 fp32 classes, 16384 bf16: iNaturalist's 8142 either way) are never split
@@ -75,6 +98,12 @@ def whole_row_elements(elem_bytes: int) -> int:
 
 
 DEFAULT_STAGES = 3  # the column loops' software-pipelining depth (tl.range num_stages); 1: the unpipelined loops
+# Rows of bf16 / fp16 logits longer than one tile, in a launch that reads a (C,) fp32 class vector per element (LA's
+# log prior, GCL's cloud): this many rows a tile, TILE_N / HALF_WIDTH_ROWS columns wide, so each vector tile is
+# loaded once for them (issue 17, item 3). Static count (kernel_report, sm_90, LA 4096 x 131072 bf16): 12 vector
+# loads a tile instead of 18, forward loop 229 -> 272 SASS per 16 elements a thread, gradient 360/249 -> 364/268,
+# no spills; GCL 689 -> 693/612, 771/580 -> 777/569. Untimed: 1 restores one-row tiles (benchmarks/ab_switches.py).
+HALF_WIDTH_ROWS = 2
 _COLUMN_TERM_ROWS = 4  # rows per LADE gradient tile: its three (C,) vectors are read once per 4 rows
 
 # L2 of the target GPUs (H100, H200: 50 MB). The gradient-in-forward's second pass over a row hits L2 only if the
@@ -99,8 +128,8 @@ def _persistent_per_sm(N: int, C: int, sm_count: int, elem_bytes: int) -> int | 
 
 
 @functools.lru_cache(maxsize=1024)
-def _pick_tiles(N, C, sm_count, column_stats, column_term, grad_in_forward, elem_bytes, block_m, block_n, num_splits,
-                num_warps, num_stages, row_programs) -> TileConfig:
+def _pick_tiles(N, C, sm_count, column_stats, column_term, grad_in_forward, elem_bytes, class_vectors, block_m,
+                block_n, num_splits, num_warps, num_stages, row_programs, generation) -> TileConfig:
     # Defaults from benchmarks/tune_tiles.py on an H100 (triton 3.6, 2026-11-23): 2048-wide tiles and 4 warps beat
     # whole-row tiles at every shape measured (more programs in flight per SM hide HBM latency better than one
     # 16-warp program holding a whole 8K row). num_stages: that sweep found it inert, rightly then: Triton
@@ -140,6 +169,11 @@ def _pick_tiles(N, C, sm_count, column_stats, column_term, grad_in_forward, elem
             num_warps = 16 // per_sm if num_warps is None else num_warps
             num_splits = 1 if num_splits is None else num_splits
     row_programs = row_programs or None
+    if (class_vectors and elem_bytes == 2 and HALF_WIDTH_ROWS > 1 and C > TILE_N and block_m is None
+            and block_n is None and row_programs is None and not (column_stats or column_term)):
+        # 2-byte rows that read a (C,) fp32 vector per element: tiles of HALF_WIDTH_ROWS rows of TILE_N /
+        # HALF_WIDTH_ROWS columns load each vector tile once for those rows (2 B of L2 per 2 B of logits, was 4)
+        block_m, block_n = HALF_WIDTH_ROWS, TILE_N // HALF_WIDTH_ROWS
     if block_n is None:
         width = 512 if column_stats else (TILE_N // _COLUMN_TERM_ROWS if column_term and block_m is None else TILE_N)
         block_n = max(16, min(next_pow2(C), width))

@@ -175,6 +175,20 @@ def test_grad_in_forward_whole_row_past_the_default_tile(flags, dtype):
     run_and_compare(z, y, _flags(flags, cv, 5), grad_in_forward=True)
 
 
+@pytest.mark.parametrize("flags", ["all", "gcl"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_two_byte_rows_in_two_row_tiles(flags, dtype):
+    """2-byte rows past one tile that read class vectors: 2 x 1024 tiles (tiles.HALF_WIDTH_ROWS) by default, an odd
+    row count (the last tile's second row masked), several column tiles and a partial one, against float64."""
+    gen = torch.Generator().manual_seed(6)
+    N, C = 5, 2100
+    cfg = launch.pick_tiles(N, C, torch.device(DEVICE), elem_bytes=2, class_vectors=True)
+    assert (cfg.block_m, cfg.block_n) == (2, 1024)
+    cv = class_vectors(C, gen)
+    z, y = _inputs(N, C, dtype, gen)
+    run_and_compare(z, y, _flags(flags, cv, 9))
+
+
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("store", ["never", "always"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

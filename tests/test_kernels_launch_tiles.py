@@ -49,8 +49,8 @@ def test_lade_tiles_without_spilling_shapes():
 
 
 def _tiles_on_h100(N, C, elem_bytes, **kw):
-    return tiles._pick_tiles(N, C, 132, False, False, True, elem_bytes, kw.get("block_m"), kw.get("block_n"),
-                              None, kw.get("num_warps"), None, kw.get("row_programs"))
+    return tiles._pick_tiles(N, C, 132, False, False, True, elem_bytes, False, kw.get("block_m"), kw.get("block_n"),
+                             None, kw.get("num_warps"), None, kw.get("row_programs"), tiles.GENERATION)
 
 
 def test_persistent_grid_only_where_the_rows_in_flight_overflow_l2():
@@ -64,9 +64,32 @@ def test_persistent_grid_only_where_the_rows_in_flight_overflow_l2():
     assert (two.row_programs, two.num_warps, two.block_n) == (264, 8, 4096)
     for N, C, eb in [(4096, 8142, 2), (4096, 8142, 4), (4096, 131072, 4), (1024, 1 << 20, 2), (64, 131072, 2)]:
         assert _tiles_on_h100(N, C, eb).row_programs is None, (N, C, eb)
-    assert tiles._pick_tiles(4096, 131072, 132, False, False, False, 2, *[None] * 6).row_programs is None
+    assert tiles._pick_tiles(4096, 131072, 132, False, False, False, 2, False, *[None] * 6,
+                             tiles.GENERATION).row_programs is None
     # explicit arguments win; row_programs=0 turns the grid off
     assert _tiles_on_h100(4096, 131072, 2, num_warps=4).num_warps == 4
     assert _tiles_on_h100(4096, 131072, 2, row_programs=0).row_programs is None
     assert bf16.row_grid(4096) == 132 and bf16.row_grid(7) == 7
     assert _tiles_on_h100(4096, 8142, 2).row_grid(4096) == 4096
+
+
+def test_two_byte_rows_share_class_vector_tiles_between_two_rows():
+    """bf16 / fp16 rows past one tile whose launch reads a (C,) class vector per element get 2 x 1024 tiles (each
+    vector tile loaded once for two rows); fp32 rows, launches without class vectors, rows of one tile, LADE's tiles
+    and explicit tiles keep theirs. tiles.reconfigure(HALF_WIDTH_ROWS=1) restores one-row tiles."""
+    cpu = torch.device("cpu")
+    half = launch.pick_tiles(4096, 131072, cpu, elem_bytes=2, class_vectors=True)
+    assert (half.block_m, half.block_n, half.num_warps) == (2, 1024, 4)
+    assert launch.pick_tiles(4096, 131072, cpu, elem_bytes=4, class_vectors=True).block_m == 1
+    assert launch.pick_tiles(4096, 131072, cpu, elem_bytes=2).block_m == 1
+    assert launch.pick_tiles(4096, 2000, cpu, elem_bytes=2, class_vectors=True).block_n == 2048
+    assert launch.pick_tiles(4096, 131072, cpu, elem_bytes=2, class_vectors=True, column_term=True).block_m == 4
+    assert launch.pick_tiles(4096, 131072, cpu, elem_bytes=2, class_vectors=True, block_n=2048).block_m == 1
+    before = tiles.reconfigure(HALF_WIDTH_ROWS=1)
+    try:
+        assert launch.pick_tiles(4096, 131072, cpu, elem_bytes=2, class_vectors=True).block_m == 1
+    finally:
+        tiles.reconfigure(**before)
+    assert launch.pick_tiles(4096, 131072, cpu, elem_bytes=2, class_vectors=True).block_m == 2
+    with pytest.raises(ValueError, match="no policy constant 'TILE_M'"):
+        tiles.reconfigure(TILE_M=3)
