@@ -1,9 +1,10 @@
 """Host (CPU) time of one loss step with the kernel launches stubbed out: the Python and autograd work that a small
 batch pays whatever the GPU does. Runs anywhere, no GPU: ``python benchmarks/host_overhead.py [N C]``.
 
-Prints microseconds per step (best of 5 x 1000) for each loss module's forward + backward on CPU tensors, its ratio
-to ``F.cross_entropy`` forward + backward on a 2 x 8 CPU tensor timed in the same run (PyTorch's own loss: the goal
-is 2x), and a bare autograd Function doing nothing (PyTorch's floor for any custom Function on this machine). The
+Prints microseconds per step (best of 7 rounds of 1000, the cases taking turns) for each loss module's forward +
+backward on CPU tensors, its ratio to ``F.cross_entropy`` forward + backward on a 2 x 8 CPU tensor timed in the same
+run (PyTorch's own loss: the goal is 2x), and a bare autograd Function doing nothing (PyTorch's floor for any custom
+Function on this machine). The
 CPU-only target range check is skipped, as it is for CUDA tensors. Triton's own launcher (argument binding, ~20 us
 per launch of the row kernel with triton 3.9) is not included: the stubs replace it. Launch counts:
 ``tests/test_launch_counts.py``.
@@ -48,15 +49,19 @@ class _Bare(torch.autograd.Function):
         return torch.empty_like(z), None
 
 
-def _best_us(step, reps: int = 1000, repeat: int = 5) -> float:
-    for _ in range(100):
-        step()
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        for _ in range(reps):
+def _best_us(*steps, reps: int = 1000, repeat: int = 7) -> list[float]:
+    """Best microseconds per call of each of ``steps`` over ``repeat`` rounds of ``reps`` calls, the steps taking
+    turns within each round (a load on a shared machine then slows each of them alike)."""
+    for step in steps:
+        for _ in range(100):
             step()
-        best = min(best, (time.perf_counter() - t0) / reps * 1e6)
+    best = [float("inf")] * len(steps)
+    for _ in range(repeat):
+        for k, step in enumerate(steps):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                step()
+            best[k] = min(best[k], (time.perf_counter() - t0) / reps * 1e6)
     return best
 
 
@@ -80,12 +85,13 @@ def main(N: int = 64, C: int = 512) -> None:
     def cross_entropy():  # PyTorch's own loss on a 2 x 8 CPU tensor: its host path, next to no arithmetic
         torch.nn.functional.cross_entropy(GradSink.apply(z_small), y_small).backward()
 
-    times = {}
-    for name, criterion in cases.items():
-        def step(criterion=criterion):
+    def step_of(criterion):
+        def step():
             criterion(GradSink.apply(z), y).backward()  # a layer's output; its gradient dropped
-        times[name] = _best_us(step)
-    base = min(_best_us(cross_entropy), _best_us(cross_entropy))  # after the others: a warm process, as theirs
+        return step
+
+    base, *measured = _best_us(cross_entropy, *(step_of(c) for c in cases.values()))
+    times = dict(zip(cases, measured, strict=True))
     print(f"host time per forward + backward, {N} x {C}, kernels stubbed (torch {torch.__version__})")
     print(f"  {'F.cross_entropy (2 x 8)':24s} {base:7.1f} us")
     for name, us in times.items():

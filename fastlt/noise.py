@@ -32,6 +32,8 @@ the noise repeatable, on every device.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 _M32 = 0xFFFFFFFF
@@ -51,7 +53,15 @@ def draw_seed(generator: torch.Generator | None = None) -> int:
     Returns:
         A Python int in [0, 2^62).
     """
-    return int(torch.randint(0, 2**SEED_BITS, (), generator=generator, dtype=torch.int64))
+    # torch.randint(0, 2**62, ()) is empty(()).random_(0, 2**62): the same numbers, into a reused 0-dim tensor (one
+    # per thread), half the host time (a GCL step draws one)
+    t = getattr(_DRAWS, "t", None)
+    if t is None:
+        t = _DRAWS.t = torch.empty((), dtype=torch.int64)
+    return int(t.random_(0, 2**SEED_BITS, generator=generator))
+
+
+_DRAWS = threading.local()
 
 
 def _xor(a: torch.Tensor, b: torch.Tensor | int) -> torch.Tensor:
