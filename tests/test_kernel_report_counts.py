@@ -64,3 +64,17 @@ def test_pipelined_loops_are_those_with_async_copies():
     assert not K.not_pipelined(compiled("STAGES=3", "yes"))
     assert not K.not_pipelined(compiled("STAGES=1", "no"))  # asked for no stages: the old loop form
     assert not K.not_pipelined(compiled("SINGLE_TILE STAGES=3", "no"))  # no column loop
+
+
+def test_sass_per_element_is_the_main_loop_over_a_threads_elements():
+    """The largest loading innermost loop's size (and shortest path) over BLOCK_M * BLOCK_N / (32 * num_warps)
+    elements a thread; "-" for a whole-row tile (no column loop) or flags without tile sizes."""
+    ops = {a: "FADD R1, R2, R3" for a in range(0x0000, 0x0200, 0x10)}
+    ops[0x0060] = "@!P0 BRA 0xb0"  # skips 4 of the loop's 13
+    ops[0x0080] = "LDGSTS.E.BYPASS.128 [R2], desc[UR4][R4.64]"
+    ops[0x0100] = "@P1 BRA 0x40"
+    lines = _sass(ops)
+    # 13 and 9 instructions over 1 x 256 / (32 x 4) = 2 elements a thread
+    assert K._per_element(lines, "BLOCK_M=1 BLOCK_N=256 STAGES=3 num_warps=4") == "6.5/4.5"
+    assert K._per_element(lines, "SINGLE_TILE BLOCK_M=1 BLOCK_N=256 num_warps=4") == "-"
+    assert K._per_element(lines, "BLOCK_R=16 BLOCK_C=32") == "-"

@@ -8,7 +8,8 @@ counts by class (global loads/stores, shared-memory traffic, barriers, MUFU tran
 size of each loop body, and spills inside the column loops (paid per tile: ``--check`` fails on those) and, apart,
 inside a persistent program's loop around them (paid once per row block: reported, not failed), and how many of
 the innermost loops that load are software-pipelined (async copies in their body; ``--check`` fails a row kernel
-launched with ``STAGES > 1`` whose main loop, the column loop, is not).
+launched with ``STAGES > 1`` whose main loop, the column loop, is not), and that loop's SASS per element (its body
+over the elements a thread holds per iteration: the figure SPEC 8's bandwidth budget is stated in).
 No GPU needed: triton compiles to cubin with its bundled ptxas, and cuobjdump reads it back.
 
 Counting, not timing: a convert_layout through shared memory, a spill, or a class vector re-read from L2 per
@@ -136,7 +137,27 @@ def _inspect(compiled, name: str, flags: str) -> Compiled:
     counts["loop spills"] = _loop_spills(lines, innermost=True)
     counts["row-loop spills"] = _loop_spills(lines, innermost=False)
     counts["pipelined loops"], counts["main loop pipelined"] = _pipelined(lines)
+    counts["SASS/element"] = _per_element(lines, flags)
     return Compiled(name, flags, regs, spilled, max(field("SHARED"), compiled.metadata.shared), dict(counts), sass)
+
+
+def _per_element(lines: list[str], flags: str) -> str:
+    """SASS instructions per element of the main loop (the largest innermost loop that loads: a row kernel's column
+    loop), ``size/shortest`` as the loop sizes: its body over the elements a thread holds per iteration,
+    ``BLOCK_M * BLOCK_N / (32 * num_warps)``. The figure to set against the bandwidth budget (SPEC 8: ~20 an element
+    for a bf16 read-only pass on an H100, ~40 with the gradient written). "-" without such a loop or tile sizes (a
+    whole-row tile, the combine, LADE's merge)."""
+    sizes = {k: int(v) for k, v in re.findall(r"\b(BLOCK_M|BLOCK_N|num_warps)=(\d+)", flags)}
+    loads = {int(m.group(1), 16) for ln in lines if (m := re.match(r"\s+/\*([0-9a-f]+)\*/", ln))
+             and (_CLASSES["LDG"].search(ln) or _CLASSES["LDGSTS"].search(ln))}
+    inner = sorted(((a, b) for a, b in _innermost(_loops(lines)) if any(a <= x <= b for x in loads)),
+                   key=lambda ab: ab[0] - ab[1])
+    if len(sizes) < 3 or not inner or re.search(r"\bSINGLE_TILE\b", flags):  # a whole-row tile: no column loop
+        return "-"
+    a, b = inner[0]
+    per_thread = sizes["BLOCK_M"] * sizes["BLOCK_N"] / (32 * sizes["num_warps"])
+    size, skip = (b - a) // 16 + 1, _skipped(lines, a, b)
+    return f"{size / per_thread:.1f}" + (f"/{(size - skip) / per_thread:.1f}" if skip else "")
 
 
 def _loops(lines: list[str]) -> list[tuple[int, int]]:
@@ -392,7 +413,7 @@ def report(names=None, arch: int = 90, sass_dir: str | None = None) -> list[tupl
 
 
 def markdown(rows) -> str:
-    cls = list(_CLASSES) + ["total", "loops", "loop spills", "row-loop spills", "pipelined loops",
+    cls = list(_CLASSES) + ["total", "loops", "SASS/element", "loop spills", "row-loop spills", "pipelined loops",
                             "main loop pipelined"]
     head = "| case | kernel | flags | regs | spill B | smem B | " + " | ".join(cls) + " |"
     lines = [head, "|" + "---|" * (6 + len(cls))]
