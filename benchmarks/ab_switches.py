@@ -5,7 +5,9 @@
 - ``HALF_WIDTH_ROWS`` 1 / 2: bf16 rows one per tile / two per tile (the class vectors' tiles loaded once for both),
   forward + backward of LA and GCL;
 - ``WHOLE_ROW_GRAD_IN_FORWARD`` False / True: with the gradient in the forward, 2048-wide tiles in two passes / the
-  whole row as one tile (rows up to ``tiles.WHOLE_ROW_BYTES``), LA and GCL at 8142 classes.
+  whole row as one tile (rows up to ``tiles.WHOLE_ROW_BYTES``), LA and GCL at 8142 classes;
+- ``COLUMN_STATS_ROWS`` 16 / 64: LADE's column partials per 16 rows (16 x 512 tiles) / per 64 (64 x 128), a quarter
+  of the partials' traffic, forward + backward of LADE.
 
 ``python benchmarks/ab_switches.py`` prints one markdown table: median ms (``triton.testing.do_bench``) per shape
 both ways and the ratio on/off. Each switch goes through ``fastlt.kernels.tiles.reconfigure``, which also retires the
@@ -54,6 +56,8 @@ def main() -> int:
          False),
         ("WHOLE_ROW_GRAD_IN_FORWARD", (False, True), [(4096, 8142, fp32), (4096, 8142, bf16), (512, 8142, bf16)],
          ("la", "gcl"), True),
+        ("COLUMN_STATS_ROWS", (16, 64), [(4096, 8142, fp32), (4096, 131072, fp32), (4096, 131072, bf16)], ("lade",),
+         False),
     ]
     print(f"# {torch.cuda.get_device_name(0)}: median ms, forward + backward")
     print("| switch | loss | N x C | dtype | off | on | on / off |\n|---|---|---|---|---|---|---|")

@@ -98,6 +98,15 @@ def whole_row_elements(elem_bytes: int) -> int:
 
 
 DEFAULT_STAGES = 3  # the column loops' software-pipelining depth (tl.range num_stages); 1: the unpipelined loops
+# LADE's column statistics: per program, BLOCK_M rows reduce into one partial per column ((2, N / BLOCK_M, C) fp32,
+# written by the row pass and read back by the merge). 16-row partials add 2 x 12.5% to fp32 logits' traffic and
+# 2 x 25% to bf16's; 64-row tiles of 128 columns quarter that (issue 17, item 3). The H100 run of 2026-11-23 timed
+# 16 x 1024 at 6.74 ms and 64 x 256 at 8.72 ms (4096 x 131072 fp32), but those held 32 elements a thread (16 x 1024
+# with 16 warps spilled then); at 16 elements a thread, 16 x 512, 32 x 256 and 64 x 128 of 16 warps compile alike
+# (kernel_report, sm_90, fp32: 122 / 115 / 122 registers, no spills, 27.8 / 28.4 / 28.3 SASS an element).
+# benchmarks/tune_tiles.py --lade and ab_switches.py time 64 against 16 on the next GPU.
+COLUMN_STATS_ROWS = 64
+COLUMN_STATS_ELEMENTS = 8192  # a column-statistics tile: 16 elements a thread of 16 warps
 # Rows of bf16 / fp16 logits longer than one tile, in a launch that reads a (C,) fp32 class vector per element (LA's
 # log prior, GCL's cloud): this many rows a tile, TILE_N / HALF_WIDTH_ROWS columns wide, so each vector tile is
 # loaded once for them (issue 17, item 3). Static count (kernel_report, sm_90, LA 4096 x 131072 bf16): 12 vector
@@ -138,13 +147,7 @@ def _pick_tiles(N, C, sm_count, column_stats, column_term, grad_in_forward, elem
     # num_stages (default 3: async copies, 3 tiles in flight, ~24 KB of shared memory per 2048-wide bf16 program;
     # tools/kernel_report.py shows and checks it). Not timed yet: num_stages=1 is the old loop form, which
     # benchmarks/tune_tiles.py sweeps against it on the next GPU.
-    # LADE's column statistics: per program, BLOCK_M rows reduce into one partial per column
-    # ((2, N/BLOCK_M, C) fp32). 16 x 1024 tiles measured 6.74 ms at 4096 x 131072 fp32 (H100), 64 x 256
-    # tiles (4x fewer partials) 8.72 ms: taller tiles cost more in the kernel than the partials save. With the
-    # class sums taken from the gathered target logits (static count, tools/kernel_report.py): 16 x 1024 with 16 warps
-    # spills in fp32 (32 elements per thread), 16 x 512 with 16 warps does not (16 per thread, ~100
-    # registers, the same 16 warps per SM), so that is the default until a GPU run of
-    # benchmarks/tune_tiles.py --lade says otherwise.
+    # LADE's column statistics: see COLUMN_STATS_ROWS.
     # LADE's gradient reads three (C,) fp32 vectors per element beside z (12 B from L2 per 4 B of fp32 z with
     # one-row tiles): 4 x 512 tiles share each vector load between 4 rows (no spills, 64 registers).
     # Gradient-in-forward of long rows (unmeasured; benchmarks/tune_tiles.py sweeps it): with one program
@@ -174,13 +177,16 @@ def _pick_tiles(N, C, sm_count, column_stats, column_term, grad_in_forward, elem
         # 2-byte rows that read a (C,) fp32 vector per element: tiles of HALF_WIDTH_ROWS rows of TILE_N /
         # HALF_WIDTH_ROWS columns load each vector tile once for those rows (2 B of L2 per 2 B of logits, was 4)
         block_m, block_n = HALF_WIDTH_ROWS, TILE_N // HALF_WIDTH_ROWS
+    if column_stats and block_m is None:
+        block_m = min(COLUMN_STATS_ROWS, max(1, next_pow2(N)))
     if block_n is None:
-        width = 512 if column_stats else (TILE_N // _COLUMN_TERM_ROWS if column_term and block_m is None else TILE_N)
+        if column_stats:  # COLUMN_STATS_ELEMENTS a tile: shorter batches get wider tiles
+            width = max(16, COLUMN_STATS_ELEMENTS // block_m)
+        else:
+            width = TILE_N // _COLUMN_TERM_ROWS if column_term and block_m is None else TILE_N
         block_n = max(16, min(next_pow2(C), width))
     if block_m is None:
-        if column_stats:
-            block_m = min(16, max(1, next_pow2(N)))
-        elif column_term:
+        if column_term:
             block_m = min(_COLUMN_TERM_ROWS, next_pow2(max(N, 1)))
         else:
             block_m = max(1, min(64, TILE_N // block_n, next_pow2(max(N, 1))))
@@ -195,7 +201,7 @@ def _pick_tiles(N, C, sm_count, column_stats, column_term, grad_in_forward, elem
     num_splits = cdiv(C, cols_per_split)
     if num_warps is None:
         elements = block_m * block_n
-        if column_stats:  # ~16 elements per thread: more spill (see above)
+        if column_stats:  # ~16 elements per thread: more spill (see COLUMN_STATS_ROWS)
             num_warps = max(4, min(16, elements // 512))
         else:
             num_warps = 4 if elements <= 2048 else (8 if elements <= 8192 else 16)

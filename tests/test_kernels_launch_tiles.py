@@ -39,13 +39,15 @@ def test_lade_tiles_without_spilling_shapes():
     shared by 4 rows); other paths keep one-row tiles, and explicit arguments win."""
     cpu = torch.device("cpu")
     stats = launch.pick_tiles(4096, 131072, cpu, column_stats=True)
-    assert (stats.block_m, stats.block_n, stats.num_warps) == (16, 512, 16)
+    assert (stats.block_m, stats.block_n, stats.num_warps) == (64, 128, 16)  # tiles.COLUMN_STATS_ROWS
     term = launch.pick_tiles(4096, 131072, cpu, column_term=True)
     assert (term.block_m, term.block_n) == (4, 512)
     assert launch.pick_tiles(4096, 131072, cpu).block_m == 1
     assert launch.pick_tiles(4096, 131072, cpu, column_term=True, block_m=1, block_n=2048).block_n == 2048
     assert launch.pick_tiles(3, 7, cpu, column_term=True).block_m == 4
-    assert launch.column_stat_blocks(4096) == 4096 // 16
+    assert launch.column_stat_blocks(4096) == 4096 // 64
+    assert launch.pick_tiles(3, 1000, cpu, column_stats=True).block_m == 4  # short batches: wider tiles
+    assert launch.pick_tiles(3, 1000, cpu, column_stats=True).block_n == 1024
 
 
 def _tiles_on_h100(N, C, elem_bytes, **kw):
