@@ -35,7 +35,6 @@ __all__ = [
     "check_operator_args",
     "check_rows",
     "ArgsCache",
-    "SEED_FREE",
     "check_lade_args",
     "op_schema",
     "flatten",
@@ -274,17 +273,23 @@ class AdjustedCEArgs:
     @functools.cached_property
     def memo(self) -> dict:
         """Values derived from these arguments once per call of a loss and shared by its forward and backward (the
-        kernels' argument groups, by device: :func:`fastlt.kernels.launch.kernel_groups`, and launch plans). Entries
-        under a key ``(SEED_FREE, ...)`` do not depend on ``seed``: :meth:`reseeded` copies share them."""
+        kernels' argument groups with the seed, by device: :func:`fastlt.kernels.launch.kernel_groups`)."""
+        return {}
+
+    @functools.cached_property
+    def seed_free(self) -> dict:
+        """As :attr:`memo`, for values that do not depend on ``seed`` (the kernels' other argument groups, launch
+        plans): :meth:`reseeded` copies share this dict."""
         return {}
 
     def reseeded(self, seed) -> AdjustedCEArgs:
-        """These arguments with another ``seed`` of the same kind (int or tensor), sharing the memo's seed-free
-        entries and the cached class-weight sum."""
+        """These arguments with another ``seed`` of the same kind (int or tensor), sharing :attr:`seed_free` and the
+        cached class-weight sum (a fresh :attr:`memo`)."""
         fresh = object.__new__(type(self))  # the fields as they are (checked and converted once): no __init__
-        fresh.__dict__.update(self.__dict__)  # the cached weight_total too
+        fresh.__dict__.update(self.__dict__)
         fresh.__dict__["seed"] = seed
-        fresh.__dict__["memo"] = {k: v for k, v in self.memo.items() if isinstance(k, tuple) and k[:1] == (SEED_FREE,)}
+        fresh.__dict__.pop("memo", None)
+        fresh.__dict__["seed_free"] = self.seed_free
         return fresh
 
     @functools.cached_property
@@ -312,9 +317,6 @@ class AdjustedCEArgs:
         return cls.from_fields(device, fields)
 
 
-SEED_FREE = "seed-free"  # the first item of a memo key whose value does not depend on the seed
-
-
 class ArgsCache:
     """The :class:`AdjustedCEArgs` of the last call (or whatever a caller stores: LADE's pair of arguments), reused
     (its fields' checks, conversions and the kernels' argument groups and launch plans in its ``memo`` with it)
@@ -322,7 +324,7 @@ class ArgsCache:
     logits of the same class count on the same device. A loss module passes its own buffers every step, so its
     steps after the first skip that work. The entry holds the fields' objects, so no tensor id is reused while it
     is cached. A drawn seed (``seed=None`` with the noise on) is drawn again on every call
-    (:meth:`AdjustedCEArgs.reseeded`: the seed-free memo is kept)."""
+    (:meth:`AdjustedCEArgs.reseeded`: the seed-free values are kept)."""
 
     def __init__(self):
         self._key: tuple | None = None

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from .._operator import SEED_FREE, AdjustedCEArgs
+from .._operator import AdjustedCEArgs
 from . import counters, tiles
 from .adjusted_ce import (
     ClassVectors,
@@ -92,12 +92,12 @@ class KernelGroups(NamedTuple):
 
 def kernel_groups(args: AdjustedCEArgs, dev) -> KernelGroups:
     """:class:`KernelGroups` of ``args`` on ``dev``, made once per ``args`` (its ``memo``: the forward and the backward
-    of a call share them). All but the seed's are kept under a :data:`fastlt._operator.SEED_FREE` key, which a
-    reseeded copy of ``args`` shares (:class:`fastlt._operator.ArgsCache`: GCL's drawn seed each step)."""
+    of a call share them). All but the seed's are kept in ``args.seed_free``, which a reseeded copy of ``args``
+    shares (:class:`fastlt._operator.ArgsCache`: GCL's drawn seed each step)."""
     groups = args.memo.get(dev)
     if groups is None:
         d = _dummy(dev)
-        free = args.memo.get((SEED_FREE, "groups", dev))
+        free = args.seed_free.get(("groups", dev))
         if free is None:
             margin = args.margin_vector
             vecs = ClassVectors(d if args.log_prior is None else args.log_prior,
@@ -108,7 +108,7 @@ def kernel_groups(args: AdjustedCEArgs, dev) -> KernelGroups:
             f = kernel_flags(args)
             grad_hp = hp._replace(gamma=None)
             grad_flags = f._replace(HAS_FOCAL=False)
-            free = args.memo[(SEED_FREE, "groups", dev)] = (vecs, hp, f, grad_hp, grad_flags)
+            free = args.seed_free[("groups", dev)] = (vecs, hp, f, grad_hp, grad_flags)
         vecs, hp, f, grad_hp, grad_flags = free
         rng = dict(seed=args.seed_value, noise_row0=args.noise_row_offset,
                    seed_ptr=args.seed if args.seed_from_device else d)
@@ -418,7 +418,7 @@ class _ForwardPlan(NamedTuple):
 
 def _forward_plan(args: AdjustedCEArgs, z, y, g, soft, grad_in_forward: bool, column_stats: bool, config,
                   scale_mean: bool, reduced: bool) -> _ForwardPlan:
-    """The :class:`_ForwardPlan` of a launch, kept in ``args.memo`` (seed-free) for the common launch (class indices,
+    """The :class:`_ForwardPlan` of a launch, kept in ``args.seed_free`` for the common launch (class indices,
     no column statistics, the default tiles) under its shapes, strides and dtypes, so that a module's steps build
     it once."""
     key = None
@@ -479,9 +479,9 @@ def _keep_plan(args: AdjustedCEArgs, key: tuple, plan) -> None:
 
 def _plans(args: AdjustedCEArgs) -> dict:
     """``args``' launch plans by shape signature (seed-free; emptied before a new one past :data:`_MAX_PLANS`)."""
-    plans = args.memo.get((SEED_FREE, "plans"))
+    plans = args.seed_free.get("plans")
     if plans is None:
-        plans = args.memo[(SEED_FREE, "plans")] = {}
+        plans = args.seed_free["plans"] = {}
     return plans
 
 

@@ -79,9 +79,7 @@ def test_inference_tensors_are_not_cached():
 
 
 def _plans(args):
-    from fastlt._operator import SEED_FREE
-
-    return args.memo.get((SEED_FREE, "plans"), {})
+    return args.seed_free.get("plans", {})
 
 
 def test_launch_plans_follow_the_batch_shape_and_stay_bounded():
