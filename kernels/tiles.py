@@ -172,8 +172,9 @@ def _pick_tiles(N, C, sm_count, column_stats, column_term, grad_in_forward, elem
             num_warps = 16 // per_sm if num_warps is None else num_warps
             num_splits = 1 if num_splits is None else num_splits
     row_programs = row_programs or None
-    if (class_vectors and elem_bytes == 2 and HALF_WIDTH_ROWS > 1 and C > TILE_N and block_m is None
-            and block_n is None and row_programs is None and not (column_stats or column_term)):
+    half_width = (class_vectors and elem_bytes == 2 and HALF_WIDTH_ROWS > 1 and C > TILE_N and block_m is None
+                  and block_n is None and row_programs is None and not (column_stats or column_term))
+    if half_width:
         # 2-byte rows that read a (C,) fp32 vector per element: tiles of HALF_WIDTH_ROWS rows of TILE_N /
         # HALF_WIDTH_ROWS columns load each vector tile once for those rows (2 B of L2 per 2 B of logits, was 4)
         block_m, block_n = HALF_WIDTH_ROWS, TILE_N // HALF_WIDTH_ROWS
@@ -195,7 +196,11 @@ def _pick_tiles(N, C, sm_count, column_stats, column_term, grad_in_forward, elem
         num_splits = 1
         row_blocks = cdiv(max(N, 1), block_m)
         target = 16 * sm_count  # short batches of long rows: ~16 programs per SM (128 x 1M: ~17 splits)
-        if tiles >= 4 and row_blocks < target and not whole_row:
+        # long rows: 4 default tiles and more, whatever this launch's tile width (LADE's 128-wide column-statistics
+        # tiles would otherwise split a 512-class row, a combine launch more for a small batch)
+        # (a program of half-width rows holds what one of a 2048-wide row would: counted in rows here, so that
+        # they split, or not, as one-row tiles would)
+        if cdiv(C, TILE_N) >= 4 and (N if half_width else row_blocks) < target and not whole_row:
             num_splits = min(tiles, cdiv(target, row_blocks))
     cols_per_split = cdiv(tiles, num_splits) * block_n
     num_splits = cdiv(C, cols_per_split)

@@ -95,3 +95,18 @@ def test_two_byte_rows_share_class_vector_tiles_between_two_rows():
     assert launch.pick_tiles(4096, 131072, cpu, elem_bytes=2, class_vectors=True).block_m == 2
     with pytest.raises(ValueError, match="no policy constant 'TILE_M'"):
         tiles.reconfigure(TILE_M=3)
+
+
+def test_splits_only_for_long_rows_of_short_batches(monkeypatch):
+    """On an H100's 132 SMs: rows of 4 default tiles and more split over columns when the batch gives fewer than ~16
+    programs an SM; LADE's 128-wide column-statistics tiles do not split a 512-class row (a combine launch more for
+    nothing), and bf16 rows two a tile split as one-row tiles would (4096 x 131072: not at all)."""
+    monkeypatch.setattr(tiles, "sm_count", lambda device: 132)
+    dev = torch.device("cpu")
+    assert launch.pick_tiles(4096, 131072, dev, elem_bytes=2, class_vectors=True).num_splits == 1
+    assert launch.pick_tiles(4096, 131072, dev).num_splits == 1
+    assert launch.pick_tiles(1000, 131072, dev, elem_bytes=2, class_vectors=True).num_splits > 1
+    assert launch.pick_tiles(128, 1_000_000, dev, elem_bytes=2, class_vectors=True).num_splits > 1
+    assert launch.pick_tiles(4096, 131072, dev, column_stats=True).num_splits > 1  # 64 row blocks
+    assert launch.pick_tiles(64, 512, dev, column_stats=True).num_splits == 1
+    assert launch.pick_tiles(512, 8142, dev).num_splits == 1  # a whole-row width (tiles.WHOLE_ROW_BYTES)
