@@ -379,6 +379,9 @@ def cases():
         "gcl-1M-bf16-split-fused": gcl(128, 1_000_000, torch.bfloat16, grad_in_forward=True, num_splits=16),
         "gcl-shard-8142-over-8-bf16": gcl_shard(4096, 8142, 8, torch.bfloat16),  # noise drawn per element
         "la-8142-fp32-whole-row": la(4096, 8142, torch.float32, grad_in_forward=True, block_n=8192, num_warps=16),
+        # the longest bf16 row held whole with the gradient in the forward (tiles.WHOLE_ROW_BYTES): 32 elements a
+        # thread of 16 warps, at the 128-register cap
+        "gcl-16000-bf16-fused": gcl(4096, 16000, torch.bfloat16, grad_in_forward=True),
         "lade-131072-fp32": lade_case(4096, 131072, torch.float32),
         "lade-8142-bf16": lade_case(4096, 8142, torch.bfloat16),
         "cosine-gcl-head-bf16": cosine_head(256, 128, 1000, torch.bfloat16),
