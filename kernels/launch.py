@@ -418,13 +418,12 @@ class _ForwardPlan(NamedTuple):
 
 def _forward_plan(args: AdjustedCEArgs, z, y, g, soft, grad_in_forward: bool, column_stats: bool, config,
                   scale_mean: bool, reduced: bool) -> _ForwardPlan:
-    """The :class:`_ForwardPlan` of a launch, kept in ``args.seed_free`` for the common launch (class indices,
-    no column statistics, the default tiles) under its shapes, strides and dtypes, so that a module's steps build
-    it once."""
+    """The :class:`_ForwardPlan` of a launch, kept in ``args.seed_free`` for the common launch (class indices, the
+    default tiles) under its shapes, strides and dtypes, so that a module's steps build it once."""
     key = None
-    if soft is None and not column_stats and config is None:
+    if soft is None and config is None:
         key = ("forward", tiles.GENERATION, z.device, tuple(z.shape), z.stride(), z.dtype, g is z, g.stride(),
-               g.dtype, y.stride(), y.dtype, grad_in_forward, scale_mean, reduced)
+               g.dtype, y.stride(), y.dtype, grad_in_forward, column_stats, scale_mean, reduced)
         plan = _plans(args).get(key)
         if plan is not None:
             return plan
