@@ -422,8 +422,8 @@ def _forward_plan(args: AdjustedCEArgs, z, y, g, soft, grad_in_forward: bool, co
     default tiles) under its shapes, strides and dtypes, so that a module's steps build it once."""
     key = None
     if soft is None and config is None:
-        key = ("forward", tiles.GENERATION, z.device, tuple(z.shape), z.stride(), z.dtype, g is z, g.stride(),
-               g.dtype, y.stride(), y.dtype, grad_in_forward, column_stats, scale_mean, reduced)
+        key = ("forward", tiles.GENERATION, STORE_PROBS, z.device, tuple(z.shape), z.stride(), z.dtype, g is z,
+               g.stride(), g.dtype, y.stride(), y.dtype, grad_in_forward, column_stats, scale_mean, reduced)
         plan = _plans(args).get(key)
         if plan is not None:
             return plan
