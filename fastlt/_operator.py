@@ -346,7 +346,7 @@ class ArgsCache:
             return None
         args = self._args
         if fields.get("seed", 0) is None and isinstance(args, AdjustedCEArgs) and args.has_noise:
-            args = args.reseeded(_fresh_seed(logits.device))
+            args = args.reseeded(draw_seed())  # (never looked up while compiling: _fresh_seed's other branch)
         return args
 
     def store(self, fields: dict, logits: Tensor, args: AdjustedCEArgs) -> None:

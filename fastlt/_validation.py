@@ -22,11 +22,9 @@ BACKENDS = ("auto", "torch", "triton")
 
 
 def _isfinite(value: float) -> bool:
-    """``math.isfinite``, but in comparisons when compiling: dynamo traces a scheduled float as a symbol, on which
-    ``math.isfinite`` breaks the graph while a comparison becomes a guard."""
-    if torch.compiler.is_compiling():
-        return value == value and -math.inf < value < math.inf
-    return math.isfinite(value)
+    """``math.isfinite`` as comparisons: dynamo traces a scheduled float as a symbol, on which ``math.isfinite``
+    breaks the graph while a comparison becomes a guard (and eagerly, no ``is_compiling`` call per check)."""
+    return value == value and -math.inf < value < math.inf
 
 
 def check_finite_float(name: str, value, *, min_value: float | None = None,
