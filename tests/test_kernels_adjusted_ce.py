@@ -189,6 +189,19 @@ def test_two_byte_rows_in_two_row_tiles(flags, dtype):
     run_and_compare(z, y, _flags(flags, cv, 9))
 
 
+def test_two_byte_rows_in_two_row_tiles_with_the_gradient_in_the_forward():
+    """bf16 GCL rows past a whole-row tile (tiles.WHOLE_ROW_BYTES) with the gradient in the forward: two-row tiles,
+    split over columns (a short batch), the split forward storing exp(a - max) for the gradient (STORE_P: the noise
+    drawn once), against float64."""
+    gen = torch.Generator().manual_seed(8)
+    N, C = 3, 16500
+    cfg = launch.pick_tiles(N, C, torch.device(DEVICE), grad_in_forward=True, elem_bytes=2, class_vectors=True)
+    assert cfg.block_m == 2 and not cfg.single_tile
+    cv = class_vectors(C, gen)
+    z, y = _inputs(N, C, torch.bfloat16, gen)
+    run_and_compare(z, y, _flags("gcl", cv, 9), grad_in_forward=True)
+
+
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("store", ["never", "always"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
