@@ -196,6 +196,11 @@ class _Finish(NamedTuple):
     remine_lambda: float
 
 
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t.contiguous()`` without its dispatch when ``t`` is (host time: a LADE step passes four such tensors)."""
+    return t if t.is_contiguous() else t.contiguous()
+
+
 def _columns(stats: torch.Tensor, *, finish: _Finish | None = None, into: torch.Tensor | None = None,
              rows: PriorCERows | None = None):
     """One ``lade_columns`` launch: merge the column statistics (into ``into``), and with ``finish`` LADER's terms
@@ -205,7 +210,7 @@ def _columns(stats: torch.Tensor, *, finish: _Finish | None = None, into: torch.
     if stats.dtype != torch.float32 or stats.dim() != 3 or stats.shape[0] not in (2, 4):
         raise ValueError(f"column statistics must be (2, R, C) or (2, C) fp32 ((4, ...) for class probabilities), "
                          f"got {tuple(stats.shape)} {stats.dtype}")
-    stats = stats.contiguous()
+    stats = _contiguous(stats)
     planes, R, C = stats.shape
     soft = planes == 4  # class-probability targets: the class sums and counts come with the partials
     dev = stats.device
@@ -275,8 +280,8 @@ def finish(partials: torch.Tensor, y: torch.Tensor, target_logits: torch.Tensor,
     elif y.shape != target_logits.shape or y.dim() != 1:
         raise ValueError(f"y and target_logits must both be (N,), got {tuple(y.shape)} and "
                          f"{tuple(target_logits.shape)}")
-    pi = pi.to(torch.float32).contiguous()
-    out, parts = _columns(partials, finish=_Finish(y=y.contiguous(), target_logits=target_logits.contiguous(),
+    pi = _contiguous(pi if pi.dtype == torch.float32 else pi.to(torch.float32))
+    out, parts = _columns(partials, finish=_Finish(y=_contiguous(y), target_logits=_contiguous(target_logits),
                                                    ignore_index=ignore_index, prior=pi, alpha=alpha,
                                                    remine_lambda=remine_lambda), rows=rows)
     return LaderTerms(parts, out)
