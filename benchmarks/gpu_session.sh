@@ -8,7 +8,7 @@
 # most 600 s. So: one call with `one` (timeout_s 600; its bounds add up to 535 s): the whole test suite natively,
 # spread over the machine's cores with pytest-xdist (the image has it; the time goes to compiling kernels), both
 # benchmark tables (each case eager and replayed from a CUDA graph) and the heads' CUDA time kernel by kernel.
-# Then, while the machine is still warm (30 s), `two` if the time left allows (bounds add up to 345 s): the A/B of
+# Then, while the machine is still warm (30 s), `two` if the time left allows (bounds add up to 405 s): the A/B of
 # issue 17's switches (pipelined loops, two-row bf16 tiles, whole-row tiles), the profile of a logits step, the
 # gradient-in-forward grids (STORE_P on and off) and the mixup table. `shards` (class parallel, ~400 s), `lade`
 # (LADE's tile sweep) and the row kernel's tile sweep (benchmarks/tune_tiles.py without flags, ~90 s) each need a
@@ -42,7 +42,7 @@ one() {
 two() {
   # issue 17's untimed switches, each off and on: the column loops pipelined (stages 1 / 3), bf16 rows two a tile,
   # the whole row as one tile with the gradient in the forward
-  step 120 python3 benchmarks/ab_switches.py
+  step 180 python3 benchmarks/ab_switches.py
   # the host path on that host's CPU (kernels stubbed) beside F.cross_entropy; profile_step below has the real launches
   step 25 python3 benchmarks/host_overhead.py
   step 60 python3 benchmarks/profile_step.py 4096 8142 fp32
