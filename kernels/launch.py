@@ -207,16 +207,15 @@ def fused_reduction(device: torch.device, values: int, rblock: int, reduction: s
 
 
 def _mean_denominator(y: torch.Tensor, args: AdjustedCEArgs, inv_denominator, mean: bool, programs: int,
-                      counter: torch.Tensor | None, own: bool | None = None):
+                      counter: torch.Tensor | None):
     """``(inv, DENOM)`` for a launch of ``programs`` row programs (see ``row_loss_forward``'s DENOM): with 'mean'
     scaling (``mean``) and no given ``inv_denominator``, the programs sum the denominator themselves when that is
     cheap (:func:`fastlt.kernels.tiles.own_denominator`: ``inv`` None), else the launch's first program sums and
     publishes it when the launch reduces the batch (``counter``, its slot, is ``inv``), else one launch computes it
-    first (:func:`inv_denominator_of`). ``own``: :func:`fastlt.kernels.tiles.own_denominator`'s answer, when
-    known."""
+    first (:func:`inv_denominator_of`)."""
     if not mean or inv_denominator is not None:
         return inv_denominator, DENOM_POINTER
-    if own if own is not None else tiles.own_denominator(programs, y.shape[0]):
+    if tiles.own_denominator(programs, y.shape[0]):
         return None, DENOM_OWN
     if counter is not None:
         return counter, DENOM_PUBLISHED
@@ -359,14 +358,10 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out:
     if out is not None and (args.reduction == "none" or column_stats):
         raise ValueError("out= takes the 'mean' or 'sum' of a loss without column_stats")
     g_in = grad_out if grad_out is not None else z
-    plan = _forward_plan(args, z, y, g_in, soft, grad_out is not None, column_stats, config, scale_mean,
-                         out is not None)
+    plan = _forward_plan(args, z, y, g_in, soft, grad_out is not None, column_stats, config, scale_mean)
     cfg, split = plan.cfg, plan.split
-    counter, reduce_mode = None, 0
-    if out is not None and plan.fusable:
-        counter = counters.reduce_counter(dev)
-        reduce_mode = 0 if counter is None else plan.reduce_mode
-    inv, denom = _mean_denominator(y, args, inv_denominator, plan.mean, plan.programs, counter, plan.own_denom)
+    counter, reduce_mode = fused_reduction(dev, N, plan.rblock, args.reduction) if out is not None else (None, 0)
+    inv, denom = _mean_denominator(y, args, inv_denominator, plan.mean, plan.programs, counter)
     rows = _row_outputs(N, dev, soft is not None)
     kg = kernel_groups(args, dev)
     part = (torch.empty((PARTIAL_PLANES if soft is None else 6, N, cfg.num_splits), dtype=torch.float32, device=dev)
@@ -375,19 +370,19 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out:
     colstats = new_column_stats(N, C, dev, plan.row_blocks, soft=soft is not None) if column_stats else None
     stored = (StoredTiles(maxima=torch.empty((N, cdiv(C, cfg.block_n)), dtype=torch.float32, device=dev),
                           count=cdiv(C, cfg.block_n)) if plan.store_p else None)
-    buffers = {}  # those a launch of this plan has only per call (the plan's placeholders otherwise)
+    kwargs = dict(plan.static)  # the plan's placeholders replaced by this call's buffers
     if split:
-        buffers["part_ptr"] = part
+        kwargs["part_ptr"] = part
     if colstats is not None:
-        buffers["colstats"] = colstats
+        kwargs["colstats"] = colstats
     if stored is not None:
-        buffers["stored"] = stored
+        kwargs["stored"] = stored
     if N > 0:
         row_loss_forward[plan.grid](
             z_op=_operand(z), y_ptr=y, inv_denom_ptr=_or_dummy(inv, dev), out=rows,
             g_op=_operand(grad_out) if plan.writes_g else _operand(z), **kg.rng,
             red=Reduction(out=_or_dummy(out, dev), counter=_or_dummy(counter, dev)), soft=soft,
-            DENOM=DENOM_POINTER if split else denom, REDUCE=0 if split else reduce_mode, **plan.static, **buffers)
+            DENOM=DENOM_POINTER if split else denom, REDUCE=0 if split else reduce_mode, **kwargs)
         if split:
             _launch_combine(part, y, args, C, rows, inv, mean=plan.mean, denom=denom, out=out, counter=counter,
                             reduce_mode=reduce_mode, soft=soft)
@@ -399,8 +394,9 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out:
 
 
 class _ForwardPlan(NamedTuple):
-    """What a :func:`forward` launch takes from its shapes and ``args`` alone: the tiles, the grid, the reduction's
-    and the denominator's choices, and the kernel arguments that are the same on every call (``static``)."""
+    """What a :func:`forward` launch takes from its shapes and ``args`` alone: the tiles, the grid, the programs that
+    finish the rows and the width of their batch sums (for the reduction's and the denominator's choices), and the
+    kernel arguments that are the same on every call (``static``, with placeholders for the per-call buffers)."""
 
     cfg: TileConfig
     split: bool
@@ -408,22 +404,20 @@ class _ForwardPlan(NamedTuple):
     grid: tuple
     mean: bool
     programs: int
-    fusable: bool
-    reduce_mode: int
-    own_denom: bool
+    rblock: int
     store_p: bool
     writes_g: bool
     static: dict
 
 
 def _forward_plan(args: AdjustedCEArgs, z, y, g, soft, grad_in_forward: bool, column_stats: bool, config,
-                  scale_mean: bool, reduced: bool) -> _ForwardPlan:
+                  scale_mean: bool) -> _ForwardPlan:
     """The :class:`_ForwardPlan` of a launch, kept in ``args.seed_free`` for the common launch (class indices, the
     default tiles) under its shapes, strides and dtypes, so that a module's steps build it once."""
     key = None
     if soft is None and config is None:
         key = ("forward", tiles.GENERATION, STORE_PROBS, z.device, tuple(z.shape), z.stride(), z.dtype, g is z,
-               g.stride(), g.dtype, y.stride(), y.dtype, grad_in_forward, column_stats, scale_mean, reduced)
+               g.stride(), g.dtype, y.stride(), y.dtype, grad_in_forward, column_stats, scale_mean)
         plan = _plans(args).get(key)
         if plan is not None:
             return plan
@@ -450,17 +444,10 @@ def _forward_plan(args: AdjustedCEArgs, z, y, g, soft, grad_in_forward: bool, co
         SINGLE_TILE=cfg.single_tile, GRAD_IN_FWD=fuse_grad, COLUMN_STATS=column_stats,
         ALIGN=row_align(z, g if writes_g else z, *([] if soft is None else [y])), BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, PERSISTENT=grid_rows < row_blocks, RBLOCK=rblock, STORE_P=store_p,
-        STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if not split:
-        static["part_ptr"] = d
-    if not column_stats:
-        static["colstats"] = ColumnStats(partials=d, target_logits=d)
-    if not store_p:
-        static["stored"] = StoredTiles(maxima=d, count=0)
-    plan = _ForwardPlan(cfg, split, row_blocks, (grid_rows, cfg.num_splits), mean, programs,
-                        reduced and tiles.fusable_reduction(N, rblock),
-                        2 if args.reduction == "mean" else 1, tiles.own_denominator(programs, N), store_p, writes_g,
-                        static)
+        STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages, part_ptr=d,
+        colstats=ColumnStats(partials=d, target_logits=d), stored=StoredTiles(maxima=d, count=0))
+    plan = _ForwardPlan(cfg, split, row_blocks, (grid_rows, cfg.num_splits), mean, programs, rblock, store_p,
+                        writes_g, static)
     if key is not None:
         _keep_plan(args, key, plan)
     return plan
@@ -508,27 +495,23 @@ def grad(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, row_stats: torc
     soft = _soft(y, None)
     grid, static = _grad_plan(args, z, y, out, soft, column_term is not None, grad_output is not None, config,
                               col_base, C, stored)
-    buffers = {}  # those a launch of this plan has only per call (the plan's placeholders otherwise)
+    kwargs = dict(static)  # the plan's placeholders replaced by this call's buffers
     if column_term is not None:
-        buffers["col_term"] = column_term
+        kwargs["col_term"] = column_term
     if stored is not None:
-        buffers["stored"] = stored
+        kwargs["stored"] = stored
     row_loss_grad[grid](
         z_op=_operand(z), y_ptr=y, row_stats_ptr=row_stats, coef_ptr=row_coef, go_ptr=_or_dummy(grad_output, dev),
         go_stride=0 if grad_output is None or grad_output.dim() == 0 else grad_output.stride(0), g_op=_operand(out),
-        **_rng_args(args, dev), soft=soft, **static, **buffers)
+        **kernel_groups(args, dev).rng, soft=soft, **kwargs)
     return out
-
-
-def _rng_args(args: AdjustedCEArgs, dev) -> dict:
-    """The seed's keyword arguments of ``args``' launches (:class:`KernelGroups` ``rng``)."""
-    return kernel_groups(args, dev).rng
 
 
 def _grad_plan(args: AdjustedCEArgs, z, y, out, soft, column_term: bool, upstream: bool, config, col_base: int,
                C: int, stored) -> tuple[tuple, dict]:
     """``(grid, static)`` of a :func:`grad` launch: the grid and the kernel arguments that its shapes and ``args``
-    decide, kept in ``args``' plans (seed-free) for launches with class indices and no ``stored``."""
+    decide (with placeholders for the per-call buffers), kept in ``args``' plans (seed-free) for launches with
+    class indices and no ``stored``."""
     key = None
     if soft is None and stored is None:
         key = ("grad", tiles.GENERATION, z.device, tuple(z.shape), z.stride(), z.dtype, out.stride(), y.stride(),
@@ -548,11 +531,7 @@ def _grad_plan(args: AdjustedCEArgs, z, y, out, soft, column_term: bool, upstrea
         F=_flags(kg.grad_flags, soft, col_base), HAS_UPSTREAM=upstream,
         COLUMN_TERM=column_term, ALIGN=row_align(z, out, *([] if soft is None else [y])), BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, STORED=stored is not None, STAGES=cfg.num_stages, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
-    if not column_term:
-        static["col_term"] = ColumnTerm(a=d, b=d, lse=d)
-    if stored is None:
-        static["stored"] = StoredTiles(maxima=d, count=0)
+        num_stages=cfg.num_stages, col_term=ColumnTerm(a=d, b=d, lse=d), stored=StoredTiles(maxima=d, count=0))
     plan = ((cdiv(N, cfg.block_m), cfg.num_splits), static)
     if key is not None:
         _keep_plan(args, key, plan)
