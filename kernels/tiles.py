@@ -57,10 +57,10 @@ def pick_tiles(N: int, C: int, device: torch.device, *, column_stats: bool = Fal
     label smoothing), which 2-byte rows share between :data:`HALF_WIDTH_ROWS` rows. Explicit arguments override
     (tests, tuning); ``row_programs=0`` turns the persistent grid off."""
     return _pick_tiles(N, C, sm_count(device), column_stats, column_term, grad_in_forward, elem_bytes, class_vectors,
-                       block_m, block_n, num_splits, num_warps, num_stages, row_programs, GENERATION)
+                       block_m, block_n, num_splits, num_warps, num_stages, row_programs)
 
 
-GENERATION = 0  # bumped by reconfigure(): launch plans made under another policy are not reused
+GENERATION = 0  # bumped by reconfigure(): launch plans (fastlt.kernels.launch) made under another policy are not reused
 
 
 def reconfigure(**values) -> dict:
@@ -138,7 +138,7 @@ def _persistent_per_sm(N: int, C: int, sm_count: int, elem_bytes: int) -> int | 
 
 @functools.lru_cache(maxsize=1024)
 def _pick_tiles(N, C, sm_count, column_stats, column_term, grad_in_forward, elem_bytes, class_vectors, block_m,
-                block_n, num_splits, num_warps, num_stages, row_programs, generation) -> TileConfig:
+                block_n, num_splits, num_warps, num_stages, row_programs) -> TileConfig:
     # Defaults from benchmarks/tune_tiles.py on an H100 (triton 3.6, 2026-11-23): 2048-wide tiles and 4 warps beat
     # whole-row tiles at every shape measured (more programs in flight per SM hide HBM latency better than one
     # 16-warp program holding a whole 8K row). num_stages: that sweep found it inert, rightly then: Triton
@@ -155,7 +155,8 @@ def _pick_tiles(N, C, sm_count, column_stats, column_term, grad_in_forward, elem
     # best). A persistent grid keeps the rows in flight within half the L2: p = 1, 2 or 4 programs per SM of 16 / p
     # warps and 8192 / p-column tiles (16 elements per thread; the row-block loop raises a program to ~122 registers,
     # so 16 warps per SM is what fits).
-    whole_row = C <= whole_row_elements(elem_bytes) and not (column_stats or column_term)
+    row_kernel = not (column_stats or column_term)  # LADE's column statistics and gradient have tiles of their own
+    whole_row = C <= whole_row_elements(elem_bytes) and row_kernel
     if (grad_in_forward and whole_row and WHOLE_ROW_GRAD_IN_FORWARD and block_n is None and num_splits is None
             and row_programs is None):
         # the row is one tile, held in registers from its read to its gradient's write (read once, written once)
@@ -163,7 +164,7 @@ def _pick_tiles(N, C, sm_count, column_stats, column_term, grad_in_forward, elem
         num_splits = 1
         if num_warps is None and block_n > TILE_N:
             num_warps = min(16, block_n // 512)
-    if row_programs is None and grad_in_forward and not (column_stats or column_term) and not whole_row:
+    if row_programs is None and grad_in_forward and row_kernel and not whole_row:
         per_sm = _persistent_per_sm(N, C, sm_count, elem_bytes)
         if per_sm is not None:
             row_programs = per_sm * sm_count
@@ -173,7 +174,7 @@ def _pick_tiles(N, C, sm_count, column_stats, column_term, grad_in_forward, elem
             num_splits = 1 if num_splits is None else num_splits
     row_programs = row_programs or None
     half_width = (class_vectors and elem_bytes == 2 and HALF_WIDTH_ROWS > 1 and C > TILE_N and block_m is None
-                  and block_n is None and row_programs is None and not (column_stats or column_term))
+                  and block_n is None and row_programs is None and row_kernel)
     if half_width:
         # 2-byte rows that read a (C,) fp32 vector per element: tiles of HALF_WIDTH_ROWS rows of TILE_N /
         # HALF_WIDTH_ROWS columns load each vector tile once for those rows (2 B of L2 per 2 B of logits, was 4)

@@ -52,7 +52,7 @@ def test_lade_tiles_without_spilling_shapes():
 
 def _tiles_on_h100(N, C, elem_bytes, **kw):
     return tiles._pick_tiles(N, C, 132, False, False, True, elem_bytes, False, kw.get("block_m"), kw.get("block_n"),
-                             None, kw.get("num_warps"), None, kw.get("row_programs"), tiles.GENERATION)
+                             None, kw.get("num_warps"), None, kw.get("row_programs"))
 
 
 def test_persistent_grid_only_where_the_rows_in_flight_overflow_l2():
@@ -66,8 +66,7 @@ def test_persistent_grid_only_where_the_rows_in_flight_overflow_l2():
     assert (two.row_programs, two.num_warps, two.block_n) == (264, 8, 4096)
     for N, C, eb in [(4096, 8142, 2), (4096, 8142, 4), (4096, 131072, 4), (1024, 1 << 20, 2), (64, 131072, 2)]:
         assert _tiles_on_h100(N, C, eb).row_programs is None, (N, C, eb)
-    assert tiles._pick_tiles(4096, 131072, 132, False, False, False, 2, False, *[None] * 6,
-                             tiles.GENERATION).row_programs is None
+    assert tiles._pick_tiles(4096, 131072, 132, False, False, False, 2, False, *[None] * 6).row_programs is None
     # explicit arguments win; row_programs=0 turns the grid off
     assert _tiles_on_h100(4096, 131072, 2, num_warps=4).num_warps == 4
     assert _tiles_on_h100(4096, 131072, 2, row_programs=0).row_programs is None
