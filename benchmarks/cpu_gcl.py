@@ -10,27 +10,18 @@ more than ``randn``'s stream; the goal is GCLLoss forward + backward within 1.2x
 from __future__ import annotations
 
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 import fastlt
+from fastlt._bench_harness import best_in_turns
 from fastlt.noise import gcl_noise
 
 
 def _best_ms(*fns, repeat: int = 9) -> list[float]:
-    """The best of ``repeat`` timings of each of ``fns``, in ms, taken in turns (a load on a shared machine then
-    slows each of them alike)."""
-    for fn in fns:
-        fn()
-    best = [float("inf")] * len(fns)
-    for _ in range(repeat):
-        for k, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return [b * 1e3 for b in best]
+    """The best of ``repeat`` timings of each of ``fns``, in ms, taken in turns."""
+    return [t * 1e3 for t in best_in_turns(*fns, repeat=repeat)]
 
 
 def _official(z, y, cloud, m=0.5, s=30.0, noise_mul=1.0):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # the kernel modules import without a GPU
 
@@ -22,7 +21,7 @@ import torch  # noqa: E402
 
 import fastlt  # noqa: E402
 import fastlt._validation as V  # noqa: E402
-from fastlt._bench_harness import GradSink  # noqa: E402
+from fastlt._bench_harness import GradSink, best_in_turns  # noqa: E402
 from fastlt.kernels import lade as lade_kernels  # noqa: E402
 from fastlt.kernels import launch  # noqa: E402
 
@@ -50,19 +49,8 @@ class _Bare(torch.autograd.Function):
 
 
 def _best_us(*steps, reps: int = 1000, repeat: int = 7) -> list[float]:
-    """Best microseconds per call of each of ``steps`` over ``repeat`` rounds of ``reps`` calls, the steps taking
-    turns within each round (a load on a shared machine then slows each of them alike)."""
-    for step in steps:
-        for _ in range(100):
-            step()
-    best = [float("inf")] * len(steps)
-    for _ in range(repeat):
-        for k, step in enumerate(steps):
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                step()
-            best[k] = min(best[k], (time.perf_counter() - t0) / reps * 1e6)
-    return best
+    """Best microseconds per call of each of ``steps`` over ``repeat`` rounds of ``reps`` calls, in turns."""
+    return [t * 1e6 for t in best_in_turns(*steps, reps=reps, repeat=repeat, warmup=100)]
 
 
 def main(N: int = 64, C: int = 512) -> None:

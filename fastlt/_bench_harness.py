@@ -13,8 +13,8 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["DTYPES", "Device", "Measured", "measure_bandwidth", "floor_ms", "host_ms", "time_step", "measure_case",
-           "GradSink", "long_tail_counts", "graphed", "gcl_gpu_noise", "fmt_host"]
+__all__ = ["DTYPES", "Device", "Measured", "measure_bandwidth", "floor_ms", "host_ms", "best_in_turns", "time_step",
+           "measure_case", "GradSink", "long_tail_counts", "graphed", "gcl_gpu_noise", "fmt_host"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -50,6 +50,23 @@ def floor_ms(N: int, C: int, dtype: torch.dtype, bandwidth: float, passes: int =
     """The bandwidth floor of a logits loss: ``passes`` (N, C) matrices of ``dtype`` moved once each (2: read the
     logits, write the gradient; 3 with class-probability targets read too), at ``bandwidth`` bytes/s, in ms."""
     return passes * N * C * torch.finfo(dtype).bits / 8 / bandwidth * 1e3
+
+
+def best_in_turns(*fns: Callable[[], None], reps: int = 1, repeat: int = 7, warmup: int = 1) -> list[float]:
+    """Best seconds per call of each of ``fns`` over ``repeat`` rounds of ``reps`` calls (after ``warmup`` calls of
+    each), the functions taking turns within each round, so that a load on a shared machine slows each of them
+    alike (CPU timings: no device sync)."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    best = [float("inf")] * len(fns)
+    for _ in range(repeat):
+        for k, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            best[k] = min(best[k], (time.perf_counter() - t0) / reps)
+    return best
 
 
 def host_ms(step: Callable[[], None], *, reps: int = 10, sync: Callable[[], None] | None = None) -> float:

@@ -127,3 +127,15 @@ def test_graph_column():
     r = bench_heads.HeadResult("m", 2, 3, 4, "bf16", 0.2, 10.0, 2.0, 0.0, 0.01, "", 0.1)
     assert bench_heads.head_row(r).count("|") == heads_cells and "| 0.100 (1.00) |" in bench_heads.head_row(r)
     assert bench_heads.head_row(bench_heads.HeadResult("m", 2, 3, 4, "bf16", None)).count("|") == heads_cells
+
+
+def test_best_in_turns_calls_each_function_in_turns():
+    """Each function runs ``warmup`` times, then ``repeat`` rounds of ``reps`` calls taking turns; the result is the
+    best round's seconds per call, one per function, in order."""
+    from fastlt._bench_harness import best_in_turns
+
+    calls = []
+    slow = best_in_turns(lambda: calls.append("a"), lambda: (calls.append("b"), time.sleep(0.002)), reps=2,
+                         repeat=3, warmup=1)
+    assert calls == ["a", "b"] + (["a"] * 2 + ["b"] * 2) * 3
+    assert len(slow) == 2 and 0 <= slow[0] < slow[1] and slow[1] >= 0.002
