@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._operator import AdjustedCEArgs
+from .._operator import AdjustedCEArgs, as_f32
 from . import launch, tiles
 from .adjusted_ce import ColumnTerm
 from .numerics import NEG_BIG, exp
@@ -280,7 +280,7 @@ def finish(partials: torch.Tensor, y: torch.Tensor, target_logits: torch.Tensor,
     elif y.shape != target_logits.shape or y.dim() != 1:
         raise ValueError(f"y and target_logits must both be (N,), got {tuple(y.shape)} and "
                          f"{tuple(target_logits.shape)}")
-    pi = _contiguous(pi if pi.dtype == torch.float32 else pi.to(torch.float32))
+    pi = as_f32(pi)
     out, parts = _columns(partials, finish=_Finish(y=_contiguous(y), target_logits=_contiguous(target_logits),
                                                    ignore_index=ignore_index, prior=pi, alpha=alpha,
                                                    remine_lambda=remine_lambda), rows=rows)
