@@ -141,11 +141,10 @@ def _flags(flags: Flags, soft: Soft | None, col_base: int = 0) -> Flags:
     return flags
 
 
-def reads_class_vectors(args: AdjustedCEArgs) -> bool:
-    """Whether the row kernels read a (C,) vector per element for ``args`` (a log prior, GCL's cloud, class weights
-    with label smoothing): :func:`fastlt.kernels.tiles.pick_tiles`'s ``class_vectors``."""
-    return (args.log_prior is not None or args.has_noise
-            or (args.weight is not None and args.label_smoothing > 0.0))
+def reads_class_vectors(f: Flags) -> bool:
+    """Whether the row kernels of the terms ``f`` read a (C,) vector per element (a log prior, GCL's cloud, class
+    weights with label smoothing): :func:`fastlt.kernels.tiles.pick_tiles`'s ``class_vectors``."""
+    return f.HAS_LOG_PRIOR or f.HAS_NOISE or (f.HAS_WEIGHT and f.HAS_SMOOTH)
 
 
 def weight_sum(args: AdjustedCEArgs) -> torch.Tensor | None:
@@ -423,8 +422,9 @@ def _forward_plan(args: AdjustedCEArgs, z, y, g, soft, grad_in_forward: bool, co
             return plan
     N, C = z.shape
     dev = z.device
+    kg = kernel_groups(args, dev)
     cfg = config or pick_tiles(N, C, dev, column_stats=column_stats, grad_in_forward=grad_in_forward,
-                               elem_bytes=z.element_size(), class_vectors=reads_class_vectors(args))
+                               elem_bytes=z.element_size(), class_vectors=reads_class_vectors(kg.flags))
     split = cfg.num_splits > 1
     row_blocks = cdiv(N, cfg.block_m)
     grid_rows = cfg.row_grid(row_blocks)
@@ -435,7 +435,6 @@ def _forward_plan(args: AdjustedCEArgs, z, y, g, soft, grad_in_forward: bool, co
     # split rows: the gradient comes from grad() after the combine; with STORE_P it scales what the forward stored
     store_p = grad_in_forward and not cfg.single_tile and not column_stats and _store_probs(args)
     writes_g = fuse_grad or store_p
-    kg = kernel_groups(args, dev)
     d = _dummy(dev)
     static = dict(
         vecs=kg.vecs, wsum_ptr=_or_dummy(weight_sum(args), dev), N=N, C=C,
@@ -521,10 +520,10 @@ def _grad_plan(args: AdjustedCEArgs, z, y, out, soft, column_term: bool, upstrea
             return hit
     N, Ck = z.shape
     dev = z.device
-    cfg = config or pick_tiles(N, Ck, dev, column_term=column_term, elem_bytes=z.element_size(),
-                               class_vectors=reads_class_vectors(args))
-    d = _dummy(dev)
     kg = kernel_groups(args, dev)
+    cfg = config or pick_tiles(N, Ck, dev, column_term=column_term, elem_bytes=z.element_size(),
+                               class_vectors=reads_class_vectors(kg.flags))
+    d = _dummy(dev)
     static = dict(
         vecs=kg.vecs, wsum_ptr=_or_dummy(weight_sum(args), dev), N=N, C=C,
         cols_of=Columns(per_split=cfg.cols_per_split, base=col_base, end=col_base + Ck), hp=kg.grad_hp,
