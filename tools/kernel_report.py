@@ -148,10 +148,7 @@ def _per_element(lines: list[str], flags: str) -> str:
     for a bf16 read-only pass on an H100, ~40 with the gradient written). "-" without such a loop or tile sizes (a
     whole-row tile, the combine, LADE's merge)."""
     sizes = {k: int(v) for k, v in re.findall(r"\b(BLOCK_M|BLOCK_N|num_warps)=(\d+)", flags)}
-    loads = {int(m.group(1), 16) for ln in lines if (m := re.match(r"\s+/\*([0-9a-f]+)\*/", ln))
-             and (_CLASSES["LDG"].search(ln) or _CLASSES["LDGSTS"].search(ln))}
-    inner = sorted(((a, b) for a, b in _innermost(_loops(lines)) if any(a <= x <= b for x in loads)),
-                   key=lambda ab: ab[0] - ab[1])
+    _, inner = _loading_loops(lines)
     if len(sizes) < 3 or not inner or re.search(r"\bSINGLE_TILE\b", flags):  # a whole-row tile: no column loop
         return "-"
     a, b = inner[0]
@@ -199,11 +196,9 @@ def _innermost(loops: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(a, b) for a, b in loops if not any((c, d) != (a, b) and a <= c and d <= b for c, d in loops)]
 
 
-def _pipelined(lines: list[str]) -> tuple[str, str]:
-    """``(p/n, main)``: of the n innermost loops that load from global memory, the p whose loads are
-    software-pipelined (they hold async copies, LDGSTS: Triton pipelines a loop without tl.dot only when it is
-    written ``tl.range(..., num_stages=k)`` with k > 1), and whether the largest of them (a row kernel's column loop;
-    the others are short reductions) is: "yes" / "no" ("-", "-" when no innermost loop loads)."""
+def _loading_loops(lines: list[str]) -> tuple[dict[int, bool], list[tuple[int, int]]]:
+    """``(loads, inner)``: each global load's address -> whether it is an async copy (LDGSTS), and the innermost
+    loops that hold a load, largest first (the first is a row kernel's main loop, its column loop)."""
     loads = {}
     for ln in lines:
         m = re.match(r"\s+/\*([0-9a-f]+)\*/", ln)
@@ -211,6 +206,15 @@ def _pipelined(lines: list[str]) -> tuple[str, str]:
             loads[int(m.group(1), 16)] = bool(_CLASSES["LDGSTS"].search(ln))
     inner = sorted(((a, b) for a, b in _innermost(_loops(lines)) if any(a <= x <= b for x in loads)),
                    key=lambda ab: ab[0] - ab[1])
+    return loads, inner
+
+
+def _pipelined(lines: list[str]) -> tuple[str, str]:
+    """``(p/n, main)``: of the n innermost loops that load from global memory, the p whose loads are
+    software-pipelined (they hold async copies, LDGSTS: Triton pipelines a loop without tl.dot only when it is
+    written ``tl.range(..., num_stages=k)`` with k > 1), and whether the largest of them (a row kernel's column loop;
+    the others are short reductions) is: "yes" / "no" ("-", "-" when no innermost loop loads)."""
+    loads, inner = _loading_loops(lines)
     if not inner:
         return "-", "-"
     piped = [any(a <= x <= b and is_async for x, is_async in loads.items()) for a, b in inner]
