@@ -273,11 +273,9 @@ def adjusted_cross_entropy_triton(logits: Tensor, target: Tensor, fields: dict, 
     (:class:`fastlt._operator.AdjustedCEArgs`, ``seed`` may be None)."""
     target = as_index_target(target)
     compiling = torch.compiler.is_compiling()
-    args = None if compiling or noise is not None else _LAST_ARGS.lookup(fields, logits)
-    if args is None:
-        O.check_operator_args(logits, target, fields, noise=noise)
-    else:  # the same fields as the last call: checked then
-        O.check_rows(logits, target, fields.get("ignore_index", -100))
+    args = _LAST_ARGS.checked(fields, logits, target, fields.get("ignore_index", -100),
+                              lambda: O.check_operator_args(logits, target, fields, noise=noise),
+                              use=not compiling and noise is None)
     check_kernel_input("logits", logits, noise)
     if grad_in_forward and logits.requires_grad and logits.is_leaf:
         raise ValueError("grad_in_forward=True overwrites the logits with their gradient; it cannot be a "
@@ -303,13 +301,12 @@ def lade_loss_triton(logits: Tensor, target: Tensor, prior: Tensor, alpha: float
     compiling = torch.compiler.is_compiling()
     fields = dict(prior=prior, alpha=alpha, remine_lambda=remine_lambda, weight=weight, ignore_index=ignore_index,
                   reduction=reduction, label_smoothing=label_smoothing)
-    cached = None if compiling else _LAST_LADE.lookup(fields, logits)
-    if cached is None:
+    def check():
         O.check_lade_args(logits, target, prior, alpha, remine_lambda, reduction)
         O.check_operator_args(logits, target, dict(weight=weight, ignore_index=ignore_index, reduction=reduction,
                                                    label_smoothing=label_smoothing))
-    else:  # the same fields as the last call: checked then
-        O.check_rows(logits, target, ignore_index)
+
+    cached = _LAST_LADE.checked(fields, logits, target, ignore_index, check, use=not compiling)
     check_kernel_input("logits", logits)
     if cached is None:
         cached = lade_operator_args(prior, alpha, remine_lambda, weight=weight, label_smoothing=label_smoothing,

@@ -352,6 +352,17 @@ class ArgsCache:
     def store(self, fields: dict, logits: Tensor, args: AdjustedCEArgs) -> None:
         self._key, self._objects, self._args = self._key_of(fields, logits), tuple(fields.values()), args
 
+    def checked(self, fields: dict, logits: Tensor, target, ignore_index: int, check, *, use: bool = True):
+        """The cached value for ``fields`` (:meth:`lookup`; ``use=False``: never), with the call's rows checked
+        (:func:`check_rows`: the fields were checked when it was stored); or None after ``check()``, the caller's
+        whole check of a call whose fields are not cached."""
+        value = self.lookup(fields, logits) if use else None
+        if value is None:
+            check()
+        else:
+            check_rows(logits, target, ignore_index)
+        return value
+
 
 def _fresh_seed(device) -> int | Tensor:
     if torch.compiler.is_compiling():
