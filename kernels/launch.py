@@ -369,19 +369,19 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out:
     colstats = new_column_stats(N, C, dev, plan.row_blocks, soft=soft is not None) if column_stats else None
     stored = (StoredTiles(maxima=torch.empty((N, cdiv(C, cfg.block_n)), dtype=torch.float32, device=dev),
                           count=cdiv(C, cfg.block_n)) if plan.store_p else None)
-    kwargs = dict(plan.static)  # the plan's placeholders replaced by this call's buffers
+    buffers = {}  # the per-call buffers this plan has no placeholders for
     if split:
-        kwargs["part_ptr"] = part
+        buffers["part_ptr"] = part
     if colstats is not None:
-        kwargs["colstats"] = colstats
+        buffers["colstats"] = colstats
     if stored is not None:
-        kwargs["stored"] = stored
+        buffers["stored"] = stored
     if N > 0:
         row_loss_forward[plan.grid](
             z_op=_operand(z), y_ptr=y, inv_denom_ptr=_or_dummy(inv, dev), out=rows,
             g_op=_operand(grad_out) if plan.writes_g else _operand(z), **kg.rng,
             red=Reduction(out=_or_dummy(out, dev), counter=_or_dummy(counter, dev)), soft=soft,
-            DENOM=DENOM_POINTER if split else denom, REDUCE=0 if split else reduce_mode, **kwargs)
+            DENOM=DENOM_POINTER if split else denom, REDUCE=0 if split else reduce_mode, **plan.static, **buffers)
         if split:
             _launch_combine(part, y, args, C, rows, inv, mean=plan.mean, denom=denom, out=out, counter=counter,
                             reduce_mode=reduce_mode, soft=soft)
@@ -395,7 +395,8 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out:
 class _ForwardPlan(NamedTuple):
     """What a :func:`forward` launch takes from its shapes and ``args`` alone: the tiles, the grid, the programs that
     finish the rows and the width of their batch sums (for the reduction's and the denominator's choices), and the
-    kernel arguments that are the same on every call (``static``, with placeholders for the per-call buffers)."""
+    kernel arguments that are the same on every call (``static``, with placeholders for the buffers it does not
+    use)."""
 
     cfg: TileConfig
     split: bool
@@ -417,9 +418,11 @@ def _forward_plan(args: AdjustedCEArgs, z, y, g, soft, grad_in_forward: bool, co
     if soft is None and config is None:
         key = ("forward", tiles.GENERATION, STORE_PROBS, z.device, tuple(z.shape), z.stride(), z.dtype, g is z,
                g.stride(), g.dtype, y.stride(), y.dtype, grad_in_forward, column_stats, scale_mean)
-        plan = _plans(args).get(key)
-        if plan is not None:
-            return plan
+    return _kept(args, key, _new_forward_plan, z, y, g, soft, grad_in_forward, column_stats, config, scale_mean)
+
+
+def _new_forward_plan(args: AdjustedCEArgs, z, y, g, soft, grad_in_forward: bool, column_stats: bool, config,
+                      scale_mean: bool) -> _ForwardPlan:
     N, C = z.shape
     dev = z.device
     kg = kernel_groups(args, dev)
@@ -443,31 +446,35 @@ def _forward_plan(args: AdjustedCEArgs, z, y, g, soft, grad_in_forward: bool, co
         SINGLE_TILE=cfg.single_tile, GRAD_IN_FWD=fuse_grad, COLUMN_STATS=column_stats,
         ALIGN=row_align(z, g if writes_g else z, *([] if soft is None else [y])), BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, PERSISTENT=grid_rows < row_blocks, RBLOCK=rblock, STORE_P=store_p,
-        STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages, part_ptr=d,
-        colstats=ColumnStats(partials=d, target_logits=d), stored=StoredTiles(maxima=d, count=0))
-    plan = _ForwardPlan(cfg, split, row_blocks, (grid_rows, cfg.num_splits), mean, programs, rblock, store_p,
+        STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    # placeholders for the buffers a launch of this plan does not use (forward passes the others per call: a
+    # copy of this dict per call would cost the hot path more)
+    if not split:
+        static["part_ptr"] = d
+    if not column_stats:
+        static["colstats"] = ColumnStats(partials=d, target_logits=d)
+    if not store_p:
+        static["stored"] = StoredTiles(maxima=d, count=0)
+    return _ForwardPlan(cfg, split, row_blocks, (grid_rows, cfg.num_splits), mean, programs, rblock, store_p,
                         writes_g, static)
-    if key is not None:
-        _keep_plan(args, key, plan)
-    return plan
 
 
 _MAX_PLANS = 16  # per args: a batch of another length is another plan (variable-length batches must not pile up)
 
 
-def _keep_plan(args: AdjustedCEArgs, key: tuple, plan) -> None:
-    plans = _plans(args)
-    if len(plans) >= _MAX_PLANS:
-        plans.clear()
-    plans[key] = plan
-
-
-def _plans(args: AdjustedCEArgs) -> dict:
-    """``args``' launch plans by shape signature (seed-free; emptied before a new one past :data:`_MAX_PLANS`)."""
-    plans = args.seed_free.get("plans")
-    if plans is None:
-        plans = args.seed_free["plans"] = {}
-    return plans
+def _kept(args: AdjustedCEArgs, key: tuple | None, build, *build_args):
+    """The launch plan ``build(args, *build_args)`` makes, kept in ``args.seed_free["plans"]`` under ``key`` (its
+    shape signature; None: not kept) and made once there; the plans start over before a new one past
+    :data:`_MAX_PLANS`."""
+    if key is None:
+        return build(args, *build_args)
+    plans = args.seed_free.setdefault("plans", {})
+    plan = plans.get(key)
+    if plan is None:
+        if len(plans) >= _MAX_PLANS:
+            plans.clear()
+        plan = plans[key] = build(args, *build_args)
+    return plan
 
 
 def grad(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, row_stats: torch.Tensor, row_coef: torch.Tensor,
@@ -494,30 +501,32 @@ def grad(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, row_stats: torc
     soft = _soft(y, None)
     grid, static = _grad_plan(args, z, y, out, soft, column_term is not None, grad_output is not None, config,
                               col_base, C, stored)
-    kwargs = dict(static)  # the plan's placeholders replaced by this call's buffers
+    buffers = {}  # the per-call buffers this plan has no placeholders for
     if column_term is not None:
-        kwargs["col_term"] = column_term
+        buffers["col_term"] = column_term
     if stored is not None:
-        kwargs["stored"] = stored
+        buffers["stored"] = stored
     row_loss_grad[grid](
         z_op=_operand(z), y_ptr=y, row_stats_ptr=row_stats, coef_ptr=row_coef, go_ptr=_or_dummy(grad_output, dev),
         go_stride=0 if grad_output is None or grad_output.dim() == 0 else grad_output.stride(0), g_op=_operand(out),
-        **kernel_groups(args, dev).rng, soft=soft, **kwargs)
+        **kernel_groups(args, dev).rng, soft=soft, **static, **buffers)
     return out
 
 
 def _grad_plan(args: AdjustedCEArgs, z, y, out, soft, column_term: bool, upstream: bool, config, col_base: int,
                C: int, stored) -> tuple[tuple, dict]:
     """``(grid, static)`` of a :func:`grad` launch: the grid and the kernel arguments that its shapes and ``args``
-    decide (with placeholders for the per-call buffers), kept in ``args``' plans (seed-free) for launches with
-    class indices and no ``stored``."""
+    decide (with placeholders for the buffers it does not use), kept in ``args``' plans (seed-free) for launches
+    with class indices and no ``stored``."""
     key = None
     if soft is None and stored is None:
         key = ("grad", tiles.GENERATION, z.device, tuple(z.shape), z.stride(), z.dtype, out.stride(), y.stride(),
                y.dtype, column_term, upstream, config, col_base, C)
-        hit = _plans(args).get(key)
-        if hit is not None:
-            return hit
+    return _kept(args, key, _new_grad_plan, z, y, out, soft, column_term, upstream, config, col_base, C, stored)
+
+
+def _new_grad_plan(args: AdjustedCEArgs, z, y, out, soft, column_term: bool, upstream: bool, config, col_base: int,
+                   C: int, stored) -> tuple[tuple, dict]:
     N, Ck = z.shape
     dev = z.device
     kg = kernel_groups(args, dev)
@@ -530,11 +539,12 @@ def _grad_plan(args: AdjustedCEArgs, z, y, out, soft, column_term: bool, upstrea
         F=_flags(kg.grad_flags, soft, col_base), HAS_UPSTREAM=upstream,
         COLUMN_TERM=column_term, ALIGN=row_align(z, out, *([] if soft is None else [y])), BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, STORED=stored is not None, STAGES=cfg.num_stages, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, col_term=ColumnTerm(a=d, b=d, lse=d), stored=StoredTiles(maxima=d, count=0))
-    plan = ((cdiv(N, cfg.block_m), cfg.num_splits), static)
-    if key is not None:
-        _keep_plan(args, key, plan)
-    return plan
+        num_stages=cfg.num_stages)
+    if not column_term:  # placeholders for the buffers it does not use (grad passes the others per call)
+        static["col_term"] = ColumnTerm(a=d, b=d, lse=d)
+    if stored is None:
+        static["stored"] = StoredTiles(maxima=d, count=0)
+    return (cdiv(N, cfg.block_m), cfg.num_splits), static
 
 
 def chunk_partials(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, part: torch.Tensor, chunk: int, *,
