@@ -47,9 +47,17 @@ def kernels_available() -> bool:
     return _AVAILABLE
 
 
+_INTERPRETING: bool | None = None  # interpreting's answer, once asked
+
+
 def interpreting() -> bool:
-    """Whether Triton runs its kernels in the interpreter (``TRITON_INTERPRET=1``: on the CPU)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether Triton runs its kernels in the interpreter (``TRITON_INTERPRET=1``: on the CPU). Read once, at the
+    first call: Triton reads the variable when it decorates the kernels, as they are imported, so a later change
+    would not change how they run."""
+    global _INTERPRETING
+    if _INTERPRETING is None:
+        _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRETING
 
 
 def autocast_inputs(features, weight, bias):

@@ -27,6 +27,7 @@ from ._operator import AdjustedCEArgs, LadeArgs
 from ._validation import as_index_target
 from .kernels import lade as lade_kernels
 from .kernels import launch
+from .noise import draw_seed
 from .reference import LaderStatistics
 
 __all__ = ["AdjustedCEFunction", "LADEFunction", "adjusted_cross_entropy_triton", "lade_loss_triton",
@@ -38,9 +39,10 @@ _increment_version = torch.autograd.graph.increment_version
 
 # --- implementations shared by both paths --------------------------------------------------------------------------
 
-def _forward(logits, target, args: AdjustedCEArgs, grad_out=None, out_dtype=torch.float32):
-    """``(loss, row_stats, row_coef)``: the row kernel, whose last program reduces the batch (:func:`launch.loss`)."""
-    return launch.loss(logits, target, args, grad_out=grad_out, out_dtype=out_dtype)
+def _forward(logits, target, args: AdjustedCEArgs, grad_out=None, out_dtype=torch.float32, seed=None):
+    """``(loss, row_stats, row_coef)``: the row kernel, whose last program reduces the batch (:func:`launch.loss`;
+    ``seed``: an int in place of ``args``')."""
+    return launch.loss(logits, target, args, grad_out=grad_out, out_dtype=out_dtype, seed=seed)
 
 
 def soft_mean(args: AdjustedCEArgs, target: Tensor, rows: int) -> AdjustedCEArgs:
@@ -57,12 +59,12 @@ def nan_if_empty(loss: Tensor, args: AdjustedCEArgs) -> Tensor:
     return loss * math.nan if args.row_scale == math.inf else loss
 
 
-def _backward(grad_output, logits, target, args: AdjustedCEArgs, row_stats, row_coef, columns=None):
+def _backward(grad_output, logits, target, args: AdjustedCEArgs, row_stats, row_coef, columns=None, seed=None):
     """The recompute backward; ``columns``: LADE's (3, C) column term, which the kernel scales by the scalar
-    ``grad_output`` itself."""
+    ``grad_output`` itself; ``seed``: the forward's (:func:`_forward`)."""
     column_term = None if columns is None else lade_kernels.column_term(columns)
     upstream = None if grad_output is None else grad_output.contiguous()
-    return launch.grad(logits, target, args, row_stats, row_coef, upstream, column_term=column_term)
+    return launch.grad(logits, target, args, row_stats, row_coef, upstream, column_term=column_term, seed=seed)
 
 
 def _lade_forward(logits, target, args: AdjustedCEArgs, lade: LadeArgs, out_dtype=torch.float32):
@@ -206,7 +208,9 @@ lade_statistics_op.register_autograd(_lade_statistics_backward, setup_context=_s
 # --- eager path: autograd Functions over the launchers ---------------------------------------------------------
 
 class AdjustedCEFunction(torch.autograd.Function):
-    """The adjusted cross-entropy; ``apply(logits, target, args, grad_in_forward)`` -> loss in the logits' dtype.
+    """The adjusted cross-entropy; ``apply(logits, target, args, grad_in_forward, seed)`` -> loss in the logits'
+    dtype; ``seed``: None, or an int noise seed in place of ``args``' (a drawn seed of a step that reuses cached
+    ``args``: :func:`adjusted_cross_entropy_triton`).
 
     ``args`` rides on ctx as it is: its (C,) class tensors are buffers of the caller, never outputs of this
     Function, so holding them makes no reference cycle (and skips copies, host time that small batches feel).
@@ -216,9 +220,9 @@ class AdjustedCEFunction(torch.autograd.Function):
     (:func:`fastlt._first_order.first_order`)."""
 
     @staticmethod
-    def forward(ctx, logits, target, args: AdjustedCEArgs, grad_in_forward: bool):
+    def forward(ctx, logits, target, args: AdjustedCEArgs, grad_in_forward: bool, seed: int | None):
         loss, row_stats, row_coef = _forward(logits, target, args, logits if grad_in_forward else None,
-                                             out_dtype=logits.dtype)
+                                             out_dtype=logits.dtype, seed=seed)
         if grad_in_forward and logits._base is None:
             # the logits now hold the gradient: an op that saved them for its backward (the output of relu, exp, ...)
             # must raise autograd's in-place error, not read it. Not for a view: autograd forbids in-place writes
@@ -226,6 +230,7 @@ class AdjustedCEFunction(torch.autograd.Function):
             _increment_version(logits)
         ctx.save_for_backward(logits, target, row_stats, row_coef)
         ctx.args = args
+        ctx.seed = seed
         ctx.grad_in_forward = grad_in_forward
         ctx.used = False
         return loss if loss.dtype == logits.dtype else loss.to(logits.dtype)  # 'none': fp32 rows
@@ -240,8 +245,9 @@ class AdjustedCEFunction(torch.autograd.Function):
                                    "has scaled it in place; the graph cannot be backpropagated twice "
                                    "(retain_graph=True): use grad_in_forward=False for that")
             ctx.used = True
-            return launch.scale_by(logits, grad_loss.contiguous()), None, None, None
-        return _backward(grad_loss, logits, target, ctx.args, row_stats, row_coef), None, None, None
+            return launch.scale_by(logits, grad_loss.contiguous()), None, None, None, None
+        grad = _backward(grad_loss, logits, target, ctx.args, row_stats, row_coef, seed=ctx.seed)
+        return grad, None, None, None, None
 
 
 class LADEFunction(torch.autograd.Function):
@@ -276,6 +282,9 @@ def adjusted_cross_entropy_triton(logits: Tensor, target: Tensor, fields: dict, 
     args = _LAST_ARGS.checked(fields, logits, target, fields.get("ignore_index", -100),
                               lambda: O.check_operator_args(logits, target, fields, noise=noise),
                               use=not compiling and noise is None)
+    seed = None  # a drawn seed for a call whose arguments are cached (they keep the one drawn when they were made)
+    if args is not None and fields.get("seed", 0) is None and args.has_noise:
+        seed = draw_seed()  # as the reference path draws it (never while compiling: no cached args there)
     check_kernel_input("logits", logits, noise)
     if grad_in_forward and logits.requires_grad and logits.is_leaf:
         raise ValueError("grad_in_forward=True overwrites the logits with their gradient; it cannot be a "
@@ -288,7 +297,7 @@ def adjusted_cross_entropy_triton(logits: Tensor, target: Tensor, fields: dict, 
     if compiling:  # an opaque op with registered autograd (recompute backward)
         loss = adjusted_ce_forward_op(logits, target, *O.flatten(args))[0].to(logits.dtype)
     else:
-        loss = AdjustedCEFunction.apply(logits, target, args, bool(grad_in_forward))
+        loss = AdjustedCEFunction.apply(logits, target, args, bool(grad_in_forward), seed)
     return nan_if_empty(loss, args)
 
 

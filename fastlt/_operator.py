@@ -272,25 +272,9 @@ class AdjustedCEArgs:
 
     @functools.cached_property
     def memo(self) -> dict:
-        """Values derived from these arguments once per call of a loss and shared by its forward and backward (the
-        kernels' argument groups with the seed, by device: :func:`fastlt.kernels.launch.kernel_groups`)."""
+        """Values derived from these arguments once and shared by every launch that takes them: the kernels' argument
+        groups by device (:func:`fastlt.kernels.launch.kernel_groups`) and the launch plans (``"plans"``)."""
         return {}
-
-    @functools.cached_property
-    def seed_free(self) -> dict:
-        """As :attr:`memo`, for values that do not depend on ``seed`` (the kernels' other argument groups, launch
-        plans): :meth:`reseeded` copies share this dict."""
-        return {}
-
-    def reseeded(self, seed) -> AdjustedCEArgs:
-        """These arguments with another ``seed`` of the same kind (int or tensor), sharing :attr:`seed_free` and the
-        cached class-weight sum (a fresh :attr:`memo`)."""
-        fresh = object.__new__(type(self))  # the fields as they are (checked and converted once): no __init__
-        fresh.__dict__.update(self.__dict__)
-        fresh.__dict__["seed"] = seed
-        fresh.__dict__.pop("memo", None)
-        fresh.__dict__["seed_free"] = self.seed_free
-        return fresh
 
     @functools.cached_property
     def weight_total(self) -> Tensor:
@@ -323,8 +307,9 @@ class ArgsCache:
     while a call passes the same fields: the same tensor objects, unchanged (``_version``), and equal scalars, for
     logits of the same class count on the same device. A loss module passes its own buffers every step, so its
     steps after the first skip that work. The entry holds the fields' objects, so no tensor id is reused while it
-    is cached. A drawn seed (``seed=None`` with the noise on) is drawn again on every call
-    (:meth:`AdjustedCEArgs.reseeded`: the seed-free values are kept)."""
+    is cached. A drawn seed (``seed=None`` with the noise on) stays the one drawn when the entry was made: the
+    caller draws a fresh one for every other call and passes it to the launches beside these arguments
+    (:func:`fastlt._glue.adjusted_cross_entropy_triton`)."""
 
     def __init__(self):
         self._key: tuple | None = None
@@ -336,7 +321,7 @@ class ArgsCache:
         """(C, device, names, values with each tensor as (id, version)); None for an inference tensor (no
         version counter)."""
         try:
-            values = tuple((id(v), v._version) if isinstance(v, Tensor) else v for v in fields.values())
+            values = [(id(v), v._version) if isinstance(v, Tensor) else v for v in fields.values()]
         except RuntimeError:
             return None
         return logits.shape[1], logits.device, tuple(fields), values
@@ -344,10 +329,7 @@ class ArgsCache:
     def lookup(self, fields: dict, logits: Tensor) -> AdjustedCEArgs | None:
         if self._key is None or self._key != self._key_of(fields, logits):
             return None
-        args = self._args
-        if fields.get("seed", 0) is None and isinstance(args, AdjustedCEArgs) and args.has_noise:
-            args = args.reseeded(draw_seed())  # (never looked up while compiling: _fresh_seed's other branch)
-        return args
+        return self._args
 
     def store(self, fields: dict, logits: Tensor, args: AdjustedCEArgs) -> None:
         self._key, self._objects, self._args = self._key_of(fields, logits), tuple(fields.values()), args

@@ -134,12 +134,11 @@ class StoredTiles(NamedTuple):
 
 
 class ColumnTerm(NamedTuple):
-    """LADE's gradient term, (C,) fp32 vectors ``a``, ``b`` (both times alpha) and ``lse``:
-    ``a_c [y_i == c] + b_c exp(z_ic - lse_c)`` on valid rows, times the scalar upstream gradient."""
+    """LADE's gradient term: ``columns``, a contiguous (3, C) fp32 tensor of rows ``a``, ``b`` (both times alpha) and
+    ``lse`` (one pointer: no views to make per step), for ``a_c [y_i == c] + b_c exp(z_ic - lse_c)`` on valid rows,
+    times the scalar upstream gradient."""
 
-    a: Any
-    b: Any
-    lse: Any
+    columns: Any
 
 
 class Soft(NamedTuple):
@@ -841,10 +840,12 @@ def row_loss_grad(z_op, y_ptr, vecs, wsum_ptr, row_stats_ptr, coef_ptr, go_ptr, 
         col_go = 1.0
         if HAS_UPSTREAM:
             col_go = tl.load(go_ptr).to(tl.float32)
+        col_a = col_term.columns
+        col_b = col_a + C
+        col_lse = col_b + C
         if F.SOFT:  # the class term weighs q: read per class in the tile
-            colg = ColumnGrad(tl.zeros((BLOCK_M,), tl.float32), col_term.b, col_term.lse, col_go, col_term.a)
+            colg = ColumnGrad(tl.zeros((BLOCK_M,), tl.float32), col_b, col_lse, col_go, col_a)
         else:
-            colg = ColumnGrad(tl.load(col_term.a + row.y, mask=row.valid, other=0.0) * col_go, col_term.b,
-                              col_term.lse, col_go)
+            colg = ColumnGrad(tl.load(col_a + row.y, mask=row.valid, other=0.0) * col_go, col_b, col_lse, col_go)
     _grad_columns(z_op, g_op, vecs, hp, Rng(seed, noise_row0), row, rg, colg, col_lo, cols_of.base, col_hi, stored,
                   soft, F, COLUMN_TERM, STORED, ALIGN, BLOCK_M, BLOCK_N, STAGES)

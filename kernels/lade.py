@@ -11,6 +11,7 @@ adds them to the reduced PriorCE rows) plus the vectors its gradient needs:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -179,10 +180,12 @@ class LaderTerms(NamedTuple):
 
 
 def column_term(columns: torch.Tensor) -> ColumnTerm:
-    """The gradient's :class:`fastlt.kernels.adjusted_ce.ColumnTerm` from the (3, C) ``columns`` of
+    """The gradient's :class:`fastlt.kernels.adjusted_ce.ColumnTerm` from the contiguous (3, C) fp32 ``columns`` of
     :class:`LaderTerms`: rows ``col_a``, ``col_b``, ``col_lse``."""
-    col_a, col_b, col_lse = columns.unbind(0)
-    return ColumnTerm(a=col_a, b=col_b, lse=col_lse)
+    if columns.dim() != 2 or columns.shape[0] != 3 or columns.dtype != torch.float32 or not columns.is_contiguous():
+        raise ValueError(f"LADE's column term must be a contiguous (3, C) fp32 tensor, got {tuple(columns.shape)} "
+                         f"{columns.dtype}")
+    return ColumnTerm(columns=columns)
 
 
 class _Finish(NamedTuple):
@@ -214,19 +217,17 @@ def _columns(stats: torch.Tensor, *, finish: _Finish | None = None, into: torch.
     planes, R, C = stats.shape
     soft = planes == 4  # class-probability targets: the class sums and counts come with the partials
     dev = stats.device
-    block_c = _block_c(C)
     if into is not None and (into.shape != (planes, C) or into.dtype != torch.float32 or not into.is_contiguous()):
         raise ValueError(f"into must be contiguous ({planes}, C) = ({planes}, {C}) fp32 running statistics, got "
                          f"{tuple(into.shape)} {into.dtype}")
     out = into if into is not None else torch.empty((3 if finish is not None else planes, C), dtype=torch.float32,
                                                     device=dev)
-    parts = torch.empty(tiles.cdiv(C, block_c), dtype=torch.float32, device=dev) if finish is not None else None
     if rows is not None and rows.args.reduction == "none":
         raise ValueError("LADE's rows reduce with LADER: reduction must be 'mean' or 'sum', got 'none'")
     N = finish.y.shape[0] if finish is not None else 0
-    rblock = tiles.rblock(4)
-    # the last program sums the N rows and the P parts (with no row or no class there is nothing to launch it in)
-    counter, reduce_mode = (launch.fused_reduction(dev, max(N, parts.shape[0]) if N and C else 0, rblock,
+    plan = _columns_plan(planes, R, C, N, finish is not None, into is not None)
+    parts = torch.empty(plan.grid[0], dtype=torch.float32, device=dev) if finish is not None else None
+    counter, reduce_mode = (launch.fused_reduction(dev, plan.reduced_values, plan.static["RBLOCK"],
                                                    rows.args.reduction) if rows is not None else (None, 0))
     weight = rows.args.weight if rows is not None else None
     if C > 0:
@@ -238,22 +239,41 @@ def _columns(stats: torch.Tensor, *, finish: _Finish | None = None, into: torch.
             y, zy = out, out
         elif finish is not None and N == 0:  # no row to read: pointers of the usual types, surely valid
             y, zy = torch.full((1,), int(finish.ignore_index), device=dev), out
-        block_r = max(1, min(4096 // block_c, tiles.next_pow2(max(R, 1))))  # few classes: taller steps
-        block_y = max(1, min(4096 // block_c, tiles.next_pow2(max(N, 1))))
-        lade_columns[(tiles.cdiv(C, block_c),)](
-            stat_ptr=stats, R=R, C=C, y_ptr=y, zy_ptr=zy, N=N, ignore_index=int(fin.ignore_index), pi_ptr=fin.prior,
-            alpha=float(fin.alpha), remine_lambda=float(fin.remine_lambda), log_uniform=math.log(1.0 / C + 1e-9),
-            out_ptr=out, lader_ptr=parts if parts is not None else out,
-            loss_rows_ptr=rows.loss_rows if rows is not None else out, weight_ptr=weight if weight is not None else out,
-            coef_ptr=rows.row_coef if rows is not None else out,
+        lade_columns[plan.grid](
+            stat_ptr=stats, y_ptr=y, zy_ptr=zy, ignore_index=int(fin.ignore_index), pi_ptr=fin.prior,
+            alpha=float(fin.alpha), remine_lambda=float(fin.remine_lambda), out_ptr=out,
+            lader_ptr=parts if parts is not None else out, loss_rows_ptr=rows.loss_rows if rows is not None else out,
+            weight_ptr=weight if weight is not None else out, coef_ptr=rows.row_coef if rows is not None else out,
             red=Reduction(out=rows.out if rows is not None else out, counter=counter if counter is not None else out),
-            FINISH=finish is not None, ACCUMULATE=into is not None, BLOCK_R=block_r, BLOCK_C=block_c,
-            BLOCK_Y=block_y, REDUCE=reduce_mode, HAS_WEIGHT=weight is not None, RBLOCK=rblock, SOFT=soft,
-            num_warps=4)
+            REDUCE=reduce_mode, HAS_WEIGHT=weight is not None, **plan.static)
     if rows is not None:  # PriorCE's coefficients come unscaled (PriorCERows)
         launch.reduce_unless_fused(rows.out, counter, rows.loss_rows, finish.y, rows.args, row_coef=rows.row_coef,
                                    scale_mean=False, extra=parts)
     return out, parts
+
+
+class _ColumnsPlan(NamedTuple):
+    """What a ``lade_columns`` launch takes from its sizes alone: the grid (one program per ``BLOCK_C`` classes, each
+    writing one LADER part with FINISH), the values its fused reduction sums, and the kernel arguments."""
+
+    grid: tuple
+    reduced_values: int
+    static: dict
+
+
+@functools.lru_cache(maxsize=64)
+def _columns_plan(planes: int, R: int, C: int, N: int, finish: bool, accumulate: bool) -> _ColumnsPlan:
+    """The :class:`_ColumnsPlan` of merging (``planes``, R, C) partials (finishing LADER over N rows with
+    ``finish``), made once per sizes (a module's steps repeat them)."""
+    block_c = _block_c(C)
+    programs = tiles.cdiv(C, block_c)
+    static = dict(R=R, C=C, N=N, log_uniform=math.log(1.0 / C + 1e-9) if C else 0.0, FINISH=finish,
+                  ACCUMULATE=accumulate,
+                  BLOCK_R=max(1, min(4096 // block_c, tiles.next_pow2(max(R, 1)))),  # few classes: taller steps
+                  BLOCK_C=block_c, BLOCK_Y=max(1, min(4096 // block_c, tiles.next_pow2(max(N, 1)))),
+                  RBLOCK=tiles.rblock(4), SOFT=planes == 4, num_warps=4)
+    # the last program sums the N rows and the parts (with no row or no class there is nothing to launch it in)
+    return _ColumnsPlan((programs,), max(N, programs) if N and C else 0, static)
 
 
 def merge_partials(partials: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:

@@ -91,29 +91,27 @@ class KernelGroups(NamedTuple):
 
 
 def kernel_groups(args: AdjustedCEArgs, dev) -> KernelGroups:
-    """:class:`KernelGroups` of ``args`` on ``dev``, made once per ``args`` (its ``memo``: the forward and the backward
-    of a call share them). All but the seed's are kept in ``args.seed_free``, which a reseeded copy of ``args``
-    shares (:class:`fastlt._operator.ArgsCache`: GCL's drawn seed each step)."""
+    """:class:`KernelGroups` of ``args`` on ``dev``, made once per ``args`` (in its ``memo``: a module's steps reuse
+    their arguments, :class:`fastlt._operator.ArgsCache`, so they make them once)."""
     groups = args.memo.get(dev)
     if groups is None:
         d = _dummy(dev)
-        free = args.seed_free.get(("groups", dev))
-        if free is None:
-            margin = args.margin_vector
-            vecs = ClassVectors(d if args.log_prior is None else args.log_prior,
-                                d if args.cloud is None else args.cloud, d if margin is None else margin,
-                                d if args.weight is None else args.weight)
-            hp = Hyper(args.ignore_index, args.tau, args.noise_mul, args.margin_value, args.scale, args.gamma,
-                       args.label_smoothing)
-            f = kernel_flags(args)
-            grad_hp = hp._replace(gamma=None)
-            grad_flags = f._replace(HAS_FOCAL=False)
-            free = args.seed_free[("groups", dev)] = (vecs, hp, f, grad_hp, grad_flags)
-        vecs, hp, f, grad_hp, grad_flags = free
+        margin = args.margin_vector
+        vecs = ClassVectors(d if args.log_prior is None else args.log_prior, d if args.cloud is None else args.cloud,
+                            d if margin is None else margin, d if args.weight is None else args.weight)
+        hp = Hyper(args.ignore_index, args.tau, args.noise_mul, args.margin_value, args.scale, args.gamma,
+                   args.label_smoothing)
+        f = kernel_flags(args)
         rng = dict(seed=args.seed_value, noise_row0=args.noise_row_offset,
                    seed_ptr=args.seed if args.seed_from_device else d)
-        groups = args.memo[dev] = KernelGroups(vecs, hp, f, rng, grad_hp, grad_flags)
+        groups = args.memo[dev] = KernelGroups(vecs, hp, f, rng, hp._replace(gamma=None), f._replace(HAS_FOCAL=False))
     return groups
+
+
+def _rng(kg: KernelGroups, seed: int | None) -> dict:
+    """The seed arguments of a launch: those of its ``args``, or a drawn int ``seed`` in place of theirs (GCL's
+    fresh seed of a step whose other arguments are cached: :func:`fastlt._glue.adjusted_cross_entropy_triton`)."""
+    return kg.rng if seed is None else {**kg.rng, "seed": seed}
 
 
 def _operand(t: torch.Tensor) -> Operand:
@@ -299,20 +297,21 @@ def reduce(loss_rows: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *,
 # --- the row kernels ------------------------------------------------------------------------------------------------
 
 def loss(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out: torch.Tensor | None = None,
-         out_dtype: torch.dtype = torch.float32, config: TileConfig | None = None):
+         out_dtype: torch.dtype = torch.float32, config: TileConfig | None = None, seed: int | None = None):
     """The reduced loss (0-dim, ``out_dtype``; the (N,) fp32 rows for 'none') in the fewest launches: ``(loss,
     row_stats, row_coef)`` as :func:`forward` gives them (the coefficient includes 'mean''s 1 / sum w_{y_i}). Up to
     :func:`fused_reduction`'s rows the row kernel's last program reduces the batch, so a step is one launch (plus
     the combine of split rows); with ``grad_out`` (gradient in the forward) 'mean' needs its denominator before any
     gradient is written, which the row programs sum themselves when that is cheap (``tiles.OWN_DENOM_READS``), the
     launch's first program sums and publishes to the others when the launch also reduces the batch (4096 x 8142:
-    still one launch), and one small launch computes first otherwise (batches past the fused reduction's rows)."""
+    still one launch), and one small launch computes first otherwise (batches past the fused reduction's rows).
+    ``seed``: as :func:`forward`."""
     if args.reduction == "none":
-        loss_rows, row_stats, row_coef, _ = forward(z, y, args, grad_out=grad_out, config=config)
+        loss_rows, row_stats, row_coef, _ = forward(z, y, args, grad_out=grad_out, config=config, seed=seed)
         return loss_rows, row_stats, row_coef
     out = torch.empty((), dtype=out_dtype, device=z.device)
     _, row_stats, row_coef, _ = forward(z, y, args, grad_out=grad_out, config=config, scale_mean=grad_out is not None,
-                                        out=out)
+                                        out=out, seed=seed)
     return out, row_stats, row_coef
 
 
@@ -333,7 +332,8 @@ def _store_probs(args: AdjustedCEArgs) -> bool:
 
 def forward(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out: torch.Tensor | None = None,
             column_stats: bool = False, config: TileConfig | None = None,
-            inv_denominator: torch.Tensor | None = None, scale_mean: bool = True, out: torch.Tensor | None = None):
+            inv_denominator: torch.Tensor | None = None, scale_mean: bool = True, out: torch.Tensor | None = None,
+            seed: int | None = None):
     """Run the forward on (N, C) logits ``z`` and (N,) targets ``y``. Returns ``(loss_rows, row_stats, row_coef,
     column_stats)`` (see the module docstring; ``column_stats``: a :class:`ColumnStats` (LADE) when asked for,
     else None).
@@ -348,6 +348,8 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out:
     after it.
     ``y`` may be (N, C) class probabilities ('sum' or 'none'; ``args.row_scale`` multiplies the rows): see the
     module.
+    ``seed``: an int noise seed for this call in place of ``args``' (whose seed must then be an int): a module's
+    steps keep their cached ``args`` and draw a seed each (:func:`_rng`).
     """
     N, C = z.shape
     dev = z.device
@@ -378,8 +380,9 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out:
         buffers["stored"] = stored
     if N > 0:
         row_loss_forward[plan.grid](
-            z_op=_operand(z), y_ptr=y, inv_denom_ptr=_or_dummy(inv, dev), out=rows,
-            g_op=_operand(grad_out) if plan.writes_g else _operand(z), **kg.rng,
+            z_op=Operand(z, *plan.z_strides), y_ptr=y, inv_denom_ptr=_or_dummy(inv, dev), out=rows,
+            g_op=Operand(grad_out, *plan.g_strides) if plan.writes_g else Operand(z, *plan.z_strides),
+            **_rng(kg, seed),
             red=Reduction(out=_or_dummy(out, dev), counter=_or_dummy(counter, dev)), soft=soft,
             DENOM=DENOM_POINTER if split else denom, REDUCE=0 if split else reduce_mode, **plan.static, **buffers)
         if split:
@@ -388,7 +391,7 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out:
     reduce_unless_fused(out, counter, rows.loss, y, args, inv_denominator=inv, row_coef=rows.coef,
                         scale_mean=scale_mean)
     if grad_out is not None and split:
-        grad(z, y, args, rows.stats, rows.coef, None, out=grad_out, config=cfg, stored=stored)
+        grad(z, y, args, rows.stats, rows.coef, None, out=grad_out, config=cfg, stored=stored, seed=seed)
     return rows.loss, rows.stats, rows.coef, colstats
 
 
@@ -408,11 +411,13 @@ class _ForwardPlan(NamedTuple):
     store_p: bool
     writes_g: bool
     static: dict
+    z_strides: tuple  # those of the key (the operands' strides, without asking the tensors again)
+    g_strides: tuple
 
 
 def _forward_plan(args: AdjustedCEArgs, z, y, g, soft, grad_in_forward: bool, column_stats: bool, config,
                   scale_mean: bool) -> _ForwardPlan:
-    """The :class:`_ForwardPlan` of a launch, kept in ``args.seed_free`` for the common launch (class indices, the
+    """The :class:`_ForwardPlan` of a launch, kept in ``args.memo`` for the common launch (class indices, the
     default tiles) under its shapes, strides and dtypes, so that a module's steps build it once."""
     key = None
     if soft is None and config is None:
@@ -456,19 +461,19 @@ def _new_forward_plan(args: AdjustedCEArgs, z, y, g, soft, grad_in_forward: bool
     if not store_p:
         static["stored"] = StoredTiles(maxima=d, count=0)
     return _ForwardPlan(cfg, split, row_blocks, (grid_rows, cfg.num_splits), mean, programs, rblock, store_p,
-                        writes_g, static)
+                        writes_g, static, z.stride(), g.stride())
 
 
 _MAX_PLANS = 16  # per args: a batch of another length is another plan (variable-length batches must not pile up)
 
 
 def _kept(args: AdjustedCEArgs, key: tuple | None, build, *build_args):
-    """The launch plan ``build(args, *build_args)`` makes, kept in ``args.seed_free["plans"]`` under ``key`` (its
+    """The launch plan ``build(args, *build_args)`` makes, kept in ``args.memo["plans"]`` under ``key`` (its
     shape signature; None: not kept) and made once there; the plans start over before a new one past
     :data:`_MAX_PLANS`."""
     if key is None:
         return build(args, *build_args)
-    plans = args.seed_free.setdefault("plans", {})
+    plans = args.memo.setdefault("plans", {})
     plan = plans.get(key)
     if plan is None:
         if len(plans) >= _MAX_PLANS:
@@ -480,14 +485,15 @@ def _kept(args: AdjustedCEArgs, key: tuple | None, build, *build_args):
 def grad(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, row_stats: torch.Tensor, row_coef: torch.Tensor,
          grad_output: torch.Tensor | None, *, column_term=None, out: torch.Tensor | None = None,
          config: TileConfig | None = None, col_base: int = 0, num_classes: int | None = None,
-         stored: StoredTiles | None = None) -> torch.Tensor:
+         stored: StoredTiles | None = None, seed: int | None = None) -> torch.Tensor:
     """d loss / d z recomputed from the saved ``row_stats`` and ``row_coef``; ``grad_output``: scalar or (N,)
-    (None: 1). ``column_term``: LADE's ``(col_a, col_b, col_lse)`` (C,) fp32 vectors (alpha included: see
-    :class:`fastlt.kernels.lade.LaderTerms`); its loss is reduced, so ``grad_output`` must then be a scalar, which
-    the kernel applies to the column term too. A class chunk: ``z`` (N, Ck) holds classes
-    ``[col_base, col_base + Ck)`` of ``num_classes``.
+    (None: 1). ``column_term``: LADE's :class:`ColumnTerm` (its (3, C) fp32 rows ``col_a``, ``col_b``, ``col_lse``
+    over all ``num_classes``, alpha included: :func:`fastlt.kernels.lade.column_term`); its loss is reduced, so
+    ``grad_output`` must then be a scalar, which the kernel applies to the column term too. A class chunk: ``z``
+    (N, Ck) holds classes ``[col_base, col_base + Ck)`` of ``num_classes``.
     ``stored`` (:func:`forward` of split rows with STORE_P, same ``config``): the running maxima whose tiles of
-    ``exp(a - max)`` that forward left in ``out``; they are scaled in place, ``z`` is not read."""
+    ``exp(a - max)`` that forward left in ``out``; they are scaled in place, ``z`` is not read.
+    ``seed``: the forward's (:func:`forward`)."""
     N, Ck = z.shape
     C = Ck if num_classes is None else num_classes
     if column_term is not None and grad_output is not None and grad_output.dim() != 0:
@@ -499,24 +505,27 @@ def grad(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, row_stats: torc
     if N == 0 or Ck == 0:  # nothing to write (an empty class shard holds no column)
         return out
     soft = _soft(y, None)
-    grid, static = _grad_plan(args, z, y, out, soft, column_term is not None, grad_output is not None, config,
-                              col_base, C, stored)
+    grid, static, z_strides, out_strides = _grad_plan(args, z, y, out, soft, column_term is not None,
+                                                      grad_output is not None, config, col_base, C, stored)
     buffers = {}  # the per-call buffers this plan has no placeholders for
     if column_term is not None:
         buffers["col_term"] = column_term
     if stored is not None:
         buffers["stored"] = stored
     row_loss_grad[grid](
-        z_op=_operand(z), y_ptr=y, row_stats_ptr=row_stats, coef_ptr=row_coef, go_ptr=_or_dummy(grad_output, dev),
-        go_stride=0 if grad_output is None or grad_output.dim() == 0 else grad_output.stride(0), g_op=_operand(out),
-        **kernel_groups(args, dev).rng, soft=soft, **static, **buffers)
+        z_op=Operand(z, *z_strides), y_ptr=y, row_stats_ptr=row_stats, coef_ptr=row_coef,
+        go_ptr=_or_dummy(grad_output, dev),
+        go_stride=0 if grad_output is None or grad_output.dim() == 0 else grad_output.stride(0),
+        g_op=Operand(out, *out_strides),
+        **_rng(kernel_groups(args, dev), seed), soft=soft, **static, **buffers)
     return out
 
 
 def _grad_plan(args: AdjustedCEArgs, z, y, out, soft, column_term: bool, upstream: bool, config, col_base: int,
-               C: int, stored) -> tuple[tuple, dict]:
-    """``(grid, static)`` of a :func:`grad` launch: the grid and the kernel arguments that its shapes and ``args``
-    decide (with placeholders for the buffers it does not use), kept in ``args``' plans (seed-free) for launches
+               C: int, stored) -> tuple[tuple, dict, tuple, tuple]:
+    """``(grid, static, z strides, out strides)`` of a :func:`grad` launch: the grid and the kernel arguments that
+    its shapes and ``args`` decide (with placeholders for the buffers it does not use), and the strides of its key,
+    kept in ``args``' plans for launches
     with class indices and no ``stored``."""
     key = None
     if soft is None and stored is None:
@@ -526,7 +535,7 @@ def _grad_plan(args: AdjustedCEArgs, z, y, out, soft, column_term: bool, upstrea
 
 
 def _new_grad_plan(args: AdjustedCEArgs, z, y, out, soft, column_term: bool, upstream: bool, config, col_base: int,
-                   C: int, stored) -> tuple[tuple, dict]:
+                   C: int, stored) -> tuple[tuple, dict, tuple, tuple]:
     N, Ck = z.shape
     dev = z.device
     kg = kernel_groups(args, dev)
@@ -541,10 +550,10 @@ def _new_grad_plan(args: AdjustedCEArgs, z, y, out, soft, column_term: bool, ups
         BLOCK_N=cfg.block_n, STORED=stored is not None, STAGES=cfg.num_stages, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
     if not column_term:  # placeholders for the buffers it does not use (grad passes the others per call)
-        static["col_term"] = ColumnTerm(a=d, b=d, lse=d)
+        static["col_term"] = ColumnTerm(columns=d)
     if stored is None:
         static["stored"] = StoredTiles(maxima=d, count=0)
-    return (cdiv(N, cfg.block_m), cfg.num_splits), static
+    return (cdiv(N, cfg.block_m), cfg.num_splits), static, z.stride(), out.stride()
 
 
 def chunk_partials(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, part: torch.Tensor, chunk: int, *,

@@ -79,7 +79,7 @@ def test_inference_tensors_are_not_cached():
 
 
 def _plans(args):
-    return args.seed_free.get("plans", {})
+    return args.memo.get("plans", {})
 
 
 def test_launch_plans_follow_the_batch_shape_and_stay_bounded():
@@ -113,30 +113,37 @@ def test_launch_plans_follow_the_batch_shape_and_stay_bounded():
     assert 0 < len(_plans(_glue._LAST_ARGS._args)) <= launch._MAX_PLANS
 
 
-def test_drawn_seeds_are_drawn_on_every_call_and_keep_the_seed_free_plans(monkeypatch):
+def test_drawn_seeds_are_drawn_on_every_call_beside_the_cached_arguments(monkeypatch):
     """GCL draws a seed each step, as the reference draws it (the same losses after the same torch.manual_seed):
-    the step's arguments are the cached ones reseeded (fastlt._operator: AdjustedCEArgs.reseeded), sharing their
-    launch plans and argument groups but not the seed's arguments."""
-    from fastlt._operator import AdjustedCEArgs
+    a step after the first reuses the cached arguments (their plans and argument groups) and passes its drawn seed
+    to the launches beside them (launch._rng), forward and backward alike."""
     from fastlt.kernels import launch
 
-    made = []
-    reseeded = AdjustedCEArgs.reseeded
-    monkeypatch.setattr(AdjustedCEArgs, "reseeded", lambda self, seed: made.append(reseeded(self, seed)) or made[-1])
+    seen = []
+    rng = launch._rng
+    monkeypatch.setattr(launch, "_rng", lambda kg, seed: seen.append(seed) or rng(kg, seed))
     z, y, _ = _data()
     counts = torch.arange(1, 12)
     crit = fastlt.GCLLoss(counts, m=0.1, s=8.0, noise_mul=1.0, backend="triton").to(DEVICE)
     ref = fastlt.GCLLoss(counts, m=0.1, s=8.0, noise_mul=1.0, backend="torch")
+    zs = [z.clone().requires_grad_() for _ in range(3)]
     torch.manual_seed(3)
-    got = [crit(z, y) for _ in range(3)]
-    torch.manual_seed(3)
-    want = [ref(z.cpu(), y.cpu()) for _ in range(3)]
-    assert len({float(g) for g in got}) == 3  # fresh noise each call
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g.cpu(), w, rtol=1e-5, atol=1e-5)
+    got = []
+    for zk in zs:
+        got.append(crit(zk, y))
+        got[-1].backward()
     cached = _glue._LAST_ARGS._args
-    assert len(made) == 2 and made[0].seed != made[1].seed  # the first call built the cached one
-    for a in made:
-        assert a.cloud is cached.cloud and _plans(a) is _plans(cached) and _plans(a)
-        groups = launch.kernel_groups(a, z.device)
-        assert groups.rng["seed"] == a.seed and groups.vecs is launch.kernel_groups(cached, z.device).vecs
+    torch.manual_seed(3)
+    zr = [z.cpu().clone().requires_grad_() for _ in range(3)]
+    want = []
+    for zk in zr:
+        want.append(ref(zk, y.cpu()))
+        want[-1].backward()
+    assert len({float(g.detach()) for g in got}) == 3  # fresh noise each call
+    for g, w, zk, zw in zip(got, want, zs, zr, strict=True):
+        torch.testing.assert_close(g.detach().cpu(), w.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(zk.grad.cpu(), zw.grad, rtol=1e-5, atol=1e-5)
+    # the first call drew its seed into the arguments it cached; the next two drew one each, for both launches
+    assert seen[:2] == [None, None] and len(seen) == 6 and seen[2] == seen[3] and seen[4] == seen[5]
+    assert len({cached.seed, seen[2], seen[4]}) == 3
+    assert _glue._LAST_ARGS._args is cached and _plans(cached)

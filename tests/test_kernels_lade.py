@@ -172,7 +172,7 @@ def test_merge_partials_and_finish_match_float64(R, C, N, programs, monkeypatch)
     sums = torch.zeros(C, dtype=torch.float64).index_add_(0, y[valid], zy[valid].double())
     lam, alpha = 0.3, 0.7
     terms = lade_kernels.finish(p.to(DEVICE), y.to(DEVICE), zy.to(DEVICE), pi.to(DEVICE), -100, lam, alpha)
-    col_a, col_b, col_lse = terms.column_term
+    col_a, col_b, col_lse = terms.column_term.columns  # (3, C): the rows a, b, lse
     lader = terms.lader() / alpha
     lse = want[0] + torch.log(want[1])
     second = lse - torch.log(pi.double() + 1e-9) + torch.log(torch.tensor(1.0 / C + 1e-9, dtype=torch.float64)) \
