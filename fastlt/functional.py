@@ -98,15 +98,62 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor 
     def local(f: dict) -> Tensor:
         if not triton:
             return R.adjusted_cross_entropy(logits, target, noise=noise, **f)
-        from ._glue import adjusted_cross_entropy_triton
+        return _glue().adjusted_cross_entropy_triton(logits, target, f, noise=noise, grad_in_forward=grad_in_forward)
 
-        return adjusted_cross_entropy_triton(logits, target, f, noise=noise, grad_in_forward=grad_in_forward)
-
-    if dp_group is None and batch_dependent(weight, reduction):
-        warn_without_group("a class-weighted 'mean'")
+    if dp_group is None and _split_warning(weight, reduction) is not None:
+        warn_without_group(_split_warning(weight, reduction))
     if dp_group is not None and dp_group is not False:
         return global_batch_loss(local, logits, target, fields, dp_group, weight=weight, rows_per_rank=rows_per_rank)
     return local(fields)
+
+
+def _split_warning(weight, reduction: str) -> str | None:
+    """What :func:`adjusted_cross_entropy` warns about under several ranks without ``dp_group`` (its value depends on
+    the batch split: a class-weighted mean), or None."""
+    return "a class-weighted 'mean'" if batch_dependent(weight, reduction) else None
+
+
+def _kernels_direct(logits, backend: str, dp_group, shard, warning: str | None) -> bool:
+    """Whether :func:`adjusted_cross_entropy` (or :func:`lade_loss`) would hand a call to the kernels' glue as it is:
+    plain (N, C) tensor logits (no DTensor, no positions to flatten), no class shard, no data-parallel group (None
+    or False), and the kernels chosen for them. A loss module then calls :func:`_kernels_call` (or the glue's LADE)
+    itself: the same checks and kernels without the dispatch's host time (a small step is host-bound).
+    ``warning``: what to warn about, as the dispatch would, when several ranks run without ``dp_group`` (a loss
+    that depends on the batch split: :func:`_split_warning`, ``warn_without_group``); None when the loss does
+    not."""
+    if (type(logits) is not Tensor or logits.dim() != 2 or shard is not None
+            or (dp_group is not None and dp_group is not False) or not use_triton(backend, logits)):
+        return False
+    if dp_group is None and warning is not None:
+        warn_without_group(warning)
+    return True
+
+
+def _kernels_call(logits: Tensor, target: Tensor, fields: dict, *, grad_in_forward: bool = False) -> Tensor:
+    """The adjusted cross-entropy on the kernels for a call :func:`_kernels_direct` accepts; ``fields``: the operator's
+    parameters by name (:class:`fastlt._operator.AdjustedCEArgs`; ``seed`` may be None: drawn)."""
+    return _glue().adjusted_cross_entropy_triton(logits, target, fields, grad_in_forward=grad_in_forward)
+
+
+def _lade_kernels_call(logits: Tensor, target: Tensor, prior: Tensor, alpha: float, remine_lambda: float,
+                      **options) -> Tensor:
+    """LADE on the kernels for a call :func:`_kernels_direct` accepts (``options``: weight, ignore_index, reduction,
+    label_smoothing)."""
+    return _glue().lade_loss_triton(logits, target, prior, alpha, remine_lambda, **options)
+
+
+_GLUE = None
+
+
+def _glue():
+    """:mod:`fastlt._glue` (the kernels' autograd), imported at the first call that runs the kernels (importing it
+    imports triton); then a global's lookup, not an import statement per call."""
+    global _GLUE
+    if _GLUE is None:
+        from . import _glue as glue
+
+        _GLUE = glue
+    return _GLUE
 
 
 def _dtensor_shard(logits, target, shard):
@@ -192,7 +239,5 @@ def lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: float = 0.1,
     if not use_triton(backend, logits):
         return R.lade_loss(logits, target, prior, alpha, remine_lambda, weight=weight, ignore_index=ignore_index,
                            reduction=reduction, label_smoothing=label_smoothing)
-    from ._glue import lade_loss_triton
-
-    return lade_loss_triton(logits, target, prior, alpha, remine_lambda, weight=weight, ignore_index=ignore_index,
-                            reduction=reduction, label_smoothing=label_smoothing)
+    return _glue().lade_loss_triton(logits, target, prior, alpha, remine_lambda, weight=weight,
+                                    ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
