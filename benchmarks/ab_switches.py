@@ -7,7 +7,10 @@
 - ``WHOLE_ROW_GRAD_IN_FORWARD`` False / True: with the gradient in the forward, 2048-wide tiles in two passes / the
   whole row as one tile (rows up to ``tiles.WHOLE_ROW_BYTES``), LA and GCL at 8142 classes;
 - ``COLUMN_STATS_ROWS`` 16 / 64: LADE's column partials per 16 rows (16 x 512 tiles) / per 64 (64 x 128), a quarter
-  of the partials' traffic, forward + backward of LADE.
+  of the partials' traffic, forward + backward of LADE;
+- ``GROUPED_STATS`` False / True: the statistics pass over rows of several tiles reduces across threads twice per
+  tile / keeps per-thread statistics per vector of columns and reduces once per row, forward + backward of LA and
+  GCL past the whole-row width.
 
 ``python benchmarks/ab_switches.py`` prints one markdown table: median ms (``triton.testing.do_bench``) per shape
 both ways and the ratio on/off. Each switch goes through ``fastlt.kernels.tiles.reconfigure``, which also retires the
@@ -58,6 +61,8 @@ def main() -> int:
          ("la", "gcl"), True),
         ("COLUMN_STATS_ROWS", (16, 64), [(4096, 8142, fp32), (4096, 131072, fp32), (4096, 131072, bf16)], ("lade",),
          False),
+        ("GROUPED_STATS", (False, True), [(4096, 131072, bf16), (4096, 131072, fp32), (1024, 1_000_000, bf16)],
+         ("la", "gcl"), False),
     ]
     print(f"# {torch.cuda.get_device_name(0)}: median ms, forward + backward")
     print("| switch | loss | N x C | dtype | off | on | on / off |\n|---|---|---|---|---|---|---|")

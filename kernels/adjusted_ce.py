@@ -519,18 +519,64 @@ def _tile_stats(tile, row, m_i, l_i, sw, qa, qw, qp, vecs, colstats, pid_m, num_
             sw += tl.sum(tl.where(tile.mask, (tile.a - m_new[:, None]) * w_j, 0.0), 1)
             qw += tl.sum(tl.where(tile.mask, w_j, 0.0), 1)
     if COLUMN_STATS:
-        vmask = tile.mask & row.valid[:, None]
-        zc = tl.where(vmask, tile.z, float("-inf"))
-        c_max = tl.maximum(tl.max(zc, 0), NEG_BIG)
-        c_sum = tl.sum(exp(zc - c_max[None, :]), 0)
-        base = colstats.partials + tl.cast(pid_m, tl.int64) * C + tile.cols
-        plane = tl.cast(num_row_blocks, tl.int64) * C
-        tl.store(base, c_max, mask=tile.col_mask)
-        tl.store(base + plane, c_sum, mask=tile.col_mask)
-        if F.SOFT:
-            tl.store(base + 2 * plane, tl.sum(tl.where(vmask, tile.q * tile.z, 0.0), 0), mask=tile.col_mask)
-            tl.store(base + 3 * plane, tl.sum(tl.where(vmask, tile.q, 0.0), 0), mask=tile.col_mask)
+        _column_partials(tile, row, colstats, pid_m, num_row_blocks, C, F)
     return m_new, l_i, sw, qa, qw, qp, e
+
+
+@triton.jit
+def _column_partials(tile, row, colstats, pid_m, num_row_blocks, C, F: tl.constexpr):
+    """LADE's column partials of one tile (COLUMN_STATS): per column, over the tile's valid rows, max z and
+    sum exp(z - max) into row block ``pid_m`` of ``colstats.partials`` (SOFT: also ``sum_i q_ic z_ic`` and
+    ``sum_i q_ic``, planes 2 and 3)."""
+    vmask = tile.mask & row.valid[:, None]
+    zc = tl.where(vmask, tile.z, float("-inf"))
+    c_max = tl.maximum(tl.max(zc, 0), NEG_BIG)
+    c_sum = tl.sum(exp(zc - c_max[None, :]), 0)
+    base = colstats.partials + tl.cast(pid_m, tl.int64) * C + tile.cols
+    plane = tl.cast(num_row_blocks, tl.int64) * C
+    tl.store(base, c_max, mask=tile.col_mask)
+    tl.store(base + plane, c_sum, mask=tile.col_mask)
+    if F.SOFT:
+        tl.store(base + 2 * plane, tl.sum(tl.where(vmask, tile.q * tile.z, 0.0), 0), mask=tile.col_mask)
+        tl.store(base + 3 * plane, tl.sum(tl.where(vmask, tile.q, 0.0), 0), mask=tile.col_mask)
+
+
+@triton.jit
+def _group_stats(tile, m_g, l_g, sw_g, qw_g, vecs, F: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 GROUP: tl.constexpr):
+    """:func:`_tile_stats`'s (max, sum-exp, smoothing sum, weights) per group of GROUP adjacent columns of a row: the
+    tile viewed as (BLOCK_M, BLOCK_N // GROUP, GROUP), each group a run of elements one thread loads as one vector,
+    so every reduction here stays in a thread (no shuffles, no shared memory, no barrier per tile: those were ~30%
+    of LA's bf16 statistics loop). The accumulators are (BLOCK_M, BLOCK_N // GROUP) fp32; :func:`_combine_groups`
+    makes the row's at the end (one cross-thread reduction per row). Not for SOFT or STORE_P."""
+    a = tl.reshape(tile.a, (BLOCK_M, BLOCK_N // GROUP, GROUP))
+    m_new = tl.maximum(m_g, tl.max(a, 2))
+    l_g = l_g * exp(m_g - m_new) + tl.sum(exp(a - m_new[:, :, None]), 2)
+    if F.HAS_SMOOTH:
+        mask = tl.reshape(tile.mask, (BLOCK_M, BLOCK_N // GROUP, GROUP))
+        if F.HAS_WEIGHT:
+            w_j = tl.load(vecs.weight + tile.cols, mask=tile.col_mask, other=0.0).to(tl.float32)
+            w = tl.reshape(tl.broadcast_to(w_j[None, :], (BLOCK_M, BLOCK_N)), (BLOCK_M, BLOCK_N // GROUP, GROUP))
+        else:
+            w = 1.0
+        sw_g = sw_g + tl.where(qw_g > 0.0, qw_g * (m_g - m_new), 0.0)
+        sw_g += tl.sum(tl.where(mask, (a - m_new[:, :, None]) * w, 0.0), 2)
+        qw_g += tl.sum(tl.where(mask, w, 0.0), 2)
+    return m_new, l_g, sw_g, qw_g
+
+
+@triton.jit
+def _combine_groups(m_g, l_g, sw_g, qw_g, F: tl.constexpr):
+    """The row statistics ``(max, sum-exp, smoothing sum, weights)`` of :func:`_group_stats`' per-group ones, the
+    smoothing sum moved to the row's max as :func:`_tile_stats` moves it."""
+    m_i = tl.max(m_g, 1)
+    l_i = tl.sum(l_g * exp(m_g - m_i[:, None]), 1)
+    sw = tl.zeros_like(m_i)
+    qw = tl.zeros_like(m_i)
+    if F.HAS_SMOOTH:
+        sw = tl.sum(sw_g + tl.where(qw_g > 0.0, qw_g * (m_g - m_i[:, None]), 0.0), 1)
+        qw = tl.sum(qw_g, 1)
+    return m_i, l_i, sw, qw
 
 
 # --- the passes over a row's columns --------------------------------------------------------------------------------
@@ -628,7 +674,8 @@ def _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, 
                        wsum_ptr, inv_denom_ptr, own_inv, N, C, num_row_blocks, soft, F: tl.constexpr,
                        MEAN: tl.constexpr, SPLIT: tl.constexpr, SINGLE_TILE: tl.constexpr, GRAD_IN_FWD: tl.constexpr,
                        COLUMN_STATS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, DENOM: tl.constexpr, STORE_P: tl.constexpr, STAGES: tl.constexpr):
+                       BLOCK_N: tl.constexpr, DENOM: tl.constexpr, STORE_P: tl.constexpr, STAGES: tl.constexpr,
+                       GROUP: tl.constexpr):
     """The work of program (pid_m, pid_s) of :func:`row_loss_forward`: row block ``pid_m``, column split ``pid_s``."""
     row = _row_info(y_ptr, vecs, hp, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), N, C, F)
     col_lo = cols_of.base + pid_s * cols_of.per_split
@@ -654,11 +701,24 @@ def _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, 
                                                   num_row_blocks, C, F, COLUMN_STATS)
     else:
         full_end = _full_tiles_end(col_lo, col_hi, BLOCK_N)
-        for col_start in tl.range(col_lo, full_end, BLOCK_N, num_stages=STAGES):  # pipelined: see _grad_columns
-            m_i, l_i, sw, qa, qw, qp = _stats_step(z_op, g_op, vecs, hp, rng, row, col_start, cols_of.base, col_hi,
-                                                   m_i, l_i, sw, qa, qw, qp, colstats, pid_m, num_row_blocks, C,
-                                                   stored, (col_start - cols_of.base) // BLOCK_N, soft, F,
-                                                   COLUMN_STATS, STORE_P, False, ALIGN, BLOCK_M, BLOCK_N)
+        if GROUP > 0 and not F.SOFT and not STORE_P:  # per-thread statistics (_group_stats)
+            m_g = tl.full((BLOCK_M, BLOCK_N // GROUP), NEG_BIG, tl.float32)
+            l_g = tl.zeros((BLOCK_M, BLOCK_N // GROUP), tl.float32)
+            sw_g = tl.zeros((BLOCK_M, BLOCK_N // GROUP), tl.float32)
+            qw_g = tl.zeros((BLOCK_M, BLOCK_N // GROUP), tl.float32)
+            for col_start in tl.range(col_lo, full_end, BLOCK_N, num_stages=STAGES):
+                t = _adjusted_tile(z_op, vecs, hp, rng, row, col_start, cols_of.base, col_hi, soft, F,
+                                   F.MARGIN_MODE != 0, False, ALIGN, BLOCK_M, BLOCK_N, True)
+                m_g, l_g, sw_g, qw_g = _group_stats(t, m_g, l_g, sw_g, qw_g, vecs, F, BLOCK_M, BLOCK_N, GROUP)
+                if COLUMN_STATS:
+                    _column_partials(t, row, colstats, pid_m, num_row_blocks, C, F)
+            m_i, l_i, sw, qw = _combine_groups(m_g, l_g, sw_g, qw_g, F)
+        else:
+            for col_start in tl.range(col_lo, full_end, BLOCK_N, num_stages=STAGES):  # pipelined: see _grad_columns
+                m_i, l_i, sw, qa, qw, qp = _stats_step(z_op, g_op, vecs, hp, rng, row, col_start, cols_of.base,
+                                                       col_hi, m_i, l_i, sw, qa, qw, qp, colstats, pid_m,
+                                                       num_row_blocks, C, stored, (col_start - cols_of.base) // BLOCK_N,
+                                                       soft, F, COLUMN_STATS, STORE_P, False, ALIGN, BLOCK_M, BLOCK_N)
         if full_end < col_hi:
             m_i, l_i, sw, qa, qw, qp = _stats_step(z_op, g_op, vecs, hp, rng, row, full_end, cols_of.base, col_hi,
                                                    m_i, l_i, sw, qa, qw, qp, colstats, pid_m, num_row_blocks, C,
@@ -708,7 +768,7 @@ def row_loss_forward(z_op, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, part_ptr, 
                      SPLIT: tl.constexpr, SINGLE_TILE: tl.constexpr, GRAD_IN_FWD: tl.constexpr,
                      COLUMN_STATS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      PERSISTENT: tl.constexpr, DENOM: tl.constexpr, REDUCE: tl.constexpr, RBLOCK: tl.constexpr,
-                     STORE_P: tl.constexpr, STAGES: tl.constexpr):
+                     STORE_P: tl.constexpr, STAGES: tl.constexpr, GROUP: tl.constexpr = 0):
     """Grid (num_row_blocks = cdiv(N, BLOCK_M), num_splits), or fewer row programs when PERSISTENT. Online
     (max, sum-exp) over this program's columns (:class:`Columns` ``cols_of``); ``z_op`` (and ``g_op``, the gradient)
     hold the classes from ``cols_of.base`` on, so a caller may pass one class chunk of the logits.
@@ -751,12 +811,12 @@ def row_loss_forward(z_op, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, part_ptr, 
             _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, out, part_ptr, colstats, stored,
                                wsum_ptr, inv_denom_ptr, own_inv, N, C, num_row_blocks, soft, F, MEAN, SPLIT,
                                SINGLE_TILE, GRAD_IN_FWD, COLUMN_STATS, ALIGN, BLOCK_M, BLOCK_N, DENOM, STORE_P,
-                               STAGES)
+                               STAGES, GROUP)
     else:
         _forward_row_block(tl.program_id(0), pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, out, part_ptr, colstats,
                            stored, wsum_ptr, inv_denom_ptr, own_inv, N, C, num_row_blocks, soft, F, MEAN, SPLIT,
                            SINGLE_TILE, GRAD_IN_FWD, COLUMN_STATS, ALIGN, BLOCK_M, BLOCK_N, DENOM, STORE_P,
-                               STAGES)
+                           STAGES, GROUP)
     if REDUCE != 0:
         last_program_reduces(red, out.loss, batch, out.coef, inv_denom_ptr, own_inv, None, 0, F.HAS_WEIGHT, MEAN,
                              DENOM, REDUCE == 2, False, RBLOCK)

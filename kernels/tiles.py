@@ -91,6 +91,11 @@ def reconfigure(**values) -> dict:
 WHOLE_ROW_BYTES = 32768
 WHOLE_ROW_GRAD_IN_FORWARD = True
 
+# The statistics pass over rows of several tiles keeps per-thread (max, sum-exp) per group of the columns a thread
+# loads as one vector, and reduces across threads once per row instead of twice per tile (kernels/launch.py:
+# _stats_group; the kernels' _group_stats). False: the per-tile reductions (the old form, for ab_switches.py).
+GROUPED_STATS = True
+
 
 def whole_row_elements(elem_bytes: int) -> int:
     """The longest row (in elements of ``elem_bytes`` bytes) kept whole: :data:`WHOLE_ROW_BYTES` of logits."""

@@ -13,6 +13,7 @@ import torch
 from conftest import DEVICE, DTYPES, class_vectors, to_device
 from oracle import assert_oracle_close
 
+from fastlt import _operator as O
 from fastlt import functional as LF
 from fastlt import reference as R
 from fastlt.kernels import launch
@@ -135,6 +136,32 @@ def test_split_and_multi_tile_paths(config, flags, reduction):
     cv = class_vectors(C, gen)
     z, y = _inputs(N, C, torch.float32, gen)
     run_and_compare(z, y, _flags(flags, cv, 17), reduction=reduction, config=config)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", [dict(block_n=16, num_splits=1), dict(block_n=32, num_splits=3),
+                                    dict(block_n=32, num_splits=1, block_m=2, row_programs=2)],
+                         ids=["tiles", "split3", "persistent"])
+@pytest.mark.parametrize("flags", ["la", "gcl_focal", "weighted_smooth", "all"])
+def test_grouped_statistics(dtype, config, flags):
+    """Rows loaded in vectors of 4 (fp32) or 8 (bf16, fp16) columns keep per-thread statistics per such group over
+    their tiles (kernels/adjusted_ce.py: _group_stats, _combine_groups; launch._stats_group): C = 104 in 16- and
+    32-wide tiles with a tail tile, split or not, (without smoothing) a row masked with the dtype's minimum and one
+    half with -inf, against the float64 reference, with the gradient in the forward too."""
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((flags, str(dtype), sorted(config.items()))).encode()))
+    N, C = 6, 104
+    cv = class_vectors(C, gen)
+    z, y = _inputs(N, C, dtype, gen, ignore_rows=(3,))
+    if "label_smoothing" not in _flags(flags, cv, 0):  # (smoothing sums such logits: an infinite loss, as torch's)
+        z[2, : C - 5] = torch.finfo(dtype).min
+        y[2] = C - 2
+        z[4, : C // 2] = float("-inf")
+        y[4] = C - 1
+    cfg = launch.pick_tiles(N, C, torch.device(DEVICE), **config)
+    plain = launch.kernel_flags(O.AdjustedCEArgs())
+    assert launch._stats_group(z, launch.row_align(z), cfg, plain) == 16 // dtype.itemsize  # the grouped path runs
+    run_and_compare(z, y, _flags(flags, cv, 29), config=config)
+    run_and_compare(z, y, _flags(flags, cv, 29), reduction="none", grad_in_forward=True, config=config)
 
 
 @pytest.mark.parametrize("grad_in_forward", [False, True])

@@ -70,6 +70,19 @@ def test_lade_weights_smoothing_hyperparameters():
     _compare(z, y, pi, weight=w, label_smoothing=0.2, alpha=0.7, lam=0.3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("config", [dict(block_m=4, block_n=16), dict(block_m=4, block_n=32, num_splits=2)],
+                         ids=["4x16", "split"])
+def test_lade_grouped_statistics(dtype, config):
+    """Rows loaded in vectors of 4 (fp32) or 8 (2-byte) columns keep per-thread row statistics over their tiles
+    (kernels/adjusted_ce.py: _group_stats) beside the per-tile column partials: C = 104, with class weights and
+    smoothing, against float64."""
+    z, y, pi, w = _case(21, 104, dtype, 4, ignore=(2,))
+    cfg = launch.pick_tiles(21, 104, torch.device(DEVICE), column_stats=True, **config)
+    assert launch._stats_group(z, launch.row_align(z), cfg, launch.kernel_flags(AdjustedCEArgs())) > 0
+    _compare(z, y, pi, weight=w, label_smoothing=0.1, config=config)
+
+
 @pytest.mark.parametrize("config", [dict(block_m=4, block_n=16), dict(block_m=1, block_n=16), dict(block_m=8),
                                     dict(block_m=4, block_n=16, num_splits=3),
                                     dict(block_m=4, block_n=16, row_programs=3)],
