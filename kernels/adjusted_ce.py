@@ -542,26 +542,35 @@ def _column_partials(tile, row, colstats, pid_m, num_row_blocks, C, F: tl.conste
 
 
 @triton.jit
+def _thread_view(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, GROUP_SPAN: tl.constexpr):
+    """A (BLOCK_M, BLOCK_N) tile as (BLOCK_M, BLOCK_N // GROUP_SPAN, GROUP_SPAN // GROUP, GROUP): column
+    ``c = (r * GROUP_SPAN // GROUP + t) * GROUP + k``, ``k`` within one thread's vector of GROUP columns, ``t`` the
+    thread along the row, ``r`` the repetition of the layout along it: axes 1 and 3 are one thread's elements."""
+    return tl.reshape(x, (BLOCK_M, BLOCK_N // GROUP_SPAN, GROUP_SPAN // GROUP, GROUP))
+
+
+@triton.jit
 def _group_stats(tile, m_g, l_g, sw_g, qw_g, vecs, F: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 GROUP: tl.constexpr):
-    """:func:`_tile_stats`'s (max, sum-exp, smoothing sum, weights) per group of GROUP adjacent columns of a row: the
-    tile viewed as (BLOCK_M, BLOCK_N // GROUP, GROUP), each group a run of elements one thread loads as one vector,
-    so every reduction here stays in a thread (no shuffles, no shared memory, no barrier per tile: those were ~30%
-    of LA's bf16 statistics loop). The accumulators are (BLOCK_M, BLOCK_N // GROUP) fp32; :func:`_combine_groups`
-    makes the row's at the end (one cross-thread reduction per row). Not for SOFT or STORE_P."""
-    a = tl.reshape(tile.a, (BLOCK_M, BLOCK_N // GROUP, GROUP))
-    m_new = tl.maximum(m_g, tl.max(a, 2))
-    l_g = l_g * exp(m_g - m_new) + tl.sum(exp(a - m_new[:, :, None]), 2)
+                 GROUP: tl.constexpr, GROUP_SPAN: tl.constexpr):
+    """:func:`_tile_stats`'s (max, sum-exp, smoothing sum, weights) per thread: the tile viewed so that a thread's
+    elements of a row are axes 1 and 3 (:func:`_thread_view`, GROUP its vector width and GROUP_SPAN the columns its
+    row's threads cover once), so every reduction here stays in a thread (no shuffles, no shared memory, no barrier
+    per tile: those were ~30% of LA's bf16 statistics loop). The accumulators are (BLOCK_M, GROUP_SPAN // GROUP)
+    fp32, one per thread and row; :func:`_combine_groups` makes the row's at the end (one cross-thread reduction per
+    row). Not for SOFT or STORE_P."""
+    a = _thread_view(tile.a, BLOCK_M, BLOCK_N, GROUP, GROUP_SPAN)
+    m_new = tl.maximum(m_g, tl.max(tl.max(a, 3), 1))
+    l_g = l_g * exp(m_g - m_new) + tl.sum(tl.sum(exp(a - m_new[:, None, :, None]), 3), 1)
     if F.HAS_SMOOTH:
-        mask = tl.reshape(tile.mask, (BLOCK_M, BLOCK_N // GROUP, GROUP))
+        mask = _thread_view(tile.mask, BLOCK_M, BLOCK_N, GROUP, GROUP_SPAN)
         if F.HAS_WEIGHT:
             w_j = tl.load(vecs.weight + tile.cols, mask=tile.col_mask, other=0.0).to(tl.float32)
-            w = tl.reshape(tl.broadcast_to(w_j[None, :], (BLOCK_M, BLOCK_N)), (BLOCK_M, BLOCK_N // GROUP, GROUP))
+            w = _thread_view(tl.broadcast_to(w_j[None, :], (BLOCK_M, BLOCK_N)), BLOCK_M, BLOCK_N, GROUP, GROUP_SPAN)
         else:
             w = 1.0
         sw_g = sw_g + tl.where(qw_g > 0.0, qw_g * (m_g - m_new), 0.0)
-        sw_g += tl.sum(tl.where(mask, (a - m_new[:, :, None]) * w, 0.0), 2)
-        qw_g += tl.sum(tl.where(mask, w, 0.0), 2)
+        sw_g += tl.sum(tl.sum(tl.where(mask, (a - m_new[:, None, :, None]) * w, 0.0), 3), 1)
+        qw_g += tl.sum(tl.sum(tl.where(mask, w, 0.0), 3), 1)
     return m_new, l_g, sw_g, qw_g
 
 
@@ -675,7 +684,7 @@ def _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, 
                        MEAN: tl.constexpr, SPLIT: tl.constexpr, SINGLE_TILE: tl.constexpr, GRAD_IN_FWD: tl.constexpr,
                        COLUMN_STATS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, DENOM: tl.constexpr, STORE_P: tl.constexpr, STAGES: tl.constexpr,
-                       GROUP: tl.constexpr):
+                       GROUP: tl.constexpr, GROUP_SPAN: tl.constexpr):
     """The work of program (pid_m, pid_s) of :func:`row_loss_forward`: row block ``pid_m``, column split ``pid_s``."""
     row = _row_info(y_ptr, vecs, hp, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), N, C, F)
     col_lo = cols_of.base + pid_s * cols_of.per_split
@@ -702,14 +711,15 @@ def _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, 
     else:
         full_end = _full_tiles_end(col_lo, col_hi, BLOCK_N)
         if GROUP > 0 and not F.SOFT and not STORE_P:  # per-thread statistics (_group_stats)
-            m_g = tl.full((BLOCK_M, BLOCK_N // GROUP), NEG_BIG, tl.float32)
-            l_g = tl.zeros((BLOCK_M, BLOCK_N // GROUP), tl.float32)
-            sw_g = tl.zeros((BLOCK_M, BLOCK_N // GROUP), tl.float32)
-            qw_g = tl.zeros((BLOCK_M, BLOCK_N // GROUP), tl.float32)
+            m_g = tl.full((BLOCK_M, GROUP_SPAN // GROUP), NEG_BIG, tl.float32)
+            l_g = tl.zeros((BLOCK_M, GROUP_SPAN // GROUP), tl.float32)
+            sw_g = tl.zeros((BLOCK_M, GROUP_SPAN // GROUP), tl.float32)
+            qw_g = tl.zeros((BLOCK_M, GROUP_SPAN // GROUP), tl.float32)
             for col_start in tl.range(col_lo, full_end, BLOCK_N, num_stages=STAGES):
                 t = _adjusted_tile(z_op, vecs, hp, rng, row, col_start, cols_of.base, col_hi, soft, F,
                                    F.MARGIN_MODE != 0, False, ALIGN, BLOCK_M, BLOCK_N, True)
-                m_g, l_g, sw_g, qw_g = _group_stats(t, m_g, l_g, sw_g, qw_g, vecs, F, BLOCK_M, BLOCK_N, GROUP)
+                m_g, l_g, sw_g, qw_g = _group_stats(t, m_g, l_g, sw_g, qw_g, vecs, F, BLOCK_M, BLOCK_N, GROUP,
+                                                    GROUP_SPAN)
                 if COLUMN_STATS:
                     _column_partials(t, row, colstats, pid_m, num_row_blocks, C, F)
             m_i, l_i, sw, qw = _combine_groups(m_g, l_g, sw_g, qw_g, F)
@@ -768,7 +778,8 @@ def row_loss_forward(z_op, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, part_ptr, 
                      SPLIT: tl.constexpr, SINGLE_TILE: tl.constexpr, GRAD_IN_FWD: tl.constexpr,
                      COLUMN_STATS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      PERSISTENT: tl.constexpr, DENOM: tl.constexpr, REDUCE: tl.constexpr, RBLOCK: tl.constexpr,
-                     STORE_P: tl.constexpr, STAGES: tl.constexpr, GROUP: tl.constexpr = 0):
+                     STORE_P: tl.constexpr, STAGES: tl.constexpr, GROUP: tl.constexpr = 0,
+                     GROUP_SPAN: tl.constexpr = 0):
     """Grid (num_row_blocks = cdiv(N, BLOCK_M), num_splits), or fewer row programs when PERSISTENT. Online
     (max, sum-exp) over this program's columns (:class:`Columns` ``cols_of``); ``z_op`` (and ``g_op``, the gradient)
     hold the classes from ``cols_of.base`` on, so a caller may pass one class chunk of the logits.
@@ -811,12 +822,12 @@ def row_loss_forward(z_op, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, part_ptr, 
             _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, out, part_ptr, colstats, stored,
                                wsum_ptr, inv_denom_ptr, own_inv, N, C, num_row_blocks, soft, F, MEAN, SPLIT,
                                SINGLE_TILE, GRAD_IN_FWD, COLUMN_STATS, ALIGN, BLOCK_M, BLOCK_N, DENOM, STORE_P,
-                               STAGES, GROUP)
+                               STAGES, GROUP, GROUP_SPAN)
     else:
         _forward_row_block(tl.program_id(0), pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, out, part_ptr, colstats,
                            stored, wsum_ptr, inv_denom_ptr, own_inv, N, C, num_row_blocks, soft, F, MEAN, SPLIT,
                            SINGLE_TILE, GRAD_IN_FWD, COLUMN_STATS, ALIGN, BLOCK_M, BLOCK_N, DENOM, STORE_P,
-                           STAGES, GROUP)
+                           STAGES, GROUP, GROUP_SPAN)
     if REDUCE != 0:
         last_program_reduces(red, out.loss, batch, out.coef, inv_denom_ptr, own_inv, None, 0, F.HAS_WEIGHT, MEAN,
                              DENOM, REDUCE == 2, False, RBLOCK)

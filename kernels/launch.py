@@ -452,7 +452,7 @@ def _new_forward_plan(args: AdjustedCEArgs, z, y, g, soft, grad_in_forward: bool
         ALIGN=row_align(z, g if writes_g else z, *([] if soft is None else [y])), BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, PERSISTENT=grid_rows < row_blocks, RBLOCK=rblock, STORE_P=store_p,
         STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    static["GROUP"] = _stats_group(z, static["ALIGN"], cfg, kg.flags)
+    static["GROUP"], static["GROUP_SPAN"] = _stats_group(z, static["ALIGN"], cfg, kg.flags)
     # placeholders for the buffers a launch of this plan does not use (forward passes the others per call: a
     # copy of this dict per call would cost the hot path more)
     if not split:
@@ -465,15 +465,20 @@ def _new_forward_plan(args: AdjustedCEArgs, z, y, g, soft, grad_in_forward: bool
                         writes_g, static, z.stride(), g.stride())
 
 
-def _stats_group(z: torch.Tensor, align: int, cfg: TileConfig, flags: Flags) -> int:
-    """``row_loss_forward``'s GROUP: the columns a thread loads as one vector (16 bytes, or the launch's ``ALIGN``
-    where that is less), over which its statistics pass keeps per-thread statistics (:func:`_group_stats` in
-    ``kernels/adjusted_ce.py``); 0 (the per-tile cross-thread reductions) below 4 columns, whose per-group rescale
-    would add more than a quarter of an exp per element, with GCL's seed read from the device (its per-round keys
-    then sit in registers: with triton 3.6 the grouped loop reloads a spilled one every tile, kernel_report), and
-    when ``tiles.GROUPED_STATS`` is off."""
-    group = min(16 // z.element_size(), align, cfg.block_n)
-    return group if tiles.GROUPED_STATS and group >= 4 and not flags.SEED_FROM_PTR else 0
+def _stats_group(z: torch.Tensor, align: int, cfg: TileConfig, flags: Flags) -> tuple[int, int]:
+    """``row_loss_forward``'s ``(GROUP, GROUP_SPAN)``, the layout its statistics pass keeps per-thread statistics in
+    (:func:`_group_stats` in ``kernels/adjusted_ce.py``): GROUP the columns a thread loads as one vector (16 bytes,
+    or the launch's ``ALIGN`` where that is less) and GROUP_SPAN the columns a row's threads cover once (Triton's
+    blocked layout puts a tile's threads along the contiguous row first, its warps too while the row has room).
+    ``(0, 0)`` (the per-tile cross-thread reductions) where a thread holds under 4 elements of a row per tile (its
+    rescale ``exp`` would cost more than a quarter of one per element), with GCL's seed read from the device (its
+    per-round keys then sit in registers: with triton 3.6 the grouped loop reloads a spilled one every tile,
+    kernel_report), and when ``tiles.GROUPED_STATS`` is off."""
+    vec = min(16 // z.element_size(), align, cfg.block_n)
+    threads = max(1, min(cfg.num_warps * 32, cfg.block_n // vec))
+    if not tiles.GROUPED_STATS or cfg.block_n // threads < 4 or flags.SEED_FROM_PTR:
+        return 0, 0
+    return vec, threads * vec
 
 
 _MAX_PLANS = 16  # per args: a batch of another length is another plan (variable-length batches must not pile up)

@@ -159,9 +159,26 @@ def test_grouped_statistics(dtype, config, flags):
         y[4] = C - 1
     cfg = launch.pick_tiles(N, C, torch.device(DEVICE), **config)
     plain = launch.kernel_flags(O.AdjustedCEArgs())
-    assert launch._stats_group(z, launch.row_align(z), cfg, plain) == 16 // dtype.itemsize  # the grouped path runs
+    assert launch._stats_group(z, launch.row_align(z), cfg, plain)[0] == 16 // dtype.itemsize  # grouped
     run_and_compare(z, y, _flags(flags, cv, 29), config=config)
     run_and_compare(z, y, _flags(flags, cv, 29), reduction="none", grad_in_forward=True, config=config)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", [dict(block_n=512, num_splits=1), dict(block_n=512, num_splits=2, block_m=2)],
+                         ids=["tiles", "split2x2"])
+@pytest.mark.parametrize("flags", ["la", "all"])
+def test_grouped_statistics_of_rows_in_two_column_vectors(dtype, config, flags):
+    """Rows of an odd width (C = 1030: 2-column vectors) in wide tiles: each thread's two vectors of a row per tile
+    are its group (GROUP 2, GROUP_SPAN 256), against float64."""
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((flags, str(dtype), sorted(config.items()))).encode()))
+    N, C = 5, 1030
+    cv = class_vectors(C, gen)
+    z, y = _inputs(N, C, dtype, gen)
+    cfg = launch.pick_tiles(N, C, torch.device(DEVICE), **config)
+    plain = launch.kernel_flags(O.AdjustedCEArgs())
+    assert launch._stats_group(z, launch.row_align(z), cfg, plain) == (2, 256)
+    run_and_compare(z, y, _flags(flags, cv, 31), config=config)
 
 
 @pytest.mark.parametrize("grad_in_forward", [False, True])

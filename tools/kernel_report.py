@@ -364,6 +364,8 @@ def cases():
     return {
         "la-131072-bf16": la(4096, 131072, torch.bfloat16),
         "la-131072-fp32": la(4096, 131072, torch.float32),
+        "la-8142-fp32": la(4096, 8142, torch.float32),  # iNaturalist, recompute mode: 2-column vectors, 4 tiles a row
+        "gcl-8142-bf16": gcl(4096, 8142, torch.bfloat16),
         "la-8142-bf16-fused": la(4096, 8142, torch.bfloat16, grad_in_forward=True),
         "la-512x8142-bf16-fused": la(512, 8142, torch.bfloat16, grad_in_forward=True),  # one launch: DENOM=1 (own)
         "gcl-131072-bf16": gcl(4096, 131072, torch.bfloat16),
