@@ -11,7 +11,9 @@ FLOOR = {torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 
 
 def assert_oracle_close(got: torch.Tensor, ref64: torch.Tensor, ref_same: torch.Tensor, dtype: torch.dtype,
-                        *, factor: float = 2.0, what: str = "value") -> None:
+                        *, factor: float = 2.0, what: str = "value", roundings: int = 1) -> None:
+    """``roundings``: how many roundings to ``dtype`` the floor allows (2 where the kernel rounds an intermediate
+    to the dtype on purpose, as the gradient in the forward's stored ``exp(a - max)``)."""
     got64 = got.detach().to(torch.float64).cpu()
     ref64 = ref64.detach().to(torch.float64).cpu()
     same64 = ref_same.detach().to(torch.float64).cpu()
@@ -25,5 +27,5 @@ def assert_oracle_close(got: torch.Tensor, ref64: torch.Tensor, ref_same: torch.
     both = finite & torch.isfinite(same64)
     base = (same64 - ref64)[both].abs().max().item() if both.any() else 0.0
     scale = max(1.0, ref64[finite].abs().max().item())
-    bound = factor * base + FLOOR[dtype] * scale
+    bound = factor * base + roundings * FLOOR[dtype] * scale
     assert err <= bound, f"{what}: error {err:.3e} > bound {bound:.3e} (same-dtype reference error {base:.3e})"
