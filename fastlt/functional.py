@@ -100,8 +100,8 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor 
             return R.adjusted_cross_entropy(logits, target, noise=noise, **f)
         return _glue().adjusted_cross_entropy_triton(logits, target, f, noise=noise, grad_in_forward=grad_in_forward)
 
-    if dp_group is None and _split_warning(weight, reduction) is not None:
-        warn_without_group(_split_warning(weight, reduction))
+    if dp_group is None and (warning := _split_warning(weight, reduction)) is not None:
+        warn_without_group(warning)
     if dp_group is not None and dp_group is not False:
         return global_batch_loss(local, logits, target, fields, dp_group, weight=weight, rows_per_rank=rows_per_rank)
     return local(fields)
