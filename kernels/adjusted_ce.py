@@ -485,6 +485,14 @@ def _store_tile(g_op, row, cols, col_base, mask, g, ALIGN: tl.constexpr):
 
 
 @triton.jit
+def _smoothing_shift(w_seen, m_old, m_new):
+    """What label smoothing's running sum ``sum_j w_j (a_j - m_old)`` over the weights ``w_seen`` gains when its
+    reference max moves from ``m_old`` to ``m_new``: ``w_seen * (m_old - m_new)``, 0 where no weight was seen (its
+    ``m_old`` may still be the start value, -3.4e38)."""
+    return tl.where(w_seen > 0.0, w_seen * (m_old - m_new), 0.0)
+
+
+@triton.jit
 def _tile_stats(tile, row, m_i, l_i, sw, qa, qw, qp, vecs, colstats, pid_m, num_row_blocks, C, F: tl.constexpr,
                 COLUMN_STATS: tl.constexpr):
     """Fold one :class:`Tile` into the running row statistics (max, sum-exp, smoothing sum) and, for LADE, store its
@@ -515,7 +523,7 @@ def _tile_stats(tile, row, m_i, l_i, sw, qa, qw, qp, vecs, colstats, pid_m, num_
         if F.SOFT:  # raw sum_j w_j a_j (qw holds W_q)
             sw += tl.sum(tl.where(tile.mask, tile.a * w_j, 0.0), 1)
         else:  # sum_j w_j (a_j - running max), moved with the max; qw carries the weights seen, sum_j w_j
-            sw = sw + tl.where(qw > 0.0, qw * (m_i - m_new), 0.0)
+            sw = sw + _smoothing_shift(qw, m_i, m_new)
             sw += tl.sum(tl.where(tile.mask, (tile.a - m_new[:, None]) * w_j, 0.0), 1)
             qw += tl.sum(tl.where(tile.mask, w_j, 0.0), 1)
     if COLUMN_STATS:
@@ -568,7 +576,7 @@ def _group_stats(tile, m_g, l_g, sw_g, qw_g, vecs, F: tl.constexpr, BLOCK_M: tl.
             w = _thread_view(tl.broadcast_to(w_j[None, :], (BLOCK_M, BLOCK_N)), BLOCK_M, BLOCK_N, GROUP, GROUP_SPAN)
         else:
             w = 1.0
-        sw_g = sw_g + tl.where(qw_g > 0.0, qw_g * (m_g - m_new), 0.0)
+        sw_g = sw_g + _smoothing_shift(qw_g, m_g, m_new)
         sw_g += tl.sum(tl.sum(tl.where(mask, (a - m_new[:, None, :, None]) * w, 0.0), 3), 1)
         qw_g += tl.sum(tl.sum(tl.where(mask, w, 0.0), 3), 1)
     return m_new, l_g, sw_g, qw_g
@@ -583,7 +591,7 @@ def _combine_groups(m_g, l_g, sw_g, qw_g, F: tl.constexpr):
     sw = tl.zeros_like(m_i)
     qw = tl.zeros_like(m_i)
     if F.HAS_SMOOTH:
-        sw = tl.sum(sw_g + tl.where(qw_g > 0.0, qw_g * (m_g - m_i[:, None]), 0.0), 1)
+        sw = tl.sum(sw_g + _smoothing_shift(qw_g, m_g, m_i[:, None]), 1)
         qw = tl.sum(qw_g, 1)
     return m_i, l_i, sw, qw
 
@@ -863,7 +871,7 @@ def row_loss_combine(part_ptr, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, red, N
         row = Row(row.idx, row.mask, row.y, row.valid, row.margin, qw)
     elif F.HAS_SMOOTH:  # each split's sum_j w_j (a_j - m_s), moved to the row's max: + W_s (m_s - m)
         w_s = tl.load(part_ptr + 4 * plane + offs, mask=mask, other=0.0)
-        shift = tl.where(w_s > 0.0, w_s * (p_max - m_row[:, None]), 0.0)
+        shift = _smoothing_shift(w_s, p_max, m_row[:, None])
         sw = tl.sum(tl.load(part_ptr + 3 * plane + offs, mask=mask, other=0.0) + shift, 1)
         w_seen = tl.sum(w_s, 1)
     else:

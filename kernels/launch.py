@@ -542,8 +542,7 @@ def _grad_plan(args: AdjustedCEArgs, z, y, out, soft, column_term: bool, upstrea
                C: int, stored) -> tuple[tuple, dict, tuple, tuple]:
     """``(grid, static, z strides, out strides)`` of a :func:`grad` launch: the grid and the kernel arguments that
     its shapes and ``args`` decide (with placeholders for the buffers it does not use), and the strides of its key,
-    kept in ``args``' plans for launches
-    with class indices and no ``stored``."""
+    kept in ``args``' plans for launches with class indices and no ``stored``."""
     key = None
     if soft is None and stored is None:
         key = ("grad", tiles.GENERATION, z.device, tuple(z.shape), z.stride(), z.dtype, out.stride(), y.stride(),
