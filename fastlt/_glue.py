@@ -27,6 +27,7 @@ from ._operator import AdjustedCEArgs, LadeArgs
 from ._validation import as_index_target
 from .kernels import lade as lade_kernels
 from .kernels import launch
+from .kernels.adjusted_ce import ColumnTerm
 from .noise import draw_seed
 from .reference import LaderStatistics
 
@@ -59,10 +60,9 @@ def nan_if_empty(loss: Tensor, args: AdjustedCEArgs) -> Tensor:
     return loss * math.nan if args.row_scale == math.inf else loss
 
 
-def _backward(grad_output, logits, target, args: AdjustedCEArgs, row_stats, row_coef, columns=None, seed=None):
-    """The recompute backward; ``columns``: LADE's (3, C) column term, which the kernel scales by the scalar
-    ``grad_output`` itself; ``seed``: the forward's (:func:`_forward`)."""
-    column_term = None if columns is None else lade_kernels.column_term(columns)
+def _backward(grad_output, logits, target, args: AdjustedCEArgs, row_stats, row_coef, column_term=None, seed=None):
+    """The recompute backward; ``column_term``: LADE's :class:`ColumnTerm` (its (3, C) fp32 columns), which the
+    kernel scales by the scalar ``grad_output`` itself; ``seed``: the forward's (:func:`_forward`)."""
     upstream = None if grad_output is None else grad_output.contiguous()
     return launch.grad(logits, target, args, row_stats, row_coef, upstream, column_term=column_term, seed=seed)
 
@@ -99,7 +99,8 @@ def _(logits, target, *flat):
         [AdjustedCEArgs], "Tensor")
 def adjusted_ce_backward_op(grad_output, logits, target, row_stats, row_coef, columns, *flat):
     (args,) = O.unflatten([AdjustedCEArgs], flat)
-    return _backward(grad_output, logits, target, args, row_stats, row_coef, columns)
+    column_term = None if columns is None else lade_kernels.column_term(columns)  # checked: an op's input
+    return _backward(grad_output, logits, target, args, row_stats, row_coef, column_term)
 
 
 @adjusted_ce_backward_op.register_fake
@@ -265,7 +266,8 @@ class LADEFunction(torch.autograd.Function):
     @first_order
     def backward(ctx, grad_loss):
         logits, target, row_stats, row_coef, columns = ctx.saved_tensors
-        return _backward(grad_loss, logits, target, ctx.args, row_stats, row_coef, columns), None, None, None
+        term = ColumnTerm(columns=columns)  # (3, C) fp32, made by the forward: no check (host time)
+        return _backward(grad_loss, logits, target, ctx.args, row_stats, row_coef, term), None, None, None
 
 
 # --- entry points of fastlt.functional ----------------------------------------------------------------------------

@@ -204,22 +204,29 @@ def _contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-def _columns(stats: torch.Tensor, *, finish: _Finish | None = None, into: torch.Tensor | None = None,
-             rows: PriorCERows | None = None):
-    """One ``lade_columns`` launch: merge the column statistics (into ``into``), and with ``finish`` LADER's terms
-    (and with ``rows`` the reduced loss). Returns ``(out, parts)``."""
+def _checked_stats(stats: torch.Tensor, into: torch.Tensor | None) -> torch.Tensor:
+    """The caller's column statistics as the contiguous (planes, R, C) fp32 tensor :func:`_columns` takes ((2, C)
+    and (4, C) read as R = 1), and ``into`` checked against them; ValueError naming the argument otherwise."""
     if stats.dim() == 2:
         stats = stats[:, None]
     if stats.dtype != torch.float32 or stats.dim() != 3 or stats.shape[0] not in (2, 4):
         raise ValueError(f"column statistics must be (2, R, C) or (2, C) fp32 ((4, ...) for class probabilities), "
                          f"got {tuple(stats.shape)} {stats.dtype}")
-    stats = _contiguous(stats)
-    planes, R, C = stats.shape
-    soft = planes == 4  # class-probability targets: the class sums and counts come with the partials
-    dev = stats.device
+    planes, _, C = stats.shape
     if into is not None and (into.shape != (planes, C) or into.dtype != torch.float32 or not into.is_contiguous()):
         raise ValueError(f"into must be contiguous ({planes}, C) = ({planes}, {C}) fp32 running statistics, got "
                          f"{tuple(into.shape)} {into.dtype}")
+    return _contiguous(stats)
+
+
+def _columns(stats: torch.Tensor, *, finish: _Finish | None = None, into: torch.Tensor | None = None,
+             rows: PriorCERows | None = None):
+    """One ``lade_columns`` launch on checked arguments (:func:`_checked_stats`; LADE's forward passes its own
+    partials unchecked): merge the column statistics (into ``into``), and with ``finish`` LADER's terms (and with
+    ``rows`` the reduced loss). Returns ``(out, parts)``."""
+    planes, R, C = stats.shape
+    soft = planes == 4  # class-probability targets: the class sums and counts come with the partials
+    dev = stats.device
     out = into if into is not None else torch.empty((3 if finish is not None else planes, C), dtype=torch.float32,
                                                     device=dev)
     if rows is not None and rows.args.reduction == "none":
@@ -280,7 +287,7 @@ def merge_partials(partials: torch.Tensor, into: torch.Tensor | None = None) -> 
     """(2, R, C) per-row-block partials (column max, sum-exp relative to it) -> (2, C) for the whole set of rows
     (one launch); (4, R, C) -> (4, C) for class-probability targets (their class sums and counts summed too).
     ``into``: running statistics of earlier row chunks, merged with the partials in place (and returned)."""
-    return _columns(partials, into=into)[0]
+    return _columns(_checked_stats(partials, into), into=into)[0]
 
 
 def finish(partials: torch.Tensor, y: torch.Tensor, target_logits: torch.Tensor, pi: torch.Tensor,
@@ -301,9 +308,9 @@ def finish(partials: torch.Tensor, y: torch.Tensor, target_logits: torch.Tensor,
         raise ValueError(f"y and target_logits must both be (N,), got {tuple(y.shape)} and "
                          f"{tuple(target_logits.shape)}")
     pi = as_f32(pi)
-    out, parts = _columns(partials, finish=_Finish(y=_contiguous(y), target_logits=_contiguous(target_logits),
-                                                   ignore_index=ignore_index, prior=pi, alpha=alpha,
-                                                   remine_lambda=remine_lambda), rows=rows)
+    fin = _Finish(y=_contiguous(y), target_logits=_contiguous(target_logits), ignore_index=ignore_index, prior=pi,
+                  alpha=alpha, remine_lambda=remine_lambda)
+    out, parts = _columns(_checked_stats(partials, None), finish=fin, rows=rows)
     return LaderTerms(parts, out)
 
 
@@ -316,6 +323,9 @@ def forward(z: torch.Tensor, y: torch.Tensor, pi: torch.Tensor, alpha: float, re
     loss_rows, row_stats, row_coef, cols = launch.forward(z, y, args, column_stats=True, config=config,
                                                           scale_mean=False)
     loss = torch.empty((), dtype=out_dtype, device=z.device)
-    terms = finish(cols.partials, y, cols.target_logits, pi, args.ignore_index, remine_lambda, alpha,
-                   rows=PriorCERows(loss_rows, row_coef, args, loss))
-    return loss, row_stats, row_coef, terms
+    # finish() on partials and target logits of our own making, which it need not check (host time)
+    out, parts = _columns(cols.partials, finish=_Finish(y=_contiguous(y), target_logits=cols.target_logits,
+                                                        ignore_index=args.ignore_index, prior=as_f32(pi), alpha=alpha,
+                                                        remine_lambda=remine_lambda),
+                          rows=PriorCERows(loss_rows, row_coef, args, loss))
+    return loss, row_stats, row_coef, LaderTerms(parts, out)
