@@ -8,8 +8,8 @@ each of the four words gives two 16-bit uniforms
 same in plain PyTorch (see it for why 16-bit uniforms).
 
 On the GPU the log2, sin and cos of the Box-Muller step are one special-function-unit instruction each (MUFU.LG2,
-MUFU.SIN, MUFU.COS: libdevice's ``fast_*`` forms), on arguments reduced so that their documented absolute errors
-(2^-22 for log2 on [1/2, 2), 2^-20.9 for sin and cos on the first quadrant) stay below ~1.5e-6 in ``e``. That unit
+MUFU.SIN, MUFU.COS: libdevice's ``fast_*`` forms), on arguments where their documented absolute errors (2^-22 for
+log2 on [1/2, 2); 2^-21.41 and 2^-21.19 for sin and cos on (-pi, pi)) keep ``e`` within ~1.5e-6. That unit
 runs beside the FP32 pipes, where FP32 polynomials would cost ~30 instructions per element and leave GCL's loops
 compute-bound (static count, tools/kernel_report.py: the GCL gradient loop takes 705 SASS instructions per 16
 elements a thread this way, 899 with polynomials). The interpreter has no ``fast_*`` forms, so there (``FAST_MATH``
@@ -28,9 +28,8 @@ from ..noise import NOISE_ROUNDS
 FAST_MATH = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 ROUNDS = tl.constexpr(NOISE_ROUNDS)
 _LN2 = tl.constexpr(0.6931471805599453)
-_HALF_PI = tl.constexpr(1.5707963267948966)
-# x = (j + 1/2) * step - pi/4 with step = (pi/2) / 2^14, as (1 + j / 2^14) * pi/2 + (step/2 - pi/4 - pi/2)
-_ANGLE_START = tl.constexpr(3.141592653589793 / 65536.0 - 0.75 * 3.141592653589793)
+_TWO_PI = tl.constexpr(6.283185307179586)
+_HALF_STEP = tl.constexpr(3.141592653589793 / 65536.0)  # theta's half step, pi / 2^16
 
 
 @triton.jit
@@ -66,16 +65,16 @@ def _unit_float(bits):
 
 @triton.jit
 def _r_over_3(w):
-    """``r / (3 sqrt(2)) = sqrt(-log u / 9)`` for ``u = (lo + 1/2) / 2^16``, ``lo`` the low half of ``w``: from
-    ``f = 1 + lo / 2^16`` both ``u = f - (1 - 2^-17)`` and ``t = 1 - u = (2 - 2^-17) - f`` are exact (Sterbenz).
-    ``-log u = -log(2) log2(u)``, except near u = 1, where ``-log u`` is small and log2's absolute error (2^-22 on
-    the GPU) would be a large relative one: for ``t < 1/64`` the series ``t + t^2/2 + t^3/3 + t^4/4`` (relative
-    error < 2e-8). The 1/9 is folded into both."""
-    f = _unit_float((w << 7) & 0x7FFF80)
-    u = f - (1.0 - 1.0 / 131072.0)
-    t = (2.0 - 1.0 / 131072.0) - f
-    big = (-_LN2 / 9.0) * _log2(u)
-    small = t * (1.0 / 9.0 + t * (1.0 / 18.0 + t * (1.0 / 27.0 + t * (1.0 / 36.0))))
+    """``r / 3 = sqrt(-2 log u / 9)`` for ``u = (lo + 1/2) / 2^16``, ``lo`` the low half of ``w``: from
+    ``f = 1 + lo / 2^23`` (the half as low mantissa bits: one LOP3) both ``u = 128 f - (128 - 2^-17)`` (one FMA) and
+    ``t = 1 - u`` are exact. ``-log u = -log(2) log2(u)``, except near u = 1, where ``-log u`` is small and log2's
+    absolute error (2^-22 on the GPU) would be a large relative one: for ``t < 1/64`` the series
+    ``t + t^2/2 + t^3/3 + t^4/4`` (relative error < 2e-8). The 2/9 is folded into both."""
+    f = _unit_float(w & 0xFFFF)
+    u = f * 128.0 - (128.0 - 1.0 / 131072.0)
+    t = 1.0 - u
+    big = (-2.0 * _LN2 / 9.0) * _log2(u)
+    small = t * (2.0 / 9.0 + t * (1.0 / 9.0 + t * (2.0 / 27.0 + t * (1.0 / 18.0))))
     return tl.sqrt(tl.where(t < 0.015625, small, big))
 
 
@@ -84,18 +83,15 @@ def _pair(w):
     """``e = min(|g| / 3, 1)`` of one Box-Muller pair ``(r cos theta, r sin theta)`` from the 16-bit halves
     of a uint32 word: ``r = sqrt(-2 log u_lo)``, ``theta = 2 pi u_hi``, ``u = (h + 1/2) / 2^16``.
 
-    The top two bits of ``h_hi`` are the quadrant of theta and the other 14 (``j``) give ``a = pi/4 + x`` inside it,
-    ``x = (j + 1/2) pi / 2^15 - pi/4``, so ``|cos theta|, |sin theta|`` are ``cos a, sin a`` (swapped in odd
-    quadrants), and ``sqrt(2) cos a = cos x - sin x``, ``sqrt(2) sin a = cos x + sin x`` with |x| < pi/4 (where
-    the fast sin and cos are accurate). The swap is a sign flip of x in odd quadrants (sin is odd, cos even): the
-    quadrant's low bit, moved to the sign bit. ``x`` is one FMA of ``1 + j / 2^14`` (mantissa bits, no I2F)."""
+    The sine and cosine are taken at ``theta - pi`` in ``(-pi, pi)``, where the fast forms are accurate (the CUDA
+    math API's __sinf/__cosf: absolute errors 2^-21.41 and 2^-21.19 there); the shift by pi flips both signs, which
+    ``|.|`` drops (a free operand modifier). ``theta - pi = 2 pi d + pi / 2^16`` with ``d = f - 3/2`` exact for
+    ``f = 1 + h_hi / 2^16`` (mantissa bits, no I2F), so the angle is rounded once, within ~3e-7."""
     r3 = _r_over_3(w)
-    x = _unit_float((w >> 7) & 0x7FFE00) * _HALF_PI + _ANGLE_START
-    x = (x.to(tl.uint32, bitcast=True) ^ ((w << 1) & 0x80000000)).to(tl.float32, bitcast=True)
-    sin_x = _sin(x)
-    cos_x = _cos(x)
-    e_cos = tl.minimum(r3 * (cos_x - sin_x), 1.0)
-    e_sin = tl.minimum(r3 * (cos_x + sin_x), 1.0)
+    d = _unit_float((w >> 9) & 0x7FFF80) - 1.5
+    x = d * _TWO_PI + _HALF_STEP
+    e_cos = tl.minimum(r3 * tl.abs(_cos(x)), 1.0)
+    e_sin = tl.minimum(r3 * tl.abs(_sin(x)), 1.0)
     return e_cos, e_sin
 
 

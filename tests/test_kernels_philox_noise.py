@@ -1,4 +1,4 @@
-"""The kernels' Box-Muller step (``philox_noise._pair``): log2/sin/cos on exactly reduced arguments (the GPU's
+"""The kernels' Box-Muller step (``philox_noise._pair``): log2/sin/cos on exactly made arguments (the GPU's
 special-function unit natively, numpy's exact functions in the interpreter), checked against float64 Box-Muller on
 every 16-bit half of a Philox word."""
 
@@ -42,7 +42,8 @@ def test_pair_matches_float64_box_muller_on_every_half():
     want_cos = torch.clamp((r * torch.cos(theta)).abs() / 3, max=1.0)
     want_sin = torch.clamp((r * torch.sin(theta)).abs() / 3, max=1.0)
     # float32 rounding of the inputs alone is ~4e-7 here; a wrong series coefficient or branch shows as >1e-4. The
-    # GPU's MUFU log2/sin/cos add at most ~1.2e-6 (documented absolute errors 2^-22 and 2^-20.9, times r / 3 <= 1.14)
+    # GPU's MUFU log2/sin/cos add at most ~1.2e-6 (documented absolute errors 2^-22 and 2^-21.19 on (-pi, pi), times
+    # r / 3 <= 1.62)
     tol = 2.5e-6 if FAST_MATH else 1e-6
     near_one = (w & 0xFFFF) >= 64512  # u_lo > 63/64: -log u from the series, not from log2
     for got, want in ((e_cos, want_cos), (e_sin, want_sin)):
