@@ -169,12 +169,13 @@ def test_grouped_statistics(dtype, config, flags):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("config", [dict(block_n=512, num_splits=1), dict(block_n=512, num_splits=2, block_m=2)],
-                         ids=["tiles", "split2x2"])
+@pytest.mark.parametrize("config", [dict(block_n=512, num_splits=1), dict(block_n=512, num_splits=2, block_m=2),
+                                    dict(block_n=256, num_splits=1)],
+                         ids=["tiles", "split2x2", "one-vector"])
 @pytest.mark.parametrize("flags", ["la", "all"])
 def test_grouped_statistics_of_rows_in_two_column_vectors(dtype, config, flags):
     """Rows of an odd width (C = 1030: 2-column vectors) in wide tiles: each thread's two vectors of a row per tile
-    are its group (GROUP 2, GROUP_SPAN 256), against float64."""
+    (one vector in 256-wide tiles: 2 elements) are its group (GROUP 2, GROUP_SPAN 256), against float64."""
     gen = torch.Generator().manual_seed(zlib.crc32(repr((flags, str(dtype), sorted(config.items()))).encode()))
     N, C = 5, 1030
     cv = class_vectors(C, gen)

@@ -83,6 +83,18 @@ def test_lade_grouped_statistics(dtype, config):
     _compare(z, y, pi, weight=w, label_smoothing=0.1, config=config)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_lade_grouped_statistics_of_two_elements_a_thread(dtype):
+    """An even width that is no multiple of 4 (C = 102: 2-column vectors) in 16-wide tiles of 4 rows: a thread holds
+    one vector (2 elements) of a row per tile, its group (LADE's 4096 x 8142 bf16 tiles on a GPU), beside the
+    per-tile column partials; class weights, smoothing and an ignored row, against float64."""
+    z, y, pi, w = _case(21, 102, dtype, 6, ignore=(3,))
+    config = dict(block_m=4, block_n=16)
+    cfg = launch.pick_tiles(21, 102, torch.device(DEVICE), column_stats=True, **config)
+    assert launch._stats_group(z, launch.row_align(z), cfg, launch.kernel_flags(AdjustedCEArgs())) == (2, 16)
+    _compare(z, y, pi, weight=w, label_smoothing=0.1, config=config)
+
+
 @pytest.mark.parametrize("config", [dict(block_m=4, block_n=16), dict(block_m=1, block_n=16), dict(block_m=8),
                                     dict(block_m=4, block_n=16, num_splits=3),
                                     dict(block_m=4, block_n=16, row_programs=3)],
