@@ -314,7 +314,9 @@ def _adjusted_tile(z_op, vecs, hp, rng, row, col_start, col_base, col_hi, soft, 
         if F.NOISE_PER_ELEMENT:
             a -= spread * gcl_noise_at(rng.seed, (row.idx + rng.row0)[:, None], cols[None, :])
         else:
-            a -= spread * gcl_noise_tile(rng.seed, row.idx + rng.row0, col_start, BLOCK_M, BLOCK_N)
+            # by pair where a thread's vector holds under 8 columns (gcl_noise_tile)
+            by_pair = z_op.ptr.dtype.element_ty.primitive_bitwidth > 16 or ALIGN < 8
+            a -= spread * gcl_noise_tile(rng.seed, row.idx + rng.row0, col_start, BLOCK_M, BLOCK_N, by_pair)
     if F.SOFT:
         if F.MARGIN_MODE == 2:
             a -= tl.load(vecs.margin + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :] * q

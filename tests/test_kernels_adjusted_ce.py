@@ -427,12 +427,14 @@ def test_deterministic_for_a_seed_and_noise_follows_manual_seed():
     assert not torch.allclose(other, outs[0][0])
 
 
-def test_kernel_noise_equals_reference_noise_elementwise():
-    """The noise tile the loss kernels use, written out, equals fastlt.noise element by element."""
+@pytest.mark.parametrize("by_pair", [True, False], ids=["by-pair", "by-group"])
+def test_kernel_noise_equals_reference_noise_elementwise(by_pair):
+    """The noise tile the loss kernels use, written out in either arrangement of gcl_noise_tile (Box-Muller on words
+    spread to column pairs, or on the four words of a group), equals fastlt.noise element by element."""
     from fastlt.noise import gcl_noise
 
     for seed, N, C in [(0, 3, 5), (12345, 7, 67), (2**40 + 3, 5, 130), (2**61 + 17, 2, 33)]:
-        out = gcl_noise_kernel(seed, N, C, DEVICE)
+        out = gcl_noise_kernel(seed, N, C, DEVICE, by_pair=by_pair)
         ref = gcl_noise(seed, N, C)
         torch.testing.assert_close(out.cpu(), ref, atol=1e-6, rtol=0)
         assert out.min() >= 0 and out.max() <= 1
