@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import triton
 import triton.language as tl
 
-from .numerics import NEG_BIG, exp, one_minus_exp_neg
+from .numerics import LOG2E, NEG_BIG, exp, one_minus_exp_neg
 from .philox_noise import gcl_noise_at, gcl_noise_tile
 from .reduce import Targets, last_program_reduces, mean_inverse, own_inverse, publish_inverse
 
@@ -442,32 +442,36 @@ def _grad_tile(tile, row, rg, vecs, hp, colg, F: tl.constexpr, COLUMN_TERM: tl.c
     :class:`RowGrad` ``rg``. COLUMN_TERM (LADE): plus ``colg.a_y * [j == y_i] + colg.go * b_j * exp(z_ij - lse_j)``
     on valid rows (:class:`ColumnGrad`). TARGET: the tile may hold a target (:func:`_holds_target`); without it the
     one-hot terms are left out."""
-    p = exp((tile.a - rg.row_max[:, None]) - rg.log_sum[:, None])  # a - max is exact for the large entries
+    # a - max is exact for the large entries; the log sum-exp (at most log C: no offset's magnitude) enters the base-2
+    # exponent through one FMA, (a - max) log2(e) - log_sum log2(e), instead of a subtraction and a multiply
+    p = tl.math.exp2((tile.a - rg.row_max[:, None]) * LOG2E - (rg.log_sum * LOG2E)[:, None])
     return _grad_from_p(p, tile.z, tile.q, tile.cols, tile.col_mask, row, rg, vecs, hp, colg, F, COLUMN_TERM, TARGET)
 
 
 @triton.jit
 def _grad_from_p(p, z, q, cols, col_mask, row, rg, vecs, hp, colg, F: tl.constexpr, COLUMN_TERM: tl.constexpr,
                  TARGET: tl.constexpr):
-    """:func:`_grad_tile` from the tile's probabilities ``p`` (fp32); SOFT: ``q`` the targets' tile (fp32)."""
+    """:func:`_grad_tile` from the tile's probabilities ``p`` (fp32); SOFT: ``q`` the targets' tile (fp32). The
+    per-row factors (``1 - eps``, ``w_y``, the coefficient, the scale; smoothing's ``eps / C``) are multiplied per
+    row first, so an element takes one multiply for them, not two."""
+    r = rg.coef * hp.scale  # per row
     if F.SOFT:
         if F.HAS_WEIGHT:
             w_q = tl.load(vecs.weight + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :] * q
         else:
             w_q = q
-        d = (1.0 - hp.label_smoothing) * (rg.w_q[:, None] * p - w_q)
+        g = (rg.w_q[:, None] * p - w_q) * ((1.0 - hp.label_smoothing) * r)[:, None]
     else:
         d = p
         if TARGET:
             d = p - (cols[None, :] == row.y[:, None]).to(tl.float32)
-        d = (1.0 - hp.label_smoothing) * row.w_y[:, None] * d
+        g = d * ((1.0 - hp.label_smoothing) * row.w_y * r)[:, None]
     if F.HAS_SMOOTH:
         if F.HAS_WEIGHT:
-            w_j = tl.load(vecs.weight + cols, mask=col_mask, other=0.0).to(tl.float32)
-            d += hp.label_smoothing * rg.inv_C * (rg.w_sum * p - w_j[None, :])
+            w_j = tl.load(vecs.weight + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         else:
-            d += hp.label_smoothing * rg.inv_C * (rg.w_sum * p - 1.0)
-    g = d * (rg.coef * hp.scale)[:, None]
+            w_j = 1.0
+        g += (rg.w_sum * p - w_j) * (hp.label_smoothing * rg.inv_C * r)[:, None]
     if COLUMN_TERM:
         col_b = tl.load(colg.b + cols, mask=col_mask, other=0.0) * colg.go
         col_lse = tl.load(colg.lse + cols, mask=col_mask, other=0.0)
