@@ -142,6 +142,22 @@ def test_split_and_multi_tile_paths(config, flags, reduction):
     run_and_compare(z, y, _flags(flags, cv, 17), reduction=reduction, config=config)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("flags", ["gcl", "all"])
+@pytest.mark.parametrize("grad_in_forward", [False, True])
+def test_row_blocks_past_the_last_row(dtype, flags, grad_in_forward):
+    """Two-row blocks over an odd number of rows (N = 7: the last block's second row is past N) in several
+    column tiles: the tiles' values are masked by column only (kernels/adjusted_ce.py: _finish_tile), so the row
+    past N computes finite statistics that must reach no store, no batch sum and no gradient; against float64."""
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((flags, str(dtype), grad_in_forward)).encode()))
+    N, C = 7, 104
+    cv = class_vectors(C, gen)
+    z, y = _inputs(N, C, dtype, gen, ignore_rows=(1,))
+    config = dict(block_n=32, num_splits=1, block_m=2)
+    assert launch.pick_tiles(N, C, torch.device(DEVICE), **config).block_m == 2
+    run_and_compare(z, y, _flags(flags, cv, 41), config=config, grad_in_forward=grad_in_forward)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("config", [dict(block_n=16, num_splits=1), dict(block_n=32, num_splits=3),
                                     dict(block_n=32, num_splits=1, block_m=2, row_programs=2)],
