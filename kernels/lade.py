@@ -307,10 +307,15 @@ def finish(partials: torch.Tensor, y: torch.Tensor, target_logits: torch.Tensor,
     elif y.shape != target_logits.shape or y.dim() != 1:
         raise ValueError(f"y and target_logits must both be (N,), got {tuple(y.shape)} and "
                          f"{tuple(target_logits.shape)}")
-    pi = as_f32(pi)
-    fin = _Finish(y=_contiguous(y), target_logits=_contiguous(target_logits), ignore_index=ignore_index, prior=pi,
-                  alpha=alpha, remine_lambda=remine_lambda)
-    out, parts = _columns(_checked_stats(partials, None), finish=fin, rows=rows)
+    return _finish(_checked_stats(partials, None), y, target_logits, pi, ignore_index, remine_lambda, alpha, rows)
+
+
+def _finish(stats: torch.Tensor, y: torch.Tensor, target_logits: torch.Tensor, pi: torch.Tensor, ignore_index: int,
+            remine_lambda: float, alpha: float, rows: PriorCERows | None) -> LaderTerms:
+    """:func:`finish`'s launch, on checked (or self-made: LADE's :func:`forward`) statistics and targets."""
+    fin = _Finish(y=_contiguous(y), target_logits=_contiguous(target_logits), ignore_index=ignore_index,
+                  prior=as_f32(pi), alpha=alpha, remine_lambda=remine_lambda)
+    out, parts = _columns(stats, finish=fin, rows=rows)
     return LaderTerms(parts, out)
 
 
@@ -324,8 +329,6 @@ def forward(z: torch.Tensor, y: torch.Tensor, pi: torch.Tensor, alpha: float, re
                                                           scale_mean=False)
     loss = torch.empty((), dtype=out_dtype, device=z.device)
     # finish() on partials and target logits of our own making, which it need not check (host time)
-    out, parts = _columns(cols.partials, finish=_Finish(y=_contiguous(y), target_logits=cols.target_logits,
-                                                        ignore_index=args.ignore_index, prior=as_f32(pi), alpha=alpha,
-                                                        remine_lambda=remine_lambda),
-                          rows=PriorCERows(loss_rows, row_coef, args, loss))
-    return loss, row_stats, row_coef, LaderTerms(parts, out)
+    terms = _finish(cols.partials, y, cols.target_logits, pi, args.ignore_index, remine_lambda, alpha,
+                    PriorCERows(loss_rows, row_coef, args, loss))
+    return loss, row_stats, row_coef, terms
