@@ -76,13 +76,14 @@ class Hyper(NamedTuple):
 
 class Flags(NamedTuple):
     """Which terms of the operator are on (one constexpr: an off term costs nothing). MARGIN_MODE: 0 none, 1 one
-    value for every row, 2 per class. SEED_FROM_PTR: the noise seed is the int64 at ``seed_ptr`` (a CUDA graph
+    value for every row, 2 per class. SCALE_MODE: 0 none (s = 1), 1 a positive s (the tiles' max is taken before
+    the scale: :class:`Tile`), 2 any other s. SEED_FROM_PTR: the noise seed is the int64 at ``seed_ptr`` (a CUDA graph
     replays the load, not a baked-in value). SOFT: the targets are class probabilities (:class:`Soft`)."""
 
     HAS_LOG_PRIOR: bool = False
     HAS_NOISE: bool = False
     MARGIN_MODE: int = 0
-    HAS_SCALE: bool = False
+    SCALE_MODE: int = 0
     HAS_WEIGHT: bool = False
     HAS_SMOOTH: bool = False
     HAS_FOCAL: bool = False
@@ -174,8 +175,11 @@ class Row(NamedTuple):
 
 class Tile(NamedTuple):
     """A (BLOCK_M, BLOCK_N) tile: ``z`` fp32, ``a`` the adjusted logits (fp32, -inf outside the matrix), global class
-    indices ``cols``, ``col_mask``, the 2-D ``mask``, and ``q`` the class-probability targets (fp32, 0 outside;
-    without SOFT a placeholder, never read)."""
+    indices ``cols``, ``col_mask``, the 2-D ``mask``, ``q`` the class-probability targets (fp32, 0 outside;
+    without SOFT a placeholder, never read), and ``top`` what the tile's max is taken of (:func:`_tile_max`): with a
+    positive scale s (SCALE_MODE 1) the adjusted logits before it, since ``max_j fl(s a_j) = fl(s max_j a_j)`` for
+    s > 0 (rounding is monotone), which saves the statistics loop a multiply per element (the one in ``a`` then
+    joins the exponent's subtraction in an FMA); else ``a`` itself."""
 
     z: Any
     a: Any
@@ -183,6 +187,7 @@ class Tile(NamedTuple):
     col_mask: Any
     mask: Any
     q: Any
+    top: Any
 
 
 class Rng(NamedTuple):
@@ -325,7 +330,7 @@ def _adjusted_tile(z_op, vecs, hp, rng, row, col_start, col_base, col_hi, soft, 
     elif MARGIN:
         if _holds_target(row.y, col_start, BLOCK_N):
             a -= tl.where(cols[None, :] == row.y[:, None], row.margin[:, None], 0.0)
-    t = Tile(z, a, cols, col_mask, mask, q)
+    t = Tile(z, a, cols, col_mask, mask, q, a)
     if FINISH:
         t = _finish_tile(t, row, hp, F, False, MASK_COLS)
     return t
@@ -342,11 +347,25 @@ def _finish_tile(t, row, hp, F: tl.constexpr, TARGET_MARGIN: tl.constexpr, MASK:
     a = t.a
     if TARGET_MARGIN:
         a -= tl.where(t.cols[None, :] == row.y[:, None], row.margin[:, None], 0.0)
-    if F.HAS_SCALE:
+    if F.SCALE_MODE == 1:  # s > 0: -inf * s = -inf, so the mask may come first; the max of the unscaled values
+        if MASK:
+            a = tl.where(t.mask, a, float("-inf"))
+        return Tile(t.z, a * hp.scale, t.cols, t.col_mask, t.mask, t.q, a)
+    if F.SCALE_MODE != 0:
         a = a * hp.scale
     if MASK:
         a = tl.where(t.mask, a, float("-inf"))
-    return Tile(t.z, a, t.cols, t.col_mask, t.mask, t.q)
+    return Tile(t.z, a, t.cols, t.col_mask, t.mask, t.q, a)
+
+
+@triton.jit
+def _tile_max(top, hp, F: tl.constexpr, AXIS: tl.constexpr):
+    """The max of a tile's adjusted logits along AXIS from its ``top`` (:class:`Tile`): times the scale where ``top``
+    is the unscaled one (SCALE_MODE 1)."""
+    m = tl.max(top, AXIS)
+    if F.SCALE_MODE == 1:
+        m = m * hp.scale
+    return m
 
 
 @triton.jit
@@ -501,7 +520,7 @@ def _smoothing_shift(w_seen, m_old, m_new):
 
 
 @triton.jit
-def _tile_stats(tile, row, m_i, l_i, sw, qa, qw, qp, vecs, colstats, pid_m, num_row_blocks, C, F: tl.constexpr,
+def _tile_stats(tile, row, m_i, l_i, sw, qa, qw, qp, vecs, hp, colstats, pid_m, num_row_blocks, C, F: tl.constexpr,
                 COLUMN_STATS: tl.constexpr):
     """Fold one :class:`Tile` into the running row statistics (max, sum-exp, smoothing sum) and, for LADE, store its
     column partials (max z, sum exp(z - max) over the valid rows) in the :class:`ColumnStats` ``colstats``. LADE's
@@ -511,7 +530,7 @@ def _tile_stats(tile, row, m_i, l_i, sw, qa, qw, qp, vecs, colstats, pid_m, num_
     the smoothing sum is relative to the running max) and the tile's ``exp(a - max)`` (what
     :func:`_stats_step` stores with STORE_P). SOFT with COLUMN_STATS: the column partials also hold
     ``sum_i q_ic z_ic`` and ``sum_i q_ic`` (planes 2 and 3 of (4, R, C))."""
-    m_new = tl.maximum(m_i, tl.max(tile.a, 1))
+    m_new = tl.maximum(m_i, _tile_max(tile.top, hp, F, 1))
     e = exp(tile.a - m_new[:, None])
     if F.SOFT:
         if F.HAS_FOCAL:
@@ -566,7 +585,7 @@ def _thread_view(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.cons
 
 
 @triton.jit
-def _group_stats(tile, m_g, l_g, sw_g, qw_g, vecs, F: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _group_stats(tile, m_g, l_g, sw_g, qw_g, vecs, hp, F: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  GROUP: tl.constexpr, GROUP_SPAN: tl.constexpr):
     """:func:`_tile_stats`'s (max, sum-exp, smoothing sum, weights) per thread: the tile viewed so that a thread's
     elements of a row are axes 1 and 3 (:func:`_thread_view`, GROUP its vector width and GROUP_SPAN the columns its
@@ -575,7 +594,8 @@ def _group_stats(tile, m_g, l_g, sw_g, qw_g, vecs, F: tl.constexpr, BLOCK_M: tl.
     fp32, one per thread and row; :func:`_combine_groups` makes the row's at the end (one cross-thread reduction per
     row). Not for SOFT or STORE_P."""
     a = _thread_view(tile.a, BLOCK_M, BLOCK_N, GROUP, GROUP_SPAN)
-    m_new = tl.maximum(m_g, tl.max(tl.max(a, 3), 1))
+    top = tl.max(_thread_view(tile.top, BLOCK_M, BLOCK_N, GROUP, GROUP_SPAN), 3)
+    m_new = tl.maximum(m_g, _tile_max(top, hp, F, 1))
     l_g = l_g * exp(m_g - m_new) + tl.sum(tl.sum(exp(a - m_new[:, None, :, None]), 3), 1)
     if F.HAS_SMOOTH:
         mask = _thread_view(tile.mask, BLOCK_M, BLOCK_N, GROUP, GROUP_SPAN)
@@ -616,8 +636,8 @@ def _stats_step(z_op, g_op, vecs, hp, rng, row, col_start, col_base, col_hi, m_i
     ``stored.maxima[row, tile]`` (:class:`StoredTiles`), for :func:`_grad_step`'s STORED pass."""
     t = _adjusted_tile(z_op, vecs, hp, rng, row, col_start, col_base, col_hi, soft, F, F.MARGIN_MODE != 0, MASK_COLS,
                        ALIGN, BLOCK_M, BLOCK_N, True)
-    m_i, l_i, sw, qa, qw, qp, e = _tile_stats(t, row, m_i, l_i, sw, qa, qw, qp, vecs, colstats, pid_m, num_row_blocks,
-                                              C, F, COLUMN_STATS)
+    m_i, l_i, sw, qa, qw, qp, e = _tile_stats(t, row, m_i, l_i, sw, qa, qw, qp, vecs, hp, colstats, pid_m,
+                                              num_row_blocks, C, F, COLUMN_STATS)
     if STORE_P:
         _store_tile(g_op, row, t.cols, col_base, t.mask, e, ALIGN)
         tl.store(stored.maxima + row.idx.to(tl.int64) * stored.count + tile, m_i, mask=row.mask)
@@ -722,7 +742,7 @@ def _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, 
         # GCL's noise is drawn once)
         t = _adjusted_tile(z_op, vecs, hp, rng, row, col_lo, cols_of.base, col_hi, soft, F, F.MARGIN_MODE != 0, True,
                            ALIGN, BLOCK_M, BLOCK_N, True)
-        m_i, l_i, sw, qa, qw, qp, _ = _tile_stats(t, row, m_i, l_i, sw, qa, qw, qp, vecs, colstats, pid_m,
+        m_i, l_i, sw, qa, qw, qp, _ = _tile_stats(t, row, m_i, l_i, sw, qa, qw, qp, vecs, hp, colstats, pid_m,
                                                   num_row_blocks, C, F, COLUMN_STATS)
     else:
         full_end = _full_tiles_end(col_lo, col_hi, BLOCK_N)
@@ -734,7 +754,7 @@ def _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, 
             for col_start in tl.range(col_lo, full_end, BLOCK_N, num_stages=STAGES):
                 t = _adjusted_tile(z_op, vecs, hp, rng, row, col_start, cols_of.base, col_hi, soft, F,
                                    F.MARGIN_MODE != 0, False, ALIGN, BLOCK_M, BLOCK_N, True)
-                m_g, l_g, sw_g, qw_g = _group_stats(t, m_g, l_g, sw_g, qw_g, vecs, F, BLOCK_M, BLOCK_N, GROUP,
+                m_g, l_g, sw_g, qw_g = _group_stats(t, m_g, l_g, sw_g, qw_g, vecs, hp, F, BLOCK_M, BLOCK_N, GROUP,
                                                     GROUP_SPAN)
                 if COLUMN_STATS:
                     _column_partials(t, row, colstats, pid_m, num_row_blocks, C, F)

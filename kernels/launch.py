@@ -59,9 +59,14 @@ __all__ = ["loss", "forward", "grad", "chunk_partials", "combine_partials", "PAR
 def kernel_flags(args: AdjustedCEArgs) -> Flags:
     """The :class:`fastlt.kernels.adjusted_ce.Flags` of ``args``: which terms are on."""
     return Flags(HAS_LOG_PRIOR=args.log_prior is not None, HAS_NOISE=args.has_noise, MARGIN_MODE=args.margin_mode,
-                 HAS_SCALE=args.scale != 1.0, HAS_WEIGHT=args.weight is not None,
+                 SCALE_MODE=_scale_mode(args.scale), HAS_WEIGHT=args.weight is not None,
                  HAS_SMOOTH=args.label_smoothing > 0.0, HAS_FOCAL=args.gamma != 0.0,
                  SEED_FROM_PTR=args.seed_from_device)
+
+
+def _scale_mode(s: float) -> int:
+    """:class:`fastlt.kernels.adjusted_ce.Flags`' SCALE_MODE of the logit scale s: 0 (s = 1), 1 (s > 0), 2."""
+    return 0 if s == 1.0 else (1 if s > 0.0 else 2)
 
 
 # A pointer a flag leaves unused is this placeholder, not None: None would drop the parameter, and the parameters'

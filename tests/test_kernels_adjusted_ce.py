@@ -309,6 +309,30 @@ def test_split_grad_in_forward_draws_the_noise_once(monkeypatch):
     assert seen == [True]
 
 
+@pytest.mark.parametrize("scale", [30.0, 0.25, 0.0, -2.0])
+@pytest.mark.parametrize("config", [None, dict(block_n=16, num_splits=1), dict(block_n=32, num_splits=3),
+                                    dict(block_n=32, num_splits=1, block_m=2, row_programs=2)],
+                         ids=["single_tile", "tiles", "split3", "persistent"])
+@pytest.mark.parametrize("grad_in_forward", [False, True])
+def test_scale_of_either_sign(scale, config, grad_in_forward):
+    """The logit scale s in each of its kernel modes (Flags.SCALE_MODE): s > 0 takes each tile's max of the
+    unscaled logits and scales it (kernels/adjusted_ce.py: Tile, _tile_max), s <= 0 scales every element first.
+    GCL's terms with s, fp32 rows of 104 classes (grouped statistics in 16-wide tiles, split rows, two-row blocks,
+    the gradient in the forward), against float64; with s > 0 half a row is masked with -inf (masked before the
+    scale: -inf * s)."""
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((scale, sorted((config or {}).items()))).encode()))
+    N, C = 5, 104
+    cv = class_vectors(C, gen)
+    z, y = _inputs(N, C, torch.float32, gen, ignore_rows=(3,))
+    if scale > 0:
+        z[4, : C // 2] = float("-inf")
+        y[4] = C - 1
+    mode = launch.kernel_flags(O.AdjustedCEArgs(scale=scale)).SCALE_MODE
+    assert mode == (1 if scale > 0 else 2)
+    kw = dict(cloud=cv["cloud"], noise_mul=0.5, seed=13, margin=0.2, scale=scale, gamma=1.0)
+    run_and_compare(z, y, kw, reduction="none", grad_in_forward=grad_in_forward, config=config)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("config", [None, dict(block_n=16, num_splits=1), dict(block_n=16, num_splits=3),
                                     dict(block_n=32, num_splits=1, block_m=2, row_programs=2)],
