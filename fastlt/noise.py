@@ -7,10 +7,16 @@ Philox call:
 1. Philox4x32-7 (:data:`NOISE_ROUNDS` rounds) of counter ``(c0, c1, c2, c3) = (j // 8, i, 0, 0)`` under the
    64-bit seed split in (low, high) 32-bit key words: exactly Triton's
    ``tl.randint4x(seed, (i << 32) | (j // 8), 7)``.
-2. Each 32-bit word ``w_k`` gives two uniforms from its 16-bit halves, ``u = (h + 1/2) / 2^16`` in
-   (0, 1) (never 0: no clamp needed), and one Box-Muller pair: ``r = sqrt(-2 log u_lo)``,
-   ``theta = 2 pi u_hi``, normals ``r cos(theta)`` and ``r sin(theta)``.
+2. Each 32-bit word ``w_k`` gives one Box-Muller pair from its 16-bit halves: the radius
+   ``r = sqrt(-2 log u)`` of the uniform ``u = (h_lo + 1/2) / 2^16`` in (0, 1) (never 0: no clamp needed), the
+   angle ``x = ANGLE_START + h_hi ANGLE_STEP``, a grid of 2^16 angles in (-pi, pi) a step ``fl32(2 pi) / 2^16``
+   apart, computed exactly and rounded to float32; normals ``r cos(x)`` and ``r sin(x)``.
 3. Column ``j`` takes normal ``q = j % 8`` of ``[c0, s0, c1, s1, c2, s2, c3, s3]``.
+
+The angle's grid starts at ``-51471 / 2^14``, a multiple of 2^-14 within 4.5e-6 of ``-pi + pi / 2^16`` (the
+centred grid ``2 pi (h + 1/2) / 2^16 - pi``, which the noise used before 2026-12-06), so that the kernels form
+``x`` in one FMA of exact float32 constants (``fastlt.kernels.philox_noise._pair``); a seed's numbers moved by at
+most ~7e-6 in ``e`` then (and the normals' signs flipped: ``x`` is the old angle minus pi); the law is the same.
 
 Sixteen-bit uniforms bound |g| by 4.85 (the clip at 3 sigma makes the tail irrelevant) and halve the
 Philox work per element, the dominant cost of generating noise on the GPU. The kernels compute the
@@ -42,6 +48,8 @@ _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
 PHILOX_ROUNDS = 10  # Random123's Philox4x32-10 (its known-answer vectors); philox4x32's default
 NOISE_ROUNDS = 7  # the GCL noise's Philox4x32-7 (see the module docstring); the kernels read it from here
 SEED_BITS = 62
+ANGLE_STEP = 6.2831854820251465 / 65536.0  # float32's 2 pi over 2^16 (exact): the Box-Muller angle's step
+ANGLE_START = -51471.0 / 16384.0  # the first angle, -pi + 5.2e-5 (a multiple of 2^-14: see the module docstring)
 
 
 def draw_seed(generator: torch.Generator | None = None) -> int:
@@ -115,14 +123,14 @@ def philox4x32(seed: int, c0: torch.Tensor, c1: torch.Tensor,
 
 
 def _box_muller_into(w: torch.Tensor, cos_out: torch.Tensor, sin_out: torch.Tensor) -> None:
-    """Box-Muller of the two float32 uniforms in (0, 1) of a 32-bit word held in int64, ``u = (h + 1/2) / 2^16``
-    per half (low half: the radius, high half: the angle), written into ``cos_out`` and ``sin_out``."""
+    """Box-Muller of a 32-bit word held in int64 (the module docstring's step 2: the low half's uniform
+    ``(h + 1/2) / 2^16`` the radius, the high half the angle), written into ``cos_out`` and ``sin_out``."""
     u1 = (w & 0xFFFF).to(torch.float32).add_(0.5).mul_(1.0 / 65536.0)
-    u2 = (w >> 16).to(torch.float32).add_(0.5).mul_(1.0 / 65536.0)
+    # the angle exactly in float64 (h * step has 40 bits), then rounded once: the kernels' float32 number
+    x = (w >> 16).to(torch.float64).mul_(ANGLE_STEP).add_(ANGLE_START).to(torch.float32)
     r = u1.log_().mul_(-2.0).sqrt_()
-    theta = u2.mul_(6.283185307179586)
-    torch.mul(r, torch.cos(theta), out=cos_out)
-    torch.mul(r, theta.sin_(), out=sin_out)
+    torch.mul(r, torch.cos(x), out=cos_out)
+    torch.mul(r, x.sin_(), out=sin_out)
 
 
 NORMALS_PER_CALL = 8

@@ -2,8 +2,8 @@
 
 Element (i, j): Philox4x32-7 (``fastlt.noise.NOISE_ROUNDS`` rounds: see there why 7) of counter
 (j // 8, i, 0, 0) under the 64-bit seed (``tl.randint4x`` with the int64 offset ``(i << 32) | (j // 8)``);
-each of the four words gives two 16-bit uniforms
-``(h + 1/2) / 2^16`` and one Box-Muller pair; column ``j`` takes normal ``j % 8`` of
+each of the four words gives one Box-Muller pair, its low half the radius' uniform ``(h + 1/2) / 2^16``, its high
+half the angle ``x = ANGLE_START + h ANGLE_STEP`` in (-pi, pi); column ``j`` takes normal ``j % 8`` of
 ``[c0, s0, c1, s1, c2, s2, c3, s3]``; then ``e = min(|g| / 3, 1)``. ``fastlt.noise`` computes the
 same in plain PyTorch (see it for why 16-bit uniforms).
 
@@ -23,15 +23,16 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ..noise import NOISE_ROUNDS
+from ..noise import ANGLE_START, ANGLE_STEP, NOISE_ROUNDS
 
 FAST_MATH = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 ROUNDS = tl.constexpr(NOISE_ROUNDS)
 _LN2 = tl.constexpr(0.6931471805599453)
-_TWO_PI = tl.constexpr(6.283185307179586)  # (used as float32: 6.2831854820251465)
-# theta - pi = 2 pi f - (3 pi - pi / 2^16) for f = 1 + h_hi / 2^16 (_pair): the offset is float32's
-# 1.5 fl(2 pi) - fl(pi / 2^16), rounded to float32 (exactly this number: the kernels convert it without rounding)
-_ANGLE_OFFSET = tl.constexpr(float.fromhex("0x1.2d97640000000p+3"))
+# x = ANGLE_START + h ANGLE_STEP from f = 1 + h / 2^23 (the half as low mantissa bits: one LEA.HI) in one FMA:
+# f 2^23 ANGLE_STEP - (2^23 ANGLE_STEP - ANGLE_START), both float32 numbers exactly (multiples of 2^-14 below 1024),
+# so the exact x is rounded once, to the float32 number fastlt.noise computes in float64 and rounds
+_ANGLE_SLOPE = tl.constexpr(ANGLE_STEP * 2.0**23)
+_ANGLE_OFFSET = tl.constexpr(ANGLE_STEP * 2.0**23 - ANGLE_START)
 
 
 @triton.jit
@@ -97,17 +98,13 @@ def _r_over_3(w):
 
 @triton.jit
 def _pair(w):
-    """``e = min(|g| / 3, 1)`` of one Box-Muller pair ``(r cos theta, r sin theta)`` from the 16-bit halves
-    of a uint32 word: ``r = sqrt(-2 log u_lo)``, ``theta = 2 pi u_hi``, ``u = (h + 1/2) / 2^16``.
-
-    The sine and cosine are taken at ``theta - pi`` in ``(-pi, pi)``, where the fast forms are accurate (the CUDA
-    math API's __sinf/__cosf: absolute errors 2^-21.41 and 2^-21.19 there); the shift by pi flips both signs, which
-    ``|.|`` drops (a free operand modifier). ``theta - pi = 2 pi f - (3 pi - pi / 2^16)`` for ``f = 1 + h_hi / 2^16``
-    (mantissa bits, no I2F), in one FMA of float32 constants: rounded once, within 2.3e-7 of the exact angle over
-    every h_hi (2.1e-7 when ``f - 3/2`` was formed first, an FADD a pair more; the offset's own rounding happens to
-    be small)."""
+    """``e = min(|g| / 3, 1)`` of one Box-Muller pair ``(r cos x, r sin x)`` from the 16-bit halves of a uint32
+    word: ``r = sqrt(-2 log u)``, ``u = (h_lo + 1/2) / 2^16``, and the angle ``x = ANGLE_START + h_hi ANGLE_STEP``
+    (``fastlt.noise``), which lies in (-pi, pi), where the fast sine and cosine are accurate (the CUDA math API's
+    __sinf/__cosf: absolute errors 2^-21.41 and 2^-21.19 there). ``x`` is one FMA from the high half shifted into
+    the low mantissa bits (:data:`_ANGLE_SLOPE`), rounded once, bit for bit the float32 angle of ``fastlt.noise``."""
     r3 = _r_over_3(w)
-    x = tl.fma(_unit_float((w >> 9) & 0x7FFF80), _TWO_PI, -_ANGLE_OFFSET)
+    x = tl.fma(_unit_float(w >> 16), _ANGLE_SLOPE, -_ANGLE_OFFSET)
     e_cos = _mul_clip(r3, _cos(x))
     e_sin = _mul_clip(r3, _sin(x))
     return e_cos, e_sin

@@ -26,16 +26,16 @@ def philox_py(seed: int, c0: int, c1: int, c2: int = 0, c3: int = 0, rounds: int
 
 
 def normal_py(seed: int, i: int, j: int) -> float:
-    """Element (i, j): Philox4x32-7 of counter (j // 8, i, 0, 0); word k = (j % 8) // 2 gives two 16-bit uniforms
-    (h + 1/2) / 2^16, Box-Muller on (low, high), cos for even j % 8, sin for odd."""
+    """Element (i, j): Philox4x32-7 of counter (j // 8, i, 0, 0); word k = (j % 8) // 2 gives Box-Muller's radius
+    from the uniform (h_lo + 1/2) / 2^16 and its angle x = -51471 / 2^14 + h_hi fl32(2 pi) / 2^16; cos for even
+    j % 8, sin for odd."""
     words = philox_py(seed, j // 8, i, rounds=7)
     q = j % 8
     w = words[q // 2]
     u1 = ((w & 0xFFFF) + 0.5) / 65536.0
-    u2 = ((w >> 16) + 0.5) / 65536.0
+    x = -51471 / 16384 + (w >> 16) * 6.2831854820251465 / 65536.0
     r = math.sqrt(-2.0 * math.log(u1))
-    theta = 2 * math.pi * u2
-    return r * math.cos(theta) if q % 2 == 0 else r * math.sin(theta)
+    return r * math.cos(x) if q % 2 == 0 else r * math.sin(x)
 
 
 def test_philox_known_answer():
