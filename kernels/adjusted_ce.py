@@ -288,6 +288,17 @@ def _load_tile(x, row, col_start, col_base, col_hi, MASK_COLS: tl.constexpr, ALI
 
 
 @triton.jit
+def _is_target(cols, row, WIDE: tl.constexpr = False):
+    """(BLOCK_M, BLOCK_N) ``cols == y_i``, compared in int32: ``row.y`` is int64 for its address arithmetic but lies
+    in [0, C), so the per-element compare needs no sign extension of the columns and no 64-bit compare (2 instructions
+    an element fewer where a tile holds a target). WIDE: compared in int64 (see :func:`_adjusted_tile`'s MARGIN)."""
+    if WIDE:
+        return cols[None, :] == row.y[:, None]
+    else:
+        return cols[None, :] == row.y.to(tl.int32)[:, None]
+
+
+@triton.jit
 def _holds_target(y, col_start, BLOCK_N: tl.constexpr):
     """Whether a target of the tile's rows lies in its columns ``[col_start, col_start + BLOCK_N)``, a scalar: only
     such a tile (one per row) needs the per-element compare with the target (margin, one-hot), which otherwise
@@ -329,7 +340,13 @@ def _adjusted_tile(z_op, vecs, hp, rng, row, col_start, col_base, col_hi, soft, 
             a -= hp.margin_value * q
     elif MARGIN:
         if _holds_target(row.y, col_start, BLOCK_N):
-            a -= tl.where(cols[None, :] == row.y[:, None], row.margin[:, None], 0.0)
+            # the statistics pass's margin compares in int64 (WIDE), which keeps this branch (the margin alone) a
+            # branch: with the cheaper int32 compare triton 3.9's ptxas predicates it into every tile (GCL 4096 x
+            # 131072 bf16: 427 -> 483 SASS per 16 elements a thread; with a device seed 493 -> 564). Branching
+            # around the whole finish and statistics instead (two versions, as _grad_step does) kept the tiles
+            # without a target at 428 but made both tritons duplicate loop bodies where a program holds two rows
+            # with STORE_P (72 -> 124 registers). The gradient pass's versions are large: it compares in int32
+            a -= tl.where(_is_target(cols, row, True), row.margin[:, None], 0.0)
     t = Tile(z, a, cols, col_mask, mask, q, a)
     if FINISH:
         t = _finish_tile(t, row, hp, F, False, MASK_COLS)
@@ -346,7 +363,7 @@ def _finish_tile(t, row, hp, F: tl.constexpr, TARGET_MARGIN: tl.constexpr, MASK:
     statistics loop). The statistics pass's order, so the same rounding."""
     a = t.a
     if TARGET_MARGIN:
-        a -= tl.where(t.cols[None, :] == row.y[:, None], row.margin[:, None], 0.0)
+        a -= tl.where(_is_target(t.cols, row), row.margin[:, None], 0.0)
     if F.SCALE_MODE == 1:  # s > 0: -inf * s = -inf, so the mask may come first; the max of the unscaled values
         if MASK:
             a = tl.where(t.mask, a, float("-inf"))
@@ -483,7 +500,7 @@ def _grad_from_p(p, z, q, cols, col_mask, row, rg, vecs, hp, colg, F: tl.constex
     else:
         d = p
         if TARGET:
-            d = p - (cols[None, :] == row.y[:, None]).to(tl.float32)
+            d = p - _is_target(cols, row).to(tl.float32)
         g = d * ((1.0 - hp.label_smoothing) * row.w_y * r)[:, None]
     if F.HAS_SMOOTH:
         if F.HAS_WEIGHT:
@@ -499,7 +516,7 @@ def _grad_from_p(p, z, q, cols, col_mask, row, rg, vecs, hp, colg, F: tl.constex
         if F.SOFT:  # LADE's class sums weigh the rows by q: a_j q_ij
             t += tl.load(colg.a + cols, mask=col_mask, other=0.0)[None, :] * colg.go * q
         elif TARGET:
-            t += tl.where(cols[None, :] == row.y[:, None], colg.a_y[:, None], 0.0)
+            t += tl.where(_is_target(cols, row), colg.a_y[:, None], 0.0)
         g += tl.where(row.valid[:, None], t, 0.0)
     return g
 
