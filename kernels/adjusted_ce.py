@@ -76,12 +76,14 @@ class Hyper(NamedTuple):
 
 class Flags(NamedTuple):
     """Which terms of the operator are on (one constexpr: an off term costs nothing). MARGIN_MODE: 0 none, 1 one
-    value for every row, 2 per class. SCALE_MODE: 0 none (s = 1), 1 a positive s (the tiles' max is taken before
-    the scale: :class:`Tile`), 2 any other s. SEED_FROM_PTR: the noise seed is the int64 at ``seed_ptr`` (a CUDA graph
-    replays the load, not a baked-in value). SOFT: the targets are class probabilities (:class:`Soft`)."""
+    value for every row, 2 per class. NOISE_MODE: 0 no GCL noise, 1 noise_mul = 1 (the cloud vector is the noise's
+    spread: no multiply per column), 2 any other noise_mul. SCALE_MODE: 0 none (s = 1), 1 a positive s (the tiles'
+    max is taken before the scale: :class:`Tile`), 2 any other s. SEED_FROM_PTR: the noise seed is the int64 at
+    ``seed_ptr`` (a CUDA graph replays the load, not a baked-in value). SOFT: the targets are class probabilities
+    (:class:`Soft`)."""
 
     HAS_LOG_PRIOR: bool = False
-    HAS_NOISE: bool = False
+    NOISE_MODE: int = 0
     MARGIN_MODE: int = 0
     SCALE_MODE: int = 0
     HAS_WEIGHT: bool = False
@@ -324,9 +326,10 @@ def _adjusted_tile(z_op, vecs, hp, rng, row, col_start, col_base, col_hi, soft, 
     a = z
     if F.HAS_LOG_PRIOR:
         a += hp.tau * tl.load(vecs.log_prior + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    if F.HAS_NOISE:
-        cloud = tl.load(vecs.cloud + cols, mask=col_mask, other=0.0).to(tl.float32)
-        spread = (hp.noise_mul * cloud)[None, :]
+    if F.NOISE_MODE != 0:
+        spread = tl.load(vecs.cloud + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if F.NOISE_MODE == 2:  # (noise_mul = 1 multiplies exactly: the same numbers either way)
+            spread = hp.noise_mul * spread
         if F.NOISE_PER_ELEMENT:
             a -= spread * gcl_noise_at(rng.seed, (row.idx + rng.row0)[:, None], cols[None, :])
         else:
@@ -396,9 +399,11 @@ def _target_logit(z_op, vecs, hp, rng, row, col_base, col_lo, col_hi, F: tl.cons
     a = z
     if F.HAS_LOG_PRIOR:
         a += hp.tau * tl.load(vecs.log_prior + row.y, mask=here, other=0.0).to(tl.float32)
-    if F.HAS_NOISE:
-        cloud = tl.load(vecs.cloud + row.y, mask=here, other=0.0).to(tl.float32)
-        a -= (hp.noise_mul * cloud) * gcl_noise_at(rng.seed, row.idx + rng.row0, row.y)
+    if F.NOISE_MODE != 0:
+        spread = tl.load(vecs.cloud + row.y, mask=here, other=0.0).to(tl.float32)
+        if F.NOISE_MODE == 2:
+            spread = hp.noise_mul * spread
+        a -= spread * gcl_noise_at(rng.seed, row.idx + rng.row0, row.y)
     if F.MARGIN_MODE != 0:
         a -= row.margin
     return tl.where(here, a * hp.scale, 0.0), z

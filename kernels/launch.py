@@ -58,7 +58,8 @@ __all__ = ["loss", "forward", "grad", "chunk_partials", "combine_partials", "PAR
 
 def kernel_flags(args: AdjustedCEArgs) -> Flags:
     """The :class:`fastlt.kernels.adjusted_ce.Flags` of ``args``: which terms are on."""
-    return Flags(HAS_LOG_PRIOR=args.log_prior is not None, HAS_NOISE=args.has_noise, MARGIN_MODE=args.margin_mode,
+    noise_mode = 0 if not args.has_noise else (1 if args.noise_mul == 1.0 else 2)
+    return Flags(HAS_LOG_PRIOR=args.log_prior is not None, NOISE_MODE=noise_mode, MARGIN_MODE=args.margin_mode,
                  SCALE_MODE=_scale_mode(args.scale), HAS_WEIGHT=args.weight is not None,
                  HAS_SMOOTH=args.label_smoothing > 0.0, HAS_FOCAL=args.gamma != 0.0,
                  SEED_FROM_PTR=args.seed_from_device)
@@ -139,7 +140,7 @@ def _flags(flags: Flags, soft: Soft | None, col_base: int = 0) -> Flags:
     multiple of 8 (a class chunk or shard at ``col_base``)."""
     if soft is not None:
         flags = flags._replace(SOFT=True)
-    if flags.HAS_NOISE and col_base % 8:
+    if flags.NOISE_MODE and col_base % 8:
         flags = flags._replace(NOISE_PER_ELEMENT=True)
     return flags
 
@@ -147,7 +148,7 @@ def _flags(flags: Flags, soft: Soft | None, col_base: int = 0) -> Flags:
 def reads_class_vectors(f: Flags) -> bool:
     """Whether the row kernels of the terms ``f`` read a (C,) vector per element (a log prior, GCL's cloud, class
     weights with label smoothing): :func:`fastlt.kernels.tiles.pick_tiles`'s ``class_vectors``."""
-    return f.HAS_LOG_PRIOR or f.HAS_NOISE or (f.HAS_WEIGHT and f.HAS_SMOOTH)
+    return f.HAS_LOG_PRIOR or f.NOISE_MODE != 0 or (f.HAS_WEIGHT and f.HAS_SMOOTH)
 
 
 def weight_sum(args: AdjustedCEArgs) -> torch.Tensor | None:
