@@ -67,8 +67,7 @@ def _mul_clip(r, c):
     sits inside the asm: given ``tl.abs(c)``, ptxas masks the sign bit with a LOP3 instead."""
     if FAST_MATH:
         return tl.inline_asm_elementwise("{ .reg .f32 a; abs.f32 a, $2; mul.sat.f32 $0, $1, a; }", "=f,f,f", [r, c],
-                                         dtype=tl.float32,
-                                         is_pure=True, pack=1)
+                                         dtype=tl.float32, is_pure=True, pack=1)
     else:
         return tl.minimum(r * tl.abs(c), 1.0)
 

@@ -113,6 +113,32 @@ def test_gcl_module_equals_reference(opts):
     close(g_got, g_exp, 1e-5)
 
 
+def test_gcl_module_folds_noise_mul_into_the_cloud_for_the_kernels():
+    """With noise_mul other than 0 and 1, GCLLoss hands the kernels noise_mul * cloud (fp32) and noise_mul 1
+    (no multiply per column in the kernels): the same numbers as the functional call that multiplies in the kernel,
+    bit for bit, and the product is remade when noise_mul or the buffer changes."""
+    cos, y, counts = inputs(seed=6, cosine=True)
+    loss = fastlt.GCLLoss(counts, m=0.1, s=20.0, noise_mul=0.3, gamma=1.0, backend="triton")
+
+    def functional(x, mul):
+        return LF.gcl_cross_entropy(x, y, loss.cloud, 0.1, 20.0, mul, 1.0, seed=23, backend="triton")
+
+    for mul in (0.3, 0.7):
+        loss.noise_mul = mul
+        got, g_got = grad_of(lambda x: loss(x, y, seed=23), cos)
+        exp, g_exp = grad_of(lambda x, mul=mul: functional(x, mul), cos)
+        assert torch.equal(got, exp) and torch.equal(g_got, g_exp)
+        cloud, one = loss._kernel_cloud()
+        assert one == 1.0 and torch.equal(cloud, loss.cloud.float() * mul)
+    held = loss._kernel_cloud()[0]
+    assert loss._kernel_cloud()[0] is held  # made once while nothing changes
+    loss.cloud.mul_(0.5)  # the buffer changed in place: remade
+    assert torch.equal(loss._kernel_cloud()[0], loss.cloud.float() * 0.7)
+    got, _ = grad_of(lambda x: loss(x, y, seed=23), cos)
+    exp, _ = grad_of(lambda x: functional(x, 0.7), cos)
+    assert torch.equal(got, exp)
+
+
 def test_gcl_module_defaults_are_the_official_loss_class():
     loss = fastlt.GCLLoss([100, 10, 1])
     assert (loss.m, loss.s, loss.noise_mul, loss.gamma) == (0.5, 30.0, 1.0, 0.0)
