@@ -419,6 +419,25 @@ def gcl_fields(cloud, m: float, s: float, noise_mul: float, gamma: float) -> dic
     return dict(cloud=cloud, noise_mul=noise_mul, margin=m, scale=s, gamma=gamma)
 
 
+class FoldedSpread:
+    """GCL's ``noise_mul * cloud`` for the kernels, as a module holds it: ``fold(cloud, noise_mul)`` gives the fp32
+    product and noise_mul 1 (noise_mul 0 or 1: both unchanged), so that the kernels read the noise's spread without
+    a multiply per column (``Flags.NOISE_MODE`` 1). The same numbers: torch rounds the fp32 product as the kernels
+    do. The product is kept while the cloud (the same tensor, unchanged) and noise_mul stay, so the arguments cache
+    (:class:`ArgsCache`) sees the same tensor every step. Eager calls only (it reads the tensor's version)."""
+
+    def __init__(self):
+        self._held: tuple | None = None  # (cloud, its version, noise_mul, the fp32 product)
+
+    def __call__(self, cloud: Tensor, noise_mul: float) -> tuple[Tensor, float]:
+        if noise_mul == 0.0 or noise_mul == 1.0:
+            return cloud, noise_mul
+        held = self._held
+        if held is None or held[0] is not cloud or held[1] != cloud._version or held[2] != noise_mul:
+            held = self._held = (cloud, cloud._version, noise_mul, as_f32(cloud) * noise_mul)
+        return held[3], 1.0
+
+
 # --- the other declared groups of the custom ops -------------------------------------------------------------------
 
 @declared

@@ -22,7 +22,7 @@ from torch import Tensor
 from . import _validation as V
 from . import functional as LF
 from ._count_buffers import CountBuffers, MarginSchedule
-from ._operator import as_f32, gcl_fields, la_fields, ldam_fields
+from ._operator import FoldedSpread, gcl_fields, la_fields, ldam_fields
 from .priors import gcl_cloud_from, ldam_margins_from, log_prior_from, prior_from
 
 __all__ = ["LogitAdjustedLoss", "BalancedSoftmaxLoss", "LDAMLoss", "GCLLoss", "LADELoss"]
@@ -195,24 +195,16 @@ class GCLLoss(_LongTailLoss):
         self.noise_mul = V.check_finite_float("noise_mul", noise_mul)
         self.gamma = V.check_finite_float("gamma", gamma, min_value=0.0)
         self.grad_in_forward = bool(grad_in_forward)
-        self._spread: tuple | None = None  # (cloud buffer, its version, noise_mul, fp32 noise_mul * cloud)
+        self._fold = FoldedSpread()
         self._init_buffers()
 
     def _count_vectors(self, counts: Tensor) -> dict[str, Tensor]:
         return {**super()._count_vectors(counts), "cloud": gcl_cloud_from(counts, F64)}
 
     def _kernel_cloud(self) -> tuple[Tensor, float]:
-        """``(cloud, noise_mul)`` for the kernels: with a noise_mul other than 0 and 1 (the official scripts' 0.5),
-        the fp32 product ``noise_mul * cloud`` and 1, so that the kernels read the noise's spread without a multiply
-        per column (``Flags.NOISE_MODE`` 1). The same numbers: torch rounds the fp32 product as the kernels do. Made
-        once per noise_mul and state of the buffer (the arguments cache then sees the same tensor every step)."""
-        cloud, mul = self._buffers["cloud"], self.noise_mul
-        if mul == 0.0 or mul == 1.0:
-            return cloud, mul
-        held = self._spread
-        if held is None or held[0] is not cloud or held[1] != cloud._version or held[2] != mul:
-            held = self._spread = (cloud, cloud._version, mul, as_f32(cloud) * mul)
-        return held[3], 1.0
+        """``(cloud, noise_mul)`` for the kernels: with a noise_mul other than 0 and 1 (the official scripts' 0.5)
+        the fp32 ``noise_mul * cloud`` and 1 (:class:`fastlt._operator.FoldedSpread`)."""
+        return self._fold(self._buffers["cloud"], self.noise_mul)
 
     def forward(self, cosine: Tensor, target: Tensor, seed: int | Tensor | None = None) -> Tensor:
         self._check_input(cosine, "cosine")

@@ -629,6 +629,23 @@ def test_cosine_gcl_head_triton_matches_torch(reduction):
     assert not torch.allclose(other, lk.detach(), atol=1e-3)
 
 
+def test_cosine_gcl_head_folds_noise_mul_into_the_cloud_for_the_kernels():
+    """On the kernels, CosineGCLHead with noise_mul 0.5 hands them its fp32 noise_mul * cloud and noise_mul 1
+    (fastlt._operator.FoldedSpread): bit for bit the functional call that multiplies in the kernel."""
+    gen = torch.Generator().manual_seed(23)
+    N, D, C = 6, 8, 21
+    head = fastlt.CosineGCLHead(D, C, long_tail_counts(C, gen), m=0.1, s=20.0, noise_mul=0.5, gamma=1.0,
+                                backend="triton", chunk_rows=4).to(DEVICE)
+    f = torch.randn(N, D, generator=gen).to(DEVICE)
+    y = torch.randint(0, C, (N,), generator=gen).to(DEVICE)
+    got = head(f, y, seed=7)
+    want = H.cosine_cross_entropy(f, head.weight, y, cloud=head.cloud, noise_mul=0.5, margin=0.1, scale=20.0,
+                                  gamma=1.0, seed=7, backend="triton", chunk_rows=4)
+    assert torch.equal(got, want)
+    spread, one = head._fold(head.cloud, 0.5)
+    assert one == 1.0 and torch.equal(spread, head.cloud.float() * 0.5)
+
+
 def test_cosine_gcl_head_without_noise_and_margin_is_scaled_cosine_softmax():
     gen = torch.Generator().manual_seed(20)
     N, D, C = 8, 5, 9

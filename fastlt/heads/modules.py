@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _validation as V
+from .._backend import use_triton
 from .._count_buffers import CountBuffers, MarginSchedule
-from .._operator import gcl_fields, la_fields, ldam_fields
+from .._operator import FoldedSpread, gcl_fields, la_fields, ldam_fields
 from ..distributed.sharded_training import check_head_shard, check_outside_ddp, sharded_topk
 from ..priors import gcl_cloud_from, ldam_margins_from, log_prior_from, prior_from
 from ..reference import normalize_rows
@@ -271,6 +272,7 @@ class CosineGCLHead(_HeadBase):
         self.noise_mul = V.check_finite_float("noise_mul", noise_mul)
         self.gamma = V.check_finite_float("gamma", gamma, min_value=0.0)
         self.eps = V.check_finite_float("eps", eps, min_value=0.0, min_inclusive=False)
+        self._fold = FoldedSpread()
         self.init_count_buffers(self._counts(class_counts, count_smoothing), dtype=_count_dtype(dtype))
         self.weight = nn.Parameter(torch.empty((self.weight_rows, in_features), device=device, dtype=dtype))
         self.reset_parameters()
@@ -285,9 +287,12 @@ class CosineGCLHead(_HeadBase):
 
     def forward(self, features: Tensor, target: Tensor, seed: int | Tensor | None = None) -> Tensor:
         self._check_features(features)
-        return cosine_cross_entropy(features, self.weight, target,
-                                    **gcl_fields(self.cloud, self.m, self.s, self.noise_mul, self.gamma), seed=seed,
-                                    eps=self.eps, rows_per_rank=self.rows_per_rank, **self._common())
+        cloud, noise_mul = self.cloud, self.noise_mul
+        if not torch.compiler.is_compiling() and use_triton(self.backend, features):  # (the reference keeps float64)
+            cloud, noise_mul = self._fold(cloud, noise_mul)
+        return cosine_cross_entropy(features, self.weight, target, **gcl_fields(cloud, self.m, self.s, noise_mul,
+                                                                                self.gamma),
+                                    seed=seed, eps=self.eps, rows_per_rank=self.rows_per_rank, **self._common())
 
     def _dense_logits(self, features):
         return F.linear(normalize_rows(features, self.eps), normalize_rows(self.weight, self.eps).to(features.dtype))
