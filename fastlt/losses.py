@@ -201,17 +201,12 @@ class GCLLoss(_LongTailLoss):
     def _count_vectors(self, counts: Tensor) -> dict[str, Tensor]:
         return {**super()._count_vectors(counts), "cloud": gcl_cloud_from(counts, F64)}
 
-    def _kernel_cloud(self) -> tuple[Tensor, float]:
-        """``(cloud, noise_mul)`` for the kernels: with a noise_mul other than 0 and 1 (the official scripts' 0.5)
-        the fp32 ``noise_mul * cloud`` and 1 (:class:`fastlt._operator.FoldedSpread`)."""
-        return self._fold(self._buffers["cloud"], self.noise_mul)
-
     def forward(self, cosine: Tensor, target: Tensor, seed: int | Tensor | None = None) -> Tensor:
         self._check_input(cosine, "cosine")
         if self._direct(cosine):
             V.check_finite_float("m", self.m)
             V.check_finite_float("s", self.s)
-            cloud, noise_mul = self._kernel_cloud()
+            cloud, noise_mul = self._fold(self._buffers["cloud"], self.noise_mul)  # (FoldedSpread)
             operator = gcl_fields(cloud, self.m, self.s, noise_mul, self.gamma)
             fields = self._fields(**operator, seed=seed)
             return LF._kernels_call(cosine, target, fields, grad_in_forward=self.grad_in_forward)

@@ -301,6 +301,16 @@ def _is_target(cols, row, WIDE: tl.constexpr = False):
 
 
 @triton.jit
+def _noise_spread(vecs, hp, classes, mask, F: tl.constexpr):
+    """GCL's noise spread ``noise_mul * cloud_j`` at the class indices ``classes`` (fp32, 0 where not ``mask``);
+    NOISE_MODE 1 (noise_mul = 1, which multiplies exactly): the cloud itself, no multiply."""
+    spread = tl.load(vecs.cloud + classes, mask=mask, other=0.0).to(tl.float32)
+    if F.NOISE_MODE == 2:
+        spread = hp.noise_mul * spread
+    return spread
+
+
+@triton.jit
 def _holds_target(y, col_start, BLOCK_N: tl.constexpr):
     """Whether a target of the tile's rows lies in its columns ``[col_start, col_start + BLOCK_N)``, a scalar: only
     such a tile (one per row) needs the per-element compare with the target (margin, one-hot), which otherwise
@@ -327,9 +337,7 @@ def _adjusted_tile(z_op, vecs, hp, rng, row, col_start, col_base, col_hi, soft, 
     if F.HAS_LOG_PRIOR:
         a += hp.tau * tl.load(vecs.log_prior + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if F.NOISE_MODE != 0:
-        spread = tl.load(vecs.cloud + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        if F.NOISE_MODE == 2:  # (noise_mul = 1 multiplies exactly: the same numbers either way)
-            spread = hp.noise_mul * spread
+        spread = _noise_spread(vecs, hp, cols, col_mask, F)[None, :]
         if F.NOISE_PER_ELEMENT:
             a -= spread * gcl_noise_at(rng.seed, (row.idx + rng.row0)[:, None], cols[None, :])
         else:
@@ -400,10 +408,7 @@ def _target_logit(z_op, vecs, hp, rng, row, col_base, col_lo, col_hi, F: tl.cons
     if F.HAS_LOG_PRIOR:
         a += hp.tau * tl.load(vecs.log_prior + row.y, mask=here, other=0.0).to(tl.float32)
     if F.NOISE_MODE != 0:
-        spread = tl.load(vecs.cloud + row.y, mask=here, other=0.0).to(tl.float32)
-        if F.NOISE_MODE == 2:
-            spread = hp.noise_mul * spread
-        a -= spread * gcl_noise_at(rng.seed, row.idx + rng.row0, row.y)
+        a -= _noise_spread(vecs, hp, row.y, here, F) * gcl_noise_at(rng.seed, row.idx + rng.row0, row.y)
     if F.MARGIN_MODE != 0:
         a -= row.margin
     return tl.where(here, a * hp.scale, 0.0), z

@@ -128,12 +128,12 @@ def test_gcl_module_folds_noise_mul_into_the_cloud_for_the_kernels():
         got, g_got = grad_of(lambda x: loss(x, y, seed=23), cos)
         exp, g_exp = grad_of(lambda x, mul=mul: functional(x, mul), cos)
         assert torch.equal(got, exp) and torch.equal(g_got, g_exp)
-        cloud, one = loss._kernel_cloud()
+        cloud, one = loss._fold(loss.cloud, loss.noise_mul)
         assert one == 1.0 and torch.equal(cloud, loss.cloud.float() * mul)
-    held = loss._kernel_cloud()[0]
-    assert loss._kernel_cloud()[0] is held  # made once while nothing changes
+    held = loss._fold(loss.cloud, loss.noise_mul)[0]
+    assert loss._fold(loss.cloud, loss.noise_mul)[0] is held  # made once while nothing changes
     loss.cloud.mul_(0.5)  # the buffer changed in place: remade
-    assert torch.equal(loss._kernel_cloud()[0], loss.cloud.float() * 0.7)
+    assert torch.equal(loss._fold(loss.cloud, loss.noise_mul)[0], loss.cloud.float() * 0.7)
     got, _ = grad_of(lambda x: loss(x, y, seed=23), cos)
     exp, _ = grad_of(lambda x: functional(x, 0.7), cos)
     assert torch.equal(got, exp)
