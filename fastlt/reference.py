@@ -60,6 +60,12 @@ def _row_losses(a: Tensor, target: Tensor, weight, ignore_index: int, label_smoo
     N, C = a.shape
     valid = target != ignore_index
     safe_t = torch.where(valid, target, torch.zeros_like(target)).long()
+    # (the check only on the CPU, eagerly: no host sync on a GPU, no data-dependent branch in a compiled graph)
+    if a.device.type != "cpu" or torch.compiler.is_compiling() or not bool(valid.all()):
+        # an ignored row's logits never reach the softmax, so its gradient is 0 whatever they hold: a row masked
+        # whole with -inf would give NaN there (F.cross_entropy's softmax backward does: 0 * NaN), as the kernels
+        # do not
+        a = torch.where(valid[:, None], a, torch.zeros((), dtype=a.dtype, device=a.device))
     logp = torch.log_softmax(a, dim=1)
     logp_y = logp.gather(1, safe_t[:, None])[:, 0]
     w_row = torch.ones_like(logp_y) if weight is None else weight.to(a.dtype)[safe_t]
@@ -270,7 +276,9 @@ def lader_statistics(logits: Tensor, target: Tensor, ignore_index: int = -100) -
         valid = target != ignore_index
         safe_t = torch.where(valid, target, torch.zeros_like(target)).long()
         onehot = F.one_hot(safe_t, C).to(dt) * valid[:, None].to(dt)
-    return LaderStatistics(col_lse=_masked_logsumexp(logits, valid), target_sum=(logits * onehot).sum(0),
+    # an ignored row is left out of the class sums whatever it holds (-inf * 0 would make them NaN)
+    kept = torch.where(valid[:, None], logits, torch.zeros((), dtype=dt, device=logits.device))
+    return LaderStatistics(col_lse=_masked_logsumexp(logits, valid), target_sum=(kept * onehot).sum(0),
                            count=onehot.sum(0), valid=valid.sum().to(dt))
 
 

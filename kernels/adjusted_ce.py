@@ -212,6 +212,17 @@ class RowGrad(NamedTuple):
     w_q: Any = None
 
 
+@triton.jit
+def _row_grad(row_max, log_sum, coef, row, wsum_ptr, C, w_q, F: tl.constexpr):
+    """The :class:`RowGrad` of a block of rows from their statistics; an ignored row gets ``row_max`` = +inf and
+    ``log_sum`` = 0, so that its probabilities are exactly 0 whatever its logits: a row masked whole with -inf (or
+    with ``finfo.min`` under a scale s > 1, which overflows to -inf) has ``log_sum`` = -inf, and 0 * NaN would
+    write NaN over a row that torch ignores (F.cross_entropy itself gives NaN there; the float64 reference 0)."""
+    row_max = tl.where(row.valid, row_max, float("inf"))
+    log_sum = tl.where(row.valid, log_sum, 0.0)
+    return RowGrad(row_max, log_sum, coef, _weight_sum(wsum_ptr, C, F), 1.0 / (C * 1.0), w_q)
+
+
 class ColumnGrad(NamedTuple):
     """LADE's column term in a gradient pass: ``a_y`` (BLOCK_M,) the target class's ``a`` (times ``go``), the
     pointers ``b`` and ``lse``, ``go`` the scalar upstream gradient, and (SOFT) the pointer ``a``, read per class
@@ -822,7 +833,7 @@ def _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, 
         coef = _finish_and_store_rows(m_i, log_sum, a_y, sw, qw, row, N, C, wsum_ptr, inv_denom_ptr, own_inv, out,
                                       hp, soft, p_t, F, MEAN, DENOM, not F.SOFT)
         if GRAD_IN_FWD:
-            rg = RowGrad(m_i, log_sum, coef, _weight_sum(wsum_ptr, C, F), 1.0 / (C * 1.0), w_q)
+            rg = _row_grad(m_i, log_sum, coef, row, wsum_ptr, C, w_q, F)
             if SINGLE_TILE:  # the tile of the statistics pass, still in registers
                 g = _grad_tile(t, row, rg, vecs, hp, None, F, False, True)
                 _store_tile(g_op, row, t.cols, cols_of.base, t.mask, g, ALIGN)
@@ -966,7 +977,7 @@ def row_loss_grad(z_op, y_ptr, vecs, wsum_ptr, row_stats_ptr, coef_ptr, go_ptr, 
     w_q = None
     if F.SOFT:
         w_q = tl.load(row_stats_ptr + 2 * N + row.idx, mask=row.mask, other=0.0)
-    rg = RowGrad(row_max, log_sum, coef, _weight_sum(wsum_ptr, C, F), 1.0 / (C * 1.0), w_q)
+    rg = _row_grad(row_max, log_sum, coef, row, wsum_ptr, C, w_q, F)
     col_lo = cols_of.base + pid_s * cols_of.per_split
     col_hi = tl.minimum(col_lo + cols_of.per_split, cols_of.end)
     colg = None

@@ -359,6 +359,50 @@ def test_logits_masked_with_the_dtype_minimum(dtype, config, grad_in_forward):
                         config=config)
 
 
+@pytest.mark.parametrize("loss", ["ldam", "gcl"])
+def test_a_scaled_row_masked_whole_is_nan_as_torch(loss):
+    """Under a scale s (LDAM's and GCL's 30) ``finfo(float32).min`` overflows to -inf once scaled, so a row masked
+    whole has no finite loss: NaN from the kernels and from the same-dtype reference, as ``F.cross_entropy(s * z)``
+    gives (the README says so and advises ``ignore_index`` for such a row: the next test); the other rows keep
+    their values."""
+    gen = torch.Generator().manual_seed(29)
+    N, C = 4, 37
+    z = torch.randn(N, C, generator=gen)
+    z[1] = torch.finfo(torch.float32).min
+    y = torch.randint(0, C, (N,), generator=gen)
+    kw = _flags(loss, class_vectors(C, gen), 7)
+    rows = LF.adjusted_cross_entropy(z.to(DEVICE), y.to(DEVICE), backend="triton", reduction="none",
+                                     **to_device(kw)).cpu()
+    ref = R.adjusted_cross_entropy(z, y, reduction="none", **_with_kernel_noise(kw, N, C))
+    assert torch.isnan(rows[1]) and torch.isnan(ref[1])
+    assert torch.isnan(torch.nn.functional.cross_entropy(30.0 * z[1:2], y[1:2]))
+    keep = torch.tensor([0, 2, 3])
+    torch.testing.assert_close(rows[keep], ref[keep], atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("config", [None, dict(block_n=16, num_splits=1), dict(block_n=16, num_splits=3),
+                                    dict(block_n=32, num_splits=1, block_m=2, row_programs=2)],
+                         ids=["default", "tiles", "split3", "persistent"])
+@pytest.mark.parametrize("grad_in_forward", [False, True])
+@pytest.mark.parametrize("flags", ["plain", "ldam", "gcl", "all"])
+def test_an_ignored_row_masked_whole_has_a_zero_gradient(flags, grad_in_forward, config):
+    """Ignored rows masked whole: with -inf, and with ``finfo.min`` that a scale turns into -inf. Their log sum-exp
+    is -inf, and ``p = exp(a - max - log_sum)`` would be NaN, times a zero coefficient still NaN (torch's own
+    softmax backward gives NaN there): the gradient passes take such rows' probabilities as 0, so their gradient is
+    0, as the float64 reference's (where ``30 * finfo(float32).min`` is finite). Every path: one tile, several, split
+    rows, two-row persistent tiles; the gradient in the forward (with GCL's stored tiles) and recomputed."""
+    gen = torch.Generator().manual_seed(31)
+    N, C = 5, 70
+    z = torch.randn(N, C, generator=gen)
+    y = torch.randint(0, C, (N,), generator=gen)
+    z[1] = torch.finfo(torch.float32).min
+    z[3] = float("-inf")
+    y[1] = y[3] = -100
+    for reduction in ("mean", "none"):
+        run_and_compare(z, y, _flags(flags, class_vectors(C, gen), 5), reduction=reduction,
+                        grad_in_forward=grad_in_forward, config=config)
+
+
 def test_grad_in_forward_overwrites_logits_and_skips_unit_scale():
     gen = torch.Generator().manual_seed(4)
     z, y = _inputs(4, 9, torch.float32, gen, ignore_rows=())

@@ -314,3 +314,17 @@ def test_lade_column_masked_with_the_float_minimum_has_a_finite_gradient():
     R.lade_loss(z64, y, pi.double(), 0.1, 0.1).backward()
     assert torch.isfinite(z64.grad).all()
     torch.testing.assert_close(zk.grad.cpu().double(), z64.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_lade_ignored_rows_masked_whole_are_left_out(label_smoothing):
+    """Ignored rows masked whole, with -inf and with ``finfo.min``: they add nothing to LADER's class sums nor to
+    PriorCE, so the loss is finite and their gradient 0, equal to the float64 reference (which used to sum
+    ``-inf * 0`` = NaN into a class's target sum, and whose softmax backward gave NaN on such a row)."""
+    z, y, pi, _ = _case(12, 9, torch.float32, 6, ignore=(2, 7))
+    z[2] = float("-inf")
+    z[7] = torch.finfo(torch.float32).min
+    _compare(z, y, pi, label_smoothing=label_smoothing)
+    zk = z.to(DEVICE).clone().requires_grad_()
+    LF.lade_loss(zk, y.to(DEVICE), pi.to(DEVICE), label_smoothing=label_smoothing, backend="triton").backward()
+    assert torch.isfinite(zk.grad).all() and not zk.grad[[2, 7]].any()
