@@ -149,9 +149,11 @@ class Soft(NamedTuple):
     (classes from the same base as z; flat, not a nested :class:`Operand`, which triton 3.6 mis-specialises), and
     ``row_scale`` a runtime float multiplying every row's loss and coefficient ('mean' over probabilities divides
     by N: the launchers run it as 'sum' with ``1 / N`` here).
-    For a row: ``W_q = sum_j w_j q_ij``, ``A_q = sum_j w_j q_ij a_ij`` and, for the focal factor,
-    ``p_t = sum_j q_ij p_ij``; the loss ``(1 - eps) (W_q LSE - A_q) + eps/C (W LSE - sum_j w_j a_ij)`` and the
-    gradient ``(1 - eps) (W_q p_ij - w_j q_ij) + eps/C (W p_ij - w_j)``; the margin is ``m_j q_ij``."""
+    For a row, with label smoothing folded into the targets, ``q'_ij = (1 - eps) q_ij + eps / C``:
+    ``W_q = sum_j w_j q'_ij``, ``A_q = sum_j w_j q'_ij (a_ij - max)`` (relative to the running max, moved with it
+    as label smoothing's sum of class-index rows: a large common offset of the logits loses no precision) and, for
+    the focal factor, ``p_t = sum_j q_ij p_ij``; the loss ``W_q log sum-exp - A_q`` (= ``sum_j w_j q'_ij (LSE -
+    a_ij)``) and the gradient ``W_q p_ij - w_j q'_ij``; the margin is ``m_j q_ij``."""
 
     q: Any
     stride_m: Any
@@ -441,16 +443,17 @@ def _finish_rows(row_max, log_sum, a_y, sw, row, w_sum, hp, inv_C, soft, p_t, F:
     smoothing's ``sum_j w_j (a_j - row_max)`` and ``w_sum`` its ``sum_j w_j``, so that its term
     ``W LSE - sum_j w_j a_j`` is ``w_sum * log_sum - sw``: no cancellation of two sums at the logits' magnitude
     (a large common offset keeps its precision, a row masked whole with ``finfo.min`` stays finite). SOFT: ``a_y``
-    is ``A_q``, ``row.w_y`` is ``W_q`` and ``p_t`` the target probability ``sum_j q_ij p_ij`` (:class:`Soft`); both
-    results are multiplied by ``soft.row_scale``. The focal base ``1 - p_y = 1 - exp(-ce)`` comes from
-    :func:`one_minus_exp_neg` (accurate for a confident row's small ``ce``)."""
+    is ``A_q`` (relative to ``row_max``, label smoothing folded in), ``row.w_y`` is ``W_q`` and ``p_t`` the target
+    probability ``sum_j q_ij p_ij`` (:class:`Soft`); both results are multiplied by ``soft.row_scale``. The focal
+    base ``1 - p_y = 1 - exp(-ce)`` comes from :func:`one_minus_exp_neg` (accurate for a confident row's small
+    ``ce``)."""
     if F.SOFT:
-        loss = (1.0 - hp.label_smoothing) * (row.w_y * (row_max + log_sum) - a_y)  # W_q LSE - A_q
+        loss = row.w_y * log_sum - a_y  # W_q LSE - sum_j w_j q'_j a_j, both relative to the max
     else:
         ce = (row_max - a_y) + log_sum  # LSE - a_y without rounding LSE at the logits' magnitude
         loss = (1.0 - hp.label_smoothing) * row.w_y * ce
-    if F.HAS_SMOOTH:
-        loss += hp.label_smoothing * inv_C * (w_sum * log_sum - sw)
+        if F.HAS_SMOOTH:
+            loss += hp.label_smoothing * inv_C * (w_sum * log_sum - sw)
     focal = tl.full(row_max.shape, 1.0, tl.float32)
     if F.HAS_FOCAL:
         if F.SOFT:
@@ -466,22 +469,14 @@ def _finish_rows(row_max, log_sum, a_y, sw, row, w_sum, hp, inv_C, soft, p_t, F:
 
 
 @triton.jit
-def _finish_and_store_rows(row_max, log_sum, a_y, sw, w_seen, row, N, C, wsum_ptr, inv_denom_ptr, own_inv, out, hp,
-                           soft, p_t, F: tl.constexpr, MEAN: tl.constexpr, DENOM: tl.constexpr,
-                           RELATIVE: tl.constexpr):
+def _finish_and_store_rows(row_max, log_sum, a_y, sw, w_seen, row, N, C, inv_denom_ptr, own_inv, out, hp, soft, p_t,
+                           F: tl.constexpr, MEAN: tl.constexpr, DENOM: tl.constexpr):
     """Finish the rows (:func:`_finish_rows`; the coefficient times 1 / sum w_{y_i} when MEAN:
     :func:`fastlt.kernels.reduce.mean_inverse`) and store them in the :class:`RowOutputs` ``out`` (SOFT: ``W_q`` as
-    ``stats[2]``). Returns the coefficient, for a gradient in the same launch. Label smoothing's ``sw``: RELATIVE,
-    ``sum_j w_j (a_j - row_max)`` over the columns whose weights sum to ``w_seen`` (a program that saw its whole
-    row); else the raw ``sum_j w_j a_j`` (the combine of split rows, class-probability targets), made relative
-    here with ``W``."""
-    w_sum = _weight_sum(wsum_ptr, C, F)
-    if F.HAS_SMOOTH:
-        if RELATIVE:
-            w_sum = w_seen
-        else:
-            sw = sw - w_sum * row_max
-    loss, coef = _finish_rows(row_max, log_sum, a_y, sw, row, w_sum, hp, 1.0 / (C * 1.0), soft, p_t, F)
+    ``stats[2]``). Returns the coefficient, for a gradient in the same launch. Label smoothing's ``sw``:
+    ``sum_j w_j (a_j - row_max)`` over the columns whose weights sum to ``w_seen`` (the whole row: a program that
+    saw it, or the combine of its splits); SOFT: folded into the targets (``a_y``), neither is read."""
+    loss, coef = _finish_rows(row_max, log_sum, a_y, sw, row, w_seen, hp, 1.0 / (C * 1.0), soft, p_t, F)
     if F.SOFT:
         tl.store(out.stats + 2 * N + row.idx, row.w_y, mask=row.mask)
     if MEAN:  # an ignored row stays 0 when no row is valid (1 / sum w = inf): zero gradients, as torch gives
@@ -512,18 +507,14 @@ def _grad_from_p(p, z, q, cols, col_mask, row, rg, vecs, hp, colg, F: tl.constex
     per-row factors (``1 - eps``, ``w_y``, the coefficient, the scale; smoothing's ``eps / C``) are multiplied per
     row first, so an element takes one multiply for them, not two."""
     r = rg.coef * hp.scale  # per row
-    if F.SOFT:
-        if F.HAS_WEIGHT:
-            w_q = tl.load(vecs.weight + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :] * q
-        else:
-            w_q = q
-        g = (rg.w_q[:, None] * p - w_q) * ((1.0 - hp.label_smoothing) * r)[:, None]
+    if F.SOFT:  # W_q p - w q' (label smoothing folded into the targets: Soft)
+        g = (rg.w_q[:, None] * p - _smoothed_targets(q, cols, col_mask, vecs, hp, rg.inv_C, F)) * r[:, None]
     else:
         d = p
         if TARGET:
             d = p - _is_target(cols, row).to(tl.float32)
         g = d * ((1.0 - hp.label_smoothing) * row.w_y * r)[:, None]
-    if F.HAS_SMOOTH:
+    if F.HAS_SMOOTH and not F.SOFT:
         if F.HAS_WEIGHT:
             w_j = tl.load(vecs.weight + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         else:
@@ -558,6 +549,17 @@ def _smoothing_shift(w_seen, m_old, m_new):
 
 
 @triton.jit
+def _smoothed_targets(q, cols, col_mask, vecs, hp, inv_C, F: tl.constexpr):
+    """SOFT: ``w_j q'_ij`` of a tile's targets ``q`` (fp32), ``q' = (1 - eps) q + eps inv_C`` with label smoothing
+    (:class:`Soft`), ``w_j`` the class weights (0 past ``col_mask``; 1 without weights: mask the result)."""
+    if F.HAS_SMOOTH:
+        q = q * (1.0 - hp.label_smoothing) + hp.label_smoothing * inv_C
+    if F.HAS_WEIGHT:
+        q = tl.load(vecs.weight + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :] * q
+    return q
+
+
+@triton.jit
 def _tile_stats(tile, row, m_i, l_i, sw, qa, qw, qp, vecs, hp, colstats, pid_m, num_row_blocks, C, F: tl.constexpr,
                 COLUMN_STATS: tl.constexpr):
     """Fold one :class:`Tile` into the running row statistics (max, sum-exp, smoothing sum) and, for LADE, store its
@@ -573,24 +575,21 @@ def _tile_stats(tile, row, m_i, l_i, sw, qa, qw, qp, vecs, hp, colstats, pid_m, 
     if F.SOFT:
         if F.HAS_FOCAL:
             qp = qp * exp(m_i - m_new) + tl.sum(tile.q * e, 1)
-        if F.HAS_WEIGHT:
-            wq = tl.load(vecs.weight + tile.cols, mask=tile.col_mask, other=0.0).to(tl.float32)[None, :] * tile.q
-        else:
-            wq = tile.q
-        qa += tl.sum(tl.where(tile.mask, tile.a * wq, 0.0), 1)
+        wq = tl.where(tile.mask, _smoothed_targets(tile.q, tile.cols, tile.col_mask, vecs, hp, 1.0 / (C * 1.0), F),
+                      0.0)
+        qa = qa + _smoothing_shift(qw, m_i, m_new)  # relative to the running max, as label smoothing's sum
+        qa += tl.sum(tl.where(tile.mask, (tile.a - m_new[:, None]) * wq, 0.0), 1)
         qw += tl.sum(wq, 1)
     l_i = l_i * exp(m_i - m_new) + tl.sum(e, 1)
-    if F.HAS_SMOOTH:
+    if F.HAS_SMOOTH and not F.SOFT:  # (SOFT: in the targets, q')
         if F.HAS_WEIGHT:
             w_j = tl.load(vecs.weight + tile.cols, mask=tile.col_mask, other=0.0).to(tl.float32)[None, :]
         else:
             w_j = 1.0
-        if F.SOFT:  # raw sum_j w_j a_j (qw holds W_q)
-            sw += tl.sum(tl.where(tile.mask, tile.a * w_j, 0.0), 1)
-        else:  # sum_j w_j (a_j - running max), moved with the max; qw carries the weights seen, sum_j w_j
-            sw = sw + _smoothing_shift(qw, m_i, m_new)
-            sw += tl.sum(tl.where(tile.mask, (tile.a - m_new[:, None]) * w_j, 0.0), 1)
-            qw += tl.sum(tl.where(tile.mask, w_j, 0.0), 1)
+        # sum_j w_j (a_j - running max), moved with the max; qw carries the weights seen, sum_j w_j
+        sw = sw + _smoothing_shift(qw, m_i, m_new)
+        sw += tl.sum(tl.where(tile.mask, (tile.a - m_new[:, None]) * w_j, 0.0), 1)
+        qw += tl.sum(tl.where(tile.mask, w_j, 0.0), 1)
     if COLUMN_STATS:
         _column_partials(tile, row, colstats, pid_m, num_row_blocks, C, F)
     return m_new, l_i, sw, qa, qw, qp, e
@@ -830,8 +829,8 @@ def _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, 
             row = Row(row.idx, row.mask, row.y, row.valid, row.margin, qw)
             p_t = qp / l_i
             w_q = qw
-        coef = _finish_and_store_rows(m_i, log_sum, a_y, sw, qw, row, N, C, wsum_ptr, inv_denom_ptr, own_inv, out,
-                                      hp, soft, p_t, F, MEAN, DENOM, not F.SOFT)
+        coef = _finish_and_store_rows(m_i, log_sum, a_y, sw, qw, row, N, C, inv_denom_ptr, own_inv, out, hp, soft,
+                                      p_t, F, MEAN, DENOM)
         if GRAD_IN_FWD:
             rg = _row_grad(m_i, log_sum, coef, row, wsum_ptr, C, w_q, F)
             if SINGLE_TILE:  # the tile of the statistics pass, still in registers
@@ -859,7 +858,7 @@ def row_loss_forward(z_op, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, part_ptr, 
     hold the classes from ``cols_of.base`` on, so a caller may pass one class chunk of the logits.
 
     SPLIT: write partial (max, sumexp, a_y, sum w*(a - max), sum w) to ``part_ptr`` (see :class:`Columns`), for
-    ``row_loss_combine`` (SOFT: (max, sumexp, A_q, raw sum w*a, W_q, sum q exp(a - max)));
+    ``row_loss_combine`` (SOFT: (max, sumexp, A_q relative to the max, 0, W_q, sum q exp(a - max)): :class:`Soft`);
     else
     write the :class:`RowOutputs` ``out`` (and the gradient over ``g_op`` when GRAD_IN_FWD). COLUMN_STATS (LADE):
     per column, over this program's valid rows, write max z and sum exp(z - max) to ``colstats.partials``
@@ -930,9 +929,12 @@ def row_loss_combine(part_ptr, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, red, N
     l_row = tl.sum(p_sum * rescale, 1)
     p_t = None
     w_seen = None
-    if F.SOFT:
-        sw = tl.sum(tl.load(part_ptr + 3 * plane + offs, mask=mask, other=0.0), 1)  # raw sums
-        qw = tl.sum(tl.load(part_ptr + 4 * plane + offs, mask=mask, other=0.0), 1)
+    if F.SOFT:  # each split's A_q relative to its max, moved to the row's with its W_q: + W_s (m_s - m)
+        w_s = tl.load(part_ptr + 4 * plane + offs, mask=mask, other=0.0)
+        a_y = tl.sum(tl.load(part_ptr + 2 * plane + offs, mask=mask, other=0.0)
+                     + _smoothing_shift(w_s, p_max, m_row[:, None]), 1)
+        sw = None
+        qw = tl.sum(w_s, 1)
         p_t = tl.sum(tl.load(part_ptr + 5 * plane + offs, mask=mask, other=0.0) * rescale, 1) / l_row
         row = Row(row.idx, row.mask, row.y, row.valid, row.margin, qw)
     elif F.HAS_SMOOTH:  # each split's sum_j w_j (a_j - m_s), moved to the row's max: + W_s (m_s - m)
@@ -942,8 +944,8 @@ def row_loss_combine(part_ptr, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, red, N
         w_seen = tl.sum(w_s, 1)
     else:
         sw = tl.zeros((BLOCK_M,), tl.float32)
-    _finish_and_store_rows(m_row, tl.log(l_row), a_y, sw, w_seen, row, N, C, wsum_ptr, inv_denom_ptr, own_inv, out,
-                           hp, soft, p_t, F, MEAN, DENOM, not F.SOFT)
+    _finish_and_store_rows(m_row, tl.log(l_row), a_y, sw, w_seen, row, N, C, inv_denom_ptr, own_inv, out, hp, soft,
+                           p_t, F, MEAN, DENOM)
     if REDUCE != 0:
         last_program_reduces(red, out.loss, batch, out.coef, inv_denom_ptr, own_inv, None, 0, F.HAS_WEIGHT, MEAN,
                              DENOM, REDUCE == 2, False, RBLOCK)

@@ -80,6 +80,70 @@ def test_class_chunks_combine_relative_sums(masked):
     torch.testing.assert_close(got, _want(z, y, kw), rtol=1e-6, atol=5e-6)
 
 
+def _soft_targets(gen):
+    """(N, C) class probabilities: a dense softmax for half the rows, mixup pairs for the others."""
+    q = torch.softmax(torch.randn(N, C, generator=gen) * 2.0, 1)
+    for i in range(0, N, 2):
+        a, b = torch.randint(0, C, (2,), generator=gen).tolist()
+        q[i] = 0.0
+        q[i, a] += 0.3
+        q[i, b] += 0.7
+    return q
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("kw", [dict(), dict(label_smoothing=0.1), dict(label_smoothing=0.1, weighted=True),
+                                dict(gamma=2.0)], ids=["plain", "smooth", "smooth_weighted", "focal"])
+def test_class_probabilities_with_a_large_common_offset_keep_their_precision(path, kw):
+    """Class-probability targets' ``A_q = sum_j w_j q'_ij a_ij`` (label smoothing folded into ``q'``) is kept
+    relative to the running max too: logits 3e4 + N(0, 1), fp32, give the row's own rounding (~4e-7; the raw sums
+    erred by ~4e-3 there, 8000 times torch's float32 error). Loss rows and the gradient (the gradient in the forward,
+    and recomputed) against float64."""
+    gen = torch.Generator().manual_seed(6)
+    z = torch.randn(N, C, generator=gen) + 3e4
+    q = _soft_targets(gen)
+    kw = dict(kw)
+    if kw.pop("weighted", False):
+        kw["weight"] = torch.rand(C, generator=gen) + 0.5
+    got = _rows(z, q, kw, path)
+    want = R.adjusted_cross_entropy(z.double(), q.double(), reduction="none",
+                                    **{k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()})
+    torch.testing.assert_close(got, want, rtol=0, atol=5e-6)
+    args = AdjustedCEArgs.from_kwargs(DEVICE, reduction="sum", **{k: (v.to(DEVICE) if torch.is_tensor(v) else v)
+                                                                   for k, v in kw.items()})
+    cfg = launch.pick_tiles(N, C, torch.device(DEVICE), **PATHS[path])
+    z64 = z.double().requires_grad_()
+    R.adjusted_cross_entropy(z64, q.double(), reduction="sum",
+                             **{k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()}).backward()
+    zd, qd = z.to(DEVICE), q.to(DEVICE)
+    _, stats, coef = launch.loss(zd, qd, args, config=cfg)
+    recomputed = launch.grad(zd, qd, args, stats, coef, None, config=cfg)
+    torch.testing.assert_close(recomputed.cpu().double(), z64.grad, rtol=0, atol=2e-6)
+    g = zd.clone()
+    launch.loss(g, qd, args, grad_out=g, config=cfg)
+    torch.testing.assert_close(g.cpu().double(), z64.grad, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("smooth", [False, True])
+def test_class_probabilities_over_class_chunks_keep_their_precision(smooth):
+    """:func:`fastlt.kernels.launch.chunk_partials` of class-probability targets over class chunks (a head's), then
+    :func:`fastlt.kernels.launch.combine_partials`: each chunk's ``A_q`` moved to the row's max with its ``W_q``."""
+    gen = torch.Generator().manual_seed(7)
+    z = torch.randn(N, C, generator=gen) + 3e4
+    q = _soft_targets(gen)
+    kw = dict(label_smoothing=0.1) if smooth else {}
+    args = AdjustedCEArgs.from_kwargs(DEVICE, reduction="none", **kw)
+    bounds = [0, 296, 600, 1000]
+    part = torch.empty((6, N, 3), device=DEVICE)
+    zd, qd = z.to(DEVICE), q.to(DEVICE)
+    for k, (c0, c1) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        launch.chunk_partials(zd[:, c0:c1].contiguous(), qd[:, c0:c1].contiguous(), args, part, k, col_base=c0,
+                              num_classes=C)
+    got = launch.combine_partials(part, qd, args, C)[0].cpu().double()
+    torch.testing.assert_close(got, R.adjusted_cross_entropy(z.double(), q.double(), reduction="none", **kw),
+                               rtol=0, atol=5e-6)
+
+
 @triton.jit
 def _one_minus_exp_neg_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     i = tl.arange(0, BLOCK)
