@@ -907,7 +907,7 @@ def row_loss_forward(z_op, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, part_ptr, 
 
 
 @triton.jit
-def row_loss_combine(part_ptr, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, red, N, C, num_splits, hp, soft,
+def row_loss_combine(part_ptr, y_ptr, vecs, inv_denom_ptr, out, red, N, C, num_splits, hp, soft,
                      F: tl.constexpr, MEAN: tl.constexpr, DENOM: tl.constexpr, REDUCE: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, RBLOCK: tl.constexpr):
     """Grid (cdiv(N, BLOCK_M),): merge the (5, N, num_splits) partials at ``part_ptr`` of the split rows of
@@ -923,7 +923,7 @@ def row_loss_combine(part_ptr, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, red, N
     plane = tl.cast(N, tl.int64) * num_splits
     p_max = tl.load(part_ptr + offs, mask=mask, other=NEG_BIG)
     p_sum = tl.load(part_ptr + plane + offs, mask=mask, other=0.0)
-    a_y = tl.sum(tl.load(part_ptr + 2 * plane + offs, mask=mask, other=0.0), 1)
+    a_y = tl.load(part_ptr + 2 * plane + offs, mask=mask, other=0.0)  # per split: a_y, or SOFT's A_q
     m_row = tl.max(p_max, 1)
     rescale = exp(p_max - m_row[:, None])
     l_row = tl.sum(p_sum * rescale, 1)
@@ -931,8 +931,7 @@ def row_loss_combine(part_ptr, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, red, N
     w_seen = None
     if F.SOFT:  # each split's A_q relative to its max, moved to the row's with its W_q: + W_s (m_s - m)
         w_s = tl.load(part_ptr + 4 * plane + offs, mask=mask, other=0.0)
-        a_y = tl.sum(tl.load(part_ptr + 2 * plane + offs, mask=mask, other=0.0)
-                     + _smoothing_shift(w_s, p_max, m_row[:, None]), 1)
+        a_y += _smoothing_shift(w_s, p_max, m_row[:, None])
         sw = None
         qw = tl.sum(w_s, 1)
         p_t = tl.sum(tl.load(part_ptr + 5 * plane + offs, mask=mask, other=0.0) * rescale, 1) / l_row
@@ -944,8 +943,8 @@ def row_loss_combine(part_ptr, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, red, N
         w_seen = tl.sum(w_s, 1)
     else:
         sw = tl.zeros((BLOCK_M,), tl.float32)
-    _finish_and_store_rows(m_row, tl.log(l_row), a_y, sw, w_seen, row, N, C, inv_denom_ptr, own_inv, out, hp, soft,
-                           p_t, F, MEAN, DENOM)
+    _finish_and_store_rows(m_row, tl.log(l_row), tl.sum(a_y, 1), sw, w_seen, row, N, C, inv_denom_ptr, own_inv, out,
+                           hp, soft, p_t, F, MEAN, DENOM)
     if REDUCE != 0:
         last_program_reduces(red, out.loss, batch, out.coef, inv_denom_ptr, own_inv, None, 0, F.HAS_WEIGHT, MEAN,
                              DENOM, REDUCE == 2, False, RBLOCK)

@@ -633,7 +633,7 @@ def _launch_combine(part, y, args: AdjustedCEArgs, C: int, rows: RowOutputs, inv
         part_ptr=part, y_ptr=y,
         vecs=ClassVectors(log_prior=None, cloud=None, margin=_or_dummy(args.margin_vector, dev),
                           weight=_or_dummy(args.weight, dev)),
-        wsum_ptr=_or_dummy(weight_sum(args), dev), inv_denom_ptr=_or_dummy(inv_denom, dev), out=rows,
+        inv_denom_ptr=_or_dummy(inv_denom, dev), out=rows,
         red=Reduction(out=_or_dummy(out, dev), counter=_or_dummy(counter, dev)), N=N, C=C, num_splits=num_splits,
         hp=kg.hp._replace(tau=None, noise_mul=None, margin_value=None, scale=None),
         soft=None if soft is None else soft._replace(q=None, stride_m=None, stride_n=None),
