@@ -54,19 +54,23 @@ __all__ = [
 ]
 
 
+def without_ignored_rows(a: Tensor, valid: Tensor) -> Tensor:
+    """(N, C) ``a`` with the rows not ``valid`` (ignored) set to 0, so that they never reach a softmax and get a 0
+    gradient whatever they hold: a row masked whole with -inf would give NaN (``F.cross_entropy``'s softmax
+    backward does: 0 * NaN), as the kernels do not. ``a`` itself when every row is valid (checked on the CPU only,
+    eagerly: no host sync on a GPU, no data-dependent branch in a compiled graph)."""
+    if a.device.type == "cpu" and not torch.compiler.is_compiling() and bool(valid.all()):
+        return a
+    return torch.where(valid[:, None], a, torch.zeros((), dtype=a.dtype, device=a.device))
+
+
 def _row_losses(a: Tensor, target: Tensor, weight, ignore_index: int, label_smoothing: float,
                 gamma: float) -> tuple[Tensor, Tensor]:
     """Per-row losses (N,) of the adjusted logits ``a`` and each row's reduction weight (N,)."""
     N, C = a.shape
     valid = target != ignore_index
     safe_t = torch.where(valid, target, torch.zeros_like(target)).long()
-    # (the check only on the CPU, eagerly: no host sync on a GPU, no data-dependent branch in a compiled graph)
-    if a.device.type != "cpu" or torch.compiler.is_compiling() or not bool(valid.all()):
-        # an ignored row's logits never reach the softmax, so its gradient is 0 whatever they hold: a row masked
-        # whole with -inf would give NaN there (F.cross_entropy's softmax backward does: 0 * NaN), as the kernels
-        # do not
-        a = torch.where(valid[:, None], a, torch.zeros((), dtype=a.dtype, device=a.device))
-    logp = torch.log_softmax(a, dim=1)
+    logp = torch.log_softmax(without_ignored_rows(a, valid), dim=1)
     logp_y = logp.gather(1, safe_t[:, None])[:, 0]
     w_row = torch.ones_like(logp_y) if weight is None else weight.to(a.dtype)[safe_t]
     loss = -(1.0 - label_smoothing) * w_row * logp_y
@@ -262,6 +266,14 @@ def _masked_logsumexp(x: Tensor, valid: Tensor) -> Tensor:
     return torch.where(some, lse, torch.full_like(lse, -math.inf))
 
 
+def target_sums(logits: Tensor, onehot: Tensor) -> Tensor:
+    """(C,) ``sum_i onehot_ic z_ic`` over the entries with weight only: a class masked with -inf in a row that does
+    not target it (or an ignored row) adds nothing, where ``-inf * 0`` would make the sum NaN (LADE's kernels sum
+    the gathered target logits)."""
+    zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
+    return torch.where(onehot != 0, logits * onehot, zero).sum(0)
+
+
 def lader_statistics(logits: Tensor, target: Tensor, ignore_index: int = -100) -> LaderStatistics:
     """The :class:`LaderStatistics` of (N, C) ``logits`` and (N,) ``target``, in at least float32 (differentiable
     in the logits). Class-probability targets ``q`` (N, C) weigh the class sums and counts
@@ -276,9 +288,7 @@ def lader_statistics(logits: Tensor, target: Tensor, ignore_index: int = -100) -
         valid = target != ignore_index
         safe_t = torch.where(valid, target, torch.zeros_like(target)).long()
         onehot = F.one_hot(safe_t, C).to(dt) * valid[:, None].to(dt)
-    # an ignored row is left out of the class sums whatever it holds (-inf * 0 would make them NaN)
-    kept = torch.where(valid[:, None], logits, torch.zeros((), dtype=dt, device=logits.device))
-    return LaderStatistics(col_lse=_masked_logsumexp(logits, valid), target_sum=(kept * onehot).sum(0),
+    return LaderStatistics(col_lse=_masked_logsumexp(logits, valid), target_sum=target_sums(logits, onehot),
                            count=onehot.sum(0), valid=valid.sum().to(dt))
 
 

@@ -100,6 +100,38 @@ def test_kernel_path_equals_the_full_logits(name, dtype, layout):
     torch.testing.assert_close(grads.cpu().to(F64), want_grad, **tol)
 
 
+@pytest.mark.parametrize("combine", ["all_reduce", "gather"])
+@pytest.mark.parametrize("loss,backend", [("ce", "torch"), ("ce", "triton"), ("lade", "torch")])  # (LADE: reference)
+def test_rows_masked_with_minus_inf(loss, backend, combine):
+    """An ignored row masked whole with -inf and a valid row whose first rank holds only -inf: the loss and the
+    gradients of the full logits' float64 reference, finite (the reference path's shards gave the ignored row a
+    NaN gradient through exp(-inf - -inf), and LADE's class sums took -inf * 0 as NaN)."""
+    gen = torch.Generator().manual_seed(11)
+    C = 41
+    z = torch.randn(6, C, generator=gen, dtype=F64)
+    y = torch.randint(0, C, (6,), generator=gen)
+    y[2], z[2] = -100, float("-inf")
+    y[4], z[4, :11] = 30, float("-inf")
+    pi = torch.softmax(torch.randn(C, generator=gen, dtype=F64), 0)
+    dtype = F64 if backend == "torch" else torch.float32
+    zd, pid = z.to(DEVICE, dtype), pi.to(DEVICE, dtype)
+    if loss == "ce":
+        def fn(sh, zl, t):
+            return LF.adjusted_cross_entropy(zl, t, shard=sh, backend=backend, log_prior=torch.log(pid), tau=0.5)
+        want, want_grad = _reference(z, y, lambda q, t: R.adjusted_cross_entropy(q, t, log_prior=torch.log(pi),
+                                                                                  tau=0.5))
+    else:
+        def fn(sh, zl, t):
+            return LF.lade_loss(zl, t, pid, shard=sh, backend=backend)
+        want, want_grad = _reference(z, y, lambda q, t: R.lade_loss(q, t, pi))
+    losses, grads, _ = _run(4, zd, y.to(DEVICE), fn, combine=combine)
+    tol = dict(rtol=1e-12, atol=1e-12) if backend == "torch" else dict(rtol=2e-5, atol=2e-5)
+    assert torch.isfinite(grads).all()
+    for got in losses:
+        torch.testing.assert_close(got.cpu().to(F64), want, **tol)
+    torch.testing.assert_close(grads.cpu().to(F64), want_grad, **tol)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("name", ["la", "gcl", "all"])
 @pytest.mark.parametrize("world,C", [(3, 37), (3, 9)], ids=["37over3", "9over3_empty"])

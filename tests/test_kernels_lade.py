@@ -320,10 +320,13 @@ def test_lade_column_masked_with_the_float_minimum_has_a_finite_gradient():
 def test_lade_ignored_rows_masked_whole_are_left_out(label_smoothing):
     """Ignored rows masked whole, with -inf and with ``finfo.min``: they add nothing to LADER's class sums nor to
     PriorCE, so the loss is finite and their gradient 0, equal to the float64 reference (which used to sum
-    ``-inf * 0`` = NaN into a class's target sum, and whose softmax backward gave NaN on such a row)."""
+    ``-inf * 0`` = NaN into a class's target sum, and whose softmax backward gave NaN on such a row); and a valid
+    row with classes masked with -inf, which the reference's class sums also took as NaN."""
     z, y, pi, _ = _case(12, 9, torch.float32, 6, ignore=(2, 7))
     z[2] = float("-inf")
     z[7] = torch.finfo(torch.float32).min
+    if label_smoothing == 0.0:  # and a valid row with classes masked with -inf (smoothing would make its loss inf)
+        z[4, [c for c in range(9) if c != y[4]][:3]] = float("-inf")
     _compare(z, y, pi, label_smoothing=label_smoothing)
     zk = z.to(DEVICE).clone().requires_grad_()
     LF.lade_loss(zk, y.to(DEVICE), pi.to(DEVICE), label_smoothing=label_smoothing, backend="triton").backward()
