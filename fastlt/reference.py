@@ -54,7 +54,7 @@ __all__ = [
 ]
 
 
-def without_ignored_rows(a: Tensor, valid: Tensor) -> Tensor:
+def _without_ignored_rows(a: Tensor, valid: Tensor) -> Tensor:
     """(N, C) ``a`` with the rows not ``valid`` (ignored) set to 0, so that they never reach a softmax and get a 0
     gradient whatever they hold: a row masked whole with -inf would give NaN (``F.cross_entropy``'s softmax
     backward does: 0 * NaN), as the kernels do not. ``a`` itself when every row is valid (checked on the CPU only,
@@ -70,7 +70,7 @@ def _row_losses(a: Tensor, target: Tensor, weight, ignore_index: int, label_smoo
     N, C = a.shape
     valid = target != ignore_index
     safe_t = torch.where(valid, target, torch.zeros_like(target)).long()
-    logp = torch.log_softmax(without_ignored_rows(a, valid), dim=1)
+    logp = torch.log_softmax(_without_ignored_rows(a, valid), dim=1)
     logp_y = logp.gather(1, safe_t[:, None])[:, 0]
     w_row = torch.ones_like(logp_y) if weight is None else weight.to(a.dtype)[safe_t]
     loss = -(1.0 - label_smoothing) * w_row * logp_y
@@ -266,7 +266,7 @@ def _masked_logsumexp(x: Tensor, valid: Tensor) -> Tensor:
     return torch.where(some, lse, torch.full_like(lse, -math.inf))
 
 
-def target_sums(logits: Tensor, onehot: Tensor) -> Tensor:
+def _target_sums(logits: Tensor, onehot: Tensor) -> Tensor:
     """(C,) ``sum_i onehot_ic z_ic`` over the entries with weight only: a class masked with -inf in a row that does
     not target it (or an ignored row) adds nothing, where ``-inf * 0`` would make the sum NaN (LADE's kernels sum
     the gathered target logits)."""
@@ -288,7 +288,7 @@ def lader_statistics(logits: Tensor, target: Tensor, ignore_index: int = -100) -
         valid = target != ignore_index
         safe_t = torch.where(valid, target, torch.zeros_like(target)).long()
         onehot = F.one_hot(safe_t, C).to(dt) * valid[:, None].to(dt)
-    return LaderStatistics(col_lse=_masked_logsumexp(logits, valid), target_sum=target_sums(logits, onehot),
+    return LaderStatistics(col_lse=_masked_logsumexp(logits, valid), target_sum=_target_sums(logits, onehot),
                            count=onehot.sum(0), valid=valid.sum().to(dt))
 
 

@@ -140,7 +140,7 @@ def _reference_partials(logits, target, f, shard, extra=None):
     valid, local, safe, y_local = _local_targets(target, shard, ignore)
     a = _local_adjusted(logits, target, f, shard, local, y_local)
     sdt = stat_dtype(a.dtype)
-    a = R.without_ignored_rows(a.to(sdt), valid)
+    a = R._without_ignored_rows(a.to(sdt), valid)
     N, Cl = a.shape
     m_local = a.detach().amax(1) if Cl else a.new_full((N,), -math.inf)
     a_y = torch.where(local, a.gather(1, y_local[:, None])[:, 0] if Cl else a.new_zeros(N), a.new_zeros(()))
@@ -196,7 +196,7 @@ def sharded_lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: floa
     z = logits.to(stat_dtype(logits.dtype))
     onehot = (torch.nn.functional.one_hot(y_local, shard.size).to(z.dtype) if shard.size else z.new_zeros(z.shape))
     onehot = onehot * local[:, None].to(z.dtype)
-    stats = R.LaderStatistics(col_lse=R._masked_logsumexp(z, valid), target_sum=R.target_sums(z, onehot),
+    stats = R.LaderStatistics(col_lse=R._masked_logsumexp(z, valid), target_sum=R._target_sums(z, onehot),
                               count=onehot.sum(0), valid=valid.sum().to(z.dtype))
     part = R.lader_from_statistics(stats, prior[s0:s1], remine_lambda, num_classes=shard.num_classes)
     (M, e, a_y, q, (lader,)), _ = _reference_partials(logits, target, fields, shard, extra=[part])
