@@ -48,3 +48,30 @@ def to_device(kw: dict, dtype=None, device=DEVICE) -> dict:
     """``kw`` with its tensors moved to ``device`` (and to ``dtype`` when given); other values as they are."""
     return {k: (v.to(device=device, dtype=dtype or v.dtype) if isinstance(v, torch.Tensor) else v)
             for k, v in kw.items()}
+
+
+def random_operator(rng, cv: dict, *, scales=(30.0, 0.25, 8.0), smoothing: bool = True,
+                    weight_key: str = "weight") -> dict:
+    """Random operator terms for the seeded fuzzes (``rng`` a ``random.Random``, ``cv`` :func:`class_vectors`):
+    each of the prior offset, GCL's noise, a margin (per class or one float), a scale from ``scales``, the focal
+    exponent, class weights (under ``weight_key``: the heads call them ``weight_classes``) and label smoothing
+    (unless ``smoothing`` is False) with some probability."""
+    kw = {}
+    if rng.random() < 0.5:
+        kw.update(log_prior=cv["log_prior"], tau=rng.choice([1.0, 0.7, -0.5]))
+    if rng.random() < 0.4:
+        kw.update(cloud=cv["cloud"], noise_mul=rng.choice([1.0, 0.5]), seed=rng.randrange(2**40))
+    r = rng.random()
+    if r < 0.25:
+        kw["margin"] = cv["margins"]
+    elif r < 0.5:
+        kw["margin"] = rng.choice([0.5, 0.1, -0.2])
+    if rng.random() < 0.5:
+        kw["scale"] = rng.choice(scales)
+    if rng.random() < 0.3:
+        kw["gamma"] = rng.choice([1.0, 2.0])
+    if rng.random() < 0.4:
+        kw[weight_key] = cv["weight"]
+    if smoothing and rng.random() < 0.4:
+        kw["label_smoothing"] = rng.choice([0.1, 0.5])
+    return kw

@@ -10,7 +10,7 @@ import random
 import pytest
 import test_heads
 import torch
-from conftest import class_vectors
+from conftest import class_vectors, random_operator
 
 
 def _case(rng: random.Random):
@@ -24,24 +24,7 @@ def _case(rng: random.Random):
     cv = class_vectors(C, gen)
     ignored = tuple(rng.sample(range(N), k=rng.choice([0, 0, 1, N])))
     f, w, b, y = test_heads._inputs(N, D, C, gen, cosine=cosine, bias=head == "linear_bias", ignore_rows=ignored)
-    kw = {}
-    if rng.random() < 0.5:
-        kw.update(log_prior=cv["log_prior"], tau=rng.choice([1.0, 0.5, -0.5]))
-    if rng.random() < 0.4:
-        kw.update(cloud=cv["cloud"], noise_mul=rng.choice([1.0, 0.5]), seed=rng.randrange(2**40))
-    r = rng.random()
-    if r < 0.25:
-        kw["margin"] = cv["margins"]
-    elif r < 0.5:
-        kw["margin"] = rng.choice([0.5, 0.1])
-    if rng.random() < 0.5:
-        kw["scale"] = rng.choice([30.0, 16.0, 0.5])
-    if rng.random() < 0.3:
-        kw["gamma"] = rng.choice([1.0, 2.0])
-    if rng.random() < 0.4:
-        kw["weight_classes"] = cv["weight"]
-    if rng.random() < 0.4:
-        kw["label_smoothing"] = rng.choice([0.1, 0.5])
+    kw = random_operator(rng, cv, scales=(30.0, 16.0, 0.5), weight_key="weight_classes")
     chunk_classes = rng.choice([None, None, 8, 16, 64])
     chunk_rows = None if chunk_classes else rng.choice([None, 1, 2, 4])
     return f, w, b, y, dtype, kw, cosine, rng.choice(["mean", "sum", "none"]), chunk_rows, chunk_classes
