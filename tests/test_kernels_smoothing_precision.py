@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 from conftest import DEVICE
+from test_kernels_soft_targets import _soft
 
 from fastlt import reference as R
 from fastlt._operator import AdjustedCEArgs
@@ -82,12 +83,8 @@ def test_class_chunks_combine_relative_sums(masked):
 
 def _soft_targets(gen):
     """(N, C) class probabilities: a dense softmax for half the rows, mixup pairs for the others."""
-    q = torch.softmax(torch.randn(N, C, generator=gen) * 2.0, 1)
-    for i in range(0, N, 2):
-        a, b = torch.randint(0, C, (2,), generator=gen).tolist()
-        q[i] = 0.0
-        q[i, a] += 0.3
-        q[i, b] += 0.7
+    q = _soft(N, C, gen, "dense")
+    q[::2] = _soft(N, C, gen, "mixup")[::2]
     return q
 
 
@@ -105,10 +102,7 @@ def test_class_probabilities_with_a_large_common_offset_keep_their_precision(pat
     kw = dict(kw)
     if kw.pop("weighted", False):
         kw["weight"] = torch.rand(C, generator=gen) + 0.5
-    got = _rows(z, q, kw, path)
-    want = R.adjusted_cross_entropy(z.double(), q.double(), reduction="none",
-                                    **{k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()})
-    torch.testing.assert_close(got, want, rtol=0, atol=5e-6)
+    torch.testing.assert_close(_rows(z, q, kw, path), _want(z, q, kw), rtol=0, atol=5e-6)
     args = AdjustedCEArgs.from_kwargs(DEVICE, reduction="sum", **{k: (v.to(DEVICE) if torch.is_tensor(v) else v)
                                                                    for k, v in kw.items()})
     cfg = launch.pick_tiles(N, C, torch.device(DEVICE), **PATHS[path])
@@ -140,8 +134,7 @@ def test_class_probabilities_over_class_chunks_keep_their_precision(smooth):
         launch.chunk_partials(zd[:, c0:c1].contiguous(), qd[:, c0:c1].contiguous(), args, part, k, col_base=c0,
                               num_classes=C)
     got = launch.combine_partials(part, qd, args, C)[0].cpu().double()
-    torch.testing.assert_close(got, R.adjusted_cross_entropy(z.double(), q.double(), reduction="none", **kw),
-                               rtol=0, atol=5e-6)
+    torch.testing.assert_close(got, _want(z, q, kw), rtol=0, atol=5e-6)
 
 
 @triton.jit
