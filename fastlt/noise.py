@@ -48,6 +48,7 @@ _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
 PHILOX_ROUNDS = 10  # Random123's Philox4x32-10 (its known-answer vectors); philox4x32's default
 NOISE_ROUNDS = 7  # the GCL noise's Philox4x32-7 (see the module docstring); the kernels read it from here
 SEED_BITS = 62
+_SEED_MASK = 2**SEED_BITS - 1
 ANGLE_STEP = 6.2831854820251465 / 65536.0  # float32's 2 pi over 2^16 (exact): the Box-Muller angle's step
 ANGLE_START = -51471.0 / 16384.0  # the first angle, -pi + 5.2e-5 (a multiple of 2^-14: see the module docstring)
 
@@ -62,14 +63,16 @@ def draw_seed(generator: torch.Generator | None = None) -> int:
         A Python int in [0, 2^62).
     """
     # torch.randint(0, 2**62, ()) is empty(()).random_(0, 2**62): the same numbers, into a reused 0-dim tensor (one
-    # per thread), half the host time (a GCL step draws one)
+    # per thread), half the host time (a GCL step draws one). Both that and the argument-free random_() keep the low
+    # bits of one 64-bit draw (62 and 63 of them), so the latter masked to 62 bits is again the same number, without
+    # parsing two Python ints (~0.2 us of ~0.9; tests/test_noise.py compares them)
     # (read back through a numpy view of its memory: int(t) would be one more torch op, ~1/3 of the draw's host time)
     view = getattr(_DRAWS, "view", None)
     if view is None:
         _DRAWS.t = torch.empty((), dtype=torch.int64)
         view = _DRAWS.view = _DRAWS.t.numpy()
-    _DRAWS.t.random_(0, 2**SEED_BITS, generator=generator)
-    return int(view)
+    _DRAWS.t.random_(generator=generator)
+    return int(view) & _SEED_MASK
 
 
 _DRAWS = threading.local()

@@ -167,6 +167,17 @@ def test_draw_seed_follows_torch_manual_seed():
     assert NZ.draw_seed() != a[0]
 
 
+def test_draw_seed_is_torch_randint_of_62_bits():
+    """The definition the seeds keep: torch.randint(0, 2**62, ()) from the same generator state (the draw masks an
+    argument-free random_() to 62 bits instead, for host time)."""
+    g1 = torch.Generator().manual_seed(7)
+    g2 = torch.Generator().manual_seed(7)
+    drawn = [NZ.draw_seed(g1) for _ in range(2000)]
+    want = [int(torch.randint(0, 2**62, (), generator=g2)) for _ in range(2000)]
+    assert drawn == want
+    assert max(drawn) >= 2**61  # the top bit of the 62 is used
+
+
 def test_draw_seed_with_generator():
     g1 = torch.Generator().manual_seed(5)
     g2 = torch.Generator().manual_seed(5)
