@@ -19,6 +19,7 @@ class CounterBank:
     keeps a counter of its own). A launch leaves its counter at 0. Not thread-safe (nor is graph capture)."""
 
     def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"  # (asked once: each read of device.type makes a new string)
         self.slots = torch.zeros(COUNTER_SLOTS * _SLOT_STRIDE, dtype=torch.int32, device=device)
         self.taken = 0
         self.by_stream: dict[int, torch.Tensor] = {}
@@ -34,27 +35,23 @@ class CounterBank:
 BANKS: dict[torch.device, CounterBank] = {}
 
 
-def _stream_key(device: torch.device, cuda: bool) -> int:
-    if not cuda:
-        return threading.get_ident()  # the interpreter runs a launch on the calling thread
-    return torch._C._cuda_getCurrentRawStream(device.index)
-
-
 def reduce_counter(device: torch.device) -> torch.Tensor | None:
     """A (1,) int32 device counter, 0 between launches, for a launch whose last program reduces the batch
     (``REDUCE``), or None when none can be had: the first use on a device is inside a CUDA-graph capture (the bank
     must be allocated outside it), or a process captured more than 4096 such launches. Then the caller launches
     the reduction on its own. Launches on one stream share its counter; those on other streams do not."""
-    cuda = device.type == "cuda"  # (read once: each read of device.type makes a new string, ~0.3 us)
-    capturing = cuda and torch.cuda.is_current_stream_capturing()
     bank = BANKS.get(device)
     if bank is None:
-        if capturing:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
         bank = BANKS[device] = CounterBank(device)
-    if capturing:
-        return bank.fresh()
-    key = _stream_key(device, cuda)
+    if bank.cuda:
+        if torch.cuda.is_current_stream_capturing():
+            return bank.fresh()
+        key = torch._C._cuda_getCurrentRawStream(device.index)
+    else:
+        key = threading.get_ident()  # the interpreter runs a launch on the calling thread
+    # (a small step's host path runs this every launch that reduces: no helper calls, ~2 us in a step's context)
     counter = bank.by_stream.get(key)
     if counter is None:
         counter = bank.by_stream[key] = bank.fresh()

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from .. import reference as R
@@ -118,17 +119,15 @@ def batch_dependent(weight, reduction: str) -> bool:
 
 
 _WARNED = False
+_DIST = dist.is_available()  # (False where torch is built without torch.distributed)
 
 
 def warn_without_group(what: str) -> None:
     """Warn once per process when ``torch.distributed`` runs more than one rank and a loss whose value depends on
     the batch (``what``) is used without ``dp_group``: each rank then computes its own batch's loss."""
     global _WARNED
-    if _WARNED or torch.compiler.is_compiling():
-        return
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+    # a LADE step asks this every call: the answer for one process (no process group) first, in one call
+    if _WARNED or not (_DIST and dist.is_initialized()) or torch.compiler.is_compiling() or dist.get_world_size() < 2:
         return
     _WARNED = True
     import warnings
