@@ -32,7 +32,7 @@ from .noise import draw_seed
 from .reference import LaderStatistics
 
 __all__ = ["AdjustedCEFunction", "LADEFunction", "adjusted_cross_entropy_triton", "lade_loss_triton",
-           "lade_statistics_triton", "check_kernel_input", "lade_operator_args"]
+           "lade_fields_triton", "lade_statistics_triton", "check_kernel_input", "lade_operator_args"]
 
 # bumps a tensor's version counter after a write autograd did not see
 _increment_version = torch.autograd.graph.increment_version
@@ -308,20 +308,26 @@ def lade_loss_triton(logits: Tensor, target: Tensor, prior: Tensor, alpha: float
                      label_smoothing: float = 0.0) -> Tensor:
     """LADE on the kernels (arguments as :func:`fastlt.functional.lade_loss`); a module's steps reuse the last call's
     arguments (``_LAST_LADE``, as :func:`adjusted_cross_entropy_triton`)."""
-    target = as_index_target(target)
-    compiling = torch.compiler.is_compiling()
-    fields = dict(prior=prior, alpha=alpha, remine_lambda=remine_lambda, weight=weight, ignore_index=ignore_index,
-                  reduction=reduction, label_smoothing=label_smoothing)
-    def check():
-        O.check_lade_args(logits, target, prior, alpha, remine_lambda, reduction)
-        O.check_operator_args(logits, target, dict(weight=weight, ignore_index=ignore_index, reduction=reduction,
+    return lade_fields_triton(logits, target, dict(prior=prior, alpha=alpha, remine_lambda=remine_lambda, weight=weight,
+                                                   ignore_index=ignore_index, reduction=reduction,
                                                    label_smoothing=label_smoothing))
 
-    cached = _LAST_LADE.checked(fields, logits, target, ignore_index, check, use=not compiling)
+
+def lade_fields_triton(logits: Tensor, target: Tensor, fields: dict) -> Tensor:
+    """:func:`lade_loss_triton` with its arguments as one dict ``fields`` (by those names, all of them): a module
+    passes the same dict every step (``LADELoss``'s held fields), which the arguments cache knows by identity."""
+    target = as_index_target(target)
+    compiling = torch.compiler.is_compiling()
+
+    def check():
+        O.check_lade_args(logits, target, fields["prior"], fields["alpha"], fields["remine_lambda"],
+                          fields["reduction"])
+        O.check_operator_args(logits, target, {name: fields[name] for name in _LADE_OPERATOR_FIELDS})
+
+    cached = _LAST_LADE.checked(fields, logits, target, fields["ignore_index"], check, use=not compiling)
     check_kernel_input("logits", logits)
     if cached is None:
-        cached = lade_operator_args(prior, alpha, remine_lambda, weight=weight, label_smoothing=label_smoothing,
-                                    ignore_index=ignore_index, reduction=reduction)
+        cached = lade_operator_args(**fields)
         if not compiling:
             _LAST_LADE.store(fields, logits, cached)
     args, lade = cached
@@ -331,6 +337,9 @@ def lade_loss_triton(logits: Tensor, target: Tensor, prior: Tensor, alpha: float
     else:
         loss = LADEFunction.apply(logits, target, args, lade)
     return nan_if_empty(loss, args)
+
+
+_LADE_OPERATOR_FIELDS = ("weight", "ignore_index", "reduction", "label_smoothing")  # PriorCE's own, checked as such
 
 
 def lade_statistics_triton(logits: Tensor, target: Tensor, prior: Tensor, *, weight: Tensor | None = None,

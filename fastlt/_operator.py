@@ -314,6 +314,7 @@ class ArgsCache:
     def __init__(self):
         self._key: tuple | None = None
         self._objects: tuple = ()  # the fields' values, kept alive while their ids are in the key
+        self._fields: dict | None = None  # the fields dict itself (a module's held fields come back as this object)
         self._args: AdjustedCEArgs | None = None
 
     @staticmethod
@@ -327,12 +328,20 @@ class ArgsCache:
         return logits.shape[1], logits.device, tuple(fields), values
 
     def lookup(self, fields: dict, logits: Tensor) -> AdjustedCEArgs | None:
-        if self._key is None or self._key != self._key_of(fields, logits):
+        if self._key is None:
+            return None
+        if fields is self._fields:
+            # the very dict of the cached call: a loss module's held fields (``_LongTailLoss._held_fields``), which
+            # it never changes and makes anew when it or its buffers change; every other caller builds a dict per
+            # call. Only the logits' class count and device remain to compare (host time: no key to build)
+            return self._args if logits.shape[1] == self._key[0] and logits.device == self._key[1] else None
+        if self._key != self._key_of(fields, logits):
             return None
         return self._args
 
     def store(self, fields: dict, logits: Tensor, args: AdjustedCEArgs) -> None:
         self._key, self._objects, self._args = self._key_of(fields, logits), tuple(fields.values()), args
+        self._fields = fields if self._key is not None else None
 
     def checked(self, fields: dict, logits: Tensor, target, ignore_index: int, check, *, use: bool = True):
         """The cached value for ``fields`` (:meth:`lookup`; ``use=False``: never), with the call's rows checked

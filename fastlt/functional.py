@@ -135,11 +135,10 @@ def _kernels_call(logits: Tensor, target: Tensor, fields: dict, *, grad_in_forwa
     return _glue().adjusted_cross_entropy_triton(logits, target, fields, grad_in_forward=grad_in_forward)
 
 
-def _lade_kernels_call(logits: Tensor, target: Tensor, prior: Tensor, alpha: float, remine_lambda: float,
-                      **options) -> Tensor:
-    """LADE on the kernels for a call :func:`_kernels_direct` accepts (``options``: weight, ignore_index, reduction,
-    label_smoothing)."""
-    return _glue().lade_loss_triton(logits, target, prior, alpha, remine_lambda, **options)
+def _lade_kernels_call(logits: Tensor, target: Tensor, fields: dict) -> Tensor:
+    """LADE on the kernels for a call :func:`_kernels_direct` accepts; ``fields``: :func:`lade_loss`'s prior, alpha,
+    remine_lambda, weight, ignore_index, reduction and label_smoothing by name."""
+    return _glue().lade_fields_triton(logits, target, fields)
 
 
 _GLUE = None

@@ -67,6 +67,27 @@ class _LongTailLoss(CountBuffers):
             warning = LF._split_warning(self._buffers["weight"], self.reduction)
         return LF._kernels_direct(logits, self.backend, self.dp_group, self.shard, warning)
 
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        self.__dict__["_held"] = None  # a hyperparameter or buffer assigned: the direct calls make their fields again
+
+    def _held_fields(self, make) -> dict:
+        """``make()``'s fields of a direct call, made once while the module stays as it is: again after any attribute
+        assignment (the hyperparameters are plain attributes: a schedule assigns them), a move or cast (nn.Module
+        swaps the buffers without ``__setattr__``: other tensors), or an in-place change of a buffer (its version).
+        Never changed once made, so the arguments cache knows it by identity (:class:`fastlt._operator.ArgsCache`):
+        a step skips building, checking and comparing its fields (host time)."""
+        if torch.compiler.is_compiling():  # traced: the ops path, which caches nothing
+            return make()
+        try:
+            state = [(id(b), b._version) for b in self._buffers.values() if b is not None]
+        except RuntimeError:  # inference tensors have no version counter
+            return make()
+        held = self.__dict__.get("_held")
+        if held is None or held[0] != state:
+            held = self.__dict__["_held"] = (state, make())
+        return held[1]
+
     def _fields(self, **operator) -> dict:
         """The operator's fields of a direct call: ``operator``'s (:mod:`fastlt._operator`'s ``*_fields``) and the
         shared options."""
@@ -111,8 +132,8 @@ class LogitAdjustedLoss(_LongTailLoss):
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         self._check_input(logits)
         if self._direct(logits):
-            return LF._kernels_call(logits, target, self._fields(**la_fields(self._buffers["log_prior"], self.tau)),
-                                    grad_in_forward=self.grad_in_forward)
+            fields = self._held_fields(lambda: self._fields(**la_fields(self._buffers["log_prior"], self.tau)))
+            return LF._kernels_call(logits, target, fields, grad_in_forward=self.grad_in_forward)
         return LF.logit_adjusted_cross_entropy(logits, target, self.log_prior, self.tau,
                                                grad_in_forward=self.grad_in_forward, **self._common())
 
@@ -155,11 +176,14 @@ class LDAMLoss(MarginSchedule, _LongTailLoss):
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         self._check_input(logits)
         if self._direct(logits):
-            V.check_finite_float("s", self.s)
-            return LF._kernels_call(logits, target, self._fields(**ldam_fields(self._buffers["margins"], self.s)),
-                                    grad_in_forward=self.grad_in_forward)
+            fields = self._held_fields(self._ldam_fields)
+            return LF._kernels_call(logits, target, fields, grad_in_forward=self.grad_in_forward)
         return LF.ldam_cross_entropy(logits, target, self.margins, self.s, grad_in_forward=self.grad_in_forward,
                                      **self._common())
+
+    def _ldam_fields(self) -> dict:
+        V.check_finite_float("s", self.s)
+        return self._fields(**ldam_fields(self._buffers["margins"], self.s))
 
     def extra_repr(self) -> str:
         return f"max_margin={self.max_margin}, s={self.s}, " + super().extra_repr()
@@ -204,15 +228,18 @@ class GCLLoss(_LongTailLoss):
     def forward(self, cosine: Tensor, target: Tensor, seed: int | Tensor | None = None) -> Tensor:
         self._check_input(cosine, "cosine")
         if self._direct(cosine):
-            V.check_finite_float("m", self.m)
-            V.check_finite_float("s", self.s)
-            cloud, noise_mul = self._fold(self._buffers["cloud"], self.noise_mul)  # (FoldedSpread)
-            operator = gcl_fields(cloud, self.m, self.s, noise_mul, self.gamma)
-            fields = self._fields(**operator, seed=seed)
+            fields = self._held_fields(self._gcl_fields) if seed is None else self._gcl_fields(seed)
             return LF._kernels_call(cosine, target, fields, grad_in_forward=self.grad_in_forward)
         return LF.gcl_cross_entropy(cosine, target, self.cloud, self.m, self.s, self.noise_mul, self.gamma,
                                     seed=seed, grad_in_forward=self.grad_in_forward, rows_per_rank=self.rows_per_rank,
                                     **self._common())
+
+    def _gcl_fields(self, seed: int | Tensor | None = None) -> dict:
+        """The fields of a direct call (``seed`` None: drawn per call by the glue)."""
+        V.check_finite_float("m", self.m)
+        V.check_finite_float("s", self.s)
+        cloud, noise_mul = self._fold(self._buffers["cloud"], self.noise_mul)  # (FoldedSpread)
+        return self._fields(**gcl_fields(cloud, self.m, self.s, noise_mul, self.gamma), seed=seed)
 
     def extra_repr(self) -> str:
         return (f"m={self.m}, s={self.s}, noise_mul={self.noise_mul}, gamma={self.gamma}, "
@@ -251,10 +278,13 @@ class LADELoss(_LongTailLoss):
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         self._check_input(logits)
         if self._direct(logits, "LADELoss / lade_loss"):
-            return LF._lade_kernels_call(logits, target, self._buffers["prior"], self.alpha, self.remine_lambda,
-                                         weight=self._buffers["weight"], ignore_index=self.ignore_index,
-                                         reduction=self.reduction, label_smoothing=self.label_smoothing)
+            return LF._lade_kernels_call(logits, target, self._held_fields(self._lade_fields))
         return LF.lade_loss(logits, target, self.prior, self.alpha, self.remine_lambda, **self._common())
+
+    def _lade_fields(self) -> dict:
+        return dict(prior=self._buffers["prior"], alpha=self.alpha, remine_lambda=self.remine_lambda,
+                    weight=self._buffers["weight"], ignore_index=self.ignore_index, reduction=self.reduction,
+                    label_smoothing=self.label_smoothing)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, remine_lambda={self.remine_lambda}, " + super().extra_repr()

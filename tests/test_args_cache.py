@@ -2,6 +2,7 @@
 only while every tensor is the same object, unchanged, and every scalar equal; the loss always that of the values
 passed (the kernels in the interpreter without a GPU)."""
 
+import pytest
 import torch
 from conftest import DEVICE
 
@@ -147,3 +148,92 @@ def test_drawn_seeds_are_drawn_on_every_call_beside_the_cached_arguments(monkeyp
     assert seen[:2] == [None, None] and len(seen) == 6 and seen[2] == seen[3] and seen[4] == seen[5]
     assert len({cached.seed, seen[2], seen[4]}) == 3
     assert _glue._LAST_ARGS._args is cached and _plans(cached)
+
+
+def _module_cases(counts):
+    """(name, module on the kernels, its twin on the reference, a change to make to both) per loss module: each
+    change is one a user makes between steps (a hyperparameter assigned, a buffer edited in place)."""
+    def assign(name, value):
+        return lambda m: setattr(m, name, value)
+
+    return [
+        ("la tau", fastlt.LogitAdjustedLoss, dict(tau=0.7), assign("tau", 0.3)),
+        ("la smoothing", fastlt.LogitAdjustedLoss, dict(tau=0.7), assign("label_smoothing", 0.2)),
+        ("la ignore_index", fastlt.LogitAdjustedLoss, dict(tau=0.7), assign("ignore_index", 3)),
+        ("la reduction", fastlt.LogitAdjustedLoss, dict(tau=0.7), assign("reduction", "sum")),
+        ("la prior in place", fastlt.LogitAdjustedLoss, dict(tau=0.7), lambda m: m.log_prior.mul_(2.0)),
+        ("la weight assigned", fastlt.LogitAdjustedLoss, dict(tau=0.7),
+         assign("weight", torch.linspace(0.5, 2.0, len(counts)))),
+        ("ldam s", fastlt.LDAMLoss, dict(max_margin=0.4, s=8.0), assign("s", 4.0)),
+        ("ldam max_margin", fastlt.LDAMLoss, dict(max_margin=0.4, s=8.0), assign("max_margin", 0.8)),
+        ("gcl m", fastlt.GCLLoss, dict(m=0.1, s=8.0, noise_mul=0.5), assign("m", 0.3)),
+        ("gcl noise_mul", fastlt.GCLLoss, dict(m=0.1, s=8.0, noise_mul=0.5), assign("noise_mul", 0.25)),
+        ("gcl cloud in place", fastlt.GCLLoss, dict(m=0.1, s=8.0, noise_mul=0.5), lambda m: m.cloud.mul_(0.5)),
+        ("lade alpha", fastlt.LADELoss, dict(alpha=0.1), assign("alpha", 0.5)),
+        ("lade remine_lambda", fastlt.LADELoss, dict(alpha=0.1), assign("remine_lambda", 0.7)),
+        ("lade prior in place", fastlt.LADELoss, dict(alpha=0.1),
+         lambda m: m.prior.copy_(torch.full_like(m.prior, 1.0 / m.prior.numel()))),
+    ]
+
+
+def _module_step(crit, z, y, seed):
+    torch.manual_seed(seed)
+    zk = z.clone().requires_grad_()
+    loss = crit(zk, y)
+    loss.backward()
+    return loss.detach().cpu().double(), zk.grad.cpu().double()
+
+
+@pytest.mark.parametrize("case", range(14))
+def test_a_module_step_after_a_change_is_the_loss_of_the_new_values(case):
+    """A module's steps reuse their fields (``_LongTailLoss._held_fields``: the same dict each step, which the
+    arguments cache knows by identity) until the module changes: each change a user makes between steps (assigning
+    a hyperparameter or a buffer, editing a buffer in place, a max_margin schedule) reaches the next step's loss
+    and gradient, which equal the reference module's after the same change."""
+    counts = torch.tensor([50, 20, 9, 6, 4, 3, 2, 1, 1, 1, 1])
+    name, cls, kw, change = _module_cases(counts)[case]
+    z, y, _ = _data(N=6)
+    y[1] = 3  # a row for ignore_index=3
+    crit = cls(counts, backend="triton", **kw).to(DEVICE)
+    ref = cls(counts, backend="torch", **kw).double()
+    for step in range(2):  # the second step is a hit
+        got, want = _module_step(crit, z, y, step), _module_step(ref, z.cpu().double(), y.cpu(), step)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    held = crit.__dict__["_held"]
+    assert held is not None and _glue._LAST_LADE._fields is held[1] or _glue._LAST_ARGS._fields is held[1]
+    change(crit)
+    change(ref)
+    for step in range(2, 4):
+        got, want = _module_step(crit, z, y, step), _module_step(ref, z.cpu().double(), y.cpu(), step)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert crit.__dict__["_held"][1] is not held[1]
+
+
+def test_held_fields_follow_moves_casts_and_copies():
+    """A cast (``.half()``, nn.Module's ``_apply``: buffers swapped without ``__setattr__``), a deepcopy and a pickled
+    copy each make their own fields, of their own buffers."""
+    import copy
+    import pickle
+
+    counts = torch.tensor([50, 20, 9, 6, 4, 3, 2, 1, 1, 1, 1])
+    z, y, _ = _data(N=6)
+    crit = fastlt.LogitAdjustedLoss(counts, tau=0.7, backend="triton").to(DEVICE)
+    want = R.logit_adjusted_cross_entropy(z.cpu().double(), y.cpu(), torch.log(fastlt.priors.prior(counts)).double(),
+                                          0.7)
+    torch.testing.assert_close(crit(z, y).cpu().double(), want, rtol=1e-5, atol=1e-5)
+    held = crit.__dict__["_held"][1]
+    crit.half()
+    assert crit.log_prior.dtype == torch.float16
+    torch.testing.assert_close(crit(z, y).cpu().double(), want, rtol=2e-3, atol=2e-3)
+    assert crit.__dict__["_held"][1] is not held
+    assert crit.__dict__["_held"][1]["log_prior"] is crit.log_prior
+    crit.float()  # the fp16-rounded prior, widened
+    want = R.logit_adjusted_cross_entropy(z.cpu().double(), y.cpu(), crit.log_prior.cpu().double(), 0.7)
+    torch.testing.assert_close(crit(z, y).cpu().double(), want, rtol=1e-5, atol=1e-5)
+    for other in (copy.deepcopy(crit), pickle.loads(pickle.dumps(crit))):
+        other.log_prior.mul_(0.5)  # its own buffer, in place: the original keeps its loss
+        half = R.logit_adjusted_cross_entropy(z.cpu().double(), y.cpu(), other.log_prior.cpu().double(), 0.7)
+        torch.testing.assert_close(other(z, y).cpu().double(), half, rtol=1e-5, atol=1e-5)
+        assert other.__dict__["_held"][1]["log_prior"] is other.log_prior
+        torch.testing.assert_close(crit(z, y).cpu().double(), want, rtol=1e-5, atol=1e-5)
