@@ -188,17 +188,6 @@ def column_term(columns: torch.Tensor) -> ColumnTerm:
     return ColumnTerm(columns=columns)
 
 
-class _Finish(NamedTuple):
-    """What LADER's finish reads beside the column statistics (see :func:`finish`)."""
-
-    y: torch.Tensor
-    target_logits: torch.Tensor
-    ignore_index: int
-    prior: torch.Tensor
-    alpha: float
-    remine_lambda: float
-
-
 def _contiguous(t: torch.Tensor) -> torch.Tensor:
     """``t.contiguous()`` without its dispatch when ``t`` is (host time: a LADE step passes four such tensors)."""
     return t if t.is_contiguous() else t.contiguous()
@@ -219,44 +208,18 @@ def _checked_stats(stats: torch.Tensor, into: torch.Tensor | None) -> torch.Tens
     return _contiguous(stats)
 
 
-def _columns(stats: torch.Tensor, *, finish: _Finish | None = None, into: torch.Tensor | None = None,
-             rows: PriorCERows | None = None):
-    """One ``lade_columns`` launch on checked arguments (:func:`_checked_stats`; LADE's forward passes its own
-    partials unchecked): merge the column statistics (into ``into``), and with ``finish`` LADER's terms (and with
-    ``rows`` the reduced loss). Returns ``(out, parts)``."""
+def _columns(stats: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+    """One ``lade_columns`` launch merging checked column statistics (:func:`_checked_stats`) into a new (planes, C)
+    tensor, or into the running ``into``; returns it."""
     planes, R, C = stats.shape
-    soft = planes == 4  # class-probability targets: the class sums and counts come with the partials
-    dev = stats.device
-    out = into if into is not None else torch.empty((3 if finish is not None else planes, C), dtype=torch.float32,
-                                                    device=dev)
-    if rows is not None and rows.args.reduction == "none":
-        raise ValueError("LADE's rows reduce with LADER: reduction must be 'mean' or 'sum', got 'none'")
-    N = finish.y.shape[0] if finish is not None else 0
-    plan = _columns_plan(planes, R, C, N, finish is not None, into is not None)
-    parts = torch.empty(plan.grid[0], dtype=torch.float32, device=dev) if finish is not None else None
-    counter, reduce_mode = (launch.fused_reduction(dev, plan.reduced_values, plan.static["RBLOCK"],
-                                                   rows.args.reduction) if rows is not None else (None, 0))
-    weight = rows.args.weight if rows is not None else None
-    if C > 0:
-        # every pointer a flag leaves unused points at `out` (never read through): the merge reads no rows, reduces
-        # nothing
-        fin = finish or _Finish(y=out, target_logits=out, ignore_index=-100, prior=out, alpha=0.0, remine_lambda=0.0)
-        y, zy = fin.y, fin.target_logits
-        if soft:  # neither is read
-            y, zy = out, out
-        elif finish is not None and N == 0:  # no row to read: pointers of the usual types, surely valid
-            y, zy = torch.full((1,), int(finish.ignore_index), device=dev), out
-        lade_columns[plan.grid](
-            stat_ptr=stats, y_ptr=y, zy_ptr=zy, ignore_index=int(fin.ignore_index), pi_ptr=fin.prior,
-            alpha=float(fin.alpha), remine_lambda=float(fin.remine_lambda), out_ptr=out,
-            lader_ptr=parts if parts is not None else out, loss_rows_ptr=rows.loss_rows if rows is not None else out,
-            weight_ptr=weight if weight is not None else out, coef_ptr=rows.row_coef if rows is not None else out,
-            red=Reduction(out=rows.out if rows is not None else out, counter=counter if counter is not None else out),
-            REDUCE=reduce_mode, HAS_WEIGHT=weight is not None, **plan.static)
-    if rows is not None:  # PriorCE's coefficients come unscaled (PriorCERows)
-        launch.reduce_unless_fused(rows.out, counter, rows.loss_rows, finish.y, rows.args, row_coef=rows.row_coef,
-                                   scale_mean=False, extra=parts)
-    return out, parts
+    out = into if into is not None else torch.empty((planes, C), dtype=torch.float32, device=stats.device)
+    plan = _columns_plan(planes, R, C, 0, False, into is not None)
+    if C > 0:  # every pointer a flag leaves unused points at `out` (never read through): no rows, no reduction
+        lade_columns[plan.grid](stat_ptr=stats, y_ptr=out, zy_ptr=out, ignore_index=-100, pi_ptr=out, alpha=0.0,
+                                remine_lambda=0.0, out_ptr=out, lader_ptr=out, loss_rows_ptr=out, weight_ptr=out,
+                                coef_ptr=out, red=Reduction(out=out, counter=out), REDUCE=0, HAS_WEIGHT=False,
+                                **plan.static)
+    return out
 
 
 class _ColumnsPlan(NamedTuple):
@@ -287,7 +250,7 @@ def merge_partials(partials: torch.Tensor, into: torch.Tensor | None = None) -> 
     """(2, R, C) per-row-block partials (column max, sum-exp relative to it) -> (2, C) for the whole set of rows
     (one launch); (4, R, C) -> (4, C) for class-probability targets (their class sums and counts summed too).
     ``into``: running statistics of earlier row chunks, merged with the partials in place (and returned)."""
-    return _columns(_checked_stats(partials, into), into=into)[0]
+    return _columns(_checked_stats(partials, into), into)
 
 
 def finish(partials: torch.Tensor, y: torch.Tensor, target_logits: torch.Tensor, pi: torch.Tensor,
@@ -312,11 +275,47 @@ def finish(partials: torch.Tensor, y: torch.Tensor, target_logits: torch.Tensor,
 
 def _finish(stats: torch.Tensor, y: torch.Tensor, target_logits: torch.Tensor, pi: torch.Tensor, ignore_index: int,
             remine_lambda: float, alpha: float, rows: PriorCERows | None) -> LaderTerms:
-    """:func:`finish`'s launch, on checked (or self-made: LADE's :func:`forward`) statistics and targets."""
-    fin = _Finish(y=_contiguous(y), target_logits=_contiguous(target_logits), ignore_index=ignore_index,
-                  prior=as_f32(pi), alpha=alpha, remine_lambda=remine_lambda)
-    out, parts = _columns(stats, finish=fin, rows=rows)
+    """:func:`finish`'s launch, on checked (or self-made: LADE's :func:`forward`) statistics and targets. Its
+    arguments but the tensors come from :func:`_finish_plan`, made once per sizes and LADE parameters (a small LADE
+    step is host-bound: each call and branch here shows in it)."""
+    planes, R, C = stats.shape
+    dev = stats.device
+    plan = _finish_plan(planes, R, C, y.shape[0], int(ignore_index), float(alpha), float(remine_lambda))
+    out = torch.empty((3, C), dtype=torch.float32, device=dev)
+    parts = torch.empty(plan.grid[0], dtype=torch.float32, device=dev)
+    if rows is None:
+        counter, reduce_mode, loss_rows, coef, loss, weight = None, 0, out, out, out, out
+    else:
+        if rows.args.reduction == "none":
+            raise ValueError("LADE's rows reduce with LADER: reduction must be 'mean' or 'sum', got 'none'")
+        counter, reduce_mode = launch.fused_reduction(dev, plan.reduced_values, plan.static["RBLOCK"],
+                                                      rows.args.reduction)
+        loss_rows, coef, loss = rows.loss_rows, rows.row_coef, rows.out
+        weight = out if rows.args.weight is None else rows.args.weight
+    if C > 0:
+        y_ptr, zy = _contiguous(y), _contiguous(target_logits)
+        if plan.static["SOFT"]:  # class probabilities: neither is read (their sums come with the partials)
+            y_ptr = zy = out
+        elif not plan.static["N"]:  # no row to read: pointers of the usual types, surely valid
+            y_ptr, zy = torch.full((1,), int(ignore_index), device=dev), out
+        # every pointer a flag leaves unused points at `out` (never read through)
+        lade_columns[plan.grid](stat_ptr=stats, y_ptr=y_ptr, zy_ptr=zy, pi_ptr=as_f32(pi), out_ptr=out,
+                                lader_ptr=parts, loss_rows_ptr=loss_rows, weight_ptr=weight, coef_ptr=coef,
+                                red=Reduction(out=loss, counter=out if counter is None else counter),
+                                REDUCE=reduce_mode, HAS_WEIGHT=weight is not out, **plan.static)
+    if rows is not None:  # PriorCE's coefficients come unscaled (PriorCERows)
+        launch.reduce_unless_fused(loss, counter, loss_rows, y, rows.args, row_coef=coef, scale_mean=False,
+                                   extra=parts)
     return LaderTerms(parts, out)
+
+
+@functools.lru_cache(maxsize=64)
+def _finish_plan(planes: int, R: int, C: int, N: int, ignore_index: int, alpha: float,
+                 remine_lambda: float) -> _ColumnsPlan:
+    """:func:`_columns_plan` of a finish over N rows, its LADE parameters among the constant arguments."""
+    plan = _columns_plan(planes, R, C, N, True, False)
+    static = dict(plan.static, ignore_index=ignore_index, alpha=alpha, remine_lambda=remine_lambda)
+    return plan._replace(static=static)
 
 
 def forward(z: torch.Tensor, y: torch.Tensor, pi: torch.Tensor, alpha: float, remine_lambda: float,
