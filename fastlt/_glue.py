@@ -24,7 +24,7 @@ from . import _operator as O
 from ._custom_ops import define, input_grads, save_inputs, saved_inputs
 from ._first_order import first_order
 from ._operator import AdjustedCEArgs, LadeArgs
-from ._validation import as_index_target
+from ._validation import as_kernel_target
 from .kernels import lade as lade_kernels
 from .kernels import launch
 from .kernels.adjusted_ce import ColumnTerm
@@ -279,7 +279,7 @@ def adjusted_cross_entropy_triton(logits: Tensor, target: Tensor, fields: dict, 
                                   grad_in_forward: bool = False) -> Tensor:
     """The adjusted cross-entropy on the kernels; ``fields``: the operator's parameters by name
     (:class:`fastlt._operator.AdjustedCEArgs`, ``seed`` may be None)."""
-    target = as_index_target(target)
+    target = as_kernel_target(target)
     compiling = torch.compiler.is_compiling()
     args = _LAST_ARGS.checked(fields, logits, target, fields.get("ignore_index", -100),
                               lambda: O.check_operator_args(logits, target, fields, noise=noise),
@@ -291,6 +291,10 @@ def adjusted_cross_entropy_triton(logits: Tensor, target: Tensor, fields: dict, 
     if grad_in_forward and logits.requires_grad and logits.is_leaf:
         raise ValueError("grad_in_forward=True overwrites the logits with their gradient; it cannot be a "
                          "leaf tensor that requires grad (pass the output of a layer)")
+    if grad_in_forward and any(st == 0 and n > 1 for st, n in zip(logits.stride(), logits.shape, strict=True)):
+        raise ValueError(f"grad_in_forward=True overwrites the logits with their gradient, so their elements must "
+                         f"not share memory; these are broadcast (an expand: shape {tuple(logits.shape)}, strides "
+                         f"{logits.stride()}). Pass them made contiguous, or grad_in_forward=False")
     if args is None:
         args = AdjustedCEArgs.from_fields(logits.device, fields)
         if not compiling:
@@ -316,7 +320,7 @@ def lade_loss_triton(logits: Tensor, target: Tensor, prior: Tensor, alpha: float
 def lade_fields_triton(logits: Tensor, target: Tensor, fields: dict) -> Tensor:
     """:func:`lade_loss_triton` with its arguments as one dict ``fields`` (by those names, all of them): a module
     passes the same dict every step (``LADELoss``'s held fields), which the arguments cache knows by identity."""
-    target = as_index_target(target)
+    target = as_kernel_target(target)
     compiling = torch.compiler.is_compiling()
 
     def check():
@@ -347,7 +351,7 @@ def lade_statistics_triton(logits: Tensor, target: Tensor, prior: Tensor, *, wei
     """One data-parallel rank's LADE pass on the kernels: ``(row_sum, stats)``, the sum of PriorCE's rows (0-dim
     fp32; class weights and smoothing applied per row) and LADER's :class:`fastlt.reference.LaderStatistics` of the
     rows (fp32), both differentiable in ``logits`` (one custom op; the backward is one row-kernel launch)."""
-    target = as_index_target(target)
+    target = as_kernel_target(target)
     O.check_operator_args(logits, target, dict(weight=weight, ignore_index=ignore_index, reduction="sum",
                                                label_smoothing=label_smoothing))
     check_kernel_input("logits", logits)

@@ -81,15 +81,27 @@ def check_shaped_logits(name: str, logits) -> None:
 
 def as_index_target(target, *, keep_int32: bool = True):
     """Integer targets other than int64 widened to int64, so ``target != ignore_index`` never wraps (-100 is 156 in
-    uint8). ``keep_int32``: int32 passes through (the kernels read it, and compare in int64), and class indices
-    come back contiguous (the kernels read row i's target at offset i: a strided view such as ``labels[:, 0]``
-    would be read as other rows' targets); the reference path passes False, as torch would wrap an
-    ``ignore_index`` outside int32 to the targets' dtype (2^32 -> 0)."""
+    uint8). ``keep_int32``: int32 passes through (the kernels read it, and compare in int64); the reference path
+    passes False, as torch would wrap an ``ignore_index`` outside int32 to the targets' dtype (2^32 -> 0)."""
+    if isinstance(target, torch.Tensor) and target.dtype in INT_DTYPES[2 if keep_int32 else 1:]:
+        return target.long()
+    return target
+
+
+def as_kernel_target(target):
+    """The targets as the Triton paths take them: class indices as :func:`as_index_target` (int32 kept) and
+    contiguous (the kernels read row i's target at offset i: a strided view such as ``labels[:, 0]`` would be read
+    as other rows' targets); class probabilities as given (read with their strides), but not while they require
+    grad: the kernels do not differentiate the targets, where the reference path does (ValueError, not a silently
+    missing gradient)."""
+    target = as_index_target(target)
     if not isinstance(target, torch.Tensor):
         return target
-    if target.dtype in INT_DTYPES[2 if keep_int32 else 1:]:
-        target = target.long()
-    if keep_int32 and not target.is_contiguous() and not target.is_floating_point():
+    if target.requires_grad and torch.is_grad_enabled():  # only floating tensors can require grad
+        raise ValueError("target: the Triton kernels do not differentiate class-probability targets, and these "
+                         "require grad; detach them (a teacher's probabilities, say), or use backend='torch', "
+                         "whose reference path differentiates them")
+    if not target.is_floating_point() and not target.is_contiguous():
         target = target.contiguous()
     return target
 

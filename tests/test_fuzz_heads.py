@@ -24,6 +24,8 @@ def _case(rng: random.Random):
     cv = class_vectors(C, gen)
     ignored = tuple(rng.sample(range(N), k=rng.choice([0, 0, 1, N])))
     f, w, b, y = test_heads._inputs(N, D, C, gen, cosine=cosine, bias=head == "linear_bias", ignore_rows=ignored)
+    if rng.random() < 0.3:  # a strided view (labels[:, 0]): once read as other rows' targets
+        y = torch.stack([y, (y + 1) % C], 1)[:, 0]
     kw = random_operator(rng, cv, scales=(30.0, 16.0, 0.5), weight_key="weight_classes")
     chunk_classes = rng.choice([None, None, 8, 16, 64])
     chunk_rows = None if chunk_classes else rng.choice([None, 1, 2, 4])

@@ -51,6 +51,8 @@ def _case(rng: random.Random):
     if regime == "ignored_masked" and N > 1:
         i = rng.randrange(N)
         y[i], z[i] = -100, rng.choice([float("-inf"), torch.finfo(dtype).min])
+    if not soft and rng.random() < 0.3:  # a strided view (labels[:, 0]): once read as other rows' targets
+        y = torch.stack([y, (y + 1) % C], 1)[:, 0]
     target = _soft(N, C, gen, rng.choice(["mixup", "dense"])) if soft else y
     reductions = ["sum", "none"] if soft else ["mean", "sum", "none"]
     return (z, target, kw, rng.choice(reductions), rng.random() < 0.4, rng.choice(CONFIGS),

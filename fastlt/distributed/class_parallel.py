@@ -269,10 +269,10 @@ shard_finish_op.register_autograd(_finish_backward, setup_context=_setup_finish)
 
 def _sharded_triton(logits: Tensor, target: Tensor, fields: dict, shard: ClassShard) -> Tensor:
     from .._glue import check_kernel_input
-    from .._validation import as_index_target
+    from .._validation import as_kernel_target
 
     check_kernel_input("logits", logits)
-    target = as_index_target(target)
+    target = as_kernel_target(target)
     args = AdjustedCEArgs.from_fields(logits.device, fields)
     flat = O.flatten(args)
     local = shard_partials_op(logits.detach(), target, shard.start, shard.num_classes, *flat)

@@ -90,9 +90,9 @@ def global_lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: float
     """LADE of the global batch, ``PriorCE + alpha * LADER``, every rank holding (N_r, C) ``logits``: the rank's
     PriorCE sum and LADER statistics (the kernels' one pass when ``triton``, else the reference's), one MAX and one
     SUM all-reduce, then LADER from the global statistics (:func:`fastlt.reference.lader_from_statistics`)."""
-    from .._validation import as_index_target
+    from .._validation import as_index_target, as_kernel_target
 
-    target = as_index_target(target, keep_int32=triton)
+    target = as_kernel_target(target) if triton else as_index_target(target, keep_int32=False)
     check_lade_args(logits, target, prior, alpha, remine_lambda, reduction)
     if triton:
         from .._glue import lade_statistics_triton

@@ -324,7 +324,7 @@ def run_head(features: Tensor, weight: Tensor, bias: Tensor | None, target: Tens
     features, weight, bias, autocast_dev = autocast_inputs(features, weight, bias)
     V.check_head(features, weight, bias)
     check_kernel_input("features", features, noise)
-    target = V.as_index_target(target)
+    target = V.as_kernel_target(target)
     _check_head_operator(features, weight, target, fields, noise)
     args = soft_mean(AdjustedCEArgs.from_fields(features.device, fields), target, features.shape[0])
 
@@ -354,7 +354,7 @@ def run_lade_head(features: Tensor, weight: Tensor, bias: Tensor | None, target:
     features, weight, bias, autocast_dev = autocast_inputs(features, weight, bias)
     V.check_head(features, weight, bias)
     check_kernel_input("features", features)
-    target = V.as_index_target(target)
+    target = V.as_kernel_target(target)
     proxy = features.new_empty((1, 1)).expand(features.shape[0], weight.shape[0])  # checks without the logits
     O.check_lade_args(proxy, target, prior, alpha, remine_lambda, reduction)
     O.check_operator_args(proxy, target, dict(weight=weight_classes, ignore_index=ignore_index, reduction=reduction,

@@ -1,0 +1,77 @@
+"""Inputs the Triton paths cannot honour are refused with a ValueError naming them, where they used to give a
+silently wrong result: class-probability targets that require grad (the kernels do not differentiate the targets;
+the reference path does) and broadcast logits with grad_in_forward (the gradient of several rows written over one
+row's memory)."""
+
+import pytest
+import torch
+from conftest import DEVICE, long_tail_counts
+
+import fastlt
+from fastlt import functional as LF
+from fastlt import heads as H
+from fastlt.priors import prior
+
+N, C, D = 5, 8, 4
+
+
+def _soft(gen):
+    return torch.softmax(torch.randn(N, C, generator=gen), 1).to(DEVICE)
+
+
+def _calls(gen, backend):
+    counts = long_tail_counts(C, gen)
+    w = torch.randn(C, D, generator=gen).to(DEVICE)
+    return {
+        "functional": lambda z, f, q: LF.adjusted_cross_entropy(z, q, label_smoothing=0.1, backend=backend),
+        "module": lambda z, f, q: fastlt.LogitAdjustedLoss(counts, backend=backend).to(DEVICE)(z, q),
+        "lade": lambda z, f, q: LF.lade_loss(z, q, prior(counts).to(DEVICE), backend=backend),
+        "linear head": lambda z, f, q: H.linear_cross_entropy(f, w, q, backend=backend),
+        "lade head": lambda z, f, q: H.lade_linear_loss(f, w, q, prior(counts).to(DEVICE), backend=backend),
+    }
+
+
+@pytest.mark.parametrize("name", ["functional", "module", "lade", "linear head", "lade head"])
+def test_class_probabilities_that_require_grad_are_refused_by_the_kernels(name):
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(N, C, generator=gen).to(DEVICE).requires_grad_()
+    f = torch.randn(N, D, generator=gen).to(DEVICE).requires_grad_()
+    q = _soft(gen)
+    call = _calls(gen, "triton")[name]
+    with pytest.raises(ValueError, match="target.*do not differentiate class-probability targets"):
+        call(z, f, q.requires_grad_())
+    detached = call(z, f, q.detach())  # a teacher's probabilities, detached: fine
+    with torch.no_grad():  # nothing is differentiated: fine too
+        torch.testing.assert_close(call(z, f, q), detached)
+
+
+def test_the_reference_differentiates_class_probabilities():
+    """What the kernels refuse to drop: torch's own gradient for the targets, which backend='torch' gives."""
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(N, C, generator=gen, dtype=torch.float64)
+    q = torch.softmax(torch.randn(N, C, generator=gen, dtype=torch.float64), 1).requires_grad_()
+    LF.adjusted_cross_entropy(z, q, label_smoothing=0.1, backend="torch").backward()
+    q2 = q.detach().clone().requires_grad_()
+    torch.nn.functional.cross_entropy(z, q2, label_smoothing=0.1).backward()
+    torch.testing.assert_close(q.grad, q2.grad)
+
+
+def test_grad_in_forward_refuses_broadcast_logits():
+    gen = torch.Generator().manual_seed(2)
+    lin = torch.nn.Linear(3, C).to(DEVICE)
+    x = torch.randn(1, 3, generator=gen).to(DEVICE)
+    y = torch.randint(0, C, (N,), generator=gen).to(DEVICE)
+    with pytest.raises(ValueError, match="grad_in_forward.*broadcast"):
+        LF.adjusted_cross_entropy(lin(x).expand(N, C), y, backend="triton", grad_in_forward=True)
+    crit = fastlt.LogitAdjustedLoss(torch.arange(1, C + 1), grad_in_forward=True, backend="triton").to(DEVICE)
+    with pytest.raises(ValueError, match="grad_in_forward.*broadcast"):
+        crit(lin(x).expand(N, C), y)
+    # made contiguous, the same logits are fine, and give torch's gradient
+    loss = crit(lin(x).expand(N, C).contiguous(), y)
+    loss.backward()
+    got = lin.weight.grad.clone()
+    lin.zero_grad()
+    z = lin(x).expand(N, C)
+    torch.nn.functional.cross_entropy(z + torch.log(fastlt.priors.prior(torch.arange(1, C + 1))).to(DEVICE),
+                                      y).backward()
+    torch.testing.assert_close(got, lin.weight.grad, rtol=1e-5, atol=1e-6)
