@@ -272,16 +272,18 @@ class LADEFunction(torch.autograd.Function):
 
 # --- entry points of fastlt.functional ----------------------------------------------------------------------------
 
-_LAST_ARGS = O.ArgsCache()  # a loss module's steps pass the same fields: built and checked once
+_LAST_ARGS = O.ArgsCache()  # the functional calls' (a module keeps its own): the same fields built and checked once
 _LAST_LADE = O.ArgsCache()  # LADE's (PriorCE arguments, LadeArgs) likewise
 
 def adjusted_cross_entropy_triton(logits: Tensor, target: Tensor, fields: dict, *, noise: Tensor | None = None,
-                                  grad_in_forward: bool = False) -> Tensor:
+                                  grad_in_forward: bool = False, cache: O.ArgsCache | None = None) -> Tensor:
     """The adjusted cross-entropy on the kernels; ``fields``: the operator's parameters by name
-    (:class:`fastlt._operator.AdjustedCEArgs`, ``seed`` may be None)."""
+    (:class:`fastlt._operator.AdjustedCEArgs`, ``seed`` may be None); ``cache``: where the arguments of the last
+    call are kept (a loss module's own; default: one shared by every other call)."""
     target = as_kernel_target(target)
     compiling = torch.compiler.is_compiling()
-    args = _LAST_ARGS.checked(fields, logits, target, fields.get("ignore_index", -100),
+    cache = _LAST_ARGS if cache is None else cache
+    args = cache.checked(fields, logits, target, fields.get("ignore_index", -100),
                               lambda: O.check_operator_args(logits, target, fields, noise=noise),
                               use=not compiling and noise is None)
     seed = None  # a drawn seed for a call whose arguments are cached (they keep the one drawn when they were made)
@@ -298,7 +300,7 @@ def adjusted_cross_entropy_triton(logits: Tensor, target: Tensor, fields: dict, 
     if args is None:
         args = AdjustedCEArgs.from_fields(logits.device, fields)
         if not compiling:
-            _LAST_ARGS.store(fields, logits, args)
+            cache.store(fields, logits, args)
     args = soft_mean(args, target, logits.shape[0])
     if compiling:  # an opaque op with registered autograd (recompute backward)
         loss = adjusted_ce_forward_op(logits, target, *O.flatten(args))[0].to(logits.dtype)
@@ -317,23 +319,25 @@ def lade_loss_triton(logits: Tensor, target: Tensor, prior: Tensor, alpha: float
                                                    label_smoothing=label_smoothing))
 
 
-def lade_fields_triton(logits: Tensor, target: Tensor, fields: dict) -> Tensor:
+def lade_fields_triton(logits: Tensor, target: Tensor, fields: dict, cache: O.ArgsCache | None = None) -> Tensor:
     """:func:`lade_loss_triton` with its arguments as one dict ``fields`` (by those names, all of them): a module
-    passes the same dict every step (``LADELoss``'s held fields), which the arguments cache knows by identity."""
+    passes the same dict every step (``LADELoss``'s held fields), which the arguments cache knows by identity, and
+    its own ``cache`` (default: one shared by every other call)."""
     target = as_kernel_target(target)
     compiling = torch.compiler.is_compiling()
+    cache = _LAST_LADE if cache is None else cache
 
     def check():
         O.check_lade_args(logits, target, fields["prior"], fields["alpha"], fields["remine_lambda"],
                           fields["reduction"])
         O.check_operator_args(logits, target, {name: fields[name] for name in _LADE_OPERATOR_FIELDS})
 
-    cached = _LAST_LADE.checked(fields, logits, target, fields["ignore_index"], check, use=not compiling)
+    cached = cache.checked(fields, logits, target, fields["ignore_index"], check, use=not compiling)
     check_kernel_input("logits", logits)
     if cached is None:
         cached = lade_operator_args(**fields)
         if not compiling:
-            _LAST_LADE.store(fields, logits, cached)
+            cache.store(fields, logits, cached)
     args, lade = cached
     args = soft_mean(args, target, logits.shape[0])
     if compiling:

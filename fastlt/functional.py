@@ -129,16 +129,18 @@ def _kernels_direct(logits, backend: str, dp_group, shard, warning: str | None) 
     return True
 
 
-def _kernels_call(logits: Tensor, target: Tensor, fields: dict, *, grad_in_forward: bool = False) -> Tensor:
+def _kernels_call(logits: Tensor, target: Tensor, fields: dict, *, grad_in_forward: bool = False,
+                  cache=None) -> Tensor:
     """The adjusted cross-entropy on the kernels for a call :func:`_kernels_direct` accepts; ``fields``: the operator's
-    parameters by name (:class:`fastlt._operator.AdjustedCEArgs`; ``seed`` may be None: drawn)."""
-    return _glue().adjusted_cross_entropy_triton(logits, target, fields, grad_in_forward=grad_in_forward)
+    parameters by name (:class:`fastlt._operator.AdjustedCEArgs`; ``seed`` may be None: drawn); ``cache``: the
+    caller's :class:`fastlt._operator.ArgsCache` (a module's own), else the glue's shared one."""
+    return _glue().adjusted_cross_entropy_triton(logits, target, fields, grad_in_forward=grad_in_forward, cache=cache)
 
 
-def _lade_kernels_call(logits: Tensor, target: Tensor, fields: dict) -> Tensor:
+def _lade_kernels_call(logits: Tensor, target: Tensor, fields: dict, cache=None) -> Tensor:
     """LADE on the kernels for a call :func:`_kernels_direct` accepts; ``fields``: :func:`lade_loss`'s prior, alpha,
-    remine_lambda, weight, ignore_index, reduction and label_smoothing by name."""
-    return _glue().lade_fields_triton(logits, target, fields)
+    remine_lambda, weight, ignore_index, reduction and label_smoothing by name; ``cache`` as :func:`_kernels_call`."""
+    return _glue().lade_fields_triton(logits, target, fields, cache)
 
 
 _GLUE = None
