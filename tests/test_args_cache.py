@@ -249,7 +249,8 @@ def test_two_modules_in_one_step_keep_their_own_arguments():
     gcl = fastlt.GCLLoss(counts, m=0.1, s=8.0, noise_mul=0.5, backend="triton").to(DEVICE)
     lade = fastlt.LADELoss(counts, backend="triton").to(DEVICE)
     refs = [fastlt.LogitAdjustedLoss(counts, tau=0.7, backend="torch"),
-            fastlt.GCLLoss(counts, m=0.1, s=8.0, noise_mul=0.5, backend="torch"), fastlt.LADELoss(counts, backend="torch")]
+            fastlt.GCLLoss(counts, m=0.1, s=8.0, noise_mul=0.5, backend="torch"),
+            fastlt.LADELoss(counts, backend="torch")]
     firsts = None
     for step in range(3):
         torch.manual_seed(step)
@@ -261,3 +262,36 @@ def test_two_modules_in_one_step_keep_their_own_arguments():
         args = [m._cache()._args for m in (la, gcl, lade)]
         firsts = firsts or args
         assert all(a is f for a, f in zip(args, firsts, strict=True))  # made once each, kept across the steps
+
+
+def test_a_head_reuses_its_arguments_and_its_chunks_launch_plans():
+    """A fused head's steps reuse the operator's arguments of the last call (``heads.glue._head_args``) and, per row
+    chunk, the offset arguments with their launch plans (``heads.passes.rows_from``): no plan is made after the
+    first step. A change of a hyperparameter reaches the next step; a drawn GCL seed is never cached."""
+    from fastlt.heads import glue as head_glue
+
+    gen = torch.Generator().manual_seed(5)
+    counts = torch.tensor([50, 20, 9, 6, 4, 3, 2, 1, 1, 1, 1])
+    head = fastlt.LinearLossHead(4, 11, counts, loss="la", tau=0.7, chunk_rows=2, backend="triton").to(DEVICE)
+    f = torch.randn(5, 4, generator=gen).to(DEVICE)
+    y = torch.randint(0, 11, (5,), generator=gen).to(DEVICE)
+
+    def want():
+        z = torch.nn.functional.linear(f.cpu().double(), head.weight.detach().cpu().double(),
+                                       head.bias.detach().cpu().double())
+        return R.logit_adjusted_cross_entropy(z, y.cpu(), torch.log(fastlt.priors.prior(counts)).double(), head.tau)
+
+    made = []
+    for _ in range(3):
+        loss = head(f.clone().requires_grad_(), y)
+        loss.backward()
+        torch.testing.assert_close(loss.cpu().double(), want(), rtol=1e-5, atol=1e-5)
+        args = head_glue._HEAD_ARGS._args
+        chunks = [args] + [args.memo[("rows from", r0)] for r0 in (2, 4)]  # rows 0-1, 2-3, 4
+        made.append([id(a) for a in chunks] + [id(p) for a in chunks for p in _plans(a).values()])
+    assert made[0] == made[1] == made[2]  # the same arguments and plans each step
+    head.tau = 0.2
+    torch.testing.assert_close(head(f, y).cpu().double(), want(), rtol=1e-5, atol=1e-5)
+    cosine = fastlt.CosineGCLHead(4, 11, counts, backend="triton").to(DEVICE)
+    cosine(f, y)
+    assert head_glue._HEAD_ARGS._args is not None and head_glue._HEAD_ARGS._args.cloud is None  # not stored

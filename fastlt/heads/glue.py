@@ -310,10 +310,24 @@ def _plan(features: Tensor, weight: Tensor, chunk_rows, chunk_classes, *, lade: 
     return ChunkPlan(rows=max(1, min(rows, max(N, 1))), classes=chunk_classes)
 
 
-def _check_head_operator(features: Tensor, weight: Tensor, target: Tensor, fields: dict, noise=None) -> None:
-    """The operator's argument checks on an (N, C) stand-in for the logits: a broadcast scalar, no memory."""
+def _head_args(features: Tensor, weight: Tensor, target: Tensor, fields: dict, noise=None) -> AdjustedCEArgs:
+    """The operator's arguments, checked on an (N, C) stand-in for the logits (a broadcast scalar, no memory), and
+    kept while the next call passes the same fields (:class:`fastlt._operator.ArgsCache`, as the losses' glue
+    does: the checks, conversions, argument groups and launch plans once), except where a seed is drawn per call
+    (GCL's noise without ``seed=``: the cached arguments would keep theirs) or explicit noise is given."""
     proxy = features.new_empty((1, 1)).expand(features.shape[0], weight.shape[0])
-    O.check_operator_args(proxy, target, fields, noise=noise)
+    drawn = fields.get("seed") is None and fields.get("cloud") is not None and fields.get("noise_mul", 0.0) != 0.0
+    use = noise is None and not drawn and not torch.compiler.is_compiling()
+    args = _HEAD_ARGS.checked(fields, proxy, target, fields.get("ignore_index", -100),
+                              lambda: O.check_operator_args(proxy, target, fields, noise=noise), use=use)
+    if args is None:
+        args = AdjustedCEArgs.from_fields(features.device, fields)
+        if use:
+            _HEAD_ARGS.store(fields, proxy, args)
+    return args
+
+
+_HEAD_ARGS = O.ArgsCache()
 
 
 def run_head(features: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, fields: dict, *, cosine: bool,
@@ -325,8 +339,7 @@ def run_head(features: Tensor, weight: Tensor, bias: Tensor | None, target: Tens
     V.check_head(features, weight, bias)
     check_kernel_input("features", features, noise)
     target = V.as_kernel_target(target)
-    _check_head_operator(features, weight, target, fields, noise)
-    args = soft_mean(AdjustedCEArgs.from_fields(features.device, fields), target, features.shape[0])
+    args = soft_mean(_head_args(features, weight, target, fields, noise), target, features.shape[0])
 
     def run():
         x, w = features, weight

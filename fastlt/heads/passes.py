@@ -143,6 +143,18 @@ def cast_grads(x: torch.Tensor, dw, db):
     return dw, db
 
 
+def rows_from(args, r0: int):
+    """``args`` for the row chunk starting at row ``r0`` (its noise rows start ``r0`` further), kept in ``args.memo``
+    so that the chunks of a later step with the same (cached) arguments reuse their launch plans; ``args`` itself
+    for the first chunk."""
+    if r0 == 0:
+        return args
+    a = args.memo.get(("rows from", r0))
+    if a is None:
+        a = args.memo[("rows from", r0)] = dataclasses.replace(args, noise_row_offset=args.noise_row_offset + r0)
+    return a
+
+
 def fused_pass(x, w, b, y, params: HeadParams, *, need_x: bool, need_w: bool, need_b: bool):
     """One pass over the row chunks. With any ``need_*`` (and reduction != 'none'): gradient in forward,
     returning the gradients for grad_output = 1. Returns ``(loss, dx, dw, db, row_stats_chunks, row_coef_chunks)``
@@ -168,7 +180,7 @@ def fused_pass(x, w, b, y, params: HeadParams, *, need_x: bool, need_w: bool, ne
     for k, (r0, r1) in enumerate(chunks):
         xc = x[r0:r1]
         z = chunk_logits(buf, xc, w, b)
-        a = dataclasses.replace(args, noise_row_offset=args.noise_row_offset + r0)
+        a = rows_from(args, r0)
         if whole:
             loss, row_stats, row_coef = launch.loss(z, y, a, grad_out=z if fused else None)
         else:
@@ -204,7 +216,7 @@ def recompute_backward(x, w, b, y, params: HeadParams, stats_chunks, coef_chunks
     for k, (r0, r1) in enumerate(chunks):
         xc = x[r0:r1]
         z = chunk_logits(buf, xc, w, b)
-        a = dataclasses.replace(args, noise_row_offset=args.noise_row_offset + r0)
+        a = rows_from(args, r0)
         launch.grad(z, y[r0:r1], a, stats_chunks[k], coef_chunks[k], go[r0:r1], out=z)
         row_chunk_grads(z, xc, w, dx, dw, db, r0, r1, single=single, first=k == 0)
     dw, db = cast_grads(x, dw, db)
