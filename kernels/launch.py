@@ -581,7 +581,8 @@ def _new_grad_plan(args: AdjustedCEArgs, z, y, out, soft, column_term: bool, ups
 
 
 def chunk_partials(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, part: torch.Tensor, chunk: int, *,
-                   col_base: int, num_classes: int, column_stats: ColumnStats | None = None) -> None:
+                   col_base: int, num_classes: int, column_stats: ColumnStats | None = None,
+                   seed: int | None = None) -> None:
     """Row partials of one class chunk: ``z`` (N, Ck) holds classes ``[col_base, col_base + Ck)`` of
     ``num_classes``; writes (max, sum-exp, a_y, sum w*a) of those classes to ``part[:, :, chunk]``
     (``part``: (:data:`PARTIAL_PLANES`, N, num_chunks) fp32; class probabilities ``y`` (N, Ck), the chunk's
@@ -591,7 +592,7 @@ def chunk_partials(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, part:
     ``column_stats`` (LADE): a :class:`ColumnStats` for N rows and ``num_classes`` columns
     (:func:`new_column_stats`) that receives this chunk's column partials in its columns
     ``[col_base, col_base + Ck)`` and the target logits of the rows whose targets lie there (as :func:`forward`
-    fills them for the whole matrix)."""
+    fills them for the whole matrix). ``seed``: as :func:`forward`."""
     N, Ck = z.shape
     dev = z.device
     has_cols = column_stats is not None
@@ -615,7 +616,7 @@ def chunk_partials(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, part:
         colstats=column_stats or ColumnStats(partials=d, target_logits=d), g_op=Operand(ptr=z, stride_m=0, stride_n=0),
         stored=StoredTiles(maxima=d, count=0), N=N, C=num_classes,
         cols_of=Columns(per_split=Ck, base=col_base, end=col_base + Ck, first_split=chunk, num_splits=part.shape[2]),
-        num_row_blocks=row_blocks, hp=kg.hp, **kg.rng, red=Reduction(out=d, counter=d), soft=soft,
+        num_row_blocks=row_blocks, hp=kg.hp, **_rng(kg, seed), red=Reduction(out=d, counter=d), soft=soft,
         F=_flags(kg.flags, soft, col_base), MEAN=False, SPLIT=True, SINGLE_TILE=Ck <= cfg.block_n, GRAD_IN_FWD=False,
         COLUMN_STATS=has_cols, ALIGN=row_align(z, *([] if soft is None else [y])), BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, PERSISTENT=False, DENOM=DENOM_POINTER, REDUCE=0, RBLOCK=tiles.rblock(cfg.num_warps),

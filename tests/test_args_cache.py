@@ -292,6 +292,35 @@ def test_a_head_reuses_its_arguments_and_its_chunks_launch_plans():
     assert made[0] == made[1] == made[2]  # the same arguments and plans each step
     head.tau = 0.2
     torch.testing.assert_close(head(f, y).cpu().double(), want(), rtol=1e-5, atol=1e-5)
-    cosine = fastlt.CosineGCLHead(4, 11, counts, backend="triton").to(DEVICE)
-    cosine(f, y)
-    assert head_glue._HEAD_ARGS._args is not None and head_glue._HEAD_ARGS._args.cloud is None  # not stored
+
+
+
+def test_a_cosine_gcl_head_keeps_its_arguments_and_draws_a_seed_each_step():
+    """GCL's head without ``seed=`` keeps its arguments too, and passes a seed drawn each step beside them
+    (``HeadParams.seed``, to every launch of the row and class chunks, forward and backward): each step's loss and
+    gradients equal the reference's after the same ``torch.manual_seed``, and differ from step to step."""
+    from fastlt.heads import glue as head_glue
+
+    gen = torch.Generator().manual_seed(6)
+    counts = torch.tensor([50, 20, 9, 6, 4, 3, 2, 1, 1, 1, 1])
+    f = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 11, (5,), generator=gen)
+    for chunks in (dict(chunk_rows=2), dict(chunk_classes=8)):
+        head = fastlt.CosineGCLHead(4, 11, counts, s=8.0, backend="triton", **chunks).to(DEVICE)
+        ref = fastlt.CosineGCLHead(4, 11, counts, s=8.0, backend="torch").double()
+        ref.load_state_dict(head.state_dict())
+        kept, losses = None, []
+        for step in range(3):
+            fk, fr = f.float().to(DEVICE).requires_grad_(), f.clone().requires_grad_()
+            torch.manual_seed(step)
+            loss = head(fk, y.to(DEVICE))
+            loss.backward()
+            torch.manual_seed(step)
+            want = ref(fr, y)
+            want.backward()
+            torch.testing.assert_close(loss.cpu().double(), want.detach(), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(fk.grad.cpu().double(), fr.grad, rtol=1e-3, atol=1e-4)
+            kept = kept or head_glue._HEAD_ARGS._args
+            assert head_glue._HEAD_ARGS._args is kept
+            losses.append(float(loss.detach()))
+        assert len(set(losses)) == 3

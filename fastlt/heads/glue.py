@@ -27,6 +27,7 @@ from .._operator import AdjustedCEArgs, ChunkPlan, LadeArgs, Needs
 from ..kernels import launch
 from ..kernels.row_normalize import normalize_rows as _normalize_rows
 from ..kernels.row_normalize import normalize_rows_backward as _normalize_rows_backward
+from ..noise import draw_seed
 from .lade import lade_pass
 from .passes import HeadParams, fused_pass, recompute_backward
 from .plan import default_chunk_classes, head_chunk_rows, prefer_class_chunks, row_chunks
@@ -310,21 +311,22 @@ def _plan(features: Tensor, weight: Tensor, chunk_rows, chunk_classes, *, lade: 
     return ChunkPlan(rows=max(1, min(rows, max(N, 1))), classes=chunk_classes)
 
 
-def _head_args(features: Tensor, weight: Tensor, target: Tensor, fields: dict, noise=None) -> AdjustedCEArgs:
-    """The operator's arguments, checked on an (N, C) stand-in for the logits (a broadcast scalar, no memory), and
-    kept while the next call passes the same fields (:class:`fastlt._operator.ArgsCache`, as the losses' glue
-    does: the checks, conversions, argument groups and launch plans once), except where a seed is drawn per call
-    (GCL's noise without ``seed=``: the cached arguments would keep theirs) or explicit noise is given."""
+def _head_args(features: Tensor, weight: Tensor, target: Tensor, fields: dict, noise=None):
+    """``(args, seed)``: the operator's arguments, checked on an (N, C) stand-in for the logits (a broadcast scalar,
+    no memory), and kept while the next call passes the same fields (:class:`fastlt._operator.ArgsCache`, as the
+    losses' glue does: the checks, conversions, argument groups and launch plans once; not with explicit noise);
+    ``seed`` GCL's seed drawn for a call whose arguments were kept (they keep the one drawn when they were made),
+    else None: one draw a call either way, as the reference path draws it."""
     proxy = features.new_empty((1, 1)).expand(features.shape[0], weight.shape[0])
-    drawn = fields.get("seed") is None and fields.get("cloud") is not None and fields.get("noise_mul", 0.0) != 0.0
-    use = noise is None and not drawn and not torch.compiler.is_compiling()
+    use = noise is None and not torch.compiler.is_compiling()
     args = _HEAD_ARGS.checked(fields, proxy, target, fields.get("ignore_index", -100),
                               lambda: O.check_operator_args(proxy, target, fields, noise=noise), use=use)
-    if args is None:
-        args = AdjustedCEArgs.from_fields(features.device, fields)
-        if use:
-            _HEAD_ARGS.store(fields, proxy, args)
-    return args
+    if args is not None:
+        return args, (draw_seed() if fields.get("seed") is None and args.has_noise else None)
+    args = AdjustedCEArgs.from_fields(features.device, fields)
+    if use:
+        _HEAD_ARGS.store(fields, proxy, args)
+    return args, None
 
 
 _HEAD_ARGS = O.ArgsCache()
@@ -339,7 +341,8 @@ def run_head(features: Tensor, weight: Tensor, bias: Tensor | None, target: Tens
     V.check_head(features, weight, bias)
     check_kernel_input("features", features, noise)
     target = V.as_kernel_target(target)
-    args = soft_mean(_head_args(features, weight, target, fields, noise), target, features.shape[0])
+    args, seed = _head_args(features, weight, target, fields, noise)
+    args = soft_mean(args, target, features.shape[0])
 
     def run():
         x, w = features, weight
@@ -350,7 +353,7 @@ def run_head(features: Tensor, weight: Tensor, bias: Tensor | None, target: Tens
         else:
             x = x if x.stride(-1) == 1 else x.contiguous()
             w = w if w.stride(-1) == 1 else w.contiguous()
-        params = HeadParams(args, _plan(x, w, chunk_rows, chunk_classes, lade=False))
+        params = HeadParams(args, _plan(x, w, chunk_rows, chunk_classes, lade=False), seed=seed)
         if torch.compiler.is_compiling():  # an opaque op with registered autograd
             return linear_head_forward_op(x, w, bias, target, *O.flatten(args, params.plan, _wanted(x, w, bias)))[0]
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, bias)):

@@ -26,11 +26,13 @@ __all__ = ["HeadParams", "fused_pass", "recompute_backward", "class_pass", "clas
 @dataclass(frozen=True)
 class HeadParams:
     """Everything but the tensor inputs of a fused head, passed as one object through autograd: the operator's
-    arguments, the chunk plan and, for the LADE head, LADE's own arguments."""
+    arguments, the chunk plan, for the LADE head LADE's own arguments, and GCL's seed of the step where ``args`` were
+    kept from an earlier one."""
 
     args: AdjustedCEArgs
     plan: ChunkPlan
     lade: LadeArgs | None = None
+    seed: int | None = None  # a seed drawn for this step in place of args' (arguments kept from an earlier step)
 
 
 @functools.cache
@@ -182,10 +184,10 @@ def fused_pass(x, w, b, y, params: HeadParams, *, need_x: bool, need_w: bool, ne
         z = chunk_logits(buf, xc, w, b)
         a = rows_from(args, r0)
         if whole:
-            loss, row_stats, row_coef = launch.loss(z, y, a, grad_out=z if fused else None)
+            loss, row_stats, row_coef = launch.loss(z, y, a, grad_out=z if fused else None, seed=params.seed)
         else:
             rows, row_stats, row_coef, _ = launch.forward(z, y[r0:r1], a, grad_out=z if fused else None,
-                                                          inv_denominator=inv)
+                                                          inv_denominator=inv, seed=params.seed)
             row_losses.append(rows)
         if keep_stats:
             stats_chunks.append(row_stats)
@@ -217,7 +219,7 @@ def recompute_backward(x, w, b, y, params: HeadParams, stats_chunks, coef_chunks
         xc = x[r0:r1]
         z = chunk_logits(buf, xc, w, b)
         a = rows_from(args, r0)
-        launch.grad(z, y[r0:r1], a, stats_chunks[k], coef_chunks[k], go[r0:r1], out=z)
+        launch.grad(z, y[r0:r1], a, stats_chunks[k], coef_chunks[k], go[r0:r1], out=z, seed=params.seed)
         row_chunk_grads(z, xc, w, dx, dw, db, r0, r1, single=single, first=k == 0)
     dw, db = cast_grads(x, dw, db)
     return dx, dw, db
@@ -262,7 +264,7 @@ def class_row_stats(x, w, b, y, params: HeadParams, *, column_stats=None, out=No
     for k, (c0, c1) in enumerate(chunks):
         z = class_logits(flat, x, w, b, c0, c1)
         launch.chunk_partials(z, target_columns(y, c0, c1), args, part, k, col_base=c0, num_classes=C,
-                              column_stats=column_stats)
+                              column_stats=column_stats, seed=params.seed)
     loss_rows, row_stats, row_coef = launch.combine_partials(part, y, args, C, scale_mean=scale_mean, out=out)
     return loss_rows, row_stats, row_coef, flat
 
@@ -314,7 +316,7 @@ def class_grads(x, w, b, y, params: HeadParams, row_stats, row_coef, grad_output
         else:
             z = class_logits(flat, x, w, b, c0, c1)
         launch.grad(z, target_columns(y, c0, c1), args, row_stats, row_coef, grad_output, column_term=column_term,
-                    out=z, col_base=c0, num_classes=C)
+                    out=z, col_base=c0, num_classes=C, seed=params.seed)
         if dx is not None:
             if single:
                 torch.mm(z, w[c0:c1], out=dx)
