@@ -39,6 +39,18 @@ def _losses(gen):
     }
 
 
+def _assert_same_as_contiguous(run, inputs, y, y_dense):
+    """``run(inputs', target)`` with the strided ``y`` and with ``y_dense``: the same loss and input gradient."""
+    got = []
+    for target in (y, y_dense):
+        x = inputs.clone().requires_grad_()
+        out = run(x, target)
+        out.backward()
+        got.append((out.detach(), x.grad))
+    torch.testing.assert_close(got[0][0], got[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(got[0][1], got[1][1], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", ["functional la", "functional gcl", "functional lade", "LogitAdjustedLoss",
                                   "LDAMLoss", "GCLLoss seeded", "LADELoss"])
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
@@ -47,14 +59,7 @@ def test_losses_read_strided_targets_as_their_rows(name, dtype):
     loss = _losses(gen)[name]
     y, y_dense = _strided_targets(gen, dtype)
     z = torch.randn(N, C, generator=gen).to(DEVICE)
-    grads = []
-    for target in (y, y_dense):
-        zk = z.clone().requires_grad_()
-        out = loss(zk, target)
-        out.backward()
-        grads.append((out.detach(), zk.grad))
-    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
-    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=0, atol=0)
+    _assert_same_as_contiguous(loss, z, y, y_dense)
     ref = fastlt.LogitAdjustedLoss(torch.ones(C), tau=0.0, backend="torch")  # plain CE: the rows' targets matter
     zc = z.cpu().double()
     assert not torch.allclose(ref(zc, y_dense.cpu()), ref(zc, y_dense.cpu().roll(1)))
@@ -78,11 +83,4 @@ def test_heads_read_strided_targets_as_their_rows(head):
     else:
         def run(x, target):
             return H.lade_linear_loss(x, w, target, prior(counts).to(DEVICE), backend="triton", chunk_rows=4)
-    got = []
-    for target in (y, y_dense):
-        x = f.clone().requires_grad_()
-        out = run(x, target)
-        out.backward()
-        got.append((out.detach(), x.grad))
-    torch.testing.assert_close(got[0][0], got[1][0], rtol=0, atol=0)
-    torch.testing.assert_close(got[0][1], got[1][1], rtol=0, atol=0)
+    _assert_same_as_contiguous(run, f, y, y_dense)
