@@ -290,7 +290,10 @@ def adjusted_cross_entropy_triton(logits: Tensor, target: Tensor, fields: dict, 
     if args is not None and fields.get("seed", 0) is None and args.has_noise:
         seed = draw_seed()  # as the reference path draws it (never while compiling: no cached args there)
     check_kernel_input("logits", logits, noise)
-    if grad_in_forward and logits.requires_grad and logits.is_leaf:
+    # no gradient wanted (torch.no_grad, inference_mode, logits that do not require grad: a validation loop with the
+    # training criterion): nothing to write, and the caller's logits keep their values
+    grad_in_forward = grad_in_forward and logits.requires_grad and torch.is_grad_enabled()
+    if grad_in_forward and logits.is_leaf:
         raise ValueError("grad_in_forward=True overwrites the logits with their gradient; it cannot be a "
                          "leaf tensor that requires grad (pass the output of a layer)")
     if grad_in_forward and any(st == 0 and n > 1 for st, n in zip(logits.stride(), logits.shape, strict=True)):

@@ -75,3 +75,25 @@ def test_grad_in_forward_refuses_broadcast_logits():
     torch.nn.functional.cross_entropy(z + torch.log(fastlt.priors.prior(torch.arange(1, C + 1))).to(DEVICE),
                                       y).backward()
     torch.testing.assert_close(got, lin.weight.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "detached"])
+def test_grad_in_forward_leaves_the_logits_alone_when_no_gradient_is_wanted(mode):
+    """A validation loop with the training criterion (``grad_in_forward=True``) under ``torch.no_grad()``,
+    ``torch.inference_mode()`` or on detached logits: the logits keep their values (the accuracy computed from them
+    afterwards is right; they were overwritten with the gradient) and the loss is the same."""
+    gen = torch.Generator().manual_seed(3)
+    lin = torch.nn.Linear(3, C).to(DEVICE)
+    x = torch.randn(N, 3, generator=gen).to(DEVICE)
+    y = torch.randint(0, C, (N,), generator=gen).to(DEVICE)
+    counts = torch.arange(1, C + 1)
+    fused = fastlt.GCLLoss(counts, s=8.0, grad_in_forward=True, backend="triton").to(DEVICE)
+    plain = fastlt.GCLLoss(counts, s=8.0, backend="triton").to(DEVICE)
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(mode, torch.enable_grad)
+    with context():
+        z = lin(x)
+        z = z.detach() if mode == "detached" else z
+        before = z.clone()
+        loss = fused(z, y, seed=4)
+        assert torch.equal(z, before)
+        torch.testing.assert_close(loss, plain(z, y, seed=4), rtol=0, atol=0)
