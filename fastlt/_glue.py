@@ -28,7 +28,6 @@ from ._validation import as_kernel_target
 from .kernels import lade as lade_kernels
 from .kernels import launch
 from .kernels.adjusted_ce import ColumnTerm
-from .noise import draw_seed
 from .reference import LaderStatistics
 
 __all__ = ["AdjustedCEFunction", "LADEFunction", "adjusted_cross_entropy_triton", "lade_loss_triton",
@@ -283,12 +282,10 @@ def adjusted_cross_entropy_triton(logits: Tensor, target: Tensor, fields: dict, 
     target = as_kernel_target(target)
     compiling = torch.compiler.is_compiling()
     cache = _LAST_ARGS if cache is None else cache
-    args = cache.checked(fields, logits, target, fields.get("ignore_index", -100),
-                              lambda: O.check_operator_args(logits, target, fields, noise=noise),
-                              use=not compiling and noise is None)
-    seed = None  # a drawn seed for a call whose arguments are cached (they keep the one drawn when they were made)
-    if args is not None and fields.get("seed", 0) is None and args.has_noise:
-        seed = draw_seed()  # as the reference path draws it (never while compiling: no cached args there)
+    # (while compiling nothing is cached, and the noise's seed is an op of the graph: AdjustedCEArgs.from_fields)
+    args, seed = cache.operator_args(fields, logits, target,
+                                     lambda: O.check_operator_args(logits, target, fields, noise=noise),
+                                     use=not compiling and noise is None)
     check_kernel_input("logits", logits, noise)
     # no gradient wanted (torch.no_grad, inference_mode, logits that do not require grad: a validation loop with the
     # training criterion): nothing to write, and the caller's logits keep their values
@@ -300,10 +297,6 @@ def adjusted_cross_entropy_triton(logits: Tensor, target: Tensor, fields: dict, 
         raise ValueError(f"grad_in_forward=True overwrites the logits with their gradient, so their elements must "
                          f"not share memory; these are broadcast (an expand: shape {tuple(logits.shape)}, strides "
                          f"{logits.stride()}). Pass them made contiguous, or grad_in_forward=False")
-    if args is None:
-        args = AdjustedCEArgs.from_fields(logits.device, fields)
-        if not compiling:
-            cache.store(fields, logits, args)
     args = soft_mean(args, target, logits.shape[0])
     if compiling:  # an opaque op with registered autograd (recompute backward)
         loss = adjusted_ce_forward_op(logits, target, *O.flatten(args))[0].to(logits.dtype)
@@ -315,8 +308,8 @@ def adjusted_cross_entropy_triton(logits: Tensor, target: Tensor, fields: dict, 
 def lade_loss_triton(logits: Tensor, target: Tensor, prior: Tensor, alpha: float = 0.1, remine_lambda: float = 0.1, *,
                      weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
                      label_smoothing: float = 0.0) -> Tensor:
-    """LADE on the kernels (arguments as :func:`fastlt.functional.lade_loss`); a module's steps reuse the last call's
-    arguments (``_LAST_LADE``, as :func:`adjusted_cross_entropy_triton`)."""
+    """LADE on the kernels (arguments as :func:`fastlt.functional.lade_loss`); a call with the same arguments as the
+    last one reuses its checked and converted arguments (``_LAST_LADE``, as :func:`adjusted_cross_entropy_triton`)."""
     return lade_fields_triton(logits, target, dict(prior=prior, alpha=alpha, remine_lambda=remine_lambda, weight=weight,
                                                    ignore_index=ignore_index, reduction=reduction,
                                                    label_smoothing=label_smoothing))

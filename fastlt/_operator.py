@@ -354,6 +354,19 @@ class ArgsCache:
             check_rows(logits, target, ignore_index)
         return value
 
+    def operator_args(self, fields: dict, logits: Tensor, target, check, *, use: bool = True):
+        """``(args, seed)``: the :class:`AdjustedCEArgs` of ``fields`` for ``logits`` (N, C) (or a broadcast
+        stand-in), the cached ones (:meth:`checked`) or made and stored (``use=False``: made, not stored); ``seed``
+        GCL's seed drawn for a call whose arguments were kept (they keep the one drawn when they were made), else
+        None: one draw a call either way, as the reference path draws it. The losses' and the heads' glue."""
+        args = self.checked(fields, logits, target, fields.get("ignore_index", -100), check, use=use)
+        if args is not None:
+            return args, (draw_seed() if fields.get("seed", 0) is None and args.has_noise else None)
+        args = AdjustedCEArgs.from_fields(logits.device, fields)
+        if use:
+            self.store(fields, logits, args)
+        return args, None
+
 
 def _fresh_seed(device) -> int | Tensor:
     if torch.compiler.is_compiling():

@@ -27,7 +27,6 @@ from .._operator import AdjustedCEArgs, ChunkPlan, LadeArgs, Needs
 from ..kernels import launch
 from ..kernels.row_normalize import normalize_rows as _normalize_rows
 from ..kernels.row_normalize import normalize_rows_backward as _normalize_rows_backward
-from ..noise import draw_seed
 from .lade import lade_pass
 from .passes import HeadParams, fused_pass, recompute_backward
 from .plan import default_chunk_classes, head_chunk_rows, prefer_class_chunks, row_chunks
@@ -312,21 +311,13 @@ def _plan(features: Tensor, weight: Tensor, chunk_rows, chunk_classes, *, lade: 
 
 
 def _head_args(features: Tensor, weight: Tensor, target: Tensor, fields: dict, noise=None):
-    """``(args, seed)``: the operator's arguments, checked on an (N, C) stand-in for the logits (a broadcast scalar,
-    no memory), and kept while the next call passes the same fields (:class:`fastlt._operator.ArgsCache`, as the
-    losses' glue does: the checks, conversions, argument groups and launch plans once; not with explicit noise);
-    ``seed`` GCL's seed drawn for a call whose arguments were kept (they keep the one drawn when they were made),
-    else None: one draw a call either way, as the reference path draws it."""
+    """``(args, seed)`` of :meth:`fastlt._operator.ArgsCache.operator_args`, checked on an (N, C) stand-in for the
+    logits (a broadcast scalar, no memory) and kept while the next call passes the same fields (not with explicit
+    noise, nor while compiling)."""
     proxy = features.new_empty((1, 1)).expand(features.shape[0], weight.shape[0])
-    use = noise is None and not torch.compiler.is_compiling()
-    args = _HEAD_ARGS.checked(fields, proxy, target, fields.get("ignore_index", -100),
-                              lambda: O.check_operator_args(proxy, target, fields, noise=noise), use=use)
-    if args is not None:
-        return args, (draw_seed() if fields.get("seed") is None and args.has_noise else None)
-    args = AdjustedCEArgs.from_fields(features.device, fields)
-    if use:
-        _HEAD_ARGS.store(fields, proxy, args)
-    return args, None
+    return _HEAD_ARGS.operator_args(fields, proxy, target, lambda: O.check_operator_args(proxy, target, fields,
+                                                                                         noise=noise),
+                                    use=noise is None and not torch.compiler.is_compiling())
 
 
 _HEAD_ARGS = O.ArgsCache()
