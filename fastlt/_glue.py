@@ -223,12 +223,17 @@ class AdjustedCEFunction(torch.autograd.Function):
     def forward(ctx, logits, target, args: AdjustedCEArgs, grad_in_forward: bool, seed: int | None):
         loss, row_stats, row_coef = _forward(logits, target, args, logits if grad_in_forward else None,
                                              out_dtype=logits.dtype, seed=seed)
-        if grad_in_forward and logits._base is None:
-            # the logits now hold the gradient: an op that saved them for its backward (the output of relu, exp, ...)
-            # must raise autograd's in-place error, not read it. Not for a view: autograd forbids in-place writes
-            # to a view a custom Function returned, and bumping its version would raise for that too
+        if grad_in_forward:
+            # the logits now hold the gradient: an op that saved them (or the tensor they view) for its backward (the
+            # output of relu, exp, ...; `torch.relu(h).view(-1, C)`) must raise autograd's in-place error, not read
+            # the gradient. They are kept as a detached alias, not saved: unpacking a saved view whose version moved
+            # makes autograd rebuild its history, which it refuses for views of multi-output ops (split, chunk,
+            # unbind) and of custom Functions, where nothing needs it
             _increment_version(logits)
-        ctx.save_for_backward(logits, target, row_stats, row_coef)
+            ctx.gradient = logits.detach()
+            ctx.save_for_backward()
+        else:
+            ctx.save_for_backward(logits, target, row_stats, row_coef)
         ctx.args = args
         ctx.seed = seed
         ctx.grad_in_forward = grad_in_forward
@@ -238,14 +243,15 @@ class AdjustedCEFunction(torch.autograd.Function):
     @staticmethod
     @first_order
     def backward(ctx, grad_loss):
-        logits, target, row_stats, row_coef = ctx.saved_tensors
         if ctx.grad_in_forward:
             if ctx.used:
                 raise RuntimeError("grad_in_forward=True left the gradient in the logits and the first backward "
                                    "has scaled it in place; the graph cannot be backpropagated twice "
                                    "(retain_graph=True): use grad_in_forward=False for that")
             ctx.used = True
-            return launch.scale_by(logits, grad_loss.contiguous()), None, None, None, None
+            gradient, ctx.gradient = ctx.gradient, None  # released with this backward, as saved tensors are
+            return launch.scale_by(gradient, grad_loss.contiguous()), None, None, None, None
+        logits, target, row_stats, row_coef = ctx.saved_tensors
         grad = _backward(grad_loss, logits, target, ctx.args, row_stats, row_coef, seed=ctx.seed)
         return grad, None, None, None, None
 

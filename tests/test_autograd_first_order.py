@@ -88,3 +88,63 @@ def test_grad_in_forward_over_a_saved_output_raises(op):
     lin.weight.grad = None
     LF.adjusted_cross_entropy(lin(x), y, backend="triton").backward()
     torch.testing.assert_close(fused, lin.weight.grad, rtol=1e-5, atol=1e-6)
+
+
+class _ViewOut(torch.autograd.Function):
+    """Returns a view of its input (autograd marks such views: no in-place history may be rebuilt for them)."""
+
+    @staticmethod
+    def forward(ctx, a):
+        return a.view_as(a)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+_SAVED_OUTPUT_VIEWS = {  # a view of an output its op's backward reads: the gradient written over it must raise
+    "relu, view": lambda out: torch.relu(out).view(-1, 9),
+    "exp, reshape": lambda out: torch.exp(out).reshape(-1, 9),
+    "tanh, flatten": lambda out: torch.tanh(out).flatten(0, 1),
+    "sigmoid, slice": lambda out: torch.sigmoid(out.view(-1, 9))[:, :],
+}
+_PLAIN_VIEWS = {  # views of a linear layer's output (nothing saved it): the fused gradient must equal the recompute one
+    "view": lambda out: out.view(-1, 9),
+    "split": lambda out: out.view(-1, 9).split(4, dim=0)[0],
+    "chunk": lambda out: torch.cat([out, out], -1).view(-1, 18).chunk(2, dim=1)[1],
+    "unbind": lambda out: out.unbind(1)[0],
+    "custom Function's view": lambda out: _ViewOut.apply(out.view(-1, 9))[:, :],
+}
+
+
+@pytest.mark.parametrize("name", list(_SAVED_OUTPUT_VIEWS))
+def test_grad_in_forward_over_a_view_of_a_saved_output_raises(name):
+    """As above when the logits are a view of that output (the usual ``logits.view(-1, C)`` of a (B, T, C) output):
+    the view shares its base's version counter, so the write reaches relu's saved output too (before, only logits
+    that were not views were marked, and these gave a wrong gradient silently)."""
+    gen = torch.Generator().manual_seed(6)
+    h = torch.randn(2, 3, 9, generator=gen).to(DEVICE).requires_grad_()
+    y = torch.randint(0, 9, (6,), generator=gen).to(DEVICE)
+    loss = LF.adjusted_cross_entropy(_SAVED_OUTPUT_VIEWS[name](h), y, backend="triton", grad_in_forward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("name", list(_PLAIN_VIEWS))
+def test_grad_in_forward_over_views_of_a_linear_output(name):
+    """Views of multi-output ops (split, chunk, unbind) and of a custom Function's output take the gradient in the
+    forward as any other logits: autograd refuses to rebuild their history after an in-place write, so the
+    Function must not save them (it keeps a detached alias)."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, 4, generator=gen).to(DEVICE)
+    lin = torch.nn.Linear(4, 9).to(DEVICE)
+    rows = _PLAIN_VIEWS[name](lin(x)).shape[0]
+    y = torch.randint(0, 9, (rows,), generator=gen).to(DEVICE)
+    grads = []
+    for grad_in_forward in (True, False):
+        lin.zero_grad()
+        logits = _PLAIN_VIEWS[name](lin(x))
+        (3.0 * LF.adjusted_cross_entropy(logits, y, backend="triton", grad_in_forward=grad_in_forward)).backward()
+        grads.append((lin.weight.grad.clone(), lin.bias.grad.clone()))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+    assert grads[1][0].abs().sum() > 0
