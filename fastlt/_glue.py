@@ -275,6 +275,18 @@ class LADEFunction(torch.autograd.Function):
         return _backward(grad_loss, logits, target, ctx.args, row_stats, row_coef, term), None, None, None
 
 
+def _elements_overlap(t: Tensor) -> bool:
+    """Whether two elements of ``t`` may share memory, by its strides: taken from the smallest, each stride must pass
+    the farthest offset the smaller ones reach (a stride 0, an expand; windows of an unfold). May answer True for
+    an exotic interleaving that does not overlap; never False for one that does."""
+    reach = 0
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape, strict=True) if n > 1):
+        if stride <= reach:
+            return True
+        reach += stride * (size - 1)
+    return False
+
+
 # --- entry points of fastlt.functional ----------------------------------------------------------------------------
 
 _LAST_ARGS = O.ArgsCache()  # the functional calls' (a module keeps its own): the same fields built and checked once
@@ -299,10 +311,11 @@ def adjusted_cross_entropy_triton(logits: Tensor, target: Tensor, fields: dict, 
     if grad_in_forward and logits.is_leaf:
         raise ValueError("grad_in_forward=True overwrites the logits with their gradient; it cannot be a "
                          "leaf tensor that requires grad (pass the output of a layer)")
-    if grad_in_forward and any(st == 0 and n > 1 for st, n in zip(logits.stride(), logits.shape, strict=True)):
+    if grad_in_forward and _elements_overlap(logits):
         raise ValueError(f"grad_in_forward=True overwrites the logits with their gradient, so their elements must "
-                         f"not share memory; these are broadcast (an expand: shape {tuple(logits.shape)}, strides "
-                         f"{logits.stride()}). Pass them made contiguous, or grad_in_forward=False")
+                         f"not share memory; these do (broadcast by an expand, or overlapping as an unfold's "
+                         f"windows: shape {tuple(logits.shape)}, strides {logits.stride()}). Pass them made "
+                         f"contiguous, or grad_in_forward=False")
     args = soft_mean(args, target, logits.shape[0])
     if compiling:  # an opaque op with registered autograd (recompute backward)
         loss = adjusted_ce_forward_op(logits, target, *O.flatten(args))[0].to(logits.dtype)
@@ -361,6 +374,7 @@ def lade_statistics_triton(logits: Tensor, target: Tensor, prior: Tensor, *, wei
     O.check_operator_args(logits, target, dict(weight=weight, ignore_index=ignore_index, reduction="sum",
                                                label_smoothing=label_smoothing))
     check_kernel_input("logits", logits)
+    O.refuse_requiring_grad(dict(prior=prior, weight=weight))
     args, _ = lade_operator_args(prior, 0.0, 0.0, weight=weight, label_smoothing=label_smoothing,
                                  ignore_index=ignore_index, reduction="sum")
     row_sum, col_lse, target_sum, count, _, _ = lade_statistics_op(logits, target, *O.flatten(args))

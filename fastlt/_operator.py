@@ -340,6 +340,8 @@ class ArgsCache:
         return self._args
 
     def store(self, fields: dict, logits: Tensor, args: AdjustedCEArgs) -> None:
+        if _requiring_grad(fields) is not None:  # allowed without grad mode only: checked again by every call
+            return
         self._key, self._objects, self._args = self._key_of(fields, logits), tuple(fields.values()), args
         self._fields = fields if self._key is not None else None
 
@@ -350,6 +352,7 @@ class ArgsCache:
         value = self.lookup(fields, logits) if use else None
         if value is None:
             check()
+            refuse_requiring_grad(fields)
         else:
             check_rows(logits, target, ignore_index)
         return value
@@ -366,6 +369,23 @@ class ArgsCache:
         if use:
             self.store(fields, logits, args)
         return args, None
+
+
+def _requiring_grad(fields: dict) -> str | None:
+    """The name of the first tensor among ``fields`` that requires grad, or None."""
+    return next((name for name, v in fields.items() if isinstance(v, Tensor) and v.requires_grad), None)
+
+
+def refuse_requiring_grad(fields: dict, names: dict | None = None) -> None:
+    """ValueError when, with grad mode on, a tensor among the kernels' parameters ``fields`` requires grad (a
+    learnable prior, margin or weight): the kernels take them as constants and would leave it without a gradient,
+    where the reference path's PyTorch ops give it one. ``names``: the caller's name of a field, where it differs
+    (the heads' class weights are ``weight_classes``)."""
+    name = _requiring_grad(fields)
+    if name is not None and torch.is_grad_enabled():
+        name = name if names is None else names.get(name, name)
+        raise ValueError(f"{name} requires grad, but the Triton kernels take it as a constant and give it no "
+                         f"gradient; detach it, or use backend='torch' (PyTorch ops, which differentiate it)")
 
 
 def _fresh_seed(device) -> int | Tensor:

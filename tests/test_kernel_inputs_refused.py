@@ -1,7 +1,8 @@
 """Inputs the Triton paths cannot honour are refused with a ValueError naming them, where they used to give a
 silently wrong result: class-probability targets that require grad (the kernels do not differentiate the targets;
-the reference path does) and broadcast logits with grad_in_forward (the gradient of several rows written over one
-row's memory)."""
+the reference path does), broadcast or overlapping logits with grad_in_forward (the gradient of several rows
+written over one row's memory), and learnable (C,) class tensors (a prior, margins, class weights: the kernels take
+them as constants)."""
 
 import pytest
 import torch
@@ -77,6 +78,45 @@ def test_grad_in_forward_refuses_broadcast_logits():
     torch.testing.assert_close(got, lin.weight.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_grad_in_forward_refuses_overlapping_logits():
+    """An unfold's windows (strides (1, 1)): rows share elements as a broadcast's do, and the gradient written
+    over them was wrong silently (0.75 off in the weight gradient)."""
+    gen = torch.Generator().manual_seed(4)
+    lin = torch.nn.Linear(3, N + C - 1).to(DEVICE)
+    x = torch.randn(1, 3, generator=gen).to(DEVICE)
+    y = torch.randint(0, C, (N,), generator=gen).to(DEVICE)
+    with pytest.raises(ValueError, match="grad_in_forward.*share memory.*unfold"):
+        LF.adjusted_cross_entropy(lin(x)[0].unfold(0, C, 1), y, backend="triton", grad_in_forward=True)
+
+
+def _offsets_repeat(t) -> bool:
+    index = torch.zeros((), dtype=torch.long)
+    for dim, (size, stride) in enumerate(zip(t.shape, t.stride(), strict=True)):
+        shape = [1] * t.dim()
+        shape[dim] = size
+        index = index + (torch.arange(size) * stride).view(shape)
+    return index.numel() != index.unique().numel()
+
+
+def test_overlap_check_against_every_offset():
+    """``_elements_overlap`` never misses an overlap (brute force over random strides) and passes every layout made
+    by permuting and slicing a tensor (which cannot overlap)."""
+    from fastlt._glue import _elements_overlap
+
+    rng = torch.Generator().manual_seed(5)
+    for _ in range(300):
+        shape = torch.randint(1, 5, (3,), generator=rng).tolist()
+        strides = torch.randint(0, 13, (3,), generator=rng).tolist()
+        t = torch.empty(200).as_strided(shape, strides)
+        if _offsets_repeat(t):
+            assert _elements_overlap(t), (shape, strides)
+    base = torch.empty(4, 6, 5)
+    for view in (base, base.transpose(0, 2), base[:, ::2], base.permute(2, 0, 1)[1:, :, ::3], base[..., 0],
+                 base.contiguous(memory_format=torch.contiguous_format)[None].expand(1, 4, 6, 5),
+                 torch.empty(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)):
+        assert not _elements_overlap(view), (tuple(view.shape), view.stride())
+
+
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "detached"])
 def test_grad_in_forward_leaves_the_logits_alone_when_no_gradient_is_wanted(mode):
     """A validation loop with the training criterion (``grad_in_forward=True``) under ``torch.no_grad()``,
@@ -97,3 +137,53 @@ def test_grad_in_forward_leaves_the_logits_alone_when_no_gradient_is_wanted(mode
         loss = fused(z, y, seed=4)
         assert torch.equal(z, before)
         torch.testing.assert_close(loss, plain(z, y, seed=4), rtol=0, atol=0)
+
+
+def _class_tensor_calls(gen):
+    """Calls on the kernels passing one learnable (C,) tensor ``v`` (positive): (name the error gives, call)."""
+    w = torch.randn(C, D, generator=gen).to(DEVICE)
+    y = torch.randint(0, C, (N,), generator=gen).to(DEVICE)
+    return {
+        "log_prior": ("log_prior", lambda z, f, v: LF.adjusted_cross_entropy(z, y, log_prior=v.log(),
+                                                                             backend="triton")),
+        "class weights": ("weight", lambda z, f, v: LF.adjusted_cross_entropy(z, y, weight=v, backend="triton")),
+        "LDAM margins": ("margin", lambda z, f, v: LF.ldam_cross_entropy(z, y, v, s=4.0, backend="triton")),
+        "GCL cloud": ("cloud", lambda z, f, v: LF.gcl_cross_entropy(torch.tanh(z), y, v, seed=1, backend="triton")),
+        "LADE prior": ("prior", lambda z, f, v: LF.lade_loss(z, y, v / v.sum(), backend="triton")),
+        "head log_prior": ("log_prior", lambda z, f, v: H.linear_cross_entropy(f, w, y, log_prior=v.log(),
+                                                                               backend="triton")),
+        "head class weights": ("weight_classes", lambda z, f, v: H.linear_cross_entropy(f, w, y, weight_classes=v,
+                                                                                       backend="triton")),
+        "LADE head prior": ("prior", lambda z, f, v: H.lade_linear_loss(f, w, y, v / v.sum(), backend="triton")),
+    }
+
+
+@pytest.mark.parametrize("case", list(_class_tensor_calls(torch.Generator())))
+def test_class_tensors_that_require_grad_are_refused_by_the_kernels(case):
+    """A learnable prior, margin, cloud or class weight: the kernels take the (C,) tensors as constants, so it got
+    no gradient, silently, where backend='torch' gives one. Refused (with grad mode on); detached it runs, and under
+    torch.no_grad it runs too and is not cached, so the next call with grad mode on is refused again."""
+    gen = torch.Generator().manual_seed(2)
+    name, call = _class_tensor_calls(gen)[case]
+    z = torch.randn(N, C, generator=gen).to(DEVICE).requires_grad_()
+    f = torch.randn(N, D, generator=gen).to(DEVICE).requires_grad_()
+    v = (torch.rand(C, generator=gen) + 0.5).to(DEVICE).requires_grad_()
+    with pytest.raises(ValueError, match=f"^{name} requires grad.*backend='torch'"):
+        call(z, f, v)
+    detached = call(z, f, v.detach())
+    with torch.no_grad():
+        torch.testing.assert_close(call(z, f, v), detached)
+    with pytest.raises(ValueError, match=f"^{name} requires grad"):
+        call(z, f, v)
+
+
+def test_the_reference_differentiates_class_tensors():
+    """What the kernels refuse to drop: the reference path's gradient for a learnable log prior."""
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(N, C, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, C, (N,), generator=gen)
+    b = torch.randn(C, generator=gen, dtype=torch.float64).requires_grad_()
+    LF.adjusted_cross_entropy(z, y, log_prior=b, backend="torch").backward()
+    b2 = b.detach().clone().requires_grad_()
+    torch.nn.functional.cross_entropy(z + b2, y).backward()
+    torch.testing.assert_close(b.grad, b2.grad)

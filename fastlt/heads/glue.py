@@ -315,9 +315,16 @@ def _head_args(features: Tensor, weight: Tensor, target: Tensor, fields: dict, n
     logits (a broadcast scalar, no memory) and kept while the next call passes the same fields (not with explicit
     noise, nor while compiling)."""
     proxy = features.new_empty((1, 1)).expand(features.shape[0], weight.shape[0])
-    return _HEAD_ARGS.operator_args(fields, proxy, target, lambda: O.check_operator_args(proxy, target, fields,
-                                                                                         noise=noise),
+
+    def check():
+        O.check_operator_args(proxy, target, fields, noise=noise)
+        O.refuse_requiring_grad(fields, _HEAD_NAMES)
+
+    return _HEAD_ARGS.operator_args(fields, proxy, target, check,
                                     use=noise is None and not torch.compiler.is_compiling())
+
+
+_HEAD_NAMES = {"weight": "weight_classes"}  # the operator's class weights, as the heads' arguments name them
 
 
 _HEAD_ARGS = O.ArgsCache()
@@ -366,6 +373,7 @@ def run_lade_head(features: Tensor, weight: Tensor, bias: Tensor | None, target:
     O.check_lade_args(proxy, target, prior, alpha, remine_lambda, reduction)
     O.check_operator_args(proxy, target, dict(weight=weight_classes, ignore_index=ignore_index, reduction=reduction,
                                               label_smoothing=label_smoothing))
+    O.refuse_requiring_grad(dict(prior=prior, weight=weight_classes), _HEAD_NAMES)
     args, lade = lade_operator_args(prior, alpha, remine_lambda, weight=weight_classes,
                                     label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction)
     args = soft_mean(args, target, features.shape[0])
