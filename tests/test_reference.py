@@ -191,6 +191,27 @@ def test_ldam_weighted_matches_official_formula():
     assert_close(got, exp, rtol=1e-12, atol=1e-12)
 
 
+def test_margin_subtracted_at_the_target_only_and_exactly():
+    """``a_ij - m_i [j = y_i]`` with one rounding, ignored rows untouched, in float32 and float64 (the reference
+    subtracts it by a scatter, not by an (N, C) one-hot product); a margin beyond the dtype's range gives the
+    target -inf, so an infinite loss and no NaN (the one-hot's ``inf * 0`` gave NaN in every class)."""
+    for dtype in (torch.float32, F64):
+        z = torch.randn(6, 5, generator=gen(10), dtype=dtype)
+        y = torch.tensor([0, 4, -100, 2, 2, 1])
+        m = torch.rand(5, generator=gen(11), dtype=dtype)
+        a = R.adjusted_logits(z, y, margin=m)
+        expected = z.clone()
+        for i, t in enumerate(y.tolist()):
+            if t != -100:
+                expected[i, t] = z[i, t] - m[t]
+        assert torch.equal(a, expected)
+    z32 = torch.randn(6, 5, generator=gen(12))
+    a = R.adjusted_logits(z32, y, margin=1e300)  # beyond float32: inf
+    assert not a.isnan().any() and (a == -math.inf).sum() == 5
+    loss = R.adjusted_cross_entropy(z32, y, margin=1e300, reduction="none")
+    assert loss[2] == 0 and (loss[y != -100] == math.inf).all()
+
+
 # ----------------------------------------------------------------------------------------------
 # GCL
 # ----------------------------------------------------------------------------------------------
