@@ -6,8 +6,8 @@ backward on CPU tensors, its ratio to ``F.cross_entropy`` forward + backward on 
 run (PyTorch's own loss: the goal is 2x), and a bare autograd Function doing nothing (PyTorch's floor for any custom
 Function on this machine). The
 CPU-only target range check is skipped, as it is for CUDA tensors. Triton's own launcher (argument binding, ~20 us
-per launch of the row kernel with triton 3.9) is not included: the stubs replace it. Launch counts:
-``tests/test_launch_counts.py``.
+per launch of the row kernel with triton 3.9) is not included: the stubs replace it. Then the fused heads' steps
+(their matmuls on the CPU), alone and two in one step. Launch counts: ``tests/test_launch_counts.py``.
 """
 
 from __future__ import annotations
@@ -84,6 +84,29 @@ def main(N: int = 64, C: int = 512) -> None:
     print(f"  {'F.cross_entropy (2 x 8)':24s} {base:7.1f} us")
     for name, us in times.items():
         print(f"  {name:24s} {us:7.1f} us   {us / base:.1f}x F.cross_entropy")
+    _heads(N, C, counts, y)
+
+
+def _heads(N: int, C: int, counts: torch.Tensor, y: torch.Tensor, D: int = 32) -> None:
+    """The fused heads' steps likewise, (N, D) features -> C classes (their matmuls run on the CPU: tiny), and two
+    heads in one step (each keeps its own arguments)."""
+    from fastlt.kernels import row_normalize
+
+    row_normalize._normalize_fwd = row_normalize._normalize_bwd = _NoLaunch()
+    x = torch.randn(N, D, requires_grad=True)
+    linear = fastlt.LinearLossHead(D, C, counts, loss="la", backend="triton")
+    cosine = fastlt.CosineGCLHead(D, C, counts, backend="triton")
+    lade = fastlt.LinearLossHead(D, C, counts, loss="lade", backend="triton")
+    cases = {
+        "LinearLossHead": lambda: linear(GradSink.apply(x), y).backward(),
+        "CosineGCLHead": lambda: cosine(GradSink.apply(x), y).backward(),
+        "LinearLossHead 'lade'": lambda: lade(GradSink.apply(x), y).backward(),
+        "Linear + Cosine heads": lambda: (linear(GradSink.apply(x), y) + cosine(GradSink.apply(x), y)).backward(),
+    }
+    times = _best_us(*cases.values(), reps=300)
+    print(f"fused heads, {N} x {D} -> {C}, kernels stubbed, matmuls on the CPU")
+    for name, us in zip(cases, times, strict=True):
+        print(f"  {name:24s} {us:7.1f} us")
 
 
 if __name__ == "__main__":

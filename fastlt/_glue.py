@@ -31,7 +31,7 @@ from .kernels.adjusted_ce import ColumnTerm
 from .reference import LaderStatistics
 
 __all__ = ["AdjustedCEFunction", "LADEFunction", "adjusted_cross_entropy_triton", "lade_loss_triton",
-           "lade_fields_triton", "lade_statistics_triton", "check_kernel_input", "lade_operator_args"]
+           "lade_fields_triton", "lade_statistics_triton", "check_kernel_input", "lade_operator_args", "lade_args"]
 
 # bumps a tensor's version counter after a write autograd did not see
 _increment_version = torch.autograd.graph.increment_version
@@ -340,26 +340,35 @@ def lade_fields_triton(logits: Tensor, target: Tensor, fields: dict, cache: O.Ar
     its own ``cache`` (default: one shared by every other call)."""
     target = as_kernel_target(target)
     compiling = torch.compiler.is_compiling()
-    cache = _LAST_LADE if cache is None else cache
-
-    def check():
-        O.check_lade_args(logits, target, fields["prior"], fields["alpha"], fields["remine_lambda"],
-                          fields["reduction"])
-        O.check_operator_args(logits, target, {name: fields[name] for name in _LADE_OPERATOR_FIELDS})
-
-    cached = cache.checked(fields, logits, target, fields["ignore_index"], check, use=not compiling)
+    args, lade = lade_args(logits, target, fields, _LAST_LADE if cache is None else cache)
     check_kernel_input("logits", logits)
-    if cached is None:
-        cached = lade_operator_args(**fields)
-        if not compiling:
-            cache.store(fields, logits, cached)
-    args, lade = cached
     args = soft_mean(args, target, logits.shape[0])
     if compiling:
         loss = lade_forward_op(logits, target, *O.flatten(args, lade))[0].to(logits.dtype)
     else:
         loss = LADEFunction.apply(logits, target, args, lade)
     return nan_if_empty(loss, args)
+
+
+def lade_args(logits: Tensor, target: Tensor, fields: dict, cache: O.ArgsCache,
+              names: dict | None = None) -> tuple[AdjustedCEArgs, LadeArgs]:
+    """LADE's ``(PriorCE arguments, LadeArgs)`` of ``fields`` (:func:`lade_fields_triton`'s) for ``logits`` (N, C)
+    (or a broadcast stand-in: the LADE head's), checked and made on a miss of ``cache``, which keeps them (not while
+    compiling); ``names``: the caller's names of the fields where they differ (:func:`O.refuse_requiring_grad`)."""
+    use = not torch.compiler.is_compiling()
+
+    def check():
+        O.check_lade_args(logits, target, fields["prior"], fields["alpha"], fields["remine_lambda"],
+                          fields["reduction"])
+        O.check_operator_args(logits, target, {name: fields[name] for name in _LADE_OPERATOR_FIELDS})
+        O.refuse_requiring_grad(fields, names)
+
+    cached = cache.checked(fields, logits, target, fields["ignore_index"], check, use=use)
+    if cached is None:
+        cached = lade_operator_args(**fields)
+        if use:
+            cache.store(fields, logits, cached)
+    return cached
 
 
 _LADE_OPERATOR_FIELDS = ("weight", "ignore_index", "reduction", "label_smoothing")  # PriorCE's own, checked as such

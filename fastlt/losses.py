@@ -22,7 +22,8 @@ from torch import Tensor
 from . import _validation as V
 from . import functional as LF
 from ._count_buffers import CountBuffers, MarginSchedule
-from ._operator import ArgsCache, FoldedSpread, gcl_fields, la_fields, ldam_fields
+from ._held_fields import HeldFields
+from ._operator import FoldedSpread, gcl_fields, la_fields, ldam_fields
 from .priors import gcl_cloud_from, ldam_margins_from, log_prior_from, prior_from
 
 __all__ = ["LogitAdjustedLoss", "BalancedSoftmaxLoss", "LDAMLoss", "GCLLoss", "LADELoss"]
@@ -30,7 +31,7 @@ __all__ = ["LogitAdjustedLoss", "BalancedSoftmaxLoss", "LDAMLoss", "GCLLoss", "L
 F64 = torch.float64
 
 
-class _LongTailLoss(CountBuffers):
+class _LongTailLoss(HeldFields, CountBuffers):
     """Shared arguments and buffers: ``class_counts`` (the validated, smoothed counts) and the class ``weight``;
     subclasses add their per-class vectors (:meth:`_count_vectors`) and call ``init_count_buffers``."""
 
@@ -66,42 +67,6 @@ class _LongTailLoss(CountBuffers):
         if warning is None:
             warning = LF._split_warning(self._buffers["weight"], self.reduction)
         return LF._kernels_direct(logits, self.backend, self.dp_group, self.shard, warning)
-
-    def __setattr__(self, name: str, value) -> None:
-        super().__setattr__(name, value)
-        self.__dict__["_held"] = None  # a hyperparameter or buffer assigned: the direct calls make their fields again
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)  # a copy or a pickle makes its own fields and kernel arguments, of its buffers
-        state.pop("_held", None)
-        state.pop("_args_cache", None)
-        return state
-
-    def _cache(self) -> ArgsCache:
-        """This module's cache of its kernels' arguments (their checks, conversions, launch plans): its own, so that
-        two loss modules in one step (two heads, two losses summed) do not evict each other's every step (one
-        shared entry made such a step ~250 us of host time instead of ~170)."""
-        cache = self.__dict__.get("_args_cache")
-        if cache is None:
-            cache = self.__dict__["_args_cache"] = ArgsCache()
-        return cache
-
-    def _held_fields(self, make) -> dict:
-        """``make()``'s fields of a direct call, made once while the module stays as it is: again after any attribute
-        assignment (the hyperparameters are plain attributes: a schedule assigns them), a move or cast (nn.Module
-        swaps the buffers without ``__setattr__``: other tensors), or an in-place change of a buffer (its version).
-        Never changed once made, so the arguments cache knows it by identity (:class:`fastlt._operator.ArgsCache`):
-        a step skips building, checking and comparing its fields (host time)."""
-        if torch.compiler.is_compiling():  # traced: the ops path, which caches nothing
-            return make()
-        try:
-            state = [(id(b), b._version) for b in self._buffers.values() if b is not None]
-        except RuntimeError:  # inference tensors have no version counter
-            return make()
-        held = self.__dict__.get("_held")
-        if held is None or held[0] != state:
-            held = self.__dict__["_held"] = (state, make())
-        return held[1]
 
     def _fields(self, **operator) -> dict:
         """The operator's fields of a direct call: ``operator``'s (:mod:`fastlt._operator`'s ``*_fields``) and the

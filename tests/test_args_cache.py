@@ -265,11 +265,9 @@ def test_two_modules_in_one_step_keep_their_own_arguments():
 
 
 def test_a_head_reuses_its_arguments_and_its_chunks_launch_plans():
-    """A fused head's steps reuse the operator's arguments of the last call (``heads.glue._head_args``) and, per row
-    chunk, the offset arguments with their launch plans (``heads.passes.rows_from``): no plan is made after the
-    first step. A change of a hyperparameter reaches the next step; a drawn GCL seed is never cached."""
-    from fastlt.heads import glue as head_glue
-
+    """A fused head's steps reuse the operator's arguments of the last call (its own cache, ``HeldFields._cache``)
+    and, per row chunk, the offset arguments with their launch plans (``heads.passes.rows_from``): no plan is made
+    after the first step. A change of a hyperparameter reaches the next step; a drawn GCL seed is never cached."""
     gen = torch.Generator().manual_seed(5)
     counts = torch.tensor([50, 20, 9, 6, 4, 3, 2, 1, 1, 1, 1])
     head = fastlt.LinearLossHead(4, 11, counts, loss="la", tau=0.7, chunk_rows=2, backend="triton").to(DEVICE)
@@ -286,7 +284,7 @@ def test_a_head_reuses_its_arguments_and_its_chunks_launch_plans():
         loss = head(f.clone().requires_grad_(), y)
         loss.backward()
         torch.testing.assert_close(loss.cpu().double(), want(), rtol=1e-5, atol=1e-5)
-        args = head_glue._HEAD_ARGS._args
+        args = head._cache()._args
         chunks = [args] + [args.memo[("rows from", r0)] for r0 in (2, 4)]  # rows 0-1, 2-3, 4
         made.append([id(a) for a in chunks] + [id(p) for a in chunks for p in _plans(a).values()])
     assert made[0] == made[1] == made[2]  # the same arguments and plans each step
@@ -299,8 +297,6 @@ def test_a_cosine_gcl_head_keeps_its_arguments_and_draws_a_seed_each_step():
     """GCL's head without ``seed=`` keeps its arguments too, and passes a seed drawn each step beside them
     (``HeadParams.seed``, to every launch of the row and class chunks, forward and backward): each step's loss and
     gradients equal the reference's after the same ``torch.manual_seed``, and differ from step to step."""
-    from fastlt.heads import glue as head_glue
-
     gen = torch.Generator().manual_seed(6)
     counts = torch.tensor([50, 20, 9, 6, 4, 3, 2, 1, 1, 1, 1])
     f = torch.randn(5, 4, generator=gen, dtype=torch.float64)
@@ -320,7 +316,51 @@ def test_a_cosine_gcl_head_keeps_its_arguments_and_draws_a_seed_each_step():
             want.backward()
             torch.testing.assert_close(loss.cpu().double(), want.detach(), rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(fk.grad.cpu().double(), fr.grad, rtol=1e-3, atol=1e-4)
-            kept = kept or head_glue._HEAD_ARGS._args
-            assert head_glue._HEAD_ARGS._args is kept
+            kept = kept or head._cache()._args
+            assert head._cache()._args is kept
             losses.append(float(loss.detach()))
         assert len(set(losses)) == 3
+
+
+def test_two_heads_and_a_lade_head_in_one_step_keep_their_own_arguments():
+    """Two fused heads in one step (and a LADE head beside them) each keep their arguments across steps, in their
+    own cache (the functions' shared one made them evict each other every step), and each step's losses are each
+    head's own; a hyperparameter assigned to one reaches its next step only."""
+    gen = torch.Generator().manual_seed(7)
+    counts = torch.tensor([50, 20, 9, 6, 4, 3, 2, 1, 1, 1, 1])
+    f = torch.randn(5, 4, generator=gen).to(DEVICE)
+    y = torch.randint(0, 11, (5,), generator=gen).to(DEVICE)
+    heads = [fastlt.LinearLossHead(4, 11, counts, loss="la", tau=0.7, backend="triton").to(DEVICE),
+             fastlt.LinearLossHead(4, 11, counts, loss="ldam", max_margin=0.4, s=8.0, backend="triton").to(DEVICE),
+             fastlt.LinearLossHead(4, 11, counts, loss="lade", alpha=0.3, backend="triton").to(DEVICE),
+             fastlt.CosineGCLHead(4, 11, counts, s=8.0, noise_mul=0.5, backend="triton").to(DEVICE)]
+
+    def want(head, step):
+        ref = type(head)(4, 11, counts, **_head_kwargs(head), backend="torch").double()
+        ref.load_state_dict(head.state_dict())
+        torch.manual_seed(step)
+        return ref(f.cpu().double(), y.cpu())
+
+    firsts = None
+    for step in range(3):
+        if step == 2:
+            heads[0].tau = 0.2
+            heads[2].alpha = 0.6
+        got = []
+        for head in heads:
+            torch.manual_seed(step)
+            got.append(head(f, y))
+        for head, g in zip(heads, got, strict=True):
+            torch.testing.assert_close(g.detach().cpu().double(), want(head, step), rtol=1e-4, atol=1e-4)
+        args = [h._cache()._args for h in heads]
+        if step < 2:
+            firsts = firsts or args
+            assert all(a is b for a, b in zip(args, firsts, strict=True))  # made once each, kept across the steps
+        else:  # made again for the heads that changed only
+            assert [a is b for a, b in zip(args, firsts, strict=True)] == [False, True, False, True]
+
+
+def _head_kwargs(head) -> dict:
+    if isinstance(head, fastlt.CosineGCLHead):
+        return dict(m=head.m, s=head.s, noise_mul=head.noise_mul, gamma=head.gamma)
+    return dict(loss=head.loss, tau=head.tau, max_margin=head.max_margin, s=head.s, alpha=head.alpha)

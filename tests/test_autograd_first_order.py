@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, IdentityView
 
 from fastlt import functional as LF
 from fastlt.lade_head import lade_linear_loss
@@ -90,18 +90,6 @@ def test_grad_in_forward_over_a_saved_output_raises(op):
     torch.testing.assert_close(fused, lin.weight.grad, rtol=1e-5, atol=1e-6)
 
 
-class _ViewOut(torch.autograd.Function):
-    """Returns a view of its input (autograd marks such views: no in-place history may be rebuilt for them)."""
-
-    @staticmethod
-    def forward(ctx, a):
-        return a.view_as(a)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
 _SAVED_OUTPUT_VIEWS = {  # a view of an output its op's backward reads: the gradient written over it must raise
     "relu, view": lambda out: torch.relu(out).view(-1, 9),
     "exp, reshape": lambda out: torch.exp(out).reshape(-1, 9),
@@ -113,7 +101,7 @@ _PLAIN_VIEWS = {  # views of a linear layer's output (nothing saved it): the fus
     "split": lambda out: out.view(-1, 9).split(4, dim=0)[0],
     "chunk": lambda out: torch.cat([out, out], -1).view(-1, 18).chunk(2, dim=1)[1],
     "unbind": lambda out: out.unbind(1)[0],
-    "custom Function's view": lambda out: _ViewOut.apply(out.view(-1, 9))[:, :],
+    "custom Function's view": lambda out: IdentityView.apply(out.view(-1, 9))[:, :],
 }
 
 

@@ -7,7 +7,7 @@ import collections
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, IdentityView
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastlt
@@ -65,19 +65,6 @@ def counter(monkeypatch):
     # the target range check reads CPU targets only (never a GPU sync)
     monkeypatch.setattr(V, "check_target", c.uncounted(V.check_target))
     return c
-
-
-class _Layer(torch.autograd.Function):
-    """An identity standing for the layer below: a non-leaf input (as grad_in_forward needs) whose backward adds no
-    op of its own."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
 
 
 C, N, D = 40, 6, 16
@@ -155,11 +142,11 @@ def test_one_step_launches_only_what_the_math_needs(case, counter, monkeypatch):
     gen = torch.Generator().manual_seed(1)
     inputs = torch.randn(N, D if "head" in case else C, generator=gen).to(DEVICE).requires_grad_()
     target = torch.randint(0, C, (N,), generator=gen).to(DEVICE)
-    criterion(_Layer.apply(inputs.detach().clone()), target, **kwargs)  # compile; fill the once-per-prior caches
+    criterion(IdentityView.apply(inputs.detach().clone()), target, **kwargs)  # compile; fill the once-per-prior caches
     one = torch.ones((), device=DEVICE)
     counter.counts.clear()
     with counter:
-        loss = criterion(_Layer.apply(inputs), target, **kwargs)
+        loss = criterion(IdentityView.apply(inputs), target, **kwargs)
         torch.autograd.backward(loss, one)
     assert dict(counter.counts) == expected
     assert inputs.grad is not None and torch.isfinite(inputs.grad).all()
@@ -199,7 +186,7 @@ def test_inaturalist_rows_are_one_launch_unsplit(rows, grad_in_forward, dtype, m
     criterion = fastlt.LogitAdjustedLoss(counts, backend="triton", grad_in_forward=grad_in_forward).to(DEVICE)
     z = torch.zeros(rows, C, dtype=dtype, device=DEVICE)
     target = torch.randint(0, C, (rows,), generator=torch.Generator().manual_seed(0)).to(DEVICE)
-    loss = criterion(_Layer.apply(z.requires_grad_()), target)
+    loss = criterion(IdentityView.apply(z.requires_grad_()), target)
     torch.autograd.backward(loss, torch.ones((), device=DEVICE))
     names = [name for name, _, _ in log]
     assert names == (["row_loss_forward", "scale_rows"] if grad_in_forward else ["row_loss_forward", "row_loss_grad"])

@@ -10,7 +10,8 @@ A head replaces ``nn.Linear`` (or a cosine classifier) plus a long-tail loss. Th
 - :mod:`.functional`: :func:`linear_cross_entropy`, :func:`cosine_cross_entropy`, :func:`lade_linear_loss`;
 - :mod:`.modules`: :class:`LinearLossHead`, :class:`CosineGCLHead`.
 
-Only :mod:`.functional` reaches the Triton path (one lazy import), so the package imports without Triton. The
+Only :mod:`.functional` and the modules' direct calls reach the Triton path (lazy imports of :mod:`.glue`), so the
+package imports without Triton. The
 oracles (:func:`reference_linear_cross_entropy`, ...) live in :mod:`fastlt.reference` with every other definition.
 """
 

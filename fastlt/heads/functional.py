@@ -189,6 +189,7 @@ def lade_linear_loss(features: Tensor, weight: Tensor, target: Tensor, prior: Te
                                             label_smoothing=label_smoothing)
     from .glue import run_lade_head
 
-    return run_lade_head(features, weight, bias, target, prior, alpha=alpha, remine_lambda=remine_lambda,
-                         weight_classes=weight_classes, ignore_index=ignore_index, reduction=reduction,
-                         label_smoothing=label_smoothing, chunk_rows=chunk_rows, chunk_classes=chunk_classes)
+    return run_lade_head(features, weight, bias, target, dict(prior=prior, alpha=alpha, remine_lambda=remine_lambda,
+                                                              weight=weight_classes, ignore_index=ignore_index,
+                                                              reduction=reduction, label_smoothing=label_smoothing),
+                         chunk_rows=chunk_rows, chunk_classes=chunk_classes)

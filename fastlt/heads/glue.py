@@ -22,7 +22,7 @@ from .. import _validation as V
 from .._backend import autocast_inputs
 from .._custom_ops import define, input_grads, save_inputs, saved_inputs
 from .._first_order import first_order
-from .._glue import check_kernel_input, lade_operator_args, nan_if_empty, soft_mean
+from .._glue import check_kernel_input, lade_args, nan_if_empty, soft_mean
 from .._operator import AdjustedCEArgs, ChunkPlan, LadeArgs, Needs
 from ..kernels import launch
 from ..kernels.row_normalize import normalize_rows as _normalize_rows
@@ -310,36 +310,41 @@ def _plan(features: Tensor, weight: Tensor, chunk_rows, chunk_classes, *, lade: 
     return ChunkPlan(rows=max(1, min(rows, max(N, 1))), classes=chunk_classes)
 
 
-def _head_args(features: Tensor, weight: Tensor, target: Tensor, fields: dict, noise=None):
-    """``(args, seed)`` of :meth:`fastlt._operator.ArgsCache.operator_args`, checked on an (N, C) stand-in for the
-    logits (a broadcast scalar, no memory) and kept while the next call passes the same fields (not with explicit
-    noise, nor while compiling)."""
-    proxy = features.new_empty((1, 1)).expand(features.shape[0], weight.shape[0])
+def _proxy(features: Tensor, weight: Tensor) -> Tensor:
+    """An (N, C) stand-in for the logits the checks take: a broadcast scalar, no memory."""
+    return features.new_empty((1, 1)).expand(features.shape[0], weight.shape[0])
+
+
+def _head_args(features: Tensor, weight: Tensor, target: Tensor, fields: dict, noise, cache: O.ArgsCache):
+    """``(args, seed)`` of :meth:`fastlt._operator.ArgsCache.operator_args`, checked on the logits' stand-in and kept
+    in ``cache`` while the next call passes the same fields (not with explicit noise, nor while compiling)."""
+    proxy = _proxy(features, weight)
 
     def check():
         O.check_operator_args(proxy, target, fields, noise=noise)
         O.refuse_requiring_grad(fields, _HEAD_NAMES)
 
-    return _HEAD_ARGS.operator_args(fields, proxy, target, check,
-                                    use=noise is None and not torch.compiler.is_compiling())
+    return cache.operator_args(fields, proxy, target, check, use=noise is None and not torch.compiler.is_compiling())
 
 
 _HEAD_NAMES = {"weight": "weight_classes"}  # the operator's class weights, as the heads' arguments name them
 
-
+# the functional calls' (a head module keeps its own: two heads in one step would evict each other's every step)
 _HEAD_ARGS = O.ArgsCache()
+_LADE_HEAD_ARGS = O.ArgsCache()
 
 
 def run_head(features: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, fields: dict, *, cosine: bool,
-             eps: float, chunk_rows, chunk_classes, noise=None) -> Tensor:
+             eps: float, chunk_rows, chunk_classes, noise=None, cache: O.ArgsCache | None = None) -> Tensor:
     """The linear (or, with ``cosine``, the cosine) head on the kernels; ``fields`` the operator's parameters by name
     (:class:`fastlt._operator.AdjustedCEArgs`: its ``weight`` is the class weights, ``weight_classes`` of the public
-    functions)."""
+    functions); ``cache``: where the arguments of the last call are kept (a head module's own; default: one shared
+    by every other call)."""
     features, weight, bias, autocast_dev = autocast_inputs(features, weight, bias)
     V.check_head(features, weight, bias)
     check_kernel_input("features", features, noise)
     target = V.as_kernel_target(target)
-    args, seed = _head_args(features, weight, target, fields, noise)
+    args, seed = _head_args(features, weight, target, fields, noise, _HEAD_ARGS if cache is None else cache)
     args = soft_mean(args, target, features.shape[0])
 
     def run():
@@ -361,21 +366,17 @@ def run_head(features: Tensor, weight: Tensor, bias: Tensor | None, target: Tens
     return nan_if_empty(_run_autocast_off(autocast_dev, run), args)
 
 
-def run_lade_head(features: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, prior: Tensor, *,
-                  alpha: float, remine_lambda: float, weight_classes, ignore_index: int, reduction: str,
-                  label_smoothing: float, chunk_rows, chunk_classes) -> Tensor:
-    """The LADE head on the kernels (arguments as :func:`fastlt.heads.functional.lade_linear_loss`)."""
+def run_lade_head(features: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, fields: dict, *,
+                  chunk_rows, chunk_classes, cache: O.ArgsCache | None = None) -> Tensor:
+    """The LADE head on the kernels (arguments as :func:`fastlt.heads.functional.lade_linear_loss`); ``fields``: its
+    LADE parameters by name (:func:`fastlt._glue.lade_fields_triton`'s: ``weight`` is the class weights), kept
+    checked and converted in ``cache`` (a head module's own; default: one shared by every other call)."""
     features, weight, bias, autocast_dev = autocast_inputs(features, weight, bias)
     V.check_head(features, weight, bias)
     check_kernel_input("features", features)
     target = V.as_kernel_target(target)
-    proxy = features.new_empty((1, 1)).expand(features.shape[0], weight.shape[0])  # checks without the logits
-    O.check_lade_args(proxy, target, prior, alpha, remine_lambda, reduction)
-    O.check_operator_args(proxy, target, dict(weight=weight_classes, ignore_index=ignore_index, reduction=reduction,
-                                              label_smoothing=label_smoothing))
-    O.refuse_requiring_grad(dict(prior=prior, weight=weight_classes), _HEAD_NAMES)
-    args, lade = lade_operator_args(prior, alpha, remine_lambda, weight=weight_classes,
-                                    label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction)
+    args, lade = lade_args(_proxy(features, weight), target, fields, _LADE_HEAD_ARGS if cache is None else cache,
+                           _HEAD_NAMES)
     args = soft_mean(args, target, features.shape[0])
 
     def run():

@@ -13,7 +13,9 @@ from torch import Tensor, nn
 from .. import _validation as V
 from .._backend import use_triton
 from .._count_buffers import CountBuffers, MarginSchedule
+from .._held_fields import HeldFields
 from .._operator import FoldedSpread, gcl_fields, la_fields, ldam_fields
+from ..distributed.data_parallel import batch_dependent, warn_without_group
 from ..distributed.sharded_training import check_head_shard, check_outside_ddp, sharded_topk
 from ..priors import gcl_cloud_from, ldam_margins_from, log_prior_from, prior_from
 from ..reference import normalize_rows
@@ -23,6 +25,8 @@ from .plan import default_chunk_rows, row_chunks
 __all__ = ["LinearLossHead", "CosineGCLHead"]
 
 _HEAD_LOSSES = ("ce", "la", "balanced_softmax", "ldam", "lade")
+# the operator's fields as linear_cross_entropy passes them by default: no offset, margin, noise or focal factor
+_NO_OPERATOR = dict(log_prior=None, tau=1.0, margin=None, scale=1.0, cloud=None, noise_mul=0.0, seed=None, gamma=0.0)
 F64 = torch.float64
 
 
@@ -32,7 +36,7 @@ def _count_dtype(dtype) -> torch.dtype | None:
     return F64 if dtype == F64 else None
 
 
-class _HeadBase(CountBuffers):
+class _HeadBase(HeldFields, CountBuffers):
     """Shared arguments: class weights, ignore_index, reduction, label smoothing, backend, the fused path's
     ``chunk_rows`` / ``chunk_classes`` (at most one; see :func:`fastlt.heads.linear_cross_entropy`), ``dp_group``
     (data parallel: the loss of the global batch, :mod:`fastlt.distributed`) and ``shard``, ``gather_inputs``,
@@ -80,6 +84,30 @@ class _HeadBase(CountBuffers):
             return {}
         check_outside_ddp(self)
         return dict(shard=self.shard, gather_inputs=self.gather_inputs, features_grad_scale=self.features_grad_scale)
+
+    def _direct(self, features: Tensor, warning: str | None) -> bool:
+        """Whether this call runs the kernels' glue straight (:func:`fastlt.heads.glue.run_head`, with this head's
+        held fields and arguments cache): the kernels chosen for the features, no class shard, no data-parallel group
+        (None or False). ``warning``: what to warn about, as the functions would, when several ranks run without
+        ``dp_group`` (a loss that depends on the batch split), or None."""
+        if self.shard is not None or (self.dp_group is not None and self.dp_group is not False):
+            return False
+        if not use_triton(self.backend, features):
+            return False
+        if self.dp_group is None and warning is not None:
+            warn_without_group(warning)
+        V.check_chunks(self.chunk_rows, self.chunk_classes)  # (attributes: a user may assign them)
+        return True
+
+    def _split_warning(self) -> str | None:
+        """The functions' warning for a loss whose value depends on the batch split (a class-weighted mean)."""
+        return "a class-weighted 'mean'" if batch_dependent(self._buffers["weight_classes"], self.reduction) else None
+
+    def _fields(self, **operator) -> dict:
+        """The operator's fields of a direct call (all of them, as the functions pass them): ``operator``'s and the
+        shared options, the class weights as the operator's ``weight``."""
+        return dict(_NO_OPERATOR, **operator, weight=self._buffers["weight_classes"], ignore_index=self.ignore_index,
+                    reduction=self.reduction, label_smoothing=self.label_smoothing)
 
     def _check_features(self, features) -> None:
         if not isinstance(features, Tensor):
@@ -206,11 +234,29 @@ class LinearLossHead(MarginSchedule, _HeadBase):
 
     def forward(self, features: Tensor, target: Tensor) -> Tensor:
         self._check_features(features)
-        if self.loss == "lade":
+        lade = self.loss == "lade"
+        if self._direct(features, "a LADE head" if lade else self._split_warning()):
+            from . import glue  # (imports triton: at the first call that runs the kernels, as the functions do)
+
+            chunks = dict(chunk_rows=self.chunk_rows, chunk_classes=self.chunk_classes, cache=self._cache())
+            if lade:
+                return glue.run_lade_head(features, self.weight, self.bias, target,
+                                          self._held_fields(self._lade_fields), **chunks)
+            return glue.run_head(features, self.weight, self.bias, target, self._held_fields(self._head_fields),
+                                 cosine=False, eps=0.0, **chunks)
+        if lade:
             return lade_linear_loss(features, self.weight, target, self.prior, self.bias, alpha=self.alpha,
                                     remine_lambda=self.remine_lambda, **self._common())
         return linear_cross_entropy(features, self.weight, target, self.bias, **self._operator_fields(),
                                     **self._common())
+
+    def _head_fields(self) -> dict:
+        return self._fields(**self._operator_fields())
+
+    def _lade_fields(self) -> dict:
+        return dict(prior=self._buffers["prior"], alpha=self.alpha, remine_lambda=self.remine_lambda,
+                    weight=self._buffers["weight_classes"], ignore_index=self.ignore_index, reduction=self.reduction,
+                    label_smoothing=self.label_smoothing)
 
     def _operator_fields(self) -> dict:
         """The loss's hyperparameters as the operator's (the presets of :mod:`fastlt._operator`), plus the logit
@@ -287,12 +333,25 @@ class CosineGCLHead(_HeadBase):
 
     def forward(self, features: Tensor, target: Tensor, seed: int | Tensor | None = None) -> Tensor:
         self._check_features(features)
+        if seed is None and self._direct(features, self._split_warning()):  # (a given seed: the functions)
+            from . import glue  # (imports triton: at the first call that runs the kernels, as the functions do)
+
+            return glue.run_head(features, self.weight, None, target, self._held_fields(self._gcl_fields),
+                                 cosine=True, eps=self.eps, chunk_rows=self.chunk_rows,
+                                 chunk_classes=self.chunk_classes, cache=self._cache())
         cloud, noise_mul = self.cloud, self.noise_mul
         if not torch.compiler.is_compiling() and use_triton(self.backend, features):  # (the reference keeps float64)
             cloud, noise_mul = self._fold(cloud, noise_mul)
         return cosine_cross_entropy(features, self.weight, target, **gcl_fields(cloud, self.m, self.s, noise_mul,
                                                                                 self.gamma),
                                     seed=seed, eps=self.eps, rows_per_rank=self.rows_per_rank, **self._common())
+
+    def _gcl_fields(self) -> dict:
+        """GCL's fields on the kernels: its spread folded into the cloud (eagerly, as :meth:`forward`'s other path)."""
+        cloud, noise_mul = self._buffers["cloud"], self.noise_mul
+        if not torch.compiler.is_compiling():
+            cloud, noise_mul = self._fold(cloud, noise_mul)
+        return self._fields(**gcl_fields(cloud, self.m, self.s, noise_mul, self.gamma))
 
     def _dense_logits(self, features):
         return F.linear(normalize_rows(features, self.eps), normalize_rows(self.weight, self.eps).to(features.dtype))
