@@ -8,6 +8,7 @@ from conftest import DEVICE, class_vectors
 
 import fastlt
 from fastlt import functional as LF
+from fastlt import heads as H
 from fastlt import reference as R
 from fastlt.distributed import ClassShard, SimulatedWorld, balanced_bounds, chunked_bounds
 
@@ -233,6 +234,14 @@ def test_bounds_and_errors():
                                       grad_in_forward=True)
         with pytest.raises(ValueError, match="class"):
             LF.adjusted_cross_entropy(torch.zeros(2, sh.size), torch.full((2,), 10), shard=sh)  # global C = 10
+        # a learnable class vector: the kernels would give it no gradient (the reference path does)
+        learned = torch.zeros(10, requires_grad=True)
+        with pytest.raises(ValueError, match="^log_prior requires grad"):
+            LF.adjusted_cross_entropy(torch.zeros(2, sh.size), torch.zeros(2, dtype=torch.long), shard=sh,
+                                      log_prior=learned, backend="triton")
+        with pytest.raises(ValueError, match="^weight_classes requires grad"):
+            H.linear_cross_entropy(torch.zeros(2, 3), torch.zeros(sh.size, 3), torch.zeros(2, dtype=torch.long),
+                                   weight_classes=learned + 1, shard=sh, backend="triton")
         return 0
 
     world.run(bad)

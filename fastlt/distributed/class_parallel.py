@@ -272,6 +272,7 @@ def _sharded_triton(logits: Tensor, target: Tensor, fields: dict, shard: ClassSh
     from .._validation import as_kernel_target
 
     check_kernel_input("logits", logits)
+    O.refuse_requiring_grad(fields)  # the kernels take the class vectors as constants
     target = as_kernel_target(target)
     args = AdjustedCEArgs.from_fields(logits.device, fields)
     flat = O.flatten(args)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import _operator as O
 from .. import _validation as V
 from .._backend import autocast_inputs
 from ..reference import normalize_rows
@@ -95,6 +96,8 @@ def sharded_head_loss(features: Tensor, weight: Tensor, bias: Tensor | None, tar
     Returns the loss of the rows (gathered or replicated), the same on every rank."""
     features, weight, bias, _ = autocast_inputs(features, weight, bias)  # then F.linear runs as autocast would
     _check(features, weight, bias, target, shard)
+    if triton and fields is not None:  # (as the kernels' path says it, in the heads' names)
+        O.refuse_requiring_grad(fields, {"weight": "weight_classes"})
     x, y = head_inputs(features, target, shard, gather_inputs=gather_inputs, features_grad_scale=features_grad_scale)
     if cosine:
         z = F.linear(normalize_rows(x, eps), normalize_rows(weight, eps).to(x.dtype))
