@@ -67,11 +67,11 @@ def _backward(grad_output, logits, target, args: AdjustedCEArgs, row_stats, row_
 
 
 def _lade_forward(logits, target, args: AdjustedCEArgs, lade: LadeArgs, out_dtype=torch.float32):
-    """``(loss, row_stats, row_coef, columns)``, ``columns`` the (3, C) column term: two launches
-    (:func:`fastlt.kernels.lade.forward`)."""
-    loss, row_stats, row_coef, terms = lade_kernels.forward(logits, target, lade.prior, lade.alpha,
-                                                            lade.remine_lambda, args, out_dtype=out_dtype)
-    return loss, row_stats, row_coef, terms.columns
+    """``(loss, row_stats, row_coef, columns)``, ``columns`` the finish's (3 C + P,) fp32 buffer, whose first 3 C
+    elements are the column term: two launches (:func:`fastlt.kernels.lade.forward_flat`; the targets are
+    contiguous, :func:`fastlt._validation.as_kernel_target`, and ``lade.prior`` fp32)."""
+    return lade_kernels.forward_flat(logits, target, lade.prior, lade.alpha, lade.remine_lambda, args,
+                                     out_dtype=out_dtype)
 
 
 # --- torch.compile path: custom ops with registered autograd ----------------------------------------------------
@@ -98,7 +98,7 @@ def _(logits, target, *flat):
         [AdjustedCEArgs], "Tensor")
 def adjusted_ce_backward_op(grad_output, logits, target, row_stats, row_coef, columns, *flat):
     (args,) = O.unflatten([AdjustedCEArgs], flat)
-    column_term = None if columns is None else lade_kernels.column_term(columns)  # checked: an op's input
+    column_term = None if columns is None else lade_kernels.column_term(columns, logits.shape[1])  # an op's input
     return _backward(grad_output, logits, target, args, row_stats, row_coef, column_term)
 
 
@@ -134,7 +134,7 @@ def _(logits, target, *flat):
     f = torch.float32
     stats = 3 if target.is_floating_point() else 2
     return (logits.new_empty((), dtype=f), logits.new_empty((stats, N), dtype=f), logits.new_empty(N, dtype=f),
-            logits.new_empty((3, C), dtype=f))
+            logits.new_empty(lade_kernels.finished_numel(C), dtype=f))
 
 
 def _setup_lade(ctx, inputs, output):
@@ -271,7 +271,7 @@ class LADEFunction(torch.autograd.Function):
     @first_order
     def backward(ctx, grad_loss):
         logits, target, row_stats, row_coef, columns = ctx.saved_tensors
-        term = ColumnTerm(columns=columns)  # (3, C) fp32, made by the forward: no check (host time)
+        term = ColumnTerm(columns=columns)  # the (3 C + P,) fp32 buffer the forward made: no check (host time)
         return _backward(grad_loss, logits, target, ctx.args, row_stats, row_coef, term), None, None, None
 
 

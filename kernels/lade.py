@@ -45,7 +45,7 @@ def _block_c(C: int) -> int:
 
 @triton.jit
 def lade_columns(stat_ptr, R, C, y_ptr, zy_ptr, N, ignore_index, pi_ptr, alpha, remine_lambda, log_uniform, out_ptr,
-                 lader_ptr, loss_rows_ptr, weight_ptr, coef_ptr, red, FINISH: tl.constexpr, ACCUMULATE: tl.constexpr,
+                 loss_rows_ptr, weight_ptr, coef_ptr, red, FINISH: tl.constexpr, ACCUMULATE: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Y: tl.constexpr, REDUCE: tl.constexpr,
                  HAS_WEIGHT: tl.constexpr, RBLOCK: tl.constexpr, SOFT: tl.constexpr = False):
     """Grid (cdiv(C, BLOCK_C),). ``stat``: (2, R, C) fp32 partials (column max of z, sum exp(z - max)) of R row
@@ -57,8 +57,9 @@ def lade_columns(stat_ptr, R, C, y_ptr, zy_ptr, N, ignore_index, pi_ptr, alpha, 
     ``first = sum_{i: y_i = c} z_ic / (N_c + 1e-8)``, ``n_valid`` = the rows that are not ``ignore_index``; then
     ``out`` (3, C) = (alpha * col_a, alpha * col_b, col_lse) with ``col_lse = LSE_i z_ic``,
     ``second = col_lse - log(pi + 1e-9) + log_uniform - log n_valid``, ``est = first - second - lambda second^2``
-    (``log_uniform = log(1/C + 1e-9)``), and ``lader[program] = alpha * sum_c -pi_c * est_c`` over the program's
-    classes (0 when no row is valid: LADER = 0), summed by the loss reduction (``reduce_rows``' EXTRA).
+    (``log_uniform = log(1/C + 1e-9)``), and after them, at ``out[3 C + program]``, ``lader = alpha * sum_c -pi_c *
+    est_c`` over the program's classes (0 when no row is valid: LADER = 0), summed by the loss reduction
+    (``reduce_rows``' EXTRA): ``out`` is (3 C + programs,) fp32, one allocation.
     REDUCE (with FINISH; 1 'sum', 2 'mean'): that reduction here, by the last program to finish
     (:func:`fastlt.kernels.reduce.last_program_reduces`): ``red.out`` (0-dim) = the reduced PriorCE rows
     ``loss_rows`` (N,) plus every ``lader`` part, and for 'mean' the rows' coefficients ``coef`` (N,) times
@@ -124,6 +125,7 @@ def lade_columns(stat_ptr, R, C, y_ptr, zy_ptr, N, ignore_index, pi_ptr, alpha, 
         tl.store(out_ptr + C + cols, alpha * pi * (1.0 + 2.0 * remine_lambda * second), mask=col_mask)
         tl.store(out_ptr + 2 * C + cols, col_lse, mask=col_mask)
         lader = alpha * tl.sum(tl.where(col_mask, -pi * est, 0.0), 0)
+        lader_ptr = out_ptr + 3 * C  # the parts after the columns
         tl.store(lader_ptr + tl.program_id(0), tl.where(n_valid > 0, lader, 0.0))
         if REDUCE != 0:
             last_program_reduces(red, loss_rows_ptr, Targets(y_ptr, weight_ptr, N, C, ignore_index), coef_ptr, None,
@@ -178,13 +180,27 @@ class LaderTerms(NamedTuple):
         """``alpha * LADER``, 0-dim fp32 (one reduction launch; the losses fold ``parts`` into their own)."""
         return self.parts.sum()
 
+    @classmethod
+    def of(cls, finished: torch.Tensor, C: int) -> LaderTerms:
+        """The terms as views of the (3 C + P,) buffer ``lade_columns`` finishes into (columns, then parts)."""
+        return cls(parts=finished[3 * C:], columns=finished[:3 * C].view(3, C))
 
-def column_term(columns: torch.Tensor) -> ColumnTerm:
-    """The gradient's :class:`fastlt.kernels.adjusted_ce.ColumnTerm` from the contiguous (3, C) fp32 ``columns`` of
-    :class:`LaderTerms`: rows ``col_a``, ``col_b``, ``col_lse``."""
-    if columns.dim() != 2 or columns.shape[0] != 3 or columns.dtype != torch.float32 or not columns.is_contiguous():
-        raise ValueError(f"LADE's column term must be a contiguous (3, C) fp32 tensor, got {tuple(columns.shape)} "
-                         f"{columns.dtype}")
+
+def finished_numel(C: int) -> int:
+    """The elements of the fp32 buffer LADE's finish writes for C classes: the (3, C) columns, then one LADER part
+    per ``lade_columns`` program."""
+    return 3 * C + tiles.cdiv(C, _block_c(C))
+
+
+def column_term(columns: torch.Tensor, num_classes: int | None = None) -> ColumnTerm:
+    """The gradient's :class:`fastlt.kernels.adjusted_ce.ColumnTerm` from ``columns``: the contiguous (3, C) fp32
+    columns of :class:`LaderTerms` (rows ``col_a``, ``col_b``, ``col_lse``), or the whole (3 C + P,) fp32 buffer the
+    finish writes (:func:`finished_numel`; ``num_classes`` C then)."""
+    flat = columns.dim() == 1 and num_classes is not None and columns.numel() == finished_numel(num_classes)
+    if not ((flat or (columns.dim() == 2 and columns.shape[0] == 3)) and columns.dtype == torch.float32
+            and columns.is_contiguous()):
+        raise ValueError(f"LADE's column term must be a contiguous (3, C) fp32 tensor (or the finish's (3 C + P,) "
+                         f"buffer), got {tuple(columns.shape)} {columns.dtype}")
     return ColumnTerm(columns=columns)
 
 
@@ -216,9 +232,8 @@ def _columns(stats: torch.Tensor, into: torch.Tensor | None = None) -> torch.Ten
     plan = _columns_plan(planes, R, C, 0, False, into is not None)
     if C > 0:  # every pointer a flag leaves unused points at `out` (never read through): no rows, no reduction
         lade_columns[plan.grid](stat_ptr=stats, y_ptr=out, zy_ptr=out, ignore_index=-100, pi_ptr=out, alpha=0.0,
-                                remine_lambda=0.0, out_ptr=out, lader_ptr=out, loss_rows_ptr=out, weight_ptr=out,
-                                coef_ptr=out, red=Reduction(out=out, counter=out), REDUCE=0, HAS_WEIGHT=False,
-                                **plan.static)
+                                remine_lambda=0.0, out_ptr=out, loss_rows_ptr=out, weight_ptr=out, coef_ptr=out,
+                                red=Reduction(out=out, counter=out), REDUCE=0, HAS_WEIGHT=False, **plan.static)
     return out
 
 
@@ -270,43 +285,46 @@ def finish(partials: torch.Tensor, y: torch.Tensor, target_logits: torch.Tensor,
     elif y.shape != target_logits.shape or y.dim() != 1:
         raise ValueError(f"y and target_logits must both be (N,), got {tuple(y.shape)} and "
                          f"{tuple(target_logits.shape)}")
-    return _finish(_checked_stats(partials, None), y, target_logits, pi, ignore_index, remine_lambda, alpha, rows)
+    stats = _checked_stats(partials, None)
+    finished = _finish(stats, _contiguous(y), _contiguous(target_logits), as_f32(pi), ignore_index, remine_lambda,
+                       alpha, rows)
+    return LaderTerms.of(finished, stats.shape[2])
 
 
 def _finish(stats: torch.Tensor, y: torch.Tensor, target_logits: torch.Tensor, pi: torch.Tensor, ignore_index: int,
-            remine_lambda: float, alpha: float, rows: PriorCERows | None) -> LaderTerms:
-    """:func:`finish`'s launch, on checked (or self-made: LADE's :func:`forward`) statistics and targets. Its
+            remine_lambda: float, alpha: float, rows: PriorCERows | None) -> torch.Tensor:
+    """:func:`finish`'s launch, on checked (or self-made: LADE's :func:`forward`) statistics, contiguous targets and
+    target logits and an fp32 prior; returns the (3 C + P,) buffer it finished into (:meth:`LaderTerms.of`). Its
     arguments but the tensors come from :func:`_finish_plan`, made once per sizes and LADE parameters (a small LADE
-    step is host-bound: each call and branch here shows in it)."""
+    step is host-bound: each call, branch and allocation here shows in it)."""
     planes, R, C = stats.shape
     dev = stats.device
     plan = _finish_plan(planes, R, C, y.shape[0], int(ignore_index), float(alpha), float(remine_lambda))
-    out = torch.empty((3, C), dtype=torch.float32, device=dev)
-    parts = torch.empty(plan.grid[0], dtype=torch.float32, device=dev)
+    out = torch.empty(3 * C + plan.grid[0], dtype=torch.float32, device=dev)  # the columns, then LADER's parts
     if rows is None:
         counter, reduce_mode, loss_rows, coef, loss, weight = None, 0, out, out, out, out
     else:
-        if rows.args.reduction == "none":
+        loss_rows, coef, rows_args, loss = rows  # (a PriorCERows, or the plain tuple LADE's forward passes)
+        if rows_args.reduction == "none":
             raise ValueError("LADE's rows reduce with LADER: reduction must be 'mean' or 'sum', got 'none'")
         counter, reduce_mode = launch.fused_reduction(dev, plan.reduced_values, plan.static["RBLOCK"],
-                                                      rows.args.reduction)
-        loss_rows, coef, loss = rows.loss_rows, rows.row_coef, rows.out
-        weight = out if rows.args.weight is None else rows.args.weight
+                                                      rows_args.reduction)
+        weight = out if rows_args.weight is None else rows_args.weight
     if C > 0:
-        y_ptr, zy = _contiguous(y), _contiguous(target_logits)
+        y_ptr, zy = y, target_logits
         if plan.static["SOFT"]:  # class probabilities: neither is read (their sums come with the partials)
             y_ptr = zy = out
         elif not plan.static["N"]:  # no row to read: pointers of the usual types, surely valid
             y_ptr, zy = torch.full((1,), int(ignore_index), device=dev), out
         # every pointer a flag leaves unused points at `out` (never read through)
-        lade_columns[plan.grid](stat_ptr=stats, y_ptr=y_ptr, zy_ptr=zy, pi_ptr=as_f32(pi), out_ptr=out,
-                                lader_ptr=parts, loss_rows_ptr=loss_rows, weight_ptr=weight, coef_ptr=coef,
+        lade_columns[plan.grid](stat_ptr=stats, y_ptr=y_ptr, zy_ptr=zy, pi_ptr=pi, out_ptr=out,
+                                loss_rows_ptr=loss_rows, weight_ptr=weight, coef_ptr=coef,
                                 red=Reduction(out=loss, counter=out if counter is None else counter),
                                 REDUCE=reduce_mode, HAS_WEIGHT=weight is not out, **plan.static)
-    if rows is not None:  # PriorCE's coefficients come unscaled (PriorCERows)
-        launch.reduce_unless_fused(loss, counter, loss_rows, y, rows.args, row_coef=coef, scale_mean=False,
-                                   extra=parts)
-    return LaderTerms(parts, out)
+    if rows is not None and counter is None:  # PriorCE's coefficients come unscaled (PriorCERows)
+        launch.reduce_unless_fused(loss, counter, loss_rows, y, rows_args, row_coef=coef, scale_mean=False,
+                                   extra=out[3 * C:])
+    return out
 
 
 @functools.lru_cache(maxsize=64)
@@ -324,10 +342,21 @@ def forward(z: torch.Tensor, y: torch.Tensor, pi: torch.Tensor, alpha: float, re
     ``out_dtype``; PriorCE reduced by ``args.reduction``), the rows' fp32 statistics and coefficients (as
     :func:`fastlt.kernels.launch.forward`) and the :class:`LaderTerms`. Two launches: the rows with the column
     partials, and LADER's finish, whose last program adds the two."""
+    loss, row_stats, row_coef, finished = forward_flat(z, _contiguous(y), as_f32(pi), alpha, remine_lambda, args,
+                                                       config, out_dtype)
+    return loss, row_stats, row_coef, LaderTerms.of(finished, z.shape[1])
+
+
+def forward_flat(z: torch.Tensor, y: torch.Tensor, pi: torch.Tensor, alpha: float, remine_lambda: float,
+                 args: AdjustedCEArgs, config: tiles.TileConfig | None = None,
+                 out_dtype: torch.dtype = torch.float32):
+    """:func:`forward` with the terms as the finish's (3 C + P,) fp32 buffer (:func:`finished_numel`; its first
+    3 C elements are the column term), for targets ``y`` contiguous and the prior ``pi`` fp32 contiguous: the
+    losses' step, which makes no views (host time)."""
     loss_rows, row_stats, row_coef, cols = launch.forward(z, y, args, column_stats=True, config=config,
                                                           scale_mean=False)
     loss = torch.empty((), dtype=out_dtype, device=z.device)
     # finish() on partials and target logits of our own making, which it need not check (host time)
-    terms = _finish(cols.partials, y, cols.target_logits, pi, args.ignore_index, remine_lambda, alpha,
-                    PriorCERows(loss_rows, row_coef, args, loss))
-    return loss, row_stats, row_coef, terms
+    finished = _finish(cols.partials, y, cols.target_logits, pi, args.ignore_index, remine_lambda, alpha,
+                       (loss_rows, row_coef, args, loss))  # PriorCERows' fields, as a plain tuple (host time)
+    return loss, row_stats, row_coef, finished
