@@ -147,7 +147,8 @@ def tau_normalize(weight: torch.Tensor, tau: float = 1.0, eps: float = 1e-12) ->
 
 def predict(logits: torch.Tensor, class_counts: torch.Tensor | Sequence[int] | np.ndarray, tau: float = 1.0, *,
             count_smoothing: float = 0.0) -> torch.Tensor:
-    """Post-hoc adjusted predictions ``argmax_j (z_ij - tau * log pi_j)``, an (N,) int64 tensor.
+    """Post-hoc adjusted predictions ``argmax_j (z_ij - tau * log pi_j)``, an (N,) int64 tensor, adjusted in at least
+    float32 (half-precision logits are widened first).
 
     Args:
         logits: (N, C) floating tensor.
@@ -158,4 +159,8 @@ def predict(logits: torch.Tensor, class_counts: torch.Tensor | Sequence[int] | n
     Returns:
         (N,) int64 tensor of predicted classes in ``[0, C)``, on the logits' device.
     """
-    return logit_adjust(logits, class_counts, tau, count_smoothing=count_smoothing).argmax(dim=1)
+    check_logits("logits", logits)
+    # in at least float32: adjusted in bfloat16 (8 significant bits), ~4% of a long-tailed 1000-class batch's
+    # predictions moved off the exact argmax (classes within an ulp of the top one rounded together)
+    compute = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
+    return logit_adjust(logits.to(compute), class_counts, tau, count_smoothing=count_smoothing).argmax(dim=1)
