@@ -26,6 +26,14 @@ class HeldFields:
         state.pop("_args_cache", None)
         return state
 
+    def _replicate_for_data_parallel(self):
+        """``nn.DataParallel``'s replicas (one per GPU, made again every forward, run by as many threads) copy the
+        module's ``__dict__``: each starts with nothing held rather than share one cache between threads."""
+        replica = super()._replicate_for_data_parallel()
+        replica.__dict__.pop("_held", None)
+        replica.__dict__.pop("_args_cache", None)
+        return replica
+
     def _cache(self) -> ArgsCache:
         """This module's cache of its kernels' arguments (their checks, conversions, launch plans): its own, so that
         two modules in one step (two heads, two losses summed) do not evict each other's every step (one shared

@@ -364,3 +364,21 @@ def _head_kwargs(head) -> dict:
     if isinstance(head, fastlt.CosineGCLHead):
         return dict(m=head.m, s=head.s, noise_mul=head.noise_mul, gamma=head.gamma)
     return dict(loss=head.loss, tau=head.tau, max_margin=head.max_margin, s=head.s, alpha=head.alpha)
+
+
+def test_data_parallel_replicas_hold_nothing_of_the_module():
+    """``nn.DataParallel`` replicates a module by copying its ``__dict__`` and runs the replicas in threads: each
+    replica (a loss module, a head) starts with no held fields and its own arguments cache, not the module's."""
+    counts = torch.tensor([50, 20, 9, 6, 4, 3, 2, 1, 1, 1, 1])
+    z, y, _ = _data(N=6)
+    f = torch.randn(6, 4).to(DEVICE)
+    for module, inputs in ((fastlt.LogitAdjustedLoss(counts, backend="triton").to(DEVICE), (z, y)),
+                           (fastlt.LinearLossHead(4, 11, counts, backend="triton").to(DEVICE), (f, y))):
+        want = module(*inputs)
+        replica = module._replicate_for_data_parallel()  # (DataParallel then gives it its device's parameters)
+        assert replica.__dict__.get("_held") is None and replica.__dict__.get("_args_cache") is None
+        assert module.__dict__["_held"] is not None and module.__dict__["_args_cache"] is not None
+        for name, p in module.named_parameters():
+            setattr(replica, name, p)
+        torch.testing.assert_close(replica(*inputs), want)
+        assert replica._cache() is not module._cache()
