@@ -312,10 +312,21 @@ class ArgsCache:
     (:func:`fastlt._glue.adjusted_cross_entropy_triton`)."""
 
     def __init__(self):
-        self._key: tuple | None = None
-        self._objects: tuple = ()  # the fields' values, kept alive while their ids are in the key
-        self._fields: dict | None = None  # the fields dict itself (a module's held fields come back as this object)
-        self._args: AdjustedCEArgs | None = None
+        # one tuple (key, the fields' values, the fields dict, the stored value), replaced whole by store() and read
+        # once by lookup(): a thread never pairs one call's key with another's arguments. The values keep the
+        # fields' tensors alive while their ids are in the key; the dict is kept for a module's held fields (which
+        # come back as the same object)
+        self._entry: tuple | None = None
+
+    @property
+    def _args(self):
+        """The stored value (None when empty)."""
+        return None if self._entry is None else self._entry[3]
+
+    @property
+    def _fields(self) -> dict | None:
+        """The fields dict of the stored call (None when empty or not keyed)."""
+        return None if self._entry is None else self._entry[2]
 
     @staticmethod
     def _key_of(fields: dict, logits: Tensor) -> tuple | None:
@@ -328,22 +339,25 @@ class ArgsCache:
         return logits.shape[1], logits.device, tuple(fields), values
 
     def lookup(self, fields: dict, logits: Tensor) -> AdjustedCEArgs | None:
-        if self._key is None:
+        entry = self._entry
+        if entry is None:
             return None
-        if fields is self._fields:
-            # the very dict of the cached call: a loss module's held fields (``_LongTailLoss._held_fields``), which
-            # it never changes and makes anew when it or its buffers change; every other caller builds a dict per
+        key, _, held, value = entry
+        if fields is held:
+            # the very dict of the cached call: a loss module's held fields (``HeldFields._held_fields``), which it
+            # never changes and makes anew when it or its buffers change; every other caller builds a dict per
             # call. Only the logits' class count and device remain to compare (host time: no key to build)
-            return self._args if logits.shape[1] == self._key[0] and logits.device == self._key[1] else None
-        if self._key != self._key_of(fields, logits):
+            return value if logits.shape[1] == key[0] and logits.device == key[1] else None
+        if key != self._key_of(fields, logits):
             return None
-        return self._args
+        return value
 
     def store(self, fields: dict, logits: Tensor, args: AdjustedCEArgs) -> None:
         if _requiring_grad(fields) is not None:  # allowed without grad mode only: checked again by every call
             return
-        self._key, self._objects, self._args = self._key_of(fields, logits), tuple(fields.values()), args
-        self._fields = fields if self._key is not None else None
+        key = self._key_of(fields, logits)
+        if key is not None:  # (an inference tensor's fields are not kept)
+            self._entry = (key, tuple(fields.values()), fields, args)
 
     def checked(self, fields: dict, logits: Tensor, target, ignore_index: int, check, *, use: bool = True):
         """The cached value for ``fields`` (:meth:`lookup`; ``use=False``: never), with the call's rows checked
