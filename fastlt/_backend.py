@@ -14,13 +14,15 @@ __all__ = ["use_triton", "kernels_available", "interpreting", "autocast_inputs"]
 
 def use_triton(backend: str, logits) -> bool:
     """Resolve ``backend`` ('auto', 'torch' or 'triton') for ``logits`` (or features): 'auto' takes the kernels for
-    CUDA tensors when Triton is importable, the reference otherwise; 'triton' raises ``RuntimeError`` where the
-    kernels cannot run (no triton, or CPU tensors without ``TRITON_INTERPRET=1``)."""
+    CUDA tensors of the dtypes they take (float32, bfloat16, float16) when Triton is importable, the reference
+    otherwise (float64: a precision check runs as asked, not into the kernels' TypeError); 'triton' raises
+    ``RuntimeError`` where the kernels cannot run (no triton, or CPU tensors without ``TRITON_INTERPRET=1``)."""
     V.check_choice("backend", backend, V.BACKENDS)
     if backend == "torch":
         return False
     if backend == "auto":
-        return isinstance(logits, torch.Tensor) and logits.is_cuda and kernels_available()
+        return (isinstance(logits, torch.Tensor) and logits.is_cuda and logits.dtype != torch.float64
+                and kernels_available())
     if not kernels_available():
         raise RuntimeError("backend='triton' needs the triton package, which is not importable here")
     if isinstance(logits, torch.Tensor) and not logits.is_cuda and not interpreting():

@@ -1,5 +1,5 @@
 """The losses as functions, with a ``backend`` switch: ``'torch'`` runs :mod:`fastlt.reference`, ``'triton'`` the fused
-kernels, ``'auto'`` (default) the kernels for CUDA tensors and the reference elsewhere. Signatures match
+kernels, ``'auto'`` (default) the kernels for CUDA tensors (not float64) and the reference elsewhere. Signatures match
 :mod:`fastlt.reference`, plus ``backend`` and, for the adjusted cross-entropy, ``grad_in_forward`` (compute the
 gradient inside the forward and store it over the logits: no extra memory, but the caller's logits tensor is
 overwritten; see :func:`adjusted_cross_entropy`). The fused heads' functions (features in) are here too.

@@ -4,8 +4,8 @@ Each takes the per-class training counts once (validated; zero counts need ``cou
 derived per-class vectors as buffers (they follow ``.to(device)``; a float64 module makes them again from the
 counts in float64: :mod:`fastlt._count_buffers`), and the usual ``weight``, ``ignore_index``, ``reduction``,
 ``label_smoothing``, plus ``backend='auto'|'torch'|'triton'`` ('auto': fused Triton kernels for CUDA tensors, the
-pure-PyTorch reference elsewhere), ``dp_group`` (data parallel: the loss of the global batch) and ``shard`` (class
-parallel: local logits of a :class:`fastlt.distributed.ClassShard`); see
+pure-PyTorch reference elsewhere, float64 included), ``dp_group`` (data parallel: the loss of the global batch) and
+``shard`` (class parallel: local logits of a :class:`fastlt.distributed.ClassShard`); see
 :func:`fastlt.functional.adjusted_cross_entropy` and :mod:`fastlt.distributed`. Float hyperparameters keep the
 papers' names (tau, s, m, max_margin, noise_mul, gamma, alpha) and are plain attributes: schedule them freely. Their
 mapping to the adjusted cross-entropy's parameters is written once, in :mod:`fastlt._operator` (``la_fields``,

@@ -52,3 +52,24 @@ def test_functional_torch_backend_equals_reference():
         assert torch.equal(got, exp)
     assert LF.use_triton("torch", z) is False
     assert LF.use_triton("auto", z) is False
+
+
+class _OnCuda(torch.Tensor):
+    """A CPU tensor that says it is on CUDA: what 'auto' decides from, without a GPU."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+def test_auto_takes_the_kernels_for_cuda_tensors_of_their_dtypes_only():
+    """'auto' picks the kernels for CUDA tensors they take, and the reference for float64 ones (the kernels would
+    raise a TypeError: a float64 precision check on the GPU runs as asked)."""
+    from fastlt._backend import kernels_available
+
+    if not kernels_available():
+        pytest.skip("triton is not importable here")
+    for dtype, kernels in ((torch.float32, True), (torch.bfloat16, True), (torch.float16, True),
+                           (torch.float64, False)):
+        z = torch.Tensor._make_subclass(_OnCuda, torch.zeros(2, 3, dtype=dtype))
+        assert LF.use_triton("auto", z) is kernels, dtype

@@ -1,7 +1,7 @@
 """The fused heads as functions: features in, loss out, never the (N, C) logits (docs/design.md, "Fused heads").
 
-``backend='auto'`` (default) runs the fused kernels for CUDA tensors and the reference (:mod:`fastlt.reference`:
-the dense logits, then the loss) elsewhere; ``'triton'`` / ``'torch'`` force one.
+``backend='auto'`` (default) runs the fused kernels for CUDA tensors (not float64) and the reference
+(:mod:`fastlt.reference`: the dense logits, then the loss) elsewhere; ``'triton'`` / ``'torch'`` force one.
 """
 
 from __future__ import annotations
