@@ -289,8 +289,11 @@ def _elements_overlap(t: Tensor) -> bool:
 
 # --- entry points of fastlt.functional ----------------------------------------------------------------------------
 
-_LAST_ARGS = O.ArgsCache()  # the functional calls' (a module keeps its own): the same fields built and checked once
-_LAST_LADE = O.ArgsCache()  # LADE's (PriorCE arguments, LadeArgs) likewise
+# the functional calls' (a module keeps its own): the same fields built and checked once; the last few calls' each,
+# so that two losses called in turn every step (a main and an auxiliary loss) do not evict each other's
+SHARED_CACHE_SIZE = 4
+_LAST_ARGS = O.ArgsCache(SHARED_CACHE_SIZE)
+_LAST_LADE = O.ArgsCache(SHARED_CACHE_SIZE)  # LADE's (PriorCE arguments, LadeArgs) likewise
 
 def adjusted_cross_entropy_triton(logits: Tensor, target: Tensor, fields: dict, *, noise: Tensor | None = None,
                                   grad_in_forward: bool = False, cache: O.ArgsCache | None = None) -> Tensor:

@@ -302,31 +302,39 @@ class AdjustedCEArgs:
 
 
 class ArgsCache:
-    """The :class:`AdjustedCEArgs` of the last call (or whatever a caller stores: LADE's pair of arguments), reused
-    (its fields' checks, conversions and the kernels' argument groups and launch plans in its ``memo`` with it)
-    while a call passes the same fields: the same tensor objects, unchanged (``_version``), and equal scalars, for
-    logits of the same class count on the same device. A loss module passes its own buffers every step, so its
-    steps after the first skip that work. The entry holds the fields' objects, so no tensor id is reused while it
-    is cached. A drawn seed (``seed=None`` with the noise on) stays the one drawn when the entry was made: the
-    caller draws a fresh one for every other call and passes it to the launches beside these arguments
-    (:func:`fastlt._glue.adjusted_cross_entropy_triton`)."""
+    """The :class:`AdjustedCEArgs` of the last call, or of the last ``size`` calls (or whatever a caller stores:
+    LADE's pair of arguments), reused (its fields' checks, conversions and the kernels' argument groups and launch
+    plans in its ``memo`` with it) while a call passes the same fields: the same tensor objects, unchanged
+    (``_version``), and equal scalars, for logits of the same class count on the same device. A loss module passes
+    its own buffers every step, so its steps after the first skip that work. An entry holds the fields' objects, so
+    no tensor id is reused while it is cached. A drawn seed (``seed=None`` with the noise on) stays the one drawn
+    when the entry was made: the caller draws a fresh one for every other call and passes it to the launches beside
+    these arguments (:func:`fastlt._glue.adjusted_cross_entropy_triton`)."""
 
-    def __init__(self):
-        # one tuple (key, the fields' values, the fields dict, the stored value), replaced whole by store() and read
-        # once by lookup(): a thread never pairs one call's key with another's arguments. The values keep the
-        # fields' tensors alive while their ids are in the key; the dict is kept for a module's held fields (which
-        # come back as the same object)
-        self._entry: tuple | None = None
+    def __init__(self, size: int = 1):
+        # the entries, the most recently used first, each one tuple (key, the fields' values, the fields dict, the
+        # stored value); the tuple of entries is replaced whole (store(), a hit behind the first) and read once by
+        # lookup(): a thread never pairs one call's key with another's arguments. The values keep the fields'
+        # tensors alive while their ids are in the key; the dict is kept for a module's held fields (which come
+        # back as the same object). ``size``: how many calls' arguments are kept (a module: its own, one; the
+        # functions' shared caches: a few, so that two losses called in turn do not evict each other's every step)
+        self.size = size
+        self._entries: tuple = ()
+
+    @property
+    def _entry(self) -> tuple | None:
+        """The most recently used entry (None when empty)."""
+        return self._entries[0] if self._entries else None
 
     @property
     def _args(self):
-        """The stored value (None when empty)."""
-        return None if self._entry is None else self._entry[3]
+        """The most recently used value (None when empty)."""
+        return self._entries[0][3] if self._entries else None
 
     @property
     def _fields(self) -> dict | None:
-        """The fields dict of the stored call (None when empty or not keyed)."""
-        return None if self._entry is None else self._entry[2]
+        """The fields dict of the most recently used entry (None when empty)."""
+        return self._entries[0][2] if self._entries else None
 
     @staticmethod
     def _key_of(fields: dict, logits: Tensor) -> tuple | None:
@@ -339,25 +347,29 @@ class ArgsCache:
         return logits.shape[1], logits.device, tuple(fields), values
 
     def lookup(self, fields: dict, logits: Tensor) -> AdjustedCEArgs | None:
-        entry = self._entry
-        if entry is None:
+        entries = self._entries
+        if not entries:
             return None
-        key, _, held, value = entry
+        key, _, held, value = entries[0]
         if fields is held:
             # the very dict of the cached call: a loss module's held fields (``HeldFields._held_fields``), which it
             # never changes and makes anew when it or its buffers change; every other caller builds a dict per
             # call. Only the logits' class count and device remain to compare (host time: no key to build)
             return value if logits.shape[1] == key[0] and logits.device == key[1] else None
-        if key != self._key_of(fields, logits):
-            return None
-        return value
+        wanted = self._key_of(fields, logits)
+        for i, entry in enumerate(entries):
+            if entry[0] == wanted:
+                if i:  # the most recently used first: the least recently used is dropped by store()
+                    self._entries = (entry,) + entries[:i] + entries[i + 1:]
+                return entry[3]
+        return None
 
     def store(self, fields: dict, logits: Tensor, args: AdjustedCEArgs) -> None:
         if _requiring_grad(fields) is not None:  # allowed without grad mode only: checked again by every call
             return
         key = self._key_of(fields, logits)
         if key is not None:  # (an inference tensor's fields are not kept)
-            self._entry = (key, tuple(fields.values()), fields, args)
+            self._entries = ((key, tuple(fields.values()), fields, args),) + self._entries[:self.size - 1]
 
     def checked(self, fields: dict, logits: Tensor, target, ignore_index: int, check, *, use: bool = True):
         """The cached value for ``fields`` (:meth:`lookup`; ``use=False``: never), with the call's rows checked

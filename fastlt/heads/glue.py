@@ -22,7 +22,7 @@ from .. import _validation as V
 from .._backend import autocast_inputs
 from .._custom_ops import define, input_grads, save_inputs, saved_inputs
 from .._first_order import first_order
-from .._glue import check_kernel_input, lade_args, nan_if_empty, soft_mean
+from .._glue import SHARED_CACHE_SIZE, check_kernel_input, lade_args, nan_if_empty, soft_mean
 from .._operator import AdjustedCEArgs, ChunkPlan, LadeArgs, Needs
 from ..kernels import launch
 from ..kernels.row_normalize import normalize_rows as _normalize_rows
@@ -330,8 +330,8 @@ def _head_args(features: Tensor, weight: Tensor, target: Tensor, fields: dict, n
 _HEAD_NAMES = {"weight": "weight_classes"}  # the operator's class weights, as the heads' arguments name them
 
 # the functional calls' (a head module keeps its own: two heads in one step would evict each other's every step)
-_HEAD_ARGS = O.ArgsCache()
-_LADE_HEAD_ARGS = O.ArgsCache()
+_HEAD_ARGS = O.ArgsCache(SHARED_CACHE_SIZE)
+_LADE_HEAD_ARGS = O.ArgsCache(SHARED_CACHE_SIZE)
 
 
 def run_head(features: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, fields: dict, *, cosine: bool,
