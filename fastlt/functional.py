@@ -15,7 +15,7 @@ from ._backend import use_triton
 from ._operator import gcl_fields, la_fields, ldam_fields
 from ._shapes import as_rows, restore
 from .distributed.class_parallel import check_shard_options, sharded_cross_entropy, sharded_lade_loss
-from .distributed.data_parallel import batch_dependent, global_batch_loss, global_lade_loss, warn_without_group
+from .distributed.data_parallel import global_batch_loss, global_lade_loss, split_warning, warn_without_group
 from .distributed.dtensor import from_dtensor, is_dtensor
 from .heads.functional import cosine_cross_entropy, lade_linear_loss, linear_cross_entropy
 
@@ -100,46 +100,26 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor 
             return R.adjusted_cross_entropy(logits, target, noise=noise, **f)
         return _glue().adjusted_cross_entropy_triton(logits, target, f, noise=noise, grad_in_forward=grad_in_forward)
 
-    if dp_group is None and (warning := _split_warning(weight, reduction)) is not None:
+    if dp_group is None and (warning := split_warning(weight, reduction)) is not None:
         warn_without_group(warning)
     if dp_group is not None and dp_group is not False:
         return global_batch_loss(local, logits, target, fields, dp_group, weight=weight, rows_per_rank=rows_per_rank)
     return local(fields)
 
 
-def _split_warning(weight, reduction: str) -> str | None:
-    """What :func:`adjusted_cross_entropy` warns about under several ranks without ``dp_group`` (its value depends on
-    the batch split: a class-weighted mean), or None."""
-    return "a class-weighted 'mean'" if batch_dependent(weight, reduction) else None
-
-
-def _kernels_direct(logits, backend: str, dp_group, shard, warning: str | None) -> bool:
-    """Whether :func:`adjusted_cross_entropy` (or :func:`lade_loss`) would hand a call to the kernels' glue as it is:
-    plain (N, C) tensor logits (no DTensor, no positions to flatten), no class shard, no data-parallel group (None
-    or False), and the kernels chosen for them. A loss module then calls :func:`_kernels_call` (or the glue's LADE)
-    itself: the same checks and kernels without the dispatch's host time (a small step is host-bound).
-    ``warning``: what to warn about, as the dispatch would, when several ranks run without ``dp_group`` (a loss
-    that depends on the batch split: :func:`_split_warning`, ``warn_without_group``); None when the loss does
-    not."""
-    if (type(logits) is not Tensor or logits.dim() != 2 or shard is not None
-            or (dp_group is not None and dp_group is not False) or not use_triton(backend, logits)):
-        return False
-    if dp_group is None and warning is not None:
-        warn_without_group(warning)
-    return True
-
-
 def _kernels_call(logits: Tensor, target: Tensor, fields: dict, *, grad_in_forward: bool = False,
                   cache=None) -> Tensor:
-    """The adjusted cross-entropy on the kernels for a call :func:`_kernels_direct` accepts; ``fields``: the operator's
-    parameters by name (:class:`fastlt._operator.AdjustedCEArgs`; ``seed`` may be None: drawn); ``cache``: the
-    caller's :class:`fastlt._operator.ArgsCache` (a module's own), else the glue's shared one."""
+    """The adjusted cross-entropy on the kernels for a call that
+    :func:`fastlt.distributed.data_parallel.kernels_direct` accepts; ``fields``: the operator's parameters by name
+    (:class:`fastlt._operator.AdjustedCEArgs`; ``seed`` may be None: drawn); ``cache``: the caller's
+    :class:`fastlt._operator.ArgsCache` (a module's own), else the glue's shared one."""
     return _glue().adjusted_cross_entropy_triton(logits, target, fields, grad_in_forward=grad_in_forward, cache=cache)
 
 
 def _lade_kernels_call(logits: Tensor, target: Tensor, fields: dict, cache=None) -> Tensor:
-    """LADE on the kernels for a call :func:`_kernels_direct` accepts; ``fields``: :func:`lade_loss`'s prior, alpha,
-    remine_lambda, weight, ignore_index, reduction and label_smoothing by name; ``cache`` as :func:`_kernels_call`."""
+    """LADE on the kernels for a call that :func:`fastlt.distributed.data_parallel.kernels_direct` accepts;
+    ``fields``: :func:`lade_loss`'s prior, alpha, remine_lambda, weight, ignore_index, reduction and label_smoothing
+    by name; ``cache`` as :func:`_kernels_call`."""
     return _glue().lade_fields_triton(logits, target, fields, cache)
 
 

@@ -24,6 +24,7 @@ from . import functional as LF
 from ._count_buffers import CountBuffers, MarginSchedule
 from ._held_fields import HeldFields
 from ._operator import FoldedSpread, gcl_fields, la_fields, ldam_fields
+from .distributed.data_parallel import kernels_direct, split_warning
 from .priors import gcl_cloud_from, ldam_margins_from, log_prior_from, prior_from
 
 __all__ = ["LogitAdjustedLoss", "BalancedSoftmaxLoss", "LDAMLoss", "GCLLoss", "LADELoss"]
@@ -62,11 +63,12 @@ class _LongTailLoss(HeldFields, CountBuffers):
     # attribute read of a buffer goes through nn.Module.__getattr__, ~0.7 us each on a small step's host path.
 
     def _direct(self, logits: Tensor, warning: str | None = None) -> bool:
-        """Whether this call goes to the kernels' glue straight (:func:`fastlt.functional._kernels_direct`);
-        ``warning``: that of a loss that depends on the batch split (see there; default: the cross-entropy's)."""
+        """Whether this call goes to the kernels' glue straight
+        (:func:`fastlt.distributed.data_parallel.kernels_direct`); ``warning``: that of a loss that depends on the
+        batch split (see there; default: the cross-entropy's)."""
         if warning is None:
-            warning = LF._split_warning(self._buffers["weight"], self.reduction)
-        return LF._kernels_direct(logits, self.backend, self.dp_group, self.shard, warning)
+            warning = split_warning(self._buffers["weight"], self.reduction)
+        return kernels_direct(logits, self.backend, self.dp_group, self.shard, warning)
 
     def _fields(self, **operator) -> dict:
         """The operator's fields of a direct call: ``operator``'s (:mod:`fastlt._operator`'s ``*_fields``) and the

@@ -11,6 +11,7 @@ from conftest import DEVICE
 
 import fastlt
 from fastlt import functional as LF
+from fastlt.distributed import data_parallel
 
 WEIGHT = [0.5, 1.0, 2.0, 1.5, 0.7, 1.1, 0.9]
 
@@ -115,7 +116,8 @@ def test_direct_calls_warn_as_the_dispatch_does(monkeypatch, name, options, warn
     several ranks), on the direct path as on the dispatch."""
     z, y, counts = _data()
     seen = []
-    monkeypatch.setattr(LF, "warn_without_group", seen.append)
+    monkeypatch.setattr(LF, "warn_without_group", seen.append)  # the dispatch's
+    monkeypatch.setattr(data_parallel, "warn_without_group", seen.append)  # the direct path's (kernels_direct)
     crit = MODULES[name](counts, backend="triton", **options).to(DEVICE)
     _call(crit, z.to(DEVICE), y.to(DEVICE), name)
     assert seen == warned

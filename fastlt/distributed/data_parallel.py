@@ -28,11 +28,12 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import reference as R
+from .._backend import use_triton
 from .._operator import check_lade_args
 from .collectives import global_logsumexp, global_sum, rank_and_size, stat_dtype, world_gradient
 
 __all__ = ["global_batch_loss", "global_lade_loss", "noise_row_offset", "mean_denominator", "batch_dependent",
-           "warn_without_group"]
+           "split_warning", "kernels_direct", "warn_without_group"]
 
 
 def noise_row_offset(rank: int, rows: int, rows_per_rank: int | None) -> int:
@@ -116,6 +117,27 @@ def global_lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: float
 def batch_dependent(weight, reduction: str) -> bool:
     """Whether a cross-entropy's value depends on how the batch is split over ranks: a class-weighted mean."""
     return weight is not None and reduction == "mean"
+
+
+def split_warning(weight, reduction: str) -> str | None:
+    """What a cross-entropy (a loss or a head) warns about under several ranks without ``dp_group``: its value
+    depends on the batch split (a class-weighted mean); None when it does not."""
+    return "a class-weighted 'mean'" if batch_dependent(weight, reduction) else None
+
+
+def kernels_direct(inputs, backend: str, dp_group, shard, warning: str | None) -> bool:
+    """Whether a call of a loss module (or a head) goes to the kernels' glue as it is: plain 2-D tensor ``inputs``
+    (logits (N, C), or a head's features: no DTensor, no positions to flatten), no class shard, no data-parallel
+    group (None or False), and the kernels chosen for them. The module then calls the glue itself: the same checks
+    and kernels without the functions' dispatch (a small step is host-bound). ``warning``: what to warn about, as the
+    dispatch would, when several ranks run without ``dp_group`` (a loss that depends on the batch split:
+    :func:`split_warning`, :func:`warn_without_group`); None when the loss does not."""
+    if (type(inputs) is not Tensor or inputs.dim() != 2 or shard is not None
+            or (dp_group is not None and dp_group is not False) or not use_triton(backend, inputs)):
+        return False
+    if dp_group is None and warning is not None:
+        warn_without_group(warning)
+    return True
 
 
 _WARNED = False

@@ -13,7 +13,7 @@ from .. import _validation as V
 from .. import reference as R
 from .._backend import use_triton
 from ..distributed.class_parallel import check_shard_options
-from ..distributed.data_parallel import batch_dependent, global_batch_loss, global_lade_loss, warn_without_group
+from ..distributed.data_parallel import global_batch_loss, global_lade_loss, split_warning, warn_without_group
 from ..distributed.sharded_heads import sharded_head_loss
 
 __all__ = ["linear_cross_entropy", "cosine_cross_entropy", "lade_linear_loss"]
@@ -132,8 +132,8 @@ def _check_shard_head(dp_group, noise, chunk_rows, chunk_classes, lade_backend: 
 def _data_parallel(local, features: Tensor, target: Tensor, fields: dict, weight_classes, dp_group,
                    rows_per_rank) -> Tensor:
     """``local(fields)`` on this rank's rows, or, with ``dp_group``, the loss of the global batch."""
-    if dp_group is None and batch_dependent(weight_classes, fields["reduction"]):
-        warn_without_group("a class-weighted 'mean'")
+    if dp_group is None and (warning := split_warning(weight_classes, fields["reduction"])) is not None:
+        warn_without_group(warning)
     if dp_group is None or dp_group is False:
         return local(fields)
     return global_batch_loss(local, features, target, fields, dp_group, weight=weight_classes,

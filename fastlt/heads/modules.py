@@ -15,7 +15,7 @@ from .._backend import use_triton
 from .._count_buffers import CountBuffers, MarginSchedule
 from .._held_fields import HeldFields
 from .._operator import FoldedSpread, gcl_fields, la_fields, ldam_fields
-from ..distributed.data_parallel import batch_dependent, warn_without_group
+from ..distributed.data_parallel import kernels_direct, split_warning
 from ..distributed.sharded_training import check_head_shard, check_outside_ddp, sharded_topk
 from ..priors import gcl_cloud_from, ldam_margins_from, log_prior_from, prior_from
 from ..reference import normalize_rows
@@ -87,21 +87,16 @@ class _HeadBase(HeldFields, CountBuffers):
 
     def _direct(self, features: Tensor, warning: str | None) -> bool:
         """Whether this call runs the kernels' glue straight (:func:`fastlt.heads.glue.run_head`, with this head's
-        held fields and arguments cache): the kernels chosen for the features, no class shard, no data-parallel group
-        (None or False). ``warning``: what to warn about, as the functions would, when several ranks run without
-        ``dp_group`` (a loss that depends on the batch split), or None."""
-        if self.shard is not None or (self.dp_group is not None and self.dp_group is not False):
+        held fields and arguments cache), as the loss modules decide it
+        (:func:`fastlt.distributed.data_parallel.kernels_direct`; ``warning`` the same, or None)."""
+        if not kernels_direct(features, self.backend, self.dp_group, self.shard, warning):
             return False
-        if not use_triton(self.backend, features):
-            return False
-        if self.dp_group is None and warning is not None:
-            warn_without_group(warning)
         V.check_chunks(self.chunk_rows, self.chunk_classes)  # (attributes: a user may assign them)
         return True
 
     def _split_warning(self) -> str | None:
         """The functions' warning for a loss whose value depends on the batch split (a class-weighted mean)."""
-        return "a class-weighted 'mean'" if batch_dependent(self._buffers["weight_classes"], self.reduction) else None
+        return split_warning(self._buffers["weight_classes"], self.reduction)
 
     def _fields(self, **operator) -> dict:
         """The operator's fields of a direct call (all of them, as the functions pass them): ``operator``'s and the
