@@ -364,9 +364,8 @@ def lade_args(logits: Tensor, target: Tensor, fields: dict, cache: O.ArgsCache,
         O.check_lade_args(logits, target, fields["prior"], fields["alpha"], fields["remine_lambda"],
                           fields["reduction"])
         O.check_operator_args(logits, target, {name: fields[name] for name in _LADE_OPERATOR_FIELDS})
-        O.refuse_requiring_grad(fields, names)
 
-    cached = cache.checked(fields, logits, target, fields["ignore_index"], check, use=use)
+    cached = cache.checked(fields, logits, target, fields["ignore_index"], check, use=use, names=names)
     if cached is None:
         cached = lade_operator_args(**fields)
         if use:

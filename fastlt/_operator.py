@@ -371,24 +371,27 @@ class ArgsCache:
         if key is not None:  # (an inference tensor's fields are not kept)
             self._entries = ((key, tuple(fields.values()), fields, args),) + self._entries[:self.size - 1]
 
-    def checked(self, fields: dict, logits: Tensor, target, ignore_index: int, check, *, use: bool = True):
+    def checked(self, fields: dict, logits: Tensor, target, ignore_index: int, check, *, use: bool = True,
+                names: dict | None = None):
         """The cached value for ``fields`` (:meth:`lookup`; ``use=False``: never), with the call's rows checked
         (:func:`check_rows`: the fields were checked when it was stored); or None after ``check()``, the caller's
-        whole check of a call whose fields are not cached."""
+        whole check of a call whose fields are not cached, and the refusal of a field that requires grad
+        (:func:`refuse_requiring_grad`, ``names`` the caller's names of the fields)."""
         value = self.lookup(fields, logits) if use else None
         if value is None:
             check()
-            refuse_requiring_grad(fields)
+            refuse_requiring_grad(fields, names)
         else:
             check_rows(logits, target, ignore_index)
         return value
 
-    def operator_args(self, fields: dict, logits: Tensor, target, check, *, use: bool = True):
+    def operator_args(self, fields: dict, logits: Tensor, target, check, *, use: bool = True,
+                      names: dict | None = None):
         """``(args, seed)``: the :class:`AdjustedCEArgs` of ``fields`` for ``logits`` (N, C) (or a broadcast
         stand-in), the cached ones (:meth:`checked`) or made and stored (``use=False``: made, not stored); ``seed``
         GCL's seed drawn for a call whose arguments were kept (they keep the one drawn when they were made), else
         None: one draw a call either way, as the reference path draws it. The losses' and the heads' glue."""
-        args = self.checked(fields, logits, target, fields.get("ignore_index", -100), check, use=use)
+        args = self.checked(fields, logits, target, fields.get("ignore_index", -100), check, use=use, names=names)
         if args is not None:
             return args, (draw_seed() if fields.get("seed", 0) is None and args.has_noise else None)
         args = AdjustedCEArgs.from_fields(logits.device, fields)

@@ -319,12 +319,8 @@ def _head_args(features: Tensor, weight: Tensor, target: Tensor, fields: dict, n
     """``(args, seed)`` of :meth:`fastlt._operator.ArgsCache.operator_args`, checked on the logits' stand-in and kept
     in ``cache`` while the next call passes the same fields (not with explicit noise, nor while compiling)."""
     proxy = _proxy(features, weight)
-
-    def check():
-        O.check_operator_args(proxy, target, fields, noise=noise)
-        O.refuse_requiring_grad(fields, _HEAD_NAMES)
-
-    return cache.operator_args(fields, proxy, target, check, use=noise is None and not torch.compiler.is_compiling())
+    return cache.operator_args(fields, proxy, target, lambda: O.check_operator_args(proxy, target, fields, noise=noise),
+                               use=noise is None and not torch.compiler.is_compiling(), names=_HEAD_NAMES)
 
 
 _HEAD_NAMES = {"weight": "weight_classes"}  # the operator's class weights, as the heads' arguments name them
