@@ -55,7 +55,7 @@ def shot_accuracy(predictions_or_logits: torch.Tensor | Sequence[int] | Sequence
 
     Args:
         predictions_or_logits: (N,) predicted labels (integer dtype) or (N, C) real scores (argmax is
-            taken); tensor, numpy array or sequence.
+            taken; a NaN score raises); tensor, numpy array or sequence.
         targets: (N,) integer labels in ``[0, C)``, N >= 1.
         train_class_counts: (C,) training counts ``n`` (finite, non-negative), which define the splits.
         many_threshold: a class with ``n_j > many_threshold`` is many-shot (default 100).
@@ -98,6 +98,10 @@ def shot_accuracy(predictions_or_logits: torch.Tensor | Sequence[int] | Sequence
             )
         if scores.dtype == torch.bool or scores.is_complex():
             raise TypeError(f"predictions_or_logits must be real scores, got {scores.dtype}")
+        if scores.is_floating_point() and bool(scores.isnan().any()):
+            # argmax takes a NaN for the largest score: a diverged model's rows would count as predictions
+            bad = int(scores.isnan().any(dim=1).nonzero()[0, 0])
+            raise ValueError(f"predictions_or_logits holds NaN (row {bad} first): a NaN score has no argmax")
         preds = scores.argmax(dim=1)
     elif scores.dim() == 1:
         if scores.dtype not in INT_DTYPES:

@@ -114,6 +114,8 @@ def test_matches_sklearn_and_split_means(num_classes, n, seed):
         (torch.zeros(3, 2), torch.tensor([0, 1]), [5, 5], {}, ValueError, "predictions_or_logits"),
         (torch.tensor([0.0, 1.0]), torch.tensor([0, 1]), [5, 5], {}, TypeError, "predictions_or_logits"),
         (torch.zeros(2, 2, 2), torch.tensor([0, 1]), [5, 5], {}, ValueError, "predictions_or_logits"),
+        (torch.tensor([[0.0, 1.0], [float("nan"), 0.0]]), torch.tensor([0, 0]), [5, 5], {}, ValueError,
+         "NaN \\(row 1"),
         (torch.tensor([0, 1]), torch.tensor([0, 1]), [5, -1], {}, ValueError, "train_class_counts"),
         (torch.tensor([0, 1]), torch.tensor([0, 1]), [[5, 5]], {}, ValueError, "train_class_counts"),
         (torch.tensor([0, 1]), torch.tensor([0, 1]), [True, False], {}, TypeError, "train_class_counts"),
