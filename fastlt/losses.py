@@ -187,8 +187,8 @@ class GCLLoss(_LongTailLoss):
 
     Defaults are the official loss class's (m=0.5, s=30, noise_mul=1, gamma=0); the official scripts use m=0, s=30,
     noise_mul=0.5 for the backbone stage and m=0.1, s=20, noise_mul=0.5, gamma=1 for the classifier re-training stage
-    (with :class:`fastlt.data.CBENSampler`). ``forward(cos, y, seed=None)``: the seed is drawn from torch's generator
-    unless given (an int, or a one-element int64 tensor on the device for CUDA graphs: see
+    (with :class:`fastlt.data.CBENSampler`). ``forward(cosine, target, seed=None)``: the seed is drawn from torch's
+    generator unless given (an int, or a one-element int64 tensor on the device for CUDA graphs: see
     :func:`fastlt.functional.adjusted_cross_entropy`).
     """
 

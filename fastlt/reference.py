@@ -311,7 +311,7 @@ def lader_from_statistics(stats: LaderStatistics, prior: Tensor, remine_lambda: 
 
 def lader(logits: Tensor, target: Tensor, prior: Tensor, remine_lambda: float = 0.1,
           ignore_index: int = -100) -> Tensor:
-    """LADE's regulariser as the official code computes it (docs/design.md, "LADE"), a scalar.
+    """LADE's regulariser as the official code computes it (docs/design.md, "The losses"), a scalar.
 
     ``first_c = sum_{i: y_i=c} z_ic / (N_c + 1e-8)``,
     ``second_c = LSE_i(z_ic - log(pi_c + 1e-9) + log(1/C + 1e-9)) - log N``,

@@ -98,7 +98,8 @@ class Flags(NamedTuple):
 class Columns(NamedTuple):
     """The classes of a launch: program (i, s) covers ``[base + s * per_split, ...)`` capped at ``end`` (C, or the end
     of a class chunk); the operands hold the classes from ``base`` on (0 unless the caller passes a class chunk).
-    Split rows (SPLIT) write their partials (4, N, ``num_splits``) fp32 (max, sum-exp, a_y, sum w*a) to slot
+    Split rows (SPLIT) write their partials (5, N, ``num_splits``) fp32 (max, sum-exp, a_y, sum w*(a - max), sum w;
+    6 planes for class probabilities) to slot
     ``first_split + s`` (None where no partials are written)."""
 
     per_split: Any
