@@ -321,3 +321,36 @@ def sharded_head() -> dict:
     except ValueError as e:
         out["inside_ddp"] = str(e)
     return out
+
+
+def readme_blocks() -> dict:
+    """README.md's distributed examples as written (tests/readme_blocks.py), each rank on its own batch (the class
+    parallel logits on the batch of rank 0, which the example replicates): the losses, the exported head weight and
+    the replicated features' gradient."""
+    import readme_blocks as RB
+    from torch.nn.parallel import DistributedDataParallel
+
+    from fastlt.distributed import ClassShard
+
+    blocks, rank, group = RB.python_blocks(), dist.get_rank(), dist.group.WORLD
+    out = {}
+    ns = RB.namespace(batch_seed=rank)
+    ns.update(group=group, batch_size=RB.N, epochs=2, ddp_model=DistributedDataParallel(ns["model"]))
+    exec(blocks["data_parallel"], ns)
+    out.update(data_parallel=ns["loss"].detach(), x=ns["x"], y=ns["y"])
+
+    ns = RB.namespace(batch_seed=rank)
+    torch.manual_seed(0)
+    ns.update(group=group, backbone=nn.Linear(512, 512), x=ns["embeddings"], step=3,
+              DistributedDataParallel=DistributedDataParallel)
+    exec(blocks["class_parallel_head"], ns)
+    out.update(class_parallel_head=ns["loss"].detach(), full_weight=ns["state"]["weight"])
+
+    ns = RB.namespace(batch_seed=0)
+    torch.manual_seed(0)
+    w_init = torch.randn(RB.NUM_CLASSES, 512)
+    features = ns["embeddings"].requires_grad_()
+    ns.update(group=group, shard=ClassShard.balanced(RB.NUM_CLASSES, group), w_init=w_init, features=features)
+    exec(blocks["class_parallel_logits"], ns)
+    out.update(class_parallel_logits=ns["loss"].detach(), features_grad=features.grad)
+    return out

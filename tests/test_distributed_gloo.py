@@ -235,3 +235,27 @@ def test_class_parallel_head_under_a_ddp_backbone(pool):
         assert rank["fwd"] == 4
         assert "exclude_from_ddp" in rank["inside_ddp"]
     torch.testing.assert_close(torch.cat([r["head"] for r in ranks]), net.head.weight.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_readme_examples_on_two_ranks(pool):
+    """README's data-parallel and class-parallel examples run as written on 2 ranks; each loss is the same on every
+    rank and is the loss of the whole problem in one process (the data-parallel LADE of the concatenated batch,
+    the class-parallel logits loss of the full weight); the exported weight is every rank's (C, 512)."""
+    import readme_blocks as RB
+
+    r0, r1 = pool.run("readme_blocks")
+    ns = RB.namespace()
+    for key in ("data_parallel", "class_parallel_head", "class_parallel_logits"):
+        assert torch.isfinite(r0[key]), key
+        torch.testing.assert_close(r0[key], r1[key], rtol=1e-6, atol=1e-6)
+    whole = fastlt.LADELoss(ns["counts"])(ns["model"](torch.cat([r0["x"], r1["x"]])), torch.cat([r0["y"], r1["y"]]))
+    torch.testing.assert_close(r0["data_parallel"], whole.detach(), rtol=1e-5, atol=1e-6)
+    assert r0["full_weight"].shape == (RB.NUM_CLASSES, 512)
+    torch.testing.assert_close(r0["full_weight"], r1["full_weight"])
+    torch.manual_seed(0)
+    w = torch.randn(RB.NUM_CLASSES, 512)
+    feats = ns["embeddings"].requires_grad_()
+    full = fastlt.LogitAdjustedLoss(ns["counts"], tau=1.0)(torch.nn.functional.linear(feats, w), ns["y"])
+    full.backward()
+    torch.testing.assert_close(r0["class_parallel_logits"], full.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(r0["features_grad"], feats.grad, rtol=1e-5, atol=1e-6)
