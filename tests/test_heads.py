@@ -499,7 +499,8 @@ def test_linear_loss_head_triton_matches_torch_and_the_formula(loss, bias):
     N, D, C = 9, 10, 23
     counts = long_tail_counts(C, gen)
     wc = torch.rand(C, generator=gen) + 0.2
-    common = dict(loss=loss, bias=bias, tau=0.7, gamma=0.5, weight_classes=wc, label_smoothing=0.05, chunk_rows=4)
+    common = dict(loss=loss, bias=bias, tau=1.0 if loss == "balanced_softmax" else 0.7, gamma=0.5,
+                  weight_classes=wc, label_smoothing=0.05, chunk_rows=4)
     head = fastlt.LinearLossHead(D, C, counts, backend="triton", **common).to(DEVICE)
     ref = fastlt.LinearLossHead(D, C, counts, backend="torch", **common)
     ref.load_state_dict(head.state_dict())
@@ -537,7 +538,8 @@ def test_linear_loss_head_logits_and_topk(loss):
     gen = torch.Generator().manual_seed(18)
     N, D, C = 11, 6, 19
     counts = long_tail_counts(C, gen)
-    head = fastlt.LinearLossHead(D, C, counts if loss != "ce" else None, loss=loss, tau=0.6).to(DEVICE)
+    head = fastlt.LinearLossHead(D, C, counts if loss != "ce" else None, loss=loss,
+                                **({} if loss in ("balanced_softmax", "lade") else {"tau": 0.6})).to(DEVICE)
     f = torch.randn(N, D, generator=gen).to(DEVICE)
     z = head.logits(f)
     want = F.linear(f.double(), head.weight.double(), head.bias.double())
@@ -821,6 +823,12 @@ def test_module_errors():
         fastlt.CosineGCLHead(4, 3, counts, reduction="avg")
     with pytest.raises(ValueError, match="eps"):
         fastlt.CosineGCLHead(4, 3, counts, eps=0.0)
+    with pytest.raises(ValueError, match="fixes tau = 1"):  # was ignored
+        fastlt.LinearLossHead(4, 3, counts, loss="balanced_softmax", tau=0.5)
+    head = fastlt.LinearLossHead(4, 3, counts, loss="balanced_softmax")
+    with pytest.raises(AttributeError, match="loss is fixed"):  # was taken: 'ldam' then ran as plain CE (no margins)
+        head.loss = "ldam"
+    assert head.loss == "balanced_softmax"
     for head in (fastlt.LinearLossHead(4, 3, counts).to(DEVICE), fastlt.CosineGCLHead(4, 3, counts).to(DEVICE)):
         y = torch.tensor([0, 1], device=DEVICE)
         with pytest.raises(ValueError, match=r"features must have shape \(N, 4\)"):

@@ -193,3 +193,17 @@ def test_linear_loss_head_lade_rejects_none_reduction_and_scale():
         fastlt.LinearLossHead(4, 3, [5, 3, 1], loss="lade", reduction="none")
     with pytest.raises(ValueError, match="lade"):
         fastlt.LinearLossHead(4, 3, [5, 3, 1], loss="lade", s=30.0)
+
+
+@pytest.mark.parametrize("name, value", [("s", 30.0), ("gamma", 1.0), ("tau", 0.5)])
+def test_linear_loss_head_lade_refuses_the_terms_it_has_not_when_assigned(name, value):
+    """A LADE head has no logit scale, focal factor or tau: assigned after construction, they were silently ignored
+    (the loss unchanged); now a ValueError, as at construction. Their neutral values are accepted."""
+    import fastlt
+
+    with pytest.raises(ValueError, match=f"loss='lade' takes no {name}"):
+        fastlt.LinearLossHead(4, 3, [5, 3, 1], loss="lade", **{name: value})
+    head = fastlt.LinearLossHead(4, 3, [5, 3, 1], loss="lade")
+    with pytest.raises(ValueError, match=f"loss='lade' takes no {name}"):
+        setattr(head, name, value)
+    setattr(head, name, {"s": 1, "gamma": 0, "tau": 1.0}[name])

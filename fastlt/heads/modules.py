@@ -26,6 +26,8 @@ __all__ = ["LinearLossHead", "CosineGCLHead"]
 
 _HEAD_LOSSES = ("ce", "la", "balanced_softmax", "ldam", "lade")
 # the operator's fields as linear_cross_entropy passes them by default: no offset, margin, noise or focal factor
+# the operator terms LADE has not (its prior enters at tau = 1): a LADE head refuses other values
+_LADE_NEUTRAL = dict(tau=1.0, s=1.0, gamma=0.0)
 _NO_OPERATOR = dict(log_prior=None, tau=1.0, margin=None, scale=1.0, cloud=None, noise_mul=0.0, seed=None, gamma=0.0)
 F64 = torch.float64
 
@@ -157,7 +159,9 @@ class LinearLossHead(MarginSchedule, _HeadBase):
             ``max_margin``) or 'lade' (``PriorCE + alpha * LADER`` with ``remine_lambda``,
             :func:`fastlt.heads.lade_linear_loss`; 'mean' or 'sum'; ``s`` and ``gamma`` do not apply).
         bias: whether the layer has a bias.
-        tau, max_margin, alpha, remine_lambda: the losses' hyperparameters (``max_margin`` can be scheduled).
+        tau, max_margin, alpha, remine_lambda: the losses' hyperparameters (``max_margin`` can be scheduled;
+            'balanced_softmax' and 'lade' fix ``tau`` at 1, and 'lade' refuses ``s`` and ``gamma``, also when
+            assigned later). ``loss`` itself is fixed once the head is made.
         s: the logit scale (default 30 for 'ldam', else 1).
         gamma: focal exponent.
         count_smoothing: added to the counts (needed when a count is 0).
@@ -180,18 +184,18 @@ class LinearLossHead(MarginSchedule, _HeadBase):
                  dtype=None, **kwargs):
         super().__init__(in_features, num_classes, **kwargs)
         self.loss = V.check_choice("loss", loss, _HEAD_LOSSES)
-        self.tau = V.check_finite_float("tau", 1.0 if loss in ("balanced_softmax", "lade") else tau)
+        tau = V.check_finite_float("tau", tau)
+        if loss == "balanced_softmax" and tau != 1.0:  # (was ignored: Balanced Softmax is la with tau = 1)
+            raise ValueError(f"loss='balanced_softmax' fixes tau = 1, got tau={tau!r}; use loss='la' for another tau")
+        self.tau = tau
         self.max_margin = max_margin
         self.s = V.check_finite_float("s", (30.0 if loss == "ldam" else 1.0) if s is None else s)
         self.gamma = V.check_finite_float("gamma", gamma, min_value=0.0)
         self.alpha = V.check_finite_float("alpha", alpha)
         self.remine_lambda = V.check_finite_float("remine_lambda", remine_lambda)
-        if loss == "lade":
-            if self.reduction == "none":
-                raise ValueError("reduction='none' is not defined for loss='lade': LADER is a batch-level statistic; "
-                                 "use 'mean' or 'sum'")
-            if self.s != 1.0 or self.gamma != 0.0:
-                raise ValueError("loss='lade' takes no logit scale s or focal gamma (the official LADE has neither)")
+        if loss == "lade" and self.reduction == "none":  # (s, gamma and tau: __setattr__ refuses them)
+            raise ValueError("reduction='none' is not defined for loss='lade': LADER is a batch-level statistic; "
+                             "use 'mean' or 'sum'")
         for name in ("log_prior", "margins", "prior"):  # those the loss uses are filled from the counts below
             self.register_buffer(name, None, persistent=False)
         if class_counts is None:
@@ -203,6 +207,15 @@ class LinearLossHead(MarginSchedule, _HeadBase):
         self.weight = nn.Parameter(torch.empty((self.weight_rows, in_features), **factory))
         self.bias = nn.Parameter(torch.empty(self.weight_rows, **factory)) if bias else None
         self.reset_parameters()
+
+    def __setattr__(self, name: str, value) -> None:
+        loss = self.__dict__.get("loss")
+        if name == "loss" and loss is not None:  # the class buffers and presets were made for it
+            raise AttributeError(f"loss is fixed when the head is made (it is {loss!r}): make a new LinearLossHead")
+        if loss == "lade" and name in _LADE_NEUTRAL and value != _LADE_NEUTRAL[name]:
+            raise ValueError(f"loss='lade' takes no {name} (it would be ignored): {name} must stay "
+                             f"{_LADE_NEUTRAL[name]}, got {value!r}")
+        super().__setattr__(name, value)
 
     def _count_vectors(self, counts: Tensor) -> dict[str, Tensor]:
         out = {}
