@@ -269,7 +269,10 @@ class ClassBalancedSampler(_ClassMassSampler):
         q: the exponent of the class mass ``n_j^q`` (finite).
         num_samples: draws per epoch, at least 1; default N.
         replacement: draw with replacement (class first, then a sample uniformly inside it); without
-            replacement, one multinomial over the per-sample weights, which needs ``num_samples <= N``.
+            replacement, one multinomial over the per-sample weights, which needs ``num_samples <= N``. Only the
+            first draws then follow ``class_probabilities``: as samples run out the draws drift back towards the
+            training frequencies, and ``num_samples = N`` (the default) is a permutation of the dataset, which
+            balances nothing whatever ``q``. Keep ``num_samples`` well below N there, or draw with replacement.
         generator: the source of randomness of one process; default torch's global generator.
         num_replicas, rank, seed: data parallel, see below.
 
