@@ -3,8 +3,12 @@
 A loss module keeps its per-class vectors (log prior, margins, cloud, ...) as float32 buffers: what the kernels read.
 ``module.double()`` (or ``.to(torch.float64)``) would only widen those float32 roundings, so a float64 module would
 differ from the float64 formula by ~1e-8. Here a conversion that turns such a buffer into float64 makes it again
-from the float64 counts, as long as it is still the module's own (not assigned by the user, not edited in place);
-any other conversion (device moves, ``share_memory``, half precision) treats it as any buffer.
+from the float64 counts, as long as it is still the module's own (not assigned by the user, not edited in place).
+A conversion to half precision (``.half()``, ``.to(torch.bfloat16)``: a model cast whole, the criterion inside it)
+leaves the module's own vectors in float32: the kernels compute in float32 whatever the logits' dtype, and
+bfloat16 would move a log prior of -12 by up to 0.03 (a head made with ``dtype=torch.bfloat16`` kept float32
+vectors; one cast to it afterwards did not). Other conversions (device moves, ``share_memory``) treat them as any
+buffer.
 """
 
 from __future__ import annotations
@@ -42,10 +46,12 @@ class CountBuffers(nn.Module):
             self.register_buffer(name, None, persistent=False)
             self._set_own(name, values.to(dtype or torch.float32))
 
-    def refresh_count_buffer(self, name: str) -> None:
-        """Make buffer ``name`` again from the counts (a hyperparameter changed), in its dtype and device."""
+    def refresh_count_buffer(self, name: str, dtype: torch.dtype | None = None) -> None:
+        """Make buffer ``name`` again from the counts (a hyperparameter changed), on its device, in ``dtype`` (default
+        its own)."""
         buf = self._buffers[name]
-        self._set_own(name, self._count_vectors(self._counts_exact)[name].to(device=buf.device, dtype=buf.dtype))
+        values = self._count_vectors(self._counts_exact)[name]
+        self._set_own(name, values.to(device=buf.device, dtype=dtype or buf.dtype))
 
     def _set_own(self, name: str, values: Tensor) -> None:
         setattr(self, name, values)
@@ -60,8 +66,11 @@ class CountBuffers(nn.Module):
         widen = {name for name in own if self._buffers[name].dtype != torch.float64}
         super()._apply(fn, *args, **kwargs)
         for name in own:  # still the module's own values, in whatever this conversion made of them
-            if name in widen and self._buffers[name].dtype == torch.float64:
+            dtype = self._buffers[name].dtype
+            if name in widen and dtype == torch.float64:
                 self.refresh_count_buffer(name)
+            elif dtype in (torch.float16, torch.bfloat16):
+                self.refresh_count_buffer(name, torch.float32)
             else:
                 self._set_own(name, self._buffers[name])
         return self

@@ -345,7 +345,8 @@ def lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: float = 0.1,
     rows = as_rows(logits, target)
     logits, target = rows.logits, V.as_index_target(rows.target, keep_int32=False)
     check_lade_args(logits, target, prior, alpha, remine_lambda, reduction)
-    prior_ce = adjusted_cross_entropy(logits, target, log_prior=torch.log(prior), tau=1.0, weight=weight,
+    log_prior = torch.log(prior.to(torch.promote_types(prior.dtype, torch.float32)))  # as the kernels: >= fp32
+    prior_ce = adjusted_cross_entropy(logits, target, log_prior=log_prior, tau=1.0, weight=weight,
                                       ignore_index=ignore_index, reduction=reduction,
                                       label_smoothing=label_smoothing)
     return prior_ce + alpha * lader(logits, target, prior, remine_lambda, ignore_index)

@@ -223,6 +223,13 @@ def test_held_fields_follow_moves_casts_and_copies():
     want = R.logit_adjusted_cross_entropy(z.cpu().double(), y.cpu(), torch.log(fastlt.priors.prior(counts)).double(),
                                           0.7)
     torch.testing.assert_close(crit(z, y).cpu().double(), want, rtol=1e-5, atol=1e-5)
+    crit.half()  # the module's own class vectors stay float32 (made again: a new tensor)
+    assert crit.log_prior.dtype == torch.float32
+    torch.testing.assert_close(crit(z, y).cpu().double(), want, rtol=1e-5, atol=1e-5)
+    assert crit.__dict__["_held"][1]["log_prior"] is crit.log_prior
+    crit.float()
+    crit.log_prior = crit.log_prior.clone()  # the user's: a cast converts it as any buffer, without __setattr__
+    crit(z, y)
     held = crit.__dict__["_held"][1]
     crit.half()
     assert crit.log_prior.dtype == torch.float16
