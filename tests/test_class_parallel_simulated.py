@@ -245,3 +245,37 @@ def test_bounds_and_errors():
         return 0
 
     world.run(bad)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_learnable_class_vectors_get_their_gradient_once_over_the_ranks(label_smoothing, reduction):
+    """The reference path under shard= with (C,) class vectors that require grad (weight, log_prior, margin): each
+    rank's gradient is the single-process gradient on its own classes and 0 elsewhere, so their sum over the ranks
+    is the whole (what DDP would average to, times W). The class weight's was the whole on every rank when labels
+    smoothing was off (twice it once added) and wrong off the rank's classes with smoothing."""
+    gen = torch.Generator().manual_seed(8)
+    C, N = 10, 6
+    z = torch.randn(N, C, generator=gen, dtype=F64)
+    y = torch.tensor([1, 2, 6, 9, 6, -100])
+    vectors = dict(weight=torch.rand(C, generator=gen, dtype=F64) + 0.1,
+                   log_prior=torch.randn(C, generator=gen, dtype=F64), margin=torch.rand(C, generator=gen, dtype=F64))
+    kw = dict(label_smoothing=label_smoothing, reduction=reduction, scale=2.0)
+    leaves = {k: v.clone().requires_grad_() for k, v in vectors.items()}
+    R.adjusted_cross_entropy(z, y, **leaves, **kw).backward()
+
+    def rank_fn(group):
+        shard = ClassShard.balanced(C, group)
+        mine = {k: v.clone().requires_grad_() for k, v in vectors.items()}
+        LF.adjusted_cross_entropy(z[:, shard.start:shard.stop], y, shard=shard, backend="torch", **mine,
+                                  **kw).backward()
+        return (shard.start, shard.stop), {k: v.grad for k, v in mine.items()}
+
+    out = SimulatedWorld(2).run(rank_fn)
+    for name, leaf in leaves.items():
+        total = sum(grads[name] for _, grads in out)
+        torch.testing.assert_close(total, leaf.grad, rtol=1e-12, atol=1e-12, msg=name)
+        for (start, stop), grads in out:
+            outside = torch.ones(C, dtype=torch.bool)
+            outside[start:stop] = False
+            assert not grads[name][outside].any(), name

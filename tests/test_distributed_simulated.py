@@ -323,3 +323,31 @@ def test_probability_targets(backend, dtype, name):
     for loss in losses:
         torch.testing.assert_close(loss.cpu().to(F64), want, rtol=tol, atol=tol)
     torch.testing.assert_close(torch.cat(grads["x"]).cpu().to(F64) / 2, want_grad["x"], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_an_infinite_global_loss_stays_infinite(backend):
+    """A row whose target logit is -inf: the loss is +inf in one process (as F.cross_entropy's); under dp_group the
+    global loss came back NaN on every rank (the gradient scaling by the world size computed inf - inf)."""
+    z = torch.randn(4, 5, dtype=torch.float32, device=DEVICE)
+    z[1, 3] = -math.inf
+    y = torch.tensor([0, 3, 2, 4], device=DEVICE)
+    assert torch.isinf(LF.adjusted_cross_entropy(z, y, backend=backend))
+    for reduction in ("mean", "sum"):
+        losses, _, _ = _run([2, 2], dict(x=z, y=y), lambda g, x, y, r=reduction: LF.adjusted_cross_entropy(
+            x, y, backend=backend, reduction=r, dp_group=g))
+        assert all(bool(torch.isposinf(loss)) for loss in losses), (reduction, losses)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_half_precision_rank_sums_are_taken_in_fp32(backend):
+    """Each rank's row sum is added over the ranks in fp32: it was the logits' dtype first, so 16 rows of a
+    loss of 5000 (80000 > fp16's 65504) made the global fp16 mean NaN where one process (Triton) gives 5000."""
+    z = torch.zeros(32, 4, dtype=torch.float16, device=DEVICE)
+    z[:, 1] = 5000.0
+    y = torch.zeros(32, dtype=torch.long, device=DEVICE)
+    losses, grads, _ = _run([16, 16], dict(x=z, y=y), lambda g, x, y: LF.adjusted_cross_entropy(
+        x, y, backend=backend, dp_group=g))
+    for loss in losses:
+        assert loss.dtype == torch.float16 and float(loss) == 5000.0, losses
+    assert all(torch.isfinite(g).all() for g in grads["x"])

@@ -33,7 +33,7 @@ from .._operator import AdjustedCEArgs
 from ..kernels import launch
 from ..noise import draw_seed, gcl_noise
 from .class_shard import ClassShard
-from .collectives import all_reduce, gathered_partials, global_sum, moved_to_max, stat_dtype
+from .collectives import all_reduce, carried, gathered_partials, global_sum, moved_to_max, stat_dtype
 
 __all__ = ["sharded_cross_entropy", "sharded_lade_loss", "check_shard", "check_shard_options", "check_shard_target",
            "shared_input"]
@@ -115,9 +115,20 @@ def _local_adjusted(logits: Tensor, target: Tensor, f: dict, shard: ClassShard, 
     return a
 
 
-def _finish(M, e, a_y, q, target, valid, safe, f: dict, C: int, dtype) -> Tensor:
+def _owned(vector: Tensor | None, shard: ClassShard) -> Tensor | None:
+    """The (C,) class ``vector`` (same values) with a gradient into this rank's classes only: a term every rank
+    computes alike from it (the target's weight, the weights' sum) then adds over the ranks to its gradient once,
+    as the terms of the rank's own columns do (the weight's gradient was the whole on every rank: W times it)."""
+    if vector is None or not vector.requires_grad:
+        return vector
+    mine = torch.zeros(vector.shape[0], dtype=torch.bool, device=vector.device)
+    mine[shard.start:shard.stop] = True
+    return torch.where(mine, vector, vector.detach())
+
+
+def _finish(M, e, a_y, q, target, valid, safe, f: dict, C: int, dtype, shard: ClassShard) -> Tensor:
     """The loss from the global row statistics (fp32 or wider), as the reference computes it."""
-    eps, gamma, weight = f.get("label_smoothing", 0.0), f.get("gamma", 0.0), f.get("weight")
+    eps, gamma, weight = f.get("label_smoothing", 0.0), f.get("gamma", 0.0), _owned(f.get("weight"), shard)
     lse = M + torch.log(e)
     ce = lse - a_y
     w_y = torch.ones_like(ce) if weight is None else weight.to(ce.dtype)[safe]
@@ -163,7 +174,7 @@ def _gathered(a: Tensor, m_local: Tensor, sums: list[Tensor], group):
     e_local = torch.exp(a - torch.where(finite, m_local, 0.0)[:, None]).sum(1)
     M, e, totals = gathered_partials(m_local, e_local, sums, group=group)
     mine = e_local * torch.where(finite, torch.exp(m_local - M), 0.0)
-    return M, mine + (e - mine).detach(), [t + (v - t).detach() for t, v in zip(sums, totals, strict=True)]
+    return M, carried(mine, e), [carried(t, v) for t, v in zip(sums, totals, strict=True)]
 
 
 def sharded_cross_entropy(logits: Tensor, target: Tensor, fields: dict, shard: ClassShard, *,
@@ -176,7 +187,7 @@ def sharded_cross_entropy(logits: Tensor, target: Tensor, fields: dict, shard: C
     if triton:
         return _sharded_triton(logits, target, fields, shard)
     (M, e, a_y, q, _), (valid, safe) = _reference_partials(logits, target, fields, shard)
-    return _finish(M, e, a_y, q, target, valid, safe, fields, shard.num_classes, logits.dtype)
+    return _finish(M, e, a_y, q, target, valid, safe, fields, shard.num_classes, logits.dtype, shard)
 
 
 def sharded_lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: float, remine_lambda: float,
@@ -200,7 +211,7 @@ def sharded_lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: floa
                               count=onehot.sum(0), valid=valid.sum().to(z.dtype))
     part = R.lader_from_statistics(stats, prior[s0:s1], remine_lambda, num_classes=shard.num_classes)
     (M, e, a_y, q, (lader,)), _ = _reference_partials(logits, target, fields, shard, extra=[part])
-    prior_ce = _finish(M, e, a_y, q, target, valid, safe, fields, shard.num_classes, z.dtype)
+    prior_ce = _finish(M, e, a_y, q, target, valid, safe, fields, shard.num_classes, z.dtype, shard)
     return (prior_ce + alpha * lader).to(logits.dtype)
 
 

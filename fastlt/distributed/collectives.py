@@ -26,7 +26,7 @@ from torch import Tensor
 from .simulate import RankGroup
 
 __all__ = ["rank_and_size", "all_reduce", "all_gather", "reduce_scatter", "moved_to_max", "gathered_partials",
-           "global_sum", "global_logsumexp", "world_gradient", "stat_dtype"]
+           "global_sum", "global_logsumexp", "world_gradient", "carried", "stat_dtype"]
 
 
 def rank_and_size(group) -> tuple[int, int]:
@@ -77,7 +77,7 @@ def global_sum(tensors: Sequence[Tensor], group) -> list[Tensor]:
     for t in local:
         value = total[start:start + t.numel()].reshape(t.shape)
         start += t.numel()
-        out.append(t + (value - t).detach())
+        out.append(carried(t, value))
     return out
 
 
@@ -152,5 +152,27 @@ def world_gradient(loss: Tensor, size: int) -> Tensor:
     global loss itself."""
     if size == 1:
         return loss
-    scaled = loss * size
-    return scaled + (loss - scaled).detach()
+    return carried(loss, loss.detach(), size)
+
+
+class _Carried(torch.autograd.Function):
+    """``value`` forward, the gradient of ``local`` (times ``scale``) backward."""
+
+    @staticmethod
+    def forward(local: Tensor, value: Tensor, scale: float) -> Tensor:
+        return value.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.scale = inputs[2]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return (grad if ctx.scale == 1 else grad * ctx.scale), None, None
+
+
+def carried(local: Tensor, value: Tensor, scale: float = 1) -> Tensor:
+    """``value`` (a detached tensor of ``local``'s shape and dtype: a global statistic) with the gradient of ``local``
+    times ``scale``. Not ``local + (value - local).detach()``: that is NaN where both are infinite (a rank's
+    infinite loss: ``inf - inf``)."""
+    return _Carried.apply(local, value, scale)

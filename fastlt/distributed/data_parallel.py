@@ -78,7 +78,12 @@ def global_batch_loss(local: Callable[[dict], Tensor], logits: Tensor, target: T
     fields = {**fields, "noise_row_offset": noise_row_offset(rank, logits.shape[0], rows_per_rank)}
     if reduction == "none":
         return local(fields)
-    row_sum = local({**fields, "reduction": "sum"})
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        # the rank's sum in fp32: in the logits' dtype it overflowed fp16 (a 'mean' of 5000 over 32 rows gave NaN
+        # on two ranks) or took one more rounding than one process's loss
+        row_sum = local({**fields, "reduction": "none"}).float().sum()
+    else:
+        row_sum = local({**fields, "reduction": "sum"})
     denom = mean_denominator(target, weight, fields.get("ignore_index", -100), stat_dtype(logits.dtype))
     total, denom = global_sum([row_sum, denom], group)
     loss = total / denom if reduction == "mean" else total
