@@ -351,3 +351,21 @@ def test_half_precision_rank_sums_are_taken_in_fp32(backend):
     for loss in losses:
         assert loss.dtype == torch.float16 and float(loss) == 5000.0, losses
     assert all(torch.isfinite(g).all() for g in grads["x"])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_head_under_autocast_returns_the_dtype_of_one_process(backend):
+    """A head under autocast (fp32 features, bf16 matmuls) returns its loss in the autocast dtype; under dp_group it
+    came back in the features' fp32 (the rank's bf16 sum widened after it was rounded)."""
+    gen = torch.Generator().manual_seed(3)
+    f = torch.randn(8, 6, generator=gen).to(DEVICE)
+    w = torch.randn(5, 6, generator=gen).to(DEVICE)
+    y = torch.randint(0, 5, (8,), generator=gen).to(DEVICE)
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        one = H.linear_cross_entropy(f, w, y, backend=backend)
+        losses, _, _ = _run([5, 3], dict(x=f, y=y), lambda g, x, y: H.linear_cross_entropy(
+            x, w, y, backend=backend, dp_group=g))
+    assert one.dtype == torch.bfloat16
+    for loss in losses:
+        assert loss.dtype == one.dtype
+        torch.testing.assert_close(loss.float(), one.float(), rtol=2e-2, atol=2e-2)

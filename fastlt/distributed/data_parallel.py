@@ -78,16 +78,18 @@ def global_batch_loss(local: Callable[[dict], Tensor], logits: Tensor, target: T
     fields = {**fields, "noise_row_offset": noise_row_offset(rank, logits.shape[0], rows_per_rank)}
     if reduction == "none":
         return local(fields)
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        # the rank's sum in fp32: in the logits' dtype it overflowed fp16 (a 'mean' of 5000 over 32 rows gave NaN
-        # on two ranks) or took one more rounding than one process's loss
-        row_sum = local({**fields, "reduction": "none"}).float().sum()
+    if logits.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(logits.device.type):
+        # the rank's sum in fp32: in half precision it overflowed fp16 (a 'mean' of 5000 over 32 rows gave NaN on
+        # two ranks) or took one more rounding than one process's loss
+        rows = local({**fields, "reduction": "none"})
+        out_dtype, row_sum = rows.dtype, rows.float().sum()
     else:
         row_sum = local({**fields, "reduction": "sum"})
+        out_dtype = row_sum.dtype
     denom = mean_denominator(target, weight, fields.get("ignore_index", -100), stat_dtype(logits.dtype))
     total, denom = global_sum([row_sum, denom], group)
     loss = total / denom if reduction == "mean" else total
-    return world_gradient(loss, size).to(logits.dtype)
+    return world_gradient(loss, size).to(out_dtype)  # the dtype one process returns (autocast's for a head)
 
 
 def global_lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: float, remine_lambda: float, group, *,
