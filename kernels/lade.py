@@ -117,7 +117,9 @@ def lade_columns(stat_ptr, R, C, y_ptr, zy_ptr, N, ignore_index, pi_ptr, alpha, 
                     c_count += tl.sum(hit.to(tl.float32), 0)
             n_valid = tl.sum(n_acc, 0)
         pi = tl.load(pi_ptr + cols, mask=col_mask, other=0.0)
-        col_lse = c_max + tl.log(c_sum)
+        # a class with no finite logit in a valid row (masked with -inf in each; no valid row): 0, as the reference
+        # takes it (LADER finite, and the gradient's exp(z - col_lse) 0 there, not exp(-inf + inf))
+        col_lse = tl.where(c_sum > 0, c_max + tl.log(c_sum), 0.0)
         inv_count = 1.0 / (c_count + 1e-8)
         second = col_lse - tl.log(pi + 1e-9) + log_uniform - tl.log(n_valid)
         est = c_first * inv_count - second - remine_lambda * second * second

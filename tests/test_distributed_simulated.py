@@ -137,15 +137,56 @@ def test_a_rank_whose_rows_are_all_ignored_or_empty(name):
 
 
 @pytest.mark.parametrize("name", ["la", "gcl", "lade"])
-def test_a_batch_without_valid_rows_gives_the_single_process_result(name):
-    """Every row of every rank ignored: 'mean' is NaN (as torch's), LADE's LADER 0; gradients 0, not NaN."""
-    x, y, vec = _case(5, 6, 4, ignore=range(5))
-    dp_fn, ref_fn = _losses(name, vec, F64, weight=None, label_smoothing=0.0, reduction="sum", backend="torch",
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_batch_without_valid_rows_gives_the_single_process_result(name, reduction, backend):
+    """Every row of every rank ignored: 'mean' is NaN (as torch's), LADE's LADER 0; gradients 0, not NaN (the
+    kernels' rows got NaN under 'mean': their coefficient 0 times 1 / 0)."""
+    dtype = F64 if backend == "torch" else torch.float32
+    x, y, vec = _case(5, 6, 4, ignore=range(5), dtype=dtype)
+    dp_fn, ref_fn = _losses(name, vec, dtype, weight=None, label_smoothing=0.0, reduction=reduction, backend=backend,
                             sizes=[2, 3])
-    losses, grads, _ = _run([2, 3], dict(x=x, y=y), dp_fn)
+    losses, grads, _ = _run([2, 3], dict(x=x.to(DEVICE), y=y.to(DEVICE)), dp_fn)
     want, _ = _reference(dict(x=x, y=y), ref_fn)
-    torch.testing.assert_close(losses[0], want)
+    for loss in losses:
+        torch.testing.assert_close(loss.cpu().to(F64), want, equal_nan=True)
     assert torch.all(torch.cat(grads["x"]) == 0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_lade_with_a_class_masked_on_one_rank_and_a_learnable_prior(backend):
+    """LADE under dp_group: a class masked with -inf in every row of one rank (finite on the other) gets a zero
+    gradient there, not exp(-inf + inf) (NaN on the reference path); a bfloat16 prior has its log taken in fp32 (the
+    reference path took it in bfloat16: ~1e-3 off); a learnable prior's gradient, averaged over the ranks as DDP
+    does, is the single process's (LADER's terms in the prior counted W times before)."""
+    dtype = F64 if backend == "torch" else torch.float32
+    x, y, vec = _case(8, 6, 9, ignore=(2,), dtype=dtype)
+    x[:4, 5] = -math.inf
+    y[:4] = y[:4].clamp(max=4)
+    pi = torch.softmax(vec["log_prior"].to(F64), 0)
+    pi16 = pi.to(torch.bfloat16)
+    losses, grads, _ = _run([4, 4], dict(x=x.to(DEVICE), y=y.to(DEVICE)), lambda g, x, y: LF.lade_loss(
+        x, y, pi16.to(DEVICE), 0.2, 0.1, backend=backend, dp_group=g))
+    want, want_grad = _reference(dict(x=x, y=y), lambda x, y: R.lade_loss(x, y, pi16.to(F64), 0.2, 0.1))
+    tol = 1e-12 if backend == "torch" else 2e-6
+    for loss in losses:
+        torch.testing.assert_close(loss.cpu().to(F64), want, rtol=tol, atol=tol)
+    got = torch.cat([g.cpu() for g in grads["x"]]).to(F64) / 2
+    assert not got.isnan().any() and torch.all(got[:4, 5] == 0)
+    torch.testing.assert_close(got, want_grad["x"], rtol=tol, atol=tol)
+    if backend == "torch":  # (the kernels refuse a prior that requires grad)
+        leaf = pi.clone().requires_grad_()
+        R.lade_loss(x, y, leaf, 0.2, 0.1).backward()
+        world = SimulatedWorld(2)
+
+        def rank_fn(group):
+            mine = pi.clone().requires_grad_()
+            rows = slice(4 * group.rank, 4 * group.rank + 4)
+            LF.lade_loss(x[rows], y[rows], mine, 0.2, 0.1, backend="torch", dp_group=group).backward()
+            return mine.grad
+
+        averaged = sum(world.run(rank_fn)) / 2
+        torch.testing.assert_close(averaged, leaf.grad, rtol=1e-12, atol=1e-12)
 
 
 def test_gcl_ranks_draw_the_rows_of_the_concatenated_batch():

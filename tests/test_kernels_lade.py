@@ -331,3 +331,39 @@ def test_lade_ignored_rows_masked_whole_are_left_out(label_smoothing):
     zk = z.to(DEVICE).clone().requires_grad_()
     LF.lade_loss(zk, y.to(DEVICE), pi.to(DEVICE), label_smoothing=label_smoothing, backend="triton").backward()
     assert torch.isfinite(zk.grad).all() and not zk.grad[[2, 7]].any()
+
+
+@pytest.mark.parametrize("chunks", [None, 8])
+def test_lade_class_masked_with_minus_inf_in_every_row(chunks):
+    """A class masked with -inf in every row (never a target): LADER takes its column LSE as 0, as the reference
+    does, so the loss is finite on both backends, and that column's gradient is 0 (the kernels gave a NaN loss: LSE
+    -inf made est inf - inf; the reference's gradient there was exp(-inf + inf), NaN). The logits loss and the
+    head (a bias of -inf, row and class chunks) against the float64 reference."""
+    import fastlt
+
+    z, y, pi, _ = _case(12, 9, torch.float32, 7, ignore=(3,), absent_class=4)
+    z[:, 4] = float("-inf")
+    if chunks is None:
+        _compare(z, y, pi)
+        zk = z.to(DEVICE).clone().requires_grad_()
+        LF.lade_loss(zk, y.to(DEVICE), pi.to(DEVICE), backend="triton").backward()
+        assert torch.isfinite(zk.grad).all() and not zk.grad[:, 4].any()
+        z64 = z.double().requires_grad_()
+        R.lade_loss(z64, y, pi.double()).backward()
+        assert torch.isfinite(z64.grad).all() and not z64.grad[:, 4].any()
+        return
+    counts = torch.randint(1, 300, (9,), generator=torch.Generator().manual_seed(3))
+    out = {}
+    for backend in ("torch", "triton"):
+        head = fastlt.LinearLossHead(5, 9, counts, loss="lade", backend=backend, chunk_classes=chunks).to(DEVICE)
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(9, 5, generator=torch.Generator().manual_seed(1)))
+            head.bias.copy_(torch.randn(9, generator=torch.Generator().manual_seed(2)))
+            head.bias[4] = float("-inf")
+        f = torch.randn(12, 5, generator=torch.Generator().manual_seed(4)).to(DEVICE).requires_grad_()
+        loss = head(f, y.to(DEVICE))
+        loss.backward()
+        out[backend] = (loss.detach().cpu(), f.grad.cpu(), head.weight.grad.cpu())
+    for got, want in zip(out["triton"], out["torch"], strict=True):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -199,8 +199,8 @@ def sharded_lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: floa
     check_shard(shard, logits, target)
     proxy = _global_proxy(logits, shard)
     O.check_lade_args(proxy, target, prior, alpha, remine_lambda, reduction)
-    fields = dict(log_prior=torch.log(prior), tau=1.0, weight=weight, ignore_index=ignore_index, reduction=reduction,
-                  label_smoothing=label_smoothing)
+    fields = dict(log_prior=R._log_of_prior(prior, logits.dtype), tau=1.0, weight=weight, ignore_index=ignore_index,
+                  reduction=reduction, label_smoothing=label_smoothing)
     O.check_operator_args(proxy, target, fields)
     valid, local, safe, y_local = _local_targets(target, shard, ignore_index)
     s0, s1 = shard.start, shard.stop

@@ -30,7 +30,7 @@ from torch import Tensor
 from .. import reference as R
 from .._backend import use_triton
 from .._operator import check_lade_args
-from .collectives import global_logsumexp, global_sum, rank_and_size, stat_dtype, world_gradient
+from .collectives import carried, global_logsumexp, global_sum, rank_and_size, stat_dtype, world_gradient
 
 __all__ = ["global_batch_loss", "global_lade_loss", "noise_row_offset", "mean_denominator", "batch_dependent",
            "split_warning", "kernels_direct", "warn_without_group"]
@@ -88,8 +88,16 @@ def global_batch_loss(local: Callable[[dict], Tensor], logits: Tensor, target: T
         out_dtype = row_sum.dtype
     denom = mean_denominator(target, weight, fields.get("ignore_index", -100), stat_dtype(logits.dtype))
     total, denom = global_sum([row_sum, denom], group)
-    loss = total / denom if reduction == "mean" else total
+    loss = _mean(total, denom) if reduction == "mean" else total
     return world_gradient(loss, size).to(out_dtype)  # the dtype one process returns (autocast's for a head)
+
+
+def _mean(total: Tensor, denom: Tensor) -> Tensor:
+    """``total / denom``; NaN with a zero gradient where ``denom`` is 0 (no valid row in the global batch: one
+    process's 'mean' there), not the ``0 * inf`` that the kernels' rows (coefficient 0) would get from ``1 / 0``."""
+    some = denom > 0
+    value = total / torch.where(some, denom, torch.ones_like(denom))
+    return torch.where(some, value, torch.full_like(value, float("nan")))
 
 
 def global_lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: float, remine_lambda: float, group, *,
@@ -108,16 +116,20 @@ def global_lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: float
         row_sum, stats = lade_statistics_triton(logits, target, prior, weight=weight, ignore_index=ignore_index,
                                                 label_smoothing=label_smoothing)
     else:
-        row_sum = R.adjusted_cross_entropy(logits, target, log_prior=torch.log(prior), weight=weight,
-                                           ignore_index=ignore_index, reduction="sum",
+        row_sum = R.adjusted_cross_entropy(logits, target, log_prior=R._log_of_prior(prior, logits.dtype),
+                                           weight=weight, ignore_index=ignore_index, reduction="sum",
                                            label_smoothing=label_smoothing)
         stats = R.lader_statistics(logits, target, ignore_index)
     rank, size = rank_and_size(group)
     denom = mean_denominator(target, weight, ignore_index, stat_dtype(logits.dtype))
     col_lse, (target_sum, count, valid, total, denom) = global_logsumexp(
         stats.col_lse, group, stats.target_sum, stats.count, stats.valid, row_sum, denom)
-    prior_ce = total / denom if reduction == "mean" else total
-    lader = R.lader_from_statistics(R.LaderStatistics(col_lse, target_sum, count, valid), prior, remine_lambda)
+    prior_ce = _mean(total, denom) if reduction == "mean" else total
+    # LADER's own terms in the prior are alike on every rank: their gradient divided by the world size, which
+    # world_gradient multiplies back (a learnable prior got W times it once DDP averaged)
+    lader = R.lader_from_statistics(R.LaderStatistics(col_lse, target_sum, count, valid),
+                                    carried(prior, prior.detach(), 1.0 / size) if prior.requires_grad else prior,
+                                    remine_lambda)
     return world_gradient(prior_ce + alpha * lader, size).to(logits.dtype)
 
 
