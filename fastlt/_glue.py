@@ -310,10 +310,13 @@ def adjusted_cross_entropy_triton(logits: Tensor, target: Tensor, fields: dict, 
     check_kernel_input("logits", logits, noise)
     # no gradient wanted (torch.no_grad, inference_mode, logits that do not require grad: a validation loop with the
     # training criterion): nothing to write, and the caller's logits keep their values
-    grad_in_forward = grad_in_forward and logits.requires_grad and torch.is_grad_enabled()
-    if grad_in_forward and logits.is_leaf:
+    # (compiled, the op's recompute path runs: nothing is written, and nothing of the strides is asked)
+    grad_in_forward = grad_in_forward and not compiling and logits.requires_grad and torch.is_grad_enabled()
+    if grad_in_forward and (logits.is_leaf or (logits._base is not None and logits._base.is_leaf)):
+        # a view of a leaf too (P.view(N, C), P[:, :], an unbatched or (N, C, 1) leaf made rows): its parameter's
+        # values were replaced by their gradient, silently
         raise ValueError("grad_in_forward=True overwrites the logits with their gradient; it cannot be a "
-                         "leaf tensor that requires grad (pass the output of a layer)")
+                         "leaf tensor that requires grad, nor a view of one (pass the output of a layer)")
     if grad_in_forward and _elements_overlap(logits):
         raise ValueError(f"grad_in_forward=True overwrites the logits with their gradient, so their elements must "
                          f"not share memory; these do (broadcast by an expand, or overlapping as an unfold's "

@@ -313,11 +313,12 @@ class ArgsCache:
 
     def __init__(self, size: int = 1):
         # the entries, the most recently used first, each one tuple (key, the fields' values, the fields dict, the
-        # stored value); the tuple of entries is replaced whole (store(), a hit behind the first) and read once by
-        # lookup(): a thread never pairs one call's key with another's arguments. The values keep the fields'
-        # tensors alive while their ids are in the key; the dict is kept for a module's held fields (which come
-        # back as the same object). ``size``: how many calls' arguments are kept (a module: its own, one; the
-        # functions' shared caches: a few, so that two losses called in turn do not evict each other's every step)
+        # stored value, the fields' tensors); the tuple of entries is replaced whole (store(), a hit behind the
+        # first) and read once by lookup(): a thread never pairs one call's key with another's arguments. The
+        # values keep the fields' tensors alive while their ids are in the key; the dict is kept for a module's
+        # held fields (which come back as the same object). ``size``: how many calls' arguments are kept (a
+        # module: its own, one; the functions' shared caches: a few, so that two losses called in turn do not evict
+        # each other's every step)
         self.size = size
         self._entries: tuple = ()
 
@@ -347,21 +348,25 @@ class ArgsCache:
         return logits.shape[1], logits.device, tuple(fields), values
 
     def lookup(self, fields: dict, logits: Tensor) -> AdjustedCEArgs | None:
+        entry = self._lookup_entry(fields, logits)
+        return None if entry is None else entry[3]
+
+    def _lookup_entry(self, fields: dict, logits: Tensor) -> tuple | None:
         entries = self._entries
         if not entries:
             return None
-        key, _, held, value = entries[0]
-        if fields is held:
+        entry = entries[0]
+        if fields is entry[2]:
             # the very dict of the cached call: a loss module's held fields (``HeldFields._held_fields``), which it
             # never changes and makes anew when it or its buffers change; every other caller builds a dict per
             # call. Only the logits' class count and device remain to compare (host time: no key to build)
-            return value if logits.shape[1] == key[0] and logits.device == key[1] else None
+            return entry if logits.shape[1] == entry[0][0] and logits.device == entry[0][1] else None
         wanted = self._key_of(fields, logits)
         for i, entry in enumerate(entries):
             if entry[0] == wanted:
                 if i:  # the most recently used first: the least recently used is dropped by store()
                     self._entries = (entry,) + entries[:i] + entries[i + 1:]
-                return entry[3]
+                return entry
         return None
 
     def store(self, fields: dict, logits: Tensor, args: AdjustedCEArgs) -> None:
@@ -369,21 +374,25 @@ class ArgsCache:
             return
         key = self._key_of(fields, logits)
         if key is not None:  # (an inference tensor's fields are not kept)
-            self._entries = ((key, tuple(fields.values()), fields, args),) + self._entries[:self.size - 1]
+            tensors = tuple(v for v in fields.values() if isinstance(v, Tensor))
+            self._entries = ((key, tuple(fields.values()), fields, args, tensors),) + self._entries[:self.size - 1]
 
     def checked(self, fields: dict, logits: Tensor, target, ignore_index: int, check, *, use: bool = True,
                 names: dict | None = None):
         """The cached value for ``fields`` (:meth:`lookup`; ``use=False``: never), with the call's rows checked
         (:func:`check_rows`: the fields were checked when it was stored); or None after ``check()``, the caller's
-        whole check of a call whose fields are not cached, and the refusal of a field that requires grad
-        (:func:`refuse_requiring_grad`, ``names`` the caller's names of the fields)."""
-        value = self.lookup(fields, logits) if use else None
-        if value is None:
+        whole check of a call whose fields are not cached. A field that requires grad is refused either way
+        (:func:`refuse_requiring_grad`, ``names`` the caller's names of the fields): a cached tensor made to
+        require grad in place (``requires_grad_()``: same id and version) too."""
+        entry = self._lookup_entry(fields, logits) if use else None
+        if entry is None:
             check()
             refuse_requiring_grad(fields, names)
-        else:
-            check_rows(logits, target, ignore_index)
-        return value
+            return None
+        check_rows(logits, target, ignore_index)
+        if entry[4] and torch.is_grad_enabled() and any(t.requires_grad for t in entry[4]):
+            refuse_requiring_grad(fields, names)
+        return entry[3]
 
     def operator_args(self, fields: dict, logits: Tensor, target, check, *, use: bool = True,
                       names: dict | None = None):

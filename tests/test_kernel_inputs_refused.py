@@ -78,6 +78,27 @@ def test_grad_in_forward_refuses_broadcast_logits():
     torch.testing.assert_close(got, lin.weight.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("view", ["view", "slice", "unbatched", "positions"])
+def test_grad_in_forward_refuses_a_view_of_a_leaf(view):
+    """Logits that are a view of a parameter (``P.view(N, C)``, ``P[:, :]``, an unbatched (C,) or (N, C, 1) leaf the
+    dispatch makes rows of): the parameter's values were replaced by its gradient, no error (only a leaf itself was
+    refused). A module's path refuses it too; the parameter keeps its values."""
+    gen = torch.Generator().manual_seed(6)
+    shape = {"view": (N * C,), "slice": (N, C), "unbatched": (C,), "positions": (N, C, 1)}[view]
+    P = torch.randn(shape, generator=gen).to(DEVICE).requires_grad_()
+    before = P.detach().clone()
+    logits = {"view": lambda: P.view(N, C), "slice": lambda: P[:, :], "unbatched": lambda: P,
+              "positions": lambda: P}[view]()
+    y = torch.randint(0, C, (N,), generator=gen).to(DEVICE)
+    y = {"unbatched": y[0], "positions": y[:, None]}.get(view, y)
+    with pytest.raises(ValueError, match="grad_in_forward.*view of one"):
+        LF.adjusted_cross_entropy(logits, y, backend="triton", grad_in_forward=True)
+    crit = fastlt.LogitAdjustedLoss(torch.arange(1, C + 1), grad_in_forward=True, backend="triton").to(DEVICE)
+    with pytest.raises(ValueError, match="grad_in_forward.*view of one"):
+        crit(logits, y)
+    assert torch.equal(P.detach(), before)
+
+
 def test_grad_in_forward_refuses_overlapping_logits():
     """An unfold's windows (strides (1, 1)): rows share elements as a broadcast's do, and the gradient written
     over them was wrong silently (0.75 off in the weight gradient)."""
@@ -187,3 +208,36 @@ def test_the_reference_differentiates_class_tensors():
     b2 = b.detach().clone().requires_grad_()
     torch.nn.functional.cross_entropy(z + b2, y).backward()
     torch.testing.assert_close(b.grad, b2.grad)
+
+
+def test_a_cached_class_tensor_made_to_require_grad_in_place_is_refused():
+    """A class tensor the kernels' arguments cache already holds, then made learnable in place
+    (``requires_grad_()``: the same id and version, so a cache hit): it was taken as a constant with no error and no
+    gradient. Functions, a loss module's buffer, LADE and the heads."""
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(C, D, generator=gen).to(DEVICE)
+    y = torch.randint(0, C, (N,), generator=gen).to(DEVICE)
+    pos = (torch.rand(C, generator=gen) + 0.5).to(DEVICE)
+    calls = {
+        "log_prior": lambda z, f, v: LF.adjusted_cross_entropy(z, y, log_prior=v, backend="triton"),
+        "weight": lambda z, f, v: LF.adjusted_cross_entropy(z, y, weight=v, backend="triton"),
+        "margin": lambda z, f, v: LF.ldam_cross_entropy(z, y, v, s=4.0, backend="triton"),
+        "prior": lambda z, f, v: LF.lade_loss(z, y, v, backend="triton"),
+        "weight_classes": lambda z, f, v: H.linear_cross_entropy(f, w, y, weight_classes=v, backend="triton"),
+    }
+    for name, call in calls.items():
+        v = (pos / pos.sum()).clone() if name == "prior" else pos.clone()
+        z = torch.randn(N, C, generator=gen).to(DEVICE).requires_grad_()
+        f = torch.randn(N, D, generator=gen).to(DEVICE).requires_grad_()
+        call(z, f, v)  # cached
+        v.requires_grad_()
+        with pytest.raises(ValueError, match=f"^{name} requires grad"):
+            call(z, f, v)
+    crit = fastlt.LogitAdjustedLoss(torch.arange(1, C + 1), backend="triton").to(DEVICE)
+    z = torch.randn(N, C, generator=gen).to(DEVICE).requires_grad_()
+    crit(z, y)
+    crit.log_prior.requires_grad_()
+    with pytest.raises(ValueError, match="^log_prior requires grad"):
+        crit(z, y)
+    with torch.no_grad():  # no gradient wanted: runs
+        crit(z, y)

@@ -110,3 +110,29 @@ def test_compile_fullgraph_takes_a_scheduled_hyperparameter():
         eager.backward()
         torch.testing.assert_close(got, eager)
         torch.testing.assert_close(z1.grad, z2.grad)
+
+
+def test_compile_fullgraph_with_grad_in_forward_and_two_batch_sizes():
+    """A compiled step of a loss module with grad_in_forward=True runs the recompute op: the second batch size (a
+    dynamic shape) compiled without error (the overlap check sorted symbolic strides: Dynamo refused), and the
+    results are eager's."""
+    import fastlt
+
+    counts, _, _ = _inputs()
+    crit = fastlt.LogitAdjustedLoss(counts, backend="triton", grad_in_forward=True).to(DEVICE)
+    plain = fastlt.LogitAdjustedLoss(counts, backend="triton").to(DEVICE)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(5, 11).to(DEVICE)
+    compiled = torch.compile(lambda x, y: crit(lin(x), y), fullgraph=True, backend="aot_eager")
+    gen = torch.Generator().manual_seed(1)
+    for n in (6, 4, 3):
+        x, y = torch.randn(n, 5, generator=gen).to(DEVICE), torch.randint(0, 11, (n,), generator=gen).to(DEVICE)
+        lin.zero_grad()
+        got = compiled(x, y)
+        got.backward()
+        grad = lin.weight.grad.clone()
+        lin.zero_grad()
+        want = plain(lin(x), y)
+        want.backward()
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(grad, lin.weight.grad)
