@@ -43,9 +43,12 @@ def kernels_available() -> bool:
         try:
             import triton  # noqa: F401
         except ImportError:
-            _AVAILABLE = False
+            available = False
         else:
-            _AVAILABLE = True
+            available = True
+        if torch.compiler.is_compiling():  # no global set while tracing (torch.compile refuses that side effect
+            return available               # inside a checkpointed region); the next eager call keeps it
+        _AVAILABLE = available
     return _AVAILABLE
 
 
@@ -58,7 +61,10 @@ def interpreting() -> bool:
     would not change how they run."""
     global _INTERPRETING
     if _INTERPRETING is None:
-        _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+        answer = os.environ.get("TRITON_INTERPRET", "0") == "1"
+        if torch.compiler.is_compiling():  # (no global set while tracing: see kernels_available)
+            return answer
+        _INTERPRETING = answer
     return _INTERPRETING
 
 

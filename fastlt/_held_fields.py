@@ -10,6 +10,8 @@ from ._operator import ArgsCache
 
 __all__ = ["HeldFields"]
 
+_UNUSED = ArgsCache()  # what a module without its own cache yet hands the glue while compiling (which stores nothing)
+
 
 class HeldFields:
     """A mixin of the :class:`torch.nn.Module` s that call the kernels' glue themselves (the loss modules' and the
@@ -40,6 +42,8 @@ class HeldFields:
         entry made such a step of two loss modules ~250 us of host time instead of ~170)."""
         cache = self.__dict__.get("_args_cache")
         if cache is None:
+            if torch.compiler.is_compiling():  # nothing is cached while compiling: no attribute set (a side effect
+                return _UNUSED                 # that torch.compile refuses inside a checkpointed region)
             cache = self.__dict__["_args_cache"] = ArgsCache()
         return cache
 

@@ -504,17 +504,23 @@ class FoldedSpread:
     product and noise_mul 1 (noise_mul 0 or 1: both unchanged), so that the kernels read the noise's spread without
     a multiply per column (``Flags.NOISE_MODE`` 1). The same numbers: torch rounds the fp32 product as the kernels
     do. The product is kept while the cloud (the same tensor, unchanged) and noise_mul stay, so the arguments cache
-    (:class:`ArgsCache`) sees the same tensor every step. Eager calls only (it reads the tensor's version)."""
+    (:class:`ArgsCache`) sees the same tensor every step. While compiling it folds nothing (the kernels take
+    noise_mul; it would guard on the tensor's version), and a cloud without a version counter (made under
+    ``inference_mode``) is folded per call."""
 
     def __init__(self):
         self._held: tuple | None = None  # (cloud, its version, noise_mul, the fp32 product)
 
     def __call__(self, cloud: Tensor, noise_mul: float) -> tuple[Tensor, float]:
-        if noise_mul == 0.0 or noise_mul == 1.0:
+        if noise_mul == 0.0 or noise_mul == 1.0 or torch.compiler.is_compiling():
             return cloud, noise_mul
+        try:
+            version = cloud._version
+        except RuntimeError:  # an inference tensor: no version to know it unchanged by
+            return as_f32(cloud) * noise_mul, 1.0
         held = self._held
-        if held is None or held[0] is not cloud or held[1] != cloud._version or held[2] != noise_mul:
-            held = self._held = (cloud, cloud._version, noise_mul, as_f32(cloud) * noise_mul)
+        if held is None or held[0] is not cloud or held[1] != version or held[2] != noise_mul:
+            held = self._held = (cloud, version, noise_mul, as_f32(cloud) * noise_mul)
         return held[3], 1.0
 
 

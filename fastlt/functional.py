@@ -7,6 +7,7 @@ overwritten; see :func:`adjusted_cross_entropy`). The fused heads' functions (fe
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from . import _validation as V
@@ -133,6 +134,8 @@ def _glue():
     if _GLUE is None:
         from . import _glue as glue
 
+        if torch.compiler.is_compiling():  # (no global set while tracing: see fastlt._backend.kernels_available)
+            return glue
         _GLUE = glue
     return _GLUE
 

@@ -80,6 +80,27 @@ def test_inference_tensors_are_not_cached():
     assert _glue._LAST_ARGS._entry is before  # nothing stored (no version counter to key on)
 
 
+def test_gcl_spread_of_a_module_made_under_inference_mode():
+    """A GCLLoss and a CosineGCLHead made under inference_mode (their buffers inference tensors) with noise_mul 0.5:
+    the folded spread read the cloud's version counter ('Inference tensors do not track version counter'); now
+    folded per call, the reference's loss."""
+    import fastlt
+
+    z, y, _ = _data()
+    counts = torch.arange(1, 12) * 10
+    with torch.inference_mode():
+        crit = fastlt.GCLLoss(counts, s=8.0, noise_mul=0.5, backend="triton").to(DEVICE)
+        head = fastlt.CosineGCLHead(5, 11, counts, s=8.0, noise_mul=0.5, backend="triton").to(DEVICE)
+        f = torch.randn(z.shape[0], 5, device=DEVICE)
+        got = crit(torch.tanh(z), y, seed=2)
+        got_head = head(f, y, seed=2)
+        head(f, y)  # the module's own path (a drawn seed)
+    want = R.gcl_cross_entropy(torch.tanh(z).cpu().double(), y.cpu(), crit.cloud.cpu().double(), crit.m, 8.0, 0.5,
+                               seed=2)
+    torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(got_head)
+
+
 def _plans(args):
     return args.memo.get("plans", {})
 

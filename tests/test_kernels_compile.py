@@ -136,3 +136,52 @@ def test_compile_fullgraph_with_grad_in_forward_and_two_batch_sizes():
         want.backward()
         torch.testing.assert_close(got, want)
         torch.testing.assert_close(grad, lin.weight.grad)
+
+
+def test_compile_fullgraph_first_call_inside_a_checkpoint_and_gcl_spread(monkeypatch):
+    """A compiled step whose first call (a fresh module, nothing asked yet) runs the loss inside
+    ``torch.utils.checkpoint``: Dynamo refuses any attribute or global set inside a checkpointed region, and the
+    modules' argument cache, the backend's answers and the glue's import were set at their first call there. GCL's
+    noise_mul other than 0 and 1 (the official recipe's 0.5) compiled after an eager call: it guarded on the cloud's
+    version ('data-dependent expression'). Each against eager."""
+    from torch.utils.checkpoint import checkpoint
+
+    import fastlt
+    from fastlt import _backend
+    from fastlt import functional as F_
+
+    for name in ("_AVAILABLE", "_INTERPRETING"):
+        monkeypatch.setattr(_backend, name, None)
+    monkeypatch.setattr(F_, "_GLUE", None)
+    counts, _, _ = _inputs()
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 5, generator=gen).to(DEVICE)
+    y = torch.randint(0, 11, (6,), generator=gen).to(DEVICE)
+    makers = {
+        "la": lambda: fastlt.LogitAdjustedLoss(counts, backend="triton"),
+        "gcl": lambda: fastlt.GCLLoss(counts, s=8.0, noise_mul=0.5, backend="triton"),
+        "lade": lambda: fastlt.LADELoss(counts, backend="triton"),
+    }
+    for name, make in makers.items():
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(5, 11).to(DEVICE)
+        crit = make().to(DEVICE)
+        kw = {"seed": 3} if name == "gcl" else {}
+
+        def loss_of(a, b, lin=lin, crit=crit, kw=kw):
+            z = lin(a)
+            return crit(torch.tanh(z) if "seed" in kw else z, b, **kw)
+
+        compiled = torch.compile(lambda a, b, f=loss_of: checkpoint(f, a, b, use_reentrant=False), fullgraph=True,
+                                 backend="aot_eager")
+        got = compiled(x, y)
+        got.backward()
+        grad = lin.weight.grad.clone()
+        lin.zero_grad()
+        want = loss_of(x, y)
+        want.backward()
+        torch.testing.assert_close(got, want, msg=name)
+        torch.testing.assert_close(grad, lin.weight.grad, msg=name)
+        if name == "gcl":  # compiled again after eager calls, at another batch size
+            torch.testing.assert_close(torch.compile(loss_of, fullgraph=True, backend="aot_eager")(x[:4], y[:4]),
+                                       loss_of(x[:4], y[:4]))

@@ -348,7 +348,7 @@ class CosineGCLHead(_HeadBase):
                                  cosine=True, eps=self.eps, chunk_rows=self.chunk_rows,
                                  chunk_classes=self.chunk_classes, cache=self._cache())
         cloud, noise_mul = self.cloud, self.noise_mul
-        if not torch.compiler.is_compiling() and use_triton(self.backend, features):  # (the reference keeps float64)
+        if use_triton(self.backend, features):  # (the reference keeps float64)
             cloud, noise_mul = self._fold(cloud, noise_mul)
         return cosine_cross_entropy(features, self.weight, target, **gcl_fields(cloud, self.m, self.s, noise_mul,
                                                                                 self.gamma),
@@ -356,9 +356,7 @@ class CosineGCLHead(_HeadBase):
 
     def _gcl_fields(self) -> dict:
         """GCL's fields on the kernels: its spread folded into the cloud (eagerly, as :meth:`forward`'s other path)."""
-        cloud, noise_mul = self._buffers["cloud"], self.noise_mul
-        if not torch.compiler.is_compiling():
-            cloud, noise_mul = self._fold(cloud, noise_mul)
+        cloud, noise_mul = self._fold(self._buffers["cloud"], self.noise_mul)
         return self._fields(**gcl_fields(cloud, self.m, self.s, noise_mul, self.gamma))
 
     def _dense_logits(self, features):
