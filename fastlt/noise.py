@@ -69,7 +69,8 @@ def draw_seed(generator: torch.Generator | None = None) -> int:
     # (read back through a numpy view of its memory: int(t) would be one more torch op, ~1/3 of the draw's host time)
     view = getattr(_DRAWS, "view", None)
     if view is None:
-        _DRAWS.t = torch.empty((), dtype=torch.int64)
+        with torch.inference_mode(False):  # a first draw under inference_mode: still a normal tensor, which later
+            _DRAWS.t = torch.empty((), dtype=torch.int64)  # draws outside it may update in place
         view = _DRAWS.view = _DRAWS.t.numpy()
     _DRAWS.t.random_(generator=generator)
     return int(view) & _SEED_MASK

@@ -225,3 +225,28 @@ def test_row_offset_selects_the_rows_of_a_larger_draw():
     whole = gcl_noise(77, 9, 13)
     assert torch.equal(gcl_noise(77, 4, 13, row_offset=5), whole[5:])
     assert torch.equal(standard_normal(77, 2, 13, row_offset=3), standard_normal(77, 5, 13)[3:])
+
+
+def test_draw_seed_first_called_under_inference_mode():
+    """The first seed a thread draws under inference_mode (a GCL evaluation before any training step): its reused
+    draw tensor was made an inference tensor, and every later draw outside inference_mode raised 'Inplace update to
+    inference tensor outside InferenceMode'. Run in a fresh thread (its own draw tensor)."""
+    import threading
+
+    out = {}
+
+    def run():
+        try:
+            with torch.inference_mode():
+                first = NZ.draw_seed()
+            torch.manual_seed(5)
+            out["seeds"] = (first, NZ.draw_seed())
+        except Exception as exc:  # (reported to the test's thread)
+            out["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(timeout=60)
+    assert "error" not in out, out.get("error")
+    torch.manual_seed(5)
+    assert out["seeds"][1] == NZ.draw_seed()
