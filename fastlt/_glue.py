@@ -275,6 +275,15 @@ class LADEFunction(torch.autograd.Function):
         return _backward(grad_loss, logits, target, ctx.args, row_stats, row_coef, term), None, None, None
 
 
+def _views_a_leaf(t: Tensor) -> bool:
+    """Whether ``t`` is a view, made by view ops, of a leaf (``P.view(N, C)``, ``P[:, :]``, an unbatched or (N, C, 1)
+    leaf made rows): the gradient written over it replaced the parameter's values, silently. A view a custom
+    Function returns is the layer's output it stands for (autograd keeps such views apart: the benchmarks' and tests'
+    stand-ins for a layer)."""
+    base = t._base
+    return base is not None and base.is_leaf and not isinstance(t.grad_fn, torch.autograd.function.BackwardCFunction)
+
+
 def _elements_overlap(t: Tensor) -> bool:
     """Whether two elements of ``t`` may share memory, by its strides: taken from the smallest, each stride must pass
     the farthest offset the smaller ones reach (a stride 0, an expand; windows of an unfold). May answer True for
@@ -312,9 +321,7 @@ def adjusted_cross_entropy_triton(logits: Tensor, target: Tensor, fields: dict, 
     # training criterion): nothing to write, and the caller's logits keep their values
     # (compiled, the op's recompute path runs: nothing is written, and nothing of the strides is asked)
     grad_in_forward = grad_in_forward and not compiling and logits.requires_grad and torch.is_grad_enabled()
-    if grad_in_forward and (logits.is_leaf or (logits._base is not None and logits._base.is_leaf)):
-        # a view of a leaf too (P.view(N, C), P[:, :], an unbatched or (N, C, 1) leaf made rows): its parameter's
-        # values were replaced by their gradient, silently
+    if grad_in_forward and (logits.is_leaf or _views_a_leaf(logits)):
         raise ValueError("grad_in_forward=True overwrites the logits with their gradient; it cannot be a "
                          "leaf tensor that requires grad, nor a view of one (pass the output of a layer)")
     if grad_in_forward and _elements_overlap(logits):
