@@ -236,6 +236,7 @@ class AdjustedCEFunction(torch.autograd.Function):
             ctx.save_for_backward(logits, target, row_stats, row_coef)
         ctx.args = args
         ctx.seed = seed
+        ctx.seed_state = None if grad_in_forward or seed is not None else O.seed_state(args)
         ctx.grad_in_forward = grad_in_forward
         ctx.used = False
         return loss if loss.dtype == logits.dtype else loss.to(logits.dtype)  # 'none': fp32 rows
@@ -252,6 +253,7 @@ class AdjustedCEFunction(torch.autograd.Function):
             gradient, ctx.gradient = ctx.gradient, None  # released with this backward, as saved tensors are
             return launch.scale_by(gradient, grad_loss.contiguous()), None, None, None, None
         logits, target, row_stats, row_coef = ctx.saved_tensors
+        O.check_seed_unchanged(ctx.seed_state)
         grad = _backward(grad_loss, logits, target, ctx.args, row_stats, row_coef, seed=ctx.seed)
         return grad, None, None, None, None
 

@@ -426,6 +426,23 @@ def refuse_requiring_grad(fields: dict, names: dict | None = None) -> None:
                          f"gradient; detach it, or use backend='torch' (PyTorch ops, which differentiate it)")
 
 
+def seed_state(args: AdjustedCEArgs) -> tuple | None:
+    """``(seed tensor, its version)`` of ``args`` whose noise seed is a tensor (CUDA graphs), for a recompute
+    backward to check it unchanged (:func:`check_seed_unchanged`); None otherwise."""
+    seed = args.seed
+    return (seed, seed._version) if isinstance(seed, Tensor) and not seed.is_inference() else None
+
+
+def check_seed_unchanged(state: tuple | None) -> None:
+    """RuntimeError when the seed tensor of :func:`seed_state` was changed in place since the forward: the recompute
+    backward would draw another noise than the forward's (a wrong gradient, no error)."""
+    if state is not None and state[0]._version != state[1]:
+        raise RuntimeError("the noise seed tensor was changed in place after the forward (seed_t.random_() or "
+                           "fill_() before this backward): the backward recomputes the forward's noise from it. "
+                           "Change it after the backward (or pass grad_in_forward=True, whose gradient is formed in "
+                           "the forward)")
+
+
 def _fresh_seed(device) -> int | Tensor:
     if torch.compiler.is_compiling():
         return torch.randint(0, 2**SEED_BITS, (1,), dtype=torch.int64, device=device)

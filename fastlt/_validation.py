@@ -59,24 +59,25 @@ def check_choice(name: str, value, choices) -> str:
     return value
 
 
-def check_logits(name: str, logits) -> None:
-    """(N, C) floating tensor with C >= 1."""
+def check_logits(name: str, logits, min_classes: int = 1) -> None:
+    """(N, C) floating tensor with C >= ``min_classes`` (1; 0 for a class shard's local logits, which may be empty)."""
     check_matrix(name, logits, "(N, C)")
-    if logits.shape[1] < 1:
+    if logits.shape[1] < min_classes:
         raise ValueError(f"{name} must have at least one class (C >= 1), got shape {tuple(logits.shape)}")
 
 
-def check_shaped_logits(name: str, logits) -> None:
-    """Logits of a shape ``F.cross_entropy`` takes: (C,), (N, C) or (N, C, d1, ...), floating, C >= 1."""
+def check_shaped_logits(name: str, logits, min_classes: int = 1) -> None:
+    """Logits of a shape ``F.cross_entropy`` takes: (C,), (N, C) or (N, C, d1, ...), floating, C >= ``min_classes``
+    (1; 0 for a class shard's local logits)."""
     if isinstance(logits, torch.Tensor) and logits.dim() not in (0, 2):
         if logits.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {logits.dtype}")
-        if logits.shape[0 if logits.dim() == 1 else 1] < 1:
+        if logits.shape[0 if logits.dim() == 1 else 1] < min_classes:
             raise ValueError(f"{name} must have at least one class (C >= 1), got shape {tuple(logits.shape)}")
         return
     if isinstance(logits, torch.Tensor) and logits.dim() == 0:
         raise ValueError(f"{name} must have shape (C,), (N, C) or (N, C, d1, ...), got a 0-dim tensor")
-    check_logits(name, logits)
+    check_logits(name, logits, min_classes)
 
 
 def as_index_target(target, *, keep_int32: bool = True):

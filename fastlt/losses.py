@@ -77,7 +77,7 @@ class _LongTailLoss(HeldFields, CountBuffers):
                     reduction=self.reduction, label_smoothing=self.label_smoothing)
 
     def _check_input(self, logits: Tensor, name: str = "logits") -> None:
-        V.check_shaped_logits(name, logits)
+        V.check_shaped_logits(name, logits, min_classes=1 if self.shard is None else 0)  # (a shard may be empty)
         if self.shard is None:  # a class shard's local logits are checked against it (fastlt.distributed)
             V.check_num_classes(logits, self.num_classes)
         elif self.shard.num_classes != self.num_classes:

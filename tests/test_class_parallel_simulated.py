@@ -279,3 +279,30 @@ def test_learnable_class_vectors_get_their_gradient_once_over_the_ranks(label_sm
             outside = torch.ones(C, dtype=torch.bool)
             outside[start:stop] = False
             assert not grads[name][outside].any(), name
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_loss_modules_on_a_world_with_an_empty_shard(backend):
+    """20 classes in blocks of 8 over 4 ranks: the last rank's shard is empty, (N, 0) local logits. The functions
+    took it; the modules refused it ('at least one class'). Every module's loss on every rank is the full one."""
+    gen = torch.Generator().manual_seed(12)
+    C = 20
+    counts = torch.randint(1, 200, (C,), generator=gen)
+    dtype = F64 if backend == "torch" else torch.float32
+    z = torch.tanh(torch.randn(6, C, generator=gen, dtype=F64)).to(dtype)
+    y = torch.randint(0, C, (6,), generator=gen)
+    makers = {"la": lambda sh: fastlt.LogitAdjustedLoss(counts, shard=sh, backend=backend),
+              "ldam": lambda sh: fastlt.LDAMLoss(counts, s=4.0, shard=sh, backend=backend),
+              "gcl": lambda sh: fastlt.GCLLoss(counts, s=4.0, noise_mul=0.5, shard=sh, backend=backend)}
+    for name, make in makers.items():
+        kw = {"seed": 3} if name == "gcl" else {}
+
+        def loss_fn(sh, zl, t, make=make, kw=kw):
+            mod = make(sh)
+            return (mod.double() if backend == "torch" else mod.to(DEVICE))(zl.to(DEVICE), t.to(DEVICE), **kw)
+
+        losses, _, _ = _run(4, z, y, loss_fn)
+        want = make(None)
+        want = (want.double() if backend == "torch" else want.to(DEVICE))(z.to(DEVICE), y.to(DEVICE), **kw)
+        for loss in losses:
+            torch.testing.assert_close(loss.cpu(), want.detach().cpu(), rtol=1e-5, atol=1e-6, msg=name)

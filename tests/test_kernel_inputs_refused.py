@@ -11,6 +11,7 @@ from conftest import DEVICE, long_tail_counts
 import fastlt
 from fastlt import functional as LF
 from fastlt import heads as H
+from fastlt import reference as R
 from fastlt.priors import prior
 
 N, C, D = 5, 8, 4
@@ -241,3 +242,40 @@ def test_a_cached_class_tensor_made_to_require_grad_in_place_is_refused():
         crit(z, y)
     with torch.no_grad():  # no gradient wanted: runs
         crit(z, y)
+
+
+def test_a_seed_tensor_changed_before_the_recompute_backward_raises():
+    """GCL with a seed tensor (CUDA graphs) redrawn in place between the forward and the backward (a fresh seed for
+    the next micro-batch): the recompute backward drew the new seed's noise against the forward's statistics, a
+    wrong gradient (29 off in 5) with no error. It raises now, for the loss and a head's 'none' recompute; redrawn
+    after the backward, the step is the reference's."""
+    gen = torch.Generator().manual_seed(9)
+    cloud = (torch.rand(C, generator=gen) + 0.1).to(DEVICE)
+    y = torch.randint(0, C, (N,), generator=gen).to(DEVICE)
+    w = torch.randn(C, D, generator=gen).to(DEVICE)
+    calls = {
+        "loss": lambda z, f, s: LF.gcl_cross_entropy(torch.tanh(z), y, cloud, 0.1, 8.0, 0.5, seed=s, backend="triton"),
+        "head": lambda z, f, s: H.cosine_cross_entropy(f, w, y, cloud=cloud, noise_mul=0.5, margin=0.1, scale=8.0,
+                                                        seed=s, reduction="none", backend="triton").sum(),
+    }
+    for name, call in calls.items():
+        z = torch.randn(N, C, generator=gen).to(DEVICE).requires_grad_()
+        f = torch.randn(N, D, generator=gen).to(DEVICE).requires_grad_()
+        seed = torch.tensor([1234], dtype=torch.int64, device=DEVICE)
+        loss = call(z, f, seed)
+        seed.fill_(5678)
+        with pytest.raises(RuntimeError, match="seed tensor was changed in place"):
+            loss.backward()
+        seed.fill_(1234)
+        loss = call(z, f, seed)
+        loss.backward()
+        seed.fill_(5678)  # after the backward: fine
+        grads = (z.grad if name == "loss" else f.grad).clone()
+        z64, f64 = z.detach().double().requires_grad_(), f.detach().double().requires_grad_()
+        if name == "loss":
+            R.gcl_cross_entropy(torch.tanh(z64), y, cloud.double(), 0.1, 8.0, 0.5, seed=1234).backward()
+            torch.testing.assert_close(grads.double(), z64.grad, rtol=1e-4, atol=1e-5)
+        else:
+            R.reference_cosine_cross_entropy(f64, w.double(), y, cloud=cloud.double(), noise_mul=0.5, margin=0.1,
+                                             scale=8.0, seed=1234, reduction="none").sum().backward()
+            torch.testing.assert_close(grads.double(), f64.grad, rtol=1e-4, atol=1e-5)

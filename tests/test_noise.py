@@ -250,3 +250,19 @@ def test_draw_seed_first_called_under_inference_mode():
     assert "error" not in out, out.get("error")
     torch.manual_seed(5)
     assert out["seeds"][1] == NZ.draw_seed()
+
+
+def test_noise_rows_stay_within_the_32_bit_row_word():
+    """Noise rows are one 32-bit word of Philox's counter, which the kernels keep: rows at 2^32 and beyond wrapped
+    there and not on the reference path (the backends' losses 0.8 apart at rows_per_rank = 2^32 - 2). Both refuse
+    them now; the last row is fine."""
+    from fastlt.distributed import noise_row_offset
+
+    assert NZ.gcl_noise(3, 2, 8, row_offset=2**32 - 2).shape == (2, 8)
+    with pytest.raises(ValueError, match="2\\^32"):
+        NZ.gcl_noise(3, 2, 8, row_offset=2**32 - 1)
+    with pytest.raises(ValueError, match="2\\^32"):
+        NZ.gcl_noise(3, 2, 8, row_offset=-1)
+    assert noise_row_offset(1, 4, 2**31) == 2**31
+    with pytest.raises(ValueError, match="rows_per_rank.*2\\^32|2\\^32.*rows_per_rank"):
+        noise_row_offset(1, 4, 2**32 - 2)

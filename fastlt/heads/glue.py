@@ -51,6 +51,7 @@ class FusedLinearLoss(torch.autograd.Function):
         if params.args.reduction == "none":
             ctx.save_for_backward(features, weight, bias, target)
             ctx.stats = (stats_chunks, coef_chunks)
+            ctx.seed_state = None if params.seed is not None else O.seed_state(params.args)
         else:
             ctx.grads = [dx, dw, db]
         return loss
@@ -61,6 +62,7 @@ class FusedLinearLoss(torch.autograd.Function):
         need = ctx.need
         if ctx.params.args.reduction == "none":
             x, w, b, y = ctx.saved_tensors
+            O.check_seed_unchanged(ctx.seed_state)
             dx, dw, db = recompute_backward(x, w, b, y, ctx.params, *ctx.stats, grad_output,
                                             need_x=need.x, need_w=need.w, need_b=need.b)
             return dx, dw, db, None, None
