@@ -464,6 +464,9 @@ def check_rows(logits, target, ignore_index) -> None:
     V.check_logits("logits", logits)
     if isinstance(target, Tensor) and target.is_floating_point() and target.dim() >= 2:
         V.check_soft_target(target, logits)
+        if ignore_index != -100:  # (as F.cross_entropy: it would be silently unused)
+            raise ValueError(f"ignore_index={ignore_index} is not supported with class-probability targets (every "
+                             "row counts; F.cross_entropy refuses it too): leave it at -100")
     else:
         V.check_target(target, logits, ignore_index)
 

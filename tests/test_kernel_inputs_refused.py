@@ -279,3 +279,24 @@ def test_a_seed_tensor_changed_before_the_recompute_backward_raises():
             R.reference_cosine_cross_entropy(f64, w.double(), y, cloud=cloud.double(), noise_mul=0.5, margin=0.1,
                                              scale=8.0, seed=1234, reduction="none").sum().backward()
             torch.testing.assert_close(grads.double(), f64.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_class_probabilities_with_an_ignore_index_are_refused(backend):
+    """Class-probability targets with an ignore_index other than -100 (a module made with ignore_index=0, then a
+    mixup batch): every row counts, so the index went unused silently; F.cross_entropy refuses it, and so does every
+    path now, naming it."""
+    gen = torch.Generator().manual_seed(10)
+    z = torch.randn(N, C, generator=gen).to(DEVICE)
+    q = torch.softmax(torch.randn(N, C, generator=gen), 1).to(DEVICE)
+    f = torch.randn(N, D, generator=gen).to(DEVICE)
+    with pytest.raises(RuntimeError, match="ignore_index is not supported"):  # torch's own refusal
+        torch.nn.functional.cross_entropy(z.cpu(), q.cpu(), ignore_index=0)
+    counts = torch.arange(1, C + 1)
+    calls = [lambda: LF.adjusted_cross_entropy(z, q, ignore_index=0, backend=backend),
+             lambda: fastlt.LogitAdjustedLoss(counts, ignore_index=0, backend=backend).to(DEVICE)(z, q),
+             lambda: fastlt.LADELoss(counts, ignore_index=0, backend=backend).to(DEVICE)(z, q),
+             lambda: fastlt.LinearLossHead(D, C, counts, ignore_index=0, backend=backend).to(DEVICE)(f, q)]
+    for call in calls:
+        with pytest.raises(ValueError, match="ignore_index=0 is not supported with class-probability"):
+            call()
