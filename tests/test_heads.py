@@ -889,3 +889,25 @@ def test_seed_tensor_gives_the_int_seeds_noise_in_the_cosine_head(chunk_rows, ch
         outs.append((loss.detach(), fk.grad, wk.grad))
     for a, b in zip(outs[0], outs[1], strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["la", "lade", "gcl"])
+def test_half_features_from_an_autocast_backbone_on_both_backends(kind):
+    """Under autocast a backbone hands bf16 features to an fp32 head: the kernels' path cast the head into the
+    autocast dtype (as nn.Linear runs), the reference path refused the dtypes ('run under torch.autocast', which
+    it was). Both run now and agree."""
+    counts = long_tail_counts(7, torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(8)
+    f32 = torch.randn(6, 5, generator=gen).to(DEVICE)
+    y = torch.randint(0, 7, (6,), generator=gen).to(DEVICE)
+    out = {}
+    for backend in ("torch", "triton"):
+        torch.manual_seed(0)
+        head = (fastlt.CosineGCLHead(5, 7, counts, s=8.0, backend=backend) if kind == "gcl"
+                else fastlt.LinearLossHead(5, 7, counts, loss=kind, backend=backend)).to(DEVICE)
+        with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+            f = f32.to(torch.bfloat16)
+            loss = head(f, y, seed=3) if kind == "gcl" else head(f, y)
+        assert loss.dtype == torch.bfloat16
+        out[backend] = float(loss)
+    assert out["torch"] == pytest.approx(out["triton"], rel=3e-2, abs=3e-2)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .. import _validation as V
 from .. import reference as R
-from .._backend import use_triton
+from .._backend import autocast_inputs, use_triton
 from ..distributed.class_parallel import check_shard_options
 from ..distributed.data_parallel import global_batch_loss, global_lade_loss, split_warning, warn_without_group
 from ..distributed.sharded_heads import sharded_head_loss
@@ -73,9 +73,9 @@ def linear_cross_entropy(features: Tensor, weight: Tensor, target: Tensor, bias:
                                  gather_inputs=gather_inputs, features_grad_scale=features_grad_scale, triton=triton)
 
     def local(f: dict) -> Tensor:
-        if not triton:
-            return R.reference_linear_cross_entropy(features, weight, target, bias, noise=noise,
-                                                    weight_classes=weight_classes, **f)
+        if not triton:  # (under autocast in its dtype, as nn.Linear and the kernels' path run)
+            x, w, b, _ = autocast_inputs(features, weight, bias)
+            return R.reference_linear_cross_entropy(x, w, target, b, noise=noise, weight_classes=weight_classes, **f)
         from .glue import run_head
 
         return run_head(features, weight, bias, target, dict(f, weight=weight_classes), cosine=False, eps=0.0,
@@ -112,9 +112,10 @@ def cosine_cross_entropy(features: Tensor, weight: Tensor, target: Tensor, *, lo
                                  features_grad_scale=features_grad_scale, triton=triton)
 
     def local(f: dict) -> Tensor:
-        if not triton:
-            return R.reference_cosine_cross_entropy(features, weight, target, noise=noise, eps=eps,
-                                                    weight_classes=weight_classes, **f)
+        if not triton:  # (under autocast in its dtype, as the kernels' path runs)
+            x, w, _, _ = autocast_inputs(features, weight, None)
+            return R.reference_cosine_cross_entropy(x, w, target, noise=noise, eps=eps, weight_classes=weight_classes,
+                                                    **f)
         from .glue import run_head
 
         return run_head(features, weight, None, target, dict(f, weight=weight_classes), cosine=True, eps=eps,
@@ -175,14 +176,17 @@ def lade_linear_loss(features: Tensor, weight: Tensor, target: Tensor, prior: Te
             prior=prior, alpha=alpha, remine_lambda=remine_lambda, weight=weight_classes, ignore_index=ignore_index,
             reduction=reduction, label_smoothing=label_smoothing), gather_inputs=gather_inputs,
             features_grad_scale=features_grad_scale)
+    triton = use_triton(backend, features)
+    if not triton or (dp_group is not None and dp_group is not False):  # (the kernels' path casts in its glue)
+        features, weight, bias, _ = autocast_inputs(features, weight, bias)
     if dp_group is not None and dp_group is not False:
         V.check_head(features, weight, bias)
         return global_lade_loss(F.linear(features, weight, bias), target, prior, alpha, remine_lambda, dp_group,
                                 weight=weight_classes, ignore_index=ignore_index, reduction=reduction,
-                                label_smoothing=label_smoothing, triton=use_triton(backend, features))
+                                label_smoothing=label_smoothing, triton=triton)
     if dp_group is None:
         warn_without_group("a LADE head")
-    if not use_triton(backend, features):
+    if not triton:
         return R.reference_lade_linear_loss(features, weight, target, prior, bias, alpha=alpha,
                                             remine_lambda=remine_lambda, weight_classes=weight_classes,
                                             ignore_index=ignore_index, reduction=reduction,
