@@ -276,10 +276,17 @@ class AdjustedCEArgs:
         groups by device (:func:`fastlt.kernels.launch.kernel_groups`) and the launch plans (``"plans"``)."""
         return {}
 
-    @functools.cached_property
+    @property
     def weight_total(self) -> Tensor:
-        """(1,) fp32 ``sum_j w_j`` of the class weights (once per args: the forward and the backward share it)."""
-        return self.weight.to(torch.float32).sum().reshape(1)
+        """(1,) fp32 ``sum_j w_j`` of the class weights (once per args, in :attr:`memo`: the forward and the backward
+        share it). While compiling it is an op of the graph: a cached_property takes an RLock, which Dynamo cannot
+        enter (the class-sharded kernels' path with class weights failed to compile)."""
+        if torch.compiler.is_compiling():
+            return self.weight.to(torch.float32).sum().reshape(1)
+        total = self.memo.get("weight_total")
+        if total is None:
+            total = self.memo["weight_total"] = self.weight.to(torch.float32).sum().reshape(1)
+        return total
 
     @classmethod
     def from_fields(cls, device, fields: dict) -> AdjustedCEArgs:

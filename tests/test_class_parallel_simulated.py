@@ -306,3 +306,35 @@ def test_loss_modules_on_a_world_with_an_empty_shard(backend):
         want = (want.double() if backend == "torch" else want.to(DEVICE))(z.to(DEVICE), y.to(DEVICE), **kw)
         for loss in losses:
             torch.testing.assert_close(loss.cpu(), want.detach().cpu(), rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_kernel_path_compiles_with_its_backward():
+    """shard= on the kernels under torch.compile(fullgraph=True) with a backward: the finish op's registered backward
+    launched the row kernel itself, so AOT tracing ran a launch on fake tensors ('invalid python storage'); the
+    gradient is an op of its own now (fastlt::shard_grad); with class weights the weights' sum was a
+    cached_property, whose RLock Dynamo cannot enter. Loss and local gradients equal eager's."""
+    gen = torch.Generator().manual_seed(13)
+    C, N = 16, 5
+    counts = torch.randint(1, 100, (C,), generator=gen)
+    z = torch.randn(N, C, generator=gen).to(DEVICE)
+    y = torch.randint(0, C, (N,), generator=gen).to(DEVICE)
+
+    def rank_fn(group):
+        shard = ClassShard.balanced(C, group)
+        crit = fastlt.LogitAdjustedLoss(counts, label_smoothing=0.1, weight=torch.linspace(0.5, 1.5, C),
+                                        backend="triton", shard=shard).to(DEVICE)
+        out = []
+        for step in (lambda a: crit(a, y), torch.compile(lambda a: crit(a, y), fullgraph=True, backend="aot_eager")):
+            zl = z[:, shard.start:shard.stop].clone().requires_grad_()
+            loss = step(zl)
+            loss.backward()
+            out.append((loss.detach(), zl.grad))
+        return out
+
+    torch._dynamo.reset()
+    # (the simulated world runs each rank's function once per round of collectives: a compile per run and rank)
+    with torch._dynamo.config.patch(recompile_limit=64):
+        results = SimulatedWorld(2).run(rank_fn)
+    for (eager_loss, eager_grad), (loss, grad) in results:
+        torch.testing.assert_close(loss, eager_loss)
+        torch.testing.assert_close(grad, eager_grad)

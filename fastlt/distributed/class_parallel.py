@@ -269,10 +269,23 @@ def _setup_finish(ctx, inputs, output):
 
 def _finish_backward(ctx, grad_loss, *unused):
     (logits, target, _, col_base, num_classes, *flat), (row_stats, row_coef) = saved_inputs(ctx)
-    (args,) = O.unflatten([AdjustedCEArgs], flat)
-    grad = launch.grad(logits, target, args, row_stats, row_coef, grad_loss.contiguous(), col_base=col_base,
-                       num_classes=num_classes)
+    grad = shard_grad_op(logits, target, row_stats, row_coef, grad_loss.contiguous(), col_base, num_classes, *flat)
     return input_grads(ctx, grad)
+
+
+@define("fastlt::shard_grad", "Tensor logits, Tensor target, Tensor row_stats, Tensor row_coef, Tensor grad_loss, "
+        "int col_base, int num_classes", [AdjustedCEArgs], "Tensor")
+def shard_grad_op(logits, target, row_stats, row_coef, grad_loss, col_base, num_classes, *flat):
+    """d loss / d (local logits): the row kernel's gradient of this rank's columns (an op of its own, with a fake,
+    so that torch.compile traces the backward instead of launching on fake tensors)."""
+    (args,) = O.unflatten([AdjustedCEArgs], flat)
+    return launch.grad(logits, target, args, row_stats, row_coef, grad_loss, col_base=col_base,
+                       num_classes=num_classes)
+
+
+@shard_grad_op.register_fake
+def _(logits, target, row_stats, row_coef, grad_loss, col_base, num_classes, *flat):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 shard_finish_op.register_autograd(_finish_backward, setup_context=_setup_finish)
