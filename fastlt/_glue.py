@@ -236,7 +236,7 @@ class AdjustedCEFunction(torch.autograd.Function):
             ctx.save_for_backward(logits, target, row_stats, row_coef)
         ctx.args = args
         ctx.seed = seed
-        ctx.seed_state = None if grad_in_forward or seed is not None else O.seed_state(args)
+        ctx.seed_state = None if grad_in_forward else O.seed_state(args, seed)
         ctx.grad_in_forward = grad_in_forward
         ctx.used = False
         return loss if loss.dtype == logits.dtype else loss.to(logits.dtype)  # 'none': fp32 rows

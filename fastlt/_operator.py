@@ -354,10 +354,6 @@ class ArgsCache:
             return None
         return logits.shape[1], logits.device, tuple(fields), values
 
-    def lookup(self, fields: dict, logits: Tensor) -> AdjustedCEArgs | None:
-        entry = self._lookup_entry(fields, logits)
-        return None if entry is None else entry[3]
-
     def _lookup_entry(self, fields: dict, logits: Tensor) -> tuple | None:
         entries = self._entries
         if not entries:
@@ -386,7 +382,7 @@ class ArgsCache:
 
     def checked(self, fields: dict, logits: Tensor, target, ignore_index: int, check, *, use: bool = True,
                 names: dict | None = None):
-        """The cached value for ``fields`` (:meth:`lookup`; ``use=False``: never), with the call's rows checked
+        """The cached value for ``fields`` (:meth:`_lookup_entry`; ``use=False``: never), with the call's rows checked
         (:func:`check_rows`: the fields were checked when it was stored); or None after ``check()``, the caller's
         whole check of a call whose fields are not cached. A field that requires grad is refused either way
         (:func:`refuse_requiring_grad`, ``names`` the caller's names of the fields): a cached tensor made to
@@ -433,9 +429,12 @@ def refuse_requiring_grad(fields: dict, names: dict | None = None) -> None:
                          f"gradient; detach it, or use backend='torch' (PyTorch ops, which differentiate it)")
 
 
-def seed_state(args: AdjustedCEArgs) -> tuple | None:
+def seed_state(args: AdjustedCEArgs, seed: int | None = None) -> tuple | None:
     """``(seed tensor, its version)`` of ``args`` whose noise seed is a tensor (CUDA graphs), for a recompute
-    backward to check it unchanged (:func:`check_seed_unchanged`); None otherwise."""
+    backward to check it unchanged (:func:`check_seed_unchanged`); None otherwise, or when the launches take
+    ``seed`` (an int drawn for the call) in its place."""
+    if seed is not None:
+        return None
     seed = args.seed
     return (seed, seed._version) if isinstance(seed, Tensor) and not seed.is_inference() else None
 

@@ -143,6 +143,15 @@ NORMALS_PER_CALL = 8
 NOISE_ROWS = 2**32  # noise rows: one 32-bit word of Philox's counter (the kernels' too)
 
 
+def check_noise_rows(first: int, n_rows: int, whose: str = "") -> None:
+    """ValueError unless noise rows ``first .. first + n_rows - 1`` lie in [0, 2^32): one word of Philox's counter,
+    which the kernels keep (they would wrap beyond it, the reference path would not). ``whose``: added to the
+    message (where the rows come from)."""
+    if first < 0 or first + n_rows > NOISE_ROWS:
+        raise ValueError(f"noise rows {first} .. {first + n_rows - 1}{whose} leave [0, 2^32): GCL's noise rows are "
+                         "one 32-bit word of Philox's counter")
+
+
 def standard_normal(seed: int, n_rows: int, n_cols: int, device: torch.device | str | None = None, *,
                     row_offset: int = 0, col_offset: int = 0) -> torch.Tensor:
     """(n_rows, n_cols) float32 standard normals, element (i, j) a function of (seed, row_offset + i,
@@ -158,9 +167,7 @@ def standard_normal(seed: int, n_rows: int, n_cols: int, device: torch.device | 
     Returns:
         (n_rows, n_cols) contiguous float32 tensor on ``device``.
     """
-    if row_offset < 0 or row_offset + n_rows > NOISE_ROWS:
-        raise ValueError(f"noise rows must lie in [0, 2^32) (Philox's row word, as the kernels keep it): rows "
-                         f"{row_offset} .. {row_offset + n_rows - 1} do not")
+    check_noise_rows(row_offset, n_rows)
     first = col_offset // NORMALS_PER_CALL  # whole Philox groups of 8 columns, sliced below
     skip = col_offset - first * NORMALS_PER_CALL
     groups = (skip + n_cols + NORMALS_PER_CALL - 1) // NORMALS_PER_CALL

@@ -30,7 +30,7 @@ from torch import Tensor
 from .. import reference as R
 from .._backend import use_triton
 from .._operator import check_lade_args
-from ..noise import NOISE_ROWS
+from ..noise import check_noise_rows
 from .collectives import carried, global_logsumexp, global_sum, rank_and_size, stat_dtype, world_gradient
 
 __all__ = ["global_batch_loss", "global_lade_loss", "noise_row_offset", "mean_denominator", "batch_dependent",
@@ -41,22 +41,15 @@ def noise_row_offset(rank: int, rows: int, rows_per_rank: int | None) -> int:
     """The global index of rank ``rank``'s first row: ``rank * rows_per_rank`` (default: the local ``rows``, right
     for equal batches; pass the loader's batch size when the last batch is short)."""
     if rows_per_rank is None:
-        return _within_noise_rows(rank * rows, rows)
+        check_noise_rows(rank * rows, rows, " of this rank (rank x its rows)")
+        return rank * rows
     if isinstance(rows_per_rank, bool) or not isinstance(rows_per_rank, int) or rows_per_rank < 1:
         raise ValueError(f"rows_per_rank must be a positive int (the per-rank batch size), got {rows_per_rank!r}")
     if rows > rows_per_rank:
         raise ValueError(f"rows_per_rank={rows_per_rank} is smaller than this rank's batch of {rows} rows: the "
                          "ranks' noise rows would overlap")
-    return _within_noise_rows(rank * rows_per_rank, rows)
-
-
-def _within_noise_rows(first: int, rows: int) -> int:
-    """``first``, checked: GCL's noise rows are one 32-bit word of the Philox counter (the kernels would wrap
-    beyond it, the reference path would not)."""
-    if first + rows > NOISE_ROWS:
-        raise ValueError(f"this rank's noise rows {first} .. {first + rows - 1} pass 2^32 (rank x rows_per_rank): "
-                         "GCL's noise has 2^32 rows")
-    return first
+    check_noise_rows(rank * rows_per_rank, rows, " of this rank (rank x rows_per_rank)")
+    return rank * rows_per_rank
 
 
 def mean_denominator(target: Tensor, weight: Tensor | None, ignore_index: int, dtype: torch.dtype) -> Tensor:

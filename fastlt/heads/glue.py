@@ -51,7 +51,7 @@ class FusedLinearLoss(torch.autograd.Function):
         if params.args.reduction == "none":
             ctx.save_for_backward(features, weight, bias, target)
             ctx.stats = (stats_chunks, coef_chunks)
-            ctx.seed_state = None if params.seed is not None else O.seed_state(params.args)
+            ctx.seed_state = O.seed_state(params.args, params.seed)
         else:
             ctx.grads = [dx, dw, db]
         return loss
