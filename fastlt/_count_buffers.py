@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ._validation import check_finite_float
 
@@ -37,14 +38,18 @@ class CountBuffers(nn.Module):
         (a method, not a stored closure: the module pickles, and a copy reads its own hyperparameters)."""
         raise NotImplementedError
 
-    def init_count_buffers(self, counts: Tensor, dtype: torch.dtype | None = None) -> None:
-        """Register the count buffers (non-persistent; float32, or ``dtype``) from the validated, smoothed float64
-        ``counts``, kept as ``_counts_exact`` (a plain attribute: no conversion touches it)."""
+    def init_count_buffers(self, counts: Tensor, dtype: torch.dtype | None = None,
+                           device: torch.device | str | None = None) -> None:
+        """Register the count buffers (non-persistent; float32, or ``dtype``; on ``device``, by default torch's
+        default device, as a parameter made beside them: the meta device under ``with torch.device('meta')``)
+        from the validated, smoothed float64 CPU ``counts``, kept as ``_counts_exact`` (a plain attribute: no
+        conversion touches it)."""
         self._counts_exact = counts
         self._count_own: dict[str, tuple[Tensor, int | None]] = {}
+        device = torch.get_default_device() if device is None else device
         for name, values in self._count_vectors(counts).items():
             self.register_buffer(name, None, persistent=False)
-            self._set_own(name, values.to(dtype or torch.float32))
+            self._set_own(name, values.to(device=device, dtype=dtype or torch.float32))
 
     def refresh_count_buffer(self, name: str, dtype: torch.dtype | None = None) -> None:
         """Make buffer ``name`` again from the counts (a hyperparameter changed), on its device, in ``dtype`` (default
@@ -64,16 +69,34 @@ class CountBuffers(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         own = {name for name in self.__dict__.get("_count_own", {}) if self._is_own(name)}
         widen = {name for name in own if self._buffers[name].dtype != torch.float64}
+        on_meta = {name for name in own if self._buffers[name].is_meta}
         super()._apply(fn, *args, **kwargs)
         for name in own:  # still the module's own values, in whatever this conversion made of them
-            dtype = self._buffers[name].dtype
-            if name in widen and dtype == torch.float64:
+            buf = self._buffers[name]
+            if name in widen and buf.dtype == torch.float64:
                 self.refresh_count_buffer(name)
-            elif dtype in (torch.float16, torch.bfloat16):
+            elif buf.dtype in (torch.float16, torch.bfloat16):
                 self.refresh_count_buffer(name, torch.float32)
+            elif name in on_meta and not buf.is_meta:  # off the meta device (``to_empty``: uninitialised memory)
+                self.refresh_count_buffer(name)
             else:
-                self._set_own(name, self._buffers[name])
+                self._set_own(name, buf)
         return self
+
+    def __getstate__(self) -> dict:
+        """A copy (``copy.deepcopy``, pickle, ``torch.save``) keeps which buffers are still the module's own: a
+        copied tensor's version counter starts again, so the versions are taken anew in :meth:`__setstate__`."""
+        state = dict(super().__getstate__())
+        if "_count_own" in state:
+            state["_count_own"] = {name: (made, self._is_own(name)) for name, (made, _) in self._count_own.items()}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        marks = self.__dict__.get("_count_own")
+        if marks:
+            self._count_own = {name: (made, _version(made) if own is True else -1)
+                               for name, (made, own) in marks.items()}
 
 
 class MarginSchedule:
@@ -88,6 +111,10 @@ class MarginSchedule:
 
     @max_margin.setter
     def max_margin(self, value) -> None:
-        self._max_margin = check_finite_float("max_margin", value, min_value=0.0)
+        value = check_finite_float("max_margin", value, min_value=0.0)
+        if "margins" in self.__dict__.get("_parameters", {}) or parametrize.is_parametrized(self, "margins"):
+            raise ValueError("max_margin cannot remake margins: an nn.Parameter or a parametrization replaced the "
+                             "margins buffer (learned margins); change its values instead")
+        self._max_margin = value
         if self.__dict__.get("_buffers", {}).get("margins") is not None:
             self.refresh_count_buffer("margins")

@@ -21,9 +21,21 @@ class HeldFields:
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
         self.__dict__["_held"] = None  # a hyperparameter or buffer assigned: the direct calls make their fields again
+        self.__dict__["_hold_off"] = False
+
+    def _class_tensor(self, name: str):
+        """The class tensor ``name`` (a prior, margins, cloud, class weights; or None): the module's buffer, or what
+        replaced it, an ``nn.Parameter`` (a learned adjustment) or a parametrization, read as an attribute. Such a
+        tensor changes without an assignment or a buffer's version (an optimizer step, a parametrization made anew
+        at each read), so then no fields are held (:meth:`_held_fields` makes them every call)."""
+        try:
+            return self._buffers[name]
+        except KeyError:
+            self.__dict__["_hold_off"] = True
+            return getattr(self, name)
 
     def __getstate__(self) -> dict:
-        state = dict(self.__dict__)  # a copy or a pickle makes its own fields and kernel arguments, of its buffers
+        state = dict(super().__getstate__())  # a copy or a pickle makes its own fields and kernel arguments
         state.pop("_held", None)
         state.pop("_args_cache", None)
         return state
@@ -52,8 +64,8 @@ class HeldFields:
         assignment, a move or cast (nn.Module swaps the buffers without ``__setattr__``: other tensors), or an
         in-place change of a buffer (its version). Never changed once made, so the arguments cache knows it by
         identity (:class:`fastlt._operator.ArgsCache`): a step skips building, checking and comparing its fields."""
-        if torch.compiler.is_compiling():  # traced: the ops path, which caches nothing
-            return make()
+        if torch.compiler.is_compiling() or self.__dict__.get("_hold_off"):  # traced (the ops path, which caches
+            return make()                                                   # nothing), or a class tensor not held
         try:
             state = [(id(b), b._version) for b in self._buffers.values() if b is not None]
         except RuntimeError:  # inference tensors have no version counter

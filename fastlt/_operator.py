@@ -470,9 +470,10 @@ def check_rows(logits, target, ignore_index) -> None:
     V.check_logits("logits", logits)
     if isinstance(target, Tensor) and target.is_floating_point() and target.dim() >= 2:
         V.check_soft_target(target, logits)
-        if ignore_index != -100:  # (as F.cross_entropy: it would be silently unused)
+        if ignore_index >= 0:  # a class index, silently unused (every row counts): F.cross_entropy refuses it too
             raise ValueError(f"ignore_index={ignore_index} is not supported with class-probability targets (every "
-                             "row counts; F.cross_entropy refuses it too): leave it at -100")
+                             "row counts; F.cross_entropy refuses a non-negative one too): leave it negative "
+                             "(-100, the default)")
     else:
         V.check_target(target, logits, ignore_index)
 
@@ -537,16 +538,22 @@ class FoldedSpread:
     def __init__(self):
         self._held: tuple | None = None  # (cloud, its version, noise_mul, the fp32 product)
 
+    def __getstate__(self) -> dict:
+        """A copy (``copy.deepcopy``, pickle, ``torch.save``) holds no product: a copied cloud's version counter
+        starts again, so an edit made after the product was kept could otherwise pass for no edit."""
+        return {"_held": None}
+
     def __call__(self, cloud: Tensor, noise_mul: float) -> tuple[Tensor, float]:
         if noise_mul == 0.0 or noise_mul == 1.0 or torch.compiler.is_compiling():
             return cloud, noise_mul
         try:
             version = cloud._version
         except RuntimeError:  # an inference tensor: no version to know it unchanged by
-            return as_f32(cloud) * noise_mul, 1.0
+            return as_f32(cloud) * V.check_finite_float("noise_mul", noise_mul), 1.0
         held = self._held
         if held is None or held[0] is not cloud or held[1] != version or held[2] != noise_mul:
-            held = self._held = (cloud, version, noise_mul, as_f32(cloud) * noise_mul)
+            held = self._held = (cloud, version, V.check_finite_float("noise_mul", noise_mul),
+                                 as_f32(cloud) * noise_mul)
         return held[3], 1.0
 
 
@@ -555,7 +562,7 @@ class FoldedSpread:
 @declared
 @dataclass(frozen=True)
 class LadeArgs:
-    """LADE's parameters beside its PriorCE operator (``log_prior = log pi``, tau = 1)."""
+    """LADE's parameters beside its PriorCE operator (``log_prior = log(pi + 1e-9)``, tau = 1)."""
 
     prior: Tensor = param(None, REQUIRED_VECTOR, "(C,) fp32 training prior pi (probabilities)")
     alpha: float = param(0.1, FLOAT, "the weight of LADER")

@@ -41,6 +41,15 @@ def as_rows(logits, target) -> Rows:
     if not isinstance(logits, Tensor) or not isinstance(target, Tensor) or logits.dim() == 2:
         return Rows(logits, target, None)  # the checks of the operator name what is wrong
     soft = is_soft(logits, target)
+    if logits.dim() == 0:
+        raise ValueError("logits must have a class dimension: (C,), (N, C) or (N, C, d1, ...), got a 0-dim tensor")
+    if target.is_floating_point() and not soft:  # (named here, in the caller's shapes, not the rows')
+        want = () if logits.dim() == 1 else (logits.shape[0], *logits.shape[2:])
+        raise TypeError(f"target must hold integer class indices of shape {want} or class probabilities of the "
+                        f"logits' shape {tuple(logits.shape)}, got {target.dtype} of shape {tuple(target.shape)}")
+    if soft and target.shape != logits.shape:
+        raise ValueError(f"class-probability targets must have the logits' shape {tuple(logits.shape)}, got "
+                         f"{tuple(target.shape)}")
     if logits.dim() == 1:
         if soft:
             return Rows(logits[None], target[None], ())
@@ -48,14 +57,9 @@ def as_rows(logits, target) -> Rows:
             raise ValueError(f"unbatched logits of shape {tuple(logits.shape)} take a 0-dim target (a class index) "
                              f"or class probabilities of shape {tuple(logits.shape)}, got {tuple(target.shape)}")
         return Rows(logits[None], target.reshape(1), ())
-    if logits.dim() == 0:
-        raise ValueError("logits must have a class dimension: (C,), (N, C) or (N, C, d1, ...), got a 0-dim tensor")
     C = logits.shape[1]
     rows = logits.movedim(1, -1).reshape(-1, C)
     if soft:
-        if target.shape != logits.shape:
-            raise ValueError(f"class-probability targets must have the logits' shape {tuple(logits.shape)}, got "
-                             f"{tuple(target.shape)}")
         return Rows(rows, target.movedim(1, -1).reshape(-1, C), (logits.shape[0], *logits.shape[2:]))
     want = (logits.shape[0], *logits.shape[2:])
     if tuple(target.shape) != want:

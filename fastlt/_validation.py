@@ -173,12 +173,16 @@ def as_class_counts(class_counts, *, smoothing: float = 0.0) -> torch.Tensor:
     """
     smoothing = check_finite_float("count_smoothing", smoothing, min_value=0.0)
     if isinstance(class_counts, torch.Tensor):
+        if class_counts.is_meta:
+            raise ValueError("class_counts is a meta tensor, which holds no values: give the counts as a sequence, "
+                             "a numpy array or a CPU tensor (also under `with torch.device('meta')`)")
         counts = class_counts.detach().to("cpu")
     else:
-        try:
-            counts = torch.as_tensor(class_counts)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise TypeError(f"class_counts must be a sequence of integers, got {type(class_counts).__name__}") from exc
+        try:  # on the CPU also under `with torch.device(...)`: the counts are read here
+            counts = torch.as_tensor(class_counts, device="cpu")
+        except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+            raise TypeError(f"class_counts must be a sequence of integers within int64 "
+                            f"({type(exc).__name__}: {exc}), got {type(class_counts).__name__}") from exc
     if counts.dtype == torch.bool or counts.is_complex():
         raise TypeError(f"class_counts must hold integers, got {counts.dtype}")
     if counts.dim() != 1 or counts.numel() < 1:

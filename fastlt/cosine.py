@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ._validation import FLOAT_DTYPES, check_finite_float, check_int
+from .reference import normalize_rows
 
 
 class CosineClassifier(nn.Module):
@@ -50,7 +50,14 @@ class CosineClassifier(nn.Module):
             raise TypeError(f"features must be a floating tensor, got {features.dtype}")
         if features.dim() != 2 or features.shape[1] != self.in_features:
             raise ValueError(f"features must have shape (N, {self.in_features}), got {tuple(features.shape)}")
-        return F.normalize(features, dim=1, eps=self.eps) @ F.normalize(self.weight, dim=1, eps=self.eps).t()
+        weight = self.weight
+        if features.device != weight.device:
+            raise ValueError(f"features are on {features.device} but weight is on {weight.device}")
+        autocast = features.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(features.device.type)
+        if features.dtype != weight.dtype and not autocast:
+            raise TypeError(f"features are {features.dtype} but weight is {weight.dtype}: cast one (model.to(...)), "
+                            "or run under torch.autocast")
+        return normalize_rows(features, self.eps) @ normalize_rows(weight, self.eps).t()
 
     def extra_repr(self) -> str:
         """The module's repr details.

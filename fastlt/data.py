@@ -201,7 +201,7 @@ class _ClassMassSampler(Sampler[int]):
                              "seed= instead")
         self.seed = shared_seed(seed, self.num_replicas)
         self.epoch = 0
-        self.labels = labels
+        self.labels = labels.clone()  # its own: the caller's tensor edited later would not match the counts
         self.counts = torch.bincount(labels)
         self.num_samples = num_samples
         self.total_size = -(-num_samples // self.num_replicas) * self.num_replicas
@@ -243,10 +243,10 @@ class _ClassMassSampler(Sampler[int]):
             return self._order[self._starts[cls] + torch.minimum(offset, count - 1)]
         weights = self._class_weights[self.labels]
         if n <= self.labels.numel():
-            return torch.multinomial(weights, n, False, generator=g)
+            return _without_replacement(weights, n, g)
         # the ranks' equal share needs more indices than there are samples: repeat the first ones (as
         # DistributedSampler pads)
-        idx = torch.multinomial(weights, self.num_samples, False, generator=g)
+        idx = _without_replacement(weights, self.num_samples, g)
         return torch.cat([idx, idx[: n - self.num_samples]])
 
     def __iter__(self) -> Iterator[int]:
@@ -255,6 +255,20 @@ class _ClassMassSampler(Sampler[int]):
             return
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         yield from self._draw(self.total_size, g)[self.rank::self.num_replicas].tolist()
+
+
+MULTINOMIAL_LIMIT = 2**24  # the most categories torch.multinomial draws from without replacement
+
+
+def _without_replacement(weights: torch.Tensor, n: int, g: torch.Generator | None) -> torch.Tensor:
+    """``n`` distinct indices of the positive (M,) float64 ``weights``, drawn one after another with probability
+    proportional to the weights of those left, in the order drawn: ``torch.multinomial`` up to its limit of 2^24
+    categories; beyond it the same law as an exponential race (Efraimidis and Spirakis: the ``n`` first arrivals
+    of independent exponential clocks of rates ``weights``)."""
+    if weights.numel() <= MULTINOMIAL_LIMIT:
+        return torch.multinomial(weights, n, False, generator=g)
+    arrival = torch.empty_like(weights).exponential_(generator=g) / weights
+    return torch.topk(arrival, n, largest=False, sorted=True).indices
 
 
 class ClassBalancedSampler(_ClassMassSampler):

@@ -67,13 +67,13 @@ class _LongTailLoss(HeldFields, CountBuffers):
         (:func:`fastlt.distributed.data_parallel.kernels_direct`); ``warning``: that of a loss that depends on the
         batch split (see there; default: the cross-entropy's)."""
         if warning is None:
-            warning = split_warning(self._buffers["weight"], self.reduction)
+            warning = split_warning(self._class_tensor("weight"), self.reduction)
         return kernels_direct(logits, self.backend, self.dp_group, self.shard, warning)
 
     def _fields(self, **operator) -> dict:
         """The operator's fields of a direct call: ``operator``'s (:mod:`fastlt._operator`'s ``*_fields``) and the
         shared options."""
-        return dict(operator, weight=self._buffers["weight"], ignore_index=self.ignore_index,
+        return dict(operator, weight=self._class_tensor("weight"), ignore_index=self.ignore_index,
                     reduction=self.reduction, label_smoothing=self.label_smoothing)
 
     def _check_input(self, logits: Tensor, name: str = "logits") -> None:
@@ -85,7 +85,13 @@ class _LongTailLoss(HeldFields, CountBuffers):
                              f"{self.num_classes}")
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, reduction={self.reduction!r}, backend={self.backend!r}"
+        out = f"num_classes={self.num_classes}, reduction={self.reduction!r}, backend={self.backend!r}"
+        weight = self._class_tensor("weight")
+        options = dict(weight=None if weight is None else f"({weight.shape[0]},)", ignore_index=self.ignore_index,
+                       label_smoothing=self.label_smoothing, count_smoothing=self.count_smoothing,
+                       grad_in_forward=self.__dict__.get("grad_in_forward", False))
+        defaults = dict(weight=None, ignore_index=-100, label_smoothing=0.0, count_smoothing=0.0, grad_in_forward=False)
+        return out + "".join(f", {k}={v}" for k, v in options.items() if v != defaults[k])  # those not the default
 
 
 class LogitAdjustedLoss(_LongTailLoss):
@@ -114,7 +120,7 @@ class LogitAdjustedLoss(_LongTailLoss):
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         self._check_input(logits)
         if self._direct(logits):
-            fields = self._held_fields(lambda: self._fields(**la_fields(self._buffers["log_prior"], self.tau)))
+            fields = self._held_fields(lambda: self._fields(**la_fields(self._class_tensor("log_prior"), self.tau)))
             return LF._kernels_call(logits, target, fields, grad_in_forward=self.grad_in_forward, cache=self._cache())
         return LF.logit_adjusted_cross_entropy(logits, target, self.log_prior, self.tau,
                                                grad_in_forward=self.grad_in_forward, **self._common())
@@ -124,13 +130,20 @@ class LogitAdjustedLoss(_LongTailLoss):
 
 
 class BalancedSoftmaxLoss(LogitAdjustedLoss):
-    """Balanced Softmax (Ren et al., NeurIPS 2020) = logit-adjusted CE with tau = 1 (LADE's PriorCE)."""
+    """Balanced Softmax (Ren et al., NeurIPS 2020) = logit-adjusted CE with tau = 1 (LADE's PriorCE but for its
+    ``log(pi + 1e-9)``)."""
 
     def __init__(self, class_counts, **kwargs):
         if "tau" in kwargs:
             raise TypeError("BalancedSoftmaxLoss fixes tau = 1; use LogitAdjustedLoss(class_counts, tau=...) for "
                             "another tau")
         super().__init__(class_counts, tau=1.0, **kwargs)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "tau" and value != 1.0:  # (a schedule of tau would turn it into LogitAdjustedLoss silently)
+            raise ValueError(f"BalancedSoftmaxLoss fixes tau = 1, got tau={value!r}: use "
+                             "LogitAdjustedLoss(class_counts, tau=...) for another tau")
+        super().__setattr__(name, value)
 
 
 class LDAMLoss(MarginSchedule, _LongTailLoss):
@@ -142,6 +155,10 @@ class LDAMLoss(MarginSchedule, _LongTailLoss):
         s: the logit scale.
         grad_in_forward, weight, ignore_index, reduction, label_smoothing, backend, count_smoothing, dp_group: as
             :class:`LogitAdjustedLoss`.
+
+    ``z`` are cosine logits in the official code (its ``NormedLinear``, always on with LDAM; here
+    :class:`fastlt.CosineClassifier`): ``s = 30`` on unnormalised logits trains unstably. LDAM-DRW's deferred
+    re-weighting is ``weight=`` from the DRW epoch on (``(1 - beta) / (1 - beta^n_j)``, normalised to sum C).
     """
 
     def __init__(self, class_counts, max_margin: float = 0.5, s: float = 30.0, *, grad_in_forward: bool = False,
@@ -165,7 +182,7 @@ class LDAMLoss(MarginSchedule, _LongTailLoss):
 
     def _ldam_fields(self) -> dict:
         V.check_finite_float("s", self.s)
-        return self._fields(**ldam_fields(self._buffers["margins"], self.s))
+        return self._fields(**ldam_fields(self._class_tensor("margins"), self.s))
 
     def extra_repr(self) -> str:
         return f"max_margin={self.max_margin}, s={self.s}, " + super().extra_repr()
@@ -221,7 +238,7 @@ class GCLLoss(_LongTailLoss):
         """The fields of a direct call (``seed`` None: drawn per call by the glue)."""
         V.check_finite_float("m", self.m)
         V.check_finite_float("s", self.s)
-        cloud, noise_mul = self._fold(self._buffers["cloud"], self.noise_mul)  # (FoldedSpread)
+        cloud, noise_mul = self._fold(self._class_tensor("cloud"), self.noise_mul)  # (FoldedSpread)
         return self._fields(**gcl_fields(cloud, self.m, self.s, noise_mul, self.gamma), seed=seed)
 
     def extra_repr(self) -> str:
@@ -265,8 +282,8 @@ class LADELoss(_LongTailLoss):
         return LF.lade_loss(logits, target, self.prior, self.alpha, self.remine_lambda, **self._common())
 
     def _lade_fields(self) -> dict:
-        return dict(prior=self._buffers["prior"], alpha=self.alpha, remine_lambda=self.remine_lambda,
-                    weight=self._buffers["weight"], ignore_index=self.ignore_index, reduction=self.reduction,
+        return dict(prior=self._class_tensor("prior"), alpha=self.alpha, remine_lambda=self.remine_lambda,
+                    weight=self._class_tensor("weight"), ignore_index=self.ignore_index, reduction=self.reduction,
                     label_smoothing=self.label_smoothing)
 
     def extra_repr(self) -> str:

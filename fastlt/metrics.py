@@ -44,6 +44,8 @@ def _train_counts(train_class_counts) -> torch.Tensor:
     counts = counts.to(torch.float64)
     if not torch.isfinite(counts).all() or (counts < 0).any():
         raise ValueError("train_class_counts must be finite and non-negative")
+    if (counts != counts.round()).any():  # (a prior passed for the counts put every class in few-shot)
+        raise TypeError("train_class_counts must hold whole numbers (per-class training counts, not a prior)")
     return counts
 
 

@@ -63,3 +63,29 @@ def test_cosine_classifier_bad_arguments():
         head(torch.zeros(2, 5))
     with pytest.raises(ValueError, match="features"):
         head(torch.zeros(4))
+
+
+def test_half_precision_norms_do_not_overflow():
+    """A float16 feature (or weight) row whose norm is above 65504, every entry finite: the norm was taken in
+    float16 (inf), and every cosine of that row came out 0. Taken in float32 now, as the fused heads do."""
+    head = fastlt.CosineClassifier(64, 3)
+    x = torch.full((2, 64), 10000.0)
+    x[1] = torch.randn(64, generator=gen(3))
+    want = fastlt.CosineClassifier(64, 3).double()
+    want.load_state_dict(head.state_dict())
+    expected = want(x.double())
+    close(head.half()(x.half()).double(), expected, 2e-3)
+    with torch.no_grad():
+        head.weight[0] = 10000.0
+        want.weight[0] = 10000.0
+    close(head(x.half()).double(), want(x.double()), 2e-3)
+
+
+def test_features_of_another_dtype_or_device_are_refused_by_name():
+    head = fastlt.CosineClassifier(4, 3)
+    with pytest.raises(TypeError, match="features are torch.float64 but weight is torch.float32"):
+        head(torch.randn(2, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="features are on meta but weight is on cpu"):
+        head(torch.randn(2, 4, device="meta"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # an autocast backbone's output: the product's dtype
+        assert head(torch.randn(2, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16

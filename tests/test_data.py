@@ -438,3 +438,34 @@ def test_cben_weights_are_distributions(counts, a, b_frac):
 def test_cben_errors(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         CBENSampler(torch.tensor([0, 0, 1]), **kwargs)
+
+
+def test_without_replacement_beyond_multinomials_limit_has_the_same_law(monkeypatch):
+    """torch.multinomial draws from at most 2^24 categories without replacement (a RuntimeError beyond): past that
+    the sampler races exponential clocks (Efraimidis-Spirakis), the same law. Checked with the limit lowered: the
+    first and second draws' frequencies against the exact sequential probabilities."""
+    import fastlt.data as D
+
+    w = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    monkeypatch.setattr(D, "MULTINOMIAL_LIMIT", 0)
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([D._without_replacement(w, 2, g) for _ in range(20000)])
+    assert all(len(set(row.tolist())) == 2 for row in draws[:100])
+    p = w / w.sum()
+    second = torch.stack([sum(p[i] * p[j] / (1 - p[i]) for i in range(4) if i != j) for j in range(4)])
+    for col, want in ((0, p), (1, second)):
+        freq = torch.bincount(draws[:, col], minlength=4).double() / len(draws)
+        assert (freq - want).abs().max() < 0.015, (col, freq, want)
+    labels = _labels_from_counts([50, 10, 3])
+    s = ClassBalancedSampler(labels, q=0.0, replacement=False, seed=7)
+    assert sorted(s) == list(range(labels.numel()))
+
+
+def test_sampler_takes_a_numpy_seed_and_keeps_its_own_labels():
+    labels = _labels_from_counts([20, 5, 2])
+    s = ClassBalancedSampler(labels, replacement=False, seed=np.int64(4))
+    t = ClassBalancedSampler(labels, replacement=False, seed=4)
+    before = list(s)
+    assert s.seed == 4 and before == list(t)
+    labels.zero_()  # the caller's tensor edited afterwards: the sampler's draws do not change
+    assert list(s) == before

@@ -283,9 +283,9 @@ def test_a_seed_tensor_changed_before_the_recompute_backward_raises():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_class_probabilities_with_an_ignore_index_are_refused(backend):
-    """Class-probability targets with an ignore_index other than -100 (a module made with ignore_index=0, then a
-    mixup batch): every row counts, so the index went unused silently; F.cross_entropy refuses it, and so does every
-    path now, naming it."""
+    """Class-probability targets with a non-negative ignore_index (a module made with ignore_index=0, then a mixup
+    batch): every row counts, so the index went unused silently; F.cross_entropy refuses it, and so does every path
+    now, naming it. A negative one other than -100 is accepted, as F.cross_entropy accepts it."""
     gen = torch.Generator().manual_seed(10)
     z = torch.randn(N, C, generator=gen).to(DEVICE)
     q = torch.softmax(torch.randn(N, C, generator=gen), 1).to(DEVICE)
@@ -300,3 +300,10 @@ def test_class_probabilities_with_an_ignore_index_are_refused(backend):
     for call in calls:
         with pytest.raises(ValueError, match="ignore_index=0 is not supported with class-probability"):
             call()
+    # a negative one is no class: unused, as F.cross_entropy leaves it (a criterion made with ignore_index=-1 takes
+    # mixup batches)
+    want = torch.nn.functional.cross_entropy(z.cpu().double(), q.cpu().double(), ignore_index=-1)
+    got = LF.adjusted_cross_entropy(z, q, ignore_index=-1, backend=backend)
+    torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5, atol=1e-6)
+    got = fastlt.LogitAdjustedLoss(torch.ones(C), tau=0.0, ignore_index=-1, backend=backend).to(DEVICE)(z, q)
+    torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5, atol=1e-6)

@@ -182,3 +182,9 @@ def test_shot_accuracy_takes_unsigned_numpy_labels(dtype):
     targets = np.array([0, 1, 1, 2], dtype=dtype)
     expected = shot_accuracy(preds.astype(np.int64), targets.astype(np.int64), [200, 50, 5])
     assert shot_accuracy(preds, targets, [200, 50, 5]) == expected
+
+
+def test_counts_that_are_not_whole_numbers_are_refused():
+    """A prior passed for the training counts put every class in few-shot, with no error."""
+    with pytest.raises(TypeError, match="whole numbers"):
+        shot_accuracy(torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor([0.75, 0.25]))

@@ -89,3 +89,15 @@ def test_shape_errors_name_the_argument():
         crit(torch.randn(2, C + 1, 3), torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(TypeError, match="float"):
         crit(torch.zeros(2, C, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long))
+
+
+def test_shape_errors_name_the_callers_shapes():
+    """N-D and unbatched mismatches were reported in the flattened rows' shapes ((24, 5) for (2, 5, 3, 4) logits)."""
+    crit = fastlt.LogitAdjustedLoss([40, 20, 8, 3, 1], backend="torch")
+    with pytest.raises(TypeError, match=r"integer class indices of shape \(2, 3, 4\) or class probabilities of the "
+                                        r"logits' shape \(2, 5, 3, 4\), got torch.float32 of shape \(2, 3, 4\)"):
+        crit(torch.randn(2, 5, 3, 4), torch.rand(2, 3, 4))
+    with pytest.raises(ValueError, match=r"logits' shape \(5,\), got \(6,\)"):
+        crit(torch.randn(5), torch.rand(6))
+    with pytest.raises(TypeError, match=r"integer class indices of shape \(\)"):
+        crit(torch.randn(5), torch.tensor(1.0))

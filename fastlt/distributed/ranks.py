@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+from numbers import Integral
+
 import torch
 
 __all__ = ["replicas", "shared_seed", "SEED_LIMIT"]
@@ -43,9 +45,9 @@ def shared_seed(seed: int | None, num_replicas: int) -> int | None:
     ranks, rank 0's draw from torch's generator, broadcast once (``broadcast_object_list``: any backend); else
     None (one process: its generator)."""
     if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        if isinstance(seed, bool) or not isinstance(seed, Integral) or not 0 <= seed < SEED_LIMIT:
             raise ValueError(f"seed must be an int in [0, 2^63 - 2^20), got {seed!r}")
-        return seed
+        return int(seed)  # (a numpy int too)
     if num_replicas == 1:
         return None
     dist = _distributed()

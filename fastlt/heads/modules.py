@@ -98,13 +98,13 @@ class _HeadBase(HeldFields, CountBuffers):
 
     def _split_warning(self) -> str | None:
         """The functions' warning for a loss whose value depends on the batch split (a class-weighted mean)."""
-        return split_warning(self._buffers["weight_classes"], self.reduction)
+        return split_warning(self._class_tensor("weight_classes"), self.reduction)
 
     def _fields(self, **operator) -> dict:
         """The operator's fields of a direct call (all of them, as the functions pass them): ``operator``'s and the
         shared options, the class weights as the operator's ``weight``."""
-        return dict(_NO_OPERATOR, **operator, weight=self._buffers["weight_classes"], ignore_index=self.ignore_index,
-                    reduction=self.reduction, label_smoothing=self.label_smoothing)
+        return dict(_NO_OPERATOR, **operator, weight=self._class_tensor("weight_classes"),
+                    ignore_index=self.ignore_index, reduction=self.reduction, label_smoothing=self.label_smoothing)
 
     def _check_features(self, features) -> None:
         if not isinstance(features, Tensor):
@@ -202,7 +202,8 @@ class LinearLossHead(MarginSchedule, _HeadBase):
             if loss != "ce":
                 raise ValueError(f"loss={loss!r} needs class_counts (the per-class training counts)")
         else:
-            self.init_count_buffers(self._counts(class_counts, count_smoothing), dtype=_count_dtype(dtype))
+            self.init_count_buffers(self._counts(class_counts, count_smoothing), dtype=_count_dtype(dtype),
+                                    device=device)
         factory = dict(device=device, dtype=dtype)
         self.weight = nn.Parameter(torch.empty((self.weight_rows, in_features), **factory))
         self.bias = nn.Parameter(torch.empty(self.weight_rows, **factory)) if bias else None
@@ -215,6 +216,9 @@ class LinearLossHead(MarginSchedule, _HeadBase):
         if loss == "lade" and name in _LADE_NEUTRAL and value != _LADE_NEUTRAL[name]:
             raise ValueError(f"loss='lade' takes no {name} (it would be ignored): {name} must stay "
                              f"{_LADE_NEUTRAL[name]}, got {value!r}")
+        if loss == "balanced_softmax" and name == "tau" and value != 1.0:
+            raise ValueError(f"loss='balanced_softmax' fixes tau = 1, got tau={value!r}: make a head with loss='la' "
+                             "for another tau")
         super().__setattr__(name, value)
 
     def _count_vectors(self, counts: Tensor) -> dict[str, Tensor]:
@@ -262,9 +266,9 @@ class LinearLossHead(MarginSchedule, _HeadBase):
         return self._fields(**self._operator_fields())
 
     def _lade_fields(self) -> dict:
-        return dict(prior=self._buffers["prior"], alpha=self.alpha, remine_lambda=self.remine_lambda,
-                    weight=self._buffers["weight_classes"], ignore_index=self.ignore_index, reduction=self.reduction,
-                    label_smoothing=self.label_smoothing)
+        return dict(prior=self._class_tensor("prior"), alpha=self.alpha, remine_lambda=self.remine_lambda,
+                    weight=self._class_tensor("weight_classes"), ignore_index=self.ignore_index,
+                    reduction=self.reduction, label_smoothing=self.label_smoothing)
 
     def _operator_fields(self) -> dict:
         """The loss's hyperparameters as the operator's (the presets of :mod:`fastlt._operator`), plus the logit
@@ -327,7 +331,7 @@ class CosineGCLHead(_HeadBase):
         self.gamma = V.check_finite_float("gamma", gamma, min_value=0.0)
         self.eps = V.check_finite_float("eps", eps, min_value=0.0, min_inclusive=False)
         self._fold = FoldedSpread()
-        self.init_count_buffers(self._counts(class_counts, count_smoothing), dtype=_count_dtype(dtype))
+        self.init_count_buffers(self._counts(class_counts, count_smoothing), dtype=_count_dtype(dtype), device=device)
         self.weight = nn.Parameter(torch.empty((self.weight_rows, in_features), device=device, dtype=dtype))
         self.reset_parameters()
 
@@ -356,7 +360,7 @@ class CosineGCLHead(_HeadBase):
 
     def _gcl_fields(self) -> dict:
         """GCL's fields on the kernels: its spread folded into the cloud (eagerly, as :meth:`forward`'s other path)."""
-        cloud, noise_mul = self._fold(self._buffers["cloud"], self.noise_mul)
+        cloud, noise_mul = self._fold(self._class_tensor("cloud"), self.noise_mul)
         return self._fields(**gcl_fields(cloud, self.m, self.s, noise_mul, self.gamma))
 
     def _dense_logits(self, features):

@@ -1,0 +1,161 @@
+"""nn.Module mechanics of the loss modules and heads against a fresh float64 reference: copies made after in-place
+edits, class tensors replaced by an nn.Parameter or a parametrization, hyperparameters assigned later, repr."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from conftest import DEVICE
+from torch import nn
+from torch.nn.utils import parametrize
+
+import fastlt
+from fastlt import priors as P
+from fastlt import reference as R
+
+F64 = torch.float64
+COUNTS = [400, 90, 20, 6, 1]
+C = len(COUNTS)
+
+
+def _inputs(seed: int, D: int | None = None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, D or C, generator=g, dtype=F64)
+    y = torch.randint(0, C, (6,), generator=g)
+    return (x if D else x.clamp(-1, 1)).to(DEVICE), y.to(DEVICE)
+
+
+def _copy(mod, how: str):
+    if how == "deepcopy":
+        return copy.deepcopy(mod)
+    if how == "pickle":
+        return pickle.loads(pickle.dumps(mod))
+    buf = io.BytesIO()
+    torch.save(mod, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_gcl_copy_made_after_cloud_edits_uses_the_edited_cloud(backend, how):
+    """noise_mul * cloud is kept between calls, known by the cloud's version: a copied cloud's version counter starts
+    again, so a copy made after a second in-place edit used the product of the first (loss 5.5e-2, gradient 0.38
+    off). Loss module and cosine head, against the reference with the same noise."""
+    z, y = _inputs(0)
+    crit = fastlt.GCLLoss(COUNTS, noise_mul=0.5, backend=backend).to(DEVICE)
+    with torch.no_grad():
+        crit.cloud.mul_(0.5)
+    crit(z.float(), y, seed=3)
+    with torch.no_grad():
+        crit.cloud.mul_(0.5)
+    twin = _copy(crit, how)
+    cloud = P.gcl_cloud(COUNTS, dtype=F64).to(DEVICE) * 0.25
+    want = R.gcl_cross_entropy(z, y, cloud, m=0.5, s=30.0, noise_mul=0.5, seed=3)
+    for mod in (twin, crit):
+        torch.testing.assert_close(mod(z.float(), y, seed=3).double(), want, rtol=2e-5, atol=2e-5)
+
+    f, y = _inputs(1, D=3)
+    head = fastlt.CosineGCLHead(3, C, COUNTS, noise_mul=0.5, backend=backend).to(DEVICE)
+    with torch.no_grad():
+        head.cloud.mul_(0.5)
+    head(f.float(), y, seed=3)
+    with torch.no_grad():
+        head.cloud.mul_(0.5)
+    twin = _copy(head, how)
+    want = R.reference_cosine_cross_entropy(f, head.weight.detach().double(), y, cloud=cloud, noise_mul=0.5,
+                                            margin=0.5, scale=30.0, seed=3)
+    torch.testing.assert_close(twin(f.float(), y, seed=3).double(), want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_class_tensor_replaced_by_a_parameter(backend):
+    """``crit.log_prior = nn.Parameter(...)`` (a learned logit adjustment) moved it out of the buffers, and the
+    kernels' path read it there: a bare KeyError. Under no_grad it is used, and follows in-place edits (an optimizer
+    step); in grad mode the kernels refuse it by name, the reference differentiates it."""
+    z, y = _inputs(2)
+    crit = fastlt.LogitAdjustedLoss(COUNTS, backend=backend).to(DEVICE)
+    crit.log_prior = nn.Parameter(crit.log_prior.clone())
+    base = P.log_prior(COUNTS, dtype=F64).to(DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(crit(z.float(), y).double(), R.adjusted_cross_entropy(z, y, log_prior=base, tau=1.0),
+                                   rtol=2e-6, atol=2e-6)
+        crit.log_prior.add_(torch.arange(C, device=DEVICE))
+        torch.testing.assert_close(crit(z.float(), y).double(),
+                                   R.adjusted_cross_entropy(z, y, log_prior=base + torch.arange(C, device=DEVICE),
+                                                            tau=1.0), rtol=2e-6, atol=2e-6)
+    if backend == "triton":
+        with pytest.raises(ValueError, match="log_prior requires grad"):
+            crit(z.float(), y)
+    else:
+        crit(z.float(), y).backward()
+        assert crit.log_prior.grad is not None and crit.log_prior.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_parametrized_class_weight_is_read_anew_every_call(backend):
+    """A parametrization of ``weight`` (KeyError on both backends before): its value is made from the original at
+    each call, so an edit of the original is seen at the next call (no fields held across it)."""
+    class Abs(nn.Module):
+        def forward(self, w):
+            return w.abs()
+
+    z, y = _inputs(3)
+    crit = fastlt.LogitAdjustedLoss(COUNTS, weight=torch.ones(C), backend=backend).to(DEVICE)
+    parametrize.register_parametrization(crit, "weight", Abs())
+    base = P.log_prior(COUNTS, dtype=F64).to(DEVICE)
+    for w in (torch.ones(C), torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])):
+        with torch.no_grad():
+            crit.parametrizations.weight.original.copy_(-w)
+        want = R.adjusted_cross_entropy(z, y, log_prior=base, tau=1.0, weight=w.to(DEVICE, F64))
+        torch.testing.assert_close(crit(z.float(), y).double(), want, rtol=2e-6, atol=2e-6)
+
+
+def test_max_margin_refuses_margins_it_cannot_remake():
+    crit = fastlt.LDAMLoss(COUNTS)
+    crit.margins = nn.Parameter(crit.margins.clone())
+    with pytest.raises(ValueError, match="max_margin cannot remake margins"):
+        crit.max_margin = 0.3
+    assert crit.max_margin == 0.5
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_noise_mul_assigned_later_is_checked_on_the_kernels_too(value):
+    """A NaN or infinite noise_mul set after construction gave a NaN loss on the kernels (folded into the cloud
+    unchecked) where the reference raised."""
+    z, y = _inputs(4)
+    f, _ = _inputs(4, D=3)
+    crit = fastlt.GCLLoss(COUNTS, backend="triton").to(DEVICE)
+    head = fastlt.CosineGCLHead(3, C, COUNTS, backend="triton").to(DEVICE)
+    crit.noise_mul = head.noise_mul = value
+    with pytest.raises(ValueError, match="noise_mul must be finite"):
+        crit(z.float(), y)
+    with pytest.raises(ValueError, match="noise_mul must be finite"):
+        head(f.float(), y)
+
+
+def test_balanced_softmax_refuses_a_tau_assigned_later():
+    """The constructors refuse tau != 1 for Balanced Softmax; an assignment did not (the loss became logit
+    adjustment silently)."""
+    crit = fastlt.BalancedSoftmaxLoss(COUNTS)
+    crit.tau = 1.0
+    with pytest.raises(ValueError, match="BalancedSoftmaxLoss fixes tau = 1"):
+        crit.tau = 0.5
+    head = fastlt.LinearLossHead(3, C, COUNTS, loss="balanced_softmax")
+    with pytest.raises(ValueError, match="fixes tau = 1"):
+        head.tau = 0.5
+    assert crit.tau == 1.0 and head.tau == 1.0
+
+
+def test_repr_names_the_options_not_at_their_default():
+    crit = fastlt.LogitAdjustedLoss(COUNTS, weight=torch.ones(C), ignore_index=3, label_smoothing=0.1,
+                                    grad_in_forward=True, count_smoothing=0.5)
+    text = repr(crit)
+    for part in ("tau=1.0", f"num_classes={C}", "weight=(5,)", "ignore_index=3", "label_smoothing=0.1",
+                 "grad_in_forward=True", "count_smoothing=0.5"):
+        assert part in text, (part, text)
+    assert "ignore_index" not in repr(fastlt.LogitAdjustedLoss(COUNTS))
