@@ -420,28 +420,30 @@ def check_kernel_input(name: str, t: Tensor, noise: Tensor | None = None) -> Non
 
 def lade_operator_args(prior: Tensor, alpha: float, remine_lambda: float, *, weight, label_smoothing, ignore_index,
                        reduction) -> tuple[AdjustedCEArgs, LadeArgs]:
-    """LADE's PriorCE operator (``log pi`` offset, tau = 1) and its :class:`fastlt._operator.LadeArgs` (pi fp32)."""
+    """LADE's PriorCE operator (``log(pi + 1e-9)`` offset, the official PriorCELoss's; tau = 1) and its
+    :class:`fastlt._operator.LadeArgs` (pi fp32)."""
     pi, log_pi = _prior_and_log(prior)
     args = AdjustedCEArgs.from_kwargs(prior.device, log_prior=log_pi, weight=weight, label_smoothing=label_smoothing,
                                       ignore_index=ignore_index, reduction=reduction)
     return args, LadeArgs(prior=pi, alpha=float(alpha), remine_lambda=float(remine_lambda))
 
 
-_LOG_PRIORS = WeakIdKeyDictionary()  # prior tensor -> (its _version, fp32 pi, log pi)
+_LOG_PRIORS = WeakIdKeyDictionary()  # prior tensor -> (its _version, fp32 pi, log(pi + 1e-9))
 
 
 def _prior_and_log(prior: Tensor) -> tuple[Tensor, Tensor]:
-    """``(pi, log pi)`` as contiguous fp32, computed once per prior tensor (a module's buffer, typically) and
-    again only after it changes in place (its ``_version``); held weakly, so a freed prior frees its entry. Not
-    cached while compiling or capturing a CUDA graph (a tensor made during capture holds nothing until replay), nor
-    for an inference tensor (made under ``torch.inference_mode``: it has no version counter)."""
+    """``(pi, log(pi + 1e-9))`` (PriorCE's offset) as contiguous fp32, computed once per prior tensor (a module's
+    buffer, typically) and again only after it changes in place (its ``_version``); held weakly, so a freed prior
+    frees its entry. Not cached while compiling or capturing a CUDA graph (a tensor made during capture holds
+    nothing until replay), nor for an inference tensor (made under ``torch.inference_mode``: it has no version
+    counter)."""
     if (torch.compiler.is_compiling() or prior.is_inference()
             or (prior.is_cuda and torch.cuda.is_current_stream_capturing())):
         pi = O.as_f32(prior)
-        return pi, torch.log(pi)
+        return pi, torch.log(pi + 1e-9)
     hit = _LOG_PRIORS.get(prior)
     if hit is None or hit[0] != prior._version:
         pi = O.as_f32(prior)
-        hit = (prior._version, pi, torch.log(pi))
+        hit = (prior._version, pi, torch.log(pi + 1e-9))
         _LOG_PRIORS[prior] = hit
     return hit[1], hit[2]

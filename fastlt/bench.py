@@ -138,7 +138,7 @@ def _gcl_official(cos, y, cloud, m=0.5, s=30.0, noise_mul=1.0):
 def _lade_official(z, y, pi, alpha=0.1, lam=0.1):
     """The official LADE code: PriorCE plus LADER from dense C x N masks."""
     C, N = z.shape[1], z.shape[0]
-    ce = torch.nn.functional.cross_entropy(z + torch.log(pi).to(z.dtype), y)
+    ce = torch.nn.functional.cross_entropy(z + torch.log(pi + 1e-9).to(z.dtype), y)
     mask = y == torch.arange(C, device=z.device).view(-1, 1)
     x_p = z.T * mask
     x_q = (z - torch.log(pi + 1e-9) + math.log(1.0 / C + 1e-9)).T

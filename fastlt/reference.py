@@ -327,9 +327,10 @@ def lader(logits: Tensor, target: Tensor, prior: Tensor, remine_lambda: float = 
 
 
 def _log_of_prior(prior: Tensor, dtype: torch.dtype) -> Tensor:
-    """``log pi`` of a (C,) prior for logits of ``dtype``, taken in at least float32 and the logits' dtype (as the
-    kernels take it: a bfloat16 prior's log in bfloat16 moved LADE's loss by ~3e-3 at 40 classes)."""
-    return torch.log(prior.to(torch.promote_types(torch.promote_types(prior.dtype, dtype), torch.float32)))
+    """PriorCE's offset ``log(pi + 1e-9)`` (the official PriorCELoss's) of a (C,) prior for logits of ``dtype``,
+    taken in at least float32 and the logits' dtype (as the kernels take it: a bfloat16 prior's log in bfloat16
+    moved LADE's loss by ~3e-3 at 40 classes)."""
+    return torch.log(prior.to(torch.promote_types(torch.promote_types(prior.dtype, dtype), torch.float32)) + 1e-9)
 
 
 def lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: float = 0.1, remine_lambda: float = 0.1, *,
@@ -346,8 +347,8 @@ def lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: float = 0.1,
         weight, ignore_index, label_smoothing: as ``F.cross_entropy`` (PriorCE's).
         reduction: 'mean' or 'sum' (PriorCE's; LADER is a batch statistic).
 
-    PriorCE is logit-adjusted CE with tau = 1 and ``log(pi)``. Shaped inputs as :func:`adjusted_cross_entropy`
-    (K-dim positions count as rows of the batch, for LADER too).
+    PriorCE is logit-adjusted CE with tau = 1 and the official code's offset ``log(pi + 1e-9)``. Shaped inputs as
+    :func:`adjusted_cross_entropy` (K-dim positions count as rows of the batch, for LADER too).
     """
     rows = as_rows(logits, target)
     logits, target = rows.logits, V.as_index_target(rows.target, keep_int32=False)

@@ -27,9 +27,9 @@ def test_ldam_max_margin_can_be_scheduled():
 
 
 def _exact_buffers(counts, name: str = "") -> dict:
-    """The count buffers' float64 values (``name``: the module's)."""
+    """The count buffers' float64 values; ``name``'s module (a LADE head's log prior is PriorCE's log(pi + 1e-9))."""
     c = torch.as_tensor(counts, dtype=F64)
-    log_prior = P.log_prior(counts, dtype=F64)
+    log_prior = (P.prior(counts, dtype=F64) + 1e-9).log() if name == "lade-head" else P.log_prior(counts, dtype=F64)
     return {"class_counts": c, "log_prior": log_prior,
             "margins": P.ldam_margins(counts, 0.5, dtype=F64), "cloud": P.gcl_cloud(counts, dtype=F64),
             "prior": P.prior(counts, dtype=F64)}

@@ -367,3 +367,27 @@ def test_lade_class_masked_with_minus_inf_in_every_row(chunks):
     for got, want in zip(out["triton"], out["torch"], strict=True):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_prior_ce_takes_the_official_epsilon(backend):
+    """PriorCE is the official PriorCELoss's ``CE(z + log(pi + 1e-9))`` (it was ``log pi``, as SPEC 2.6 misread the
+    official code): a class of prior 1e-8 moves its offset by log(1.1) = 0.095, on the module, the function and the
+    LADE head (whose adjusted logits are PriorCE's)."""
+    import fastlt
+
+    counts = torch.tensor([10**8, 3 * 10**7, 1, 1], dtype=torch.float64)
+    pi = counts / counts.sum()
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 2, 0])
+    official = torch.nn.functional.cross_entropy(z + torch.log(pi + 1e-9), y) + 0.1 * R.lader(z, y, pi, 0.1)
+    dt = torch.float64 if backend == "torch" else torch.float32
+    zd, yd = z.to(DEVICE, dt), y.to(DEVICE)
+    got = fastlt.LADELoss(counts, backend=backend).to(DEVICE)(zd, yd)
+    torch.testing.assert_close(got.double().cpu(), official, rtol=1e-5, atol=1e-5)
+    got = LF.lade_loss(zd, yd, pi.to(DEVICE, torch.float32), backend=backend)
+    torch.testing.assert_close(got.double().cpu(), official, rtol=1e-5, atol=1e-5)
+    head = fastlt.LinearLossHead(3, 4, counts, loss="lade")
+    f = torch.randn(2, 3, generator=g)
+    torch.testing.assert_close(head.logits(f, adjusted=True), head.logits(f) + torch.log(pi + 1e-9).float())

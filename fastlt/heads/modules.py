@@ -223,8 +223,10 @@ class LinearLossHead(MarginSchedule, _HeadBase):
 
     def _count_vectors(self, counts: Tensor) -> dict[str, Tensor]:
         out = {}
-        if self.loss in ("la", "balanced_softmax", "lade"):
+        if self.loss in ("la", "balanced_softmax"):
             out["log_prior"] = log_prior_from(counts, F64)
+        if self.loss == "lade":  # PriorCE's offset, the official PriorCELoss's log(pi + 1e-9)
+            out["log_prior"] = (prior_from(counts, F64) + 1e-9).log()
         if self.loss == "lade":
             out["prior"] = prior_from(counts, F64)
         if self.loss == "ldam":
