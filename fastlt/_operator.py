@@ -346,10 +346,12 @@ class ArgsCache:
 
     @staticmethod
     def _key_of(fields: dict, logits: Tensor) -> tuple | None:
-        """(C, device, names, values with each tensor as (id, version)); None for an inference tensor (no
-        version counter)."""
+        """(C, device, names, values with each tensor as (id, version, data pointer)); None for an inference tensor
+        (no version counter). The pointer: ``torch.utils.swap_tensors`` (``nn.Module._apply`` under
+        ``torch.__future__.set_swap_module_params_on_conversion``) and ``t.data = other`` keep a tensor's id, and
+        its version can be the same number."""
         try:
-            values = [(id(v), v._version) if isinstance(v, Tensor) else v for v in fields.values()]
+            values = [(id(v), v._version, v.data_ptr()) if isinstance(v, Tensor) else v for v in fields.values()]
         except RuntimeError:
             return None
         return logits.shape[1], logits.device, tuple(fields), values

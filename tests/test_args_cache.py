@@ -440,3 +440,39 @@ def test_functional_calls_in_turn_keep_their_arguments_up_to_the_shared_size():
         LF.logit_adjusted_cross_entropy(z, y, lp, 0.1 * (k + 1), backend="triton")
     la()
     assert _glue._LAST_ARGS._args is not made[0][0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_a_class_tensor_swapped_in_place_is_not_a_hit(dtype):
+    """``torch.utils.swap_tensors`` (nn.Module._apply swaps parameters so under
+    ``torch.__future__.set_swap_module_params_on_conversion``) keeps the tensor's id, and its version can be the same
+    number: the cache took it for the cached tensor (a float64 prior's old fp32 copy: 1.889 for 2.863), and a
+    swapped-in tensor of another shape skipped the (C,) check."""
+    z, y, _ = _data(C=6)
+    lp = torch.randn(6, dtype=dtype).to(DEVICE)
+    LF.logit_adjusted_cross_entropy(z, y, lp, backend="triton")
+    new = (torch.randn(6, dtype=dtype) * 3).to(DEVICE)
+    torch.utils.swap_tensors(lp, new)
+    torch.testing.assert_close(LF.logit_adjusted_cross_entropy(z, y, lp, backend="triton").double(),
+                               _want(z, y, log_prior=lp.double(), tau=1.0), rtol=2e-5, atol=2e-5)
+    torch.utils.swap_tensors(lp, torch.randn(9, dtype=dtype).to(DEVICE))
+    with pytest.raises(ValueError, match=r"log_prior must have shape \(C,\)"):
+        LF.logit_adjusted_cross_entropy(z, y, lp, backend="triton")
+
+
+def test_a_lade_prior_is_freed_with_its_module():
+    """The log-prior cache is weak in its keys, but a contiguous fp32 prior is its own fp32 pi, which its entry held:
+    every prior ever used stayed alive (8 MB of GPU memory per LADE head at 10^6 classes)."""
+    import gc
+    import weakref
+
+    z, y, _ = _data(C=6)
+    crit = fastlt.LADELoss([50, 20, 9, 4, 2, 1], backend="triton").to(DEVICE)
+    crit(z, y)
+    dead = weakref.ref(crit.prior), weakref.ref(crit)
+    del crit
+    for _ in range(3 * _glue.SHARED_CACHE_SIZE):  # fresh priors: only the shared cache's last few stay
+        LF.lade_loss(z, y, torch.softmax(torch.randn(6), 0).to(DEVICE), backend="triton")
+    gc.collect()
+    assert all(ref() is None for ref in dead)
+    assert len(_glue._LOG_PRIORS) <= _glue.SHARED_CACHE_SIZE
