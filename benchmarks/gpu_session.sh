@@ -8,8 +8,9 @@
 # most 600 s. So: one call with `one` (timeout_s 600; its bounds add up to 535 s): the whole test suite natively,
 # spread over the machine's cores with pytest-xdist (the image has it; the time goes to compiling kernels), both
 # benchmark tables (each case eager and replayed from a CUDA graph) and the heads' CUDA time kernel by kernel.
-# Then, while the machine is still warm (30 s), `two` if the time left allows (bounds add up to 405 s): the A/B of
-# issue 17's switches (pipelined loops, two-row bf16 tiles, whole-row tiles), the profile of a logits step, the
+# Then, while the machine is still warm (30 s), `two` if the time left allows (bounds add up to 465 s): the A/B of
+# issue 17's five switches (benchmarks/ab_switches.py: pipelined loops, two-row bf16 tiles, whole-row tiles, LADE's
+# 64-row column partials, per-thread statistics; 60 timed cases), the profile of a logits step, the
 # gradient-in-forward grids (STORE_P on and off) and the mixup table. `shards` (class parallel, ~400 s), `lade`
 # (LADE's tile sweep) and the row kernel's tile sweep (benchmarks/tune_tiles.py without flags, ~90 s) each need a
 # lease of their own.
@@ -40,15 +41,14 @@ one() {
   step 45 python3 benchmarks/profile_heads.py
 }
 two() {
-  # issue 17's untimed switches, each off and on: the column loops pipelined (stages 1 / 3), bf16 rows two a tile,
-  # the whole row as one tile with the gradient in the forward
-  step 180 python3 benchmarks/ab_switches.py
+  # issue 17's untimed switches, each off and on (the five of benchmarks/ab_switches.py; rows print as they come)
+  step 210 python3 benchmarks/ab_switches.py
   # the host path on that host's CPU (kernels stubbed) beside F.cross_entropy; profile_step below has the real launches
   step 25 python3 benchmarks/host_overhead.py
   step 60 python3 benchmarks/profile_step.py 4096 8142 fp32
   step 70 python3 benchmarks/tune_tiles.py --fused --out "$OUT"
   # class-probability targets (mixup; floor 3 N C bytes) beside the pair form (issue 21); a folder of its own
-  step 70 python3 -m fastlt bench --loss la_soft --shapes 4096x8142 4096x131072 --out "$OUT/soft"
+  step 100 python3 -m fastlt bench --loss la_soft --shapes 4096x8142 4096x131072 --no-official --out "$OUT/soft"
 }
 lade() {
   step 105 python3 benchmarks/tune_tiles.py --lade --out "$OUT"
@@ -62,8 +62,8 @@ case "$what" in
   two) two ;;
   shards) shards "$@" ;;
   lade) lade ;;
-  tests) step 590 python3 -m pytest tests -q -p no:cacheprovider -rf --durations=5 ;;
-  heads) step 590 python3 -m fastlt bench --heads --out "$OUT" "$@" ;;
-  bench) step 590 python3 -m fastlt bench --out "$OUT" "$@" ;;
+  tests) step 560 python3 -m pytest tests -q -p no:cacheprovider -rf --durations=5 ;;
+  heads) step 560 python3 -m fastlt bench --heads --out "$OUT" "$@" ;;
+  bench) step 560 python3 -m fastlt bench --out "$OUT" "$@" ;;
 esac
 echo "## [$(date +%T)] done" | tee -a "$LOG"

@@ -111,4 +111,8 @@ def main(N=4096, C=8142, dtype="fp32"):
 
 if __name__ == "__main__":
     a = sys.argv[1:]
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_step: no CUDA GPU visible (it profiles the GPU kernels' launches)")
+    if a and (len(a) != 3 or int(a[0]) < 64 or a[2] not in ("fp32", "bf16")):
+        raise SystemExit("usage: profile_step.py [N C fp32|bf16], N >= 64 (the small step takes 64 rows)")
     main(int(a[0]), int(a[1]), a[2]) if a else main()

@@ -199,6 +199,11 @@ def main():
     p.add_argument("--lade", action="store_true", help="sweep the LADE column-statistics tiles instead")
     p.add_argument("--fused", action="store_true", help="sweep the long-row gradient-in-forward grids instead")
     a = p.parse_args()
+    if a.lade and a.fused:
+        p.error("--lade and --fused are two sweeps: run them one at a time")
+    if not torch.cuda.is_available():
+        raise SystemExit("tune_tiles: no CUDA GPU visible (the sweep times GPU kernels)")
+    os.makedirs(a.out, exist_ok=True)  # before the sweep, so a bad --out fails at once
     bw = measure_bandwidth()
     if a.lade:
         tune_lade(bw, a.out)

@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -160,7 +161,9 @@ def _liger_ce():
 # --- the run ----------------------------------------------------------------------------------------------
 
 def run(losses=("la", "gcl", "lade"), shapes=SHAPES, dtypes=("fp32", "bf16"), *, with_compile=True,
-        with_official=True, log=print) -> tuple[Device, list[Result]]:
+        with_official=True, log=print, after_shape=None) -> tuple[Device, list[Result]]:
+    """Every case of ``losses`` x ``shapes`` x ``dtypes``; ``after_shape(dev, results so far)`` after each shape's
+    cases (a caller saving as it goes)."""
     if not torch.cuda.is_available():
         raise RuntimeError("the benchmarks need a CUDA GPU; none is visible here")
     torch.manual_seed(0)
@@ -191,6 +194,8 @@ def run(losses=("la", "gcl", "lade"), shapes=SHAPES, dtypes=("fp32", "bf16"), *,
                         r.graph_ms, r.note = graph_ms(make, slow, r.note)
                     results.append(r)
                     log(_row(r))
+            if after_shape is not None:
+                after_shape(dev, results)
     return dev, results
 
 
@@ -208,7 +213,8 @@ HEADER = ("| loss | N x C | dtype | method | median ms | graph ms (x floor) | GB
 
 def markdown(dev: Device, results: list[Result]) -> str:
     lines = [f"# fastlt benchmark on {dev.name}", "",
-             f"Forward + backward, median of CUDA-event timings. Floor = 2*N*C*bytes / {dev.bandwidth / 1e12:.2f} TB/s "
+             f"Forward + backward, median of CUDA-event timings. Floor = 2*N*C*bytes (la_soft: 3*N*C*bytes, the "
+             f"targets read too) / {dev.bandwidth / 1e12:.2f} TB/s "
              f"(device-to-device copy measured in this run). Host ms: CPU time per step without a sync (near the "
              f"median: host-bound). Graph ms: the step replayed from a CUDA graph (no host work). "
              f"{json.dumps(dev.meta)}", "", HEADER]
@@ -222,14 +228,15 @@ def save(dev: Device, results: list[Result], out_dir: str) -> str:
     return folder
 
 
-def _plot(results: list[Result], path: str) -> None:
+def _plot(results: list[Result], path: str) -> bool:
+    """The x-floor bar chart at ``path``; False (nothing written) without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
+        return False
     ok = [r for r in results if r.ms is not None]
     keys = sorted({(r.loss, r.N, r.C, r.dtype) for r in ok}, key=lambda k: (k[0], k[1] * k[2], k[3]))
     methods = sorted({r.method for r in ok})
@@ -251,10 +258,28 @@ def _plot(results: list[Result], path: str) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    return True
+
+
+def _shapes(p: argparse.ArgumentParser, items: list[str] | None, parts: tuple[int, ...], what: str):
+    """``--shapes`` items (``NxC``, ``NxDxC``) as int tuples of one of ``parts`` lengths, each >= 1; a bad item is a
+    usage error (before the CUDA check, so a typo shows on any machine)."""
+    if items is None:
+        return None
+    out = []
+    for item in items:
+        try:
+            shape = tuple(int(v) for v in item.lower().split("x"))
+        except ValueError:
+            shape = ()
+        if len(shape) not in parts or min(shape) < 1:
+            p.error(f"--shapes takes {what} items of positive ints, got {item!r}")
+        out.append(shape)
+    return out
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="fastlt bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="fastlt bench", description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--loss", nargs="+", default=["la", "gcl", "lade"], choices=["la", "gcl", "lade", "la_soft"],
                    help="la_soft: logit adjustment with mixup class-probability targets (floor 3 N C bytes)")
     p.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
@@ -271,30 +296,44 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.shards is not None and any(w < 1 for w in a.shards):
         p.error("--shards takes world sizes >= 1")
+    if a.shards is not None and a.heads:
+        p.error("--shards and --heads are two tables: --shards takes NxDxC shapes for its heads")
+    if a.no_peers and a.shards is None:
+        p.error("--no-peers applies to --shards only")
+    if a.shards is not None:
+        a.shapes = _shapes(p, a.shapes, (2, 3), "NxC (logits) or NxDxC (heads)")
+    else:
+        a.shapes = _shapes(p, a.shapes, (3,) if a.heads else (2,), "NxDxC" if a.heads else "NxC")
     if not torch.cuda.is_available():
-        print("fastlt bench: no CUDA GPU visible; the benchmarks time GPU kernels and never fake a number")
+        print("fastlt bench: no CUDA GPU visible; the benchmarks time GPU kernels and never fake a number",
+              file=sys.stderr)
         return 2
     if a.shards is not None:
         return _main_shards(a)
     if a.heads:
         return _main_heads(a)
-    shapes = SHAPES if a.shapes is None else [tuple(int(v) for v in s.lower().split("x")) for s in a.shapes]
+    shapes = SHAPES if a.shapes is None else a.shapes
     print(HEADER)
-    results: list[Result] = []
-    for loss in a.loss:  # saved after each loss, so an interrupted run keeps what it measured
-        dev, part = run((loss,), shapes, a.dtype, with_compile=not a.no_compile, with_official=not a.no_official)
-        results += part
-        folder = save(dev, results, a.out)
-    print(f"\nwrote {folder}/results.json, results.md, x_floor.png")
+    done: list[Result] = []  # saved after each shape, so an interrupted run keeps what it measured
+
+    def keep(dev, part):
+        save_table(dev, done + part, a.out, "results", markdown(dev, done + part))
+
+    for loss in a.loss:
+        dev, part = run((loss,), shapes, a.dtype, with_compile=not a.no_compile, with_official=not a.no_official,
+                        after_shape=keep)
+        done += part
+    folder = save_table(dev, done, a.out, "results", markdown(dev, done))
+    wrote_plot = _plot(done, os.path.join(folder, "x_floor.png"))
+    print(f"\nwrote {folder}/results.json, results.md" + (", x_floor.png" if wrote_plot else
+                                                         " (no x_floor.png: matplotlib is not installed)"))
     return 0
 
 
 def _main_heads(a) -> int:
     from .bench_heads import HEAD_HEADER, HEAD_SHAPES, run_heads, save_heads
 
-    shapes = HEAD_SHAPES if a.shapes is None else [tuple(int(v) for v in s.lower().split("x")) for s in a.shapes]
-    if any(len(s) != 3 for s in shapes):
-        raise SystemExit("fastlt bench --heads: --shapes takes NxDxC items, e.g. 4096x1024x131072")
+    shapes = HEAD_SHAPES if a.shapes is None else a.shapes
     dtypes = a.dtype if a.dtype != ["fp32", "bf16"] else ["bf16"]
     print(HEAD_HEADER)
     results = []
@@ -309,7 +348,7 @@ def _main_heads(a) -> int:
 def _main_shards(a) -> int:
     from .bench_shards import SHARD_HEADER, SHARD_HEADS, SHARD_LOGITS, run_shards, save_shards
 
-    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in a.shapes] if a.shapes else None
+    shapes = a.shapes
     logits = SHARD_LOGITS if shapes is None else [s for s in shapes if len(s) == 2]
     heads = SHARD_HEADS if shapes is None else [s for s in shapes if len(s) == 3]
     dtypes = a.dtype if a.dtype != ["fp32", "bf16"] else ["bf16"]

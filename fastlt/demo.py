@@ -299,7 +299,8 @@ def _is_int(v) -> bool:
 
 
 # (check, what it asks for) of each option, shared by run_demo's arguments and the command line's
-_SEED = (lambda v: _is_int(v) and -(2**63) <= v < 2**64, "an int in [-2^63, 2^64) (torch.manual_seed's range)")
+_SEED = (lambda v: _is_int(v) and -(2**63) <= v < 2**64 - 4,  # the demo seeds its streams with seed + 1 ... seed + 4
+         "an int in [-2^63, 2^64 - 4) (torch.manual_seed's range, less the demo's four offsets)")
 _EPOCHS = (lambda v: _is_int(v) and v >= 1, "an int >= 1")
 _RATIO = (lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v >= 1,
           "a finite number >= 1")

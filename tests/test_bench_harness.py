@@ -139,3 +139,14 @@ def test_best_in_turns_calls_each_function_in_turns():
                          repeat=3, warmup=1)
     assert calls == ["a", "b"] + (["a"] * 2 + ["b"] * 2) * 3
     assert len(slow) == 2 and 0 <= slow[0] < slow[1] and slow[1] >= 0.002
+
+
+@pytest.mark.parametrize("args", [["--shapes", "4096by8142"], ["--shapes", "0x100"], ["--heads", "--shapes", "8x100"],
+                                  ["--shards", "2", "--shapes", "8x1x2x3"], ["--no-peers"],
+                                  ["--heads", "--shards", "2"]])
+def test_bad_bench_arguments_are_usage_errors_on_any_machine(args, capsys):
+    """A malformed --shapes was parsed after the CUDA check (a raw traceback, on the GPU only: a lent machine's
+    minutes); flags that do nothing together were ignored."""
+    with pytest.raises(SystemExit) as exc:
+        bench.main(args)
+    assert exc.value.code == 2 and "fastlt bench: error:" in capsys.readouterr().err

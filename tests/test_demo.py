@@ -60,6 +60,8 @@ def test_bad_arguments_raise():
         run_demo(imbalance_ratio=0.5, quick=True, progress=False)
     with pytest.raises(ValueError, match="seed"):
         run_demo(seed=2**64, quick=True, progress=False)
+    with pytest.raises(ValueError, match="seed"):  # its streams are seeded with seed + 1 ... seed + 4
+        run_demo(seed=2**64 - 1, quick=True, progress=False)
 
 
 @pytest.mark.parametrize("argv", [["--epochs", "0"], ["--imbalance-ratio", "0.5"], ["--imbalance-ratio", "nan"],
