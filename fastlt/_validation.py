@@ -27,6 +27,16 @@ def _isfinite(value: float) -> bool:
     return value == value and -math.inf < value < math.inf
 
 
+_WRAPPED = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+
+
+def under_functorch(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a ``torch.func`` transform's tensor (``grad``, ``vmap``, ``jacrev``, ...): its values cannot
+    be read on the host (a vmap's batch), and the kernels' autograd Functions are not functorch rules. False while
+    torch.compile traces (Dynamo cannot trace the question; it runs transforms its own way)."""
+    return _WRAPPED is not None and not torch.compiler.is_compiling() and _WRAPPED(t)
+
+
 def check_finite_float(name: str, value, *, min_value: float | None = None,
                        max_value: float | None = None, min_inclusive: bool = True) -> float:
     """A Python real number that is finite (and inside the given range); returned as float."""
@@ -122,9 +132,10 @@ def check_target(target, logits: torch.Tensor, ignore_index: int) -> None:
         raise ValueError(f"target is on {target.device} but the logits are on {logits.device}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    # the range check reads values: only for CPU tensors (no GPU sync) and never inside torch.compile;
-    # on the GPU the kernels mask their loads and give NaN for a row whose target is out of range
-    if target.device.type == "cpu" and target.numel() > 0 and not torch.compiler.is_compiling():
+    # the range check reads values: only for CPU tensors (no GPU sync), never inside torch.compile or a torch.func
+    # transform; on the GPU the kernels mask their loads and give NaN for a row whose target is out of range
+    if (target.device.type == "cpu" and target.numel() > 0 and not torch.compiler.is_compiling()
+            and not under_functorch(target)):
         wide = target.long()
         valid = wide[wide != ignore_index]
         if valid.numel() > 0:
@@ -148,7 +159,8 @@ def check_soft_target(target, logits: torch.Tensor) -> None:
                          f"{tuple(target.shape)}")
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but the logits are on {logits.device}")
-    if target.device.type == "cpu" and target.numel() > 0 and not torch.compiler.is_compiling():
+    if (target.device.type == "cpu" and target.numel() > 0 and not torch.compiler.is_compiling()
+            and not under_functorch(target)):
         if not bool(torch.isfinite(target).all()) or bool((target < 0).any()):
             raise ValueError("class-probability targets must be finite and non-negative")
 

@@ -67,6 +67,10 @@ def draw_seed(generator: torch.Generator | None = None) -> int:
     # bits of one 64-bit draw (62 and 63 of them), so the latter masked to 62 bits is again the same number, without
     # parsing two Python ints (~0.2 us of ~0.9; tests/test_noise.py compares them)
     # (read back through a numpy view of its memory: int(t) would be one more torch op, ~1/3 of the draw's host time)
+    if not torch.compiler.is_compiling() and _functorch_level() is not None:  # its tensors are a transform's
+        # wrappers, and under vmap one seed is not per sample
+        raise ValueError("GCL's noise seed is drawn from torch's generator, which cannot be done inside a torch.func "
+                         "transform (grad, vmap, ...): pass seed= (an int) to the loss")
     view = getattr(_DRAWS, "view", None)
     if view is None:
         with torch.inference_mode(False):  # a first draw under inference_mode: still a normal tensor, which later
@@ -77,6 +81,7 @@ def draw_seed(generator: torch.Generator | None = None) -> int:
 
 
 _DRAWS = threading.local()
+_functorch_level = getattr(torch._C._functorch, "maybe_current_level", lambda: None)
 
 
 def _xor(a: torch.Tensor, b: torch.Tensor | int) -> torch.Tensor:

@@ -58,8 +58,9 @@ def _without_ignored_rows(a: Tensor, valid: Tensor) -> Tensor:
     """(N, C) ``a`` with the rows not ``valid`` (ignored) set to 0, so that they never reach a softmax and get a 0
     gradient whatever they hold: a row masked whole with -inf would give NaN (``F.cross_entropy``'s softmax
     backward does: 0 * NaN), as the kernels do not. ``a`` itself when every row is valid (checked on the CPU only,
-    eagerly: no host sync on a GPU, no data-dependent branch in a compiled graph)."""
-    if a.device.type == "cpu" and not torch.compiler.is_compiling() and bool(valid.all()):
+    eagerly: no host sync on a GPU, no data-dependent branch in a compiled graph or a ``torch.func`` transform)."""
+    if (a.device.type == "cpu" and not torch.compiler.is_compiling() and not V.under_functorch(valid)
+            and bool(valid.all())):
         return a
     return torch.where(valid[:, None], a, torch.zeros((), dtype=a.dtype, device=a.device))
 

@@ -136,3 +136,34 @@ def test_grad_in_forward_over_views_of_a_linear_output(name):
         grads.append((lin.weight.grad.clone(), lin.bias.grad.clone()))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
     assert grads[1][0].abs().sum() > 0
+
+
+def test_torch_func_transforms_take_the_reference_path():
+    """torch.func.grad / vmap: the kernels' autograd Functions are not functorch rules (torch's "must override the
+    setup_context" error named neither fastlt nor the way out), so backend='triton' refuses them by name and 'auto'
+    takes the reference, which runs under them: per-sample gradients equal F.cross_entropy's. GCL's drawn seed
+    cannot be drawn inside a transform: it asks for seed=."""
+    import fastlt
+    from fastlt import priors
+
+    counts = torch.tensor([10.0, 5.0, 3.0, 2.0, 1.0])
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1, 4, 1])
+    lp = priors.log_prior(counts, dtype=torch.float64)
+    want = torch.stack([torch.autograd.functional.jacobian(
+        lambda a, t=t: torch.nn.functional.cross_entropy((a + lp)[None], t[None]), zz)
+        for zz, t in zip(z, y, strict=True)])
+    for backend in ("auto", "torch"):
+        crit = fastlt.LogitAdjustedLoss(counts, backend=backend).double()
+        per_sample = torch.func.vmap(torch.func.grad(lambda a, t, crit=crit: crit(a[None], t[None])))(z, y)
+        torch.testing.assert_close(per_sample, want)
+    crit = fastlt.LogitAdjustedLoss(counts, backend="triton").to(DEVICE)
+    with pytest.raises(RuntimeError, match=r"torch.func transforms .*backend='torch'"):
+        torch.func.grad(lambda a: crit(a, y.to(DEVICE)))(z.float().to(DEVICE))
+    gcl = fastlt.GCLLoss(counts, backend="torch").double()
+    with pytest.raises(ValueError, match="pass seed="):
+        torch.func.grad(lambda a: gcl(a, y))(z)
+    a = z.clone().requires_grad_()
+    gcl(a, y, seed=5).backward()
+    torch.testing.assert_close(torch.func.grad(lambda a: gcl(a, y, seed=5))(z), a.grad)
