@@ -40,6 +40,16 @@ def _copy(mod, how: str):
     return torch.load(buf, weights_only=False)
 
 
+def _copied_after_two_cloud_edits(mod, x, y, how: str):
+    """Halve ``mod``'s cloud in place, call it, halve it again, then copy it ``how``."""
+    with torch.no_grad():
+        mod.cloud.mul_(0.5)
+    mod(x, y, seed=3)
+    with torch.no_grad():
+        mod.cloud.mul_(0.5)
+    return _copy(mod, how)
+
+
 @pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_a_gcl_copy_made_after_cloud_edits_uses_the_edited_cloud(backend, how):
@@ -48,12 +58,7 @@ def test_a_gcl_copy_made_after_cloud_edits_uses_the_edited_cloud(backend, how):
     off). Loss module and cosine head, against the reference with the same noise."""
     z, y = _inputs(0)
     crit = fastlt.GCLLoss(COUNTS, noise_mul=0.5, backend=backend).to(DEVICE)
-    with torch.no_grad():
-        crit.cloud.mul_(0.5)
-    crit(z.float(), y, seed=3)
-    with torch.no_grad():
-        crit.cloud.mul_(0.5)
-    twin = _copy(crit, how)
+    twin = _copied_after_two_cloud_edits(crit, z.float(), y, how)
     cloud = P.gcl_cloud(COUNTS, dtype=F64).to(DEVICE) * 0.25
     want = R.gcl_cross_entropy(z, y, cloud, m=0.5, s=30.0, noise_mul=0.5, seed=3)
     for mod in (twin, crit):
@@ -61,12 +66,7 @@ def test_a_gcl_copy_made_after_cloud_edits_uses_the_edited_cloud(backend, how):
 
     f, y = _inputs(1, D=3)
     head = fastlt.CosineGCLHead(3, C, COUNTS, noise_mul=0.5, backend=backend).to(DEVICE)
-    with torch.no_grad():
-        head.cloud.mul_(0.5)
-    head(f.float(), y, seed=3)
-    with torch.no_grad():
-        head.cloud.mul_(0.5)
-    twin = _copy(head, how)
+    twin = _copied_after_two_cloud_edits(head, f.float(), y, how)
     want = R.reference_cosine_cross_entropy(f, head.weight.detach().double(), y, cloud=cloud, noise_mul=0.5,
                                             margin=0.5, scale=30.0, seed=3)
     torch.testing.assert_close(twin(f.float(), y, seed=3).double(), want, rtol=2e-5, atol=2e-5)
