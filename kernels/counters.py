@@ -21,6 +21,9 @@ class CounterBank:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"  # (asked once: each read of device.type makes a new string)
         self.slots = torch.zeros(COUNTER_SLOTS * _SLOT_STRIDE, dtype=torch.int32, device=device)
+        # the interpreter's (CPU) words, read on the host: a launch interrupted between its programs (an exception,
+        # Ctrl-C) leaves its slot set, and every later reduction on that thread would read it (garbage losses)
+        self.words = None if self.cuda else self.slots.numpy()
         self.taken = 0
         self.by_stream: dict[int, torch.Tensor] = {}
 
@@ -55,4 +58,8 @@ def reduce_counter(device: torch.device) -> torch.Tensor | None:
     counter = bank.by_stream.get(key)
     if counter is None:
         counter = bank.by_stream[key] = bank.fresh()
+    elif bank.words is not None:  # the interpreter: a slot an interrupted launch left set is cleared first
+        at = counter.storage_offset()
+        if bank.words[at] or bank.words[at + 1]:
+            bank.words[at:at + _SLOT_STRIDE] = 0
     return counter
