@@ -291,7 +291,8 @@ def check_head(features, weight, bias) -> None:
     D = features.shape[1]
     C = weight.shape[0]
     if weight.shape[1] != D:
-        raise ValueError(f"weight must have shape (C, D) with D = {D} (features.shape[1]), got {tuple(weight.shape)}")
+        raise ValueError(f"features (N, D) and weight (C, D) must agree on D: features have shape "
+                         f"{tuple(features.shape)}, weight {tuple(weight.shape)}")
     if C < 1:
         raise ValueError(f"weight must have at least one class (C >= 1), got shape {tuple(weight.shape)}")
     if weight.dtype != features.dtype:

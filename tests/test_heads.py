@@ -736,9 +736,9 @@ def test_shape_and_dtype_errors(backend):
         LF.cosine_cross_entropy(f[None], w, y, backend=backend)
     with pytest.raises(TypeError, match="features"):
         lce(f.tolist(), w, y)
-    with pytest.raises(ValueError, match="weight must have shape"):
+    with pytest.raises(ValueError, match="features \\(N, D\\) and weight \\(C, D\\) must agree on D"):
         lce(f, torch.randn(5, 4, device=DEVICE), y)
-    with pytest.raises(ValueError, match="weight must have shape"):
+    with pytest.raises(ValueError, match="features \\(N, D\\) and weight \\(C, D\\) must agree on D"):
         LF.cosine_cross_entropy(f, torch.randn(5, 4, device=DEVICE), y, backend=backend)
     with pytest.raises(ValueError, match="at least one class"):
         lce(f, w[:0], y)
@@ -911,3 +911,26 @@ def test_half_features_from_an_autocast_backbone_on_both_backends(kind):
         assert loss.dtype == torch.bfloat16
         out[backend] = float(loss)
     assert out["torch"] == pytest.approx(out["triton"], rel=3e-2, abs=3e-2)
+
+
+def test_eps_assigned_later_is_checked_and_topk_values_take_the_logits_dtype():
+    """A cosine head's eps assigned after construction was checked on the reference path only (0 gave the kernels
+    NaN for an all-zero feature row); topk's values took the features' dtype, not the logits' (fp32 values of
+    bf16 logits under autocast)."""
+    import fastlt
+
+    head = fastlt.CosineGCLHead(4, 6, [50, 20, 9, 4, 2, 1], backend="triton")
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="eps must be"):
+            head.eps = bad
+    head.eps = 1e-6
+    assert head.eps == 1e-6
+    lin = fastlt.LinearLossHead(4, 6, [50, 20, 9, 4, 2, 1], loss="la")
+    x = torch.randn(5, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        values, indices = lin.topk(x, 2)
+        want = lin.logits(x)
+    assert values.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(values, want.topk(2, dim=1).values)
+    with pytest.raises(ValueError, match=r"features \(N, D\) and weight \(C, D\) must agree on D"):
+        fastlt.functional.linear_cross_entropy(torch.randn(5, 5), torch.randn(10, 4), torch.zeros(5, dtype=torch.long))

@@ -134,7 +134,8 @@ class _HeadBase(HeldFields, CountBuffers):
             return sharded_topk(self._dense_logits, features, k, self.shard, gather_inputs=self.gather_inputs)
         N = features.shape[0]
         rows = chunk_rows or self.chunk_rows or default_chunk_rows(self.num_classes, features.dtype)
-        values = torch.empty((N, k), dtype=features.dtype, device=features.device)
+        dtype = self._dense_logits(features[:0]).dtype  # the logits' (an autocast dtype under autocast)
+        values = torch.empty((N, k), dtype=dtype, device=features.device)
         indices = torch.empty((N, k), dtype=torch.int64, device=features.device)
         for r0, r1 in row_chunks(N, rows):
             v, i = torch.topk(self._dense_logits(features[r0:r1]), k, dim=1)
@@ -331,11 +332,21 @@ class CosineGCLHead(_HeadBase):
         self.s = V.check_finite_float("s", s)
         self.noise_mul = V.check_finite_float("noise_mul", noise_mul)
         self.gamma = V.check_finite_float("gamma", gamma, min_value=0.0)
-        self.eps = V.check_finite_float("eps", eps, min_value=0.0, min_inclusive=False)
+        self.eps = eps
         self._fold = FoldedSpread()
         self.init_count_buffers(self._counts(class_counts, count_smoothing), dtype=_count_dtype(dtype), device=device)
         self.weight = nn.Parameter(torch.empty((self.weight_rows, in_features), device=device, dtype=dtype))
         self.reset_parameters()
+
+    @property
+    def eps(self) -> float:
+        """The norms' clamp (as ``F.normalize``'s): finite and > 0, checked when assigned (a later 0 gave the kernels
+        NaN for an all-zero feature row, unchecked)."""
+        return self._eps
+
+    @eps.setter
+    def eps(self, value) -> None:
+        self._eps = V.check_finite_float("eps", value, min_value=0.0, min_inclusive=False)
 
     def _count_vectors(self, counts: Tensor) -> dict[str, Tensor]:
         return {"cloud": gcl_cloud_from(counts, F64)}
