@@ -126,7 +126,8 @@ def check_target(target, logits: torch.Tensor, ignore_index: int) -> None:
                         f"{tuple(logits.shape)}, got {target.dtype} {tuple(target.shape)}")
     if target.dim() != 1 or target.shape[0] != logits.shape[0]:
         raise ValueError(
-            f"target must have shape (N,) = ({logits.shape[0]},) to match the logits, got {tuple(target.shape)}"
+            f"target must have shape (N,) = ({logits.shape[0]},) to match the rows of the logits (of a head's "
+            f"features), got {tuple(target.shape)}"
         )
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but the logits are on {logits.device}")
