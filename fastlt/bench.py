@@ -222,10 +222,11 @@ def markdown(dev: Device, results: list[Result]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save(dev: Device, results: list[Result], out_dir: str) -> str:
+def save(dev: Device, results: list[Result], out_dir: str, *, plot: bool = True) -> tuple[str, bool]:
+    """The table (results.json, results.md) under ``out_dir``/<device>, and with ``plot`` its x-floor chart:
+    ``(folder, whether the chart was written)``."""
     folder = save_table(dev, results, out_dir, "results", markdown(dev, results))
-    _plot(results, os.path.join(folder, "x_floor.png"))
-    return folder
+    return folder, plot and _plot(results, os.path.join(folder, "x_floor.png"))
 
 
 def _plot(results: list[Result], path: str) -> bool:
@@ -317,14 +318,13 @@ def main(argv=None) -> int:
     done: list[Result] = []  # saved after each shape, so an interrupted run keeps what it measured
 
     def keep(dev, part):
-        save_table(dev, done + part, a.out, "results", markdown(dev, done + part))
+        save(dev, done + part, a.out, plot=False)
 
     for loss in a.loss:
         dev, part = run((loss,), shapes, a.dtype, with_compile=not a.no_compile, with_official=not a.no_official,
                         after_shape=keep)
         done += part
-    folder = save_table(dev, done, a.out, "results", markdown(dev, done))
-    wrote_plot = _plot(done, os.path.join(folder, "x_floor.png"))
+    folder, wrote_plot = save(dev, done, a.out)
     print(f"\nwrote {folder}/results.json, results.md" + (", x_floor.png" if wrote_plot else
                                                          " (no x_floor.png: matplotlib is not installed)"))
     return 0
