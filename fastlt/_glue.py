@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _operator as O
+from . import reference as R
 from ._custom_ops import define, input_grads, save_inputs, saved_inputs
 from ._first_order import first_order
 from ._operator import AdjustedCEArgs, LadeArgs
@@ -440,12 +441,12 @@ def _prior_and_log(prior: Tensor) -> tuple[Tensor, Tensor]:
     if (torch.compiler.is_compiling() or prior.is_inference()
             or (prior.is_cuda and torch.cuda.is_current_stream_capturing())):
         pi = O.as_f32(prior)
-        return pi, torch.log(pi + 1e-9)
+        return pi, R._log_of_prior(pi, torch.float32)
     hit = _LOG_PRIORS.get(prior)
     if hit is None or hit[0] != prior._version:
         pi = O.as_f32(prior)
         # not the prior itself in its own entry (a contiguous fp32 prior is its own pi): a value that holds its key
         # keeps it alive, and every prior ever used stayed in memory (8 MB of GPU memory per LADE head at 10^6)
-        hit = (prior._version, None if pi is prior else pi, torch.log(pi + 1e-9))
+        hit = (prior._version, None if pi is prior else pi, R._log_of_prior(pi, torch.float32))
         _LOG_PRIORS[prior] = hit
     return (prior if hit[1] is None else hit[1]), hit[2]

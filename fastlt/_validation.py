@@ -37,6 +37,13 @@ def under_functorch(t: torch.Tensor) -> bool:
     return _WRAPPED is not None and not torch.compiler.is_compiling() and _WRAPPED(t)
 
 
+def host_readable(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values may be read on the host here: a CPU tensor (no GPU sync), outside torch.compile's
+    tracing (no data-dependent branch in a graph) and outside a ``torch.func`` transform (its batch)."""
+    return (t.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not (_WRAPPED is not None and _WRAPPED(t)))
+
+
 def check_finite_float(name: str, value, *, min_value: float | None = None,
                        max_value: float | None = None, min_inclusive: bool = True) -> float:
     """A Python real number that is finite (and inside the given range); returned as float."""
@@ -135,8 +142,7 @@ def check_target(target, logits: torch.Tensor, ignore_index: int) -> None:
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     # the range check reads values: only for CPU tensors (no GPU sync), never inside torch.compile or a torch.func
     # transform; on the GPU the kernels mask their loads and give NaN for a row whose target is out of range
-    if (target.device.type == "cpu" and target.numel() > 0 and not torch.compiler.is_compiling()
-            and not under_functorch(target)):
+    if target.numel() > 0 and host_readable(target):
         wide = target.long()
         valid = wide[wide != ignore_index]
         if valid.numel() > 0:
@@ -160,8 +166,7 @@ def check_soft_target(target, logits: torch.Tensor) -> None:
                          f"{tuple(target.shape)}")
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but the logits are on {logits.device}")
-    if (target.device.type == "cpu" and target.numel() > 0 and not torch.compiler.is_compiling()
-            and not under_functorch(target)):
+    if target.numel() > 0 and host_readable(target):
         if not bool(torch.isfinite(target).all()) or bool((target < 0).any()):
             raise ValueError("class-probability targets must be finite and non-negative")
 

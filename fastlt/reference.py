@@ -59,8 +59,7 @@ def _without_ignored_rows(a: Tensor, valid: Tensor) -> Tensor:
     gradient whatever they hold: a row masked whole with -inf would give NaN (``F.cross_entropy``'s softmax
     backward does: 0 * NaN), as the kernels do not. ``a`` itself when every row is valid (checked on the CPU only,
     eagerly: no host sync on a GPU, no data-dependent branch in a compiled graph or a ``torch.func`` transform)."""
-    if (a.device.type == "cpu" and not torch.compiler.is_compiling() and not V.under_functorch(valid)
-            and bool(valid.all())):
+    if V.host_readable(valid) and bool(valid.all()):
         return a
     return torch.where(valid[:, None], a, torch.zeros((), dtype=a.dtype, device=a.device))
 

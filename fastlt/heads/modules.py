@@ -18,7 +18,7 @@ from .._operator import FoldedSpread, gcl_fields, la_fields, ldam_fields
 from ..distributed.data_parallel import kernels_direct, split_warning
 from ..distributed.sharded_training import check_head_shard, check_outside_ddp, sharded_topk
 from ..priors import gcl_cloud_from, ldam_margins_from, log_prior_from, prior_from
-from ..reference import normalize_rows
+from ..reference import _log_of_prior, normalize_rows
 from .functional import cosine_cross_entropy, lade_linear_loss, linear_cross_entropy
 from .plan import default_chunk_rows, row_chunks
 
@@ -227,7 +227,7 @@ class LinearLossHead(MarginSchedule, _HeadBase):
         if self.loss in ("la", "balanced_softmax"):
             out["log_prior"] = log_prior_from(counts, F64)
         if self.loss == "lade":  # PriorCE's offset, the official PriorCELoss's log(pi + 1e-9)
-            out["log_prior"] = (prior_from(counts, F64) + 1e-9).log()
+            out["log_prior"] = _log_of_prior(prior_from(counts, F64), F64)
         if self.loss == "lade":
             out["prior"] = prior_from(counts, F64)
         if self.loss == "ldam":
