@@ -95,15 +95,17 @@ class _Float(Kind):
 
 
 class _Int(Kind):
-    """A Python int (not a bool)."""
+    """A Python or numpy integer (not a bool), taken as a Python int."""
 
     def __init__(self, optional: bool = False):
         self.none_ok = optional
         self.slots = (("", "int?" if optional else "int"),)
 
     def check(self, name, value, spec, num_classes, device):
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not V.is_int(value):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if not -2**63 <= value < 2**63:
+            raise ValueError(f"{name} must fit in int64, got {value}")
         if spec.low is not None and value < spec.low:
             raise ValueError(f"{name} must be >= {spec.low:g}, got {value}")
 
@@ -160,14 +162,14 @@ class _Seed(Kind):
         if isinstance(value, Tensor):
             V.check_seed_tensor(value, device)
         else:
-            if isinstance(value, bool) or not isinstance(value, int):
+            if not V.is_int(value):
                 raise TypeError(f"{name} must be a non-negative int or a one-element int64 tensor, got "
                                 f"{type(value).__name__} {value!r}")
             if not 0 <= value < 2**63:
                 raise ValueError(f"{name} must be in [0, 2^63) (a 64-bit Philox key), got {value}")
 
     def convert(self, value):
-        return value.reshape(1).contiguous() if isinstance(value, Tensor) else value
+        return value.reshape(1).contiguous() if isinstance(value, Tensor) else None if value is None else int(value)
 
     def to_flat(self, value) -> tuple:
         return (0, value) if isinstance(value, Tensor) else (value, None)
@@ -346,12 +348,14 @@ class ArgsCache:
 
     @staticmethod
     def _key_of(fields: dict, logits: Tensor) -> tuple | None:
-        """(C, device, names, values with each tensor as (id, version, data pointer)); None for an inference tensor
-        (no version counter). The pointer: ``torch.utils.swap_tensors`` (``nn.Module._apply`` under
-        ``torch.__future__.set_swap_module_params_on_conversion``) and ``t.data = other`` keep a tensor's id, and
-        its version can be the same number."""
+        """(C, device, names, values with each tensor as (id, version, data pointer) and each other value beside its
+        type); None for an inference tensor (no version counter). The pointer: ``torch.utils.swap_tensors``
+        (``nn.Module._apply`` under ``torch.__future__.set_swap_module_params_on_conversion``) and ``t.data = other``
+        keep a tensor's id, and its version can be the same number. The type: ``True == 1.0`` and ``2.0 == 2``, so
+        a value the checks refuse (``tau=True``, ``ignore_index=2.0``) would otherwise hit a checked entry."""
         try:
-            values = [(id(v), v._version, v.data_ptr()) if isinstance(v, Tensor) else v for v in fields.values()]
+            values = [(id(v), v._version, v.data_ptr()) if isinstance(v, Tensor) else (v.__class__, v)
+                      for v in fields.values()]
         except RuntimeError:
             return None
         return logits.shape[1], logits.device, tuple(fields), values

@@ -60,9 +60,24 @@ def check_finite_float(name: str, value, *, min_value: float | None = None,
     return value
 
 
+def is_int(value) -> bool:
+    """A Python or numpy integer, not a bool (what ``torch.nn.functional.cross_entropy`` takes as an int)."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def check_ignore_index(value) -> int:
+    """``ignore_index``: a Python or numpy integer in int64 (TypeError, ValueError); returned as int."""
+    if not is_int(value):
+        raise TypeError(f"ignore_index must be an int, got {type(value).__name__}")
+    value = int(value)
+    if not -2**63 <= value < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {value}")
+    return value
+
+
 def check_int(name: str, value, min_value: int) -> int:
     """A Python or numpy integer (not a bool) of at least ``min_value``; returned as int."""
-    if isinstance(value, bool) or not isinstance(value, Integral):
+    if not is_int(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     value = int(value)
     if value < min_value:
@@ -138,8 +153,7 @@ def check_target(target, logits: torch.Tensor, ignore_index: int) -> None:
         )
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but the logits are on {logits.device}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    ignore_index = check_ignore_index(ignore_index)
     # the range check reads values: only for CPU tensors (no GPU sync), never inside torch.compile or a torch.func
     # transform; on the GPU the kernels mask their loads and give NaN for a row whose target is out of range
     if target.numel() > 0 and host_readable(target):
@@ -259,9 +273,7 @@ def init_loss_options(module, weight_name: str, weight, num_classes: int, *, ign
             raise ValueError(f"{weight_name} must be finite")
         weight = as_tensor.to(torch.float32)
     module.register_buffer(weight_name, weight, persistent=persistent)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    module.ignore_index = ignore_index
+    module.ignore_index = check_ignore_index(ignore_index)
     module.reduction = check_choice("reduction", reduction, REDUCTIONS)
     module.label_smoothing = check_finite_float("label_smoothing", label_smoothing, min_value=0.0, max_value=1.0)
     module.backend = check_choice("backend", backend, BACKENDS)
@@ -320,11 +332,11 @@ def check_head(features, weight, bias) -> None:
 def check_chunks(chunk_rows, chunk_classes) -> None:
     """A head's chunking: ``chunk_rows`` a positive int or None, ``chunk_classes`` a positive multiple of 8 or None,
     not both."""
-    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
+    if chunk_rows is not None and (not is_int(chunk_rows) or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
     if chunk_classes is None:
         return
-    if isinstance(chunk_classes, bool) or not isinstance(chunk_classes, int) or chunk_classes < 8 or chunk_classes % 8:
+    if not is_int(chunk_classes) or chunk_classes < 8 or chunk_classes % 8:
         raise ValueError(f"chunk_classes must be a positive multiple of 8 or None, got {chunk_classes!r}")
     if chunk_rows is not None:
         raise ValueError("give chunk_rows or chunk_classes, not both (they pick the row- or the class-chunked path)")

@@ -481,3 +481,24 @@ def test_a_lade_prior_is_freed_with_its_module():
     assert all(ref() is None for ref in dead)
     assert sum(ref() is not None for ref in fresh) <= _glue.SHARED_CACHE_SIZE  # (not by the log-prior cache's count:
     # earlier tests' priors may still sit in other shared caches)
+
+
+@pytest.mark.parametrize("module", [False, True])
+def test_a_refused_value_equal_to_a_cached_one_is_still_refused(module):
+    """``True == 1.0`` and ``2.0 == 2``: a call with ``tau=True`` (or ``ignore_index=2.0``) after one with
+    ``tau=1.0`` (``ignore_index=2``) found that checked entry and ran, where the reference path refuses it."""
+    z, y, lp = _data(C=6)
+    counts = torch.tensor([5.0, 4, 3, 2, 2, 1])
+    for kw, bad in [(dict(tau=1.0), dict(tau=True)), (dict(ignore_index=2), dict(ignore_index=2.0)),
+                    (dict(label_smoothing=1.0), dict(label_smoothing=True))]:
+        name = next(iter(bad))
+        if module:
+            loss = fastlt.LogitAdjustedLoss(counts, backend="triton", **kw).to(DEVICE)
+            loss(z, y)
+            setattr(loss, name, bad[name])
+            with pytest.raises(TypeError, match=name):
+                loss(z, y)
+        else:
+            LF.logit_adjusted_cross_entropy(z, y, lp, backend="triton", **kw)
+            with pytest.raises(TypeError, match=name):
+                LF.logit_adjusted_cross_entropy(z, y, lp, backend="triton", **bad)

@@ -174,6 +174,23 @@ def test_ignore_index_type():
         fastlt.LogitAdjustedLoss(COUNTS, ignore_index=-100.0)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_ignore_index_numpy_integers_are_taken_as_f_cross_entropy_takes_them(backend):
+    """``F.cross_entropy`` takes any integer with ``__index__`` but a bool; a numpy integer was refused here."""
+    z, y = data()
+    y[0] = 2
+    lp = P.log_prior(COUNTS)
+    want = torch.nn.functional.cross_entropy(z.double() + lp.double(), y, ignore_index=2)
+    for value in (np.int64(2), np.int32(2)):
+        got = LF.logit_adjusted_cross_entropy(z, y, lp, ignore_index=value, backend=backend)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+        module = fastlt.LogitAdjustedLoss(COUNTS, ignore_index=value, backend=backend)
+        assert type(module.ignore_index) is int
+        torch.testing.assert_close(module(z, y).double(), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="ignore_index must fit in int64"):
+        LF.logit_adjusted_cross_entropy(z, y, lp, ignore_index=2**64, backend=backend)
+
+
 def test_target_on_another_device():
     z, _ = data()
     y = torch.zeros(6, dtype=torch.long, device="meta")
@@ -520,3 +537,22 @@ def test_prior_is_the_deprecated_name_of_log_prior():
         torch.testing.assert_close(LF.linear_cross_entropy(f, w, y, prior=lp), head_want, rtol=0, atol=0)
     with pytest.warns(DeprecationWarning, match="log_prior"):
         LF.cosine_cross_entropy(f, w, y, prior=lp)
+
+
+def test_numpy_integers_are_taken_wherever_an_int_is():
+    """A numpy integer (a size or seed read from an array, a config loaded with numpy) is an int everywhere: the
+    noise seed, a head's sizes, chunking and top-k, the samplers' ranks. Each was a TypeError/ValueError."""
+    z, y = data(N=4)
+    cloud = torch.tensor([0.0, 0.3, 0.6, 0.9])
+    for backend in ("torch", "triton"):
+        want = LF.gcl_cross_entropy(z.tanh(), y, cloud, seed=7, backend=backend)
+        got = LF.gcl_cross_entropy(z.tanh(), y, cloud, seed=np.int64(7), backend=backend)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    head = fastlt.heads.LinearLossHead(np.int64(3), np.int32(C), COUNTS, chunk_rows=np.int64(2))
+    assert (type(head.in_features), type(head.num_classes)) == (int, int)
+    features = torch.randn(4, 3)
+    torch.testing.assert_close(head(features, y), head(features, y))
+    assert head.topk(features, np.int64(2), chunk_rows=np.int64(3)).indices.shape == (4, 2)
+    sampler = fastlt.data.ClassBalancedSampler([0, 1, 1, 2, 3, 3], num_replicas=np.int64(2), rank=np.int64(1),
+                                                seed=np.int64(3))
+    assert len(list(sampler)) == len(sampler)

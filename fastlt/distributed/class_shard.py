@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .._validation import is_int
 from .collectives import rank_and_size
 
 __all__ = ["ClassShard", "balanced_bounds", "chunked_bounds", "COMBINES"]
@@ -20,9 +21,9 @@ COMBINES = ("all_reduce", "gather")
 
 
 def _int(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    if not is_int(value) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
+    return int(value)
 
 
 def balanced_bounds(num_classes: int, world: int, align: int = 8) -> list[tuple[int, int]]:

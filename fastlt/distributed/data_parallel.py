@@ -30,6 +30,7 @@ from torch import Tensor
 from .. import reference as R
 from .._backend import use_triton
 from .._operator import check_lade_args
+from .._validation import is_int
 from ..noise import check_noise_rows
 from .collectives import carried, global_logsumexp, global_sum, rank_and_size, stat_dtype, world_gradient
 
@@ -43,7 +44,7 @@ def noise_row_offset(rank: int, rows: int, rows_per_rank: int | None) -> int:
     if rows_per_rank is None:
         check_noise_rows(rank * rows, rows, " of this rank (rank x its rows)")
         return rank * rows
-    if isinstance(rows_per_rank, bool) or not isinstance(rows_per_rank, int) or rows_per_rank < 1:
+    if not is_int(rows_per_rank) or rows_per_rank < 1:
         raise ValueError(f"rows_per_rank must be a positive int (the per-rank batch size), got {rows_per_rank!r}")
     if rows > rows_per_rank:
         raise ValueError(f"rows_per_rank={rows_per_rank} is smaller than this rank's batch of {rows} rows: the "

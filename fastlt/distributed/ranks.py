@@ -8,6 +8,8 @@ from numbers import Integral
 
 import torch
 
+from .._validation import is_int
+
 __all__ = ["replicas", "shared_seed", "SEED_LIMIT"]
 
 SEED_LIMIT = 2**63 - 2**20  # seed + epoch must stay an int64 for torch.Generator.manual_seed
@@ -25,8 +27,9 @@ def replicas(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
     rank when ``torch.distributed`` is not initialised."""
     dist = _distributed()
     for name, v in (("num_replicas", num_replicas), ("rank", rank)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+        if v is not None and not is_int(v):
             raise TypeError(f"{name} must be an int or None, got {type(v).__name__}")
+    num_replicas, rank = (None if v is None else int(v) for v in (num_replicas, rank))
     if num_replicas is None:
         num_replicas = dist.get_world_size() if dist is not None else 1
     if num_replicas < 1:

@@ -52,9 +52,9 @@ class _HeadBase(HeldFields, CountBuffers):
         super().__init__()
         self.dp_group = dp_group
         for name, v in (("in_features", in_features), ("num_classes", num_classes)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if not V.is_int(v) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        self.in_features, self.num_classes = in_features, num_classes
+        self.in_features, self.num_classes = int(in_features), int(num_classes)
         self.shard, self.gather_inputs, self.features_grad_scale = shard, gather_inputs, features_grad_scale
         if shard is not None:
             check_head_shard(shard, num_classes, dp_group)
@@ -127,7 +127,7 @@ class _HeadBase(HeldFields, CountBuffers):
         every class: each rank's top k of its classes, one all-gather, the top k of those (with ``gather_inputs``
         the rows are gathered too, and each rank gets its own rows' answer)."""
         self._check_features(features)
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_classes:
+        if not V.is_int(k) or not 1 <= k <= self.num_classes:
             raise ValueError(f"k must be an int in [1, {self.num_classes}], got {k!r}")
         V.check_chunks(chunk_rows, None)
         if self.shard is not None:
