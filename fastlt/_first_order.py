@@ -4,8 +4,10 @@ Their backward kernels compute d loss / d input in one fused pass and have no de
 ``create_graph=True`` (grad mode on inside the backward) the gradients are still computed and returned, but made to
 raise a clear error if anything backpropagates through them. PyTorch's ``once_differentiable`` does that only when
 an incoming gradient requires grad, which a scalar loss's seed gradient never does: ``autograd.grad(loss, x,
-create_graph=True)`` then returns a gradient whose ``.backward()`` fails with "does not require grad" (or a
-second-order term is silently dropped). Without ``create_graph`` this costs one flag check.
+create_graph=True)`` then returns a gradient whose ``.backward()`` fails with "does not require grad". And an error
+node is run only where it leads to what the engine is asked for, so it must lead to the Function's inputs too, or a
+second differentiation toward them (``inputs=``, ``torch.autograd.functional.hessian``) silently skips it and the
+second-order term is 0 or None. Without ``create_graph`` this costs one flag check.
 """
 
 from __future__ import annotations
@@ -20,7 +22,12 @@ _MESSAGE = (b"trying to differentiate twice a fastlt fused loss: its kernels are
 
 
 def first_order(backward):
-    """Decorate an autograd Function's ``backward(ctx, *grad_outputs)``."""
+    """Decorate an autograd Function's ``backward(ctx, *grad_outputs)``. Under ``create_graph=True`` the returned
+    gradients lead back, through the error, to the Function's inputs (its saved tensors that require grad, or
+    ``ctx.anchors``: the inputs of a Function that saved none, its gradient made in the forward) and to any
+    ``grad_output`` that requires grad: so a second differentiation raises whatever it asks for (``backward(inputs=
+    ...)``, ``autograd.grad(..., allow_unused=True)``, ``torch.autograd.functional.hessian``), where fresh leaves
+    alone were never reached and left the second-order term silently 0 or None."""
 
     @functools.wraps(backward)
     def wrapper(ctx, *grad_outputs):
@@ -30,7 +37,9 @@ def first_order(backward):
             outputs = backward(ctx, *grad_outputs)
         single = not isinstance(outputs, tuple)
         outputs = (outputs,) if single else outputs
-        err = _functions.DelayedError(_MESSAGE, len(outputs))
+        anchors = [t for t in (*ctx.saved_tensors, *getattr(ctx, "anchors", ()), *grad_outputs)
+                   if isinstance(t, torch.Tensor) and t.requires_grad]
+        err = _functions.DelayedError(_MESSAGE, len(outputs) + len(anchors))
 
         def alias(t):
             if t is None:
@@ -39,8 +48,11 @@ def first_order(backward):
             t.requires_grad_(True)
             return t
 
-        wrapped = err(*[alias(t) for t in outputs])
+        try:
+            wrapped = err(*[alias(t) for t in outputs], *anchors)
+        except RuntimeError as exc:  # an anchor autograd cannot take as an input now (a multi-output op's view
+            raise RuntimeError(_MESSAGE.decode()) from exc  # written in place): raise at once
         wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
-        return wrapped[0] if single else wrapped
+        return wrapped[0] if single else wrapped[:len(outputs)]
 
     return wrapper

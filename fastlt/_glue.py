@@ -232,6 +232,7 @@ class AdjustedCEFunction(torch.autograd.Function):
             # unbind) and of custom Functions, where nothing needs it
             _increment_version(logits)
             ctx.gradient = logits.detach()
+            ctx.anchors = (logits,)  # for first_order: the same storage as the gradient kept, no memory
             ctx.save_for_backward()
         else:
             ctx.save_for_backward(logits, target, row_stats, row_coef)

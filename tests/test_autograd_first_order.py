@@ -44,6 +44,32 @@ def test_second_order_gradient_raises_clearly(name):
         sum(g.square().sum() for g in grads).backward()
 
 
+@pytest.mark.parametrize("name", [*_losses(), "grad in forward"])
+def test_second_order_toward_the_inputs_raises_too(name):
+    """A second differentiation asked toward given tensors (``backward(inputs=...)``, ``autograd.grad`` with
+    ``allow_unused``, ``torch.autograd.functional.hessian``) runs only the nodes leading to them: the error node, which
+    led to fresh leaves only, was skipped and the second-order term came back 0 or None."""
+    if name == "grad in forward":
+        gen = torch.Generator().manual_seed(6)
+        inputs = (torch.randn(4, 9, generator=gen).to(DEVICE),)
+        y = torch.randint(0, 9, (4,), generator=gen).to(DEVICE)
+
+        def fn(z):
+            return LF.adjusted_cross_entropy(z * 1.0, y, backend="triton", grad_in_forward=True)
+    else:
+        inputs, fn = _losses()[name]
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    grads = torch.autograd.grad(fn(*leaves), leaves, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        sum(g.square().sum() for g in grads).backward(inputs=leaves[-1:])
+    grads = torch.autograd.grad(fn(*leaves), leaves, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        torch.autograd.grad(grads[0].square().sum(), leaves[0], allow_unused=True)
+    if len(inputs) == 1:
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            torch.autograd.functional.hessian(fn, inputs[0])
+
+
 def test_grad_in_forward_second_backward_raises_and_keeps_the_first():
     gen = torch.Generator().manual_seed(4)
     z = torch.randn(4, 9, generator=gen).to(DEVICE)

@@ -54,6 +54,7 @@ class FusedLinearLoss(torch.autograd.Function):
             ctx.seed_state = O.seed_state(params.args, params.seed)
         else:
             ctx.grads = [dx, dw, db]
+            ctx.anchors = (features, weight, bias)  # for first_order, as nothing is saved
         return loss
 
     @staticmethod
@@ -87,6 +88,7 @@ class FusedLinearLADE(FusedLinearLoss):
                                      need_b=need.b)
         ctx.params, ctx.need = params, need
         ctx.grads = [dx, dw, db]
+        ctx.anchors = (features, weight, bias)  # for first_order, as nothing is saved
         return loss
 
 
