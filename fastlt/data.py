@@ -244,10 +244,10 @@ class _ClassMassSampler(Sampler[int]):
         weights = self._class_weights[self.labels]
         if n <= self.labels.numel():
             return _without_replacement(weights, n, g)
-        # the ranks' equal share needs more indices than there are samples: repeat the first ones (as
-        # DistributedSampler pads)
+        # the ranks' equal share needs more indices than there are samples: repeat them from the first (as
+        # DistributedSampler pads), as often as it takes (more ranks than twice the samples: several times)
         idx = _without_replacement(weights, self.num_samples, g)
-        return torch.cat([idx, idx[: n - self.num_samples]])
+        return idx.repeat(-(-n // self.num_samples))[:n]
 
     def __iter__(self) -> Iterator[int]:
         if self.seed is None:  # one process, its own generator (or torch's)

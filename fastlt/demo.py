@@ -53,6 +53,7 @@ from torch import nn
 from . import posthoc
 from .cosine import CosineClassifier
 from .data import CBENSampler, class_counts, long_tailed_indices
+from .distributed.ranks import SEED_LIMIT
 from .functional import adjusted_cross_entropy
 from .losses import BalancedSoftmaxLoss, GCLLoss, LADELoss, LDAMLoss, LogitAdjustedLoss
 from .metrics import format_report, shot_accuracy
@@ -269,7 +270,7 @@ def _run(seed: int, epochs: int, imbalance_ratio: float, progress: bool,
         sampler = CBENSampler(y, num_samples=n * stage2_epochs, generator=torch.Generator().manual_seed(seed + 4))
     else:  # one seeded stream sliced per rank: the ranks' i-th batches make up one global batch
         sampler = CBENSampler(y, num_samples=n * stage2_epochs, num_replicas=ranks.size, rank=ranks.rank,
-                              seed=seed + 4)
+                              seed=(seed + 4) % SEED_LIMIT)  # (the shared seed's range: a negative --seed too)
     stage2 = list(torch.tensor(list(sampler), dtype=torch.int64).split(BATCH_SIZE // ranks.size))
     _fit(model, net.head.parameters(), GCLLoss(counts, m=0.1, s=20.0, noise_mul=0.5, gamma=1.0, **dp), x, y,
          stage2, "GCL stage 2", progress, ranks, split=False)

@@ -17,6 +17,7 @@ from torch import nn  # noqa: E402
 
 import fastlt  # noqa: E402
 from fastlt import functional as LF  # noqa: E402
+from fastlt.noise import draw_seed  # noqa: E402
 
 F64 = torch.float64
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel cases' tensors (gloo carries CUDA tensors too)
@@ -151,12 +152,15 @@ def warning() -> dict:
 
 
 def sampler() -> dict:
-    """ClassBalancedSampler without seed: rank 0's seed broadcast; the ranks' indices for epochs 0 and 1."""
+    """ClassBalancedSampler without seed: rank 0's seed broadcast; the ranks' indices for epochs 0 and 1; the next
+    GCL noise seed each rank's generator (seeded alike before) draws after it."""
     labels = torch.arange(40) % 7
+    torch.manual_seed(11)
     s = fastlt.data.ClassBalancedSampler(labels, num_samples=21)
+    after = draw_seed()
     first = list(s)
     s.set_epoch(1)
-    return dict(seed=s.seed, len=len(s), epoch0=first, epoch1=list(s))
+    return dict(seed=s.seed, len=len(s), epoch0=first, epoch1=list(s), after=after)
 
 
 def kernels() -> dict:
@@ -310,9 +314,11 @@ def sharded_head() -> dict:
     model = DDP(net)
     with CommDebugMode() as fwd:
         loss = model(x[rows], y[rows])
-    loss.backward()
+    with warnings.catch_warnings(record=True) as caught:  # the features' gradient: a reduce-scatter
+        warnings.simplefilter("always")
+        loss.backward()
     out = dict(loss=loss.detach(), backbone=net.backbone.weight.grad, head=head.weight.grad, ignored=ignored,
-               fwd=fwd.get_total_counts())
+               fwd=fwd.get_total_counts(), future=[str(w.message) for w in caught if w.category is FutureWarning])
     counts16 = torch.arange(1, 17)
     bad = DDP(_Net(gcl_head(counts16, 16, ClassShard.balanced(16, dist.group.WORLD))))
     try:

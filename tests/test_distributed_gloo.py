@@ -110,6 +110,8 @@ def test_sampler_shares_rank_zero_seed(pool):
 
     a, b = pool.run("sampler")
     assert a["seed"] == b["seed"] and a["len"] == b["len"] == 11
+    # every rank drew (rank 0 only, before): generators seeded alike stay in step, so GCL's noise seeds agree
+    assert a["after"] == b["after"]
     labels = torch.arange(40) % 7
     for epoch in (0, 1):
         one = ClassBalancedSampler(labels, num_samples=22, seed=a["seed"] + epoch)
@@ -234,6 +236,7 @@ def test_class_parallel_head_under_a_ddp_backbone(pool):
         assert "head.weight" in rank["ignored"]
         assert rank["fwd"] == 4
         assert "exclude_from_ddp" in rank["inside_ddp"]
+        assert rank["future"] == []  # (reduce_scatter_tensor, deprecated in torch 2.13)
     torch.testing.assert_close(torch.cat([r["head"] for r in ranks]), net.head.weight.grad, rtol=1e-12, atol=1e-12)
 
 

@@ -51,6 +51,17 @@ def test_without_replacement_no_index_on_two_ranks(world, num_samples):
         assert len(set(flat)) == num_samples and len(flat) == total
 
 
+@pytest.mark.parametrize("labels,world", [([0, 1], 5), ([0], 3), ([0, 0, 1], 8)])
+def test_more_ranks_than_twice_the_samples_each_get_their_share(labels, world):
+    """Without replacement, padding to W shares repeated the draw once only: with W > 2 N some ranks got fewer
+    indices than len() (2 samples on 5 ranks: 1, 1, 1, 1, 0), so DDP's ranks ran different numbers of steps."""
+    draws = [list(ClassBalancedSampler(labels, replacement=False, num_replicas=world, rank=r, seed=0))
+             for r in range(world)]
+    per = -(-len(labels) // world)
+    assert [len(d) for d in draws] == [per] * world
+    assert sorted(set(i for d in draws for i in d)) == list(range(len(labels)))
+
+
 def test_class_balance_survives_the_split():
     """q=0 over many draws: each rank sees every class about equally often."""
     s0, s1 = (ClassBalancedSampler(LABELS, num_samples=20000, num_replicas=2, rank=r, seed=5) for r in range(2))

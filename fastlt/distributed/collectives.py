@@ -105,7 +105,9 @@ def reduce_scatter(t: Tensor, group) -> Tensor:
         return group.simulated_all_reduce(t.detach(), "sum")[rank * n:(rank + 1) * n]
     import torch.distributed._functional_collectives as funcol
 
-    return funcol.reduce_scatter_tensor(t.detach().contiguous(), "sum", 0, group) * 1
+    # reduce_scatter_single: the newer name; reduce_scatter_tensor warns (FutureWarning) from torch 2.13 on
+    scatter = getattr(funcol, "reduce_scatter_single", None) or funcol.reduce_scatter_tensor
+    return scatter(t.detach().contiguous(), "sum", 0, group) * 1
 
 
 def moved_to_max(s: Tensor, w: Tensor, m: Tensor, top: Tensor) -> Tensor:

@@ -46,7 +46,8 @@ def replicas(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
 def shared_seed(seed: int | None, num_replicas: int) -> int | None:
     """The seed every rank draws its epochs from: ``seed`` itself (an int in [0, 2^63 - 2^20)); else, with several
     ranks, rank 0's draw from torch's generator, broadcast once (``broadcast_object_list``: any backend); else
-    None (one process: its generator)."""
+    None (one process: its generator). Every rank draws (and drops all but rank 0's), so generators seeded alike
+    stay in step: GCL's noise seeds, drawn from them, stay the same on every rank."""
     if seed is not None:
         if isinstance(seed, bool) or not isinstance(seed, Integral) or not 0 <= seed < SEED_LIMIT:
             raise ValueError(f"seed must be an int in [0, 2^63 - 2^20), got {seed!r}")
@@ -56,6 +57,7 @@ def shared_seed(seed: int | None, num_replicas: int) -> int | None:
     dist = _distributed()
     if dist is None:
         raise ValueError("num_replicas > 1 without torch.distributed needs seed= (the same int on every rank)")
-    box = [int(torch.randint(0, 2**62, (), dtype=torch.int64)) if dist.get_rank() == 0 else None]
+    drawn = int(torch.randint(0, 2**62, (), dtype=torch.int64))  # on every rank: their generators stay in step
+    box = [drawn if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return int(box[0])
