@@ -196,3 +196,25 @@ def test_errors():
         return 0
 
     world.run(bad)
+
+
+@pytest.mark.parametrize("kind", ["la_weighted", "gcl"])
+def test_ranks_seeded_alike_start_their_shards_with_other_rows(kind):
+    """Ranks seeded alike (the usual DDP set-up) drew the same rows for every shard: class j and j + shard size
+    started as one vector. Each shard now draws from a generator forked by its first class; the result is a function
+    of the seed, and the ranks' generators stay in step after it."""
+    C = 16
+    counts = long_tail_counts(C, torch.Generator().manual_seed(0))
+
+    def rank_fn(group):
+        torch.manual_seed(3)
+        head = _make(kind, C, counts, shard=ClassShard.balanced(C, group))
+        return head.weight.detach().clone(), torch.rand(1)
+
+    first, second = SimulatedWorld(2).run(rank_fn)
+    assert first[0].shape == second[0].shape == (8, D)
+    assert not torch.isclose(first[0], second[0]).any()
+    torch.testing.assert_close(first[1], second[1], rtol=0, atol=0)
+    torch.testing.assert_close(SimulatedWorld(2).run(rank_fn)[0][0], first[0], rtol=0, atol=0)
+    bound = 1 / math.sqrt(D)
+    assert first[0].abs().max() <= bound and first[0].std() > bound / 4  # still U(-1/sqrt(D), 1/sqrt(D))

@@ -81,6 +81,16 @@ class _HeadBase(HeldFields, CountBuffers):
         """The rows of the weight this head holds: ``num_classes``, or the shard's classes."""
         return self.num_classes if self.shard is None else self.shard.size
 
+    def _init_generator(self) -> torch.Generator | None:
+        """What :meth:`reset_parameters` draws from: torch's generator for a whole head; for a class shard, a generator
+        seeded by one draw of torch's (made on every rank, so generators seeded alike stay in step) plus the shard's
+        first class, so that ranks seeded alike (the usual DDP set-up) do not start every shard with the same rows
+        (class j and j + shard size one vector, which one process never draws)."""
+        if self.shard is None or self.weight.device.type == "meta":
+            return None
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        return torch.Generator(self.weight.device).manual_seed(seed + self.shard.start)
+
     def _shard_options(self) -> dict:
         if self.shard is None:
             return {}
@@ -240,12 +250,13 @@ class LinearLossHead(MarginSchedule, _HeadBase):
         return self.prior
 
     def reset_parameters(self) -> None:
-        """``nn.Linear``'s initialisation (fan-in D: a class shard's rows are drawn alike)."""
+        """``nn.Linear``'s initialisation (fan-in D, a class shard's too; drawn as :meth:`_init_generator` says)."""
+        generator = self._init_generator()
         if self.weight.numel():
-            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5), generator=generator)
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.in_features)
-            nn.init.uniform_(self.bias, -bound, bound)
+            nn.init.uniform_(self.bias, -bound, bound, generator=generator)
 
     def forward(self, features: Tensor, target: Tensor) -> Tensor:
         self._check_features(features)
@@ -352,9 +363,10 @@ class CosineGCLHead(_HeadBase):
         return {"cloud": gcl_cloud_from(counts, F64)}
 
     def reset_parameters(self) -> None:
-        """:class:`fastlt.CosineClassifier`'s initialisation, ``U(-1/sqrt(D), 1/sqrt(D))``."""
+        """:class:`fastlt.CosineClassifier`'s initialisation, ``U(-1/sqrt(D), 1/sqrt(D))`` (drawn as
+        :meth:`_init_generator` says)."""
         bound = 1.0 / math.sqrt(self.in_features)
-        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.weight, -bound, bound, generator=self._init_generator())
 
     def forward(self, features: Tensor, target: Tensor, seed: int | Tensor | None = None) -> Tensor:
         self._check_features(features)
