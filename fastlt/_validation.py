@@ -260,7 +260,19 @@ def init_loss_options(module, weight_name: str, weight, num_classes: int, *, ign
                       label_smoothing, backend, persistent: bool = True) -> None:
     """Validate the options every loss module shares and set them on ``module``: the (C,) class weights as
     the buffer ``weight_name`` (float32, or None; in the state dict when ``persistent``, as
-    ``nn.CrossEntropyLoss``'s ``weight``), ``ignore_index``, ``reduction``, ``label_smoothing``, ``backend``."""
+    ``nn.CrossEntropyLoss``'s ``weight``), ``ignore_index``, ``reduction``, ``label_smoothing``, ``backend``. Learned
+    class weights, an ``nn.Parameter``, are kept as the module's parameter itself, as assigning one makes them (the
+    reference path differentiates them, the kernels refuse them in grad mode); another tensor that requires grad is
+    refused (copied, it would silently get no gradient)."""
+    if isinstance(weight, torch.nn.Parameter) and weight.requires_grad:
+        check_class_vector(weight_name, weight, num_classes)
+        setattr(module, weight_name, weight)
+        weight = None
+        weight_name = None
+    elif isinstance(weight, torch.Tensor) and weight.requires_grad:
+        raise ValueError(f"{weight_name} requires grad, and would be copied into a buffer without it: pass an "
+                         f"nn.Parameter to learn the class weights (the module keeps it as its parameter), or "
+                         f"detach it")
     if weight is not None:
         try:
             as_tensor = weight.detach() if isinstance(weight, torch.Tensor) else torch.as_tensor(weight)
@@ -272,7 +284,8 @@ def init_loss_options(module, weight_name: str, weight, num_classes: int, *, ign
         if as_tensor.device.type != "meta" and not bool(torch.isfinite(as_tensor).all()):
             raise ValueError(f"{weight_name} must be finite")
         weight = as_tensor.to(torch.float32)
-    module.register_buffer(weight_name, weight, persistent=persistent)
+    if weight_name is not None:
+        module.register_buffer(weight_name, weight, persistent=persistent)
     module.ignore_index = check_ignore_index(ignore_index)
     module.reduction = check_choice("reduction", reduction, REDUCTIONS)
     module.label_smoothing = check_finite_float("label_smoothing", label_smoothing, min_value=0.0, max_value=1.0)

@@ -97,6 +97,29 @@ def test_a_class_tensor_replaced_by_a_parameter(backend):
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_learned_class_weights_given_to_the_constructor_are_kept(backend):
+    """``weight=nn.Parameter(...)`` (``weight_classes=`` of a head) was detached into a float32 buffer: no error on
+    the kernels, no gradient on the reference. It is now the module's parameter, as assigning it makes it; another
+    tensor that requires grad (which a copy would leave without a gradient) is refused by name."""
+    z, y = _inputs(3)
+    w = nn.Parameter(torch.linspace(0.5, 2.0, C, device=DEVICE))
+    for module in (fastlt.LogitAdjustedLoss(COUNTS, weight=w, backend=backend),
+                   fastlt.heads.LinearLossHead(C, C, COUNTS, weight_classes=w, backend=backend)):
+        name = "weight" if isinstance(module, fastlt.LogitAdjustedLoss) else "weight_classes"
+        module.to(DEVICE)
+        assert getattr(module, name) is w and dict(module.named_parameters())[name] is w
+        if backend == "triton":
+            with pytest.raises(ValueError, match=f"{name} requires grad"):
+                module(z.float(), y)
+            continue
+        w.grad = None
+        module(z.float(), y).backward()
+        assert w.grad is not None and w.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="weight requires grad.*nn.Parameter"):
+        fastlt.LogitAdjustedLoss(COUNTS, weight=w * 2)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_a_parametrized_class_weight_is_read_anew_every_call(backend):
     """A parametrization of ``weight`` (KeyError on both backends before): its value is made from the original at
     each call, so an edit of the original is seen at the next call (no fields held across it)."""
