@@ -234,6 +234,12 @@ class AdjustedCEFunction(torch.autograd.Function):
             ctx.gradient = logits.detach()
             ctx.anchors = (logits,)  # for first_order: the same storage as the gradient kept, no memory
             ctx.save_for_backward()
+        elif args.has_noise and _saved_tensor_hooks() and isinstance(args.seed if seed is None else seed, int):
+            # under saved-tensor hooks (a non-reentrant checkpoint) the backward may get the saved tensors of a
+            # forward run again, whose drawn seed differs (preserve_rng_state=False): the seed is kept among them, so
+            # the row statistics and the noise of the backward are of one draw
+            seed = args.seed if seed is None else seed
+            ctx.save_for_backward(logits, target, row_stats, row_coef, torch.tensor(seed, dtype=torch.int64))
         else:
             ctx.save_for_backward(logits, target, row_stats, row_coef)
         ctx.args = args
@@ -254,9 +260,10 @@ class AdjustedCEFunction(torch.autograd.Function):
             ctx.used = True
             gradient, ctx.gradient = ctx.gradient, None  # released with this backward, as saved tensors are
             return launch.scale_by(gradient, grad_loss.contiguous()), None, None, None, None
-        logits, target, row_stats, row_coef = ctx.saved_tensors
+        logits, target, row_stats, row_coef, *seed = ctx.saved_tensors
         O.check_seed_unchanged(ctx.seed_state)
-        grad = _backward(grad_loss, logits, target, ctx.args, row_stats, row_coef, seed=ctx.seed)
+        seed = int(seed[0]) if seed else ctx.seed
+        grad = _backward(grad_loss, logits, target, ctx.args, row_stats, row_coef, seed=seed)
         return grad, None, None, None, None
 
 
@@ -277,6 +284,15 @@ class LADEFunction(torch.autograd.Function):
         logits, target, row_stats, row_coef, columns = ctx.saved_tensors
         term = ColumnTerm(columns=columns)  # the (3 C + P,) fp32 buffer the forward made: no check (host time)
         return _backward(grad_loss, logits, target, ctx.args, row_stats, row_coef, term), None, None, None
+
+
+_top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
+def _saved_tensor_hooks() -> bool:
+    """Whether saved-tensor hooks are active (``torch.utils.checkpoint``'s non-reentrant form, offloading); True where
+    this torch cannot say."""
+    return _top_hooks is None or _top_hooks(False) is not None
 
 
 def _views_a_leaf(t: Tensor) -> bool:

@@ -80,6 +80,18 @@ def draw_seed(generator: torch.Generator | None = None) -> int:
     return int(view) & _SEED_MASK
 
 
+def call_seed(seed, device: torch.device | str | None = None):
+    """The noise seed of a call given ``seed=``: ``int(seed)``; None draws one (:func:`draw_seed`), which under
+    ``torch.compile`` is ``torch.randint`` in the graph on ``device`` (a 0-dim int64 tensor: no graph break, and
+    fresh noise on every call of the compiled step; a drawn Python int would make Dynamo trace numpy, whose
+    bitwise ops inductor compiled as float ones: a C++ error on the CPU)."""
+    if seed is not None:
+        return int(seed)
+    if torch.compiler.is_compiling():
+        return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
+    return draw_seed()
+
+
 _DRAWS = threading.local()
 _functorch_level = getattr(torch._C._functorch, "maybe_current_level", lambda: None)
 
@@ -91,7 +103,7 @@ def _xor(a: torch.Tensor, b: torch.Tensor | int) -> torch.Tensor:
     return torch.bitwise_xor(a, b)
 
 
-def philox4x32(seed: int, c0: torch.Tensor, c1: torch.Tensor,
+def philox4x32(seed: int | torch.Tensor, c0: torch.Tensor, c1: torch.Tensor,
                rounds: int = PHILOX_ROUNDS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Philox4x32 of counters (c0, c1, 0, 0) under the 64-bit ``seed``; int64 tensors in [0, 2^32).
 
@@ -106,7 +118,8 @@ def philox4x32(seed: int, c0: torch.Tensor, c1: torch.Tensor,
     for ~2.5 fewer rounds of matrix work.
 
     Args:
-        seed: the 64-bit key, split in (low, high) 32-bit key words.
+        seed: the 64-bit key, split in (low, high) 32-bit key words; an int, or a 0-dim int64 tensor (a seed drawn
+            inside a compiled graph: :func:`call_seed`).
         c0, c1: the first two counter words, int64 tensors of broadcastable shapes with values in [0, 2^32).
         rounds: the number of Philox rounds (10 for Philox4x32-10).
 
@@ -131,15 +144,13 @@ def philox4x32(seed: int, c0: torch.Tensor, c1: torch.Tensor,
     return tuple(w.expand(shape) for w in (c0, c1, c2, c3))
 
 
-def _box_muller_into(w: torch.Tensor, cos_out: torch.Tensor, sin_out: torch.Tensor) -> None:
-    """Box-Muller of a 32-bit word held in int64 (the module docstring's step 2: the low half's uniform
-    ``(h + 1/2) / 2^16`` the radius, the high half the angle), written into ``cos_out`` and ``sin_out``."""
+def _radius_and_angle(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Box-Muller's radius and angle of a 32-bit word held in int64 (the module docstring's step 2: the low half's
+    uniform ``(h + 1/2) / 2^16`` the radius, the high half the angle); its normals are ``r cos x`` and ``r sin x``."""
     u1 = (w & 0xFFFF).to(torch.float32).add_(0.5).mul_(1.0 / 65536.0)
     # the angle exactly in float64 (h * step has 40 bits), then rounded once: the kernels' float32 number
     x = (w >> 16).to(torch.float64).mul_(ANGLE_STEP).add_(ANGLE_START).to(torch.float32)
-    r = u1.log_().mul_(-2.0).sqrt_()
-    torch.mul(r, torch.cos(x), out=cos_out)
-    torch.mul(r, x.sin_(), out=sin_out)
+    return u1.log_().mul_(-2.0).sqrt_(), x
 
 
 NORMALS_PER_CALL = 8
@@ -157,13 +168,13 @@ def check_noise_rows(first: int, n_rows: int, whose: str = "") -> None:
                          "one 32-bit word of Philox's counter")
 
 
-def standard_normal(seed: int, n_rows: int, n_cols: int, device: torch.device | str | None = None, *,
+def standard_normal(seed: int | torch.Tensor, n_rows: int, n_cols: int, device: torch.device | str | None = None, *,
                     row_offset: int = 0, col_offset: int = 0) -> torch.Tensor:
     """(n_rows, n_cols) float32 standard normals, element (i, j) a function of (seed, row_offset + i,
     col_offset + j) only.
 
     Args:
-        seed: the 64-bit Philox key (e.g. from ``draw_seed``).
+        seed: the 64-bit Philox key (e.g. from ``draw_seed``), or a 0-dim int64 tensor (:func:`call_seed`).
         n_rows, n_cols: the output shape (rows i, columns j).
         device: where to generate; None = torch's default device.
         row_offset: the global index of row 0 (a data-parallel rank's rows, a chunk of rows).
@@ -178,18 +189,28 @@ def standard_normal(seed: int, n_rows: int, n_cols: int, device: torch.device | 
     groups = (skip + n_cols + NORMALS_PER_CALL - 1) // NORMALS_PER_CALL
     c0 = torch.arange(first, first + groups, dtype=torch.int64, device=device)[None, :]  # broadcast: see philox4x32
     c1 = torch.arange(row_offset, row_offset + n_rows, dtype=torch.int64, device=device)[:, None]
-    out = torch.empty((n_rows, groups, NORMALS_PER_CALL), dtype=torch.float32, device=device)
-    for k, w in enumerate(philox4x32(int(seed), c0, c1, NOISE_ROUNDS)):  # word k: normals 2k (cos), 2k + 1 (sin)
-        _box_muller_into(w, out[:, :, 2 * k], out[:, :, 2 * k + 1])
+    seed = seed if isinstance(seed, torch.Tensor) else int(seed)  # (a tensor: drawn inside a compiled graph)
+    words = philox4x32(seed, c0, c1, NOISE_ROUNDS)  # word k: normals 2k (r cos x) and 2k + 1 (r sin x)
+    if torch.compiler.is_compiling():
+        # stacked: inductor (torch 2.13, CPU) miscompiles the writes into ``out``'s strided views below when there is
+        # one column group (other numbers, silently; tests/test_noise.py)
+        normals = [n for w in words for r, x in [_radius_and_angle(w)] for n in (r * torch.cos(x), r * torch.sin(x))]
+        out = torch.stack(normals, dim=-1)
+    else:
+        out = torch.empty((n_rows, groups, NORMALS_PER_CALL), dtype=torch.float32, device=device)
+        for k, w in enumerate(words):
+            r, x = _radius_and_angle(w)
+            torch.mul(r, torch.cos(x), out=out[:, :, 2 * k])
+            torch.mul(r, x.sin_(), out=out[:, :, 2 * k + 1])
     return out.reshape(n_rows, groups * NORMALS_PER_CALL)[:, skip:skip + n_cols].contiguous()
 
 
-def gcl_noise(seed: int, n_rows: int, n_cols: int, device: torch.device | str | None = None, *,
+def gcl_noise(seed: int | torch.Tensor, n_rows: int, n_cols: int, device: torch.device | str | None = None, *,
               row_offset: int = 0, col_offset: int = 0) -> torch.Tensor:
     """GCL noise ``e_ij = min(|g_ij| / 3, 1)`` (float32, (n_rows, n_cols)); a half-normal, sigma 1/3, clipped at 1.
 
     Args:
-        seed: the 64-bit Philox key (e.g. from ``draw_seed``).
+        seed: the 64-bit Philox key (e.g. from ``draw_seed``), or a 0-dim int64 tensor (:func:`call_seed`).
         n_rows, n_cols: the output shape (rows i, columns j).
         device: where to generate; None = torch's default device.
         row_offset: the global index of row 0 (rows ``row_offset .. row_offset + n_rows - 1`` of the noise).

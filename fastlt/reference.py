@@ -34,7 +34,7 @@ from torch import Tensor
 from . import _validation as V
 from ._operator import check_lade_args, check_operator_args
 from ._shapes import as_rows, restore
-from .noise import draw_seed, gcl_noise
+from .noise import call_seed, gcl_noise
 
 __all__ = [
     "adjusted_cross_entropy",
@@ -132,8 +132,7 @@ def adjusted_logits(logits: Tensor, target: Tensor, *, log_prior: Tensor | None 
         a = a + tau * log_prior.to(a.dtype)
     if cloud is not None and noise_mul != 0.0:
         if noise is None:
-            noise = gcl_noise(draw_seed() if seed is None else int(seed), N, C, logits.device,
-                              row_offset=noise_row_offset)
+            noise = gcl_noise(call_seed(seed, logits.device), N, C, logits.device, row_offset=noise_row_offset)
         cdt = torch.promote_types(a.dtype, torch.float32)  # float64 stays float64: the oracle is exact
         a = a - (noise_mul * cloud.to(cdt) * noise.to(cdt)).to(a.dtype)
     if margin is not None and target.is_floating_point():  # class probabilities: m_j * q_ij

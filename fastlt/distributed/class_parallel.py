@@ -31,7 +31,7 @@ from .. import reference as R
 from .._custom_ops import define, input_grads, save_inputs, saved_inputs
 from .._operator import AdjustedCEArgs
 from ..kernels import launch
-from ..noise import draw_seed, gcl_noise
+from ..noise import call_seed, gcl_noise
 from .class_shard import ClassShard
 from .collectives import all_reduce, carried, gathered_partials, global_sum, moved_to_max, stat_dtype
 
@@ -100,7 +100,7 @@ def _local_adjusted(logits: Tensor, target: Tensor, f: dict, shard: ClassShard, 
     cloud, noise_mul = f.get("cloud"), f.get("noise_mul", 0.0)
     if cloud is not None and noise_mul != 0.0:
         seed = f.get("seed")
-        e = gcl_noise(draw_seed() if seed is None else int(seed), N, Cl, logits.device,
+        e = gcl_noise(call_seed(seed, logits.device), N, Cl, logits.device,
                       row_offset=f.get("noise_row_offset", 0), col_offset=s0)
         cdt = torch.promote_types(a.dtype, torch.float32)
         a = a - (noise_mul * cloud[s0:s1].to(cdt) * e.to(cdt)).to(a.dtype)
