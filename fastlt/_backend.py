@@ -75,6 +75,16 @@ def interpreting() -> bool:
     return _INTERPRETING
 
 
+def loss_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype of a loss of the logits (or a head's features) ``t``: float32 under ``torch.autocast`` (CUDA or CPU)
+    for half-precision ``t``, as ``nn.CrossEntropyLoss``'s there (autocast runs ``cross_entropy`` in float32: a
+    ``GradScaler``'s 2^16 is inf in fp16, and a bf16 loss keeps 3 digits); else ``t``'s dtype."""
+    dev = t.device.type
+    if t.dtype in (torch.float16, torch.bfloat16) and dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        return torch.float32
+    return t.dtype
+
+
 def autocast_inputs(features, weight, bias):
     """``(features, weight, bias, device_type)`` in the autocast dtype under ``torch.autocast`` (CUDA or CPU), as
     ``nn.Linear`` would run a head, with the device type whose autocast is on; else as given and None (non-tensors

@@ -43,20 +43,23 @@ class CountBuffers(nn.Module):
         """Register the count buffers (non-persistent; float32, or ``dtype``; on ``device``, by default torch's
         default device, as a parameter made beside them: the meta device under ``with torch.device('meta')``)
         from the validated, smoothed float64 CPU ``counts``, kept as ``_counts_exact`` (a plain attribute: no
-        conversion touches it)."""
+        conversion touches it). Made outside ``torch.inference_mode`` (a module built inside it still trains: an
+        inference tensor cannot be saved for a backward, as LADE's reference saves its prior)."""
         self._counts_exact = counts
         self._count_own: dict[str, tuple[Tensor, int | None]] = {}
         device = torch.get_default_device() if device is None else device
-        for name, values in self._count_vectors(counts).items():
-            self.register_buffer(name, None, persistent=False)
-            self._set_own(name, values.to(device=device, dtype=dtype or torch.float32))
+        with torch.inference_mode(False):
+            for name, values in self._count_vectors(counts).items():
+                self.register_buffer(name, None, persistent=False)
+                self._set_own(name, values.to(device=device, dtype=dtype or torch.float32))
 
     def refresh_count_buffer(self, name: str, dtype: torch.dtype | None = None) -> None:
         """Make buffer ``name`` again from the counts (a hyperparameter changed), on its device, in ``dtype`` (default
         its own)."""
         buf = self._buffers[name]
-        values = self._count_vectors(self._counts_exact)[name]
-        self._set_own(name, values.to(device=buf.device, dtype=dtype or buf.dtype))
+        with torch.inference_mode(False):  # (as init_count_buffers)
+            values = self._count_vectors(self._counts_exact)[name]
+            self._set_own(name, values.to(device=buf.device, dtype=dtype or buf.dtype))
 
     def _set_own(self, name: str, values: Tensor) -> None:
         setattr(self, name, values)

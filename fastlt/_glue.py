@@ -22,6 +22,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _operator as O
 from . import reference as R
+from ._backend import loss_dtype
 from ._custom_ops import define, input_grads, save_inputs, saved_inputs
 from ._first_order import first_order
 from ._operator import AdjustedCEArgs, LadeArgs
@@ -210,8 +211,8 @@ lade_statistics_op.register_autograd(_lade_statistics_backward, setup_context=_s
 
 class AdjustedCEFunction(torch.autograd.Function):
     """The adjusted cross-entropy; ``apply(logits, target, args, grad_in_forward, seed)`` -> loss in the logits'
-    dtype; ``seed``: None, or an int noise seed in place of ``args``' (a drawn seed of a step that reuses cached
-    ``args``: :func:`adjusted_cross_entropy_triton`).
+    dtype (float32 under autocast: :func:`fastlt._backend.loss_dtype`); ``seed``: None, or an int noise seed in
+    place of ``args``' (a drawn seed of a step that reuses cached ``args``: :func:`adjusted_cross_entropy_triton`).
 
     ``args`` rides on ctx as it is: its (C,) class tensors are buffers of the caller, never outputs of this
     Function, so holding them makes no reference cycle (and skips copies, host time that small batches feel).
@@ -222,8 +223,9 @@ class AdjustedCEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, args: AdjustedCEArgs, grad_in_forward: bool, seed: int | None):
+        out_dtype = loss_dtype(logits)
         loss, row_stats, row_coef = _forward(logits, target, args, logits if grad_in_forward else None,
-                                             out_dtype=logits.dtype, seed=seed)
+                                             out_dtype=out_dtype, seed=seed)
         if grad_in_forward:
             # the logits now hold the gradient: an op that saved them (or the tensor they view) for its backward (the
             # output of relu, exp, ...; `torch.relu(h).view(-1, C)`) must raise autograd's in-place error, not read
@@ -247,7 +249,7 @@ class AdjustedCEFunction(torch.autograd.Function):
         ctx.seed_state = None if grad_in_forward else O.seed_state(args, seed)
         ctx.grad_in_forward = grad_in_forward
         ctx.used = False
-        return loss if loss.dtype == logits.dtype else loss.to(logits.dtype)  # 'none': fp32 rows
+        return loss if loss.dtype == out_dtype else loss.to(out_dtype)  # 'none': fp32 rows
 
     @staticmethod
     @first_order
@@ -268,12 +270,13 @@ class AdjustedCEFunction(torch.autograd.Function):
 
 
 class LADEFunction(torch.autograd.Function):
-    """LADE: ``apply(logits, target, args, lade)`` -> scalar loss in the logits' dtype; ``args`` its PriorCE
+    """LADE: ``apply(logits, target, args, lade)`` -> scalar loss in the logits' dtype (float32 under autocast:
+    :func:`fastlt._backend.loss_dtype`); ``args`` its PriorCE
     operator (:func:`lade_operator_args`)."""
 
     @staticmethod
     def forward(ctx, logits, target, args: AdjustedCEArgs, lade: LadeArgs):
-        loss, row_stats, row_coef, columns = _lade_forward(logits, target, args, lade, out_dtype=logits.dtype)
+        loss, row_stats, row_coef, columns = _lade_forward(logits, target, args, lade, out_dtype=loss_dtype(logits))
         ctx.save_for_backward(logits, target, row_stats, row_coef, columns)
         ctx.args = args
         return loss
@@ -351,7 +354,7 @@ def adjusted_cross_entropy_triton(logits: Tensor, target: Tensor, fields: dict, 
                          f"contiguous, or grad_in_forward=False")
     args = soft_mean(args, target, logits.shape[0])
     if compiling:  # an opaque op with registered autograd (recompute backward)
-        loss = adjusted_ce_forward_op(logits, target, *O.flatten(args))[0].to(logits.dtype)
+        loss = adjusted_ce_forward_op(logits, target, *O.flatten(args))[0].to(loss_dtype(logits))
     else:
         loss = AdjustedCEFunction.apply(logits, target, args, bool(grad_in_forward), seed)
     return nan_if_empty(loss, args)
@@ -377,7 +380,7 @@ def lade_fields_triton(logits: Tensor, target: Tensor, fields: dict, cache: O.Ar
     check_kernel_input("logits", logits)
     args = soft_mean(args, target, logits.shape[0])
     if compiling:
-        loss = lade_forward_op(logits, target, *O.flatten(args, lade))[0].to(logits.dtype)
+        loss = lade_forward_op(logits, target, *O.flatten(args, lade))[0].to(loss_dtype(logits))
     else:
         loss = LADEFunction.apply(logits, target, args, lade)
     return nan_if_empty(loss, args)
@@ -427,7 +430,11 @@ def lade_statistics_triton(logits: Tensor, target: Tensor, prior: Tensor, *, wei
 
 
 def check_kernel_input(name: str, t: Tensor, noise: Tensor | None = None) -> None:
-    """What the Triton path cannot take: float64 input (the reference path can) and explicit noise."""
+    """What the Triton path cannot take: float64 input (the reference path can), explicit noise, and
+    ``torch.jit.trace`` (its tracer hands the launch plans tensors for sizes)."""
+    if torch.jit.is_tracing():
+        raise RuntimeError("torch.jit.trace cannot trace the Triton kernels; use torch.compile or torch.export "
+                           "(the kernels are registered custom ops there), or backend='torch'")
     if t.dtype == torch.float64:
         raise TypeError(f"the Triton kernels take float32, bfloat16 or float16 {name}; use backend='torch' "
                         "for float64")

@@ -297,11 +297,16 @@ class AdjustedCEArgs:
         int64 tensor on ``device``. When the noise is on and ``seed`` is None, one is drawn from torch's CPU generator
         (the reference path draws the same one); under ``torch.compile`` it is drawn on ``device`` by an op of the
         graph instead, so each call of the compiled graph gets a fresh one (a host int would break the graph, or be
-        baked into it)."""
+        baked into it), and a given int becomes a tensor of the graph likewise."""
         out = {name: convert(fields[name]) for name, convert in cls.__converts__ if name in fields}
-        if out.get("seed") is None:
+        seed = out.get("seed")
+        if seed is None:
             noise = out.get("cloud") is not None and out.get("noise_mul", 0.0) != 0.0
             out["seed"] = _fresh_seed(device) if noise else 0
+        elif not isinstance(seed, Tensor) and torch.compiler.is_compiling():
+            # a tensor of the graph: as an int it is a constant of the custom op, so a seed that changes every call
+            # (seed=step) compiled the step again every call, up to the recompile limit
+            out["seed"] = torch.full((1,), seed, dtype=torch.int64, device=device)
         return cls(**out)
 
     @classmethod

@@ -252,7 +252,7 @@ def check_seed_tensor(seed: torch.Tensor, device: torch.device) -> None:
         raise ValueError(f"a seed tensor must hold one value (shape () or (1,)), got shape {tuple(seed.shape)}")
     if seed.device != device:
         raise ValueError(f"the seed tensor is on {seed.device} but the logits are on {device}")
-    if seed.device.type == "cpu" and int(seed) < 0:
+    if host_readable(seed) and int(seed) < 0:
         raise ValueError(f"seed must be in [0, 2^63) (a 64-bit Philox key), got {int(seed)}")
 
 
@@ -284,6 +284,9 @@ def init_loss_options(module, weight_name: str, weight, num_classes: int, *, ign
         if as_tensor.device.type != "meta" and not bool(torch.isfinite(as_tensor).all()):
             raise ValueError(f"{weight_name} must be finite")
         weight = as_tensor.to(torch.float32)
+        if weight.is_inference():  # made under torch.inference_mode: a copy that a backward can save
+            with torch.inference_mode(False):
+                weight = weight.clone()
     if weight_name is not None:
         module.register_buffer(weight_name, weight, persistent=persistent)
     module.ignore_index = check_ignore_index(ignore_index)

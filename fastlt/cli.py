@@ -16,7 +16,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p_demo = sub.add_parser(
         "demo",
-        help="train every method on a long-tailed split of scikit-learn's digits (CPU, < 1 min)",
+        help="train every method on a long-tailed split of scikit-learn's digits (CPU, ~10 s)",
         description=demo.DESCRIPTION,
     )
     demo.add_arguments(p_demo)

@@ -77,7 +77,8 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor 
         prior: the old name of ``log_prior`` (deprecated).
 
     Returns:
-        The loss in the logits' dtype: 0-dim, or the targets' shape for ``reduction='none'``.
+        The loss in the logits' dtype (float32 under ``torch.autocast``, as ``nn.CrossEntropyLoss``'s): 0-dim, or
+        the targets' shape for ``reduction='none'``.
     """
     log_prior = V.renamed_argument("log_prior", log_prior, "prior", prior)
     fields = dict(log_prior=log_prior, tau=tau, cloud=cloud, noise_mul=noise_mul, seed=seed, margin=margin,

@@ -81,14 +81,23 @@ def draw_seed(generator: torch.Generator | None = None) -> int:
 
 
 def call_seed(seed, device: torch.device | str | None = None):
-    """The noise seed of a call given ``seed=``: ``int(seed)``; None draws one (:func:`draw_seed`), which under
-    ``torch.compile`` is ``torch.randint`` in the graph on ``device`` (a 0-dim int64 tensor: no graph break, and
-    fresh noise on every call of the compiled step; a drawn Python int would make Dynamo trace numpy, whose
-    bitwise ops inductor compiled as float ones: a C++ error on the CPU)."""
+    """The noise seed of a call given ``seed=``: ``int(seed)``; None draws one (:func:`draw_seed`). Under
+    ``torch.compile`` a 0-dim int64 tensor of the graph on ``device`` instead: the draw ``torch.randint`` (no graph
+    break, and fresh noise on every call of the compiled step; a drawn Python int made Dynamo trace numpy), a seed
+    tensor as it is (``int()`` of it is a graph break), an int made a tensor (one that changes every call, which
+    Dynamo then traces as a symbol: inductor compiled its bitwise ops as float ones, a C++ error on the CPU)."""
+    if torch.compiler.is_compiling():
+        if seed is None:
+            return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
+        if isinstance(seed, torch.Tensor):
+            return seed.reshape(())
+        return torch.full((), seed, dtype=torch.int64, device=device)
     if seed is not None:
         return int(seed)
-    if torch.compiler.is_compiling():
-        return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
+    if torch.jit.is_tracing():
+        raise RuntimeError("torch.jit.trace would record GCL's drawn noise seed as a constant (the same noise on every "
+                           "call of the trace): use torch.compile or torch.export, which draw it in the graph, or "
+                           "pass seed=")
     return draw_seed()
 
 
@@ -131,17 +140,31 @@ def philox4x32(seed: int | torch.Tensor, c0: torch.Tensor, c1: torch.Tensor,
     shape = torch.broadcast_shapes(c0.shape, c1.shape)
     zero = torch.zeros((1,) * len(shape), dtype=torch.int64, device=c0.device)
     c2 = c3 = zero
+    compiling = torch.compiler.is_compiling()
     for _ in range(rounds):
-        p_b = c2 * _ROUND_B
-        p_a = c0 * _ROUND_A
-        hi_b = (p_b >> 32).bitwise_and_(_M32)
-        hi_a = (p_a >> 32).bitwise_and_(_M32)
+        if compiling:  # no int64 product past 2^63: see _mul_hi_lo
+            (hi_b, lo_b), (hi_a, lo_a) = _mul_hi_lo(c2, _ROUND_B), _mul_hi_lo(c0, _ROUND_A)
+        else:
+            p_b = c2 * _ROUND_B
+            p_a = c0 * _ROUND_A
+            hi_b, lo_b = (p_b >> 32).bitwise_and_(_M32), p_b
+            hi_a, lo_a = (p_a >> 32).bitwise_and_(_M32), p_a
         c0 = _xor(_xor(hi_b, c1), k0)
-        c1 = p_b.bitwise_and_(_M32)
+        c1 = lo_b.bitwise_and_(_M32)
         c2 = _xor(_xor(hi_a, c3), k1)
-        c3 = p_a.bitwise_and_(_M32)
+        c3 = lo_a.bitwise_and_(_M32)
         k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
     return tuple(w.expand(shape) for w in (c0, c1, c2, c3))
+
+
+def _mul_hi_lo(c: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The high and low 32-bit words of ``c * m`` (``c`` in [0, 2^32), ``m`` a 32-bit constant), by 16-bit halves of
+    ``m``, so that no int64 product passes 2^63 (every partial stays below 2^49). The eager path multiplies at once
+    and lets int64 wrap, as torch's kernels do; compiled, inductor's C++ for a small (broadcast) tensor computes it
+    as a signed overflow, undefined in C++, and its numbers differed (a one-column-group noise, silently)."""
+    low = c * (m & 0xFFFF)  # A = c * m_lo < 2^48
+    mid = c * (m >> 16) + (low >> 16)  # t = c * m_hi + (A >> 16) < 2^49; c * m = t * 2^16 + (A & 0xFFFF)
+    return mid >> 16, ((mid & 0xFFFF) << 16) | (low & 0xFFFF)
 
 
 def _radius_and_angle(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,11 +212,11 @@ def standard_normal(seed: int | torch.Tensor, n_rows: int, n_cols: int, device: 
     groups = (skip + n_cols + NORMALS_PER_CALL - 1) // NORMALS_PER_CALL
     c0 = torch.arange(first, first + groups, dtype=torch.int64, device=device)[None, :]  # broadcast: see philox4x32
     c1 = torch.arange(row_offset, row_offset + n_rows, dtype=torch.int64, device=device)[:, None]
-    seed = seed if isinstance(seed, torch.Tensor) else int(seed)  # (a tensor: drawn inside a compiled graph)
+    if torch.compiler.is_compiling() and not isinstance(seed, torch.Tensor):  # a tensor of the graph (call_seed)
+        seed = torch.full((), seed, dtype=torch.int64, device=device)
+    seed = seed if isinstance(seed, torch.Tensor) else int(seed)
     words = philox4x32(seed, c0, c1, NOISE_ROUNDS)  # word k: normals 2k (r cos x) and 2k + 1 (r sin x)
-    if torch.compiler.is_compiling():
-        # stacked: inductor (torch 2.13, CPU) miscompiles the writes into ``out``'s strided views below when there is
-        # one column group (other numbers, silently; tests/test_noise.py)
+    if torch.compiler.is_compiling():  # stacked: Dynamo does not trace out= into a strided view (a graph break)
         normals = [n for w in words for r, x in [_radius_and_angle(w)] for n in (r * torch.cos(x), r * torch.sin(x))]
         out = torch.stack(normals, dim=-1)
     else:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _validation as V
+from ._backend import loss_dtype
 from ._operator import check_lade_args, check_operator_args
 from ._shapes import as_rows, restore
 from .noise import call_seed, gcl_noise
@@ -178,11 +179,13 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor 
         prior: the old name of ``log_prior`` (deprecated).
 
     Returns:
-        The loss in the logits' dtype: 0-dim, or the targets' shape for ``reduction='none'``.
+        The loss in the logits' dtype: 0-dim, or the targets' shape for ``reduction='none'``. Under
+        ``torch.autocast`` half-precision logits are taken in float32 first, as autocast runs ``cross_entropy``.
     """
     log_prior = V.renamed_argument("log_prior", log_prior, "prior", prior)
     rows = as_rows(logits, target)
-    logits, target = rows.logits, V.as_index_target(rows.target, keep_int32=False)
+    V.check_logits("logits", rows.logits)
+    logits, target = rows.logits.to(loss_dtype(rows.logits)), V.as_index_target(rows.target, keep_int32=False)
     check_operator_args(logits, target, dict(log_prior=log_prior, tau=tau, cloud=cloud, noise_mul=noise_mul, seed=seed,
                                              margin=margin, scale=scale, gamma=gamma, weight=weight,
                                              ignore_index=ignore_index, reduction=reduction,
@@ -350,7 +353,8 @@ def lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: float = 0.1,
     :func:`adjusted_cross_entropy` (K-dim positions count as rows of the batch, for LADER too).
     """
     rows = as_rows(logits, target)
-    logits, target = rows.logits, V.as_index_target(rows.target, keep_int32=False)
+    V.check_logits("logits", rows.logits)
+    logits, target = rows.logits.to(loss_dtype(rows.logits)), V.as_index_target(rows.target, keep_int32=False)
     check_lade_args(logits, target, prior, alpha, remine_lambda, reduction)
     prior_ce = adjusted_cross_entropy(logits, target, log_prior=_log_of_prior(prior, logits.dtype), tau=1.0,
                                       weight=weight, ignore_index=ignore_index, reduction=reduction,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import DEVICE
 
+import fastlt
 from fastlt import functional as LF
 from fastlt.priors import gcl_cloud, log_prior, prior
 
@@ -185,3 +187,22 @@ def test_compile_fullgraph_first_call_inside_a_checkpoint_and_gcl_spread(monkeyp
         if name == "gcl":  # compiled again after eager calls, at another batch size
             torch.testing.assert_close(torch.compile(loss_of, fullgraph=True, backend="aot_eager")(x[:4], y[:4]),
                                        loss_of(x[:4], y[:4]))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_an_int_seed_that_changes_every_call_compiles_once_more(backend):
+    """``seed=step`` on the kernels was a constant of the custom op: every new value compiled the step again, and
+    with ``fullgraph=True`` step 8 hit the recompile limit. A given int is now a tensor of the graph (Dynamo makes it
+    a symbol at its first change: one recompile); each step equals eager."""
+    import torch._dynamo.testing
+
+    gen = torch.Generator().manual_seed(2)
+    z = torch.randn(4, 8, generator=gen).tanh().to(DEVICE)
+    y = torch.randint(0, 8, (4,), generator=gen).to(DEVICE)
+    crit = fastlt.GCLLoss([50, 30, 20, 10, 5, 3, 2, 1], backend=backend)
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(crit, backend=counter, fullgraph=True)
+    for step in range(10):
+        torch.testing.assert_close(compiled(z, y, seed=step), crit(z, y, seed=step), rtol=1e-5, atol=1e-5)
+    assert counter.frame_count <= 2

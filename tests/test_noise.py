@@ -276,7 +276,9 @@ def test_the_reference_noise_under_inductor():
     """``torch.compile`` (inductor, CPU) of the reference GCL loss. With a seed: inductor miscompiled the noise's
     writes into strided views for one column group (other noise, the loss 32.3 for 36.5, silently); it is stacked
     there now. Without one: the drawn Python int made Dynamo trace numpy, and inductor's C++ did not build (XOR
-    of floats); the seed is now ``torch.randint`` in the graph: fresh noise on every call."""
+    of floats); the seed is now ``torch.randint`` in the graph: fresh noise on every call. A seed that changes
+    (``seed=step``) Dynamo traces as a symbol at its first change, which built no C++ either: it is a tensor of
+    the graph now."""
     import torch._dynamo
 
     from fastlt.priors import gcl_cloud
@@ -286,7 +288,7 @@ def test_the_reference_noise_under_inductor():
     cloud = gcl_cloud([40, 20, 10, 5, 2])
     torch._dynamo.reset()
     compiled = torch.compile(lambda a, seed: R.gcl_cross_entropy(a, y, cloud, seed=seed))
-    for seed in (5, None):
+    for seed in (5, 6, None):
         got = compiled(z, seed)
         if seed is not None:
             torch.testing.assert_close(got, R.gcl_cross_entropy(z, y, cloud, seed=seed), rtol=1e-5, atol=1e-5)

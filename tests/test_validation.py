@@ -556,3 +556,42 @@ def test_numpy_integers_are_taken_wherever_an_int_is():
     sampler = fastlt.data.ClassBalancedSampler([0, 1, 1, 2, 3, 3], num_replicas=np.int64(2), rank=np.int64(1),
                                                 seed=np.int64(3))
     assert len(list(sampler)) == len(sampler)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_numpy_logits_are_refused_by_name_on_both_backends(backend):
+    """The reference path took numpy logits to its first tensor method: a bare AttributeError."""
+    z, y = data()
+    with pytest.raises(TypeError, match="logits must be a torch.Tensor"):
+        LF.logit_adjusted_cross_entropy(z.numpy(), y, P.log_prior(COUNTS), backend=backend)
+    with pytest.raises(TypeError, match="logits must be a torch.Tensor"):
+        LF.lade_loss(z.numpy(), y, P.prior(COUNTS), backend=backend)
+
+
+def test_torch_jit_trace_is_refused_where_it_would_bake_in_a_draw_or_a_launch():
+    """``torch.jit.trace`` recorded GCL's drawn seed as a constant (every call of the trace the same noise), and on
+    the kernels failed inside the launch plans (``'Tensor' object has no attribute 'bit_length'``). Both raise a
+    clear RuntimeError now; a given seed traces (and the trace repeats it, as asked)."""
+    z, y = data()
+    z = z.tanh()
+    gcl = fastlt.GCLLoss(COUNTS, backend="torch")
+    with pytest.raises(RuntimeError, match="jit.trace would record GCL's drawn noise seed"):
+        torch.jit.trace(lambda a: gcl(a, y), (z,), check_trace=False)
+    traced = torch.jit.trace(lambda a: gcl(a, y, seed=5), (z,), check_trace=False)
+    torch.testing.assert_close(traced(z), gcl(z, y, seed=5))
+    la = fastlt.LogitAdjustedLoss(COUNTS, backend="triton")
+    with pytest.raises(RuntimeError, match="jit.trace cannot trace the Triton kernels"):
+        torch.jit.trace(lambda a: la(a, y), (z,), check_trace=False)
+
+
+def test_a_module_built_under_inference_mode_trains():
+    """Its count vectors and class weights were inference tensors, which LADE's reference saves for the backward
+    (``Inference tensors cannot be saved for backward``), as any loss with weights and smoothing does."""
+    with torch.inference_mode():
+        crits = [fastlt.LADELoss(COUNTS, weight=torch.ones(C), label_smoothing=0.1, backend="torch"),
+                 fastlt.LogitAdjustedLoss(COUNTS, weight=torch.ones(C), label_smoothing=0.1, backend="torch")]
+    z, y = data()
+    for crit in crits:
+        leaf = z.clone().requires_grad_()
+        crit(leaf, y).backward()
+        assert leaf.grad is not None and leaf.grad.abs().sum() > 0

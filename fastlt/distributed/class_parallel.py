@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .. import _operator as O
 from .. import reference as R
+from .._backend import loss_dtype
 from .._custom_ops import define, input_grads, save_inputs, saved_inputs
 from .._operator import AdjustedCEArgs
 from ..kernels import launch
@@ -180,14 +181,14 @@ def _gathered(a: Tensor, m_local: Tensor, sums: list[Tensor], group):
 def sharded_cross_entropy(logits: Tensor, target: Tensor, fields: dict, shard: ClassShard, *,
                           triton: bool = False) -> Tensor:
     """The adjusted cross-entropy of the full (N, C) logits from this rank's (N, shard.size) columns; ``fields``
-    the operator's parameters by name (full (C,) class vectors). Returns the loss in the logits' dtype, the same
-    on every rank of ``shard.group``."""
+    the operator's parameters by name (full (C,) class vectors). Returns the loss in the logits' dtype (float32
+    under autocast), the same on every rank of ``shard.group``."""
     check_shard(shard, logits, target)
     O.check_operator_args(_global_proxy(logits, shard), target, fields)
     if triton:
         return _sharded_triton(logits, target, fields, shard)
     (M, e, a_y, q, _), (valid, safe) = _reference_partials(logits, target, fields, shard)
-    return _finish(M, e, a_y, q, target, valid, safe, fields, shard.num_classes, logits.dtype, shard)
+    return _finish(M, e, a_y, q, target, valid, safe, fields, shard.num_classes, loss_dtype(logits), shard)
 
 
 def sharded_lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: float, remine_lambda: float,
@@ -212,7 +213,7 @@ def sharded_lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: floa
     part = R.lader_from_statistics(stats, prior[s0:s1], remine_lambda, num_classes=shard.num_classes)
     (M, e, a_y, q, (lader,)), _ = _reference_partials(logits, target, fields, shard, extra=[part])
     prior_ce = _finish(M, e, a_y, q, target, valid, safe, fields, shard.num_classes, z.dtype, shard)
-    return (prior_ce + alpha * lader).to(logits.dtype)
+    return (prior_ce + alpha * lader).to(loss_dtype(logits))
 
 
 # --- the kernels: two custom ops around the collectives ----------------------------------------------------------
@@ -311,7 +312,7 @@ def _sharded_triton(logits: Tensor, target: Tensor, fields: dict, shard: ClassSh
         total = all_reduce(torch.stack([local[1] * torch.exp(local[0] - M), local[2], q]), "sum", shard.group)
         partials = torch.cat([M[None], total, _weights_seen(args, shard, M)[None]])
     loss = shard_finish_op(logits, target, partials, shard.start, shard.num_classes, *flat)[0]
-    return loss.to(logits.dtype)
+    return loss.to(loss_dtype(logits))
 
 
 def _weights_seen(args: AdjustedCEArgs, shard: ClassShard, like: Tensor) -> Tensor:

@@ -59,7 +59,8 @@ def linear_cross_entropy(features: Tensor, weight: Tensor, target: Tensor, bias:
         prior: the old name of ``log_prior`` (deprecated).
 
     Returns:
-        The loss in the features' dtype: 0-dim, or (N,) for ``reduction='none'``.
+        The loss in the features' dtype (float32 under ``torch.autocast``, as ``nn.CrossEntropyLoss``'s): 0-dim, or
+        (N,) for ``reduction='none'``.
     """
     V.check_chunks(chunk_rows, chunk_classes)
     log_prior = V.renamed_argument("log_prior", log_prior, "prior", prior)
@@ -167,7 +168,7 @@ def lade_linear_loss(features: Tensor, weight: Tensor, target: Tensor, prior: Te
             reference arithmetic on the rank's logits: ``backend='triton'`` is refused).
 
     Returns:
-        The loss in the features' dtype (0-dim).
+        The loss in the features' dtype (float32 under ``torch.autocast``), 0-dim.
     """
     V.check_chunks(chunk_rows, chunk_classes)
     if shard is not None:

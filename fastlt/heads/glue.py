@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .. import _operator as O
 from .. import _validation as V
-from .._backend import autocast_inputs
+from .._backend import autocast_inputs, loss_dtype
 from .._custom_ops import define, input_grads, save_inputs, saved_inputs
 from .._first_order import first_order
 from .._glue import SHARED_CACHE_SIZE, check_kernel_input, lade_args, nan_if_empty, soft_mean
@@ -37,7 +37,8 @@ __all__ = ["FusedLinearLoss", "FusedLinearLADE", "RowNormalize", "run_head", "ru
 # --- eager path ----------------------------------------------------------------------------------------------------
 
 class FusedLinearLoss(torch.autograd.Function):
-    """``apply(features, weight, bias, target, params)`` -> loss (input dtype), by :func:`fused_pass`.
+    """``apply(features, weight, bias, target, params)`` -> loss (input dtype; ``params.out_dtype`` under autocast),
+    by :func:`fused_pass`.
 
     For 'mean'/'sum' the gradients are computed in the forward and the backward rescales them in place by
     grad_output, so the graph cannot be backpropagated twice (``retain_graph=True`` then raises)."""
@@ -142,10 +143,12 @@ _LINEAR_GROUPS = (AdjustedCEArgs, ChunkPlan, Needs)
 
 @define("fastlt::linear_head_forward", _HEAD, _LINEAR_GROUPS, "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 def linear_head_forward_op(features, weight, bias, target, *flat):
-    """``(loss, dx, dw, db, row_stats, row_coef)``: :func:`fused_pass`; the row statistics only for a 'none' loss
-    whose gradients are wanted (else empty)."""
+    """``(loss, dx, dw, db, row_stats, row_coef)``: :func:`fused_pass`, the loss in float32 (the caller casts it: to
+    float32 under autocast, else the features' dtype); the row statistics only for a 'none' loss whose gradients
+    are wanted (else empty)."""
     args, plan, need = O.unflatten(_LINEAR_GROUPS, flat)
-    loss, dx, dw, db, stats_chunks, coef_chunks = fused_pass(features, weight, bias, target, HeadParams(args, plan),
+    loss, dx, dw, db, stats_chunks, coef_chunks = fused_pass(features, weight, bias, target,
+                                                             HeadParams(args, plan, out_dtype=torch.float32),
                                                              need_x=need.x, need_w=need.w, need_b=need.b)
     f32 = features.new_empty(0, dtype=torch.float32)
     if args.reduction != "none" or not need.any:
@@ -164,7 +167,7 @@ def _(features, weight, bias, target, *flat):
     f32 = dict(dtype=torch.float32)
     grads = _fake_grads(features, weight, Needs(x=need.x and not none, w=need.w and not none, b=need.b and not none))
     planes = 3 if target.is_floating_point() else 2  # class probabilities: W_q too
-    return (features.new_empty((N,) if none else ()), *grads,
+    return (features.new_empty((N,) if none else (), **f32), *grads,
             features.new_empty((planes, N) if stats else (0,), **f32),
             features.new_empty((N,) if stats else (0,), **f32))
 
@@ -203,9 +206,17 @@ def _setup_linear_head(ctx, inputs, output):
 
 
 def _scaled(grads: tuple, need: Needs, grad_loss) -> tuple:
-    """'mean'/'sum': the forward's gradients times the scalar grad_output (None where not wanted)."""
-    return tuple(g * grad_loss.to(g.dtype) if wanted else None
+    """'mean'/'sum': the forward's gradients times the scalar grad_output (None where not wanted); fp16 ones in
+    float32 (a ``GradScaler``'s 2^16 is inf in fp16)."""
+    return tuple(_times(g, grad_loss) if wanted else None
                  for g, wanted in zip(grads, (need.x, need.w, need.b), strict=True))
+
+
+def _times(g: Tensor, scale: Tensor) -> Tensor:
+    """``g * scale`` in ``g``'s dtype; fp16 in float32 (the scale, a GradScaler's 2^16, is inf in fp16)."""
+    if g.dtype == torch.float16:
+        return (g.float() * scale.float()).to(g.dtype)
+    return g * scale.to(g.dtype)
 
 
 def _linear_head_backward(ctx, grad_loss, *unused):
@@ -228,17 +239,17 @@ _LADE_GROUPS = (AdjustedCEArgs, LadeArgs, ChunkPlan, Needs)
 
 @define("fastlt::lade_head_forward", _HEAD, _LADE_GROUPS, "(Tensor, Tensor, Tensor, Tensor)")
 def lade_head_forward_op(features, weight, bias, target, *flat):
-    """``(loss, dx, dw, db)``: :func:`lade_pass` ('mean'/'sum' only)."""
+    """``(loss, dx, dw, db)``: :func:`lade_pass` ('mean'/'sum' only), the loss in float32 (as the linear head's)."""
     args, lade, plan, need = O.unflatten(_LADE_GROUPS, flat)
-    loss, dx, dw, db = lade_pass(features, weight, bias, target, HeadParams(args, plan, lade), need_x=need.x,
-                                 need_w=need.w, need_b=need.b)
+    loss, dx, dw, db = lade_pass(features, weight, bias, target, HeadParams(args, plan, lade, out_dtype=torch.float32),
+                                 need_x=need.x, need_w=need.w, need_b=need.b)
     return loss, _or_empty(dx, features), _or_empty(dw, features), _or_empty(db, features)
 
 
 @lade_head_forward_op.register_fake
 def _(features, weight, bias, target, *flat):
     *_, need = O.unflatten(_LADE_GROUPS, flat)
-    return (features.new_empty(()), *_fake_grads(features, weight, need))
+    return (features.new_empty((), dtype=torch.float32), *_fake_grads(features, weight, need))
 
 
 def _setup_lade_head(ctx, inputs, output):
@@ -342,6 +353,7 @@ def run_head(features: Tensor, weight: Tensor, bias: Tensor | None, target: Tens
     by every other call)."""
     features, weight, bias, autocast_dev = autocast_inputs(features, weight, bias)
     V.check_head(features, weight, bias)
+    out_dtype = loss_dtype(features)  # (float32 under autocast, which is off while the head runs)
     check_kernel_input("features", features, noise)
     target = V.as_kernel_target(target)
     args, seed = _head_args(features, weight, target, fields, noise, _HEAD_ARGS if cache is None else cache)
@@ -356,9 +368,10 @@ def run_head(features: Tensor, weight: Tensor, bias: Tensor | None, target: Tens
         else:
             x = x if x.stride(-1) == 1 else x.contiguous()
             w = w if w.stride(-1) == 1 else w.contiguous()
-        params = HeadParams(args, _plan(x, w, chunk_rows, chunk_classes, lade=False), seed=seed)
+        params = HeadParams(args, _plan(x, w, chunk_rows, chunk_classes, lade=False), seed=seed, out_dtype=out_dtype)
         if torch.compiler.is_compiling():  # an opaque op with registered autograd
-            return linear_head_forward_op(x, w, bias, target, *O.flatten(args, params.plan, _wanted(x, w, bias)))[0]
+            flat = O.flatten(args, params.plan, _wanted(x, w, bias))
+            return linear_head_forward_op(x, w, bias, target, *flat)[0].to(out_dtype)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, bias)):
             return FusedLinearLoss.apply(x, w, bias, target, params)
         return fused_pass(x, w, bias, target, params, need_x=False, need_w=False, need_b=False)[0]
@@ -373,6 +386,7 @@ def run_lade_head(features: Tensor, weight: Tensor, bias: Tensor | None, target:
     checked and converted in ``cache`` (a head module's own; default: one shared by every other call)."""
     features, weight, bias, autocast_dev = autocast_inputs(features, weight, bias)
     V.check_head(features, weight, bias)
+    out_dtype = loss_dtype(features)  # (float32 under autocast, which is off while the head runs)
     check_kernel_input("features", features)
     target = V.as_kernel_target(target)
     args, lade = lade_args(_proxy(features, weight), target, fields, _LADE_HEAD_ARGS if cache is None else cache,
@@ -382,10 +396,10 @@ def run_lade_head(features: Tensor, weight: Tensor, bias: Tensor | None, target:
     def run():
         x = features if features.stride(-1) == 1 else features.contiguous()
         w = weight if weight.stride(-1) == 1 else weight.contiguous()
-        params = HeadParams(args, _plan(x, w, chunk_rows, chunk_classes, lade=True), lade)
+        params = HeadParams(args, _plan(x, w, chunk_rows, chunk_classes, lade=True), lade, out_dtype=out_dtype)
         if torch.compiler.is_compiling():  # an opaque op with registered autograd
             return lade_head_forward_op(x, w, bias, target, *O.flatten(args, lade, params.plan,
-                                                                       _wanted(x, w, bias)))[0]
+                                                                       _wanted(x, w, bias)))[0].to(out_dtype)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, bias)):
             return FusedLinearLADE.apply(x, w, bias, target, params)
         return lade_pass(x, w, bias, target, params, need_x=False, need_w=False, need_b=False)[0]

@@ -54,7 +54,7 @@ def lade_pass(x, w, b, y, params: HeadParams, *, need_x: bool, need_w: bool, nee
     if single:  # the whole batch at once: LADE's own two launches (the finish's last program reduces the loss)
         z = chunk_logits(buf, x, w, b)
         loss, row_stats, row_coef, terms = lade_kernels.forward(z, y, lade.prior, lade.alpha, lade.remine_lambda,
-                                                                args, out_dtype=x.dtype)
+                                                                args, out_dtype=params.loss_dtype(x))
         chunk_stats, column_term = [(row_stats, row_coef)], terms.column_term
     else:
         inv = launch.inv_denominator_of(y, args) if args.reduction == "mean" else None
@@ -68,7 +68,7 @@ def lade_pass(x, w, b, y, params: HeadParams, *, need_x: bool, need_w: bool, nee
             chunk_stats.append((row_stats, row_coef))
             stats = lade_kernels.merge_partials(cols.partials, into=stats)
         loss, column_term = _lade_total(joined(row_losses, x), inv, stats, joined(target_logits, x), y, params)
-        loss = loss.to(x.dtype)
+        loss = loss.to(params.loss_dtype(x))
 
     dx = dw = db = None
     if not (need_x or need_w or need_b):
@@ -110,7 +110,7 @@ def lade_class_pass(x, w, b, y, params: HeadParams, *, need_x: bool, need_w: boo
     args, lade = params.args, params.lade
     N = x.shape[0]
     cols = launch.new_column_stats(N, w.shape[0], x.device, soft=y.is_floating_point())
-    loss = torch.empty((), dtype=x.dtype, device=x.device)
+    loss = torch.empty((), dtype=params.loss_dtype(x), device=x.device)
     loss_rows, row_stats, row_coef, flat = class_row_stats(x, w, b, y, params, column_stats=cols, scale_mean=False)
     column_term = None
     if N == 0:  # no row, no LADER: the 'mean' of no rows is NaN, as torch's

@@ -33,6 +33,10 @@ class HeadParams:
     plan: ChunkPlan
     lade: LadeArgs | None = None
     seed: int | None = None  # a seed drawn for this step in place of args' (arguments kept from an earlier step)
+    out_dtype: torch.dtype | None = None  # the loss's (float32 under autocast: fastlt._backend.loss_dtype); None: x's
+
+    def loss_dtype(self, x) -> torch.dtype:
+        return x.dtype if self.out_dtype is None else self.out_dtype
 
 
 @functools.cache
@@ -197,7 +201,7 @@ def fused_pass(x, w, b, y, params: HeadParams, *, need_x: bool, need_w: bool, ne
     dw, db = cast_grads(x, dw, db)
     if loss is None:  # 'mean' of no rows: NaN, as torch
         loss = launch.reduce(joined(row_losses, x), y, args, inv_denominator=inv)
-    return loss.to(x.dtype), dx, dw, db, stats_chunks, coef_chunks
+    return loss.to(params.loss_dtype(x)), dx, dw, db, stats_chunks, coef_chunks
 
 
 def recompute_backward(x, w, b, y, params: HeadParams, stats_chunks, coef_chunks, grad_output,
@@ -274,9 +278,9 @@ def class_pass(x, w, b, y, params: HeadParams, *, need_x: bool, need_w: bool, ne
     reduction != 'none', pass 2 (:func:`class_grads`) in the forward. Same return as :func:`fused_pass`
     (the row statistics as one-element lists)."""
     reduced = params.args.reduction != "none"
-    out = torch.empty((), dtype=x.dtype, device=x.device) if reduced else None
+    out = torch.empty((), dtype=params.loss_dtype(x), device=x.device) if reduced else None
     loss_rows, row_stats, row_coef, flat = class_row_stats(x, w, b, y, params, out=out)
-    loss = out if reduced else loss_rows.to(x.dtype)
+    loss = out if reduced else loss_rows.to(params.loss_dtype(x))
     dx = dw = db = None
     if (need_x or need_w or need_b) and reduced:
         dx, dw, db = class_grads(x, w, b, y, params, row_stats, row_coef, None, need_x=need_x, need_w=need_w,
