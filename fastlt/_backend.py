@@ -79,10 +79,11 @@ def loss_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype of a loss of the logits (or a head's features) ``t``: float32 under ``torch.autocast`` (CUDA or CPU)
     for half-precision ``t``, as ``nn.CrossEntropyLoss``'s there (autocast runs ``cross_entropy`` in float32: a
     ``GradScaler``'s 2^16 is inf in fp16, and a bf16 loss keeps 3 digits); else ``t``'s dtype."""
+    dtype = t.dtype
+    if dtype is not torch.float16 and dtype is not torch.bfloat16:  # (first: a step's host time)
+        return dtype
     dev = t.device.type
-    if t.dtype in (torch.float16, torch.bfloat16) and dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
-        return torch.float32
-    return t.dtype
+    return torch.float32 if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev) else dtype
 
 
 def autocast_inputs(features, weight, bias):

@@ -262,9 +262,10 @@ class AdjustedCEFunction(torch.autograd.Function):
             ctx.used = True
             gradient, ctx.gradient = ctx.gradient, None  # released with this backward, as saved tensors are
             return launch.scale_by(gradient, grad_loss.contiguous()), None, None, None, None
-        logits, target, row_stats, row_coef, *seed = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        logits, target, row_stats, row_coef = saved[:4]
         O.check_seed_unchanged(ctx.seed_state)
-        seed = int(seed[0]) if seed else ctx.seed
+        seed = ctx.seed if len(saved) == 4 else int(saved[4])  # (the seed saved under hooks: see forward)
         grad = _backward(grad_loss, logits, target, ctx.args, row_stats, row_coef, seed=seed)
         return grad, None, None, None, None
 
