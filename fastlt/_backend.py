@@ -75,12 +75,15 @@ def interpreting() -> bool:
     return _INTERPRETING
 
 
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
 def loss_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype of a loss of the logits (or a head's features) ``t``: float32 under ``torch.autocast`` (CUDA or CPU)
     for half-precision ``t``, as ``nn.CrossEntropyLoss``'s there (autocast runs ``cross_entropy`` in float32: a
     ``GradScaler``'s 2^16 is inf in fp16, and a bf16 loss keeps 3 digits); else ``t``'s dtype."""
     dtype = t.dtype
-    if dtype is not torch.float16 and dtype is not torch.bfloat16:  # (first: a step's host time)
+    if dtype is not torch.float16 and dtype is not torch.bfloat16 or not _any_autocast():  # (first: host time)
         return dtype
     dev = t.device.type
     return torch.float32 if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev) else dtype

@@ -23,22 +23,28 @@ _MESSAGE = (b"trying to differentiate twice a fastlt fused loss: its kernels are
 
 def first_order(backward):
     """Decorate an autograd Function's ``backward(ctx, *grad_outputs)``. Under ``create_graph=True`` the returned
-    gradients lead back, through the error, to the Function's inputs (its saved tensors that require grad, or
-    ``ctx.anchors``: the inputs of a Function that saved none, its gradient made in the forward) and to any
-    ``grad_output`` that requires grad: so a second differentiation raises whatever it asks for (``backward(inputs=
-    ...)``, ``autograd.grad(..., allow_unused=True)``, ``torch.autograd.functional.hessian``), where fresh leaves
-    alone were never reached and left the second-order term silently 0 or None."""
+    gradients lead back, through the error, to the Function's inputs and to any ``grad_output`` that requires grad:
+    so a second differentiation raises whatever it asks for (``backward(inputs=...)``, ``autograd.grad(...,
+    allow_unused=True)``, ``torch.autograd.functional.hessian``), where fresh leaves alone were never reached and
+    left the second-order term silently 0 or None. The inputs are ``ctx.anchors``: set by the forward where the
+    gradient is made there (nothing is saved), else by the backward from the saved tensors it unpacked (a
+    non-reentrant checkpoint lets each be unpacked once); dropped after each backward, so they hold nothing
+    longer."""
 
     @functools.wraps(backward)
     def wrapper(ctx, *grad_outputs):
         if not torch.is_grad_enabled():
-            return backward(ctx, *grad_outputs)
+            outputs = backward(ctx, *grad_outputs)
+            if getattr(ctx, "anchors", None):
+                ctx.anchors = ()
+            return outputs
         with torch.no_grad():
             outputs = backward(ctx, *grad_outputs)
         single = not isinstance(outputs, tuple)
         outputs = (outputs,) if single else outputs
-        anchors = [t for t in (*ctx.saved_tensors, *getattr(ctx, "anchors", ()), *grad_outputs)
+        anchors = [t for t in (*getattr(ctx, "anchors", ()), *grad_outputs)
                    if isinstance(t, torch.Tensor) and t.requires_grad]
+        ctx.anchors = ()
         err = _functions.DelayedError(_MESSAGE, len(outputs) + len(anchors))
 
         def alias(t):

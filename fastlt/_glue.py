@@ -234,14 +234,15 @@ class AdjustedCEFunction(torch.autograd.Function):
             # unbind) and of custom Functions, where nothing needs it
             _increment_version(logits)
             ctx.gradient = logits.detach()
-            ctx.anchors = (logits,)  # for first_order: the same storage as the gradient kept, no memory
+            ctx.anchors = (logits,)  # for first_order, to its backward: the storage of the gradient kept to then
             ctx.save_for_backward()
         elif args.has_noise and _saved_tensor_hooks() and isinstance(args.seed if seed is None else seed, int):
             # under saved-tensor hooks (a non-reentrant checkpoint) the backward may get the saved tensors of a
             # forward run again, whose drawn seed differs (preserve_rng_state=False): the seed is kept among them, so
             # the row statistics and the noise of the backward are of one draw
             seed = args.seed if seed is None else seed
-            ctx.save_for_backward(logits, target, row_stats, row_coef, torch.tensor(seed, dtype=torch.int64))
+            ctx.save_for_backward(logits, target, row_stats, row_coef, torch.tensor(seed, dtype=torch.int64,
+                                                                                      device="cpu"))
         else:
             ctx.save_for_backward(logits, target, row_stats, row_coef)
         ctx.args = args
@@ -264,6 +265,7 @@ class AdjustedCEFunction(torch.autograd.Function):
             return launch.scale_by(gradient, grad_loss.contiguous()), None, None, None, None
         saved = ctx.saved_tensors
         logits, target, row_stats, row_coef = saved[:4]
+        ctx.anchors = (logits,)  # (for first_order)
         O.check_seed_unchanged(ctx.seed_state)
         seed = ctx.seed if len(saved) == 4 else int(saved[4])  # (the seed saved under hooks: see forward)
         grad = _backward(grad_loss, logits, target, ctx.args, row_stats, row_coef, seed=seed)
@@ -286,6 +288,7 @@ class LADEFunction(torch.autograd.Function):
     @first_order
     def backward(ctx, grad_loss):
         logits, target, row_stats, row_coef, columns = ctx.saved_tensors
+        ctx.anchors = (logits,)  # (for first_order)
         term = ColumnTerm(columns=columns)  # the (3 C + P,) fp32 buffer the forward made: no check (host time)
         return _backward(grad_loss, logits, target, ctx.args, row_stats, row_coef, term), None, None, None
 
@@ -297,6 +300,16 @@ def _saved_tensor_hooks() -> bool:
     """Whether saved-tensor hooks are active (``torch.utils.checkpoint``'s non-reentrant form, offloading); True where
     this torch cannot say."""
     return _top_hooks is None or _top_hooks(False) is not None
+
+
+def seed_kept_with_saved_tensors(args: AdjustedCEArgs, device) -> AdjustedCEArgs:
+    """``args`` whose int noise seed is a (1,) int64 tensor on ``device`` under saved-tensor hooks, for a custom op
+    that keeps its non-tensor inputs on ``ctx`` (the class-parallel finish): there the seed is one of its saved
+    inputs, recomputed with the row statistics by a non-reentrant checkpoint (as :class:`AdjustedCEFunction` keeps
+    its drawn seed)."""
+    if args.has_noise and isinstance(args.seed, int) and _saved_tensor_hooks():
+        return dataclasses.replace(args, seed=torch.full((1,), args.seed, dtype=torch.int64, device=device))
+    return args
 
 
 def _views_a_leaf(t: Tensor) -> bool:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from . import _validation as V
-from .noise import SEED_BITS, draw_seed
+from .noise import draw_seed, graph_seed
 
 __all__ = [
     "AdjustedCEArgs",
@@ -102,10 +102,7 @@ class _Int(Kind):
         self.slots = (("", "int?" if optional else "int"),)
 
     def check(self, name, value, spec, num_classes, device):
-        if not V.is_int(value):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if not -2**63 <= value < 2**63:
-            raise ValueError(f"{name} must fit in int64, got {value}")
+        value = V.check_int64(name, value)
         if spec.low is not None and value < spec.low:
             raise ValueError(f"{name} must be >= {spec.low:g}, got {value}")
 
@@ -300,13 +297,13 @@ class AdjustedCEArgs:
         baked into it), and a given int becomes a tensor of the graph likewise."""
         out = {name: convert(fields[name]) for name, convert in cls.__converts__ if name in fields}
         seed = out.get("seed")
-        if seed is None:
-            noise = out.get("cloud") is not None and out.get("noise_mul", 0.0) != 0.0
-            out["seed"] = _fresh_seed(device) if noise else 0
-        elif not isinstance(seed, Tensor) and torch.compiler.is_compiling():
-            # a tensor of the graph: as an int it is a constant of the custom op, so a seed that changes every call
-            # (seed=step) compiled the step again every call, up to the recompile limit
-            out["seed"] = torch.full((1,), seed, dtype=torch.int64, device=device)
+        noise = out.get("cloud") is not None and out.get("noise_mul", 0.0) != 0.0
+        if seed is None and not noise:
+            out["seed"] = 0
+        elif noise and torch.compiler.is_compiling() and not isinstance(seed, Tensor):  # drawn, or an int: a
+            out["seed"] = graph_seed(seed, device).reshape(1)  # tensor of the graph (noise.graph_seed)
+        elif seed is None:
+            out["seed"] = draw_seed()
         return cls(**out)
 
     @classmethod
@@ -458,12 +455,6 @@ def check_seed_unchanged(state: tuple | None) -> None:
                            "fill_() before this backward): the backward recomputes the forward's noise from it. "
                            "Change it after the backward (or pass grad_in_forward=True, whose gradient is formed in "
                            "the forward)")
-
-
-def _fresh_seed(device) -> int | Tensor:
-    if torch.compiler.is_compiling():
-        return torch.randint(0, 2**SEED_BITS, (1,), dtype=torch.int64, device=device)
-    return draw_seed()
 
 
 def as_f32(t: Tensor | None) -> Tensor | None:

@@ -65,14 +65,19 @@ def is_int(value) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool)
 
 
-def check_ignore_index(value) -> int:
-    """``ignore_index``: a Python or numpy integer in int64 (TypeError, ValueError); returned as int."""
+def check_int64(name: str, value) -> int:
+    """A Python or numpy integer (not a bool) in int64 (TypeError, ValueError); returned as int."""
     if not is_int(value):
-        raise TypeError(f"ignore_index must be an int, got {type(value).__name__}")
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     value = int(value)
     if not -2**63 <= value < 2**63:
-        raise ValueError(f"ignore_index must fit in int64, got {value}")
+        raise ValueError(f"{name} must fit in int64, got {value}")
     return value
+
+
+def check_ignore_index(value) -> int:
+    """``ignore_index``: :func:`check_int64`."""
+    return check_int64("ignore_index", value)
 
 
 def check_int(name: str, value, min_value: int) -> int:

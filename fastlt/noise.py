@@ -80,18 +80,24 @@ def draw_seed(generator: torch.Generator | None = None) -> int:
     return int(view) & _SEED_MASK
 
 
+def graph_seed(seed, device: torch.device | str | None = None) -> torch.Tensor:
+    """A call's noise seed (``seed=``) as a 0-dim int64 tensor of the graph ``torch.compile`` is tracing, on
+    ``device``: None drawn there by ``torch.randint`` (no graph break, fresh noise on every call of the compiled
+    graph; a drawn Python int made Dynamo trace numpy), an int made a tensor (as an int it is a constant of the
+    graph, so a seed that changes every call compiled it again each time, and then a symbol whose bitwise ops
+    inductor's C++ mistyped as float ones), a tensor as it is (``int()`` of it is a graph break)."""
+    if seed is None:
+        return torch.randint(0, 2**SEED_BITS, (), dtype=torch.int64, device=device)
+    if isinstance(seed, torch.Tensor):
+        return seed.reshape(())
+    return torch.full((), seed, dtype=torch.int64, device=device)
+
+
 def call_seed(seed, device: torch.device | str | None = None):
     """The noise seed of a call given ``seed=``: ``int(seed)``; None draws one (:func:`draw_seed`). Under
-    ``torch.compile`` a 0-dim int64 tensor of the graph on ``device`` instead: the draw ``torch.randint`` (no graph
-    break, and fresh noise on every call of the compiled step; a drawn Python int made Dynamo trace numpy), a seed
-    tensor as it is (``int()`` of it is a graph break), an int made a tensor (one that changes every call, which
-    Dynamo then traces as a symbol: inductor compiled its bitwise ops as float ones, a C++ error on the CPU)."""
+    ``torch.compile`` :func:`graph_seed`."""
     if torch.compiler.is_compiling():
-        if seed is None:
-            return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
-        if isinstance(seed, torch.Tensor):
-            return seed.reshape(())
-        return torch.full((), seed, dtype=torch.int64, device=device)
+        return graph_seed(seed, device)
     if seed is not None:
         return int(seed)
     if torch.jit.is_tracing():
@@ -119,7 +125,8 @@ def philox4x32(seed: int | torch.Tensor, c0: torch.Tensor, c1: torch.Tensor,
     Each round's 32 x 32 -> 64-bit products are int64 multiplications, which wrap modulo 2^64 (two's complement):
     their bits are the unsigned product's, so the high word is ``(p >> 32) & 0xFFFFFFFF`` and the low word
     ``p & 0xFFFFFFFF`` (the same numbers as the kernels' ``umulhi``; tests/test_noise.py and
-    tests/test_kernels_philox_noise.py compare them). In-place ops where the shapes allow.
+    tests/test_kernels_philox_noise.py compare them). In-place ops where the shapes allow. Under ``torch.compile``
+    the products are taken by 16-bit halves instead (:func:`_mul_hi_lo`: the same bits, no product past 2^63).
 
     The counters broadcast: with ``c0`` a row (1, G) of column groups and ``c1`` a column (N, 1) of rows, the first
     round's words depend on the row alone or on the column alone, the second's on one of them or both, so the
@@ -212,8 +219,7 @@ def standard_normal(seed: int | torch.Tensor, n_rows: int, n_cols: int, device: 
     groups = (skip + n_cols + NORMALS_PER_CALL - 1) // NORMALS_PER_CALL
     c0 = torch.arange(first, first + groups, dtype=torch.int64, device=device)[None, :]  # broadcast: see philox4x32
     c1 = torch.arange(row_offset, row_offset + n_rows, dtype=torch.int64, device=device)[:, None]
-    if torch.compiler.is_compiling() and not isinstance(seed, torch.Tensor):  # a tensor of the graph (call_seed)
-        seed = torch.full((), seed, dtype=torch.int64, device=device)
+    seed = graph_seed(seed, device) if torch.compiler.is_compiling() else seed
     seed = seed if isinstance(seed, torch.Tensor) else int(seed)
     words = philox4x32(seed, c0, c1, NOISE_ROUNDS)  # word k: normals 2k (r cos x) and 2k + 1 (r sin x)
     if torch.compiler.is_compiling():  # stacked: Dynamo does not trace out= into a strided view (a graph break)

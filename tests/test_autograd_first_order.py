@@ -70,6 +70,32 @@ def test_second_order_toward_the_inputs_raises_too(name):
             torch.autograd.functional.hessian(fn, inputs[0])
 
 
+def test_what_the_guard_keeps_is_freed_with_the_backward():
+    """The guard's anchors (what its error node leads to) kept the logits written with the gradient alive after the
+    backward, and a head's features from its forward on, for as long as the loss lived."""
+    import gc
+    import weakref
+
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(4, 6, generator=gen).to(DEVICE)
+    lin = torch.nn.Linear(6, 9).to(DEVICE)
+    y = torch.randint(0, 9, (4,), generator=gen).to(DEVICE)
+    z = lin(x)
+    alive = weakref.ref(z)
+    loss = LF.adjusted_cross_entropy(z, y, backend="triton", grad_in_forward=True)
+    del z
+    loss.backward()
+    gc.collect()
+    assert alive() is None
+    w = torch.randn(9, 9, generator=gen).to(DEVICE).requires_grad_()
+    f = lin(x)
+    alive = weakref.ref(f)
+    loss = LF.linear_cross_entropy(f, w, y, backend="triton")
+    del f
+    gc.collect()
+    assert alive() is None
+
+
 def test_grad_in_forward_second_backward_raises_and_keeps_the_first():
     gen = torch.Generator().manual_seed(4)
     z = torch.randn(4, 9, generator=gen).to(DEVICE)

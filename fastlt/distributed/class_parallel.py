@@ -187,8 +187,9 @@ def sharded_cross_entropy(logits: Tensor, target: Tensor, fields: dict, shard: C
     O.check_operator_args(_global_proxy(logits, shard), target, fields)
     if triton:
         return _sharded_triton(logits, target, fields, shard)
+    logits = logits.to(loss_dtype(logits))  # (float32 under autocast, as one process's reference takes them)
     (M, e, a_y, q, _), (valid, safe) = _reference_partials(logits, target, fields, shard)
-    return _finish(M, e, a_y, q, target, valid, safe, fields, shard.num_classes, loss_dtype(logits), shard)
+    return _finish(M, e, a_y, q, target, valid, safe, fields, shard.num_classes, logits.dtype, shard)
 
 
 def sharded_lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: float, remine_lambda: float,
@@ -198,6 +199,7 @@ def sharded_lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: floa
     :func:`sharded_cross_entropy`, LADER's column statistics complete per shard (all N rows of its classes) and
     its per-class sum added over the ranks in the same SUM all-reduce."""
     check_shard(shard, logits, target)
+    logits = logits.to(loss_dtype(logits))  # (float32 under autocast, as one process's reference takes them)
     proxy = _global_proxy(logits, shard)
     O.check_lade_args(proxy, target, prior, alpha, remine_lambda, reduction)
     fields = dict(log_prior=R._log_of_prior(prior, logits.dtype), tau=1.0, weight=weight, ignore_index=ignore_index,
@@ -293,13 +295,13 @@ shard_finish_op.register_autograd(_finish_backward, setup_context=_setup_finish)
 
 
 def _sharded_triton(logits: Tensor, target: Tensor, fields: dict, shard: ClassShard) -> Tensor:
-    from .._glue import check_kernel_input
+    from .._glue import check_kernel_input, seed_kept_with_saved_tensors
     from .._validation import as_kernel_target
 
     check_kernel_input("logits", logits)
     O.refuse_requiring_grad(fields)  # the kernels take the class vectors as constants
     target = as_kernel_target(target)
-    args = AdjustedCEArgs.from_fields(logits.device, fields)
+    args = seed_kept_with_saved_tensors(AdjustedCEArgs.from_fields(logits.device, fields), logits.device)
     flat = O.flatten(args)
     local = shard_partials_op(logits.detach(), target, shard.start, shard.num_classes, *flat)
     if shard.combine == "gather":

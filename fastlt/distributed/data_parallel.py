@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import reference as R
-from .._backend import use_triton
+from .._backend import loss_dtype, use_triton
 from .._operator import check_lade_args
 from .._validation import is_int
 from ..noise import check_noise_rows
@@ -120,10 +120,10 @@ def global_lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: float
         row_sum, stats = lade_statistics_triton(logits, target, prior, weight=weight, ignore_index=ignore_index,
                                                 label_smoothing=label_smoothing)
     else:
-        row_sum = R.adjusted_cross_entropy(logits, target, log_prior=R._log_of_prior(prior, logits.dtype),
-                                           weight=weight, ignore_index=ignore_index, reduction="sum",
-                                           label_smoothing=label_smoothing)
-        stats = R.lader_statistics(logits, target, ignore_index)
+        z = logits.to(loss_dtype(logits))  # (float32 under autocast, as one process's reference takes them)
+        row_sum = R.adjusted_cross_entropy(z, target, log_prior=R._log_of_prior(prior, z.dtype), weight=weight,
+                                           ignore_index=ignore_index, reduction="sum", label_smoothing=label_smoothing)
+        stats = R.lader_statistics(z, target, ignore_index)
     rank, size = rank_and_size(group)
     denom = mean_denominator(target, weight, ignore_index, stat_dtype(logits.dtype))
     col_lse, (target_sum, count, valid, total, denom) = global_logsumexp(
@@ -134,7 +134,7 @@ def global_lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: float
     lader = R.lader_from_statistics(R.LaderStatistics(col_lse, target_sum, count, valid),
                                     carried(prior, prior.detach(), 1.0 / size) if prior.requires_grad else prior,
                                     remine_lambda)
-    return world_gradient(prior_ce + alpha * lader, size).to(logits.dtype)
+    return world_gradient(prior_ce + alpha * lader, size).to(loss_dtype(logits))
 
 
 def batch_dependent(weight, reduction: str) -> bool:

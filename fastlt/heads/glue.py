@@ -55,7 +55,7 @@ class FusedLinearLoss(torch.autograd.Function):
             ctx.seed_state = O.seed_state(params.args, params.seed)
         else:
             ctx.grads = [dx, dw, db]
-            ctx.anchors = (features, weight, bias)  # for first_order, as nothing is saved
+            ctx.anchors = (_graph_handle(features), weight, bias)  # for first_order, as nothing is saved
         return loss
 
     @staticmethod
@@ -64,6 +64,7 @@ class FusedLinearLoss(torch.autograd.Function):
         need = ctx.need
         if ctx.params.args.reduction == "none":
             x, w, b, y = ctx.saved_tensors
+            ctx.anchors = (x, w, b)  # (for first_order)
             O.check_seed_unchanged(ctx.seed_state)
             dx, dw, db = recompute_backward(x, w, b, y, ctx.params, *ctx.stats, grad_output,
                                             need_x=need.x, need_w=need.w, need_b=need.b)
@@ -89,8 +90,19 @@ class FusedLinearLADE(FusedLinearLoss):
                                      need_b=need.b)
         ctx.params, ctx.need = params, need
         ctx.grads = [dx, dw, db]
-        ctx.anchors = (features, weight, bias)  # for first_order, as nothing is saved
+        ctx.anchors = (_graph_handle(features), weight, bias)  # for first_order, as nothing is saved
         return loss
+
+
+def _graph_handle(t: Tensor) -> Tensor | None:
+    """A zero-size tensor of ``t``'s graph (its gradient leads to ``t``'s producer) that holds none of ``t``'s
+    storage, or None when ``t`` does not require grad: what :func:`fastlt._first_order.first_order` needs of an input
+    no backward saves (the features, which a head keeps no longer than its forward). Made with grad on (a Function's
+    forward runs without)."""
+    if not t.requires_grad:
+        return None
+    with torch.enable_grad():
+        return t[:0].clone()
 
 
 def _needs(ctx, bias) -> Needs:
@@ -114,6 +126,7 @@ class RowNormalize(torch.autograd.Function):
     @first_order
     def backward(ctx, g):
         x, inv = ctx.saved_tensors
+        ctx.anchors = (x,)  # (for first_order)
         return _normalize_rows_backward(x, inv, g, ctx.eps), None
 
 
@@ -206,15 +219,15 @@ def _setup_linear_head(ctx, inputs, output):
 
 
 def _scaled(grads: tuple, need: Needs, grad_loss) -> tuple:
-    """'mean'/'sum': the forward's gradients times the scalar grad_output (None where not wanted); fp16 ones in
-    float32 (a ``GradScaler``'s 2^16 is inf in fp16)."""
+    """'mean'/'sum': the forward's gradients times the scalar grad_output (None where not wanted; :func:`_times`)."""
     return tuple(_times(g, grad_loss) if wanted else None
                  for g, wanted in zip(grads, (need.x, need.w, need.b), strict=True))
 
 
 def _times(g: Tensor, scale: Tensor) -> Tensor:
-    """``g * scale`` in ``g``'s dtype; fp16 in float32 (the scale, a GradScaler's 2^16, is inf in fp16)."""
-    if g.dtype == torch.float16:
+    """``g * scale`` in ``g``'s dtype, taken in float32 for half precision: rounded once, as the eager path's kernel
+    scales (and a GradScaler's 2^16 is inf in fp16)."""
+    if g.dtype in (torch.float16, torch.bfloat16):
         return (g.float() * scale.float()).to(g.dtype)
     return g * scale.to(g.dtype)
 

@@ -59,7 +59,8 @@ class _HeadBase(HeldFields, CountBuffers):
         if shard is not None:
             check_head_shard(shard, num_classes, dp_group)
         # weight_classes stays out of the state dict (like the priors): a head's state dict is its layer's
-        # (nn.Linear's weight and bias, CosineClassifier's weight), so checkpoints move between the two
+        # (nn.Linear's weight and bias, CosineClassifier's weight), so checkpoints move between the two; learned
+        # class weights given as an nn.Parameter are a parameter of the head, and in it
         V.init_loss_options(self, "weight_classes", weight_classes, num_classes, ignore_index=ignore_index,
                             reduction=reduction, label_smoothing=label_smoothing, backend=backend, persistent=False)
         V.check_chunks(chunk_rows, chunk_classes)
