@@ -20,6 +20,13 @@ _FREE = {"empty", "empty_like", "empty_strided", "new_empty", "view", "_unsafe_v
          "alias", "detach", "select", "slice", "unbind", "unsqueeze", "squeeze", "expand", "t", "lift_fresh"}
 
 
+def _empty_only(args) -> bool:
+    """Whether every tensor among ``args`` has no element: such an op launches no kernel (the heads' zero-size
+    graph handle of their features, ``fastlt.heads.glue._graph_handle``)."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    return bool(tensors) and all(t.numel() == 0 for t in tensors)
+
+
 class _Counter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -28,7 +35,7 @@ class _Counter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if not self.paused and name not in _FREE:
+        if not self.paused and name not in _FREE and not _empty_only(args):
             self.counts["torch." + name] += 1
         return func(*args, **(kwargs or {}))
 
