@@ -236,12 +236,11 @@ class AdjustedCEFunction(torch.autograd.Function):
             ctx.gradient = logits.detach()
             ctx.anchors = (logits,)  # for first_order, to its backward: the storage of the gradient kept to then
             ctx.save_for_backward()
-        elif args.has_noise and _saved_tensor_hooks() and isinstance(args.seed if seed is None else seed, int):
+        elif (kept := _seed_to_keep(args, seed)) is not None:
             # under saved-tensor hooks (a non-reentrant checkpoint) the backward may get the saved tensors of a
             # forward run again, whose drawn seed differs (preserve_rng_state=False): the seed is kept among them, so
             # the row statistics and the noise of the backward are of one draw
-            seed = args.seed if seed is None else seed
-            ctx.save_for_backward(logits, target, row_stats, row_coef, torch.tensor(seed, dtype=torch.int64,
+            ctx.save_for_backward(logits, target, row_stats, row_coef, torch.tensor(kept, dtype=torch.int64,
                                                                                       device="cpu"))
         else:
             ctx.save_for_backward(logits, target, row_stats, row_coef)
@@ -302,13 +301,22 @@ def _saved_tensor_hooks() -> bool:
     return _top_hooks is None or _top_hooks(False) is not None
 
 
+def _seed_to_keep(args: AdjustedCEArgs, seed: int | None = None) -> int | None:
+    """The int noise seed of a call (``seed``, else ``args.seed``) that must be kept with the saved tensors: the
+    noise is on, the seed is an int (not already a tensor) and saved-tensor hooks are active; else None."""
+    seed = args.seed if seed is None else seed
+    if args.has_noise and isinstance(seed, int) and _saved_tensor_hooks():
+        return seed
+    return None
+
+
 def seed_kept_with_saved_tensors(args: AdjustedCEArgs, device) -> AdjustedCEArgs:
     """``args`` whose int noise seed is a (1,) int64 tensor on ``device`` under saved-tensor hooks, for a custom op
     that keeps its non-tensor inputs on ``ctx`` (the class-parallel finish): there the seed is one of its saved
     inputs, recomputed with the row statistics by a non-reentrant checkpoint (as :class:`AdjustedCEFunction` keeps
     its drawn seed)."""
-    if args.has_noise and isinstance(args.seed, int) and _saved_tensor_hooks():
-        return dataclasses.replace(args, seed=torch.full((1,), args.seed, dtype=torch.int64, device=device))
+    if (kept := _seed_to_keep(args)) is not None:
+        return dataclasses.replace(args, seed=torch.full((1,), kept, dtype=torch.int64, device=device))
     return args
 
 
