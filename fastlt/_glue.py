@@ -246,7 +246,7 @@ class AdjustedCEFunction(torch.autograd.Function):
             ctx.save_for_backward(logits, target, row_stats, row_coef)
         ctx.args = args
         ctx.seed = seed
-        ctx.seed_state = None if grad_in_forward else O.seed_state(args, seed)
+        ctx.inputs_state = None if grad_in_forward else O.inputs_state(args, seed)
         ctx.grad_in_forward = grad_in_forward
         ctx.used = False
         return loss if loss.dtype == out_dtype else loss.to(out_dtype)  # 'none': fp32 rows
@@ -265,7 +265,7 @@ class AdjustedCEFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         logits, target, row_stats, row_coef = saved[:4]
         ctx.anchors = (logits,)  # (for first_order)
-        O.check_seed_unchanged(ctx.seed_state)
+        O.check_inputs_unchanged(ctx.inputs_state)
         seed = ctx.seed if len(saved) == 4 else int(saved[4])  # (the seed saved under hooks: see forward)
         grad = _backward(grad_loss, logits, target, ctx.args, row_stats, row_coef, seed=seed)
         return grad, None, None, None, None
@@ -281,6 +281,7 @@ class LADEFunction(torch.autograd.Function):
         loss, row_stats, row_coef, columns = _lade_forward(logits, target, args, lade, out_dtype=loss_dtype(logits))
         ctx.save_for_backward(logits, target, row_stats, row_coef, columns)
         ctx.args = args
+        ctx.inputs_state = O.inputs_state(args)
         return loss
 
     @staticmethod
@@ -288,6 +289,7 @@ class LADEFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         logits, target, row_stats, row_coef, columns = ctx.saved_tensors
         ctx.anchors = (logits,)  # (for first_order)
+        O.check_inputs_unchanged(ctx.inputs_state)
         term = ColumnTerm(columns=columns)  # the (3 C + P,) fp32 buffer the forward made: no check (host time)
         return _backward(grad_loss, logits, target, ctx.args, row_stats, row_coef, term), None, None, None
 

@@ -437,24 +437,44 @@ def refuse_requiring_grad(fields: dict, names: dict | None = None) -> None:
                          f"gradient; detach it, or use backend='torch' (PyTorch ops, which differentiate it)")
 
 
-def seed_state(args: AdjustedCEArgs, seed: int | None = None) -> tuple | None:
-    """``(seed tensor, its version)`` of ``args`` whose noise seed is a tensor (CUDA graphs), for a recompute
-    backward to check it unchanged (:func:`check_seed_unchanged`); None otherwise, or when the launches take
-    ``seed`` (an int drawn for the call) in its place."""
-    if seed is not None:
-        return None
-    seed = args.seed
-    return (seed, seed._version) if isinstance(seed, Tensor) and not seed.is_inference() else None
+_CLASS_TENSORS = ("log_prior", "cloud", "margin", "weight")
 
 
-def check_seed_unchanged(state: tuple | None) -> None:
-    """RuntimeError when the seed tensor of :func:`seed_state` was changed in place since the forward: the recompute
-    backward would draw another noise than the forward's (a wrong gradient, no error)."""
-    if state is not None and state[0]._version != state[1]:
-        raise RuntimeError("the noise seed tensor was changed in place after the forward (seed_t.random_() or "
-                           "fill_() before this backward): the backward recomputes the forward's noise from it. "
-                           "Change it after the backward (or pass grad_in_forward=True, whose gradient is formed in "
-                           "the forward)")
+def inputs_state(args: AdjustedCEArgs, seed: int | None = None) -> tuple | None:
+    """``((name, tensor, version), ...)`` of the tensors a recompute backward reads again from ``args``: its (C,)
+    class tensors (a module's buffers, as they are) and its noise seed where that is a tensor (CUDA graphs) and no
+    int ``seed`` drawn for the call replaces it; None when there is none. :func:`check_inputs_unchanged` then checks
+    them unchanged, as autograd checks the tensors an op saves (inference tensors have no version: left out)."""
+    state = ()
+    for name in _CLASS_TENSORS:
+        t = getattr(args, name)
+        if isinstance(t, Tensor) and not t.is_inference():
+            state += ((name, t, t._version),)
+    if seed is None and args.has_noise and isinstance(args.seed, Tensor) and not args.seed.is_inference():
+        state += (("seed", args.seed, args.seed._version),)
+    return state or None
+
+
+def check_inputs_unchanged(state: tuple | None) -> None:
+    """RuntimeError when a tensor of :func:`inputs_state` was changed in place since the forward: the recompute
+    backward would read other values than the forward's (a wrong gradient, no error; autograd raises the same for
+    the tensors an op saves)."""
+    if state is None:
+        return
+    for name, t, version in state:
+        if t._version == version:
+            continue
+        if name == "seed":
+            raise RuntimeError("the noise seed tensor was changed in place after the forward (seed_t.random_() or "
+                               "fill_() before this backward): the backward recomputes the forward's noise from it. "
+                               "Change it after the backward (or pass grad_in_forward=True, whose gradient is "
+                               "formed in the forward)")
+        what = {"log_prior": "the log prior", "cloud": "GCL's cloud", "margin": "the margins",
+                "weight": "the class weights"}[name]
+        raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an inplace "
+                           f"operation: {what} ({name}, a (C,) tensor of the loss, e.g. a module's buffer) changed "
+                           f"after the forward, and the backward recomputes from it. Change it after the backward "
+                           f"(or assign a new tensor instead of editing it in place)")
 
 
 def as_f32(t: Tensor | None) -> Tensor | None:

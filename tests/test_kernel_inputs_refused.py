@@ -281,6 +281,47 @@ def test_a_seed_tensor_changed_before_the_recompute_backward_raises():
             torch.testing.assert_close(grads.double(), f64.grad, rtol=1e-4, atol=1e-5)
 
 
+def _class_tensor_cases(gen):
+    """name -> (module, its input's width, the (C,) tensor to edit in place): what a recompute backward reads."""
+    counts = long_tail_counts(C, gen)
+    weight = torch.rand(C, generator=gen) + 0.5
+    return {
+        "la log_prior": lambda: (fastlt.LogitAdjustedLoss(counts, backend="triton"), C, "log_prior"),
+        "la weight none": lambda: (fastlt.LogitAdjustedLoss(counts, weight=weight, reduction="none",
+                                                            backend="triton"), C, "weight"),
+        "ldam margins": lambda: (fastlt.LDAMLoss(counts, s=4.0, backend="triton"), C, "margins"),
+        "gcl cloud": lambda: (fastlt.GCLLoss(counts, s=4.0, backend="triton"), C, "cloud"),
+        "head log_prior none": lambda: (H.LinearLossHead(D, C, counts, reduction="none", backend="triton"), D,
+                                        "log_prior"),
+        "head weight_classes none": lambda: (H.LinearLossHead(D, C, counts, weight_classes=weight, reduction="none",
+                                                              backend="triton"), D, "weight_classes"),
+        "cosine head cloud none": lambda: (H.CosineGCLHead(D, C, counts, s=4.0, reduction="none", backend="triton"),
+                                           D, "cloud"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_class_tensor_cases(torch.Generator().manual_seed(0))))
+def test_a_class_tensor_changed_before_the_recompute_backward_raises(case):
+    """A (C,) class tensor of the loss (a module's buffer: the log prior, margins, GCL's cloud, class weights) edited
+    in place between the forward and a backward that recomputes from it: the backward read the new values, a wrong
+    gradient with no error (a head's 'none' log prior + arange(C): gradients 138 where 0.5 was right). It raises
+    now, as autograd does for a tensor an op saved (and as the reference path's F.cross_entropy does for its class
+    weights); edited after the backward, the next step uses the new values."""
+    gen = torch.Generator().manual_seed(11)
+    mod, width, name = _class_tensor_cases(gen)[case]()
+    mod = mod.to(DEVICE)
+    y = torch.randint(0, C, (N,), generator=gen).to(DEVICE)
+    x = torch.randn(N, width, generator=gen).to(DEVICE).requires_grad_()
+    loss = mod(torch.tanh(x) if width == C else x, y).sum()
+    with torch.no_grad():
+        getattr(mod, name).mul_(1.5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    mod(torch.tanh(x) if width == C else x, y).sum().backward()  # edited before the forward: runs
+    with torch.no_grad():
+        getattr(mod, name).mul_(1.5)  # after the backward: fine
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_class_probabilities_with_an_ignore_index_are_refused(backend):
     """Class-probability targets with a non-negative ignore_index (a module made with ignore_index=0, then a mixup

@@ -52,7 +52,7 @@ class FusedLinearLoss(torch.autograd.Function):
         if params.args.reduction == "none":
             ctx.save_for_backward(features, weight, bias, target)
             ctx.stats = (stats_chunks, coef_chunks)
-            ctx.seed_state = O.seed_state(params.args, params.seed)
+            ctx.inputs_state = O.inputs_state(params.args, params.seed)
         else:
             ctx.grads = [dx, dw, db]
             ctx.anchors = (_graph_handle(features), weight, bias)  # for first_order, as nothing is saved
@@ -65,7 +65,7 @@ class FusedLinearLoss(torch.autograd.Function):
         if ctx.params.args.reduction == "none":
             x, w, b, y = ctx.saved_tensors
             ctx.anchors = (x, w, b)  # (for first_order)
-            O.check_seed_unchanged(ctx.seed_state)
+            O.check_inputs_unchanged(ctx.inputs_state)
             dx, dw, db = recompute_backward(x, w, b, y, ctx.params, *ctx.stats, grad_output,
                                             need_x=need.x, need_w=need.w, need_b=need.b)
             return dx, dw, db, None, None
