@@ -92,9 +92,10 @@ def _soft_row_losses(a: Tensor, q: Tensor, weight, label_smoothing: float, gamma
     logp = torch.log_softmax(a, dim=1)
     q = q.to(a.dtype)
     w = torch.ones(C, dtype=a.dtype, device=a.device) if weight is None else weight.to(a.dtype)
-    loss = -(1.0 - label_smoothing) * (q * w * logp).sum(1)
-    if label_smoothing > 0:
-        loss = loss - (label_smoothing / C) * (logp * w).sum(1)
+    # q' mixed first, as F.cross_entropy: a class masked with -inf and no target mass then gives +inf with smoothing
+    # (q' > 0), not 0 * -inf = NaN
+    mixed = q if label_smoothing == 0 else (1.0 - label_smoothing) * q + label_smoothing / C
+    loss = -(mixed * w * logp).sum(1)
     if gamma != 0:
         p_t = (q * logp.detach().exp()).sum(1)
         loss = loss * (1.0 - p_t).clamp(min=0).pow(gamma)

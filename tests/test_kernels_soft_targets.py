@@ -128,6 +128,24 @@ def test_rows_without_mass_and_an_empty_batch():
     assert torch.isnan(empty)
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_class_masked_with_minus_inf_and_no_mass(backend, label_smoothing):
+    """A class masked with -inf that the row's probabilities do not target: NaN without smoothing (0 * -inf), as
+    F.cross_entropy gives; with smoothing every class has mass and the loss is +inf, as F.cross_entropy's (the
+    reference gave NaN: it added the smoothing term apart from the targets' 0 * -inf)."""
+    z = torch.tensor([[1.0, 2.0, -float("inf"), 0.5], [0.3, -0.2, 0.1, 0.0]], device=DEVICE)
+    q = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]], device=DEVICE)
+    for weight in (None, torch.tensor([1.0, 2.0, 0.5, 1.5], device=DEVICE)):
+        expected = F.cross_entropy(z.double(), q.double(), weight=None if weight is None else weight.double(),
+                                   label_smoothing=label_smoothing, reduction="none")
+        got = LF.adjusted_cross_entropy(z, q, weight=weight, label_smoothing=label_smoothing, reduction="none",
+                                        backend=backend)
+        assert bool(torch.isnan(expected[0])) == (label_smoothing == 0.0)
+        assert bool(torch.isinf(expected[0])) == (label_smoothing > 0.0)
+        torch.testing.assert_close(got.double(), expected, equal_nan=True)
+
+
 def test_bad_probability_targets():
     z = torch.randn(3, 5, device=DEVICE)
     with pytest.raises(ValueError, match="logits' shape"):
