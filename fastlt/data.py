@@ -91,9 +91,10 @@ def long_tailed_counts(num_classes: int, max_count: int, imbalance_ratio: float,
       is a tail class).
 
     Every count is at least 1 (only matters when ``n_max < r``). ``r = imbalance_ratio >= 1``. The floors
-    and the ceiling have a 1e-12 relative guard, so e.g. ``n_max = 98, r = 49`` ends at 2, not at 1 as a bare
-    float ``98 * (1/49)`` would, and ``C = 90, step_fraction = 0.3`` has 27 tail classes, not the 28 of a bare
-    ``ceil(90 * 0.3)`` (27.000000000000004).
+    are guarded (a value within 64 ulps of an integer is that integer) and the ceiling has a 1e-12 relative guard,
+    so e.g. ``n_max = 98, r = 49`` ends at 2, not at 1 as a bare float ``98 * (1/49)`` would, and
+    ``C = 90, step_fraction = 0.3`` has 27 tail classes, not the 28 of a bare ``ceil(90 * 0.3)``
+    (27.000000000000004).
 
     Args:
         num_classes: the number of classes C, at least 1.
@@ -114,16 +115,20 @@ def long_tailed_counts(num_classes: int, max_count: int, imbalance_ratio: float,
         if num_classes == 1:
             return [max_count]
         # (1/r)^(j/(C-1)) as the CIFAR-LT code computes it, so the published splits are reproduced.
-        counts = [_floor(max_count * (1.0 / r) ** (j / (num_classes - 1))) for j in range(num_classes)]
+        counts = [max_count] + [min(max_count, _floor(max_count * (1.0 / r) ** (j / (num_classes - 1))))
+                                for j in range(1, num_classes)]
     else:
         tail = math.ceil(num_classes * step_fraction * (1.0 - 1e-12))  # ceil(C sf) = C - floor(C (1 - sf))
-        counts = [max_count] * (num_classes - tail) + [_floor(max_count / r)] * tail
+        counts = [max_count] * (num_classes - tail) + [min(max_count, _floor(max_count / r))] * tail
     return [max(1, n) for n in counts]
 
 
 def _floor(x: float) -> int:
-    """floor(x), guarded so that an exact integer computed as 1.9999999999999998 still gives 2."""
-    return math.floor(x * (1.0 + 1e-12))
+    """floor(x), guarded so that an exact integer computed a few ulps below it (98 * (1/49) = 1.9999999999999998)
+    still gives it: within 64 ulps of an integer, that integer. (A relative guard, ``x (1 + 1e-12)``, added 1 to
+    every count from 10^12 up.)"""
+    nearest = round(x)
+    return nearest if abs(x - nearest) <= 64 * math.ulp(x) else math.floor(x)
 
 
 def long_tailed_indices(labels: torch.Tensor | Sequence[int] | np.ndarray, imbalance_ratio: float,

@@ -87,6 +87,18 @@ def test_exp_profile_edge_cases():
     assert long_tailed_counts(3, 5, 100) == [5, 1, 1]  # never below 1
 
 
+def test_profiles_at_huge_counts():
+    """The floors' guard was relative (x (1 + 1e-12)): from 10^12 up it added 1 to every count, so the head passed
+    n_max and a step profile's tail passed its head."""
+    assert long_tailed_counts(3, 10**12, 1.0) == [10**12] * 3
+    assert long_tailed_counts(2, 10**13, 1.0, "step") == [10**13] * 2
+    assert long_tailed_counts(2, 2**53, 1.0) == [2**53] * 2
+    for profile in ("exp", "step"):
+        counts = long_tailed_counts(6, 10**15 + 1, 7.0, profile)
+        assert counts[0] == 10**15 + 1 and counts == sorted(counts, reverse=True)
+        assert counts[-1] == (10**15 + 1) // 7
+
+
 def test_step_profile_split_is_exact_for_decimal_fractions():
     """floor(C (1 - sf)) head and ceil(C sf) tail classes as exact arithmetic gives them: C * sf in floats is off
     by an ulp for many decimal fractions (10 * (1 - 0.9) = 0.9999999999999998, 90 * 0.3 = 27.000000000000004)."""
