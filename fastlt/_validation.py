@@ -202,6 +202,16 @@ def check_class_vector(name: str, vec, num_classes: int, device: torch.device | 
         raise ValueError(f"{name} is on {vec.device} but the logits are on {device}")
 
 
+def as_cpu_tensor(value) -> torch.Tensor:
+    """``torch.as_tensor(value)`` on the CPU, where a sequence of Python floats becomes float64, not torch's default
+    float32 (which rounded counts above 2^24 and could round a non-whole count to a whole one). Arrays and tensors
+    keep their dtype."""
+    t = torch.as_tensor(value, device="cpu")
+    if t.is_floating_point() and t.dtype != torch.float64 and not hasattr(value, "dtype"):
+        t = torch.as_tensor(value, dtype=torch.float64, device="cpu")
+    return t
+
+
 def as_class_counts(class_counts, *, smoothing: float = 0.0) -> torch.Tensor:
     """Validated per-class training counts as a float64 CPU tensor, ``counts + smoothing``.
 
@@ -216,7 +226,7 @@ def as_class_counts(class_counts, *, smoothing: float = 0.0) -> torch.Tensor:
         counts = class_counts.detach().to("cpu")
     else:
         try:  # on the CPU also under `with torch.device(...)`: the counts are read here
-            counts = torch.as_tensor(class_counts, device="cpu")
+            counts = as_cpu_tensor(class_counts)
         except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
             raise TypeError(f"class_counts must be a sequence of integers within int64 "
                             f"({type(exc).__name__}: {exc}), got {type(class_counts).__name__}") from exc

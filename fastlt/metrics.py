@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ._validation import INT_DTYPES, check_finite_float
+from ._validation import INT_DTYPES, as_cpu_tensor, check_finite_float
 
 if TYPE_CHECKING:
     import numpy as np
@@ -27,7 +27,7 @@ def _as_tensor(name: str, value) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.detach().to("cpu")
     try:
-        return torch.as_tensor(value)
+        return as_cpu_tensor(value)
     except (TypeError, ValueError, RuntimeError) as exc:
         kind = type(value).__name__
         raise TypeError(f"{name} must be a tensor, numpy array or sequence, got {kind}") from exc

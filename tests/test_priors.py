@@ -158,3 +158,17 @@ def test_priors_reject_a_non_floating_dtype(fn, dtype):
     """dtype= must be a floating torch dtype: an integer one would truncate the prior to zeros."""
     with pytest.raises(TypeError, match="dtype"):
         fn([1, 2, 3], dtype=dtype)
+
+
+def test_counts_given_as_python_floats_are_read_in_float64():
+    """A list of Python floats became torch's default float32: 16777217.0 read as 16777216 (the log prior 6e-8
+    off) and 25000000.5 rounded to a whole number, so a non-whole count passed (priors, modules, shot_accuracy)."""
+    from fastlt.metrics import shot_accuracy
+
+    got = P.log_prior([16777217.0, 1.0], dtype=torch.float64)
+    expected = torch.tensor([math.log(16777217 / 16777218), math.log(1 / 16777218)], dtype=torch.float64)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)  # (float32 read: 6e-8 off)
+    with pytest.raises(TypeError, match="whole numbers"):
+        P.prior([25000000.5, 1.0])
+    with pytest.raises(TypeError, match="whole numbers"):
+        shot_accuracy([0], [0], [100.000001])
