@@ -65,12 +65,15 @@ def logit_adjust(logits: torch.Tensor, class_counts: torch.Tensor | Sequence[int
         check_class_vector("log_prior", log_prior, logits.shape[1], logits.device)
         if not bool(torch.isfinite(log_prior).all()):
             raise ValueError("log_prior must be finite (a zero prior has log = -inf)")
-        offset = (tau * log_prior.to(torch.float64)).to(logits.dtype)
+        offset = tau * log_prior.to(torch.float64)
     else:
         log_pi = _log_prior64(class_counts, count_smoothing)
         check_num_classes(logits, log_pi.numel())
-        offset = (tau * log_pi).to(device=logits.device, dtype=logits.dtype)
-    return logits - offset
+        offset = (tau * log_pi).to(logits.device)
+    # half logits in float32, rounded once at the end (the offset rounded to fp16/bf16 first put ~1/3 of the
+    # entries one ulp off the rounded z - tau log pi)
+    work = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
+    return (logits.to(work) - offset.to(work)).to(logits.dtype)
 
 
 def pc_softmax(logits: torch.Tensor, source_counts: torch.Tensor | Sequence[int] | np.ndarray,
