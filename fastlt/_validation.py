@@ -332,6 +332,16 @@ def check_matrix(name: str, t, what: str) -> None:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
+def check_dtype_matches_weight(features: torch.Tensor, weight: torch.Tensor) -> None:
+    """TypeError when ``features`` and a layer's ``weight`` differ in dtype outside ``torch.autocast`` (CUDA or CPU),
+    which casts both (as ``nn.Linear`` would fail, with a bare RuntimeError)."""
+    if features.dtype != weight.dtype:
+        dev = features.device.type
+        if not (dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev)):
+            raise TypeError(f"features are {features.dtype} but weight is {weight.dtype}: cast one "
+                            "(model.to(...)), or run under torch.autocast")
+
+
 def check_head(features, weight, bias) -> None:
     """A head's inputs: ``features`` (N, D), ``weight`` (C, D) with C >= 1, ``bias`` (C,) or None, one dtype and
     device."""

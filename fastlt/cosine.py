@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ._validation import FLOAT_DTYPES, check_finite_float, check_int
+from ._validation import FLOAT_DTYPES, check_dtype_matches_weight, check_finite_float, check_int
 from .reference import normalize_rows
 
 
@@ -53,10 +53,7 @@ class CosineClassifier(nn.Module):
         weight = self.weight
         if features.device != weight.device:
             raise ValueError(f"features are on {features.device} but weight is on {weight.device}")
-        autocast = features.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(features.device.type)
-        if features.dtype != weight.dtype and not autocast:
-            raise TypeError(f"features are {features.dtype} but weight is {weight.dtype}: cast one (model.to(...)), "
-                            "or run under torch.autocast")
+        check_dtype_matches_weight(features, weight)
         return normalize_rows(features, self.eps) @ normalize_rows(weight, self.eps).t()
 
     def extra_repr(self) -> str:

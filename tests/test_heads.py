@@ -699,6 +699,13 @@ def test_module_defaults_and_repr():
     torch.testing.assert_close(g.cloud, gcl_cloud(counts))
     torch.testing.assert_close(h.log_prior, log_prior(counts))
     assert "loss='la'" in repr(h) and "in_features=4" in repr(h) and "m=0.5" in repr(g)
+    assert "chunk_rows" not in repr(h) and "eps" not in repr(g) and "max_margin" not in repr(h)
+    # each loss's own hyperparameters and the options set (they were left out)
+    assert "max_margin=0.25" in repr(fastlt.LinearLossHead(4, 3, counts, loss="ldam", max_margin=0.25))
+    assert "alpha=0.2, remine_lambda=0.1" in repr(fastlt.LinearLossHead(4, 3, counts, loss="lade", alpha=0.2))
+    assert "chunk_rows=2" in repr(fastlt.LinearLossHead(4, 3, counts, chunk_rows=2))
+    assert "chunk_classes=16" in repr(fastlt.CosineGCLHead(4, 3, counts, chunk_classes=16))
+    assert "eps=1e-06" in repr(fastlt.CosineGCLHead(4, 3, counts, eps=1e-6))
 
 
 def test_functional_exports_are_the_heads_functions():
@@ -935,3 +942,22 @@ def test_eps_assigned_later_is_checked_and_topk_values_take_the_logits_dtype():
     torch.testing.assert_close(values, want.topk(2, dim=1).values)
     with pytest.raises(ValueError, match=r"features \(N, D\) and weight \(C, D\) must agree on D"):
         fastlt.functional.linear_cross_entropy(torch.randn(5, 5), torch.randn(10, 4), torch.zeros(5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("make", [lambda: fastlt.LinearLossHead(4, 3, [100, 10, 1]),
+                                  lambda: fastlt.CosineGCLHead(4, 3, [100, 10, 1])], ids=["linear", "cosine"])
+def test_inference_refuses_features_of_another_dtype_outside_autocast(make):
+    """logits/topk on features of another dtype than the weight: the linear head raised F.linear's bare
+    RuntimeError and the cosine head cast the weight silently; both refuse it as the loss does (and
+    CosineClassifier), and autocast still runs them."""
+    head = make()
+    f = torch.randn(5, 4, dtype=torch.bfloat16)
+    for call in (head.logits, head.topk):
+        with pytest.raises(TypeError, match="features are torch.bfloat16 but weight is torch.float32"):
+            call(f)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = head.logits(f)
+        values, _ = head.topk(f, 2)
+    expected = head.logits(f.float())
+    torch.testing.assert_close(z.float(), expected, atol=0.05, rtol=0.05)
+    torch.testing.assert_close(values.float(), expected.topk(2).values, atol=0.05, rtol=0.05)

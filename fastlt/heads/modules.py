@@ -123,12 +123,18 @@ class _HeadBase(HeldFields, CountBuffers):
         if features.dim() != 2 or features.shape[1] != self.in_features:
             raise ValueError(f"features must have shape (N, {self.in_features}), got {tuple(features.shape)}")
 
+    def _check_inference_features(self, features) -> None:
+        """:meth:`_check_features`, and the weight's dtype outside autocast (as the loss checks it): the linear head
+        raised ``F.linear``'s bare RuntimeError, the cosine head cast the weight silently."""
+        self._check_features(features)
+        V.check_dtype_matches_weight(features, self.weight)
+
     def _dense_logits(self, features: Tensor) -> Tensor:
         raise NotImplementedError
 
     def logits(self, features: Tensor) -> Tensor:
         """The (N, C) inference logits, dense (see the class docstring for which)."""
-        self._check_features(features)
+        self._check_inference_features(features)
         return self._dense_logits(features)
 
     @torch.no_grad()
@@ -137,7 +143,7 @@ class _HeadBase(HeldFields, CountBuffers):
         (chunk as in the loss: ``chunk_rows`` or a <= 512 MiB buffer). No gradient. A class-sharded head ranks
         every class: each rank's top k of its classes, one all-gather, the top k of those (with ``gather_inputs``
         the rows are gathered too, and each rank gets its own rows' answer)."""
-        self._check_features(features)
+        self._check_inference_features(features)
         if not V.is_int(k) or not 1 <= k <= self.num_classes:
             raise ValueError(f"k must be an int in [1, {self.num_classes}], got {k!r}")
         V.check_chunks(chunk_rows, None)
@@ -155,8 +161,10 @@ class _HeadBase(HeldFields, CountBuffers):
         return torch.return_types.topk((values, indices))
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, num_classes={self.num_classes}, reduction={self.reduction!r}, "
-                f"backend={self.backend!r}")
+        out = (f"in_features={self.in_features}, num_classes={self.num_classes}, reduction={self.reduction!r}, "
+               f"backend={self.backend!r}")
+        options = dict(chunk_rows=self.chunk_rows, chunk_classes=self.chunk_classes, shard=self.shard)
+        return out + "".join(f", {k}={v}" for k, v in options.items() if v is not None)  # those set
 
 
 class LinearLossHead(MarginSchedule, _HeadBase):
@@ -305,12 +313,14 @@ class LinearLossHead(MarginSchedule, _HeadBase):
     def logits(self, features: Tensor, *, adjusted: bool = False) -> Tensor:
         """Dense (N, C) ``z = f W^T + b``; ``adjusted=True`` adds ``tau * log pi`` (la, Balanced Softmax, lade). A
         class-sharded head: the (N, shard.size) logits of its classes."""
-        self._check_features(features)
+        self._check_inference_features(features)
         return self._dense_logits(features, adjusted)
 
     def extra_repr(self) -> str:
-        return (f"loss={self.loss!r}, tau={self.tau}, s={self.s}, gamma={self.gamma}, bias={self.bias is not None}, "
-                + super().extra_repr())
+        own = {"ldam": f", max_margin={self.max_margin}",
+               "lade": f", alpha={self.alpha}, remine_lambda={self.remine_lambda}"}.get(self.loss, "")
+        return (f"loss={self.loss!r}, tau={self.tau}, s={self.s}, gamma={self.gamma}{own}, "
+                f"bias={self.bias is not None}, " + super().extra_repr())
 
 
 class CosineGCLHead(_HeadBase):
@@ -393,5 +403,5 @@ class CosineGCLHead(_HeadBase):
         return F.linear(normalize_rows(features, self.eps), normalize_rows(self.weight, self.eps).to(features.dtype))
 
     def extra_repr(self) -> str:
-        return (f"m={self.m}, s={self.s}, noise_mul={self.noise_mul}, gamma={self.gamma}, "
-                + super().extra_repr())
+        eps = "" if self.eps == 1e-12 else f"eps={self.eps}, "
+        return f"m={self.m}, s={self.s}, noise_mul={self.noise_mul}, gamma={self.gamma}, {eps}" + super().extra_repr()
