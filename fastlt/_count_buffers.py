@@ -17,15 +17,18 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ._operator import tensor_stamp
 from ._validation import check_finite_float
 
 __all__ = ["CountBuffers", "MarginSchedule"]
 
 
-def _version(t: Tensor) -> int | None:
+def _stamp(t: Tensor) -> tuple | None:
+    """``t``'s :func:`fastlt._operator.tensor_stamp` (its version, data pointer and dtype: an in-place edit, a
+    ``.data =`` assignment or a swap moves it), None for an inference tensor (no version counter)."""
     try:
-        return t._version
-    except RuntimeError:  # an inference tensor has no version counter
+        return tensor_stamp(t)
+    except RuntimeError:
         return None
 
 
@@ -63,11 +66,11 @@ class CountBuffers(nn.Module):
 
     def _set_own(self, name: str, values: Tensor) -> None:
         setattr(self, name, values)
-        self._count_own[name] = (values, _version(values))
+        self._count_own[name] = (values, _stamp(values))
 
     def _is_own(self, name: str) -> bool:
-        buf, (made, version) = self._buffers.get(name), self._count_own[name]
-        return buf is not None and buf is made and _version(buf) == version
+        buf, (made, stamp) = self._buffers.get(name), self._count_own[name]
+        return buf is not None and buf is made and _stamp(buf) == stamp
 
     def _apply(self, fn, *args, **kwargs):
         own = {name for name in self.__dict__.get("_count_own", {}) if self._is_own(name)}
@@ -98,7 +101,7 @@ class CountBuffers(nn.Module):
         super().__setstate__(state)
         marks = self.__dict__.get("_count_own")
         if marks:
-            self._count_own = {name: (made, _version(made) if own is True else -1)
+            self._count_own = {name: (made, _stamp(made) if own is True else -1)
                                for name, (made, own) in marks.items()}
 
 

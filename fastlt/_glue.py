@@ -18,7 +18,6 @@ import math
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _operator as O
 from . import reference as R
@@ -477,24 +476,21 @@ def lade_operator_args(prior: Tensor, alpha: float, remine_lambda: float, *, wei
     return args, LadeArgs(prior=pi, alpha=float(alpha), remine_lambda=float(remine_lambda))
 
 
-_LOG_PRIORS = WeakIdKeyDictionary()  # prior tensor -> (its _version, fp32 pi, log(pi + 1e-9))
+def _pi_and_log(prior: Tensor) -> tuple[Tensor, Tensor]:
+    pi = O.as_f32(prior)
+    return pi, R._log_of_prior(pi, torch.float32)
+
+
+_PRIOR_LOG = O.HeldDerived(_pi_and_log)  # the last prior's (pi, log(pi + 1e-9)), held strongly (one entry)
 
 
 def _prior_and_log(prior: Tensor) -> tuple[Tensor, Tensor]:
     """``(pi, log(pi + 1e-9))`` (PriorCE's offset) as contiguous fp32, computed once per prior tensor (a module's
-    buffer, typically) and again only after it changes in place (its ``_version``); held weakly, so a freed prior
-    frees its entry. Not cached while compiling or capturing a CUDA graph (a tensor made during capture holds
-    nothing until replay), nor for an inference tensor (made under ``torch.inference_mode``: it has no version
-    counter)."""
-    if (torch.compiler.is_compiling() or prior.is_inference()
-            or (prior.is_cuda and torch.cuda.is_current_stream_capturing())):
-        pi = O.as_f32(prior)
-        return pi, R._log_of_prior(pi, torch.float32)
-    hit = _LOG_PRIORS.get(prior)
-    if hit is None or hit[0] != prior._version:
-        pi = O.as_f32(prior)
-        # not the prior itself in its own entry (a contiguous fp32 prior is its own pi): a value that holds its key
-        # keeps it alive, and every prior ever used stayed in memory (8 MB of GPU memory per LADE head at 10^6)
-        hit = (prior._version, None if pi is prior else pi, R._log_of_prior(pi, torch.float32))
-        _LOG_PRIORS[prior] = hit
-    return (prior if hit[1] is None else hit[1]), hit[2]
+    buffer, typically) and again only after it changes (:func:`fastlt._operator.tensor_stamp`: in place, by
+    ``.data =``, a swap or a cast; a version alone missed the last three: a stale log prior, or a half prior
+    handed to the kernels). One entry, the last prior's (the arguments cache keeps each module's operator
+    arguments; this serves its misses and the data-parallel statistics). Not cached while compiling or capturing
+    a CUDA graph (a tensor made during capture holds nothing until replay)."""
+    if torch.compiler.is_compiling() or (prior.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return _pi_and_log(prior)
+    return _PRIOR_LOG(prior)

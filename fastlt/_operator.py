@@ -548,35 +548,60 @@ def gcl_fields(cloud, m: float, s: float, noise_mul: float, gamma: float) -> dic
     return dict(cloud=cloud, noise_mul=noise_mul, margin=m, scale=s, gamma=gamma)
 
 
-class FoldedSpread:
+def tensor_stamp(t: Tensor) -> tuple:
+    """``(version, data pointer, dtype)`` of ``t``: what moves when it is edited in place, given other data by
+    ``t.data = other`` or ``torch.utils.swap_tensors`` (both keep its id, and its version can stay the same number)
+    or cast by ``nn.Module`` (``.half()``, ``.to(device)``: ``param.data = ...``). RuntimeError for an inference
+    tensor (no version counter)."""
+    return t._version, t.data_ptr(), t.dtype
+
+
+class HeldDerived:
+    """One value ``make(t, *extra)`` made from a tensor ``t``, kept while ``t`` (the same object, its
+    :func:`tensor_stamp` unchanged) and ``extra`` stay: so a module's step reads the same derived tensor every call
+    (and the arguments cache, :class:`ArgsCache`, sees it unchanged). Made per call for an inference tensor. Holds
+    ``t`` strongly, not by a weak reference, which ``torch.utils.swap_tensors`` refuses (and with it
+    ``nn.Module._apply`` under ``torch.__future__.set_swap_module_params_on_conversion``)."""
+
+    def __init__(self, make):
+        self._make = make
+        self._held: tuple | None = None  # (t, its stamp, extra, the value)
+
+    def __getstate__(self) -> dict:
+        """A copy (``copy.deepcopy``, pickle, ``torch.save``) holds no value: a copied tensor's version counter
+        starts again, so an edit made after the value was kept could otherwise pass for no edit."""
+        return {"_make": self._make, "_held": None}
+
+    def __call__(self, t: Tensor, *extra):
+        try:
+            stamp = tensor_stamp(t)
+        except RuntimeError:  # an inference tensor: no version to know it unchanged by
+            return self._make(t, *extra)
+        held = self._held
+        if held is None or held[0] is not t or held[1] != stamp or held[2] != extra:
+            held = self._held = (t, stamp, extra, self._make(t, *extra))
+        return held[3]
+
+
+def _spread(cloud: Tensor, noise_mul: float) -> Tensor:
+    return as_f32(cloud) * V.check_finite_float("noise_mul", noise_mul)
+
+
+class FoldedSpread(HeldDerived):
     """GCL's ``noise_mul * cloud`` for the kernels, as a module holds it: ``fold(cloud, noise_mul)`` gives the fp32
     product and noise_mul 1 (noise_mul 0 or 1: both unchanged), so that the kernels read the noise's spread without
     a multiply per column (``Flags.NOISE_MODE`` 1). The same numbers: torch rounds the fp32 product as the kernels
-    do. The product is kept while the cloud (the same tensor, unchanged) and noise_mul stay, so the arguments cache
-    (:class:`ArgsCache`) sees the same tensor every step. While compiling it folds nothing (the kernels take
-    noise_mul; it would guard on the tensor's version), and a cloud without a version counter (made under
-    ``inference_mode``) is folded per call."""
+    do. The product is kept while the cloud and noise_mul stay (:class:`HeldDerived`). While compiling it folds
+    nothing (the kernels take noise_mul; it would guard on the tensor's version), nor a cloud that requires grad (a
+    learned cloud: the kernels' check must see it, and refuse it; a product made under ``no_grad`` hid it)."""
 
     def __init__(self):
-        self._held: tuple | None = None  # (cloud, its version, noise_mul, the fp32 product)
-
-    def __getstate__(self) -> dict:
-        """A copy (``copy.deepcopy``, pickle, ``torch.save``) holds no product: a copied cloud's version counter
-        starts again, so an edit made after the product was kept could otherwise pass for no edit."""
-        return {"_held": None}
+        super().__init__(_spread)
 
     def __call__(self, cloud: Tensor, noise_mul: float) -> tuple[Tensor, float]:
-        if noise_mul == 0.0 or noise_mul == 1.0 or torch.compiler.is_compiling():
+        if noise_mul == 0.0 or noise_mul == 1.0 or cloud.requires_grad or torch.compiler.is_compiling():
             return cloud, noise_mul
-        try:
-            version = cloud._version
-        except RuntimeError:  # an inference tensor: no version to know it unchanged by
-            return as_f32(cloud) * V.check_finite_float("noise_mul", noise_mul), 1.0
-        held = self._held
-        if held is None or held[0] is not cloud or held[1] != version or held[2] != noise_mul:
-            held = self._held = (cloud, version, V.check_finite_float("noise_mul", noise_mul),
-                                 as_f32(cloud) * noise_mul)
-        return held[3], 1.0
+        return super().__call__(cloud, noise_mul), 1.0
 
 
 # --- the other declared groups of the custom ops -------------------------------------------------------------------

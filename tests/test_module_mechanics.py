@@ -182,3 +182,71 @@ def test_repr_names_the_options_not_at_their_default():
                  "grad_in_forward=True", "count_smoothing=0.5"):
         assert part in text, (part, text)
     assert "ignore_index" not in repr(fastlt.LogitAdjustedLoss(COUNTS))
+
+
+def _assign(t, values, how: str):
+    """Give buffer ``t`` other values without an in-place op: ``t.data = values`` or ``torch.utils.swap_tensors``
+    (both keep its id, and can keep its version)."""
+    if how == "data":
+        t.data = values
+    else:
+        torch.utils.swap_tensors(t, values.clone())
+
+
+@pytest.mark.parametrize("how", ["data", "swap"])
+def test_data_assignment_and_swaps_reach_the_kernels(how):
+    """GCL's folded spread and LADE's log prior were kept while the buffer's version stayed: ``cloud.data = new`` or
+    a swap was ignored (GCL 5.3135 for 5.3386), LADE mixed the new pi with the old log pi, and a LADE prior once
+    used on the kernels could no longer be swapped (a weak reference to it). Each call now matches a module made
+    with the new values."""
+    z, y = _inputs(4)
+    z = z.float()
+    gcl = fastlt.GCLLoss(COUNTS, noise_mul=0.5, backend="triton")
+    gcl(z, y, seed=5)
+    new_cloud = torch.linspace(0.1, 1.0, C)
+    _assign(gcl.cloud, new_cloud, how)
+    want = R.gcl_cross_entropy(z.double(), y, new_cloud.double(), m=0.5, s=30.0, noise_mul=0.5, seed=5)
+    torch.testing.assert_close(gcl(z, y, seed=5).double(), want, rtol=2e-5, atol=2e-5)
+
+    lade = fastlt.LADELoss(COUNTS, backend="triton")
+    lade(z, y)
+    new_prior = torch.softmax(torch.arange(C, dtype=torch.float32), 0)
+    _assign(lade.prior, new_prior, how)
+    want = R.lade_loss(z.double(), y, new_prior.double(), 0.1, 0.1)
+    torch.testing.assert_close(lade(z, y).double(), want, rtol=2e-5, atol=2e-5)
+
+
+def test_a_lade_prior_parameter_cast_with_the_module():
+    """A LADE prior replaced by an nn.Parameter (no grad), used on the kernels, then the module cast with
+    ``.half()``: the cast kept the parameter's id and version, so the kernels got the cached pi, now fp16 (a
+    dtype error in the kernel). Now the same loss as before the cast, within fp16's rounding of the prior."""
+    z, y = _inputs(5)
+    lade = fastlt.LADELoss(COUNTS, backend="triton")
+    lade.prior = nn.Parameter(lade.prior.clone(), requires_grad=False)
+    before = lade(z.float(), y)
+    lade.half()
+    assert lade.prior.dtype == torch.float16
+    torch.testing.assert_close(lade(z.float(), y), before, rtol=2e-3, atol=2e-3)
+
+
+def test_a_learned_cloud_is_refused_after_a_no_grad_call():
+    """A GCL cloud made an nn.Parameter (noise_mul not 0 or 1): the kernels refuse it in grad mode, but one call
+    under no_grad (a validation step) kept the folded product, made without grad, and every later training call
+    ran with the cloud left without a gradient. Now the fold leaves a cloud that requires grad alone."""
+    z, y = _inputs(6)
+    crit = fastlt.GCLLoss(COUNTS, noise_mul=0.5, backend="triton")
+    crit.cloud = nn.Parameter(crit.cloud.clone())
+    with torch.no_grad():
+        crit(z.float(), y, seed=1)
+    with pytest.raises(ValueError, match="cloud requires grad"):
+        crit(z.float(), y, seed=1)
+
+
+def test_a_count_buffer_given_other_data_is_not_remade_by_a_cast():
+    """``crit.margins.data = values`` kept the buffer's id and version, so it passed for the module's own, and a
+    later ``.double()`` made it again from the counts: the assigned values were lost."""
+    crit = fastlt.LDAMLoss(COUNTS)
+    values = torch.linspace(0.0, 0.4, C)
+    crit.margins.data = values.clone()
+    crit.double()
+    torch.testing.assert_close(crit.margins, values.double())
