@@ -441,18 +441,17 @@ _CLASS_TENSORS = ("log_prior", "cloud", "margin", "weight")
 
 
 def inputs_state(args: AdjustedCEArgs, seed: int | None = None) -> tuple | None:
-    """``((name, tensor, version), ...)`` of the tensors a recompute backward reads again from ``args``: its (C,)
-    class tensors (a module's buffers, as they are) and its noise seed where that is a tensor (CUDA graphs) and no
+    """``(((name, tensor), ...), [version, ...])`` of the tensors a recompute backward reads again from ``args``: its
+    (C,) class tensors (a module's buffers, as they are) and its noise seed where that is a tensor (CUDA graphs) and no
     int ``seed`` drawn for the call replaces it; None when there is none. :func:`check_inputs_unchanged` then checks
     them unchanged, as autograd checks the tensors an op saves (inference tensors have no version: left out)."""
-    state = ()
-    for name in _CLASS_TENSORS:
-        t = getattr(args, name)
-        if isinstance(t, Tensor) and not t.is_inference():
-            state += ((name, t, t._version),)
-    if seed is None and args.has_noise and isinstance(args.seed, Tensor) and not args.seed.is_inference():
-        state += (("seed", args.seed, args.seed._version),)
-    return state or None
+    key = "watched" if seed is None else "watched, int seed"
+    watched = args.memo.get(key)
+    if watched is None:  # once per args (a module's are cached): which of its tensors have a version to watch
+        names = _CLASS_TENSORS + (("seed",) if args.has_noise and seed is None else ())
+        watched = args.memo[key] = tuple((name, t) for name in names if isinstance(t := getattr(args, name), Tensor)
+                                         and not t.is_inference())
+    return (watched, [t._version for _, t in watched]) if watched else None
 
 
 def check_inputs_unchanged(state: tuple | None) -> None:
@@ -461,7 +460,7 @@ def check_inputs_unchanged(state: tuple | None) -> None:
     the tensors an op saves)."""
     if state is None:
         return
-    for name, t, version in state:
+    for (name, t), version in zip(*state, strict=True):
         if t._version == version:
             continue
         if name == "seed":
