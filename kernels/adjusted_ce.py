@@ -205,14 +205,14 @@ class Rng(NamedTuple):
 class RowGrad(NamedTuple):
     """What a gradient pass needs per row: the saved (``row_max``, ``log_sum``), the coefficient ``coef`` (times the
     upstream gradient), ``w_sum`` = W, ``inv_C`` = 1 / C, and ``w_q`` = W_q (SOFT: saved as ``stats[2]``; else
-    None)."""
+    0.0, never read: triton 3.6 cannot build a tuple holding None, where 3.9 can)."""
 
     row_max: Any
     log_sum: Any
     coef: Any
     w_sum: Any
     inv_C: Any
-    w_q: Any = None
+    w_q: Any = 0.0
 
 
 @triton.jit
@@ -825,7 +825,7 @@ def _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, 
     else:
         log_sum = tl.log(l_i)
         p_t = None
-        w_q = None
+        w_q = 0.0  # (not None: see RowGrad)
         if F.SOFT:
             row = Row(row.idx, row.mask, row.y, row.valid, row.margin, qw)
             p_t = qp / l_i
@@ -976,7 +976,7 @@ def row_loss_grad(z_op, y_ptr, vecs, wsum_ptr, row_stats_ptr, coef_ptr, go_ptr, 
     coef = tl.load(coef_ptr + row.idx, mask=row.mask, other=0.0)
     if HAS_UPSTREAM:
         coef = coef * tl.load(go_ptr + row.idx.to(tl.int64) * go_stride, mask=row.mask, other=0.0).to(tl.float32)
-    w_q = None
+    w_q = 0.0  # (not None: see RowGrad)
     if F.SOFT:
         w_q = tl.load(row_stats_ptr + 2 * N + row.idx, mask=row.mask, other=0.0)
     rg = _row_grad(row_max, log_sum, coef, row, wsum_ptr, C, w_q, F)
