@@ -26,7 +26,9 @@ fi
 python3 -m pip install -q --no-index --no-build-isolation --no-deps -e . >/dev/null || exit 1
 export PYTHONUNBUFFERED=1
 what=${1:-one}; shift || true
-step() { local limit=$1; shift; echo "## [$(date +%T)] $*" | tee -a "$LOG"; timeout "$limit" "$@" 2>&1 | tee -a "$LOG"; }
+# SIGINT at the bound (then SIGKILL 3 s later): pytest still prints its summary of failures, a Python script stops
+# with KeyboardInterrupt after what it saved (SIGTERM left pytest's dots only)
+step() { local limit=$1; shift; echo "## [$(date +%T)] $*" | tee -a "$LOG"; timeout -s INT -k 3 "$limit" "$@" 2>&1 | tee -a "$LOG"; }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$LOG"

@@ -106,6 +106,12 @@ def time_step(step: Callable[[], None], *, reps: int | None = None) -> tuple[flo
     return ms, extra, host_ms(step)
 
 
+def one_line(text: str, limit: int = 120) -> str:
+    """``text`` fit for a markdown table cell: one line (a compiler's error spans several), no ``|``, at most
+    ``limit`` characters."""
+    return " ".join(text.replace("|", "/").split())[:limit]
+
+
 def measure_case(make: Callable[[], Callable[[], None]], *, reps: int | None = None) -> Measured:
     """The :class:`Measured` numbers of the step ``make()`` builds; all None with the reason in ``note`` when it
     runs out of memory or fails (a failing peer is reported, not fatal). Frees the step's memory afterwards."""
@@ -116,7 +122,7 @@ def measure_case(make: Callable[[], Callable[[], None]], *, reps: int | None = N
     except torch.cuda.OutOfMemoryError:
         return Measured(None, None, None, "out of memory")
     except Exception as exc:  # noqa: BLE001 - any failure of a peer becomes its note
-        return Measured(None, None, None, f"{type(exc).__name__}: {exc}"[:120])
+        return Measured(None, None, None, one_line(f"{type(exc).__name__}: {exc}"))
     finally:
         step = None
         torch.cuda.empty_cache()
@@ -159,7 +165,11 @@ def graphed(make):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             step()
-        return graph.replay
+
+        def replay():  # holds the step, and with it the inputs whose addresses the graph reads and writes (freed,
+            graph.replay()  # the timer's L2-flush buffer could take their memory: replays on freed inputs)
+        replay.step = step
+        return replay
     return build
 
 

@@ -161,13 +161,14 @@ def _liger_ce():
 # --- the run ----------------------------------------------------------------------------------------------
 
 def run(losses=("la", "gcl", "lade"), shapes=SHAPES, dtypes=("fp32", "bf16"), *, with_compile=True,
-        with_official=True, log=print, after_shape=None) -> tuple[Device, list[Result]]:
+        with_official=True, log=print, after_shape=None, bandwidth: float | None = None) -> tuple[Device, list[Result]]:
     """Every case of ``losses`` x ``shapes`` x ``dtypes``; ``after_shape(dev, results so far)`` after each shape's
-    cases (a caller saving as it goes)."""
+    cases (a caller saving as it goes); ``bandwidth``: the copy bandwidth (bytes/s) the floors use, measured here
+    when None (a caller running several times passes the first run's, so one table has one floor)."""
     if not torch.cuda.is_available():
         raise RuntimeError("the benchmarks need a CUDA GPU; none is visible here")
     torch.manual_seed(0)
-    bw = measure_bandwidth()
+    bw = measure_bandwidth() if bandwidth is None else bandwidth
     props = torch.cuda.get_device_properties(0)
     import triton
 
@@ -320,10 +321,12 @@ def main(argv=None) -> int:
     def keep(dev, part):
         save(dev, done + part, a.out, plot=False)
 
+    bandwidth = None  # measured by the first loss's run, then shared: the table's header states one floor
     for loss in a.loss:
         dev, part = run((loss,), shapes, a.dtype, with_compile=not a.no_compile, with_official=not a.no_official,
-                        after_shape=keep)
+                        after_shape=keep, bandwidth=bandwidth)
         done += part
+        bandwidth = dev.bandwidth
     folder, wrote_plot = save(dev, done, a.out)
     print(f"\nwrote {folder}/results.json, results.md" + (", x_floor.png" if wrote_plot else
                                                          " (no x_floor.png: matplotlib is not installed)"))
@@ -353,7 +356,8 @@ def _main_shards(a) -> int:
     heads = SHARD_HEADS if shapes is None else [s for s in shapes if len(s) == 3]
     dtypes = a.dtype if a.dtype != ["fp32", "bf16"] else ["bf16"]
     print(SHARD_HEADER)
-    dev, results = run_shards(a.shards, logits, heads, dtypes, peers=None if a.no_peers else build_cases)
+    dev, results = run_shards(a.shards, logits, heads, dtypes, peers=None if a.no_peers else build_cases,
+                              after_shape=lambda dev, part: save_shards(dev, part, a.out))  # (saved as it goes)
     folder = save_shards(dev, results, a.out)
     print(f"\nwrote {folder}/shards.json, shards.md")
     return 0

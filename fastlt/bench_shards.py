@@ -139,8 +139,10 @@ def build_head_cases(N: int, D: int, C: int, W: int, dtype: torch.dtype, *, devi
 
 
 def run_shards(worlds=WORLDS, logits_shapes=SHARD_LOGITS, head_shapes=SHARD_HEADS, dtypes=("bf16",), *,
-               peers=None, log=print):
-    """The table's rows; ``peers``: :func:`fastlt.bench.build_cases` for the W = 1 peers (None: none)."""
+               peers=None, log=print, after_shape=None):
+    """The table's rows; ``peers``: :func:`fastlt.bench.build_cases` for the W = 1 peers (None: none);
+    ``after_shape(dev, results so far)`` after each shape's rows (a caller saving as it goes: a run cut short by
+    its time bound keeps what it measured)."""
     if not torch.cuda.is_available():
         raise RuntimeError("the benchmarks need a CUDA GPU; none is visible here")
     import triton
@@ -185,6 +187,8 @@ def run_shards(worlds=WORLDS, logits_shapes=SHARD_LOGITS, head_shapes=SHARD_HEAD
                     if method.startswith(("eager", "torch.compile", "Liger")):
                         add(ShardResult(shape, dname, 1, method, C, None), measure_case(make),
                             floor_ms(N, C, dtype, bw))
+            if after_shape is not None:
+                after_shape(dev, results)
         for N, D, C in head_shapes:
             shape = f"{N} x {D} -> {C}"
             for W in worlds:
@@ -195,6 +199,8 @@ def run_shards(worlds=WORLDS, logits_shapes=SHARD_LOGITS, head_shapes=SHARD_HEAD
                     comm = 4 * C * D if ddp else head_comm_bytes(N, D, W, dtype)
                     add(ShardResult(shape, dname, W, method, classes, None, comm_mb=comm / 1e6), measure_case(make),
                         head_floor_ms(rows, D, classes, rates[dname]))
+            if after_shape is not None:
+                after_shape(dev, results)
     return dev, results
 
 

@@ -150,3 +150,44 @@ def test_bad_bench_arguments_are_usage_errors_on_any_machine(args, capsys):
     with pytest.raises(SystemExit) as exc:
         bench.main(args)
     assert exc.value.code == 2 and "fastlt bench: error:" in capsys.readouterr().err
+
+
+def test_a_failure_note_is_one_table_cell():
+    """A compiler's error spans lines (and may hold '|'): written as it was, it broke the table's rows apart."""
+    def make():
+        raise RuntimeError("at 8:4:\ndef _row_grad(a | b):\n    ^\ncannot convert None")
+
+    note = bench.measure_case(make).note
+    assert note == "RuntimeError: at 8:4: def _row_grad(a / b): ^ cannot convert None"
+    row = bench._row(bench.Result("la", "m", 2, 3, "fp32", None, note=note))
+    assert "\n" not in row and row.count("|") == bench.HEADER.splitlines()[0].count("|")
+
+
+def test_a_graphed_step_keeps_its_inputs_alive(monkeypatch):
+    """The replay of a captured step must hold the step (and so the inputs whose addresses the graph reads and
+    writes): it returned ``graph.replay`` alone, the inputs went back to the allocator, and the timer's L2-flush
+    buffer could take their memory. CUDA's capture faked on the CPU."""
+    import contextlib
+    import gc
+    import types
+    import weakref
+
+    from fastlt._bench_harness import graphed
+
+    stream = types.SimpleNamespace(wait_stream=lambda other: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: types.SimpleNamespace(replay=lambda: None))
+    refs = []
+
+    def make():
+        z = torch.zeros(4)
+        refs.append(weakref.ref(z))
+        return lambda: z.add_(1)
+
+    replay = graphed(make)()
+    gc.collect()
+    assert refs[0]() is not None
+    replay()
