@@ -6,7 +6,8 @@
 #   [extra bench args]
 # A session now has 15 minutes of device time, a machine's start (a minute or more) included, and one call runs at
 # most 600 s. So: one call with `one` (timeout_s 600; its bounds add up to 535 s): the whole test suite natively,
-# spread over the machine's cores with pytest-xdist (the image has it; the time goes to compiling kernels), both
+# spread over the machine's cores with pytest-xdist (the image has it; the time goes to compiling kernels) while
+# benchmarks/warm_kernels.py compiles the benchmarks' kernels beside it, both
 # benchmark tables (each case eager and replayed from a CUDA graph) and the heads' CUDA time kernel by kernel.
 # Then, while the machine is still warm (30 s), `two` if the time left allows (bounds add up to 465 s): the A/B of
 # issue 17's five switches (benchmarks/ab_switches.py: pipelined loops, two-row bf16 tiles, whole-row tiles, LADE's
@@ -33,10 +34,15 @@ step() { local limit=$1; shift; echo "## [$(date +%T)] $*" | tee -a "$LOG"; time
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$LOG"
 # pytest-xdist spreads the kernels' compiles over the cores; without it the suite runs in one process
-XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 12")
+XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 11")
 one() {
+  # beside the tests, 4 processes compile the benchmarks' kernels into Triton's on-disk cache (~100 kernels, ~1-3 s
+  # each, one after another in a timed run: most of its bound); the timed runs then load them
+  timeout -s INT -k 3 170 python3 benchmarks/warm_kernels.py --jobs 4 > "$OUT/warm.log" 2>&1 &
+  local warm=$!
   # shellcheck disable=SC2086
   step 170 python3 -m pytest tests -q -p no:cacheprovider -rf $XDIST --ignore=tests/test_kernels_sm90_compile.py
+  wait "$warm"; tee -a "$LOG" < "$OUT/warm.log" | tail -n 3
   # every case eager and replayed from a CUDA graph (the graph column: kernel time without host time)
   step 180 python3 -m fastlt bench --no-compile --no-official --out "$OUT" "$@"
   step 140 python3 -m fastlt bench --heads --out "$OUT" "$@"

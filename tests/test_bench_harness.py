@@ -191,3 +191,23 @@ def test_a_graphed_step_keeps_its_inputs_alive(monkeypatch):
     gc.collect()
     assert refs[0]() is not None
     replay()
+
+
+def test_the_kernel_warm_up_runs_every_fastlt_case():
+    """benchmarks/warm_kernels.py (the device script compiles the benchmarks' kernels in parallel with it before
+    the timed runs): its tasks are the default tables' shapes, and a task runs each fastlt case's step (here on the
+    CPU, through the interpreter) without failing."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "warm_kernels.py"
+    spec = importlib.util.spec_from_file_location("warm_kernels", path)
+    warm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(warm)
+    todo = warm.tasks()
+    assert {shape for kind, shape, _ in todo if kind != "heads"} == set(bench.SHAPES)
+    assert {shape for kind, shape, _ in todo if kind == "heads"} == set(bench_heads.HEAD_SHAPES)
+    for task in [("la", (3, 40), "fp32"), ("gcl", (2, 24), "bf16"), ("lade", (3, 17), "fp32"),
+                 ("heads", (3, 8, 20), "bf16")]:
+        _, seconds, failures = warm.warm_task(task, device=DEVICE)
+        assert failures == [] and seconds > 0

@@ -1,0 +1,94 @@
+"""Compile the kernels the device session's benchmarks launch, in parallel processes, before the timed runs.
+
+Triton compiles a kernel the first time a launch needs it, in the launching process, one after another (~1-3 s
+each); ``fastlt bench``'s default table needs ~100 of them, which would eat most of its time bound. Triton keeps
+what it compiles in its on-disk cache, shared by every process of the machine, so workers that run each fastlt
+case's step once leave the timed runs only cache loads. The peers (eager PyTorch, torch.compile, Liger, Cut
+Cross-Entropy) are not run: nothing of theirs is timed with a cold cache here either way.
+
+Usage (device machine, repo root): ``python benchmarks/warm_kernels.py [--jobs 4] [--what logits heads]``;
+``benchmarks/gpu_session.sh`` runs it beside the test suite. Prints one line per task (its seconds, or what
+failed); a task that fails (out of memory beside the other workers, say) only leaves its kernels to the timed run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import time
+
+TaskT = tuple[str, tuple[int, ...], str]  # (loss or "heads", shape, dtype name)
+
+
+def tasks(what=("logits", "heads")) -> list[TaskT]:
+    """The fastlt cases of ``fastlt bench``'s default tables (``--heads`` too), largest first, so that the longest
+    tasks start first and no two of the largest run at the end together."""
+    from fastlt.bench import SHAPES
+    from fastlt.bench_heads import HEAD_SHAPES
+
+    out: list[TaskT] = []
+    if "logits" in what:
+        out += [(loss, shape, dname) for loss in ("la", "gcl", "lade") for shape in SHAPES
+                for dname in ("fp32", "bf16")]
+    if "heads" in what:
+        out += [("heads", shape, "bf16") for shape in HEAD_SHAPES]
+    return sorted(out, key=lambda t: -_elements(t[1]))
+
+
+def _elements(shape: tuple[int, ...]) -> int:
+    return shape[0] * shape[-1]
+
+
+def warm_task(task: TaskT, device: str = "cuda") -> tuple[TaskT, float, list[str]]:
+    """Run each fastlt case of ``task`` once (forward + backward: every kernel its timed steps launch, compiled):
+    ``(task, seconds, failures)``."""
+    import torch
+
+    from fastlt import bench, bench_heads
+    from fastlt._bench_harness import DTYPES, one_line
+
+    kind, shape, dname = task
+    dtype = DTYPES[dname]
+    if kind == "heads":
+        methods = [m for m in bench_heads.HEAD_METHODS if m.startswith("fastlt")]
+        cases = bench_heads.build_head_cases(*shape, dtype, methods, device=device)
+    else:
+        cases = bench.build_cases(*shape, dtype, loss=kind, with_compile=False, with_official=False, device=device)
+    start, failures = time.perf_counter(), []
+    for method, make in cases:
+        if not method.startswith("fastlt"):
+            continue
+        step = None
+        try:
+            step = make()
+            step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+        except Exception as exc:  # noqa: BLE001 - a case left cold is timed cold, not lost
+            failures.append(f"{method}: {one_line(f'{type(exc).__name__}: {exc}')}")
+        finally:
+            step = None
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return task, time.perf_counter() - start, failures
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--jobs", type=int, default=4, help="worker processes (each holds one case's tensors at a time)")
+    p.add_argument("--what", nargs="+", default=["logits", "heads"], choices=["logits", "heads"])
+    a = p.parse_args(argv)
+    if a.jobs < 1:
+        p.error("--jobs takes a positive int")
+    todo = tasks(a.what)
+    start = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(a.jobs) as pool:  # (CUDA in children needs spawn)
+        for (kind, shape, dname), seconds, failures in pool.imap_unordered(warm_task, todo):
+            name = f"{kind} {'x'.join(map(str, shape))} {dname}"
+            print(f"warm {name}: {seconds:.1f} s" + "".join(f"; {f}" for f in failures), flush=True)
+    print(f"warmed {len(todo)} tasks in {time.perf_counter() - start:.0f} s with {a.jobs} workers", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
