@@ -129,7 +129,7 @@ def build_head_cases(N: int, D: int, C: int, W: int, dtype: torch.dtype, *, devi
             y = torch.randint(0, C, (rows,), device=device)  # global class ids either way
 
             def step():
-                linear_cross_entropy(GradSink.apply(x), w, y, log_prior=lp, **kw).backward()
+                linear_cross_entropy(GradSink.apply(x), GradSink.apply(w), y, log_prior=lp, **kw).backward()
             return step
         return make
 

@@ -83,8 +83,13 @@ def test_shard_cases_run():
                 step()
         methods = []
         for method, make in S.build_head_cases(6, 4, 20, W, torch.float32, device=DEVICE):
-            make()()
+            step = make()
+            step()
+            step()
             methods.append(method)
+            leaves = [c.cell_contents for c in step.__closure__ if isinstance(c.cell_contents, torch.Tensor)
+                      and c.cell_contents.requires_grad]
+            assert leaves and all(t.grad is None for t in leaves)  # through GradSink: no .grad accumulated
         assert len(methods) == (1 if W == 1 else 2)
     assert S.shard_size(8142, 8) == 1024 and S.shard_size(1_000_000, 64) == 15632
     assert S.logits_comm_bytes(512) == 8192
