@@ -161,6 +161,21 @@ def test_noise_mul_assigned_later_is_checked_on_the_kernels_too(value):
         head(f.float(), y)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_head_hyperparameters_assigned_later_are_refused_by_their_names(backend):
+    """A head's s or m set to a non-finite value after construction was refused under the operator's names
+    ("scale must be finite", "margin must be finite"); the loss modules name them as their arguments."""
+    f, y = _inputs(4, D=3)
+    for make, name in [(lambda: fastlt.CosineGCLHead(3, C, COUNTS, backend=backend), "s"),
+                       (lambda: fastlt.CosineGCLHead(3, C, COUNTS, backend=backend), "m"),
+                       (lambda: fastlt.LinearLossHead(3, C, COUNTS, loss="ldam", backend=backend), "s"),
+                       (lambda: fastlt.LinearLossHead(3, C, None, loss="ce", backend=backend), "s")]:
+        head = make().to(DEVICE)
+        setattr(head, name, float("inf"))
+        with pytest.raises(ValueError, match=f"^{name} must be finite"):
+            head(f.float(), y)
+
+
 def test_balanced_softmax_refuses_a_tau_assigned_later():
     """The constructors refuse tau != 1 for Balanced Softmax; an assignment did not (the loss became logit
     adjustment silently)."""
