@@ -58,11 +58,14 @@ class CountBuffers(nn.Module):
 
     def refresh_count_buffer(self, name: str, dtype: torch.dtype | None = None) -> None:
         """Make buffer ``name`` again from the counts (a hyperparameter changed), on its device, in ``dtype`` (default
-        its own)."""
+        its own, float32 for a half-precision one: the module's own vectors are never half, as a cast leaves them;
+        a user-edited buffer cast to fp16 was remade in fp16)."""
         buf = self._buffers[name]
+        if dtype is None:
+            dtype = torch.float32 if buf.dtype in (torch.float16, torch.bfloat16) else buf.dtype
         with torch.inference_mode(False):  # (as init_count_buffers)
             values = self._count_vectors(self._counts_exact)[name]
-            self._set_own(name, values.to(device=buf.device, dtype=dtype or buf.dtype))
+            self._set_own(name, values.to(device=buf.device, dtype=dtype))
 
     def _set_own(self, name: str, values: Tensor) -> None:
         setattr(self, name, values)

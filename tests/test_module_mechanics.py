@@ -265,3 +265,17 @@ def test_a_count_buffer_given_other_data_is_not_remade_by_a_cast():
     crit.margins.data = values.clone()
     crit.double()
     torch.testing.assert_close(crit.margins, values.double())
+
+
+def test_margins_remade_after_a_half_cast_are_float32():
+    """Margins edited in place (so not the module's own), the module cast to fp16 (which casts such a buffer), then
+    max_margin set: the margins were remade from the counts in fp16, where a module's own vectors stay float32."""
+    crit = fastlt.LDAMLoss(COUNTS)
+    with torch.no_grad():
+        crit.margins.mul_(2)
+    crit.half()
+    assert crit.margins.dtype == torch.float16
+    crit.max_margin = 0.3
+    fresh = fastlt.LDAMLoss(COUNTS, max_margin=0.3).half()
+    assert crit.margins.dtype == fresh.margins.dtype == torch.float32
+    torch.testing.assert_close(crit.margins, fresh.margins, rtol=0, atol=0)
