@@ -27,10 +27,13 @@ def _as_tensor(name: str, value) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.detach().to("cpu")
     try:
-        return as_cpu_tensor(value)
+        t = as_cpu_tensor(value)
     except (TypeError, ValueError, RuntimeError) as exc:
         kind = type(value).__name__
         raise TypeError(f"{name} must be a tensor, numpy array or sequence, got {kind}") from exc
+    if t.numel() == 0 and t.dim() == 1 and not hasattr(value, "dtype"):  # [] reads as float: no samples, indices
+        t = t.to(torch.int64)
+    return t
 
 
 def _train_counts(train_class_counts) -> torch.Tensor:

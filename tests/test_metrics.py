@@ -107,6 +107,7 @@ def test_matches_sklearn_and_split_means(num_classes, n, seed):
         (torch.tensor([0, 1]), torch.tensor([[0, 1]]), [5, 5], {}, ValueError, "targets"),
         (torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long), [5, 5], {}, ValueError,
          "targets"),
+        ([], [], [5, 5], {}, ValueError, "N >= 1"),  # (empty lists read as float: a dtype message before)
         (torch.tensor([0, 1]), torch.tensor([0, 2]), [5, 5], {}, ValueError, "targets"),
         (torch.tensor([0, 1]), torch.tensor([0, -1]), [5, 5], {}, ValueError, "targets"),
         (torch.tensor([0, 1, 1]), torch.tensor([0, 1]), [5, 5], {}, ValueError, "predictions_or_logits"),
