@@ -16,17 +16,19 @@ def use_triton(backend: str, logits) -> bool:
     """Resolve ``backend`` ('auto', 'torch' or 'triton') for ``logits`` (or features): 'auto' takes the kernels for
     CUDA tensors of the dtypes they take (float32, bfloat16, float16) when Triton is importable, the reference
     otherwise (float64: a precision check runs as asked, not into the kernels' TypeError; a tensor of a
-    ``torch.func`` transform); 'triton' raises ``RuntimeError`` where the kernels cannot run (no triton, CPU
-    tensors without ``TRITON_INTERPRET=1``, or inside ``torch.func.grad``/``vmap``)."""
+    ``torch.func`` transform or forward-mode AD, :func:`fastlt._validation.under_transform`); 'triton' raises
+    ``RuntimeError`` where the kernels cannot run (no triton, CPU tensors without ``TRITON_INTERPRET=1``, or under
+    a transform or forward-mode AD)."""
     V.check_choice("backend", backend, V.BACKENDS)
     if backend == "torch":
         return False
-    if isinstance(logits, torch.Tensor) and V.under_functorch(logits):
+    if isinstance(logits, torch.Tensor) and V.under_transform(logits):
         if backend == "auto":
             return False
-        raise RuntimeError("backend='triton' cannot run under torch.func transforms (grad, vmap, jacrev, ...): its "
-                           "autograd Functions are first-order kernels, not functorch rules; use backend='torch' "
-                           "(or 'auto', which takes the reference path there)")
+        raise RuntimeError("backend='triton' cannot run under torch.func transforms (grad, vmap, jacrev, ...) or "
+                           "forward-mode AD (torch.autograd.forward_ad): its autograd Functions are first-order "
+                           "kernels, not functorch rules, and give a class tensor's tangent nothing; use "
+                           "backend='torch' (or 'auto', which takes the reference path there)")
     if backend == "auto":
         return (isinstance(logits, torch.Tensor) and logits.is_cuda and logits.dtype != torch.float64
                 and kernels_available())

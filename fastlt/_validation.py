@@ -12,6 +12,7 @@ import warnings
 from numbers import Integral, Real
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # integer dtypes of class labels; torch's uint16/32/64 (numpy arrays of those types) where this torch has them
@@ -35,6 +36,31 @@ def under_functorch(t: torch.Tensor) -> bool:
     be read on the host (a vmap's batch), and the kernels' autograd Functions are not functorch rules. False while
     torch.compile traces (Dynamo cannot trace the question; it runs transforms its own way)."""
     return _WRAPPED is not None and not torch.compiler.is_compiling() and _WRAPPED(t)
+
+
+_LEVEL = getattr(torch._C._functorch, "maybe_current_level", None)  # a torch.func transform's level, or None
+
+
+def under_transform(t: torch.Tensor) -> bool:
+    """Whether a call on ``t`` runs under a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, ...) or a
+    forward-mode AD level (``torch.autograd.forward_ad.dual_level``), or ``t`` is a transform's tensor: any of the
+    call's tensors may then be the transform's or carry a tangent (targets, class weights, a prior, not only the
+    logits), which the kernels' autograd Functions do not propagate. False while torch.compile traces (as
+    :func:`under_functorch`)."""
+    if torch.compiler.is_compiling():
+        return False
+    return ((_LEVEL is not None and _LEVEL() is not None) or _forward_ad._current_level >= 0
+            or (_WRAPPED is not None and _WRAPPED(t)))
+
+
+_STACK = getattr(torch._C._functorch, "get_interpreter_stack", None)
+
+
+def under_vmap() -> bool:
+    """Whether a ``torch.func.vmap`` is among the active transforms (its samples are batches of one)."""
+    if _LEVEL is None or _STACK is None or _LEVEL() is None or torch.compiler.is_compiling():
+        return False
+    return any(i.key() == torch._C._functorch.TransformType.Vmap for i in _STACK() or ())
 
 
 def host_readable(t: torch.Tensor) -> bool:

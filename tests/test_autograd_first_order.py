@@ -219,3 +219,68 @@ def test_torch_func_transforms_take_the_reference_path():
     a = z.clone().requires_grad_()
     gcl(a, y, seed=5).backward()
     torch.testing.assert_close(torch.func.grad(lambda a: gcl(a, y, seed=5))(z), a.grad)
+
+
+def test_transforms_over_other_tensors_and_forward_mode_are_refused_by_the_kernels():
+    """The kernels take the class tensors as constants and their Functions are not functorch rules. A transform over
+    the targets or a class tensor alone (plain logits), or a forward-mode tangent on a class tensor, reached them:
+    torch's "must override the setup_context" error, or worse, a class tensor's tangent dropped without an error
+    (forward-mode AD through log_prior gave None). backend='triton' now refuses any active transform or dual level
+    by name; backend='torch' gives the tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    import fastlt
+
+    counts = torch.tensor([10.0, 5.0, 3.0, 2.0, 1.0])
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(4, 5, generator=g).to(DEVICE)
+    y = torch.tensor([0, 1, 4, 1]).to(DEVICE)
+    crit = fastlt.LogitAdjustedLoss(counts, backend="triton").to(DEVICE)
+    with pytest.raises(RuntimeError, match="torch.func transforms"):
+        torch.func.vmap(lambda t: crit(z, t.expand(4)))(y[:, None])  # a transform over the targets only
+    tangent = torch.arange(5.0).to(DEVICE)
+    for backend in ("triton", "torch"):
+        crit = fastlt.LogitAdjustedLoss(counts, backend=backend).to(DEVICE)
+        with fwAD.dual_level():
+            dual = fwAD.make_dual(crit.log_prior.clone(), tangent)
+            call = lambda d=dual, c=crit: torch.func.functional_call(c, {"log_prior": d}, (z, y))  # noqa: E731
+            if backend == "triton":
+                with pytest.raises(RuntimeError, match="forward-mode AD"):
+                    call()
+                continue
+            got = fwAD.unpack_dual(call()).tangent
+        p = torch.softmax(z.double() + crit.log_prior.double(), 1)  # d loss / d log_prior . tangent
+        want = ((p - torch.nn.functional.one_hot(y, 5)).mean(0) * tangent.double()).sum()
+        torch.testing.assert_close(got.double(), want)
+
+
+def test_vmap_refuses_batch_statistics_and_row_noise():
+    """Under torch.func.vmap every sample is a batch of one: GCL's noise (a function of the row) drew row 0's for
+    every sample (per-sample gradients 2.7 off the batch's rows, no error), and LADE's batch statistics became one
+    row's (its forward ran silently; vmap(grad) failed inside F.one_hot). Both are refused by name; GCL with the
+    batch's noise= passed per sample gives the batch's per-row gradients, and LADE under grad alone runs."""
+    import fastlt
+    from fastlt import functional as LF
+    from fastlt.noise import gcl_noise
+
+    counts = torch.tensor([10.0, 5.0, 3.0, 2.0, 1.0])
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1, 4, 1])
+    gcl = fastlt.GCLLoss(counts, backend="torch").double()
+    with pytest.raises(ValueError, match="row 0 of a batch of one"):
+        torch.func.vmap(torch.func.grad(lambda a, t: gcl(a[None], t[None], seed=123)))(z, y)
+    noise = gcl_noise(123, 4, 5, "cpu").double()
+    per_sample = torch.func.vmap(torch.func.grad(lambda a, t, e: LF.gcl_cross_entropy(
+        a[None], t[None], gcl.cloud, 0.5, 30.0, 1.0, noise=e[None], backend="torch")))(z, y, noise)
+    a = z.clone().requires_grad_()
+    gcl(a, y, seed=123).backward()  # the batch's noise, 'mean' over 4 rows
+    torch.testing.assert_close(per_sample / 4, a.grad)
+    lade = fastlt.LADELoss(counts, backend="torch").double()
+    for call in (lambda: torch.func.vmap(lambda a, t: lade(a[None], t[None]))(z, y),
+                 lambda: torch.func.vmap(torch.func.grad(lambda a, t: lade(a[None], t[None])))(z, y)):
+        with pytest.raises(ValueError, match="statistic of the batch"):
+            call()
+    a = z.clone().requires_grad_()
+    lade(a, y).backward()
+    torch.testing.assert_close(torch.func.grad(lambda a: lade(a, y))(z), a.grad)
