@@ -62,13 +62,16 @@ class HeldFields:
     def _held_fields(self, make) -> dict:
         """``make()``'s fields of a direct call, made once while the module stays as it is: again after any attribute
         assignment, a move or cast (nn.Module swaps the buffers without ``__setattr__``: other tensors), or an
-        in-place change of a buffer (its version) or of its storage (``swap_tensors``, ``.data =``). Never changed
+        in-place change of a buffer (its version) or of its storage (``swap_tensors``, ``.data =``), or a buffer
+        made to require grad (``requires_grad_()``: the kernels' check must see it, and GCL's folded cloud hid it:
+        :class:`fastlt._operator.FoldedSpread`). Never changed
         once made, so the arguments cache knows it by identity (:class:`fastlt._operator.ArgsCache`): a step skips
         building, checking and comparing its fields."""
         if torch.compiler.is_compiling() or self.__dict__.get("_hold_off"):  # traced (the ops path, which caches
             return make()                                                   # nothing), or a class tensor not held
         try:
-            state = [(id(b), b._version, b.data_ptr()) for b in self._buffers.values() if b is not None]
+            state = [(id(b), b._version, b.data_ptr(), b.requires_grad) for b in self._buffers.values()
+                     if b is not None]
         except RuntimeError:  # inference tensors have no version counter
             return make()
         held = self.__dict__.get("_held")

@@ -255,6 +255,13 @@ def test_a_learned_cloud_is_refused_after_a_no_grad_call():
         crit(z.float(), y, seed=1)
     with pytest.raises(ValueError, match="cloud requires grad"):
         crit(z.float(), y, seed=1)
+    # the buffer made learnable in place after a step (the held fields held the folded product: no refusal)
+    for mod, x in [(fastlt.GCLLoss(COUNTS, noise_mul=0.5, backend="triton"), z.float()),
+                   (fastlt.CosineGCLHead(3, C, COUNTS, noise_mul=0.5, backend="triton"), _inputs(6, D=3)[0].float())]:
+        mod(x, y)  # (a drawn seed: the held fields' path)
+        mod.cloud.requires_grad_(True)
+        with pytest.raises(ValueError, match="cloud requires grad"):
+            mod(x, y)
 
 
 def test_a_count_buffer_given_other_data_is_not_remade_by_a_cast():
