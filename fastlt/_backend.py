@@ -45,6 +45,12 @@ def use_triton(backend: str, logits) -> bool:
 _AVAILABLE: bool | None = None  # kernels_available's answer, once asked
 
 
+# Dynamo calls these two as they are and takes their answers as constants: traced, they guarded on their globals
+# (``_AVAILABLE is None``), so an eager call after the first compiled one compiled the graph again
+_constant_result = getattr(torch.compiler, "assume_constant_result", lambda fn: fn)
+
+
+@_constant_result
 def kernels_available() -> bool:
     """Whether triton imports here (tried once, at the first call)."""
     global _AVAILABLE
@@ -64,6 +70,7 @@ def kernels_available() -> bool:
 _INTERPRETING: bool | None = None  # interpreting's answer, once asked
 
 
+@_constant_result
 def interpreting() -> bool:
     """Whether Triton runs its kernels in the interpreter (``TRITON_INTERPRET=1``: on the CPU). Read once, at the
     first call: Triton reads the variable when it decorates the kernels, as they are imported, so a later change

@@ -621,7 +621,9 @@ class ChunkPlan:
     """How a fused head walks its (N, C) logits: ``rows`` per row chunk, or ``classes`` per class chunk (set: the
     class-chunked path)."""
 
-    rows: int = param(1, INT, "rows per chunk of the row-chunked path", low=1)
+    rows: int = param(1, INT, "rows per chunk of the row-chunked path; 0 (compiled): chosen by the op from its "
+                      "tensors' shapes (fastlt.heads.glue.resolved_plan), so that a graph takes every batch size",
+                      low=0)
     classes: int | None = param(None, OPTIONAL_INT, "classes per chunk of the class-chunked path (None: rows)")
 
 

@@ -174,3 +174,34 @@ def test_head_ops_pass_opcheck(reduction, chunks, need):
                               (x, w, b, y, *flatten(lade_args, LadeArgs(pi, 0.1, 0.1), plan, Needs(*need))))
     if need == (True, True, True) and chunks[1] == 0:
         torch.library.opcheck(H.normalize_rows_op, (x, 1e-12))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compiled_heads_take_every_batch_size_in_one_graph(reduction):
+    """The chunk plan was chosen from the traced batch size, which guarded on it: a dynamic graph compiled again for
+    every N until the recompile limit, and torch.export refused a dynamic N. The op now chooses it from its real
+    tensors (ChunkPlan rows 0): one graph for every N, with eager's values and gradients. (An eager call between
+    compiled ones compiled again too: the backend's answers guarded on their globals.)"""
+    import torch._dynamo.testing
+
+    counts = [50, 20, 10, 5, 2, 1, 1, 1]
+    torch._dynamo.reset()
+    for loss in (["la", "lade"] if reduction == "mean" else ["la"]):
+        head = fastlt.LinearLossHead(6, 8, counts, loss=loss, reduction=reduction, backend="triton").to(DEVICE)
+        counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+        step = torch.compile(lambda x, y, head=head: head(x, y).sum(), backend=counter, dynamic=True, fullgraph=True)
+        frames = []
+        for N in (2, 3, 5, 9):
+            gen = torch.Generator().manual_seed(N)
+            x = torch.randn(N, 6, generator=gen).to(DEVICE).requires_grad_()
+            y = torch.randint(0, 8, (N,), generator=gen).to(DEVICE)
+            loss_c = step(x, y)
+            loss_c.backward()
+            x2 = x.detach().clone().requires_grad_()
+            loss_e = head(x2, y).sum()
+            loss_e.backward()
+            torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
+            frames.append(counter.frame_count)
+        assert frames == frames[:1] * 4, (loss, frames)  # nothing compiled again (eager calls between included)
+        torch._dynamo.reset()

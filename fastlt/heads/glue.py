@@ -160,6 +160,7 @@ def linear_head_forward_op(features, weight, bias, target, *flat):
     float32 under autocast, else the features' dtype); the row statistics only for a 'none' loss whose gradients
     are wanted (else empty)."""
     args, plan, need = O.unflatten(_LINEAR_GROUPS, flat)
+    plan = resolved_plan(plan, features, weight, need, lade=False)
     loss, dx, dw, db, stats_chunks, coef_chunks = fused_pass(features, weight, bias, target,
                                                              HeadParams(args, plan, out_dtype=torch.float32),
                                                              need_x=need.x, need_w=need.w, need_b=need.b)
@@ -190,6 +191,7 @@ def _(features, weight, bias, target, *flat):
 def linear_head_backward_op(grad_output, features, weight, bias, target, row_stats, row_coef, *flat):
     """reduction='none': the per-row ``grad_output`` scales each row's dZ before the matmuls."""
     args, plan, need = O.unflatten(_LINEAR_GROUPS, flat)
+    plan = resolved_plan(plan, features, weight, need, lade=False)
     if plan.classes is not None:
         stats_chunks, coef_chunks = [row_stats], [row_coef]
     else:
@@ -254,6 +256,7 @@ _LADE_GROUPS = (AdjustedCEArgs, LadeArgs, ChunkPlan, Needs)
 def lade_head_forward_op(features, weight, bias, target, *flat):
     """``(loss, dx, dw, db)``: :func:`lade_pass` ('mean'/'sum' only), the loss in float32 (as the linear head's)."""
     args, lade, plan, need = O.unflatten(_LADE_GROUPS, flat)
+    plan = resolved_plan(plan, features, weight, need, lade=True)
     loss, dx, dw, db = lade_pass(features, weight, bias, target, HeadParams(args, plan, lade, out_dtype=torch.float32),
                                  need_x=need.x, need_w=need.w, need_b=need.b)
     return loss, _or_empty(dx, features), _or_empty(dw, features), _or_empty(db, features)
@@ -325,17 +328,32 @@ def _run_autocast_off(autocast_dev, run):
         return run()
 
 
-def _plan(features: Tensor, weight: Tensor, chunk_rows, chunk_classes, *, lade: bool) -> ChunkPlan:
+def _plan(features: Tensor, weight: Tensor, chunk_rows, chunk_classes, *, lade: bool,
+          need_weight_grad: bool | None = None) -> ChunkPlan:
     """The chunk plan (:mod:`fastlt.heads.plan`): ``chunk_rows`` / ``chunk_classes`` as given, else the whole batch
     when it fits, else class chunks when counting says they are cheaper (LADE: always, see
-    :mod:`fastlt.heads.lade`)."""
+    :mod:`fastlt.heads.lade`). While compiling, the choice is left to the op (:func:`resolved_plan`): made here from
+    the traced batch size, it guarded on it, so a graph compiled again for every N (and export refused a dynamic N).
+    ``need_weight_grad``: default, whether grad mode is on and the weight requires grad."""
+    if torch.compiler.is_compiling():
+        return ChunkPlan(rows=chunk_rows or 0, classes=chunk_classes)
     (N, D), C = features.shape, weight.shape[0]
-    rows = chunk_rows if chunk_rows is not None else head_chunk_rows(
-        N, D, C, features.dtype, need_weight_grad=torch.is_grad_enabled() and weight.requires_grad)
+    if need_weight_grad is None:
+        need_weight_grad = torch.is_grad_enabled() and weight.requires_grad
+    rows = chunk_rows if chunk_rows is not None else head_chunk_rows(N, D, C, features.dtype,
+                                                                     need_weight_grad=need_weight_grad)
     if chunk_classes is None and chunk_rows is None and rows < N:
         cols = default_chunk_classes(N, features.dtype)
         chunk_classes = cols if lade or prefer_class_chunks(N, D, C, rows, cols) else None
     return ChunkPlan(rows=max(1, min(rows, max(N, 1))), classes=chunk_classes)
+
+
+def resolved_plan(plan: ChunkPlan, features: Tensor, weight: Tensor, need: Needs, *, lade: bool) -> ChunkPlan:
+    """The plan an op runs: ``plan``, or where its ``rows`` is 0 (left to the op while compiling: :func:`_plan`)
+    the choice :func:`_plan` makes from the op's real tensors (its ``classes`` as asked)."""
+    if plan.rows != 0:
+        return plan
+    return _plan(features, weight, None, plan.classes, lade=lade, need_weight_grad=need.w)
 
 
 def _proxy(features: Tensor, weight: Tensor) -> Tensor:
