@@ -146,12 +146,19 @@ def _one_minus_exp_neg_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
 
 def test_focal_base_is_accurate_for_small_cross_entropy():
     """``1 - exp(-x)`` within 1e-6 relative of float64 from 1e-9 to 30 (fp32 ``1 - exp(-x)`` loses every bit at
-    1e-9); the focal factor of a confident row follows."""
-    x = torch.cat([torch.logspace(-9, 1.5, 200), torch.tensor([0.0, 0.03125, 0.0312])]).float()
+    1e-9); the focal factor of a confident row follows. The series runs to 1/2, so the GPU's approximate exp is
+    magnified at most 1.5 times above it (from 1/32, 32 times: ~4e-6 on sm_90's ex2.approx, past this bound); the
+    points around the switch are dense here."""
+    x = torch.cat([torch.logspace(-9, 1.5, 200), torch.linspace(0.03, 0.6, 200),
+                   torch.tensor([0.0, 0.5, 0.4999])]).float()
     out = torch.empty_like(x)
     xd, outd = x.to(DEVICE), out.to(DEVICE)
-    _one_minus_exp_neg_kernel[(1,)](xd, outd, x.numel(), BLOCK=256)
+    _one_minus_exp_neg_kernel[(1,)](xd, outd, x.numel(), BLOCK=512)
     want = -torch.expm1(-x.double())
     got = outd.cpu().double()
     assert got[-3] == 0.0
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    # the GPU's exp is approximate: with 4 ulps of error in exp above the switch the bound still holds
+    above = x.double() >= 0.5
+    worst = (torch.exp(-x.double()[above]) * 4 * 2.0**-23 / want[above]).max()
+    assert worst < 1e-6
