@@ -17,7 +17,7 @@ from fastlt import _operator as O
 from fastlt import functional as LF
 from fastlt import reference as R
 from fastlt.kernels import launch
-from fastlt.kernels.philox_noise import gcl_noise_kernel
+from fastlt.kernels.philox_noise import FAST_MATH, gcl_noise_kernel
 
 
 def _flags(name: str, cv: dict, seed: int) -> dict:
@@ -521,7 +521,8 @@ def test_kernel_noise_equals_reference_noise_elementwise(by_pair):
     for seed, N, C in [(0, 3, 5), (12345, 7, 67), (2**40 + 3, 5, 130), (2**61 + 17, 2, 33)]:
         out = gcl_noise_kernel(seed, N, C, DEVICE, by_pair=by_pair)
         ref = gcl_noise(seed, N, C)
-        torch.testing.assert_close(out.cpu(), ref, atol=1e-6, rtol=0)
+        # (the GPU's fast log2/sin/cos: 2.5e-6, as tests/test_kernels_philox_noise.py allows them)
+        torch.testing.assert_close(out.cpu(), ref, atol=2.5e-6 if FAST_MATH else 1e-6, rtol=0)
         assert out.min() >= 0 and out.max() <= 1
 
 
