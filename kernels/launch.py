@@ -151,6 +151,15 @@ def reads_class_vectors(f: Flags) -> bool:
     return f.HAS_LOG_PRIOR or f.NOISE_MODE != 0 or (f.HAS_WEIGHT and f.HAS_SMOOTH)
 
 
+def _tile_streams(f: Flags, soft) -> dict:
+    """:func:`fastlt.kernels.tiles.pick_tiles`'s arguments for what the column loop of the terms ``f`` loads beside
+    the logits: whether it reads class vectors, how many ((C,) fp32: the log prior, GCL's cloud, class weights with
+    smoothing or class probabilities) and the class probabilities' element size (``soft``, or 0)."""
+    vectors = int(f.HAS_LOG_PRIOR) + int(f.NOISE_MODE != 0) + int(f.HAS_WEIGHT and (f.HAS_SMOOTH or soft is not None))
+    return dict(class_vectors=reads_class_vectors(f), streamed_vectors=vectors,
+                soft_bytes=0 if soft is None else soft.q.element_size())
+
+
 def weight_sum(args: AdjustedCEArgs) -> torch.Tensor | None:
     """(1,) fp32 ``W = sum_j w_j``, which the kernels need only for label smoothing with class weights (else None);
     one launch per ``args`` (cached on it: the forward and the backward share it)."""
@@ -438,7 +447,7 @@ def _new_forward_plan(args: AdjustedCEArgs, z, y, g, soft, grad_in_forward: bool
     dev = z.device
     kg = kernel_groups(args, dev)
     cfg = config or pick_tiles(N, C, dev, column_stats=column_stats, grad_in_forward=grad_in_forward,
-                               elem_bytes=z.element_size(), class_vectors=reads_class_vectors(kg.flags))
+                               elem_bytes=z.element_size(), **_tile_streams(kg.flags, soft))
     split = cfg.num_splits > 1
     row_blocks = cdiv(N, cfg.block_m)
     grid_rows = cfg.row_grid(row_blocks)
@@ -564,7 +573,7 @@ def _new_grad_plan(args: AdjustedCEArgs, z, y, out, soft, column_term: bool, ups
     dev = z.device
     kg = kernel_groups(args, dev)
     cfg = config or pick_tiles(N, Ck, dev, column_term=column_term, elem_bytes=z.element_size(),
-                               class_vectors=reads_class_vectors(kg.flags))
+                               **_tile_streams(kg.flags, soft))
     d = _dummy(dev)
     static = dict(
         vecs=kg.vecs, wsum_ptr=_or_dummy(weight_sum(args), dev), N=N, C=C,

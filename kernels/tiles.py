@@ -49,15 +49,37 @@ def pick_tiles(N: int, C: int, device: torch.device, *, column_stats: bool = Fal
                grad_in_forward: bool = False, elem_bytes: int = 4, class_vectors: bool = False,
                block_m: int | None = None, block_n: int | None = None, num_splits: int | None = None,
                num_warps: int | None = None, num_stages: int | None = None,
-               row_programs: int | None = None) -> TileConfig:
+               row_programs: int | None = None, streamed_vectors: int = 0, soft_bytes: int = 0) -> TileConfig:
     """Tile shape and row split for an (N, C) problem (cached). ``column_stats``: LADE's forward;
     ``column_term``: LADE's gradient; ``grad_in_forward`` (with ``elem_bytes``, the logits' element size): the
     forward that also writes the gradient, which may get a persistent grid (:func:`_persistent_per_sm`);
     ``class_vectors``: the launch reads a (C,) fp32 vector per element (a log prior, GCL's cloud, class weights with
-    label smoothing), which 2-byte rows share between :data:`HALF_WIDTH_ROWS` rows. Explicit arguments override
-    (tests, tuning); ``row_programs=0`` turns the persistent grid off."""
+    label smoothing), which 2-byte rows share between :data:`HALF_WIDTH_ROWS` rows; ``streamed_vectors``: how many
+    such vectors its column loop loads, and ``soft_bytes`` the element size of class-probability targets loaded
+    beside the logits (0: none), for the pipeline's shared memory (:func:`_fitting_stages`). Explicit arguments
+    override (tests, tuning); ``row_programs=0`` turns the persistent grid off."""
     return _pick_tiles(N, C, sm_count(device), column_stats, column_term, grad_in_forward, elem_bytes, class_vectors,
-                       block_m, block_n, num_splits, num_warps, num_stages, row_programs)
+                       block_m, block_n, num_splits, num_warps, num_stages, row_programs, streamed_vectors,
+                       soft_bytes)
+
+
+# Shared memory a block may have on the target GPUs (H100, H200: 227 KB) less room for what else a row kernel keeps
+# there (its reductions, GCL's noise meeting the tile's layout: ~8 KB seen): the column loop's pipeline buffers fit
+# in the rest, or the launch raises OutOfResources on the GPU only (the interpreter has no such limit)
+SMEM_BYTES = 232448
+PIPELINE_SMEM_BYTES = SMEM_BYTES - (32 << 10)
+
+
+def _fitting_stages(stages: int, block_m: int, block_n: int, elem_bytes: int, streamed_vectors: int,
+                    soft_bytes: int) -> int:
+    """``stages``, or fewer where its buffers would not fit :data:`PIPELINE_SMEM_BYTES`: a loop of ``k`` stages
+    keeps ``k - 1`` tiles of each stream it loads in shared memory (the logits', the targets' with class
+    probabilities, each (C,) fp32 vector's). The wide one-row tiles (8192 fp32 columns, the whole-row and the
+    persistent gradient-in-forward grids) with four streams needed 256 KB at 3 stages."""
+    per_stage = block_m * block_n * (elem_bytes + soft_bytes) + block_n * 4 * streamed_vectors
+    while stages > 1 and (stages - 1) * per_stage > PIPELINE_SMEM_BYTES:
+        stages -= 1
+    return stages
 
 
 GENERATION = 0  # bumped by reconfigure(): launch plans (fastlt.kernels.launch) made under another policy are not reused
@@ -143,7 +165,8 @@ def _persistent_per_sm(N: int, C: int, sm_count: int, elem_bytes: int) -> int | 
 
 @functools.lru_cache(maxsize=1024)
 def _pick_tiles(N, C, sm_count, column_stats, column_term, grad_in_forward, elem_bytes, class_vectors, block_m,
-                block_n, num_splits, num_warps, num_stages, row_programs) -> TileConfig:
+                block_n, num_splits, num_warps, num_stages, row_programs, streamed_vectors=0,
+                soft_bytes=0) -> TileConfig:
     # Defaults from benchmarks/tune_tiles.py on an H100 (triton 3.6, 2026-11-23): 2048-wide tiles and 4 warps beat
     # whole-row tiles at every shape measured (more programs in flight per SM hide HBM latency better than one
     # 16-warp program holding a whole 8K row). num_stages: that sweep found it inert, rightly then: Triton
@@ -216,7 +239,10 @@ def _pick_tiles(N, C, sm_count, column_stats, column_term, grad_in_forward, elem
             num_warps = max(4, min(16, elements // 512))
         else:
             num_warps = 4 if elements <= 2048 else (8 if elements <= 8192 else 16)
-    stages = DEFAULT_STAGES if num_stages is None else num_stages
+    if num_stages is None:
+        stages = _fitting_stages(DEFAULT_STAGES, block_m, block_n, elem_bytes, streamed_vectors, soft_bytes)
+    else:
+        stages = num_stages
     return TileConfig(block_m, block_n, num_splits, cols_per_split, num_warps, stages, row_programs)
 
 

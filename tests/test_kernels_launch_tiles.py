@@ -109,3 +109,32 @@ def test_splits_only_for_long_rows_of_short_batches(monkeypatch):
     assert launch.pick_tiles(4096, 131072, dev, column_stats=True).num_splits > 1  # 64 row blocks
     assert launch.pick_tiles(64, 512, dev, column_stats=True).num_splits == 1
     assert launch.pick_tiles(512, 8142, dev).num_splits == 1  # a whole-row width (tiles.WHOLE_ROW_BYTES)
+
+
+def test_pipeline_buffers_fit_an_h100_block():
+    """A k-stage column loop keeps k - 1 tiles of each stream it loads in shared memory: the 8192-wide fp32 tiles
+    (the persistent and the whole-row gradient-in-forward grids) with the logits and three (C,) vectors, or class
+    probabilities, weights and a log prior, needed 256 KB at 3 stages (the compiled kernel 262208-270336 B), over an
+    H100 block's 227 KB: OutOfResources on the GPU only. Stages drop until the buffers fit; narrow tiles keep 3.
+    tools/kernel_report.py --check compiles two such launches and fails above the limit."""
+    def stages(N, C, eb, **streams):
+        return tiles._pick_tiles(N, C, 132, False, False, True, eb, True, *[None] * 6, **streams).num_stages
+
+    assert stages(4096, 32768, 4) == 3  # the logits alone: 128 KB
+    assert stages(4096, 32768, 4, streamed_vectors=2) == 3  # 192 KB
+    assert stages(4096, 32768, 4, streamed_vectors=3) == 2
+    assert stages(4096, 32768, 4, streamed_vectors=2, soft_bytes=4) == 2
+    assert stages(4096, 8142, 4, streamed_vectors=3) == 2  # the whole-row tile
+    assert stages(4096, 131072, 2, streamed_vectors=1) == 3  # bf16 persistent, LA or GCL: 2 x 48 KB
+    assert stages(4096, 131072, 2, streamed_vectors=3) == 2  # every term: 2 x 112 KB
+    for N, C, eb in [(4096, 131072, 2), (4096, 32768, 4), (4096, 8142, 4), (128, 1 << 20, 4)]:
+        for vectors in range(4):
+            for soft in (0, eb):
+                cfg = tiles._pick_tiles(N, C, 132, False, False, True, eb, True, *[None] * 6, vectors, soft)
+                per_stage = cfg.block_m * cfg.block_n * (eb + soft) + cfg.block_n * 4 * vectors
+                assert (cfg.num_stages - 1) * per_stage <= tiles.PIPELINE_SMEM_BYTES, (N, C, eb, vectors, soft)
+    # the launcher counts the streams of its terms
+    args = launch.AdjustedCEArgs(log_prior=torch.zeros(8), cloud=torch.ones(8), noise_mul=1.0, weight=torch.ones(8),
+                                 label_smoothing=0.1)
+    assert launch._tile_streams(launch.kernel_groups(args, torch.device("cpu")).flags, None) == dict(
+        class_vectors=True, streamed_vectors=3, soft_bytes=0)

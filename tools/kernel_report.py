@@ -355,6 +355,28 @@ def cases():
             launch.grad(z, y, args, stats, coef, None, col_base=size, num_classes=C)
         return run
 
+    def all_terms(N, C, dtype, soft=False):
+        """Every per-column term at once (a log prior, GCL's noise, class weights with smoothing; or class
+        probabilities with weights), the gradient in the forward, with the tiles an H100 gets (132 SMs: the CPU
+        shows pick_tiles one): the widest pipelined loads, for the shared-memory check."""
+        def run():
+            from fastlt.kernels import tiles
+
+            z = torch.empty((N, C), dtype=dtype)
+            y = targets(N, C, dtype, soft)
+            noise = {} if soft else dict(cloud=gcl_cloud(_counts(C)).float(), noise_mul=1.0, seed=3,
+                                         label_smoothing=0.1)
+            args = AdjustedCEArgs(log_prior=log_prior(_counts(C)).float(), weight=torch.ones(C),
+                                  reduction="sum" if soft else "mean", **noise)
+            count, tiles.sm_count = tiles.sm_count, lambda device: 132
+            tiles._pick_tiles.cache_clear()
+            try:
+                launch.loss(z, y, args, grad_out=z)
+            finally:
+                tiles.sm_count = count
+                tiles._pick_tiles.cache_clear()
+        return run
+
     def rescale(N, D, C, dtype):
         def run():  # the heads' backward: dx, dW, db times a scalar grad_output in one launch
             launch.scale_all([torch.empty((N, D), dtype=dtype), torch.empty((C, D), dtype=dtype),
@@ -399,6 +421,10 @@ def cases():
         "la-soft-131072-bf16": la(4096, 131072, torch.bfloat16, soft=True),
         "gcl-soft-1M-bf16-split-fused": gcl(128, 1_000_000, torch.bfloat16, grad_in_forward=True, num_splits=16,
                                             soft=True),
+        # the persistent grid's 8192-wide fp32 tiles with four pipelined streams: 256 KB of buffers at 3 stages,
+        # over an H100's 227 KB (OutOfResources on the GPU only); pick_tiles now drops a stage there
+        "all-terms-32768-fp32-fused-h100": all_terms(4096, 32768, torch.float32),
+        "la-soft-weights-32768-fp32-fused-h100": all_terms(4096, 32768, torch.float32, soft=True),
     }
 
 
@@ -438,8 +464,8 @@ def main(argv=None) -> int:
     p.add_argument("--case", nargs="*", default=None)
     p.add_argument("--sass", default=None, help="write each kernel's SASS into this folder")
     p.add_argument("--check", action="store_true",
-                   help="exit 1 if a kernel spills inside a loop, or a row kernel's column loop asked for stages "
-                        "(STAGES > 1) is not pipelined")
+                   help="exit 1 if a kernel spills inside a loop, needs more shared memory than an H100 block has, "
+                        "or a row kernel's column loop asked for stages (STAGES > 1) is not pipelined")
     a = p.parse_args(argv)
     try:
         rows = report(a.case, a.arch, a.sass)
@@ -448,11 +474,16 @@ def main(argv=None) -> int:
         return 3
     print(markdown(rows))
     bad = [f"{name}: {c.kernel} ({c.flags})" for name, c in rows if c.counts["loop spills"]]
+    from fastlt.kernels.tiles import SMEM_BYTES
+
+    big = [f"{name}: {c.kernel} ({c.flags}): {c.shared} B" for name, c in rows if c.shared > SMEM_BYTES]
     unpiped = [f"{name}: {c.kernel} ({c.flags}): {c.counts['pipelined loops']} loops pipelined" for name, c in rows
                if not_pipelined(c)]
-    if a.check and (bad or unpiped):
+    if a.check and (bad or unpiped or big):
         if bad:
             print("local-memory traffic inside a loop:\n  " + "\n  ".join(bad))
+        if big:
+            print(f"more shared memory than an H100 block has ({SMEM_BYTES} B):\n  " + "\n  ".join(big))
         if unpiped:
             print("column loops asked for stages but not pipelined:\n  " + "\n  ".join(unpiped))
         return 1
