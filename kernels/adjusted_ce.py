@@ -690,8 +690,9 @@ def _grad_step(z_op, g_op, vecs, hp, rng, row, rg, colg, col_start, col_base, co
     STORED (gradient in the forward, after a STORE_P statistics pass): the tile is not recomputed (no z, class
     vectors or noise): ``p = e * exp(max_tile - row max - log sum-exp)`` from the ``e = exp(a - max_tile)`` that pass
     stored over ``g_op`` and its running max ``stored.maxima[row, tile]``. Rounding ``e`` to the gradient's dtype
-    costs ``p`` one rounding more, relative to ``p``; a confident target keeps ``p_y - 1`` exact: its ``a`` was the
-    running max where it was stored, so its ``e`` is exactly 1."""
+    costs ``p`` one rounding more, relative to ``p``; a confident target keeps ``p_y - 1`` near exact: its ``a`` was
+    the running max where it was stored, so its ``e`` is 1 (exactly in the interpreter; on the GPU, where ptxas
+    fuses a scaled ``s a - max`` into one FMA, within the rounding error of ``s a``: half an ulp of it)."""
     # two versions of the tile's work: the one tile per row that holds its target, with the compares (margin,
     # one-hot), and every other tile without them (a branch per tile, not ~3 instructions per element)
     if STORED:
