@@ -451,29 +451,36 @@ def inputs_state(args: AdjustedCEArgs, seed: int | None = None) -> tuple | None:
         names = _CLASS_TENSORS + (("seed",) if args.has_noise and seed is None else ())
         watched = args.memo[key] = tuple((name, t) for name in names if isinstance(t := getattr(args, name), Tensor)
                                          and not t.is_inference())
-    return (watched, [t._version for _, t in watched]) if watched else None
+    return (watched, _versions(watched)) if watched else None
+
+
+def _versions(watched: tuple) -> int:
+    """The sum of the watched tensors' versions: a counter only grows, so the sum moves when any of them does (one
+    number to keep and compare: host time)."""
+    total = 0
+    for _, t in watched:
+        total += t._version
+    return total
 
 
 def check_inputs_unchanged(state: tuple | None) -> None:
     """RuntimeError when a tensor of :func:`inputs_state` was changed in place since the forward: the recompute
     backward would read other values than the forward's (a wrong gradient, no error; autograd raises the same for
     the tensors an op saves)."""
-    if state is None:
+    if state is None or _versions(state[0]) == state[1]:
         return
-    for (name, t), version in zip(*state, strict=True):
-        if t._version == version:
-            continue
-        if name == "seed":
-            raise RuntimeError("the noise seed tensor was changed in place after the forward (seed_t.random_() or "
-                               "fill_() before this backward): the backward recomputes the forward's noise from it. "
-                               "Change it after the backward (or pass grad_in_forward=True, whose gradient is "
-                               "formed in the forward)")
-        what = {"log_prior": "the log prior", "cloud": "GCL's cloud", "margin": "the margins",
-                "weight": "the class weights"}[name]
-        raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an inplace "
-                           f"operation: {what} ({name}, a (C,) tensor of the loss, e.g. a module's buffer) changed "
-                           f"after the forward, and the backward recomputes from it. Change it after the backward "
-                           f"(or assign a new tensor instead of editing it in place)")
+    names = [name for name, _ in state[0]]
+    what = {"log_prior": "the log prior", "cloud": "GCL's cloud", "margin": "the margins",
+            "weight": "the class weights"}
+    parts = [f"{what[name]} ({name}, a (C,) tensor of the loss, e.g. a module's buffer)" for name in names
+             if name != "seed"]
+    if "seed" in names:  # (one sum of versions: which one moved is not known)
+        parts.insert(0, "the noise seed tensor was changed in place after the forward (seed_t.random_() or fill_() "
+                        "before this backward)")
+    raise RuntimeError("one of the variables needed for gradient computation has been modified by an inplace "
+                       f"operation: {' or '.join(parts)}; the backward recomputes the forward from them. Change them "
+                       "after the backward (assign a new tensor instead of editing one in place; for the seed, "
+                       "grad_in_forward=True forms the gradient in the forward)")
 
 
 def as_f32(t: Tensor | None) -> Tensor | None:
@@ -593,6 +600,8 @@ class FoldedSpread(HeldDerived):
     do. The product is kept while the cloud and noise_mul stay (:class:`HeldDerived`). While compiling it folds
     nothing (the kernels take noise_mul; it would guard on the tensor's version), nor a cloud that requires grad (a
     learned cloud: the kernels' check must see it, and refuse it; a product made under ``no_grad`` hid it)."""
+
+    _make = staticmethod(_spread)  # (also for a module pickled before FoldedSpread was a HeldDerived: no _make)
 
     def __init__(self):
         super().__init__(_spread)

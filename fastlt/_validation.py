@@ -56,9 +56,12 @@ def under_transform(t: torch.Tensor) -> bool:
 _STACK = getattr(torch._C._functorch, "get_interpreter_stack", None)
 
 
-def under_vmap() -> bool:
-    """Whether a ``torch.func.vmap`` is among the active transforms (its samples are batches of one)."""
-    if _LEVEL is None or _STACK is None or _LEVEL() is None or torch.compiler.is_compiling():
+def per_sample_rows(rows: torch.Tensor) -> bool:
+    """Whether ``rows`` (N, C) is one sample's batch of one under ``torch.func.vmap`` (per-sample gradients: a vmap
+    among the active transforms and N = 1 as the function sees it), where a batch statistic or a function of the
+    row index is not the batch's. A vmap over whole batches (``jacfwd``'s tangents, an ensemble's models) sees N
+    rows and is not one."""
+    if rows.shape[0] != 1 or _LEVEL is None or _STACK is None or _LEVEL() is None or torch.compiler.is_compiling():
         return False
     return any(i.key() == torch._C._functorch.TransformType.Vmap for i in _STACK() or ())
 

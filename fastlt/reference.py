@@ -134,11 +134,12 @@ def adjusted_logits(logits: Tensor, target: Tensor, *, log_prior: Tensor | None 
         a = a + tau * log_prior.to(a.dtype)
     if cloud is not None and noise_mul != 0.0:
         if noise is None:
-            if V.under_vmap():
-                raise ValueError("GCL's noise is a function of (seed, row, column): under torch.func.vmap every "
-                                 "sample is row 0 of a batch of one, so all samples would draw one row's noise, not "
-                                 "their rows' in the batch; take per-sample gradients without noise (noise_mul=0), "
-                                 "or pass the batch's noise= (drawn with fastlt.noise.gcl_noise) to vmap over")
+            if V.per_sample_rows(logits):
+                raise ValueError("GCL's noise is a function of (seed, row, column): under torch.func.vmap of "
+                                 "one-row samples every sample is row 0 of a batch of one, so all samples would draw "
+                                 "one row's noise, not their rows' in the batch; take per-sample gradients without "
+                                 "noise (noise_mul=0), or pass the batch's noise= (drawn with "
+                                 "fastlt.noise.gcl_noise) to vmap over")
             noise = gcl_noise(call_seed(seed, logits.device), N, C, logits.device, row_offset=noise_row_offset)
         cdt = torch.promote_types(a.dtype, torch.float32)  # float64 stays float64: the oracle is exact
         a = a - (noise_mul * cloud.to(cdt) * noise.to(cdt)).to(a.dtype)
@@ -285,12 +286,13 @@ def _target_sums(logits: Tensor, onehot: Tensor) -> Tensor:
 def lader_statistics(logits: Tensor, target: Tensor, ignore_index: int = -100) -> LaderStatistics:
     """The :class:`LaderStatistics` of (N, C) ``logits`` and (N,) ``target``, in at least float32 (differentiable
     in the logits). Class-probability targets ``q`` (N, C) weigh the class sums and counts
-    (``N_c = sum_i q_ic``, ``sum_i q_ic z_ic``); every row is valid. Refused under ``torch.func.vmap``: each sample
-    would be a batch of one, whose statistics are not the batch's."""
-    if V.under_vmap():
+    (``N_c = sum_i q_ic``, ``sum_i q_ic z_ic``); every row is valid. Refused for one-row samples under
+    ``torch.func.vmap`` (per-sample gradients): a batch of one, whose statistics are not the batch's."""
+    if V.per_sample_rows(logits):
         raise ValueError("LADE's regulariser is a statistic of the batch (each class's log-mean-exp over the rows): "
-                         "under torch.func.vmap every sample is a batch of one, so a per-sample LADE is not the "
-                         "batch's; take its gradient with torch.func.grad (or autograd) over the batch")
+                         "under torch.func.vmap of one-row samples every sample is a batch of one, so a per-sample "
+                         "LADE is not the batch's; take its gradient with torch.func.grad (or autograd) over the "
+                         "batch")
     C = logits.shape[1]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     dt = logits.dtype

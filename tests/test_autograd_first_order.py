@@ -284,3 +284,9 @@ def test_vmap_refuses_batch_statistics_and_row_noise():
     a = z.clone().requires_grad_()
     lade(a, y).backward()
     torch.testing.assert_close(torch.func.grad(lambda a: lade(a, y))(z), a.grad)
+    # a vmap over whole batches is not refused: jacfwd's tangents, an ensemble's models (each sees the N rows)
+    for crit, kw in ((gcl, {"seed": 123}), (lade, {})):
+        fwd = torch.func.jacfwd(lambda a, crit=crit, kw=kw: crit(a, y, **kw))(z)
+        torch.testing.assert_close(fwd, torch.func.jacrev(lambda a, crit=crit, kw=kw: crit(a, y, **kw))(z))
+        models = torch.func.vmap(lambda a, crit=crit, kw=kw: crit(a, y, **kw))(torch.stack([z, 2 * z]))
+        torch.testing.assert_close(models, torch.stack([crit(z, y, **kw), crit(2 * z, y, **kw)]))

@@ -286,3 +286,16 @@ def test_margins_remade_after_a_half_cast_are_float32():
     fresh = fastlt.LDAMLoss(COUNTS, max_margin=0.3).half()
     assert crit.margins.dtype == fresh.margins.dtype == torch.float32
     torch.testing.assert_close(crit.margins, fresh.margins, rtol=0, atol=0)
+
+
+def test_a_gcl_module_pickled_by_the_previous_version_runs_on_the_kernels():
+    """FoldedSpread became a HeldDerived, whose maker is an attribute; a GCL module saved before (its FoldedSpread's
+    state {"_held": None}) had none, and its first kernel call raised AttributeError."""
+    from fastlt._operator import FoldedSpread
+
+    old = FoldedSpread.__new__(FoldedSpread)
+    old.__dict__.update({"_held": None})  # what pickle restores from the old state (no __setstate__)
+    cloud = torch.linspace(0.1, 1.0, C)
+    spread, noise_mul = old(cloud, 0.5)
+    assert noise_mul == 1.0
+    torch.testing.assert_close(spread, cloud * 0.5)
