@@ -45,6 +45,14 @@ def sm_count(device: torch.device) -> int:
     return 1
 
 
+def block_smem_bytes(device: torch.device) -> int:
+    """The shared memory a block may have on ``device`` (opt-in maximum: 227 KB on an H100 or H200, 163 KB on an
+    A100); :data:`SMEM_BYTES` elsewhere (the interpreter, and the sm_90 compiles of tools/kernel_report.py)."""
+    if device.type == "cuda":
+        return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", SMEM_BYTES)
+    return SMEM_BYTES
+
+
 def pick_tiles(N: int, C: int, device: torch.device, *, column_stats: bool = False, column_term: bool = False,
                grad_in_forward: bool = False, elem_bytes: int = 4, class_vectors: bool = False,
                block_m: int | None = None, block_n: int | None = None, num_splits: int | None = None,
@@ -60,24 +68,26 @@ def pick_tiles(N: int, C: int, device: torch.device, *, column_stats: bool = Fal
     override (tests, tuning); ``row_programs=0`` turns the persistent grid off."""
     return _pick_tiles(N, C, sm_count(device), column_stats, column_term, grad_in_forward, elem_bytes, class_vectors,
                        block_m, block_n, num_splits, num_warps, num_stages, row_programs, streamed_vectors,
-                       soft_bytes)
+                       soft_bytes, block_smem_bytes(device))
 
 
-# Shared memory a block may have on the target GPUs (H100, H200: 227 KB) less room for what else a row kernel keeps
-# there (its reductions, GCL's noise meeting the tile's layout: ~8 KB seen): the column loop's pipeline buffers fit
-# in the rest, or the launch raises OutOfResources on the GPU only (the interpreter has no such limit)
+# Shared memory a block may have on the target GPUs (H100, H200: 227 KB; other GPUs: block_smem_bytes) less room
+# for what else a row kernel keeps there (its reductions, GCL's noise meeting the tile's layout: ~8 KB seen): the
+# column loop's pipeline buffers fit in the rest, or the launch raises OutOfResources on the GPU only (the
+# interpreter has no such limit)
 SMEM_BYTES = 232448
-PIPELINE_SMEM_BYTES = SMEM_BYTES - (32 << 10)
+SMEM_RESERVED = 32 << 10
+PIPELINE_SMEM_BYTES = SMEM_BYTES - SMEM_RESERVED
 
 
 def _fitting_stages(stages: int, block_m: int, block_n: int, elem_bytes: int, streamed_vectors: int,
-                    soft_bytes: int) -> int:
-    """``stages``, or fewer where its buffers would not fit :data:`PIPELINE_SMEM_BYTES`: a loop of ``k`` stages
-    keeps ``k - 1`` tiles of each stream it loads in shared memory (the logits', the targets' with class
+                    soft_bytes: int, smem_bytes: int = SMEM_BYTES) -> int:
+    """``stages``, or fewer where its buffers would not fit ``smem_bytes`` less :data:`SMEM_RESERVED`: a loop of
+    ``k`` stages keeps ``k - 1`` tiles of each stream it loads in shared memory (the logits', the targets' with class
     probabilities, each (C,) fp32 vector's). The wide one-row tiles (8192 fp32 columns, the whole-row and the
     persistent gradient-in-forward grids) with four streams needed 256 KB at 3 stages."""
     per_stage = block_m * block_n * (elem_bytes + soft_bytes) + block_n * 4 * streamed_vectors
-    while stages > 1 and (stages - 1) * per_stage > PIPELINE_SMEM_BYTES:
+    while stages > 1 and (stages - 1) * per_stage > smem_bytes - SMEM_RESERVED:
         stages -= 1
     return stages
 
@@ -166,7 +176,7 @@ def _persistent_per_sm(N: int, C: int, sm_count: int, elem_bytes: int) -> int | 
 @functools.lru_cache(maxsize=1024)
 def _pick_tiles(N, C, sm_count, column_stats, column_term, grad_in_forward, elem_bytes, class_vectors, block_m,
                 block_n, num_splits, num_warps, num_stages, row_programs, streamed_vectors=0,
-                soft_bytes=0) -> TileConfig:
+                soft_bytes=0, smem_bytes=SMEM_BYTES) -> TileConfig:
     # Defaults from benchmarks/tune_tiles.py on an H100 (triton 3.6, 2026-11-23): 2048-wide tiles and 4 warps beat
     # whole-row tiles at every shape measured (more programs in flight per SM hide HBM latency better than one
     # 16-warp program holding a whole 8K row). num_stages: that sweep found it inert, rightly then: Triton
@@ -240,7 +250,8 @@ def _pick_tiles(N, C, sm_count, column_stats, column_term, grad_in_forward, elem
         else:
             num_warps = 4 if elements <= 2048 else (8 if elements <= 8192 else 16)
     if num_stages is None:
-        stages = _fitting_stages(DEFAULT_STAGES, block_m, block_n, elem_bytes, streamed_vectors, soft_bytes)
+        stages = _fitting_stages(DEFAULT_STAGES, block_m, block_n, elem_bytes, streamed_vectors, soft_bytes,
+                                 smem_bytes)
     else:
         stages = num_stages
     return TileConfig(block_m, block_n, num_splits, cols_per_split, num_warps, stages, row_programs)
