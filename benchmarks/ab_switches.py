@@ -44,15 +44,10 @@ def _module(name: str, counts, grad_in_forward: bool) -> torch.nn.Module:
     return cls(counts, backend="triton", grad_in_forward=grad_in_forward)
 
 
-def main() -> int:
-    if not torch.cuda.is_available():
-        print("ab_switches: no CUDA GPU visible; nothing measured")
-        return 0
-    from fastlt._bench_harness import long_tail_counts
-    from fastlt.kernels import tiles
-
+def cases() -> list[tuple]:
+    """``(switch, (off, on), shapes, losses, grad_in_forward)`` of every A/B (shapes: ``(N, C, dtype)``)."""
     bf16, fp32 = torch.bfloat16, torch.float32
-    cases = [  # switch, (off, on), shapes, losses, grad_in_forward
+    return [
         ("DEFAULT_STAGES", (1, 3), [(4096, 8142, fp32), (4096, 131072, bf16), (1024, 1_000_000, bf16)],
          ("la", "gcl", "lade"), False),
         ("HALF_WIDTH_ROWS", (1, 2), [(4096, 131072, bf16), (4096, 8142, bf16), (512, 8142, bf16)], ("la", "gcl"),
@@ -64,9 +59,37 @@ def main() -> int:
         ("GROUPED_STATS", (False, True), [(4096, 131072, bf16), (4096, 131072, fp32), (1024, 1_000_000, bf16)],
          ("la", "gcl"), False),
     ]
+
+
+def run_once(switch: str, value, N: int, C: int, dtype: torch.dtype, name: str, grad_in_forward: bool,
+             device: str = "cuda") -> None:
+    """One forward + backward of ``name`` at (N, C) with ``switch`` set to ``value`` (restored after): every kernel
+    that case's timed steps launch, compiled (benchmarks/warm_kernels.py warms the A/B this way)."""
+    from fastlt._bench_harness import GradSink, long_tail_counts
+    from fastlt.kernels import tiles
+
+    counts = long_tail_counts(C)
+    y = torch.randint(0, C, (N,), device=device)
+    z = torch.randn(N, C, device=device, dtype=dtype, requires_grad=True)
+    crit = _module(name, counts, grad_in_forward).to(device)
+    before = tiles.reconfigure(**{switch: value})
+    try:
+        loss = crit(GradSink.apply(z), y, seed=1) if name == "gcl" else crit(GradSink.apply(z), y)
+        loss.backward()
+    finally:
+        tiles.reconfigure(**before)
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("ab_switches: no CUDA GPU visible; nothing measured")
+        return 0
+    from fastlt._bench_harness import long_tail_counts
+    from fastlt.kernels import tiles
+
     print(f"# {torch.cuda.get_device_name(0)}: median ms, forward + backward")
     print("| switch | loss | N x C | dtype | off | on | on / off |\n|---|---|---|---|---|---|---|")
-    for switch, (off, on), shapes, names, gif in cases:
+    for switch, (off, on), shapes, names, gif in cases():
         for N, C, dtype in shapes:
             counts = long_tail_counts(C)
             y = torch.randint(0, C, (N,), device="cuda")

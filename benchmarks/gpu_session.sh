@@ -37,7 +37,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 11")
 one() {
   # beside the tests, 4 processes compile the benchmarks' kernels into Triton's on-disk cache (~100 kernels, ~1-3 s
-  # each, one after another in a timed run: most of its bound); the timed runs then load them
+  # each, one after another in a timed run: most of its bound), then ab_switches.py's for `two` (kept while the
+  # machine stays warm); the timed runs then load them
   timeout -s INT -k 3 170 python3 benchmarks/warm_kernels.py --jobs 4 > "$OUT/warm.log" 2>&1 &
   local warm=$!
   # shellcheck disable=SC2086

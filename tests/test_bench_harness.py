@@ -198,7 +198,7 @@ def test_a_graphed_step_keeps_its_inputs_alive(monkeypatch):
     replay()
 
 
-def test_the_kernel_warm_up_runs_every_fastlt_case():
+def test_the_kernel_warm_up_runs_every_fastlt_case(monkeypatch):
     """benchmarks/warm_kernels.py (the device script compiles the benchmarks' kernels in parallel with it before
     the timed runs): its tasks are the default tables' shapes, and a task runs each fastlt case's step (here on the
     CPU, through the interpreter) without failing."""
@@ -209,10 +209,16 @@ def test_the_kernel_warm_up_runs_every_fastlt_case():
     spec = importlib.util.spec_from_file_location("warm_kernels", path)
     warm = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(warm)
+    monkeypatch.syspath_prepend(str(path.parent))  # (ab_switches, as the script finds it beside itself)
     todo = warm.tasks()
-    assert {shape for kind, shape, _ in todo if kind != "heads"} == set(bench.SHAPES)
-    assert {shape for kind, shape, _ in todo if kind == "heads"} == set(bench_heads.HEAD_SHAPES)
+    assert {t[1] for t in todo if t[0] not in ("heads", "ab")} == set(bench.SHAPES)
+    assert {t[1] for t in todo if t[0] == "heads"} == set(bench_heads.HEAD_SHAPES)
+    import ab_switches
+
+    assert len([t for t in todo if t[0] == "ab"]) == sum(len(shapes) * len(losses) * 2
+                                                         for _, _, shapes, losses, _ in ab_switches.cases())
     for task in [("la", (3, 40), "fp32"), ("gcl", (2, 24), "bf16"), ("lade", (3, 17), "fp32"),
-                 ("heads", (3, 8, 20), "bf16")]:
+                 ("heads", (3, 8, 20), "bf16"), ("ab", (3, 40), "bf16", ("HALF_WIDTH_ROWS", 2, "gcl", False)),
+                 ("ab", (3, 40), "fp32", ("COLUMN_STATS_ROWS", 64, "lade", False))]:
         _, seconds, failures = warm.warm_task(task, device=DEVICE)
         assert failures == [] and seconds > 0
