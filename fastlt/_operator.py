@@ -545,12 +545,18 @@ def la_fields(log_prior, tau: float) -> dict[str, Any]:
 
 
 def ldam_fields(margins, s: float) -> dict[str, Any]:
-    """LDAM (Cao et al., 2019): ``CE(s * (z - m_y onehot(y)))``, ``margins`` (C,)."""
+    """LDAM (Cao et al., 2019): ``CE(s * (z - m_y onehot(y)))``, ``margins`` (C,). ``s`` is checked here, under the
+    caller's name (the operator's check would say "scale")."""
+    V.check_finite_float("s", s)
     return dict(margin=margins, scale=s)
 
 
 def gcl_fields(cloud, m: float, s: float, noise_mul: float, gamma: float) -> dict[str, Any]:
-    """GCL (Li et al., 2022) on cosine logits: ``CE(s * (cos - noise_mul * cloud * e - m onehot(y)))``, focal gamma."""
+    """GCL (Li et al., 2022) on cosine logits: ``CE(s * (cos - noise_mul * cloud * e - m onehot(y)))``, focal gamma.
+    ``m`` and ``s`` are checked here, under the caller's names (the operator's checks would say "margin" and
+    "scale")."""
+    V.check_finite_float("m", m)
+    V.check_finite_float("s", s)
     return dict(cloud=cloud, noise_mul=noise_mul, margin=m, scale=s, gamma=gamma)
 
 

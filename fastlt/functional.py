@@ -176,7 +176,6 @@ def ldam_cross_entropy(logits: Tensor, target: Tensor, margins: Tensor, s: float
                        label_smoothing: float = 0.0, backend: str = "auto", grad_in_forward: bool = False,
                        dp_group=None, shard=None) -> Tensor:
     """LDAM: ``CE(s * (z - margins[y] * onehot(y)), y)``; ``margins`` (C,) from ``fastlt.priors.ldam_margins``."""
-    V.check_finite_float("s", s)
     return adjusted_cross_entropy(logits, target, **ldam_fields(margins, s), weight=weight,
                                   ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                                   backend=backend, grad_in_forward=grad_in_forward, dp_group=dp_group, shard=shard)
@@ -191,8 +190,6 @@ def gcl_cross_entropy(cosine: Tensor, target: Tensor, cloud: Tensor, m: float = 
     """GCL on (N, C) cosine logits; see :func:`fastlt.reference.gcl_cross_entropy`. Noise follows ``seed``
     (drawn from torch's generator when None), the same numbers on every backend. ``dp_group``, ``rows_per_rank``:
     as :func:`adjusted_cross_entropy` (rank r's rows draw noise rows ``r * rows_per_rank + i``)."""
-    V.check_finite_float("m", m)
-    V.check_finite_float("s", s)
     return adjusted_cross_entropy(cosine, target, **gcl_fields(cloud, m, s, noise_mul, gamma), noise=noise,
                                   seed=seed, weight=weight, ignore_index=ignore_index, reduction=reduction,
                                   label_smoothing=label_smoothing, backend=backend, grad_in_forward=grad_in_forward,

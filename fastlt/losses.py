@@ -181,7 +181,6 @@ class LDAMLoss(MarginSchedule, _LongTailLoss):
                                      **self._common())
 
     def _ldam_fields(self) -> dict:
-        V.check_finite_float("s", self.s)
         return self._fields(**ldam_fields(self._class_tensor("margins"), self.s))
 
     def extra_repr(self) -> str:
@@ -236,8 +235,6 @@ class GCLLoss(_LongTailLoss):
 
     def _gcl_fields(self, seed: int | Tensor | None = None) -> dict:
         """The fields of a direct call (``seed`` None: drawn per call by the glue)."""
-        V.check_finite_float("m", self.m)
-        V.check_finite_float("s", self.s)
         cloud, noise_mul = self._fold(self._class_tensor("cloud"), self.noise_mul)  # (FoldedSpread)
         return self._fields(**gcl_fields(cloud, self.m, self.s, noise_mul, self.gamma), seed=seed)
 

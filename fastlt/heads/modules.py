@@ -391,19 +391,14 @@ class CosineGCLHead(_HeadBase):
         cloud, noise_mul = self.cloud, self.noise_mul
         if use_triton(self.backend, features):  # (the reference keeps float64)
             cloud, noise_mul = self._fold(cloud, noise_mul)
-        return cosine_cross_entropy(features, self.weight, target, **self._named_gcl_fields(cloud, noise_mul),
+        return cosine_cross_entropy(features, self.weight, target, **gcl_fields(cloud, self.m, self.s, noise_mul,
+                                                                                self.gamma),
                                     seed=seed, eps=self.eps, rows_per_rank=self.rows_per_rank, **self._common())
 
     def _gcl_fields(self) -> dict:
         """GCL's fields on the kernels: its spread folded into the cloud (eagerly, as :meth:`forward`'s other path)."""
-        return self._fields(**self._named_gcl_fields(*self._fold(self._class_tensor("cloud"), self.noise_mul)))
-
-    def _named_gcl_fields(self, cloud, noise_mul) -> dict:
-        """:func:`gcl_fields`, ``m`` and ``s`` checked under their own names first (values assigned later said
-        "margin" and "scale"), as :class:`fastlt.GCLLoss` checks them."""
-        V.check_finite_float("m", self.m)
-        V.check_finite_float("s", self.s)
-        return gcl_fields(cloud, self.m, self.s, noise_mul, self.gamma)
+        cloud, noise_mul = self._fold(self._class_tensor("cloud"), self.noise_mul)
+        return self._fields(**gcl_fields(cloud, self.m, self.s, noise_mul, self.gamma))
 
     def _dense_logits(self, features):
         return F.linear(normalize_rows(features, self.eps), normalize_rows(self.weight, self.eps).to(features.dtype))
