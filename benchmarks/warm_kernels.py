@@ -66,37 +66,26 @@ def warm_task(task: TaskT, device: str = "cuda") -> tuple[TaskT, float, list[str
     if kind == "ab":
         import ab_switches
 
-        start, failures = time.perf_counter(), []
         switch, value, loss, gif = task[3]
-        try:
-            ab_switches.run_once(switch, value, *shape, dtype, loss, gif, device=device)
-            if device == "cuda":
-                torch.cuda.synchronize()
-        except Exception as exc:  # noqa: BLE001 - a case left cold is timed cold, not lost
-            failures.append(one_line(f"{type(exc).__name__}: {exc}"))
-        finally:
-            if device == "cuda":
-                torch.cuda.empty_cache()
-        return task, time.perf_counter() - start, failures
-    if kind == "heads":
-        methods = [m for m in bench_heads.HEAD_METHODS if m.startswith("fastlt")]
-        cases = bench_heads.build_head_cases(*shape, dtype, methods, device=device)
+        runs = [(f"{switch}={value} {loss}",
+                 lambda: ab_switches.run_once(switch, value, *shape, dtype, loss, gif, device=device))]
     else:
-        cases = bench.build_cases(*shape, dtype, loss=kind, with_compile=False, with_official=False, device=device)
+        if kind == "heads":
+            methods = [m for m in bench_heads.HEAD_METHODS if m.startswith("fastlt")]
+            cases = bench_heads.build_head_cases(*shape, dtype, methods, device=device)
+        else:
+            cases = bench.build_cases(*shape, dtype, loss=kind, with_compile=False, with_official=False,
+                                      device=device)
+        runs = [(method, lambda make=make: make()()) for method, make in cases if method.startswith("fastlt")]
     start, failures = time.perf_counter(), []
-    for method, make in cases:
-        if not method.startswith("fastlt"):
-            continue
-        step = None
+    for label, run in runs:  # (each step freed with its call: only one case's tensors at a time)
         try:
-            step = make()
-            step()
+            run()
             if device == "cuda":
                 torch.cuda.synchronize()
         except Exception as exc:  # noqa: BLE001 - a case left cold is timed cold, not lost
-            failures.append(f"{method}: {one_line(f'{type(exc).__name__}: {exc}')}")
+            failures.append(f"{label}: {one_line(f'{type(exc).__name__}: {exc}')}")
         finally:
-            step = None
             if device == "cuda":
                 torch.cuda.empty_cache()
     return task, time.perf_counter() - start, failures
