@@ -23,15 +23,6 @@ from ._validation import check_finite_float
 __all__ = ["CountBuffers", "MarginSchedule"]
 
 
-def _stamp(t: Tensor) -> tuple | None:
-    """``t``'s :func:`fastlt._operator.tensor_stamp` (its version, data pointer and dtype: an in-place edit, a
-    ``.data =`` assignment or a swap moves it), None for an inference tensor (no version counter)."""
-    try:
-        return tensor_stamp(t)
-    except RuntimeError:
-        return None
-
-
 class CountBuffers(nn.Module):
     """Base of the modules whose buffers come from counts. A subclass defines :meth:`_count_vectors` (its
     count-derived vectors from the float64 counts, in float64) and calls :meth:`init_count_buffers` once."""
@@ -69,11 +60,11 @@ class CountBuffers(nn.Module):
 
     def _set_own(self, name: str, values: Tensor) -> None:
         setattr(self, name, values)
-        self._count_own[name] = (values, _stamp(values))
+        self._count_own[name] = (values, tensor_stamp(values))
 
     def _is_own(self, name: str) -> bool:
         buf, (made, stamp) = self._buffers.get(name), self._count_own[name]
-        return buf is not None and buf is made and _stamp(buf) == stamp
+        return buf is not None and buf is made and tensor_stamp(buf) == stamp
 
     def _apply(self, fn, *args, **kwargs):
         own = {name for name in self.__dict__.get("_count_own", {}) if self._is_own(name)}
@@ -104,7 +95,7 @@ class CountBuffers(nn.Module):
         super().__setstate__(state)
         marks = self.__dict__.get("_count_own")
         if marks:
-            self._count_own = {name: (made, _stamp(made) if own is True else -1)
+            self._count_own = {name: (made, tensor_stamp(made) if own is True else -1)
                                for name, (made, own) in marks.items()}
 
 

@@ -560,12 +560,15 @@ def gcl_fields(cloud, m: float, s: float, noise_mul: float, gamma: float) -> dic
     return dict(cloud=cloud, noise_mul=noise_mul, margin=m, scale=s, gamma=gamma)
 
 
-def tensor_stamp(t: Tensor) -> tuple:
+def tensor_stamp(t: Tensor) -> tuple | None:
     """``(version, data pointer, dtype)`` of ``t``: what moves when it is edited in place, given other data by
     ``t.data = other`` or ``torch.utils.swap_tensors`` (both keep its id, and its version can stay the same number)
-    or cast by ``nn.Module`` (``.half()``, ``.to(device)``: ``param.data = ...``). RuntimeError for an inference
-    tensor (no version counter)."""
-    return t._version, t.data_ptr(), t.dtype
+    or cast by ``nn.Module`` (``.half()``, ``.to(device)``: ``param.data = ...``). None for an inference tensor (no
+    version counter: nothing tells it unchanged)."""
+    try:
+        return t._version, t.data_ptr(), t.dtype
+    except RuntimeError:
+        return None
 
 
 class HeldDerived:
@@ -585,9 +588,8 @@ class HeldDerived:
         return {"_make": self._make, "_held": None}
 
     def __call__(self, t: Tensor, *extra):
-        try:
-            stamp = tensor_stamp(t)
-        except RuntimeError:  # an inference tensor: no version to know it unchanged by
+        stamp = tensor_stamp(t)
+        if stamp is None:  # an inference tensor: no version to know it unchanged by
             return self._make(t, *extra)
         held = self._held
         if held is None or held[0] is not t or held[1] != stamp or held[2] != extra:
