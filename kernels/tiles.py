@@ -77,7 +77,6 @@ def pick_tiles(N: int, C: int, device: torch.device, *, column_stats: bool = Fal
 # interpreter has no such limit)
 SMEM_BYTES = 232448
 SMEM_RESERVED = 32 << 10
-PIPELINE_SMEM_BYTES = SMEM_BYTES - SMEM_RESERVED
 
 
 def _fitting_stages(stages: int, block_m: int, block_n: int, elem_bytes: int, streamed_vectors: int,
