@@ -98,6 +98,13 @@ def loss_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float32 if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev) else dtype
 
 
+def in_loss_dtype(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in :func:`loss_dtype`: half-precision logits in float32 under ``torch.autocast``, as autocast runs
+    ``cross_entropy`` (the reference paths take them so, a data-parallel or class-sharded rank as one process); else
+    ``t`` itself."""
+    return t.to(loss_dtype(t))
+
+
 def autocast_inputs(features, weight, bias):
     """``(features, weight, bias, device_type)`` in the autocast dtype under ``torch.autocast`` (CUDA or CPU), as
     ``nn.Linear`` would run a head, with the device type whose autocast is on; else as given and None (non-tensors

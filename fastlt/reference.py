@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _validation as V
-from ._backend import loss_dtype
+from ._backend import in_loss_dtype
 from ._operator import check_lade_args, check_operator_args
 from ._shapes import as_rows, restore
 from .noise import call_seed, gcl_noise
@@ -192,7 +192,7 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor 
     log_prior = V.renamed_argument("log_prior", log_prior, "prior", prior)
     rows = as_rows(logits, target)
     V.check_logits("logits", rows.logits)
-    logits, target = rows.logits.to(loss_dtype(rows.logits)), V.as_index_target(rows.target, keep_int32=False)
+    logits, target = in_loss_dtype(rows.logits), V.as_index_target(rows.target, keep_int32=False)
     check_operator_args(logits, target, dict(log_prior=log_prior, tau=tau, cloud=cloud, noise_mul=noise_mul, seed=seed,
                                              margin=margin, scale=scale, gamma=gamma, weight=weight,
                                              ignore_index=ignore_index, reduction=reduction,
@@ -367,7 +367,7 @@ def lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: float = 0.1,
     """
     rows = as_rows(logits, target)
     V.check_logits("logits", rows.logits)
-    logits, target = rows.logits.to(loss_dtype(rows.logits)), V.as_index_target(rows.target, keep_int32=False)
+    logits, target = in_loss_dtype(rows.logits), V.as_index_target(rows.target, keep_int32=False)
     check_lade_args(logits, target, prior, alpha, remine_lambda, reduction)
     prior_ce = adjusted_cross_entropy(logits, target, log_prior=_log_of_prior(prior, logits.dtype), tau=1.0,
                                       weight=weight, ignore_index=ignore_index, reduction=reduction,

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .. import _operator as O
 from .. import reference as R
-from .._backend import loss_dtype
+from .._backend import in_loss_dtype, loss_dtype
 from .._custom_ops import define, input_grads, save_inputs, saved_inputs
 from .._operator import AdjustedCEArgs
 from ..kernels import launch
@@ -187,7 +187,7 @@ def sharded_cross_entropy(logits: Tensor, target: Tensor, fields: dict, shard: C
     O.check_operator_args(_global_proxy(logits, shard), target, fields)
     if triton:
         return _sharded_triton(logits, target, fields, shard)
-    logits = logits.to(loss_dtype(logits))  # (float32 under autocast, as one process's reference takes them)
+    logits = in_loss_dtype(logits)
     (M, e, a_y, q, _), (valid, safe) = _reference_partials(logits, target, fields, shard)
     return _finish(M, e, a_y, q, target, valid, safe, fields, shard.num_classes, logits.dtype, shard)
 
@@ -199,7 +199,7 @@ def sharded_lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: floa
     :func:`sharded_cross_entropy`, LADER's column statistics complete per shard (all N rows of its classes) and
     its per-class sum added over the ranks in the same SUM all-reduce."""
     check_shard(shard, logits, target)
-    logits = logits.to(loss_dtype(logits))  # (float32 under autocast, as one process's reference takes them)
+    logits = in_loss_dtype(logits)
     proxy = _global_proxy(logits, shard)
     O.check_lade_args(proxy, target, prior, alpha, remine_lambda, reduction)
     fields = dict(log_prior=R._log_of_prior(prior, logits.dtype), tau=1.0, weight=weight, ignore_index=ignore_index,

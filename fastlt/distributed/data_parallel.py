@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import reference as R
-from .._backend import loss_dtype, use_triton
+from .._backend import in_loss_dtype, loss_dtype, use_triton
 from .._operator import check_lade_args
 from .._validation import is_int
 from ..noise import check_noise_rows
@@ -120,7 +120,7 @@ def global_lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: float
         row_sum, stats = lade_statistics_triton(logits, target, prior, weight=weight, ignore_index=ignore_index,
                                                 label_smoothing=label_smoothing)
     else:
-        z = logits.to(loss_dtype(logits))  # (float32 under autocast, as one process's reference takes them)
+        z = in_loss_dtype(logits)
         row_sum = R.adjusted_cross_entropy(z, target, log_prior=R._log_of_prior(prior, z.dtype), weight=weight,
                                            ignore_index=ignore_index, reduction="sum", label_smoothing=label_smoothing)
         stats = R.lader_statistics(z, target, ignore_index)
