@@ -19,20 +19,37 @@ launch plans the loss modules keep, and is restored after.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
 
 
+def _step(crit, name, z, y) -> None:
+    """One forward + backward; GradSink: a layer's output (not a leaf, as grad_in_forward needs), its gradient
+    dropped."""
+    from fastlt._bench_harness import GradSink
+
+    loss = crit(GradSink.apply(z), y, seed=1) if name == "gcl" else crit(GradSink.apply(z), y)
+    loss.backward()
+
+
+@contextlib.contextmanager
+def _switched(switch: str, value):
+    """``tiles``' policy ``switch`` set to ``value`` inside, restored after."""
+    from fastlt.kernels import tiles
+
+    before = tiles.reconfigure(**{switch: value})
+    try:
+        yield
+    finally:
+        tiles.reconfigure(**before)
+
+
 def _time(crit, name, z, y) -> float:
     import triton.testing
 
-    from fastlt._bench_harness import GradSink
-
-    def step():  # GradSink: a layer's output (not a leaf, as grad_in_forward needs), its gradient dropped
-        loss = crit(GradSink.apply(z), y, seed=1) if name == "gcl" else crit(GradSink.apply(z), y)
-        loss.backward()
-    return triton.testing.do_bench(step, warmup=10, rep=50, return_mode="median")
+    return triton.testing.do_bench(lambda: _step(crit, name, z, y), warmup=10, rep=50, return_mode="median")
 
 
 def _module(name: str, counts, grad_in_forward: bool) -> torch.nn.Module:
@@ -65,19 +82,13 @@ def run_once(switch: str, value, N: int, C: int, dtype: torch.dtype, name: str, 
              device: str = "cuda") -> None:
     """One forward + backward of ``name`` at (N, C) with ``switch`` set to ``value`` (restored after): every kernel
     that case's timed steps launch, compiled (benchmarks/warm_kernels.py warms the A/B this way)."""
-    from fastlt._bench_harness import GradSink, long_tail_counts
-    from fastlt.kernels import tiles
+    from fastlt._bench_harness import long_tail_counts
 
-    counts = long_tail_counts(C)
     y = torch.randint(0, C, (N,), device=device)
     z = torch.randn(N, C, device=device, dtype=dtype, requires_grad=True)
-    crit = _module(name, counts, grad_in_forward).to(device)
-    before = tiles.reconfigure(**{switch: value})
-    try:
-        loss = crit(GradSink.apply(z), y, seed=1) if name == "gcl" else crit(GradSink.apply(z), y)
-        loss.backward()
-    finally:
-        tiles.reconfigure(**before)
+    crit = _module(name, long_tail_counts(C), grad_in_forward).to(device)
+    with _switched(switch, value):
+        _step(crit, name, z, y)
 
 
 def main() -> int:
@@ -85,7 +96,6 @@ def main() -> int:
         print("ab_switches: no CUDA GPU visible; nothing measured")
         return 0
     from fastlt._bench_harness import long_tail_counts
-    from fastlt.kernels import tiles
 
     print(f"# {torch.cuda.get_device_name(0)}: median ms, forward + backward")
     print("| switch | loss | N x C | dtype | off | on | on / off |\n|---|---|---|---|---|---|---|")
@@ -98,11 +108,8 @@ def main() -> int:
                 crit = _module(name, counts, gif).cuda()
                 times = {}
                 for value in (off, on):
-                    before = tiles.reconfigure(**{switch: value})
-                    try:
+                    with _switched(switch, value):
                         times[value] = _time(crit, name, z, y)
-                    finally:
-                        tiles.reconfigure(**before)
                 print(f"| {switch} | {name} | {N} x {C} | {str(dtype)[6:]} | {times[off]:.3f} | {times[on]:.3f} | "
                       f"{times[on] / times[off]:.2f} |", flush=True)
             del z
