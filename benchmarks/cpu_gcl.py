@@ -3,8 +3,8 @@ cross-entropy), and fastlt's counter-based noise beside ``torch.randn``: ``pytho
 (default 512 x 8142, the iNaturalist width; torch's threads as set, e.g. ``OMP_NUM_THREADS=2``). Best of 9, ms,
 the two sides of each ratio timed in turns.
 
-fastlt's noise is a function of (seed, row, class) (Philox4x32-7 and Box-Muller, the kernels' numbers), so it costs
-more than ``randn``'s stream; the goal is GCLLoss forward + backward within 1.2x of the official style.
+fastlt's noise is a function of (seed, row, class) (Philox4x32-7 and a table of levels, the kernels' numbers), so
+it costs more than ``randn``'s stream; the goal is GCLLoss forward + backward within 1.2x of the official style.
 """
 
 from __future__ import annotations

@@ -1,36 +1,40 @@
 """GCL's Gaussian-cloud noise as a counter-based function of (seed, row, column).
 
-Element (i, j) of the noise is ``e_ij = min(|g| / 3, 1)`` — the official
-``|clamp(Normal(0, 1/3), -1, 1)|`` — where ``g`` is a standard normal made as follows, eight per
-Philox call:
+Element (i, j) of the noise follows the official ``|clamp(Normal(0, 1/3), -1, 1)|``, the clipped half-normal
+``min(|g| / 3, 1)``, drawn by inverse CDF from a table of :data:`NOISE_LEVELS` = 2048 equally likely levels,
+eight elements per Philox call:
 
 1. Philox4x32-7 (:data:`NOISE_ROUNDS` rounds) of counter ``(c0, c1, c2, c3) = (j // 8, i, 0, 0)`` under the
    64-bit seed split in (low, high) 32-bit key words: exactly Triton's
    ``tl.randint4x(seed, (i << 32) | (j // 8), 7)``.
-2. Each 32-bit word ``w_k`` gives one Box-Muller pair from its 16-bit halves: the radius
-   ``r = sqrt(-2 log u)`` of the uniform ``u = (h_lo + 1/2) / 2^16`` in (0, 1) (never 0: no clamp needed), the
-   angle ``x = ANGLE_START + h_hi ANGLE_STEP``, a grid of 2^16 angles in (-pi, pi) a step ``fl32(2 pi) / 2^16``
-   apart, computed exactly and rounded to float32; normals ``r cos(x)`` and ``r sin(x)``.
-3. Column ``j`` takes normal ``q = j % 8`` of ``[c0, s0, c1, s1, c2, s2, c3, s3]``.
+2. Column ``j`` takes the 16-bit half ``h`` of word ``(j % 8) // 2`` (the low half for even ``j``, the high half
+   for odd ``j``) and its bits 2 to 12, the level ``k = (h >> 2) & 2047``.
+3. ``e_ij = T[k]``, where ``T[k] = min(sqrt(2) erfinv((k + 1/2) / 2048) / 3, 1)``: the clipped half-normal's
+   quantile at the middle of the k-th of 2048 equal slices of probability, computed in float64 and rounded to
+   float32 (:func:`noise_table`).
 
-The angle's grid starts at ``-51471 / 2^14``, a multiple of 2^-14 within 4.5e-6 of ``-pi + pi / 2^16`` (the
-centred grid ``2 pi (h + 1/2) / 2^16 - pi``, which the noise used before 2026-12-06), so that the kernels form
-``x`` in one FMA of exact float32 constants (``fastlt.kernels.philox_noise._pair``); a seed's numbers moved by at
-most ~7e-6 in ``e`` then (and the normals' signs flipped: ``x`` is the old angle minus pi); the law is the same.
+The law is the clipped half-normal made discrete: 2048 atoms of mass 1/2048, each at its slice's middle quantile,
+so its distribution function is never more than 1/4096 from the continuous one (a Kolmogorov-Smirnov test over
+10^6 draws, tests/test_noise_law.py, cannot tell them apart: its critical value is 1.95e-3). The 6 top levels are
+the clip's 1. Every path reads the same float32 table, so the kernels (on the GPU and under
+``TRITON_INTERPRET=1``) and this module give bit for bit the same numbers.
 
-Sixteen-bit uniforms bound |g| by 4.85 (the clip at 3 sigma makes the tail irrelevant) and halve the
-Philox work per element, the dominant cost of generating noise on the GPU. The kernels compute the
-same numbers on the GPU and under ``TRITON_INTERPRET=1``, to float32 rounding of log/cos/sin in the
-interpreter and within ~1.5e-6 on the GPU (whose kernels take them from the special-function unit), not bit for
-bit.
+Why a table (changed on 2026-12-07; until then each word gave a Box-Muller pair, ``r = sqrt(-2 log u)`` times
+``cos`` and ``sin`` of an angle, from its two halves). Box-Muller costs a log, a square root, a sine and a cosine
+per pair: on the GPU special-function-unit instructions plus ~10 FP32 and integer instructions an element, which
+left GCL's bf16 statistics loop at 26.3 SASS instructions an element against LA's 11.1 and a bandwidth budget of
+~20 (tools/kernel_report.py). A level is three (a shift, a mask, a shared-memory load: the kernels keep the table
+in registers and ``tl.gather`` it through shared memory): 20.4 an element. On the CPU the gather replaces four
+transcendental passes over the output. 2048 levels, not more: the kernels hold the table in registers (16 per
+thread at 128 threads) and shared memory (8 KB); 1024 would move the law by 1/2048, within sampling error of 10^6
+draws only just. A seed draws other numbers than before, of the same law.
 
 Seven rounds, not Random123's default ten: Salmon et al. ("Parallel random numbers: as easy as 1, 2, 3", SC11)
 found Philox4x32 free of failures in TestU01's Crush and BigCrush from 7 rounds and ship 10 as a safety margin.
 This noise's own tests (tests/test_noise_law.py: Kolmogorov-Smirnov against the clipped half-normal over 10^6
-draws, correlations of neighbouring rows, columns, counters and seeds) fail at 5 rounds (neighbouring rows
-correlate at ~0.05) and pass at 6 and 7; 7 saves 30% of the generator's integer work (GCL's statistics loop: 726
--> 689 SASS instructions per 16 elements a thread, sm_90). Changed on 2026-12-06: up to then the noise was
-Philox4x32-10, so a seed now draws other numbers of the same law.
+draws, the levels' frequencies, correlations of neighbouring rows, columns, counters and seeds) fail at 5 rounds
+(neighbouring rows correlate at ~0.05) and pass at 6 and 7; 7 saves 30% of the generator's integer work. Changed
+on 2026-12-06: up to then the noise was Philox4x32-10.
 
 The seed is drawn from torch's default CPU generator (``draw_seed``), so ``torch.manual_seed`` makes
 the noise repeatable, on every device.
@@ -49,8 +53,8 @@ PHILOX_ROUNDS = 10  # Random123's Philox4x32-10 (its known-answer vectors); phil
 NOISE_ROUNDS = 7  # the GCL noise's Philox4x32-7 (see the module docstring); the kernels read it from here
 SEED_BITS = 62
 _SEED_MASK = 2**SEED_BITS - 1
-ANGLE_STEP = 6.2831854820251465 / 65536.0  # float32's 2 pi over 2^16 (exact): the Box-Muller angle's step
-ANGLE_START = -51471.0 / 16384.0  # the first angle, -pi + 5.2e-5 (a multiple of 2^-14: see the module docstring)
+NOISE_LEVELS = 2048  # the table's levels (see the module docstring); a level is 11 bits of a 16-bit half
+LEVEL_SHIFT = 2  # a half's level is its bits 2 .. 12: (h >> LEVEL_SHIFT) & (NOISE_LEVELS - 1)
 
 
 def draw_seed(generator: torch.Generator | None = None) -> int:
@@ -174,16 +178,7 @@ def _mul_hi_lo(c: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     return mid >> 16, ((mid & 0xFFFF) << 16) | (low & 0xFFFF)
 
 
-def _radius_and_angle(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Box-Muller's radius and angle of a 32-bit word held in int64 (the module docstring's step 2: the low half's
-    uniform ``(h + 1/2) / 2^16`` the radius, the high half the angle); its normals are ``r cos x`` and ``r sin x``."""
-    u1 = (w & 0xFFFF).to(torch.float32).add_(0.5).mul_(1.0 / 65536.0)
-    # the angle exactly in float64 (h * step has 40 bits), then rounded once: the kernels' float32 number
-    x = (w >> 16).to(torch.float64).mul_(ANGLE_STEP).add_(ANGLE_START).to(torch.float32)
-    return u1.log_().mul_(-2.0).sqrt_(), x
-
-
-NORMALS_PER_CALL = 8
+ELEMENTS_PER_CALL = 8  # noise elements per Philox call: four words, two 16-bit halves each
 
 
 NOISE_ROWS = 2**32  # noise rows: one 32-bit word of Philox's counter (the kernels' too)
@@ -198,55 +193,63 @@ def check_noise_rows(first: int, n_rows: int, whose: str = "") -> None:
                          "one 32-bit word of Philox's counter")
 
 
-def standard_normal(seed: int | torch.Tensor, n_rows: int, n_cols: int, device: torch.device | str | None = None, *,
-                    row_offset: int = 0, col_offset: int = 0) -> torch.Tensor:
-    """(n_rows, n_cols) float32 standard normals, element (i, j) a function of (seed, row_offset + i,
-    col_offset + j) only.
+def _table_values() -> torch.Tensor:
+    """The :data:`NOISE_LEVELS` levels ``min(sqrt(2) erfinv((k + 1/2) / K) / 3, 1)``, float64 rounded to float32."""
+    u = (torch.arange(NOISE_LEVELS, dtype=torch.float64) + 0.5) / NOISE_LEVELS
+    return (torch.erfinv(u) * (2.0 ** 0.5 / 3.0)).clamp_(max=1.0).to(torch.float32)
 
-    Args:
-        seed: the 64-bit Philox key (e.g. from ``draw_seed``), or a 0-dim int64 tensor (:func:`call_seed`).
-        n_rows, n_cols: the output shape (rows i, columns j).
-        device: where to generate; None = torch's default device.
-        row_offset: the global index of row 0 (a data-parallel rank's rows, a chunk of rows).
-        col_offset: the global index of column 0 (a class-parallel rank's classes).
 
-    Returns:
-        (n_rows, n_cols) contiguous float32 tensor on ``device``.
+_TABLES = {torch.device("cpu"): _table_values()}
+
+
+def noise_table(device: torch.device | str | None = None) -> torch.Tensor:
+    """The noise's (NOISE_LEVELS,) float32 table of levels (the module docstring's step 3) on ``device``: one
+    tensor per device, made on first use by copying the CPU table (never computed on the device, whose erfinv
+    could round differently). Not to be written to.
+
+    Raises:
+        RuntimeError: the first use on a CUDA device is inside CUDA graph capture (the copy cannot be captured):
+            run one step before capturing.
     """
-    check_noise_rows(row_offset, n_rows)
-    first = col_offset // NORMALS_PER_CALL  # whole Philox groups of 8 columns, sliced below
-    skip = col_offset - first * NORMALS_PER_CALL
-    groups = (skip + n_cols + NORMALS_PER_CALL - 1) // NORMALS_PER_CALL
-    c0 = torch.arange(first, first + groups, dtype=torch.int64, device=device)[None, :]  # broadcast: see philox4x32
-    c1 = torch.arange(row_offset, row_offset + n_rows, dtype=torch.int64, device=device)[:, None]
-    seed = graph_seed(seed, device) if torch.compiler.is_compiling() else seed
-    seed = seed if isinstance(seed, torch.Tensor) else int(seed)
-    words = philox4x32(seed, c0, c1, NOISE_ROUNDS)  # word k: normals 2k (r cos x) and 2k + 1 (r sin x)
-    if torch.compiler.is_compiling():  # stacked: Dynamo does not trace out= into a strided view (a graph break)
-        normals = [n for w in words for r, x in [_radius_and_angle(w)] for n in (r * torch.cos(x), r * torch.sin(x))]
-        out = torch.stack(normals, dim=-1)
-    else:
-        out = torch.empty((n_rows, groups, NORMALS_PER_CALL), dtype=torch.float32, device=device)
-        for k, w in enumerate(words):
-            r, x = _radius_and_angle(w)
-            torch.mul(r, torch.cos(x), out=out[:, :, 2 * k])
-            torch.mul(r, x.sin_(), out=out[:, :, 2 * k + 1])
-    return out.reshape(n_rows, groups * NORMALS_PER_CALL)[:, skip:skip + n_cols].contiguous()
+    dev = torch.device(device) if device is not None else torch.get_default_device()
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    table = _TABLES.get(dev)
+    if table is None:
+        if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("GCL's noise table is copied to a GPU on its first use there, which cannot happen "
+                               "during CUDA graph capture: run one step (or fastlt.noise.noise_table(device)) before "
+                               "capturing")
+        table = _TABLES[dev] = _TABLES[torch.device("cpu")].to(dev)
+    return table
 
 
 def gcl_noise(seed: int | torch.Tensor, n_rows: int, n_cols: int, device: torch.device | str | None = None, *,
               row_offset: int = 0, col_offset: int = 0) -> torch.Tensor:
-    """GCL noise ``e_ij = min(|g_ij| / 3, 1)`` (float32, (n_rows, n_cols)); a half-normal, sigma 1/3, clipped at 1.
+    """GCL noise ``e_ij`` (float32, (n_rows, n_cols)), element (i, j) a function of (seed, row_offset + i,
+    col_offset + j) only: the half-normal of sigma 1/3 clipped at 1, from :func:`noise_table` (module docstring).
 
     Args:
         seed: the 64-bit Philox key (e.g. from ``draw_seed``), or a 0-dim int64 tensor (:func:`call_seed`).
         n_rows, n_cols: the output shape (rows i, columns j).
         device: where to generate; None = torch's default device.
-        row_offset: the global index of row 0 (rows ``row_offset .. row_offset + n_rows - 1`` of the noise).
+        row_offset: the global index of row 0 (rows ``row_offset .. row_offset + n_rows - 1`` of the noise: a
+            data-parallel rank's rows, a chunk of rows).
         col_offset: the global index of column 0 (a class shard's columns).
 
     Returns:
-        (n_rows, n_cols) float32 tensor on ``device``, values in [0, 1].
+        (n_rows, n_cols) contiguous float32 tensor on ``device``, values in [0, 1].
     """
-    g = standard_normal(seed, n_rows, n_cols, device, row_offset=row_offset, col_offset=col_offset)
-    return g.abs_().mul_(1.0 / 3.0).clamp_(max=1.0)  # in place: g is ours
+    check_noise_rows(row_offset, n_rows)
+    first = col_offset // ELEMENTS_PER_CALL  # whole Philox groups of 8 columns, sliced below
+    skip = col_offset - first * ELEMENTS_PER_CALL
+    groups = (skip + n_cols + ELEMENTS_PER_CALL - 1) // ELEMENTS_PER_CALL
+    c0 = torch.arange(first, first + groups, dtype=torch.int64, device=device)[None, :]  # broadcast: see philox4x32
+    c1 = torch.arange(row_offset, row_offset + n_rows, dtype=torch.int64, device=device)[:, None]
+    seed = graph_seed(seed, device) if torch.compiler.is_compiling() else seed
+    seed = seed if isinstance(seed, torch.Tensor) else int(seed)
+    words = philox4x32(seed, c0, c1, NOISE_ROUNDS)  # word k: columns 2k (its low half) and 2k + 1 (its high half)
+    shifts = torch.tensor([LEVEL_SHIFT, 16 + LEVEL_SHIFT], device=c0.device)  # (word k, half h): column 2k + h
+    levels = (torch.stack(words, dim=-1)[..., None] >> shifts).bitwise_and_(NOISE_LEVELS - 1)
+    levels = levels.reshape(n_rows, groups * ELEMENTS_PER_CALL)[:, skip:skip + n_cols]
+    return torch.take(noise_table(levels.device), levels)

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from .numerics import LOG2E, NEG_BIG, exp, one_minus_exp_neg
-from .philox_noise import gcl_noise_at, gcl_noise_tile
+from .philox_noise import gcl_noise_at, gcl_noise_tile, load_noise_table
 from .reduce import Targets, last_program_reduces, mean_inverse, own_inverse, publish_inverse
 
 # --- argument groups, built by the launchers -------------------------------------------------------------------------
@@ -196,10 +196,26 @@ class Tile(NamedTuple):
 
 
 class Rng(NamedTuple):
-    """GCL's noise: element (i, j) is a function of (``seed``, ``row0 + i``, j)."""
+    """GCL's noise: element (i, j) is a function of (``seed``, ``row0 + i``, j); ``table`` the levels held by the
+    program (:func:`fastlt.kernels.philox_noise.load_noise_table`; 0.0 where no tile draws noise), ``table_ptr``
+    where they lie (the per-element draws read them there)."""
 
     seed: Any
     row0: Any
+    table: Any
+    table_ptr: Any
+
+
+@triton.jit
+def _noise_rng(seed, noise_row0, seed_ptr, noise_table, F: tl.constexpr):
+    """The :class:`Rng` of a launch: the seed (read from ``seed_ptr`` when SEED_FROM_PTR), and the table of levels
+    loaded once for the whole program when its tiles draw noise."""
+    if F.SEED_FROM_PTR:
+        seed = tl.load(seed_ptr)
+    table = 0.0
+    if F.NOISE_MODE != 0 and not F.NOISE_PER_ELEMENT:
+        table = load_noise_table(noise_table)
+    return Rng(seed, noise_row0, table, noise_table)
 
 
 class RowGrad(NamedTuple):
@@ -353,11 +369,9 @@ def _adjusted_tile(z_op, vecs, hp, rng, row, col_start, col_base, col_hi, soft, 
     if F.NOISE_MODE != 0:
         spread = _noise_spread(vecs, hp, cols, col_mask, F)[None, :]
         if F.NOISE_PER_ELEMENT:
-            a -= spread * gcl_noise_at(rng.seed, (row.idx + rng.row0)[:, None], cols[None, :])
+            a -= spread * gcl_noise_at(rng.seed, rng.table_ptr, (row.idx + rng.row0)[:, None], cols[None, :])
         else:
-            # by pair where a thread's vector holds under 8 columns (gcl_noise_tile)
-            by_pair = z_op.ptr.dtype.element_ty.primitive_bitwidth > 16 or ALIGN < 8
-            a -= spread * gcl_noise_tile(rng.seed, row.idx + rng.row0, col_start, BLOCK_M, BLOCK_N, by_pair)
+            a -= spread * gcl_noise_tile(rng.seed, rng.table, row.idx + rng.row0, col_start, BLOCK_M, BLOCK_N)
     if F.SOFT:
         if F.MARGIN_MODE == 2:
             a -= tl.load(vecs.margin + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :] * q
@@ -422,7 +436,7 @@ def _target_logit(z_op, vecs, hp, rng, row, col_base, col_lo, col_hi, F: tl.cons
     if F.HAS_LOG_PRIOR:
         a += hp.tau * tl.load(vecs.log_prior + row.y, mask=here, other=0.0).to(tl.float32)
     if F.NOISE_MODE != 0:
-        a -= _noise_spread(vecs, hp, row.y, here, F) * gcl_noise_at(rng.seed, row.idx + rng.row0, row.y)
+        a -= _noise_spread(vecs, hp, row.y, here, F) * gcl_noise_at(rng.seed, rng.table_ptr, row.idx + rng.row0, row.y)
     if F.MARGIN_MODE != 0:
         a -= row.margin
     return tl.where(here, a * hp.scale, 0.0), z
@@ -849,8 +863,8 @@ def _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, 
 # variant mid-training (1 step in 16), so it (and the chunk's first row) is a plain runtime argument
 @triton.jit(do_not_specialize=["seed", "noise_row0"])
 def row_loss_forward(z_op, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, part_ptr, colstats, g_op, stored, N, C, cols_of,
-                     num_row_blocks, hp, seed, noise_row0, seed_ptr, red, soft, F: tl.constexpr, MEAN: tl.constexpr,
-                     SPLIT: tl.constexpr, SINGLE_TILE: tl.constexpr, GRAD_IN_FWD: tl.constexpr,
+                     num_row_blocks, hp, seed, noise_row0, seed_ptr, noise_table, red, soft, F: tl.constexpr,
+                     MEAN: tl.constexpr, SPLIT: tl.constexpr, SINGLE_TILE: tl.constexpr, GRAD_IN_FWD: tl.constexpr,
                      COLUMN_STATS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      PERSISTENT: tl.constexpr, DENOM: tl.constexpr, REDUCE: tl.constexpr, RBLOCK: tl.constexpr,
                      STORE_P: tl.constexpr, STAGES: tl.constexpr, GROUP: tl.constexpr = 0,
@@ -883,9 +897,7 @@ def row_loss_forward(z_op, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, part_ptr, 
     batch sums. SOFT: class-probability targets in ``soft`` (:class:`Soft`; ``y_ptr`` is not read), 'sum' only
     ('mean' is ``soft.row_scale`` = 1 / N), ``out.stats`` (3, N) with ``W_q`` third, SPLIT partials (6, N, splits).
     """
-    if F.SEED_FROM_PTR:
-        seed = tl.load(seed_ptr)
-    rng = Rng(seed, noise_row0)
+    rng = _noise_rng(seed, noise_row0, seed_ptr, noise_table, F)
     batch = Targets(y_ptr, vecs.weight, N, C, hp.ignore_index)
     own_inv = own_inverse(batch, F.HAS_WEIGHT, MEAN and DENOM == 1, RBLOCK)
     publish_inverse(red.counter, batch, F.HAS_WEIGHT, MEAN and DENOM == 2, RBLOCK)
@@ -954,9 +966,9 @@ def row_loss_combine(part_ptr, y_ptr, vecs, inv_denom_ptr, out, red, N, C, num_s
 
 @triton.jit(do_not_specialize=["seed", "noise_row0"])  # as row_loss_forward
 def row_loss_grad(z_op, y_ptr, vecs, wsum_ptr, row_stats_ptr, coef_ptr, go_ptr, go_stride, col_term, g_op, N, C,
-                  cols_of, hp, seed, noise_row0, seed_ptr, stored, soft, F: tl.constexpr, HAS_UPSTREAM: tl.constexpr,
-                  COLUMN_TERM: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  STORED: tl.constexpr, STAGES: tl.constexpr):
+                  cols_of, hp, seed, noise_row0, seed_ptr, noise_table, stored, soft, F: tl.constexpr,
+                  HAS_UPSTREAM: tl.constexpr, COLUMN_TERM: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, STORED: tl.constexpr, STAGES: tl.constexpr):
     """Grid (cdiv(N, BLOCK_M), num_splits): recompute the tile from the saved fp32 (row max, log sum-exp) at
     ``row_stats_ptr`` and write ``upstream_i * coef_i * d loss_i / d z`` over ``g_op`` (plus LADE's column term
     :class:`ColumnTerm` ``col_term``, times the scalar upstream, when COLUMN_TERM); classes as in
@@ -964,8 +976,7 @@ def row_loss_grad(z_op, y_ptr, vecs, wsum_ptr, row_stats_ptr, coef_ptr, go_ptr, 
     split ``row_loss_forward`` with STORE_P left there (``exp(a - max)`` per tile, the running maxima in ``stored``),
     which :func:`_grad_step` scales in place: z is not read and GCL's noise is not drawn again. SOFT: the targets'
     tiles from ``soft`` and ``W_q`` from ``row_stats[2]`` (:class:`Soft`)."""
-    if F.SEED_FROM_PTR:
-        seed = tl.load(seed_ptr)
+    rng = _noise_rng(seed, noise_row0, seed_ptr, noise_table, F)
     # the last programs of the forward (its last row blocks and splits, whose ends are the likeliest still in L2)
     # come first, and each row is walked from its end (:func:`_grad_columns`). The max(., 0) tells the compiler the
     # block index is not negative (without it the LADE gradient tile spills a register in its column loop).
@@ -995,5 +1006,5 @@ def row_loss_grad(z_op, y_ptr, vecs, wsum_ptr, row_stats_ptr, coef_ptr, go_ptr, 
             colg = ColumnGrad(tl.zeros((BLOCK_M,), tl.float32), col_b, col_lse, col_go, col_a)
         else:
             colg = ColumnGrad(tl.load(col_a + row.y, mask=row.valid, other=0.0) * col_go, col_b, col_lse, col_go)
-    _grad_columns(z_op, g_op, vecs, hp, Rng(seed, noise_row0), row, rg, colg, col_lo, cols_of.base, col_hi, stored,
+    _grad_columns(z_op, g_op, vecs, hp, rng, row, rg, colg, col_lo, cols_of.base, col_hi, stored,
                   soft, F, COLUMN_TERM, STORED, ALIGN, BLOCK_M, BLOCK_N, STAGES)

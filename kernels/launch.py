@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 
 from .._operator import AdjustedCEArgs
+from ..noise import noise_table
 from . import counters, tiles
 from .adjusted_ce import (
     ClassVectors,
@@ -85,8 +86,8 @@ def _or_dummy(t: torch.Tensor | None, dev) -> torch.Tensor:
 
 class KernelGroups(NamedTuple):
     """The argument groups the launches of ``args`` take: the class vectors, the runtime scalars and the flags of the
-    forward, the seed arguments (``seed``, ``noise_row0``, ``seed_ptr``, as keywords), and the scalars and flags of
-    the gradient (which reads no gamma)."""
+    forward, the noise's arguments (``seed``, ``noise_row0``, ``seed_ptr``, ``noise_table``, as keywords), and the
+    scalars and flags of the gradient (which reads no gamma)."""
 
     vecs: ClassVectors
     hp: Hyper
@@ -109,7 +110,8 @@ def kernel_groups(args: AdjustedCEArgs, dev) -> KernelGroups:
                    args.label_smoothing)
         f = kernel_flags(args)
         rng = dict(seed=args.seed_value, noise_row0=args.noise_row_offset,
-                   seed_ptr=args.seed if args.seed_from_device else d)
+                   seed_ptr=args.seed if args.seed_from_device else d,
+                   noise_table=noise_table(dev) if args.has_noise else d)
         groups = args.memo[dev] = KernelGroups(vecs, hp, f, rng, hp._replace(gamma=None), f._replace(HAS_FOCAL=False))
     return groups
 

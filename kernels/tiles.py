@@ -72,8 +72,8 @@ def pick_tiles(N: int, C: int, device: torch.device, *, column_stats: bool = Fal
 
 
 # Shared memory a block may have on the target GPUs (H100, H200: 227 KB; other GPUs: block_smem_bytes) less room
-# for what else a row kernel keeps there (its reductions, GCL's noise meeting the tile's layout: ~8 KB seen): the
-# column loop's pipeline buffers fit in the rest, or the launch raises OutOfResources on the GPU only (the
+# for what else a row kernel keeps there (its reductions; GCL's table of noise levels, 8 KB a gather: 8-24 KB seen):
+# the column loop's pipeline buffers fit in the rest, or the launch raises OutOfResources on the GPU only (the
 # interpreter has no such limit)
 SMEM_BYTES = 232448
 SMEM_RESERVED = 32 << 10

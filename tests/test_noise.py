@@ -1,10 +1,12 @@
-"""fastlt.noise: the counter-based Philox normals and GCL's clipped half-normal noise."""
+"""fastlt.noise: the counter-based Philox generator and GCL's clipped half-normal noise, read from a table of 2048
+equally likely levels."""
 
 from __future__ import annotations
 
 import math
 import os
 import shutil
+import struct
 
 import pytest
 import torch
@@ -27,17 +29,35 @@ def philox_py(seed: int, c0: int, c1: int, c2: int = 0, c3: int = 0, rounds: int
     return c0, c1, c2, c3
 
 
-def normal_py(seed: int, i: int, j: int) -> float:
-    """Element (i, j): Philox4x32-7 of counter (j // 8, i, 0, 0); word k = (j % 8) // 2 gives Box-Muller's radius
-    from the uniform (h_lo + 1/2) / 2^16 and its angle x = -51471 / 2^14 + h_hi fl32(2 pi) / 2^16; cos for even
-    j % 8, sin for odd."""
-    words = philox_py(seed, j // 8, i, rounds=7)
-    q = j % 8
-    w = words[q // 2]
-    u1 = ((w & 0xFFFF) + 0.5) / 65536.0
-    x = -51471 / 16384 + (w >> 16) * 6.2831854820251465 / 65536.0
-    r = math.sqrt(-2.0 * math.log(u1))
-    return r * math.cos(x) if q % 2 == 0 else r * math.sin(x)
+def erfinv_py(u: float) -> float:
+    """erfinv(u) for u in (0, 1) by bisection on math.erf in float64 (independent of torch.erfinv)."""
+    lo, hi = 0.0, 8.0
+    while True:
+        mid = (lo + hi) / 2
+        if mid in (lo, hi):
+            return lo if abs(math.erf(lo) - u) <= abs(math.erf(hi) - u) else hi
+        if math.erf(mid) < u:
+            lo = mid
+        else:
+            hi = mid
+
+
+def float32_py(x: float) -> float:
+    """``x`` rounded to the nearest float32 (C's double -> float conversion), as a Python float."""
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+# T[k] = min(sqrt(2) erfinv((k + 1/2) / 2048) / 3, 1), float64 rounded to float32: the module docstring's step 3
+TABLE_PY = [float32_py(min(math.sqrt(2.0) * erfinv_py((k + 0.5) / 2048) / 3, 1.0)) for k in range(2048)]
+
+
+def noise_py(seed: int, i: int, j: int) -> float:
+    """Element (i, j) of GCL's noise from the module docstring's steps, with Python ints: Philox4x32-7 of counter
+    (j // 8, i, 0, 0); word (j % 8) // 2, its low 16-bit half for even j and its high half for odd j; the level
+    k = (h >> 2) & 2047 of that half h; the element TABLE_PY[k]."""
+    w = philox_py(seed, j // 8, i, rounds=7)[(j % 8) // 2]
+    h = (w >> 16) if j % 2 else (w & 0xFFFF)
+    return TABLE_PY[(h >> 2) & 2047]
 
 
 def test_philox_known_answer():
@@ -61,43 +81,83 @@ def test_philox_matches_python_implementation():
             assert tuple(int(w[k]) for w in got) == exp, (seed, k)
 
 
-def test_standard_normal_elements_match_python_implementation():
-    seeds = [0, 7, 2**33 + 5]
-    for seed in seeds:
-        z = NZ.standard_normal(seed, 6, 11)
-        for i in range(6):
-            for j in range(11):
-                assert abs(float(z[i, j]) - normal_py(seed, i, j)) < 1e-5, (seed, i, j)
+def test_noise_constants():
+    assert (NZ.NOISE_LEVELS, NZ.LEVEL_SHIFT, NZ.ELEMENTS_PER_CALL, NZ.NOISE_ROUNDS) == (2048, 2, 8, 7)
+
+
+@pytest.mark.parametrize("seed, n_rows, n_cols, row_offset, col_offset", [
+    (0, 6, 11, 0, 0),
+    (7, 3, 19, 0, 5),  # a column offset off the groups of 8: the first group sliced
+    (2**33 + 5, 5, 13, 3, 8 * 1000 + 3),
+    (2**62 - 1, 2, 17, 2**32 - 2, 2**31 + 7),  # the last noise rows, a far column
+])
+def test_gcl_noise_elements_match_python_implementation(seed, n_rows, n_cols, row_offset, col_offset):
+    """Every element, bit for bit, against the module docstring's steps written with Python ints (noise_py)."""
+    e = NZ.gcl_noise(seed, n_rows, n_cols, row_offset=row_offset, col_offset=col_offset)
+    assert e.shape == (n_rows, n_cols) and e.dtype == torch.float32
+    want = torch.tensor([[noise_py(seed, row_offset + i, col_offset + j) for j in range(n_cols)]
+                         for i in range(n_rows)], dtype=torch.float32)
+    assert torch.equal(e, want), (e - want).abs().max()
+    # a 0-dim int64 tensor seed (a seed drawn in a compiled graph) gives the same noise
+    assert torch.equal(NZ.gcl_noise(torch.tensor(seed, dtype=torch.int64), n_rows, n_cols, row_offset=row_offset,
+                                    col_offset=col_offset), e)
+
+
+def test_gcl_noise_levels_from_philox_words():
+    """A larger draw (48 x 200, offsets) against the levels taken from philox4x32's words with torch ops: column j
+    reads half j % 2 of word (j % 8) // 2 of call j // 8, its bits 2 .. 12 index the table."""
+    rows, cols, r0, c0 = 48, 200, 12345, 8 * 77 + 6
+    e = NZ.gcl_noise(424242, rows, cols, row_offset=r0, col_offset=c0)
+    j = torch.arange(c0, c0 + cols, dtype=torch.int64)
+    i = torch.arange(r0, r0 + rows, dtype=torch.int64)[:, None]
+    words = torch.stack(NZ.philox4x32(424242, (j // 8)[None, :], i, rounds=7))  # (4, rows, cols)
+    w = words.gather(0, ((j % 8) // 2).expand(1, rows, cols))[0]
+    h = torch.where(j % 2 == 1, w >> 16, w & 0xFFFF)
+    k = (h >> 2) & 2047
+    assert torch.equal(e, torch.tensor(TABLE_PY, dtype=torch.float32)[k])
+    assert torch.isin(e, NZ.noise_table()).all()
+
+
+def test_noise_table_values():
+    """T[k] = min(sqrt(2) erfinv((k + 1/2) / 2048) / 3, 1) in float64 rounded to float32, against erfinv by bisection
+    on math.erf (exactly) and torch.special.ndtri (Phi^-1((1 + u) / 2) / 3 = sqrt(2) erfinv(u) / 3, to 1e-12
+    before rounding); strictly increasing below the clip, the 6 top levels exactly 1."""
+    t = NZ.noise_table()
+    assert t.dtype == torch.float32 and t.shape == (2048,) and t.device.type == "cpu"
+    assert t.tolist() == TABLE_PY
+    u = (torch.arange(2048, dtype=torch.float64) + 0.5) / 2048
+    ndtri = torch.special.ndtri((1 + u) / 2) / 3
+    body = ndtri < 1
+    torch.testing.assert_close(t.double()[body], ndtri[body], rtol=2**-24, atol=0)  # float32 rounding only
+    assert torch.equal(t, ndtri.clamp(max=1.0).to(torch.float32))
+    assert int((t == 1.0).sum()) == 6 and torch.equal(t[-6:], torch.ones(6))
+    below = t[:-6]
+    assert (below[1:] > below[:-1]).all() and below[-1].item() < 1.0 and below[0].item() > 0.0
+    # the clip's levels: the slices whose middle lies beyond P(|X| <= 1) = erf(3 / sqrt 2), X ~ N(0, 1/9)
+    assert sum((k + 0.5) / 2048 >= math.erf(3 / math.sqrt(2)) for k in range(2048)) == 6
+
+
+def test_noise_table_is_one_tensor_per_device():
+    a = NZ.noise_table("cpu")
+    assert a is NZ.noise_table("cpu") is NZ.noise_table(torch.device("cpu"))
+    assert a.dtype == torch.float32 and a.device == torch.device("cpu") and a.shape == (2048,)
+    with torch.device("cpu"):
+        assert NZ.noise_table() is a  # None: torch's default device
+    assert NZ.gcl_noise(5, 3, 4).dtype == torch.float32 and NZ.noise_table("cpu") is a
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_noise_table_on_the_gpu_is_the_cpu_table():
+    dev = torch.device("cuda", torch.cuda.current_device())
+    t = NZ.noise_table(dev)
+    assert t is NZ.noise_table("cuda") is NZ.noise_table(dev)
+    assert t.device == dev and torch.equal(t.cpu(), NZ.noise_table("cpu"))
+    assert torch.equal(NZ.gcl_noise(9, 5, 21, dev, col_offset=3).cpu(), NZ.gcl_noise(9, 5, 21, col_offset=3))
 
 
 def many(fn, seed0: int) -> torch.Tensor:
     """2^18 draws as four (256, 256) blocks (small blocks: fast on a loaded 2-core machine)."""
     return torch.cat([fn(seed0 + k, 256, 256).flatten() for k in range(4)])
-
-
-def test_standard_normal_moments_and_cdf():
-    z = many(NZ.standard_normal, 2024).double()
-    n = z.numel()
-    assert n == 4 * 256 * 256
-    assert abs(z.mean().item()) < 5 / math.sqrt(n)
-    assert abs(z.std().item() - 1.0) < 5 / math.sqrt(2 * n)
-    assert abs((z**3).mean().item()) < 5 * math.sqrt(15 / n)
-    assert abs((z**4).mean().item() - 3.0) < 5 * math.sqrt(96 / n)
-    for t in (-2.0, -1.0, -0.3, 0.0, 0.5, 1.5, 2.5):
-        phi = 0.5 * (1 + math.erf(t / math.sqrt(2)))
-        emp = (z <= t).double().mean().item()
-        assert abs(emp - phi) < 5 * math.sqrt(phi * (1 - phi) / n) + 1e-9, t
-
-
-def test_standard_normal_neighbours_uncorrelated():
-    z = NZ.standard_normal(99, 256, 256).double()
-    tol = 5 / math.sqrt(256 * 255)
-    for a, b in ((z[:, :-1], z[:, 1:]), (z[:-1], z[1:]), (z[:, 0::4], z[:, 2::4]), (z[:, 0::4], z[:, 1::4])):
-        corr = torch.corrcoef(torch.stack((a.flatten(), b.flatten())))[0, 1].item()
-        assert abs(corr) < tol
-    # squares too: Box-Muller pairs share r but must be independent
-    corr_sq = torch.corrcoef(torch.stack(((z[:, 0::4] ** 2).flatten(), (z[:, 1::4] ** 2).flatten())))[0, 1]
-    assert abs(corr_sq.item()) < 5 / math.sqrt(256 * 64)
 
 
 def clipped_half_normal_mean(sigma: float = 1 / 3) -> float:
@@ -114,21 +174,15 @@ def test_gcl_noise_distribution():
     e = e.double()
     n = e.numel()
     assert abs(e.mean().item() - clipped_half_normal_mean()) < 5 * e.std().item() / math.sqrt(n)
-    p_clip = 1 - math.erf(3 / math.sqrt(2))  # P(|X| > 1), X ~ N(0, 1/9)
+    p_clip = 6 / 2048  # the table's 6 levels at the clip (the continuous P(|X| > 1) = 1 - erf(3 / sqrt 2) = 0.0027)
     rate = (e == 1.0).double().mean().item()
     assert abs(rate - p_clip) < 5 * math.sqrt(p_clip / n)
     # the unclipped part is |N(0, 1/9)|: median of |X| is 0.6745 / 3
     assert abs(e.median().item() - 0.67449 / 3) < 0.005
 
 
-def test_gcl_noise_is_clipped_scaled_abs_of_standard_normal():
-    g = NZ.standard_normal(11, 40, 37)
-    e = NZ.gcl_noise(11, 40, 37)
-    torch.testing.assert_close(e, torch.clamp(g.abs() / 3, max=1.0), rtol=1e-6, atol=1e-7)
-
-
-@pytest.mark.parametrize("fn", [NZ.standard_normal, NZ.gcl_noise])
-def test_element_depends_only_on_seed_row_col(fn):
+def test_element_depends_only_on_seed_row_col():
+    fn = NZ.gcl_noise
     small = fn(31, 5, 9)
     big = fn(31, 7, 13)
     assert small.shape == (5, 9) and big.shape == (7, 13)
@@ -136,25 +190,31 @@ def test_element_depends_only_on_seed_row_col(fn):
     wide = fn(31, 2, 1001)
     assert torch.equal(wide[:, :13], big[:2])
     assert torch.equal(fn(31, 7, 13), big)  # deterministic
+    for c0 in (1, 3, 7, 8, 9):  # column windows, on and off the groups of 8
+        assert torch.equal(fn(31, 7, 13 - c0, col_offset=c0), big[:, c0:])
 
 
-@pytest.mark.parametrize("fn", [NZ.standard_normal, NZ.gcl_noise])
-def test_different_seeds_differ(fn):
+def test_different_seeds_differ():
     seeds = [0, 1, 2, 2**32, 2**32 + 1, 2**61 + 3]
-    draws = [fn(s, 16, 16) for s in seeds]
+    draws = [NZ.gcl_noise(s, 16, 16) for s in seeds]
     for a in range(len(seeds)):
         for b in range(a + 1, len(seeds)):
+            # independent draws agree with probability sum_k P(level k)^2 ~ 1/2048
             assert (draws[a] == draws[b]).double().mean().item() < 0.05, (seeds[a], seeds[b])
-    # and rows / column groups are not copies of each other
-    z = NZ.standard_normal(3, 8, 16)
+    # and rows / column groups / the two halves of a word are not copies of each other
+    z = NZ.gcl_noise(3, 8, 16)
     assert not torch.equal(z[0], z[1])
     assert not torch.equal(z[:, :4], z[:, 4:8])
+    assert not torch.equal(z[:, :8], z[:, 8:16])
+    assert not torch.equal(z[:, 0::2], z[:, 1::2])
 
 
 def test_degenerate_shapes():
     assert NZ.gcl_noise(1, 0, 5).shape == (0, 5)
     assert NZ.gcl_noise(1, 3, 1).shape == (3, 1)
-    assert NZ.standard_normal(1, 3, 0).shape == (3, 0)
+    assert NZ.gcl_noise(1, 3, 0).shape == (3, 0)
+    assert NZ.gcl_noise(1, 3, 0, col_offset=5).shape == (3, 0)
+    assert NZ.gcl_noise(1, 2, 1, col_offset=13).shape == (2, 1)
 
 
 def test_draw_seed_follows_torch_manual_seed():
@@ -222,11 +282,11 @@ def test_reference_gcl_seed_uses_gcl_noise():
 
 def test_row_offset_selects_the_rows_of_a_larger_draw():
     """``row_offset``: rows ``row_offset ..`` of the noise (a data-parallel rank's rows, a chunk's)."""
-    from fastlt.noise import gcl_noise, standard_normal
+    from fastlt.noise import gcl_noise
 
     whole = gcl_noise(77, 9, 13)
     assert torch.equal(gcl_noise(77, 4, 13, row_offset=5), whole[5:])
-    assert torch.equal(standard_normal(77, 2, 13, row_offset=3), standard_normal(77, 5, 13)[3:])
+    assert torch.equal(gcl_noise(77, 2, 5, row_offset=3, col_offset=6), whole[3:5, 6:11])
 
 
 def test_draw_seed_first_called_under_inference_mode():
