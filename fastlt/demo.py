@@ -29,7 +29,7 @@ initialisation, on the same shuffled batches, with the same optimiser and epoch 
 
 Shared budget (tuned on seed 0 for all methods alike, CE included): SGD, momentum 0.9, lr 0.05 with
 cosine decay, weight decay 5e-4, batch 32, 60 epochs. Over seeds 0-4 the mean balanced accuracies were
-CE 75.8, LA loss / Balanced Softmax 79.8, post-hoc LA 79.6, LDAM 73.9, LADE 80.0, GCL 77.2 (%): the
+CE 75.8, LA loss / Balanced Softmax 79.8, post-hoc LA 79.6, LDAM 73.9, LADE 80.0, GCL 77.4 (%): the
 prior-corrected methods win, plain LDAM (no DRW) does not on this tiny split.
 
 Everything is seeded (data split, initialisation, batch order, samplers, GCL noise) and run with
