@@ -23,11 +23,11 @@ Why a table (changed on 2026-12-07; until then each word gave a Box-Muller pair,
 ``cos`` and ``sin`` of an angle, from its two halves). Box-Muller costs a log, a square root, a sine and a cosine
 per pair: on the GPU special-function-unit instructions plus ~10 FP32 and integer instructions an element, which
 left GCL's bf16 statistics loop at 26.3 SASS instructions an element against LA's 11.1 and a bandwidth budget of
-~20 (tools/kernel_report.py). A level is three (a shift, a mask, a shared-memory load: the kernels keep the table
-in registers and ``tl.gather`` it through shared memory): 20.4 an element. On the CPU the gather replaces four
-transcendental passes over the output. 2048 levels, not more: the kernels hold the table in registers (16 per
-thread at 128 threads) and shared memory (8 KB); 1024 would move the law by 1/2048, within sampling error of 10^6
-draws only just. A seed draws other numbers than before, of the same law.
+~20 (tools/kernel_report.py). A level is at most three (a shift, a mask, a shared-memory load: the kernels keep
+the table in registers and ``tl.gather`` it through shared memory): 20.0 an element (triton 3.9; 20.8 with 3.6).
+On the CPU the gather replaces four transcendental passes over the output. 2048 levels, not more: the kernels
+hold the table in registers (16 per thread at 128 threads) and shared memory (8 KB); 1024 would move the law by
+1/2048, within sampling error of 10^6 draws only just. A seed draws other numbers than before, of the same law.
 
 Seven rounds, not Random123's default ten: Salmon et al. ("Parallel random numbers: as easy as 1, 2, 3", SC11)
 found Philox4x32 free of failures in TestU01's Crush and BigCrush from 7 rounds and ship 10 as a safety margin.
@@ -195,7 +195,7 @@ def check_noise_rows(first: int, n_rows: int, whose: str = "") -> None:
 
 def _table_values() -> torch.Tensor:
     """The :data:`NOISE_LEVELS` levels ``min(sqrt(2) erfinv((k + 1/2) / K) / 3, 1)``, float64 rounded to float32."""
-    u = (torch.arange(NOISE_LEVELS, dtype=torch.float64) + 0.5) / NOISE_LEVELS
+    u = (torch.arange(NOISE_LEVELS, dtype=torch.float64, device="cpu") + 0.5) / NOISE_LEVELS  # whatever the default
     return (torch.erfinv(u) * (2.0 ** 0.5 / 3.0)).clamp_(max=1.0).to(torch.float32)
 
 
@@ -249,7 +249,9 @@ def gcl_noise(seed: int | torch.Tensor, n_rows: int, n_cols: int, device: torch.
     seed = graph_seed(seed, device) if torch.compiler.is_compiling() else seed
     seed = seed if isinstance(seed, torch.Tensor) else int(seed)
     words = philox4x32(seed, c0, c1, NOISE_ROUNDS)  # word k: columns 2k (its low half) and 2k + 1 (its high half)
-    shifts = torch.tensor([LEVEL_SHIFT, 16 + LEVEL_SHIFT], device=c0.device)  # (word k, half h): column 2k + h
+    # (word k, half h): column 2k + h; the shifts made on the device (a copy from the host would synchronise, and
+    # could not be captured in a CUDA graph)
+    shifts = torch.arange(2, dtype=torch.int64, device=c0.device).mul_(16).add_(LEVEL_SHIFT)
     levels = (torch.stack(words, dim=-1)[..., None] >> shifts).bitwise_and_(NOISE_LEVELS - 1)
     levels = levels.reshape(n_rows, groups * ELEMENTS_PER_CALL)[:, skip:skip + n_cols]
     return torch.take(noise_table(levels.device), levels)

@@ -9,7 +9,8 @@ the same in plain PyTorch; both read the same table, so the numbers agree bit fo
 The loss kernels load the table once per program (:func:`load_noise_table`: 16 registers a thread at 128 threads)
 and look levels up with ``tl.gather``, which goes through shared memory (8 KB): a shift, a mask and a
 shared-memory load an element, where Box-Muller took a log, a square root, a sine and a cosine a pair and ~10 FP32
-and integer instructions an element (GCL's bf16 statistics loop 26.3 -> 20.4 SASS an element; tools/kernel_report.py).
+and integer instructions an element (GCL's bf16 statistics loop 26.3 -> 20.0 SASS an element;
+tools/kernel_report.py).
 """
 
 import triton

@@ -23,7 +23,6 @@ import fastlt
 from fastlt import functional as LF
 from fastlt import heads as H
 from fastlt import reference as R
-from fastlt.kernels.philox_noise import gcl_noise_kernel
 from fastlt.priors import gcl_cloud, ldam_margins, log_prior
 
 HEADS = ["linear_bias", "linear", "cosine"]
@@ -57,15 +56,6 @@ def _inputs(N, D, C, gen, *, cosine=False, bias=True, ignore_rows=(1,)):
         if r < N:
             y[r] = -100
     return f, w, b, y
-
-
-def _with_kernel_noise(kw: dict, N: int, C: int) -> dict:
-    """The reference gets the kernel's own noise for the seed (the two generators agree only to float32
-    rounding, which the scale amplifies); the kernel draws it from (seed, global row, column)."""
-    if kw.get("cloud") is None or kw.get("noise_mul", 0.0) == 0.0:
-        return kw
-    noise = gcl_noise_kernel(kw["seed"], N, C, DEVICE).cpu()
-    return {**{k: v for k, v in kw.items() if k != "seed"}, "noise": noise}
 
 
 def _fused(cosine: bool, f, w, b, y, kw, **extra):
@@ -144,7 +134,6 @@ def run_and_compare(f, w, b, y, dtype, kw, *, cosine=False, reduction="mean", ch
     (detached, on the CPU)."""
     extra = extra or {}
     gen = torch.Generator().manual_seed(seed)
-    N, C = f.shape[0], w.shape[0]
     base = [t.to(dtype) for t in (f, w, b) if t is not None]  # the inputs, rounded to the test dtype
 
     leaves = [t.to(DEVICE, copy=True).requires_grad_() for t in base]
@@ -153,17 +142,16 @@ def run_and_compare(f, w, b, y, dtype, kw, *, cosine=False, reduction="mean", ch
     assert loss.dtype == dtype
     go = _backward(loss, reduction, gen)
 
-    kw_ref = _with_kernel_noise(kw, N, C)
     l64 = [t.to(torch.float64).requires_grad_() for t in base]
     f64, w64, b64 = (l64 + [None])[:3]
-    ref64 = _reference(cosine, f64, w64, b64, y, to_device(kw_ref, torch.float64, "cpu"), reduction=reduction, **extra)
+    ref64 = _reference(cosine, f64, w64, b64, y, to_device(kw, torch.float64, "cpu"), reduction=reduction, **extra)
     _ref_backward(ref64, go, reduction)
     ls = [t.clone().requires_grad_() for t in base]
     fs, ws, bs = (ls + [None])[:3]
-    ref_same = _reference(cosine, fs, ws, bs, y, to_device(kw_ref, dtype, "cpu"), reduction=reduction, **extra)
+    ref_same = _reference(cosine, fs, ws, bs, y, to_device(kw, dtype, "cpu"), reduction=reduction, **extra)
     _ref_backward(ref_same, go, reduction)
     lr = [t.to(torch.float64).requires_grad_() for t in base]
-    ref_round = _reference_on_rounded_logits(cosine, lr, y, to_device(kw_ref, torch.float64, "cpu"), dtype,
+    ref_round = _reference_on_rounded_logits(cosine, lr, y, to_device(kw, torch.float64, "cpu"), dtype,
                                              reduction=reduction, **extra)
     _ref_backward(ref_round, go, reduction)
 
@@ -378,7 +366,7 @@ def test_non_contiguous_features_and_weight(layout, head):
     (loss * 2.5).backward()
 
     l64, (f64, w64, b64) = views(torch.float64, "cpu")
-    ref = _reference(cosine, f64, w64, b64, y, to_device(_with_kernel_noise(kw, N, C), torch.float64, "cpu"))
+    ref = _reference(cosine, f64, w64, b64, y, to_device(kw, torch.float64, "cpu"))
     (ref * 2.5).backward()
     torch.testing.assert_close(loss.double().cpu(), ref, atol=1e-5, rtol=1e-5)
     for lk, l6 in zip(leaves[:2] if cosine else leaves, l64[:2] if cosine else l64, strict=True):
@@ -409,7 +397,7 @@ def test_no_grad_paths_give_the_same_loss(reduction, head):
     torch.testing.assert_close(no_req, with_grad.detach(), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(no_grad, with_grad.detach(), atol=1e-6, rtol=1e-6)
     ref = _reference(cosine, *[t if t is None else t.double() for t in (f, w, b)], y,
-                     to_device(_with_kernel_noise(_flags("all", cv, seed=3), N, C), torch.float64, "cpu"),
+                     to_device(_flags("all", cv, seed=3), torch.float64, "cpu"),
                      reduction=reduction)
     torch.testing.assert_close(no_req.double().cpu(), ref, atol=1e-5, rtol=1e-5)
 
@@ -626,7 +614,7 @@ def test_cosine_gcl_head_triton_matches_torch(reduction):
     cv = dict(cloud=gcl_cloud(counts, dtype=torch.float64), noise_mul=0.5, seed=4242, margin=0.1, scale=20.0,
               gamma=1.0)
     want = H.reference_cosine_cross_entropy(f.double(), head.weight.detach().double().cpu(), y,
-                                            reduction=reduction, **_with_kernel_noise(cv, N, C))
+                                            reduction=reduction, **cv)
     torch.testing.assert_close(lk.detach().double().cpu(), want, atol=2e-5, rtol=1e-5)
     other = head(f.to(DEVICE), y.to(DEVICE), seed=1)
     assert not torch.allclose(other, lk.detach(), atol=1e-3)

@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import triton
@@ -71,3 +75,34 @@ def test_first_gpu_use_inside_graph_capture_is_refused(monkeypatch):
     with pytest.raises(RuntimeError, match="run one step"):
         NZ.noise_table("cuda")
     assert NZ.noise_table("cpu") is NZ.noise_table(torch.device("cpu"))  # one table per device
+
+
+def test_table_is_made_on_the_cpu_whatever_the_default_device():
+    """The table is computed on the CPU even when a default device is set before fastlt is imported (it was made on
+    that device: the CPU table lived on 'meta' and gcl_noise(..., 'cpu') returned a meta tensor)."""
+    code = ("import torch; torch.set_default_device('meta'); import fastlt.noise as NZ; "
+            "t = NZ.noise_table('cpu'); e = NZ.gcl_noise(3, 2, 8, 'cpu'); "
+            "assert t.device.type == 'cpu' and e.device.type == 'cpu', (t.device, e.device); "
+            "assert 0.0 < float(t[0]) < float(t[-7]) < 1.0 == float(t[-1])")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_reference_noise_is_captured_in_a_cuda_graph_after_a_first_call():
+    """After one call on the GPU (the table's copy), fastlt.noise.gcl_noise makes no host copy: it can be captured
+    in a CUDA graph, whose replays draw the seed tensor's noise."""
+    seed = torch.tensor(5, dtype=torch.int64, device="cuda")
+    want = gcl_noise(5, 3, 21, "cuda", col_offset=3)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        gcl_noise(seed, 3, 21, "cuda", col_offset=3)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gcl_noise(seed, 3, 21, "cuda", col_offset=3)
+    seed.fill_(6)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out.cpu(), gcl_noise(6, 3, 21, col_offset=3)) and not torch.equal(out, want)
