@@ -78,3 +78,16 @@ def test_sass_per_element_is_the_main_loop_over_a_threads_elements():
     assert K._per_element(lines, "BLOCK_M=1 BLOCK_N=256 STAGES=3 num_warps=4") == "6.5/4.5"
     assert K._per_element(lines, "SINGLE_TILE BLOCK_M=1 BLOCK_N=256 num_warps=4") == "-"
     assert K._per_element(lines, "BLOCK_R=16 BLOCK_C=32") == "-"
+
+
+def test_loops_over_their_sass_budget_are_reported():
+    """``--check``'s budget: the common path's figure (after the slash) against BUDGETS, by case and kernel."""
+    def row(name, kernel, figure):
+        return name, K.Compiled(kernel, "", 0, 0, 0, {"SASS/element": figure}, "")
+
+    (case, kernel), budget = next(iter(K.BUDGETS.items()))
+    assert K.over_budget([row(case, kernel, f"{budget + 5:.1f}/{budget - 0.1:.1f}")]) == []  # the branch is rare
+    over = K.over_budget([row(case, kernel, f"{budget + 5:.1f}/{budget + 0.1:.1f}")])
+    assert len(over) == 1 and case in over[0] and str(budget) in over[0]
+    assert K.over_budget([row(case, kernel, f"{budget + 0.1:.1f}")]) != []  # one figure: the loop has no branch
+    assert K.over_budget([row(case, kernel, "-"), row("not-a-budgeted-case", kernel, "99.0")]) == []
