@@ -16,7 +16,7 @@ tools/kernel_report.py).
 import triton
 import triton.language as tl
 
-from ..noise import LEVEL_SHIFT, NOISE_LEVELS, NOISE_ROUNDS
+from ..noise import LEVEL_SHIFT, NOISE_LEVELS, NOISE_ROUNDS, noise_table
 
 ROUNDS = tl.constexpr(NOISE_ROUNDS)
 LEVELS = tl.constexpr(NOISE_LEVELS)
@@ -78,8 +78,6 @@ def write_gcl_noise(out_ptr, seed, table_ptr, N, C, BLOCK_M: tl.constexpr, BLOCK
 def gcl_noise_kernel(seed: int, n_rows: int, n_cols: int, device) -> "torch.Tensor":  # noqa: F821
     """(n_rows, n_cols) float32 noise as the kernels draw it; equals ``fastlt.noise.gcl_noise`` bit for bit."""
     import torch
-
-    from ..noise import noise_table
 
     out = torch.empty((n_rows, n_cols), dtype=torch.float32, device=device)
     if n_rows and n_cols:

@@ -45,6 +45,7 @@ def sm_count(device: torch.device) -> int:
     return 1
 
 
+@functools.cache  # (as sm_count: a device property, asked once per device, not per launch plan)
 def block_smem_bytes(device: torch.device) -> int:
     """The shared memory a block may have on ``device`` (opt-in maximum: 227 KB on an H100 or H200, 163 KB on an
     A100); :data:`SMEM_BYTES` elsewhere (the interpreter, and the sm_90 compiles of tools/kernel_report.py)."""
