@@ -740,6 +740,22 @@ def _grad_step(z_op, g_op, vecs, hp, rng, row, rg, colg, col_start, col_base, co
 
 
 @triton.jit
+def _column_range(cols_of, pid_s, END_ALIGN: tl.constexpr):
+    """``[col_lo, col_hi)``: the classes of column split ``pid_s`` (:class:`Columns`), ``col_hi`` declared a multiple of
+    END_ALIGN (the launcher makes it divide the Columns' base, end and split width: ``tiles.end_align``). The masked
+    tile's column mask ``cols < col_hi`` is then constant over END_ALIGN columns, so its loads and stores (and the
+    class vectors') move up to END_ALIGN elements an access: a row of 8142 classes in one tile loaded its 2-byte
+    elements one by one (4096 x 8142 bf16, the gradient in the forward: 65.3 -> 53.3 SASS an element). ``col_lo``
+    keeps what Triton infers (16 where the base and split width are multiples of 16): a smaller claim would narrow
+    the class vectors' loads in the column loop."""
+    col_lo = cols_of.base + pid_s * cols_of.per_split
+    col_hi = tl.minimum(col_lo + cols_of.per_split, cols_of.end)
+    if END_ALIGN > 1:
+        col_hi = tl.multiple_of(col_hi, END_ALIGN)
+    return col_lo, col_hi
+
+
+@triton.jit
 def _full_tiles_end(col_lo, col_hi, BLOCK_N: tl.constexpr):
     """End of the whole tiles in ``[col_lo, col_hi)``: they need no column mask; a last partial tile follows."""
     return col_lo + ((col_hi - col_lo) // BLOCK_N) * BLOCK_N
@@ -773,11 +789,10 @@ def _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, 
                        MEAN: tl.constexpr, SPLIT: tl.constexpr, SINGLE_TILE: tl.constexpr, GRAD_IN_FWD: tl.constexpr,
                        COLUMN_STATS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, DENOM: tl.constexpr, STORE_P: tl.constexpr, STAGES: tl.constexpr,
-                       GROUP: tl.constexpr, GROUP_SPAN: tl.constexpr):
+                       GROUP: tl.constexpr, GROUP_SPAN: tl.constexpr, END_ALIGN: tl.constexpr):
     """The work of program (pid_m, pid_s) of :func:`row_loss_forward`: row block ``pid_m``, column split ``pid_s``."""
     row = _row_info(y_ptr, vecs, hp, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), N, C, F)
-    col_lo = cols_of.base + pid_s * cols_of.per_split
-    col_hi = tl.minimum(col_lo + cols_of.per_split, cols_of.end)
+    col_lo, col_hi = _column_range(cols_of, pid_s, END_ALIGN)
     m_i = tl.full((BLOCK_M,), NEG_BIG, tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     sw = tl.zeros((BLOCK_M,), tl.float32)
@@ -792,10 +807,15 @@ def _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, 
             tl.store(colstats.target_logits + row.idx, z_y, mask=row.valid & (row.y >= col_lo) & (row.y < col_hi))
     if SINGLE_TILE:
         # the row is one tile: it stays in registers for a gradient in the same launch (no reload, and
-        # GCL's noise is drawn once)
+        # GCL's noise is drawn once). Its first column declared a multiple of no more than z's vector (true: END_ALIGN
+        # divides the base, which is col_lo here): the class vectors then load as wide as z, in z's layout. Wider
+        # loads of the log prior (4 fp32 where z moves 2, C = 8142) came with a conversion through 16 KB of shared
+        # memory and 15 registers more (LA 4096 x 8142 bf16: 79 > 64, one block of 16 warps an SM, not two)
+        if END_ALIGN > 1:
+            col_lo = tl.multiple_of(col_lo, min(ALIGN, END_ALIGN))
         t = _adjusted_tile(z_op, vecs, hp, rng, row, col_lo, cols_of.base, col_hi, soft, F, F.MARGIN_MODE != 0, True,
                            ALIGN, BLOCK_M, BLOCK_N, True)
-        m_i, l_i, sw, qa, qw, qp, _ = _tile_stats(t, row, m_i, l_i, sw, qa, qw, qp, vecs, hp, colstats, pid_m,
+        m_i, l_i, sw, qa, qw, qp, e = _tile_stats(t, row, m_i, l_i, sw, qa, qw, qp, vecs, hp, colstats, pid_m,
                                                   num_row_blocks, C, F, COLUMN_STATS)
     else:
         full_end = _full_tiles_end(col_lo, col_hi, BLOCK_N)
@@ -849,8 +869,12 @@ def _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, 
                                       p_t, F, MEAN, DENOM)
         if GRAD_IN_FWD:
             rg = _row_grad(m_i, log_sum, coef, row, wsum_ptr, C, w_q, F)
-            if SINGLE_TILE:  # the tile of the statistics pass, still in registers
-                g = _grad_tile(t, row, rg, vecs, hp, None, F, False, True)
+            if SINGLE_TILE:
+                # the tile of the statistics pass, still in registers, with its exp(a - max): the max is the row's,
+                # so p = e / sum-exp, a multiply an element (not a second exp: 2 instructions an element fewer); 0 on
+                # ignored rows, as _row_grad makes it (a row masked whole with -inf has e = 0 and sum-exp 0)
+                p = e * tl.where(row.valid, 1.0 / l_i, 0.0)[:, None]
+                g = _grad_from_p(p, t.z, t.q, t.cols, t.col_mask, row, rg, vecs, hp, None, F, False, True)
                 _store_tile(g_op, row, t.cols, cols_of.base, t.mask, g, ALIGN)
             else:
                 _grad_columns(z_op, g_op, vecs, hp, rng, row, rg, None, col_lo, cols_of.base, col_hi, stored, soft, F,
@@ -868,7 +892,7 @@ def row_loss_forward(z_op, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, part_ptr, 
                      COLUMN_STATS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      PERSISTENT: tl.constexpr, DENOM: tl.constexpr, REDUCE: tl.constexpr, RBLOCK: tl.constexpr,
                      STORE_P: tl.constexpr, STAGES: tl.constexpr, GROUP: tl.constexpr = 0,
-                     GROUP_SPAN: tl.constexpr = 0):
+                     GROUP_SPAN: tl.constexpr = 0, END_ALIGN: tl.constexpr = 1):
     """Grid (num_row_blocks = cdiv(N, BLOCK_M), num_splits), or fewer row programs when PERSISTENT. Online
     (max, sum-exp) over this program's columns (:class:`Columns` ``cols_of``); ``z_op`` (and ``g_op``, the gradient)
     hold the classes from ``cols_of.base`` on, so a caller may pass one class chunk of the logits.
@@ -896,6 +920,8 @@ def row_loss_forward(z_op, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, part_ptr, 
     (:func:`fastlt.kernels.reduce.last_program_reduces`; 1: 'sum', 2: 'mean'). RBLOCK: the width of the in-kernel
     batch sums. SOFT: class-probability targets in ``soft`` (:class:`Soft`; ``y_ptr`` is not read), 'sum' only
     ('mean' is ``soft.row_scale`` = 1 / N), ``out.stats`` (3, N) with ``W_q`` third, SPLIT partials (6, N, splits).
+    ALIGN: a power of two dividing the row stride of z and g; END_ALIGN: one dividing ``cols_of``'s base, end and
+    split width (:func:`_column_range`).
     """
     rng = _noise_rng(seed, noise_row0, seed_ptr, noise_table, F)
     batch = Targets(y_ptr, vecs.weight, N, C, hp.ignore_index)
@@ -909,12 +935,12 @@ def row_loss_forward(z_op, y_ptr, vecs, wsum_ptr, inv_denom_ptr, out, part_ptr, 
             _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, out, part_ptr, colstats, stored,
                                wsum_ptr, inv_denom_ptr, own_inv, N, C, num_row_blocks, soft, F, MEAN, SPLIT,
                                SINGLE_TILE, GRAD_IN_FWD, COLUMN_STATS, ALIGN, BLOCK_M, BLOCK_N, DENOM, STORE_P,
-                               STAGES, GROUP, GROUP_SPAN)
+                               STAGES, GROUP, GROUP_SPAN, END_ALIGN)
     else:
         _forward_row_block(tl.program_id(0), pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, out, part_ptr, colstats,
                            stored, wsum_ptr, inv_denom_ptr, own_inv, N, C, num_row_blocks, soft, F, MEAN, SPLIT,
                            SINGLE_TILE, GRAD_IN_FWD, COLUMN_STATS, ALIGN, BLOCK_M, BLOCK_N, DENOM, STORE_P,
-                           STAGES, GROUP, GROUP_SPAN)
+                           STAGES, GROUP, GROUP_SPAN, END_ALIGN)
     if REDUCE != 0:
         last_program_reduces(red, out.loss, batch, out.coef, inv_denom_ptr, own_inv, None, 0, F.HAS_WEIGHT, MEAN,
                              DENOM, REDUCE == 2, False, RBLOCK)
@@ -968,14 +994,15 @@ def row_loss_combine(part_ptr, y_ptr, vecs, inv_denom_ptr, out, red, N, C, num_s
 def row_loss_grad(z_op, y_ptr, vecs, wsum_ptr, row_stats_ptr, coef_ptr, go_ptr, go_stride, col_term, g_op, N, C,
                   cols_of, hp, seed, noise_row0, seed_ptr, noise_table, stored, soft, F: tl.constexpr,
                   HAS_UPSTREAM: tl.constexpr, COLUMN_TERM: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, STORED: tl.constexpr, STAGES: tl.constexpr):
+                  BLOCK_N: tl.constexpr, STORED: tl.constexpr, STAGES: tl.constexpr, END_ALIGN: tl.constexpr = 1):
     """Grid (cdiv(N, BLOCK_M), num_splits): recompute the tile from the saved fp32 (row max, log sum-exp) at
     ``row_stats_ptr`` and write ``upstream_i * coef_i * d loss_i / d z`` over ``g_op`` (plus LADE's column term
     :class:`ColumnTerm` ``col_term``, times the scalar upstream, when COLUMN_TERM); classes as in
     ``row_loss_forward``. STORED (the gradient in the forward of split rows): no recompute; ``g_op`` holds what a
     split ``row_loss_forward`` with STORE_P left there (``exp(a - max)`` per tile, the running maxima in ``stored``),
     which :func:`_grad_step` scales in place: z is not read and GCL's noise is not drawn again. SOFT: the targets'
-    tiles from ``soft`` and ``W_q`` from ``row_stats[2]`` (:class:`Soft`)."""
+    tiles from ``soft`` and ``W_q`` from ``row_stats[2]`` (:class:`Soft`). ALIGN and END_ALIGN as in
+    ``row_loss_forward``."""
     rng = _noise_rng(seed, noise_row0, seed_ptr, noise_table, F)
     # the last programs of the forward (its last row blocks and splits, whose ends are the likeliest still in L2)
     # come first, and each row is walked from its end (:func:`_grad_columns`). The max(., 0) tells the compiler the
@@ -992,8 +1019,7 @@ def row_loss_grad(z_op, y_ptr, vecs, wsum_ptr, row_stats_ptr, coef_ptr, go_ptr, 
     if F.SOFT:
         w_q = tl.load(row_stats_ptr + 2 * N + row.idx, mask=row.mask, other=0.0)
     rg = _row_grad(row_max, log_sum, coef, row, wsum_ptr, C, w_q, F)
-    col_lo = cols_of.base + pid_s * cols_of.per_split
-    col_hi = tl.minimum(col_lo + cols_of.per_split, cols_of.end)
+    col_lo, col_hi = _column_range(cols_of, pid_s, END_ALIGN)
     colg = None
     if COLUMN_TERM:  # LADE: its loss is reduced, so the upstream gradient is a scalar
         col_go = 1.0

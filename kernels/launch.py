@@ -48,11 +48,11 @@ from .reduce import (
     reduce_rows,
     scale_rows,
 )
-from .tiles import TileConfig, cdiv, column_stat_blocks, pick_tiles, row_align
+from .tiles import TileConfig, cdiv, column_stat_blocks, end_align, pick_tiles, row_align
 
 __all__ = ["loss", "forward", "grad", "chunk_partials", "combine_partials", "PARTIAL_PLANES", "reduce",
            "inv_denominator_of", "scale_by", "scale_all", "new_column_stats", "ColumnStats", "TileConfig", "pick_tiles",
-           "row_align", "column_stat_blocks"]
+           "row_align", "end_align", "column_stat_blocks"]
 
 
 # --- the operator's argument groups ---------------------------------------------------------------------------------
@@ -470,6 +470,7 @@ def _new_forward_plan(args: AdjustedCEArgs, z, y, g, soft, grad_in_forward: bool
         BLOCK_N=cfg.block_n, PERSISTENT=grid_rows < row_blocks, RBLOCK=rblock, STORE_P=store_p,
         STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     static["GROUP"], static["GROUP_SPAN"] = _stats_group(z, static["ALIGN"], cfg, kg.flags)
+    static["END_ALIGN"] = end_align(C, cfg.cols_per_split)
     # placeholders for the buffers a launch of this plan does not use (forward passes the others per call: a
     # copy of this dict per call would cost the hot path more)
     if not split:
@@ -584,6 +585,7 @@ def _new_grad_plan(args: AdjustedCEArgs, z, y, out, soft, column_term: bool, ups
         COLUMN_TERM=column_term, ALIGN=row_align(z, out, *([] if soft is None else [y])), BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, STORED=stored is not None, STAGES=cfg.num_stages, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
+    static["END_ALIGN"] = end_align(col_base, Ck, cfg.cols_per_split)
     if not column_term:  # placeholders for the buffers it does not use (grad passes the others per call)
         static["col_term"] = ColumnTerm(columns=d)
     if stored is None:
@@ -631,7 +633,8 @@ def chunk_partials(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, part:
         F=_flags(kg.flags, soft, col_base), MEAN=False, SPLIT=True, SINGLE_TILE=Ck <= cfg.block_n, GRAD_IN_FWD=False,
         COLUMN_STATS=has_cols, ALIGN=row_align(z, *([] if soft is None else [y])), BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, PERSISTENT=False, DENOM=DENOM_POINTER, REDUCE=0, RBLOCK=tiles.rblock(cfg.num_warps),
-        STORE_P=False, STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        STORE_P=False, STAGES=cfg.num_stages, END_ALIGN=end_align(col_base, Ck), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
 
 
 def _launch_combine(part, y, args: AdjustedCEArgs, C: int, rows: RowOutputs, inv_denom, *, mean: bool,

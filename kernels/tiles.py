@@ -273,6 +273,17 @@ def row_align(*tensors: torch.Tensor) -> int:
     return align
 
 
+def end_align(*bounds: int) -> int:
+    """The ``END_ALIGN`` constexpr of the row kernels: the largest power of two, at most 16, dividing every one of
+    ``bounds`` (the :class:`~fastlt.kernels.adjusted_ce.Columns`' base, end and split width). The kernels declare
+    each program's last column a multiple of it, so it must divide them: a wrong claim would vectorise the masked
+    tile's accesses past its last column."""
+    align = 16
+    while align > 1 and any(b % align for b in bounds):
+        align //= 2
+    return align
+
+
 def combine_tiles(num_splits: int) -> tuple[int, int]:
     """``(BLOCK_S, BLOCK_M)`` of :func:`row_loss_combine` for rows split in ``num_splits`` (4096 partials a tile)."""
     block_s = max(2, next_pow2(num_splits))

@@ -91,3 +91,25 @@ def test_loops_over_their_sass_budget_are_reported():
     assert len(over) == 1 and case in over[0] and str(budget) in over[0]
     assert K.over_budget([row(case, kernel, f"{budget + 0.1:.1f}")]) != []  # one figure: the loop has no branch
     assert K.over_budget([row(case, kernel, "-"), row("not-a-budgeted-case", kernel, "99.0")]) == []
+
+
+def test_whole_row_tiles_are_held_to_their_straight_path():
+    """A whole-row tile (SINGLE_TILE: no column loop) counts the instructions outside loops before the first EXIT
+    over the elements a thread holds, and ``--check`` holds the budgeted ones to it; other kernels show "-"."""
+    ops = {a: "FADD R1, R2, R3" for a in range(0x0000, 0x0200, 0x10)}  # 32 instructions
+    ops[0x0080] = "@P1 BRA 0x40"  # a spin wait: 0x40..0x80, 5 instructions, not counted
+    ops[0x0100] = "@P0 EXIT"  # the programs that do not reduce the batch end here: 16 - 5 = 11 before it
+    lines = _sass(ops)
+    # 11 over 1 x 256 / (32 x 4) = 2 elements a thread
+    assert K._whole_row_per_element(lines, "SINGLE_TILE BLOCK_M=1 BLOCK_N=256 num_warps=4") == "5.5"
+    assert K._whole_row_per_element(lines, "BLOCK_M=1 BLOCK_N=256 num_warps=4") == "-"  # a column loop's kernel
+
+    def row(name, kernel, whole_row):
+        return name, K.Compiled(kernel, "", 0, 0, 0, {"SASS/element": "-", "whole-row SASS/element": whole_row},
+                                "")
+
+    whole = [(key, b) for key, b in K.BUDGETS.items() if key[0].endswith("-fused") and "8142" in key[0]]
+    assert whole, "the iNaturalist whole-row tiles have budgets"
+    (case, kernel), budget = whole[0]
+    assert K.over_budget([row(case, kernel, f"{budget - 0.1:.1f}")]) == []
+    assert K.over_budget([row(case, kernel, f"{budget + 0.1:.1f}")]) != []

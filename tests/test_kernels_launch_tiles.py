@@ -1,7 +1,9 @@
-"""The launchers' static choices: tile shapes per path and the ``ALIGN`` row-stride hint.
+"""The launchers' static choices: tile shapes per path, the ``ALIGN`` row-stride hint and the ``END_ALIGN``
+column-range hint.
 
-``ALIGN`` is a promise to the compiler (``tl.multiple_of``) that the interpreter cannot check: a wrong one is a
-misaligned vector access on a GPU. So it is tested here directly, on the strides it must divide.
+``ALIGN`` and ``END_ALIGN`` are promises to the compiler (``tl.multiple_of``) that the interpreter cannot check: a
+wrong one is a misaligned vector access on a GPU, or a masked tile's vector that reaches past its last column. So
+they are tested here directly, on the strides and column bounds they must divide.
 """
 
 from __future__ import annotations
@@ -32,6 +34,76 @@ def test_row_align_takes_every_operand_views_and_single_rows():
     for t in (view, torch.empty((5, 30), dtype=torch.float16), torch.empty((2, 9), dtype=torch.float32)):
         a = launch.row_align(t)
         assert t.stride(0) % a == 0 or t.shape[0] == 1
+
+
+@pytest.mark.parametrize("bounds,want", [
+    ((8142, 8192), 2), ((0, 131072, 1024), 16), ((8141,), 1), ((1018, 2036, 1024), 2), ((24, 48), 8), ((), 16),
+])
+def test_end_align_is_the_largest_power_of_two_up_to_16_dividing_the_bounds(bounds, want):
+    assert launch.end_align(*bounds) == want
+    assert all(b % want == 0 for b in bounds)
+
+
+def _row_launches(monkeypatch, run) -> list[dict]:
+    """The keyword arguments of the row kernels' launches ``run()`` makes (recorded; no kernel runs)."""
+    calls: dict[str, list] = {}
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda **kw: calls.setdefault(self.name, []).append(kw)
+
+    with monkeypatch.context() as m:
+        for name in ("row_loss_forward", "row_loss_grad", "row_loss_combine"):
+            m.setattr(launch, name, Recorder(name))
+        run()
+    return calls.get("row_loss_forward", []) + calls.get("row_loss_grad", [])
+
+
+def _views(dtype):
+    """(name, logits): iNaturalist's 8142 classes contiguous (row stride 8142: 2-element vectors), the same in rows
+    padded to 8200 (ALIGN 8, but the last column still even only), and 8141 classes in rows of 8142 (an odd end)."""
+    pad = torch.empty((4, 8200), dtype=dtype)
+    odd = torch.empty((4, 8142), dtype=dtype)
+    return [("8142", torch.empty((4, 8142), dtype=dtype), 2), ("8142-padded", pad[:, :8142], 2),
+            ("8141-in-8142", odd[:, :8141], 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_end_align_divides_every_launch_column_range(dtype, monkeypatch):
+    """Every row launch (the forward with the gradient in it or not, its tile configurations, the recomputed
+    gradient, a class chunk at an odd base) declares its last column a multiple of END_ALIGN: it must divide the
+    Columns' base, end and split width, and it is 2 where 8142 classes let the masked tile move pairs."""
+    from fastlt._operator import AdjustedCEArgs
+
+    args = AdjustedCEArgs()
+    for name, z, want in _views(dtype):
+        y = torch.zeros(z.shape[0], dtype=torch.int64)
+
+        def whole(z=z, y=y):
+            for grad_out in (None, z):
+                for cfg in (None, launch.pick_tiles(4, z.shape[1], z.device, block_n=1024),
+                            launch.pick_tiles(4, z.shape[1], z.device, block_n=512, num_splits=3)):
+                    _, lse, factor = launch.loss(z, y, args, config=cfg, grad_out=grad_out)
+                    launch.grad(z, y, args, lse, factor, None, config=cfg)
+
+        def chunk(z=z, y=y):  # rank 1 of 8: classes [1018, 2036) (torch.chunk of 8142), base not even a multiple of 4
+            part = torch.empty((launch.PARTIAL_PLANES, 4, 1), dtype=torch.float32)
+            launch.chunk_partials(z[:, 1018:2036], y, args, part, 0, col_base=1018, num_classes=z.shape[1])
+            _, stats, coef = launch.combine_partials(part, y, args, z.shape[1], out=torch.empty(()))
+            launch.grad(z[:, 1018:2036], y, args, stats, coef, None, col_base=1018, num_classes=z.shape[1])
+
+        launches = _row_launches(monkeypatch, whole)
+        assert len(launches) >= 6
+        assert {kw["END_ALIGN"] for kw in launches} == {want}, name
+        chunked = _row_launches(monkeypatch, chunk)
+        assert len(chunked) == 2 and {kw["END_ALIGN"] for kw in chunked} == {2}  # 1018 is even
+        for kw in launches + chunked:
+            a, cols = kw["END_ALIGN"], kw["cols_of"]
+            assert a & (a - 1) == 0 and 1 <= a <= 16, name
+            assert cols.base % a == 0 and cols.end % a == 0 and cols.per_split % a == 0, (name, cols, a)
 
 
 def test_lade_tiles_without_spilling_shapes():
