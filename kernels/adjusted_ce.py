@@ -91,8 +91,8 @@ class Flags(NamedTuple):
     HAS_FOCAL: bool = False
     SEED_FROM_PTR: bool = False
     SOFT: bool = False  # class-probability targets (:class:`Soft`)
-    NOISE_PER_ELEMENT: bool = False  # the columns start off a multiple of 8 (an unaligned class shard): one Philox
-    # call per noise element instead of one per 8 (:func:`fastlt.kernels.philox_noise.gcl_noise_at`)
+    NOISE_SHIFT: int = 0  # the columns start this far past a multiple of 8 (an unaligned class shard): its tiles draw
+    # two Philox calls per 8 columns (:func:`fastlt.kernels.philox_noise.gcl_noise_tile`'s SHIFT)
 
 
 class Columns(NamedTuple):
@@ -198,7 +198,7 @@ class Tile(NamedTuple):
 class Rng(NamedTuple):
     """GCL's noise: element (i, j) is a function of (``seed``, ``row0 + i``, j); ``table`` the levels held by the
     program (:func:`fastlt.kernels.philox_noise.load_noise_table`; 0.0 where no tile draws noise), ``table_ptr``
-    where they lie (the per-element draws read them there)."""
+    where they lie (a target's one-element draw reads it there)."""
 
     seed: Any
     row0: Any
@@ -213,7 +213,7 @@ def _noise_rng(seed, noise_row0, seed_ptr, noise_table, F: tl.constexpr):
     if F.SEED_FROM_PTR:
         seed = tl.load(seed_ptr)
     table = 0.0
-    if F.NOISE_MODE != 0 and not F.NOISE_PER_ELEMENT:
+    if F.NOISE_MODE != 0:
         table = load_noise_table(noise_table)
     return Rng(seed, noise_row0, table, noise_table)
 
@@ -368,10 +368,8 @@ def _adjusted_tile(z_op, vecs, hp, rng, row, col_start, col_base, col_hi, soft, 
         a += hp.tau * tl.load(vecs.log_prior + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if F.NOISE_MODE != 0:
         spread = _noise_spread(vecs, hp, cols, col_mask, F)[None, :]
-        if F.NOISE_PER_ELEMENT:
-            a -= spread * gcl_noise_at(rng.seed, rng.table_ptr, (row.idx + rng.row0)[:, None], cols[None, :])
-        else:
-            a -= spread * gcl_noise_tile(rng.seed, rng.table, row.idx + rng.row0, col_start, BLOCK_M, BLOCK_N)
+        a -= spread * gcl_noise_tile(rng.seed, rng.table, row.idx + rng.row0, col_start, BLOCK_M, BLOCK_N,
+                                     F.NOISE_SHIFT)
     if F.SOFT:
         if F.MARGIN_MODE == 2:
             a -= tl.load(vecs.margin + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :] * q
@@ -740,15 +738,19 @@ def _grad_step(z_op, g_op, vecs, hp, rng, row, rg, colg, col_start, col_base, co
 
 
 @triton.jit
-def _column_range(cols_of, pid_s, END_ALIGN: tl.constexpr):
+def _column_range(cols_of, pid_s, END_ALIGN: tl.constexpr, LO_ALIGN: tl.constexpr = 0):
     """``[col_lo, col_hi)``: the classes of column split ``pid_s`` (:class:`Columns`), ``col_hi`` declared a multiple of
     END_ALIGN (the launcher makes it divide the Columns' base, end and split width: ``tiles.end_align``). The masked
     tile's column mask ``cols < col_hi`` is then constant over END_ALIGN columns, so its loads and stores (and the
     class vectors') move up to END_ALIGN elements an access: a row of 8142 classes in one tile loaded its 2-byte
-    elements one by one (4096 x 8142 bf16, the gradient in the forward: 65.3 -> 53.3 SASS an element). ``col_lo``
-    keeps what Triton infers (16 where the base and split width are multiples of 16): a smaller claim would narrow
-    the class vectors' loads in the column loop."""
+    elements one by one (4096 x 8142 bf16, the gradient in the forward: 65.3 -> 53.3 SASS an element, with the
+    whole-row tile's LO_ALIGN). ``col_lo`` keeps what Triton infers (16 where the base and split width are
+    multiples of 16), or with LO_ALIGN > 0 is declared a multiple of LO_ALIGN instead (a power of two dividing the
+    base, for a launch whose only split is 0: col_lo is the base). The claims are made here, on the operations that
+    compute the two: a claim on a value this function returns would mark the call, and so both of its results."""
     col_lo = cols_of.base + pid_s * cols_of.per_split
+    if LO_ALIGN > 0:
+        col_lo = tl.multiple_of(col_lo, LO_ALIGN)
     col_hi = tl.minimum(col_lo + cols_of.per_split, cols_of.end)
     if END_ALIGN > 1:
         col_hi = tl.multiple_of(col_hi, END_ALIGN)
@@ -792,7 +794,11 @@ def _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, 
                        GROUP: tl.constexpr, GROUP_SPAN: tl.constexpr, END_ALIGN: tl.constexpr):
     """The work of program (pid_m, pid_s) of :func:`row_loss_forward`: row block ``pid_m``, column split ``pid_s``."""
     row = _row_info(y_ptr, vecs, hp, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), N, C, F)
-    col_lo, col_hi = _column_range(cols_of, pid_s, END_ALIGN)
+    # a whole-row tile's first column declared a multiple of no more than z's vector (ALIGN, and END_ALIGN, which
+    # divides the base, col_lo here: one split): the class vectors then load as wide as z, in z's layout. Wider loads
+    # of the log prior (4 fp32 where z moves 2, C = 8142) came with a conversion through 16 KB of shared memory and
+    # 15 registers more (LA 4096 x 8142 bf16, triton 3.9: 79 > 64, one block of 16 warps an SM, not two)
+    col_lo, col_hi = _column_range(cols_of, pid_s, END_ALIGN, min(ALIGN, END_ALIGN) if SINGLE_TILE else 0)
     m_i = tl.full((BLOCK_M,), NEG_BIG, tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     sw = tl.zeros((BLOCK_M,), tl.float32)
@@ -807,12 +813,7 @@ def _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, 
             tl.store(colstats.target_logits + row.idx, z_y, mask=row.valid & (row.y >= col_lo) & (row.y < col_hi))
     if SINGLE_TILE:
         # the row is one tile: it stays in registers for a gradient in the same launch (no reload, and
-        # GCL's noise is drawn once). Its first column declared a multiple of no more than z's vector (true: END_ALIGN
-        # divides the base, which is col_lo here): the class vectors then load as wide as z, in z's layout. Wider
-        # loads of the log prior (4 fp32 where z moves 2, C = 8142) came with a conversion through 16 KB of shared
-        # memory and 15 registers more (LA 4096 x 8142 bf16: 79 > 64, one block of 16 warps an SM, not two)
-        if END_ALIGN > 1:
-            col_lo = tl.multiple_of(col_lo, min(ALIGN, END_ALIGN))
+        # GCL's noise is drawn once)
         t = _adjusted_tile(z_op, vecs, hp, rng, row, col_lo, cols_of.base, col_hi, soft, F, F.MARGIN_MODE != 0, True,
                            ALIGN, BLOCK_M, BLOCK_N, True)
         m_i, l_i, sw, qa, qw, qp, e = _tile_stats(t, row, m_i, l_i, sw, qa, qw, qp, vecs, hp, colstats, pid_m,

@@ -138,12 +138,12 @@ def _soft(y: torch.Tensor, args: AdjustedCEArgs | None) -> Soft | None:
 
 
 def _flags(flags: Flags, soft: Soft | None, col_base: int = 0) -> Flags:
-    """``flags`` for a launch: SOFT with class-probability targets; NOISE_PER_ELEMENT when noise columns start off a
-    multiple of 8 (a class chunk or shard at ``col_base``)."""
+    """``flags`` for a launch: SOFT with class-probability targets; NOISE_SHIFT, how far past a multiple of 8 the
+    noise columns start (a class chunk or shard at ``col_base``)."""
     if soft is not None:
         flags = flags._replace(SOFT=True)
     if flags.NOISE_MODE and col_base % 8:
-        flags = flags._replace(NOISE_PER_ELEMENT=True)
+        flags = flags._replace(NOISE_SHIFT=col_base % 8)
     return flags
 
 

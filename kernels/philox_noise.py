@@ -36,23 +36,70 @@ def _levels(words):
 
 
 @triton.jit
-def gcl_noise_tile(seed, table, rows, col_start, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) float32 noise for ``rows`` x ``[col_start, col_start + BLOCK_N)``; col_start % 8 == 0.
-    ``table``: :func:`load_noise_table`. The four words of a Philox call are spread to one per pair of columns
-    (word k of group g to columns 8g + 2k, 8g + 2k + 1), split in the pair's two levels, and looked up at once."""
+def _half_level(w0, w1, w2, w3, H: tl.constexpr):
+    """The level of half H (0..7: word H // 2, its low half for even H) of a Philox call's four words."""
+    if H // 2 == 0:
+        w = w0
+    elif H // 2 == 1:
+        w = w1
+    elif H // 2 == 2:
+        w = w2
+    else:
+        w = w3
+    if H % 2 == 0:
+        level = (w >> _SHIFT) & (LEVELS - 1)
+    else:
+        level = (w >> (16 + _SHIFT)) & (LEVELS - 1)
+    return level
+
+
+@triton.jit
+def _shifted_level(a0, a1, a2, a3, b0, b1, b2, b3, K: tl.constexpr, SHIFT: tl.constexpr):
+    """The level of column K of a tile's group of 8 columns that starts SHIFT columns into its Philox group: half
+    K + SHIFT of that group's call (a), or past the 8th, of the next group's (b)."""
+    if K + SHIFT < 8:
+        level = _half_level(a0, a1, a2, a3, K + SHIFT)
+    else:
+        level = _half_level(b0, b1, b2, b3, K + SHIFT - 8)
+    return level
+
+
+@triton.jit
+def gcl_noise_tile(seed, table, rows, col_start, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   SHIFT: tl.constexpr = 0):
+    """(BLOCK_M, BLOCK_N) float32 noise for ``rows`` x ``[col_start, col_start + BLOCK_N)``; col_start % 8 == SHIFT.
+    ``table``: :func:`load_noise_table`. SHIFT 0: the four words of a Philox call are spread to one per pair of
+    columns (word k of group g to columns 8g + 2k, 8g + 2k + 1), split in the pair's two levels, and looked up at
+    once. SHIFT 1..7 (a class shard that starts off a multiple of 8): each group of 8 columns of the tile takes the
+    halves SHIFT.. of its Philox group's call and the first SHIFT halves of the next group's, both drawn per group
+    (two calls per 8 columns, where the shard's tiles drew one per column before)."""
     groups = col_start // 8 + tl.arange(0, BLOCK_N // 8)
     offsets = (rows.to(tl.int64)[:, None] << 32) | groups.to(tl.int64)[None, :]
     w0, w1, w2, w3 = tl.randint4x(seed, offsets, ROUNDS)
-    words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_M, BLOCK_N // 2))  # [w0, w1, w2, w3]
-    low, high = _levels(words)
-    levels = tl.reshape(tl.join(low, high), (BLOCK_M * BLOCK_N,))
+    if SHIFT == 0:
+        words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_M, BLOCK_N // 2))  # [w0, w1, w2, w3]
+        low, high = _levels(words)
+        levels = tl.reshape(tl.join(low, high), (BLOCK_M * BLOCK_N,))
+    else:
+        b0, b1, b2, b3 = tl.randint4x(seed, offsets + 1, ROUNDS)  # the next group (its column bits never carry)
+        x0 = _shifted_level(w0, w1, w2, w3, b0, b1, b2, b3, 0, SHIFT)
+        x1 = _shifted_level(w0, w1, w2, w3, b0, b1, b2, b3, 1, SHIFT)
+        x2 = _shifted_level(w0, w1, w2, w3, b0, b1, b2, b3, 2, SHIFT)
+        x3 = _shifted_level(w0, w1, w2, w3, b0, b1, b2, b3, 3, SHIFT)
+        x4 = _shifted_level(w0, w1, w2, w3, b0, b1, b2, b3, 4, SHIFT)
+        x5 = _shifted_level(w0, w1, w2, w3, b0, b1, b2, b3, 5, SHIFT)
+        x6 = _shifted_level(w0, w1, w2, w3, b0, b1, b2, b3, 6, SHIFT)
+        x7 = _shifted_level(w0, w1, w2, w3, b0, b1, b2, b3, 7, SHIFT)
+        # joined so that the last three axes (4a + 2b + c) flatten to columns 0..7 of each group
+        levels = tl.reshape(tl.join(tl.join(tl.join(x0, x4), tl.join(x2, x6)), tl.join(tl.join(x1, x5),
+                                                                                       tl.join(x3, x7))),
+                            (BLOCK_M * BLOCK_N,))
     return tl.reshape(tl.gather(table, levels, 0), (BLOCK_M, BLOCK_N))
 
 
 @triton.jit
 def gcl_noise_at(seed, table_ptr, rows, cols):
-    """The noise of elements ``(rows[k], cols[k])`` (one column per row, e.g. the target; or broadcast
-    ``rows[:, None]`` x ``cols[None, :]``, a tile whose columns start off a multiple of 8), float32: the number
+    """The noise of elements ``(rows[k], cols[k])`` (one column per row: the target's), float32: the number
     :func:`gcl_noise_tile` gives that element, at one Philox call and one load from the table in global memory (an
     L1 hit) per element."""
     offsets = (rows.to(tl.int64) << 32) | (cols.to(tl.int64) // 8)

@@ -82,7 +82,8 @@ def test_reference_path_equals_the_full_logits(name, reduction, world, C, layout
 def test_kernel_path_equals_the_full_logits(name, dtype, layout):
     """The kernels (interpreter without a GPU): local partials, the collectives, the combine, and the row kernel's
     gradient of the local columns, against the float64 reference; an empty shard among them (balanced: 16/16/9/0),
-    torch.chunk's starts off multiples of 8 (11/11/11/8: GCL's noise then drawn per element, the same numbers)."""
+    torch.chunk's starts off multiples of 8 (11/11/11/8: GCL's tiles then shifted off the Philox groups, the same
+    numbers)."""
     gen = torch.Generator().manual_seed(3)
     C = 41
     z = torch.randn(6, C, generator=gen).to(dtype)

@@ -183,7 +183,7 @@ def test_class_parallel_equals_the_full_logits(pool):
 
 def test_dtensor_logits_and_gather_combine(pool):
     """DTensor logits sharded Shard(-1) on a 1-D mesh (torch.chunk's 6 + 5 classes) give the full logits' loss and
-    gradient through the modules (LA, GCL, LADE) and the GCL kernels (an unaligned start: noise per element);
+    gradient through the modules (LA, GCL, LADE) and the GCL kernels (an unaligned start: NOISE_SHIFT);
     combine='gather' gives it too, the same bits on both ranks."""
     x, y, counts, weight = G.batch()
     z = x.repeat(1, 2)[:, :G.C]

@@ -105,7 +105,7 @@ def test_chunk_partials_and_combine_equal_the_single_launch_forward():
     grad = torch.cat([launch.grad(z[:, c0:c1].contiguous(), y, args, lse2, factor2, None, col_base=c0, num_classes=C)
                       for c0, c1 in zip(bounds[:-1], bounds[1:], strict=True)], 1)
     torch.testing.assert_close(grad, full_grad, rtol=1e-5, atol=1e-6)
-    # chunks starting off a multiple of 8 (a torch.chunk class shard): GCL's noise drawn per element, same numbers
+    # chunks starting off a multiple of 8 (a torch.chunk class shard): GCL's tiles shifted (NOISE_SHIFT), same numbers
     bounds = [0, 5, 18, 30, 37]
     part = _class_partials(z, y, args, bounds)
     loss3, lse3, factor3 = launch.combine_partials(part, y, args, C)

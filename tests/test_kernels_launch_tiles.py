@@ -89,17 +89,22 @@ def test_end_align_divides_every_launch_column_range(dtype, monkeypatch):
                     _, lse, factor = launch.loss(z, y, args, config=cfg, grad_out=grad_out)
                     launch.grad(z, y, args, lse, factor, None, config=cfg)
 
-        def chunk(z=z, y=y):  # rank 1 of 8: classes [1018, 2036) (torch.chunk of 8142), base not even a multiple of 4
+        def chunk(c0, c1, z=z, y=y):  # a class chunk [c0, c1) of the logits, as a class-parallel rank holds it
             part = torch.empty((launch.PARTIAL_PLANES, 4, 1), dtype=torch.float32)
-            launch.chunk_partials(z[:, 1018:2036], y, args, part, 0, col_base=1018, num_classes=z.shape[1])
+            launch.chunk_partials(z[:, c0:c1], y, args, part, 0, col_base=c0, num_classes=z.shape[1])
             _, stats, coef = launch.combine_partials(part, y, args, z.shape[1], out=torch.empty(()))
-            launch.grad(z[:, 1018:2036], y, args, stats, coef, None, col_base=1018, num_classes=z.shape[1])
+            launch.grad(z[:, c0:c1], y, args, stats, coef, None, col_base=c0, num_classes=z.shape[1])
 
         launches = _row_launches(monkeypatch, whole)
         assert len(launches) >= 6
         assert {kw["END_ALIGN"] for kw in launches} == {want}, name
-        chunked = _row_launches(monkeypatch, chunk)
-        assert len(chunked) == 2 and {kw["END_ALIGN"] for kw in chunked} == {2}  # 1018 is even
+        chunked = []
+        # rank 1 of 8 (torch.chunk of 8142: 1018 wide at 1018); a start less aligned than the width (1017, or 18
+        # with 12 classes: a launcher that forgot the base would claim 2 and 4); one aligned chunk of 16
+        for (c0, c1), expect in (((1018, 2036), 2), ((1017, 2035), 1), ((18, 30), 2), ((32, 48), 16)):
+            got = _row_launches(monkeypatch, lambda c0=c0, c1=c1: chunk(c0, c1))
+            assert len(got) == 2 and {kw["END_ALIGN"] for kw in got} == {expect}, (name, c0, c1)
+            chunked += got
         for kw in launches + chunked:
             a, cols = kw["END_ALIGN"], kw["cols_of"]
             assert a & (a - 1) == 0 and 1 <= a <= 16, name

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from conftest import DEVICE
 
-from fastlt.kernels.philox_noise import _levels, gcl_noise_at, gcl_noise_kernel, load_noise_table
+from fastlt.kernels.philox_noise import _levels, gcl_noise_at, gcl_noise_kernel, gcl_noise_tile, load_noise_table
 from fastlt.noise import gcl_noise, noise_table
 
 
@@ -63,6 +63,28 @@ def test_noise_at_one_column_per_row_equals_the_tile_noise():
     out = torch.empty(64, device=DEVICE)
     _noise_at_kernel[(1,)](rows.to(DEVICE), cols.to(DEVICE), out, seed, noise_table(DEVICE), 64, BLOCK=64)
     assert torch.equal(out.cpu(), tile[rows, cols])
+
+
+@triton.jit
+def _tile_kernel(out_ptr, seed, table_ptr, row0, col_start, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 SHIFT: tl.constexpr):
+    i = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    tl.store(out_ptr + i, gcl_noise_tile(seed, load_noise_table(table_ptr), row0 + tl.arange(0, BLOCK_M), col_start,
+                                         BLOCK_M, BLOCK_N, SHIFT))
+
+
+@pytest.mark.parametrize("shift", range(8))
+def test_a_tile_starting_off_a_multiple_of_8_draws_the_same_noise(shift):
+    """A class shard's tile that starts ``shift`` columns past a multiple of 8 (two Philox calls per 8 columns)
+    draws fastlt.noise's numbers there, bit for bit: every column position against every shift, the calls of
+    both groups (their last column and the next's first), and a shift that would be wrong moves them all."""
+    seed, row0, BM, BN = 2**40 + 9, 5, 2, 32
+    col_start = 48 + shift
+    want = gcl_noise(seed, row0 + BM, col_start + BN)[row0:, col_start:]
+    out = torch.empty((BM, BN), device=DEVICE)
+    _tile_kernel[(1,)](out, seed, noise_table(DEVICE), row0, col_start, BLOCK_M=BM, BLOCK_N=BN, SHIFT=shift)
+    assert torch.equal(out.cpu(), want)
+    assert not torch.equal(want, gcl_noise(seed, row0 + BM, col_start + BN + 1)[row0:, col_start + 1:])
 
 
 def test_first_gpu_use_inside_graph_capture_is_refused(monkeypatch):

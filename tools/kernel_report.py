@@ -162,9 +162,11 @@ def _per_element(lines: list[str], flags: str) -> str:
 def _whole_row_per_element(lines: list[str], flags: str) -> str:
     """A whole-row tile's (SINGLE_TILE) figure beside :func:`_per_element`'s: the instructions outside every loop
     before the first EXIT (a program's straight path through its row: load, statistics, the gradient in the forward,
-    and its share of the row outputs; the spin waits and program 0's batch sums are loops) over the elements a thread
-    holds, ``BLOCK_M * BLOCK_N / (32 * num_warps)``. It includes the per-row work a column loop's figure leaves out,
-    so it is the larger of the two for the same arithmetic. "-" for other kernels."""
+    and its share of the row outputs; the spin waits are loops, not counted) over the elements a thread holds,
+    ``BLOCK_M * BLOCK_N / (32 * num_warps)``. It includes the per-row work a column loop's figure leaves out, and the
+    code around the batch denominator's loop that only the launch's first program runs (the others jump over it:
+    ~12 an element of the 53.3 at 4096 x 8142 bf16), so it is larger than what a program runs, a static figure to
+    compare builds with. "-" for other kernels."""
     sizes = {k: int(v) for k, v in re.findall(r"\b(BLOCK_M|BLOCK_N|num_warps)=(\d+)", flags)}
     if len(sizes) < 3 or not re.search(r"\bSINGLE_TILE\b", flags):
         return "-"
@@ -426,7 +428,8 @@ def cases():
         "la-1M-bf16-split": la(128, 1_000_000, torch.bfloat16, num_splits=16),
         # GCL's gradient in the forward over split rows: STORE_P in the split forward, row_loss_grad's STORED after
         "gcl-1M-bf16-split-fused": gcl(128, 1_000_000, torch.bfloat16, grad_in_forward=True, num_splits=16),
-        "gcl-shard-8142-over-8-bf16": gcl_shard(4096, 8142, 8, torch.bfloat16),  # noise drawn per element
+        # rank 1 of 8 starts at 1018: its tiles start 2 columns past a multiple of 8 (NOISE_SHIFT=2)
+        "gcl-shard-8142-over-8-bf16": gcl_shard(4096, 8142, 8, torch.bfloat16),
         "la-8142-fp32-whole-row": la(4096, 8142, torch.float32, grad_in_forward=True, block_n=8192, num_warps=16),
         # the longest bf16 row held whole with the gradient in the forward (tiles.WHOLE_ROW_BYTES): 32 elements a
         # thread of 16 warps, at the 128-register cap
@@ -510,7 +513,7 @@ def main(argv=None) -> int:
         if unpiped:
             print("column loops asked for stages but not pipelined:\n  " + "\n  ".join(unpiped))
         if over:
-            print("column loops over their SASS budget an element:\n  " + "\n  ".join(over))
+            print("column loops or whole-row tiles over their SASS budget an element:\n  " + "\n  ".join(over))
         return 1
     return 0
 
@@ -528,6 +531,7 @@ BUDGETS = {
     ("gcl-1M-bf16-split-fused", "row_loss_forward"): 40.0,
     ("la-8142-bf16-fused", "row_loss_forward"): 57.0,
     ("gcl-8142-bf16-fused", "row_loss_forward"): 81.0,
+    ("gcl-shard-8142-over-8-bf16", "row_loss_grad"): 40.0,  # 39.1 / 37.1 (two Philox calls per 8 columns)
 }
 
 
