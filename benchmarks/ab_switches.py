@@ -6,6 +6,8 @@
   forward + backward of LA and GCL;
 - ``WHOLE_ROW_GRAD_IN_FORWARD`` False / True: with the gradient in the forward, 2048-wide tiles in two passes / the
   whole row as one tile (rows up to ``tiles.WHOLE_ROW_BYTES``), LA and GCL at 8142 classes;
+- ``WHOLE_ROW_MAX_REGISTERS`` None / 64: that whole-row tile's registers as ptxas chooses (one block of 16 warps an
+  SM above 64) / capped at 64 (two blocks an SM, a few spilled registers), LA and GCL at 4096 x 8142;
 - ``COLUMN_STATS_ROWS`` 16 / 64: LADE's column partials per 16 rows (16 x 512 tiles) / per 64 (64 x 128), a quarter
   of the partials' traffic, forward + backward of LADE;
 - ``GROUPED_STATS`` False / True: the statistics pass over rows of several tiles reduces across threads twice per
@@ -71,6 +73,7 @@ def cases() -> list[tuple]:
          False),
         ("WHOLE_ROW_GRAD_IN_FORWARD", (False, True), [(4096, 8142, fp32), (4096, 8142, bf16), (512, 8142, bf16)],
          ("la", "gcl"), True),
+        ("WHOLE_ROW_MAX_REGISTERS", (None, 64), [(4096, 8142, bf16), (4096, 8142, fp32)], ("la", "gcl"), True),
         ("COLUMN_STATS_ROWS", (16, 64), [(4096, 8142, fp32), (4096, 131072, fp32), (4096, 131072, bf16)], ("lade",),
          False),
         ("GROUPED_STATS", (False, True), [(4096, 131072, bf16), (4096, 131072, fp32), (1024, 1_000_000, bf16)],

@@ -10,8 +10,8 @@
 # benchmarks/warm_kernels.py compiles the benchmarks' kernels beside it, both
 # benchmark tables (each case eager and replayed from a CUDA graph) and the heads' CUDA time kernel by kernel.
 # Then, while the machine is still warm (30 s), `two` if the time left allows (bounds add up to 465 s): the A/B of
-# issue 17's five switches (benchmarks/ab_switches.py: pipelined loops, two-row bf16 tiles, whole-row tiles, LADE's
-# 64-row column partials, per-thread statistics; 60 timed cases), the profile of a logits step, the
+# issue 17's six switches (benchmarks/ab_switches.py: pipelined loops, two-row bf16 tiles, whole-row tiles and their
+# 64-register cap, LADE's 64-row column partials, per-thread statistics; 68 timed cases), the profile of a logits step, the
 # gradient-in-forward grids (STORE_P on and off) and the mixup table. `shards` (class parallel, ~400 s), `lade`
 # (LADE's tile sweep) and the row kernel's tile sweep (benchmarks/tune_tiles.py without flags, ~90 s) each need a
 # lease of their own.
@@ -50,7 +50,7 @@ one() {
   step 45 python3 benchmarks/profile_heads.py
 }
 two() {
-  # issue 17's untimed switches, each off and on (the five of benchmarks/ab_switches.py; rows print as they come)
+  # issue 17's untimed switches, each off and on (the six of benchmarks/ab_switches.py; rows print as they come)
   step 210 python3 benchmarks/ab_switches.py
   # the host path on that host's CPU (kernels stubbed) beside F.cross_entropy; profile_step below has the real launches
   step 25 python3 benchmarks/host_overhead.py

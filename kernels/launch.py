@@ -471,6 +471,8 @@ def _new_forward_plan(args: AdjustedCEArgs, z, y, g, soft, grad_in_forward: bool
         STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     static["GROUP"], static["GROUP_SPAN"] = _stats_group(z, static["ALIGN"], cfg, kg.flags)
     static["END_ALIGN"] = end_align(C, cfg.cols_per_split)
+    if cfg.single_tile and fuse_grad and tiles.WHOLE_ROW_MAX_REGISTERS:
+        static["maxnreg"] = tiles.WHOLE_ROW_MAX_REGISTERS
     # placeholders for the buffers a launch of this plan does not use (forward passes the others per call: a
     # copy of this dict per call would cost the hot path more)
     if not split:

@@ -111,6 +111,30 @@ def test_end_align_divides_every_launch_column_range(dtype, monkeypatch):
             assert cols.base % a == 0 and cols.end % a == 0 and cols.per_split % a == 0, (name, cols, a)
 
 
+def test_the_whole_row_register_cap_reaches_only_the_whole_row_launch(monkeypatch):
+    """``tiles.WHOLE_ROW_MAX_REGISTERS`` (an A/B of benchmarks/ab_switches.py): the whole-row gradient-in-forward
+    launch takes it as Triton's ``maxnreg``; the recompute forward and its gradient do not, and by default none does."""
+    from fastlt._operator import AdjustedCEArgs
+
+    z = torch.empty((4, 8142), dtype=torch.bfloat16)
+    y = torch.zeros(4, dtype=torch.int64)
+    args = AdjustedCEArgs()
+
+    def run():
+        launch.loss(z, y, args, grad_out=z)  # the whole row, the gradient in the forward
+        _, lse, factor = launch.loss(z, y, args)
+        launch.grad(z, y, args, lse, factor, None)
+
+    assert [kw.get("maxnreg") for kw in _row_launches(monkeypatch, run)] == [None, None, None]
+    before = tiles.reconfigure(WHOLE_ROW_MAX_REGISTERS=64)
+    try:
+        launches = _row_launches(monkeypatch, run)
+    finally:
+        tiles.reconfigure(**before)
+    assert [kw.get("maxnreg") for kw in launches] == [64, None, None]
+    assert launches[0]["SINGLE_TILE"] and launches[0]["GRAD_IN_FWD"] and not launches[1]["GRAD_IN_FWD"]
+
+
 def test_lade_tiles_without_spilling_shapes():
     """LADE's forward takes 16-row tiles (the column partials) and its gradient 4-row tiles (the column vectors
     shared by 4 rows); other paths keep one-row tiles, and explicit arguments win."""

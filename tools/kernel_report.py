@@ -299,7 +299,7 @@ def _flags(kwargs: dict) -> str:
             constexprs[k] = v
     on = [k for k, v in constexprs.items() if v is True]
     sizes = [f"{k}={v}" for k, v in constexprs.items() if not isinstance(v, bool)]
-    extra = [f"{k}={kwargs[k]}" for k in ("num_warps", "num_stages") if k in kwargs]
+    extra = [f"{k}={kwargs[k]}" for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs]
     return " ".join(on + sizes + extra)
 
 
@@ -400,6 +400,18 @@ def cases():
                 tiles._pick_tiles.cache_clear()
         return run
 
+    def switched(run, **policy):
+        """``run`` under the tile policy ``policy`` (``tiles.reconfigure``), restored after."""
+        def wrapped():
+            from fastlt.kernels import tiles
+
+            before = tiles.reconfigure(**policy)
+            try:
+                run()
+            finally:
+                tiles.reconfigure(**before)
+        return wrapped
+
     def rescale(N, D, C, dtype):
         def run():  # the heads' backward: dx, dW, db times a scalar grad_output in one launch
             launch.scale_all([torch.empty((N, D), dtype=dtype), torch.empty((C, D), dtype=dtype),
@@ -415,6 +427,9 @@ def cases():
         "la-512x8142-bf16-fused": la(512, 8142, torch.bfloat16, grad_in_forward=True),  # one launch: DENOM=1 (own)
         "gcl-131072-bf16": gcl(4096, 131072, torch.bfloat16),
         "gcl-8142-bf16-fused": gcl(4096, 8142, torch.bfloat16, grad_in_forward=True),
+        # the same capped at 64 registers (tiles.WHOLE_ROW_MAX_REGISTERS, an A/B of benchmarks/ab_switches.py)
+        "gcl-8142-bf16-fused-64-registers": switched(gcl(4096, 8142, torch.bfloat16, grad_in_forward=True),
+                                                     WHOLE_ROW_MAX_REGISTERS=64),
         "gcl-131072-bf16-seed-tensor": gcl(4096, 131072, torch.bfloat16, seed_tensor=True),
         # the cosine GCL head's row kernel at 4096 x 1024 -> 131072 (its chunk is the whole batch): STORE_P, and the
         # persistent grid an H100 gets for it
@@ -523,8 +538,8 @@ def main(argv=None) -> int:
 # ~20 for a pass that reads the logits and ~40 for one that writes the gradient too (issue 17, item 7: GCL's noise
 # within it), with room for the two Tritons CI compiles with (GCL's statistics loop: 20.0 with 3.9, 20.8 with 3.6).
 # A whole-row tile (no column loop) is held to its whole-row figure instead (:func:`_whole_row_per_element`: the
-# row's own work included): the iNaturalist rows with the gradient in the forward, LA 53.3 (3.9) / 55.6 (3.6) and
-# GCL 76.4 / 79.4 since their masked tile moves 2-element vectors (65.3 and 86.1 when it moved 1).
+# row's own work included): the iNaturalist rows with the gradient in the forward, LA 53.3 (3.9) / 53.9 (3.6) and
+# GCL 76.4 / 78.3 since their masked tile moves 2-element vectors (65.3 and 86.1 when it moved 1).
 BUDGETS = {
     ("gcl-131072-bf16", "row_loss_forward"): 21.5,
     ("gcl-131072-bf16", "row_loss_grad"): 40.0,
