@@ -147,6 +147,15 @@ def _flags(flags: Flags, soft: Soft | None, col_base: int = 0) -> Flags:
     return flags
 
 
+def _check_noise_tiles(flags: Flags, cfg: TileConfig) -> None:
+    """GCL's noise is drawn a Philox group of 8 columns at a time, so a tile (and a column split) must span whole
+    groups: its columns then start on the group grid, or at a class shard's own shift from it (NOISE_SHIFT). The
+    tile picker's widths always do; an explicit ``config`` may not."""
+    if flags.NOISE_MODE and (cfg.block_n % 8 or cfg.cols_per_split % 8):
+        raise ValueError(f"GCL's noise needs tiles and column splits of a multiple of 8 columns, got block_n="
+                         f"{cfg.block_n}, cols_per_split={cfg.cols_per_split} (config)")
+
+
 def reads_class_vectors(f: Flags) -> bool:
     """Whether the row kernels of the terms ``f`` read a (C,) vector per element (a log prior, GCL's cloud, class
     weights with label smoothing): :func:`fastlt.kernels.tiles.pick_tiles`'s ``class_vectors``."""
@@ -450,6 +459,7 @@ def _new_forward_plan(args: AdjustedCEArgs, z, y, g, soft, grad_in_forward: bool
     kg = kernel_groups(args, dev)
     cfg = config or pick_tiles(N, C, dev, column_stats=column_stats, grad_in_forward=grad_in_forward,
                                elem_bytes=z.element_size(), **_tile_streams(kg.flags, soft))
+    _check_noise_tiles(kg.flags, cfg)
     split = cfg.num_splits > 1
     row_blocks = cdiv(N, cfg.block_m)
     grid_rows = cfg.row_grid(row_blocks)
@@ -579,6 +589,7 @@ def _new_grad_plan(args: AdjustedCEArgs, z, y, out, soft, column_term: bool, ups
     kg = kernel_groups(args, dev)
     cfg = config or pick_tiles(N, Ck, dev, column_term=column_term, elem_bytes=z.element_size(),
                                **_tile_streams(kg.flags, soft))
+    _check_noise_tiles(kg.grad_flags, cfg)
     d = _dummy(dev)
     static = dict(
         vecs=kg.vecs, wsum_ptr=_or_dummy(weight_sum(args), dev), N=N, C=C,

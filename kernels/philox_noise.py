@@ -1,4 +1,5 @@
-"""GCL noise for a (BLOCK_M, BLOCK_N) tile, eight values per Philox call, from the table of levels.
+"""GCL noise for a (BLOCK_M, BLOCK_N) tile, eight values per Philox call (two calls per 8 columns for a class shard
+that starts off a multiple of 8), from the table of levels.
 
 Element (i, j): Philox4x32-7 (``fastlt.noise.NOISE_ROUNDS`` rounds: see there why 7) of counter (j // 8, i, 0, 0)
 under the 64-bit seed (``tl.randint4x`` with the int64 offset ``(i << 32) | (j // 8)``); column ``j`` takes the

@@ -135,6 +135,22 @@ def test_the_whole_row_register_cap_reaches_only_the_whole_row_launch(monkeypatc
     assert launches[0]["SINGLE_TILE"] and launches[0]["GRAD_IN_FWD"] and not launches[1]["GRAD_IN_FWD"]
 
 
+def test_noise_tiles_narrower_than_a_philox_group_are_refused():
+    """GCL's noise is drawn 8 columns at a time: an explicit tile config narrower than that is a clear error, not
+    noise from the wrong group; the same config without noise runs."""
+    from fastlt._operator import AdjustedCEArgs
+
+    z = torch.randn(3, 20)
+    y = torch.zeros(3, dtype=torch.int64)
+    cfg = launch.pick_tiles(3, 20, z.device, block_n=4)
+    gcl = AdjustedCEArgs(cloud=torch.rand(20), noise_mul=1.0, seed=1)
+    with pytest.raises(ValueError, match="multiple of 8 columns"):
+        launch.loss(z, y, gcl, config=cfg)
+    with pytest.raises(ValueError, match="multiple of 8 columns"):
+        launch.grad(z, y, gcl, torch.zeros(2, 3), torch.ones(3), None, config=cfg)
+    launch.loss(z, y, AdjustedCEArgs(), config=cfg)
+
+
 def test_lade_tiles_without_spilling_shapes():
     """LADE's forward takes 16-row tiles (the column partials) and its gradient 4-row tiles (the column vectors
     shared by 4 rows); other paths keep one-row tiles, and explicit arguments win."""

@@ -77,14 +77,15 @@ def _tile_kernel(out_ptr, seed, table_ptr, row0, col_start, BLOCK_M: tl.constexp
 def test_a_tile_starting_off_a_multiple_of_8_draws_the_same_noise(shift):
     """A class shard's tile that starts ``shift`` columns past a multiple of 8 (two Philox calls per 8 columns)
     draws fastlt.noise's numbers there, bit for bit: every column position against every shift, the calls of
-    both groups (their last column and the next's first), and a shift that would be wrong moves them all."""
+    both groups (their last column and the next's first); with the next shift instead, most numbers differ."""
     seed, row0, BM, BN = 2**40 + 9, 5, 2, 32
     col_start = 48 + shift
     want = gcl_noise(seed, row0 + BM, col_start + BN)[row0:, col_start:]
     out = torch.empty((BM, BN), device=DEVICE)
     _tile_kernel[(1,)](out, seed, noise_table(DEVICE), row0, col_start, BLOCK_M=BM, BLOCK_N=BN, SHIFT=shift)
     assert torch.equal(out.cpu(), want)
-    assert not torch.equal(want, gcl_noise(seed, row0 + BM, col_start + BN + 1)[row0:, col_start + 1:])
+    _tile_kernel[(1,)](out, seed, noise_table(DEVICE), row0, col_start, BLOCK_M=BM, BLOCK_N=BN, SHIFT=(shift + 1) % 8)
+    assert (out.cpu() == want).float().mean() < 0.5
 
 
 def test_first_gpu_use_inside_graph_capture_is_refused(monkeypatch):
