@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICE
 
 from fastlt.kernels import launch, tiles
 
@@ -65,9 +66,9 @@ def _row_launches(monkeypatch, run) -> list[dict]:
 def _views(dtype):
     """(name, logits): iNaturalist's 8142 classes contiguous (row stride 8142: 2-element vectors), the same in rows
     padded to 8200 (ALIGN 8, but the last column still even only), and 8141 classes in rows of 8142 (an odd end)."""
-    pad = torch.empty((4, 8200), dtype=dtype)
-    odd = torch.empty((4, 8142), dtype=dtype)
-    return [("8142", torch.empty((4, 8142), dtype=dtype), 2), ("8142-padded", pad[:, :8142], 2),
+    pad = torch.empty((4, 8200), dtype=dtype, device=DEVICE)
+    odd = torch.empty((4, 8142), dtype=dtype, device=DEVICE)
+    return [("8142", torch.empty((4, 8142), dtype=dtype, device=DEVICE), 2), ("8142-padded", pad[:, :8142], 2),
             ("8141-in-8142", odd[:, :8141], 1)]
 
 
@@ -80,7 +81,7 @@ def test_end_align_divides_every_launch_column_range(dtype, monkeypatch):
 
     args = AdjustedCEArgs()
     for name, z, want in _views(dtype):
-        y = torch.zeros(z.shape[0], dtype=torch.int64)
+        y = torch.zeros(z.shape[0], dtype=torch.int64, device=DEVICE)
 
         def whole(z=z, y=y):
             for grad_out in (None, z):
@@ -90,9 +91,9 @@ def test_end_align_divides_every_launch_column_range(dtype, monkeypatch):
                     launch.grad(z, y, args, lse, factor, None, config=cfg)
 
         def chunk(c0, c1, z=z, y=y):  # a class chunk [c0, c1) of the logits, as a class-parallel rank holds it
-            part = torch.empty((launch.PARTIAL_PLANES, 4, 1), dtype=torch.float32)
+            part = torch.zeros((launch.PARTIAL_PLANES, 4, 1), dtype=torch.float32, device=DEVICE)
             launch.chunk_partials(z[:, c0:c1], y, args, part, 0, col_base=c0, num_classes=z.shape[1])
-            _, stats, coef = launch.combine_partials(part, y, args, z.shape[1], out=torch.empty(()))
+            _, stats, coef = launch.combine_partials(part, y, args, z.shape[1], out=torch.empty((), device=DEVICE))
             launch.grad(z[:, c0:c1], y, args, stats, coef, None, col_base=c0, num_classes=z.shape[1])
 
         launches = _row_launches(monkeypatch, whole)
@@ -116,8 +117,8 @@ def test_the_whole_row_register_cap_reaches_only_the_whole_row_launch(monkeypatc
     launch takes it as Triton's ``maxnreg``; the recompute forward and its gradient do not, and by default none does."""
     from fastlt._operator import AdjustedCEArgs
 
-    z = torch.empty((4, 8142), dtype=torch.bfloat16)
-    y = torch.zeros(4, dtype=torch.int64)
+    z = torch.empty((4, 8142), dtype=torch.bfloat16, device=DEVICE)
+    y = torch.zeros(4, dtype=torch.int64, device=DEVICE)
     args = AdjustedCEArgs()
 
     def run():
@@ -140,14 +141,14 @@ def test_noise_tiles_narrower_than_a_philox_group_are_refused():
     noise from the wrong group; the same config without noise runs."""
     from fastlt._operator import AdjustedCEArgs
 
-    z = torch.randn(3, 20)
-    y = torch.zeros(3, dtype=torch.int64)
+    z = torch.randn(3, 20, device=DEVICE)
+    y = torch.zeros(3, dtype=torch.int64, device=DEVICE)
     cfg = launch.pick_tiles(3, 20, z.device, block_n=4)
-    gcl = AdjustedCEArgs(cloud=torch.rand(20), noise_mul=1.0, seed=1)
+    gcl = AdjustedCEArgs(cloud=torch.rand(20, device=DEVICE), noise_mul=1.0, seed=1)
     with pytest.raises(ValueError, match="multiple of 8 columns"):
         launch.loss(z, y, gcl, config=cfg)
     with pytest.raises(ValueError, match="multiple of 8 columns"):
-        launch.grad(z, y, gcl, torch.zeros(2, 3), torch.ones(3), None, config=cfg)
+        launch.grad(z, y, gcl, torch.zeros(2, 3, device=DEVICE), torch.ones(3, device=DEVICE), None, config=cfg)
     launch.loss(z, y, AdjustedCEArgs(), config=cfg)
 
 
