@@ -13,6 +13,7 @@ when installed).
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 
@@ -86,17 +87,22 @@ def head_comm_bytes(N: int, D: int, W: int, dtype: torch.dtype) -> float:
 
 
 def build_logits_cases(N: int, C: int, W: int, dtype: torch.dtype, *, loss: str = "la", device="cuda"):
-    """Yield (method, make_step) of the sharded logits loss at rank 0's shard of W."""
+    """Yield (method, make_step) of the sharded logits loss at rank 0's shard of W; for GCL also, at the same width,
+    the shard at rank 1's start in ``torch.chunk``'s layout when that start is off a multiple of 8 (1M classes over
+    16, 32, 64 ranks), whose tiles draw GCL's noise shifted from its Philox groups (two calls per 8 columns)."""
     from . import functional as LF
     from .priors import gcl_cloud, log_prior
 
     counts = long_tail_counts(C)
     lp, cloud = log_prior(counts).to(device), gcl_cloud(counts).to(device)
     size = shard_size(C, W)
-    shard = ClassShard(0, size, C, LocalPhase(W))
     y = torch.randint(0, C, (N,), device=device)
+    starts = [(0, "")]
+    chunk_start = -(-C // W)
+    if loss == "gcl" and W > 1 and chunk_start % 8 and chunk_start + size <= C:
+        starts.append((chunk_start, f", start {chunk_start}: {chunk_start % 8} past a multiple of 8"))
 
-    def make():
+    def make(shard):
         z = torch.randn(N, size, device=device, dtype=dtype).requires_grad_()
         if loss == "gcl":
             def fn(t):
@@ -109,7 +115,8 @@ def build_logits_cases(N: int, C: int, W: int, dtype: torch.dtype, *, loss: str 
             fn(GradSink.apply(z)).backward()
         return step
 
-    yield f"fastlt shard ({loss})", make
+    for start, tag in starts:
+        yield f"fastlt shard ({loss}{tag})", functools.partial(make, ClassShard(start, start + size, C, LocalPhase(W)))
 
 
 def build_head_cases(N: int, D: int, C: int, W: int, dtype: torch.dtype, *, device="cuda"):

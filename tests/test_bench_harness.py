@@ -77,7 +77,11 @@ def test_shard_cases_run():
 
     for W in (1, 3):
         for loss in ("la", "gcl"):
-            for _, make in S.build_logits_cases(6, 20, W, torch.float32, loss=loss, device=DEVICE):
+            cases = list(S.build_logits_cases(6, 20, W, torch.float32, loss=loss, device=DEVICE))
+            # GCL over 3 ranks: also torch.chunk's rank 1, at 7, off a multiple of 8 (its noise shifted)
+            assert [m for m, _ in cases] == (["fastlt shard (gcl)", "fastlt shard (gcl, start 7: 7 past a multiple "
+                                              "of 8)"] if (loss, W) == ("gcl", 3) else [f"fastlt shard ({loss})"])
+            for _, make in cases:
                 step = make()
                 step()
                 step()
