@@ -47,10 +47,11 @@ def _half_level(w0, w1, w2, w3, H: tl.constexpr):
         w = w2
     else:
         w = w3
+    low, high = _levels(w)
     if H % 2 == 0:
-        level = (w >> _SHIFT) & (LEVELS - 1)
+        level = low
     else:
-        level = (w >> (16 + _SHIFT)) & (LEVELS - 1)
+        level = high
     return level
 
 

@@ -268,16 +268,15 @@ def row_align(*tensors: torch.Tensor) -> int:
     """The ``ALIGN`` constexpr of the row kernels: the largest power of two, at most one 16-byte vector of elements,
     dividing the row stride of every (N, C) operand (1 unless their rows are unit-stride). Triton specialises
     strides divisible by 16 by itself; this lets an odd width such as 8142 still move 2 elements per access."""
-    align = 16
+    align, strides = 16, []
     for t in tensors:
         (rows, cols), (stride_m, stride_n) = t.shape, t.stride()
         if rows > 1 and cols > 1 and stride_n != 1:
             return 1
         align = min(align, 16 // t.element_size())
         if rows > 1:
-            while align > 1 and stride_m % align:
-                align //= 2
-    return align
+            strides.append(stride_m)
+    return _power_of_two_dividing(align, strides)
 
 
 def end_align(*bounds: int) -> int:
@@ -285,8 +284,13 @@ def end_align(*bounds: int) -> int:
     ``bounds`` (the :class:`~fastlt.kernels.adjusted_ce.Columns`' base, end and split width). The kernels declare
     each program's last column a multiple of it, so it must divide them: a wrong claim would vectorise the masked
     tile's accesses past its last column."""
-    align = 16
-    while align > 1 and any(b % align for b in bounds):
+    return _power_of_two_dividing(16, bounds)
+
+
+def _power_of_two_dividing(limit: int, values) -> int:
+    """The largest power of two, at most ``limit`` (a power of two), dividing every one of ``values``."""
+    align = limit
+    while align > 1 and any(v % align for v in values):
         align //= 2
     return align
 

@@ -45,22 +45,12 @@ def test_end_align_is_the_largest_power_of_two_up_to_16_dividing_the_bounds(boun
     assert all(b % want == 0 for b in bounds)
 
 
-def _row_launches(monkeypatch, run) -> list[dict]:
-    """The keyword arguments of the row kernels' launches ``run()`` makes (recorded; no kernel runs)."""
-    calls: dict[str, list] = {}
+def _row_launches(run) -> list[dict]:
+    """The keyword arguments of the row kernels' launches ``run()`` makes, in order (recorded by
+    tools/kernel_report.py's ``record``: no kernel runs)."""
+    from tools import kernel_report as K
 
-    class Recorder:
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            return lambda **kw: calls.setdefault(self.name, []).append(kw)
-
-    with monkeypatch.context() as m:
-        for name in ("row_loss_forward", "row_loss_grad", "row_loss_combine"):
-            m.setattr(launch, name, Recorder(name))
-        run()
-    return calls.get("row_loss_forward", []) + calls.get("row_loss_grad", [])
+    return [kw for fn, _, kw in K.record(run) if fn.__name__ in ("row_loss_forward", "row_loss_grad")]
 
 
 def _views(dtype):
@@ -73,7 +63,7 @@ def _views(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_end_align_divides_every_launch_column_range(dtype, monkeypatch):
+def test_end_align_divides_every_launch_column_range(dtype):
     """Every row launch (the forward with the gradient in it or not, its tile configurations, the recomputed
     gradient, a class chunk at an odd base) declares its last column a multiple of END_ALIGN: it must divide the
     Columns' base, end and split width, and it is 2 where 8142 classes let the masked tile move pairs."""
@@ -96,14 +86,14 @@ def test_end_align_divides_every_launch_column_range(dtype, monkeypatch):
             _, stats, coef = launch.combine_partials(part, y, args, z.shape[1], out=torch.empty((), device=DEVICE))
             launch.grad(z[:, c0:c1], y, args, stats, coef, None, col_base=c0, num_classes=z.shape[1])
 
-        launches = _row_launches(monkeypatch, whole)
+        launches = _row_launches(whole)
         assert len(launches) >= 6
         assert {kw["END_ALIGN"] for kw in launches} == {want}, name
         chunked = []
         # rank 1 of 8 (torch.chunk of 8142: 1018 wide at 1018); a start less aligned than the width (1017, or 18
         # with 12 classes: a launcher that forgot the base would claim 2 and 4); one aligned chunk of 16
         for (c0, c1), expect in (((1018, 2036), 2), ((1017, 2035), 1), ((18, 30), 2), ((32, 48), 16)):
-            got = _row_launches(monkeypatch, lambda c0=c0, c1=c1: chunk(c0, c1))
+            got = _row_launches(lambda c0=c0, c1=c1: chunk(c0, c1))
             assert len(got) == 2 and {kw["END_ALIGN"] for kw in got} == {expect}, (name, c0, c1)
             chunked += got
         for kw in launches + chunked:
@@ -112,7 +102,7 @@ def test_end_align_divides_every_launch_column_range(dtype, monkeypatch):
             assert cols.base % a == 0 and cols.end % a == 0 and cols.per_split % a == 0, (name, cols, a)
 
 
-def test_the_whole_row_register_cap_reaches_only_the_whole_row_launch(monkeypatch):
+def test_the_whole_row_register_cap_reaches_only_the_whole_row_launch():
     """``tiles.WHOLE_ROW_MAX_REGISTERS`` (an A/B of benchmarks/ab_switches.py): the whole-row gradient-in-forward
     launch takes it as Triton's ``maxnreg``; the recompute forward and its gradient do not, and by default none does."""
     from fastlt._operator import AdjustedCEArgs
@@ -126,10 +116,10 @@ def test_the_whole_row_register_cap_reaches_only_the_whole_row_launch(monkeypatc
         _, lse, factor = launch.loss(z, y, args)
         launch.grad(z, y, args, lse, factor, None)
 
-    assert [kw.get("maxnreg") for kw in _row_launches(monkeypatch, run)] == [None, None, None]
+    assert [kw.get("maxnreg") for kw in _row_launches(run)] == [None, None, None]
     before = tiles.reconfigure(WHOLE_ROW_MAX_REGISTERS=64)
     try:
-        launches = _row_launches(monkeypatch, run)
+        launches = _row_launches(run)
     finally:
         tiles.reconfigure(**before)
     assert [kw.get("maxnreg") for kw in launches] == [64, None, None]

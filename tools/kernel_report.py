@@ -143,18 +143,30 @@ def _inspect(compiled, name: str, flags: str) -> Compiled:
     return Compiled(name, flags, regs, spilled, max(field("SHARED"), compiled.metadata.shared), dict(counts), sass)
 
 
+def _elements_per_thread(flags: str) -> float | None:
+    """The elements of a tile a thread holds, ``BLOCK_M * BLOCK_N / (32 * num_warps)`` (None without the sizes)."""
+    sizes = {k: int(v) for k, v in re.findall(r"\b(BLOCK_M|BLOCK_N|num_warps)=(\d+)", flags)}
+    if len(sizes) < 3:
+        return None
+    return sizes["BLOCK_M"] * sizes["BLOCK_N"] / (32 * sizes["num_warps"])
+
+
+def _address(ln: str) -> int:
+    """The address of a SASS line as cuobjdump prints it (``/*0a40*/``)."""
+    return int(re.match(r"\s+/\*([0-9a-f]+)\*/", ln).group(1), 16)
+
+
 def _per_element(lines: list[str], flags: str) -> str:
     """SASS instructions per element of the main loop (the largest innermost loop that loads: a row kernel's column
     loop), ``size/shortest`` as the loop sizes: its body over the elements a thread holds per iteration,
     ``BLOCK_M * BLOCK_N / (32 * num_warps)``. The figure to set against the bandwidth budget (SPEC 8: ~20 an element
     for a bf16 read-only pass on an H100, ~40 with the gradient written). "-" without such a loop or tile sizes (a
     whole-row tile, the combine, LADE's merge)."""
-    sizes = {k: int(v) for k, v in re.findall(r"\b(BLOCK_M|BLOCK_N|num_warps)=(\d+)", flags)}
+    per_thread = _elements_per_thread(flags)
     _, inner = _loading_loops(lines)
-    if len(sizes) < 3 or not inner or re.search(r"\bSINGLE_TILE\b", flags):  # a whole-row tile: no column loop
+    if per_thread is None or not inner or re.search(r"\bSINGLE_TILE\b", flags):  # a whole-row tile: no column loop
         return "-"
     a, b = inner[0]
-    per_thread = sizes["BLOCK_M"] * sizes["BLOCK_N"] / (32 * sizes["num_warps"])
     size, skip = (b - a) // 16 + 1, _skipped(lines, a, b)
     return f"{size / per_thread:.1f}" + (f"/{(size - skip) / per_thread:.1f}" if skip else "")
 
@@ -167,17 +179,16 @@ def _whole_row_per_element(lines: list[str], flags: str) -> str:
     code around the batch denominator's loop that only the launch's first program runs (the others jump over it:
     ~12 an element of the 53.3 at 4096 x 8142 bf16), so it is larger than what a program runs, a static figure to
     compare builds with. "-" for other kernels."""
-    sizes = {k: int(v) for k, v in re.findall(r"\b(BLOCK_M|BLOCK_N|num_warps)=(\d+)", flags)}
-    if len(sizes) < 3 or not re.search(r"\bSINGLE_TILE\b", flags):
+    per_thread = _elements_per_thread(flags)
+    if per_thread is None or not re.search(r"\bSINGLE_TILE\b", flags):
         return "-"
     loops = _loops(lines)
     n = 0
     for ln in lines:
-        addr = int(re.match(r"\s+/\*([0-9a-f]+)\*/", ln).group(1), 16)
         if re.search(r"\bEXIT\b", ln):
             break
-        n += not any(a <= addr <= b for a, b in loops)
-    return f"{n / (sizes['BLOCK_M'] * sizes['BLOCK_N'] / (32 * sizes['num_warps'])):.1f}"
+        n += not any(a <= _address(ln) <= b for a, b in loops)
+    return f"{n / per_thread:.1f}"
 
 
 def _loops(lines: list[str]) -> list[tuple[int, int]]:
@@ -253,14 +264,15 @@ def _loop_spills(lines: list[str], innermost: bool) -> int:
     n = 0
     for ln in lines:
         if _CLASSES["LDL/STL"].search(ln):
-            addr = int(re.match(r"\s+/\*([0-9a-f]+)\*/", ln).group(1), 16)
+            addr = _address(ln)
             in_inner = any(a <= addr <= b for a, b in inner)
             n += in_inner if innermost else (not in_inner and any(a <= addr <= b for a, b in loops))
     return n
 
 
 class _Recorder:
-    """Stands in for a ``@triton.jit`` kernel in the launchers: records each launch's arguments."""
+    """Stands in for a ``@triton.jit`` kernel (compiled, or interpreted under ``TRITON_INTERPRET=1``) in the
+    launchers: records each launch's arguments."""
 
     def __init__(self, fn, calls: list):
         self.fn, self.calls = fn, calls
@@ -272,14 +284,18 @@ class _Recorder:
 
 
 def record(run) -> list:
-    """The launches ``run()`` makes through :mod:`fastlt.kernels` (nothing executes): ``[(fn, args, kwargs)]``."""
+    """The launches ``run()`` makes through :mod:`fastlt.kernels` (nothing executes): ``[(fn, args, kwargs)]``.
+    Under ``TRITON_INTERPRET=1`` (the tests without a GPU) the kernels are interpreted functions, recorded alike."""
+    from triton.runtime.interpreter import InterpretedFunction
+
     from fastlt.kernels import lade, launch, row_normalize
 
     calls: list = []
     patched = []
     for mod in (launch, lade, row_normalize):
         for name, obj in list(vars(mod).items()):
-            if hasattr(obj, "signature") and hasattr(obj, "params") and hasattr(obj, "fn"):
+            if (hasattr(obj, "signature") and hasattr(obj, "params") and hasattr(obj, "fn")
+                    or isinstance(obj, InterpretedFunction)):
                 patched.append((mod, name, obj))
                 setattr(mod, name, _Recorder(obj, calls))
     try:
