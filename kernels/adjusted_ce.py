@@ -368,8 +368,10 @@ def _adjusted_tile(z_op, vecs, hp, rng, row, col_start, col_base, col_hi, soft, 
         a += hp.tau * tl.load(vecs.log_prior + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if F.NOISE_MODE != 0:
         spread = _noise_spread(vecs, hp, cols, col_mask, F)[None, :]
+        # 16-bit logits take the Philox products in wide multiplies (fewer instructions: their budget an element is
+        # half fp32's); fp32 tiles hold twice the registers and keep the register-pair-free form (philox4x32)
         a -= spread * gcl_noise_tile(rng.seed, rng.table, row.idx + rng.row0, col_start, BLOCK_M, BLOCK_N,
-                                     F.NOISE_SHIFT)
+                                     F.NOISE_SHIFT, z_op.ptr.dtype.element_ty.primitive_bitwidth < 32)
     if F.SOFT:
         if F.MARGIN_MODE == 2:
             a -= tl.load(vecs.margin + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :] * q

@@ -13,8 +13,53 @@ import triton
 import triton.language as tl
 from conftest import DEVICE
 
+from fastlt import noise as NZ
+from fastlt.kernels import philox_noise as PN
 from fastlt.kernels.philox_noise import _levels, gcl_noise_at, gcl_noise_kernel, gcl_noise_tile, load_noise_table
 from fastlt.noise import gcl_noise, noise_table
+
+
+@triton.jit
+def _philox_words(c0_ptr, c1_ptr, out_ptr, seed, n, ROUNDS: tl.constexpr, OURS: tl.constexpr, WIDE: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """The four words of Philox4x32-ROUNDS of counters (c0, c1, 0, 0): fastlt's (OURS; WIDE its products' form) or
+    ``tl.randint4x``'s."""
+    i = tl.arange(0, BLOCK)
+    c0 = tl.load(c0_ptr + i, mask=i < n, other=0)
+    c1 = tl.load(c1_ptr + i, mask=i < n, other=0)
+    if OURS:
+        w0, w1, w2, w3 = PN.philox4x32(seed, c0.to(tl.uint32), c1.to(tl.uint32), ROUNDS, WIDE)
+    else:
+        w0, w1, w2, w3 = tl.randint4x(seed, (c1 << 32) | c0, ROUNDS)
+    tl.store(out_ptr + i, w0.to(tl.int64) & 0xFFFFFFFF, mask=i < n)
+    tl.store(out_ptr + n + i, w1.to(tl.int64) & 0xFFFFFFFF, mask=i < n)
+    tl.store(out_ptr + 2 * n + i, w2.to(tl.int64) & 0xFFFFFFFF, mask=i < n)
+    tl.store(out_ptr + 3 * n + i, w3.to(tl.int64) & 0xFFFFFFFF, mask=i < n)
+
+
+def _words(seed, c0, c1, rounds, ours, wide=False):
+    n = c0.numel()
+    out = torch.empty(4 * n, dtype=torch.int64, device=DEVICE)
+    _philox_words[(1,)](c0.to(DEVICE), c1.to(DEVICE), out, seed, n, ROUNDS=rounds, OURS=ours, WIDE=wide, BLOCK=64)
+    return out.view(4, n).cpu()
+
+
+@pytest.mark.parametrize("rounds", [1, 2, 3, 7, 10])
+def test_philox_is_tritons_philox(rounds):
+    """The kernels' Philox (either form of its products) gives ``tl.randint4x``'s words, bit for bit, at every round
+    count, on counters and seeds with their top bits set; at 10 rounds, Random123's known answer."""
+    gen = torch.Generator().manual_seed(rounds)
+    c0 = torch.randint(0, 2**32, (64,), generator=gen, dtype=torch.int64)
+    c1 = torch.randint(0, 2**32, (64,), generator=gen, dtype=torch.int64)
+    c0[:3] = torch.tensor([0, 2**32 - 1, 2**31])
+    c1[:3] = torch.tensor([0, 0, 2**31 - 1])
+    for seed in (0, 12345, 2**40 + 9, 2**62 - 1):
+        ours = _words(seed, c0, c1, rounds, True, wide=True)
+        assert torch.equal(ours, _words(seed, c0, c1, rounds, False))
+        assert torch.equal(ours, _words(seed, c0, c1, rounds, True, wide=False))
+        assert torch.equal(ours, torch.stack(NZ.philox4x32(seed, c0, c1, rounds)))
+        if rounds == 10 and seed == 0:
+            assert ours[:, 0].tolist() == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
 
 
 @triton.jit
@@ -90,8 +135,6 @@ def test_a_tile_starting_off_a_multiple_of_8_draws_the_same_noise(shift):
 
 def test_first_gpu_use_inside_graph_capture_is_refused(monkeypatch):
     """The table's first copy to a GPU cannot be captured in a CUDA graph: a clear error, not a capture failure."""
-    from fastlt import noise as NZ
-
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 7)
     monkeypatch.delitem(NZ._TABLES, torch.device("cuda", 7), raising=False)
