@@ -351,13 +351,14 @@ def _holds_target(y, col_start, BLOCK_N: tl.constexpr):
 @triton.jit
 def _adjusted_tile(z_op, vecs, hp, rng, row, col_start, col_base, col_hi, soft, F: tl.constexpr, MARGIN: tl.constexpr,
                    MASK_COLS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   FINISH: tl.constexpr):
+                   FINISH: tl.constexpr, ONE_TILE: tl.constexpr = False):
     """Load a tile of z and return its :class:`Tile`. ``cols`` are global class indices, masked at ``col_hi`` (the end
     of this program's columns) when MASK_COLS; a tile that lies wholly inside them passes MASK_COLS=False, so the
     (C,) vectors load unmasked and the loads of z are masked per row only (both vectorise at any C). z holds the
     classes from ``col_base`` on; ALIGN: a power of two dividing its row stride (lets odd-C rows vectorise).
     MARGIN: apply the target margin (when the tile holds a target); off where the tile is known to hold none.
-    SOFT: the targets' tile is loaded too (:class:`Soft`), and the margin is ``m_j q_ij``."""
+    SOFT: the targets' tile is loaded too (:class:`Soft`), and the margin is ``m_j q_ij``. ONE_TILE: the row's only
+    tile (no column loop): the margin's compare in int32, shared with the gradient's one-hot."""
     z, cols, col_mask, mask = _load_tile(z_op, row, col_start, col_base, col_hi, MASK_COLS, ALIGN, BLOCK_N)
     q = z  # without SOFT, a placeholder never read (triton 3.6 cannot return a tuple holding None)
     if F.SOFT:
@@ -384,8 +385,10 @@ def _adjusted_tile(z_op, vecs, hp, rng, row, col_start, col_base, col_hi, soft, 
             # 131072 bf16: 427 -> 483 SASS per 16 elements a thread; with a device seed 493 -> 564). Branching
             # around the whole finish and statistics instead (two versions, as _grad_step does) kept the tiles
             # without a target at 428 but made both tritons duplicate loop bodies where a program holds two rows
-            # with STORE_P (72 -> 124 registers). The gradient pass's versions are large: it compares in int32
-            a -= tl.where(_is_target(cols, row, True), row.margin[:, None], 0.0)
+            # with STORE_P (72 -> 124 registers). The gradient pass's versions are large: it compares in int32. A
+            # whole-row tile has no loop to keep the branch out of, and its gradient's one-hot takes the same int32
+            # compare (GCL 4096 x 8142 bf16 with the gradient in the forward: 74.0 -> 72.1 an element)
+            a -= tl.where(_is_target(cols, row, not ONE_TILE), row.margin[:, None], 0.0)
     t = Tile(z, a, cols, col_mask, mask, q, a)
     if FINISH:
         t = _finish_tile(t, row, hp, F, False, MASK_COLS)
@@ -817,7 +820,7 @@ def _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, 
         # the row is one tile: it stays in registers for a gradient in the same launch (no reload, and
         # GCL's noise is drawn once)
         t = _adjusted_tile(z_op, vecs, hp, rng, row, col_lo, cols_of.base, col_hi, soft, F, F.MARGIN_MODE != 0, True,
-                           ALIGN, BLOCK_M, BLOCK_N, True)
+                           ALIGN, BLOCK_M, BLOCK_N, True, True)
         m_i, l_i, sw, qa, qw, qp, e = _tile_stats(t, row, m_i, l_i, sw, qa, qw, qp, vecs, hp, colstats, pid_m,
                                                   num_row_blocks, C, F, COLUMN_STATS)
     else:
