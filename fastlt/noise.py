@@ -128,9 +128,10 @@ def philox4x32(seed: int | torch.Tensor, c0: torch.Tensor, c1: torch.Tensor,
 
     Each round's 32 x 32 -> 64-bit products are int64 multiplications, which wrap modulo 2^64 (two's complement):
     their bits are the unsigned product's, so the high word is ``(p >> 32) & 0xFFFFFFFF`` and the low word
-    ``p & 0xFFFFFFFF`` (the same numbers as the kernels' ``umulhi``; tests/test_noise.py and
-    tests/test_kernels_philox_noise.py compare them). In-place ops where the shapes allow. Under ``torch.compile``
-    the products are taken by 16-bit halves instead (:func:`_mul_hi_lo`: the same bits, no product past 2^63).
+    ``p & 0xFFFFFFFF`` (the same numbers as the kernels' products: ``umulhi`` and a 32-bit multiply for fp32 rows,
+    one 64-bit multiply for 16-bit rows; tests/test_noise.py and tests/test_kernels_philox_noise.py compare them).
+    In-place ops where the shapes allow. Under ``torch.compile`` the products are taken by 16-bit halves instead
+    (:func:`_mul_hi_lo`: the same bits, no product past 2^63).
 
     The counters broadcast: with ``c0`` a row (1, G) of column groups and ``c1`` a column (N, 1) of rows, the first
     round's words depend on the row alone or on the column alone, the second's on one of them or both, so the

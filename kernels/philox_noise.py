@@ -36,7 +36,7 @@ def _mul_hi_lo(c, M: tl.constexpr, WIDE: tl.constexpr):
         p = c.to(tl.uint64) * M
         hi, lo = (p >> 32).to(tl.uint32), p.to(tl.uint32)
     else:
-        hi, lo = tl.math.umulhi(c, M), c * M
+        hi, lo = tl.math.umulhi(c, M), tl.mul(c, M, sanitize_overflow=False)  # (wraps by design: no debug check)
     return hi, lo
 
 
@@ -54,7 +54,7 @@ def philox4x32(seed, c0, c1, ROUNDS_: tl.constexpr, WIDE: tl.constexpr):
     k1 = (seed >> 32).to(tl.uint32)
     # the first round, with c2 = c3 = 0: B * c2 is 0
     hi, lo = _mul_hi_lo(c0, _ROUND_A, WIDE)
-    x0, x1, x2, x3 = c1 ^ k0, c0 * 0, hi ^ k1, lo
+    x0, x1, x2, x3 = c1 ^ k0, tl.zeros_like(c0), hi ^ k1, lo
     for _ in tl.static_range(ROUNDS_ - 1):
         k0 = tl.add(k0, _KEY_A, sanitize_overflow=False)
         k1 = tl.add(k1, _KEY_B, sanitize_overflow=False)

@@ -119,14 +119,14 @@ def reconfigure(**values) -> dict:
 # this way at 4096 x 8142 fp32; the H100 sweep of 2026-11-23 timed 2048-wide tiles faster, but with a host-bound
 # forward column and the unpipelined loops: benchmarks/tune_tiles.py's fused sweep (8192-wide tiles against 2048)
 # decides on the next GPU. Static count (tools/kernel_report.py, sm_90): LA 4096 x 8142 bf16 63 registers, GCL 85,
-# with triton 3.9; 64 and 91 with triton 3.6 (since the whole-row tile's pointers are a row's plus column offsets:
+# with triton 3.9; 64 and 95 with triton 3.6 (since the whole-row tile's pointers are a row's plus column offsets:
 # 86 before, one 16-warp block an SM; kernels/adjusted_ce.py: _tile_ptrs).
 WHOLE_ROW_BYTES = 32768
 WHOLE_ROW_GRAD_IN_FORWARD = True
 
 # The whole-row gradient-in-forward tile's register cap (ptxas' .maxnreg, Triton's ``maxnreg``): None lets ptxas
 # choose, which at 16 warps a block is one block an SM above 64 registers (the device image's triton 3.6: GCL
-# 4096 x 8142 bf16 91; LA 64 since _tile_ptrs, 86 before) and two at 64 or fewer (latency hidden by the other block's
+# 4096 x 8142 bf16 95; LA 64 since _tile_ptrs, 86 before) and two at 64 or fewer (latency hidden by the other block's
 # row). 64: two blocks at a few spilled registers outside any loop (GCL with triton 3.9: 8 B, 73.2 SASS an element on
 # its straight path against 71.5). Untimed: benchmarks/ab_switches.py times 64 against None.
 WHOLE_ROW_MAX_REGISTERS = None

@@ -46,14 +46,15 @@ def _words(seed, c0, c1, rounds, ours, wide=False):
 
 @pytest.mark.parametrize("rounds", [1, 2, 3, 7, 10])
 def test_philox_is_tritons_philox(rounds):
-    """The kernels' Philox (either form of its products) gives ``tl.randint4x``'s words, bit for bit, at every round
-    count, on counters and seeds with their top bits set; at 10 rounds, Random123's known answer."""
+    """The kernels' Philox (either form of its products) gives ``tl.randint4x``'s words, bit for bit, at 1, 2, 3, 7
+    and 10 rounds, on counters with their top bit set and seeds up to 2^64 - 1; at 10 rounds, Random123's known
+    answer."""
     gen = torch.Generator().manual_seed(rounds)
     c0 = torch.randint(0, 2**32, (64,), generator=gen, dtype=torch.int64)
     c1 = torch.randint(0, 2**32, (64,), generator=gen, dtype=torch.int64)
     c0[:3] = torch.tensor([0, 2**32 - 1, 2**31])
     c1[:3] = torch.tensor([0, 0, 2**31 - 1])
-    for seed in (0, 12345, 2**40 + 9, 2**62 - 1):
+    for seed in (0, 12345, 2**40 + 9, 2**62 - 1, 2**64 - 1):
         ours = _words(seed, c0, c1, rounds, True, wide=True)
         assert torch.equal(ours, _words(seed, c0, c1, rounds, False))
         assert torch.equal(ours, _words(seed, c0, c1, rounds, True, wide=False))
