@@ -3,10 +3,10 @@ that starts off a multiple of 8), from the table of levels.
 
 Element (i, j): Philox4x32-7 (``fastlt.noise.NOISE_ROUNDS`` rounds: see there why 7) of counter (j // 8, i, 0, 0)
 under the 64-bit seed (:func:`philox4x32`: ``tl.randint4x``'s words for the int64 offset ``(i << 32) | (j // 8)``,
-for 16-bit rows with each 32 x 32-bit product in one wide multiply); column ``j`` takes the
-16-bit half of word ``(j % 8) // 2`` (low for even ``j``), its bits 2 to 12 the level ``k``, and ``e = T[k]``, the
-(2048,) float32 table ``fastlt.noise.noise_table`` (the clipped half-normal's quantiles). ``fastlt.noise`` computes
-the same in plain PyTorch; both read the same table, so the numbers agree bit for bit, on the GPU too.
+for 16-bit rows with each 32 x 32-bit product in one wide multiply); column ``j`` takes the 16-bit half of word
+``(j % 8) // 2`` (low for even ``j``), its bits 2 to 12 the level ``k``, and ``e = T[k]``, the (2048,) float32 table
+``fastlt.noise.noise_table`` (the clipped half-normal's quantiles). ``fastlt.noise`` computes the same in plain
+PyTorch; both read the same table, so the numbers agree bit for bit, on the GPU too.
 
 The loss kernels load the table once per program (:func:`load_noise_table`: 16 registers a thread at 128 threads)
 and look levels up with ``tl.gather``, which goes through shared memory (8 KB): a shift, a mask and a
