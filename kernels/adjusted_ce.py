@@ -298,14 +298,15 @@ def _row_offsets(rows, stride, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _tile_ptrs(x, rows, cols, col_start, col_base, ALIGN: tl.constexpr, BLOCK_N: tl.constexpr, ONE_TILE: tl.constexpr):
+def _tile_ptrs(x, rows, cols, col_start, col_base, ALIGN: tl.constexpr, BLOCK_N: tl.constexpr, ROW_PTRS: tl.constexpr):
     """Pointers to a tile (rows x ``cols``, columns from ``col_start``; classes from ``col_base`` on) of the
-    :class:`Operand` ``x``. ONE_TILE (a whole-row tile, no column loop): a pointer per row plus the column offsets
-    ``arange * stride``, which take fewer instructions than an int64 offset an element (LA 4096 x 8142 bf16 with the
-    gradient in the forward: 53.3 -> 52.4 SASS an element; triton 3.6 53.9 -> 51.9, 86 -> 64 registers). In a column
-    loop those offsets are the same in every tile and stay live in registers instead (GCL 4096 x 131072 bf16 fused
-    92 -> 158 registers): the offsets there are computed per tile from ``cols``."""
-    if ONE_TILE:
+    :class:`Operand` ``x``. ROW_PTRS: a pointer per row plus the column offsets ``arange * stride``, which take fewer
+    instructions than an int64 offset an element (LA 4096 x 8142 bf16 whole row with the gradient in the forward:
+    53.3 -> 52.4 SASS an element; triton 3.6 53.9 -> 51.9, 86 -> 64 registers; LA 8142 fp32 gradient loop 15.8 ->
+    13.1). Whole-row tiles and the gradient loops take them. The statistics loops and LADE's gradient do not: there
+    the column offsets, the same in every tile, stayed live in registers (GCL 4096 x 131072 bf16 fused 92 -> 158
+    registers, LADE's gradient 96 -> 126, the all-terms fp32 tile spilled in its loop)."""
+    if ROW_PTRS:
         row_ptrs = x.ptr + (_row_offsets(rows, x.stride_m, ALIGN) + (col_start - col_base).to(tl.int64) * x.stride_n)
         ptrs = row_ptrs[:, None] + (tl.arange(0, BLOCK_N).to(tl.int64) * x.stride_n)[None, :]
     else:
@@ -316,17 +317,17 @@ def _tile_ptrs(x, rows, cols, col_start, col_base, ALIGN: tl.constexpr, BLOCK_N:
 
 @triton.jit
 def _load_tile(x, row, col_start, col_base, col_hi, MASK_COLS: tl.constexpr, ALIGN: tl.constexpr,
-               BLOCK_N: tl.constexpr, ONE_TILE: tl.constexpr = False):
+               BLOCK_N: tl.constexpr, ROW_PTRS: tl.constexpr = False):
     """``(x fp32, cols, col_mask, mask)``: the (rows, BLOCK_N) tile of the :class:`Operand` ``x`` holding classes from
     ``col_base`` on, columns from ``col_start``, masked at ``col_hi`` only when MASK_COLS (see
-    :func:`_adjusted_tile`); ONE_TILE: :func:`_tile_ptrs`'."""
+    :func:`_adjusted_tile`); ROW_PTRS: :func:`_tile_ptrs`'."""
     cols = col_start + tl.arange(0, BLOCK_N)
     if MASK_COLS:
         col_mask = cols < col_hi
     else:
         col_mask = tl.full((BLOCK_N,), True, tl.int1)
     mask = row.mask[:, None] & col_mask[None, :]
-    v = tl.load(_tile_ptrs(x, row.idx, cols, col_start, col_base, ALIGN, BLOCK_N, ONE_TILE), mask=mask, other=0.0)
+    v = tl.load(_tile_ptrs(x, row.idx, cols, col_start, col_base, ALIGN, BLOCK_N, ROW_PTRS), mask=mask, other=0.0)
     return v.to(tl.float32), cols, col_mask, mask
 
 
@@ -362,19 +363,20 @@ def _holds_target(y, col_start, BLOCK_N: tl.constexpr):
 @triton.jit
 def _adjusted_tile(z_op, vecs, hp, rng, row, col_start, col_base, col_hi, soft, F: tl.constexpr, MARGIN: tl.constexpr,
                    MASK_COLS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   FINISH: tl.constexpr, ONE_TILE: tl.constexpr = False):
+                   FINISH: tl.constexpr, ONE_TILE: tl.constexpr = False, ROW_PTRS: tl.constexpr = False):
     """Load a tile of z and return its :class:`Tile`. ``cols`` are global class indices, masked at ``col_hi`` (the end
     of this program's columns) when MASK_COLS; a tile that lies wholly inside them passes MASK_COLS=False, so the
     (C,) vectors load unmasked and the loads of z are masked per row only (both vectorise at any C). z holds the
     classes from ``col_base`` on; ALIGN: a power of two dividing its row stride (lets odd-C rows vectorise).
     MARGIN: apply the target margin (when the tile holds a target); off where the tile is known to hold none.
     SOFT: the targets' tile is loaded too (:class:`Soft`), and the margin is ``m_j q_ij``. ONE_TILE: the row's only
-    tile (no column loop): the margin's compare in int32, shared with the gradient's one-hot."""
-    z, cols, col_mask, mask = _load_tile(z_op, row, col_start, col_base, col_hi, MASK_COLS, ALIGN, BLOCK_N, ONE_TILE)
+    tile (no column loop): the margin's compare in int32, shared with the gradient's one-hot. ROW_PTRS:
+    :func:`_tile_ptrs`'."""
+    z, cols, col_mask, mask = _load_tile(z_op, row, col_start, col_base, col_hi, MASK_COLS, ALIGN, BLOCK_N, ROW_PTRS)
     q = z  # without SOFT, a placeholder never read (triton 3.6 cannot return a tuple holding None)
     if F.SOFT:
         q = _load_tile(Operand(soft.q, soft.stride_m, soft.stride_n), row, col_start, col_base, col_hi, MASK_COLS,
-                       ALIGN, BLOCK_N, ONE_TILE)[0]
+                       ALIGN, BLOCK_N, ROW_PTRS)[0]
     a = z
     if F.HAS_LOG_PRIOR:
         a += hp.tau * tl.load(vecs.log_prior + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -564,10 +566,10 @@ def _grad_from_p(p, z, q, cols, col_mask, row, rg, vecs, hp, colg, F: tl.constex
 
 @triton.jit
 def _store_tile(g_op, row, cols, col_start, col_base, mask, g, ALIGN: tl.constexpr, BLOCK_N: tl.constexpr,
-                ONE_TILE: tl.constexpr = False):
+                ROW_PTRS: tl.constexpr = False):
     """Store the fp32 tile ``g`` (``cols``, from ``col_start``) into the :class:`Operand` ``g_op`` in its dtype;
-    ONE_TILE: :func:`_tile_ptrs`'."""
-    tl.store(_tile_ptrs(g_op, row.idx, cols, col_start, col_base, ALIGN, BLOCK_N, ONE_TILE),
+    ROW_PTRS: :func:`_tile_ptrs`'."""
+    tl.store(_tile_ptrs(g_op, row.idx, cols, col_start, col_base, ALIGN, BLOCK_N, ROW_PTRS),
              g.to(g_op.ptr.dtype.element_ty), mask=mask)
 
 
@@ -740,8 +742,9 @@ def _grad_step(z_op, g_op, vecs, hp, rng, row, rg, colg, col_start, col_base, co
     else:
         # the tile's loads before the branch (the pipeliner of a tl.range loop sees only the loads at its top level),
         # its margin, scale and mask after it (_finish_tile)
+        # row pointers (_tile_ptrs), but not with LADE's column term (its registers)
         t = _adjusted_tile(z_op, vecs, hp, rng, row, col_start, col_base, col_hi, soft, F, False, MASK_COLS, ALIGN,
-                           BLOCK_M, BLOCK_N, False)
+                           BLOCK_M, BLOCK_N, False, False, not COLUMN_TERM)
         cols, mask = t.cols, t.mask
         if F.SOFT:
             g = _grad_tile(_finish_tile(t, row, hp, F, False, MASK_COLS), row, rg, vecs, hp, colg, F,
@@ -752,7 +755,7 @@ def _grad_step(z_op, g_op, vecs, hp, rng, row, rg, colg, col_start, col_base, co
         else:
             g = _grad_tile(_finish_tile(t, row, hp, F, False, MASK_COLS), row, rg, vecs, hp, colg, F,
                            COLUMN_TERM, False)
-    _store_tile(g_op, row, cols, col_start, col_base, mask, g, ALIGN, BLOCK_N)
+    _store_tile(g_op, row, cols, col_start, col_base, mask, g, ALIGN, BLOCK_N, not COLUMN_TERM and not STORED)
 
 
 @triton.jit
@@ -833,7 +836,7 @@ def _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, 
         # the row is one tile: it stays in registers for a gradient in the same launch (no reload, and
         # GCL's noise is drawn once)
         t = _adjusted_tile(z_op, vecs, hp, rng, row, col_lo, cols_of.base, col_hi, soft, F, F.MARGIN_MODE != 0, True,
-                           ALIGN, BLOCK_M, BLOCK_N, True, True)
+                           ALIGN, BLOCK_M, BLOCK_N, True, True, True)
         m_i, l_i, sw, qa, qw, qp, e = _tile_stats(t, row, m_i, l_i, sw, qa, qw, qp, vecs, hp, colstats, pid_m,
                                                   num_row_blocks, C, F, COLUMN_STATS)
     else:
