@@ -21,7 +21,6 @@ launch plans the loss modules keep, and is restored after.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 
 import torch
@@ -34,18 +33,6 @@ def _step(crit, name, z, y) -> None:
 
     loss = crit(GradSink.apply(z), y, seed=1) if name == "gcl" else crit(GradSink.apply(z), y)
     loss.backward()
-
-
-@contextlib.contextmanager
-def _switched(switch: str, value):
-    """``tiles``' policy ``switch`` set to ``value`` inside, restored after."""
-    from fastlt.kernels import tiles
-
-    before = tiles.reconfigure(**{switch: value})
-    try:
-        yield
-    finally:
-        tiles.reconfigure(**before)
 
 
 def _time(crit, name, z, y) -> float:
@@ -86,11 +73,12 @@ def run_once(switch: str, value, N: int, C: int, dtype: torch.dtype, name: str, 
     """One forward + backward of ``name`` at (N, C) with ``switch`` set to ``value`` (restored after): every kernel
     that case's timed steps launch, compiled (benchmarks/warm_kernels.py warms the A/B this way)."""
     from fastlt._bench_harness import long_tail_counts
+    from fastlt.kernels.tiles import reconfigured
 
     y = torch.randint(0, C, (N,), device=device)
     z = torch.randn(N, C, device=device, dtype=dtype, requires_grad=True)
     crit = _module(name, long_tail_counts(C), grad_in_forward).to(device)
-    with _switched(switch, value):
+    with reconfigured(**{switch: value}):
         _step(crit, name, z, y)
 
 
@@ -99,6 +87,7 @@ def main() -> int:
         print("ab_switches: no CUDA GPU visible; nothing measured")
         return 0
     from fastlt._bench_harness import long_tail_counts
+    from fastlt.kernels.tiles import reconfigured
 
     print(f"# {torch.cuda.get_device_name(0)}: median ms, forward + backward")
     print("| switch | loss | N x C | dtype | off | on | on / off |\n|---|---|---|---|---|---|---|")
@@ -111,7 +100,7 @@ def main() -> int:
                 crit = _module(name, counts, gif).cuda()
                 times = {}
                 for value in (off, on):
-                    with _switched(switch, value):
+                    with reconfigured(**{switch: value}):
                         times[value] = _time(crit, name, z, y)
                 print(f"| {switch} | {name} | {N} x {C} | {str(dtype)[6:]} | {times[off]:.3f} | {times[on]:.3f} | "
                       f"{times[on] / times[off]:.2f} |", flush=True)

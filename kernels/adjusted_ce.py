@@ -298,8 +298,8 @@ def _row_offsets(rows, stride, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _tile_ptrs(x, rows, cols, col_start, col_base, ALIGN: tl.constexpr, BLOCK_N: tl.constexpr, ROW_PTRS: tl.constexpr):
-    """Pointers to a tile (rows x ``cols``, columns from ``col_start``; classes from ``col_base`` on) of the
+def _tile_ptrs(x, rows, col_start, col_base, ALIGN: tl.constexpr, BLOCK_N: tl.constexpr, ROW_PTRS: tl.constexpr):
+    """Pointers to a tile (rows x BLOCK_N columns from ``col_start``; classes from ``col_base`` on) of the
     :class:`Operand` ``x``. ROW_PTRS: a pointer per row plus the column offsets ``arange * stride``, which take fewer
     instructions than an int64 offset an element (LA 4096 x 8142 bf16 whole row with the gradient in the forward:
     53.3 -> 52.4 SASS an element; triton 3.6 53.9 -> 51.9, 86 -> 64 registers; LA 8142 fp32 gradient loop 15.8 ->
@@ -311,7 +311,7 @@ def _tile_ptrs(x, rows, cols, col_start, col_base, ALIGN: tl.constexpr, BLOCK_N:
         ptrs = row_ptrs[:, None] + (tl.arange(0, BLOCK_N).to(tl.int64) * x.stride_n)[None, :]
     else:
         ptrs = x.ptr + (_row_offsets(rows, x.stride_m, ALIGN)[:, None]
-                        + (cols - col_base).to(tl.int64)[None, :] * x.stride_n)
+                        + (col_start + tl.arange(0, BLOCK_N) - col_base).to(tl.int64)[None, :] * x.stride_n)
     return ptrs
 
 
@@ -327,7 +327,7 @@ def _load_tile(x, row, col_start, col_base, col_hi, MASK_COLS: tl.constexpr, ALI
     else:
         col_mask = tl.full((BLOCK_N,), True, tl.int1)
     mask = row.mask[:, None] & col_mask[None, :]
-    v = tl.load(_tile_ptrs(x, row.idx, cols, col_start, col_base, ALIGN, BLOCK_N, ROW_PTRS), mask=mask, other=0.0)
+    v = tl.load(_tile_ptrs(x, row.idx, col_start, col_base, ALIGN, BLOCK_N, ROW_PTRS), mask=mask, other=0.0)
     return v.to(tl.float32), cols, col_mask, mask
 
 
@@ -565,11 +565,11 @@ def _grad_from_p(p, z, q, cols, col_mask, row, rg, vecs, hp, colg, F: tl.constex
 
 
 @triton.jit
-def _store_tile(g_op, row, cols, col_start, col_base, mask, g, ALIGN: tl.constexpr, BLOCK_N: tl.constexpr,
+def _store_tile(g_op, row, col_start, col_base, mask, g, ALIGN: tl.constexpr, BLOCK_N: tl.constexpr,
                 ROW_PTRS: tl.constexpr = False):
-    """Store the fp32 tile ``g`` (``cols``, from ``col_start``) into the :class:`Operand` ``g_op`` in its dtype;
+    """Store the fp32 tile ``g`` (its columns from ``col_start``) into the :class:`Operand` ``g_op`` in its dtype;
     ROW_PTRS: :func:`_tile_ptrs`'."""
-    tl.store(_tile_ptrs(g_op, row.idx, cols, col_start, col_base, ALIGN, BLOCK_N, ROW_PTRS),
+    tl.store(_tile_ptrs(g_op, row.idx, col_start, col_base, ALIGN, BLOCK_N, ROW_PTRS),
              g.to(g_op.ptr.dtype.element_ty), mask=mask)
 
 
@@ -709,7 +709,7 @@ def _stats_step(z_op, g_op, vecs, hp, rng, row, col_start, col_base, col_hi, m_i
     m_i, l_i, sw, qa, qw, qp, e = _tile_stats(t, row, m_i, l_i, sw, qa, qw, qp, vecs, hp, colstats, pid_m,
                                               num_row_blocks, C, F, COLUMN_STATS)
     if STORE_P:
-        _store_tile(g_op, row, t.cols, col_start, col_base, t.mask, e, ALIGN, BLOCK_N)
+        _store_tile(g_op, row, col_start, col_base, t.mask, e, ALIGN, BLOCK_N)
         tl.store(stored.maxima + row.idx.to(tl.int64) * stored.count + tile, m_i, mask=row.mask)
     return m_i, l_i, sw, qa, qw, qp
 
@@ -744,7 +744,7 @@ def _grad_step(z_op, g_op, vecs, hp, rng, row, rg, colg, col_start, col_base, co
         # its margin, scale and mask after it (_finish_tile)
         # row pointers (_tile_ptrs), but not with LADE's column term (its registers)
         t = _adjusted_tile(z_op, vecs, hp, rng, row, col_start, col_base, col_hi, soft, F, False, MASK_COLS, ALIGN,
-                           BLOCK_M, BLOCK_N, False, False, not COLUMN_TERM)
+                           BLOCK_M, BLOCK_N, False, ROW_PTRS=not COLUMN_TERM)
         cols, mask = t.cols, t.mask
         if F.SOFT:
             g = _grad_tile(_finish_tile(t, row, hp, F, False, MASK_COLS), row, rg, vecs, hp, colg, F,
@@ -755,7 +755,7 @@ def _grad_step(z_op, g_op, vecs, hp, rng, row, rg, colg, col_start, col_base, co
         else:
             g = _grad_tile(_finish_tile(t, row, hp, F, False, MASK_COLS), row, rg, vecs, hp, colg, F,
                            COLUMN_TERM, False)
-    _store_tile(g_op, row, cols, col_start, col_base, mask, g, ALIGN, BLOCK_N, not COLUMN_TERM and not STORED)
+    _store_tile(g_op, row, col_start, col_base, mask, g, ALIGN, BLOCK_N, ROW_PTRS=not COLUMN_TERM and not STORED)
 
 
 @triton.jit
@@ -836,7 +836,7 @@ def _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, 
         # the row is one tile: it stays in registers for a gradient in the same launch (no reload, and
         # GCL's noise is drawn once)
         t = _adjusted_tile(z_op, vecs, hp, rng, row, col_lo, cols_of.base, col_hi, soft, F, F.MARGIN_MODE != 0, True,
-                           ALIGN, BLOCK_M, BLOCK_N, True, True, True)
+                           ALIGN, BLOCK_M, BLOCK_N, True, ONE_TILE=True, ROW_PTRS=True)
         m_i, l_i, sw, qa, qw, qp, e = _tile_stats(t, row, m_i, l_i, sw, qa, qw, qp, vecs, hp, colstats, pid_m,
                                                   num_row_blocks, C, F, COLUMN_STATS)
     else:
@@ -897,7 +897,7 @@ def _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, 
                 # ignored rows, as _row_grad makes it (a row masked whole with -inf has e = 0 and sum-exp 0)
                 p = e * tl.where(row.valid, 1.0 / l_i, 0.0)[:, None]
                 g = _grad_from_p(p, t.z, t.q, t.cols, t.col_mask, row, rg, vecs, hp, None, F, False, True)
-                _store_tile(g_op, row, t.cols, col_lo, cols_of.base, t.mask, g, ALIGN, BLOCK_N, True)
+                _store_tile(g_op, row, col_lo, cols_of.base, t.mask, g, ALIGN, BLOCK_N, ROW_PTRS=True)
             else:
                 _grad_columns(z_op, g_op, vecs, hp, rng, row, rg, None, col_lo, cols_of.base, col_hi, stored, soft, F,
                               False, STORE_P, ALIGN, BLOCK_M, BLOCK_N, STAGES)

@@ -3,6 +3,7 @@ reduction runs (docs/design.md, "Kernels"). Pure arithmetic on shapes (and the d
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -110,6 +111,16 @@ def reconfigure(**values) -> dict:
     _pick_tiles.cache_clear()
     GENERATION += 1
     return before
+
+
+@contextlib.contextmanager
+def reconfigured(**values):
+    """:func:`reconfigure` inside the ``with`` block, the previous values restored after it."""
+    before = reconfigure(**values)
+    try:
+        yield
+    finally:
+        reconfigure(**before)
 
 
 # Rows of at most this many bytes (8192 fp32 classes, 16384 bf16: iNaturalist's 8142 either way) are never split

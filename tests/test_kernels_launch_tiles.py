@@ -117,11 +117,8 @@ def test_the_whole_row_register_cap_reaches_only_the_whole_row_launch():
         launch.grad(z, y, args, lse, factor, None)
 
     assert [kw.get("maxnreg") for kw in _row_launches(run)] == [None, None, None]
-    before = tiles.reconfigure(WHOLE_ROW_MAX_REGISTERS=64)
-    try:
+    with tiles.reconfigured(WHOLE_ROW_MAX_REGISTERS=64):
         launches = _row_launches(run)
-    finally:
-        tiles.reconfigure(**before)
     assert [kw.get("maxnreg") for kw in launches] == [64, None, None]
     assert launches[0]["SINGLE_TILE"] and launches[0]["GRAD_IN_FWD"] and not launches[1]["GRAD_IN_FWD"]
 
@@ -194,11 +191,8 @@ def test_two_byte_rows_share_class_vector_tiles_between_two_rows():
     assert launch.pick_tiles(4096, 2000, cpu, elem_bytes=2, class_vectors=True).block_n == 2048
     assert launch.pick_tiles(4096, 131072, cpu, elem_bytes=2, class_vectors=True, column_term=True).block_m == 4
     assert launch.pick_tiles(4096, 131072, cpu, elem_bytes=2, class_vectors=True, block_n=2048).block_m == 1
-    before = tiles.reconfigure(HALF_WIDTH_ROWS=1)
-    try:
+    with tiles.reconfigured(HALF_WIDTH_ROWS=1):
         assert launch.pick_tiles(4096, 131072, cpu, elem_bytes=2, class_vectors=True).block_m == 1
-    finally:
-        tiles.reconfigure(**before)
     assert launch.pick_tiles(4096, 131072, cpu, elem_bytes=2, class_vectors=True).block_m == 2
     with pytest.raises(ValueError, match="no policy constant 'TILE_M'"):
         tiles.reconfigure(TILE_M=3)
