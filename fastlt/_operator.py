@@ -244,6 +244,12 @@ class AdjustedCEArgs:
                              "'mean' runs as 'sum' with 1 / N: fastlt._glue.soft_mean)")
 
     @property
+    def has_log_prior(self) -> bool:
+        """The offset ``tau * log_prior`` is on: tau = 0 turns it off, so that a log prior with -inf (a class of
+        prior 0) adds nothing rather than 0 * -inf = NaN (the reference's rule too)."""
+        return self.log_prior is not None and self.tau != 0.0
+
+    @property
     def has_noise(self) -> bool:
         return self.cloud is not None and self.noise_mul != 0.0
 

@@ -303,7 +303,7 @@ def check_seed_tensor(seed: torch.Tensor, device: torch.device) -> None:
 def init_loss_options(module, weight_name: str, weight, num_classes: int, *, ignore_index, reduction,
                       label_smoothing, backend, persistent: bool = True) -> None:
     """Validate the options every loss module shares and set them on ``module``: the (C,) class weights as
-    the buffer ``weight_name`` (float32, or None; in the state dict when ``persistent``, as
+    the buffer ``weight_name`` (float32, float64 kept as it is, or None; in the state dict when ``persistent``, as
     ``nn.CrossEntropyLoss``'s ``weight``), ``ignore_index``, ``reduction``, ``label_smoothing``, ``backend``. Learned
     class weights, an ``nn.Parameter``, are kept as the module's parameter itself, as assigning one makes them (the
     reference path differentiates them, the kernels refuse them in grad mode); another tensor that requires grad is
@@ -327,7 +327,9 @@ def init_loss_options(module, weight_name: str, weight, num_classes: int, *, ign
         # construction time: reading the values costs no step a sync (a meta tensor has none to read)
         if as_tensor.device.type != "meta" and not bool(torch.isfinite(as_tensor).all()):
             raise ValueError(f"{weight_name} must be finite")
-        weight = as_tensor.to(torch.float32)
+        # float64 stays float64 (nn.CrossEntropyLoss keeps its weight's dtype: a float64 model's loss is exact, and
+        # .double() could not undo a rounding); the rest (integers, 16-bit floats) becomes float32
+        weight = as_tensor.to(torch.float64 if as_tensor.dtype == torch.float64 else torch.float32)
         if weight.is_inference():  # made under torch.inference_mode: a copy that a backward can save
             with torch.inference_mode(False):
                 weight = weight.clone()

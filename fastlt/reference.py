@@ -1,8 +1,8 @@
 """The pure-PyTorch definitions of every fastlt loss: the oracle the kernels are tested against.
 
-Runs on any device and dtype (it computes in the logits' dtype, as eager PyTorch would); gradients come from
-autograd. Every function checks its arguments and follows ``torch.nn.functional.cross_entropy`` for ``weight``,
-``ignore_index``, ``reduction`` and ``label_smoothing``:
+Runs on any device and dtype (it computes in the logits' dtype, as eager PyTorch would, and sums the batch in at
+least float32); gradients come from autograd. Every function checks its arguments and follows
+``torch.nn.functional.cross_entropy`` for ``weight``, ``ignore_index``, ``reduction`` and ``label_smoothing``:
 
 - per row: ``loss_i = (1 - eps) * w_{y_i} * (LSE_j a_ij - a_{i,y_i}) + eps/C * sum_j w_j (LSE_j a_ij - a_ij)``
   (``w = 1`` without weights), times the focal factor ``(1 - p_{i,y_i})^gamma`` with ``p`` detached;
@@ -103,11 +103,16 @@ def _soft_row_losses(a: Tensor, q: Tensor, weight, label_smoothing: float, gamma
 
 
 def _reduce(loss: Tensor, row_weight: Tensor, reduction: str) -> Tensor:
+    """The batch's 'sum' or 'mean' of the rows' ``loss``, summed in at least float32 and returned in its dtype, as
+    the kernels and CUDA's ``F.cross_entropy`` sum (16-bit rows whose sum overflows but whose mean does not give
+    the mean, not inf; CPU PyTorch sums half rows in half)."""
     if reduction == "none":
         return loss
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / row_weight.sum()
+    acc = torch.promote_types(loss.dtype, torch.float32)
+    total = loss.sum(dtype=acc)
+    if reduction == "mean":
+        total = total / row_weight.sum(dtype=acc)
+    return total.to(loss.dtype)
 
 
 def _margin_rows(margin, target: Tensor, ignore_index: int, dtype) -> Tensor:
@@ -130,7 +135,7 @@ def adjusted_logits(logits: Tensor, target: Tensor, *, log_prior: Tensor | None 
     log_prior = V.renamed_argument("log_prior", log_prior, "prior", prior)
     a = logits
     N, C = logits.shape
-    if log_prior is not None:
+    if log_prior is not None and tau != 0.0:  # (tau = 0: no offset, even where log_prior is -inf)
         a = a + tau * log_prior.to(a.dtype)
     if cloud is not None and noise_mul != 0.0:
         if noise is None:

@@ -60,7 +60,7 @@ __all__ = ["loss", "forward", "grad", "chunk_partials", "combine_partials", "PAR
 def kernel_flags(args: AdjustedCEArgs) -> Flags:
     """The :class:`fastlt.kernels.adjusted_ce.Flags` of ``args``: which terms are on."""
     noise_mode = 0 if not args.has_noise else (1 if args.noise_mul == 1.0 else 2)
-    return Flags(HAS_LOG_PRIOR=args.log_prior is not None, NOISE_MODE=noise_mode, MARGIN_MODE=args.margin_mode,
+    return Flags(HAS_LOG_PRIOR=args.has_log_prior, NOISE_MODE=noise_mode, MARGIN_MODE=args.margin_mode,
                  SCALE_MODE=_scale_mode(args.scale), HAS_WEIGHT=args.weight is not None,
                  HAS_SMOOTH=args.label_smoothing > 0.0, HAS_FOCAL=args.gamma != 0.0,
                  SEED_FROM_PTR=args.seed_from_device)

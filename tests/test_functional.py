@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICE
 from test_losses import INTERPRET, inputs
 
 from fastlt import functional as LF
@@ -73,3 +74,38 @@ def test_auto_takes_the_kernels_for_cuda_tensors_of_their_dtypes_only():
                            (torch.float64, False)):
         z = torch.Tensor._make_subclass(_OnCuda, torch.zeros(2, 3, dtype=dtype))
         assert LF.use_triton("auto", z) is kernels, dtype
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_tau_zero_turns_a_log_prior_with_minus_inf_off(backend):
+    """tau = 0 is no offset, even where the hand-made log prior is -inf (a class of prior 0): plain cross-entropy,
+    not 0 * -inf = NaN in every row (the kernels and the reference alike)."""
+    z, y, counts = inputs(seed=21)
+    lp = P.log_prior(counts).clone()
+    lp[1] = float("-inf")
+    z, y, lp = z.to(DEVICE).requires_grad_(), y.to(DEVICE), lp.to(DEVICE)
+    loss = LF.logit_adjusted_cross_entropy(z, y, lp, 0.0, backend=backend)
+    (grad,) = torch.autograd.grad(loss, z)
+    z64 = z.detach().double().requires_grad_()
+    want = torch.nn.functional.cross_entropy(z64, y)
+    (want_grad,) = torch.autograd.grad(want, z64)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-5, atol=1e-6)
+    # a nonzero tau still takes the -inf: that class's logit is -inf, its gradient 0
+    loss = LF.logit_adjusted_cross_entropy(z, torch.where(y == 1, 0, y), lp, 0.5, backend=backend)
+    (grad,) = torch.autograd.grad(loss, z)
+    assert torch.isfinite(loss) and (grad[:, 1] == 0).all()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_half_rows_past_fp16_in_their_sum_agree_on_both_backends(reduction):
+    """fp16 rows whose sum overflows but whose mean does not: the kernels sum in float32, and so does the reference
+    (it summed in fp16: inf against the kernels' 1e4)."""
+    z = torch.zeros(8, 5, device=DEVICE)
+    z[:, 0] = -1e4
+    z, y = z.half(), torch.zeros(8, dtype=torch.long, device=DEVICE)
+    lp = torch.zeros(5, device=DEVICE)
+    got = [LF.logit_adjusted_cross_entropy(z, y, lp, 0.0, reduction=reduction, backend=b) for b in ("triton", "torch")]
+    torch.testing.assert_close(got[0], got[1])
+    assert bool(torch.isfinite(got[0])) == (reduction == "mean")

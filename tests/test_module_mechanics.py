@@ -299,3 +299,24 @@ def test_a_gcl_module_pickled_by_the_previous_version_runs_on_the_kernels():
     spread, noise_mul = old(cloud, 0.5)
     assert noise_mul == 1.0
     torch.testing.assert_close(spread, cloud * 0.5)
+
+
+@pytest.mark.parametrize("cls", ["LogitAdjustedLoss", "LDAMLoss", "GCLLoss", "LADELoss", "BalancedSoftmaxLoss"])
+def test_a_float64_class_weight_stays_float64(cls):
+    """nn.CrossEntropyLoss keeps its weight's dtype: a float64 weight was rounded to a float32 buffer, which a later
+    .double() could not undo (a float64 model's weighted loss 1e-9 off). Other weights (a list, 16-bit) are float32
+    buffers."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.rand(C, generator=g, dtype=F64) + 0.5
+    make = getattr(fastlt, cls)
+    mod = make(COUNTS, weight=w, backend="torch")
+    assert mod.weight.dtype == F64 and torch.equal(mod.weight, w)
+    assert mod.state_dict()["weight"].dtype == F64
+    assert make(COUNTS, weight=w.float(), backend="torch").weight.dtype == torch.float32
+    assert make(COUNTS, weight=[1.0, 2.0, 3.0, 4.0, 5.0], backend="torch").weight.dtype == torch.float32
+    assert make(COUNTS, weight=w.half(), backend="torch").weight.dtype == torch.float32
+    if cls == "LogitAdjustedLoss":  # tau = 0 is plain cross-entropy: torch's own, to float64 rounding
+        x, y = _inputs(11)
+        mod = make(COUNTS, tau=0.0, weight=w, backend="torch").double()
+        want = nn.CrossEntropyLoss(weight=w.to(DEVICE))(x, y)
+        torch.testing.assert_close(mod(x, y), want, rtol=1e-14, atol=0)

@@ -740,3 +740,19 @@ def test_lade_half_precision_prior_takes_its_log_in_float32(dtype):
     pi = prior(torch.randint(1, 5000, (C,), generator=g)).to(dtype)
     exact = R.lade_loss(z, y, pi.to(F64))
     assert_close(R.lade_loss(z.float(), y, pi).to(F64), exact, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_half_rows_are_summed_in_float32(reduction):
+    """The batch sum of 16-bit rows is taken in float32 (as the kernels and CUDA's F.cross_entropy take it): 8 rows
+    of ~1e4 sum past fp16's 65504, yet their mean is ~1e4, not the inf of an fp16 sum (CPU PyTorch's)."""
+    z = torch.zeros(8, 5)
+    z[:, 0] = -1e4
+    z = z.half()
+    y = torch.zeros(8, dtype=torch.long)
+    got = R.adjusted_cross_entropy(z, y, reduction=reduction)
+    rows = F.cross_entropy(z.double(), y, reduction="none")
+    want = (rows.mean() if reduction == "mean" else rows.sum()).half()
+    assert got.dtype == torch.float16
+    assert torch.isfinite(got) == (reduction == "mean")
+    torch.testing.assert_close(got, want)
