@@ -9,8 +9,6 @@ it costs more than ``randn``'s stream; the goal is GCLLoss forward + backward wi
 
 from __future__ import annotations
 
-import sys
-
 import torch
 import torch.nn.functional as F
 
@@ -47,5 +45,10 @@ def main(N: int = 512, C: int = 8142) -> None:
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    main(int(args[0]), int(args[1])) if args else main()
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("N", type=int, nargs="?", default=512, help="rows (default %(default)s)")
+    parser.add_argument("C", type=int, nargs="?", default=8142, help="classes (default %(default)s)")
+    a = parser.parse_args()
+    main(a.N, a.C)

@@ -13,7 +13,6 @@ per launch of the row kernel with triton 3.9) is not included: the stubs replace
 from __future__ import annotations
 
 import os
-import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # the kernel modules import without a GPU
 
@@ -110,5 +109,10 @@ def _heads(N: int, C: int, counts: torch.Tensor, y: torch.Tensor, D: int = 32) -
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    main(int(args[0]), int(args[1])) if args else main()
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("N", type=int, nargs="?", default=64, help="rows (default %(default)s)")
+    parser.add_argument("C", type=int, nargs="?", default=512, help="classes (default %(default)s)")
+    a = parser.parse_args()
+    main(a.N, a.C)

@@ -7,7 +7,8 @@ counts in float64: :mod:`fastlt._count_buffers`), and the usual ``weight``, ``ig
 pure-PyTorch reference elsewhere, float64 included), ``dp_group`` (data parallel: the loss of the global batch) and
 ``shard`` (class parallel: local logits of a :class:`fastlt.distributed.ClassShard`); see
 :func:`fastlt.functional.adjusted_cross_entropy` and :mod:`fastlt.distributed`. Float hyperparameters keep the
-papers' names (tau, s, m, max_margin, noise_mul, gamma, alpha) and are plain attributes: schedule them freely. Their
+papers' names (tau, s, m, max_margin, noise_mul, gamma, alpha) and are plain attributes: schedule them freely
+(``count_smoothing``, added to the counts when the module is built, is read-only). Their
 mapping to the adjusted cross-entropy's parameters is written once, in :mod:`fastlt._operator` (``la_fields``,
 ``ldam_fields``, ``gcl_fields``), which :mod:`fastlt.functional` applies, and so do the modules where they hand plain
 (N, C) logits to the kernels themselves (``_direct``: the same checks and kernels without the functional dispatch's
@@ -47,6 +48,21 @@ class _LongTailLoss(HeldFields, CountBuffers):
         self.count_smoothing = count_smoothing
         V.init_loss_options(self, "weight", weight, self.num_classes, ignore_index=ignore_index,
                             reduction=reduction, label_smoothing=label_smoothing, backend=backend)
+
+    @property
+    def count_smoothing(self) -> float:
+        """What was added to the class counts at construction (read-only: see the setter)."""
+        return self.__dict__.get("_count_smoothing", self.__dict__.get("count_smoothing", 0.0))  # (older pickles)
+
+    @count_smoothing.setter
+    def count_smoothing(self, value) -> None:
+        # the per-class buffers are made from the smoothed counts, which keep no trace of the raw ones: a later
+        # assignment was accepted and changed nothing (the float hyperparameters all take effect when assigned)
+        if "_counts_exact" in self.__dict__:
+            raise AttributeError("count_smoothing is added to the class counts once, when the module is built (its "
+                                 "per-class buffers come from the smoothed counts): build a new module for another "
+                                 "count_smoothing")
+        self.__dict__["_count_smoothing"] = value
 
     def _count_vectors(self, counts: Tensor) -> dict[str, Tensor]:
         return {"class_counts": counts.clone()}

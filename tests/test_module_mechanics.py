@@ -320,3 +320,19 @@ def test_a_float64_class_weight_stays_float64(cls):
         mod = make(COUNTS, tau=0.0, weight=w, backend="torch").double()
         want = nn.CrossEntropyLoss(weight=w.to(DEVICE))(x, y)
         torch.testing.assert_close(mod(x, y), want, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("cls", ["LogitAdjustedLoss", "LDAMLoss", "GCLLoss", "LADELoss"])
+def test_count_smoothing_assigned_later_raises(cls):
+    """count_smoothing is added to the counts when the module is built; assigning it later was accepted and changed
+    nothing (every other float hyperparameter takes effect when assigned)."""
+    counts = [3, 0, 2, 1, 1]
+    mod = getattr(fastlt, cls)(counts, count_smoothing=1.0, backend="torch")
+    assert mod.count_smoothing == 1.0 and "count_smoothing=1.0" in repr(mod)
+    with pytest.raises(AttributeError, match="count_smoothing"):
+        mod.count_smoothing = 2.0
+    assert mod.count_smoothing == 1.0
+    for copied in (copy.deepcopy(mod), pickle.loads(pickle.dumps(mod))):
+        assert copied.count_smoothing == 1.0
+        with pytest.raises(AttributeError, match="count_smoothing"):
+            copied.count_smoothing = 0.5
