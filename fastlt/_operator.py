@@ -530,6 +530,11 @@ def check_operator_args(logits, target, fields: dict, *, noise=None) -> None:
             raise ValueError(f"noise is on {noise.device} but the logits are on {logits.device}")
 
 
+# what LADELoss, lade_loss and a head with loss='lade' say to reduction='none' (given, or assigned later)
+LADE_WITHOUT_NONE = ("reduction='none' is not defined for LADE (LADELoss, lade_loss, loss='lade' of a head): its "
+                     "LADER term is a batch-level statistic; use 'mean' or 'sum'")
+
+
 def check_lade_args(logits, target, prior, alpha, remine_lambda, reduction) -> None:
     """LADE's own arguments (beside its PriorCE operator's): ``prior`` (C,) pi, finite ``alpha`` and
     ``remine_lambda``, and a reduced loss (LADER is a batch statistic)."""
@@ -539,8 +544,7 @@ def check_lade_args(logits, target, prior, alpha, remine_lambda, reduction) -> N
     for name, spec in params(LadeArgs):
         spec.kind.check(name, values[name], spec, num_classes, device)
     if reduction == "none":
-        raise ValueError("reduction='none' is not defined for LADELoss: its LADER term is a batch-level "
-                         "statistic; use 'mean' or 'sum'")
+        raise ValueError(LADE_WITHOUT_NONE)
 
 
 # --- the presets: each paper's hyperparameters mapped to the operator's, once ---------------------------------------

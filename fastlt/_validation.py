@@ -373,9 +373,10 @@ def check_dtype_matches_weight(features: torch.Tensor, weight: torch.Tensor) -> 
                             "(model.to(...)), or run under torch.autocast")
 
 
-def check_head(features, weight, bias) -> None:
+def check_head(features, weight, bias, weight_classes=None) -> None:
     """A head's inputs: ``features`` (N, D), ``weight`` (C, D) with C >= 1, ``bias`` (C,) or None, one dtype and
-    device."""
+    device; the class weights ``weight_classes`` (C,) or None, checked here under that name (the loss's checks
+    would call them ``weight``, which a head's functions and modules name the (C, D) matrix)."""
     check_matrix("features", features, "(N, D)")
     check_matrix("weight", weight, "(C, D)")
     D = features.shape[1]
@@ -399,6 +400,8 @@ def check_head(features, weight, bias) -> None:
             raise TypeError(f"bias has dtype {bias.dtype} but features have {features.dtype}; they must match")
         if bias.device != features.device:
             raise ValueError(f"bias is on {bias.device} but features are on {features.device}")
+    if weight_classes is not None:
+        check_class_vector("weight_classes", weight_classes, C, features.device)
 
 
 def check_chunks(chunk_rows, chunk_classes) -> None:

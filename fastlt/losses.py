@@ -24,7 +24,7 @@ from . import _validation as V
 from . import functional as LF
 from ._count_buffers import CountBuffers, MarginSchedule
 from ._held_fields import HeldFields
-from ._operator import FoldedSpread, gcl_fields, la_fields, ldam_fields
+from ._operator import LADE_WITHOUT_NONE, FoldedSpread, gcl_fields, la_fields, ldam_fields
 from .distributed.data_parallel import kernels_direct, split_warning
 from .priors import gcl_cloud_from, ldam_margins_from, log_prior_from, prior_from
 
@@ -278,12 +278,14 @@ class LADELoss(_LongTailLoss):
 
     def __init__(self, class_counts, alpha: float = 0.1, remine_lambda: float = 0.1, **kwargs):
         super().__init__(class_counts, **kwargs)
-        if self.reduction == "none":
-            raise ValueError("reduction='none' is not defined for LADELoss: LADER is a batch-level statistic; "
-                             "use 'mean' or 'sum'")
         self.alpha = V.check_finite_float("alpha", alpha)
         self.remine_lambda = V.check_finite_float("remine_lambda", remine_lambda)
         self._init_buffers()
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "reduction" and value == "none":  # given, or assigned later (then refused there, not at a call)
+            raise ValueError(LADE_WITHOUT_NONE)
+        super().__setattr__(name, value)
 
     def _count_vectors(self, counts: Tensor) -> dict[str, Tensor]:
         return {**super()._count_vectors(counts), "prior": prior_from(counts, F64)}

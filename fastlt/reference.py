@@ -398,7 +398,7 @@ def reference_linear_cross_entropy(features: Tensor, weight: Tensor, target: Ten
                                    noise_row_offset: int = 0, prior: Tensor | None = None) -> Tensor:
     """Unfused oracle of the linear head: ``z = features @ weight^T + bias`` (materialises (N, C); gradients by
     autograd), then :func:`adjusted_cross_entropy` on ``z`` with ``weight_classes`` as its class weights."""
-    V.check_head(features, weight, bias)
+    V.check_head(features, weight, bias, weight_classes)
     target = V.as_index_target(target)
     logits = F.linear(features, weight, bias)
     return adjusted_cross_entropy(logits, target, log_prior=log_prior, tau=tau, cloud=cloud, noise_mul=noise_mul,
@@ -417,7 +417,7 @@ def reference_cosine_cross_entropy(features: Tensor, weight: Tensor, target: Ten
                                    noise_row_offset: int = 0, prior: Tensor | None = None) -> Tensor:
     """Unfused oracle of the cosine head: ``cos = normalize(f) @ normalize(W)^T`` (normalised in at least fp32,
     then cast back), then :func:`adjusted_cross_entropy` on ``cos``."""
-    V.check_head(features, weight, None)
+    V.check_head(features, weight, None, weight_classes)
     V.check_finite_float("eps", eps, min_value=0.0, min_inclusive=False)
     target = V.as_index_target(target)
     cos = F.linear(normalize_rows(features, eps), normalize_rows(weight, eps))
@@ -432,7 +432,7 @@ def reference_lade_linear_loss(features: Tensor, weight: Tensor, target: Tensor,
                                weight_classes: Tensor | None = None, ignore_index: int = -100,
                                reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
     """Unfused oracle of the LADE head: ``z = F.linear(features, weight, bias)``, then :func:`lade_loss`."""
-    V.check_head(features, weight, bias)
+    V.check_head(features, weight, bias, weight_classes)
     target = V.as_index_target(target)
     return lade_loss(F.linear(features, weight, bias), target, prior, alpha, remine_lambda, weight=weight_classes,
                      ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)

@@ -949,3 +949,29 @@ def test_inference_refuses_features_of_another_dtype_outside_autocast(make):
     expected = head.logits(f.float())
     torch.testing.assert_close(z.float(), expected, atol=0.05, rtol=0.05)
     torch.testing.assert_close(values.float(), expected.topk(2).values, atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("fn", ["linear", "cosine", "lade"])
+def test_bad_class_weights_are_named_weight_classes(fn, backend):
+    """A head's (C, D) matrix is ``weight``; its class weights are ``weight_classes``, and a bad one was reported as
+    ``weight`` (the loss's name for them), blaming an argument that is fine."""
+    from fastlt.heads.functional import cosine_cross_entropy, linear_cross_entropy
+    from fastlt.lade_head import lade_linear_loss
+
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(5, 8, generator=g).to(DEVICE), torch.randn(11, 8, generator=g).to(DEVICE)
+    y = torch.randint(0, 11, (5,), generator=g).to(DEVICE)
+    call = {"linear": lambda wc: linear_cross_entropy(x, w, y, weight_classes=wc, backend=backend),
+            "cosine": lambda wc: cosine_cross_entropy(x, w, y, weight_classes=wc, backend=backend),
+            "lade": lambda wc: lade_linear_loss(x, w, y, torch.full((11,), 1 / 11, device=DEVICE),
+                                                weight_classes=wc, backend=backend)}[fn]
+    with pytest.raises(ValueError, match=r"^weight_classes must have shape \(C,\) = \(11,\), got \(13,\)"):
+        call(torch.rand(13, device=DEVICE))
+    with pytest.raises(TypeError, match=r"^weight_classes must be a floating tensor"):
+        call(torch.ones(11, dtype=torch.int64, device=DEVICE))
+    if fn == "cosine":  # a head module's class weights replaced after it was made
+        head = fastlt.CosineGCLHead(8, 11, torch.randint(1, 99, (11,), generator=g), backend=backend).to(DEVICE)
+        head.weight_classes = torch.rand(13, device=DEVICE)
+        with pytest.raises(ValueError, match=r"^weight_classes must have shape"):
+            head(x, y)

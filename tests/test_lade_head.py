@@ -207,3 +207,19 @@ def test_linear_loss_head_lade_refuses_the_terms_it_has_not_when_assigned(name, 
     with pytest.raises(ValueError, match=f"loss='lade' takes no {name}"):
         setattr(head, name, value)
     setattr(head, name, {"s": 1, "gamma": 0, "tau": 1.0}[name])
+
+
+@pytest.mark.parametrize("make", ["head", "module"])
+def test_lade_refuses_reduction_none_when_assigned(make):
+    """reduction='none' assigned to a LADE head or LADELoss after construction was accepted, and the next call raised
+    (naming LADELoss for a head); now the assignment raises, and the message names the LADE forms."""
+    import fastlt
+
+    mod = (fastlt.LinearLossHead(4, 3, [5, 3, 1], loss="lade") if make == "head"
+           else fastlt.LADELoss([5, 3, 1]))
+    with pytest.raises(ValueError, match=r"reduction='none' is not defined for LADE \(LADELoss, lade_loss, "
+                                         r"loss='lade'"):
+        mod.reduction = "none"
+    assert mod.reduction == "mean"
+    mod.reduction = "sum"  # the others still assign
+    assert mod.reduction == "sum"

@@ -176,10 +176,10 @@ def test_lade_module_rejects_reduction_none():
     with pytest.raises(ValueError, match="reduction"):
         fastlt.LADELoss([3, 2, 1], reduction="none")
     loss = fastlt.LADELoss([3, 2, 1])
-    loss.reduction = "none"
+    with pytest.raises(ValueError, match="reduction"):  # assigned later: refused there (test_lade_head.py)
+        loss.reduction = "none"
     z, y, _ = inputs(5, 3, seed=7)
-    with pytest.raises(ValueError, match="reduction"):
-        loss(z, y)
+    assert torch.isfinite(loss(z, y))
 
 
 def all_modules(counts):

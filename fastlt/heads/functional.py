@@ -181,7 +181,7 @@ def lade_linear_loss(features: Tensor, weight: Tensor, target: Tensor, prior: Te
     if not triton or (dp_group is not None and dp_group is not False):  # (the kernels' path casts in its glue)
         features, weight, bias, _ = autocast_inputs(features, weight, bias)
     if dp_group is not None and dp_group is not False:
-        V.check_head(features, weight, bias)
+        V.check_head(features, weight, bias, weight_classes)
         return global_lade_loss(F.linear(features, weight, bias), target, prior, alpha, remine_lambda, dp_group,
                                 weight=weight_classes, ignore_index=ignore_index, reduction=reduction,
                                 label_smoothing=label_smoothing, triton=triton)

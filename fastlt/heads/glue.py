@@ -383,7 +383,7 @@ def run_head(features: Tensor, weight: Tensor, bias: Tensor | None, target: Tens
     functions); ``cache``: where the arguments of the last call are kept (a head module's own; default: one shared
     by every other call)."""
     features, weight, bias, autocast_dev = autocast_inputs(features, weight, bias)
-    V.check_head(features, weight, bias)
+    V.check_head(features, weight, bias, fields.get("weight"))
     out_dtype = loss_dtype(features)  # (float32 under autocast, which is off while the head runs)
     check_kernel_input("features", features, noise)
     target = V.as_kernel_target(target)
@@ -416,7 +416,7 @@ def run_lade_head(features: Tensor, weight: Tensor, bias: Tensor | None, target:
     LADE parameters by name (:func:`fastlt._glue.lade_fields_triton`'s: ``weight`` is the class weights), kept
     checked and converted in ``cache`` (a head module's own; default: one shared by every other call)."""
     features, weight, bias, autocast_dev = autocast_inputs(features, weight, bias)
-    V.check_head(features, weight, bias)
+    V.check_head(features, weight, bias, fields.get("weight"))
     out_dtype = loss_dtype(features)  # (float32 under autocast, which is off while the head runs)
     check_kernel_input("features", features)
     target = V.as_kernel_target(target)

@@ -14,7 +14,7 @@ from .. import _validation as V
 from .._backend import use_triton
 from .._count_buffers import CountBuffers, MarginSchedule
 from .._held_fields import HeldFields
-from .._operator import FoldedSpread, gcl_fields, la_fields, ldam_fields
+from .._operator import LADE_WITHOUT_NONE, FoldedSpread, gcl_fields, la_fields, ldam_fields
 from ..distributed.data_parallel import kernels_direct, split_warning
 from ..distributed.sharded_training import check_head_shard, check_outside_ddp, sharded_topk
 from ..priors import gcl_cloud_from, ldam_margins_from, log_prior_from, prior_from
@@ -213,9 +213,8 @@ class LinearLossHead(MarginSchedule, _HeadBase):
         self.gamma = V.check_finite_float("gamma", gamma, min_value=0.0)
         self.alpha = V.check_finite_float("alpha", alpha)
         self.remine_lambda = V.check_finite_float("remine_lambda", remine_lambda)
-        if loss == "lade" and self.reduction == "none":  # (s, gamma and tau: __setattr__ refuses them)
-            raise ValueError("reduction='none' is not defined for loss='lade': LADER is a batch-level statistic; "
-                             "use 'mean' or 'sum'")
+        if loss == "lade" and self.reduction == "none":  # (s, gamma, tau, reduction later: __setattr__ refuses)
+            raise ValueError(LADE_WITHOUT_NONE)
         for name in ("log_prior", "margins", "prior"):  # those the loss uses are filled from the counts below
             self.register_buffer(name, None, persistent=False)
         if class_counts is None:
@@ -233,6 +232,8 @@ class LinearLossHead(MarginSchedule, _HeadBase):
         loss = self.__dict__.get("loss")
         if name == "loss" and loss is not None:  # the class buffers and presets were made for it
             raise AttributeError(f"loss is fixed when the head is made (it is {loss!r}): make a new LinearLossHead")
+        if loss == "lade" and name == "reduction" and value == "none":
+            raise ValueError(LADE_WITHOUT_NONE)
         if loss == "lade" and name in _LADE_NEUTRAL and value != _LADE_NEUTRAL[name]:
             raise ValueError(f"loss='lade' takes no {name} (it would be ignored): {name} must stay "
                              f"{_LADE_NEUTRAL[name]}, got {value!r}")
