@@ -16,7 +16,13 @@ from ._backend import use_triton
 from ._operator import gcl_fields, la_fields, ldam_fields
 from ._shapes import as_rows, restore
 from .distributed.class_parallel import check_shard_options, sharded_cross_entropy, sharded_lade_loss
-from .distributed.data_parallel import global_batch_loss, global_lade_loss, split_warning, warn_without_group
+from .distributed.data_parallel import (
+    global_batch_loss,
+    global_lade_loss,
+    resolve_dp_group,
+    split_warning,
+    warn_without_group,
+)
 from .distributed.dtensor import from_dtensor, is_dtensor
 from .heads.functional import cosine_cross_entropy, lade_linear_loss, linear_cross_entropy
 
@@ -65,7 +71,9 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor 
         dp_group: a ``torch.distributed`` process group over which the batch is split (data parallel): the loss of
             the global batch on every rank, gradients scaled for DDP's averaging (:mod:`fastlt.distributed`). None:
             this rank's rows only (warns once under several ranks when the result depends on the split: a
-            class-weighted mean); False: the same, without the warning.
+            class-weighted mean); False: the same, without the warning. ``'world'``: the default group, looked up
+            at each call (``dist.group.WORLD`` is None before ``init_process_group``, so a loss made earlier with
+            it held None: no group).
         rows_per_rank: with ``dp_group``, the per-rank batch size: rank r's rows draw GCL noise rows
             ``r * rows_per_rank + i`` (default: this rank's row count, right when the ranks' batches are equal).
         shard: a :class:`fastlt.distributed.ClassShard` (class parallel): ``logits`` are this rank's columns
@@ -80,6 +88,7 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor 
         The loss in the logits' dtype (float32 under ``torch.autocast``, as ``nn.CrossEntropyLoss``'s): 0-dim, or
         the targets' shape for ``reduction='none'``.
     """
+    dp_group = resolve_dp_group(dp_group)
     log_prior = V.renamed_argument("log_prior", log_prior, "prior", prior)
     fields = dict(log_prior=log_prior, tau=tau, cloud=cloud, noise_mul=noise_mul, seed=seed, margin=margin,
                   scale=scale, gamma=gamma, weight=weight, ignore_index=ignore_index, reduction=reduction,
@@ -205,6 +214,7 @@ def lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: float = 0.1,
     as the official code's single-process ``nn.DataParallel`` computed them (one MAX and one SUM all-reduce of
     ~12 C bytes; see :func:`adjusted_cross_entropy`). None warns once under several ranks. Shaped inputs as
     :func:`adjusted_cross_entropy` (positions are rows, for LADER's statistics too)."""
+    dp_group = resolve_dp_group(dp_group)
     logits, target, shard = _dtensor_shard(logits, target, shard)
     rows = as_rows(logits, target)
     logits, target = rows.logits, rows.target

@@ -25,6 +25,7 @@ from . import functional as LF
 from ._count_buffers import CountBuffers, MarginSchedule
 from ._held_fields import HeldFields
 from ._operator import LADE_WITHOUT_NONE, FoldedSpread, gcl_fields, la_fields, ldam_fields
+from .distributed.class_shard import ClassShard
 from .distributed.data_parallel import kernels_direct, split_warning
 from .priors import gcl_cloud_from, ldam_margins_from, log_prior_from, prior_from
 
@@ -96,6 +97,8 @@ class _LongTailLoss(HeldFields, CountBuffers):
         V.check_shaped_logits(name, logits, min_classes=1 if self.shard is None else 0)  # (a shard may be empty)
         if self.shard is None:  # a class shard's local logits are checked against it (fastlt.distributed)
             V.check_num_classes(logits, self.num_classes)
+        elif not isinstance(self.shard, ClassShard):  # (as the functions say it: not an AttributeError below)
+            raise TypeError(f"shard must be a fastlt.distributed.ClassShard, got {type(self.shard).__name__}")
         elif self.shard.num_classes != self.num_classes:
             raise ValueError(f"the shard describes {self.shard.num_classes} classes but class_counts "
                              f"{self.num_classes}")

@@ -34,7 +34,7 @@ def batch(seed: int = 0):
     y = torch.randint(0, C, (N,), generator=gen)
     y[[1, 6]] = -100
     counts = torch.randint(1, 300, (C,), generator=gen)
-    weight = (torch.rand(C, generator=gen) + 0.5).to(F64)  # exact in fp32 (the modules keep fp32 weights)
+    weight = (torch.rand(C, generator=gen) + 0.5).to(F64)  # exact in fp32 (the kernels take fp32 weights)
     return x, y, counts, weight
 
 
@@ -61,21 +61,26 @@ def _rows():
     return slice(start, start + SIZES[rank])
 
 
-def ddp_losses() -> dict:
+def ddp_losses(group="process group") -> dict:
     """Every loss under ``DistributedDataParallel(nn.Linear)`` on uneven batches: the loss and the averaged
-    parameter gradients."""
+    parameter gradients; the losses' ``dp_group`` the default process group itself, or ``group='world'``."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     x, y, counts, weight = batch()
     rows = _rows()
     out = {}
-    for name, crit in criteria(counts, weight, dist.group.WORLD).items():
+    for name, crit in criteria(counts, weight, dist.group.WORLD if group == "process group" else group).items():
         net = DDP(model())
         logits = net(x[rows])
         loss = crit(logits, y[rows], seed=GCL_SEED) if name == "gcl" else crit(logits, y[rows])
         loss.backward()
         out[name] = dict(loss=loss.detach(), weight=net.module.weight.grad, bias=net.module.bias.grad)
     return out
+
+
+def ddp_losses_world() -> dict:
+    """:func:`ddp_losses` with ``dp_group='world'`` (the default group, looked up at each call)."""
+    return ddp_losses("world")
 
 
 def gcl_noise_rows() -> dict:

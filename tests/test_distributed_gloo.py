@@ -52,6 +52,18 @@ def test_ddp_gradients_equal_one_process_on_the_whole_batch(pool, name):
         torch.testing.assert_close(got["bias"], gb, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["la_weighted_mean", "gcl", "lade_weighted"])
+def test_dp_group_world_is_the_default_group(pool, name):
+    """dp_group='world' (the default group, looked up at each call: dist.group.WORLD is None before
+    init_process_group) gives what the group itself gives: one process on the 8 rows."""
+    results = getattr(pool, "_ddp_world", None) or pool.run("ddp_losses_world")
+    pool._ddp_world = results
+    loss, gw, gb = _single_process(name)
+    for rank in results:
+        torch.testing.assert_close(rank[name]["loss"], loss, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(rank[name]["weight"], gw, rtol=1e-12, atol=1e-12)
+
+
 def test_ddp_without_dp_group_is_not_the_global_batch(pool):
     """The control: per-rank LADE (no dp_group), averaged by DDP, differs from the global batch's gradient, so the
     equality above is the collectives' doing."""

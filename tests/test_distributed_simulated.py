@@ -411,3 +411,34 @@ def test_head_under_autocast_returns_the_dtype_of_one_process(backend):
     for loss in losses:
         assert loss.dtype == one.dtype
         torch.testing.assert_close(loss.float(), one.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_dp_group_world_needs_the_default_group_and_other_strings_are_refused():
+    """dp_group='world' is looked up at the call: without init_process_group there is none (a clear error, not a
+    silent per-rank loss); another string is refused by name."""
+    import torch.distributed as dist
+
+    import fastlt
+
+    if dist.is_available() and dist.is_initialized():
+        pytest.skip("a process group is up in this process")
+    z, y = torch.randn(4, 5), torch.randint(0, 5, (4,))
+    counts = [9, 5, 3, 2, 1]
+    for crit in (fastlt.LADELoss(counts, dp_group="world", backend="torch"),
+                 fastlt.LogitAdjustedLoss(counts, dp_group="world", backend="torch")):
+        with pytest.raises(RuntimeError, match="init_process_group"):
+            crit(z, y)
+    with pytest.raises(ValueError, match="dp_group must be a process group, 'world'"):
+        fastlt.LogitAdjustedLoss(counts, dp_group="wrold", backend="torch")(z, y)
+    with pytest.raises(ValueError, match="dp_group must be a process group, 'world'"):
+        H.linear_cross_entropy(torch.randn(4, 3), torch.randn(5, 3), y, dp_group="all")
+
+
+def test_a_loss_module_refuses_a_shard_that_is_not_a_class_shard():
+    """shard=(0, 5) raised AttributeError ('tuple' object has no attribute 'num_classes') from a module, where the
+    functions and the heads say what a shard must be."""
+    import fastlt
+
+    crit = fastlt.LogitAdjustedLoss([5, 4, 3, 2, 1], shard=(0, 5), backend="torch")
+    with pytest.raises(TypeError, match="shard must be a fastlt.distributed.ClassShard, got tuple"):
+        crit(torch.randn(3, 5), torch.tensor([0, 1, 2]))

@@ -35,7 +35,7 @@ from ..noise import check_noise_rows
 from .collectives import carried, global_logsumexp, global_sum, rank_and_size, stat_dtype, world_gradient
 
 __all__ = ["global_batch_loss", "global_lade_loss", "noise_row_offset", "mean_denominator", "batch_dependent",
-           "split_warning", "kernels_direct", "warn_without_group"]
+           "split_warning", "kernels_direct", "warn_without_group", "resolve_dp_group"]
 
 
 def noise_row_offset(rank: int, rows: int, rows_per_rank: int | None) -> int:
@@ -76,6 +76,7 @@ def global_batch_loss(local: Callable[[dict], Tensor], logits: Tensor, target: T
     rank's loss for the operator's ``fields`` (by name; the reduction and the noise row offset are set here).
     ``logits``: the rank's (N_r, C) input (features for a head), for its row count and dtype; ``target`` (N_r,);
     ``weight``: the (C,) class weights of the loss (for the 'mean' denominator) or None."""
+    group = resolve_dp_group(group)
     reduction = fields.get("reduction", "mean")
     _check_reduction(reduction)
     rank, size = rank_and_size(group)
@@ -110,6 +111,7 @@ def global_lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: float
     """LADE of the global batch, ``PriorCE + alpha * LADER``, every rank holding (N_r, C) ``logits``: the rank's
     PriorCE sum and LADER statistics (the kernels' one pass when ``triton``, else the reference's), one MAX and one
     SUM all-reduce, then LADER from the global statistics (:func:`fastlt.reference.lader_from_statistics`)."""
+    group = resolve_dp_group(group)
     from .._validation import as_index_target, as_kernel_target
 
     target = as_kernel_target(target) if triton else as_index_target(target, keep_int32=False)
@@ -146,6 +148,22 @@ def split_warning(weight, reduction: str) -> str | None:
     """What a cross-entropy (a loss or a head) warns about under several ranks without ``dp_group``: its value
     depends on the batch split (a class-weighted mean); None when it does not."""
     return "a class-weighted 'mean'" if batch_dependent(weight, reduction) else None
+
+
+def resolve_dp_group(dp_group):
+    """``dp_group`` as a call takes it: the string ``'world'`` is ``torch.distributed``'s default group, looked up at
+    the call (``dist.group.WORLD`` is None until ``init_process_group``: a loss made before it and given
+    ``dist.group.WORLD`` held None, no group, and silently computed each rank's own loss); anything else as it is
+    (a process group, None, False)."""
+    if not isinstance(dp_group, str):
+        return dp_group
+    if dp_group != "world":
+        raise ValueError(f"dp_group must be a process group, 'world' (the default group), None or False, got "
+                         f"{dp_group!r}")
+    if not (_DIST and dist.is_initialized()):
+        raise RuntimeError("dp_group='world' is torch.distributed's default group, which does not exist yet: call "
+                           "torch.distributed.init_process_group before the loss")
+    return dist.group.WORLD
 
 
 def kernels_direct(inputs, backend: str, dp_group, shard, warning: str | None) -> bool:

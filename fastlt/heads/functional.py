@@ -13,7 +13,13 @@ from .. import _validation as V
 from .. import reference as R
 from .._backend import autocast_inputs, use_triton
 from ..distributed.class_parallel import check_shard_options
-from ..distributed.data_parallel import global_batch_loss, global_lade_loss, split_warning, warn_without_group
+from ..distributed.data_parallel import (
+    global_batch_loss,
+    global_lade_loss,
+    resolve_dp_group,
+    split_warning,
+    warn_without_group,
+)
 from ..distributed.sharded_heads import sharded_head_loss
 
 __all__ = ["linear_cross_entropy", "cosine_cross_entropy", "lade_linear_loss"]
@@ -62,6 +68,7 @@ def linear_cross_entropy(features: Tensor, weight: Tensor, target: Tensor, bias:
         The loss in the features' dtype (float32 under ``torch.autocast``, as ``nn.CrossEntropyLoss``'s): 0-dim, or
         (N,) for ``reduction='none'``.
     """
+    dp_group = resolve_dp_group(dp_group)
     V.check_chunks(chunk_rows, chunk_classes)
     log_prior = V.renamed_argument("log_prior", log_prior, "prior", prior)
     fields = dict(log_prior=log_prior, tau=tau, margin=margin, scale=scale, cloud=cloud, noise_mul=noise_mul,
@@ -99,6 +106,7 @@ def cosine_cross_entropy(features: Tensor, weight: Tensor, target: Tensor, *, lo
     the gradient flows through the normalisation. GCL is ``cloud=gcl_cloud(counts), noise_mul, margin=m,
     scale=s`` (see :class:`fastlt.CosineGCLHead`). ``dp_group``, ``rows_per_rank``, ``shard``, ``gather_inputs``,
     ``features_grad_scale``: as :func:`linear_cross_entropy` (GCL's noise rows are the gathered batch's)."""
+    dp_group = resolve_dp_group(dp_group)
     V.check_chunks(chunk_rows, chunk_classes)
     V.check_finite_float("eps", eps, min_value=0.0, min_inclusive=False)
     log_prior = V.renamed_argument("log_prior", log_prior, "prior", prior)
@@ -170,6 +178,7 @@ def lade_linear_loss(features: Tensor, weight: Tensor, target: Tensor, prior: Te
     Returns:
         The loss in the features' dtype (float32 under ``torch.autocast``), 0-dim.
     """
+    dp_group = resolve_dp_group(dp_group)
     V.check_chunks(chunk_rows, chunk_classes)
     if shard is not None:
         _check_shard_head(dp_group, None, chunk_rows, chunk_classes, lade_backend=backend)
