@@ -188,8 +188,10 @@ class _ClassMassSampler(Sampler[int]):
 
     def __init__(self, labels, num_samples: int | None, replacement: bool,
                  generator: torch.Generator | None, num_replicas: int | None = None, rank: int | None = None,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, drop_last: bool = False) -> None:
         labels = _as_labels(labels)
+        if not isinstance(drop_last, bool):
+            raise TypeError(f"drop_last must be a bool, got {type(drop_last).__name__}")
         if labels.numel() == 0:
             raise ValueError("labels must hold at least one sample")
         if not isinstance(replacement, bool):
@@ -209,7 +211,14 @@ class _ClassMassSampler(Sampler[int]):
         self.labels = labels.clone()  # its own: the caller's tensor edited later would not match the counts
         self.counts = torch.bincount(labels)
         self.num_samples = num_samples
-        self.total_size = -(-num_samples // self.num_replicas) * self.num_replicas
+        # the ranks' equal shares: padded up to a multiple of the ranks (DistributedSampler's default), or with
+        # drop_last cut down to one, the tail of the draw dropped
+        shares = num_samples // self.num_replicas if drop_last else -(-num_samples // self.num_replicas)
+        if shares == 0:
+            raise ValueError(f"drop_last=True leaves no index to any rank: num_samples={num_samples} is less than "
+                             f"num_replicas={self.num_replicas}")
+        self.total_size = shares * self.num_replicas
+        self.drop_last = drop_last
         self.replacement = replacement
         self.generator = generator
         self._order = torch.argsort(labels, stable=True)
@@ -293,23 +302,25 @@ class ClassBalancedSampler(_ClassMassSampler):
             training frequencies, and ``num_samples = N`` (the default) is a permutation of the dataset, which
             balances nothing whatever ``q``. Keep ``num_samples`` well below N there, or draw with replacement.
         generator: the source of randomness of one process; default torch's global generator.
-        num_replicas, rank, seed: data parallel, see below.
+        num_replicas, rank, seed, drop_last: data parallel, see below.
 
     Data parallel: ``num_replicas`` ranks (default: the initialised ``torch.distributed`` world, else 1), this one
     ``rank``; each epoch every rank draws ``ceil(num_samples / num_replicas) * num_replicas`` indices from
     ``torch.Generator().manual_seed(seed + epoch)`` and yields every ``num_replicas``-th from position ``rank``
     (``len`` = that count / ``num_replicas``, equal on every rank; without replacement no index is on two ranks,
     unless ``num_samples`` is within ``num_replicas`` of N and the share is padded by repeating indices, as
-    ``DistributedSampler``). ``seed`` must be the same on every rank: None draws it on rank 0 and broadcasts it
-    once, here. Call ``set_epoch(epoch)`` every epoch. ``seed`` alone (one process) gives the same seeded epochs.
+    ``DistributedSampler``). ``drop_last=True`` (as ``DistributedSampler``'s): ``floor(num_samples /
+    num_replicas)`` indices a rank instead, the draw's tail dropped, never padded. ``seed`` must be the same on
+    every rank: None draws it on rank 0 and broadcasts it once, here. Call ``set_epoch(epoch)`` every epoch.
+    ``seed`` alone (one process) gives the same seeded epochs.
     """
 
     def __init__(self, labels: torch.Tensor | Sequence[int] | np.ndarray, q: float = 0.0,
                  num_samples: int | None = None, replacement: bool = True,
                  generator: torch.Generator | None = None, *, num_replicas: int | None = None,
-                 rank: int | None = None, seed: int | None = None) -> None:
+                 rank: int | None = None, seed: int | None = None, drop_last: bool = False) -> None:
         self.q = check_finite_float("q", q)
-        super().__init__(labels, num_samples, replacement, generator, num_replicas, rank, seed)
+        super().__init__(labels, num_samples, replacement, generator, num_replicas, rank, seed, drop_last)
         n = self.counts.to(torch.float64)
         present = n > 0
         weight = torch.zeros_like(n)
@@ -338,13 +349,14 @@ class CBENSampler(_ClassMassSampler):
         b: the span of beta above ``a``; requires ``b >= 0`` and ``a + b < 1``.
         num_samples: draws per epoch, at least 1; default N.
         generator: the source of randomness of one process; default torch's global generator.
-        num_replicas, rank, seed: data parallel, as :class:`ClassBalancedSampler` (``set_epoch`` too).
+        num_replicas, rank, seed, drop_last: data parallel, as :class:`ClassBalancedSampler` (``set_epoch``
+            too).
     """
 
     def __init__(self, labels: torch.Tensor | Sequence[int] | np.ndarray, a: float = 0.999, b: float = 0.0009,
                  num_samples: int | None = None,
                  generator: torch.Generator | None = None, *, num_replicas: int | None = None,
-                 rank: int | None = None, seed: int | None = None) -> None:
+                 rank: int | None = None, seed: int | None = None, drop_last: bool = False) -> None:
         a = check_finite_float("a", a, min_value=0.0)
         if a >= 1.0:
             raise ValueError(f"a must be < 1, got {a}")
@@ -352,7 +364,7 @@ class CBENSampler(_ClassMassSampler):
         if a + b >= 1.0:
             raise ValueError(f"a + b must be < 1 (beta_j < 1), got a={a}, b={b}")
         self.a, self.b = a, b
-        super().__init__(labels, num_samples, True, generator, num_replicas, rank, seed)
+        super().__init__(labels, num_samples, True, generator, num_replicas, rank, seed, drop_last)
         n = self.counts.to(torch.float64)
         present = n > 0
         log_n = n[present].log()

@@ -95,3 +95,29 @@ def test_bad_arguments():
         ClassBalancedSampler(LABELS, num_replicas=2.0, rank=0, seed=0)
     with pytest.raises(ValueError, match="epoch"):
         ClassBalancedSampler(LABELS, seed=0).set_epoch(-1)
+
+
+@pytest.mark.parametrize("cls,kw", [(ClassBalancedSampler, dict(replacement=False)), (CBENSampler, {})])
+@pytest.mark.parametrize("world,num_samples", [(2, 49), (3, 50), (4, 50)])
+def test_drop_last_gives_floor_shares_of_one_draw_and_never_pads(cls, kw, world, num_samples):
+    """drop_last=True (DistributedSampler's): floor(num_samples / W) indices a rank, interleaving to one process's
+    seeded draw of that many, the tail dropped: without replacement, distinct indices (num_samples 49 of 50 with 2
+    ranks padded a repeated index before)."""
+    samplers = _ranks(cls, world, num_samples=num_samples, drop_last=True, **kw)
+    per = num_samples // world
+    draws = [list(s) for s in samplers]
+    assert all(len(d) == per == len(s) for d, s in zip(draws, samplers, strict=True))
+    merged = [draws[r][i] for i in range(per) for r in range(world)]
+    assert merged == list(cls(LABELS, num_samples=per * world, seed=123, **kw))
+    if cls is ClassBalancedSampler:
+        assert len(set(merged)) == len(merged)
+    padded = _ranks(cls, world, num_samples=num_samples, **kw)  # the default: ceil, padded
+    assert len(padded[0]) == -(-num_samples // world)
+
+
+def test_drop_last_is_checked():
+    assert len(ClassBalancedSampler(LABELS, num_samples=9, drop_last=True)) == 9  # one process: nothing to drop
+    with pytest.raises(ValueError, match="drop_last=True leaves no index"):
+        ClassBalancedSampler(LABELS, num_samples=2, num_replicas=3, rank=0, seed=0, drop_last=True)
+    with pytest.raises(TypeError, match="drop_last must be a bool"):
+        CBENSampler(LABELS, drop_last=1)
