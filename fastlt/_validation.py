@@ -11,6 +11,7 @@ import math
 import warnings
 from numbers import Integral, Real
 
+import numpy as np
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
@@ -231,10 +232,19 @@ def check_class_vector(name: str, vec, num_classes: int, device: torch.device | 
         raise ValueError(f"{name} is on {vec.device} but the logits are on {device}")
 
 
+def torch_ready(value):
+    """``value`` as ``torch.as_tensor`` takes it: a numpy array with a negative stride (a reversed one,
+    ``np.flip``), which it refuses, copied contiguous; anything else as it is."""
+    if isinstance(value, np.ndarray) and any(stride < 0 for stride in value.strides):
+        return np.ascontiguousarray(value)
+    return value
+
+
 def as_cpu_tensor(value) -> torch.Tensor:
     """``torch.as_tensor(value)`` on the CPU, where a sequence of Python floats becomes float64, not torch's default
     float32 (which rounded counts above 2^24 and could round a non-whole count to a whole one). Arrays and tensors
-    keep their dtype."""
+    keep their dtype; a reversed numpy array is taken too (:func:`torch_ready`)."""
+    value = torch_ready(value)
     t = torch.as_tensor(value, device="cpu")
     if t.is_floating_point() and t.dtype != torch.float64 and not hasattr(value, "dtype"):
         t = torch.as_tensor(value, dtype=torch.float64, device="cpu")
@@ -319,7 +329,7 @@ def init_loss_options(module, weight_name: str, weight, num_classes: int, *, ign
                          f"detach it")
     if weight is not None:
         try:
-            as_tensor = weight.detach() if isinstance(weight, torch.Tensor) else torch.as_tensor(weight)
+            as_tensor = weight.detach() if isinstance(weight, torch.Tensor) else torch.as_tensor(torch_ready(weight))
         except (TypeError, ValueError, RuntimeError) as exc:
             raise TypeError(f"{weight_name} must be a (C,) tensor or sequence of floats, got "
                             f"{type(weight).__name__}") from exc

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import Sampler
 
-from ._validation import INT_DTYPES, check_choice, check_finite_float, check_int
+from ._validation import INT_DTYPES, check_choice, check_finite_float, check_int, torch_ready
 from .distributed.ranks import replicas, shared_seed
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ def _as_labels(labels, name: str = "labels") -> torch.Tensor:
         out = labels.detach().to("cpu")
     else:
         try:
-            out = torch.as_tensor(labels)
+            out = torch.as_tensor(torch_ready(labels))
         except (TypeError, ValueError, RuntimeError) as exc:
             raise TypeError(f"{name} must be a sequence of integers, got {type(labels).__name__}") from exc
     if out.dim() != 1:

@@ -59,8 +59,8 @@ def shot_accuracy(predictions_or_logits: torch.Tensor | Sequence[int] | Sequence
     """Top-1, balanced and many/medium/few-shot accuracy, as fractions in [0, 1].
 
     Args:
-        predictions_or_logits: (N,) predicted labels (integer dtype) or (N, C) real scores (argmax is
-            taken; a NaN score raises); tensor, numpy array or sequence.
+        predictions_or_logits: (N,) predicted labels (integer dtype, in ``[0, C)``) or (N, C) real scores
+            (argmax is taken; a NaN score raises); tensor, numpy array or sequence.
         targets: (N,) integer labels in ``[0, C)``, N >= 1.
         train_class_counts: (C,) training counts ``n`` (finite, non-negative), which define the splits.
         many_threshold: a class with ``n_j > many_threshold`` is many-shot (default 100).
@@ -114,6 +114,10 @@ def shot_accuracy(predictions_or_logits: torch.Tensor | Sequence[int] | Sequence
                 f"predictions_or_logits of shape (N,) must hold integer labels, got {scores.dtype}"
             )
         preds = scores.to(torch.int64)
+        if preds.numel() and (int(preds.min()) < 0 or int(preds.max()) >= num_classes):  # (not counted as wrong)
+            bad = int(preds.min()) if int(preds.min()) < 0 else int(preds.max())
+            raise ValueError(f"predictions_or_logits holds class {bad}, outside [0, C={num_classes}) of "
+                             f"train_class_counts")
     else:
         raise ValueError(
             f"predictions_or_logits must have shape (N,) or (N, C), got {tuple(scores.shape)}"

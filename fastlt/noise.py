@@ -46,6 +46,8 @@ import threading
 
 import torch
 
+from ._validation import host_readable, is_int
+
 _M32 = 0xFFFFFFFF
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
@@ -225,6 +227,29 @@ def noise_table(device: torch.device | str | None = None) -> torch.Tensor:
     return table
 
 
+def _check_noise_args(seed, n_rows, n_cols, row_offset, col_offset) -> None:
+    """:func:`gcl_noise`'s arguments, named: a seed as the losses take it (an int in [0, 2^63), or one int64 value
+    in a tensor: an int32 one gave another stream, a negative int wrapped to a key near 2^64), non-negative int
+    sizes and column offset (the rows' range is :func:`check_noise_rows`')."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            raise TypeError(f"seed as a tensor must hold one int64 value, got {seed.dtype} of shape "
+                            f"{tuple(seed.shape)}")
+        if host_readable(seed) and not 0 <= int(seed) < 2**63:
+            raise ValueError(f"seed must be in [0, 2^63) (a 64-bit Philox key), got {int(seed)}")
+    elif not is_int(seed):
+        raise TypeError(f"seed must be a non-negative int or a one-element int64 tensor, got "
+                        f"{type(seed).__name__} {seed!r}")
+    elif not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2^63) (a 64-bit Philox key), got {seed}")
+    for name, value in (("n_rows", n_rows), ("n_cols", n_cols), ("row_offset", row_offset),
+                        ("col_offset", col_offset)):
+        if not is_int(value):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        if value < 0 and name != "row_offset":  # (the rows' range: check_noise_rows)
+            raise ValueError(f"{name} must be non-negative, got {value}")
+
+
 def gcl_noise(seed: int | torch.Tensor, n_rows: int, n_cols: int, device: torch.device | str | None = None, *,
               row_offset: int = 0, col_offset: int = 0) -> torch.Tensor:
     """GCL noise ``e_ij`` (float32, (n_rows, n_cols)), element (i, j) a function of (seed, row_offset + i,
@@ -241,6 +266,8 @@ def gcl_noise(seed: int | torch.Tensor, n_rows: int, n_cols: int, device: torch.
     Returns:
         (n_rows, n_cols) contiguous float32 tensor on ``device``, values in [0, 1].
     """
+    if not torch.compiler.is_compiling():  # (the losses' seed rules; compiled, the seed is a tensor of the graph)
+        _check_noise_args(seed, n_rows, n_cols, row_offset, col_offset)
     check_noise_rows(row_offset, n_rows)
     first = col_offset // ELEMENTS_PER_CALL  # whole Philox groups of 8 columns, sliced below
     skip = col_offset - first * ELEMENTS_PER_CALL

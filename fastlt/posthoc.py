@@ -17,6 +17,7 @@ import torch
 from ._validation import (
     FLOAT_DTYPES,
     as_class_counts,
+    as_cpu_tensor,
     check_class_vector,
     check_finite_float,
     check_logits,
@@ -101,12 +102,15 @@ def pc_softmax(logits: torch.Tensor, source_counts: torch.Tensor | Sequence[int]
     offset = -_log_prior64(source_counts, count_smoothing, "source_counts")
     check_num_classes(logits, offset.numel(), "source_counts")
     if target_prior is not None:
-        p_t = target_prior.detach().to("cpu") if isinstance(target_prior, torch.Tensor) else target_prior
         try:
-            p_t = torch.as_tensor(p_t, dtype=torch.float64)
+            p_t = (target_prior.detach().to("cpu") if isinstance(target_prior, torch.Tensor)
+                   else as_cpu_tensor(target_prior))
         except (TypeError, ValueError, RuntimeError) as exc:
             kind = type(target_prior).__name__
             raise TypeError(f"target_prior must be a sequence of floats, got {kind}") from exc
+        if p_t.dtype == torch.bool or p_t.is_complex():  # (a bool mask read as a one-hot prior)
+            raise TypeError(f"target_prior must hold real probabilities, got {p_t.dtype}")
+        p_t = p_t.to(torch.float64)
         if p_t.dim() != 1 or p_t.numel() != num_classes:
             raise ValueError(f"target_prior must have shape (C,) = ({num_classes},), got {tuple(p_t.shape)}")
         if not bool(torch.isfinite(p_t).all()) or bool((p_t < 0).any()):
@@ -160,7 +164,9 @@ def predict(logits: torch.Tensor, class_counts: torch.Tensor | Sequence[int] | n
         count_smoothing: zero counts raise unless ``count_smoothing > 0``, which uses ``n + count_smoothing``.
 
     Returns:
-        (N,) int64 tensor of predicted classes in ``[0, C)``, on the logits' device.
+        (N,) int64 tensor of predicted classes in ``[0, C)``, on the logits' device. A row holding NaN predicts
+        its (first) NaN's class, as ``torch.argmax`` takes NaN for the largest (not checked here: a host sync on the
+        GPU; :func:`fastlt.metrics.shot_accuracy` refuses NaN scores).
     """
     check_logits("logits", logits)
     # in at least float32: adjusted in bfloat16 (8 significant bits), ~4% of a long-tailed 1000-class batch's

@@ -17,6 +17,7 @@ from fastlt.data import (
     long_tailed_counts,
     long_tailed_indices,
 )
+from fastlt.priors import prior
 
 DRAWS = 200_000
 
@@ -481,3 +482,13 @@ def test_sampler_takes_a_numpy_seed_and_keeps_its_own_labels():
     assert s.seed == 4 and before == list(t)
     labels.zero_()  # the caller's tensor edited afterwards: the sampler's draws do not change
     assert list(s) == before
+
+
+def test_reversed_numpy_labels_and_counts():
+    """A reversed numpy array (np.flip, [::-1]: a negative stride, which torch.as_tensor refuses) is taken as any
+    array, by the labels' and the counts' readers alike."""
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    assert torch.equal(class_counts(labels[::-1]), class_counts(labels))
+    counts = np.sort(np.array([3, 300, 30]))[::-1]
+    torch.testing.assert_close(prior(counts), prior(counts.copy()))
+    assert list(ClassBalancedSampler(labels[::-1], seed=3)) == list(ClassBalancedSampler(labels[::-1].copy(), seed=3))

@@ -189,3 +189,15 @@ def test_counts_that_are_not_whole_numbers_are_refused():
     """A prior passed for the training counts put every class in few-shot, with no error."""
     with pytest.raises(TypeError, match="whole numbers"):
         shot_accuracy(torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor([0.75, 0.25]))
+
+
+def test_predicted_labels_outside_the_classes_and_reversed_arrays():
+    """A predicted label outside [0, C) is refused, as a target is (it counted as a wrong prediction silently); a
+    reversed numpy array (a negative stride) is taken as any array."""
+    counts = [500, 150, 100, 50, 20, 3]
+    with pytest.raises(ValueError, match=r"predictions_or_logits holds class 7, outside \[0, C=6\)"):
+        shot_accuracy([7, 0], [0, 1], counts)
+    with pytest.raises(ValueError, match=r"predictions_or_logits holds class -1"):
+        shot_accuracy([0, -1], [0, 1], counts)
+    y = np.array([0, 1, 2, 5, 5])
+    assert shot_accuracy(y[::-1], y[::-1], np.array(counts)[::-1]) == shot_accuracy(y, y, counts[::-1])

@@ -355,3 +355,22 @@ def test_the_reference_noise_under_inductor():
         else:
             again = compiled(z, seed)
             assert torch.isfinite(got) and torch.isfinite(again) and got != again
+
+
+@pytest.mark.parametrize("args, kwargs, error, match", [
+    ((-1, 1, 8), {}, ValueError, r"seed must be in \[0, 2\^63\)"),  # wrapped to a key near 2^64 before
+    ((2**64, 1, 8), {}, ValueError, r"seed must be in \[0, 2\^63\)"),  # wrapped to 0 before
+    ((1.9, 1, 8), {}, TypeError, "seed must be a non-negative int"),  # truncated to 1 before
+    (("7", 1, 8), {}, TypeError, "seed must be a non-negative int"),
+    ((torch.tensor(5, dtype=torch.int32), 1, 8), {}, TypeError, "one int64 value"),  # another stream before
+    ((torch.tensor(5.0), 1, 8), {}, TypeError, "one int64 value"),
+    ((1, -1, 5), {}, ValueError, "n_rows must be non-negative"),
+    ((1, 2, -3), {}, ValueError, "n_cols must be non-negative"),  # an empty (2, 0) before
+    ((1, 2.0, 3), {}, TypeError, "n_rows must be an int"),
+    ((1, 2, 3), dict(col_offset=-1), ValueError, "col_offset must be non-negative"),
+])
+def test_gcl_noise_names_its_bad_arguments(args, kwargs, error, match):
+    """The public noise function takes seeds as the losses do, and names a bad size or offset (it accepted several
+    silently, or failed inside torch without naming one)."""
+    with pytest.raises(error, match=match):
+        NZ.gcl_noise(*args, **kwargs)

@@ -294,3 +294,15 @@ def test_predict_errors():
         predict(_logits(), COUNTS[:3])
     with pytest.raises(ValueError, match="tau"):
         predict(_logits(), COUNTS, tau=float("nan"))
+
+
+def test_reversed_numpy_counts_and_a_bool_target_prior():
+    """A reversed numpy array (np.flip, [::-1]: a negative stride, which torch.as_tensor refuses) is taken as any
+    array; a bool target prior is refused (it was read as a one-hot prior)."""
+    counts = np.array([1, 10, 100, 1000])[::-1]
+    z = torch.randn(5, 4, dtype=torch.float64)
+    torch.testing.assert_close(logit_adjust(z, counts), logit_adjust(z, counts.copy()))
+    prior = np.array([0.1, 0.2, 0.3, 0.4])[::-1]
+    torch.testing.assert_close(pc_softmax(z, counts, prior), pc_softmax(z, counts, prior.copy()))
+    with pytest.raises(TypeError, match="target_prior must hold real probabilities"):
+        pc_softmax(z, counts, torch.tensor([True, False, False, False]))
