@@ -140,12 +140,16 @@ _GLUE = None
 def _glue():
     """:mod:`fastlt._glue` (the kernels' autograd), imported at the first call that runs the kernels (importing it
     imports triton); then a global's lookup, not an import statement per call."""
+    if torch.compiler.is_compiling():
+        # no global read (nor set: see fastlt._backend.kernels_available) while tracing: a trace before the first
+        # eager call guarded on `_GLUE is None`, which that call then broke (one more compile of the step)
+        from . import _glue as glue
+
+        return glue
     global _GLUE
     if _GLUE is None:
         from . import _glue as glue
 
-        if torch.compiler.is_compiling():  # (no global set while tracing: see fastlt._backend.kernels_available)
-            return glue
         _GLUE = glue
     return _GLUE
 

@@ -65,6 +65,15 @@ def _without_ignored_rows(a: Tensor, valid: Tensor) -> Tensor:
     return torch.where(valid[:, None], a, torch.zeros((), dtype=a.dtype, device=a.device))
 
 
+def focal_power(x: Tensor, gamma: float) -> Tensor:
+    """``x ** gamma`` for the focal factor (``x >= 0``, no gradient through it): ``Tensor.pow``, or under
+    ``torch.compile`` ``exp(gamma * log x)``, which keeps ``gamma`` an input of the graph (``pow`` of a float made it
+    a constant: a gamma schedule compiled the step again at each value)."""
+    if torch.compiler.is_compiling():
+        return torch.exp(gamma * torch.log(x))
+    return x.pow(gamma)
+
+
 def _row_losses(a: Tensor, target: Tensor, weight, ignore_index: int, label_smoothing: float,
                 gamma: float) -> tuple[Tensor, Tensor]:
     """Per-row losses (N,) of the adjusted logits ``a`` and each row's reduction weight (N,)."""
@@ -79,7 +88,7 @@ def _row_losses(a: Tensor, target: Tensor, weight, ignore_index: int, label_smoo
         smooth = -(logp.sum(1) if weight is None else (logp * weight.to(a.dtype)).sum(1))
         loss = loss + (label_smoothing / C) * smooth
     if gamma != 0:  # 1 - p_y as -expm1(log p_y): exact for a confident row, where 1 - exp(.) cancels
-        loss = loss * (-torch.expm1(logp_y.detach())).clamp(min=0).pow(gamma)
+        loss = loss * focal_power((-torch.expm1(logp_y.detach())).clamp(min=0), gamma)
     zero = torch.zeros((), dtype=a.dtype, device=a.device)
     return torch.where(valid, loss, zero), torch.where(valid, w_row, zero)
 
@@ -98,7 +107,7 @@ def _soft_row_losses(a: Tensor, q: Tensor, weight, label_smoothing: float, gamma
     loss = -(mixed * w * logp).sum(1)
     if gamma != 0:
         p_t = (q * logp.detach().exp()).sum(1)
-        loss = loss * (1.0 - p_t).clamp(min=0).pow(gamma)
+        loss = loss * focal_power((1.0 - p_t).clamp(min=0), gamma)
     return loss, torch.ones_like(loss)
 
 
@@ -120,10 +129,10 @@ def _margin_rows(margin, target: Tensor, ignore_index: int, dtype) -> Tensor:
     if isinstance(margin, Tensor):
         safe_t = torch.where(target != ignore_index, target, torch.zeros_like(target)).long()
         return margin.to(dtype)[safe_t]
-    value = float(margin)
-    if abs(value) > torch.finfo(dtype).max:  # beyond the dtype's range: inf, as arithmetic in it would give
-        value = math.copysign(math.inf, value)  # (torch.full raises instead)
-    return torch.full(target.shape, value, dtype=dtype, device=target.device)
+    # zeros plus the float: beyond the dtype's range it gives inf, as arithmetic in the dtype would (torch.full
+    # raised), and under torch.compile the float stays an input of the graph (torch.full's value, and a range check
+    # on it, made it a constant: each new margin of a schedule compiled the step again)
+    return torch.zeros(target.shape, dtype=dtype, device=target.device) + margin
 
 
 def adjusted_logits(logits: Tensor, target: Tensor, *, log_prior: Tensor | None = None, tau: float = 1.0,

@@ -206,3 +206,60 @@ def test_an_int_seed_that_changes_every_call_compiles_once_more(backend):
     for step in range(10):
         torch.testing.assert_close(compiled(z, y, seed=step), crit(z, y, seed=step), rtol=1e-5, atol=1e-5)
     assert counter.frame_count <= 2
+
+
+@pytest.mark.parametrize("head", [False, True])
+@pytest.mark.parametrize("name", ["m", "gamma", "s"])
+def test_a_float_schedule_on_the_reference_path_compiles_once_more(name, head):
+    """On the reference path a scheduled float is an input of the graph after its first change (README). GCL's m
+    (a range check and torch.full on it) and gamma (Tensor.pow of it) were made constants: each new value compiled
+    the step again, and with fullgraph=True the 9th hit the recompile limit. Each step equals eager."""
+    import torch._dynamo.testing
+
+    gen = torch.Generator().manual_seed(4)
+    counts = [50, 30, 20, 10, 5, 3, 1]
+    if head:  # the cosine head: its m (gamma and s alike)
+        crit = fastlt.CosineGCLHead(5, 7, counts, noise_mul=0.0, gamma=0.5, backend="torch")
+        x = torch.randn(6, 5, generator=gen)
+    else:
+        crit = fastlt.GCLLoss(counts, gamma=0.5, backend="torch")
+        x = torch.randn(6, 7, generator=gen).tanh()
+    y = torch.randint(0, 7, (6,), generator=gen)
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(crit, backend=counter, fullgraph=True)
+    for step in range(1, 11):
+        setattr(crit, name, {"m": 0.05, "gamma": 0.25, "s": 3.0}[name] * step)
+        kw = {} if head else dict(seed=1)
+        torch.testing.assert_close(compiled(x, y, **kw), crit(x, y, **kw), rtol=1e-5, atol=1e-6)
+    assert counter.frame_count <= 2
+
+
+def test_a_compiled_kernels_step_before_any_eager_one_compiles_once():
+    """The first kernels call of a process compiled (before any eager one) guarded on the glue module's global being
+    unset; the first eager call set it, and the compiled step compiled again. A fresh process, so that nothing has
+    imported the glue yet."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import os
+        import torch
+        if not torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+        import torch._dynamo.testing
+        import fastlt
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        crit = fastlt.LogitAdjustedLoss([50, 30, 20, 10, 5, 3, 1], backend="triton")
+        x, y = torch.randn(6, 7, device=dev), torch.randint(0, 7, (6,), device=dev)
+        counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+        f = torch.compile(crit, fullgraph=True, backend=counter)
+        f(x, y)
+        crit(x, y)
+        f(x, y)
+        print("frames", counter.frame_count)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "frames 1" in out.stdout, out.stdout + out.stderr[-2000:]

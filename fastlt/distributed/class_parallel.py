@@ -138,7 +138,7 @@ def _finish(M, e, a_y, q, target, valid, safe, f: dict, C: int, dtype, shard: Cl
         w_sum = float(C) if weight is None else weight.to(ce.dtype).sum()
         loss = loss + (eps / C) * (w_sum * lse - q)
     if gamma != 0:
-        loss = loss * (-torch.expm1(-ce.detach())).clamp(min=0).pow(gamma)
+        loss = loss * R.focal_power((-torch.expm1(-ce.detach())).clamp(min=0), gamma)
     zero = torch.zeros((), dtype=loss.dtype, device=loss.device)
     loss, w_y = torch.where(valid, loss, zero), torch.where(valid, w_y, zero)
     reduction = f.get("reduction", "mean")
