@@ -266,7 +266,9 @@ def gcl_noise(seed: int | torch.Tensor, n_rows: int, n_cols: int, device: torch.
     Returns:
         (n_rows, n_cols) contiguous float32 tensor on ``device``, values in [0, 1].
     """
-    if not torch.compiler.is_compiling():  # (the losses' seed rules; compiled, the seed is a tensor of the graph)
+    # (the losses' seed rules; compiled, the seed is a tensor of the graph, and under torch.jit.trace the sizes are
+    # tensors)
+    if not torch.compiler.is_compiling() and not torch.jit.is_tracing():
         _check_noise_args(seed, n_rows, n_cols, row_offset, col_offset)
     check_noise_rows(row_offset, n_rows)
     first = col_offset // ELEMENTS_PER_CALL  # whole Philox groups of 8 columns, sliced below
