@@ -42,7 +42,8 @@ one() {
   timeout -s INT -k 3 170 python3 benchmarks/warm_kernels.py --jobs 4 > "$OUT/warm.log" 2>&1 &
   local warm=$!
   # shellcheck disable=SC2086
-  step 170 python3 -m pytest tests -q -p no:cacheprovider -rf $XDIST --ignore=tests/test_kernels_sm90_compile.py
+  # -v: under xdist a failure prints as it happens (the summary at the end is lost when the bound stops the run)
+  step 170 python3 -m pytest tests -v -p no:cacheprovider -rf $XDIST --ignore=tests/test_kernels_sm90_compile.py
   wait "$warm"; tee -a "$LOG" < "$OUT/warm.log" | tail -n 3
   # every case eager and replayed from a CUDA graph (the graph column: kernel time without host time)
   step 180 python3 -m fastlt bench --no-compile --no-official --out "$OUT" "$@"
@@ -74,5 +75,6 @@ case "$what" in
   tests) step 560 python3 -m pytest tests -q -p no:cacheprovider -rf --durations=5 ;;
   heads) step 560 python3 -m fastlt bench --heads --out "$OUT" "$@" ;;
   bench) step 560 python3 -m fastlt bench --out "$OUT" "$@" ;;
+  *) echo "unknown mode '$what': one, two, shards, lade, tests, heads or bench" | tee -a "$LOG"; exit 2 ;;
 esac
 echo "## [$(date +%T)] done" | tee -a "$LOG"

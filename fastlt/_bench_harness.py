@@ -173,10 +173,19 @@ def graphed(make):
     return build
 
 
-def graph_ms(make, skip: bool = False, note: str = "") -> tuple[float | None, str]:
+# peers whose steps read a value back on the host (Liger's CE and fused linear CE call .item() and assert on values
+# in their forward; Cut Cross-Entropy likewise): a capture of them fails, and a failed capture leaves torch's capture
+# stream and its memory pool in use for the rest of the process, so they are not captured at all
+HOST_SYNCING_PEERS = ("Liger", "CCE")
+
+
+def graph_ms(make, skip: bool = False, note: str = "", method: str = "") -> tuple[float | None, str]:
     """``(median ms of the step replayed from a CUDA graph, note)``: the kernels' time without the host's (the eager
     median includes the launches' host work, which small shapes feel). ``skip`` (a step that cannot be captured,
-    such as one that copies from the host) or a failed capture gives None, the reason added to ``note``."""
+    such as one that copies from the host), a ``method`` of :data:`HOST_SYNCING_PEERS` or a failed capture gives
+    None, the reason added to ``note``."""
+    if method.startswith(HOST_SYNCING_PEERS):
+        return None, "; ".join(n for n in (note, "graph: not captured (the peer syncs with the host)") if n)
     if skip:
         return None, note
     m = measure_case(graphed(make))
@@ -202,9 +211,10 @@ def save_table(dev: Device, results: list, out_dir: str, stem: str, markdown: st
     (``markdown``); returns the folder."""
     import json
     import os
+    import re
     from dataclasses import asdict
 
-    folder = os.path.join(out_dir, dev.name.replace(" ", "-"))
+    folder = os.path.join(out_dir, re.sub(r"[^A-Za-z0-9._-]", "-", dev.name))  # (names the device tool returns)
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, f"{stem}.json"), "w") as f:
         json.dump({"device": asdict(dev), "results": [asdict(r) for r in results]}, f, indent=1)

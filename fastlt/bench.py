@@ -94,7 +94,9 @@ def build_cases(N: int, C: int, dtype: torch.dtype, *, loss: str, with_compile: 
         if loss == "la":
             yield "eager PyTorch", autograd_step(lambda z: R.adjusted_cross_entropy(z, y, log_prior=lp))
             if with_compile:
-                compiled = torch.compile(lambda z: torch.nn.functional.cross_entropy(z + lp.to(z.dtype), y))
+                # static shapes: one code object compiled for every shape went dynamic from the second shape on
+                compiled = torch.compile(lambda z: torch.nn.functional.cross_entropy(z + lp.to(z.dtype), y),
+                                         dynamic=False)
                 yield "torch.compile", autograd_step(compiled)
             liger = _liger_ce()
             if liger is not None:
@@ -102,7 +104,7 @@ def build_cases(N: int, C: int, dtype: torch.dtype, *, loss: str, with_compile: 
         else:
             yield "eager, GPU noise", autograd_step(lambda z: gcl_gpu_noise(z, y, cloud))
             if with_compile:
-                compiled = torch.compile(lambda z: gcl_gpu_noise(z, y, cloud))
+                compiled = torch.compile(lambda z: gcl_gpu_noise(z, y, cloud), dynamic=False)
                 yield "torch.compile, GPU noise", autograd_step(compiled)
             if with_official:
                 yield "official (CPU noise)", autograd_step(lambda z: _gcl_official(z, y, cloud))
@@ -119,7 +121,8 @@ def build_cases(N: int, C: int, dtype: torch.dtype, *, loss: str, with_compile: 
             + (1 - lam) * F.adjusted_cross_entropy(z, y_b, log_prior=lp, backend="triton"))
         yield "eager PyTorch", autograd_step(lambda z: R.adjusted_cross_entropy(z, q, log_prior=lp))
         if with_compile:
-            compiled = torch.compile(lambda z: torch.nn.functional.cross_entropy(z + lp.to(z.dtype), q))
+            compiled = torch.compile(lambda z: torch.nn.functional.cross_entropy(z + lp.to(z.dtype), q),
+                                     dynamic=False)
             yield "torch.compile", autograd_step(compiled)
     elif loss == "lade":
         yield "fastlt", autograd_step(lambda z: fastlt.functional.lade_loss(z, y, pi, backend="triton"))
@@ -192,7 +195,7 @@ def run(losses=("la", "gcl", "lade"), shapes=SHAPES, dtypes=("fp32", "bf16"), *,
                     if m.ms is not None:
                         r.gbps = passes * N * C * dtype.itemsize / (m.ms * 1e-3) / 1e9
                         r.x_floor, r.extra_gb = m.ms / floor, m.extra_gb
-                        r.graph_ms, r.note = graph_ms(make, slow, r.note)
+                        r.graph_ms, r.note = graph_ms(make, slow, r.note, method)
                     results.append(r)
                     log(_row(r))
             if after_shape is not None:
@@ -340,8 +343,12 @@ def _main_heads(a) -> int:
     dtypes = a.dtype if a.dtype != ["fp32", "bf16"] else ["bf16"]
     print(HEAD_HEADER)
     results = []
-    for shape in shapes:  # saved after each shape
-        dev, part = run_heads([shape], dtypes)
+
+    def save_rows(d, rows):  # the finished shapes' rows and this shape's so far
+        save_heads(d, results + rows, a.out)
+
+    for shape in shapes:  # saved after each row (the 1M shape's rows take ~40 s each with the slowest peer)
+        dev, part = run_heads([shape], dtypes, after_row=save_rows)
         results += part
         folder = save_heads(dev, results, a.out)
     print(f"\nwrote {folder}/heads.json, heads.md")

@@ -133,7 +133,7 @@ def _cce_case(make, y, **options):
     return lambda: make(lambda x, w: cce(x, w, y, **options))
 
 
-def run_heads(shapes=HEAD_SHAPES, dtypes=("bf16",), methods=HEAD_METHODS, *, log=print):
+def run_heads(shapes=HEAD_SHAPES, dtypes=("bf16",), methods=HEAD_METHODS, *, log=print, after_row=None):
     if not torch.cuda.is_available():
         raise RuntimeError("the benchmarks need a CUDA GPU; none is visible here")
     import triton
@@ -155,9 +155,11 @@ def run_heads(shapes=HEAD_SHAPES, dtypes=("bf16",), methods=HEAD_METHODS, *, log
                 r = HeadResult(method, N, D, C, dname, m.ms, host_ms=m.host_ms, note=m.note)
                 if m.ms is not None:
                     r.tflops, r.x_floor, r.extra_gb = 6 * N * D * C / (m.ms * 1e-3) / 1e12, m.ms / floor, m.extra_gb
-                    r.graph_ms, r.note = graph_ms(make, note=r.note)
+                    r.graph_ms, r.note = graph_ms(make, note=r.note, method=method)
                 results.append(r)
                 log(head_row(r))
+                if after_row is not None:  # (a caller saving as it goes: a bound that stops the run keeps the rows)
+                    after_row(dev, results)
     return dev, results
 
 

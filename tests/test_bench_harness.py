@@ -226,3 +226,19 @@ def test_the_kernel_warm_up_runs_every_fastlt_case(monkeypatch):
                  ("ab", (3, 40), "fp32", ("COLUMN_STATS_ROWS", 64, "lade", False))]:
         _, seconds, failures = warm.warm_task(task, device=DEVICE)
         assert failures == [] and seconds > 0
+
+
+def test_host_syncing_peers_are_not_captured_and_device_folders_are_plain(tmp_path):
+    """Liger's and Cut Cross-Entropy's steps read values back on the host: their captures failed, and a failed
+    capture leaves torch's capture stream and pool in use for the rest of the run, so they are not captured (the
+    step is never built). A device name's folder keeps only the characters the device tool returns."""
+    from fastlt._bench_harness import Device, graph_ms, save_table
+
+    def never():
+        raise AssertionError("a host-syncing peer's step was built for a capture")
+
+    for method in ("Liger CE (plain CE)", "Liger FLCE (CE)", "CCE (CE)", "CCE exact (CE, filter_eps=None)"):
+        ms, note = graph_ms(never, note="peer", method=method)
+        assert ms is None and note == "peer; graph: not captured (the peer syncs with the host)"
+    folder = save_table(Device("NVIDIA H200 NVL (141GB)", 4.8e12, {}), [], str(tmp_path), "results", "x")
+    assert folder.endswith("NVIDIA-H200-NVL--141GB-") and (tmp_path / "NVIDIA-H200-NVL--141GB-" / "results.md").exists()
