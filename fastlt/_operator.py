@@ -156,14 +156,7 @@ class _Seed(Kind):
     none_ok = True
 
     def check(self, name, value, spec, num_classes, device):
-        if isinstance(value, Tensor):
-            V.check_seed_tensor(value, device)
-        else:
-            if not V.is_int(value):
-                raise TypeError(f"{name} must be a non-negative int or a one-element int64 tensor, got "
-                                f"{type(value).__name__} {value!r}")
-            if not 0 <= value < 2**63:
-                raise ValueError(f"{name} must be in [0, 2^63) (a 64-bit Philox key), got {value}")
+        V.check_seed(name, value, device)
 
     def convert(self, value):
         return value.reshape(1).contiguous() if isinstance(value, Tensor) else None if value is None else int(value)

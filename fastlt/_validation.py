@@ -297,14 +297,26 @@ def check_num_classes(logits: torch.Tensor, num_classes: int, what: str = "class
         raise ValueError(f"logits have C = {C} classes but {what} describes {num_classes} classes")
 
 
-def check_seed_tensor(seed: torch.Tensor, device: torch.device) -> None:
-    """A seed given as a tensor: one int64 value on the logits' device (read by the kernels there; on the CPU its
-    value is checked too)."""
+def check_seed(name: str, seed, device: torch.device | None = None) -> None:
+    """A noise seed: an int in [0, 2^63) (the 64-bit Philox key), or a one-element int64 tensor
+    (:func:`check_seed_tensor`; on ``device`` when one is given)."""
+    if isinstance(seed, torch.Tensor):
+        check_seed_tensor(seed, device)
+    elif not is_int(seed):
+        raise TypeError(f"{name} must be a non-negative int or a one-element int64 tensor, got "
+                        f"{type(seed).__name__} {seed!r}")
+    elif not 0 <= seed < 2**63:
+        raise ValueError(f"{name} must be in [0, 2^63) (a 64-bit Philox key), got {seed}")
+
+
+def check_seed_tensor(seed: torch.Tensor, device: torch.device | None) -> None:
+    """A seed given as a tensor: one int64 value, on the logits' ``device`` where one is given (read by the kernels
+    there; on the CPU its value is checked too)."""
     if seed.dtype != torch.int64:
-        raise TypeError(f"a seed tensor must be int64, got {seed.dtype}")
+        raise TypeError(f"a seed tensor must hold one int64 value, got {seed.dtype}")
     if seed.numel() != 1:
         raise ValueError(f"a seed tensor must hold one value (shape () or (1,)), got shape {tuple(seed.shape)}")
-    if seed.device != device:
+    if device is not None and seed.device != device:
         raise ValueError(f"the seed tensor is on {seed.device} but the logits are on {device}")
     if host_readable(seed) and int(seed) < 0:
         raise ValueError(f"seed must be in [0, 2^63) (a 64-bit Philox key), got {int(seed)}")

@@ -46,7 +46,7 @@ import threading
 
 import torch
 
-from ._validation import host_readable, is_int
+from ._validation import check_seed, is_int
 
 _M32 = 0xFFFFFFFF
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
@@ -228,20 +228,10 @@ def noise_table(device: torch.device | str | None = None) -> torch.Tensor:
 
 
 def _check_noise_args(seed, n_rows, n_cols, row_offset, col_offset) -> None:
-    """:func:`gcl_noise`'s arguments, named: a seed as the losses take it (an int in [0, 2^63), or one int64 value
-    in a tensor: an int32 one gave another stream, a negative int wrapped to a key near 2^64), non-negative int
-    sizes and column offset (the rows' range is :func:`check_noise_rows`')."""
-    if isinstance(seed, torch.Tensor):
-        if seed.dtype != torch.int64 or seed.numel() != 1:
-            raise TypeError(f"seed as a tensor must hold one int64 value, got {seed.dtype} of shape "
-                            f"{tuple(seed.shape)}")
-        if host_readable(seed) and not 0 <= int(seed) < 2**63:
-            raise ValueError(f"seed must be in [0, 2^63) (a 64-bit Philox key), got {int(seed)}")
-    elif not is_int(seed):
-        raise TypeError(f"seed must be a non-negative int or a one-element int64 tensor, got "
-                        f"{type(seed).__name__} {seed!r}")
-    elif not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be in [0, 2^63) (a 64-bit Philox key), got {seed}")
+    """:func:`gcl_noise`'s arguments, named: a seed as the losses take it (:func:`fastlt._validation.check_seed`: an
+    int32 tensor gave another stream, a negative int wrapped to a key near 2^64), non-negative int sizes and column
+    offset (the rows' range is :func:`check_noise_rows`')."""
+    check_seed("seed", seed)
     for name, value in (("n_rows", n_rows), ("n_cols", n_cols), ("row_offset", row_offset),
                         ("col_offset", col_offset)):
         if not is_int(value):
