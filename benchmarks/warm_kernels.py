@@ -25,8 +25,8 @@ WHAT = ("logits", "heads", "ab")
 def tasks(what=WHAT) -> list[TaskT]:
     """The fastlt cases of ``fastlt bench``'s default tables (``--heads`` too), largest first, so that the longest
     tasks start first and no two of the largest run at the end together; then (``"ab"``) each case of
-    benchmarks/ab_switches.py both ways (its switches compile other kernels), which the device script's second
-    call times."""
+    benchmarks/ab_switches.py both ways (its switches compile other kernels), which the device script times after
+    the logits table."""
     from fastlt._bench_harness import DTYPES
     from fastlt.bench import SHAPES
     from fastlt.bench_heads import HEAD_SHAPES
