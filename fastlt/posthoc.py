@@ -23,6 +23,7 @@ from ._validation import (
     check_logits,
     check_num_classes,
 )
+from .priors import log_prior_from
 
 if TYPE_CHECKING:
     import numpy as np
@@ -36,7 +37,7 @@ def _log_prior64(class_counts, count_smoothing: float, name: str = "class_counts
         counts = as_class_counts(class_counts, smoothing=count_smoothing)
     except (TypeError, ValueError) as exc:
         raise type(exc)(str(exc).replace("class_counts", name)) from None
-    return counts.log() - counts.sum().log()
+    return log_prior_from(counts, torch.float64)
 
 
 def logit_adjust(logits: torch.Tensor, class_counts: torch.Tensor | Sequence[int] | np.ndarray | None = None,

@@ -104,6 +104,7 @@ def prior_from(counts: torch.Tensor, dtype: torch.dtype = torch.float32) -> torc
     Returns:
         (C,) tensor of ``dtype`` on the device of ``counts``.
     """
+    counts = counts / counts.max()  # (scaled first: counts near the largest float would overflow their sum)
     return (counts / counts.sum()).to(dtype)
 
 
@@ -117,6 +118,7 @@ def log_prior_from(counts: torch.Tensor, dtype: torch.dtype = torch.float32) -> 
     Returns:
         (C,) tensor of ``dtype`` on the device of ``counts``.
     """
+    counts = counts / counts.max()  # (as prior_from)
     return (counts.log() - counts.sum().log()).to(dtype)
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fastlt import priors as P
+from fastlt.posthoc import logit_adjust
 
 F64 = torch.float64
 
@@ -172,3 +173,14 @@ def test_counts_given_as_python_floats_are_read_in_float64():
         P.prior([25000000.5, 1.0])
     with pytest.raises(TypeError, match="whole numbers"):
         shot_accuracy([0], [0], [100.000001])
+
+
+def test_counts_near_the_largest_float_do_not_overflow_the_prior():
+    """Counts are scaled by their largest before they are summed: 2 x 1e308 overflowed the sum (log prior -inf,
+    prior 0) in priors and in post-hoc adjustment."""
+    counts = [1e308, 1e308, 1.0]
+    want = torch.tensor([math.log(0.5), math.log(0.5), -math.log(2) - math.log(1e308)], dtype=torch.float64)
+    torch.testing.assert_close(P.log_prior(counts, dtype=torch.float64), want)
+    torch.testing.assert_close(P.prior(counts, dtype=torch.float64), want.exp())
+    logits = torch.zeros(1, 3, dtype=torch.float64)
+    torch.testing.assert_close(logit_adjust(logits, counts), -want[None])
