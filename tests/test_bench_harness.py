@@ -242,3 +242,29 @@ def test_host_syncing_peers_are_not_captured_and_device_folders_are_plain(tmp_pa
         assert ms is None and note == "peer; graph: not captured (the peer syncs with the host)"
     folder = save_table(Device("NVIDIA H200 NVL (141GB)", 4.8e12, {}), [], str(tmp_path), "results", "x")
     assert folder.endswith("NVIDIA-H200-NVL--141GB-") and (tmp_path / "NVIDIA-H200-NVL--141GB-" / "results.md").exists()
+
+
+def test_peak_memory_is_a_second_calls(monkeypatch):
+    """The peak extra memory of a case is measured on a call after the first, which compiles and fills caches
+    (it was the first call's: a peer's compile-time allocations counted as its memory). CUDA's memory statistics
+    faked on the CPU: the first call peaks 10 GB above the base, later ones 1 GB."""
+    import triton.testing
+
+    from fastlt import _bench_harness as H
+
+    state = {"calls": 0, "peak": 0}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 5e9)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: state.update(peak=5e9))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: state["peak"])
+    monkeypatch.setattr(triton.testing, "do_bench", lambda step, **kw: 1.0)
+    monkeypatch.setattr(H, "host_ms", lambda step: 0.5)
+
+    def step():
+        state["calls"] += 1
+        state["peak"] = max(state["peak"], 5e9 + (10e9 if state["calls"] == 1 else 1e9))
+
+    assert H.time_step(step) == (1.0, 1.0, 0.5)
+    state.update(calls=0)
+    ms, extra, host = H.time_step(step, reps=3)
+    assert extra == 1.0 and host is None
