@@ -363,16 +363,14 @@ def init_loss_options(module, weight_name: str, weight, num_classes: int, *, ign
     module.backend = check_choice("backend", backend, BACKENDS)
 
 
-def renamed_argument(name: str, value, old_name: str, old_value):
-    """The value of keyword ``name``, given under its deprecated ``old_name`` too (a ``DeprecationWarning``); both
-    at once is a ``TypeError``."""
-    if old_value is None:
-        return value
-    if value is not None:
-        raise TypeError(f"got both {name}= and {old_name}=, its deprecated name; pass {name}= only")
-    warnings.warn(f"{old_name}= is deprecated: the argument is named {name}= (it holds log pi; 'prior' means pi "
-                  "everywhere in fastlt)", DeprecationWarning, stacklevel=3)
-    return old_value
+def refuse_old_name(name: str, value, old_name: str, old_value):
+    """The value of keyword ``name``; its old name ``old_name`` (``prior=``, which held log pi) is a ``TypeError``:
+    'prior' means pi everywhere else in fastlt (``lade_loss``, ``fastlt.priors.prior``), and pi taken as log pi
+    gives a wrong loss silently (a ``DeprecationWarning`` is hidden outside ``__main__``)."""
+    if old_value is not None:
+        raise TypeError(f"{old_name}= is not taken here: the argument is {name}=, log pi (fastlt.priors.log_prior("
+                        f"class_counts)); 'prior' means pi in fastlt, and pi read as log pi gives a wrong loss")
+    return value
 
 
 def check_matrix(name: str, t, what: str) -> None:

@@ -82,14 +82,14 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor 
             gradient of the local columns (two all-reduces forward, none backward: :mod:`fastlt.distributed`).
             ``logits`` may instead be a DTensor sharded ``Shard(-1)`` on a 1-D mesh (the shard is read off it;
             :mod:`fastlt.distributed.dtensor`).
-        prior: the old name of ``log_prior`` (deprecated).
+        prior: refused (a ``TypeError``): the old name of ``log_prior``; 'prior' means pi in fastlt.
 
     Returns:
         The loss in the logits' dtype (float32 under ``torch.autocast``, as ``nn.CrossEntropyLoss``'s): 0-dim, or
         the targets' shape for ``reduction='none'``.
     """
     dp_group = resolve_dp_group(dp_group)
-    log_prior = V.renamed_argument("log_prior", log_prior, "prior", prior)
+    log_prior = V.refuse_old_name("log_prior", log_prior, "prior", prior)
     fields = dict(log_prior=log_prior, tau=tau, cloud=cloud, noise_mul=noise_mul, seed=seed, margin=margin,
                   scale=scale, gamma=gamma, weight=weight, ignore_index=ignore_index, reduction=reduction,
                   label_smoothing=label_smoothing)

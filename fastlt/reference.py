@@ -140,8 +140,8 @@ def adjusted_logits(logits: Tensor, target: Tensor, *, log_prior: Tensor | None 
                     seed: int | Tensor | None = None, margin: float | Tensor | None = None, scale: float = 1.0,
                     ignore_index: int = -100, noise_row_offset: int = 0, prior: Tensor | None = None) -> Tensor:
     """``a = s * (z + tau*log_prior - noise_mul*cloud*e - m_i*onehot(y))`` in the logits' dtype, (N, C); the
-    arguments as :func:`adjusted_cross_entropy` (``prior=`` is the old name of ``log_prior``)."""
-    log_prior = V.renamed_argument("log_prior", log_prior, "prior", prior)
+    arguments as :func:`adjusted_cross_entropy` (``prior=``, the old name of ``log_prior``, is refused)."""
+    log_prior = V.refuse_old_name("log_prior", log_prior, "prior", prior)
     a = logits
     N, C = logits.shape
     if log_prior is not None and tau != 0.0:  # (tau = 0: no offset, even where log_prior is -inf)
@@ -197,13 +197,13 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor 
         weight, ignore_index, reduction, label_smoothing: as ``F.cross_entropy``.
         noise_row_offset: the global index of row 0: row i draws noise row ``noise_row_offset + i`` (a data-parallel
             rank's rows, see :mod:`fastlt.distributed`).
-        prior: the old name of ``log_prior`` (deprecated).
+        prior: refused (a ``TypeError``): the old name of ``log_prior``; 'prior' means pi in fastlt.
 
     Returns:
         The loss in the logits' dtype: 0-dim, or the targets' shape for ``reduction='none'``. Under
         ``torch.autocast`` half-precision logits are taken in float32 first, as autocast runs ``cross_entropy``.
     """
-    log_prior = V.renamed_argument("log_prior", log_prior, "prior", prior)
+    log_prior = V.refuse_old_name("log_prior", log_prior, "prior", prior)
     rows = as_rows(logits, target)
     V.check_logits("logits", rows.logits)
     logits, target = in_loss_dtype(rows.logits), V.as_index_target(rows.target, keep_int32=False)

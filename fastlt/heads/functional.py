@@ -62,7 +62,7 @@ def linear_cross_entropy(features: Tensor, weight: Tensor, target: Tensor, bias:
         gather_inputs: with ``shard``, True (default): all-gather every rank's features and targets (the loss of the
             gathered batch; the features' gradient reduce-scattered back, times ``features_grad_scale``, default
             the group's size for a DDP backbone); False: the features are replicated on the group.
-        prior: the old name of ``log_prior`` (deprecated).
+        prior: refused (a ``TypeError``): the old name of ``log_prior``; 'prior' means pi in fastlt.
 
     Returns:
         The loss in the features' dtype (float32 under ``torch.autocast``, as ``nn.CrossEntropyLoss``'s): 0-dim, or
@@ -70,7 +70,7 @@ def linear_cross_entropy(features: Tensor, weight: Tensor, target: Tensor, bias:
     """
     dp_group = resolve_dp_group(dp_group)
     V.check_chunks(chunk_rows, chunk_classes)
-    log_prior = V.renamed_argument("log_prior", log_prior, "prior", prior)
+    log_prior = V.refuse_old_name("log_prior", log_prior, "prior", prior)
     fields = dict(log_prior=log_prior, tau=tau, margin=margin, scale=scale, cloud=cloud, noise_mul=noise_mul,
                   seed=seed, gamma=gamma, ignore_index=ignore_index, reduction=reduction,
                   label_smoothing=label_smoothing)
@@ -109,7 +109,7 @@ def cosine_cross_entropy(features: Tensor, weight: Tensor, target: Tensor, *, lo
     dp_group = resolve_dp_group(dp_group)
     V.check_chunks(chunk_rows, chunk_classes)
     V.check_finite_float("eps", eps, min_value=0.0, min_inclusive=False)
-    log_prior = V.renamed_argument("log_prior", log_prior, "prior", prior)
+    log_prior = V.refuse_old_name("log_prior", log_prior, "prior", prior)
     fields = dict(log_prior=log_prior, tau=tau, margin=margin, scale=scale, cloud=cloud, noise_mul=noise_mul,
                   seed=seed, gamma=gamma, ignore_index=ignore_index, reduction=reduction,
                   label_smoothing=label_smoothing)
