@@ -24,12 +24,15 @@ from . import reference as R
 from ._backend import loss_dtype
 from ._custom_ops import define, input_grads, save_inputs, saved_inputs
 from ._first_order import first_order
+from ._kernel_modules import kernel_module
 from ._operator import AdjustedCEArgs, LadeArgs
 from ._validation import as_kernel_target
-from .kernels import lade as lade_kernels
-from .kernels import launch
-from .kernels.adjusted_ce import ColumnTerm
 from .reference import LaderStatistics
+
+# the kernels (loaded at their first use where Triton is missing: fastlt._kernel_modules)
+lade_kernels = kernel_module("fastlt.kernels.lade")
+launch = kernel_module("fastlt.kernels.launch")
+adjusted_ce = kernel_module("fastlt.kernels.adjusted_ce")
 
 __all__ = ["AdjustedCEFunction", "LADEFunction", "adjusted_cross_entropy_triton", "lade_loss_triton",
            "lade_fields_triton", "lade_statistics_triton", "check_kernel_input", "lade_operator_args", "lade_args"]
@@ -289,7 +292,7 @@ class LADEFunction(torch.autograd.Function):
         logits, target, row_stats, row_coef, columns = ctx.saved_tensors
         ctx.anchors = (logits,)  # (for first_order)
         O.check_inputs_unchanged(ctx.inputs_state)
-        term = ColumnTerm(columns=columns)  # the (3 C + P,) fp32 buffer the forward made: no check (host time)
+        term = adjusted_ce.ColumnTerm(columns=columns)  # the (3 C + P,) fp32 buffer the forward made: no check
         return _backward(grad_loss, logits, target, ctx.args, row_stats, row_coef, term), None, None, None
 
 

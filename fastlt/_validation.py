@@ -8,7 +8,6 @@ construction time, e.g. class counts, not for the per-step hot path).
 from __future__ import annotations
 
 import math
-import warnings
 from numbers import Integral, Real
 
 import numpy as np

@@ -30,11 +30,14 @@ from .. import _operator as O
 from .. import reference as R
 from .._backend import in_loss_dtype, loss_dtype
 from .._custom_ops import define, input_grads, save_inputs, saved_inputs
+from .._kernel_modules import kernel_module
 from .._operator import AdjustedCEArgs
-from ..kernels import launch
 from ..noise import call_seed, gcl_noise
 from .class_shard import ClassShard
 from .collectives import all_reduce, carried, gathered_partials, global_sum, moved_to_max, stat_dtype
+
+# the kernels (loaded at their first use where Triton is missing: fastlt._kernel_modules)
+launch = kernel_module("fastlt.kernels.launch")
 
 __all__ = ["sharded_cross_entropy", "sharded_lade_loss", "check_shard", "check_shard_options", "check_shard_target",
            "shared_input"]

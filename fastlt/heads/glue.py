@@ -23,13 +23,15 @@ from .._backend import autocast_inputs, loss_dtype
 from .._custom_ops import define, input_grads, save_inputs, saved_inputs
 from .._first_order import first_order
 from .._glue import SHARED_CACHE_SIZE, check_kernel_input, lade_args, nan_if_empty, soft_mean
+from .._kernel_modules import kernel_module
 from .._operator import AdjustedCEArgs, ChunkPlan, LadeArgs, Needs
-from ..kernels import launch
-from ..kernels.row_normalize import normalize_rows as _normalize_rows
-from ..kernels.row_normalize import normalize_rows_backward as _normalize_rows_backward
 from .lade import lade_pass
 from .passes import HeadParams, fused_pass, recompute_backward
 from .plan import default_chunk_classes, head_chunk_rows, prefer_class_chunks, row_chunks
+
+# the kernels (loaded at their first use where Triton is missing: fastlt._kernel_modules)
+launch = kernel_module("fastlt.kernels.launch")
+row_normalize = kernel_module("fastlt.kernels.row_normalize")
 
 __all__ = ["FusedLinearLoss", "FusedLinearLADE", "RowNormalize", "run_head", "run_lade_head"]
 
@@ -117,7 +119,7 @@ class RowNormalize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, eps: float):
-        y, inv = _normalize_rows(x, eps)
+        y, inv = row_normalize.normalize_rows(x, eps)
         ctx.save_for_backward(x, inv)
         ctx.eps = eps
         return y
@@ -127,7 +129,7 @@ class RowNormalize(torch.autograd.Function):
     def backward(ctx, g):
         x, inv = ctx.saved_tensors
         ctx.anchors = (x,)  # (for first_order)
-        return _normalize_rows_backward(x, inv, g, ctx.eps), None
+        return row_normalize.normalize_rows_backward(x, inv, g, ctx.eps), None
 
 
 # --- torch.compile path ---------------------------------------------------------------------------------------------
@@ -286,7 +288,7 @@ lade_head_forward_op.register_autograd(_lade_head_backward, setup_context=_setup
 
 @torch.library.custom_op("fastlt::normalize_rows", mutates_args=())
 def normalize_rows_op(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    return _normalize_rows(x, eps)
+    return row_normalize.normalize_rows(x, eps)
 
 
 @normalize_rows_op.register_fake
@@ -296,7 +298,7 @@ def _(x, eps):
 
 @torch.library.custom_op("fastlt::normalize_rows_backward", mutates_args=())
 def normalize_rows_backward_op(x: Tensor, inv: Tensor, grad: Tensor, eps: float) -> Tensor:
-    return _normalize_rows_backward(x, inv, grad, eps)
+    return row_normalize.normalize_rows_backward(x, inv, grad, eps)
 
 
 @normalize_rows_backward_op.register_fake

@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import lade as lade_kernels
-from ..kernels import launch
+from .._kernel_modules import kernel_module
 from .passes import (
     HeadParams,
     cast_grads,
@@ -37,6 +36,10 @@ from .passes import (
     row_chunk_grads,
 )
 from .plan import row_chunks
+
+# the kernels (loaded at their first use where Triton is missing: fastlt._kernel_modules)
+lade_kernels = kernel_module("fastlt.kernels.lade")
+launch = kernel_module("fastlt.kernels.launch")
 
 __all__ = ["lade_pass", "lade_class_pass"]
 
