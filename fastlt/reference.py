@@ -1,7 +1,8 @@
 """The pure-PyTorch definitions of every fastlt loss: the oracle the kernels are tested against.
 
-Runs on any device and dtype (it computes in the logits' dtype, as eager PyTorch would, and sums the batch in at
-least float32); gradients come from autograd. Every function checks its arguments and follows
+Runs on any device and dtype; it computes in at least float32 (float64 stays float64), as the kernels do, and
+returns the logits' dtype (16-bit logits summed with a prior offset in their own dtype lost the offset's precision:
+bfloat16 logits near 300 are 2 apart); gradients come from autograd. Every function checks its arguments and follows
 ``torch.nn.functional.cross_entropy`` for ``weight``, ``ignore_index``, ``reduction`` and ``label_smoothing``:
 
 - per row: ``loss_i = (1 - eps) * w_{y_i} * (LSE_j a_ij - a_{i,y_i}) + eps/C * sum_j w_j (LSE_j a_ij - a_ij)``
@@ -180,7 +181,8 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor 
     """The adjusted cross-entropy on (N, C) logits and (N,) targets (docs/design.md, "The operator").
 
     Args:
-        logits: (N, C) float tensor (any float dtype; computed in it); or (C,) unbatched, or (N, C, d1, ..., dk)
+        logits: (N, C) float tensor (any float dtype; computed in at least float32); or (C,) unbatched, or
+            (N, C, d1, ..., dk)
             with the positions as rows, as ``F.cross_entropy`` (:mod:`fastlt._shapes`).
         target: (N,) integer class indices, or ``ignore_index`` ((), (N, d1, ..., dk) for the shapes above); or
             class probabilities of the logits' shape (see the module docstring).
@@ -212,6 +214,7 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor 
                                              ignore_index=ignore_index, reduction=reduction,
                                              label_smoothing=label_smoothing, noise_row_offset=noise_row_offset),
                         noise=noise)
+    out_dtype, logits = logits.dtype, logits.to(torch.promote_types(logits.dtype, torch.float32))
     a = adjusted_logits(logits, target, log_prior=log_prior, tau=tau, cloud=cloud, noise_mul=noise_mul, noise=noise,
                         seed=seed, margin=margin, scale=scale, ignore_index=ignore_index,
                         noise_row_offset=noise_row_offset)
@@ -219,7 +222,7 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, *, log_prior: Tensor 
         loss, row_w = _soft_row_losses(a, target, weight, label_smoothing, gamma)
     else:
         loss, row_w = _row_losses(a, target, weight, ignore_index, label_smoothing, gamma)
-    return restore(_reduce(loss, row_w, reduction), rows)
+    return restore(_reduce(loss, row_w, reduction).to(out_dtype), rows)
 
 
 def logit_adjusted_cross_entropy(logits: Tensor, target: Tensor, log_prior: Tensor, tau: float = 1.0, *,
@@ -383,10 +386,12 @@ def lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: float = 0.1,
     V.check_logits("logits", rows.logits)
     logits, target = in_loss_dtype(rows.logits), V.as_index_target(rows.target, keep_int32=False)
     check_lade_args(logits, target, prior, alpha, remine_lambda, reduction)
+    # in at least float32 (as adjusted_cross_entropy), cast back after alpha * LADER (LADER itself may pass fp16's max)
+    out_dtype, logits = logits.dtype, logits.to(torch.promote_types(logits.dtype, torch.float32))
     prior_ce = adjusted_cross_entropy(logits, target, log_prior=_log_of_prior(prior, logits.dtype), tau=1.0,
                                       weight=weight, ignore_index=ignore_index, reduction=reduction,
                                       label_smoothing=label_smoothing)
-    return prior_ce + alpha * lader(logits, target, prior, remine_lambda, ignore_index)
+    return (prior_ce + alpha * lader(logits, target, prior, remine_lambda, ignore_index)).to(out_dtype)
 
 
 # --- the fused heads' oracles: the dense logits, then the losses above ------------------------------------------

@@ -756,3 +756,27 @@ def test_half_rows_are_summed_in_float32(reduction):
     assert got.dtype == torch.float16
     assert torch.isfinite(got) == (reduction == "mean")
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("offset, dtype", [(300.0, torch.bfloat16), (1000.0, torch.bfloat16),
+                                           (2000.0, torch.float16), (6e4, torch.float16)])
+def test_sixteen_bit_logits_are_computed_in_float32(offset, dtype):
+    """16-bit logits with a large common offset plus a prior offset: summed in their own dtype (bfloat16 near 300:
+    2 apart) the offset lost its precision (bf16 at 300: 5.31 for 5.144), and fp16 near 6e4 lost the prior whole
+    (log C). The reference computes in float32 and rounds the loss once: within one rounding of the float64 loss.
+    LADE likewise, where LADER alone passes fp16's largest value (inf before alpha scaled it)."""
+    g = gen(7)
+    log_prior = torch.log_softmax(torch.randn(10, generator=g, dtype=F64) * 2, 0)
+    y = torch.randint(0, 10, (8,), generator=g)
+    z = (offset + torch.randn(8, 10, generator=g, dtype=F64)).to(dtype)
+    want = F.cross_entropy(z.double() + log_prior, y)
+    got = R.logit_adjusted_cross_entropy(z, y, log_prior)
+    assert got.dtype == dtype
+    assert abs(got.double() - want) <= torch.finfo(dtype).eps * abs(want)
+    if dtype == torch.float16:
+        z = (1e3 + torch.randn(6, 7, generator=g, dtype=F64)).half()
+        pi = torch.softmax(torch.randn(7, generator=g, dtype=F64), 0)
+        y = torch.tensor([0, 3, 5, 2, 3, 6])
+        want = R.lade_loss(z.double(), y, pi)
+        got = R.lade_loss(z, y, pi)
+        assert 1e4 < want < 6e4 and abs(got.double() - want) <= torch.finfo(dtype).eps * want
