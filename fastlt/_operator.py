@@ -71,12 +71,13 @@ class Kind:
 class _Vector(Kind):
     """A (C,) floating tensor on the logits' device (per-class quantities), or None where ``optional``."""
 
-    def __init__(self, optional: bool = True):
+    def __init__(self, optional: bool = True, values: str = V.FINITE):
         self.none_ok = optional
+        self.values = values  # what its values must be (V.check_class_vector)
         self.slots = (("", "Tensor?" if optional else "Tensor"),)
 
     def check(self, name, value, spec, num_classes, device):
-        V.check_class_vector(name, value, num_classes, device)
+        V.check_class_vector(name, value, num_classes, device, self.values)
 
     def convert(self, value):
         return as_f32(value)
@@ -133,7 +134,7 @@ class _Margin(Kind):
 
     def check(self, name, value, spec, num_classes, device):
         if isinstance(value, Tensor):
-            V.check_class_vector(name, value, num_classes, device)
+            V.check_class_vector(name, value, num_classes, device, V.FINITE)
         else:
             V.check_finite_float(name, value)
 
@@ -169,7 +170,8 @@ class _Seed(Kind):
 
 
 VECTOR = _Vector()
-REQUIRED_VECTOR = _Vector(optional=False)
+LOG_PRIOR_VECTOR = _Vector(values=V.LOG_PRIOR)
+PRIOR_VECTOR = _Vector(optional=False, values=V.PRIOR)
 FLOAT = _Float()
 INT = _Int()
 OPTIONAL_INT = _Int(optional=True)
@@ -220,7 +222,8 @@ class AdjustedCEArgs:
     """The parameters of the adjusted cross-entropy operator, as the kernels take them: tensors are (C,) fp32 and live
     on the logits' device; scalars are Python numbers. Build it with :meth:`from_fields` (checked, converted)."""
 
-    log_prior: Tensor | None = param(None, VECTOR, "(C,) log pi_j of the training prior; the offset is tau * log_prior")
+    log_prior: Tensor | None = param(None, LOG_PRIOR_VECTOR,
+                                     "(C,) log pi_j of the training prior; the offset is tau * log_prior")
     tau: float = param(1.0, FLOAT, "the weight of the prior offset")
     cloud: Tensor | None = param(None, VECTOR, "(C,) GCL cloud sizes delta_j / max(delta), times noise_mul")
     noise_mul: float = param(0.0, FLOAT, "the scale of GCL's noise (0: no noise)")
@@ -630,7 +633,7 @@ class FoldedSpread(HeldDerived):
 class LadeArgs:
     """LADE's parameters beside its PriorCE operator (``log_prior = log(pi + 1e-9)``, tau = 1)."""
 
-    prior: Tensor = param(None, REQUIRED_VECTOR, "(C,) fp32 training prior pi (probabilities)")
+    prior: Tensor = param(None, PRIOR_VECTOR, "(C,) fp32 training prior pi (probabilities)")
     alpha: float = param(0.1, FLOAT, "the weight of LADER")
     remine_lambda: float = param(0.1, FLOAT, "LADER's quadratic penalty lambda")
 

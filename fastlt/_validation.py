@@ -219,8 +219,17 @@ def check_soft_target(target, logits: torch.Tensor) -> None:
             raise ValueError("class-probability targets must be finite and non-negative")
 
 
-def check_class_vector(name: str, vec, num_classes: int, device: torch.device | None = None) -> None:
-    """A (C,) floating tensor (class weights, priors, margins)."""
+# the values a class vector must hold (check_class_vector's ``values``), checked where they can be read without a GPU
+# sync (host_readable: CPU tensors): finite (weights, margins, cloud sizes); a log prior (NaN and +inf refused, -inf
+# leaves a class out); a prior pi (finite, non-negative, summing to 1)
+FINITE, LOG_PRIOR, PRIOR = "finite", "log prior", "prior"
+PRIOR_SUM_TOLERANCE = 1e-3  # a prior's |sum - 1| at most this (or two of its dtype's eps, if more)
+
+
+def check_class_vector(name: str, vec, num_classes: int, device: torch.device | None = None,
+                       values: str | None = None) -> None:
+    """A (C,) floating tensor (class weights, priors, margins); ``values``: what its values must be (FINITE,
+    LOG_PRIOR, PRIOR), checked on the CPU only (no GPU sync)."""
     if not isinstance(vec, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(vec).__name__}")
     if vec.dim() != 1 or vec.shape[0] != num_classes:
@@ -229,6 +238,24 @@ def check_class_vector(name: str, vec, num_classes: int, device: torch.device | 
         raise TypeError(f"{name} must be a floating tensor, got {vec.dtype}")
     if device is not None and vec.device != device:
         raise ValueError(f"{name} is on {vec.device} but the logits are on {device}")
+    if values is not None and vec.numel() and host_readable(vec):
+        check_class_values(name, vec, values)
+
+
+def check_class_values(name: str, vec: torch.Tensor, values: str) -> None:
+    """``vec``'s values are of the kind ``values`` (see :func:`check_class_vector`); reads them (a CPU tensor)."""
+    if values == LOG_PRIOR:
+        if bool((torch.isnan(vec) | (vec == math.inf)).any()):
+            raise ValueError(f"{name} must not hold NaN or +inf (it is log pi; -inf leaves a class out)")
+        return
+    if not bool(torch.isfinite(vec).all()):
+        raise ValueError(f"{name} must be finite")
+    if values == PRIOR:
+        total, low = float(vec.double().sum()), float(vec.min())
+        if low < 0 or abs(total - 1.0) > max(PRIOR_SUM_TOLERANCE, 2 * torch.finfo(vec.dtype).eps):
+            raise ValueError(f"{name} must be pi, the training prior: non-negative and summing to 1 (within "
+                             f"{PRIOR_SUM_TOLERANCE:g}), as fastlt.priors.prior(class_counts) makes it; got sum "
+                             f"{total:g}, smallest {low:g} (log-probabilities or counts are not pi)")
 
 
 def torch_ready(value):
@@ -420,7 +447,7 @@ def check_head(features, weight, bias, weight_classes=None) -> None:
         if bias.device != features.device:
             raise ValueError(f"bias is on {bias.device} but features are on {features.device}")
     if weight_classes is not None:
-        check_class_vector("weight_classes", weight_classes, C, features.device)
+        check_class_vector("weight_classes", weight_classes, C, features.device, FINITE)
 
 
 def check_chunks(chunk_rows, chunk_classes) -> None:

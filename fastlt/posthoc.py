@@ -16,6 +16,7 @@ import torch
 
 from ._validation import (
     FLOAT_DTYPES,
+    PRIOR_SUM_TOLERANCE,
     as_class_counts,
     as_cpu_tensor,
     check_class_vector,
@@ -28,7 +29,6 @@ from .priors import log_prior_from
 if TYPE_CHECKING:
     import numpy as np
 
-PRIOR_SUM_TOLERANCE = 1e-3  # pc_softmax's target_prior: |sum - 1| at most this
 
 
 def _log_prior64(class_counts, count_smoothing: float, name: str = "class_counts") -> torch.Tensor:

@@ -373,7 +373,7 @@ def lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: float = 0.1,
     Args:
         logits: (N, C) float tensor.
         target: (N,) integer class indices, or ``ignore_index``; or (N, C) class probabilities.
-        prior: (C,) the training prior pi (probabilities).
+        prior: (C,) the training prior pi: non-negative, summing to 1 (checked on the CPU).
         alpha: the weight of LADER.
         remine_lambda: LADER's quadratic penalty (:func:`lader`).
         weight, ignore_index, label_smoothing: as ``F.cross_entropy`` (PriorCE's).

@@ -590,3 +590,40 @@ def test_a_module_built_under_inference_mode_trains():
         leaf = z.clone().requires_grad_()
         crit(leaf, y).backward()
         assert leaf.grad is not None and leaf.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_class_vectors_with_bad_values_are_refused_on_the_cpu(backend):
+    """A class vector's values are checked where they can be read without a GPU sync (CPU tensors), once per
+    tensor (the arguments cache): NaN or +inf in a log prior (-inf leaves a class out), a non-finite weight, margin
+    or cloud, and a LADE prior that is not pi (log-probabilities, counts, zeros: NaN, a negative loss, a finite
+    nonsense). Each gave a silent NaN or a wrong loss, the LADE module's assigned prior too."""
+    z, y = data()
+    lp = P.log_prior(COUNTS)
+    pi = P.prior(COUNTS)
+    nan = torch.tensor([0.0, float("nan"), 0.0, 0.0])
+    inf = torch.tensor([0.0, float("inf"), 0.0, 0.0])
+    refused = [
+        (lambda: LF.logit_adjusted_cross_entropy(z, y, lp + nan, backend=backend), "log_prior must not hold NaN"),
+        (lambda: LF.logit_adjusted_cross_entropy(z, y, lp + inf, backend=backend), "log_prior must not hold NaN"),
+        (lambda: LF.adjusted_cross_entropy(z, y, weight=1 + inf, backend=backend), "weight must be finite"),
+        (lambda: LF.ldam_cross_entropy(z, y, 0.1 + nan, backend=backend), "margin must be finite"),
+        (lambda: LF.gcl_cross_entropy(z.tanh(), y, 0.5 + nan, seed=1, backend=backend), "cloud must be finite"),
+        (lambda: LF.lade_loss(z, y, lp, backend=backend), "prior must be pi"),
+        (lambda: LF.lade_loss(z, y, torch.tensor(COUNTS, dtype=torch.float32), backend=backend), "got sum 143"),
+        (lambda: LF.lade_loss(z, y, torch.zeros(C), backend=backend), "prior must be pi"),
+        (lambda: LF.lade_loss(z, y, pi + nan, backend=backend), "prior must be finite"),
+    ]
+    for call, match in refused:
+        with pytest.raises(ValueError, match=match):
+            call()
+    lade = fastlt.LADELoss(COUNTS, backend=backend)
+    lade(z, y)
+    lade.prior = lp  # a log prior assigned in place of pi: refused at the next call
+    with pytest.raises(ValueError, match="prior must be pi"):
+        lade(z, y)
+    masked = lp.clone()
+    masked[3] = -float("inf")  # a class the prior leaves out: taken
+    assert torch.isfinite(LF.logit_adjusted_cross_entropy(z, torch.tensor([0, 1, 2, 0, 1, 2]), masked,
+                                                          backend=backend))
+    assert torch.isfinite(LF.lade_loss(z, y, (pi * 1.0005).to(torch.float32), backend=backend))  # within 1e-3

@@ -162,7 +162,7 @@ def lade_linear_loss(features: Tensor, weight: Tensor, target: Tensor, prior: Te
         features: (N, D); weight: (C, D); bias: (C,) or None; one float dtype.
         target: (N,) integer class indices, or ``ignore_index``; or (N, C) class probabilities (mixup), as
             :func:`fastlt.functional.adjusted_cross_entropy`.
-        prior: (C,) training prior pi (probabilities).
+        prior: (C,) training prior pi: non-negative, summing to 1 (checked on the CPU).
         alpha, remine_lambda, weight_classes, ignore_index, label_smoothing: as :func:`fastlt.functional.lade_loss`
             (``weight_classes`` its ``weight``).
         reduction: 'mean' or 'sum'.
