@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ._operator import tensor_stamp
-from ._validation import check_finite_float
+from ._validation import as_class_counts, check_finite_float
 
 __all__ = ["CountBuffers", "MarginSchedule"]
 
@@ -33,13 +33,15 @@ class CountBuffers(nn.Module):
         raise NotImplementedError
 
     def init_count_buffers(self, counts: Tensor, dtype: torch.dtype | None = None,
-                           device: torch.device | str | None = None) -> None:
+                           device: torch.device | str | None = None, smoothing: float = 0.0) -> None:
         """Register the count buffers (non-persistent; float32, or ``dtype``; on ``device``, by default torch's
         default device, as a parameter made beside them: the meta device under ``with torch.device('meta')``)
         from the validated, smoothed float64 CPU ``counts``, kept as ``_counts_exact`` (a plain attribute: no
         conversion touches it). Made outside ``torch.inference_mode`` (a module built inside it still trains: an
-        inference tensor cannot be saved for a backward, as LADE's reference saves its prior)."""
+        inference tensor cannot be saved for a backward, as LADE's reference saves its prior). ``smoothing``: what
+        was added to ``counts`` (:meth:`recount` adds it to new counts)."""
         self._counts_exact = counts
+        self._counts_smoothing = smoothing
         self._count_own: dict[str, tuple[Tensor, int | None]] = {}
         device = torch.get_default_device() if device is None else device
         with torch.inference_mode(False):
@@ -59,8 +61,30 @@ class CountBuffers(nn.Module):
             self._set_own(name, values.to(device=buf.device, dtype=dtype))
 
     def _set_own(self, name: str, values: Tensor) -> None:
-        setattr(self, name, values)
+        self._buffers[name] = values  # (a registered buffer: what nn.Module's setattr does, without __setattr__)
         self._count_own[name] = (values, tensor_stamp(values))
+
+    def __setattr__(self, name: str, value) -> None:
+        # class_counts assigned after construction: the per-class buffers are made from them again (the assignment
+        # was kept as the class_counts buffer while the vectors kept the old counts: a loss that silently did not
+        # change); as a constructor takes them, with the module's count_smoothing
+        if name == "class_counts" and "_counts_exact" in self.__dict__:
+            self.recount(value)
+        else:
+            super().__setattr__(name, value)
+
+    def recount(self, class_counts) -> None:
+        """Make every count buffer again from ``class_counts`` (checked as a constructor checks them, plus the
+        module's ``count_smoothing``; the same number of classes), each in its dtype and on its device; what
+        ``module.class_counts = ...`` does."""
+        counts = as_class_counts(class_counts, smoothing=self.__dict__.get("_counts_smoothing", 0.0))
+        if counts.numel() != self._counts_exact.numel():
+            raise ValueError(f"class_counts describes {counts.numel()} classes but the module has "
+                             f"{self._counts_exact.numel()}")
+        self._counts_exact = counts
+        for name in self._count_own:
+            if self._buffers.get(name) is not None:
+                self.refresh_count_buffer(name)
 
     def _is_own(self, name: str) -> bool:
         buf, (made, stamp) = self._buffers.get(name), self._count_own[name]

@@ -8,7 +8,8 @@ pure-PyTorch reference elsewhere, float64 included), ``dp_group`` (data parallel
 ``shard`` (class parallel: local logits of a :class:`fastlt.distributed.ClassShard`); see
 :func:`fastlt.functional.adjusted_cross_entropy` and :mod:`fastlt.distributed`. Float hyperparameters keep the
 papers' names (tau, s, m, max_margin, noise_mul, gamma, alpha) and are plain attributes: schedule them freely
-(``count_smoothing``, added to the counts when the module is built, is read-only). Their
+(``count_smoothing``, added to the counts when the module is built, is read-only; assigning ``class_counts``
+makes the per-class vectors again from them). Their
 mapping to the adjusted cross-entropy's parameters is written once, in :mod:`fastlt._operator` (``la_fields``,
 ``ldam_fields``, ``gcl_fields``), which :mod:`fastlt.functional` applies, and so do the modules where they hand plain
 (N, C) logits to the kernels themselves (``_direct``: the same checks and kernels without the functional dispatch's
@@ -69,7 +70,7 @@ class _LongTailLoss(HeldFields, CountBuffers):
         return {"class_counts": counts.clone()}
 
     def _init_buffers(self) -> None:
-        self.init_count_buffers(self.__dict__.pop("_counts_in"))
+        self.init_count_buffers(self.__dict__.pop("_counts_in"), smoothing=self.count_smoothing)
 
     def _common(self) -> dict:
         return dict(weight=self.weight, ignore_index=self.ignore_index, reduction=self.reduction,

@@ -322,6 +322,36 @@ def test_a_float64_class_weight_stays_float64(cls):
         torch.testing.assert_close(mod(x, y), want, rtol=1e-14, atol=0)
 
 
+@pytest.mark.parametrize("cls", ["LogitAdjustedLoss", "LDAMLoss", "GCLLoss", "LADELoss", "LinearLossHead",
+                                 "CosineGCLHead"])
+def test_class_counts_assigned_later_remake_the_class_vectors(cls):
+    """``module.class_counts = ...`` after construction makes every per-class vector again from them (with the
+    module's count_smoothing, in each vector's dtype and device): it was kept as the class_counts buffer while the
+    prior, margins and cloud kept the old counts, a loss that silently did not change. The result equals a module
+    built with the new counts; a wrong class count or a zero count raises as the constructor does."""
+    new = [7, 7, 30, 2, 9]
+    g = torch.Generator().manual_seed(5)
+    head = cls.endswith("Head")
+    make = (lambda counts, **kw: getattr(fastlt, cls)(3, C, counts, backend="torch", **kw)) if head else \
+        (lambda counts, **kw: getattr(fastlt, cls)(counts, backend="torch", **kw))
+    mod = make(COUNTS, count_smoothing=0.5).double()
+    want = make(new, count_smoothing=0.5).double()
+    want.load_state_dict(mod.state_dict())  # (a head's weights)
+    mod.class_counts = torch.tensor(new)
+    for name, buf in want.named_buffers():
+        torch.testing.assert_close(mod.get_buffer(name), buf, rtol=0, atol=0)
+        assert mod.get_buffer(name).dtype == torch.float64
+    x = torch.randn(6, 3 if head else C, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (6,), generator=g)
+    call = (lambda m: m(x, y, seed=3)) if cls in ("GCLLoss", "CosineGCLHead") else (lambda m: m(x, y))
+    torch.testing.assert_close(call(mod), call(want), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="describes 4 classes"):
+        mod.class_counts = [1, 2, 3, 4]
+    plain = make(COUNTS)  # without count_smoothing: a zero count raises, as in the constructor
+    with pytest.raises(ValueError, match="zero count"):
+        plain.class_counts = [1, 0, 3, 4, 5]
+
+
 @pytest.mark.parametrize("cls", ["LogitAdjustedLoss", "LDAMLoss", "GCLLoss", "LADELoss"])
 def test_count_smoothing_assigned_later_raises(cls):
     """count_smoothing is added to the counts when the module is built; assigning it later was accepted and changed

@@ -222,7 +222,7 @@ class LinearLossHead(MarginSchedule, _HeadBase):
                 raise ValueError(f"loss={loss!r} needs class_counts (the per-class training counts)")
         else:
             self.init_count_buffers(self._counts(class_counts, count_smoothing), dtype=_count_dtype(dtype),
-                                    device=device)
+                                    device=device, smoothing=count_smoothing)
         factory = dict(device=device, dtype=dtype)
         self.weight = nn.Parameter(torch.empty((self.weight_rows, in_features), **factory))
         self.bias = nn.Parameter(torch.empty(self.weight_rows, **factory)) if bias else None
@@ -358,7 +358,8 @@ class CosineGCLHead(_HeadBase):
         self.gamma = V.check_finite_float("gamma", gamma, min_value=0.0)
         self.eps = eps
         self._fold = FoldedSpread()
-        self.init_count_buffers(self._counts(class_counts, count_smoothing), dtype=_count_dtype(dtype), device=device)
+        self.init_count_buffers(self._counts(class_counts, count_smoothing), dtype=_count_dtype(dtype), device=device,
+                                smoothing=count_smoothing)
         self.weight = nn.Parameter(torch.empty((self.weight_rows, in_features), device=device, dtype=dtype))
         self.reset_parameters()
 
