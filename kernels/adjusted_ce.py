@@ -642,7 +642,9 @@ def _column_partials(tile, row, colstats, pid_m, num_row_blocks, C, F: tl.conste
     tl.store(base, c_max, mask=tile.col_mask)
     tl.store(base + plane, c_sum, mask=tile.col_mask)
     if F.SOFT:
-        tl.store(base + 2 * plane, tl.sum(tl.where(vmask, tile.q * tile.z, 0.0), 0), mask=tile.col_mask)
+        # (q = 0 adds nothing: a class masked with -inf where no row targets it, 0 * -inf NaN otherwise)
+        tl.store(base + 2 * plane, tl.sum(tl.where(vmask & (tile.q != 0), tile.q * tile.z, 0.0), 0),
+                 mask=tile.col_mask)
         tl.store(base + 3 * plane, tl.sum(tl.where(vmask, tile.q, 0.0), 0), mask=tile.col_mask)
 
 

@@ -391,3 +391,21 @@ def test_prior_ce_takes_the_official_epsilon(backend):
     head = fastlt.LinearLossHead(3, 4, counts, loss="lade")
     f = torch.randn(2, 3, generator=g)
     torch.testing.assert_close(head.logits(f, adjusted=True), head.logits(f) + torch.log(pi + 1e-9).float())
+
+
+def test_lade_soft_targets_with_a_class_masked_where_no_row_puts_mass():
+    """Class-probability targets with a class masked with -inf that no row's target puts mass on: LADE's column
+    partial ``sum_i q_ic z_ic`` took 0 * -inf = NaN into the loss (with alpha = 0 too); the reference leaves such
+    entries out. With label smoothing the PriorCE term is +inf on both backends (smoothing puts mass on the masked
+    class, as F.cross_entropy's)."""
+    g = torch.Generator().manual_seed(11)
+    z = torch.randn(5, 7, generator=g)
+    z[:, 2] = float("-inf")
+    q = torch.softmax(torch.randn(5, 7, generator=g), 1)
+    q[:, 2] = 0
+    q = q / q.sum(1, keepdim=True)
+    pi = torch.full((7,), 1 / 7)
+    for alpha in (0.1, 0.0):
+        want = R.lade_loss(z.double(), q.double(), pi.double(), alpha, label_smoothing=0.3)
+        got = LF.lade_loss(z.to(DEVICE), q.to(DEVICE), pi.to(DEVICE), alpha, label_smoothing=0.3, backend="triton")
+        assert want == float("inf") and got.item() == float("inf")
