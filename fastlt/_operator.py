@@ -551,18 +551,19 @@ def la_fields(log_prior, tau: float) -> dict[str, Any]:
 
 
 def ldam_fields(margins, s: float) -> dict[str, Any]:
-    """LDAM (Cao et al., 2019): ``CE(s * (z - m_y onehot(y)))``, ``margins`` (C,). ``s`` is checked here, under the
-    caller's name (the operator's check would say "scale")."""
-    V.check_finite_float("s", s)
+    """LDAM (Cao et al., 2019): ``CE(s * (z - m_y onehot(y)))``, ``margins`` (C,). ``s`` (> 0) is checked here, under
+    the caller's name (the operator's check would say "scale")."""
+    V.check_finite_float("s", s, min_value=0.0, min_inclusive=False)
     return dict(margin=margins, scale=s)
 
 
 def gcl_fields(cloud, m: float, s: float, noise_mul: float, gamma: float) -> dict[str, Any]:
     """GCL (Li et al., 2022) on cosine logits: ``CE(s * (cos - noise_mul * cloud * e - m onehot(y)))``, focal gamma.
-    ``m`` and ``s`` are checked here, under the caller's names (the operator's checks would say "margin" and
-    "scale")."""
+    ``m``, ``s`` (> 0) and ``noise_mul`` (>= 0) are checked here, under the caller's names (the operator's checks
+    would say "margin" and "scale")."""
     V.check_finite_float("m", m)
-    V.check_finite_float("s", s)
+    V.check_finite_float("s", s, min_value=0.0, min_inclusive=False)
+    V.check_finite_float("noise_mul", noise_mul, min_value=0.0)
     return dict(cloud=cloud, noise_mul=noise_mul, margin=m, scale=s, gamma=gamma)
 
 
@@ -604,7 +605,7 @@ class HeldDerived:
 
 
 def _spread(cloud: Tensor, noise_mul: float) -> Tensor:
-    return as_f32(cloud) * V.check_finite_float("noise_mul", noise_mul)
+    return as_f32(cloud) * V.check_finite_float("noise_mul", noise_mul, min_value=0.0)
 
 
 class FoldedSpread(HeldDerived):
@@ -634,8 +635,8 @@ class LadeArgs:
     """LADE's parameters beside its PriorCE operator (``log_prior = log(pi + 1e-9)``, tau = 1)."""
 
     prior: Tensor = param(None, PRIOR_VECTOR, "(C,) fp32 training prior pi (probabilities)")
-    alpha: float = param(0.1, FLOAT, "the weight of LADER")
-    remine_lambda: float = param(0.1, FLOAT, "LADER's quadratic penalty lambda")
+    alpha: float = param(0.1, FLOAT, "the weight of LADER", low=0.0)
+    remine_lambda: float = param(0.1, FLOAT, "LADER's quadratic penalty lambda", low=0.0)
 
 
 @declared

@@ -185,7 +185,7 @@ class LDAMLoss(MarginSchedule, _LongTailLoss):
                  **kwargs):
         super().__init__(class_counts, **kwargs)
         self.max_margin = max_margin
-        self.s = V.check_finite_float("s", s)
+        self.s = V.check_finite_float("s", s, min_value=0.0, min_inclusive=False)
         self.grad_in_forward = bool(grad_in_forward)
         self._init_buffers()
 
@@ -233,8 +233,8 @@ class GCLLoss(_LongTailLoss):
         super().__init__(class_counts, **kwargs)
         self.rows_per_rank = None if rows_per_rank is None else V.check_int("rows_per_rank", rows_per_rank, 1)
         self.m = V.check_finite_float("m", m)
-        self.s = V.check_finite_float("s", s)
-        self.noise_mul = V.check_finite_float("noise_mul", noise_mul)
+        self.s = V.check_finite_float("s", s, min_value=0.0, min_inclusive=False)
+        self.noise_mul = V.check_finite_float("noise_mul", noise_mul, min_value=0.0)
         self.gamma = V.check_finite_float("gamma", gamma, min_value=0.0)
         self.grad_in_forward = bool(grad_in_forward)
         self._fold = FoldedSpread()
@@ -282,8 +282,8 @@ class LADELoss(_LongTailLoss):
 
     def __init__(self, class_counts, alpha: float = 0.1, remine_lambda: float = 0.1, **kwargs):
         super().__init__(class_counts, **kwargs)
-        self.alpha = V.check_finite_float("alpha", alpha)
-        self.remine_lambda = V.check_finite_float("remine_lambda", remine_lambda)
+        self.alpha = V.check_finite_float("alpha", alpha, min_value=0.0)
+        self.remine_lambda = V.check_finite_float("remine_lambda", remine_lambda, min_value=0.0)
         self._init_buffers()
 
     def __setattr__(self, name: str, value) -> None:

@@ -627,3 +627,30 @@ def test_class_vectors_with_bad_values_are_refused_on_the_cpu(backend):
     assert torch.isfinite(LF.logit_adjusted_cross_entropy(z, torch.tensor([0, 1, 2, 0, 1, 2]), masked,
                                                           backend=backend))
     assert torch.isfinite(LF.lade_loss(z, y, (pi * 1.0005).to(torch.float32), backend=backend))  # within 1e-3
+
+
+def test_scales_and_weights_of_the_papers_hyperparameters_are_bounded():
+    """s <= 0 (a constant log C loss at 0, flipped logits below), a negative noise_mul (the noise added instead of
+    taken away) and a negative LADE alpha or remine_lambda (a regulariser that rewards, unbounded) were accepted, on
+    the modules, the heads and the functions; each is a ValueError naming it, at construction and when assigned."""
+    z, y = data()
+    counts = COUNTS
+    for make, match in [
+        (lambda: fastlt.LDAMLoss(counts, s=0.0), "s must be > 0"),
+        (lambda: fastlt.GCLLoss(counts, s=-30.0), "s must be > 0"),
+        (lambda: fastlt.GCLLoss(counts, noise_mul=-1.0), "noise_mul must be >= 0"),
+        (lambda: fastlt.LADELoss(counts, alpha=-0.1), "alpha must be >= 0"),
+        (lambda: fastlt.LADELoss(counts, remine_lambda=-0.1), "remine_lambda must be >= 0"),
+        (lambda: fastlt.LinearLossHead(3, C, counts, loss="ldam", s=0.0), "s must be > 0"),
+        (lambda: fastlt.CosineGCLHead(3, C, counts, noise_mul=-2.0), "noise_mul must be >= 0"),
+        (lambda: LF.ldam_cross_entropy(z, y, torch.full((C,), 0.3), s=0.0), "s must be > 0"),
+        (lambda: LF.gcl_cross_entropy(z.tanh(), y, torch.ones(C), noise_mul=-1.0, seed=1), "noise_mul must be >= 0"),
+        (lambda: R.gcl_cross_entropy(z.tanh(), y, torch.ones(C), s=-1.0, seed=1), "s must be > 0"),
+        (lambda: LF.lade_loss(z, y, P.prior(counts), alpha=-1.0), "alpha must be >= 0"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            make()
+    for crit in (fastlt.LDAMLoss(counts, backend="torch"), fastlt.GCLLoss(counts, backend="torch")):
+        crit.s = -1.0  # a schedule's bad value: refused at the next call
+        with pytest.raises(ValueError, match="s must be > 0"):
+            crit(z.tanh(), y)

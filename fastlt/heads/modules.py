@@ -209,10 +209,11 @@ class LinearLossHead(MarginSchedule, _HeadBase):
             raise ValueError(f"loss='balanced_softmax' fixes tau = 1, got tau={tau!r}; use loss='la' for another tau")
         self.tau = tau
         self.max_margin = max_margin
-        self.s = V.check_finite_float("s", (30.0 if loss == "ldam" else 1.0) if s is None else s)
+        self.s = V.check_finite_float("s", (30.0 if loss == "ldam" else 1.0) if s is None else s, min_value=0.0,
+                                     min_inclusive=False)
         self.gamma = V.check_finite_float("gamma", gamma, min_value=0.0)
-        self.alpha = V.check_finite_float("alpha", alpha)
-        self.remine_lambda = V.check_finite_float("remine_lambda", remine_lambda)
+        self.alpha = V.check_finite_float("alpha", alpha, min_value=0.0)
+        self.remine_lambda = V.check_finite_float("remine_lambda", remine_lambda, min_value=0.0)
         if loss == "lade" and self.reduction == "none":  # (s, gamma, tau, reduction later: __setattr__ refuses)
             raise ValueError(LADE_WITHOUT_NONE)
         for name in ("log_prior", "margins", "prior"):  # those the loss uses are filled from the counts below
@@ -298,7 +299,7 @@ class LinearLossHead(MarginSchedule, _HeadBase):
         """The loss's hyperparameters as the operator's (the presets of :mod:`fastlt._operator`), plus the logit
         scale and the focal exponent, which every loss but 'lade' takes. ``s`` is checked under its own name (a
         value assigned later said "scale must be finite")."""
-        fields = dict(scale=V.check_finite_float("s", self.s), gamma=self.gamma)
+        fields = dict(scale=V.check_finite_float("s", self.s, min_value=0.0, min_inclusive=False), gamma=self.gamma)
         if self.loss in ("la", "balanced_softmax"):
             fields.update(la_fields(self.log_prior, self.tau))
         elif self.loss == "ldam":
@@ -353,8 +354,8 @@ class CosineGCLHead(_HeadBase):
         super().__init__(in_features, num_classes, **kwargs)
         self.rows_per_rank = None if rows_per_rank is None else V.check_int("rows_per_rank", rows_per_rank, 1)
         self.m = V.check_finite_float("m", m)
-        self.s = V.check_finite_float("s", s)
-        self.noise_mul = V.check_finite_float("noise_mul", noise_mul)
+        self.s = V.check_finite_float("s", s, min_value=0.0, min_inclusive=False)
+        self.noise_mul = V.check_finite_float("noise_mul", noise_mul, min_value=0.0)
         self.gamma = V.check_finite_float("gamma", gamma, min_value=0.0)
         self.eps = eps
         self._fold = FoldedSpread()
