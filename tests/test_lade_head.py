@@ -223,3 +223,25 @@ def test_lade_refuses_reduction_none_when_assigned(make):
     assert mod.reduction == "mean"
     mod.reduction = "sum"  # the others still assign
     assert mod.reduction == "sum"
+
+
+@pytest.mark.parametrize("loss, name, value", [("ce", "tau", 3.0), ("ce", "max_margin", 0.9), ("la", "alpha", 0.5),
+                                               ("ldam", "tau", 5.0), ("ldam", "remine_lambda", 1.0),
+                                               ("balanced_softmax", "max_margin", 0.2), ("lade", "max_margin", 0.9)])
+def test_linear_loss_head_refuses_the_hyperparameters_its_loss_does_not_use(loss, name, value):
+    """A head's hyperparameter that its loss does not use (tau for 'ldam' and 'ce', max_margin but for 'ldam',
+    alpha and remine_lambda but for 'lade') was accepted, shown in the repr and ignored; now a ValueError naming it,
+    at construction and when assigned. The default value is accepted. And logits(adjusted=True) of a loss without a
+    prior ('ce', 'ldam') returned the raw logits; now it raises."""
+    import fastlt
+
+    counts = [5, 3, 1]
+    with pytest.raises(ValueError, match=f"loss='{loss}' takes no {name}"):
+        fastlt.LinearLossHead(4, 3, counts, loss=loss, **{name: value})
+    head = fastlt.LinearLossHead(4, 3, counts, loss=loss)
+    with pytest.raises(ValueError, match=f"loss='{loss}' takes no {name}"):
+        setattr(head, name, value)
+    setattr(head, name, getattr(head, name))
+    if loss in ("ce", "ldam"):
+        with pytest.raises(ValueError, match="adjusted=True adds tau"):
+            head.logits(torch.randn(2, 4), adjusted=True)

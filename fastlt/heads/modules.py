@@ -26,8 +26,14 @@ __all__ = ["LinearLossHead", "CosineGCLHead"]
 
 _HEAD_LOSSES = ("ce", "la", "balanced_softmax", "ldam", "lade")
 # the operator's fields as linear_cross_entropy passes them by default: no offset, margin, noise or focal factor
-# the operator terms LADE has not (its prior enters at tau = 1): a LADE head refuses other values
-_LADE_NEUTRAL = dict(tau=1.0, s=1.0, gamma=0.0)
+# each loss's hyperparameters that it does not use, at the values a head keeps for them: another value would be
+# ignored, so it is refused, at construction and when assigned (LADE has no scale or focal term, and its prior
+# enters at tau = 1)
+_UNUSED = dict(ce=dict(tau=1.0, max_margin=0.5, alpha=0.1, remine_lambda=0.1),
+               la=dict(max_margin=0.5, alpha=0.1, remine_lambda=0.1),
+               balanced_softmax=dict(max_margin=0.5, alpha=0.1, remine_lambda=0.1),
+               ldam=dict(tau=1.0, alpha=0.1, remine_lambda=0.1),
+               lade=dict(tau=1.0, s=1.0, gamma=0.0, max_margin=0.5))
 _NO_OPERATOR = dict(log_prior=None, tau=1.0, margin=None, scale=1.0, cloud=None, noise_mul=0.0, seed=None, gamma=0.0)
 F64 = torch.float64
 
@@ -180,8 +186,10 @@ class LinearLossHead(MarginSchedule, _HeadBase):
             :func:`fastlt.heads.lade_linear_loss`; 'mean' or 'sum'; ``s`` and ``gamma`` do not apply).
         bias: whether the layer has a bias.
         tau, max_margin, alpha, remine_lambda: the losses' hyperparameters (``max_margin`` can be scheduled;
-            'balanced_softmax' and 'lade' fix ``tau`` at 1, and 'lade' refuses ``s`` and ``gamma``, also when
-            assigned later). ``loss`` itself is fixed once the head is made.
+            'balanced_softmax' and 'lade' fix ``tau`` at 1; a loss refuses another value of a hyperparameter it does
+            not use (``tau`` for 'ce' and 'ldam', ``max_margin`` but for 'ldam', ``alpha`` and ``remine_lambda``
+            but for 'lade', ``s`` and ``gamma`` for 'lade'), also when assigned later). ``loss`` itself is fixed
+            once the head is made.
         s: the logit scale (default 30 for 'ldam', else 1).
         gamma: focal exponent.
         count_smoothing: added to the counts (needed when a count is 0).
@@ -235,12 +243,13 @@ class LinearLossHead(MarginSchedule, _HeadBase):
             raise AttributeError(f"loss is fixed when the head is made (it is {loss!r}): make a new LinearLossHead")
         if loss == "lade" and name == "reduction" and value == "none":
             raise ValueError(LADE_WITHOUT_NONE)
-        if loss == "lade" and name in _LADE_NEUTRAL and value != _LADE_NEUTRAL[name]:
-            raise ValueError(f"loss='lade' takes no {name} (it would be ignored): {name} must stay "
-                             f"{_LADE_NEUTRAL[name]}, got {value!r}")
         if loss == "balanced_softmax" and name == "tau" and value != 1.0:
             raise ValueError(f"loss='balanced_softmax' fixes tau = 1, got tau={value!r}: make a head with loss='la' "
                              "for another tau")
+        unused = _UNUSED.get(loss, {})
+        if name in unused and value != unused[name]:
+            raise ValueError(f"loss={loss!r} takes no {name} (it would be ignored): {name} must stay "
+                             f"{unused[name]}, got {value!r}")
         super().__setattr__(name, value)
 
     def _count_vectors(self, counts: Tensor) -> dict[str, Tensor]:
@@ -307,8 +316,11 @@ class LinearLossHead(MarginSchedule, _HeadBase):
         return fields
 
     def _dense_logits(self, features, adjusted: bool = False):
+        if adjusted and self.log_prior is None:  # (was ignored: the raw logits came back)
+            raise ValueError(f"adjusted=True adds tau * log pi, which loss={self.loss!r} has no prior for (loss 'la', "
+                             "'balanced_softmax' or 'lade')")
         z = F.linear(features, self.weight, self.bias)
-        if adjusted and self.log_prior is not None:
+        if adjusted:
             lp = self.log_prior if self.shard is None else self.log_prior[self.shard.start:self.shard.stop]
             z = z + (self.tau * lp).to(z.dtype)
         return z
