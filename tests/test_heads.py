@@ -488,7 +488,7 @@ def test_linear_loss_head_triton_matches_torch_and_the_formula(loss, bias):
     N, D, C = 9, 10, 23
     counts = long_tail_counts(C, gen)
     wc = torch.rand(C, generator=gen) + 0.2
-    common = dict(loss=loss, bias=bias, tau=1.0 if loss == "balanced_softmax" else 0.7, gamma=0.5,
+    common = dict(loss=loss, bias=bias, tau=0.7 if loss == "la" else 1.0, gamma=0.5,
                   weight_classes=wc, label_smoothing=0.05, chunk_rows=4)
     head = fastlt.LinearLossHead(D, C, counts, backend="triton", **common).to(DEVICE)
     ref = fastlt.LinearLossHead(D, C, counts, backend="torch", **common)
@@ -509,7 +509,7 @@ def test_linear_loss_head_triton_matches_torch_and_the_formula(loss, bias):
     assert (head.bias is not None) == bias
 
     # the module's loss is the one it names (independent of the module's own wiring)
-    tau = 1.0 if loss == "balanced_softmax" else 0.7
+    tau = 0.7 if loss == "la" else 1.0
     z = F.linear(f.double(), head.weight.detach().double().cpu(),
                  None if head.bias is None else head.bias.detach().double().cpu())
     kw = dict(gamma=0.5, weight=wc.double(), label_smoothing=0.05)
@@ -528,19 +528,20 @@ def test_linear_loss_head_logits_and_topk(loss):
     N, D, C = 11, 6, 19
     counts = long_tail_counts(C, gen)
     head = fastlt.LinearLossHead(D, C, counts if loss != "ce" else None, loss=loss,
-                                **({} if loss in ("balanced_softmax", "lade") else {"tau": 0.6})).to(DEVICE)
+                                **({"tau": 0.6} if loss == "la" else {})).to(DEVICE)
     f = torch.randn(N, D, generator=gen).to(DEVICE)
     z = head.logits(f)
     want = F.linear(f.double(), head.weight.double(), head.bias.double())
     torch.testing.assert_close(z.double(), want, atol=1e-6, rtol=1e-6)
-    za = head.logits(f, adjusted=True)
     if loss in ("la", "balanced_softmax"):
+        za = head.logits(f, adjusted=True)
         tau = 1.0 if loss == "balanced_softmax" else 0.6
         shift = (tau * log_prior(counts, dtype=torch.float64)).to(DEVICE)
         torch.testing.assert_close(za.double(), want + shift, atol=1e-5, rtol=1e-6)
         assert not torch.allclose(za, z)
-    else:
-        assert torch.equal(za, z)
+    else:  # no prior to add (it returned the raw logits)
+        with pytest.raises(ValueError, match="adjusted=True adds tau"):
+            head.logits(f, adjusted=True)
     for k, rows in [(1, None), (3, 2), (3, 4), (C, 5), (5, 100)]:
         values, indices = head.topk(f, k, chunk_rows=rows)
         tv, ti = torch.topk(z, k, dim=1)
