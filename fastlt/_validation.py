@@ -181,9 +181,14 @@ def check_target(target, logits: torch.Tensor, ignore_index: int) -> None:
         raise TypeError(f"target must hold integer class indices (N,) or class probabilities of the logits' shape "
                         f"{tuple(logits.shape)}, got {target.dtype} {tuple(target.shape)}")
     if target.dim() != 1 or target.shape[0] != logits.shape[0]:
+        hint = ""
+        if target.shape == logits.shape:  # one-hot rows as integers (F.one_hot): torch names the float dtype too
+            hint = "; class probabilities of the logits' shape must be floating (target.float() for one-hot rows)"
+        elif target.dim() == 2 and target.shape[1] == 1:
+            hint = "; an (N, 1) target: target.squeeze(1)"
         raise ValueError(
             f"target must have shape (N,) = ({logits.shape[0]},) to match the rows of the logits (of a head's "
-            f"features), got {tuple(target.shape)}"
+            f"features), got {tuple(target.shape)}{hint}"
         )
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but the logits are on {logits.device}")
@@ -237,7 +242,8 @@ def check_class_vector(name: str, vec, num_classes: int, device: torch.device | 
     if vec.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating tensor, got {vec.dtype}")
     if device is not None and vec.device != device:
-        raise ValueError(f"{name} is on {vec.device} but the logits are on {device}")
+        raise ValueError(f"{name} is on {vec.device} but the logits are on {device} (a loss module or head: move it "
+                         f"with .to(logits.device), as a layer)")
     if values is not None and vec.numel() and host_readable(vec):
         check_class_values(name, vec, values)
 

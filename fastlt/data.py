@@ -293,7 +293,8 @@ class ClassBalancedSampler(_ClassMassSampler):
     from ``labels`` get no mass. Iterating yields ``num_samples`` dataset indices (Python ints).
 
     Args:
-        labels: (N,) integer labels (tensor, sequence or numpy array), at least one sample.
+        labels: (N,) integer labels of the dataset's samples (tensor, sequence or numpy array; not the class counts),
+            at least one sample. The ``counts`` attribute has one entry per class up to the largest label.
         q: the exponent of the class mass ``n_j^q`` (finite).
         num_samples: draws per epoch, at least 1; default N.
         replacement: draw with replacement (class first, then a sample uniformly inside it); without

@@ -211,7 +211,8 @@ class GCLLoss(_LongTailLoss):
     """Gaussian clouded logit adjustment (Li, Cheung, Lu, CVPR 2022) on (N, C) cosine logits.
 
     ``CE(s * (cos - noise_mul * e * delta/max(delta) - m * onehot(y)), y)`` with half-normal noise ``e`` (sigma 1/3,
-    clipped at 1) drawn per element from (seed, row, column): on the GPU inside the kernel.
+    clipped at 1) drawn per element from (seed, row, column): on the GPU inside the kernel. The noise is drawn in
+    ``eval()`` mode too, as the official code draws it (compare models on the raw logits, or with ``noise_mul=0``).
 
     Args:
         class_counts: (C,) training counts per class.

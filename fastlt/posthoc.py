@@ -48,7 +48,7 @@ def logit_adjust(logits: torch.Tensor, class_counts: torch.Tensor | Sequence[int
     Give exactly one of ``class_counts`` and ``log_prior``.
 
     Args:
-        logits: (N, C) floating tensor.
+        logits: (N, C) floating tensor of raw logits (or log-probabilities), not probabilities.
         class_counts: (C,) training counts ``n``, any numeric 1-D (tensor, sequence or numpy array) of whole
             numbers; ``log pi = log(n / sum n)`` is computed in float64.
         tau: the weight of the prior offset (finite).
@@ -84,7 +84,7 @@ def pc_softmax(logits: torch.Tensor, source_counts: torch.Tensor | Sequence[int]
     """PC Softmax probabilities ``softmax_j(z_ij - log p_s(j) + log p_t(j))``, shape (N, C).
 
     Args:
-        logits: (N, C) floating tensor.
+        logits: (N, C) floating tensor of raw logits (or log-probabilities), not probabilities.
         source_counts: (C,) training counts ``n`` (tensor, sequence or numpy array); ``p_s = n / sum n``,
             computed in float64.
         target_prior: (C,) non-negative, summing to 1 within 1e-3 (tensor, sequence or numpy; a float32
@@ -159,7 +159,7 @@ def predict(logits: torch.Tensor, class_counts: torch.Tensor | Sequence[int] | n
     float32 (half-precision logits are widened first).
 
     Args:
-        logits: (N, C) floating tensor.
+        logits: (N, C) floating tensor of raw logits (or log-probabilities), not probabilities.
         class_counts: (C,) training counts ``n`` (tensor, sequence or numpy array); ``pi = n / sum n``.
         tau: the weight of the prior offset (finite).
         count_smoothing: zero counts raise unless ``count_smoothing > 0``, which uses ``n + count_smoothing``.

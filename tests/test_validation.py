@@ -654,3 +654,16 @@ def test_scales_and_weights_of_the_papers_hyperparameters_are_bounded():
         crit.s = -1.0  # a schedule's bad value: refused at the next call
         with pytest.raises(ValueError, match="s must be > 0"):
             crit(z.tanh(), y)
+
+
+def test_common_target_mistakes_name_their_fix():
+    """One-hot rows as integers (F.one_hot) and an (N, 1) target are refused with what to do (``target.float()``,
+    ``target.squeeze(1)``), and a class vector on another device says to move the module."""
+    z, y = data(N=4)
+    crit = fastlt.LogitAdjustedLoss(COUNTS, backend="torch")
+    with pytest.raises(ValueError, match=r"target\.float\(\) for one-hot rows"):
+        crit(z, torch.nn.functional.one_hot(y, C))
+    with pytest.raises(ValueError, match=r"target\.squeeze\(1\)"):
+        crit(z, y[:, None])
+    with pytest.raises(ValueError, match=r"move it with \.to\(logits\.device\)"):
+        crit.to("meta")(z, y)
