@@ -48,8 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from .demo import run_from_args
+        from .demo import MissingDependency, run_from_args
 
-        return run_from_args(args)
+        try:
+            return run_from_args(args)
+        except MissingDependency as exc:  # one line, as a usage error (a chained traceback before)
+            print(f"fastlt demo: error: {exc}", file=sys.stderr)
+            return 1
     parser.print_help()
     raise SystemExit(2)

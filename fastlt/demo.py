@@ -88,13 +88,24 @@ class Split:
     num_classes: int
 
 
+class MissingDependency(ImportError):
+    """A package of the ``[demo]`` extra is not installed (``fastlt demo`` says so in one line)."""
+
+
+def _demo_import(module: str, package: str):
+    """``importlib.import_module(module)``, or :class:`MissingDependency` naming ``package`` and the extra that
+    brings it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDependency(f"the demo needs {package} (pip install 'fastlt[demo]')") from exc
+
+
 def make_split(seed: int = 0, imbalance_ratio: float = 100.0, test_per_class: int = TEST_PER_CLASS) -> Split:
     """Balanced test set held out first, long-tailed (exp profile) training split of the rest."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("the demo needs scikit-learn (pip install 'fastlt[demo]')") from exc
-    digits = load_digits()
+    digits = _demo_import("sklearn.datasets", "scikit-learn").load_digits()
     x = torch.as_tensor(digits.data, dtype=torch.float32)
     y = torch.as_tensor(digits.target, dtype=torch.int64)
     g = torch.Generator().manual_seed(seed)
@@ -162,8 +173,7 @@ class Net(nn.Module):
 
 
 def _bar(total: int, desc: str, progress: bool):
-    from tqdm.auto import tqdm
-
+    tqdm = _demo_import("tqdm.auto", "tqdm").tqdm
     # disable=None: shown on a terminal, silent when stderr is not a TTY (logs, CI, pytest).
     return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, unit="step", dynamic_ncols=True,
                 disable=None if progress else True)

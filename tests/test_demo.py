@@ -117,3 +117,17 @@ def test_cli_bench_missing_module_exits_2(monkeypatch, capsys):
         main(["bench"])
     assert exc.value.code == 2
     assert "fastlt.bench is not available" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("blocked, package", [("sklearn", "scikit-learn"), ("tqdm", "tqdm")])
+def test_cli_demo_without_its_extra_is_one_line(monkeypatch, capsys, blocked, package):
+    """Without the ``[demo]`` extra (scikit-learn, tqdm) ``fastlt demo`` prints one line naming the package and the
+    extra, exit status 1 (a chained traceback before)."""
+    for name in [m for m in sys.modules if m == blocked or m.startswith(blocked + ".")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, blocked, None)  # makes the import fail as if absent
+    monkeypatch.setitem(sys.modules, blocked + (".datasets" if blocked == "sklearn" else ".auto"), None)
+    assert main(["demo", "--quick"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"fastlt demo: error: the demo needs {package} (pip install 'fastlt[demo]')"]
+
