@@ -283,15 +283,34 @@ def _shapes(p: argparse.ArgumentParser, items: list[str] | None, parts: tuple[in
     return out
 
 
+DESCRIPTION = ("Time fastlt's losses (forward + backward) beside eager PyTorch, torch.compile, Liger-Kernel and the "
+               "official code's style, on a CUDA GPU (it needs one): median ms, GB/s, multiples of the bandwidth "
+               "floor, peak extra memory, host ms and CUDA-graph replay. Writes results.json and results.md "
+               "(heads.*, shards.* with --heads, --shards) under --out/<device>/.")
+
+
+def _check_writable(p: argparse.ArgumentParser, out: str) -> None:
+    """A usage error now when ``out`` cannot be made or written (it was found when the first table was saved, after
+    minutes of GPU time); nothing is created here."""
+    path = os.path.abspath(out)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
+        p.error(f"--out {out!r}: {path!r} is not a writable folder")
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="fastlt bench", description=" ".join(__doc__.split("\n\n")[0].split()))
-    p.add_argument("--loss", nargs="+", default=["la", "gcl", "lade"], choices=["la", "gcl", "lade", "la_soft"],
-                   help="la_soft: logit adjustment with mixup class-probability targets (floor 3 N C bytes)")
-    p.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    p = argparse.ArgumentParser(prog="fastlt bench", description=DESCRIPTION)
+    p.add_argument("--loss", nargs="+", default=None, choices=["la", "gcl", "lade", "la_soft"],
+                   help="the logits table's losses (default: la gcl lade); la_soft: logit adjustment with mixup "
+                        "class-probability targets (floor 3 N C bytes)")
+    p.add_argument("--dtype", nargs="+", default=None, choices=list(DTYPES),
+                   help="default: fp32 bf16 (--heads, --shards: bf16)")
     p.add_argument("--shapes", nargs="+", default=None, help="NxC items, e.g. 4096x8142")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer (compiles are slow)")
     p.add_argument("--no-official", action="store_true", help="skip the official-style peers")
-    p.add_argument("--out", default="benchmarks/results", help="folder for results/<device>/")
+    p.add_argument("--out", default="benchmarks/results",
+                   help="folder (relative to the current one) of the tables, in <device>/ (default %(default)s)")
     p.add_argument("--heads", action="store_true",
                    help="benchmark the fused linear / cosine heads instead (features in; see fastlt.bench_heads)")
     p.add_argument("--shards", nargs="+", type=int, default=None, metavar="W",
@@ -305,6 +324,12 @@ def main(argv=None) -> int:
         p.error("--shards and --heads are two tables: --shards takes NxDxC shapes for its heads")
     if a.no_peers and a.shards is None:
         p.error("--no-peers applies to --shards only")
+    table = "--shards" if a.shards is not None else "--heads" if a.heads else None
+    for flag, given in (("--loss", a.loss is not None), ("--no-compile", a.no_compile),
+                        ("--no-official", a.no_official)):
+        if table and given:  # (was ignored: those tables run their own peers and losses)
+            p.error(f"{flag} applies to the logits table, not to {table}")
+    _check_writable(p, a.out)
     if a.shards is not None:
         a.shapes = _shapes(p, a.shapes, (2, 3), "NxC (logits) or NxDxC (heads)")
     else:
@@ -318,6 +343,8 @@ def main(argv=None) -> int:
     if a.heads:
         return _main_heads(a)
     shapes = SHAPES if a.shapes is None else a.shapes
+    losses = ["la", "gcl", "lade"] if a.loss is None else a.loss
+    dtypes = ["fp32", "bf16"] if a.dtype is None else a.dtype
     print(HEADER)
     done: list[Result] = []  # saved after each shape, so an interrupted run keeps what it measured
 
@@ -325,8 +352,8 @@ def main(argv=None) -> int:
         save(dev, done + part, a.out, plot=False)
 
     bandwidth = None  # measured by the first loss's run, then shared: the table's header states one floor
-    for loss in a.loss:
-        dev, part = run((loss,), shapes, a.dtype, with_compile=not a.no_compile, with_official=not a.no_official,
+    for loss in losses:
+        dev, part = run((loss,), shapes, dtypes, with_compile=not a.no_compile, with_official=not a.no_official,
                         after_shape=keep, bandwidth=bandwidth)
         done += part
         bandwidth = dev.bandwidth
@@ -340,7 +367,7 @@ def _main_heads(a) -> int:
     from .bench_heads import HEAD_HEADER, HEAD_SHAPES, run_heads, save_heads
 
     shapes = HEAD_SHAPES if a.shapes is None else a.shapes
-    dtypes = a.dtype if a.dtype != ["fp32", "bf16"] else ["bf16"]
+    dtypes = ["bf16"] if a.dtype is None else a.dtype
     print(HEAD_HEADER)
     results = []
 
@@ -361,7 +388,7 @@ def _main_shards(a) -> int:
     shapes = a.shapes
     logits = SHARD_LOGITS if shapes is None else [s for s in shapes if len(s) == 2]
     heads = SHARD_HEADS if shapes is None else [s for s in shapes if len(s) == 3]
-    dtypes = a.dtype if a.dtype != ["fp32", "bf16"] else ["bf16"]
+    dtypes = ["bf16"] if a.dtype is None else a.dtype
     print(SHARD_HEADER)
     dev, results = run_shards(a.shards, logits, heads, dtypes, peers=None if a.no_peers else build_cases,
                               after_shape=lambda dev, part: save_shards(dev, part, a.out))  # (saved as it goes)

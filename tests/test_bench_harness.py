@@ -152,12 +152,16 @@ def test_best_in_turns_calls_each_function_in_turns():
 
 @pytest.mark.parametrize("args", [["--shapes", "4096by8142"], ["--shapes", "0x100"], ["--heads", "--shapes", "8x100"],
                                   ["--shards", "2", "--shapes", "8x1x2x3"], ["--no-peers"],
-                                  ["--heads", "--shards", "2"]])
-def test_bad_bench_arguments_are_usage_errors_on_any_machine(args, capsys):
+                                  ["--heads", "--shards", "2"], ["--heads", "--loss", "lade"],
+                                  ["--heads", "--no-compile"], ["--shards", "2", "--no-official"],
+                                  ["--shards", "2", "--loss", "gcl"], ["--out", "{file}/results"]])
+def test_bad_bench_arguments_are_usage_errors_on_any_machine(args, capsys, tmp_path):
     """A malformed --shapes was parsed after the CUDA check (a raw traceback, on the GPU only: a lent machine's
-    minutes); flags that do nothing together were ignored."""
+    minutes); flags that do nothing together were ignored (--loss, --no-compile, --no-official with --heads or
+    --shards); an --out that cannot be written was found when the first table was saved."""
+    (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit) as exc:
-        bench.main(args)
+        bench.main([arg.format(file=tmp_path / "file") for arg in args])
     assert exc.value.code == 2 and "fastlt bench: error:" in capsys.readouterr().err
 
 
