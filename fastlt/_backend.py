@@ -4,6 +4,7 @@ imports nothing of fastlt but the argument checks)."""
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -47,7 +48,14 @@ _AVAILABLE: bool | None = None  # kernels_available's answer, once asked
 
 # Dynamo calls these two as they are and takes their answers as constants: traced, they guarded on their globals
 # (``_AVAILABLE is None``), so an eager call after the first compiled one compiled the graph again
-_constant_result = getattr(torch.compiler, "assume_constant_result", lambda fn: fn)
+def _constant_result(fn):
+    """``torch.compiler.assume_constant_result(fn)`` without importing ``torch._dynamo`` (~1.1 s of ``import
+    fastlt``, and of ``fastlt --version``) where nothing has yet: torch's decorator only sets this attribute, which
+    Dynamo reads when it traces a call (tests/test_kernels_compile.py compares the two marks)."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
 
 
 @_constant_result

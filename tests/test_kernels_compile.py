@@ -263,3 +263,24 @@ def test_a_compiled_kernels_step_before_any_eager_one_compiles_once():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "frames 1" in out.stdout, out.stdout + out.stderr[-2000:]
+
+
+def test_the_backend_answers_are_marked_as_torch_marks_a_constant_result():
+    """``fastlt._backend`` marks ``kernels_available`` and ``interpreting`` as constant results without importing
+    ``torch._dynamo`` (~1.1 s of ``import fastlt``): the mark must be what ``torch.compiler.assume_constant_result``
+    makes (if torch changes how it marks, this fails), and ``import fastlt`` alone leaves ``torch._dynamo``
+    unimported (a fresh process)."""
+    import subprocess
+    import sys
+
+    from fastlt import _backend
+
+    def probe():
+        return 0
+
+    marked = dict(torch.compiler.assume_constant_result(probe).__dict__)
+    assert marked and all(_backend.kernels_available.__dict__.get(k) == v for k, v in marked.items())
+    assert all(_backend.interpreting.__dict__.get(k) == v for k, v in marked.items())
+    code = "import sys, fastlt; print('torch._dynamo' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stdout + done.stderr
