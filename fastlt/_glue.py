@@ -29,7 +29,7 @@ from ._operator import AdjustedCEArgs, LadeArgs
 from ._validation import as_kernel_target
 from .reference import LaderStatistics
 
-# the kernels (loaded at their first use where Triton is missing: fastlt._kernel_modules)
+# the kernels (stand-ins that raise at their first use where Triton is missing: fastlt._kernel_modules)
 lade_kernels = kernel_module("fastlt.kernels.lade")
 launch = kernel_module("fastlt.kernels.launch")
 adjusted_ce = kernel_module("fastlt.kernels.adjusted_ce")

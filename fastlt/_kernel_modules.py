@@ -1,35 +1,31 @@
-"""The kernel modules as the glue imports them: at once where Triton imports (as a plain import), and where it does
-not (``pyproject.toml`` asks for it on Linux only) as modules loaded at their first use, so that ``import fastlt``
-and the reference path work there; ``backend='triton'`` then raises :func:`fastlt._backend.use_triton`'s error
-before any kernel module is touched."""
+"""The kernel modules as the glue imports them: a plain import where Triton imports, and where it does not
+(``pyproject.toml`` asks for it on Linux only) a stand-in that raises Triton's ImportError at its first use, so that
+``import fastlt`` and the reference path work there; ``backend='triton'`` raises :func:`fastlt._backend.use_triton`'s
+error before any kernel is reached."""
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import sys
 import types
 
 
-def kernel_module(name: str) -> types.ModuleType:
-    """The module ``name`` (absolute, under ``fastlt.kernels``): imported, or where Triton is missing executed at
-    its first attribute access (``importlib.util.LazyLoader``), which raises Triton's ImportError then."""
+class MissingKernels:
+    """Stands for kernel module ``name`` where Triton is not importable: any attribute raises the ImportError. Not
+    a module and not in ``sys.modules`` (what walks ``sys.modules``, as ``inspect`` does, never touches it)."""
+
+    def __init__(self, name: str, error: ImportError):
+        self._name, self._error = name, error
+
+    def __getattr__(self, attr: str):
+        raise ImportError(f"{self._name}.{attr} needs the triton package ({self._error}); backend='torch' runs "
+                          f"without it") from self._error
+
+
+def kernel_module(name: str) -> types.ModuleType | MissingKernels:
+    """The module ``name`` (absolute, under ``fastlt.kernels``), or where Triton is missing a
+    :class:`MissingKernels`."""
     try:
         import triton  # noqa: F401
-    except ImportError:
-        return _lazy(name)
+    except ImportError as exc:
+        return MissingKernels(name, exc)
     return importlib.import_module(name)
-
-
-def _lazy(name: str) -> types.ModuleType:
-    if name in sys.modules:
-        return sys.modules[name]
-    parent, _, child = name.rpartition(".")
-    importlib.import_module(parent)  # (fastlt.kernels' __init__ imports nothing)
-    spec = importlib.util.find_spec(name)
-    spec.loader = importlib.util.LazyLoader(spec.loader)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    setattr(sys.modules[parent], child, module)
-    return module

@@ -1,6 +1,6 @@
 """The package's import graph has no cycle, counting every import (a function-local one too: an import moved into a
 function to dodge a cycle still makes one; a ``kernel_module`` call too). Read from the source with ``ast``; nothing is
-imported. And ``import fastlt`` works without Triton (the kernels load at their first use)."""
+imported. And ``import fastlt`` works without Triton (stand-ins of the kernel modules raise at their first use)."""
 
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ from ..noise import call_seed, gcl_noise
 from .class_shard import ClassShard
 from .collectives import all_reduce, carried, gathered_partials, global_sum, moved_to_max, stat_dtype
 
-# the kernels (loaded at their first use where Triton is missing: fastlt._kernel_modules)
+# the kernels (stand-ins that raise at their first use where Triton is missing: fastlt._kernel_modules)
 launch = kernel_module("fastlt.kernels.launch")
 
 __all__ = ["sharded_cross_entropy", "sharded_lade_loss", "check_shard", "check_shard_options", "check_shard_target",

@@ -29,7 +29,7 @@ from .lade import lade_pass
 from .passes import HeadParams, fused_pass, recompute_backward
 from .plan import default_chunk_classes, head_chunk_rows, prefer_class_chunks, row_chunks
 
-# the kernels (loaded at their first use where Triton is missing: fastlt._kernel_modules)
+# the kernels (stand-ins that raise at their first use where Triton is missing: fastlt._kernel_modules)
 launch = kernel_module("fastlt.kernels.launch")
 row_normalize = kernel_module("fastlt.kernels.row_normalize")
 

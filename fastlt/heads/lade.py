@@ -37,7 +37,7 @@ from .passes import (
 )
 from .plan import row_chunks
 
-# the kernels (loaded at their first use where Triton is missing: fastlt._kernel_modules)
+# the kernels (stand-ins that raise at their first use where Triton is missing: fastlt._kernel_modules)
 lade_kernels = kernel_module("fastlt.kernels.lade")
 launch = kernel_module("fastlt.kernels.launch")
 

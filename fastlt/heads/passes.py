@@ -20,7 +20,7 @@ from .._kernel_modules import kernel_module
 from .._operator import AdjustedCEArgs, ChunkPlan, LadeArgs
 from .plan import class_chunks, row_chunks
 
-# the kernels (loaded at their first use where Triton is missing: fastlt._kernel_modules)
+# the kernels (stand-ins that raise at their first use where Triton is missing: fastlt._kernel_modules)
 launch = kernel_module("fastlt.kernels.launch")
 
 __all__ = ["HeadParams", "fused_pass", "recompute_backward", "class_pass", "class_row_stats", "class_grads"]
