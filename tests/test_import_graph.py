@@ -131,3 +131,26 @@ print("ok")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
                           env={**__import__("os").environ, "TRITON_INTERPRET": "0"})
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
+
+
+def test_a_source_tree_that_is_not_the_installed_package_finds_its_kernels(tmp_path):
+    """``pip install .`` (not editable), then Python or pytest inside the checkout: the checkout's ``fastlt/``
+    shadows the installed package, and ``kernels/`` beside it is ``fastlt.kernels`` only once installed, so
+    ``import fastlt`` failed (No module named 'fastlt.kernels'). A copy of the two folders, with the editable
+    install's finder taken away, imports its own kernels."""
+    import shutil
+    import subprocess
+    import sys
+
+    for folder in ("fastlt", "kernels"):
+        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    code = """
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if "Editable" not in getattr(f, "__name__", type(f).__name__)]
+import fastlt
+import fastlt.kernels.launch as launch
+print(fastlt.__file__, launch.__file__)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(tmp_path / "fastlt" / "__init__.py"), str(tmp_path / "kernels" / "launch.py")]
