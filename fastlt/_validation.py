@@ -309,7 +309,8 @@ def as_class_counts(class_counts, *, smoothing: float = 0.0) -> torch.Tensor:
     if not torch.isfinite(counts).all():
         raise ValueError("class_counts must be finite")
     if (counts != counts.round()).any():
-        raise TypeError("class_counts must hold whole numbers (per-class training counts)")
+        raise TypeError("class_counts must hold whole numbers (per-class training counts, not a prior; for a known "
+                        "prior pi, assign the module's log_prior = pi.log() after building it from any counts)")
     if (counts < 0).any():
         bad = int(torch.nonzero(counts < 0)[0, 0])
         raise ValueError(f"class_counts must be non-negative; class {bad} has {counts[bad].item():g}")

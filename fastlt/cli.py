@@ -40,7 +40,21 @@ def _bench(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``fastlt`` console script and of ``python -m fastlt``; returns the exit status."""
+    """Entry point of the ``fastlt`` console script and of ``python -m fastlt``; returns the exit status. Ctrl-C
+    exits 130 and a closed pipe (``fastlt demo | head -1``) quietly, without a traceback."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader went away: stop writing, and let the interpreter's final flush write nowhere
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # 'bench' hands every later argument (options included) to fastlt.bench untouched.
     if argv and argv[0] == "bench":

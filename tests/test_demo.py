@@ -131,3 +131,25 @@ def test_cli_demo_without_its_extra_is_one_line(monkeypatch, capsys, blocked, pa
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"fastlt demo: error: the demo needs {package} (pip install 'fastlt[demo]')"]
 
+
+
+def test_cli_interrupted_or_cut_off_exits_without_a_traceback(monkeypatch, capsys):
+    """Ctrl-C exits 130 with one line, and a reader that goes away (``fastlt demo | head -1``) ends the command
+    quietly: both printed a traceback."""
+    import subprocess
+
+    import fastlt.demo
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fastlt.demo, "run_from_args", interrupted)
+    assert main(["demo", "--quick"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+    code = ("import fastlt.demo, fastlt.cli\n"
+            "def cut_off(args):\n"
+            "    raise BrokenPipeError\n"
+            "fastlt.demo.run_from_args = cut_off\n"
+            "raise SystemExit(fastlt.cli.main(['demo', '--quick']))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
