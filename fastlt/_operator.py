@@ -519,6 +519,12 @@ def check_operator_args(logits, target, fields: dict, *, noise=None) -> None:
         value = fields.get(name, _ABSENT)
         if value is not _ABSENT and (value is not None or not none_ok):
             check(name, value, spec, num_classes, device)
+    # a term's weight without its class vector would be ignored, silently (tau = 0 and noise_mul = 0 are "off")
+    if fields.get("log_prior") is None and fields.get("tau", 1.0) not in (0.0, 1.0):
+        raise ValueError(f"tau={fields['tau']!r} weighs log_prior, which is not given (pass log_prior=)")
+    if fields.get("cloud") is None and fields.get("noise_mul", 0.0) != 0.0:
+        raise ValueError(f"noise_mul={fields['noise_mul']!r} scales GCL's noise by cloud, which is not given "
+                         f"(pass cloud=)")
     if noise is not None:
         if not isinstance(noise, Tensor) or noise.shape != logits.shape:
             raise ValueError(f"noise must be a tensor of the logits' shape {tuple(logits.shape)}")

@@ -667,3 +667,19 @@ def test_common_target_mistakes_name_their_fix():
         crit(z, y[:, None])
     with pytest.raises(ValueError, match=r"move it with \.to\(logits\.device\)"):
         crit.to("meta")(z, y)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_term_weight_without_its_class_vector_is_refused(backend):
+    """``tau`` without ``log_prior`` and ``noise_mul`` without ``cloud`` were ignored (the plain cross-entropy came
+    back); each is a ValueError naming the missing vector. tau 0 or 1 and noise_mul 0 (the defaults, "off") pass."""
+    z, y = data()
+    with pytest.raises(ValueError, match="tau=2.0 weighs log_prior, which is not given"):
+        LF.adjusted_cross_entropy(z, y, tau=2.0, backend=backend)
+    with pytest.raises(ValueError, match="noise_mul=1.0 scales GCL's noise by cloud, which is not given"):
+        LF.adjusted_cross_entropy(z, y, noise_mul=1.0, seed=3, backend=backend)
+    with pytest.raises(ValueError, match="noise_mul=0.5 scales"):
+        LF.cosine_cross_entropy(torch.randn(6, 3), torch.randn(C, 3), y, noise_mul=0.5, seed=3, backend=backend)
+    want = torch.nn.functional.cross_entropy(z, y)
+    for kw in (dict(tau=0.0), dict(tau=1.0), dict(noise_mul=0.0)):
+        torch.testing.assert_close(LF.adjusted_cross_entropy(z, y, backend=backend, **kw), want)
