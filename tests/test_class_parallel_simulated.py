@@ -339,3 +339,19 @@ def test_kernel_path_compiles_with_its_backward():
     for (eager_loss, eager_grad), (loss, grad) in results:
         torch.testing.assert_close(loss, eager_loss)
         torch.testing.assert_close(grad, eager_grad)
+
+
+@pytest.mark.parametrize("name", ["la", "ldam"])
+def test_reference_path_in_bfloat16_equals_one_process(name):
+    """bf16 logits near 300 (2 apart): the single-process reference computes in float32, and so must a class shard's
+    (it added the prior and margin in bf16: LA 5.906 for 6.219, LDAM 43.0 for 45.0 over 2 ranks)."""
+    gen = torch.Generator().manual_seed(3)
+    C = 12
+    z = (300 + torch.randn(6, C, generator=gen)).bfloat16()
+    y = torch.randint(0, C, (6,), generator=gen)
+    kw = _cases(class_vectors(C, gen), torch.float32)[name]
+    losses, _, _ = _run(2, z, y, lambda sh, zl, t: LF.adjusted_cross_entropy(zl, t, shard=sh, backend="torch", **kw))
+    want = R.adjusted_cross_entropy(z, y, **kw)
+    for loss in losses:
+        assert loss.dtype == torch.bfloat16
+        torch.testing.assert_close(loss, want, rtol=0, atol=0)

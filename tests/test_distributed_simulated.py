@@ -442,3 +442,21 @@ def test_a_loss_module_refuses_a_shard_that_is_not_a_class_shard():
     crit = fastlt.LogitAdjustedLoss([5, 4, 3, 2, 1], shard=(0, 5), backend="torch")
     with pytest.raises(TypeError, match="shard must be a fastlt.distributed.ClassShard, got tuple"):
         crit(torch.randn(3, 5), torch.tensor([0, 1, 2]))
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_lade_in_bfloat16_over_ranks_equals_one_process(reduction):
+    """bf16 logits, LADE over 2 simulated ranks on the reference path: each rank's PriorCE sum was rounded to bf16
+    before the ranks added them ('sum' of 64 rows: 364 where one process gives 362); now summed in
+    float32, the global loss is one process's."""
+    gen = torch.Generator().manual_seed(5 if reduction == "sum" else 7)  # (inputs where the two roundings differ)
+    C = 9
+    x = (3 * torch.randn(64, C, generator=gen)).bfloat16()
+    y = torch.randint(0, C, (64,), generator=gen)
+    pi = prior(torch.randint(1, 50, (C,), generator=gen))
+    losses, _, _ = _run([32, 32], dict(x=x, y=y), lambda g, x, y: LF.lade_loss(
+        x, y, pi, 0.2, 0.1, backend="torch", dp_group=g, reduction=reduction))
+    want = R.lade_loss(x, y, pi, 0.2, 0.1, reduction=reduction)
+    for loss in losses:
+        assert loss.dtype == torch.bfloat16
+        torch.testing.assert_close(loss, want, rtol=0, atol=0)

@@ -95,10 +95,10 @@ def _local_targets(target: Tensor, shard: ClassShard, ignore_index: int):
 # --- the reference path ---------------------------------------------------------------------------------------
 
 def _local_adjusted(logits: Tensor, target: Tensor, f: dict, shard: ClassShard, local, y_local) -> Tensor:
-    """The adjusted logits of this rank's columns (the reference's arithmetic, in the logits' dtype)."""
+    """The adjusted logits of this rank's columns (the reference's arithmetic: in at least float32)."""
     s0, s1 = shard.start, shard.stop
     N, Cl = logits.shape
-    a = logits
+    a = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if f.get("log_prior") is not None:
         a = a + f.get("tau", 1.0) * f["log_prior"][s0:s1].to(a.dtype)
     cloud, noise_mul = f.get("cloud"), f.get("noise_mul", 0.0)
