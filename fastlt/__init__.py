@@ -13,17 +13,21 @@ head for code written against it) and ``distributed`` (data parallel: ``dp_group
 def _kernels_of_a_source_tree() -> None:
     """In a source checkout that is not the installed package (``pip install .``, then Python or pytest inside the
     checkout: its ``fastlt/`` shadows the installed one, and ``kernels/`` beside it is ``fastlt.kernels`` only once
-    installed, ``[tool.setuptools.package-dir]``), ``fastlt.kernels`` is that ``kernels/`` folder."""
+    installed, ``[tool.setuptools.package-dir]``; or a second checkout beside an editable install, whose finder
+    maps ``fastlt.kernels`` to the first), ``fastlt.kernels`` is this checkout's ``kernels/`` folder. A checkout:
+    ``pyproject.toml`` and ``kernels/launch.py`` beside this ``fastlt/`` (an installed package has neither)."""
     import importlib.util
     import os
     import sys
 
     name = __name__ + ".kernels"
-    if importlib.util.find_spec(name) is not None:
-        return
-    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    folder = os.path.join(root, "kernels")
     init = os.path.join(folder, "__init__.py")
-    if os.path.isfile(init):
+    if not (os.path.isfile(os.path.join(root, "pyproject.toml")) and os.path.isfile(os.path.join(folder, "launch.py"))):
+        return
+    found = importlib.util.find_spec(name)
+    if found is None or os.path.dirname(os.path.realpath(found.origin)) != os.path.realpath(folder):
         spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[folder])
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module

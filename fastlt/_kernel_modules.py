@@ -17,6 +17,8 @@ class MissingKernels:
         self._name, self._error = name, error
 
     def __getattr__(self, attr: str):
+        if attr.startswith("_"):  # introspection (hasattr of dunders: inspect, doctest, copy) finds nothing
+            raise AttributeError(attr)
         raise ImportError(f"{self._name}.{attr} needs the triton package ({self._error}); backend='torch' runs "
                           f"without it") from self._error
 

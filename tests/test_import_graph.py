@@ -7,6 +7,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -133,20 +135,25 @@ print("ok")
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
 
 
-def test_a_source_tree_that_is_not_the_installed_package_finds_its_kernels(tmp_path):
+@pytest.mark.parametrize("editable_finder", [False, True])
+def test_a_source_tree_that_is_not_the_installed_package_finds_its_kernels(tmp_path, editable_finder):
     """``pip install .`` (not editable), then Python or pytest inside the checkout: the checkout's ``fastlt/``
     shadows the installed package, and ``kernels/`` beside it is ``fastlt.kernels`` only once installed, so
-    ``import fastlt`` failed (No module named 'fastlt.kernels'). A copy of the two folders, with the editable
-    install's finder taken away, imports its own kernels."""
+    ``import fastlt`` failed (No module named 'fastlt.kernels'); and a second checkout beside an editable install
+    took the first one's kernels (the editable finder maps ``fastlt.kernels`` to them), silently. A copy of the
+    checkout's package, kernels and pyproject.toml imports its own kernels, with the editable finder and without."""
     import shutil
     import subprocess
     import sys
 
     for folder in ("fastlt", "kernels"):
         shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    code = """
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    drop = "" if editable_finder else \
+        'sys.meta_path[:] = [f for f in sys.meta_path if "Editable" not in getattr(f, "__name__", type(f).__name__)]'
+    code = f"""
 import sys
-sys.meta_path[:] = [f for f in sys.meta_path if "Editable" not in getattr(f, "__name__", type(f).__name__)]
+{drop}
 import fastlt
 import fastlt.kernels.launch as launch
 print(fastlt.__file__, launch.__file__)
@@ -154,3 +161,18 @@ print(fastlt.__file__, launch.__file__)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [str(tmp_path / "fastlt" / "__init__.py"), str(tmp_path / "kernels" / "launch.py")]
+
+
+def test_the_kernel_stand_ins_leave_introspection_alone():
+    """Without Triton a kernel module is a stand-in whose attributes raise ImportError; its private names (what
+    ``inspect``, ``doctest`` and ``copy`` look up with ``hasattr``) are plainly absent."""
+    import copy
+    import inspect
+
+    from fastlt._kernel_modules import MissingKernels
+
+    stand_in = MissingKernels("fastlt.kernels.launch", ImportError("No module named 'triton'"))
+    assert not hasattr(stand_in, "__wrapped__") and inspect.unwrap(stand_in) is stand_in
+    copy.copy(stand_in)
+    with pytest.raises(ImportError, match="fastlt.kernels.launch.forward needs the triton package"):
+        stand_in.forward
