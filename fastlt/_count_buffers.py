@@ -70,20 +70,25 @@ class CountBuffers(nn.Module):
         # change); as a constructor takes them, with the module's count_smoothing
         if name == "class_counts" and "_counts_exact" in self.__dict__:
             self.recount(value)
+        elif name == "class_counts" and "_parameters" in self.__dict__:  # (a built module: a 'ce' head)
+            raise AttributeError("this module was made without class counts, so it has no per-class vectors to make "
+                                 "from them: build a new one with class_counts")
         else:
             super().__setattr__(name, value)
 
     def recount(self, class_counts) -> None:
-        """Make every count buffer again from ``class_counts`` (checked as a constructor checks them, plus the
+        """Make the count buffers again from ``class_counts`` (checked as a constructor checks them, plus the
         module's ``count_smoothing``; the same number of classes), each in its dtype and on its device; what
-        ``module.class_counts = ...`` does."""
-        counts = as_class_counts(class_counts, smoothing=self.__dict__.get("_counts_smoothing", 0.0))
+        ``module.class_counts = ...`` does. A vector the user assigned or edited (not the module's own any more:
+        a known prior's ``log_prior``) is left as it is; the ``class_counts`` buffer itself is always remade."""
+        smoothing = self.__dict__.get("_counts_smoothing", getattr(self, "count_smoothing", 0.0))  # (older pickles)
+        counts = as_class_counts(class_counts, smoothing=smoothing)
         if counts.numel() != self._counts_exact.numel():
             raise ValueError(f"class_counts describes {counts.numel()} classes but the module has "
                              f"{self._counts_exact.numel()}")
         self._counts_exact = counts
         for name in self._count_own:
-            if self._buffers.get(name) is not None:
+            if self._buffers.get(name) is not None and (name == "class_counts" or self._is_own(name)):
                 self.refresh_count_buffer(name)
 
     def _is_own(self, name: str) -> bool:

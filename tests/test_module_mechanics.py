@@ -350,6 +350,19 @@ def test_class_counts_assigned_later_remake_the_class_vectors(cls):
     plain = make(COUNTS)  # without count_smoothing: a zero count raises, as in the constructor
     with pytest.raises(ValueError, match="zero count"):
         plain.class_counts = [1, 0, 3, 4, 5]
+    # a vector the user assigned (a known prior) is left as it is; the other vectors follow the counts
+    name = next(n for n, _ in want.named_buffers() if n != "class_counts")
+    custom = torch.zeros(C, dtype=torch.float64)
+    setattr(mod, name, custom)
+    mod.class_counts = COUNTS
+    assert mod.get_buffer(name) is custom
+    if not head:  # a module pickled before the smoothing was kept for this: its count_smoothing
+        del mod.__dict__["_counts_smoothing"]
+        mod.class_counts = [1, 0, 3, 4, 5]
+        assert mod.class_counts.tolist() == [1.5, 0.5, 3.5, 4.5, 5.5]
+    if head:  # a 'ce' head made without counts has nothing to make from them
+        with pytest.raises(AttributeError, match="made without class counts"):
+            fastlt.LinearLossHead(3, C, None, loss="ce").class_counts = COUNTS
 
 
 @pytest.mark.parametrize("cls", ["LogitAdjustedLoss", "LDAMLoss", "GCLLoss", "LADELoss"])

@@ -683,3 +683,22 @@ def test_a_term_weight_without_its_class_vector_is_refused(backend):
     want = torch.nn.functional.cross_entropy(z, y)
     for kw in (dict(tau=0.0), dict(tau=1.0), dict(noise_mul=0.0)):
         torch.testing.assert_close(LF.adjusted_cross_entropy(z, y, backend=backend, **kw), want)
+
+
+def test_a_prior_is_held_to_its_sum_within_its_dtype_and_not_when_learned():
+    """A 16-bit prior's sum is off by its rounding (fp16 subnormals: a uniform prior of 10^6 classes sums to 1.013),
+    and a learned prior (an nn.Parameter) moves with each optimiser step: both pass the prior check, which refused
+    them (and warned about a tensor that requires grad read as a number); a negative entry still fails."""
+    import warnings
+
+    from fastlt import _validation as V
+
+    V.check_class_values("prior", torch.full((10 ** 6,), 1e-6).half(), V.PRIOR)
+    learned = torch.nn.Parameter(P.prior(COUNTS) * 1.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        V.check_class_values("prior", learned, V.PRIOR)
+    with pytest.raises(ValueError, match="prior must be pi"):
+        V.check_class_values("prior", torch.tensor([1.2, -0.2]), V.PRIOR)
+    with pytest.raises(ValueError, match=r"within 0\.001"):
+        V.check_class_values("prior", torch.tensor([0.6, 0.6]), V.PRIOR)
