@@ -61,7 +61,7 @@ all() {
   step 165 python3 -m fastlt bench --no-compile --no-official --out "$OUT" "$@"
   # issue 17's untimed switches, each off and on (rows print as they come)
   step 120 python3 benchmarks/ab_switches.py
-  step 110 python3 -m fastlt bench --heads --out "$OUT" "$@"
+  step 110 python3 -m fastlt bench --heads --out "$OUT"  # (the extra args are the logits table's)
   # the host path on that host's CPU (kernels stubbed) beside F.cross_entropy; profile_step has the real launches
   step 20 python3 benchmarks/host_overhead.py
   step 40 python3 benchmarks/profile_step.py 4096 8142 fp32

@@ -85,10 +85,12 @@ def host_ms(step: Callable[[], None], *, reps: int = 10, sync: Callable[[], None
 
 def time_step(step: Callable[[], None], *, reps: int | None = None) -> tuple[float, float, float | None]:
     """(median ms, peak extra GB, host ms) of ``step``; ``reps`` for very slow peers (host timing, no host ms). The
-    peak is a second call's: the first compiles (Triton's, inductor's autotuning buffers) and fills caches."""
+    peak is a second call's: the first compiles (Triton's, inductor's autotuning buffers) and fills caches (a slow
+    peer's, eager code, is its first: one call of it can take seconds of a lease)."""
     import triton.testing
 
-    step()
+    if reps is None:
+        step()
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()

@@ -559,7 +559,7 @@ def la_fields(log_prior, tau: float) -> dict[str, Any]:
 def ldam_fields(margins, s: float) -> dict[str, Any]:
     """LDAM (Cao et al., 2019): ``CE(s * (z - m_y onehot(y)))``, ``margins`` (C,). ``s`` (> 0) is checked here, under
     the caller's name (the operator's check would say "scale")."""
-    V.check_finite_float("s", s, min_value=0.0, min_inclusive=False)
+    V.check_scale("s", s)
     return dict(margin=margins, scale=s)
 
 
@@ -568,7 +568,7 @@ def gcl_fields(cloud, m: float, s: float, noise_mul: float, gamma: float) -> dic
     ``m``, ``s`` (> 0) and ``noise_mul`` (>= 0) are checked here, under the caller's names (the operator's checks
     would say "margin" and "scale")."""
     V.check_finite_float("m", m)
-    V.check_finite_float("s", s, min_value=0.0, min_inclusive=False)
+    V.check_scale("s", s)
     V.check_finite_float("noise_mul", noise_mul, min_value=0.0)
     return dict(cloud=cloud, noise_mul=noise_mul, margin=m, scale=s, gamma=gamma)
 

@@ -73,6 +73,12 @@ def host_readable(t: torch.Tensor) -> bool:
             and not (_WRAPPED is not None and _WRAPPED(t)))
 
 
+def check_scale(name: str, value) -> float:
+    """A logit scale (LDAM's and GCL's ``s``): a finite real > 0 (0 gives a constant loss, below 0 flips the
+    logits); returned as float."""
+    return check_finite_float(name, value, min_value=0.0, min_inclusive=False)
+
+
 def check_finite_float(name: str, value, *, min_value: float | None = None,
                        max_value: float | None = None, min_inclusive: bool = True) -> float:
     """A Python real number that is finite (and inside the given range); returned as float."""

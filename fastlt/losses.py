@@ -185,7 +185,7 @@ class LDAMLoss(MarginSchedule, _LongTailLoss):
                  **kwargs):
         super().__init__(class_counts, **kwargs)
         self.max_margin = max_margin
-        self.s = V.check_finite_float("s", s, min_value=0.0, min_inclusive=False)
+        self.s = V.check_scale("s", s)
         self.grad_in_forward = bool(grad_in_forward)
         self._init_buffers()
 
@@ -234,7 +234,7 @@ class GCLLoss(_LongTailLoss):
         super().__init__(class_counts, **kwargs)
         self.rows_per_rank = None if rows_per_rank is None else V.check_int("rows_per_rank", rows_per_rank, 1)
         self.m = V.check_finite_float("m", m)
-        self.s = V.check_finite_float("s", s, min_value=0.0, min_inclusive=False)
+        self.s = V.check_scale("s", s)
         self.noise_mul = V.check_finite_float("noise_mul", noise_mul, min_value=0.0)
         self.gamma = V.check_finite_float("gamma", gamma, min_value=0.0)
         self.grad_in_forward = bool(grad_in_forward)

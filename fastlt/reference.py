@@ -246,7 +246,7 @@ def ldam_cross_entropy(logits: Tensor, target: Tensor, margins: Tensor, s: float
                        weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
                        label_smoothing: float = 0.0) -> Tensor:
     """LDAM (Cao et al., 2019): ``CE(s * (z - m_y * onehot(y)), y)``; ``margins`` (C,) from ``ldam_margins``."""
-    V.check_finite_float("s", s, min_value=0.0, min_inclusive=False)
+    V.check_scale("s", s)
     return adjusted_cross_entropy(logits, target, margin=margins, scale=s, weight=weight,
                                   ignore_index=ignore_index, reduction=reduction,
                                   label_smoothing=label_smoothing)
@@ -263,7 +263,7 @@ def gcl_cross_entropy(cosine: Tensor, target: Tensor, cloud: Tensor, m: float = 
     the focal factor of the classifier re-training stage.
     """
     V.check_finite_float("m", m)
-    V.check_finite_float("s", s, min_value=0.0, min_inclusive=False)
+    V.check_scale("s", s)
     V.check_finite_float("noise_mul", noise_mul, min_value=0.0)
     return adjusted_cross_entropy(cosine, target, cloud=cloud, noise_mul=noise_mul, noise=noise, seed=seed,
                                   margin=m, scale=s, gamma=gamma, weight=weight, ignore_index=ignore_index,

@@ -175,4 +175,4 @@ def test_the_kernel_stand_ins_leave_introspection_alone():
     assert not hasattr(stand_in, "__wrapped__") and inspect.unwrap(stand_in) is stand_in
     copy.copy(stand_in)
     with pytest.raises(ImportError, match="fastlt.kernels.launch.forward needs the triton package"):
-        stand_in.forward
+        stand_in.forward()

@@ -4,6 +4,7 @@ reference path elsewhere), with ``logits(features)`` and a row-chunked ``topk(fe
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -25,15 +26,14 @@ from .plan import default_chunk_rows, row_chunks
 __all__ = ["LinearLossHead", "CosineGCLHead"]
 
 _HEAD_LOSSES = ("ce", "la", "balanced_softmax", "ldam", "lade")
+# each loss's hyperparameters that it does not use: a value other than the head's default (s: 1) would be ignored,
+# so it is refused, at construction and when assigned (LADE has no scale or focal term; its prior enters at tau = 1)
+_UNUSED_BY_LOSS = dict(ce=("tau", "max_margin", "alpha", "remine_lambda"),
+                       la=("max_margin", "alpha", "remine_lambda"),
+                       balanced_softmax=("max_margin", "alpha", "remine_lambda"),
+                       ldam=("tau", "alpha", "remine_lambda"),
+                       lade=("tau", "s", "gamma", "max_margin"))
 # the operator's fields as linear_cross_entropy passes them by default: no offset, margin, noise or focal factor
-# each loss's hyperparameters that it does not use, at the values a head keeps for them: another value would be
-# ignored, so it is refused, at construction and when assigned (LADE has no scale or focal term, and its prior
-# enters at tau = 1)
-_UNUSED = dict(ce=dict(tau=1.0, max_margin=0.5, alpha=0.1, remine_lambda=0.1),
-               la=dict(max_margin=0.5, alpha=0.1, remine_lambda=0.1),
-               balanced_softmax=dict(max_margin=0.5, alpha=0.1, remine_lambda=0.1),
-               ldam=dict(tau=1.0, alpha=0.1, remine_lambda=0.1),
-               lade=dict(tau=1.0, s=1.0, gamma=0.0, max_margin=0.5))
 _NO_OPERATOR = dict(log_prior=None, tau=1.0, margin=None, scale=1.0, cloud=None, noise_mul=0.0, seed=None, gamma=0.0)
 F64 = torch.float64
 
@@ -217,8 +217,7 @@ class LinearLossHead(MarginSchedule, _HeadBase):
             raise ValueError(f"loss='balanced_softmax' fixes tau = 1, got tau={tau!r}; use loss='la' for another tau")
         self.tau = tau
         self.max_margin = max_margin
-        self.s = V.check_finite_float("s", (30.0 if loss == "ldam" else 1.0) if s is None else s, min_value=0.0,
-                                     min_inclusive=False)
+        self.s = V.check_scale("s", (30.0 if loss == "ldam" else 1.0) if s is None else s)
         self.gamma = V.check_finite_float("gamma", gamma, min_value=0.0)
         self.alpha = V.check_finite_float("alpha", alpha, min_value=0.0)
         self.remine_lambda = V.check_finite_float("remine_lambda", remine_lambda, min_value=0.0)
@@ -246,10 +245,9 @@ class LinearLossHead(MarginSchedule, _HeadBase):
         if loss == "balanced_softmax" and name == "tau" and value != 1.0:
             raise ValueError(f"loss='balanced_softmax' fixes tau = 1, got tau={value!r}: make a head with loss='la' "
                              "for another tau")
-        unused = _UNUSED.get(loss, {})
-        if name in unused and value != unused[name]:
+        if name in _UNUSED_BY_LOSS.get(loss, ()) and value != _neutral(name):
             raise ValueError(f"loss={loss!r} takes no {name} (it would be ignored): {name} must stay "
-                             f"{unused[name]}, got {value!r}")
+                             f"{_neutral(name)}, got {value!r}")
         super().__setattr__(name, value)
 
     def _count_vectors(self, counts: Tensor) -> dict[str, Tensor]:
@@ -308,7 +306,7 @@ class LinearLossHead(MarginSchedule, _HeadBase):
         """The loss's hyperparameters as the operator's (the presets of :mod:`fastlt._operator`), plus the logit
         scale and the focal exponent, which every loss but 'lade' takes. ``s`` is checked under its own name (a
         value assigned later said "scale must be finite")."""
-        fields = dict(scale=V.check_finite_float("s", self.s, min_value=0.0, min_inclusive=False), gamma=self.gamma)
+        fields = dict(scale=V.check_scale("s", self.s), gamma=self.gamma)
         if self.loss in ("la", "balanced_softmax"):
             fields.update(la_fields(self.log_prior, self.tau))
         elif self.loss == "ldam":
@@ -336,6 +334,11 @@ class LinearLossHead(MarginSchedule, _HeadBase):
                "lade": f", alpha={self.alpha}, remine_lambda={self.remine_lambda}"}.get(self.loss, "")
         return (f"loss={self.loss!r}, tau={self.tau}, s={self.s}, gamma={self.gamma}{own}, "
                 f"bias={self.bias is not None}, " + super().extra_repr())
+
+
+def _neutral(name: str) -> float:
+    """The value of a hyperparameter that its loss does not use: LinearLossHead's default (s: 1, no scale)."""
+    return 1.0 if name == "s" else inspect.signature(LinearLossHead.__init__).parameters[name].default
 
 
 class CosineGCLHead(_HeadBase):
@@ -366,7 +369,7 @@ class CosineGCLHead(_HeadBase):
         super().__init__(in_features, num_classes, **kwargs)
         self.rows_per_rank = None if rows_per_rank is None else V.check_int("rows_per_rank", rows_per_rank, 1)
         self.m = V.check_finite_float("m", m)
-        self.s = V.check_finite_float("s", s, min_value=0.0, min_inclusive=False)
+        self.s = V.check_scale("s", s)
         self.noise_mul = V.check_finite_float("noise_mul", noise_mul, min_value=0.0)
         self.gamma = V.check_finite_float("gamma", gamma, min_value=0.0)
         self.eps = eps
