@@ -328,7 +328,8 @@ def as_class_counts(class_counts, *, smoothing: float = 0.0) -> torch.Tensor:
         bad = int(torch.nonzero(counts == 0)[0, 0])
         raise ValueError(
             f"class_counts has a zero count (class {bad}): its log prior would be -inf. "
-            "Pass count_smoothing > 0 (counts + smoothing) to opt into smoothing."
+            "Pass count_smoothing > 0 (counts + smoothing) to opt into smoothing. (These are per-class counts: "
+            "count training labels with fastlt.data.class_counts(labels, num_classes).)"
         )
     return counts + smoothing
 

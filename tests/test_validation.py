@@ -702,3 +702,10 @@ def test_a_prior_is_held_to_its_sum_within_its_dtype_and_not_when_learned():
         V.check_class_values("prior", torch.tensor([1.2, -0.2]), V.PRIOR)
     with pytest.raises(ValueError, match=r"within 0\.001"):
         V.check_class_values("prior", torch.tensor([0.6, 0.6]), V.PRIOR)
+
+
+def test_a_zero_count_points_to_counting_labels():
+    """Training labels passed as class_counts usually hold a zero (class 0's label): the zero-count error, which
+    pointed to count_smoothing only, also says how to count labels."""
+    with pytest.raises(ValueError, match=r"fastlt\.data\.class_counts\(labels, num_classes\)"):
+        fastlt.LogitAdjustedLoss([0, 1, 1, 2, 0, 1])
