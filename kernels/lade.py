@@ -22,6 +22,7 @@ import triton.language as tl
 from .._operator import AdjustedCEArgs, as_f32
 from . import launch, tiles
 from .adjusted_ce import ColumnTerm
+from .device_guard import on_its_device
 from .numerics import NEG_BIG, exp
 from .reduce import Reduction, Targets, last_program_reduces
 
@@ -263,6 +264,7 @@ def _columns_plan(planes: int, R: int, C: int, N: int, finish: bool, accumulate:
     return _ColumnsPlan((programs,), max(N, programs) if N and C else 0, static)
 
 
+@on_its_device
 def merge_partials(partials: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
     """(2, R, C) per-row-block partials (column max, sum-exp relative to it) -> (2, C) for the whole set of rows
     (one launch); (4, R, C) -> (4, C) for class-probability targets (their class sums and counts summed too).
@@ -270,6 +272,7 @@ def merge_partials(partials: torch.Tensor, into: torch.Tensor | None = None) -> 
     return _columns(_checked_stats(partials, into), into)
 
 
+@on_its_device
 def finish(partials: torch.Tensor, y: torch.Tensor, target_logits: torch.Tensor, pi: torch.Tensor,
            ignore_index: int, remine_lambda: float, alpha: float = 1.0, *,
            rows: PriorCERows | None = None) -> LaderTerms:
@@ -338,6 +341,7 @@ def _finish_plan(planes: int, R: int, C: int, N: int, ignore_index: int, alpha: 
     return plan._replace(static=static)
 
 
+@on_its_device
 def forward(z: torch.Tensor, y: torch.Tensor, pi: torch.Tensor, alpha: float, remine_lambda: float,
             args: AdjustedCEArgs, config: tiles.TileConfig | None = None, out_dtype: torch.dtype = torch.float32):
     """LADE's forward: ``(loss, row_stats, row_coef, terms)`` with ``loss = PriorCE + alpha * LADER`` (0-dim,
@@ -349,6 +353,7 @@ def forward(z: torch.Tensor, y: torch.Tensor, pi: torch.Tensor, alpha: float, re
     return loss, row_stats, row_coef, LaderTerms.of(finished, z.shape[1])
 
 
+@on_its_device
 def forward_flat(z: torch.Tensor, y: torch.Tensor, pi: torch.Tensor, alpha: float, remine_lambda: float,
                  args: AdjustedCEArgs, config: tiles.TileConfig | None = None,
                  out_dtype: torch.dtype = torch.float32):

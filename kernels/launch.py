@@ -38,6 +38,7 @@ from .adjusted_ce import (
     row_loss_forward,
     row_loss_grad,
 )
+from .device_guard import on_its_device
 from .reduce import (
     DENOM_OWN,
     DENOM_POINTER,
@@ -269,6 +270,7 @@ def _reduce_launch(y: torch.Tensor, args: AdjustedCEArgs, *, loss_rows=None, row
         EXTRA=extra is not None, BLOCK=tiles.REDUCE_BLOCK, num_warps=8)
 
 
+@on_its_device
 def inv_denominator_of(y: torch.Tensor, args: AdjustedCEArgs) -> torch.Tensor:
     """(1,) fp32 ``1 / sum_i w_{y_i}`` over the valid rows ('mean'; inf for an empty batch; a target outside
     [0, C) counts 0). No sync; one launch up to ``tiles.ONE_PROGRAM_ROWS`` rows."""
@@ -286,6 +288,7 @@ def inv_denominator_of(y: torch.Tensor, args: AdjustedCEArgs) -> torch.Tensor:
     return inv
 
 
+@on_its_device
 def reduce(loss_rows: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *,
            inv_denominator: torch.Tensor | None = None, row_coef: torch.Tensor | None = None,
            extra: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
@@ -322,6 +325,7 @@ def reduce(loss_rows: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *,
 
 # --- the row kernels ------------------------------------------------------------------------------------------------
 
+@on_its_device
 def loss(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out: torch.Tensor | None = None,
          out_dtype: torch.dtype = torch.float32, config: TileConfig | None = None, seed: int | None = None):
     """The reduced loss (0-dim, ``out_dtype``; the (N,) fp32 rows for 'none') in the fewest launches: ``(loss,
@@ -356,6 +360,7 @@ def _store_probs(args: AdjustedCEArgs) -> bool:
     return STORE_PROBS == "always" or (STORE_PROBS == "noise" and args.has_noise)
 
 
+@on_its_device
 def forward(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out: torch.Tensor | None = None,
             column_stats: bool = False, config: TileConfig | None = None,
             inv_denominator: torch.Tensor | None = None, scale_mean: bool = True, out: torch.Tensor | None = None,
@@ -531,6 +536,7 @@ def _kept(args: AdjustedCEArgs, key: tuple | None, build, *build_args):
     return plan
 
 
+@on_its_device
 def grad(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, row_stats: torch.Tensor, row_coef: torch.Tensor,
          grad_output: torch.Tensor | None, *, column_term=None, out: torch.Tensor | None = None,
          config: TileConfig | None = None, col_base: int = 0, num_classes: int | None = None,
@@ -606,6 +612,7 @@ def _new_grad_plan(args: AdjustedCEArgs, z, y, out, soft, column_term: bool, ups
     return (cdiv(N, cfg.block_m), cfg.num_splits), static, z.stride(), out.stride()
 
 
+@on_its_device
 def chunk_partials(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, part: torch.Tensor, chunk: int, *,
                    col_base: int, num_classes: int, column_stats: ColumnStats | None = None,
                    seed: int | None = None) -> None:
@@ -671,6 +678,7 @@ def _launch_combine(part, y, args: AdjustedCEArgs, C: int, rows: RowOutputs, inv
         RBLOCK=tiles.COMBINE_RBLOCK)
 
 
+@on_its_device
 def combine_partials(part: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, num_classes: int, *,
                      inv_denominator: torch.Tensor | None = None, scale_mean: bool = True,
                      out: torch.Tensor | None = None):
@@ -701,6 +709,7 @@ def combine_partials(part: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, 
 
 # --- the gradients' rescale -----------------------------------------------------------------------------------------
 
+@on_its_device
 def scale_by(grad_tensor: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
     """``grad_tensor *= grad_output`` in place: (M, C) by a scalar or by one value per row ((M,)); a scalar 1 costs
     one launch of a few programs (``scale_rows``). Returns ``grad_tensor``."""
@@ -710,6 +719,7 @@ def scale_by(grad_tensor: torch.Tensor, grad_output: torch.Tensor) -> torch.Tens
     return grad_tensor
 
 
+@on_its_device
 def scale_all(grads, grad_output: torch.Tensor) -> None:
     """Multiply each tensor of ``grads`` (up to 3; None entries skipped; any shape) in place by the scalar
     ``grad_output``, in one launch (the fused heads' dx, dW and db)."""

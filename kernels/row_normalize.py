@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from . import tiles
+from .device_guard import on_its_device
 
 
 @triton.jit
@@ -70,6 +71,7 @@ def _tiles(D: int) -> tuple[int, int]:
     return block_r, block_d
 
 
+@on_its_device
 def normalize_rows(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, inv)``: (R, D) ``x / max(|x|, eps)`` in x's dtype and the (R,) fp32 inverse norms."""
     R, D = x.shape
@@ -84,6 +86,7 @@ def normalize_rows(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Ten
     return y, inv
 
 
+@on_its_device
 def normalize_rows_backward(x: torch.Tensor, inv: torch.Tensor, grad: torch.Tensor, eps: float) -> torch.Tensor:
     """d loss / d x of :func:`normalize_rows` for the upstream ``grad`` (R, D); in x's dtype."""
     R, D = x.shape
