@@ -34,7 +34,7 @@ from torch import Tensor
 
 from . import _validation as V
 from ._backend import in_loss_dtype
-from ._operator import check_lade_args, check_operator_args
+from ._operator import check_lade_args, check_operator_args, gcl_fields, la_fields, ldam_fields
 from ._shapes import as_rows, restore
 from .noise import call_seed, gcl_noise
 
@@ -229,7 +229,7 @@ def logit_adjusted_cross_entropy(logits: Tensor, target: Tensor, log_prior: Tens
                                  weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
                                  label_smoothing: float = 0.0) -> Tensor:
     """Logit-adjusted CE (Menon et al., 2021): ``CE(z + tau * log_prior, y)``; ``log_prior`` is (C,) log pi."""
-    return adjusted_cross_entropy(logits, target, log_prior=log_prior, tau=tau, weight=weight,
+    return adjusted_cross_entropy(logits, target, **la_fields(log_prior, tau), weight=weight,
                                   ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
 
 
@@ -246,8 +246,7 @@ def ldam_cross_entropy(logits: Tensor, target: Tensor, margins: Tensor, s: float
                        weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
                        label_smoothing: float = 0.0) -> Tensor:
     """LDAM (Cao et al., 2019): ``CE(s * (z - m_y * onehot(y)), y)``; ``margins`` (C,) from ``ldam_margins``."""
-    V.check_scale("s", s)
-    return adjusted_cross_entropy(logits, target, margin=margins, scale=s, weight=weight,
+    return adjusted_cross_entropy(logits, target, **ldam_fields(margins, s), weight=weight,
                                   ignore_index=ignore_index, reduction=reduction,
                                   label_smoothing=label_smoothing)
 
@@ -262,12 +261,9 @@ def gcl_cross_entropy(cosine: Tensor, target: Tensor, cloud: Tensor, m: float = 
     ``seed`` (drawn from torch's generator when None) unless ``noise`` is given. ``gamma > 0`` applies
     the focal factor of the classifier re-training stage.
     """
-    V.check_finite_float("m", m)
-    V.check_scale("s", s)
-    V.check_finite_float("noise_mul", noise_mul, min_value=0.0)
-    return adjusted_cross_entropy(cosine, target, cloud=cloud, noise_mul=noise_mul, noise=noise, seed=seed,
-                                  margin=m, scale=s, gamma=gamma, weight=weight, ignore_index=ignore_index,
-                                  reduction=reduction, label_smoothing=label_smoothing)
+    return adjusted_cross_entropy(cosine, target, **gcl_fields(cloud, m, s, noise_mul, gamma), noise=noise,
+                                  seed=seed, weight=weight, ignore_index=ignore_index, reduction=reduction,
+                                  label_smoothing=label_smoothing)
 
 
 class LaderStatistics(NamedTuple):
