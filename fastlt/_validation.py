@@ -390,9 +390,9 @@ def init_loss_options(module, weight_name: str, weight, num_classes: int, *, ign
             raise TypeError(f"{weight_name} must be a (C,) tensor or sequence of floats, got "
                             f"{type(weight).__name__}") from exc
         check_class_vector(weight_name, as_tensor, num_classes)
-        # construction time: reading the values costs no step a sync (a meta tensor has none to read)
-        if as_tensor.device.type != "meta" and not bool(torch.isfinite(as_tensor).all()):
-            raise ValueError(f"{weight_name} must be finite")
+        # construction time: reading the values costs no step a sync, on any device (a meta tensor has none to read)
+        if as_tensor.device.type != "meta":
+            check_class_values(weight_name, as_tensor, FINITE)
         # float64 stays float64 (nn.CrossEntropyLoss keeps its weight's dtype: a float64 model's loss is exact, and
         # .double() could not undo a rounding); the rest (integers, 16-bit floats) becomes float32
         weight = as_tensor.to(torch.float64 if as_tensor.dtype == torch.float64 else torch.float32)

@@ -98,7 +98,7 @@ def _local_adjusted(logits: Tensor, target: Tensor, f: dict, shard: ClassShard, 
     """The adjusted logits of this rank's columns (the reference's arithmetic: in at least float32)."""
     s0, s1 = shard.start, shard.stop
     N, Cl = logits.shape
-    a = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    a = logits.to(stat_dtype(logits.dtype))
     if f.get("log_prior") is not None:
         a = a + f.get("tau", 1.0) * f["log_prior"][s0:s1].to(a.dtype)
     cloud, noise_mul = f.get("cloud"), f.get("noise_mul", 0.0)

@@ -123,7 +123,7 @@ def global_lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: float
                                                 label_smoothing=label_smoothing)
     else:
         z = in_loss_dtype(logits)
-        z = z.to(torch.promote_types(z.dtype, torch.float32))  # the rank's sum in float32 (bf16 rounded it per rank)
+        z = z.to(stat_dtype(z.dtype))  # the rank's sum in float32 (bf16 rounded it per rank)
         row_sum = R.adjusted_cross_entropy(z, target, log_prior=R._log_of_prior(prior, z.dtype), weight=weight,
                                            ignore_index=ignore_index, reduction="sum", label_smoothing=label_smoothing)
         stats = R.lader_statistics(z, target, ignore_index)
