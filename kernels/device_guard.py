@@ -10,31 +10,29 @@ import functools
 import torch
 
 
-def _device_of(args: tuple) -> torch.device | None:
-    """The device of the first tensor among ``args`` (or of the first element of a first sequence of tensors)."""
+def _first_tensor(args: tuple) -> torch.Tensor | None:
+    """The first tensor among ``args`` (or the first element of a first sequence of tensors: scale_all's
+    gradients)."""
     for a in args:
         if isinstance(a, torch.Tensor):
-            return a.device
+            return a
         if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
-            return a[0].device
+            return a[0]
     return None
 
 
 def on_its_device(launcher):
     """Decorator of a launcher: it runs with its first tensor argument's CUDA device current. ~0.5 us a call on
-    the host where it already is (a small step's host path makes three such calls)."""
+    the host where it already is (a small step's host path makes three such calls; ``is_cuda`` and
+    ``get_device()``, not a ``torch.device`` made per call)."""
 
     @functools.wraps(launcher)
     def on_device(*args, **kwargs):
         first = args[0] if args else None
-        if isinstance(first, torch.Tensor):
-            if first.is_cuda and first.get_device() != torch.cuda.current_device():
-                with torch.cuda.device(first.device):
-                    return launcher(*args, **kwargs)
-            return launcher(*args, **kwargs)
-        dev = _device_of(args)  # (scale_all: a list of gradients first)
-        if dev is not None and dev.type == "cuda" and dev.index != torch.cuda.current_device():
-            with torch.cuda.device(dev):
+        if not isinstance(first, torch.Tensor):
+            first = _first_tensor(args)
+        if first is not None and first.is_cuda and first.get_device() != torch.cuda.current_device():
+            with torch.cuda.device(first.device):
                 return launcher(*args, **kwargs)
         return launcher(*args, **kwargs)
 

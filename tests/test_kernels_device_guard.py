@@ -53,9 +53,9 @@ def test_the_guard_makes_the_tensors_device_current(monkeypatch, current):
 
 def test_the_device_is_the_first_tensors():
     a, b = torch.zeros(1), torch.zeros(1, device="meta")
-    assert device_guard._device_of((3, b, a)) == b.device
-    assert device_guard._device_of(([b, a], a)) == b.device
-    assert device_guard._device_of((1, "x")) is None
+    assert device_guard._first_tensor((3, b, a)).device == b.device
+    assert device_guard._first_tensor(([b, a], a)).device == b.device
+    assert device_guard._first_tensor((1, "x")) is None
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
