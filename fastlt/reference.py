@@ -394,9 +394,20 @@ def lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: float = 0.1,
 # --- the fused heads' oracles: the dense logits, then the losses above ------------------------------------------
 
 def normalize_rows(x: Tensor, eps: float) -> Tensor:
-    """``x / max(|x|, eps)`` per row, in at least fp32 (fp64 stays fp64), cast back to ``x``'s dtype."""
-    cdt = torch.promote_types(x.dtype, torch.float32)
-    return F.normalize(x.to(cdt), dim=1, eps=eps).to(x.dtype)
+    """``x / max(|x|, eps)`` per row, in at least fp32 (fp64 stays fp64), cast back to ``x``'s dtype.
+
+    A row whose sum of squares overflows or underflows that dtype (fp32: ``|x|`` past ~1.8e19, or below ``2^-50``,
+    where ``F.normalize`` gives 0 or ``x / eps``) takes ``|x| = m |x / m|`` with ``m = max_j |x_j|`` (held constant
+    for autograd, which the identity allows), as the kernels do; other rows are ``F.normalize``'s.
+    """
+    xc = x.to(torch.promote_types(x.dtype, torch.float32))
+    norm = torch.linalg.vector_norm(xc, dim=1, keepdim=True)
+    if xc.shape[1]:  # (D = 0: nothing to scale)
+        extreme = ~torch.isfinite(norm) | (norm < math.sqrt(torch.finfo(xc.dtype).tiny) * 2.0**13)
+        m = xc.detach().abs().amax(dim=1, keepdim=True)
+        m = torch.where(extreme & (m > 0), m, torch.ones_like(m))
+        norm = torch.where(extreme, m * torch.linalg.vector_norm(xc / m, dim=1, keepdim=True), norm)
+    return (xc / norm.clamp_min(eps)).to(x.dtype)
 
 
 def reference_linear_cross_entropy(features: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None, *,

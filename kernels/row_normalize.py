@@ -1,8 +1,10 @@
 """Row L2 normalisation for the cosine heads, forward and backward, one read and one write of the matrix each.
 
-Forward: ``y_i = x_i / max(|x_i|, eps)`` for (R, D) ``x`` (fp32/bf16/fp16, unit column stride), norms in fp32,
+Forward: ``y_i = x_i / max(|x_i|, eps)`` for (R, D) ``x`` (fp32/bf16/fp16, unit column stride), norms in fp32
+(a row whose sum of squares overflows or underflows fp32 is summed again scaled by its largest element),
 ``y`` in ``x``'s dtype, plus the (R,) fp32 inverse norms. Backward:
-``dx_i = (g_i - [|x_i| > eps] * y_i <g_i, y_i>) / max(|x_i|, eps)`` with ``y_i`` recomputed from ``x_i`` (fp32).
+``dx_i = (g_i - [|x_i| > eps] * y_i <g_i, y_i>) / max(|x_i|, eps)`` with ``y_i`` recomputed from ``x_i`` (fp32);
+exactly 0 for D = 1 above eps (``y = sign(x)``).
 A row is read twice (the second time from L2: a program holds at most ``BLOCK_R * D`` elements in flight).
 """
 
@@ -28,7 +30,27 @@ def _normalize_fwd(x_ptr, stride_x, y_ptr, stride_y, inv_ptr, R, D, eps,
         mask = row_mask[:, None] & (cols < D)[None, :]
         x = tl.load(x_ptr + base_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         ss += tl.sum(x * x, 1)
-    inv = 1.0 / tl.maximum(tl.sqrt(ss), eps)
+    norm = tl.sqrt(ss)
+    # |x|^2 overflows fp32 past |x| ~ 1.8e19, and loses its terms below 2^-126 (a zero or imprecise norm, which
+    # matters only where eps < 1e-15 could leave the norm unclamped): such rows, rare, take two more passes over
+    # x / max_j |x_j| (one-ulp scaling, no overflow); the common path is unchanged
+    extreme = row_mask & ((ss > 3.0e38) | ((ss < 7.9e-31) & (eps < 1e-15)))
+    if tl.max(extreme.to(tl.int32), 0) > 0:
+        amax = tl.zeros((BLOCK_R,), tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            mask = row_mask[:, None] & (cols < D)[None, :]
+            x = tl.load(x_ptr + base_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(x), 1))
+        amax = tl.where(amax > 0.0, amax, 1.0)
+        scaled = tl.zeros((BLOCK_R,), tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            mask = row_mask[:, None] & (cols < D)[None, :]
+            x = tl.load(x_ptr + base_x + cols[None, :], mask=mask, other=0.0).to(tl.float32) / amax[:, None]
+            scaled += tl.sum(x * x, 1)
+        norm = tl.where(extreme, amax * tl.sqrt(scaled), norm)
+    inv = tl.minimum(1.0 / tl.maximum(norm, eps), 3.4028234663852886e38)  # eps < 2.9e-39: a zero row stays 0
     tl.store(inv_ptr + rows, inv, mask=row_mask)
     base_y = rows.to(tl.int64)[:, None] * stride_y
     for d0 in range(0, D, BLOCK_D):
@@ -55,13 +77,16 @@ def _normalize_bwd(x_ptr, stride_x, g_ptr, stride_g, dx_ptr, stride_dx, inv_ptr,
         g = tl.load(g_ptr + base_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dot += tl.sum(g * x, 1)
     dot = tl.where(unclamped, dot * inv, 0.0)  # <g, y>
+    # D = 1: y = sign(x), whose gradient is 0; the formula's g - y <g, y> leaves a few ulps of g there (times
+    # 1 / |x|), which the row's scale-out makes exact
+    inv_out = tl.where(unclamped & (D == 1), 0.0, inv)
     base_dx = rows.to(tl.int64)[:, None] * stride_dx
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (cols < D)[None, :]
         x = tl.load(x_ptr + base_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + base_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dx = (g - x * inv[:, None] * dot[:, None]) * inv[:, None]
+        dx = (g - x * inv[:, None] * dot[:, None]) * inv_out[:, None]
         tl.store(dx_ptr + base_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 

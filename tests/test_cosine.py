@@ -89,3 +89,34 @@ def test_features_of_another_dtype_or_device_are_refused_by_name():
         head(torch.randn(2, 4, device="meta"))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # an autocast backbone's output: the product's dtype
         assert head(torch.randn(2, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cosine_head_is_scale_invariant_past_float32_squares(backend):
+    """fp32 features and weight rows of norm ~1e25 (their squares overflow fp32) or ~1e-25 with a small eps
+    (their squares underflow) give the loss and the direction of the gradients of the same rows at norm ~1:
+    the norms are taken relative to each row's largest element, on both backends."""
+    from conftest import DEVICE
+
+    from fastlt.heads import cosine_cross_entropy
+    f = torch.randn(6, 12, generator=gen(31))
+    w = torch.randn(5, 12, generator=gen(32))
+    y = torch.randint(0, 5, (6,), generator=gen(33))
+
+    def loss_and_grads(fs, ws):
+        leaves = [t.to(DEVICE, copy=True).requires_grad_() for t in (fs, ws)]
+        loss = cosine_cross_entropy(*leaves, y.to(DEVICE), scale=16.0, eps=1e-35, backend=backend)
+        loss.backward()
+        return loss.detach().cpu(), [t.grad.cpu() for t in leaves]
+
+    loss, (gf, gw) = loss_and_grads(f, w)
+    for scale in (1e25, 1e-25):
+        f2, w2 = f.clone(), w.clone()
+        f2[::2] *= scale
+        w2[1::2] *= scale
+        loss2, (gf2, gw2) = loss_and_grads(f2, w2)
+        close(loss2, loss, 1e-5)
+        rows_f, rows_w = torch.ones(6, 1), torch.ones(5, 1)
+        rows_f[::2], rows_w[1::2] = scale, scale
+        close(gf2 * rows_f, gf, 1e-4)  # d/dx of a scale-invariant function scales as 1 / scale
+        close(gw2 * rows_w, gw, 1e-4)
