@@ -24,13 +24,14 @@ __all__ = ["CountBuffers", "MarginSchedule"]
 
 
 class CountBuffers(nn.Module):
-    """Base of the modules whose buffers come from counts. A subclass defines :meth:`_count_vectors` (its
-    count-derived vectors from the float64 counts, in float64) and calls :meth:`init_count_buffers` once."""
+    """Base of the modules whose buffers come from counts. A subclass adds its count-derived vectors to
+    :meth:`_count_vectors` (``{**super()._count_vectors(counts), ...}``) and calls :meth:`init_count_buffers` once."""
 
     def _count_vectors(self, counts: Tensor) -> dict[str, Tensor]:
         """``{buffer name: (C,) float64 values}`` made from the float64 ``counts`` and the module's hyperparameters
-        (a method, not a stored closure: the module pickles, and a copy reads its own hyperparameters)."""
-        raise NotImplementedError
+        (a method, not a stored closure: the module pickles, and a copy reads its own hyperparameters). Here the
+        ``class_counts`` buffer itself: the smoothed counts, readable back as ``module.class_counts``."""
+        return {"class_counts": counts.clone()}
 
     def init_count_buffers(self, counts: Tensor, dtype: torch.dtype | None = None,
                            device: torch.device | str | None = None, smoothing: float = 0.0) -> None:

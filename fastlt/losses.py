@@ -66,9 +66,6 @@ class _LongTailLoss(HeldFields, CountBuffers):
                                  "count_smoothing")
         self.__dict__["_count_smoothing"] = value
 
-    def _count_vectors(self, counts: Tensor) -> dict[str, Tensor]:
-        return {"class_counts": counts.clone()}
-
     def _init_buffers(self) -> None:
         self.init_count_buffers(self.__dict__.pop("_counts_in"), smoothing=self.count_smoothing)
 

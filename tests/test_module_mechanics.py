@@ -356,6 +356,7 @@ def test_class_counts_assigned_later_remake_the_class_vectors(cls):
     setattr(mod, name, custom)
     mod.class_counts = COUNTS
     assert mod.get_buffer(name) is custom
+    assert mod.class_counts.tolist() == [c + 0.5 for c in COUNTS]  # read back, smoothed (a head kept none)
     if not head:  # a module pickled before the smoothing was kept for this: its count_smoothing
         del mod.__dict__["_counts_smoothing"]
         mod.class_counts = [1, 0, 3, 4, 5]

@@ -49,7 +49,9 @@ class _HeadBase(HeldFields, CountBuffers):
     ``chunk_rows`` / ``chunk_classes`` (at most one; see :func:`fastlt.heads.linear_cross_entropy`), ``dp_group``
     (data parallel: the loss of the global batch, :mod:`fastlt.distributed`) and ``shard``, ``gather_inputs``,
     ``features_grad_scale`` (class parallel: the head holds the weight rows of ``shard``'s classes,
-    :mod:`fastlt.distributed.sharded_heads`; keep it out of DDP: :func:`fastlt.distributed.exclude_from_ddp`)."""
+    :mod:`fastlt.distributed.sharded_heads`; keep it out of DDP: :func:`fastlt.distributed.exclude_from_ddp`).
+    A head made with counts keeps them, smoothed, as its ``class_counts`` buffer (not in the state dict), as the
+    loss modules do."""
 
     def __init__(self, in_features: int, num_classes: int, *, weight_classes=None, ignore_index: int = -100,
                  reduction: str = "mean", label_smoothing: float = 0.0, backend: str = "auto",
@@ -251,7 +253,7 @@ class LinearLossHead(MarginSchedule, _HeadBase):
         super().__setattr__(name, value)
 
     def _count_vectors(self, counts: Tensor) -> dict[str, Tensor]:
-        out = {}
+        out = super()._count_vectors(counts)
         if self.loss in ("la", "balanced_softmax"):
             out["log_prior"] = log_prior_from(counts, F64)
         if self.loss == "lade":  # PriorCE's offset, the official PriorCELoss's log(pi + 1e-9)
@@ -390,7 +392,7 @@ class CosineGCLHead(_HeadBase):
         self._eps = V.check_finite_float("eps", value, min_value=0.0, min_inclusive=False)
 
     def _count_vectors(self, counts: Tensor) -> dict[str, Tensor]:
-        return {"cloud": gcl_cloud_from(counts, F64)}
+        return {**super()._count_vectors(counts), "cloud": gcl_cloud_from(counts, F64)}
 
     def reset_parameters(self) -> None:
         """:class:`fastlt.CosineClassifier`'s initialisation, ``U(-1/sqrt(D), 1/sqrt(D))`` (drawn as
