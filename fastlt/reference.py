@@ -396,17 +396,13 @@ def lade_loss(logits: Tensor, target: Tensor, prior: Tensor, alpha: float = 0.1,
 def normalize_rows(x: Tensor, eps: float) -> Tensor:
     """``x / max(|x|, eps)`` per row, in at least fp32 (fp64 stays fp64), cast back to ``x``'s dtype.
 
-    A row whose sum of squares overflows or underflows that dtype (fp32: ``|x|`` past ~1.8e19, or below ``2^-50``,
-    where ``F.normalize`` gives 0 or ``x / eps``) takes ``|x| = m |x / m|`` with ``m = max_j |x_j|`` (held constant
-    for autograd, which the identity allows), as the kernels do; other rows are ``F.normalize``'s.
+    The norm of a fp32 row is summed in float64 (MPS, which has none: in fp32), so that rows past ``|x| ~ 1.8e19``
+    or below ``~1e-19``, whose squares leave fp32's range, keep their norm where ``F.normalize`` gives 0 or
+    ``x / eps``. Autograd saves what ``F.normalize`` saves: ``x`` and the (R, 1) norms.
     """
     xc = x.to(torch.promote_types(x.dtype, torch.float32))
-    norm = torch.linalg.vector_norm(xc, dim=1, keepdim=True)
-    if xc.shape[1]:  # (D = 0: nothing to scale)
-        extreme = ~torch.isfinite(norm) | (norm < math.sqrt(torch.finfo(xc.dtype).tiny) * 2.0**13)
-        m = xc.detach().abs().amax(dim=1, keepdim=True)
-        m = torch.where(extreme & (m > 0), m, torch.ones_like(m))
-        norm = torch.where(extreme, m * torch.linalg.vector_norm(xc / m, dim=1, keepdim=True), norm)
+    wide = torch.float64 if xc.device.type != "mps" else xc.dtype
+    norm = torch.linalg.vector_norm(xc, dim=1, keepdim=True, dtype=wide).to(xc.dtype)
     return (xc / norm.clamp_min(eps)).to(x.dtype)
 
 

@@ -120,3 +120,29 @@ def test_cosine_head_is_scale_invariant_past_float32_squares(backend):
         rows_f[::2], rows_w[1::2] = scale, scale
         close(gf2 * rows_f, gf, 1e-4)  # d/dx of a scale-invariant function scales as 1 / scale
         close(gw2 * rows_w, gw, 1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_reference_norms_save_no_more_than_f_normalize(dtype):
+    """The reference's wide norm (float64 sums, for fp32 rows past 1.8e19) keeps autograd's saved tensors to what
+    F.normalize saves (the input and the (R, 1) norms): a (R, D) copy more would cost a 10^6-class
+    CosineClassifier 2 GB."""
+    from fastlt.reference import normalize_rows
+
+    def saved_bytes(fn, x):
+        storages = {}
+
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() != x.untyped_storage().data_ptr():
+                storages[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(x)
+        return sum(storages.values())
+
+    x = torch.randn(300, 64, generator=gen(41)).to(dtype).requires_grad_()
+    ours = saved_bytes(lambda t: normalize_rows(t, 1e-12), x)
+    theirs = saved_bytes(lambda t: torch.nn.functional.normalize(t.float(), dim=1).to(dtype), x)
+    assert ours <= theirs + 300 * 8, (ours, theirs)  # (+ the float64 norms)
