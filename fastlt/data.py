@@ -56,13 +56,17 @@ def _as_labels(labels, name: str = "labels") -> torch.Tensor:
     return out
 
 
+_MAX_INFERRED_CLASSES = 2**28  # what labels.max() + 1 may give without num_classes (2**28 int64 counts: 2 GiB)
+
+
 def class_counts(labels: torch.Tensor | Sequence[int] | np.ndarray, num_classes: int | None = None) -> torch.Tensor:
     """Per-class counts ``n_j = #{i : labels_i == j}``, a (C,) int64 tensor.
 
     Args:
         labels: (N,) integer labels (tensor, sequence or numpy array of any integer dtype), each in
             ``[0, num_classes)``.
-        num_classes: the number of classes C; defaults to ``labels.max() + 1``. Classes without samples count 0.
+        num_classes: the number of classes C; defaults to ``labels.max() + 1`` (at most 2^28: a larger label
+            raises unless num_classes asks for it). Classes without samples count 0.
 
     Returns:
         (C,) int64 CPU tensor of per-class counts.
@@ -72,6 +76,10 @@ def class_counts(labels: torch.Tensor | Sequence[int] | np.ndarray, num_classes:
         if labels.numel() == 0:
             raise ValueError("labels is empty: pass num_classes to count an empty label set")
         num_classes = int(labels.max()) + 1
+        if num_classes > _MAX_INFERRED_CLASSES:  # a stray label (an id, a hash) would allocate a count per class
+            raise ValueError(f"labels holds class {num_classes - 1}: counting up to it would allocate {num_classes} "
+                             "counts (a stray id?); labels are 0..C-1, and class_counts counts more than 2^28 "
+                             "classes only when num_classes asks for them")
     else:
         num_classes = check_int("num_classes", num_classes, 1)
         if labels.numel() > 0 and int(labels.max()) >= num_classes:
@@ -209,7 +217,7 @@ class _ClassMassSampler(Sampler[int]):
         self.seed = shared_seed(seed, self.num_replicas)
         self.epoch = 0
         self.labels = labels.clone()  # its own: the caller's tensor edited later would not match the counts
-        self.counts = torch.bincount(labels)
+        self.counts = class_counts(labels)  # (a stray huge label refused, not a bincount up to it)
         self.num_samples = num_samples
         # the ranks' equal shares: padded up to a multiple of the ranks (DistributedSampler's default), or with
         # drop_last cut down to one, the tail of the draw dropped

@@ -61,6 +61,7 @@ def test_class_counts_num_classes_pads_and_accepts_numpy_and_lists():
         (torch.tensor([0, 1]), {"num_classes": 0}, ValueError, "num_classes"),
         (torch.tensor([0, 1]), {"num_classes": 2.0}, TypeError, "num_classes"),
         ("abc", {}, TypeError, "labels"),
+        (torch.tensor([0, 2**28]), {}, ValueError, "a stray id"),  # a stray id: no 2 GiB bincount
     ],
 )
 def test_class_counts_errors(labels, kwargs, exc, match):
@@ -356,6 +357,8 @@ def test_samplers_reject_bad_labels():
             cls(torch.tensor([0.0, 1.0]))
         with pytest.raises(ValueError, match="labels"):
             cls(torch.tensor([0, -2]))
+        with pytest.raises(ValueError, match="a stray id"):  # a stray id: no 2 GiB bincount
+            cls(torch.tensor([0, 2**28]))
 
 
 # ----------------------------------------------------------------------------- CBENSampler
