@@ -52,7 +52,11 @@ def _best_us(*steps, reps: int = 1000, repeat: int = 7) -> list[float]:
     return [t * 1e6 for t in best_in_turns(*steps, reps=reps, repeat=repeat, warmup=100)]
 
 
-def main(N: int = 64, C: int = 512) -> None:
+def main(N: int = 64, C: int = 512, threads: int = 1) -> None:
+    # One intra-op thread: a step on CUDA tensors runs none of torch's CPU parallel regions, but on CPU tensors even
+    # a 2 x 8 F.cross_entropy backward enters one, and waking a second OpenMP thread cost 60-180 us a step on a
+    # 2-core machine (29 us with one thread, 98-213 us with two): the baseline, not the host path, was timed.
+    torch.set_num_threads(threads)
     for name in ("row_loss_forward", "row_loss_combine", "row_loss_grad", "scale_rows", "reduce_rows"):
         setattr(launch, name, _NoLaunch())
     lade_kernels.lade_columns = _NoLaunch()
@@ -79,7 +83,8 @@ def main(N: int = 64, C: int = 512) -> None:
 
     base, *measured = _best_us(cross_entropy, *(step_of(c) for c in cases.values()))
     times = dict(zip(cases, measured, strict=True))
-    print(f"host time per forward + backward, {N} x {C}, kernels stubbed (torch {torch.__version__})")
+    print(f"host time per forward + backward, {N} x {C}, kernels stubbed (torch {torch.__version__}, "
+          f"{torch.get_num_threads()} intra-op thread{'s' if torch.get_num_threads() > 1 else ''})")
     print(f"  {'F.cross_entropy (2 x 8)':24s} {base:7.1f} us")
     for name, us in times.items():
         print(f"  {name:24s} {us:7.1f} us   {us / base:.1f}x F.cross_entropy")
@@ -114,5 +119,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("N", type=int, nargs="?", default=64, help="rows (default %(default)s)")
     parser.add_argument("C", type=int, nargs="?", default=512, help="classes (default %(default)s)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch's intra-op threads (default %(default)s: a CUDA step's host path uses none)")
     a = parser.parse_args()
-    main(a.N, a.C)
+    main(a.N, a.C, a.threads)
