@@ -424,7 +424,10 @@ class ArgsCache:
 
 def _requiring_grad(fields: dict) -> str | None:
     """The name of the first tensor among ``fields`` that requires grad, or None."""
-    return next((name for name, v in fields.items() if isinstance(v, Tensor) and v.requires_grad), None)
+    for name, v in fields.items():  # (a loop: torch 2.8's dynamo cannot trace next(genexpr, None))
+        if isinstance(v, Tensor) and v.requires_grad:
+            return name
+    return None
 
 
 def refuse_requiring_grad(fields: dict, names: dict | None = None) -> None:
@@ -492,9 +495,6 @@ def as_f32(t: Tensor | None) -> Tensor | None:
     return t.to(torch.float32).contiguous()
 
 
-_ABSENT = object()
-
-
 def check_rows(logits, target, ignore_index) -> None:
     """The logits (N, C) and the targets (class indices (N,), or class probabilities (N, C)) of a call."""
     V.check_logits("logits", logits)
@@ -516,9 +516,10 @@ def check_operator_args(logits, target, fields: dict, *, noise=None) -> None:
     check_rows(logits, target, fields.get("ignore_index", -100))
     num_classes, device = logits.shape[1], logits.device
     for name, check, spec, none_ok in AdjustedCEArgs.__checks__:
-        value = fields.get(name, _ABSENT)
-        if value is not _ABSENT and (value is not None or not none_ok):
-            check(name, value, spec, num_classes, device)
+        if name in fields:  # (not an object() sentinel: torch 2.8's dynamo cannot compare a SymNode with one)
+            value = fields[name]
+            if value is not None or not none_ok:
+                check(name, value, spec, num_classes, device)
     # a term's weight without its class vector would be ignored, silently (tau = 0 and noise_mul = 0 are "off")
     if fields.get("log_prior") is None and fields.get("tau", 1.0) not in (0.0, 1.0):
         raise ValueError(f"tau={fields['tau']!r} weighs log_prior, which is not given (pass log_prior=)")

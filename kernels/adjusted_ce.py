@@ -821,7 +821,9 @@ def _forward_row_block(pid_m, pid_s, z_op, g_op, y_ptr, vecs, hp, rng, cols_of, 
     # divides the base, col_lo here: one split): the class vectors then load as wide as z, in z's layout. Wider loads
     # of the log prior (4 fp32 where z moves 2, C = 8142) came with a conversion through 16 KB of shared memory and
     # 15 registers more (LA 4096 x 8142 bf16, triton 3.9: 79 > 64, one block of 16 warps an SM, not two)
-    col_lo, col_hi = _column_range(cols_of, pid_s, END_ALIGN, min(ALIGN, END_ALIGN) if SINGLE_TILE else 0)
+    # (a conditional, not min(): triton 3.4-3.5 made min() of constexprs a tensor, which tl.multiple_of refuses)
+    lo_align: tl.constexpr = (ALIGN if ALIGN < END_ALIGN else END_ALIGN) if SINGLE_TILE else 0
+    col_lo, col_hi = _column_range(cols_of, pid_s, END_ALIGN, lo_align)
     m_i = tl.full((BLOCK_M,), NEG_BIG, tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     sw = tl.zeros((BLOCK_M,), tl.float32)

@@ -36,7 +36,7 @@ def _mul_hi_lo(c, M: tl.constexpr, WIDE: tl.constexpr):
         p = c.to(tl.uint64) * M
         hi, lo = (p >> 32).to(tl.uint32), p.to(tl.uint32)
     else:
-        hi, lo = tl.math.umulhi(c, M), tl.mul(c, M, sanitize_overflow=False)  # (wraps by design: no debug check)
+        hi, lo = tl.math.umulhi(c, M), tl.core.mul(c, M, sanitize_overflow=False)  # (wraps by design: no debug check)
     return hi, lo
 
 

@@ -239,6 +239,14 @@ def class_parallel() -> dict:
     return out
 
 
+def _column_shard(grad, mesh) -> torch.Tensor:
+    """This rank's columns of a DTensor leaf's ``.grad``: the loss's backward gives Shard(1) (torch.autograd.grad
+    does on every version), but torch 2.8 accumulated it into ``.grad`` as Replicate (2.13: Shard(1))."""
+    from torch.distributed.tensor import Shard
+
+    return grad.redistribute(mesh, [Shard(1)]).to_local()
+
+
 def dtensor_and_gather() -> dict:
     """Class-sharded DTensor logits (torch.chunk's layout over a 1-D mesh: 6 and 5 of the 11 classes) into the loss
     modules and functions (float64 reference path; GCL's kernels in fp32 at the unaligned start 6), and
@@ -261,13 +269,13 @@ def dtensor_and_gather() -> dict:
         zd = distribute_tensor(z.clone(), mesh, [Shard(1)]).requires_grad_()
         loss = crit(zd, y, seed=GCL_SEED) if name == "gcl" else crit(zd, y)
         loss.backward()
-        out[name] = (loss.detach(), zd.grad.to_local())
+        out[name] = (loss.detach(), _column_shard(zd.grad, mesh))
     yd = distribute_tensor(y, mesh, [Replicate()])
     zk = distribute_tensor(z.float().clone(), mesh, [Shard(1)]).requires_grad_()
     loss = LF.gcl_cross_entropy(zk, yd, fastlt.priors.gcl_cloud(counts).float(), m=0.1, s=8.0, noise_mul=0.5,
                                 seed=GCL_SEED, backend="triton")
     loss.backward()
-    out["gcl_kernels"] = (loss.detach().cpu(), zk.grad.to_local().cpu())
+    out["gcl_kernels"] = (loss.detach().cpu(), _column_shard(zk.grad, mesh).cpu())
     shard = ClassShard.balanced(C, dist.group.WORLD, combine="gather")
     lp = torch.log(fastlt.priors.prior(counts)).to(F64)
     for backend, dtype in (("torch", F64), ("triton", torch.float32)):
