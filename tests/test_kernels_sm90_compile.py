@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tools import kernel_report as K
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -34,7 +36,9 @@ def test_kernels_compile_for_sm90_without_spills_in_loops():
     header = table[0].split("|")
     main = header.index(" main loop pipelined ")
     piped = [ln.split("|")[main].strip() for ln in table[2:] if "STAGES=3" in ln and "SINGLE_TILE" not in ln]
-    assert piped and set(piped) == {"yes"}, piped  # --check fails on a "no" too: this says the column is read
+    assert piped, table
+    if K.performance_gated():  # (triton 3.4-3.5, the declared floor, pipeline fewer loops: slower, not wrong)
+        assert set(piped) == {"yes"}, piped  # --check fails on a "no" too: this says the column is read
 
 
 _PHILOX_DEBUG_COMPILE = '''

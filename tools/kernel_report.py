@@ -533,6 +533,10 @@ def main(argv=None) -> int:
     unpiped = [f"{name}: {c.kernel} ({c.flags}): {c.counts['pipelined loops']} loops pipelined" for name, c in rows
                if not_pipelined(c)]
     over = over_budget(rows)
+    if (unpiped or over) and not performance_gated():
+        print(f"triton {_triton_version()}: the pipelining and SASS budgets hold from triton "
+              f"{'.'.join(map(str, GATED_FROM))} (not applied here):\n  " + "\n  ".join(unpiped + over))
+        unpiped, over = [], []
     if a.check and (bad or unpiped or big or over):
         if bad:
             print("local-memory traffic inside a loop:\n  " + "\n  ".join(bad))
@@ -564,6 +568,19 @@ BUDGETS = {
     ("gcl-8142-bf16-fused", "row_loss_forward"): 76.0,
     ("gcl-shard-8142-over-8-bf16", "row_loss_grad"): 38.0,  # 34.8 / 33.6 (two Philox calls per 8 columns)
 }
+
+
+# The Triton from which --check holds the kernels to BUDGETS and to pipelined column loops: the budgets were set with
+# 3.6 (the device image's) and 3.9 (CI's). The declared floor, 3.4, compiles every case without spills, but pipelines
+# fewer column loops (LA's forward over several tiles: 1 of its 3 loops) and takes more SASS in GCL's 8142 loop
+# (28.1 an element): slower there, not wrong.
+GATED_FROM = (3, 6)
+
+
+def performance_gated() -> bool:
+    """Whether this Triton is held to :data:`BUDGETS` and the pipelining check (from :data:`GATED_FROM` on)."""
+    found = re.match(r"(\d+)\.(\d+)", _triton_version())
+    return found is None or (int(found.group(1)), int(found.group(2))) >= GATED_FROM
 
 
 def over_budget(rows) -> list[str]:
