@@ -70,6 +70,11 @@ def acc_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> 
             torch.mm(a, b, out_dtype=torch.float32, out=acc)
         else:
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    elif not a.is_cuda:  # the CPU has no fp32-out 16-bit mm: fp32 operands (exact products, fp32 sums), not a
+        if first:        # 16-bit partial product per chunk, whose rounding grew with the number of chunks
+            torch.mm(a.float(), b.float(), out=acc)
+        else:
+            acc.addmm_(a.float(), b.float())
     elif first:
         acc.copy_(torch.mm(a, b))
     else:
