@@ -19,6 +19,19 @@ from .device_guard import on_its_device
 
 
 @triton.jit
+def _tile(row_mask, d0, D, BLOCK_D: tl.constexpr):
+    """Columns ``d0 + [0, BLOCK_D)`` of a block of rows: their offsets and the (BLOCK_R, BLOCK_D) in-bounds mask."""
+    cols = d0 + tl.arange(0, BLOCK_D)
+    return cols, row_mask[:, None] & (cols < D)[None, :]
+
+
+@triton.jit
+def _load_f32(ptr, base, cols, mask):
+    """A tile of the rows at ``ptr + base`` (base: (BLOCK_R, 1) row offsets), in fp32, 0 outside ``mask``."""
+    return tl.load(ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _normalize_fwd(x_ptr, stride_x, y_ptr, stride_y, inv_ptr, R, D, eps,
                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -26,9 +39,8 @@ def _normalize_fwd(x_ptr, stride_x, y_ptr, stride_y, inv_ptr, R, D, eps,
     base_x = rows.to(tl.int64)[:, None] * stride_x
     ss = tl.zeros((BLOCK_R,), tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        mask = row_mask[:, None] & (cols < D)[None, :]
-        x = tl.load(x_ptr + base_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        cols, mask = _tile(row_mask, d0, D, BLOCK_D)
+        x = _load_f32(x_ptr, base_x, cols, mask)
         ss += tl.sum(x * x, 1)
     norm = tl.sqrt(ss)
     # |x|^2 overflows fp32 past |x| ~ 1.8e19, and loses its terms below 2^-126 (a zero or imprecise norm, which
@@ -38,25 +50,22 @@ def _normalize_fwd(x_ptr, stride_x, y_ptr, stride_y, inv_ptr, R, D, eps,
     if tl.max(extreme.to(tl.int32), 0) > 0:
         amax = tl.zeros((BLOCK_R,), tl.float32)
         for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            mask = row_mask[:, None] & (cols < D)[None, :]
-            x = tl.load(x_ptr + base_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            cols, mask = _tile(row_mask, d0, D, BLOCK_D)
+            x = _load_f32(x_ptr, base_x, cols, mask)
             amax = tl.maximum(amax, tl.max(tl.abs(x), 1))
         amax = tl.where(amax > 0.0, amax, 1.0)
         scaled = tl.zeros((BLOCK_R,), tl.float32)
         for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            mask = row_mask[:, None] & (cols < D)[None, :]
-            x = tl.load(x_ptr + base_x + cols[None, :], mask=mask, other=0.0).to(tl.float32) / amax[:, None]
+            cols, mask = _tile(row_mask, d0, D, BLOCK_D)
+            x = _load_f32(x_ptr, base_x, cols, mask) / amax[:, None]
             scaled += tl.sum(x * x, 1)
         norm = tl.where(extreme, amax * tl.sqrt(scaled), norm)
     inv = tl.minimum(1.0 / tl.maximum(norm, eps), 3.4028234663852886e38)  # eps < 2.9e-39: a zero row stays 0
     tl.store(inv_ptr + rows, inv, mask=row_mask)
     base_y = rows.to(tl.int64)[:, None] * stride_y
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        mask = row_mask[:, None] & (cols < D)[None, :]
-        x = tl.load(x_ptr + base_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        cols, mask = _tile(row_mask, d0, D, BLOCK_D)
+        x = _load_f32(x_ptr, base_x, cols, mask)
         tl.store(y_ptr + base_y + cols[None, :], (x * inv[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -71,10 +80,9 @@ def _normalize_bwd(x_ptr, stride_x, g_ptr, stride_g, dx_ptr, stride_dx, inv_ptr,
     base_g = rows.to(tl.int64)[:, None] * stride_g
     dot = tl.zeros((BLOCK_R,), tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        mask = row_mask[:, None] & (cols < D)[None, :]
-        x = tl.load(x_ptr + base_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + base_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        cols, mask = _tile(row_mask, d0, D, BLOCK_D)
+        x = _load_f32(x_ptr, base_x, cols, mask)
+        g = _load_f32(g_ptr, base_g, cols, mask)
         dot += tl.sum(g * x, 1)
     dot = tl.where(unclamped, dot * inv, 0.0)  # <g, y>
     # D = 1: y = sign(x), whose gradient is 0; the formula's g - y <g, y> leaves a few ulps of g there (times
@@ -82,10 +90,9 @@ def _normalize_bwd(x_ptr, stride_x, g_ptr, stride_g, dx_ptr, stride_dx, inv_ptr,
     inv_out = tl.where(unclamped & (D == 1), 0.0, inv)
     base_dx = rows.to(tl.int64)[:, None] * stride_dx
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        mask = row_mask[:, None] & (cols < D)[None, :]
-        x = tl.load(x_ptr + base_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + base_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        cols, mask = _tile(row_mask, d0, D, BLOCK_D)
+        x = _load_f32(x_ptr, base_x, cols, mask)
+        g = _load_f32(g_ptr, base_g, cols, mask)
         dx = (g - x * inv[:, None] * dot[:, None]) * inv_out[:, None]
         tl.store(dx_ptr + base_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
