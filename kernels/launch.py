@@ -51,7 +51,7 @@ from .reduce import (
 )
 from .tiles import TileConfig, cdiv, column_stat_blocks, end_align, pick_tiles, row_align
 
-__all__ = ["loss", "forward", "grad", "chunk_partials", "combine_partials", "PARTIAL_PLANES", "reduce",
+__all__ = ["loss", "forward", "grad", "StepPlans", "chunk_partials", "combine_partials", "PARTIAL_PLANES", "reduce",
            "inv_denominator_of", "scale_by", "scale_all", "new_column_stats", "ColumnStats", "TileConfig", "pick_tiles",
            "row_align", "end_align", "column_stat_blocks"]
 
@@ -121,6 +121,11 @@ def _rng(kg: KernelGroups, seed: int | None) -> dict:
     """The seed arguments of a launch: those of its ``args``, or a drawn int ``seed`` in place of theirs (GCL's
     fresh seed of a step whose other arguments are cached: :func:`fastlt._glue.adjusted_cross_entropy_triton`)."""
     return kg.rng if seed is None else {**kg.rng, "seed": seed}
+
+
+def _rng_but_seed(kg: KernelGroups) -> dict:
+    """The noise's launch arguments but the int seed, which a call passes itself (its drawn one, or its args')."""
+    return {name: value for name, value in kg.rng.items() if name != "seed"}
 
 
 def _operand(t: torch.Tensor) -> Operand:
@@ -206,10 +211,10 @@ PARTIAL_PLANES = 5
 
 def _row_outputs(N: int, dev, soft: bool = False) -> RowOutputs:
     # three allocations, not views of one: the torch.compile ops return row_stats and row_coef, and an op's outputs
-    # may not share memory
-    return RowOutputs(loss=torch.empty(N, dtype=torch.float32, device=dev),
-                      stats=torch.empty((3 if soft else 2, N), dtype=torch.float32, device=dev),
-                      coef=torch.empty(N, dtype=torch.float32, device=dev))
+    # may not share memory (sizes as separate arguments, positional: a shape tuple and keywords cost the host more)
+    f32 = torch.float32
+    return RowOutputs(torch.empty(N, dtype=f32, device=dev), torch.empty(3 if soft else 2, N, dtype=f32, device=dev),
+                      torch.empty(N, dtype=f32, device=dev))
 
 
 # --- batch reductions -----------------------------------------------------------------------------------------------
@@ -224,7 +229,12 @@ def fused_reduction(device: torch.device, values: int, rblock: int, reduction: s
     counter (:func:`fastlt.kernels.counters.reduce_counter`) and 1 ('sum') or 2 ('mean'), or ``(None, 0)`` when the
     reduction must be a launch of its own (:func:`fastlt.kernels.tiles.fusable_reduction` says no, or no counter is
     to be had)."""
-    if not tiles.fusable_reduction(values, rblock):
+    return _counter_if(tiles.fusable_reduction(values, rblock), device, reduction)
+
+
+def _counter_if(fusable: bool, device: torch.device, reduction: str) -> tuple[torch.Tensor | None, int]:
+    """:func:`fused_reduction` with its first question answered (``fusable``: a launch plan's)."""
+    if not fusable:
         return None, 0
     counter = counters.reduce_counter(device)
     return counter, 0 if counter is None else (2 if reduction == "mean" else 1)
@@ -325,9 +335,37 @@ def reduce(loss_rows: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *,
 
 # --- the row kernels ------------------------------------------------------------------------------------------------
 
+class StepPlans:
+    """The launch plans of a loss module's repeated call (:class:`fastlt.losses._LastCall`: one ``args``, logits and
+    targets of one shape, dtype, device and layout, class indices, the default tiles), kept by the caller and passed
+    to :func:`loss` and :func:`grad`, which then look up no plan by a key built per call (host time): the forward's,
+    by whether it writes the gradient, and the recompute gradient's (scalar ``grad_output``, no column term), each
+    made at its first launch. Void after the tile settings change (``tiles.GENERATION``, ``STORE_PROBS``: tests,
+    tuning). The caller answers for the rest: plans of other tensors would launch wrong grids."""
+
+    __slots__ = ("slots", "settings")
+
+    FORWARD, FORWARD_WRITES_GRAD, GRAD = 0, 1, 2
+
+    def __init__(self):
+        self.slots: list = [None, None, None]
+        self.settings = (tiles.GENERATION, STORE_PROBS)
+
+    def get(self, slot: int):
+        """The plan in ``slot``, or None (not made yet, or made under other tile settings)."""
+        return self.slots[slot] if self.settings == (tiles.GENERATION, STORE_PROBS) else None
+
+    def put(self, slot: int, plan) -> None:
+        settings = (tiles.GENERATION, STORE_PROBS)
+        if self.settings != settings:
+            self.slots, self.settings = [None, None, None], settings
+        self.slots[slot] = plan
+
+
 @on_its_device
 def loss(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out: torch.Tensor | None = None,
-         out_dtype: torch.dtype = torch.float32, config: TileConfig | None = None, seed: int | None = None):
+         out_dtype: torch.dtype = torch.float32, config: TileConfig | None = None, seed: int | None = None,
+         plans: StepPlans | None = None):
     """The reduced loss (0-dim, ``out_dtype``; the (N,) fp32 rows for 'none') in the fewest launches: ``(loss,
     row_stats, row_coef)`` as :func:`forward` gives them (the coefficient includes 'mean''s 1 / sum w_{y_i}). Up to
     :func:`fused_reduction`'s rows the row kernel's last program reduces the batch, so a step is one launch (plus
@@ -335,13 +373,15 @@ def loss(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out: to
     gradient is written, which the row programs sum themselves when that is cheap (``tiles.OWN_DENOM_READS``), the
     launch's first program sums and publishes to the others when the launch also reduces the batch (4096 x 8142:
     still one launch), and one small launch computes first otherwise (batches past the fused reduction's rows).
-    ``seed``: as :func:`forward`."""
+    ``seed``, ``plans``: as :func:`forward`."""
+    # (forward's body: this launcher already runs on z's device)
     if args.reduction == "none":
-        loss_rows, row_stats, row_coef, _ = forward(z, y, args, grad_out=grad_out, config=config, seed=seed)
+        loss_rows, row_stats, row_coef, _ = forward.__wrapped__(z, y, args, grad_out=grad_out, config=config,
+                                                                seed=seed, plans=plans)
         return loss_rows, row_stats, row_coef
     out = torch.empty((), dtype=out_dtype, device=z.device)
-    _, row_stats, row_coef, _ = forward(z, y, args, grad_out=grad_out, config=config, scale_mean=grad_out is not None,
-                                        out=out, seed=seed)
+    _, row_stats, row_coef, _ = forward.__wrapped__(z, y, args, grad_out=grad_out, config=config,
+                                                    scale_mean=grad_out is not None, out=out, seed=seed, plans=plans)
     return out, row_stats, row_coef
 
 
@@ -364,7 +404,7 @@ def _store_probs(args: AdjustedCEArgs) -> bool:
 def forward(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out: torch.Tensor | None = None,
             column_stats: bool = False, config: TileConfig | None = None,
             inv_denominator: torch.Tensor | None = None, scale_mean: bool = True, out: torch.Tensor | None = None,
-            seed: int | None = None):
+            seed: int | None = None, plans: StepPlans | None = None):
     """Run the forward on (N, C) logits ``z`` and (N,) targets ``y``. Returns ``(loss_rows, row_stats, row_coef,
     column_stats)`` (see the module docstring; ``column_stats``: a :class:`ColumnStats` (LADE) when asked for,
     else None).
@@ -381,41 +421,46 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out:
     module.
     ``seed``: an int noise seed for this call in place of ``args``' (whose seed must then be an int): a module's
     steps keep their cached ``args`` and draw a seed each (:func:`_rng`).
+    ``plans``: a :class:`StepPlans` of these tensors and ``args`` (with ``scale_mean`` True exactly when
+    ``grad_out`` is given, as :func:`loss` runs it), which keeps this launch's plan.
     """
     N, C = z.shape
     dev = z.device
-    soft = _soft(y, args)
+    soft = _soft(y, args) if y.is_floating_point() else None
     if not scale_mean and grad_out is not None:
         raise ValueError("scale_mean=False needs the recompute mode (grad_out=None): the gradient needs the mean")
     if out is not None and (args.reduction == "none" or column_stats):
         raise ValueError("out= takes the 'mean' or 'sum' of a loss without column_stats")
-    g_in = grad_out if grad_out is not None else z
-    plan = _forward_plan(args, z, y, g_in, soft, grad_out is not None, column_stats, config, scale_mean)
-    cfg, split = plan.cfg, plan.split
-    counter, reduce_mode = fused_reduction(dev, N, plan.rblock, args.reduction) if out is not None else (None, 0)
+    writes = grad_out is not None
+    planned = plans is not None and soft is None and config is None and not column_stats and scale_mean == writes
+    plan = plans.get(StepPlans.FORWARD_WRITES_GRAD if writes else StepPlans.FORWARD) if planned else None
+    if plan is None:
+        plan = _forward_plan(args, z, y, grad_out if writes else z, soft, writes, column_stats, config, scale_mean)
+        if planned:
+            plans.put(StepPlans.FORWARD_WRITES_GRAD if writes else StepPlans.FORWARD, plan)
+    cfg, split, d = plan.cfg, plan.split, plan.dummy
+    counter, reduce_mode = _counter_if(plan.fusable, dev, args.reduction) if out is not None else (None, 0)
     inv, denom = _mean_denominator(y, args, inv_denominator, plan.mean, plan.programs, counter)
     rows = _row_outputs(N, dev, soft is not None)
-    kg = kernel_groups(args, dev)
-    part = (torch.empty((PARTIAL_PLANES if soft is None else 6, N, cfg.num_splits), dtype=torch.float32, device=dev)
-            if split
-            else None)
-    colstats = new_column_stats(N, C, dev, plan.row_blocks, soft=soft is not None) if column_stats else None
-    stored = (StoredTiles(maxima=torch.empty((N, cdiv(C, cfg.block_n)), dtype=torch.float32, device=dev),
-                          count=cdiv(C, cfg.block_n)) if plan.store_p else None)
     buffers = {}  # the per-call buffers this plan has no placeholders for
     if split:
-        buffers["part_ptr"] = part
+        buffers["part_ptr"] = part = torch.empty(PARTIAL_PLANES if soft is None else 6, N, cfg.num_splits,
+                                                 dtype=torch.float32, device=dev)
+    colstats = new_column_stats(N, C, dev, plan.row_blocks, soft=soft is not None) if column_stats else None
     if colstats is not None:
         buffers["colstats"] = colstats
-    if stored is not None:
-        buffers["stored"] = stored
+    stored = None
+    if plan.store_p:
+        buffers["stored"] = stored = StoredTiles(
+            maxima=torch.empty(N, cdiv(C, cfg.block_n), dtype=torch.float32, device=dev), count=cdiv(C, cfg.block_n))
     if N > 0:
+        z_op = Operand(z, *plan.z_strides)
         row_loss_forward[plan.grid](
-            z_op=Operand(z, *plan.z_strides), y_ptr=y, inv_denom_ptr=_or_dummy(inv, dev), out=rows,
-            g_op=Operand(grad_out, *plan.g_strides) if plan.writes_g else Operand(z, *plan.z_strides),
-            **_rng(kg, seed),
-            red=Reduction(out=_or_dummy(out, dev), counter=_or_dummy(counter, dev)), soft=soft,
-            DENOM=DENOM_POINTER if split else denom, REDUCE=0 if split else reduce_mode, **plan.static, **buffers)
+            z_op=z_op, y_ptr=y, inv_denom_ptr=d if inv is None else inv, out=rows,
+            g_op=Operand(grad_out, *plan.g_strides) if plan.writes_g else z_op,
+            red=Reduction(d if out is None else out, d if counter is None else counter), soft=soft,
+            DENOM=DENOM_POINTER if split else denom, REDUCE=0 if split else reduce_mode,
+            seed=plan.seed if seed is None else seed, **plan.static, **buffers)
         if split:
             _launch_combine(part, y, args, C, rows, inv, mean=plan.mean, denom=denom, out=out, counter=counter,
                             reduce_mode=reduce_mode, soft=soft)
@@ -441,9 +486,12 @@ class _ForwardPlan(NamedTuple):
     rblock: int
     store_p: bool
     writes_g: bool
-    static: dict
+    static: dict  # with the noise's arguments but the int seed (noise_row0, seed_ptr, noise_table)
     z_strides: tuple  # those of the key (the operands' strides, without asking the tensors again)
     g_strides: tuple
+    fusable: bool  # the last program may reduce the batch (tiles.fusable_reduction), given a counter
+    dummy: torch.Tensor  # the placeholder of the unused pointers (_dummy)
+    seed: int  # the noise seed of ``args`` (a call's drawn seed replaces it)
 
 
 def _forward_plan(args: AdjustedCEArgs, z, y, g, soft, grad_in_forward: bool, column_stats: bool, config,
@@ -452,8 +500,9 @@ def _forward_plan(args: AdjustedCEArgs, z, y, g, soft, grad_in_forward: bool, co
     default tiles) under its shapes, strides and dtypes, so that a module's steps build it once."""
     key = None
     if soft is None and config is None:
-        key = ("forward", tiles.GENERATION, STORE_PROBS, z.device, tuple(z.shape), z.stride(), z.dtype, g is z,
-               g.stride(), g.dtype, y.stride(), y.dtype, grad_in_forward, column_stats, scale_mean)
+        key = ("forward", tiles.GENERATION, STORE_PROBS, z.device, z.shape, z.stride(), z.dtype,
+               None if g is z else (g.stride(), g.dtype), y.stride(), y.dtype, grad_in_forward, column_stats,
+               scale_mean)
     return _kept(args, key, _new_forward_plan, z, y, g, soft, grad_in_forward, column_stats, config, scale_mean)
 
 
@@ -496,8 +545,10 @@ def _new_forward_plan(args: AdjustedCEArgs, z, y, g, soft, grad_in_forward: bool
         static["colstats"] = ColumnStats(partials=d, target_logits=d)
     if not store_p:
         static["stored"] = StoredTiles(maxima=d, count=0)
+    static.update(_rng_but_seed(kg))
     return _ForwardPlan(cfg, split, row_blocks, (grid_rows, cfg.num_splits), mean, programs, rblock, store_p,
-                        writes_g, static, z.stride(), g.stride())
+                        writes_g, static, z.stride(), g.stride(), tiles.fusable_reduction(N, rblock), d,
+                        kg.rng["seed"])
 
 
 def _stats_group(z: torch.Tensor, align: int, cfg: TileConfig, flags: Flags) -> tuple[int, int]:
@@ -540,7 +591,7 @@ def _kept(args: AdjustedCEArgs, key: tuple | None, build, *build_args):
 def grad(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, row_stats: torch.Tensor, row_coef: torch.Tensor,
          grad_output: torch.Tensor | None, *, column_term=None, out: torch.Tensor | None = None,
          config: TileConfig | None = None, col_base: int = 0, num_classes: int | None = None,
-         stored: StoredTiles | None = None, seed: int | None = None) -> torch.Tensor:
+         stored: StoredTiles | None = None, seed: int | None = None, plans: StepPlans | None = None) -> torch.Tensor:
     """d loss / d z recomputed from the saved ``row_stats`` and ``row_coef``; ``grad_output``: scalar or (N,)
     (None: 1). ``column_term``: LADE's :class:`ColumnTerm` (its (3, C) fp32 rows ``col_a``, ``col_b``, ``col_lse``
     over all ``num_classes``, alpha included: :func:`fastlt.kernels.lade.column_term`); its loss is reduced, so
@@ -548,7 +599,8 @@ def grad(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, row_stats: torc
     (N, Ck) holds classes ``[col_base, col_base + Ck)`` of ``num_classes``.
     ``stored`` (:func:`forward` of split rows with STORE_P, same ``config``): the running maxima whose tiles of
     ``exp(a - max)`` that forward left in ``out``; they are scaled in place, ``z`` is not read.
-    ``seed``: the forward's (:func:`forward`)."""
+    ``seed``: the forward's (:func:`forward`). ``plans``: a :class:`StepPlans` of these tensors and ``args``, which
+    keeps the plan of a launch with a given ``grad_output``, a fresh ``out`` and no column term."""
     N, Ck = z.shape
     C = Ck if num_classes is None else num_classes
     if column_term is not None and grad_output is not None and grad_output.dim() != 0:
@@ -556,40 +608,50 @@ def grad(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, row_stats: torc
     if stored is not None and (out is None or column_term is not None or col_base or num_classes not in (None, Ck)):
         raise ValueError("stored= scales the forward's tiles in out=, over all classes, without column_term")
     dev = z.device
-    out = torch.empty((N, Ck), dtype=z.dtype, device=dev) if out is None else out
+    planned = (plans is not None and out is None and column_term is None and stored is None and config is None
+               and grad_output is not None and not col_base and C == Ck)
+    out = torch.empty(N, Ck, dtype=z.dtype, device=dev) if out is None else out
     if N == 0 or Ck == 0:  # nothing to write (an empty class shard holds no column)
         return out
-    soft = _soft(y, None)
-    grid, static, z_strides, out_strides = _grad_plan(args, z, y, out, soft, column_term is not None,
-                                                      grad_output is not None, config, col_base, C, stored)
+    soft = _soft(y, None) if y.is_floating_point() else None
+    plan = plans.get(StepPlans.GRAD) if planned and soft is None else None
+    if plan is None:
+        plan = _grad_plan(args, z, y, out, soft, column_term is not None, grad_output is not None, config, col_base,
+                          C, stored)
+        if planned and soft is None:
+            plans.put(StepPlans.GRAD, plan)
+    grid, static, z_strides, out_strides, args_seed = plan
     buffers = {}  # the per-call buffers this plan has no placeholders for
     if column_term is not None:
         buffers["col_term"] = column_term
     if stored is not None:
         buffers["stored"] = stored
+    if grad_output is None:
+        go, go_stride = _dummy(dev), 0
+    else:
+        go, go_stride = grad_output, 0 if grad_output.dim() == 0 else grad_output.stride(0)
     row_loss_grad[grid](
-        z_op=Operand(z, *z_strides), y_ptr=y, row_stats_ptr=row_stats, coef_ptr=row_coef,
-        go_ptr=_or_dummy(grad_output, dev),
-        go_stride=0 if grad_output is None or grad_output.dim() == 0 else grad_output.stride(0),
-        g_op=Operand(out, *out_strides),
-        **_rng(kernel_groups(args, dev), seed), soft=soft, **static, **buffers)
+        z_op=Operand(z, *z_strides), y_ptr=y, row_stats_ptr=row_stats, coef_ptr=row_coef, go_ptr=go,
+        go_stride=go_stride, g_op=Operand(out, *out_strides), soft=soft, seed=args_seed if seed is None else seed,
+        **static, **buffers)
     return out
 
 
 def _grad_plan(args: AdjustedCEArgs, z, y, out, soft, column_term: bool, upstream: bool, config, col_base: int,
-               C: int, stored) -> tuple[tuple, dict, tuple, tuple]:
-    """``(grid, static, z strides, out strides)`` of a :func:`grad` launch: the grid and the kernel arguments that
-    its shapes and ``args`` decide (with placeholders for the buffers it does not use), and the strides of its key,
-    kept in ``args``' plans for launches with class indices and no ``stored``."""
+               C: int, stored) -> tuple[tuple, dict, tuple, tuple, int]:
+    """``(grid, static, z strides, out strides, seed)`` of a :func:`grad` launch: the grid and the kernel arguments
+    that its shapes and ``args`` decide (with placeholders for the buffers it does not use; all but the int noise
+    seed, ``args``' last), and the strides of its key, kept in ``args``' plans for launches with class indices and no
+    ``stored``."""
     key = None
     if soft is None and stored is None:
-        key = ("grad", tiles.GENERATION, z.device, tuple(z.shape), z.stride(), z.dtype, out.stride(), y.stride(),
-               y.dtype, column_term, upstream, config, col_base, C)
+        key = ("grad", tiles.GENERATION, z.device, z.shape, z.stride(), z.dtype, out.stride(), y.stride(), y.dtype,
+               column_term, upstream, config, col_base, C)
     return _kept(args, key, _new_grad_plan, z, y, out, soft, column_term, upstream, config, col_base, C, stored)
 
 
 def _new_grad_plan(args: AdjustedCEArgs, z, y, out, soft, column_term: bool, upstream: bool, config, col_base: int,
-                   C: int, stored) -> tuple[tuple, dict, tuple, tuple]:
+                   C: int, stored) -> tuple[tuple, dict, tuple, tuple, int]:
     N, Ck = z.shape
     dev = z.device
     kg = kernel_groups(args, dev)
@@ -609,7 +671,8 @@ def _new_grad_plan(args: AdjustedCEArgs, z, y, out, soft, column_term: bool, ups
         static["col_term"] = ColumnTerm(columns=d)
     if stored is None:
         static["stored"] = StoredTiles(maxima=d, count=0)
-    return (cdiv(N, cfg.block_m), cfg.num_splits), static, z.stride(), out.stride()
+    static.update(_rng_but_seed(kg))
+    return (cdiv(N, cfg.block_m), cfg.num_splits), static, z.stride(), out.stride(), kg.rng["seed"]
 
 
 @on_its_device

@@ -139,12 +139,23 @@ def test_launch_plans_follow_the_batch_shape_and_stay_bounded():
 def test_drawn_seeds_are_drawn_on_every_call_beside_the_cached_arguments(monkeypatch):
     """GCL draws a seed each step, as the reference draws it (the same losses after the same torch.manual_seed):
     a step after the first reuses the cached arguments (their plans and argument groups) and passes its drawn seed
-    to the launches beside them (launch._rng), forward and backward alike."""
+    to the launches in place of theirs, forward and backward alike."""
     from fastlt.kernels import launch
 
-    seen = []
-    rng = launch._rng
-    monkeypatch.setattr(launch, "_rng", lambda kg, seed: seen.append(seed) or rng(kg, seed))
+    seen = []  # the seed each row-kernel launch was given
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def run(**kwargs):
+                seen.append(kwargs["seed"])
+                return self.kernel[grid](**kwargs)
+            return run
+
+    monkeypatch.setattr(launch, "row_loss_forward", Spy(launch.row_loss_forward))
+    monkeypatch.setattr(launch, "row_loss_grad", Spy(launch.row_loss_grad))
     z, y, _ = _data()
     counts = torch.arange(1, 12)
     crit = fastlt.GCLLoss(counts, m=0.1, s=8.0, noise_mul=1.0, backend="triton").to(DEVICE)
@@ -167,7 +178,7 @@ def test_drawn_seeds_are_drawn_on_every_call_beside_the_cached_arguments(monkeyp
         torch.testing.assert_close(g.detach().cpu(), w.detach(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(zk.grad.cpu(), zw.grad, rtol=1e-5, atol=1e-5)
     # the first call drew its seed into the arguments it cached; the next two drew one each, for both launches
-    assert seen[:2] == [None, None] and len(seen) == 6 and seen[2] == seen[3] and seen[4] == seen[5]
+    assert seen[:2] == [cached.seed] * 2 and len(seen) == 6 and seen[2] == seen[3] and seen[4] == seen[5]
     assert len({cached.seed, seen[2], seen[4]}) == 3
     assert crit._cache()._args is cached and _plans(cached)
 
