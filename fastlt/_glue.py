@@ -34,8 +34,9 @@ lade_kernels = kernel_module("fastlt.kernels.lade")
 launch = kernel_module("fastlt.kernels.launch")
 adjusted_ce = kernel_module("fastlt.kernels.adjusted_ce")
 
-__all__ = ["AdjustedCEFunction", "LADEFunction", "adjusted_cross_entropy_triton", "lade_loss_triton",
-           "lade_fields_triton", "lade_statistics_triton", "check_kernel_input", "lade_operator_args", "lade_args"]
+__all__ = ["AdjustedCEFunction", "LADEFunction", "adjusted_cross_entropy_triton", "adjusted_ce_checked", "lade_checked",
+           "lade_loss_triton", "lade_fields_triton", "lade_statistics_triton", "check_kernel_input",
+           "lade_operator_args", "lade_args"]
 
 # bumps a tensor's version counter after a write autograd did not see
 _increment_version = torch.autograd.graph.increment_version
@@ -224,10 +225,10 @@ class AdjustedCEFunction(torch.autograd.Function):
     (:func:`fastlt._first_order.first_order`)."""
 
     @staticmethod
-    def forward(ctx, logits, target, args: AdjustedCEArgs, grad_in_forward: bool, seed: int | None):
+    def forward(ctx, logits, target, args: AdjustedCEArgs, grad_in_forward: bool, seed: int | None, plans=None):
         out_dtype = loss_dtype(logits)
-        loss, row_stats, row_coef = _forward(logits, target, args, logits if grad_in_forward else None,
-                                             out_dtype=out_dtype, seed=seed)
+        loss, row_stats, row_coef = launch.loss(logits, target, args, grad_out=logits if grad_in_forward else None,
+                                                out_dtype=out_dtype, seed=seed, plans=plans)
         if grad_in_forward:
             # the logits now hold the gradient: an op that saved them (or the tensor they view) for its backward (the
             # output of relu, exp, ...; `torch.relu(h).view(-1, C)`) must raise autograd's in-place error, not read
@@ -238,7 +239,9 @@ class AdjustedCEFunction(torch.autograd.Function):
             ctx.gradient = logits.detach()
             ctx.anchors = (logits,)  # for first_order, to its backward: the storage of the gradient kept to then
             ctx.save_for_backward()
-        elif (kept := _seed_to_keep(args, seed)) is not None:
+            ctx.recompute = None
+            return loss if loss.dtype == out_dtype else loss.to(out_dtype)  # 'none': fp32 rows
+        if (kept := _seed_to_keep(args, seed)) is not None:
             # under saved-tensor hooks (a non-reentrant checkpoint) the backward may get the saved tensors of a
             # forward run again, whose drawn seed differs (preserve_rng_state=False): the seed is kept among them, so
             # the row statistics and the noise of the backward are of one draw
@@ -246,31 +249,28 @@ class AdjustedCEFunction(torch.autograd.Function):
                                                                                       device="cpu"))
         else:
             ctx.save_for_backward(logits, target, row_stats, row_coef)
-        ctx.args = args
-        ctx.seed = seed
-        ctx.inputs_state = None if grad_in_forward else O.inputs_state(args, seed)
-        ctx.grad_in_forward = grad_in_forward
-        ctx.used = False
-        return loss if loss.dtype == out_dtype else loss.to(out_dtype)  # 'none': fp32 rows
+        ctx.recompute = (args, seed, O.inputs_state(args, seed), plans)  # (one attribute: host time)
+        return loss if loss.dtype == out_dtype else loss.to(out_dtype)
 
     @staticmethod
     @first_order
     def backward(ctx, grad_loss):
-        if ctx.grad_in_forward:
-            if ctx.used:
+        if ctx.recompute is None:  # grad_in_forward: the gradient is in the logits
+            gradient, ctx.gradient = ctx.gradient, None  # released with this backward, as saved tensors are
+            if gradient is None:
                 raise RuntimeError("grad_in_forward=True left the gradient in the logits and the first backward "
                                    "has scaled it in place; the graph cannot be backpropagated twice "
                                    "(retain_graph=True): use grad_in_forward=False for that")
-            ctx.used = True
-            gradient, ctx.gradient = ctx.gradient, None  # released with this backward, as saved tensors are
-            return launch.scale_by(gradient, grad_loss.contiguous()), None, None, None, None
+            return launch.scale_by(gradient, grad_loss.contiguous()), None, None, None, None, None
+        args, seed, inputs_state, plans = ctx.recompute
         saved = ctx.saved_tensors
         logits, target, row_stats, row_coef = saved[:4]
         ctx.anchors = (logits,)  # (for first_order)
-        O.check_inputs_unchanged(ctx.inputs_state)
-        seed = ctx.seed if len(saved) == 4 else int(saved[4])  # (the seed saved under hooks: see forward)
-        grad = _backward(grad_loss, logits, target, ctx.args, row_stats, row_coef, seed=seed)
-        return grad, None, None, None, None
+        O.check_inputs_unchanged(inputs_state)
+        if len(saved) == 5:  # the seed saved under hooks (see forward)
+            seed = int(saved[4])
+        grad = launch.grad(logits, target, args, row_stats, row_coef, grad_loss.contiguous(), seed=seed, plans=plans)
+        return grad, None, None, None, None, None
 
 
 class LADEFunction(torch.autograd.Function):
@@ -366,10 +366,23 @@ def adjusted_cross_entropy_triton(logits: Tensor, target: Tensor, fields: dict, 
                                      lambda: O.check_operator_args(logits, target, fields, noise=noise),
                                      use=not compiling and noise is None)
     check_kernel_input("logits", logits, noise)
+    args = soft_mean(args, target, logits.shape[0])
+    if compiling:  # an opaque op with registered autograd (recompute backward; grad_in_forward ignored)
+        loss = adjusted_ce_forward_op(logits, target, *O.flatten(args))[0].to(loss_dtype(logits))
+    else:
+        loss = adjusted_ce_checked(logits, target, args, grad_in_forward, seed)
+    return nan_if_empty(loss, args)
+
+
+def adjusted_ce_checked(logits: Tensor, target: Tensor, args: AdjustedCEArgs, grad_in_forward: bool,
+                        seed: int | None, plans=None) -> Tensor:
+    """:class:`AdjustedCEFunction` on checked inputs and arguments (eager, class-index targets or ``args`` already
+    through :func:`soft_mean`), after the checks of ``grad_in_forward``: the tail of
+    :func:`adjusted_cross_entropy_triton`, and what a loss module's repeated call runs
+    (:meth:`fastlt.losses._LongTailLoss._repeated`, with its :class:`fastlt.kernels.launch.StepPlans`)."""
     # no gradient wanted (torch.no_grad, inference_mode, logits that do not require grad: a validation loop with the
     # training criterion): nothing to write, and the caller's logits keep their values
-    # (compiled, the op's recompute path runs: nothing is written, and nothing of the strides is asked)
-    grad_in_forward = grad_in_forward and not compiling and logits.requires_grad and torch.is_grad_enabled()
+    grad_in_forward = grad_in_forward and logits.requires_grad and torch.is_grad_enabled()
     if grad_in_forward and (logits.is_leaf or _views_a_leaf(logits)):
         raise ValueError("grad_in_forward=True overwrites the logits with their gradient; it cannot be a "
                          "leaf tensor that requires grad, nor a view of one (pass the output of a layer)")
@@ -378,12 +391,14 @@ def adjusted_cross_entropy_triton(logits: Tensor, target: Tensor, fields: dict, 
                          f"not share memory; these do (broadcast by an expand, or overlapping as an unfold's "
                          f"windows: shape {tuple(logits.shape)}, strides {logits.stride()}). Pass them made "
                          f"contiguous, or grad_in_forward=False")
-    args = soft_mean(args, target, logits.shape[0])
-    if compiling:  # an opaque op with registered autograd (recompute backward)
-        loss = adjusted_ce_forward_op(logits, target, *O.flatten(args))[0].to(loss_dtype(logits))
-    else:
-        loss = AdjustedCEFunction.apply(logits, target, args, bool(grad_in_forward), seed)
-    return nan_if_empty(loss, args)
+    return AdjustedCEFunction.apply(logits, target, args, bool(grad_in_forward), seed, plans)
+
+
+def lade_checked(logits: Tensor, target: Tensor, args: AdjustedCEArgs, lade: LadeArgs, seed=None,
+                 plans=None) -> Tensor:
+    """:class:`LADEFunction` on checked inputs and arguments (class-index targets), as a loss module's repeated call
+    runs it (:meth:`fastlt.losses._LongTailLoss._repeated`; LADE draws no seed, and plans its launches per call)."""
+    return LADEFunction.apply(logits, target, args, lade)
 
 
 def lade_loss_triton(logits: Tensor, target: Tensor, prior: Tensor, alpha: float = 0.1, remine_lambda: float = 0.1, *,

@@ -38,6 +38,7 @@ class HeldFields:
         state = dict(super().__getstate__())  # a copy or a pickle makes its own fields and kernel arguments
         state.pop("_held", None)
         state.pop("_args_cache", None)
+        state.pop("_last_call", None)
         return state
 
     def _replicate_for_data_parallel(self):
@@ -46,6 +47,7 @@ class HeldFields:
         replica = super()._replicate_for_data_parallel()
         replica.__dict__.pop("_held", None)
         replica.__dict__.pop("_args_cache", None)
+        replica.__dict__.pop("_last_call", None)
         return replica
 
     def _cache(self) -> ArgsCache:

@@ -18,6 +18,9 @@ host time).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -27,12 +30,33 @@ from ._count_buffers import CountBuffers, MarginSchedule
 from ._held_fields import HeldFields
 from ._operator import LADE_WITHOUT_NONE, FoldedSpread, gcl_fields, la_fields, ldam_fields
 from .distributed.class_shard import ClassShard
-from .distributed.data_parallel import kernels_direct, split_warning
+from .distributed.data_parallel import kernels_direct, split_warning, warn_without_group
+from .noise import draw_seed
 from .priors import gcl_cloud_from, ldam_margins_from, log_prior_from, prior_from
 
 __all__ = ["LogitAdjustedLoss", "BalancedSoftmaxLoss", "LDAMLoss", "GCLLoss", "LADELoss"]
 
 F64 = torch.float64
+
+
+class _LastCall(NamedTuple):
+    """What a direct call checked and made, kept for the next call like it (:meth:`_LongTailLoss._repeated`)."""
+
+    fields: dict  # the held fields it ran with: the same object while the module and its buffers stay as they were
+    signature: tuple  # the logits' and the targets' (:func:`_signature`), checked
+    ignore_index: int  # (the targets' range is checked on the CPU every call, as fastlt._validation.check_target)
+    warning: str | None  # what the call warns about under several ranks without dp_group (split_warning)
+    run: Callable  # the glue's checked tail: fastlt._glue.adjusted_ce_checked or lade_checked
+    run_args: tuple  # its arguments after (logits, target) but the seed and the plans
+    draws_seed: bool  # GCL without a given seed: one drawn per call
+    plans: object  # the launches' plans of these tensors (fastlt.kernels.launch.StepPlans)
+
+
+def _signature(logits: Tensor, target: Tensor) -> tuple:
+    """What the checks and the launch plans of a direct call read of its plain tensors: shapes, dtypes, devices, the
+    logits' strides, the targets' layout."""
+    return (logits.shape, logits.stride(), logits.dtype, logits.device, target.shape, target.dtype, target.device,
+            target.is_contiguous())
 
 
 class _LongTailLoss(HeldFields, CountBuffers):
@@ -85,11 +109,76 @@ class _LongTailLoss(HeldFields, CountBuffers):
             warning = split_warning(self._class_tensor("weight"), self.reduction)
         return kernels_direct(logits, self.backend, self.dp_group, self.shard, warning)
 
+    def _direct_call(self, logits: Tensor, target: Tensor, fields: dict) -> Tensor:
+        """The adjusted cross-entropy of ``fields`` on the kernels' glue straight (:meth:`_direct`), kept for the
+        next call like it (:meth:`_remember`)."""
+        loss = LF._kernels_call(logits, target, fields, grad_in_forward=self.grad_in_forward, cache=self._cache())
+        self._remember(fields, logits, target)
+        return loss
+
     def _fields(self, **operator) -> dict:
         """The operator's fields of a direct call: ``operator``'s (:mod:`fastlt._operator`'s ``*_fields``) and the
         shared options."""
         return dict(operator, weight=self._class_tensor("weight"), ignore_index=self.ignore_index,
                     reduction=self.reduction, label_smoothing=self.label_smoothing)
+
+    # A step of a small batch is host-bound: each call of the same module on tensors like the last call's (shapes,
+    # dtypes, devices), with its fields and buffers unchanged, skips the checks and the argument making that call
+    # passed (~20 us of ~100 with the kernels stubbed: benchmarks/host_overhead.py) and runs the glue's checked tail
+    # with the last call's arguments. What a call can change without changing that signature is checked again: the
+    # module's state (its held fields), torch.compile, jit tracing and torch.func (which the direct call does not
+    # take), the targets' range (CPU), the multi-rank warning, grad_in_forward's conditions (in the tail), GCL's
+    # drawn seed.
+
+    def _repeated(self, logits: Tensor, target: Tensor, make) -> Tensor | None:
+        """The loss of a call like the last direct one (:class:`_LastCall`), or None: the full path then runs.
+        ``make``: the module's fields (:meth:`_held_fields`)."""
+        if torch.compiler.is_compiling():  # (first: Dynamo reads nothing kept, so an eager call's changes of it do
+            return None                    # not recompile a compiled step)
+        last = self.__dict__.get("_last_call")
+        if (last is None or type(logits) is not Tensor or type(target) is not Tensor or torch.jit.is_tracing()
+                or V.under_transform(logits) or _signature(logits, target) != last.signature
+                or self._held_fields(make) is not last.fields):
+            return None
+        if not target.is_cuda:  # (no range check on a GPU: a host sync)
+            V.check_target(target, logits, last.ignore_index)
+        if last.warning is not None and self.dp_group is None:
+            warn_without_group(last.warning)
+        return last.run(logits, target, *last.run_args, draw_seed() if last.draws_seed else None, last.plans)
+
+    def _remember(self, fields: dict, logits: Tensor, target: Tensor, lade: bool = False) -> None:
+        """Keep the direct call just made with ``fields`` (LADE's: ``lade``) for :meth:`_repeated`: when its
+        class-index targets were
+        taken as they are (int64 or int32, contiguous) and the glue kept its arguments (the module's cache holds
+        them under these fields: not while compiling, nor for a tensor that requires grad), and ``fields`` are the
+        held ones (not GCL's of a given seed, made per call)."""
+        if torch.compiler.is_compiling():  # (first: as _repeated)
+            return
+        entry = self._cache()._entry
+        held = self.__dict__.get("_held")
+        if (entry is None or entry[2] is not fields or held is None or held[1] is not fields
+                or type(target) is not Tensor or target.dtype not in (torch.int64, torch.int32)
+                or not target.is_contiguous()):
+            return
+        glue = LF._glue()
+        if lade:
+            run, run_args, draws, warning = glue.lade_checked, entry[3], False, _LADE_WARNING
+        else:
+            args = entry[3]
+            draws = fields.get("seed", 0) is None and args.has_noise
+            run, run_args = glue.adjusted_ce_checked, (args, self.grad_in_forward)
+            warning = split_warning(self._class_tensor("weight"), self.reduction)
+        self.__dict__["_last_call"] = _LastCall(fields, _signature(logits, target), fields["ignore_index"], warning,
+                                                run, run_args, draws, glue.launch.StepPlans())
+
+    def _checked_direct(self, logits: Tensor, name: str = "logits", warning: str | None = None) -> bool:
+        """:meth:`_check_input`, then :meth:`_direct`. A plain (N, C) floating tensor of the module's class count
+        without a shard, the usual call, passes the checks in one test (host time); anything else takes the full
+        checks, which name what is wrong."""
+        if not (type(logits) is Tensor and logits.dim() == 2 and self.shard is None and logits.dtype in V.FLOAT_DTYPES
+                and logits.shape[1] == self.num_classes):
+            self._check_input(logits, name)
+        return self._direct(logits, warning)
 
     def _check_input(self, logits: Tensor, name: str = "logits") -> None:
         V.check_shaped_logits(name, logits, min_classes=1 if self.shard is None else 0)  # (a shard may be empty)
@@ -135,12 +224,15 @@ class LogitAdjustedLoss(_LongTailLoss):
         return {**super()._count_vectors(counts), "log_prior": log_prior_from(counts, F64)}
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        self._check_input(logits)
-        if self._direct(logits):
-            fields = self._held_fields(lambda: self._fields(**la_fields(self._class_tensor("log_prior"), self.tau)))
-            return LF._kernels_call(logits, target, fields, grad_in_forward=self.grad_in_forward, cache=self._cache())
+        if (loss := self._repeated(logits, target, self._la_fields)) is not None:
+            return loss
+        if self._checked_direct(logits):
+            return self._direct_call(logits, target, self._held_fields(self._la_fields))
         return LF.logit_adjusted_cross_entropy(logits, target, self.log_prior, self.tau,
                                                grad_in_forward=self.grad_in_forward, **self._common())
+
+    def _la_fields(self) -> dict:
+        return self._fields(**la_fields(self._class_tensor("log_prior"), self.tau))
 
     def extra_repr(self) -> str:
         return f"tau={self.tau}, " + super().extra_repr()
@@ -190,10 +282,10 @@ class LDAMLoss(MarginSchedule, _LongTailLoss):
         return {**super()._count_vectors(counts), "margins": ldam_margins_from(counts, self.max_margin, F64)}
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        self._check_input(logits)
-        if self._direct(logits):
-            fields = self._held_fields(self._ldam_fields)
-            return LF._kernels_call(logits, target, fields, grad_in_forward=self.grad_in_forward, cache=self._cache())
+        if (loss := self._repeated(logits, target, self._ldam_fields)) is not None:
+            return loss
+        if self._checked_direct(logits):
+            return self._direct_call(logits, target, self._held_fields(self._ldam_fields))
         return LF.ldam_cross_entropy(logits, target, self.margins, self.s, grad_in_forward=self.grad_in_forward,
                                      **self._common())
 
@@ -242,11 +334,11 @@ class GCLLoss(_LongTailLoss):
         return {**super()._count_vectors(counts), "cloud": gcl_cloud_from(counts, F64)}
 
     def forward(self, cosine: Tensor, target: Tensor, seed: int | Tensor | None = None) -> Tensor:
-        self._check_input(cosine, "cosine")
-        if self._direct(cosine):
-            fields = self._held_fields(self._gcl_fields) if seed is None else self._gcl_fields(seed)
-            return LF._kernels_call(cosine, target, fields, grad_in_forward=self.grad_in_forward,
-                                    cache=self._cache())
+        if seed is None and (loss := self._repeated(cosine, target, self._gcl_fields)) is not None:
+            return loss
+        if self._checked_direct(cosine, "cosine"):
+            return self._direct_call(cosine, target,
+                                     self._held_fields(self._gcl_fields) if seed is None else self._gcl_fields(seed))
         return LF.gcl_cross_entropy(cosine, target, self.cloud, self.m, self.s, self.noise_mul, self.gamma,
                                     seed=seed, grad_in_forward=self.grad_in_forward, rows_per_rank=self.rows_per_rank,
                                     **self._common())
@@ -259,6 +351,9 @@ class GCLLoss(_LongTailLoss):
     def extra_repr(self) -> str:
         return (f"m={self.m}, s={self.s}, noise_mul={self.noise_mul}, gamma={self.gamma}, "
                 + super().extra_repr())
+
+
+_LADE_WARNING = "LADELoss / lade_loss"  # (LADE's value depends on the batch split whatever its weights)
 
 
 class LADELoss(_LongTailLoss):
@@ -293,9 +388,13 @@ class LADELoss(_LongTailLoss):
         return {**super()._count_vectors(counts), "prior": prior_from(counts, F64)}
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        self._check_input(logits)
-        if self._direct(logits, "LADELoss / lade_loss"):
-            return LF._lade_kernels_call(logits, target, self._held_fields(self._lade_fields), self._cache())
+        if (loss := self._repeated(logits, target, self._lade_fields)) is not None:
+            return loss
+        if self._checked_direct(logits, warning=_LADE_WARNING):
+            fields = self._held_fields(self._lade_fields)
+            loss = LF._lade_kernels_call(logits, target, fields, self._cache())
+            self._remember(fields, logits, target, lade=True)
+            return loss
         return LF.lade_loss(logits, target, self.prior, self.alpha, self.remine_lambda, **self._common())
 
     def _lade_fields(self) -> dict:
