@@ -71,12 +71,12 @@ def _backward(grad_output, logits, target, args: AdjustedCEArgs, row_stats, row_
     return launch.grad(logits, target, args, row_stats, row_coef, upstream, column_term=column_term, seed=seed)
 
 
-def _lade_forward(logits, target, args: AdjustedCEArgs, lade: LadeArgs, out_dtype=torch.float32):
+def _lade_forward(logits, target, args: AdjustedCEArgs, lade: LadeArgs, out_dtype=torch.float32, plans=None):
     """``(loss, row_stats, row_coef, columns)``, ``columns`` the finish's (3 C + P,) fp32 buffer, whose first 3 C
     elements are the column term: two launches (:func:`fastlt.kernels.lade.forward_flat`; the targets are
     contiguous, :func:`fastlt._validation.as_kernel_target`, and ``lade.prior`` fp32)."""
     return lade_kernels.forward_flat(logits, target, lade.prior, lade.alpha, lade.remine_lambda, args,
-                                     out_dtype=out_dtype)
+                                     out_dtype=out_dtype, plans=plans)
 
 
 # --- torch.compile path: custom ops with registered autograd ----------------------------------------------------
@@ -279,21 +279,24 @@ class LADEFunction(torch.autograd.Function):
     operator (:func:`lade_operator_args`)."""
 
     @staticmethod
-    def forward(ctx, logits, target, args: AdjustedCEArgs, lade: LadeArgs):
-        loss, row_stats, row_coef, columns = _lade_forward(logits, target, args, lade, out_dtype=loss_dtype(logits))
+    def forward(ctx, logits, target, args: AdjustedCEArgs, lade: LadeArgs, plans=None):
+        loss, row_stats, row_coef, columns = _lade_forward(logits, target, args, lade, out_dtype=loss_dtype(logits),
+                                                           plans=plans)
         ctx.save_for_backward(logits, target, row_stats, row_coef, columns)
-        ctx.args = args
-        ctx.inputs_state = O.inputs_state(args)
+        ctx.recompute = (args, O.inputs_state(args), plans)
         return loss
 
     @staticmethod
     @first_order
     def backward(ctx, grad_loss):
         logits, target, row_stats, row_coef, columns = ctx.saved_tensors
+        args, inputs_state, plans = ctx.recompute
         ctx.anchors = (logits,)  # (for first_order)
-        O.check_inputs_unchanged(ctx.inputs_state)
+        O.check_inputs_unchanged(inputs_state)
         term = adjusted_ce.ColumnTerm(columns=columns)  # the (3 C + P,) fp32 buffer the forward made: no check
-        return _backward(grad_loss, logits, target, ctx.args, row_stats, row_coef, term), None, None, None
+        grad = launch.grad(logits, target, args, row_stats, row_coef, grad_loss.contiguous(), column_term=term,
+                           plans=plans)
+        return grad, None, None, None, None
 
 
 _top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
@@ -397,8 +400,9 @@ def adjusted_ce_checked(logits: Tensor, target: Tensor, args: AdjustedCEArgs, gr
 def lade_checked(logits: Tensor, target: Tensor, args: AdjustedCEArgs, lade: LadeArgs, seed=None,
                  plans=None) -> Tensor:
     """:class:`LADEFunction` on checked inputs and arguments (class-index targets), as a loss module's repeated call
-    runs it (:meth:`fastlt.losses._LongTailLoss._repeated`; LADE draws no seed, and plans its launches per call)."""
-    return LADEFunction.apply(logits, target, args, lade)
+    runs it (:meth:`fastlt.losses._LongTailLoss._repeated`, with its :class:`fastlt.kernels.launch.StepPlans`;
+    LADE draws no seed)."""
+    return LADEFunction.apply(logits, target, args, lade, plans)
 
 
 def lade_loss_triton(logits: Tensor, target: Tensor, prior: Tensor, alpha: float = 0.1, remine_lambda: float = 0.1, *,

@@ -356,12 +356,12 @@ def forward(z: torch.Tensor, y: torch.Tensor, pi: torch.Tensor, alpha: float, re
 @on_its_device
 def forward_flat(z: torch.Tensor, y: torch.Tensor, pi: torch.Tensor, alpha: float, remine_lambda: float,
                  args: AdjustedCEArgs, config: tiles.TileConfig | None = None,
-                 out_dtype: torch.dtype = torch.float32):
+                 out_dtype: torch.dtype = torch.float32, plans: launch.StepPlans | None = None):
     """:func:`forward` with the terms as the finish's (3 C + P,) fp32 buffer (:func:`finished_numel`; its first
     3 C elements are the column term), for targets ``y`` contiguous and the prior ``pi`` fp32 contiguous: the
-    losses' step, which makes no views (host time)."""
-    loss_rows, row_stats, row_coef, cols = launch.forward(z, y, args, column_stats=True, config=config,
-                                                          scale_mean=False)
+    losses' step, which makes no views (host time). ``plans``: as :func:`fastlt.kernels.launch.forward`."""
+    loss_rows, row_stats, row_coef, cols = launch.forward.__wrapped__(z, y, args, column_stats=True, config=config,
+                                                                      scale_mean=False, plans=plans)
     loss = torch.empty((), dtype=out_dtype, device=z.device)
     # finish() on partials and target logits of our own making, which it need not check (host time)
     finished = _finish(cols.partials, y, cols.target_logits, pi, args.ignore_index, remine_lambda, alpha,

@@ -338,17 +338,18 @@ def reduce(loss_rows: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *,
 class StepPlans:
     """The launch plans of a loss module's repeated call (:class:`fastlt.losses._LastCall`: one ``args``, logits and
     targets of one shape, dtype, device and layout, class indices, the default tiles), kept by the caller and passed
-    to :func:`loss` and :func:`grad`, which then look up no plan by a key built per call (host time): the forward's,
-    by whether it writes the gradient, and the recompute gradient's (scalar ``grad_output``, no column term), each
-    made at its first launch. Void after the tile settings change (``tiles.GENERATION``, ``STORE_PROBS``: tests,
-    tuning). The caller answers for the rest: plans of other tensors would launch wrong grids."""
+    to :func:`loss`, :func:`forward` and :func:`grad`, which then look up no plan by a key built per call (host
+    time): the forward's (the loss's, by whether it writes the gradient; LADE's, with the column statistics) and the
+    recompute gradient's (a given ``grad_output``, with or without LADE's column term), each made at its first launch.
+    Void after the tile settings change (``tiles.GENERATION``, ``STORE_PROBS``: tests, tuning). The caller answers
+    for the rest: plans of other tensors would launch wrong grids."""
 
     __slots__ = ("slots", "settings")
 
-    FORWARD, FORWARD_WRITES_GRAD, GRAD = 0, 1, 2
+    FORWARD, FORWARD_WRITES_GRAD, FORWARD_COLUMN_STATS, GRAD, GRAD_COLUMN_TERM = range(5)
 
     def __init__(self):
-        self.slots: list = [None, None, None]
+        self.slots: list = [None] * 5
         self.settings = (tiles.GENERATION, STORE_PROBS)
 
     def get(self, slot: int):
@@ -358,7 +359,7 @@ class StepPlans:
     def put(self, slot: int, plan) -> None:
         settings = (tiles.GENERATION, STORE_PROBS)
         if self.settings != settings:
-            self.slots, self.settings = [None, None, None], settings
+            self.slots, self.settings = [None] * 5, settings
         self.slots[slot] = plan
 
 
@@ -421,8 +422,9 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out:
     module.
     ``seed``: an int noise seed for this call in place of ``args``' (whose seed must then be an int): a module's
     steps keep their cached ``args`` and draw a seed each (:func:`_rng`).
-    ``plans``: a :class:`StepPlans` of these tensors and ``args`` (with ``scale_mean`` True exactly when
-    ``grad_out`` is given, as :func:`loss` runs it), which keeps this launch's plan.
+    ``plans``: a :class:`StepPlans` of these tensors and ``args``, which keeps the plan of a launch with
+    ``scale_mean`` True exactly when ``grad_out`` is given (:func:`loss`'s), or with ``column_stats`` and neither
+    (LADE's).
     """
     N, C = z.shape
     dev = z.device
@@ -432,12 +434,15 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out:
     if out is not None and (args.reduction == "none" or column_stats):
         raise ValueError("out= takes the 'mean' or 'sum' of a loss without column_stats")
     writes = grad_out is not None
-    planned = plans is not None and soft is None and config is None and not column_stats and scale_mean == writes
-    plan = plans.get(StepPlans.FORWARD_WRITES_GRAD if writes else StepPlans.FORWARD) if planned else None
+    slot = None  # that of this launch's plan among plans
+    if plans is not None and soft is None and config is None and scale_mean == writes:
+        slot = (StepPlans.FORWARD_WRITES_GRAD if writes else
+                StepPlans.FORWARD_COLUMN_STATS if column_stats else StepPlans.FORWARD)
+    plan = None if slot is None else plans.get(slot)
     if plan is None:
         plan = _forward_plan(args, z, y, grad_out if writes else z, soft, writes, column_stats, config, scale_mean)
-        if planned:
-            plans.put(StepPlans.FORWARD_WRITES_GRAD if writes else StepPlans.FORWARD, plan)
+        if slot is not None:
+            plans.put(slot, plan)
     cfg, split, d = plan.cfg, plan.split, plan.dummy
     counter, reduce_mode = _counter_if(plan.fusable, dev, args.reduction) if out is not None else (None, 0)
     inv, denom = _mean_denominator(y, args, inv_denominator, plan.mean, plan.programs, counter)
@@ -600,7 +605,7 @@ def grad(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, row_stats: torc
     ``stored`` (:func:`forward` of split rows with STORE_P, same ``config``): the running maxima whose tiles of
     ``exp(a - max)`` that forward left in ``out``; they are scaled in place, ``z`` is not read.
     ``seed``: the forward's (:func:`forward`). ``plans``: a :class:`StepPlans` of these tensors and ``args``, which
-    keeps the plan of a launch with a given ``grad_output``, a fresh ``out`` and no column term."""
+    keeps the plan of a launch with a given ``grad_output`` and a fresh ``out``, with or without a column term."""
     N, Ck = z.shape
     C = Ck if num_classes is None else num_classes
     if column_term is not None and grad_output is not None and grad_output.dim() != 0:
@@ -608,18 +613,20 @@ def grad(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, row_stats: torc
     if stored is not None and (out is None or column_term is not None or col_base or num_classes not in (None, Ck)):
         raise ValueError("stored= scales the forward's tiles in out=, over all classes, without column_term")
     dev = z.device
-    planned = (plans is not None and out is None and column_term is None and stored is None and config is None
-               and grad_output is not None and not col_base and C == Ck)
+    slot = None  # that of this launch's plan among plans
+    if (plans is not None and out is None and stored is None and config is None and grad_output is not None
+            and not col_base and C == Ck and not y.is_floating_point()):
+        slot = StepPlans.GRAD if column_term is None else StepPlans.GRAD_COLUMN_TERM
     out = torch.empty(N, Ck, dtype=z.dtype, device=dev) if out is None else out
     if N == 0 or Ck == 0:  # nothing to write (an empty class shard holds no column)
         return out
     soft = _soft(y, None) if y.is_floating_point() else None
-    plan = plans.get(StepPlans.GRAD) if planned and soft is None else None
+    plan = None if slot is None else plans.get(slot)
     if plan is None:
         plan = _grad_plan(args, z, y, out, soft, column_term is not None, grad_output is not None, config, col_base,
                           C, stored)
-        if planned and soft is None:
-            plans.put(StepPlans.GRAD, plan)
+        if slot is not None:
+            plans.put(slot, plan)
     grid, static, z_strides, out_strides, args_seed = plan
     buffers = {}  # the per-call buffers this plan has no placeholders for
     if column_term is not None:
