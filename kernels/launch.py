@@ -229,12 +229,7 @@ def fused_reduction(device: torch.device, values: int, rblock: int, reduction: s
     counter (:func:`fastlt.kernels.counters.reduce_counter`) and 1 ('sum') or 2 ('mean'), or ``(None, 0)`` when the
     reduction must be a launch of its own (:func:`fastlt.kernels.tiles.fusable_reduction` says no, or no counter is
     to be had)."""
-    return _counter_if(tiles.fusable_reduction(values, rblock), device, reduction)
-
-
-def _counter_if(fusable: bool, device: torch.device, reduction: str) -> tuple[torch.Tensor | None, int]:
-    """:func:`fused_reduction` with its first question answered (``fusable``: a launch plan's)."""
-    if not fusable:
+    if not tiles.fusable_reduction(values, rblock):
         return None, 0
     counter = counters.reduce_counter(device)
     return counter, 0 if counter is None else (2 if reduction == "mean" else 1)
@@ -339,18 +334,26 @@ class StepPlans:
     """The launch plans of a loss module's repeated call (:class:`fastlt.losses._LastCall`: one ``args``, logits and
     targets of one shape, dtype, device and layout, class indices, the default tiles), kept by the caller and passed
     to :func:`loss`, :func:`forward` and :func:`grad`, which then look up no plan by a key built per call (host
-    time): the forward's (the loss's, by whether it writes the gradient; LADE's, with the column statistics) and the
-    recompute gradient's (a given ``grad_output``, with or without LADE's column term), each made at its first launch.
-    Void after the tile settings change (``tiles.GENERATION``, ``STORE_PROBS``: tests, tuning). The caller answers
-    for the rest: plans of other tensors would launch wrong grids."""
+    time): the forward's, by whether it writes the gradient (over the logits), takes LADE's column statistics and
+    scales 'mean' (:func:`forward_slot`), and the recompute gradient's (a given ``grad_output``, with or without
+    LADE's column term: ``GRAD``, ``GRAD_COLUMN_TERM``), each made at its first launch. Void after the tile settings
+    change (``tiles.GENERATION``, ``STORE_PROBS``: tests, tuning). The caller answers for the rest: plans of other
+    tensors would launch wrong grids (the gradient's checks the saved logits' layout, which hooks may change)."""
 
     __slots__ = ("slots", "settings")
 
-    FORWARD, FORWARD_WRITES_GRAD, FORWARD_COLUMN_STATS, GRAD, GRAD_COLUMN_TERM = range(5)
+    GRAD, GRAD_COLUMN_TERM = 8, 9  # (0-7: the forward's)
+    SIZE = 10
 
     def __init__(self):
-        self.slots: list = [None] * 5
+        self.slots: list = [None] * self.SIZE
         self.settings = (tiles.GENERATION, STORE_PROBS)
+
+    @staticmethod
+    def forward_slot(writes_grad: bool, column_stats: bool, scale_mean: bool) -> int:
+        """The slot of a :func:`forward` plan: one per combination of the arguments its key takes beside the
+        tensors (``grad_out`` given, and then the logits themselves; ``column_stats``; ``scale_mean``)."""
+        return 4 * writes_grad + 2 * column_stats + scale_mean
 
     def get(self, slot: int):
         """The plan in ``slot``, or None (not made yet, or made under other tile settings)."""
@@ -359,7 +362,7 @@ class StepPlans:
     def put(self, slot: int, plan) -> None:
         settings = (tiles.GENERATION, STORE_PROBS)
         if self.settings != settings:
-            self.slots, self.settings = [None] * 5, settings
+            self.slots, self.settings = [None] * self.SIZE, settings
         self.slots[slot] = plan
 
 
@@ -422,9 +425,8 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out:
     module.
     ``seed``: an int noise seed for this call in place of ``args``' (whose seed must then be an int): a module's
     steps keep their cached ``args`` and draw a seed each (:func:`_rng`).
-    ``plans``: a :class:`StepPlans` of these tensors and ``args``, which keeps the plan of a launch with
-    ``scale_mean`` True exactly when ``grad_out`` is given (:func:`loss`'s), or with ``column_stats`` and neither
-    (LADE's).
+    ``plans``: a :class:`StepPlans` of these tensors and ``args``, which keeps this launch's plan (with class indices,
+    the default tiles and ``grad_out`` None or ``z`` itself).
     """
     N, C = z.shape
     dev = z.device
@@ -435,16 +437,15 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out:
         raise ValueError("out= takes the 'mean' or 'sum' of a loss without column_stats")
     writes = grad_out is not None
     slot = None  # that of this launch's plan among plans
-    if plans is not None and soft is None and config is None and scale_mean == writes:
-        slot = (StepPlans.FORWARD_WRITES_GRAD if writes else
-                StepPlans.FORWARD_COLUMN_STATS if column_stats else StepPlans.FORWARD)
+    if plans is not None and soft is None and config is None and (grad_out is None or grad_out is z):
+        slot = StepPlans.forward_slot(writes, column_stats, scale_mean)
     plan = None if slot is None else plans.get(slot)
     if plan is None:
         plan = _forward_plan(args, z, y, grad_out if writes else z, soft, writes, column_stats, config, scale_mean)
         if slot is not None:
             plans.put(slot, plan)
     cfg, split, d = plan.cfg, plan.split, plan.dummy
-    counter, reduce_mode = _counter_if(plan.fusable, dev, args.reduction) if out is not None else (None, 0)
+    counter, reduce_mode = fused_reduction(dev, N, plan.rblock, args.reduction) if out is not None else (None, 0)
     inv, denom = _mean_denominator(y, args, inv_denominator, plan.mean, plan.programs, counter)
     rows = _row_outputs(N, dev, soft is not None)
     buffers = {}  # the per-call buffers this plan has no placeholders for
@@ -494,7 +495,6 @@ class _ForwardPlan(NamedTuple):
     static: dict  # with the noise's arguments but the int seed (noise_row0, seed_ptr, noise_table)
     z_strides: tuple  # those of the key (the operands' strides, without asking the tensors again)
     g_strides: tuple
-    fusable: bool  # the last program may reduce the batch (tiles.fusable_reduction), given a counter
     dummy: torch.Tensor  # the placeholder of the unused pointers (_dummy)
     seed: int  # the noise seed of ``args`` (a call's drawn seed replaces it)
 
@@ -552,7 +552,7 @@ def _new_forward_plan(args: AdjustedCEArgs, z, y, g, soft, grad_in_forward: bool
         static["stored"] = StoredTiles(maxima=d, count=0)
     static.update(_rng_but_seed(kg))
     return _ForwardPlan(cfg, split, row_blocks, (grid_rows, cfg.num_splits), mean, programs, rblock, store_p,
-                        writes_g, static, z.stride(), g.stride(), tiles.fusable_reduction(N, rblock), d,
+                        writes_g, static, z.stride(), g.stride(), d,
                         kg.rng["seed"])
 
 
@@ -622,12 +622,16 @@ def grad(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, row_stats: torc
         return out
     soft = _soft(y, None) if y.is_floating_point() else None
     plan = None if slot is None else plans.get(slot)
+    if plan is not None and (plan.z_strides != z.stride() or plan.z_dtype != z.dtype):
+        # the logits a backward gets are the saved ones, which saved-tensor hooks (offloading: save_on_cpu) may
+        # hand back in a layout of their own: the plan of another layout would read other elements
+        plan = None
     if plan is None:
         plan = _grad_plan(args, z, y, out, soft, column_term is not None, grad_output is not None, config, col_base,
                           C, stored)
         if slot is not None:
             plans.put(slot, plan)
-    grid, static, z_strides, out_strides, args_seed = plan
+    grid, static, z_strides, out_strides = plan.grid, plan.static, plan.z_strides, plan.out_strides
     buffers = {}  # the per-call buffers this plan has no placeholders for
     if column_term is not None:
         buffers["col_term"] = column_term
@@ -639,17 +643,15 @@ def grad(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, row_stats: torc
         go, go_stride = grad_output, 0 if grad_output.dim() == 0 else grad_output.stride(0)
     row_loss_grad[grid](
         z_op=Operand(z, *z_strides), y_ptr=y, row_stats_ptr=row_stats, coef_ptr=row_coef, go_ptr=go,
-        go_stride=go_stride, g_op=Operand(out, *out_strides), soft=soft, seed=args_seed if seed is None else seed,
+        go_stride=go_stride, g_op=Operand(out, *out_strides), soft=soft, seed=plan.seed if seed is None else seed,
         **static, **buffers)
     return out
 
 
 def _grad_plan(args: AdjustedCEArgs, z, y, out, soft, column_term: bool, upstream: bool, config, col_base: int,
-               C: int, stored) -> tuple[tuple, dict, tuple, tuple, int]:
-    """``(grid, static, z strides, out strides, seed)`` of a :func:`grad` launch: the grid and the kernel arguments
-    that its shapes and ``args`` decide (with placeholders for the buffers it does not use; all but the int noise
-    seed, ``args``' last), and the strides of its key, kept in ``args``' plans for launches with class indices and no
-    ``stored``."""
+               C: int, stored) -> _GradPlan:
+    """The :class:`_GradPlan` of a :func:`grad` launch, kept in ``args``' plans for launches with class indices and
+    no ``stored``."""
     key = None
     if soft is None and stored is None:
         key = ("grad", tiles.GENERATION, z.device, z.shape, z.stride(), z.dtype, out.stride(), y.stride(), y.dtype,
@@ -657,8 +659,21 @@ def _grad_plan(args: AdjustedCEArgs, z, y, out, soft, column_term: bool, upstrea
     return _kept(args, key, _new_grad_plan, z, y, out, soft, column_term, upstream, config, col_base, C, stored)
 
 
+class _GradPlan(NamedTuple):
+    """What a :func:`grad` launch takes from its shapes and ``args`` alone: the grid, the kernel arguments (with
+    placeholders for the buffers it does not use; all but the int noise seed, ``args``' one last), and the operands'
+    strides and the logits' dtype of its key."""
+
+    grid: tuple
+    static: dict
+    z_strides: tuple
+    out_strides: tuple
+    seed: int
+    z_dtype: torch.dtype
+
+
 def _new_grad_plan(args: AdjustedCEArgs, z, y, out, soft, column_term: bool, upstream: bool, config, col_base: int,
-                   C: int, stored) -> tuple[tuple, dict, tuple, tuple, int]:
+                   C: int, stored) -> _GradPlan:
     N, Ck = z.shape
     dev = z.device
     kg = kernel_groups(args, dev)
@@ -679,7 +694,8 @@ def _new_grad_plan(args: AdjustedCEArgs, z, y, out, soft, column_term: bool, ups
     if stored is None:
         static["stored"] = StoredTiles(maxima=d, count=0)
     static.update(_rng_but_seed(kg))
-    return (cdiv(N, cfg.block_m), cfg.num_splits), static, z.stride(), out.stride(), kg.rng["seed"]
+    return _GradPlan((cdiv(N, cfg.block_m), cfg.num_splits), static, z.stride(), out.stride(), kg.rng["seed"],
+                     z.dtype)
 
 
 @on_its_device

@@ -276,3 +276,31 @@ def test_lade_finish_sees_every_row_and_part_under_concurrency(monkeypatch):
         separate = LF.lade_loss(z, y, pi, reduction=reduction, backend="triton")
         monkeypatch.setattr(counters, "reduce_counter", counter)
         assert abs(fused.item() - separate.item()) <= 1e-5 * max(1.0, abs(separate.item())), (step, N, C)
+
+
+def test_the_fused_reduction_is_decided_at_each_launch(monkeypatch):
+    """Whether a launch's last program reduces the batch is asked at each launch, not kept in its plan: a setting
+    changed after the plan was made (tests patch tiles.FUSED_REDUCE_STEPS) takes effect, and the loss is the same
+    either way."""
+    N, C = 9, 13
+    gen = torch.Generator().manual_seed(4)
+    z = torch.randn(N, C, generator=gen).to(DEVICE)
+    y = torch.randint(0, C, (N,), generator=gen).to(DEVICE)
+    args = AdjustedCEArgs.from_kwargs(z.device)
+    launched = []
+
+    class Counted:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return self.kernel[grid]
+
+    monkeypatch.setattr(launch, "reduce_rows", Counted(launch.reduce_rows))
+    fused = launch.loss(z, y, args)[0]
+    assert not launched  # the row kernel's last program reduced the batch
+    monkeypatch.setattr(tiles, "FUSED_REDUCE_STEPS", 0)
+    apart = launch.loss(z, y, args)[0]  # the same args: their plan is kept
+    assert len(launched) == 1
+    torch.testing.assert_close(apart, fused, rtol=1e-6, atol=1e-6)

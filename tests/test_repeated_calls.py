@@ -6,6 +6,7 @@ next call's outcome (its loss and gradient, or its error) with that of a copy of
 it runs the full path). The kernels run in the interpreter without a GPU."""
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -31,6 +32,7 @@ def _counts():
 
 MODULES = {
     "la": lambda **kw: fastlt.LogitAdjustedLoss(_counts(), tau=0.7, backend="triton", **kw),
+    "la_rows": lambda **kw: fastlt.LogitAdjustedLoss(_counts(), tau=0.7, reduction="none", backend="triton", **kw),
     "ldam": lambda **kw: fastlt.LDAMLoss(_counts(), s=8.0, backend="triton", **kw),
     "gcl": lambda **kw: fastlt.GCLLoss(_counts(), m=0.1, s=8.0, noise_mul=0.5, gamma=1.0, backend="triton", **kw),
     "lade": lambda **kw: fastlt.LADELoss(_counts(), backend="triton", **kw),
@@ -50,7 +52,7 @@ def _outcome(crit, z, y, seed=5):
     leaf, logits = _layer(z) if z.is_floating_point() else (None, z)
     try:
         loss = crit(logits, y)
-        loss.backward()
+        loss.sum().backward()  # ('none': the rows')
     except (TypeError, ValueError, RuntimeError) as exc:
         return "raised", type(exc), str(exc)
     return "ok", loss.detach().double().cpu(), leaf.grad.double().cpu()
@@ -207,7 +209,7 @@ def test_torch_func_and_jit_trace_are_refused_on_a_repeated_call(name):
         torch.jit.trace(lambda t: crit(t, y), (z,), check_trace=False)
 
 
-@pytest.mark.parametrize("name", ["la", "ldam", "gcl"])
+@pytest.mark.parametrize("name", ["la", "la_rows", "ldam", "gcl"])
 def test_grad_in_forward_is_checked_on_every_call(name):
     """grad_in_forward's conditions depend on the logits tensor itself: a leaf is refused on a repeated call too, and
     without grad mode the logits keep their values."""
@@ -233,13 +235,43 @@ def test_step_plans_are_void_after_the_tile_settings_change(monkeypatch):
     from fastlt.kernels import tiles
 
     plans = launch.StepPlans()
-    plans.put(plans.FORWARD, "plan")
-    assert plans.get(plans.FORWARD) == "plan" and plans.get(plans.GRAD) is None
+    forward = plans.forward_slot(False, False, False)
+    flags = itertools.product([False, True], repeat=3)
+    assert len({plans.forward_slot(*f) for f in flags} | {plans.GRAD, plans.GRAD_COLUMN_TERM}) == plans.SIZE
+    plans.put(forward, "plan")
+    assert plans.get(forward) == "plan" and plans.get(plans.GRAD) is None
     monkeypatch.setattr(launch, "STORE_PROBS", "always")
-    assert plans.get(plans.FORWARD) is None
+    assert plans.get(forward) is None
     monkeypatch.undo()
-    assert plans.get(plans.FORWARD) == "plan"
+    assert plans.get(forward) == "plan"
     monkeypatch.setattr(tiles, "GENERATION", tiles.GENERATION + 1)
-    assert plans.get(plans.FORWARD) is None
+    assert plans.get(forward) is None
     plans.put(plans.GRAD, "grad plan")  # (the others, made under the old settings, are dropped)
-    assert plans.get(plans.GRAD) == "grad plan" and plans.get(plans.FORWARD) is None
+    assert plans.get(plans.GRAD) == "grad plan" and plans.get(forward) is None
+
+
+@pytest.mark.parametrize("offload_first", [False, True])
+@pytest.mark.parametrize("name", MODULES)
+def test_saved_logits_in_another_layout_get_their_own_gradient_plan(name, offload_first):
+    """The backward launches on the saved logits, which saved-tensor hooks may hand back in a layout of their own
+    (``save_on_cpu`` packs a contiguous copy when it copies): a repeated call's kept gradient plan, made for the other
+    layout, read other elements (found in review: inf, or wrong values, where the copy's full path was right)."""
+    crit = MODULES[name]()
+    gen = torch.Generator().manual_seed(0)
+    wide = torch.randn(N, C + 5, generator=gen).to(DEVICE)
+    y = torch.randint(0, C, (N,), generator=gen).to(DEVICE)
+
+    def step(c, offload):
+        torch.manual_seed(3)
+        leaf = wide.clone().requires_grad_()
+        pack = (lambda t: t.clone(memory_format=torch.contiguous_format)) if offload else (lambda t: t)
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)  # (an offload's packed copy)
+        with hooks:
+            loss = c((leaf * 1.0)[:, :C], y)  # rows C + 5 apart
+        loss.sum().backward()
+        return leaf.grad
+
+    step(crit, offload_first)
+    step(crit, offload_first)
+    fresh = copy.deepcopy(crit)
+    torch.testing.assert_close(step(crit, not offload_first), step(fresh, not offload_first), rtol=0, atol=0)
