@@ -213,9 +213,10 @@ lade_statistics_op.register_autograd(_lade_statistics_backward, setup_context=_s
 # --- eager path: autograd Functions over the launchers ---------------------------------------------------------
 
 class AdjustedCEFunction(torch.autograd.Function):
-    """The adjusted cross-entropy; ``apply(logits, target, args, grad_in_forward, seed)`` -> loss in the logits'
-    dtype (float32 under autocast: :func:`fastlt._backend.loss_dtype`); ``seed``: None, or an int noise seed in
-    place of ``args``' (a drawn seed of a step that reuses cached ``args``: :func:`adjusted_cross_entropy_triton`).
+    """The adjusted cross-entropy; ``apply(logits, target, args, grad_in_forward, seed, plans)`` -> loss in the
+    logits' dtype (float32 under autocast: :func:`fastlt._backend.loss_dtype`); ``seed``: None, or an int noise seed
+    in place of ``args``' (a drawn seed of a step that reuses cached ``args``: :func:`adjusted_cross_entropy_triton`);
+    ``plans``: None, or the :class:`fastlt.kernels.launch.StepPlans` of these tensors (a loss module's repeated call).
 
     ``args`` rides on ctx as it is: its (C,) class tensors are buffers of the caller, never outputs of this
     Function, so holding them makes no reference cycle (and skips copies, host time that small batches feel).
@@ -274,9 +275,9 @@ class AdjustedCEFunction(torch.autograd.Function):
 
 
 class LADEFunction(torch.autograd.Function):
-    """LADE: ``apply(logits, target, args, lade)`` -> scalar loss in the logits' dtype (float32 under autocast:
-    :func:`fastlt._backend.loss_dtype`); ``args`` its PriorCE
-    operator (:func:`lade_operator_args`)."""
+    """LADE: ``apply(logits, target, args, lade, plans)`` -> scalar loss in the logits' dtype (float32 under
+    autocast: :func:`fastlt._backend.loss_dtype`); ``args`` its PriorCE operator (:func:`lade_operator_args`),
+    ``plans`` as :class:`AdjustedCEFunction`'s."""
 
     @staticmethod
     def forward(ctx, logits, target, args: AdjustedCEArgs, lade: LadeArgs, plans=None):

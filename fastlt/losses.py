@@ -123,9 +123,10 @@ class _LongTailLoss(HeldFields, CountBuffers):
                     reduction=self.reduction, label_smoothing=self.label_smoothing)
 
     # A step of a small batch is host-bound: each call of the same module on tensors like the last call's (shapes,
-    # dtypes, devices), with its fields and buffers unchanged, skips the checks and the argument making that call
-    # passed (~20 us of ~100 with the kernels stubbed: benchmarks/host_overhead.py) and runs the glue's checked tail
-    # with the last call's arguments. What a call can change without changing that signature is checked again: the
+    # strides, dtypes, devices), with its fields and buffers unchanged, skips the checks that call passed and the
+    # launch plans' lookups (~14 us of a ~99 us LogitAdjustedLoss step with the kernels stubbed:
+    # benchmarks/host_overhead.py) and runs the glue's checked tail with the last call's arguments and its
+    # launch.StepPlans. What a call can change without changing that signature is checked again: the
     # module's state (its held fields), torch.compile, jit tracing and torch.func (which the direct call does not
     # take), the targets' range (CPU), the multi-rank warning, grad_in_forward's conditions (in the tail), GCL's
     # drawn seed.
@@ -148,10 +149,9 @@ class _LongTailLoss(HeldFields, CountBuffers):
 
     def _remember(self, fields: dict, logits: Tensor, target: Tensor, lade: bool = False) -> None:
         """Keep the direct call just made with ``fields`` (LADE's: ``lade``) for :meth:`_repeated`: when its
-        class-index targets were
-        taken as they are (int64 or int32, contiguous) and the glue kept its arguments (the module's cache holds
-        them under these fields: not while compiling, nor for a tensor that requires grad), and ``fields`` are the
-        held ones (not GCL's of a given seed, made per call)."""
+        class-index targets were taken as they are (int64 or int32, contiguous) and the glue kept its arguments (the
+        module's cache holds them under these fields: not while compiling, nor for a tensor that requires grad), and
+        ``fields`` are the held ones (not GCL's of a given seed, made per call)."""
         if torch.compiler.is_compiling():  # (first: as _repeated)
             return
         entry = self._cache()._entry

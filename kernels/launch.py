@@ -424,7 +424,7 @@ def forward(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, *, grad_out:
     ``y`` may be (N, C) class probabilities ('sum' or 'none'; ``args.row_scale`` multiplies the rows): see the
     module.
     ``seed``: an int noise seed for this call in place of ``args``' (whose seed must then be an int): a module's
-    steps keep their cached ``args`` and draw a seed each (:func:`_rng`).
+    steps keep their cached ``args`` and draw a seed each (passed beside the plan's other arguments).
     ``plans``: a :class:`StepPlans` of these tensors and ``args``, which keeps this launch's plan (with class indices,
     the default tiles and ``grad_out`` None or ``z`` itself).
     """
@@ -552,8 +552,7 @@ def _new_forward_plan(args: AdjustedCEArgs, z, y, g, soft, grad_in_forward: bool
         static["stored"] = StoredTiles(maxima=d, count=0)
     static.update(_rng_but_seed(kg))
     return _ForwardPlan(cfg, split, row_blocks, (grid_rows, cfg.num_splits), mean, programs, rblock, store_p,
-                        writes_g, static, z.stride(), g.stride(), d,
-                        kg.rng["seed"])
+                        writes_g, static, z.stride(), g.stride(), d, kg.rng["seed"])
 
 
 def _stats_group(z: torch.Tensor, align: int, cfg: TileConfig, flags: Flags) -> tuple[int, int]:
