@@ -146,9 +146,11 @@ def _float_targets(crit, z, y):
     return z, torch.softmax(torch.randn(N, C, device=DEVICE), 1)
 
 
+_VECTORS = {"LogitAdjustedLoss": "log_prior", "LDAMLoss": "margins", "GCLLoss": "cloud", "LADELoss": "prior"}
+
+
 def _buffer_edited(crit, z, y):
-    name = {"LogitAdjustedLoss": "log_prior", "LDAMLoss": "margins", "GCLLoss": "cloud", "LADELoss": "prior"}
-    buf = getattr(crit, name[type(crit).__name__])
+    buf = getattr(crit, _VECTORS[type(crit).__name__])
     buf.mul_(0.5)
     return z, y
 
@@ -275,3 +277,18 @@ def test_saved_logits_in_another_layout_get_their_own_gradient_plan(name, offloa
     step(crit, offload_first)
     fresh = copy.deepcopy(crit)
     torch.testing.assert_close(step(crit, not offload_first), step(fresh, not offload_first), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_a_class_tensor_made_a_parameter_is_read_on_every_call(name):
+    """A class tensor replaced by an ``nn.Parameter`` (a learned adjustment, here frozen) changes without a buffer's
+    version or an assignment (an optimizer step): the module holds no fields for it, so no call is repeated from
+    a kept one, and an in-place edit between calls is seen."""
+    crit = MODULES[name]()
+    vector = _VECTORS[type(crit).__name__]
+    setattr(crit, vector, torch.nn.Parameter(getattr(crit, vector).detach().clone(), requires_grad=False))
+    z, y = _data()
+    _kept(crit, z, y)
+    with torch.no_grad():
+        getattr(crit, vector).mul_(0.5)
+    _assert_same(_outcome(crit, z, y), _outcome(copy.deepcopy(crit), z, y))
