@@ -109,11 +109,14 @@ class _LongTailLoss(HeldFields, CountBuffers):
             warning = split_warning(self._class_tensor("weight"), self.reduction)
         return kernels_direct(logits, self.backend, self.dp_group, self.shard, warning)
 
-    def _direct_call(self, logits: Tensor, target: Tensor, fields: dict) -> Tensor:
-        """The adjusted cross-entropy of ``fields`` on the kernels' glue straight (:meth:`_direct`), kept for the
-        next call like it (:meth:`_remember`)."""
-        loss = LF._kernels_call(logits, target, fields, grad_in_forward=self.grad_in_forward, cache=self._cache())
-        self._remember(fields, logits, target)
+    def _direct_call(self, logits: Tensor, target: Tensor, fields: dict, lade: bool = False) -> Tensor:
+        """The adjusted cross-entropy of ``fields`` (LADE's: ``lade``) on the kernels' glue straight
+        (:meth:`_direct`), kept for the next call like it (:meth:`_remember`)."""
+        if lade:
+            loss = LF._lade_kernels_call(logits, target, fields, self._cache())
+        else:
+            loss = LF._kernels_call(logits, target, fields, grad_in_forward=self.grad_in_forward, cache=self._cache())
+        self._remember(fields, logits, target, lade)
         return loss
 
     def _fields(self, **operator) -> dict:
@@ -391,10 +394,7 @@ class LADELoss(_LongTailLoss):
         if (loss := self._repeated(logits, target, self._lade_fields)) is not None:
             return loss
         if self._checked_direct(logits, warning=_LADE_WARNING):
-            fields = self._held_fields(self._lade_fields)
-            loss = LF._lade_kernels_call(logits, target, fields, self._cache())
-            self._remember(fields, logits, target, lade=True)
-            return loss
+            return self._direct_call(logits, target, self._held_fields(self._lade_fields), lade=True)
         return LF.lade_loss(logits, target, self.prior, self.alpha, self.remine_lambda, **self._common())
 
     def _lade_fields(self) -> dict:

@@ -87,13 +87,16 @@ def _or_dummy(t: torch.Tensor | None, dev) -> torch.Tensor:
 
 class KernelGroups(NamedTuple):
     """The argument groups the launches of ``args`` take: the class vectors, the runtime scalars and the flags of the
-    forward, the noise's arguments (``seed``, ``noise_row0``, ``seed_ptr``, ``noise_table``, as keywords), and the
-    scalars and flags of the gradient (which reads no gamma)."""
+    forward, the noise's arguments but the int seed (``noise_row0``, ``seed_ptr``, ``noise_table``, as keywords) and
+    that seed (``args``'; a launch passes a call's drawn seed in its place: GCL's fresh seed of a step whose other
+    arguments are cached, :func:`fastlt._glue.adjusted_cross_entropy_triton`), and the scalars and flags of the
+    gradient (which reads no gamma)."""
 
     vecs: ClassVectors
     hp: Hyper
     flags: Flags
     rng: dict
+    seed: int
     grad_hp: Hyper
     grad_flags: Flags
 
@@ -110,22 +113,11 @@ def kernel_groups(args: AdjustedCEArgs, dev) -> KernelGroups:
         hp = Hyper(args.ignore_index, args.tau, args.noise_mul, args.margin_value, args.scale, args.gamma,
                    args.label_smoothing)
         f = kernel_flags(args)
-        rng = dict(seed=args.seed_value, noise_row0=args.noise_row_offset,
-                   seed_ptr=args.seed if args.seed_from_device else d,
+        rng = dict(noise_row0=args.noise_row_offset, seed_ptr=args.seed if args.seed_from_device else d,
                    noise_table=noise_table(dev) if args.has_noise else d)
-        groups = args.memo[dev] = KernelGroups(vecs, hp, f, rng, hp._replace(gamma=None), f._replace(HAS_FOCAL=False))
+        groups = args.memo[dev] = KernelGroups(vecs, hp, f, rng, args.seed_value, hp._replace(gamma=None),
+                                               f._replace(HAS_FOCAL=False))
     return groups
-
-
-def _rng(kg: KernelGroups, seed: int | None) -> dict:
-    """The seed arguments of a launch: those of its ``args``, or a drawn int ``seed`` in place of theirs (GCL's
-    fresh seed of a step whose other arguments are cached: :func:`fastlt._glue.adjusted_cross_entropy_triton`)."""
-    return kg.rng if seed is None else {**kg.rng, "seed": seed}
-
-
-def _rng_but_seed(kg: KernelGroups) -> dict:
-    """The noise's launch arguments but the int seed, which a call passes itself (its drawn one, or its args')."""
-    return {name: value for name, value in kg.rng.items() if name != "seed"}
 
 
 def _operand(t: torch.Tensor) -> Operand:
@@ -550,9 +542,9 @@ def _new_forward_plan(args: AdjustedCEArgs, z, y, g, soft, grad_in_forward: bool
         static["colstats"] = ColumnStats(partials=d, target_logits=d)
     if not store_p:
         static["stored"] = StoredTiles(maxima=d, count=0)
-    static.update(_rng_but_seed(kg))
+    static.update(kg.rng)
     return _ForwardPlan(cfg, split, row_blocks, (grid_rows, cfg.num_splits), mean, programs, rblock, store_p,
-                        writes_g, static, z.stride(), g.stride(), d, kg.rng["seed"])
+                        writes_g, static, z.stride(), g.stride(), d, kg.seed)
 
 
 def _stats_group(z: torch.Tensor, align: int, cfg: TileConfig, flags: Flags) -> tuple[int, int]:
@@ -692,8 +684,8 @@ def _new_grad_plan(args: AdjustedCEArgs, z, y, out, soft, column_term: bool, ups
         static["col_term"] = ColumnTerm(columns=d)
     if stored is None:
         static["stored"] = StoredTiles(maxima=d, count=0)
-    static.update(_rng_but_seed(kg))
-    return _GradPlan((cdiv(N, cfg.block_m), cfg.num_splits), static, z.stride(), out.stride(), kg.rng["seed"],
+    static.update(kg.rng)
+    return _GradPlan((cdiv(N, cfg.block_m), cfg.num_splits), static, z.stride(), out.stride(), kg.seed,
                      z.dtype)
 
 
@@ -734,7 +726,8 @@ def chunk_partials(z: torch.Tensor, y: torch.Tensor, args: AdjustedCEArgs, part:
         colstats=column_stats or ColumnStats(partials=d, target_logits=d), g_op=Operand(ptr=z, stride_m=0, stride_n=0),
         stored=StoredTiles(maxima=d, count=0), N=N, C=num_classes,
         cols_of=Columns(per_split=Ck, base=col_base, end=col_base + Ck, first_split=chunk, num_splits=part.shape[2]),
-        num_row_blocks=row_blocks, hp=kg.hp, **_rng(kg, seed), red=Reduction(out=d, counter=d), soft=soft,
+        num_row_blocks=row_blocks, hp=kg.hp, seed=kg.seed if seed is None else seed, **kg.rng,
+        red=Reduction(out=d, counter=d), soft=soft,
         F=_flags(kg.flags, soft, col_base), MEAN=False, SPLIT=True, SINGLE_TILE=Ck <= cfg.block_n, GRAD_IN_FWD=False,
         COLUMN_STATS=has_cols, ALIGN=row_align(z, *([] if soft is None else [y])), BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, PERSISTENT=False, DENOM=DENOM_POINTER, REDUCE=0, RBLOCK=tiles.rblock(cfg.num_warps),
